@@ -1,0 +1,251 @@
+//! The GPT of the `offset` layout, written and read with the `gpt` crate.
+//!
+//! The GPT is derived from the label: one partition per region, typed with
+//! lungate's partition-type GUIDs, so hosts (`sfdisk`, `blkid`) recognise a
+//! LUN. The label stays the source of truth; a GPT that disagrees with it is
+//! reported and rewritten from the label.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+
+use gpt::disk::LogicalBlockSize;
+use gpt::partition::Partition;
+use gpt::partition_types::{OperatingSystem, Type};
+use uuid::Uuid;
+
+use super::label::Label;
+use super::{Region, RegionKind, SECTOR};
+
+/// Number of partition entries, as every common tool writes.
+const ENTRIES: u32 = 128;
+
+/// A `Read + Write + Seek` view of the first `len` bytes of a file, so the
+/// `gpt` crate puts the backup GPT at the end of the LUN, not the end of a
+/// larger block device.
+#[derive(Debug)]
+pub(crate) struct Window<'a> {
+    file: &'a File,
+    len: u64,
+    pos: u64,
+}
+
+impl<'a> Window<'a> {
+    pub(crate) fn new(file: &'a File, len: u64) -> Self {
+        Window { file, len, pos: 0 }
+    }
+}
+
+impl Read for Window<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.len.saturating_sub(self.pos);
+        let n = (buf.len() as u64).min(left) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..n], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Write for Window<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let end = self.pos.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > self.len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "GPT write at {} + {} past LUN end {}",
+                    self.pos,
+                    buf.len(),
+                    self.len
+                ),
+            ));
+        }
+        self.file.write_all_at(buf, self.pos)?;
+        self.pos += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Seek for Window<'_> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        let new = match pos {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = new.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad seek"))?;
+        Ok(self.pos)
+    }
+}
+
+fn gpt_err(e: gpt::GptError) -> io::Error {
+    io::Error::other(format!("GPT: {e}"))
+}
+
+fn part_type(kind: RegionKind) -> Type {
+    Type {
+        guid: kind.type_guid(),
+        os: OperatingSystem::Custom("lungate".into()),
+    }
+}
+
+/// Partition name of a region: `lungate-label`, `lungate-state`, `lungate-disk0`…
+pub fn partition_name(r: &Region) -> String {
+    format!("lungate-{}", r.name())
+}
+
+fn partition_id(r: &Region) -> u32 {
+    match r.kind {
+        RegionKind::Label => 1,
+        RegionKind::State => 2,
+        RegionKind::Disk => 3 + r.index,
+    }
+}
+
+/// Write the protective MBR and both GPTs for `label` (offset layout).
+pub fn write(file: &File, label: &Label) -> io::Result<()> {
+    let mut dev = Window::new(file, label.lun_size);
+    let sectors = label.lun_size / SECTOR;
+    let mbr = gpt::mbr::ProtectiveMBR::with_lb_size(
+        u32::try_from(sectors - 1).unwrap_or(u32::MAX),
+    );
+    mbr.overwrite_lba0(&mut dev)
+        .map_err(|e| io::Error::other(format!("protective MBR: {e}")))?;
+    let mut disk = gpt::GptConfig::new()
+        .writable(true)
+        .logical_block_size(LogicalBlockSize::Lb512)
+        .change_partition_count(true)
+        .create_from_device(dev, Some(label.uuid))
+        .map_err(gpt_err)?;
+    let mut parts = BTreeMap::new();
+    for id in 1..=ENTRIES {
+        parts.insert(id, Partition::zero());
+    }
+    for r in &label.regions {
+        parts.insert(
+            partition_id(r),
+            Partition {
+                part_type_guid: part_type(r.kind),
+                part_guid: r.guid,
+                first_lba: r.offset / SECTOR,
+                last_lba: r.end() / SECTOR - 1,
+                flags: 0,
+                name: partition_name(r),
+            },
+        );
+    }
+    disk.update_partitions(parts).map_err(gpt_err)?;
+    disk.write().map_err(gpt_err)?;
+    Ok(())
+}
+
+/// A partition as read back from a GPT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GptPartition {
+    pub type_guid: Uuid,
+    pub guid: Uuid,
+    pub offset: u64,
+    pub length: u64,
+    pub name: String,
+}
+
+/// Read the GPT of the first `len` bytes of `file`. Read-only.
+pub fn read(file: &File, len: u64) -> io::Result<(Uuid, Vec<GptPartition>)> {
+    let disk = gpt::GptConfig::new()
+        .writable(false)
+        .logical_block_size(LogicalBlockSize::Lb512)
+        .open_from_device(Window::new(file, len))
+        .map_err(gpt_err)?;
+    let mut out = Vec::new();
+    for p in disk.partitions().values().filter(|p| p.is_used()) {
+        let (Some(offset), Some(end)) = (
+            p.first_lba.checked_mul(SECTOR),
+            p.last_lba.checked_add(1).and_then(|l| l.checked_mul(SECTOR)),
+        ) else {
+            continue;
+        };
+        out.push(GptPartition {
+            type_guid: p.part_type_guid.guid,
+            guid: p.part_guid,
+            offset,
+            length: end.saturating_sub(offset),
+            name: p.name.clone(),
+        });
+    }
+    Ok((*disk.guid(), out))
+}
+
+/// Differences between a GPT and the label it should mirror; empty when in sync.
+pub fn diff(label: &Label, disk_guid: Uuid, parts: &[GptPartition]) -> Vec<String> {
+    let mut out = Vec::new();
+    if disk_guid != label.uuid {
+        out.push(format!("GPT disk GUID {disk_guid} != LUN UUID {}", label.uuid));
+    }
+    for r in &label.regions {
+        match parts.iter().find(|p| p.guid == r.guid) {
+            None => out.push(format!("GPT has no partition for {}", r.name())),
+            Some(p) => {
+                if p.type_guid != r.kind.type_guid() || p.offset != r.offset || p.length != r.length
+                {
+                    out.push(format!(
+                        "GPT partition {} is [{}, +{}) type {}, label says [{}, +{}) type {}",
+                        p.name,
+                        p.offset,
+                        p.length,
+                        p.type_guid,
+                        r.offset,
+                        r.length,
+                        r.kind.type_guid()
+                    ));
+                }
+            }
+        }
+    }
+    if parts.len() != label.regions.len() {
+        out.push(format!(
+            "GPT has {} partitions, label has {} regions",
+            parts.len(),
+            label.regions.len()
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::label::tests::sample;
+    use crate::format::Layout;
+
+    #[test]
+    fn gpt_round_trips_and_matches_the_label() {
+        let f = tempfile::tempfile().unwrap();
+        let l = sample(Layout::Offset);
+        f.set_len(l.lun_size).unwrap();
+        write(&f, &l).unwrap();
+        let (guid, parts) = read(&f, l.lun_size).unwrap();
+        assert_eq!(guid, l.uuid);
+        assert!(diff(&l, guid, &parts).is_empty(), "{:?}", diff(&l, guid, &parts));
+        let disk1 = parts.iter().find(|p| p.name == "lungate-disk1").unwrap();
+        assert_eq!(disk1.type_guid, crate::format::DISK_TYPE_GUID);
+    }
+
+    #[test]
+    fn gpt_of_a_larger_device_puts_backup_at_the_lun_end() {
+        let f = tempfile::tempfile().unwrap();
+        let l = sample(Layout::Offset);
+        f.set_len(l.lun_size * 2).unwrap();
+        write(&f, &l).unwrap();
+        let mut last = [0u8; 8];
+        f.read_exact_at(&mut last, l.lun_size - SECTOR).unwrap();
+        assert_eq!(&last, b"EFI PART");
+    }
+}

@@ -1,0 +1,1343 @@
+//! An open LUN: its label, state directory and bounds-checked access to each
+//! region. Every metadata update is crash-safe: data first, `fdatasync`,
+//! then a new label or directory into the slot that is *not* current,
+//! `fdatasync`. A crash at any point leaves the previous generation valid.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use uuid::Uuid;
+
+use crate::error::{Error, IoContext, Result};
+use crate::fileops;
+use crate::format::label::{Label, LabelError, LABEL_SIZE, MAGIC as LABEL_MAGIC};
+use crate::format::state::{
+    self, Directory, Entry, HardwareConfig, Identity, RecordType, SecondaryDisks, SnapshotTree,
+    DIR_SLOT_SIZE,
+};
+use crate::format::{
+    align_up, gpt, Layout, Region, RegionKind, ALIGN, LABEL_REGION_LEN, LABEL_SLOT_STRIDE, MIB,
+    OFFSET_LABEL_AT, OFFSET_TAIL_RESERVED,
+};
+
+/// How to open the backing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
+}
+
+/// What `lunctl create` asks for.
+#[derive(Debug, Clone)]
+pub struct CreateSpec {
+    pub name: String,
+    /// Disk sizes in bytes; rounded up to 1 MiB.
+    pub disks: Vec<u64>,
+    /// Guest memory in bytes; sizes the state region.
+    pub memory: u64,
+    pub vcpus: u32,
+    pub layout: Layout,
+}
+
+/// Most disks one LUN can hold (the region table has 64 entries).
+pub const MAX_DISKS: usize = crate::format::label::MAX_REGIONS - 2;
+
+/// How the label was found; anything but `Normal` is worth reporting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    Normal,
+    /// Only one slot was valid; the other is damaged or from an older write.
+    OneSlot(String),
+    /// The footer was not at the end of the file: an interrupted resize.
+    Recovered(String),
+}
+
+pub struct Lun {
+    path: PathBuf,
+    file: Arc<File>,
+    access: Access,
+    label: Label,
+    /// Slot (0 or 1) holding the current label.
+    label_slot: u64,
+    dir: Directory,
+    dir_slot: u64,
+    backing_size: u64,
+    is_block: bool,
+    found: Found,
+    /// Problems that do not stop use (GPT out of sync, one bad slot).
+    warnings: Vec<String>,
+}
+
+impl std::fmt::Debug for Lun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lun")
+            .field("path", &self.path)
+            .field("name", &self.label.name)
+            .field("uuid", &self.label.uuid)
+            .finish()
+    }
+}
+
+pub(crate) fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn slot_offset(region: &Region, slot: u64) -> u64 {
+    region.offset + slot * LABEL_SLOT_STRIDE
+}
+
+/// Result of reading both label slots at one place.
+enum SlotRead {
+    /// Neither slot carries the magic.
+    Nothing,
+    /// Magic present but no slot is valid.
+    Bad(Vec<String>),
+    Good {
+        label: Label,
+        slot: u64,
+        other_bad: Option<String>,
+    },
+}
+
+fn read_slots(file: &File, region_offset: u64, backing: u64) -> SlotRead {
+    let mut best: Option<(Label, u64)> = None;
+    let mut errors = Vec::new();
+    let mut magic = false;
+    for slot in 0..2u64 {
+        let at = region_offset + slot * LABEL_SLOT_STRIDE;
+        if at.saturating_add(LABEL_SIZE as u64) > backing {
+            continue;
+        }
+        let mut b = vec![0u8; LABEL_SIZE];
+        if file.read_exact_at(&mut b, at).is_err() {
+            continue;
+        }
+        match Label::decode(&b) {
+            Ok(l) => {
+                magic = true;
+                if best.as_ref().is_none_or(|(x, _)| l.generation > x.generation) {
+                    best = Some((l, slot));
+                }
+            }
+            Err(LabelError::NoMagic) => errors.push(format!("slot {slot}: empty")),
+            Err(e) => {
+                magic = true;
+                errors.push(format!("slot {slot}: {e}"));
+            }
+        }
+    }
+    match best {
+        Some((label, slot)) => {
+            let other_bad = errors
+                .into_iter()
+                .find(|e| !e.starts_with(&format!("slot {slot}")) && !e.ends_with("empty"));
+            SlotRead::Good {
+                label,
+                slot,
+                other_bad,
+            }
+        }
+        None if magic => SlotRead::Bad(errors),
+        None => SlotRead::Nothing,
+    }
+}
+
+impl Lun {
+    // ----- opening -------------------------------------------------------
+
+    pub fn open(path: &Path, access: Access) -> Result<Lun> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(access == Access::ReadWrite)
+            .open(path)
+            .ctx(path, "open")?;
+        let backing_size = fileops::backing_size(&file).ctx(path, "size")?;
+        let is_block = fileops::is_block_device(&file).ctx(path, "stat")?;
+        let (label, label_slot, found, mut warnings) = Self::find_label(path, &file, backing_size)?;
+        if label.lun_size > backing_size {
+            return Err(Error::Damaged {
+                path: path.into(),
+                why: format!(
+                    "truncated: the label needs {} bytes but the backing has {backing_size}",
+                    label.lun_size
+                ),
+            });
+        }
+        if label.layout == Layout::Offset {
+            match gpt::read(&file, label.lun_size) {
+                Ok((guid, parts)) => warnings.extend(gpt::diff(&label, guid, &parts)),
+                Err(e) => warnings.push(format!("GPT unreadable: {e}")),
+            }
+        }
+        let (dir, dir_slot) = Self::read_dir(path, &file, &label)?;
+        let mut lun = Lun {
+            path: path.into(),
+            file: Arc::new(file),
+            access,
+            label,
+            label_slot,
+            dir,
+            dir_slot,
+            backing_size,
+            is_block,
+            found,
+            warnings,
+        };
+        if access == Access::ReadWrite {
+            lun.repair()?;
+        }
+        Ok(lun)
+    }
+
+    /// Locate the label. The footer (truncate layout) is checked first and,
+    /// when it carries our magic, is authoritative: in the truncate layout
+    /// the guest owns byte 0 onwards, so a label-looking block inside the
+    /// disk must never be consulted while a footer exists. Then an
+    /// interrupted resize's footer (only when the tail is an unwritten
+    /// hole), then the offset layout's label at the GPT's label partition
+    /// (always 1 MiB).
+    fn find_label(
+        path: &Path,
+        file: &File,
+        backing: u64,
+    ) -> Result<(Label, u64, Found, Vec<String>)> {
+        let damaged = |why: String| Error::Damaged {
+            path: path.into(),
+            why,
+        };
+        let accept = |label: Label, slot: u64, other_bad: Option<String>, at: u64, want: Layout| {
+            if label.layout != want || label.label_region().offset != at {
+                return Err(damaged(format!(
+                    "{} label found at {at} says it lives at {}",
+                    label.layout,
+                    label.label_region().offset
+                )));
+            }
+            let mut warnings = Vec::new();
+            let found = match other_bad {
+                Some(why) => {
+                    warnings.push(format!("one label slot is damaged: {why}"));
+                    Found::OneSlot(why)
+                }
+                None => Found::Normal,
+            };
+            Ok((label, slot, found, warnings))
+        };
+        if backing >= LABEL_REGION_LEN {
+            let tail = (backing - 1) & !(ALIGN - 1);
+            match read_slots(file, tail, backing) {
+                SlotRead::Nothing => {}
+                SlotRead::Bad(errs) => {
+                    return Err(damaged(format!("footer label at {tail}: {}", errs.join("; "))))
+                }
+                SlotRead::Good {
+                    label,
+                    slot,
+                    other_bad,
+                } => return accept(label, slot, other_bad, tail, Layout::Truncate),
+            }
+            if let Some((label, slot)) = Self::recover_footer(file, backing) {
+                let why = format!(
+                    "footer found at {} instead of the end of the file ({backing}): an interrupted resize",
+                    label.label_region().offset
+                );
+                return Ok((label, slot, Found::Recovered(why.clone()), vec![why]));
+            }
+        }
+        let mut at = OFFSET_LABEL_AT;
+        if let Ok((_, parts)) = gpt::read(file, backing) {
+            if let Some(p) = parts
+                .iter()
+                .find(|p| p.type_guid == crate::format::LABEL_TYPE_GUID)
+            {
+                at = p.offset;
+            }
+        }
+        match read_slots(file, at, backing) {
+            SlotRead::Nothing => Err(Error::NotALun {
+                path: path.into(),
+                why: "no lungate GPT partition, label or footer".into(),
+            }),
+            SlotRead::Bad(errs) => Err(damaged(format!("label at {at}: {}", errs.join("; ")))),
+            SlotRead::Good {
+                label,
+                slot,
+                other_bad,
+            } => accept(label, slot, other_bad, at, Layout::Offset),
+        }
+    }
+
+    /// After an interrupted truncate-layout resize the file was extended but
+    /// the new footer not yet written: the end is a hole. Walk data extents
+    /// backwards for the newest footer that sits where it says it lives.
+    fn recover_footer(file: &File, backing: u64) -> Option<(Label, u64)> {
+        if backing < LABEL_REGION_LEN {
+            return None;
+        }
+        let tail = (backing - 1) & !(ALIGN - 1);
+        let ext = fileops::data_extents(file, 0, backing).ok()?;
+        // Only when the tail itself holds no data: a fresh extension.
+        if ext.iter().any(|(o, l)| o + l > tail) {
+            return None;
+        }
+        for (o, l) in ext.iter().rev().take(64) {
+            let at = (o + l - 1) & !(ALIGN - 1);
+            if let SlotRead::Good { label, slot, .. } = read_slots(file, at, backing) {
+                if label.layout == Layout::Truncate && label.label_region().offset == at {
+                    return Some((label, slot));
+                }
+            }
+        }
+        None
+    }
+
+    fn read_dir(path: &Path, file: &File, label: &Label) -> Result<(Directory, u64)> {
+        let st = *label.state_region();
+        let mut best: Option<(Directory, u64)> = None;
+        let mut errors = Vec::new();
+        for slot in 0..2u64 {
+            let mut b = vec![0u8; DIR_SLOT_SIZE];
+            file.read_exact_at(&mut b, st.offset + slot * DIR_SLOT_SIZE as u64)
+                .ctx(path, "read state directory")?;
+            match Directory::decode(&b, label.uuid) {
+                Ok(d) if d.region_len > st.length => errors.push(format!(
+                    "slot {slot}: directory covers {} bytes but the state region has {}",
+                    d.region_len, st.length
+                )),
+                Ok(d) => {
+                    if best.as_ref().is_none_or(|(x, _)| d.generation > x.generation) {
+                        best = Some((d, slot));
+                    }
+                }
+                Err(state::DirError::NoMagic) => {}
+                Err(e) => errors.push(format!("slot {slot}: {e}")),
+            }
+        }
+        best.ok_or_else(|| Error::Damaged {
+            path: path.into(),
+            why: format!(
+                "no valid state directory ({})",
+                if errors.is_empty() {
+                    "both slots empty".to_string()
+                } else {
+                    errors.join("; ")
+                }
+            ),
+        })
+    }
+
+    /// Bring derived structures back in line with the label: rewrite a GPT
+    /// that disagrees with it, re-home a footer found by recovery.
+    fn repair(&mut self) -> Result<()> {
+        if let Found::Recovered(_) = self.found {
+            // The extension past the recovered LUN holds nothing committed.
+            if !self.is_block {
+                self.file
+                    .set_len(self.label.lun_size)
+                    .ctx(&self.path, "truncate after interrupted resize")?;
+                self.backing_size = self.label.lun_size;
+            }
+            self.found = Found::Normal;
+        }
+        if self.label.layout == Layout::Offset && !self.warnings.is_empty() {
+            let stale = match gpt::read(&self.file, self.label.lun_size) {
+                Ok((g, p)) => !gpt::diff(&self.label, g, &p).is_empty(),
+                Err(_) => true,
+            };
+            if stale {
+                gpt::write(&self.file, &self.label).ctx(&self.path, "rewrite GPT")?;
+                self.sync()?;
+            }
+        }
+        Ok(())
+    }
+
+    // ----- creation ------------------------------------------------------
+
+    /// Provision a new LUN at `path`: a new sparse file (which must not
+    /// exist) or an existing block device large enough for it.
+    pub fn create(path: &Path, spec: &CreateSpec) -> Result<Lun> {
+        crate::format::validate_name(&spec.name).map_err(Error::Invalid)?;
+        if spec.disks.is_empty() {
+            return Err(Error::Invalid("a LUN needs at least one --disk".into()));
+        }
+        if spec.disks.len() > MAX_DISKS {
+            return Err(Error::Invalid(format!(
+                "{} disks requested; a LUN holds at most {MAX_DISKS}",
+                spec.disks.len()
+            )));
+        }
+        if spec.vcpus == 0 || spec.vcpus > 1024 {
+            return Err(Error::Invalid(format!(
+                "vcpus {} not in 1..=1024",
+                spec.vcpus
+            )));
+        }
+        let mut disks = Vec::new();
+        for (i, &d) in spec.disks.iter().enumerate() {
+            if d == 0 {
+                return Err(Error::Invalid(format!("disk{i} has size 0")));
+            }
+            disks.push(
+                align_up(d).ok_or_else(|| Error::Invalid(format!("disk{i} size {d} is too large")))?,
+            );
+        }
+        let state_len = state::state_region_len(spec.memory).ok_or_else(|| {
+            Error::Invalid(format!("memory size {} is too large", spec.memory))
+        })?;
+        let too_big = || Error::Invalid("the requested sizes overflow a 64-bit LUN".into());
+        let region = |kind, index, offset, length| Region {
+            kind,
+            index,
+            offset,
+            length,
+            guid: Uuid::new_v4(),
+        };
+        let mut regions = Vec::new();
+        let mut at;
+        match spec.layout {
+            Layout::Offset => {
+                regions.push(region(RegionKind::Label, 0, OFFSET_LABEL_AT, LABEL_REGION_LEN));
+                at = OFFSET_LABEL_AT + LABEL_REGION_LEN;
+                regions.push(region(RegionKind::State, 0, at, state_len));
+                at = at.checked_add(state_len).ok_or_else(too_big)?;
+                for (i, &d) in disks.iter().enumerate() {
+                    regions.push(region(RegionKind::Disk, i as u32, at, d));
+                    at = at.checked_add(d).ok_or_else(too_big)?;
+                }
+            }
+            Layout::Truncate => {
+                regions.push(region(RegionKind::Disk, 0, 0, disks[0]));
+                at = disks[0];
+                regions.push(region(RegionKind::State, 0, at, state_len));
+                at = at.checked_add(state_len).ok_or_else(too_big)?;
+                for (i, &d) in disks.iter().enumerate().skip(1) {
+                    regions.push(region(RegionKind::Disk, i as u32, at, d));
+                    at = at.checked_add(d).ok_or_else(too_big)?;
+                }
+            }
+        }
+        // Offset: the last MiB holds the backup GPT. Truncate: the footer.
+        let mut lun_size = at.checked_add(MIB).ok_or_else(too_big)?;
+
+        let (file, is_block) = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) if fileops::is_block_device(&f).ctx(path, "stat")? => {
+                let dev = fileops::backing_size(&f).ctx(path, "size")?;
+                let dev = dev & !(ALIGN - 1);
+                if dev < lun_size {
+                    return Err(Error::Invalid(format!(
+                        "{}: block device has {dev} usable bytes, the LUN needs {lun_size}",
+                        path.display()
+                    )));
+                }
+                lun_size = dev;
+                (f, true)
+            }
+            Ok(_) => return Err(Error::Exists { path: path.into() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .ctx(path, "create")?,
+                false,
+            ),
+            Err(e) => return Err(e).ctx(path, "open"),
+        };
+        if spec.layout == Layout::Truncate {
+            regions.push(region(RegionKind::Label, 0, lun_size - MIB, LABEL_REGION_LEN));
+        }
+        regions.sort_by_key(|r| (r.kind, r.index));
+        let t = now();
+        let label = Label {
+            generation: 1,
+            uuid: Uuid::new_v4(),
+            layout: spec.layout,
+            name: spec.name.clone(),
+            lun_size,
+            created: t,
+            updated: t,
+            regions,
+        };
+        label.validate().map_err(|e| Error::Invalid(e.to_string()))?;
+        let result = Self::initialise(path, file, is_block, label, spec);
+        if result.is_err() && !is_block {
+            let _ = std::fs::remove_file(path);
+        }
+        result
+    }
+
+    fn initialise(
+        path: &Path,
+        file: File,
+        is_block: bool,
+        label: Label,
+        spec: &CreateSpec,
+    ) -> Result<Lun> {
+        if !is_block {
+            file.set_len(label.lun_size).ctx(path, "size new LUN")?;
+        }
+        let st = *label.state_region();
+        // Clear both metadata slots of a reused block device so stale
+        // structures can never be mistaken for ours.
+        fileops::zero_range(&file, st.offset, 2 * DIR_SLOT_SIZE as u64).ctx(path, "clear state")?;
+        fileops::zero_range(&file, label.label_region().offset, LABEL_REGION_LEN)
+            .ctx(path, "clear label")?;
+        let mut lun = Lun {
+            path: path.into(),
+            file: Arc::new(file),
+            access: Access::ReadWrite,
+            dir: Directory::new(label.uuid, st.length),
+            dir_slot: 1,
+            label,
+            label_slot: 1,
+            backing_size: 0,
+            is_block,
+            found: Found::Normal,
+            warnings: Vec::new(),
+        };
+        lun.backing_size = fileops::backing_size(&lun.file).ctx(path, "size")?;
+        let hw = HardwareConfig {
+            vcpus: spec.vcpus,
+            memory_bytes: spec.memory,
+            devices: (0..spec.disks.len() as u32)
+                .map(|i| state::Device {
+                    kind: "virtio-blk".into(),
+                    disk: Some(i),
+                })
+                .collect(),
+        };
+        let identity = Identity {
+            disks: (0..spec.disks.len() as u32)
+                .map(|i| state::DiskIdentity {
+                    index: i,
+                    id: crate::format::label::hex(Uuid::new_v4().as_bytes()),
+                    export_name: format!("{}/disk{i}", spec.name),
+                    description: format!("lungate {} disk{i}", spec.name),
+                })
+                .collect(),
+        };
+        lun.put_records(&[
+            (RecordType::HardwareConfig, 0, json(&hw)),
+            (RecordType::Identity, 0, json(&identity)),
+            (RecordType::SnapshotTree, 0, json(&SnapshotTree::default())),
+            (RecordType::SecondaryDisks, 0, json(&SecondaryDisks::default())),
+        ])?;
+        // The label is the commit point: written last, slot 0, generation 1.
+        let label = lun.label.clone();
+        lun.write_label_slot(&label, 0)?;
+        lun.label_slot = 0;
+        if lun.label.layout == Layout::Offset {
+            gpt::write(&lun.file, &lun.label).ctx(path, "write GPT")?;
+        }
+        lun.sync()?;
+        Ok(lun)
+    }
+
+    // ----- accessors -----------------------------------------------------
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn name(&self) -> &str {
+        &self.label.name
+    }
+    pub fn uuid(&self) -> Uuid {
+        self.label.uuid
+    }
+    pub fn layout(&self) -> Layout {
+        self.label.layout
+    }
+    pub fn label(&self) -> &Label {
+        &self.label
+    }
+    pub fn directory(&self) -> &Directory {
+        &self.dir
+    }
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+    pub fn backing_size(&self) -> u64 {
+        self.backing_size
+    }
+    pub fn is_block_device(&self) -> bool {
+        self.is_block
+    }
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+    pub fn found(&self) -> &Found {
+        &self.found
+    }
+    pub fn label_slot(&self) -> u64 {
+        self.label_slot
+    }
+
+    /// Disk regions in index order.
+    pub fn disks(&self) -> Vec<Region> {
+        let mut d: Vec<Region> = self.label.disks().copied().collect();
+        d.sort_by_key(|r| r.index);
+        d
+    }
+
+    pub fn region(&self, kind: RegionKind, index: u32) -> Option<Region> {
+        self.label.region(kind, index).copied()
+    }
+
+    /// The 16-byte identity of disk `index`, as recorded at creation.
+    pub fn disk_id(&self, index: u32) -> Option<[u8; 16]> {
+        let id: Identity = self.record_json(RecordType::Identity, 0).ok()??;
+        id.disks.iter().find(|d| d.index == index)?.id_bytes()
+    }
+
+    // ----- region I/O ----------------------------------------------------
+
+    fn checked(&self, kind: RegionKind, index: u32, offset: u64, len: u64) -> Result<u64> {
+        let r = self.region(kind, index).ok_or_else(|| {
+            Error::Invalid(format!("{}: no region {kind}{index}", self.path.display()))
+        })?;
+        match offset.checked_add(len) {
+            Some(end) if end <= r.length => Ok(r.offset + offset),
+            _ => Err(Error::OutOfBounds {
+                what: format!("{} {}", self.path.display(), r.name()),
+                offset,
+                len,
+                size: r.length,
+            }),
+        }
+    }
+
+    /// Read `buf.len()` bytes at `offset` inside a region.
+    pub fn read_region(
+        &self,
+        kind: RegionKind,
+        index: u32,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let at = self.checked(kind, index, offset, buf.len() as u64)?;
+        self.file.read_exact_at(buf, at).ctx(&self.path, "read")
+    }
+
+    /// Write `buf` at `offset` inside a region (not durable until [`Lun::sync`]).
+    pub fn write_region(&self, kind: RegionKind, index: u32, offset: u64, buf: &[u8]) -> Result<()> {
+        self.writable()?;
+        let at = self.checked(kind, index, offset, buf.len() as u64)?;
+        self.file.write_all_at(buf, at).ctx(&self.path, "write")
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().ctx(&self.path, "fdatasync")
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.access == Access::ReadOnly {
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// blake3 over every byte of the LUN outside the disk regions (GPT,
+    /// label, state, gaps), holes included as their extents. Tests use it to
+    /// prove that guest I/O never reached the hidden parts.
+    pub fn hidden_digest(&self) -> std::io::Result<[u8; 32]> {
+        let mut disks = self.disks();
+        disks.sort_by_key(|r| r.offset);
+        let mut h = blake3::Hasher::new();
+        let mut at = 0;
+        let mut ranges = Vec::new();
+        for d in disks.iter().chain(std::iter::once(&Region {
+            kind: RegionKind::Disk,
+            index: u32::MAX,
+            offset: self.label.lun_size,
+            length: 0,
+            guid: Uuid::nil(),
+        })) {
+            if d.offset > at {
+                ranges.push((at, d.offset));
+            }
+            at = at.max(d.end());
+        }
+        let mut buf = vec![0u8; 1 << 20];
+        for (start, end) in ranges {
+            for (o, l) in fileops::data_extents(&self.file, start, end)? {
+                h.update(&o.to_le_bytes());
+                h.update(&l.to_le_bytes());
+                let mut done = 0;
+                while done < l {
+                    let n = (l - done).min(buf.len() as u64) as usize;
+                    self.file.read_exact_at(&mut buf[..n], o + done)?;
+                    h.update(&buf[..n]);
+                    done += n as u64;
+                }
+            }
+        }
+        Ok(*h.finalize().as_bytes())
+    }
+
+    // ----- state records -------------------------------------------------
+
+    /// Read and verify one record's payload.
+    pub fn record(&self, rtype: RecordType, instance: u16) -> Result<Option<Vec<u8>>> {
+        let Some(e) = self.dir.find(rtype, instance).copied() else {
+            return Ok(None);
+        };
+        let len = usize::try_from(e.length).map_err(|_| self.rec_err(&e, "too large"))?;
+        let mut b = vec![0u8; len];
+        self.read_region(RegionKind::State, 0, e.offset, &mut b)?;
+        if blake3::hash(&b).as_bytes() != &e.checksum {
+            return Err(self.rec_err(&e, "payload checksum mismatch"));
+        }
+        Ok(Some(b))
+    }
+
+    pub fn record_json<T: serde::de::DeserializeOwned>(
+        &self,
+        rtype: RecordType,
+        instance: u16,
+    ) -> Result<Option<T>> {
+        match self.record(rtype, instance)? {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| Error::Record {
+                path: self.path.clone(),
+                record: rtype.name().into(),
+                why: format!("bad JSON: {e}"),
+            }),
+        }
+    }
+
+    fn rec_err(&self, e: &Entry, why: &str) -> Error {
+        Error::Record {
+            path: self.path.clone(),
+            record: format!("{} #{}", e.rtype.name(), e.instance),
+            why: why.into(),
+        }
+    }
+
+    /// Verify every record's checksum; returns (record, problem) pairs.
+    pub fn verify_records(&self) -> Vec<(String, Option<String>)> {
+        self.dir
+            .entries
+            .iter()
+            .map(|e| {
+                let name = format!("{} #{}", e.rtype.name(), e.instance);
+                let r = self.record(e.rtype, e.instance).err().map(|x| x.to_string());
+                (name, r)
+            })
+            .collect()
+    }
+
+    /// Replace (or add) records atomically: payloads to free space, sync,
+    /// then one new directory generation.
+    pub fn put_records(&mut self, recs: &[(RecordType, u16, Vec<u8>)]) -> Result<()> {
+        self.writable()?;
+        let st = *self.label.state_region();
+        let mut next = self.dir.clone();
+        // While writing, both the old and the new payloads must stay intact.
+        let mut busy = self.dir.clone();
+        for (rtype, instance, payload) in recs {
+            let len = payload.len() as u64;
+            let off = busy.allocate(len, st.length).ok_or_else(|| Error::Record {
+                path: self.path.clone(),
+                record: rtype.name().into(),
+                why: format!(
+                    "state region full: {len} bytes do not fit (region {} bytes, {} used); grow it with lunctl resize --memory",
+                    st.length,
+                    self.dir.used_bytes()
+                ),
+            })?;
+            if busy.entries.len() >= state::MAX_ENTRIES * 2 {
+                return Err(Error::Invalid("too many state records".into()));
+            }
+            let e = Entry {
+                rtype: *rtype,
+                instance: *instance,
+                flags: 0,
+                offset: off,
+                length: len,
+                checksum: *blake3::hash(payload).as_bytes(),
+            };
+            self.file
+                .write_all_at(payload, st.offset + off)
+                .ctx(&self.path, "write state record")?;
+            busy.entries.push(Entry {
+                instance: u16::MAX,
+                ..e
+            });
+            next.entries.retain(|x| !(x.rtype == *rtype && x.instance == *instance));
+            next.entries.push(e);
+        }
+        if next.entries.len() > state::MAX_ENTRIES {
+            return Err(Error::Invalid(format!(
+                "state directory would hold {} records; the limit is {}",
+                next.entries.len(),
+                state::MAX_ENTRIES
+            )));
+        }
+        next.entries.sort_by_key(|e| (e.rtype, e.instance));
+        next.region_len = st.length;
+        self.sync()?;
+        self.commit_dir(next)
+    }
+
+    /// Remove a record (its space is free once the new directory is current).
+    pub fn remove_record(&mut self, rtype: RecordType, instance: u16) -> Result<bool> {
+        self.writable()?;
+        let mut next = self.dir.clone();
+        let before = next.entries.len();
+        next.entries.retain(|e| !(e.rtype == rtype && e.instance == instance));
+        if next.entries.len() == before {
+            return Ok(false);
+        }
+        self.commit_dir(next)?;
+        Ok(true)
+    }
+
+    fn commit_dir(&mut self, mut next: Directory) -> Result<()> {
+        let st = *self.label.state_region();
+        next.generation = self.dir.generation + 1;
+        let slot = 1 - self.dir_slot;
+        self.file
+            .write_all_at(&next.encode(), st.offset + slot * DIR_SLOT_SIZE as u64)
+            .ctx(&self.path, "write state directory")?;
+        self.sync()?;
+        self.dir = next;
+        self.dir_slot = slot;
+        Ok(())
+    }
+
+    // ----- label updates -------------------------------------------------
+
+    fn write_label_slot(&self, label: &Label, slot: u64) -> Result<()> {
+        let at = slot_offset(label.label_region(), slot);
+        self.file
+            .write_all_at(&label.encode(), at)
+            .ctx(&self.path, "write label")
+    }
+
+    /// Commit a new label generation into the non-current slot.
+    fn commit_label(&mut self, mut next: Label) -> Result<()> {
+        next.generation = self.label.generation + 1;
+        next.updated = now();
+        next.validate().map_err(|e| Error::Invalid(e.to_string()))?;
+        let moved = next.label_region().offset != self.label.label_region().offset;
+        if moved {
+            // A new footer location: both slots, so it is never half there.
+            self.write_label_slot(&next, 0)?;
+            self.write_label_slot(&next, 1)?;
+            self.label_slot = 1;
+        } else {
+            let slot = 1 - self.label_slot;
+            self.write_label_slot(&next, slot)?;
+            self.label_slot = slot;
+        }
+        self.sync()?;
+        self.label = next;
+        Ok(())
+    }
+
+    // ----- secondary disks -----------------------------------------------
+
+    pub fn secondaries(&self) -> Result<SecondaryDisks> {
+        Ok(self
+            .record_json(RecordType::SecondaryDisks, 0)?
+            .unwrap_or_default())
+    }
+
+    /// Record `other` as a secondary disk of this VM, by LUN UUID.
+    pub fn attach_secondary(&mut self, other: &Lun) -> Result<()> {
+        if other.uuid() == self.uuid() {
+            return Err(Error::Invalid(format!(
+                "{} cannot be a secondary disk of itself",
+                self.name()
+            )));
+        }
+        let mut s = self.secondaries()?;
+        if s.disks.iter().any(|d| d.lun_uuid == other.uuid()) {
+            return Err(Error::Invalid(format!(
+                "{} ({}) is already attached to {}",
+                other.name(),
+                other.uuid(),
+                self.name()
+            )));
+        }
+        s.disks.push(state::SecondaryRef {
+            lun_uuid: other.uuid(),
+            name: other.name().into(),
+            path_hint: other
+                .path()
+                .canonicalize()
+                .unwrap_or_else(|_| other.path().into())
+                .display()
+                .to_string(),
+            attached: now(),
+        });
+        self.put_records(&[(RecordType::SecondaryDisks, 0, json(&s))])
+    }
+
+    // ----- resize --------------------------------------------------------
+
+    /// Grow disk `index` to `new_len` bytes, or add disk `index` when it is
+    /// the next free index. Never shrinks; never loses a byte.
+    pub fn resize_disk(&mut self, index: u32, new_len: u64) -> Result<()> {
+        let new_len = align_up(new_len)
+            .ok_or_else(|| Error::Invalid(format!("size {new_len} is too large")))?;
+        match self.region(RegionKind::Disk, index) {
+            Some(r) if new_len < r.length => Err(Error::Invalid(format!(
+                "disk{index} is {} bytes; shrinking to {new_len} would lose data and is refused",
+                r.length
+            ))),
+            Some(r) if new_len == r.length => Ok(()),
+            Some(_) => self.grow(RegionKind::Disk, index, new_len),
+            None if index as usize == self.disks().len() => {
+                if self.disks().len() >= MAX_DISKS {
+                    return Err(Error::Invalid(format!("a LUN holds at most {MAX_DISKS} disks")));
+                }
+                if new_len == 0 {
+                    return Err(Error::Invalid("a new disk needs a size".into()));
+                }
+                self.grow(RegionKind::Disk, index, new_len)?;
+                let mut id: Identity = self
+                    .record_json(RecordType::Identity, 0)?
+                    .unwrap_or(Identity { disks: vec![] });
+                id.disks.push(state::DiskIdentity {
+                    index,
+                    id: crate::format::label::hex(Uuid::new_v4().as_bytes()),
+                    export_name: format!("{}/disk{index}", self.name()),
+                    description: format!("lungate {} disk{index}", self.name()),
+                });
+                let mut hw: HardwareConfig = self.hardware()?;
+                hw.devices.push(state::Device {
+                    kind: "virtio-blk".into(),
+                    disk: Some(index),
+                });
+                self.put_records(&[
+                    (RecordType::Identity, 0, json(&id)),
+                    (RecordType::HardwareConfig, 0, json(&hw)),
+                ])
+            }
+            None => Err(Error::Invalid(format!(
+                "no disk{index}: the LUN has disks 0..{}; a new disk must be disk{}",
+                self.disks().len(),
+                self.disks().len()
+            ))),
+        }
+    }
+
+    pub fn hardware(&self) -> Result<HardwareConfig> {
+        self.record_json(RecordType::HardwareConfig, 0)?
+            .ok_or_else(|| Error::Record {
+                path: self.path.clone(),
+                record: "hardware-config".into(),
+                why: "missing".into(),
+            })
+    }
+
+    /// Set the VM's memory size, growing the state region to hold it.
+    pub fn resize_memory(&mut self, memory: u64) -> Result<()> {
+        let need = state::state_region_len(memory)
+            .ok_or_else(|| Error::Invalid(format!("memory size {memory} is too large")))?;
+        let st = *self.label.state_region();
+        if need > st.length {
+            self.grow(RegionKind::State, 0, need)?;
+        }
+        let mut hw = self.hardware()?;
+        hw.memory_bytes = memory;
+        self.put_records(&[(RecordType::HardwareConfig, 0, json(&hw))])
+    }
+
+    /// The crash-safe grow protocol (docs/lun-format.md, "Resize"):
+    /// 1. extend the file if the new layout needs more room;
+    /// 2. copy every region in the way to free space, sync;
+    /// 3. label N+1: moved regions at their new homes, sync;
+    /// 4. zero the range the grown region will cover, sync;
+    /// 5. label N+2: the region at its new length, sync;
+    /// 6. zero what the moved regions left behind; rewrite the GPT.
+    fn grow(&mut self, kind: RegionKind, index: u32, new_len: u64) -> Result<()> {
+        self.writable()?;
+        let old = self.label.clone();
+        let target = old.region(kind, index).copied();
+        let tgt_off = target.map(|r| r.offset);
+        let layout = old.layout;
+        // Regions that stay put: everything but the target, the movers, and
+        // (truncate layout) the footer, which follows the end of the file.
+        let want_end = tgt_off.map(|o| o.checked_add(new_len));
+        if let Some(None) = want_end {
+            return Err(Error::Invalid("new size overflows".into()));
+        }
+        let grow_range = target.map(|r| (r.end(), r.offset + new_len));
+        let is_mover = |r: &Region| {
+            if Some(*r) == target {
+                return false;
+            }
+            if layout == Layout::Truncate && r.kind == RegionKind::Label {
+                return false;
+            }
+            matches!(grow_range, Some((s, e)) if r.offset < e && s < r.end())
+        };
+        if layout == Layout::Offset {
+            if let Some(m) = old.regions.iter().find(|r| is_mover(r) && r.kind == RegionKind::Label) {
+                return Err(Error::Invalid(format!(
+                    "cannot grow {kind}{index} over the label region at {}",
+                    m.offset
+                )));
+            }
+        }
+        let movers: Vec<Region> = old.regions.iter().filter(|r| is_mover(r)).copied().collect();
+        // Occupied while copying: every old region, plus the target's new extent.
+        let mut busy: Vec<(u64, u64)> = old.regions.iter().map(|r| (r.offset, r.end())).collect();
+        if let (Some(t), Some(Some(e))) = (target, want_end) {
+            busy.push((t.offset, e));
+        }
+        let floor = match layout {
+            Layout::Offset => OFFSET_LABEL_AT,
+            Layout::Truncate => 0,
+        };
+        let data_limit = |lun_size: u64| match layout {
+            Layout::Offset => lun_size - OFFSET_TAIL_RESERVED,
+            Layout::Truncate => lun_size - LABEL_REGION_LEN,
+        };
+        let mut placed: Vec<Region> = Vec::new();
+        let mut to_place: Vec<Region> = movers.clone();
+        if target.is_none() {
+            to_place.push(Region {
+                kind,
+                index,
+                offset: 0,
+                length: new_len,
+                guid: Uuid::new_v4(),
+            });
+        }
+        let mut lun_size = old.lun_size;
+        for r in &to_place {
+            let fit = first_fit(&busy, floor, data_limit(lun_size), r.length);
+            let at = match fit {
+                Some(at) => at,
+                None if self.is_block => {
+                    return Err(Error::Invalid(format!(
+                        "{}: not enough free space on the block device for {} ({} bytes)",
+                        self.path.display(),
+                        r.name(),
+                        r.length
+                    )))
+                }
+                None => {
+                    // Place past everything, including the old tail MiB.
+                    let end = busy.iter().map(|b| b.1).max().unwrap_or(0).max(old.lun_size);
+                    lun_size = end
+                        .checked_add(r.length)
+                        .and_then(|x| x.checked_add(MIB))
+                        .ok_or_else(|| Error::Invalid("new size overflows".into()))?;
+                    end
+                }
+            };
+            busy.push((at, at + r.length));
+            placed.push(Region { offset: at, ..*r });
+        }
+        if let Some(Some(e)) = want_end {
+            // The target's own growth may need a bigger file.
+            let limit = data_limit(lun_size);
+            if e > limit {
+                if self.is_block {
+                    return Err(Error::Invalid(format!(
+                        "{}: growing {kind}{index} to {new_len} bytes needs {} more bytes than the block device has",
+                        self.path.display(),
+                        e - limit
+                    )));
+                }
+                let end = busy.iter().map(|b| b.1).max().unwrap_or(0).max(old.lun_size);
+                lun_size = lun_size.max(end.max(e) + MIB);
+            }
+        }
+        if self.is_block {
+            lun_size = old.lun_size;
+        }
+        // 1. room
+        if lun_size > self.backing_size {
+            self.file.set_len(lun_size).ctx(&self.path, "extend")?;
+            self.backing_size = lun_size;
+        }
+        // 2. copy movers
+        let total: u64 = movers.iter().map(|r| r.length).sum();
+        let bar = crate::progress::bar(total, "moving regions");
+        for m in &movers {
+            let dst = placed.iter().find(|p| p.guid == m.guid).expect("placed");
+            fileops::copy_range(&self.file, m.offset, dst.offset, m.length, |n| bar.inc(n))
+                .ctx(&self.path, "copy region")?;
+        }
+        bar.finish_and_clear();
+        self.sync()?;
+        // 3. label N+1
+        let mut mid = old.clone();
+        mid.lun_size = lun_size;
+        for r in mid.regions.iter_mut() {
+            if let Some(p) = placed.iter().find(|p| p.guid == r.guid) {
+                *r = *p;
+            }
+            if layout == Layout::Truncate && r.kind == RegionKind::Label {
+                r.offset = lun_size - LABEL_REGION_LEN;
+            }
+        }
+        self.commit_label(mid.clone())?;
+        // 4. zero the range the region grows into (it held moved data).
+        let mut fin = mid.clone();
+        match target {
+            Some(t) => {
+                let (s, e) = (t.end(), t.offset + new_len);
+                fileops::zero_range(&self.file, s, e - s).ctx(&self.path, "zero new space")?;
+                for r in fin.regions.iter_mut() {
+                    if r.guid == t.guid {
+                        r.length = new_len;
+                    }
+                }
+            }
+            None => {
+                let p = placed.last().expect("new region placed");
+                fileops::zero_range(&self.file, p.offset, p.length)
+                    .ctx(&self.path, "zero new disk")?;
+                fin.regions.push(*p);
+                fin.regions.sort_by_key(|r| (r.kind, r.index));
+            }
+        }
+        self.sync()?;
+        // 5. label N+2
+        self.commit_label(fin.clone())?;
+        // 6. clean up what is no longer any region's.
+        let mut vacated: Vec<(u64, u64)> = movers.iter().map(|r| (r.offset, r.end())).collect();
+        if layout == Layout::Truncate && old.label_region().offset != fin.label_region().offset {
+            vacated.push((old.label_region().offset, old.label_region().end()));
+        }
+        if layout == Layout::Offset && fin.lun_size != old.lun_size {
+            vacated.push((old.lun_size - OFFSET_TAIL_RESERVED, old.lun_size));
+        }
+        for (s, e) in vacated {
+            for (gs, ge) in subtract(s, e, &fin.regions) {
+                fileops::zero_range(&self.file, gs, ge - gs).ctx(&self.path, "zero vacated")?;
+            }
+        }
+        if layout == Layout::Offset {
+            gpt::write(&self.file, &self.label).ctx(&self.path, "rewrite GPT")?;
+        }
+        self.sync()?;
+        if kind == RegionKind::State {
+            // Let the directory cover the grown region.
+            let d = self.dir.clone();
+            self.commit_dir(Directory {
+                region_len: new_len,
+                ..d
+            })?;
+        }
+        self.warnings.clear();
+        Ok(())
+    }
+
+    /// Delete the LUN: a file is removed; a block device has its label,
+    /// GPT and state directory wiped so it is no longer recognised.
+    pub fn delete(self) -> Result<()> {
+        self.writable()?;
+        if !self.is_block {
+            return std::fs::remove_file(&self.path).ctx(&self.path, "remove");
+        }
+        let l = &self.label;
+        fileops::zero_range(&self.file, l.label_region().offset, LABEL_REGION_LEN)
+            .ctx(&self.path, "wipe label")?;
+        fileops::zero_range(&self.file, l.state_region().offset, 2 * DIR_SLOT_SIZE as u64)
+            .ctx(&self.path, "wipe state directory")?;
+        if l.layout == Layout::Offset {
+            fileops::zero_range(&self.file, 0, MIB).ctx(&self.path, "wipe GPT")?;
+            fileops::zero_range(&self.file, l.lun_size - MIB, MIB).ctx(&self.path, "wipe GPT")?;
+        }
+        self.sync()
+    }
+}
+
+pub(crate) fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("state records serialise")
+}
+
+/// Lowest offset in `[floor, limit)` where `len` bytes avoid every busy range.
+fn first_fit(busy: &[(u64, u64)], floor: u64, limit: u64, len: u64) -> Option<u64> {
+    let mut b: Vec<(u64, u64)> = busy.to_vec();
+    b.sort_unstable();
+    let mut at = floor;
+    for (s, e) in b {
+        if s >= at && s - at >= len {
+            break;
+        }
+        at = at.max(e);
+    }
+    (at.checked_add(len)? <= limit).then_some(at)
+}
+
+/// The parts of `[s, e)` not covered by any region.
+fn subtract(s: u64, e: u64, regions: &[Region]) -> Vec<(u64, u64)> {
+    let mut out = vec![(s, e)];
+    for r in regions {
+        out = out
+            .into_iter()
+            .flat_map(|(a, b)| {
+                let mut v = Vec::new();
+                if r.end() <= a || r.offset >= b {
+                    v.push((a, b));
+                } else {
+                    if r.offset > a {
+                        v.push((a, r.offset));
+                    }
+                    if r.end() < b {
+                        v.push((r.end(), b));
+                    }
+                }
+                v
+            })
+            .collect();
+    }
+    out
+}
+
+/// Whether `b` starts like one of our label blocks (scanner fast path).
+pub fn has_label_magic(b: &[u8]) -> bool {
+    b.len() >= 8 && &b[..8] == LABEL_MAGIC
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(layout: Layout) -> CreateSpec {
+        CreateSpec {
+            name: "t".into(),
+            disks: vec![4 * MIB, 2 * MIB],
+            memory: MIB,
+            vcpus: 2,
+            layout,
+        }
+    }
+
+    #[test]
+    fn create_then_open_in_both_layouts() {
+        let d = tempfile::tempdir().unwrap();
+        for layout in [Layout::Offset, Layout::Truncate] {
+            let p = d.path().join(format!("{layout}.lun"));
+            let made = Lun::create(&p, &spec(layout)).unwrap();
+            let l = Lun::open(&p, Access::ReadOnly).unwrap();
+            assert_eq!(l.uuid(), made.uuid());
+            assert_eq!(l.disks().len(), 2);
+            assert!(l.warnings().is_empty(), "{:?}", l.warnings());
+            assert_eq!(l.hardware().unwrap().vcpus, 2);
+            assert!(l.disk_id(1).is_some());
+            if layout == Layout::Truncate {
+                assert_eq!(l.disks()[0].offset, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn first_fit_and_subtract() {
+        assert_eq!(first_fit(&[(0, 10), (20, 30)], 0, 100, 10), Some(10));
+        assert_eq!(first_fit(&[(0, 10), (20, 30)], 0, 100, 11), Some(30));
+        assert_eq!(first_fit(&[(0, 10)], 0, 15, 10), None);
+        let r = Region {
+            kind: RegionKind::Disk,
+            index: 0,
+            offset: 10,
+            length: 10,
+            guid: Uuid::nil(),
+        };
+        assert_eq!(subtract(0, 30, &[r]), vec![(0, 10), (20, 30)]);
+    }
+
+    #[test]
+    fn grow_preserves_every_byte_in_both_layouts() {
+        let d = tempfile::tempdir().unwrap();
+        for layout in [Layout::Offset, Layout::Truncate] {
+            let p = d.path().join(format!("{layout}.lun"));
+            let mut l = Lun::create(&p, &spec(layout)).unwrap();
+            let pat0: Vec<u8> = (0..4 * MIB).map(|i| (i % 251) as u8).collect();
+            let pat1: Vec<u8> = (0..2 * MIB).map(|i| (i % 241) as u8).collect();
+            l.write_region(RegionKind::Disk, 0, 0, &pat0).unwrap();
+            l.write_region(RegionKind::Disk, 1, 0, &pat1).unwrap();
+            l.put_records(&[(RecordType::VcpuState, 0, vec![5u8; 1000])]).unwrap();
+            l.resize_disk(0, 9 * MIB).unwrap();
+            l.resize_memory(3 * MIB).unwrap();
+            l.resize_disk(2, 3 * MIB).unwrap();
+            drop(l);
+            let l = Lun::open(&p, Access::ReadOnly).unwrap();
+            assert!(l.warnings().is_empty(), "{:?}", l.warnings());
+            let mut b = vec![0u8; 4 * MIB as usize];
+            l.read_region(RegionKind::Disk, 0, 0, &mut b).unwrap();
+            assert_eq!(b, pat0);
+            let mut z = vec![1u8; 5 * MIB as usize];
+            l.read_region(RegionKind::Disk, 0, 4 * MIB, &mut z).unwrap();
+            assert!(z.iter().all(|&x| x == 0), "grown space must read zeros");
+            let mut b = vec![0u8; 2 * MIB as usize];
+            l.read_region(RegionKind::Disk, 1, 0, &mut b).unwrap();
+            assert_eq!(b, pat1);
+            assert_eq!(l.record(RecordType::VcpuState, 0).unwrap().unwrap(), vec![5u8; 1000]);
+            assert_eq!(l.hardware().unwrap().memory_bytes, 3 * MIB);
+            assert_eq!(l.disks().len(), 3);
+            if layout == Layout::Truncate {
+                assert_eq!(l.disks()[0].offset, 0);
+                assert_eq!(l.disks()[0].length, 9 * MIB);
+            }
+        }
+    }
+
+    #[test]
+    fn shrinking_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.lun");
+        let mut l = Lun::create(&p, &spec(Layout::Offset)).unwrap();
+        assert!(l.resize_disk(0, MIB).is_err());
+        assert!(l.resize_disk(5, MIB).is_err());
+    }
+
+    #[test]
+    fn interrupted_truncate_grow_recovers_the_old_footer() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.lun");
+        let l = Lun::create(&p, &spec(Layout::Truncate)).unwrap();
+        let size = l.label().lun_size;
+        drop(l);
+        // Step 1 of a grow, then a crash: the file is longer, the end a hole.
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(size + 64 * MIB).unwrap();
+        drop(f);
+        let l = Lun::open(&p, Access::ReadOnly).unwrap();
+        assert!(matches!(l.found(), Found::Recovered(_)));
+        drop(l);
+        let l = Lun::open(&p, Access::ReadWrite).unwrap();
+        assert_eq!(l.backing_size(), size);
+        drop(l);
+        assert_eq!(Lun::open(&p, Access::ReadOnly).unwrap().found(), &Found::Normal);
+    }
+
+    #[test]
+    fn torn_label_write_falls_back_to_the_other_slot() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.lun");
+        let mut l = Lun::create(&p, &spec(Layout::Offset)).unwrap();
+        let other = l.secondaries().unwrap();
+        assert!(other.disks.is_empty());
+        // Two updates put generation 3 in slot 0, generation 2 in slot 1.
+        l.resize_disk(1, 3 * MIB).unwrap();
+        let gen = l.label().generation;
+        let slot = l.label_slot();
+        drop(l);
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0xffu8; 100], OFFSET_LABEL_AT + slot * LABEL_SLOT_STRIDE + 200)
+            .unwrap();
+        drop(f);
+        let l = Lun::open(&p, Access::ReadOnly).unwrap();
+        assert_eq!(l.label().generation, gen - 1);
+        assert!(matches!(l.found(), Found::OneSlot(_)));
+    }
+}
