@@ -121,7 +121,10 @@ fn read_slots(file: &File, region_offset: u64, backing: u64) -> SlotRead {
         match Label::decode(&b) {
             Ok(l) => {
                 magic = true;
-                if best.as_ref().is_none_or(|(x, _)| l.generation > x.generation) {
+                if best
+                    .as_ref()
+                    .is_none_or(|(x, _)| l.generation > x.generation)
+                {
                     best = Some((l, slot));
                 }
             }
@@ -234,7 +237,10 @@ impl Lun {
             match read_slots(file, tail, backing) {
                 SlotRead::Nothing => {}
                 SlotRead::Bad(errs) => {
-                    return Err(damaged(format!("footer label at {tail}: {}", errs.join("; "))))
+                    return Err(damaged(format!(
+                        "footer label at {tail}: {}",
+                        errs.join("; ")
+                    )))
                 }
                 SlotRead::Good {
                     label,
@@ -311,7 +317,10 @@ impl Lun {
                     d.region_len, st.length
                 )),
                 Ok(d) => {
-                    if best.as_ref().is_none_or(|(x, _)| d.generation > x.generation) {
+                    if best
+                        .as_ref()
+                        .is_none_or(|(x, _)| d.generation > x.generation)
+                    {
                         best = Some((d, slot));
                     }
                 }
@@ -385,12 +394,12 @@ impl Lun {
                 return Err(Error::Invalid(format!("disk{i} has size 0")));
             }
             disks.push(
-                align_up(d).ok_or_else(|| Error::Invalid(format!("disk{i} size {d} is too large")))?,
+                align_up(d)
+                    .ok_or_else(|| Error::Invalid(format!("disk{i} size {d} is too large")))?,
             );
         }
-        let state_len = state::state_region_len(spec.memory).ok_or_else(|| {
-            Error::Invalid(format!("memory size {} is too large", spec.memory))
-        })?;
+        let state_len = state::state_region_len(spec.memory)
+            .ok_or_else(|| Error::Invalid(format!("memory size {} is too large", spec.memory)))?;
         let too_big = || Error::Invalid("the requested sizes overflow a 64-bit LUN".into());
         let region = |kind, index, offset, length| Region {
             kind,
@@ -403,7 +412,12 @@ impl Lun {
         let mut at;
         match spec.layout {
             Layout::Offset => {
-                regions.push(region(RegionKind::Label, 0, OFFSET_LABEL_AT, LABEL_REGION_LEN));
+                regions.push(region(
+                    RegionKind::Label,
+                    0,
+                    OFFSET_LABEL_AT,
+                    LABEL_REGION_LEN,
+                ));
                 at = OFFSET_LABEL_AT + LABEL_REGION_LEN;
                 regions.push(region(RegionKind::State, 0, at, state_len));
                 at = at.checked_add(state_len).ok_or_else(too_big)?;
@@ -452,7 +466,12 @@ impl Lun {
             Err(e) => return Err(e).ctx(path, "open"),
         };
         if spec.layout == Layout::Truncate {
-            regions.push(region(RegionKind::Label, 0, lun_size - MIB, LABEL_REGION_LEN));
+            regions.push(region(
+                RegionKind::Label,
+                0,
+                lun_size - MIB,
+                LABEL_REGION_LEN,
+            ));
         }
         regions.sort_by_key(|r| (r.kind, r.index));
         let t = now();
@@ -466,7 +485,9 @@ impl Lun {
             updated: t,
             regions,
         };
-        label.validate().map_err(|e| Error::Invalid(e.to_string()))?;
+        label
+            .validate()
+            .map_err(|e| Error::Invalid(e.to_string()))?;
         let result = Self::initialise(path, file, is_block, label, spec);
         if result.is_err() && !is_block {
             let _ = std::fs::remove_file(path);
@@ -528,7 +549,11 @@ impl Lun {
             (RecordType::HardwareConfig, 0, json(&hw)),
             (RecordType::Identity, 0, json(&identity)),
             (RecordType::SnapshotTree, 0, json(&SnapshotTree::default())),
-            (RecordType::SecondaryDisks, 0, json(&SecondaryDisks::default())),
+            (
+                RecordType::SecondaryDisks,
+                0,
+                json(&SecondaryDisks::default()),
+            ),
         ])?;
         // The label is the commit point: written last, slot 0, generation 1.
         let label = lun.label.clone();
@@ -627,7 +652,13 @@ impl Lun {
     }
 
     /// Write `buf` at `offset` inside a region (not durable until [`Lun::sync`]).
-    pub fn write_region(&self, kind: RegionKind, index: u32, offset: u64, buf: &[u8]) -> Result<()> {
+    pub fn write_region(
+        &self,
+        kind: RegionKind,
+        index: u32,
+        offset: u64,
+        buf: &[u8],
+    ) -> Result<()> {
         self.writable()?;
         let at = self.checked(kind, index, offset, buf.len() as u64)?;
         self.file.write_all_at(buf, at).ctx(&self.path, "write")
@@ -707,11 +738,13 @@ impl Lun {
     ) -> Result<Option<T>> {
         match self.record(rtype, instance)? {
             None => Ok(None),
-            Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| Error::Record {
-                path: self.path.clone(),
-                record: rtype.name().into(),
-                why: format!("bad JSON: {e}"),
-            }),
+            Some(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| Error::Record {
+                    path: self.path.clone(),
+                    record: rtype.name().into(),
+                    why: format!("bad JSON: {e}"),
+                }),
         }
     }
 
@@ -730,7 +763,10 @@ impl Lun {
             .iter()
             .map(|e| {
                 let name = format!("{} #{}", e.rtype.name(), e.instance);
-                let r = self.record(e.rtype, e.instance).err().map(|x| x.to_string());
+                let r = self
+                    .record(e.rtype, e.instance)
+                    .err()
+                    .map(|x| x.to_string());
                 (name, r)
             })
             .collect()
@@ -773,7 +809,8 @@ impl Lun {
                 instance: u16::MAX,
                 ..e
             });
-            next.entries.retain(|x| !(x.rtype == *rtype && x.instance == *instance));
+            next.entries
+                .retain(|x| !(x.rtype == *rtype && x.instance == *instance));
             next.entries.push(e);
         }
         if next.entries.len() > state::MAX_ENTRIES {
@@ -794,7 +831,8 @@ impl Lun {
         self.writable()?;
         let mut next = self.dir.clone();
         let before = next.entries.len();
-        next.entries.retain(|e| !(e.rtype == rtype && e.instance == instance));
+        next.entries
+            .retain(|e| !(e.rtype == rtype && e.instance == instance));
         if next.entries.len() == before {
             return Ok(false);
         }
@@ -900,7 +938,9 @@ impl Lun {
             Some(_) => self.grow(RegionKind::Disk, index, new_len),
             None if index as usize == self.disks().len() => {
                 if self.disks().len() >= MAX_DISKS {
-                    return Err(Error::Invalid(format!("a LUN holds at most {MAX_DISKS} disks")));
+                    return Err(Error::Invalid(format!(
+                        "a LUN holds at most {MAX_DISKS} disks"
+                    )));
                 }
                 if new_len == 0 {
                     return Err(Error::Invalid("a new disk needs a size".into()));
@@ -985,14 +1025,23 @@ impl Lun {
             matches!(grow_range, Some((s, e)) if r.offset < e && s < r.end())
         };
         if layout == Layout::Offset {
-            if let Some(m) = old.regions.iter().find(|r| is_mover(r) && r.kind == RegionKind::Label) {
+            if let Some(m) = old
+                .regions
+                .iter()
+                .find(|r| is_mover(r) && r.kind == RegionKind::Label)
+            {
                 return Err(Error::Invalid(format!(
                     "cannot grow {kind}{index} over the label region at {}",
                     m.offset
                 )));
             }
         }
-        let movers: Vec<Region> = old.regions.iter().filter(|r| is_mover(r)).copied().collect();
+        let movers: Vec<Region> = old
+            .regions
+            .iter()
+            .filter(|r| is_mover(r))
+            .copied()
+            .collect();
         // Occupied while copying: every old region, plus the target's new extent.
         let mut busy: Vec<(u64, u64)> = old.regions.iter().map(|r| (r.offset, r.end())).collect();
         if let (Some(t), Some(Some(e))) = (target, want_end) {
@@ -1032,7 +1081,12 @@ impl Lun {
                 }
                 None => {
                     // Place past everything, including the old tail MiB.
-                    let end = busy.iter().map(|b| b.1).max().unwrap_or(0).max(old.lun_size);
+                    let end = busy
+                        .iter()
+                        .map(|b| b.1)
+                        .max()
+                        .unwrap_or(0)
+                        .max(old.lun_size);
                     lun_size = end
                         .checked_add(r.length)
                         .and_then(|x| x.checked_add(MIB))
@@ -1054,7 +1108,12 @@ impl Lun {
                         e - limit
                     )));
                 }
-                let end = busy.iter().map(|b| b.1).max().unwrap_or(0).max(old.lun_size);
+                let end = busy
+                    .iter()
+                    .map(|b| b.1)
+                    .max()
+                    .unwrap_or(0)
+                    .max(old.lun_size);
                 lun_size = lun_size.max(end.max(e) + MIB);
             }
         }
@@ -1150,8 +1209,12 @@ impl Lun {
         let l = &self.label;
         fileops::zero_range(&self.file, l.label_region().offset, LABEL_REGION_LEN)
             .ctx(&self.path, "wipe label")?;
-        fileops::zero_range(&self.file, l.state_region().offset, 2 * DIR_SLOT_SIZE as u64)
-            .ctx(&self.path, "wipe state directory")?;
+        fileops::zero_range(
+            &self.file,
+            l.state_region().offset,
+            2 * DIR_SLOT_SIZE as u64,
+        )
+        .ctx(&self.path, "wipe state directory")?;
         if l.layout == Layout::Offset {
             fileops::zero_range(&self.file, 0, MIB).ctx(&self.path, "wipe GPT")?;
             fileops::zero_range(&self.file, l.lun_size - MIB, MIB).ctx(&self.path, "wipe GPT")?;
@@ -1265,7 +1328,8 @@ mod tests {
             let pat1: Vec<u8> = (0..2 * MIB).map(|i| (i % 241) as u8).collect();
             l.write_region(RegionKind::Disk, 0, 0, &pat0).unwrap();
             l.write_region(RegionKind::Disk, 1, 0, &pat1).unwrap();
-            l.put_records(&[(RecordType::VcpuState, 0, vec![5u8; 1000])]).unwrap();
+            l.put_records(&[(RecordType::VcpuState, 0, vec![5u8; 1000])])
+                .unwrap();
             l.resize_disk(0, 9 * MIB).unwrap();
             l.resize_memory(3 * MIB).unwrap();
             l.resize_disk(2, 3 * MIB).unwrap();
@@ -1281,7 +1345,10 @@ mod tests {
             let mut b = vec![0u8; 2 * MIB as usize];
             l.read_region(RegionKind::Disk, 1, 0, &mut b).unwrap();
             assert_eq!(b, pat1);
-            assert_eq!(l.record(RecordType::VcpuState, 0).unwrap().unwrap(), vec![5u8; 1000]);
+            assert_eq!(
+                l.record(RecordType::VcpuState, 0).unwrap().unwrap(),
+                vec![5u8; 1000]
+            );
             assert_eq!(l.hardware().unwrap().memory_bytes, 3 * MIB);
             assert_eq!(l.disks().len(), 3);
             if layout == Layout::Truncate {
@@ -1317,7 +1384,10 @@ mod tests {
         let l = Lun::open(&p, Access::ReadWrite).unwrap();
         assert_eq!(l.backing_size(), size);
         drop(l);
-        assert_eq!(Lun::open(&p, Access::ReadOnly).unwrap().found(), &Found::Normal);
+        assert_eq!(
+            Lun::open(&p, Access::ReadOnly).unwrap().found(),
+            &Found::Normal
+        );
     }
 
     #[test]
@@ -1333,8 +1403,11 @@ mod tests {
         let slot = l.label_slot();
         drop(l);
         let f = OpenOptions::new().write(true).open(&p).unwrap();
-        f.write_all_at(&[0xffu8; 100], OFFSET_LABEL_AT + slot * LABEL_SLOT_STRIDE + 200)
-            .unwrap();
+        f.write_all_at(
+            &[0xffu8; 100],
+            OFFSET_LABEL_AT + slot * LABEL_SLOT_STRIDE + 200,
+        )
+        .unwrap();
         drop(f);
         let l = Lun::open(&p, Access::ReadOnly).unwrap();
         assert_eq!(l.label().generation, gen - 1);

@@ -18,17 +18,30 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
         "P" | "PB" | "PIB" => 50,
-        u => return Err(format!("invalid size {s:?}: unknown unit {u:?} (use K, M, G, T or P)")),
+        u => {
+            return Err(format!(
+                "invalid size {s:?}: unknown unit {u:?} (use K, M, G, T or P)"
+            ))
+        }
     };
     let too_big = || format!("size {s:?} is too large");
     if let Some((int, frac)) = num.split_once('.') {
         if frac.contains('.') || int.is_empty() && frac.is_empty() {
             return Err(format!("invalid size {s:?}"));
         }
-        let whole: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| too_big())? };
-        let whole = whole.checked_shl(shift).filter(|v| v >> shift == whole).ok_or_else(too_big)?;
+        let whole: u64 = if int.is_empty() {
+            0
+        } else {
+            int.parse().map_err(|_| too_big())?
+        };
+        let whole = whole
+            .checked_shl(shift)
+            .filter(|v| v >> shift == whole)
+            .ok_or_else(too_big)?;
         let digits = frac.len().min(18) as u32;
-        let f: u64 = frac[..digits as usize].parse().map_err(|_| format!("invalid size {s:?}"))?;
+        let f: u64 = frac[..digits as usize]
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}"))?;
         let part = ((f as u128) << shift) / 10u128.pow(digits);
         return whole.checked_add(part as u64).ok_or_else(too_big);
     }
@@ -71,7 +84,15 @@ mod tests {
 
     #[test]
     fn rejects_garbage_and_overflow() {
-        for bad in ["", "G", "12X", "1..5G", "99999999999P", "-1G", "18446744073709551616"] {
+        for bad in [
+            "",
+            "G",
+            "12X",
+            "1..5G",
+            "99999999999P",
+            "-1G",
+            "18446744073709551616",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
     }

@@ -15,7 +15,11 @@ use lun_manager::{pool, report, scan, Access, CreateSpec, Layout, Lun};
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "lunctl", version, about = "Provision and inspect lungate VM LUNs")]
+#[command(
+    name = "lunctl",
+    version,
+    about = "Provision and inspect lungate VM LUNs"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -280,7 +284,10 @@ fn create(a: CreateArgs) -> Result<(), String> {
     };
     let lun = Lun::create(&path, &spec).map_err(|e| e.to_string())?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&describe(&lun)).expect("json"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&describe(&lun)).expect("json")
+        );
     } else {
         println!(
             "created {} ({}, {} layout) at {}",
@@ -290,7 +297,13 @@ fn create(a: CreateArgs) -> Result<(), String> {
             path.display()
         );
         for d in lun.disks() {
-            println!("  disk{}: {} export {}/disk{}", d.index, human(d.length), lun.name(), d.index);
+            println!(
+                "  disk{}: {} export {}/disk{}",
+                d.index,
+                human(d.length),
+                lun.name(),
+                d.index
+            );
         }
     }
     Ok(())
@@ -307,7 +320,10 @@ fn describe(l: &Lun) -> serde_json::Value {
         .entries
         .iter()
         .map(|e| {
-            let ok = l.record(e.rtype, e.instance).map(|_| ()).map_err(|x| x.to_string());
+            let ok = l
+                .record(e.rtype, e.instance)
+                .map(|_| ())
+                .map_err(|x| x.to_string());
             json!({
                 "type": e.rtype.name(),
                 "instance": e.instance,
@@ -370,7 +386,11 @@ fn inspect(path: &Path, as_json: bool) -> Result<(), String> {
         v["label_checksum"].as_str().unwrap_or("?")
     );
     if let Ok(hw) = l.hardware() {
-        println!("hardware   {} vCPU, {} memory", hw.vcpus, human(hw.memory_bytes));
+        println!(
+            "hardware   {} vCPU, {} memory",
+            hw.vcpus,
+            human(hw.memory_bytes)
+        );
     }
     println!("regions");
     let mut regions = label.regions.clone();
@@ -453,7 +473,10 @@ fn list(dir: &Path, as_json: bool) -> Result<(), String> {
         println!("no LUNs in pool {}", dir.display());
         return Ok(());
     }
-    println!("{:<20} {:<9} {:<24} {:<10} STATUS", "NAME", "LAYOUT", "DISKS", "MEMORY");
+    println!(
+        "{:<20} {:<9} {:<24} {:<10} STATUS",
+        "NAME", "LAYOUT", "DISKS", "MEMORY"
+    );
     for r in rows {
         let disks: Vec<String> = r["disks"]
             .as_array()
@@ -467,7 +490,10 @@ fn list(dir: &Path, as_json: bool) -> Result<(), String> {
             r["name"].as_str().unwrap_or("?"),
             r["layout"].as_str().unwrap_or("?"),
             disks.join(","),
-            r["memory"].as_u64().map(human).unwrap_or_else(|| "?".into()),
+            r["memory"]
+                .as_u64()
+                .map(human)
+                .unwrap_or_else(|| "?".into()),
             r["status"].as_str().unwrap_or("?")
         );
     }

@@ -114,9 +114,7 @@ fn partition_id(r: &Region) -> u32 {
 pub fn write(file: &File, label: &Label) -> io::Result<()> {
     let mut dev = Window::new(file, label.lun_size);
     let sectors = label.lun_size / SECTOR;
-    let mbr = gpt::mbr::ProtectiveMBR::with_lb_size(
-        u32::try_from(sectors - 1).unwrap_or(u32::MAX),
-    );
+    let mbr = gpt::mbr::ProtectiveMBR::with_lb_size(u32::try_from(sectors - 1).unwrap_or(u32::MAX));
     mbr.overwrite_lba0(&mut dev)
         .map_err(|e| io::Error::other(format!("protective MBR: {e}")))?;
     let mut disk = gpt::GptConfig::new()
@@ -168,7 +166,9 @@ pub fn read(file: &File, len: u64) -> io::Result<(Uuid, Vec<GptPartition>)> {
     for p in disk.partitions().values().filter(|p| p.is_used()) {
         let (Some(offset), Some(end)) = (
             p.first_lba.checked_mul(SECTOR),
-            p.last_lba.checked_add(1).and_then(|l| l.checked_mul(SECTOR)),
+            p.last_lba
+                .checked_add(1)
+                .and_then(|l| l.checked_mul(SECTOR)),
         ) else {
             continue;
         };
@@ -187,7 +187,10 @@ pub fn read(file: &File, len: u64) -> io::Result<(Uuid, Vec<GptPartition>)> {
 pub fn diff(label: &Label, disk_guid: Uuid, parts: &[GptPartition]) -> Vec<String> {
     let mut out = Vec::new();
     if disk_guid != label.uuid {
-        out.push(format!("GPT disk GUID {disk_guid} != LUN UUID {}", label.uuid));
+        out.push(format!(
+            "GPT disk GUID {disk_guid} != LUN UUID {}",
+            label.uuid
+        ));
     }
     for r in &label.regions {
         match parts.iter().find(|p| p.guid == r.guid) {
@@ -233,7 +236,11 @@ mod tests {
         write(&f, &l).unwrap();
         let (guid, parts) = read(&f, l.lun_size).unwrap();
         assert_eq!(guid, l.uuid);
-        assert!(diff(&l, guid, &parts).is_empty(), "{:?}", diff(&l, guid, &parts));
+        assert!(
+            diff(&l, guid, &parts).is_empty(),
+            "{:?}",
+            diff(&l, guid, &parts)
+        );
         let disk1 = parts.iter().find(|p| p.name == "lungate-disk1").unwrap();
         assert_eq!(disk1.type_guid, crate::format::DISK_TYPE_GUID);
     }

@@ -52,7 +52,9 @@ pub enum LabelError {
     NoMagic,
     #[error("label checksum mismatch (stored {stored}, computed {computed})")]
     Checksum { stored: String, computed: String },
-    #[error("unsupported label format version {major}.{minor} (this build reads {VERSION_MAJOR}.x)")]
+    #[error(
+        "unsupported label format version {major}.{minor} (this build reads {VERSION_MAJOR}.x)"
+    )]
     Version { major: u16, minor: u16 },
     #[error("label field {field} is invalid: {why}")]
     Field { field: &'static str, why: String },
@@ -163,15 +165,24 @@ impl Label {
             return Err(LabelError::Version { major, minor });
         }
         if u32_at(12) as usize != LABEL_SIZE {
-            return Err(field("label size", format!("{} != {LABEL_SIZE}", u32_at(12))));
+            return Err(field(
+                "label size",
+                format!("{} != {LABEL_SIZE}", u32_at(12)),
+            ));
         }
         let layout = Layout::from_code(b[40])
             .ok_or_else(|| field("layout", format!("unknown code {}", b[40])))?;
         let name_len = b[41] as usize;
         if name_len == 0 || name_len > NAME_MAX {
-            return Err(field("name length", format!("{name_len} not in 1..={NAME_MAX}")));
+            return Err(field(
+                "name length",
+                format!("{name_len} not in 1..={NAME_MAX}"),
+            ));
         }
-        if b[NAME_AT + name_len..NAME_AT + NAME_MAX].iter().any(|&c| c != 0) {
+        if b[NAME_AT + name_len..NAME_AT + NAME_MAX]
+            .iter()
+            .any(|&c| c != 0)
+        {
             return Err(field("name", "bytes after the name are not zero"));
         }
         let name = std::str::from_utf8(&b[NAME_AT..NAME_AT + name_len])
@@ -180,7 +191,10 @@ impl Label {
         super::validate_name(&name).map_err(|e| field("name", e))?;
         let count = u16_at(42) as usize;
         if !(3..=MAX_REGIONS).contains(&count) {
-            return Err(field("region count", format!("{count} not in 3..={MAX_REGIONS}")));
+            return Err(field(
+                "region count",
+                format!("{count} not in 3..={MAX_REGIONS}"),
+            ));
         }
         if u32_at(44) != 0 {
             return Err(field("flags", format!("unknown flags {:#x}", u32_at(44))));
@@ -193,7 +207,10 @@ impl Label {
             let e = &b[TABLE_AT + i * ENTRY_SIZE..TABLE_AT + (i + 1) * ENTRY_SIZE];
             if i >= count {
                 if e.iter().any(|&c| c != 0) {
-                    return Err(field("region table", format!("unused entry {i} is not zero")));
+                    return Err(field(
+                        "region table",
+                        format!("unused entry {i} is not zero"),
+                    ));
                 }
                 continue;
             }
@@ -201,7 +218,10 @@ impl Label {
             let kind = RegionKind::from_code(code)
                 .ok_or_else(|| field("region kind", format!("entry {i}: unknown kind {code}")))?;
             if e[4..8].iter().any(|&c| c != 0) || e[40..48].iter().any(|&c| c != 0) {
-                return Err(field("region entry", format!("entry {i}: reserved bytes not zero")));
+                return Err(field(
+                    "region entry",
+                    format!("entry {i}: reserved bytes not zero"),
+                ));
             }
             regions.push(Region {
                 kind,
@@ -296,7 +316,10 @@ impl Label {
         }
         let label = self.label_region();
         if label.length != LABEL_REGION_LEN {
-            return Err(field("label region", format!("length {} != 1 MiB", label.length)));
+            return Err(field(
+                "label region",
+                format!("length {} != 1 MiB", label.length),
+            ));
         }
         match self.layout {
             Layout::Offset => {

@@ -291,7 +291,10 @@ impl Directory {
             .iter()
             .any(|&c| c != 0)
         {
-            return Err(bad("entries", "bytes after the last entry are not zero".into()));
+            return Err(bad(
+                "entries",
+                "bytes after the last entry are not zero".into(),
+            ));
         }
         Ok(Directory {
             generation: u64::from_le_bytes(b[16..24].try_into().expect("8")),
@@ -487,7 +490,10 @@ mod tests {
     fn allocate_finds_gaps_and_reports_full() {
         let d = sample();
         assert_eq!(d.allocate(1000, d.region_len), Some(DATA_START + 100));
-        assert_eq!(d.allocate(4096, d.region_len), Some(DATA_START + 4096 + 200));
+        assert_eq!(
+            d.allocate(4096, d.region_len),
+            Some(DATA_START + 4096 + 200)
+        );
         assert_eq!(d.allocate(16 << 20, d.region_len), None);
     }
 

@@ -64,9 +64,9 @@ pub fn html(r: &ScanReport) -> String {
 }
 
 fn vm_card(o: &mut String, vm: &VmReport) {
-    let _ = write!(
+    let _ = writeln!(
         o,
-        "<div class=\"vm\" id=\"vm-{}\"><h2>{}</h2><div class=\"meta\">{} layout · {} vCPU · {} memory · UUID <code>{}</code><br><code>{}</code></div>\n",
+        "<div class=\"vm\" id=\"vm-{}\"><h2>{}</h2><div class=\"meta\">{} layout · {} vCPU · {} memory · UUID <code>{}</code><br><code>{}</code></div>",
         esc(&vm.uuid.to_string()),
         esc(&vm.name),
         vm.layout,
@@ -92,7 +92,11 @@ fn vm_card(o: &mut String, vm: &VmReport) {
             o,
             "<tr><td>secondary {}</td><td>{}</td><td colspan=\"2\"><code>{}</code></td></tr>",
             esc(&s.name),
-            s.disks.iter().map(|d| human(d.size)).collect::<Vec<_>>().join(", "),
+            s.disks
+                .iter()
+                .map(|d| human(d.size))
+                .collect::<Vec<_>>()
+                .join(", "),
             esc(s.path.as_deref().unwrap_or("not found"))
         );
     }
@@ -114,7 +118,11 @@ fn svg(vm: &VmReport) -> String {
         let size: u64 = s.disks.iter().map(|d| d.size).sum();
         items.push((
             format!("secondary {}", s.name),
-            if s.path.is_some() { human(size) } else { "missing".into() },
+            if s.path.is_some() {
+                human(size)
+            } else {
+                "missing".into()
+            },
             "secondary",
         ));
     }
@@ -126,7 +134,11 @@ fn svg(vm: &VmReport) -> String {
         depth: usize,
         out: &mut Vec<(usize, String, &'a str)>,
     ) {
-        for s in vm.snapshots.iter().filter(|s| s.parent.as_deref() == parent) {
+        for s in vm
+            .snapshots
+            .iter()
+            .filter(|s| s.parent.as_deref() == parent)
+        {
             out.push((depth, format!("📷 {}", s.name), "snap"));
             for c in vm.clones.iter().filter(|c| c.snapshot == s.name) {
                 out.push((depth + 1, format!("clone {}", c.name), "clone"));
@@ -180,7 +192,11 @@ fn svg(vm: &VmReport) -> String {
     for (i, (depth, label, style)) in snaps.iter().enumerate() {
         let y = base + i * 34;
         let x = 200 + depth * 28;
-        let fill = if *style == "clone" { "#e6f6e6" } else { "#fff7db" };
+        let fill = if *style == "clone" {
+            "#e6f6e6"
+        } else {
+            "#fff7db"
+        };
         let _ = write!(
             s,
             "<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#b0a060\"/>\
@@ -205,6 +221,9 @@ mod tests {
 
     #[test]
     fn escapes_markup() {
-        assert_eq!(esc("<a href='x'>&</a>"), "&lt;a href=&#39;x&#39;&gt;&amp;&lt;/a&gt;");
+        assert_eq!(
+            esc("<a href='x'>&</a>"),
+            "&lt;a href=&#39;x&#39;&gt;&amp;&lt;/a&gt;"
+        );
     }
 }

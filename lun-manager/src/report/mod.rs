@@ -38,7 +38,9 @@ pub fn table(r: &ScanReport) -> String {
             "{:<20} {:<9} {:>6} {:>10}  {:<38} {}",
             vm.name,
             vm.layout.to_string(),
-            vm.vcpus.map(|v| v.to_string()).unwrap_or_else(|| "?".into()),
+            vm.vcpus
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "?".into()),
             vm.memory.map(human).unwrap_or_else(|| "?".into()),
             vm.uuid.to_string(),
             disks.join(" ")
@@ -84,7 +86,11 @@ pub fn table(r: &ScanReport) -> String {
             );
         }
         for c in &vm.clones {
-            let _ = writeln!(o, "  clone: {} from snapshot {} at {}", c.name, c.snapshot, c.path);
+            let _ = writeln!(
+                o,
+                "  clone: {} from snapshot {} at {}",
+                c.name, c.snapshot, c.path
+            );
         }
         for w in &vm.warnings {
             let _ = writeln!(o, "  warning: {w}");

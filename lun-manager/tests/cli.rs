@@ -1,0 +1,615 @@
+//! `lunctl` end to end: every subcommand and every error path, on real
+//! sparse files, checked with real host tools (sfdisk, blkid) where the
+//! issue names them.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use assert_cmd::cargo::CommandCargoExt;
+use assert_cmd::prelude::*;
+use predicates::prelude::*;
+use serde_json::Value;
+
+fn lunctl() -> Command {
+    Command::cargo_bin("lunctl").expect("lunctl binary")
+}
+
+fn pool() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("pool");
+    lunctl().args(["pool", "init"]).arg(&p).assert().success();
+    (d, p)
+}
+
+fn create(pool: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    lunctl()
+        .args(["create", name, "--pool"])
+        .arg(pool)
+        .args(extra)
+        .assert()
+        .success();
+    pool.join(format!("{name}.lun"))
+}
+
+fn inspect(lun: &Path) -> Value {
+    let out = lunctl()
+        .args(["inspect", "--json"])
+        .arg(lun)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn region(v: &Value, kind: &str, index: u64) -> (u64, u64) {
+    let r = v["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == kind && r["index"] == index)
+        .unwrap_or_else(|| panic!("no region {kind}{index} in {v}"));
+    (r["offset"].as_u64().unwrap(), r["length"].as_u64().unwrap())
+}
+
+fn require_tool(name: &str) {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(ok, "{name} not found: run scripts/setup");
+}
+
+#[test]
+fn create_inspect_list_in_both_layouts() {
+    let (_d, p) = pool();
+    let web = create(
+        &p,
+        "web",
+        &[
+            "--disk", "20G", "--disk", "100G", "--memory", "2G", "--vcpus", "4",
+        ],
+    );
+    let db = create(
+        &p,
+        "db",
+        &["--disk", "8G", "--memory", "512M", "--layout", "truncate"],
+    );
+    let v = inspect(&web);
+    assert_eq!(v["name"], "web");
+    assert_eq!(v["layout"], "offset");
+    assert_eq!(v["hardware"]["vcpus"], 4);
+    assert_eq!(v["hardware"]["memory_bytes"], 2u64 << 30);
+    assert_eq!(region(&v, "disk", 0).1, 20 << 30);
+    assert_eq!(region(&v, "disk", 1).1, 100 << 30);
+    // State holds two memory images plus device room.
+    assert!(region(&v, "state", 0).1 >= 4u64 << 30);
+    assert_eq!(v["identity"]["disks"].as_array().unwrap().len(), 2);
+    assert!(v["state"]["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["checksum"] == "ok"));
+    let v = inspect(&db);
+    assert_eq!(v["layout"], "truncate");
+    assert_eq!(region(&v, "disk", 0), (0, 8 << 30));
+    let (lo, ll) = region(&v, "label", 0);
+    assert_eq!(lo + ll, v["lun_size"].as_u64().unwrap(), "footer is last");
+    // Files are sparse: far smaller on disk than their size.
+    let used = std::fs::metadata(&web).unwrap();
+    assert!(std::os::unix::fs::MetadataExt::blocks(&used) * 512 < 8 << 20);
+
+    lunctl()
+        .args(["list", "--pool"])
+        .arg(&p)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("web").and(predicate::str::contains("truncate")));
+    let out = lunctl()
+        .args(["list", "--json", "--pool"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 2);
+    // By name with --pool as well as by path.
+    lunctl()
+        .args(["inspect", "web", "--pool"])
+        .arg(&p)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("disk1"));
+}
+
+#[test]
+fn offset_layout_gpt_is_recognised_by_sfdisk_and_blkid() {
+    require_tool("sfdisk");
+    require_tool("blkid");
+    let (_d, p) = pool();
+    let web = create(
+        &p,
+        "web",
+        &["--disk", "1G", "--disk", "2G", "--memory", "64M"],
+    );
+    let out = Command::new("sfdisk")
+        .arg("--dump")
+        .arg(&web)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump = String::from_utf8(out.stdout).unwrap();
+    assert!(dump.contains("label: gpt"), "{dump}");
+    let uuid = inspect(&web)["uuid"].as_str().unwrap().to_uppercase();
+    assert!(dump.contains(&format!("label-id: {uuid}")), "{dump}");
+    for (ty, name) in [
+        ("EDD3D04B-536B-4C9D-8DE4-58105880C2A4", "lungate-label"),
+        ("8F5837B6-6C9E-4606-B7C3-16B56F2FA3A1", "lungate-state"),
+        ("BDE3A7F4-A2FF-4516-BF62-06CD8FB7FF86", "lungate-disk0"),
+        ("BDE3A7F4-A2FF-4516-BF62-06CD8FB7FF86", "lungate-disk1"),
+    ] {
+        assert!(
+            dump.lines().any(|l| l.contains(ty) && l.contains(name)),
+            "{name} with type {ty} missing from:\n{dump}"
+        );
+    }
+    // The disk partition's start in sectors equals the region's offset.
+    let (off, len) = region(&inspect(&web), "disk", 1);
+    assert!(
+        dump.contains(&format!(
+            "start= {:>11}, size= {:>11}",
+            off / 512,
+            len / 512
+        )) || dump.contains(&format!("start={:>12}, size={:>12}", off / 512, len / 512)),
+        "{dump}"
+    );
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(&web)
+        .output()
+        .unwrap();
+    let b = String::from_utf8_lossy(&out.stdout);
+    assert!(b.contains("PTTYPE=gpt"), "{b}");
+    assert!(
+        b.to_lowercase()
+            .contains(&format!("ptuuid={}", uuid.to_lowercase())),
+        "{b}"
+    );
+}
+
+fn write_pattern(lun: &Path, offset: u64, len: usize, seed: u8) -> Vec<u8> {
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    let f = OpenOptions::new().write(true).open(lun).unwrap();
+    f.write_all_at(&data, offset).unwrap();
+    f.sync_all().unwrap();
+    data
+}
+
+fn read_at(lun: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let f = std::fs::File::open(lun).unwrap();
+    let mut b = vec![0u8; len];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b
+}
+
+#[test]
+fn resize_preserves_disk_and_state_data_in_both_layouts() {
+    let (_d, p) = pool();
+    for layout in ["offset", "truncate"] {
+        let name = format!("vm-{layout}");
+        let lun = create(
+            &p,
+            &name,
+            &[
+                "--disk", "8M", "--disk", "4M", "--memory", "2M", "--layout", layout,
+            ],
+        );
+        let v = inspect(&lun);
+        let (d0, d0len) = region(&v, "disk", 0);
+        let (d1, _) = region(&v, "disk", 1);
+        // A pattern at the start and end of each disk.
+        let a = write_pattern(&lun, d0, 65536, 1);
+        let b = write_pattern(&lun, d0 + d0len - 4096, 4096, 2);
+        let c = write_pattern(&lun, d1, 4 << 20, 3);
+        let records_before = v["state"]["records"].clone();
+
+        lunctl()
+            .args(["resize"])
+            .arg(&lun)
+            .args(["--disk", "0=40M"])
+            .assert()
+            .success()
+            .stdout(predicate::str::contains("disk0 is now 40 MiB"));
+        lunctl()
+            .args(["resize"])
+            .arg(&lun)
+            .args(["--memory", "64M"])
+            .assert()
+            .success();
+        lunctl()
+            .args(["resize"])
+            .arg(&lun)
+            .args(["--disk", "2=16M"])
+            .assert()
+            .success();
+
+        let v = inspect(&lun);
+        let (n0, n0len) = region(&v, "disk", 0);
+        let (n1, _) = region(&v, "disk", 1);
+        assert_eq!(n0len, 40 << 20);
+        assert_eq!(region(&v, "disk", 2).1, 16 << 20);
+        assert_eq!(v["hardware"]["memory_bytes"], 64u64 << 20);
+        if layout == "truncate" {
+            assert_eq!(n0, 0);
+        }
+        assert_eq!(read_at(&lun, n0, 65536), a, "{layout}: disk0 start");
+        assert_eq!(
+            read_at(&lun, n0 + d0len - 4096, 4096),
+            b,
+            "{layout}: disk0 old end"
+        );
+        assert!(
+            read_at(&lun, n0 + d0len, 1 << 20).iter().all(|&x| x == 0),
+            "grown part is zero"
+        );
+        assert_eq!(
+            read_at(&lun, n1, 4 << 20),
+            c,
+            "{layout}: disk1 moved intact"
+        );
+        assert!(
+            v["warnings"].as_array().unwrap().is_empty(),
+            "{}",
+            v["warnings"]
+        );
+        for r in records_before.as_array().unwrap() {
+            let t = r["type"].as_str().unwrap();
+            assert!(
+                v["state"]["records"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x["type"] == t && x["checksum"] == "ok"),
+                "record {t} lost"
+            );
+        }
+    }
+}
+
+#[test]
+fn error_paths_exit_non_zero_with_clear_messages() {
+    let (d, p) = pool();
+    let lun = create(&p, "a", &["--disk", "4M", "--memory", "1M"]);
+    let fail = |args: &[&str], msg: &str| {
+        lunctl()
+            .args(args)
+            .assert()
+            .failure()
+            .stderr(predicate::str::contains(msg));
+    };
+    let ps = p.to_str().unwrap();
+    let ls = lun.to_str().unwrap();
+    // create
+    fail(
+        &[
+            "create", "a", "--pool", ps, "--disk", "4M", "--memory", "1M",
+        ],
+        "already has a VM named",
+    );
+    fail(
+        &[
+            "create", "b", "--pool", ps, "--disk", "4X", "--memory", "1M",
+        ],
+        "unknown unit",
+    );
+    fail(
+        &["create", "b", "--pool", ps, "--disk", "0", "--memory", "1M"],
+        "size 0",
+    );
+    fail(
+        &[
+            "create", "b/c", "--pool", ps, "--disk", "4M", "--memory", "1M",
+        ],
+        "only ASCII letters",
+    );
+    fail(
+        &[
+            "create",
+            "b",
+            "--pool",
+            ps,
+            "--disk",
+            "99999999P",
+            "--memory",
+            "1M",
+        ],
+        "too large",
+    );
+    fail(
+        &[
+            "create", "b", "--pool", ps, "--disk", "4M", "--memory", "1M", "--layout", "weird",
+        ],
+        "unknown layout",
+    );
+    let nopool = d.path().join("nopool");
+    fail(
+        &[
+            "create",
+            "b",
+            "--pool",
+            nopool.to_str().unwrap(),
+            "--disk",
+            "4M",
+            "--memory",
+            "1M",
+        ],
+        "does not exist",
+    );
+    std::fs::create_dir(d.path().join("plain")).unwrap();
+    fail(
+        &[
+            "create",
+            "b",
+            "--pool",
+            d.path().join("plain").to_str().unwrap(),
+            "--disk",
+            "4M",
+            "--memory",
+            "1M",
+        ],
+        "not a lungate pool",
+    );
+    fail(
+        &[
+            "create", "b", "--path", ls, "--disk", "4M", "--memory", "1M",
+        ],
+        "already exists",
+    );
+    lunctl()
+        .args(["create", "b", "--pool", ps, "--memory", "1M"])
+        .assert()
+        .code(2);
+    // inspect / list
+    fail(&["inspect", "nosuch", "--pool", ps], "no LUN named");
+    let garbage = d.path().join("garbage.img");
+    std::fs::write(&garbage, vec![0x5au8; 3 << 20]).unwrap();
+    fail(&["inspect", garbage.to_str().unwrap()], "not a lungate LUN");
+    fail(
+        &["list", "--pool", nopool.to_str().unwrap()],
+        "does not exist",
+    );
+    // resize
+    fail(&["resize", ls, "--disk", "0=1M"], "shrinking");
+    fail(&["resize", ls, "--disk", "5=1M"], "no disk5");
+    fail(&["resize", ls, "--disk", "x=1M"], "not a disk number");
+    fail(&["resize", ls, "--disk", "01M"], "expected N=SIZE");
+    fail(&["resize", ls], "needs --disk");
+    // attach-secondary
+    fail(&["attach-secondary", ls, ls], "secondary disk of itself");
+    let b = create(&p, "b", &["--disk", "4M", "--memory", "0"]);
+    lunctl()
+        .args(["attach-secondary", ls, b.to_str().unwrap()])
+        .assert()
+        .success();
+    fail(
+        &["attach-secondary", ls, b.to_str().unwrap()],
+        "already attached",
+    );
+    fail(
+        &["attach-secondary", ls, garbage.to_str().unwrap()],
+        "not a lungate LUN",
+    );
+    // delete
+    fail(&["delete", ls], "without --yes");
+    assert!(lun.exists());
+    fail(
+        &["delete", garbage.to_str().unwrap(), "--yes"],
+        "not a lungate LUN",
+    );
+    assert!(
+        garbage.exists(),
+        "a file that is not a LUN is never deleted"
+    );
+    lunctl().args(["delete", ls, "--yes"]).assert().success();
+    assert!(!lun.exists());
+    // scan of a missing path is reported, not fatal
+    lunctl()
+        .args(["scan", nopool.to_str().unwrap()])
+        .assert()
+        .success();
+}
+
+#[test]
+fn damaged_label_is_reported_by_inspect() {
+    let (_d, p) = pool();
+    let lun = create(
+        &p,
+        "x",
+        &["--disk", "4M", "--memory", "1M", "--layout", "truncate"],
+    );
+    let v = inspect(&lun);
+    let (lo, _) = region(&v, "label", 0);
+    let f = OpenOptions::new().write(true).open(&lun).unwrap();
+    f.write_all_at(&[0xee; 16], lo + 100).unwrap();
+    drop(f);
+    lunctl()
+        .arg("inspect")
+        .arg(&lun)
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("damaged LUN").and(predicate::str::contains("checksum")));
+}
+
+/// Three VMs (one with a secondary disk), garbage files and damaged LUNs.
+#[test]
+fn scan_reports_vms_secondaries_and_damage_on_a_mixed_directory() {
+    let (d, p) = pool();
+    let web = create(
+        &p,
+        "web",
+        &[
+            "--disk", "2G", "--disk", "1G", "--memory", "256M", "--vcpus", "2",
+        ],
+    );
+    create(
+        &p,
+        "db",
+        &["--disk", "4G", "--memory", "512M", "--layout", "truncate"],
+    );
+    create(&p, "cache", &["--disk", "1G", "--memory", "128M"]);
+    let data = create(
+        &p,
+        "web-data",
+        &["--disk", "10G", "--memory", "0", "--layout", "truncate"],
+    );
+    lunctl()
+        .arg("attach-secondary")
+        .arg(&web)
+        .arg(&data)
+        .assert()
+        .success();
+    // Garbage: empty, tiny, random, a GPT disk that is not ours, a text file.
+    std::fs::write(p.join("empty.lun"), b"").unwrap();
+    std::fs::write(p.join("tiny.bin"), b"LUNGATE\0").unwrap();
+    let noise: Vec<u8> = (0..(3u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(p.join("noise.img"), &noise).unwrap();
+    std::fs::write(p.join("notes.txt"), b"not a disk\n").unwrap();
+    // Damaged 1: bad label checksum (offset layout).
+    let bad = create(&p, "badsum", &["--disk", "8M", "--memory", "1M"]);
+    let f = OpenOptions::new().write(true).open(&bad).unwrap();
+    f.write_all_at(b"XX", (1 << 20) + 130).unwrap();
+    drop(f);
+    // Damaged 2: truncated file.
+    let cut = create(&p, "cut", &["--disk", "64M", "--memory", "1M"]);
+    let f = OpenOptions::new().write(true).open(&cut).unwrap();
+    f.set_len(20 << 20).unwrap();
+    drop(f);
+    // Damaged 3: overlapping regions behind a valid checksum.
+    let ov = create(
+        &p,
+        "overlap",
+        &["--disk", "8M", "--disk", "8M", "--memory", "1M"],
+    );
+    overlap_regions(&ov);
+
+    let out = lunctl()
+        .arg("scan")
+        .arg(&p)
+        .arg("--json")
+        .arg("--html")
+        .arg(d.path().join("r.html"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vms = r["vms"].as_array().unwrap();
+    let names: Vec<&str> = vms.iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["cache", "db", "web"],
+        "secondary is not a VM of its own"
+    );
+    let w = vms.iter().find(|v| v["name"] == "web").unwrap();
+    assert_eq!(w["vcpus"], 2);
+    assert_eq!(w["memory"], 256u64 << 20);
+    assert_eq!(w["layout"], "offset");
+    assert_eq!(w["disks"].as_array().unwrap().len(), 2);
+    assert_eq!(w["disks"][1]["size"], 1u64 << 30);
+    assert_eq!(w["disks"][0]["id"].as_str().unwrap().len(), 32);
+    assert_eq!(w["secondaries"][0]["name"], "web-data");
+    assert_eq!(w["secondaries"][0]["disks"][0]["size"], 10u64 << 30);
+    let db = vms.iter().find(|v| v["name"] == "db").unwrap();
+    assert_eq!(db["layout"], "truncate");
+    let damaged = r["damaged"].as_array().unwrap();
+    let reason = |n: &str| {
+        damaged
+            .iter()
+            .find(|x| x["path"].as_str().unwrap().ends_with(n))
+            .unwrap_or_else(|| panic!("{n} not reported damaged: {damaged:?}"))["reason"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        reason("badsum.lun").contains("checksum"),
+        "{}",
+        reason("badsum.lun")
+    );
+    assert!(
+        reason("cut.lun").contains("truncated"),
+        "{}",
+        reason("cut.lun")
+    );
+    assert!(
+        reason("overlap.lun").contains("overlaps"),
+        "{}",
+        reason("overlap.lun")
+    );
+    assert_eq!(damaged.len(), 3, "{damaged:?}");
+    let skipped: Vec<&str> = r["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(skipped.len(), 4, "{skipped:?}");
+
+    let html = std::fs::read_to_string(d.path().join("r.html")).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>"));
+    assert!(html.contains("<svg") && html.contains("web-data") && html.contains("overlap.lun"));
+    // Self-contained: no scripts, and no URL but the SVG namespace.
+    assert!(!html.contains("<script"));
+    assert_eq!(
+        html.matches("http").count(),
+        html.matches("xmlns=\"http://www.w3.org/2000/svg\"").count(),
+        "external reference in the HTML report"
+    );
+
+    // The table for people says the same.
+    lunctl().arg("scan").arg(&p).assert().success().stdout(
+        predicate::str::contains("3 VM(s), 3 damaged")
+            .and(predicate::str::contains("secondary: web-data")),
+    );
+}
+
+/// Rewrite the label of an offset-layout LUN so disk1 overlaps disk0, with
+/// a valid checksum, in both slots.
+fn overlap_regions(lun: &Path) {
+    let f = OpenOptions::new().read(true).write(true).open(lun).unwrap();
+    let mut b = vec![0u8; 4096];
+    f.read_exact_at(&mut b, 1 << 20).unwrap();
+    // Find disk1's entry (kind 3, index 1) in the table at 192, 48 bytes each.
+    let (mut d0, mut d1) = (None, None);
+    for i in 0..64 {
+        let e = 192 + i * 48;
+        if b[e..e + 2] == [3, 0] && b[e + 2..e + 4] == [0, 0] {
+            d0 = Some(e);
+        }
+        if b[e..e + 2] == [3, 0] && b[e + 2..e + 4] == [1, 0] {
+            d1 = Some(e);
+        }
+    }
+    let (d0, d1) = (d0.unwrap(), d1.unwrap());
+    let d0_off = u64::from_le_bytes(b[d0 + 8..d0 + 16].try_into().unwrap());
+    b[d1 + 8..d1 + 16].copy_from_slice(&(d0_off + (1 << 20)).to_le_bytes());
+    let sum = blake3::hash(&b[..4064]);
+    b[4064..].copy_from_slice(sum.as_bytes());
+    f.write_all_at(&b, 1 << 20).unwrap();
+}
