@@ -613,3 +613,95 @@ fn overlap_regions(lun: &Path) {
     b[4064..].copy_from_slice(sum.as_bytes());
     f.write_all_at(&b, 1 << 20).unwrap();
 }
+
+#[test]
+fn a_lun_can_live_at_any_file_path_and_be_scanned_directly() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("vm.img");
+    lunctl()
+        .args(["create", "loose", "--path"])
+        .arg(&f)
+        .args(["--disk", "8M", "--memory", "1M", "--layout", "truncate"])
+        .assert()
+        .success();
+    assert_eq!(inspect(&f)["name"], "loose");
+    let out = lunctl().arg("scan").arg(&f).arg("--json").output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["vms"][0]["name"], "loose");
+}
+
+/// A loop device attached for the test and detached (by its own name) after.
+struct Loop(String);
+
+impl Loop {
+    fn attach(file: &Path) -> Loop {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("losetup (util-linux) not found: run scripts/setup");
+        assert!(
+            out.status.success(),
+            "this test needs a loop device (root and /dev/loop-control): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(String::from_utf8(out.stdout).unwrap().trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn block_device_lun_is_created_scanned_resized_within_the_device_and_wiped() {
+    require_tool("losetup");
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("dev.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(96 << 20)
+        .unwrap();
+    let dev = Loop::attach(&img);
+    lunctl()
+        .args([
+            "create", "blk", "--path", &dev.0, "--disk", "16M", "--memory", "4M",
+        ])
+        .assert()
+        .success();
+    let v = inspect(Path::new(&dev.0));
+    assert_eq!(v["block_device"], true);
+    assert_eq!(v["lun_size"], 96u64 << 20, "a device LUN spans the device");
+    let (off, _) = region(&v, "disk", 0);
+    let data = write_pattern(Path::new(&dev.0), off, 8192, 9);
+    let out = lunctl().args(["scan", "--json", &dev.0]).output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["vms"][0]["name"], "blk");
+    lunctl()
+        .args(["resize", &dev.0, "--disk", "0=24M"])
+        .assert()
+        .success();
+    let v = inspect(Path::new(&dev.0));
+    let (off, len) = region(&v, "disk", 0);
+    assert_eq!(len, 24 << 20);
+    assert_eq!(read_at(Path::new(&dev.0), off, 8192), data);
+    lunctl()
+        .args(["resize", &dev.0, "--disk", "0=1G"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(
+            "more bytes than the block device has",
+        ));
+    lunctl()
+        .args(["delete", &dev.0, "--yes"])
+        .assert()
+        .success();
+    let out = lunctl().args(["scan", "--json", &dev.0]).output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        r["vms"].as_array().unwrap().is_empty(),
+        "wiped device is no LUN: {r}"
+    );
+}
