@@ -150,6 +150,10 @@ pub fn scan(roots: &[PathBuf]) -> ScanReport {
                 path: path.display().to_string(),
                 reason: why,
             }),
+            Ok(Err(Error::Damaged { why, .. })) => report.damaged.push(Damaged {
+                path: path.display().to_string(),
+                reason: why,
+            }),
             Ok(Err(e)) => report.damaged.push(Damaged {
                 path: path.display().to_string(),
                 reason: strip_path(&e.to_string(), &path),
