@@ -155,8 +155,39 @@ pub struct GptPartition {
     pub name: String,
 }
 
+/// Most partition entries a GPT header may claim before we refuse to parse
+/// it: standard tables have 128; the `gpt` crate allocates the whole entry
+/// array named by an (untrusted) header, so this bound keeps a crafted
+/// header from making it allocate terabytes.
+const MAX_SANE_ENTRIES: u32 = 4096;
+
+/// Check the fields of both GPT headers that drive allocation before the
+/// `gpt` crate sees them.
+fn headers_sane(file: &File, len: u64) -> io::Result<()> {
+    let last = (len / SECTOR).saturating_sub(1);
+    for lba in [1, last] {
+        let mut h = [0u8; 92];
+        if lba == 0 || file.read_exact_at(&mut h, lba * SECTOR).is_err() {
+            continue;
+        }
+        if &h[0..8] != b"EFI PART" {
+            continue;
+        }
+        let num = u32::from_le_bytes(h[80..84].try_into().expect("4 bytes"));
+        let size = u32::from_le_bytes(h[84..88].try_into().expect("4 bytes"));
+        if size != 128 || num > MAX_SANE_ENTRIES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("GPT header at LBA {lba} claims {num} entries of {size} bytes"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Read the GPT of the first `len` bytes of `file`. Read-only.
 pub fn read(file: &File, len: u64) -> io::Result<(Uuid, Vec<GptPartition>)> {
+    headers_sane(file, len)?;
     let disk = gpt::GptConfig::new()
         .writable(false)
         .logical_block_size(LogicalBlockSize::Lb512)
@@ -243,6 +274,41 @@ mod tests {
         );
         let disk1 = parts.iter().find(|p| p.name == "lungate-disk1").unwrap();
         assert_eq!(disk1.type_guid, crate::format::DISK_TYPE_GUID);
+    }
+
+    fn crc32(b: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &x in b {
+            c ^= x as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0xEDB8_8320
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+
+    #[test]
+    fn absurd_entry_count_is_refused_before_the_gpt_crate_allocates() {
+        let f = tempfile::tempfile().unwrap();
+        let l = sample(Layout::Offset);
+        f.set_len(l.lun_size).unwrap();
+        write(&f, &l).unwrap();
+        for lba in [1, l.lun_size / SECTOR - 1] {
+            let mut h = [0u8; 92];
+            f.read_exact_at(&mut h, lba * SECTOR).unwrap();
+            h[80..84].copy_from_slice(&u32::MAX.to_le_bytes());
+            h[84..88].copy_from_slice(&256u32.to_le_bytes());
+            h[16..20].copy_from_slice(&[0; 4]);
+            let crc = crc32(&h);
+            h[16..20].copy_from_slice(&crc.to_le_bytes());
+            f.write_all_at(&h, lba * SECTOR).unwrap();
+        }
+        let e = read(&f, l.lun_size).unwrap_err();
+        assert!(e.to_string().contains("claims 4294967295 entries"), "{e}");
     }
 
     #[test]
