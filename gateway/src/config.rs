@@ -1,0 +1,167 @@
+//! Glue between `lungate_config` and the running gateway: command-line
+//! overrides, and turning a validated [`GatewayConfig`] into the parts the
+//! server needs (exports, engine, TLS acceptor, listeners).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lun_manager::backend::{EngineKind, IoEngine};
+use lungate_config::{ConfigError, EngineChoice, GatewayConfig, TlsMode};
+
+use crate::export::{ExportError, ExportSet};
+use crate::nbd::tls::{self, TlsError};
+use crate::server::{Server, ServerError, ServerSettings};
+
+/// Command-line values that override the config file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub pools: Vec<PathBuf>,
+    pub listen: Vec<String>,
+    pub unix: Option<PathBuf>,
+    pub read_only: bool,
+    pub tls: Option<TlsMode>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub engine: Option<EngineChoice>,
+}
+
+impl Overrides {
+    /// Apply to `cfg` and re-validate. `--listen`/`--unix` replace both
+    /// listener settings, so `--unix PATH` alone listens only there.
+    pub fn apply(&self, cfg: &mut GatewayConfig) -> Result<(), ConfigError> {
+        if !self.pools.is_empty() {
+            cfg.pools = self.pools.clone();
+        }
+        if !self.listen.is_empty() || self.unix.is_some() {
+            cfg.listen = self.listen.clone();
+            cfg.unix = self.unix.clone();
+        }
+        if self.read_only {
+            cfg.read_only = true;
+        }
+        if let Some(m) = self.tls {
+            cfg.tls.mode = m;
+        }
+        if self.tls_cert.is_some() {
+            cfg.tls.cert = self.tls_cert.clone();
+        }
+        if self.tls_key.is_some() {
+            cfg.tls.key = self.tls_key.clone();
+        }
+        if self.tls_ca.is_some() {
+            cfg.tls.ca = self.tls_ca.clone();
+        }
+        if let Some(e) = self.engine {
+            cfg.io.engine = e;
+        }
+        cfg.validate()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot start the I/O engine: {0}")]
+    Engine(std::io::Error),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+pub fn engine_kind(c: EngineChoice) -> EngineKind {
+    match c {
+        EngineChoice::Auto => EngineKind::Auto,
+        EngineChoice::Uring => EngineKind::Uring,
+        EngineChoice::Sync => EngineKind::Sync,
+    }
+}
+
+/// Open the exports, start the engine, load TLS and bind the listeners.
+pub async fn build_server(cfg: &GatewayConfig) -> Result<Server, StartError> {
+    let listen = cfg.listen_addrs()?;
+    let exports = ExportSet::from_config(cfg)?;
+    if exports.is_empty() {
+        tracing::warn!("no exports: check `pools` and [[export]] in the configuration");
+    }
+    for e in exports.iter() {
+        tracing::info!(export = %e.name, size = e.size(), read_only = e.read_only, lun = %e.lun_path.display(), "export");
+    }
+    let tls = match (cfg.tls.mode, &cfg.tls.cert, &cfg.tls.key) {
+        (TlsMode::Off, _, _) => None,
+        (_, Some(cert), Some(key)) => Some(tls::acceptor(cert, key, cfg.tls.ca.as_deref())?),
+        // validate() rejects TLS without cert and key
+        _ => None,
+    };
+    let engine =
+        IoEngine::new(engine_kind(cfg.io.engine), cfg.io.workers).map_err(StartError::Engine)?;
+    tracing::info!(
+        engine = engine.name(),
+        workers = engine.workers(),
+        "I/O engine"
+    );
+    let settings = ServerSettings {
+        listen,
+        unix: cfg.unix.clone(),
+        tls_mode: cfg.tls.mode,
+        tls,
+        max_in_flight: cfg.max_in_flight.0,
+        handshake_timeout: Duration::from_secs(cfg.handshake_timeout),
+    };
+    Ok(Server::bind(settings, Arc::new(exports), engine).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_flag_alone_drops_the_default_tcp_listener() {
+        let mut cfg = GatewayConfig::default();
+        Overrides {
+            unix: Some("/tmp/x.sock".into()),
+            ..Default::default()
+        }
+        .apply(&mut cfg)
+        .unwrap();
+        assert!(cfg.listen.is_empty());
+        assert_eq!(cfg.unix, Some(PathBuf::from("/tmp/x.sock")));
+    }
+
+    #[test]
+    fn flags_override_file_values() {
+        let mut cfg = GatewayConfig::from_toml(
+            "pools = [\"a\"]\nlisten = [\"127.0.0.1:1\"]\n[tls]\nmode = \"off\"",
+            "t",
+        )
+        .unwrap();
+        Overrides {
+            pools: vec!["b".into()],
+            listen: vec!["127.0.0.1:0".into()],
+            read_only: true,
+            ..Default::default()
+        }
+        .apply(&mut cfg)
+        .unwrap();
+        assert_eq!(cfg.pools, vec![PathBuf::from("b")]);
+        assert_eq!(cfg.listen, vec!["127.0.0.1:0".to_string()]);
+        assert!(cfg.read_only);
+    }
+
+    #[test]
+    fn tls_flag_without_cert_fails_validation() {
+        let mut cfg = GatewayConfig::default();
+        let err = Overrides {
+            tls: Some(TlsMode::Require),
+            ..Default::default()
+        }
+        .apply(&mut cfg)
+        .unwrap_err();
+        assert!(err.to_string().contains("tls.cert"), "{err}");
+    }
+}

@@ -1,0 +1,204 @@
+//! `lungate`: command line, logging and signals. Everything else lives in
+//! the library.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use lungate::config::{build_server, Overrides};
+use lungate_config::{EngineChoice, GatewayConfig, TlsMode};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "lungate",
+    version,
+    about = "NBD gateway serving the disk regions of LUN files"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve every disk of every LUN in the pools (and [[export]] entries).
+    Serve {
+        /// TOML configuration file (see config/gateway.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Pool directory; repeatable; replaces `pools` of the config file.
+        #[arg(long = "pool")]
+        pools: Vec<PathBuf>,
+        /// TCP address IP:PORT (port 0 = any free port); repeatable.
+        /// --listen/--unix replace the file's `listen` and `unix`.
+        #[arg(long)]
+        listen: Vec<String>,
+        /// Unix socket path.
+        #[arg(long)]
+        unix: Option<PathBuf>,
+        /// Serve every export read-only.
+        #[arg(long)]
+        read_only: bool,
+        /// TLS mode: off, on (client may upgrade) or require.
+        #[arg(long, value_parser = parse_tls)]
+        tls: Option<TlsMode>,
+        /// Server certificate chain (PEM).
+        #[arg(long)]
+        tls_cert: Option<PathBuf>,
+        /// Server private key (PEM).
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
+        /// CA for client certificates (PEM); enables `cert:` allow rules.
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
+        /// I/O engine: auto, uring or sync.
+        #[arg(long, value_parser = parse_engine)]
+        engine: Option<EngineChoice>,
+    },
+    /// Create ./demo-pool with LUN `demo` (1 GiB disk) if needed and serve
+    /// it on 127.0.0.1:10809.
+    Demo {
+        /// Pool directory for the demo LUN.
+        #[arg(long, default_value = "demo-pool")]
+        dir: PathBuf,
+    },
+}
+
+fn parse_tls(s: &str) -> Result<TlsMode, String> {
+    s.parse()
+}
+
+fn parse_engine(s: &str) -> Result<EngineChoice, String> {
+    match s {
+        "auto" => Ok(EngineChoice::Auto),
+        "uring" => Ok(EngineChoice::Uring),
+        "sync" => Ok(EngineChoice::Sync),
+        other => Err(format!(
+            "unknown engine {other:?}: expected auto, uring or sync"
+        )),
+    }
+}
+
+fn main() -> ExitCode {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        // Colour codes only for people; log files and journald get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LUNGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lungate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.cmd)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            tracing::error!("{msg}");
+            eprintln!("lungate: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cmd: Cmd) -> Result<(), String> {
+    // Installed first, so a signal during startup still ends cleanly.
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let (cfg, hint) = match cmd {
+        Cmd::Serve {
+            config,
+            pools,
+            listen,
+            unix,
+            read_only,
+            tls,
+            tls_cert,
+            tls_key,
+            tls_ca,
+            engine,
+        } => {
+            let mut cfg = match &config {
+                Some(p) => GatewayConfig::load(p).map_err(|e| e.to_string())?,
+                None => GatewayConfig::default(),
+            };
+            Overrides {
+                pools,
+                listen,
+                unix,
+                read_only,
+                tls,
+                tls_cert,
+                tls_key,
+                tls_ca,
+                engine,
+            }
+            .apply(&mut cfg)
+            .map_err(|e| e.to_string())?;
+            (cfg, None)
+        }
+        Cmd::Demo { dir } => {
+            let (cfg, export) = lungate::demo::prepare(&dir).map_err(|e| e.to_string())?;
+            (cfg, Some(export))
+        }
+    };
+
+    let server = build_server(&cfg).await.map_err(|e| e.to_string())?;
+
+    let listening = server.listening();
+    {
+        let mut out = std::io::stdout().lock();
+        for l in &listening {
+            let _ = writeln!(out, "{l}");
+        }
+        if let Some(export) = &hint {
+            let host = listening
+                .iter()
+                .find_map(|l| match l {
+                    lungate::server::Listening::Tcp(a) => Some(a),
+                    _ => None,
+                })
+                .map(|a| {
+                    if a.port() == 10809 {
+                        a.ip().to_string()
+                    } else {
+                        a.to_string()
+                    }
+                })
+                .unwrap_or_else(|| "127.0.0.1".into());
+            let _ = writeln!(out, "connect with: nbdinfo nbd://{host}/{export}");
+        }
+        let _ = writeln!(out, "ready");
+        let _ = out.flush();
+    }
+    server.run(shutdown).await;
+    Ok(())
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = which, "stopping");
+        shutdown.cancel();
+    });
+    Ok(())
+}

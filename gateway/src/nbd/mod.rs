@@ -1,0 +1,11 @@
+//! The NBD protocol (NetworkBlockDevice/nbd doc/proto.md): constants
+//! ([`proto`]), framing ([`codec`]), the fixed-newstyle handshake
+//! ([`handshake`]), the transmission phase ([`session`]), TLS ([`tls`]) and
+//! the byte stream under them ([`transport`]).
+
+pub mod codec;
+pub mod handshake;
+pub mod proto;
+pub mod session;
+pub mod tls;
+pub mod transport;

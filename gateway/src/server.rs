@@ -1,0 +1,707 @@
+//! Listeners and connection lifecycle: bind TCP and unix sockets, accept,
+//! run each connection's handshake then transmission, and on shutdown stop
+//! accepting, let every session drain its in-flight requests, and flush
+//! every backing file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lun_manager::backend::IoEngine;
+use lungate_config::{Peer, TlsMode};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::export::ExportSet;
+use crate::nbd::handshake::{negotiate, HandshakeCtx, Outcome};
+use crate::nbd::session::{self, End};
+use crate::nbd::transport::Transport;
+
+/// How long shutdown waits for sessions to finish their in-flight requests.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on tcp {addr}: {source}")]
+    BindTcp {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on unix socket {path}: {source}")]
+    BindUnix {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Settings the server needs beyond the exports and the engine.
+pub struct ServerSettings {
+    pub listen: Vec<SocketAddr>,
+    pub unix: Option<PathBuf>,
+    pub tls_mode: TlsMode,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub max_in_flight: u64,
+    pub handshake_timeout: Duration,
+}
+
+/// A bound listener, as printed on stdout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listening {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Listening {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listening::Tcp(a) => write!(f, "listening tcp {a}"),
+            Listening::Unix(p) => write!(f, "listening unix {}", p.display()),
+        }
+    }
+}
+
+struct Shared {
+    hs: HandshakeCtx,
+    engine: IoEngine,
+    max_in_flight: u64,
+    handshake_timeout: Duration,
+}
+
+pub struct Server {
+    tcp: Vec<TcpListener>,
+    unix: Option<(UnixListener, PathBuf)>,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Bind every listener; nothing is accepted until [`Server::run`].
+    pub async fn bind(
+        settings: ServerSettings,
+        exports: Arc<ExportSet>,
+        engine: IoEngine,
+    ) -> Result<Server, ServerError> {
+        let mut tcp = Vec::new();
+        for addr in &settings.listen {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::BindTcp {
+                    addr: *addr,
+                    source,
+                })?;
+            tcp.push(l);
+        }
+        let unix = match &settings.unix {
+            None => None,
+            Some(path) => {
+                // A socket file left by a previous run would make bind fail.
+                if let Ok(m) = std::fs::symlink_metadata(path) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if m.file_type().is_socket() {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+                let l = UnixListener::bind(path).map_err(|source| ServerError::BindUnix {
+                    path: path.clone(),
+                    source,
+                })?;
+                Some((l, path.clone()))
+            }
+        };
+        Ok(Server {
+            tcp,
+            unix,
+            shared: Arc::new(Shared {
+                hs: HandshakeCtx {
+                    exports,
+                    tls_mode: settings.tls_mode,
+                    tls: settings.tls,
+                },
+                engine,
+                max_in_flight: settings.max_in_flight,
+                handshake_timeout: settings.handshake_timeout,
+            }),
+        })
+    }
+
+    pub fn listening(&self) -> Vec<Listening> {
+        let mut v: Vec<Listening> = self
+            .tcp
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .map(Listening::Tcp)
+            .collect();
+        if let Some((_, p)) = &self.unix {
+            v.push(Listening::Unix(p.clone()));
+        }
+        v
+    }
+
+    /// Accept connections until `shutdown` fires, then drain sessions and
+    /// flush every backing file.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        for l in self.tcp {
+            let (shared, tracker2, stop) = (self.shared.clone(), tracker.clone(), shutdown.clone());
+            tracker.spawn(async move {
+                loop {
+                    let accepted = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        a = l.accept() => a,
+                    };
+                    match accepted {
+                        Ok((sock, addr)) => {
+                            let _ = sock.set_nodelay(true);
+                            let peer = Peer {
+                                ip: Some(addr.ip()),
+                                cert_names: vec![],
+                            };
+                            tracker2.spawn(connection(
+                                Transport::Tcp(sock),
+                                peer,
+                                addr.to_string(),
+                                shared.clone(),
+                                stop.clone(),
+                            ));
+                        }
+                        Err(e) => accept_error(e).await,
+                    }
+                }
+            });
+        }
+        let unix_path = self.unix.as_ref().map(|(_, p)| p.clone());
+        if let Some((l, _)) = self.unix {
+            let (shared, tracker2, stop) = (self.shared.clone(), tracker.clone(), shutdown.clone());
+            tracker.spawn(async move {
+                let mut n = 0u64;
+                loop {
+                    let accepted = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        a = l.accept() => a,
+                    };
+                    match accepted {
+                        Ok((sock, _)) => {
+                            n += 1;
+                            tracker2.spawn(connection(
+                                Transport::Unix(sock),
+                                Peer::default(),
+                                format!("unix#{n}"),
+                                shared.clone(),
+                                stop.clone(),
+                            ));
+                        }
+                        Err(e) => accept_error(e).await,
+                    }
+                }
+            });
+        }
+
+        shutdown.cancelled().await;
+        tracing::info!("shutting down: no new connections, draining sessions");
+        tracker.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "sessions still busy after the drain timeout; exiting anyway");
+        }
+        for (path, file) in self.shared.hs.exports.files() {
+            if let Err(e) = self.shared.engine.flush(&file).await {
+                tracing::error!(lun = %path.display(), error = %e, "final flush failed");
+            }
+        }
+        if let Some(p) = unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+        tracing::info!("stopped");
+    }
+}
+
+/// Out of file descriptors and the like: log and back off instead of
+/// spinning.
+async fn accept_error(e: std::io::Error) {
+    tracing::warn!(error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+async fn connection(
+    io: Transport,
+    peer: Peer,
+    who: String,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    tracing::debug!(client = %who, "connected");
+    let hs = tokio::select! {
+        r = tokio::time::timeout(shared.handshake_timeout, negotiate(io, peer, &shared.hs)) => r,
+        _ = shutdown.cancelled() => return,
+    };
+    let (io, buffered, negotiated, peer) = match hs {
+        Err(_) => {
+            tracing::warn!(client = %who, timeout = ?shared.handshake_timeout, "handshake timed out");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(client = %who, error = %e, "handshake failed");
+            return;
+        }
+        Ok(Ok(Outcome::Closed)) => {
+            tracing::debug!(client = %who, "closed during handshake");
+            return;
+        }
+        Ok(Ok(Outcome::Transmission {
+            io,
+            buffered,
+            negotiated,
+            peer,
+        })) => (io, buffered, negotiated, peer),
+    };
+    let export = negotiated.export.name.clone();
+    tracing::info!(client = %who, export = %export, tls = io.is_tls(), identities = ?peer.cert_names,
+        structured = negotiated.structured, flags = format!("{:#x}", negotiated.flags), "transmission");
+    let end = session::serve(
+        io,
+        buffered,
+        negotiated,
+        shared.engine.clone(),
+        shared.max_in_flight,
+        shutdown,
+    )
+    .await;
+    match end {
+        Ok(End::Disconnect) => {
+            tracing::info!(client = %who, export = %export, "client disconnected")
+        }
+        Ok(End::Eof) => {
+            tracing::info!(client = %who, export = %export, "client closed the connection")
+        }
+        Ok(End::Shutdown) => {
+            tracing::info!(client = %who, export = %export, "session drained for shutdown")
+        }
+        Ok(End::AbsurdWrite) => {
+            tracing::warn!(client = %who, export = %export, "closed after a write of absurd length")
+        }
+        Err(e) => {
+            tracing::warn!(client = %who, export = %export, error = %e, "session ended with an error")
+        }
+    }
+}
+
+/// The real server on 127.0.0.1:0 with a real LUN file, driven by a raw
+/// byte-level client: the cases real clients never send.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::proto::*;
+    use lun_manager::backend::EngineKind;
+    use lun_manager::{Access, CreateSpec, Layout, Lun};
+    use lungate_config::GatewayConfig;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        lun_path: PathBuf,
+        addr: SocketAddr,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    async fn start(tls_mode: TlsMode) -> Fixture {
+        start_with(tls_mode, vec![]).await
+    }
+
+    async fn start_with(tls_mode: TlsMode, allow: Vec<String>) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let lun_path = dir.path().join("vm.lun");
+        let spec = CreateSpec {
+            name: "vm".into(),
+            disks: vec![1 << 20, 2 << 20],
+            memory: 16 << 20,
+            vcpus: 1,
+            layout: Layout::Offset,
+        };
+        Lun::create(&lun_path, &spec).unwrap();
+        let cfg = GatewayConfig {
+            pools: vec![dir.path().to_path_buf()],
+            allow,
+            ..GatewayConfig::default()
+        };
+        let exports = Arc::new(ExportSet::from_config(&cfg).unwrap());
+        assert_eq!(exports.len(), 2);
+        let settings = ServerSettings {
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            unix: None,
+            tls_mode,
+            tls: None,
+            max_in_flight: 64 << 20,
+            handshake_timeout: Duration::from_secs(10),
+        };
+        let engine = IoEngine::new(EngineKind::Auto, 2).unwrap();
+        let server = Server::bind(settings, exports, engine).await.unwrap();
+        let addr = match &server.listening()[0] {
+            Listening::Tcp(a) => *a,
+            other => panic!("{other}"),
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(server.run(stop.clone()));
+        Fixture {
+            _dir: dir,
+            lun_path,
+            addr,
+            stop,
+            task,
+        }
+    }
+
+    impl Fixture {
+        async fn stop(self) {
+            self.stop.cancel();
+            self.task.await.unwrap();
+        }
+        fn hidden_digest(&self) -> [u8; 32] {
+            Lun::open(&self.lun_path, Access::ReadOnly)
+                .unwrap()
+                .hidden_digest()
+                .unwrap()
+        }
+    }
+
+    async fn hello(addr: SocketAddr, client_flags: u32) -> TcpStream {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).await.unwrap();
+        assert_eq!(&g[..8], b"NBDMAGIC");
+        assert_eq!(&g[8..16], b"IHAVEOPT");
+        assert_eq!(u16::from_be_bytes([g[16], g[17]]), 3);
+        s.write_u32(client_flags).await.unwrap();
+        s
+    }
+
+    async fn send_opt(s: &mut TcpStream, option: u32, data: &[u8]) {
+        s.write_u64(IHAVEOPT).await.unwrap();
+        s.write_u32(option).await.unwrap();
+        s.write_u32(data.len() as u32).await.unwrap();
+        s.write_all(data).await.unwrap();
+    }
+
+    async fn opt_reply(s: &mut TcpStream) -> (u32, u32, Vec<u8>) {
+        assert_eq!(s.read_u64().await.unwrap(), OPTION_REPLY_MAGIC);
+        let option = s.read_u32().await.unwrap();
+        let kind = s.read_u32().await.unwrap();
+        let len = s.read_u32().await.unwrap();
+        let mut data = vec![0; len as usize];
+        s.read_exact(&mut data).await.unwrap();
+        (option, kind, data)
+    }
+
+    fn go_payload(name: &str) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        d
+    }
+
+    /// GO into `name` with simple replies; returns the export size.
+    async fn go(s: &mut TcpStream, name: &str) -> u64 {
+        send_opt(s, opt::GO, &go_payload(name)).await;
+        let mut size = None;
+        loop {
+            let (o, kind, data) = opt_reply(s).await;
+            assert_eq!(o, opt::GO);
+            match kind {
+                rep::INFO if u16::from_be_bytes([data[0], data[1]]) == info::EXPORT => {
+                    size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap()));
+                }
+                rep::INFO => {}
+                rep::ACK => return size.unwrap(),
+                other => panic!(
+                    "GO failed with reply {other:#x}: {}",
+                    String::from_utf8_lossy(&data)
+                ),
+            }
+        }
+    }
+
+    async fn request(
+        s: &mut TcpStream,
+        flags: u16,
+        cmd: Command,
+        handle: u64,
+        off: u64,
+        len: u32,
+        payload: &[u8],
+    ) {
+        let mut b = Vec::with_capacity(28 + payload.len());
+        b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&cmd.to_wire().to_be_bytes());
+        b.extend_from_slice(&handle.to_be_bytes());
+        b.extend_from_slice(&off.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(payload);
+        s.write_all(&b).await.unwrap();
+    }
+
+    /// (error, handle) of one simple reply; `data_len` bytes of read data
+    /// follow a successful read.
+    async fn simple_reply(s: &mut TcpStream, data_len: usize) -> (u32, u64, Vec<u8>) {
+        assert_eq!(s.read_u32().await.unwrap(), SIMPLE_REPLY_MAGIC);
+        let error = s.read_u32().await.unwrap();
+        let handle = s.read_u64().await.unwrap();
+        let mut data = vec![0; if error == 0 { data_len } else { 0 }];
+        s.read_exact(&mut data).await.unwrap();
+        (error, handle, data)
+    }
+
+    async fn closed(s: &mut TcpStream) -> bool {
+        let mut b = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn client_without_fixed_newstyle_is_disconnected() {
+        let f = start(TlsMode::Off).await;
+        let mut s = hello(f.addr, 0).await;
+        assert!(closed(&mut s).await);
+        let mut s = hello(f.addr, 1 << 5).await; // unknown client flag
+        assert!(closed(&mut s).await);
+        f.stop().await;
+    }
+
+    #[tokio::test]
+    async fn unknown_and_oversized_options_get_errors_and_haggling_continues() {
+        let f = start(TlsMode::Off).await;
+        let mut s = hello(f.addr, 3).await;
+        send_opt(&mut s, 99, b"whatever").await;
+        assert_eq!(opt_reply(&mut s).await.1, rep::ERR_UNSUP);
+        send_opt(&mut s, opt::INFO, &vec![0u8; 100_000]).await;
+        assert_eq!(opt_reply(&mut s).await.1, rep::ERR_TOO_BIG);
+        send_opt(&mut s, opt::GO, &[0, 0, 0, 50, 0, 0]).await; // name longer than payload
+        assert_eq!(opt_reply(&mut s).await.1, rep::ERR_INVALID);
+        send_opt(&mut s, opt::GO, &go_payload("nope/disk0")).await;
+        assert_eq!(opt_reply(&mut s).await.1, rep::ERR_UNKNOWN);
+        send_opt(&mut s, opt::STARTTLS, b"").await;
+        assert_eq!(opt_reply(&mut s).await.1, rep::ERR_POLICY);
+        send_opt(&mut s, opt::SET_META_CONTEXT, b"").await;
+        assert_eq!(
+            opt_reply(&mut s).await.1,
+            rep::ERR_INVALID,
+            "needs structured replies"
+        );
+        send_opt(&mut s, opt::LIST, b"").await;
+        let mut names = vec![];
+        loop {
+            let (_, kind, data) = opt_reply(&mut s).await;
+            if kind == rep::ACK {
+                break;
+            }
+            assert_eq!(kind, rep::SERVER);
+            let n = u32::from_be_bytes(data[..4].try_into().unwrap()) as usize;
+            names.push(String::from_utf8(data[4..4 + n].to_vec()).unwrap());
+        }
+        assert_eq!(names, vec!["vm/disk0", "vm/disk1"]);
+        assert_eq!(go(&mut s, "vm/disk1").await, 2 << 20);
+        request(&mut s, 0, Command::Disc, 1, 0, 0, &[]).await;
+        assert!(closed(&mut s).await);
+        f.stop().await;
+    }
+
+    #[tokio::test]
+    async fn denied_exports_are_unlisted_and_unknown() {
+        let f = start_with(TlsMode::Off, vec!["10.0.0.0/8".into(), "cert:vm".into()]).await;
+        let mut s = hello(f.addr, 3).await;
+        send_opt(&mut s, opt::LIST, b"").await;
+        assert_eq!(
+            opt_reply(&mut s).await.1,
+            rep::ACK,
+            "nothing listed for 127.0.0.1"
+        );
+        send_opt(&mut s, opt::GO, &go_payload("vm/disk0")).await;
+        assert_eq!(opt_reply(&mut s).await.1, rep::ERR_UNKNOWN);
+        send_opt(&mut s, opt::EXPORT_NAME, b"vm/disk0").await;
+        assert!(closed(&mut s).await);
+        f.stop().await;
+        let f = start_with(TlsMode::Off, vec!["127.0.0.0/8".into()]).await;
+        let mut s = hello(f.addr, 3).await;
+        assert_eq!(go(&mut s, "vm/disk0").await, 1 << 20);
+        f.stop().await;
+    }
+
+    #[tokio::test]
+    async fn tls_required_refuses_options_and_export_name() {
+        let f = start(TlsMode::Require).await;
+        let mut s = hello(f.addr, 3).await;
+        send_opt(&mut s, opt::LIST, b"").await;
+        assert_eq!(opt_reply(&mut s).await.1, rep::ERR_TLS_REQD);
+        send_opt(&mut s, opt::GO, &go_payload("vm/disk0")).await;
+        assert_eq!(opt_reply(&mut s).await.1, rep::ERR_TLS_REQD);
+        send_opt(&mut s, opt::EXPORT_NAME, b"vm/disk0").await;
+        assert!(closed(&mut s).await, "EXPORT_NAME cannot error: hang up");
+        f.stop().await;
+    }
+
+    #[tokio::test]
+    async fn export_name_with_and_without_zeroes() {
+        let f = start(TlsMode::Off).await;
+        for (flags, tail) in [(1u32, 124usize), (3, 0)] {
+            let mut s = hello(f.addr, flags).await;
+            send_opt(&mut s, opt::EXPORT_NAME, b"vm/disk0").await;
+            assert_eq!(s.read_u64().await.unwrap(), 1 << 20);
+            let tx = s.read_u16().await.unwrap();
+            assert_ne!(tx & tx_flags::HAS_FLAGS, 0);
+            assert_eq!(
+                tx & tx_flags::SEND_DF,
+                0,
+                "no DF without structured replies"
+            );
+            let mut z = vec![1u8; tail];
+            s.read_exact(&mut z).await.unwrap();
+            assert!(z.iter().all(|b| *b == 0));
+            // The next bytes must be a reply to our request, not padding.
+            request(&mut s, 0, Command::Flush, 7, 0, 0, &[]).await;
+            assert_eq!(simple_reply(&mut s, 0).await.1, 7);
+        }
+        f.stop().await;
+    }
+
+    #[tokio::test]
+    async fn hostile_requests_get_errors_and_never_touch_hidden_regions() {
+        let f = start(TlsMode::Off).await;
+        let before = f.hidden_digest();
+        let mut s = hello(f.addr, 3).await;
+        let size = go(&mut s, "vm/disk0").await;
+        let cases: Vec<(Command, u64, u32, u32)> = vec![
+            (Command::Write, size - 512, 1024, NbdError::NoSpc.code()),
+            (Command::Write, u64::MAX - 100, 512, NbdError::NoSpc.code()),
+            (Command::Read, size, 1, NbdError::Inval.code()),
+            (Command::Read, u64::MAX, 4096, NbdError::Inval.code()),
+            (Command::Trim, size - 4096, 8192, NbdError::Inval.code()),
+            (Command::WriteZeroes, size, 4096, NbdError::NoSpc.code()),
+            (Command::BlockStatus, 0, 4096, NbdError::Inval.code()), // no context
+            (Command::Unknown(42), 0, 0, NbdError::Inval.code()),
+        ];
+        for (i, (cmd, off, len, want)) in cases.iter().enumerate() {
+            let payload = if *cmd == Command::Write {
+                vec![0xee; *len as usize]
+            } else {
+                vec![]
+            };
+            request(&mut s, 0, *cmd, i as u64, *off, *len, &payload).await;
+            let (err, handle, _) = simple_reply(&mut s, 0).await;
+            assert_eq!((err, handle), (*want, i as u64), "{cmd:?} at {off}+{len}");
+        }
+        // Oversized WRITE: payload discarded, EINVAL, connection usable.
+        let big = (32u32 << 20) + 512;
+        request(
+            &mut s,
+            0,
+            Command::Write,
+            100,
+            0,
+            big,
+            &vec![0xee; big as usize],
+        )
+        .await;
+        assert_eq!(simple_reply(&mut s, 0).await.0, NbdError::Inval.code());
+        // Bad flag for the command.
+        request(&mut s, cmd_flags::REQ_ONE, Command::Read, 101, 0, 512, &[]).await;
+        assert_eq!(simple_reply(&mut s, 0).await.0, NbdError::Inval.code());
+        // Writes at both edges of the region succeed and read back.
+        request(&mut s, 0, Command::Write, 102, 0, 512, &[0xa1; 512]).await;
+        request(
+            &mut s,
+            cmd_flags::FUA,
+            Command::Write,
+            103,
+            size - 512,
+            512,
+            &[0xa2; 512],
+        )
+        .await;
+        let mut handles = [simple_reply(&mut s, 0).await, simple_reply(&mut s, 0).await];
+        handles.sort_by_key(|r| r.1);
+        assert_eq!((handles[0].0, handles[1].0), (0, 0));
+        request(&mut s, 0, Command::Read, 104, size - 512, 512, &[]).await;
+        let (err, _, data) = simple_reply(&mut s, 512).await;
+        assert_eq!(err, 0);
+        assert!(data.iter().all(|b| *b == 0xa2));
+        request(&mut s, 0, Command::Disc, 105, 0, 0, &[]).await;
+        assert!(closed(&mut s).await);
+        assert_eq!(
+            before,
+            f.hidden_digest(),
+            "bytes outside the disk regions changed"
+        );
+        f.stop().await;
+    }
+
+    #[tokio::test]
+    async fn absurd_lengths_get_an_error_then_a_hang_up() {
+        let f = start(TlsMode::Off).await;
+        let mut s = hello(f.addr, 3).await;
+        s.write_u64(IHAVEOPT).await.unwrap();
+        s.write_u32(opt::GO).await.unwrap();
+        s.write_u32(0xffff_fff0).await.unwrap();
+        assert_eq!(opt_reply(&mut s).await.1, rep::ERR_TOO_BIG);
+        assert!(closed(&mut s).await, "absurd option must end the handshake");
+
+        let mut s = hello(f.addr, 3).await;
+        go(&mut s, "vm/disk0").await;
+        request(&mut s, 0, Command::Write, 9, 0, u32::MAX, &[0u8; 4096]).await;
+        let (err, handle, _) = simple_reply(&mut s, 0).await;
+        assert_eq!((err, handle), (NbdError::Inval.code(), 9));
+        assert!(closed(&mut s).await, "absurd write must end the session");
+
+        // Other clients are unaffected.
+        let mut s = hello(f.addr, 3).await;
+        go(&mut s, "vm/disk0").await;
+        request(&mut s, 0, Command::Read, 10, 0, 4096, &[]).await;
+        assert_eq!(simple_reply(&mut s, 4096).await.0, 0);
+        f.stop().await;
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_all_get_replies() {
+        let f = start(TlsMode::Off).await;
+        let mut s = hello(f.addr, 3).await;
+        go(&mut s, "vm/disk1").await;
+        // 200 writes then 200 reads, sent without waiting for any reply.
+        let mut wire = Vec::new();
+        for i in 0..200u64 {
+            let mut b = Vec::new();
+            b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            b.extend_from_slice(&0u16.to_be_bytes());
+            b.extend_from_slice(&Command::Write.to_wire().to_be_bytes());
+            b.extend_from_slice(&i.to_be_bytes());
+            b.extend_from_slice(&(i * 4096).to_be_bytes());
+            b.extend_from_slice(&4096u32.to_be_bytes());
+            b.extend_from_slice(&[i as u8; 4096]);
+            wire.extend_from_slice(&b);
+        }
+        s.write_all(&wire).await.unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let (err, h, _) = simple_reply(&mut s, 0).await;
+            assert_eq!(err, 0);
+            assert!(seen.insert(h), "duplicate reply for handle {h}");
+        }
+        for i in 0..200u64 {
+            request(&mut s, 0, Command::Read, 1000 + i, i * 4096, 4096, &[]).await;
+        }
+        for _ in 0..200 {
+            let (err, h, data) = simple_reply(&mut s, 4096).await;
+            assert_eq!(err, 0);
+            let i = h - 1000;
+            assert!(
+                data.iter().all(|b| *b == i as u8),
+                "read {i} returned wrong data"
+            );
+        }
+        f.stop().await;
+    }
+}
