@@ -1,0 +1,882 @@
+//! Shared harness for lungate's end-to-end tests.
+//!
+//! It finds the built `lungate` and `lunctl` binaries, creates LUNs in
+//! throwaway pools with `lunctl`, runs a real `lungate serve` child and
+//! parses its stdout contract, and runs real clients (qemu-io, nbdinfo,
+//! nbdsh, ...) with a timeout on every wait. Children are ended by PID only,
+//! never by name. It does not mock anything: a test that uses it talks to
+//! the real server over real sockets.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long a gateway may take to print `ready`.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a gateway may take to exit after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default limit for one client command (qemu-io, nbdinfo, lunctl, ...).
+pub const CMD_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The directory holding the built binaries of the profile this test was
+/// built with: `<target>/<profile>`, found from the test executable
+/// (`<target>/<profile>/deps/<test>-<hash>`), or from `CARGO_TARGET_DIR`.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe
+        .parent()
+        .expect("test executable has a parent")
+        .to_path_buf();
+    if dir.file_name() == Some(OsStr::new("deps")) {
+        dir.pop();
+    }
+    if dir.exists() {
+        return dir;
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("debug")
+}
+
+/// Path of a workspace binary (`lungate`, `lunctl`). Panics if it has not
+/// been built.
+pub fn bin(name: &str) -> PathBuf {
+    let mut candidates = vec![profile_dir().join(name)];
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        let profile = profile_dir()
+            .file_name()
+            .map(|p| p.to_os_string())
+            .unwrap_or_else(|| "debug".into());
+        candidates.push(PathBuf::from(t).join(profile).join(name));
+    }
+    for c in &candidates {
+        if c.is_file() {
+            return c.clone();
+        }
+    }
+    panic!(
+        "{name} not found (looked at {candidates:?}): build it first: cargo build --workspace --bins"
+    );
+}
+
+/// Path of an external tool on PATH. Panics naming `scripts/setup` if it is
+/// missing: a test never skips silently.
+pub fn require_tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path).chain([PathBuf::from("/usr/bin")]) {
+        let p = dir.join(name);
+        if is_executable(&p) {
+            return p;
+        }
+    }
+    panic!("{name} not found: run scripts/setup");
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// A printable form of a command line, for panic messages.
+pub fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        let a = a.to_string_lossy();
+        if a.contains(' ') || a.is_empty() {
+            s.push('\'');
+            s.push_str(&a);
+            s.push('\'');
+        } else {
+            s.push_str(&a);
+        }
+    }
+    s
+}
+
+/// Runs `cmd` to completion with stdout and stderr captured, killing it (by
+/// PID) and panicking if it takes longer than `timeout`. The exit status is
+/// returned as is: check it with [`assert_success`] or inspect it.
+pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    let what = describe(cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start `{what}`: {e}"));
+    let out = drain(child.stdout.take().expect("piped stdout"));
+    let err = drain(child.stderr.take().expect("piped stderr"));
+    let status = match wait_timeout(&mut child, timeout) {
+        Some(s) => s,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stdout = out.join().unwrap_or_default();
+            let stderr = err.join().unwrap_or_default();
+            panic!(
+                "`{what}` did not finish within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// Runs `cmd` with [`CMD_TIMEOUT`] and panics with its output unless it
+/// exits 0.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let what = describe(cmd);
+    let out = run_timeout(cmd, CMD_TIMEOUT);
+    assert_success(&what, &out);
+    out
+}
+
+/// Panics with the command's output unless it exited 0.
+pub fn assert_success(what: &str, out: &Output) {
+    assert!(
+        out.status.success(),
+        "`{what}` failed with {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn drain<R: Read + Send + 'static>(mut r: R) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        buf
+    })
+}
+
+/// Polls `child` until it exits or `timeout` passes (`None`).
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Some(s),
+            Ok(None) => {}
+            Err(e) => panic!("waiting for pid {}: {e}", child.id()),
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Runs every command at the same time (one thread each, each with
+/// `timeout`) and returns their outputs in order.
+pub fn run_parallel(cmds: Vec<Command>, timeout: Duration) -> Vec<Output> {
+    let handles: Vec<_> = cmds
+        .into_iter()
+        .map(|mut c| thread::spawn(move || run_timeout(&mut c, timeout)))
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .unwrap_or_else(|_| panic!("a parallel command panicked"))
+        })
+        .collect()
+}
+
+/// Runs `lunctl ARGS`, panicking with its stderr if it fails.
+pub fn lunctl(args: &[&str]) -> Output {
+    run_ok(Command::new(bin("lunctl")).args(args))
+}
+
+/// Creates `pool/NAME.lun` with `lunctl create` and returns its path.
+pub fn create_lun(pool: &Path, name: &str, layout: &str, disks: &[&str], memory: &str) -> PathBuf {
+    let pool_s = pool.to_str().expect("utf-8 pool path");
+    let mut args = vec!["create", name, "--pool", pool_s];
+    for d in disks {
+        args.push("--disk");
+        args.push(d);
+    }
+    args.extend(["--memory", memory, "--layout", layout]);
+    lunctl(&args);
+    let path = pool.join(format!("{name}.lun"));
+    assert!(
+        path.is_file(),
+        "lunctl create {name} exited 0 but {} does not exist",
+        path.display()
+    );
+    path
+}
+
+/// Blake3 of every byte of the LUN outside its disk regions (GPT, label,
+/// state, gaps), via `lun_manager`.
+pub fn hidden_digest(lun: &Path) -> [u8; 32] {
+    let l = lun_manager::Lun::open(lun, lun_manager::Access::ReadOnly)
+        .unwrap_or_else(|e| panic!("open {} read-only: {e}", lun.display()));
+    l.hidden_digest()
+        .unwrap_or_else(|e| panic!("hidden_digest of {}: {e}", lun.display()))
+}
+
+/// `(offset, length)` of each disk region in the backing file, in index
+/// order, from `lun_manager`.
+pub fn disk_regions(lun: &Path) -> Vec<(u64, u64)> {
+    lun_manager::Lun::open(lun, lun_manager::Access::ReadOnly)
+        .unwrap_or_else(|e| panic!("open {} read-only: {e}", lun.display()))
+        .disks()
+        .iter()
+        .map(|r| (r.offset, r.length))
+        .collect()
+}
+
+/// `len` bytes of `path` at `offset`.
+pub fn file_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut b = vec![0u8; len];
+    f.read_exact_at(&mut b, offset)
+        .unwrap_or_else(|e| panic!("read {} bytes of {} at {offset}: {e}", len, path.display()));
+    b
+}
+
+/// Parses a `lunctl` size ("64M", "1G", "4096", "512K", "1T") into bytes.
+pub fn parse_size(s: &str) -> u64 {
+    let s = s.trim();
+    let (num, mult) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 1 << 30),
+        Some(b'T' | b't') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .unwrap_or_else(|e| panic!("bad size {s:?}: {e}"));
+    n.checked_mul(mult)
+        .unwrap_or_else(|| panic!("size {s:?} overflows u64"))
+}
+
+/// A disk size as `lunctl` stores it: rounded up to 1 MiB.
+pub fn disk_size(s: &str) -> u64 {
+    parse_size(s).div_ceil(1 << 20) * (1 << 20)
+}
+
+/// One LUN of a [`Pool`] and what the tests expect of it.
+#[derive(Debug, Clone)]
+pub struct LunInfo {
+    pub name: String,
+    pub path: PathBuf,
+    /// "offset" or "truncate".
+    pub layout: String,
+    /// Expected size of each disk export, in bytes, in index order.
+    pub disk_sizes: Vec<u64>,
+    /// [`hidden_digest`] right after creation.
+    pub hidden: [u8; 32],
+}
+
+impl LunInfo {
+    /// Export name of disk `i`: `NAME/diskI`.
+    pub fn export(&self, i: usize) -> String {
+        format!("{}/disk{i}", self.name)
+    }
+}
+
+/// A fresh pool directory (removed on drop) and the LUNs created in it.
+pub struct Pool {
+    dir: tempfile::TempDir,
+    pub luns: Vec<LunInfo>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pool {
+    pub fn new() -> Pool {
+        let dir = tempfile::Builder::new()
+            .prefix("lungate-pool-")
+            .tempdir()
+            .expect("create temp pool dir");
+        lun_manager::pool::init(dir.path())
+            .unwrap_or_else(|e| panic!("init pool {}: {e}", dir.path().display()));
+        Pool {
+            dir,
+            luns: Vec::new(),
+        }
+    }
+
+    /// A pool with one LUN of each layout: `off` (offset layout, disks
+    /// 64M and 32M) and `trunc` (truncate layout, disks 48M and 16M).
+    pub fn both_layouts() -> Pool {
+        let mut p = Pool::new();
+        p.add("off", "offset", &["64M", "32M"], "16M");
+        p.add("trunc", "truncate", &["48M", "16M"], "16M");
+        p
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The pool directory as a `&str`, for command lines.
+    pub fn arg(&self) -> &str {
+        self.dir.path().to_str().expect("utf-8 temp path")
+    }
+
+    /// Creates a LUN with `lunctl create` and records its hidden digest.
+    pub fn add(&mut self, name: &str, layout: &str, disks: &[&str], memory: &str) -> &LunInfo {
+        let path = create_lun(self.path(), name, layout, disks, memory);
+        let hidden = hidden_digest(&path);
+        self.luns.push(LunInfo {
+            name: name.to_string(),
+            path,
+            layout: layout.to_string(),
+            disk_sizes: disks.iter().map(|d| disk_size(d)).collect(),
+            hidden,
+        });
+        self.luns.last().expect("just pushed")
+    }
+
+    pub fn lun(&self, name: &str) -> &LunInfo {
+        self.luns
+            .iter()
+            .find(|l| l.name == name)
+            .unwrap_or_else(|| panic!("no LUN {name} in the pool"))
+    }
+
+    /// Every export `(NAME/diskN, size)` the gateway should serve.
+    pub fn exports(&self) -> Vec<(String, u64)> {
+        let mut v = Vec::new();
+        for l in &self.luns {
+            for (i, s) in l.disk_sizes.iter().enumerate() {
+                v.push((l.export(i), *s));
+            }
+        }
+        v
+    }
+
+    /// Panics unless every LUN's bytes outside its disk regions are exactly
+    /// as they were right after creation.
+    pub fn assert_hidden_unchanged(&self) {
+        for l in &self.luns {
+            let now = hidden_digest(&l.path);
+            assert!(
+                now == l.hidden,
+                "hidden bytes of {} ({} layout) changed: before {} after {}",
+                l.path.display(),
+                l.layout,
+                hex(&l.hidden),
+                hex(&now)
+            );
+        }
+    }
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+enum StdoutEvent {
+    Line(String),
+    Eof,
+}
+
+/// A running `lungate serve` child, listening on an ephemeral TCP port on
+/// 127.0.0.1 and on a unix socket in its own temp dir.
+pub struct Gateway {
+    child: Option<Child>,
+    tcp: Option<SocketAddr>,
+    unix: Option<PathBuf>,
+    log: PathBuf,
+    stdout_lines: Arc<Mutex<Vec<String>>>,
+    dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Spawns `lungate serve --listen 127.0.0.1:0 --unix <tmp>/nbd.sock ARGS`
+    /// and waits for its `ready` line. Panics with the gateway's stderr if
+    /// it exits or is not ready within [`START_TIMEOUT`].
+    pub fn start(args: &[&str]) -> Gateway {
+        match Gateway::try_start(args) {
+            Ok(g) => g,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Like [`Gateway::start`], but returns the failure (with the gateway's
+    /// exit status and stderr) instead of panicking, for tests that expect a
+    /// configuration to be refused.
+    pub fn try_start(args: &[&str]) -> Result<Gateway, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("lungate-gw-")
+            .tempdir()
+            .expect("create gateway temp dir");
+        let sock = dir.path().join("nbd.sock");
+        let log = dir.path().join("stderr.log");
+        let mut cmd = Command::new(bin("lungate"));
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--unix")
+            .arg(&sock)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&log).expect("create gateway log"));
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let what = describe(&cmd);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start `{what}`: {e}"));
+
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let keep = Arc::clone(&lines);
+        // Keeps draining stdout after `ready` so the child never blocks on a
+        // full pipe; sends fail silently once start() stops listening.
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                keep.lock().expect("stdout lines").push(line.clone());
+                let _ = tx.send(StdoutEvent::Line(line));
+            }
+            let _ = tx.send(StdoutEvent::Eof);
+        });
+
+        let mut gw = Gateway {
+            child: Some(child),
+            tcp: None,
+            unix: None,
+            log,
+            stdout_lines: lines,
+            dir,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(StdoutEvent::Line(line)) => {
+                    if let Some(addr) = line.strip_prefix("listening tcp ") {
+                        let addr = addr.trim().parse().map_err(|e| {
+                            gw.failure(&what, &format!("bad tcp address in {line:?}: {e}"))
+                        })?;
+                        gw.tcp = Some(addr);
+                    } else if let Some(p) = line.strip_prefix("listening unix ") {
+                        gw.unix = Some(PathBuf::from(p.trim()));
+                    } else if line.trim() == "ready" {
+                        break;
+                    }
+                }
+                Ok(StdoutEvent::Eof) => {
+                    return Err(gw.failure(&what, "closed stdout before printing `ready`"))
+                }
+                Err(_) => {
+                    return Err(gw.failure(&what, &format!("not ready within {START_TIMEOUT:?}")))
+                }
+            }
+        }
+        if gw.tcp.is_none() {
+            return Err(gw.failure(&what, "printed `ready` without a `listening tcp` line"));
+        }
+        if gw.unix.as_deref() != Some(sock.as_path()) {
+            return Err(gw.failure(
+                &what,
+                &format!(
+                    "listening unix line {:?} does not name {}",
+                    gw.unix,
+                    sock.display()
+                ),
+            ));
+        }
+        Ok(gw)
+    }
+
+    /// Ends the child (SIGKILL if it is still running) and describes why
+    /// it failed, with its stdout and stderr.
+    fn failure(&mut self, what: &str, why: &str) -> String {
+        let status = self.child.take().map(|mut c| {
+            if let Ok(Some(s)) = c.try_wait() {
+                return s.to_string();
+            }
+            let _ = c.kill();
+            c.wait().map(|s| s.to_string()).unwrap_or_default()
+        });
+        format!(
+            "`{what}` {why} (exit: {})\nstdout:\n{}\nstderr:\n{}",
+            status.unwrap_or_default(),
+            self.stdout_lines.lock().expect("stdout lines").join("\n"),
+            self.stderr_log()
+        )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("gateway child").id()
+    }
+
+    /// The TCP address the gateway listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.tcp.expect("gateway tcp address")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr().port()
+    }
+
+    pub fn unix_path(&self) -> &Path {
+        self.unix.as_deref().expect("gateway unix socket")
+    }
+
+    /// `nbd://127.0.0.1:PORT/EXPORT`
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.addr())
+    }
+
+    /// `nbd+unix:///EXPORT?socket=PATH`
+    pub fn unix_uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.unix_path().display())
+    }
+
+    /// A temp dir that lives as long as the gateway (for client files).
+    pub fn scratch(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Panics with the gateway's stderr if the child has exited.
+    pub fn assert_running(&mut self) {
+        let child = self.child.as_mut().expect("gateway child");
+        if let Ok(Some(s)) = child.try_wait() {
+            panic!(
+                "gateway pid {} exited unexpectedly with {s}\nstderr:\n{}",
+                child.id(),
+                self.stderr_log()
+            );
+        }
+    }
+
+    /// Everything the gateway wrote to stderr so far.
+    pub fn stderr_log(&self) -> String {
+        std::fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Every stdout line the gateway printed so far.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout_lines.lock().expect("stdout lines").clone()
+    }
+
+    /// Sends SIGTERM (by PID) and waits up to [`STOP_TIMEOUT`] for a clean
+    /// exit; on timeout sends SIGKILL and panics with the log.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("gateway child");
+        signal(&child, libc::SIGTERM);
+        match wait_timeout(&mut child, STOP_TIMEOUT) {
+            Some(s) => s,
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "gateway pid {} did not exit within {STOP_TIMEOUT:?} of SIGTERM\nstderr:\n{}",
+                    child.id(),
+                    self.stderr_log()
+                );
+            }
+        }
+    }
+
+    /// [`Gateway::stop`] and assert it exited 0.
+    pub fn stop_ok(self) {
+        let log = self.log.clone();
+        let status = self.stop();
+        assert!(
+            status.success(),
+            "gateway exited with {status} after SIGTERM\nstderr:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+}
+
+/// Sends `sig` to `child` by its PID, if it has not been reaped.
+fn signal(child: &Child, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours;
+    // the PID is our own unreaped child, so it cannot have been reused.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if thread::panicking() {
+                eprintln!(
+                    "--- lungate pid {} stderr ---\n{}\n--- end ---",
+                    child.id(),
+                    self.stderr_log()
+                );
+            }
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A command for `nbdsh` with /usr/bin first on PATH, so it runs with the
+/// system python that has the libnbd module.
+pub fn nbdsh() -> Command {
+    let nbdsh = require_tool("nbdsh");
+    let mut cmd = Command::new(nbdsh);
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs = vec![PathBuf::from("/usr/bin")];
+    dirs.extend(std::env::split_paths(&path));
+    cmd.env("PATH", std::env::join_paths(dirs).expect("PATH"));
+    cmd
+}
+
+/// `qemu-io -f raw -c CMD... URI`, with its output returned (not checked).
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> Output {
+    let mut cmd = Command::new(require_tool("qemu-io"));
+    cmd.args(["-f", "raw"]);
+    for c in cmds {
+        cmd.arg("-c").arg(c);
+    }
+    cmd.arg(uri);
+    run_timeout(&mut cmd, CMD_TIMEOUT)
+}
+
+/// [`qemu_io`], panicking unless it exits 0 with no failed command.
+pub fn qemu_io_ok(uri: &str, cmds: &[&str]) -> String {
+    let out = qemu_io(uri, cmds);
+    let what = format!("qemu-io {cmds:?} {uri}");
+    assert_success(&what, &out);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for bad in ["Pattern verification failed", "failed:", "error", "Error"] {
+        assert!(!text.contains(bad), "`{what}` reported {bad:?}:\n{text}");
+    }
+    text
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so a failure can be
+/// reproduced from the seed.
+pub fn pattern_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        v.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// A throwaway CA, server certificate (for 127.0.0.1 / localhost) and
+/// client certificate made with openssl, in the file names libnbd and
+/// QEMU's `tls-creds-x509` expect: ca-cert.pem, server-cert.pem,
+/// server-key.pem, client-cert.pem, client-key.pem.
+pub struct TlsCerts {
+    dir: tempfile::TempDir,
+}
+
+impl TlsCerts {
+    pub fn generate() -> TlsCerts {
+        let openssl = require_tool("openssl");
+        let dir = tempfile::Builder::new()
+            .prefix("lungate-tls-")
+            .tempdir()
+            .expect("create tls temp dir");
+        let d = dir.path();
+        let ossl = |args: &[&str]| {
+            run_ok(Command::new(&openssl).current_dir(d).args(args));
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        // CA
+        let mut a = vec!["req", "-x509", "-days", "2", "-subj", "/CN=lungate test CA"];
+        a.extend(ec);
+        a.extend([
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca-cert.pem",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        ossl(&a);
+        for (who, cn, ext) in [
+            (
+                "server",
+                "127.0.0.1",
+                "basicConstraints=critical,CA:FALSE\n\
+                 keyUsage=critical,digitalSignature,keyEncipherment\n\
+                 extendedKeyUsage=serverAuth\n\
+                 subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+            ),
+            (
+                "client",
+                "lungate test client",
+                "basicConstraints=critical,CA:FALSE\n\
+                 keyUsage=critical,digitalSignature,keyEncipherment\n\
+                 extendedKeyUsage=clientAuth\n",
+            ),
+        ] {
+            std::fs::write(d.join(format!("{who}.ext")), ext).expect("write ext file");
+            let key = format!("{who}-key.pem");
+            let csr = format!("{who}.csr");
+            let cert = format!("{who}-cert.pem");
+            let ext_file = format!("{who}.ext");
+            let subj = format!("/CN={cn}");
+            let mut a = vec!["req", "-new", "-subj", &subj];
+            a.extend(ec);
+            a.extend(["-keyout", &key, "-out", &csr]);
+            ossl(&a);
+            ossl(&[
+                "x509",
+                "-req",
+                "-days",
+                "2",
+                "-in",
+                &csr,
+                "-CA",
+                "ca-cert.pem",
+                "-CAkey",
+                "ca-key.pem",
+                "-CAcreateserial",
+                "-extfile",
+                &ext_file,
+                "-out",
+                &cert,
+            ]);
+        }
+        TlsCerts { dir }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `--tls-cert server-cert.pem --tls-key server-key.pem` (owned strings
+    /// for a gateway command line).
+    pub fn server_args(&self) -> Vec<String> {
+        vec![
+            "--tls-cert".into(),
+            self.path_str("server-cert.pem"),
+            "--tls-key".into(),
+            self.path_str("server-key.pem"),
+        ]
+    }
+
+    pub fn path_str(&self, name: &str) -> String {
+        self.file(name)
+            .to_str()
+            .expect("utf-8 temp path")
+            .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn poke(path: &Path, offset: u64, byte: u8) {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .expect("open LUN for writing");
+        f.write_all_at(&[byte], offset).expect("poke");
+    }
+
+    /// The oracle every end-to-end test relies on: writes inside a disk
+    /// region leave the hidden digest alone, one changed byte outside any
+    /// disk region (in a gap, the GPT, the label or the state) changes it.
+    #[test]
+    fn hidden_digest_sees_one_byte_outside_the_disk_regions() {
+        let pool = Pool::both_layouts();
+        for l in &pool.luns {
+            for (off, len) in disk_regions(&l.path) {
+                poke(&l.path, off, 0xee);
+                poke(&l.path, off + len - 1, 0xee);
+            }
+        }
+        pool.assert_hidden_unchanged();
+        for l in &pool.luns {
+            let regions = disk_regions(&l.path);
+            let size = std::fs::metadata(&l.path).expect("stat").len();
+            // The byte right after each disk region, and the first and last
+            // byte of the file, when they are not inside a disk region.
+            let mut outside: Vec<u64> = regions.iter().map(|(o, n)| o + n).collect();
+            outside.extend([0, size - 1]);
+            outside.retain(|&x| x < size && !regions.iter().any(|(o, n)| (*o..o + n).contains(&x)));
+            assert!(!outside.is_empty(), "{}: no hidden byte to poke", l.name);
+            for at in outside {
+                // Compared with the digest just before: restoring a byte
+                // in a hole leaves a block allocated, and the digest also
+                // covers where the data extents are.
+                let base = hidden_digest(&l.path);
+                let before = file_bytes(&l.path, at, 1)[0];
+                poke(&l.path, at, before ^ 0xff);
+                // Noticed either as a different digest or as a LUN that no
+                // longer opens (a damaged label or state directory).
+                let p = l.path.clone();
+                let after = std::panic::catch_unwind(move || hidden_digest(&p));
+                assert!(
+                    after.as_ref().map_or(true, |d| *d != base),
+                    "{} ({}): changing byte {at} went unnoticed",
+                    l.name,
+                    l.layout
+                );
+                poke(&l.path, at, before);
+            }
+        }
+    }
+
+    #[test]
+    fn sizes_parse_like_lunctl() {
+        assert_eq!(parse_size("4096"), 4096);
+        assert_eq!(parse_size("64M"), 64 << 20);
+        assert_eq!(parse_size("1G"), 1 << 30);
+        assert_eq!(disk_size("4097"), 1 << 20);
+        assert_eq!(disk_size("1500K"), 2 << 20);
+        assert_eq!(disk_size("3M"), 3 << 20);
+    }
+}
