@@ -1004,7 +1004,9 @@ fn fio_random_writes_verify_with_deep_queues() {
                 ])
                 .arg(format!("--uri={uri}"))
                 .arg(format!("--size={half}"))
-                .arg(format!("--offset_increment={half}")),
+                .arg(format!("--offset_increment={half}"))
+                // fio drops verify-state files in its working directory.
+                .current_dir(pool.path()),
             Duration::from_secs(120),
         );
         assert_success(&format!("fio verify on {}", l.export(0)), &out);
