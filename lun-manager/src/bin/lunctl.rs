@@ -320,16 +320,16 @@ fn describe(l: &Lun) -> serde_json::Value {
         .entries
         .iter()
         .map(|e| {
-            let ok = l
-                .record(e.rtype, e.instance)
-                .map(|_| ())
-                .map_err(|x| x.to_string());
+            let checksum = match l.record(e.rtype, e.instance) {
+                Ok(_) => "ok".to_string(),
+                Err(x) => x.to_string(),
+            };
             json!({
                 "type": e.rtype.name(),
                 "instance": e.instance,
                 "offset": e.offset,
                 "length": e.length,
-                "checksum": if ok.is_ok() { "ok".to_string() } else { ok.unwrap_err() },
+                "checksum": checksum,
             })
         })
         .collect();
