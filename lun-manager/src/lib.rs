@@ -16,6 +16,7 @@ pub mod progress;
 pub mod report;
 pub mod scan;
 pub mod size;
+pub mod volume;
 
 pub use error::{Error, Result};
 pub use format::{Layout, Region, RegionKind};

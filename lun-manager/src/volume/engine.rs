@@ -1,0 +1,1554 @@
+//! [`Volume`]: the chain of layers behind one LUN and every operation on it.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use uuid::Uuid;
+
+use super::error::{corrupt, Error, IoCtx, Result};
+use super::header::{valid_cluster_size, Geometry, NAME_MAX};
+use super::journal::{self, KIND_DATA, KIND_ZERO};
+use super::layer::{delta_path, Delta, Layer, Raw, PENDING_LIMIT};
+use super::manifest::{self, Dependent, FlattenRec, LayerRec, Manifest, Parent, SnapRec};
+use super::table::Table;
+use super::{lock, read, write};
+use crate::backend::Extent;
+
+/// Cluster-lock shards; clusters `c` and `c + SHARDS` share a lock.
+const SHARDS: usize = 1024;
+/// Longest snapshot description kept in the manifest.
+pub const DESCRIPTION_MAX: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeOptions {
+    /// Used when the layers directory is first created; afterwards the
+    /// manifest's cluster size wins. A power of two, 4 KiB ..= 2 MiB.
+    pub cluster_size: u32,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        VolumeOptions {
+            cluster_size: 64 << 10,
+        }
+    }
+}
+
+/// Everything [`Volume::open`] needs to know about the LUN file.
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    /// `POOL/NAME.lun`; the layers live in `POOL/NAME.layers/`.
+    pub lun_path: PathBuf,
+    /// The LUN file, opened read-write.
+    pub file: Arc<File>,
+    pub lun_uuid: Uuid,
+    /// Virtual size: the LUN's byte range.
+    pub size: u64,
+    /// Byte ranges that are not layered (the label region): reads go to
+    /// the LUN file itself, writes through the volume are refused.
+    pub protected: Vec<Range<u64>>,
+    pub options: VolumeOptions,
+}
+
+impl VolumeConfig {
+    /// The configuration for an open LUN: its whole byte range, with the
+    /// label region protected.
+    pub fn for_lun(lun: &crate::Lun, options: VolumeOptions) -> VolumeConfig {
+        let l = lun.label().label_region();
+        VolumeConfig {
+            lun_path: lun.path().to_path_buf(),
+            file: lun.file().clone(),
+            lun_uuid: lun.uuid(),
+            size: lun.label().lun_size,
+            protected: std::iter::once(l.offset..l.end()).collect(),
+            options,
+        }
+    }
+}
+
+/// `POOL/NAME.lun` → `POOL/NAME.layers`.
+pub fn layers_dir(lun_path: &Path) -> PathBuf {
+    match lun_path.extension() {
+        Some(e) if e == "lun" => lun_path.with_extension("layers"),
+        _ => {
+            let mut s = lun_path.as_os_str().to_os_string();
+            s.push(".layers");
+            PathBuf::from(s)
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub description: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The nearest older snapshot on this snapshot's branch.
+    pub parent: Option<String>,
+    pub layer: Uuid,
+    /// Whether the live volume descends directly from this snapshot.
+    pub current: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LayerUsage {
+    pub layer: Uuid,
+    pub path: PathBuf,
+    pub snapshot: Option<String>,
+    /// The live, writable layer.
+    pub live: bool,
+    /// Part of the live chain.
+    pub in_chain: bool,
+    /// Belongs to another volume (this one is a clone of it).
+    pub external: bool,
+    /// Clusters the layer holds × cluster size (the whole size for a base).
+    pub allocated_bytes: u64,
+    /// Bytes its file occupies on disk.
+    pub disk_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    Data,
+    Zero,
+}
+
+/// One changed extent of a [`Volume::diff`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Change {
+    pub offset: u64,
+    pub length: u64,
+    pub kind: ChangeKind,
+}
+
+// ----- the packed index entry ------------------------------------------
+// bits 0-1 kind, 2-47 physical cluster, 48-63 layer slot; 0 = no layer
+// above the root holds the cluster.
+
+fn pack(slot: u16, v: u64) -> u64 {
+    debug_assert!(v < 1 << 48);
+    ((slot as u64) << 48) | v
+}
+fn slot_of(e: u64) -> u16 {
+    (e >> 48) as u16
+}
+fn val_of(e: u64) -> u64 {
+    e & ((1 << 48) - 1)
+}
+
+struct Node {
+    layer: Arc<Layer>,
+    parent: Option<u16>,
+    /// Stored in this volume's layers directory (or its own base).
+    own: bool,
+}
+
+struct State {
+    /// No layers directory yet: the LUN file is the only, writable layer.
+    plain: bool,
+    manifest: Manifest,
+    generation: u64,
+    nodes: Vec<Option<Node>>,
+    by_id: HashMap<Uuid, u16>,
+    top: u16,
+    /// Top first, root last.
+    chain: Vec<u16>,
+    /// The live chain's merged map: which layer holds each cluster.
+    index: RwLock<Table>,
+}
+
+impl State {
+    fn node(&self, s: u16) -> &Node {
+        self.nodes[s as usize].as_ref().expect("live slot")
+    }
+    fn layer(&self, s: u16) -> &Layer {
+        &self.node(s).layer
+    }
+    fn delta(&self, s: u16) -> &Delta {
+        self.layer(s).delta().expect("a delta layer")
+    }
+    fn add(&mut self, layer: Layer, parent: Option<u16>, own: bool) -> u16 {
+        let id = layer.id();
+        let node = Node {
+            layer: Arc::new(layer),
+            parent,
+            own,
+        };
+        let slot = match self.nodes.iter().position(Option::is_none) {
+            Some(i) => {
+                self.nodes[i] = Some(node);
+                i
+            }
+            None => {
+                self.nodes.push(Some(node));
+                self.nodes.len() - 1
+            }
+        } as u16;
+        self.by_id.insert(id, slot);
+        slot
+    }
+    fn remove(&mut self, s: u16) -> Option<Node> {
+        let n = self.nodes[s as usize].take()?;
+        self.by_id.remove(&n.layer.id());
+        Some(n)
+    }
+    fn chain_of(&self, s: u16) -> Vec<u16> {
+        let mut v = vec![s];
+        while let Some(p) = self.node(*v.last().expect("non-empty")).parent {
+            v.push(p);
+        }
+        v
+    }
+    fn root_raw(&self, chain: &[u16]) -> Option<&Raw> {
+        match &*self.node(*chain.last()?).layer {
+            Layer::Raw(r) => Some(r),
+            Layer::Delta(_) => None,
+        }
+    }
+    fn build_index(&self, chain: &[u16], clusters: u64) -> Table {
+        let mut t = Table::new(clusters);
+        for &s in chain.iter().rev() {
+            if let Some(d) = self.layer(s).delta() {
+                for (vc, v) in read(&d.map).iter() {
+                    t.set(vc, pack(s, v));
+                }
+            }
+        }
+        t
+    }
+    /// Walk `chain` for the first layer holding `vc` (for views other than
+    /// the live one: O(depth)).
+    fn walk(&self, chain: &[u16], vc: u64) -> u64 {
+        for &s in chain {
+            if let Some(d) = self.layer(s).delta() {
+                let v = d.get(vc);
+                if v != 0 {
+                    return pack(s, v);
+                }
+            }
+        }
+        0
+    }
+    fn names(&self) -> HashMap<Uuid, &str> {
+        self.manifest
+            .snapshots
+            .iter()
+            .map(|s| (s.layer, s.name.as_str()))
+            .collect()
+    }
+}
+
+/// What a cluster resolves to, for comparisons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Res {
+    Zero,
+    Raw(u16),
+    Data(u16, u64),
+}
+
+pub struct Volume {
+    lun_path: PathBuf,
+    dir: PathBuf,
+    home: Arc<File>,
+    lun: Uuid,
+    geo: Geometry,
+    protected: Vec<Range<u64>>,
+    state: RwLock<State>,
+    shards: Box<[RwLock<()>]>,
+    maint: Mutex<()>,
+    warnings: Mutex<Vec<String>>,
+    crashed: AtomicBool,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume")
+            .field("lun_path", &self.lun_path)
+            .field("lun", &self.lun)
+            .field("size", &self.geo.size)
+            .finish()
+    }
+}
+
+fn now() -> u64 {
+    crate::lun::now()
+}
+
+fn abs(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn validate_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > NAME_MAX || name.chars().any(char::is_control) {
+        return Err(Error::Invalid(format!(
+            "snapshot name {name:?} must be 1 to {NAME_MAX} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+impl Volume {
+    // ----- opening ---------------------------------------------------------
+
+    /// Open the volume of a LUN: load the manifest and every layer of the
+    /// chain, replaying journals. Without a layers directory this is a plain
+    /// volume whose only layer is the LUN file.
+    pub fn open(cfg: VolumeConfig) -> Result<Volume> {
+        let dir = layers_dir(&cfg.lun_path);
+        let loaded = if dir.is_dir() {
+            manifest::load(&dir)?
+        } else {
+            None
+        };
+        let cs = loaded
+            .as_ref()
+            .map_or(cfg.options.cluster_size, |l| l.manifest.cluster_size) as u64;
+        if !valid_cluster_size(cs) {
+            return Err(Error::Invalid(format!(
+                "cluster size {cs} is not a power of two in 4096..=2097152"
+            )));
+        }
+        let geo = Geometry::new(cs, cfg.size).ok_or_else(|| {
+            Error::Invalid(format!(
+                "volume size {} too large for cluster size {cs}",
+                cfg.size
+            ))
+        })?;
+        if cfg.size == 0 {
+            return Err(Error::Invalid("volume size 0".into()));
+        }
+        if let Some(r) = cfg
+            .protected
+            .iter()
+            .find(|r| r.start >= r.end || r.end > cfg.size)
+        {
+            return Err(Error::Invalid(format!(
+                "protected range {r:?} is empty or beyond the size {}",
+                cfg.size
+            )));
+        }
+        let mut warnings = Vec::new();
+        let home = Layer::Raw(Raw {
+            id: cfg.lun_uuid,
+            path: cfg.lun_path.clone(),
+            file: cfg.file.clone(),
+        });
+        let mut st = State {
+            plain: true,
+            manifest: Manifest {
+                lun: cfg.lun_uuid,
+                size: cfg.size,
+                cluster_size: cs as u32,
+                lun_path: abs(&cfg.lun_path),
+                layers: vec![],
+                top: Uuid::nil(),
+                snapshots: vec![],
+                dependents: vec![],
+                flatten: None,
+            },
+            generation: 0,
+            nodes: vec![],
+            by_id: HashMap::new(),
+            top: 0,
+            chain: vec![],
+            index: RwLock::new(Table::new(0)),
+        };
+        st.add(home, None, true);
+        if let Some(l) = loaded {
+            let m = &l.manifest;
+            if m.lun != cfg.lun_uuid || m.size != cfg.size {
+                return Err(corrupt(
+                    &dir,
+                    format!(
+                        "manifest is for LUN {} of {} bytes, not LUN {} of {} bytes",
+                        m.lun, m.size, cfg.lun_uuid, cfg.size
+                    ),
+                ));
+            }
+            for rec in &m.layers {
+                let (d, w) = Delta::open(&dir, rec.id, cfg.lun_uuid, geo, true)?;
+                warnings.extend(w);
+                st.add(Layer::Delta(Box::new(d)), None, true);
+            }
+            for rec in &m.layers {
+                let parent = match &rec.parent {
+                    Parent::Base => Some(0),
+                    Parent::None => None,
+                    Parent::Layer { id } => Some(st.by_id[id]),
+                    Parent::External { dir: xdir, id } => {
+                        Some(resolve_external(&mut st, xdir, *id, geo, &mut warnings, 0)?)
+                    }
+                };
+                let s = st.by_id[&rec.id];
+                st.nodes[s as usize].as_mut().expect("just added").parent = parent;
+            }
+            st.top = st.by_id[&m.top];
+            st.plain = false;
+            st.generation = l.generation;
+            st.manifest = l.manifest.clone();
+            if !l.warnings.is_empty() {
+                warnings.extend(l.warnings.iter().map(|w| format!("{}: {w}", dir.display())));
+                manifest::store(&dir, &st.manifest, st.generation)?;
+            }
+        }
+        if dir.is_dir() {
+            remove_orphans(&dir, &st.manifest, &mut warnings)?;
+        }
+        st.chain = st.chain_of(st.top);
+        *st.index.get_mut().unwrap_or_else(|e| e.into_inner()) =
+            st.build_index(&st.chain, geo.clusters);
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(Volume {
+            lun_path: cfg.lun_path,
+            dir,
+            home: cfg.file,
+            lun: cfg.lun_uuid,
+            geo,
+            protected: cfg.protected,
+            state: RwLock::new(st),
+            shards: (0..SHARDS).map(|_| RwLock::new(())).collect(),
+            maint: Mutex::new(()),
+            warnings: Mutex::new(warnings),
+            crashed: AtomicBool::new(false),
+        })
+    }
+
+    /// Flush and close.
+    pub fn close(self) -> Result<()> {
+        self.flush()
+    }
+
+    /// Drop without flushing, as a crash would (tests only).
+    #[doc(hidden)]
+    pub fn crash(self) {
+        self.crashed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn size(&self) -> u64 {
+        self.geo.size
+    }
+    pub fn cluster_size(&self) -> u64 {
+        self.geo.cluster_size
+    }
+    pub fn lun_path(&self) -> &Path {
+        &self.lun_path
+    }
+    pub fn layers_dir(&self) -> &Path {
+        &self.dir
+    }
+    /// Problems found at open that did not stop it (a damaged header or
+    /// manifest slot that the other slot covered).
+    pub fn warnings(&self) -> Vec<String> {
+        lock(&self.warnings).clone()
+    }
+    /// Layers in the live chain, top first.
+    pub fn chain(&self) -> Vec<Uuid> {
+        let st = read(&self.state);
+        st.chain.iter().map(|&s| st.layer(s).id()).collect()
+    }
+    /// Which layer holds the cluster at `offset`, by one index lookup
+    /// (never a chain walk), and whether it holds data (`false`: zeros).
+    pub fn locate(&self, offset: u64) -> Option<(Uuid, bool)> {
+        let st = read(&self.state);
+        let vc = offset / self.geo.cluster_size;
+        if vc >= self.geo.clusters {
+            return None;
+        }
+        let e = read(&st.index).get(vc);
+        if e == 0 {
+            return st.root_raw(&st.chain).map(|r| (r.id, true));
+        }
+        Some((
+            st.layer(slot_of(e)).id(),
+            journal::kind(val_of(e)) == KIND_DATA,
+        ))
+    }
+    /// Entries and level-2 pages of the live index.
+    pub fn index_stats(&self) -> (usize, usize) {
+        let st = read(&self.state);
+        let t = read(&st.index);
+        (t.count(), t.pages())
+    }
+
+    // ----- helpers ----------------------------------------------------------
+
+    fn check(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.geo.size => Ok(()),
+            _ => Err(Error::OutOfBounds {
+                offset,
+                len,
+                size: self.geo.size,
+            }),
+        }
+    }
+
+    fn check_writable(&self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len)?;
+        if let Some(r) = self
+            .protected
+            .iter()
+            .find(|r| len > 0 && offset < r.end && r.start < offset + len)
+        {
+            return Err(Error::Protected {
+                offset,
+                len,
+                start: r.start,
+                end: r.end,
+            });
+        }
+        Ok(())
+    }
+
+    fn cluster_len(&self, vc: u64) -> usize {
+        let cs = self.geo.cluster_size;
+        (self.geo.size - vc * cs).min(cs) as usize
+    }
+
+    /// Split `[offset, offset+len)` into `(start, end, protected)` runs.
+    fn segments(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+        let end = offset + len;
+        let mut cuts: Vec<(u64, u64)> = self
+            .protected
+            .iter()
+            .filter(|r| r.start < end && offset < r.end)
+            .map(|r| (r.start.max(offset), r.end.min(end)))
+            .collect();
+        cuts.sort_unstable();
+        let mut out = Vec::new();
+        let mut at = offset;
+        for (s, e) in cuts {
+            if s > at {
+                out.push((at, s, false));
+            }
+            out.push((s.max(at), e, true));
+            at = at.max(e);
+        }
+        if at < end {
+            out.push((at, end, false));
+        }
+        out
+    }
+
+    /// `(cluster, offset in cluster, start, end)` pieces of `[start, end)`.
+    fn pieces(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64, u64, u64)> {
+        let cs = self.geo.cluster_size;
+        let mut at = start;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let vc = at / cs;
+            let e = ((vc + 1) * cs).min(end);
+            let p = (vc, at - vc * cs, at, e);
+            at = e;
+            Some(p)
+        })
+    }
+
+    fn shard(&self, vc: u64) -> &RwLock<()> {
+        &self.shards[(vc % SHARDS as u64) as usize]
+    }
+
+    /// Read what entry `e` (from the index or a walk) says cluster `vc`
+    /// holds, from `in_off`, with `root` the chain's raw base if any.
+    fn read_entry(
+        &self,
+        st: &State,
+        root: Option<&Raw>,
+        e: u64,
+        vc: u64,
+        in_off: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        if e == 0 {
+            match root {
+                Some(r) => r
+                    .file
+                    .read_exact_at(buf, vc * self.geo.cluster_size + in_off)
+                    .ctx(&r.path, "read base"),
+                None => {
+                    buf.fill(0);
+                    Ok(())
+                }
+            }
+        } else {
+            let v = val_of(e);
+            match journal::kind(v) {
+                KIND_DATA => st
+                    .delta(slot_of(e))
+                    .read_data(journal::phys(v), in_off, buf),
+                _ => {
+                    buf.fill(0);
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    fn resolve(&self, st: &State, chain: &[u16], vc: u64) -> Res {
+        let e = st.walk(chain, vc);
+        if e == 0 {
+            return match st.root_raw(chain) {
+                Some(_) => Res::Raw(*chain.last().expect("non-empty")),
+                None => Res::Zero,
+            };
+        }
+        match journal::kind(val_of(e)) {
+            KIND_DATA => Res::Data(slot_of(e), val_of(e)),
+            _ => Res::Zero,
+        }
+    }
+
+    // ----- data path --------------------------------------------------------
+
+    /// Read `buf.len()` bytes at `offset` of the live volume.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        let st = read(&self.state);
+        let chain = st.chain.clone();
+        self.read_view(&st, &chain, true, offset, buf)
+    }
+
+    /// Read from snapshot `name` (a frozen view; O(depth) per cluster).
+    pub fn read_snapshot(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        let st = read(&self.state);
+        let rec = self.snap(&st, name)?;
+        let chain = st.chain_of(st.by_id[&rec.layer]);
+        self.read_view(&st, &chain, false, offset, buf)
+    }
+
+    fn read_view(
+        &self,
+        st: &State,
+        chain: &[u16],
+        live: bool,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        if st.plain {
+            return self
+                .home
+                .read_exact_at(buf, offset)
+                .ctx(&self.lun_path, "read");
+        }
+        let root = st.root_raw(chain);
+        for (s, e, protected) in self.segments(offset, buf.len() as u64) {
+            let b = &mut buf[(s - offset) as usize..(e - offset) as usize];
+            if protected {
+                self.home
+                    .read_exact_at(b, s)
+                    .ctx(&self.lun_path, "read label region")?;
+                continue;
+            }
+            for (vc, in_off, ps, pe) in self.pieces(s, e) {
+                let pb = &mut b[(ps - s) as usize..(pe - s) as usize];
+                let _g = read(self.shard(vc));
+                let ent = if live {
+                    read(&st.index).get(vc)
+                } else {
+                    st.walk(chain, vc)
+                };
+                self.read_entry(st, root, ent, vc, in_off, pb)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write `data` at `offset`. Durable after the next [`Volume::flush`].
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_writable(offset, data.len() as u64)?;
+        let st = read(&self.state);
+        if st.plain {
+            return self
+                .home
+                .write_all_at(data, offset)
+                .ctx(&self.lun_path, "write");
+        }
+        for (vc, in_off, ps, pe) in self.pieces(offset, offset + data.len() as u64) {
+            let d = &data[(ps - offset) as usize..(pe - offset) as usize];
+            self.write_piece(&st, vc, in_off, d)?;
+        }
+        self.maybe_commit(&st)
+    }
+
+    fn maybe_commit(&self, st: &State) -> Result<()> {
+        let top = st.delta(st.top);
+        if top.pending_len() > PENDING_LIMIT {
+            top.commit()?;
+        }
+        Ok(())
+    }
+
+    fn write_piece(&self, st: &State, vc: u64, in_off: u64, data: &[u8]) -> Result<()> {
+        let top = st.delta(st.top);
+        let _g = write(self.shard(vc));
+        let e = read(&st.index).get(vc);
+        if e != 0 && slot_of(e) == st.top && journal::kind(val_of(e)) == KIND_DATA {
+            return top.write_data(journal::phys(val_of(e)), in_off, data);
+        }
+        let clen = self.cluster_len(vc);
+        let p = top.alloc();
+        let r = if in_off == 0 && data.len() == clen {
+            top.write_data(p, 0, data)
+        } else {
+            let mut buf = vec![0u8; clen];
+            self.read_entry(st, st.root_raw(&st.chain), e, vc, 0, &mut buf)
+                .and_then(|()| {
+                    buf[in_off as usize..in_off as usize + data.len()].copy_from_slice(data);
+                    top.write_data(p, 0, &buf)
+                })
+        };
+        if let Err(err) = r {
+            top.unalloc(p);
+            return Err(err);
+        }
+        top.set_entry(vc, journal::data(p));
+        write(&st.index).set(vc, pack(st.top, journal::data(p)));
+        Ok(())
+    }
+
+    /// Make a whole cluster read as zeros in the top layer.
+    fn zero_cluster(&self, st: &State, vc: u64) {
+        let _g = write(self.shard(vc));
+        let mut idx = write(&st.index);
+        let e = idx.get(vc);
+        let reads_zero = if e == 0 {
+            st.root_raw(&st.chain).is_none()
+        } else {
+            journal::kind(val_of(e)) == KIND_ZERO
+        };
+        if reads_zero {
+            return;
+        }
+        st.delta(st.top).set_entry(vc, journal::ZERO);
+        idx.set(vc, pack(st.top, journal::ZERO));
+    }
+
+    /// Make `[offset, offset+len)` read as zeros. With `may_trim`, whole
+    /// clusters are deallocated (a zero entry that shadows older layers);
+    /// partial clusters, and everything without `may_trim`, are written.
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<()> {
+        self.check_writable(offset, len)?;
+        let st = read(&self.state);
+        if st.plain {
+            if may_trim {
+                return crate::fileops::zero_range(&self.home, offset, len)
+                    .ctx(&self.lun_path, "punch");
+            }
+            let zeros = vec![0u8; (1 << 20).min(len as usize)];
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(zeros.len() as u64) as usize;
+                self.home
+                    .write_all_at(&zeros[..n], at)
+                    .ctx(&self.lun_path, "write zeros")?;
+                at += n as u64;
+            }
+            return Ok(());
+        }
+        let zeros = vec![0u8; self.geo.cluster_size as usize];
+        for (vc, in_off, ps, pe) in self.pieces(offset, offset + len) {
+            let n = (pe - ps) as usize;
+            if may_trim && in_off == 0 && n == self.cluster_len(vc) {
+                self.zero_cluster(&st, vc);
+            } else {
+                self.write_piece(&st, vc, in_off, &zeros[..n])?;
+            }
+        }
+        self.maybe_commit(&st)
+    }
+
+    /// Deallocate `[offset, offset+len)`; it reads back as zeros.
+    pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len, true)
+    }
+
+    /// After this returns, every write acknowledged before it survives a crash.
+    pub fn flush(&self) -> Result<()> {
+        let st = read(&self.state);
+        self.flush_locked(&st)
+    }
+
+    fn flush_locked(&self, st: &State) -> Result<()> {
+        if st.plain {
+            self.home.sync_data().ctx(&self.lun_path, "fdatasync")
+        } else {
+            st.delta(st.top).commit()
+        }
+    }
+
+    /// Data and hole extents of the live view covering `[offset, offset+len)`
+    /// (for NBD `base:allocation`). A hole always reads as zeros; zeros may
+    /// also be reported as data.
+    pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check(offset, len)?;
+        let st = read(&self.state);
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        let mut push = |s: u64, e: u64, data: bool| {
+            if s >= e {
+                return;
+            }
+            if let Some(last) = runs.last_mut() {
+                if last.1 == s && last.2 == data {
+                    last.1 = e;
+                    return;
+                }
+            }
+            runs.push((s, e, data));
+        };
+        let raw_extents =
+            |file: &File, path: &Path, s: u64, e: u64| -> Result<Vec<(u64, u64, bool)>> {
+                let mut out = Vec::new();
+                let mut at = s;
+                for (o, l) in crate::fileops::data_extents(file, s, e).ctx(path, "SEEK_DATA")? {
+                    out.push((at, o, false));
+                    out.push((o, o + l, true));
+                    at = o + l;
+                }
+                out.push((at, e, false));
+                Ok(out)
+            };
+        if st.plain {
+            for (s, e, d) in raw_extents(&self.home, &self.lun_path, offset, offset + len)? {
+                push(s, e, d);
+            }
+        } else {
+            let root = st.root_raw(&st.chain);
+            let idx = read(&st.index);
+            for (s, e, protected) in self.segments(offset, len) {
+                if protected {
+                    push(s, e, true);
+                    continue;
+                }
+                let mut raw_run: Option<(u64, u64)> = None;
+                for (vc, _, ps, pe) in self.pieces(s, e) {
+                    let ent = idx.get(vc);
+                    if ent == 0 && root.is_some() {
+                        raw_run = match raw_run {
+                            Some((a, _)) => Some((a, pe)),
+                            None => Some((ps, pe)),
+                        };
+                        continue;
+                    }
+                    if let (Some((a, b)), Some(r)) = (raw_run.take(), root) {
+                        for (x, y, d) in raw_extents(&r.file, &r.path, a, b)? {
+                            push(x, y, d);
+                        }
+                    }
+                    let data = ent != 0 && journal::kind(val_of(ent)) == KIND_DATA;
+                    push(ps, pe, data);
+                }
+                if let (Some((a, b)), Some(r)) = (raw_run.take(), root) {
+                    for (x, y, d) in raw_extents(&r.file, &r.path, a, b)? {
+                        push(x, y, d);
+                    }
+                }
+            }
+        }
+        Ok(runs
+            .into_iter()
+            .map(|(s, e, data)| Extent {
+                offset: s,
+                length: e - s,
+                data,
+            })
+            .collect())
+    }
+
+    // ----- tree operations --------------------------------------------------
+
+    fn snap<'a>(&self, st: &'a State, name: &str) -> Result<&'a SnapRec> {
+        if st.plain {
+            return Err(Error::NoSnapshot(name.into()));
+        }
+        st.manifest
+            .snapshot(name)
+            .ok_or_else(|| Error::NoSnapshot(name.into()))
+    }
+
+    fn parent_ref(&self, id: Uuid) -> Parent {
+        if id == self.lun {
+            Parent::Base
+        } else {
+            Parent::Layer { id }
+        }
+    }
+
+    fn commit(&self, st: &mut State, m: Manifest) -> Result<()> {
+        manifest::store(&self.dir, &m, st.generation + 1)?;
+        st.manifest = m;
+        st.generation += 1;
+        Ok(())
+    }
+
+    fn new_delta(&self, id: Uuid, parent: Uuid, created: u64) -> Result<Delta> {
+        let d = Delta::create(&self.dir, id, parent, self.lun, self.geo, created)?;
+        manifest::sync_dir(&self.dir)?;
+        Ok(d)
+    }
+
+    /// Freeze the live layer as snapshot `name` and continue in a new empty
+    /// delta. O(1): one flush, one empty file, one manifest commit.
+    pub fn snapshot(&self, name: &str, description: &str) -> Result<SnapshotInfo> {
+        validate_name(name)?;
+        if description.len() > DESCRIPTION_MAX {
+            return Err(Error::Invalid(format!(
+                "description of {} bytes exceeds {DESCRIPTION_MAX}",
+                description.len()
+            )));
+        }
+        let _m = lock(&self.maint);
+        self.flush()?;
+        let mut st = write(&self.state);
+        if !st.plain && st.manifest.snapshot(name).is_some() {
+            return Err(Error::SnapshotExists(name.into()));
+        }
+        self.flush_locked(&st)?;
+        if st.plain {
+            std::fs::create_dir_all(&self.dir).ctx(&self.dir, "create layers directory")?;
+            if let Some(p) = self.dir.parent() {
+                manifest::sync_dir(if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                })?;
+            }
+        }
+        let created = now();
+        let old_top = st.top;
+        let old_id = st.layer(old_top).id();
+        let id = Uuid::new_v4();
+        let d = self.new_delta(id, old_id, created)?;
+        let mut m = st.manifest.clone();
+        m.layers.push(LayerRec {
+            id,
+            parent: self.parent_ref(old_id),
+            created,
+        });
+        m.top = id;
+        m.snapshots.push(SnapRec {
+            name: name.into(),
+            layer: old_id,
+            created,
+            description: description.into(),
+        });
+        m.flatten = None;
+        if let Err(e) = self.commit(&mut st, m) {
+            let _ = std::fs::remove_file(&d.path);
+            return Err(e);
+        }
+        st.plain = false;
+        let slot = st.add(Layer::Delta(Box::new(d)), Some(old_top), true);
+        st.top = slot;
+        st.chain.insert(0, slot);
+        if let Some(old) = st.layer(old_top).delta() {
+            if let Err(e) = old.set_frozen(name, description) {
+                tracing::warn!(
+                    "snapshot {name}: frozen flag not recorded in the layer header: {e}"
+                );
+            }
+        }
+        Ok(self.info(&st, name).expect("just made"))
+    }
+
+    /// Snapshots with their parent links (a tree), oldest first.
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        let st = read(&self.state);
+        if st.plain {
+            return vec![];
+        }
+        st.manifest
+            .snapshots
+            .iter()
+            .filter_map(|s| self.info(&st, &s.name))
+            .collect()
+    }
+
+    fn info(&self, st: &State, name: &str) -> Option<SnapshotInfo> {
+        let names = st.names();
+        let named_above = |slot: u16| -> Option<String> {
+            let mut at = st.node(slot).parent;
+            while let Some(s) = at {
+                if let Some(n) = names.get(&st.layer(s).id()) {
+                    return Some(n.to_string());
+                }
+                at = st.node(s).parent;
+            }
+            None
+        };
+        let rec = st.manifest.snapshot(name)?;
+        let slot = *st.by_id.get(&rec.layer)?;
+        Some(SnapshotInfo {
+            name: rec.name.clone(),
+            description: rec.description.clone(),
+            created: rec.created,
+            parent: named_above(slot),
+            layer: rec.layer,
+            current: named_above(st.top).as_deref() == Some(name),
+        })
+    }
+
+    /// Discard the live layer and continue from snapshot `name` in a new
+    /// empty delta. O(1) in the volume size: no data is read or copied (the
+    /// index is rebuilt in memory from the target chain's maps).
+    pub fn revert(&self, name: &str) -> Result<()> {
+        let _m = lock(&self.maint);
+        let mut st = write(&self.state);
+        let target_id = self.snap(&st, name)?.layer;
+        let target = st.by_id[&target_id];
+        let created = now();
+        let id = Uuid::new_v4();
+        let d = self.new_delta(id, target_id, created)?;
+        let old_top = st.top;
+        let old_id = st.layer(old_top).id();
+        let mut m = st.manifest.clone();
+        m.layers.retain(|l| l.id != old_id);
+        m.layers.push(LayerRec {
+            id,
+            parent: self.parent_ref(target_id),
+            created,
+        });
+        m.top = id;
+        if m.flatten.as_ref().is_some_and(|f| f.layer == old_id) {
+            m.flatten = None;
+        }
+        if let Err(e) = self.commit(&mut st, m) {
+            let _ = std::fs::remove_file(&d.path);
+            return Err(e);
+        }
+        let slot = st.add(Layer::Delta(Box::new(d)), Some(target), true);
+        if let Some(old) = st.remove(old_top) {
+            let _ = std::fs::remove_file(old.layer.path());
+        }
+        st.top = slot;
+        st.chain = st.chain_of(slot);
+        let idx = st.build_index(&st.chain, self.geo.clusters);
+        *st.index.get_mut().unwrap_or_else(|e| e.into_inner()) = idx;
+        self.gc(&mut st, false)
+    }
+
+    /// Remove snapshot `name`. Its layer is kept while other snapshots,
+    /// branches or clones need it; an unnamed layer with no children is
+    /// removed, and one with a single child is merged into that child
+    /// (clusters the child lacks are copied up), so no view loses a byte.
+    pub fn delete_snapshot(&self, name: &str) -> Result<()> {
+        let _m = lock(&self.maint);
+        let mut st = write(&self.state);
+        self.snap(&st, name)?;
+        let mut m = st.manifest.clone();
+        m.snapshots.retain(|s| s.name != name);
+        self.commit(&mut st, m)?;
+        self.gc(&mut st, true)
+    }
+
+    /// Remove unnamed, unpinned layers that nothing needs; with `merge`,
+    /// fold single-child ones into their child.
+    fn gc(&self, st: &mut State, merge: bool) -> Result<()> {
+        let me = abs(&self.dir);
+        loop {
+            let m = &st.manifest;
+            let live: Vec<Dependent> = m
+                .dependents
+                .iter()
+                .filter(|d| dependent_alive(&me, d))
+                .cloned()
+                .collect();
+            let mut pinned = HashSet::new();
+            for d in &live {
+                let mut at = Some(d.layer);
+                while let Some(id) = at {
+                    pinned.insert(id);
+                    at = match m.layer(id).map(|l| &l.parent) {
+                        Some(Parent::Layer { id }) => Some(*id),
+                        _ => None,
+                    };
+                }
+            }
+            let named: HashSet<Uuid> = m.snapshots.iter().map(|s| s.layer).collect();
+            let mut action = None;
+            for l in &m.layers {
+                if l.id == m.top || named.contains(&l.id) || pinned.contains(&l.id) {
+                    continue;
+                }
+                let children: Vec<Uuid> = m
+                    .layers
+                    .iter()
+                    .filter(|c| c.parent == Parent::Layer { id: l.id })
+                    .map(|c| c.id)
+                    .collect();
+                match children.len() {
+                    0 => {
+                        action = Some((l.id, None));
+                        break;
+                    }
+                    1 if merge => {
+                        action = Some((l.id, Some(children[0])));
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            match action {
+                None => {
+                    if live.len() != m.dependents.len() {
+                        let mut m = m.clone();
+                        m.dependents = live;
+                        self.commit(st, m)?;
+                    }
+                    return Ok(());
+                }
+                Some((x, None)) => {
+                    let mut m = st.manifest.clone();
+                    m.layers.retain(|l| l.id != x);
+                    self.commit(st, m)?;
+                    if let Some(n) = st.remove(st.by_id[&x]) {
+                        let _ = std::fs::remove_file(n.layer.path());
+                    }
+                }
+                Some((x, Some(c))) => self.merge_into(st, x, c)?,
+            }
+        }
+    }
+
+    /// Copy the clusters of `x` that its only child `c` lacks into `c`,
+    /// commit `c`, then re-parent `c` and drop `x`. Runs under the exclusive
+    /// chain lock: O(clusters held by `x`).
+    fn merge_into(&self, st: &mut State, x: Uuid, c: Uuid) -> Result<()> {
+        let (xs, cs) = (st.by_id[&x], st.by_id[&c]);
+        let in_chain = st.chain.contains(&cs);
+        {
+            let (xd, cd) = (st.delta(xs), st.delta(cs));
+            let entries: Vec<(u64, u64)> = read(&xd.map).iter().collect();
+            let mut buf = vec![0u8; self.geo.cluster_size as usize];
+            let mut idx = write(&st.index);
+            for (vc, v) in entries {
+                if cd.get(vc) != 0 {
+                    continue;
+                }
+                let new = if journal::kind(v) == KIND_DATA {
+                    let n = self.cluster_len(vc);
+                    xd.read_data(journal::phys(v), 0, &mut buf[..n])?;
+                    let p = cd.alloc();
+                    if let Err(e) = cd.write_data(p, 0, &buf[..n]) {
+                        cd.unalloc(p);
+                        return Err(e);
+                    }
+                    journal::data(p)
+                } else {
+                    journal::ZERO
+                };
+                cd.set_entry(vc, new);
+                if in_chain {
+                    let e = idx.get(vc);
+                    if e != 0 && slot_of(e) == xs {
+                        idx.set(vc, pack(cs, new));
+                    }
+                }
+            }
+            drop(idx);
+            cd.commit()?;
+        }
+        let mut m = st.manifest.clone();
+        let xparent = m.layer(x).expect("listed").parent.clone();
+        m.layers.retain(|l| l.id != x);
+        for l in &mut m.layers {
+            if l.id == c {
+                l.parent = xparent.clone();
+            }
+        }
+        self.commit(st, m)?;
+        let xp = st.node(xs).parent;
+        st.nodes[cs as usize].as_mut().expect("live").parent = xp;
+        if let Some(n) = st.remove(xs) {
+            let _ = std::fs::remove_file(n.layer.path());
+        }
+        st.chain = st.chain_of(st.top);
+        Ok(())
+    }
+
+    /// Make a new volume from snapshot `name`: `target` is a LUN file the
+    /// caller has created (same size; its own UUID and identity); its chain
+    /// becomes one empty delta in the target's layers directory whose
+    /// parent is the snapshot's layer here. O(1). Our manifest records the
+    /// clone as a dependent so the layers it needs are never merged away.
+    pub fn clone_to(&self, name: &str, target: VolumeConfig) -> Result<Volume> {
+        let _m = lock(&self.maint);
+        let mut st = write(&self.state);
+        let layer = self.snap(&st, name)?.layer;
+        if target.size != self.geo.size {
+            return Err(Error::Invalid(format!(
+                "clone target {} is {} bytes; the volume is {}",
+                target.lun_path.display(),
+                target.size,
+                self.geo.size
+            )));
+        }
+        let tdir = layers_dir(&target.lun_path);
+        if manifest::slot_path(&tdir, 0).exists() || manifest::slot_path(&tdir, 1).exists() {
+            return Err(Error::Invalid(format!(
+                "clone target {} already has layers",
+                tdir.display()
+            )));
+        }
+        std::fs::create_dir_all(&tdir).ctx(&tdir, "create layers directory")?;
+        if let Some(p) = tdir.parent() {
+            manifest::sync_dir(if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            })?;
+        }
+        let tdir_abs = abs(&tdir);
+        let mut m = st.manifest.clone();
+        m.dependents.push(Dependent {
+            dir: tdir_abs.clone(),
+            lun: target.lun_uuid,
+            layer,
+        });
+        self.commit(&mut st, m)?;
+        let created = now();
+        let id = Uuid::new_v4();
+        let geo = self.geo;
+        Delta::create(&tdir, id, layer, target.lun_uuid, geo, created)?;
+        manifest::sync_dir(&tdir)?;
+        let tm = Manifest {
+            lun: target.lun_uuid,
+            size: geo.size,
+            cluster_size: geo.cluster_size as u32,
+            lun_path: abs(&target.lun_path),
+            layers: vec![LayerRec {
+                id,
+                parent: Parent::External {
+                    dir: abs(&self.dir),
+                    id: layer,
+                },
+                created,
+            }],
+            top: id,
+            snapshots: vec![],
+            dependents: vec![],
+            flatten: None,
+        };
+        manifest::store(&tdir, &tm, 1)?;
+        drop(st);
+        Volume::open(VolumeConfig {
+            options: VolumeOptions {
+                cluster_size: geo.cluster_size as u32,
+            },
+            ..target
+        })
+    }
+
+    /// Copy every cluster the live layer reads through its ancestors into
+    /// the live layer itself, then cut it loose (parent: none), so the
+    /// volume depends on no shared layer. Reads and writes continue
+    /// meanwhile; snapshot and revert wait. Progress is persisted in the
+    /// manifest, so after a crash a new call resumes where it stopped.
+    /// `progress(done, total)` counts clusters.
+    pub fn flatten(&self, mut progress: impl FnMut(u64, u64)) -> Result<()> {
+        let _m = lock(&self.maint);
+        let total = self.geo.clusters;
+        let (top_id, start) = {
+            let mut st = write(&self.state);
+            if st.plain || st.chain.len() == 1 {
+                progress(total, total);
+                return Ok(());
+            }
+            let top_id = st.layer(st.top).id();
+            let start = match &st.manifest.flatten {
+                Some(f) if f.layer == top_id => f.next,
+                _ => {
+                    let mut m = st.manifest.clone();
+                    m.flatten = Some(FlattenRec {
+                        layer: top_id,
+                        next: 0,
+                    });
+                    self.commit(&mut st, m)?;
+                    0
+                }
+            };
+            (top_id, start)
+        };
+        let persist_every = (total / 64).max(4096);
+        let mut last_persist = start;
+        let mut buf = vec![0u8; self.geo.cluster_size as usize];
+        let mut vc = start;
+        progress(vc, total);
+        while vc < total {
+            let end = (vc + 256).min(total);
+            {
+                let st = read(&self.state);
+                for c in vc..end {
+                    self.flatten_cluster(&st, c, &mut buf)?;
+                }
+            }
+            vc = end;
+            if vc - last_persist >= persist_every && vc < total {
+                let mut st = write(&self.state);
+                st.delta(st.top).commit()?;
+                let mut m = st.manifest.clone();
+                m.flatten = Some(FlattenRec {
+                    layer: top_id,
+                    next: vc,
+                });
+                self.commit(&mut st, m)?;
+                last_persist = vc;
+            }
+            progress(vc, total);
+        }
+        let mut st = write(&self.state);
+        st.delta(st.top).commit()?;
+        let mut m = st.manifest.clone();
+        for l in &mut m.layers {
+            if l.id == top_id {
+                l.parent = Parent::None;
+            }
+        }
+        m.flatten = None;
+        self.commit(&mut st, m)?;
+        let top = st.top;
+        st.nodes[top as usize].as_mut().expect("live").parent = None;
+        st.chain = vec![top];
+        let idx = st.build_index(&st.chain, self.geo.clusters);
+        *st.index.get_mut().unwrap_or_else(|e| e.into_inner()) = idx;
+        self.gc(&mut st, true)
+    }
+
+    fn flatten_cluster(&self, st: &State, vc: u64, buf: &mut [u8]) -> Result<()> {
+        let top = st.delta(st.top);
+        let _g = write(self.shard(vc));
+        if top.get(vc) != 0 {
+            return Ok(());
+        }
+        let e = read(&st.index).get(vc);
+        let n = self.cluster_len(vc);
+        let buf = &mut buf[..n];
+        if e == 0 {
+            let Some(root) = st.root_raw(&st.chain) else {
+                return Ok(());
+            };
+            root.file
+                .read_exact_at(buf, vc * self.geo.cluster_size)
+                .ctx(&root.path, "read base")?;
+            if buf.iter().all(|&b| b == 0) {
+                return Ok(());
+            }
+        } else if journal::kind(val_of(e)) == KIND_ZERO {
+            return Ok(());
+        } else {
+            st.delta(slot_of(e))
+                .read_data(journal::phys(val_of(e)), 0, buf)?;
+        }
+        let p = top.alloc();
+        if let Err(err) = top.write_data(p, 0, buf) {
+            top.unalloc(p);
+            return Err(err);
+        }
+        top.set_entry(vc, journal::data(p));
+        write(&st.index).set(vc, pack(st.top, journal::data(p)));
+        Ok(())
+    }
+
+    /// Extents that differ between snapshot `from` and snapshot `to` (the
+    /// live volume when `None`), with what `to` holds there. Conservative:
+    /// a reported extent may hold equal bytes (e.g. copied by a flatten).
+    pub fn diff(&self, from: &str, to: Option<&str>) -> Result<Vec<Change>> {
+        let st = read(&self.state);
+        let a = st.chain_of(st.by_id[&self.snap(&st, from)?.layer]);
+        let b = match to {
+            Some(n) => st.chain_of(st.by_id[&self.snap(&st, n)?.layer]),
+            None => st.chain.clone(),
+        };
+        let sa: HashSet<u16> = a.iter().copied().collect();
+        let sb: HashSet<u16> = b.iter().copied().collect();
+        let sym: Vec<u16> = sa.symmetric_difference(&sb).copied().collect();
+        let everything = sym.iter().any(|&s| st.layer(s).delta().is_none());
+        let clusters: Box<dyn Iterator<Item = u64>> = if everything {
+            Box::new(0..self.geo.clusters)
+        } else {
+            let mut set = BTreeSet::new();
+            for &s in &sym {
+                set.extend(read(&st.delta(s).map).iter().map(|(vc, _)| vc));
+            }
+            Box::new(set.into_iter())
+        };
+        let cs = self.geo.cluster_size;
+        let mut out: Vec<Change> = Vec::new();
+        for vc in clusters {
+            let start = vc * cs;
+            let end = start + self.cluster_len(vc) as u64;
+            if self
+                .protected
+                .iter()
+                .any(|r| r.start <= start && end <= r.end)
+            {
+                continue;
+            }
+            let (ra, rb) = (self.resolve(&st, &a, vc), self.resolve(&st, &b, vc));
+            if ra == rb {
+                continue;
+            }
+            let kind = if rb == Res::Zero {
+                ChangeKind::Zero
+            } else {
+                ChangeKind::Data
+            };
+            match out.last_mut() {
+                Some(l) if l.offset + l.length == start && l.kind == kind => {
+                    l.length += end - start
+                }
+                _ => out.push(Change {
+                    offset: start,
+                    length: end - start,
+                    kind,
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Space used by every layer this volume knows.
+    pub fn usage(&self) -> Vec<LayerUsage> {
+        let st = read(&self.state);
+        let names = st.names();
+        let in_chain: HashSet<u16> = st.chain.iter().copied().collect();
+        st.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(s, n)| n.as_ref().map(|n| (s as u16, n)))
+            .map(|(s, n)| LayerUsage {
+                layer: n.layer.id(),
+                path: n.layer.path().to_path_buf(),
+                snapshot: names.get(&n.layer.id()).map(|s| s.to_string()),
+                live: s == st.top,
+                in_chain: in_chain.contains(&s),
+                external: !n.own,
+                allocated_bytes: match &*n.layer {
+                    Layer::Raw(_) => self.geo.size,
+                    Layer::Delta(d) => d.data_clusters() * self.geo.cluster_size,
+                },
+                disk_bytes: n.layer.disk_bytes(),
+            })
+            .collect()
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        if !self.crashed.load(Ordering::SeqCst) {
+            if let Err(e) = self.flush() {
+                tracing::error!("{}: flush on close failed: {e}", self.lun_path.display());
+            }
+        }
+    }
+}
+
+/// Load a layer of another volume (and its ancestors) read-only.
+fn resolve_external(
+    st: &mut State,
+    dir: &Path,
+    id: Uuid,
+    geo: Geometry,
+    warnings: &mut Vec<String>,
+    depth: usize,
+) -> Result<u16> {
+    if let Some(&s) = st.by_id.get(&id) {
+        return Ok(s);
+    }
+    if depth > 4096 {
+        return Err(corrupt(dir, "external layer chain too deep (a cycle?)"));
+    }
+    let l = manifest::load(dir)?.ok_or_else(|| {
+        corrupt(
+            dir,
+            format!("layer {id} is needed but the directory has no manifest"),
+        )
+    })?;
+    let m = l.manifest;
+    if m.size != geo.size || m.cluster_size as u64 != geo.cluster_size {
+        return Err(corrupt(
+            dir,
+            format!(
+                "size {} / cluster {} differ from the clone's {} / {}",
+                m.size, m.cluster_size, geo.size, geo.cluster_size
+            ),
+        ));
+    }
+    if id == m.lun {
+        let file = OpenOptions::new()
+            .read(true)
+            .open(&m.lun_path)
+            .ctx(&m.lun_path, "open base LUN of a clone")?;
+        let slot = st.add(
+            Layer::Raw(Raw {
+                id,
+                path: m.lun_path.clone(),
+                file: Arc::new(file),
+            }),
+            None,
+            false,
+        );
+        return Ok(slot);
+    }
+    let rec = m
+        .layer(id)
+        .ok_or_else(|| corrupt(dir, format!("layer {id} is needed but not listed")))?
+        .clone();
+    let (d, w) = Delta::open(dir, id, m.lun, geo, false)?;
+    warnings.extend(w);
+    let slot = st.add(Layer::Delta(Box::new(d)), None, false);
+    let parent = match rec.parent {
+        Parent::Base => Some(resolve_external(st, dir, m.lun, geo, warnings, depth + 1)?),
+        Parent::None => None,
+        Parent::Layer { id } => Some(resolve_external(st, dir, id, geo, warnings, depth + 1)?),
+        Parent::External { dir: d2, id } => {
+            Some(resolve_external(st, &d2, id, geo, warnings, depth + 1)?)
+        }
+    };
+    st.nodes[slot as usize].as_mut().expect("just added").parent = parent;
+    Ok(slot)
+}
+
+/// Whether the clone recorded in `d` still reaches into our layers.
+/// Unreadable manifests count as alive: a pin is only dropped for certain.
+fn dependent_alive(me: &Path, d: &Dependent) -> bool {
+    match manifest::load(&d.dir) {
+        Ok(None) => false,
+        Ok(Some(l)) => l.manifest.layers.iter().any(|x| {
+            matches!(&x.parent, Parent::External { dir, id } if *id == d.layer && abs(dir) == me)
+        }),
+        Err(_) => true,
+    }
+}
+
+/// Delete delta files no manifest entry names (a crash between creating a
+/// layer and committing it, or between a commit and the file's removal).
+fn remove_orphans(dir: &Path, m: &Manifest, warnings: &mut Vec<String>) -> Result<()> {
+    let known: HashSet<Uuid> = m.layers.iter().map(|l| l.id).collect();
+    for e in std::fs::read_dir(dir).ctx(dir, "list layers directory")? {
+        let e = e.ctx(dir, "list layers directory")?;
+        let name = e.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".delta")) else {
+            continue;
+        };
+        if let Ok(id) = Uuid::parse_str(stem) {
+            if !known.contains(&id) {
+                let p = delta_path(dir, id);
+                std::fs::remove_file(&p).ctx(&p, "remove orphan layer")?;
+                warnings.push(format!("{}: removed an uncommitted layer", p.display()));
+            }
+        }
+    }
+    Ok(())
+}
