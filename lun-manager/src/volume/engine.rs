@@ -29,12 +29,17 @@ pub struct VolumeOptions {
     /// Used when the layers directory is first created; afterwards the
     /// manifest's cluster size wins. A power of two, 4 KiB ..= 2 MiB.
     pub cluster_size: u32,
+    /// Open without writing a byte anywhere: no manifest rewrite, no orphan
+    /// removal, delta files opened read-only; every write and tree
+    /// operation is refused with [`Error::ReadOnly`].
+    pub read_only: bool,
 }
 
 impl Default for VolumeOptions {
     fn default() -> Self {
         VolumeOptions {
             cluster_size: 64 << 10,
+            read_only: false,
         }
     }
 }
@@ -57,15 +62,27 @@ pub struct VolumeConfig {
 
 impl VolumeConfig {
     /// The configuration for an open LUN: its whole byte range, with the
-    /// label region protected.
+    /// label region protected, and in the offset layout also the primary
+    /// and backup GPT (first and last MiB): both are derived from the label
+    /// and rewritten in place, so they must never be frozen into a layer.
     pub fn for_lun(lun: &crate::Lun, options: VolumeOptions) -> VolumeConfig {
-        let l = lun.label().label_region();
+        let label = lun.label();
+        let l = label.label_region();
+        let mut protected = Vec::with_capacity(3);
+        let mib = crate::format::MIB;
+        if label.layout == crate::Layout::Offset {
+            protected.push(0..mib);
+        }
+        protected.push(l.offset..l.end());
+        if label.layout == crate::Layout::Offset {
+            protected.push(label.lun_size - mib..label.lun_size);
+        }
         VolumeConfig {
             lun_path: lun.path().to_path_buf(),
             file: lun.file().clone(),
             lun_uuid: lun.uuid(),
-            size: lun.label().lun_size,
-            protected: std::iter::once(l.offset..l.end()).collect(),
+            size: label.lun_size,
+            protected,
             options,
         }
     }
@@ -265,6 +282,7 @@ pub struct Volume {
     maint: Mutex<()>,
     warnings: Mutex<Vec<String>>,
     crashed: AtomicBool,
+    read_only: bool,
 }
 
 impl std::fmt::Debug for Volume {
@@ -334,6 +352,7 @@ impl Volume {
                 cfg.size
             )));
         }
+        let read_only = cfg.options.read_only;
         let mut warnings = Vec::new();
         let home = Layer::Raw(Raw {
             id: cfg.lun_uuid,
@@ -373,7 +392,7 @@ impl Volume {
                 ));
             }
             for rec in &m.layers {
-                let (d, w) = Delta::open(&dir, rec.id, cfg.lun_uuid, geo, true)?;
+                let (d, w) = Delta::open(&dir, rec.id, cfg.lun_uuid, geo, !read_only)?;
                 warnings.extend(w);
                 st.add(Layer::Delta(Box::new(d)), None, true);
             }
@@ -395,10 +414,12 @@ impl Volume {
             st.manifest = l.manifest.clone();
             if !l.warnings.is_empty() {
                 warnings.extend(l.warnings.iter().map(|w| format!("{}: {w}", dir.display())));
-                manifest::store(&dir, &st.manifest, st.generation)?;
+                if !read_only {
+                    manifest::store(&dir, &st.manifest, st.generation)?;
+                }
             }
         }
-        if dir.is_dir() {
+        if dir.is_dir() && !read_only {
             remove_orphans(&dir, &st.manifest, &mut warnings)?;
         }
         st.chain = st.chain_of(st.top);
@@ -419,6 +440,7 @@ impl Volume {
             maint: Mutex::new(()),
             warnings: Mutex::new(warnings),
             crashed: AtomicBool::new(false),
+            read_only,
         })
     }
 
@@ -435,6 +457,37 @@ impl Volume {
 
     pub fn size(&self) -> u64 {
         self.geo.size
+    }
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    /// Whether the volume has a layers directory (any snapshot, clone or
+    /// layer); a plain volume is the LUN file alone.
+    pub fn is_layered(&self) -> bool {
+        !read(&self.state).plain
+    }
+    /// The LUN UUID the volume belongs to.
+    pub fn lun_uuid(&self) -> Uuid {
+        self.lun
+    }
+    /// Other volumes (clones) whose chains pass through our layers, by
+    /// layers directory; only those whose manifests still reach into ours.
+    pub fn dependents(&self) -> Vec<PathBuf> {
+        let st = read(&self.state);
+        let me = abs(&self.dir);
+        st.manifest
+            .dependents
+            .iter()
+            .filter(|d| dependent_alive(&me, d))
+            .map(|d| d.dir.clone())
+            .collect()
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly(self.lun_path.clone()));
+        }
+        Ok(())
     }
     pub fn cluster_size(&self) -> u64 {
         self.geo.cluster_size
@@ -493,6 +546,7 @@ impl Volume {
     }
 
     fn check_writable(&self, offset: u64, len: u64) -> Result<()> {
+        self.writable()?;
         self.check(offset, len)?;
         if let Some(r) = self
             .protected
@@ -781,6 +835,9 @@ impl Volume {
     }
 
     fn flush_locked(&self, st: &State) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
         if st.plain {
             self.home.sync_data().ctx(&self.lun_path, "fdatasync")
         } else {
@@ -901,6 +958,7 @@ impl Volume {
     /// Freeze the live layer as snapshot `name` and continue in a new empty
     /// delta. O(1): one flush, one empty file, one manifest commit.
     pub fn snapshot(&self, name: &str, description: &str) -> Result<SnapshotInfo> {
+        self.writable()?;
         validate_name(name)?;
         if description.len() > DESCRIPTION_MAX {
             return Err(Error::Invalid(format!(
@@ -1003,6 +1061,7 @@ impl Volume {
     /// empty delta. O(1) in the volume size: no data is read or copied (the
     /// index is rebuilt in memory from the target chain's maps).
     pub fn revert(&self, name: &str) -> Result<()> {
+        self.writable()?;
         let _m = lock(&self.maint);
         let mut st = write(&self.state);
         let target_id = self.snap(&st, name)?.layer;
@@ -1043,6 +1102,7 @@ impl Volume {
     /// removed, and one with a single child is merged into that child
     /// (clusters the child lacks are copied up), so no view loses a byte.
     pub fn delete_snapshot(&self, name: &str) -> Result<()> {
+        self.writable()?;
         let _m = lock(&self.maint);
         let mut st = write(&self.state);
         self.snap(&st, name)?;
@@ -1183,6 +1243,7 @@ impl Volume {
     /// parent is the snapshot's layer here. O(1). Our manifest records the
     /// clone as a dependent so the layers it needs are never merged away.
     pub fn clone_to(&self, name: &str, target: VolumeConfig) -> Result<Volume> {
+        self.writable()?;
         let _m = lock(&self.maint);
         let mut st = write(&self.state);
         let layer = self.snap(&st, name)?.layer;
@@ -1245,6 +1306,7 @@ impl Volume {
         Volume::open(VolumeConfig {
             options: VolumeOptions {
                 cluster_size: geo.cluster_size as u32,
+                read_only: false,
             },
             ..target
         })
@@ -1257,6 +1319,7 @@ impl Volume {
     /// manifest, so after a crash a new call resumes where it stopped.
     /// `progress(done, total)` counts clusters.
     pub fn flatten(&self, mut progress: impl FnMut(u64, u64)) -> Result<()> {
+        self.writable()?;
         let _m = lock(&self.maint);
         let total = self.geo.clusters;
         let (top_id, start) = {

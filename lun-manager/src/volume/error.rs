@@ -35,6 +35,8 @@ pub enum Error {
     SnapshotExists(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}: volume opened read-only")]
+    ReadOnly(PathBuf),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -218,7 +218,8 @@ impl Delta {
         let mut jb = vec![0u8; header.journal_len as usize];
         file.read_exact_at(&mut jb, geo.area_at(header.area))
             .ctx(&path, "read journal")?;
-        let max_phys = (u64::MAX - geo.data_start) / geo.cluster_size - 1;
+        // The in-memory index packs a physical cluster into 46 bits.
+        let max_phys = ((u64::MAX - geo.data_start) / geo.cluster_size - 1).min((1 << 46) - 1);
         let (entries, next_seq) = journal::decode(&jb, header.first_seq, geo.clusters, max_phys)
             .map_err(|why| corrupt(&path, format!("journal area {}: {why}", header.area)))?;
         let mut map = Table::new(geo.clusters);

@@ -1,0 +1,620 @@
+//! Model-based test of the copy-on-write volume engine: random sequences of
+//! writes, trims, write-zeroes, flushes, snapshots, reverts, snapshot
+//! deletes, clones, flattens and reopens run against real volumes (real
+//! files in a temporary pool) and against a trivial in-memory model (a
+//! `Vec<u8>` per volume and per snapshot). After every step every volume
+//! and every snapshot must read back exactly as the model says, `extents()`
+//! must never call data a hole, and `diff()` must cover every changed byte.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use lun_manager::volume::{ChangeKind, Error, Volume, VolumeConfig, VolumeOptions};
+use proptest::prelude::*;
+use uuid::Uuid;
+
+const CS: u64 = 4096;
+const MAX_VOLUMES: usize = 3;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write {
+        v: usize,
+        off: u64,
+        len: u64,
+        seed: u8,
+    },
+    Trim {
+        v: usize,
+        off: u64,
+        len: u64,
+    },
+    Zero {
+        v: usize,
+        off: u64,
+        len: u64,
+        may_trim: bool,
+    },
+    Flush {
+        v: usize,
+    },
+    Snapshot {
+        v: usize,
+    },
+    Revert {
+        v: usize,
+        which: usize,
+    },
+    Delete {
+        v: usize,
+        which: usize,
+    },
+    Clone {
+        v: usize,
+        which: usize,
+    },
+    Flatten {
+        v: usize,
+    },
+    Reopen {
+        v: usize,
+    },
+    /// Flush, then drop without the close-time flush: what is on disk must
+    /// be everything.
+    FlushCrashReopen {
+        v: usize,
+    },
+}
+
+/// Offsets biased towards cluster boundaries and lengths from one byte to
+/// a few clusters, so partial and cluster-crossing I/O is common.
+fn range() -> impl Strategy<Value = (u64, u64)> {
+    (
+        any::<u64>(),
+        prop_oneof![Just(0u64), Just(CS), 1u64..CS, 0u64..4 * CS],
+        any::<bool>(),
+    )
+        .prop_map(|(a, len, aligned)| {
+            let off = if aligned { a % 320 * CS } else { a };
+            (off, len.max(1))
+        })
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let v = 0usize..MAX_VOLUMES;
+    prop_oneof![
+        8 => (v.clone(), range(), any::<u8>()).prop_map(|(v, (off, len), seed)| Op::Write { v, off, len, seed }),
+        2 => (v.clone(), range()).prop_map(|(v, (off, len))| Op::Trim { v, off, len }),
+        2 => (v.clone(), range(), any::<bool>()).prop_map(|(v, (off, len), may_trim)| Op::Zero { v, off, len, may_trim }),
+        2 => v.clone().prop_map(|v| Op::Flush { v }),
+        3 => v.clone().prop_map(|v| Op::Snapshot { v }),
+        2 => (v.clone(), any::<usize>()).prop_map(|(v, which)| Op::Revert { v, which }),
+        2 => (v.clone(), any::<usize>()).prop_map(|(v, which)| Op::Delete { v, which }),
+        1 => (v.clone(), any::<usize>()).prop_map(|(v, which)| Op::Clone { v, which }),
+        1 => v.clone().prop_map(|v| Op::Flatten { v }),
+        1 => v.clone().prop_map(|v| Op::Reopen { v }),
+        1 => v.prop_map(|v| Op::FlushCrashReopen { v }),
+    ]
+}
+
+struct Vol {
+    vol: Option<Volume>,
+    cfg: VolumeConfig,
+    live: Vec<u8>,
+    snaps: BTreeMap<String, Vec<u8>>,
+}
+
+struct World {
+    dir: tempfile::TempDir,
+    size: u64,
+    vols: Vec<Vol>,
+    next_name: usize,
+}
+
+fn pattern(seed: u8, off: u64, len: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            let x = (off + i).wrapping_mul(2654435761) >> 7;
+            (x as u8) ^ seed | 1
+        })
+        .collect()
+}
+
+fn new_lun(dir: &Path, name: &str, size: u64, fill: bool) -> VolumeConfig {
+    let path: PathBuf = dir.join(format!("{name}.lun"));
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap();
+    f.set_len(size).unwrap();
+    if fill {
+        // A base with data in most places and a hole in the middle.
+        f.write_all_at(&pattern(0xa5, 0, size / 3), 0).unwrap();
+        f.write_all_at(&pattern(0x5a, 2 * size / 3, size / 3), 2 * size / 3)
+            .unwrap();
+    }
+    VolumeConfig {
+        lun_path: path,
+        file: Arc::new(f),
+        lun_uuid: Uuid::new_v4(),
+        size,
+        protected: vec![],
+        options: VolumeOptions {
+            cluster_size: CS as u32,
+            read_only: false,
+        },
+    }
+}
+
+/// Names, sizes and blake3 of the LUN file and every file in its layers
+/// directory.
+fn dir_fingerprint(lun: &Path) -> Vec<(String, u64, [u8; 32])> {
+    let mut out = Vec::new();
+    let layers = lun.with_extension("layers");
+    let mut paths = vec![lun.to_path_buf()];
+    if let Ok(rd) = std::fs::read_dir(&layers) {
+        paths.extend(rd.map(|e| e.unwrap().path()));
+    }
+    paths.sort();
+    for p in paths {
+        let b = std::fs::read(&p).unwrap();
+        out.push((
+            p.display().to_string(),
+            b.len() as u64,
+            *blake3::hash(&b).as_bytes(),
+        ));
+    }
+    out
+}
+
+fn base_contents(cfg: &VolumeConfig) -> Vec<u8> {
+    let mut b = vec![0u8; cfg.size as usize];
+    cfg.file.read_exact_at(&mut b, 0).unwrap();
+    b
+}
+
+impl World {
+    fn new(size: u64) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = new_lun(dir.path(), "vol0", size, true);
+        let live = base_contents(&cfg);
+        let vol = Volume::open(cfg.clone()).unwrap();
+        World {
+            dir,
+            size,
+            vols: vec![Vol {
+                vol: Some(vol),
+                cfg,
+                live,
+                snaps: BTreeMap::new(),
+            }],
+            next_name: 0,
+        }
+    }
+
+    fn clip(&self, off: u64, len: u64) -> (u64, u64) {
+        let off = off % self.size;
+        (off, len.min(self.size - off))
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<(), TestCaseError> {
+        let n = self.vols.len();
+        let vi = |v: usize| v % n;
+        match *op {
+            Op::Write { v, off, len, seed } => {
+                let (off, len) = self.clip(off, len);
+                let w = &mut self.vols[vi(v)];
+                let data = pattern(seed, off, len);
+                w.vol.as_ref().unwrap().write(off, &data).unwrap();
+                w.live[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
+            Op::Trim { v, off, len } => {
+                let (off, len) = self.clip(off, len);
+                let w = &mut self.vols[vi(v)];
+                w.vol.as_ref().unwrap().trim(off, len).unwrap();
+                w.live[off as usize..(off + len) as usize].fill(0);
+            }
+            Op::Zero {
+                v,
+                off,
+                len,
+                may_trim,
+            } => {
+                let (off, len) = self.clip(off, len);
+                let w = &mut self.vols[vi(v)];
+                w.vol
+                    .as_ref()
+                    .unwrap()
+                    .write_zeroes(off, len, may_trim)
+                    .unwrap();
+                w.live[off as usize..(off + len) as usize].fill(0);
+            }
+            Op::Flush { v } => self.vols[vi(v)].vol.as_ref().unwrap().flush().unwrap(),
+            Op::Snapshot { v } => {
+                let name = format!("s{}", self.next_name);
+                self.next_name += 1;
+                let w = &mut self.vols[vi(v)];
+                let info = w
+                    .vol
+                    .as_ref()
+                    .unwrap()
+                    .snapshot(&name, &format!("snapshot {name}"))
+                    .unwrap();
+                prop_assert_eq!(&info.name, &name);
+                prop_assert!(info.current);
+                w.snaps.insert(name, w.live.clone());
+            }
+            Op::Revert { v, which } => {
+                let w = &mut self.vols[vi(v)];
+                match pick(&w.snaps, which) {
+                    Some(name) => {
+                        w.vol.as_ref().unwrap().revert(&name).unwrap();
+                        w.live = w.snaps[&name].clone();
+                        let cur: Vec<_> = w
+                            .vol
+                            .as_ref()
+                            .unwrap()
+                            .snapshots()
+                            .into_iter()
+                            .filter(|s| s.current)
+                            .map(|s| s.name)
+                            .collect();
+                        prop_assert_eq!(cur, vec![name]);
+                    }
+                    None => {
+                        let e = w.vol.as_ref().unwrap().revert("nope").unwrap_err();
+                        prop_assert!(matches!(e, Error::NoSnapshot(_)), "{e}");
+                    }
+                }
+            }
+            Op::Delete { v, which } => {
+                let w = &mut self.vols[vi(v)];
+                if let Some(name) = pick(&w.snaps, which) {
+                    w.vol.as_ref().unwrap().delete_snapshot(&name).unwrap();
+                    w.snaps.remove(&name);
+                }
+            }
+            Op::Clone { v, which } => {
+                if n >= MAX_VOLUMES {
+                    return Ok(());
+                }
+                let src = vi(v);
+                let Some(name) = pick(&self.vols[src].snaps, which) else {
+                    return Ok(());
+                };
+                let cfg = new_lun(self.dir.path(), &format!("vol{n}"), self.size, false);
+                let vol = self.vols[src]
+                    .vol
+                    .as_ref()
+                    .unwrap()
+                    .clone_to(&name, cfg.clone())
+                    .unwrap();
+                let live = self.vols[src].snaps[&name].clone();
+                self.vols.push(Vol {
+                    vol: Some(vol),
+                    cfg,
+                    live,
+                    snaps: BTreeMap::new(),
+                });
+            }
+            Op::Flatten { v } => {
+                let w = &mut self.vols[vi(v)];
+                let mut last = (0, 0);
+                w.vol
+                    .as_ref()
+                    .unwrap()
+                    .flatten(|d, t| last = (d, t))
+                    .unwrap();
+                prop_assert_eq!(last.0, last.1);
+                prop_assert_eq!(w.vol.as_ref().unwrap().chain().len(), 1);
+            }
+            Op::Reopen { v } => {
+                let w = &mut self.vols[vi(v)];
+                w.vol.take().unwrap().close().unwrap();
+                // A read-only open sees the same bytes and writes nothing.
+                let before = dir_fingerprint(&w.cfg.lun_path);
+                let ro_cfg = VolumeConfig {
+                    options: VolumeOptions {
+                        read_only: true,
+                        ..w.cfg.options
+                    },
+                    ..w.cfg.clone()
+                };
+                let ro = Volume::open(ro_cfg).unwrap();
+                let mut b = vec![0u8; self.size as usize];
+                ro.read(0, &mut b).unwrap();
+                prop_assert!(b == w.live, "read-only view differs from the model");
+                let e = ro.write(0, &[1]).unwrap_err();
+                prop_assert!(matches!(e, Error::ReadOnly(_)), "{e}");
+                drop(ro);
+                prop_assert_eq!(before, dir_fingerprint(&w.cfg.lun_path));
+                let vol = Volume::open(w.cfg.clone()).unwrap();
+                prop_assert!(vol.warnings().is_empty(), "{:?}", vol.warnings());
+                w.vol = Some(vol);
+            }
+            Op::FlushCrashReopen { v } => {
+                let w = &mut self.vols[vi(v)];
+                let vol = w.vol.take().unwrap();
+                vol.flush().unwrap();
+                vol.crash();
+                let vol = Volume::open(w.cfg.clone()).unwrap();
+                prop_assert!(vol.warnings().is_empty(), "{:?}", vol.warnings());
+                w.vol = Some(vol);
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&self, step: usize, op: &Op) -> Result<(), TestCaseError> {
+        for (i, w) in self.vols.iter().enumerate() {
+            let vol = w.vol.as_ref().unwrap();
+            let mut b = vec![0u8; self.size as usize];
+            vol.read(0, &mut b).unwrap();
+            if b != w.live {
+                let at = b.iter().zip(&w.live).position(|(a, m)| a != m).unwrap();
+                return Err(TestCaseError::fail(format!(
+                    "step {step} ({op:?}): volume {i} differs from the model at byte {at} (cluster {}): got {} want {}",
+                    at as u64 / CS,
+                    b[at],
+                    w.live[at]
+                )));
+            }
+            let infos = vol.snapshots();
+            let names: Vec<_> = infos.iter().map(|s| s.name.clone()).collect();
+            let want: Vec<_> = w.snaps.keys().cloned().collect();
+            let mut sorted = names.clone();
+            sorted.sort();
+            prop_assert_eq!(sorted, want, "step {} volume {} snapshot list", step, i);
+            for (name, m) in &w.snaps {
+                vol.read_snapshot(name, 0, &mut b).unwrap();
+                if &b != m {
+                    let at = b.iter().zip(m).position(|(a, m)| a != m).unwrap();
+                    return Err(TestCaseError::fail(format!(
+                        "step {step} ({op:?}): volume {i} snapshot {name} differs at byte {at}"
+                    )));
+                }
+            }
+            // Extents tile the volume; a hole must read as zeros.
+            let ext = vol.extents(0, self.size).unwrap();
+            let mut at = 0;
+            for e in &ext {
+                prop_assert_eq!(e.offset, at, "extents must be contiguous");
+                prop_assert!(e.length > 0);
+                if !e.data {
+                    let r = &w.live[e.offset as usize..(e.offset + e.length) as usize];
+                    prop_assert!(
+                        is_zero(r),
+                        "step {} volume {}: hole {:?} holds data",
+                        step,
+                        i,
+                        e
+                    );
+                }
+                at += e.length;
+            }
+            prop_assert_eq!(at, self.size);
+            // Diff from each snapshot to the live volume covers every change.
+            // Changes are whole clusters, so coverage is checked per cluster.
+            for (name, m) in &w.snaps {
+                let changes = vol.diff(name, None).unwrap();
+                let mut covered = vec![false; self.size.div_ceil(CS) as usize];
+                for c in &changes {
+                    prop_assert!(c.offset % CS == 0, "change {:?} not cluster aligned", c);
+                    prop_assert!(c.offset + c.length <= self.size);
+                    for vc in c.offset / CS..(c.offset + c.length).div_ceil(CS) {
+                        covered[vc as usize] = true;
+                    }
+                    if c.kind == ChangeKind::Zero {
+                        let r = &w.live[c.offset as usize..(c.offset + c.length) as usize];
+                        prop_assert!(is_zero(r), "zero change {:?} holds data", c);
+                    }
+                }
+                for (vc, cov) in covered.iter().enumerate() {
+                    let a = vc * CS as usize;
+                    let b = (a + CS as usize).min(self.size as usize);
+                    if !cov && m[a..b] != w.live[a..b] {
+                        return Err(TestCaseError::fail(format!(
+                            "step {step}: volume {i} diff({name}, live) misses cluster {vc}"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    // memcmp against a zero block: fast even without optimisation.
+    const Z: [u8; 4096] = [0; 4096];
+    b.chunks(Z.len()).all(|c| c == &Z[..c.len()])
+}
+
+fn pick(snaps: &BTreeMap<String, Vec<u8>>, which: usize) -> Option<String> {
+    if snaps.is_empty() {
+        return None;
+    }
+    snaps.keys().nth(which % snaps.len()).cloned()
+}
+
+proptest! {
+    // A handful of cases by default keeps the dev-profile run short;
+    // PROPTEST_CASES=500 (or more) for a long soak.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(32),
+        max_shrink_iters: 2000,
+        .. ProptestConfig::default()
+    })]
+
+    #[test]
+    fn volume_matches_the_model_after_every_step(
+        extra in prop_oneof![Just(0u64), 1u64..CS],
+        clusters in 64u64..320,
+        ops in proptest::collection::vec(op(), 1..80),
+    ) {
+        let size = clusters * CS + extra;
+        let mut w = World::new(size);
+        w.check(0, &Op::Flush { v: 0 })?;
+        for (i, op) in ops.iter().enumerate() {
+            w.apply(op)?;
+            w.check(i + 1, op)?;
+        }
+        // Finally every volume survives a clean close and reopen.
+        for v in &mut w.vols {
+            v.vol.take().unwrap().close().unwrap();
+            v.vol = Some(Volume::open(v.cfg.clone()).unwrap());
+        }
+        w.check(ops.len() + 1, &Op::Flush { v: 0 })?;
+    }
+}
+
+#[test]
+fn protected_label_range_is_refused_and_read_from_the_lun_file() {
+    use lun_manager::{CreateSpec, Layout, Lun};
+    let d = tempfile::tempdir().unwrap();
+    for layout in [Layout::Offset, Layout::Truncate] {
+        let p = d.path().join(format!("{layout}.lun"));
+        let lun = Lun::create(
+            &p,
+            &CreateSpec {
+                name: format!("{layout}"),
+                disks: vec![4 << 20],
+                memory: 1 << 20,
+                vcpus: 1,
+                layout,
+            },
+        )
+        .unwrap();
+        let cfg = VolumeConfig::for_lun(&lun, VolumeOptions::default());
+        let l = lun.label().label_region();
+        let label = l.offset..l.end();
+        assert!(cfg.protected.contains(&label));
+        if layout == Layout::Offset {
+            // The primary and backup GPT are derived from the label and
+            // rewritten in place: not layered either.
+            assert!(cfg.protected.contains(&(0..1 << 20)));
+            let end = lun.label().lun_size;
+            assert!(cfg.protected.contains(&(end - (1 << 20)..end)));
+        }
+        let vol = Volume::open(cfg.clone()).unwrap();
+        let disk = lun.disks()[0];
+        vol.write(disk.offset, &[7u8; 5000]).unwrap();
+        vol.snapshot("a", "").unwrap();
+        vol.write(disk.offset, &[9u8; 5000]).unwrap();
+        let e = vol.write(label.start + 100, &[1u8; 10]).unwrap_err();
+        assert!(matches!(e, Error::Protected { .. }), "{e}");
+        let e = vol.trim(label.start - 4096, 8192).unwrap_err();
+        assert!(matches!(e, Error::Protected { .. }), "{e}");
+        // Reads of the label region come from the LUN file as it is now.
+        let mut through = vec![0u8; 4096];
+        vol.read(label.start, &mut through).unwrap();
+        let mut direct = vec![0u8; 4096];
+        lun.file().read_exact_at(&mut direct, label.start).unwrap();
+        assert_eq!(through, direct);
+        assert_eq!(&through[..8], b"LUNGATE\0");
+        // The base still holds the snapshot's data, the live view the new.
+        let mut b = [0u8; 5000];
+        vol.read_snapshot("a", disk.offset, &mut b).unwrap();
+        assert_eq!(b, [7u8; 5000]);
+        vol.read(disk.offset, &mut b).unwrap();
+        assert_eq!(b, [9u8; 5000]);
+        drop(vol);
+        // The LUN still opens (label and GPT untouched).
+        drop(lun);
+        Lun::open(&p, lun_manager::Access::ReadOnly).unwrap();
+        let vol = Volume::open(cfg).unwrap();
+        vol.read(disk.offset, &mut b).unwrap();
+        assert_eq!(b, [9u8; 5000]);
+    }
+}
+
+#[test]
+fn chain_of_64_snapshots_reads_correctly_with_one_lookup_per_cluster() {
+    let d = tempfile::tempdir().unwrap();
+    let size = 64 * 16 * CS;
+    let cfg = new_lun(d.path(), "deep", size, false);
+    let vol = Volume::open(cfg.clone()).unwrap();
+    let mut model = vec![0u8; size as usize];
+    for i in 0..64u64 {
+        // Layer i holds clusters 16i..16i+16 (the last one written partially).
+        let off = i * 16 * CS;
+        let data = pattern(i as u8, off, 15 * CS + 100);
+        vol.write(off, &data).unwrap();
+        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        vol.snapshot(&format!("s{i}"), "").unwrap();
+    }
+    // s0 freezes the LUN file itself (the volume was plain until then, so
+    // layer 0's data sits in the base), s1..s63 freeze 63 deltas.
+    assert_eq!(
+        vol.chain().len(),
+        65,
+        "the base, 63 frozen deltas, the live one"
+    );
+    let chain = vol.chain();
+    let mut b = vec![0u8; size as usize];
+    vol.read(0, &mut b).unwrap();
+    assert_eq!(b, model);
+    // Structural O(1): the live index holds one entry per cluster allocated
+    // in a delta of the chain (the base needs none: an empty entry means
+    // "the root"), and a lookup names the holding layer directly —
+    // chain[64 - i] for layer i, the base for layer 0 — with no walk.
+    let (entries, _pages) = vol.index_stats();
+    assert_eq!(entries, 63 * 16);
+    for i in 0..64u64 {
+        let (layer, data) = vol.locate(i * 16 * CS + 5).unwrap();
+        assert_eq!(layer, chain[64 - i as usize], "cluster of layer {i}");
+        assert!(data);
+    }
+    // Snapshot views still read their own past.
+    let mut s = vec![0u8; CS as usize];
+    vol.read_snapshot("s10", 40 * 16 * CS, &mut s).unwrap();
+    assert!(s.iter().all(|&x| x == 0), "s10 predates layer 40's data");
+    drop(vol);
+    let vol = Volume::open(cfg).unwrap();
+    vol.read(0, &mut b).unwrap();
+    assert_eq!(b, model);
+    assert_eq!(vol.index_stats().0, 63 * 16);
+}
+
+#[test]
+fn sparse_terabyte_volume_index_stays_small() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("big.lun");
+    let f = File::create(&path).unwrap();
+    f.set_len(1 << 40).unwrap();
+    drop(f);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let cfg = VolumeConfig {
+        lun_path: path,
+        file: Arc::new(f),
+        lun_uuid: Uuid::new_v4(),
+        size: 1 << 40,
+        protected: vec![],
+        options: VolumeOptions::default(),
+    };
+    let vol = Volume::open(cfg).unwrap();
+    vol.snapshot("empty", "").unwrap();
+    vol.write((1 << 40) - 4096, &[3u8; 4096]).unwrap();
+    vol.write(1 << 39, &[4u8; 100]).unwrap();
+    let (entries, pages) = vol.index_stats();
+    assert_eq!((entries, pages), (2, 2));
+    let mut b = [0u8; 4096];
+    vol.read((1 << 40) - 4096, &mut b).unwrap();
+    assert_eq!(b, [3u8; 4096]);
+    let u = vol.usage();
+    let live = u.iter().find(|l| l.live).unwrap();
+    assert_eq!(live.allocated_bytes, 2 * 65536);
+    assert!(live.disk_bytes < 16 << 20, "{live:?}");
+}
