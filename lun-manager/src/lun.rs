@@ -2,6 +2,12 @@
 //! region. Every metadata update is crash-safe: data first, `fdatasync`,
 //! then a new label or directory into the slot that is *not* current,
 //! `fdatasync`. A crash at any point leaves the previous generation valid.
+//!
+//! A `Lun` owns its [`Volume`]: every byte outside the label (and, in the
+//! offset layout, the GPT) — the state directory, the records, the disk
+//! regions — is read and written through it, so state records snapshot and
+//! revert with the disks. The label and GPT are written to the file
+//! directly (they are not layered).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -22,6 +28,7 @@ use crate::format::{
     align_up, gpt, Layout, Region, RegionKind, ALIGN, LABEL_REGION_LEN, LABEL_SLOT_STRIDE, MIB,
     OFFSET_LABEL_AT, OFFSET_TAIL_RESERVED,
 };
+use crate::volume::{self, Volume, VolumeConfig, VolumeOptions};
 
 /// How to open the backing file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +76,35 @@ pub struct Lun {
     found: Found,
     /// Problems that do not stop use (GPT out of sync, one bad slot).
     warnings: Vec<String>,
+    /// The LUN's byte range through its chain of layers.
+    volume: Arc<Volume>,
+}
+
+impl From<volume::Error> for Error {
+    fn from(e: volume::Error) -> Error {
+        match e {
+            volume::Error::Io { path, op, source } => Error::Io { path, op, source },
+            volume::Error::Corrupt { path, why } => Error::Damaged {
+                path,
+                why: format!("volume layers: {why}"),
+            },
+            volume::Error::ReadOnly(path) => Error::ReadOnly { path },
+            e => Error::Invalid(e.to_string()),
+        }
+    }
+}
+
+fn open_volume(path: &Path, file: &Arc<File>, label: &Label, access: Access) -> Result<Volume> {
+    let options = VolumeOptions {
+        read_only: access == Access::ReadOnly,
+        ..VolumeOptions::default()
+    };
+    Ok(Volume::open(VolumeConfig::for_label(
+        path,
+        file.clone(),
+        label,
+        options,
+    ))?)
 }
 
 impl std::fmt::Debug for Lun {
@@ -178,10 +214,13 @@ impl Lun {
                 Err(e) => warnings.push(format!("GPT unreadable: {e}")),
             }
         }
-        let (dir, dir_slot) = Self::read_dir(path, &file, &label)?;
+        let file = Arc::new(file);
+        let volume = open_volume(path, &file, &label, access)?;
+        warnings.extend(volume.warnings());
+        let (dir, dir_slot) = Self::read_dir(path, &volume, &label)?;
         let mut lun = Lun {
             path: path.into(),
-            file: Arc::new(file),
+            file,
             access,
             label,
             label_slot,
@@ -191,6 +230,7 @@ impl Lun {
             is_block,
             found,
             warnings,
+            volume: Arc::new(volume),
         };
         if access == Access::ReadWrite {
             lun.repair()?;
@@ -303,15 +343,25 @@ impl Lun {
         None
     }
 
-    fn read_dir(path: &Path, file: &File, label: &Label) -> Result<(Directory, u64)> {
+    fn read_dir(path: &Path, vol: &Volume, label: &Label) -> Result<(Directory, u64)> {
+        Self::read_dir_as(path, vol, label, label.uuid)
+    }
+
+    /// Read the directory expecting LUN UUID `owner` (a clone's state region
+    /// starts with its parent's directory).
+    fn read_dir_as(
+        path: &Path,
+        vol: &Volume,
+        label: &Label,
+        owner: Uuid,
+    ) -> Result<(Directory, u64)> {
         let st = *label.state_region();
         let mut best: Option<(Directory, u64)> = None;
         let mut errors = Vec::new();
         for slot in 0..2u64 {
             let mut b = vec![0u8; DIR_SLOT_SIZE];
-            file.read_exact_at(&mut b, st.offset + slot * DIR_SLOT_SIZE as u64)
-                .ctx(path, "read state directory")?;
-            match Directory::decode(&b, label.uuid) {
+            vol.read(st.offset + slot * DIR_SLOT_SIZE as u64, &mut b)?;
+            match Directory::decode(&b, owner) {
                 Ok(d) if d.region_len > st.length => errors.push(format!(
                     "slot {slot}: directory covers {} bytes but the state region has {}",
                     d.region_len, st.length
@@ -361,7 +411,7 @@ impl Lun {
             };
             if stale {
                 gpt::write(&self.file, &self.label).ctx(&self.path, "rewrite GPT")?;
-                self.sync()?;
+                self.sync_file()?;
             }
         }
         Ok(())
@@ -488,6 +538,16 @@ impl Lun {
         label
             .validate()
             .map_err(|e| Error::Invalid(e.to_string()))?;
+        let layers = volume::layers_dir(path);
+        if layers.exists() {
+            if !is_block {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(Error::Invalid(format!(
+                "{} exists (layers of an older LUN of that name?); remove it first",
+                layers.display()
+            )));
+        }
         let result = Self::initialise(path, file, is_block, label, spec);
         if result.is_err() && !is_block {
             let _ = std::fs::remove_file(path);
@@ -511,9 +571,12 @@ impl Lun {
         fileops::zero_range(&file, st.offset, 2 * DIR_SLOT_SIZE as u64).ctx(path, "clear state")?;
         fileops::zero_range(&file, label.label_region().offset, LABEL_REGION_LEN)
             .ctx(path, "clear label")?;
+        let file = Arc::new(file);
+        let volume = Arc::new(open_volume(path, &file, &label, Access::ReadWrite)?);
         let mut lun = Lun {
             path: path.into(),
-            file: Arc::new(file),
+            file,
+            volume,
             access: Access::ReadWrite,
             dir: Directory::new(label.uuid, st.length),
             dir_slot: 1,
@@ -562,7 +625,7 @@ impl Lun {
         if lun.label.layout == Layout::Offset {
             gpt::write(&lun.file, &lun.label).ctx(path, "write GPT")?;
         }
-        lun.sync()?;
+        lun.sync_file()?;
         Ok(lun)
     }
 
@@ -588,6 +651,23 @@ impl Lun {
     }
     pub fn file(&self) -> &Arc<File> {
         &self.file
+    }
+    /// The LUN's volume: its whole byte range through its chain of layers
+    /// (the label region reads from the file and refuses writes).
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.volume
+    }
+    pub fn access(&self) -> Access {
+        self.access
+    }
+
+    /// Re-read the state directory through the volume (after a revert
+    /// brought back an older one).
+    pub fn reload_state(&mut self) -> Result<()> {
+        let (dir, slot) = Self::read_dir(&self.path, &self.volume, &self.label)?;
+        self.dir = dir;
+        self.dir_slot = slot;
+        Ok(())
     }
     pub fn backing_size(&self) -> u64 {
         self.backing_size
@@ -648,7 +728,7 @@ impl Lun {
         buf: &mut [u8],
     ) -> Result<()> {
         let at = self.checked(kind, index, offset, buf.len() as u64)?;
-        self.file.read_exact_at(buf, at).ctx(&self.path, "read")
+        Ok(self.volume.read(at, buf)?)
     }
 
     /// Write `buf` at `offset` inside a region (not durable until [`Lun::sync`]).
@@ -661,10 +741,19 @@ impl Lun {
     ) -> Result<()> {
         self.writable()?;
         let at = self.checked(kind, index, offset, buf.len() as u64)?;
-        self.file.write_all_at(buf, at).ctx(&self.path, "write")
+        Ok(self.volume.write(at, buf)?)
     }
 
+    /// Make every write through the volume durable.
     pub fn sync(&self) -> Result<()> {
+        if self.access == Access::ReadOnly {
+            return Ok(());
+        }
+        Ok(self.volume.flush()?)
+    }
+
+    /// Make direct writes to the file (label, GPT) durable.
+    fn sync_file(&self) -> Result<()> {
         self.file.sync_data().ctx(&self.path, "fdatasync")
     }
 
@@ -678,8 +767,10 @@ impl Lun {
     }
 
     /// blake3 over every byte of the LUN outside the disk regions (GPT,
-    /// label, state, gaps), holes included as their extents. Tests use it to
-    /// prove that guest I/O never reached the hidden parts.
+    /// label, state, gaps) as the volume reads them. Tests use it to prove
+    /// that guest I/O never reached the hidden parts. Each 4 KiB block that
+    /// is not all zeros is hashed with its offset, so the digest depends on
+    /// the bytes only, not on whether zeros are a hole or written.
     pub fn hidden_digest(&self) -> std::io::Result<[u8; 32]> {
         let mut disks = self.disks();
         disks.sort_by_key(|r| r.offset);
@@ -698,16 +789,26 @@ impl Lun {
             }
             at = at.max(d.end());
         }
+        let io = |e: volume::Error| std::io::Error::other(e.to_string());
+        const BLOCK: usize = 4096;
+        let zero = [0u8; BLOCK];
         let mut buf = vec![0u8; 1 << 20];
         for (start, end) in ranges {
-            for (o, l) in fileops::data_extents(&self.file, start, end)? {
-                h.update(&o.to_le_bytes());
-                h.update(&l.to_le_bytes());
+            for x in self.volume.extents(start, end - start).map_err(io)? {
+                if !x.data {
+                    continue;
+                }
                 let mut done = 0;
-                while done < l {
-                    let n = (l - done).min(buf.len() as u64) as usize;
-                    self.file.read_exact_at(&mut buf[..n], o + done)?;
-                    h.update(&buf[..n]);
+                while done < x.length {
+                    let n = (x.length - done).min(buf.len() as u64) as usize;
+                    let o = x.offset + done;
+                    self.volume.read(o, &mut buf[..n]).map_err(io)?;
+                    for (i, b) in buf[..n].chunks(BLOCK).enumerate() {
+                        if b != &zero[..b.len()] {
+                            h.update(&(o + (i * BLOCK) as u64).to_le_bytes());
+                            h.update(b);
+                        }
+                    }
                     done += n as u64;
                 }
             }
@@ -802,9 +903,7 @@ impl Lun {
                 length: len,
                 checksum: *blake3::hash(payload).as_bytes(),
             };
-            self.file
-                .write_all_at(payload, st.offset + off)
-                .ctx(&self.path, "write state record")?;
+            self.volume.write(st.offset + off, payload)?;
             busy.entries.push(Entry {
                 instance: u16::MAX,
                 ..e
@@ -844,9 +943,8 @@ impl Lun {
         let st = *self.label.state_region();
         next.generation = self.dir.generation + 1;
         let slot = 1 - self.dir_slot;
-        self.file
-            .write_all_at(&next.encode(), st.offset + slot * DIR_SLOT_SIZE as u64)
-            .ctx(&self.path, "write state directory")?;
+        self.volume
+            .write(st.offset + slot * DIR_SLOT_SIZE as u64, &next.encode())?;
         self.sync()?;
         self.dir = next;
         self.dir_slot = slot;
@@ -878,8 +976,19 @@ impl Lun {
             self.write_label_slot(&next, slot)?;
             self.label_slot = slot;
         }
-        self.sync()?;
+        self.sync_file()?;
         self.label = next;
+        // A plain volume is a thin view of the file; a new label may move
+        // the footer or change the size, so the view follows it. (A layered
+        // volume never sees a label change: resize refuses it.)
+        if !self.volume.is_layered() {
+            self.volume = Arc::new(open_volume(
+                &self.path,
+                &self.file,
+                &self.label,
+                self.access,
+            )?);
+        }
         Ok(())
     }
 
@@ -1004,6 +1113,14 @@ impl Lun {
     /// 6. zero what the moved regions left behind; rewrite the GPT.
     fn grow(&mut self, kind: RegionKind, index: u32, new_len: u64) -> Result<()> {
         self.writable()?;
+        if self.volume.is_layered() {
+            return Err(Error::Invalid(format!(
+                "{} has snapshot layers in {} (snapshots, a clone, or a flattened chain); \
+                 resizing a layered LUN is not supported",
+                self.name(),
+                self.volume.layers_dir().display()
+            )));
+        }
         let old = self.label.clone();
         let target = old.region(kind, index).copied();
         let tgt_off = target.map(|r| r.offset);
@@ -1199,27 +1316,56 @@ impl Lun {
         Ok(())
     }
 
-    /// Delete the LUN: a file is removed; a block device has its label,
-    /// GPT and state directory wiped so it is no longer recognised.
+    /// Delete the LUN: a file is removed (and its layers directory); a
+    /// block device has its label, GPT and state directory wiped so it is no
+    /// longer recognised. Refused while clones depend on its layers.
     pub fn delete(self) -> Result<()> {
         self.writable()?;
-        if !self.is_block {
-            return std::fs::remove_file(&self.path).ctx(&self.path, "remove");
+        let deps = self.volume.dependents();
+        if !deps.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{} cannot be deleted: clones depend on its layers: {}; delete or flatten them first",
+                self.name(),
+                deps.iter()
+                    .map(|d| d.with_extension("lun").display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
         }
-        let l = &self.label;
-        fileops::zero_range(&self.file, l.label_region().offset, LABEL_REGION_LEN)
-            .ctx(&self.path, "wipe label")?;
-        fileops::zero_range(
-            &self.file,
-            l.state_region().offset,
-            2 * DIR_SLOT_SIZE as u64,
-        )
-        .ctx(&self.path, "wipe state directory")?;
-        if l.layout == Layout::Offset {
-            fileops::zero_range(&self.file, 0, MIB).ctx(&self.path, "wipe GPT")?;
-            fileops::zero_range(&self.file, l.lun_size - MIB, MIB).ctx(&self.path, "wipe GPT")?;
+        let layers = self.volume.layers_dir().to_path_buf();
+        let Lun {
+            path,
+            file,
+            volume,
+            label,
+            is_block,
+            ..
+        } = self;
+        // Nothing of the volume is wanted any more; skip its final flush.
+        if let Ok(v) = Arc::try_unwrap(volume) {
+            v.crash();
         }
-        self.sync()
+        if !is_block {
+            // The LUN file is the commit point; a crash before the layers
+            // are gone leaves a directory no LUN names, which `create`
+            // refuses to reuse.
+            std::fs::remove_file(&path).ctx(&path, "remove")?;
+        } else {
+            let l = &label;
+            fileops::zero_range(&file, l.label_region().offset, LABEL_REGION_LEN)
+                .ctx(&path, "wipe label")?;
+            fileops::zero_range(&file, l.state_region().offset, 2 * DIR_SLOT_SIZE as u64)
+                .ctx(&path, "wipe state directory")?;
+            if l.layout == Layout::Offset {
+                fileops::zero_range(&file, 0, MIB).ctx(&path, "wipe GPT")?;
+                fileops::zero_range(&file, l.lun_size - MIB, MIB).ctx(&path, "wipe GPT")?;
+            }
+            file.sync_data().ctx(&path, "fdatasync")?;
+        }
+        if layers.is_dir() {
+            std::fs::remove_dir_all(&layers).ctx(&layers, "remove layers directory")?;
+        }
+        Ok(())
     }
 }
 
@@ -1282,6 +1428,48 @@ mod tests {
             memory: MIB,
             vcpus: 2,
             layout,
+        }
+    }
+
+    #[test]
+    fn state_records_and_disks_snapshot_and_revert_through_the_volume() {
+        let d = tempfile::tempdir().unwrap();
+        for layout in [Layout::Offset, Layout::Truncate] {
+            let p = d.path().join(format!("{layout}.lun"));
+            let mut l = Lun::create(&p, &spec(layout)).unwrap();
+            l.write_region(RegionKind::Disk, 1, 0, b"before").unwrap();
+            l.volume().snapshot("a", "").unwrap();
+            let before = l.hardware().unwrap();
+            let mut hw = before.clone();
+            hw.vcpus = 7;
+            l.put_records(&[(RecordType::HardwareConfig, 0, json(&hw))])
+                .unwrap();
+            l.write_region(RegionKind::Disk, 1, 0, b"after!").unwrap();
+            l.sync().unwrap();
+            drop(l);
+            // Reopened: the new record and data come from the live layer.
+            let mut l = Lun::open(&p, Access::ReadWrite).unwrap();
+            assert_eq!(l.hardware().unwrap().vcpus, 7);
+            l.volume().revert("a").unwrap();
+            l.reload_state().unwrap();
+            assert_eq!(l.hardware().unwrap(), before);
+            let mut b = [0u8; 6];
+            l.read_region(RegionKind::Disk, 1, 0, &mut b).unwrap();
+            assert_eq!(&b, b"before");
+            // Resizing a layered LUN is refused with a clear error.
+            let e = l.resize_disk(0, 8 * MIB).unwrap_err().to_string();
+            assert!(e.contains("layered LUN is not supported"), "{e}");
+            // A read-only open writes nothing and sees the same state.
+            drop(l);
+            let ro = Lun::open(&p, Access::ReadOnly).unwrap();
+            assert_eq!(ro.hardware().unwrap(), before);
+            assert!(ro.volume().is_read_only());
+            drop(ro);
+            // Delete takes the layers with it.
+            let layers = crate::volume::layers_dir(&p);
+            assert!(layers.is_dir());
+            Lun::open(&p, Access::ReadWrite).unwrap().delete().unwrap();
+            assert!(!layers.exists() && !p.exists());
         }
     }
 

@@ -66,7 +66,16 @@ impl VolumeConfig {
     /// and backup GPT (first and last MiB): both are derived from the label
     /// and rewritten in place, so they must never be frozen into a layer.
     pub fn for_lun(lun: &crate::Lun, options: VolumeOptions) -> VolumeConfig {
-        let label = lun.label();
+        VolumeConfig::for_label(lun.path(), lun.file().clone(), lun.label(), options)
+    }
+
+    /// [`VolumeConfig::for_lun`] from a label alone (before the LUN is open).
+    pub fn for_label(
+        path: &Path,
+        file: Arc<File>,
+        label: &crate::format::label::Label,
+        options: VolumeOptions,
+    ) -> VolumeConfig {
         let l = label.label_region();
         let mut protected = Vec::with_capacity(3);
         let mib = crate::format::MIB;
@@ -78,9 +87,9 @@ impl VolumeConfig {
             protected.push(label.lun_size - mib..label.lun_size);
         }
         VolumeConfig {
-            lun_path: lun.path().to_path_buf(),
-            file: lun.file().clone(),
-            lun_uuid: lun.uuid(),
+            lun_path: path.to_path_buf(),
+            file,
+            lun_uuid: label.uuid,
             size: label.lun_size,
             protected,
             options,

@@ -26,7 +26,7 @@ pub mod table;
 mod engine;
 
 pub use engine::{
-    Change, ChangeKind, LayerUsage, SnapshotInfo, Volume, VolumeConfig, VolumeOptions,
+    layers_dir, Change, ChangeKind, LayerUsage, SnapshotInfo, Volume, VolumeConfig, VolumeOptions,
 };
 pub use error::{Error, Result};
 
