@@ -10,6 +10,7 @@ pub mod backend;
 pub mod error;
 pub mod fileops;
 pub mod format;
+pub mod group;
 pub mod lun;
 pub mod pool;
 pub mod progress;

@@ -391,6 +391,145 @@ impl Lun {
         })
     }
 
+    /// The LUN UUID of the LUN at `path`, from its label alone (no state
+    /// directory, no volume): for finding secondary disks by UUID.
+    pub fn probe_uuid(path: &Path) -> Result<Uuid> {
+        let file = File::open(path).ctx(path, "open")?;
+        let backing = fileops::backing_size(&file).ctx(path, "size")?;
+        let (label, ..) = Self::find_label(path, &file, backing)?;
+        Ok(label.uuid)
+    }
+
+    /// Make a new LUN at `path` (which must not exist) from snapshot
+    /// `snapshot` of this one: a fresh label (new LUN UUID, name
+    /// `new_name`, new region GUIDs; same size and layout), a sparse file,
+    /// and a chain of one empty delta on the snapshot
+    /// ([`Volume::clone_to`]). Its state is the snapshot's, re-stamped:
+    /// the directory carries the new UUID, the Identity record new disk
+    /// IDs and export names, the snapshot-tree record the origin, the owner
+    /// record is dropped, and `secondaries` (when given) replaces the
+    /// secondary-disk references. The label is written last: until then
+    /// the file is not a LUN.
+    pub fn clone_from_snapshot(
+        &self,
+        snapshot: &str,
+        path: &Path,
+        new_name: &str,
+        secondaries: Option<SecondaryDisks>,
+    ) -> Result<Lun> {
+        crate::format::validate_name(new_name).map_err(Error::Invalid)?;
+        if self.is_block {
+            return Err(Error::Invalid(format!(
+                "{}: clones of block-device LUNs are not supported",
+                self.path.display()
+            )));
+        }
+        let layers = volume::layers_dir(path);
+        if layers.exists() {
+            return Err(Error::Invalid(format!(
+                "{} exists (layers of an older LUN of that name?); remove it first",
+                layers.display()
+            )));
+        }
+        let t = now();
+        let mut label = self.label.clone();
+        label.generation = 1;
+        label.uuid = Uuid::new_v4();
+        label.name = new_name.into();
+        label.created = t;
+        label.updated = t;
+        for r in &mut label.regions {
+            r.guid = Uuid::new_v4();
+        }
+        label
+            .validate()
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(Error::Exists { path: path.into() })
+            }
+            Err(e) => return Err(e).ctx(path, "create"),
+        };
+        let made = (|| {
+            file.set_len(label.lun_size).ctx(path, "size clone")?;
+            let file = Arc::new(file);
+            let cfg = VolumeConfig::for_label(path, file.clone(), &label, VolumeOptions::default());
+            let vol = self.volume.clone_to(snapshot, cfg)?;
+            // The snapshot's directory still names this LUN.
+            let (mut dir, slot) = Self::read_dir_as(path, &vol, &label, self.uuid())?;
+            dir.lun = label.uuid;
+            let mut lun = Lun {
+                path: path.into(),
+                file,
+                access: Access::ReadWrite,
+                label,
+                label_slot: 1,
+                dir: dir.clone(),
+                dir_slot: slot,
+                backing_size: 0,
+                is_block: false,
+                found: Found::Normal,
+                warnings: Vec::new(),
+                volume: Arc::new(vol),
+            };
+            lun.backing_size = fileops::backing_size(&lun.file).ctx(path, "size")?;
+            // Both slots get the re-stamped directory, so no slot of the
+            // clone names another LUN.
+            lun.commit_dir(dir.clone())?;
+            lun.commit_dir(lun.dir.clone())?;
+            let mut id: Identity = lun
+                .record_json(RecordType::Identity, 0)?
+                .unwrap_or(Identity { disks: vec![] });
+            for d in &mut id.disks {
+                d.id = crate::format::label::hex(Uuid::new_v4().as_bytes());
+                d.export_name = format!("{new_name}/disk{}", d.index);
+                d.description = format!(
+                    "lungate {new_name} disk{} (clone of {}@{snapshot})",
+                    d.index,
+                    self.name()
+                );
+            }
+            let mut tree: SnapshotTree = lun
+                .record_json(RecordType::SnapshotTree, 0)?
+                .unwrap_or_default();
+            tree.snapshots.clear();
+            tree.clone_of = Some(state::CloneOrigin {
+                lun_uuid: self.uuid(),
+                snapshot: snapshot.into(),
+            });
+            let mut recs = vec![
+                (RecordType::Identity, 0, json(&id)),
+                (RecordType::SnapshotTree, 0, json(&tree)),
+            ];
+            if let Some(s) = &secondaries {
+                recs.push((RecordType::SecondaryDisks, 0, json(s)));
+            }
+            lun.put_records(&recs)?;
+            lun.remove_record(RecordType::Owner, 0)?;
+            lun.sync()?;
+            // The label is the commit point: written last, slot 0.
+            let label = lun.label.clone();
+            lun.write_label_slot(&label, 0)?;
+            lun.label_slot = 0;
+            if lun.label.layout == Layout::Offset {
+                gpt::write(&lun.file, &lun.label).ctx(path, "write GPT")?;
+            }
+            lun.sync_file()?;
+            Ok(lun)
+        })();
+        if made.is_err() {
+            let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_dir_all(&layers);
+        }
+        made
+    }
+
     /// Bring derived structures back in line with the label: rewrite a GPT
     /// that disagrees with it, re-home a footer found by recovery.
     fn repair(&mut self) -> Result<()> {

@@ -467,6 +467,11 @@ impl Volume {
     pub fn size(&self) -> u64 {
         self.geo.size
     }
+    /// Byte ranges not layered (label, GPT): read from the LUN file,
+    /// refused for writes.
+    pub fn protected(&self) -> &[Range<u64>] {
+        &self.protected
+    }
     pub fn is_read_only(&self) -> bool {
         self.read_only
     }

@@ -16,6 +16,7 @@
 //! serialised by a maintenance mutex and take the chain lock exclusively
 //! only for their short commit step, which also drains in-flight I/O.
 
+pub mod diff;
 pub mod error;
 pub mod header;
 pub mod journal;

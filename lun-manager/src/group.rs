@@ -1,0 +1,489 @@
+//! A VM's consistency group: its primary LUN plus the secondary-disk LUNs
+//! its state region lists (found by LUN UUID among the `*.lun` files of the
+//! primary's directory). Snapshot, revert, delete, clone, flatten, diff and
+//! apply-diff act on every member under one snapshot name, so a VM's disks
+//! and state always move together.
+//!
+//! Crash safety. Before a multi-member operation the group writes an
+//! intent file, `POOL/.NAME.group-op` (JSON, fsynced), and removes it when
+//! done; a read-write [`Group::open`] that finds one finishes or undoes the
+//! operation before anything else:
+//!
+//! * snapshot: secondaries first, the primary last — the primary's manifest
+//!   commit is the commit point. Recovery deletes the snapshot from any
+//!   secondary when the primary lacks it, so no half-made snapshot is seen.
+//! * revert: recovery reverts every member again (a revert discards the
+//!   live layer, so doing it twice is doing it once).
+//! * delete: the primary first; recovery deletes the name from every member
+//!   still holding it.
+//! * clone: secondaries' clones first, the primary's clone last (its label
+//!   write is the commit point); recovery removes every listed clone file
+//!   when the primary's clone has no label yet.
+//!
+//! This module must not touch layer files itself: it calls [`Volume`] and
+//! [`Lun`].
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::{Error, IoContext, Result};
+use crate::format::state::{SecondaryDisks, SecondaryRef};
+use crate::lun::{Access, Lun};
+use crate::volume::{self, Change, LayerUsage, SnapshotInfo, Volume};
+
+/// A multi-member operation in progress (the intent file's body).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum Intent {
+    Snapshot {
+        name: String,
+    },
+    Revert {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+    /// `paths[0]` is the primary's clone (the commit point).
+    Clone {
+        paths: Vec<PathBuf>,
+    },
+}
+
+pub struct Group {
+    /// Primary first, then secondaries in the order the state region lists.
+    members: Vec<Lun>,
+    access: Access,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.members.iter()).finish()
+    }
+}
+
+fn pool_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn intent_path(primary: &Path) -> PathBuf {
+    let stem = primary
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    pool_of(primary).join(format!(".{stem}.group-op"))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx(dir, "fsync directory")
+}
+
+/// Find the LUN with `uuid`: its path hint first, then every `*.lun` file
+/// in `pool`.
+fn find_secondary(pool: &Path, r: &SecondaryRef) -> Result<PathBuf> {
+    let hint = PathBuf::from(&r.path_hint);
+    if !r.path_hint.is_empty() && Lun::probe_uuid(&hint).ok() == Some(r.lun_uuid) {
+        return Ok(hint);
+    }
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(pool).ctx(pool, "list pool")? {
+        let p = e.ctx(pool, "list pool")?.path();
+        if p.extension().is_some_and(|x| x == "lun") && Lun::probe_uuid(&p).ok() == Some(r.lun_uuid)
+        {
+            found.push(p);
+        }
+    }
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(Error::Invalid(format!(
+            "secondary disk {} ({}) not found in {}",
+            r.name,
+            r.lun_uuid,
+            pool.display()
+        ))),
+        _ => Err(Error::Invalid(format!(
+            "secondary disk {} ({}) found more than once in {}: {}",
+            r.name,
+            r.lun_uuid,
+            pool.display(),
+            found
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+fn has_snapshot(v: &Volume, name: &str) -> bool {
+    v.snapshots().iter().any(|s| s.name == name)
+}
+
+impl Group {
+    /// Open `primary` and every secondary its state region lists. A
+    /// read-write open first finishes or undoes an interrupted operation.
+    pub fn open(primary: &Path, access: Access) -> Result<Group> {
+        let p = Lun::open(primary, access)?;
+        let pool = pool_of(primary);
+        let mut members = Vec::new();
+        let refs = p.secondaries()?;
+        members.push(p);
+        for r in &refs.disks {
+            let path = find_secondary(&pool, r)?;
+            members.push(Lun::open(&path, access)?);
+        }
+        let mut g = Group { members, access };
+        if access == Access::ReadWrite {
+            g.recover()?;
+        }
+        Ok(g)
+    }
+
+    /// Primary first, then the secondaries.
+    pub fn members(&self) -> &[Lun] {
+        &self.members
+    }
+
+    pub fn primary(&self) -> &Lun {
+        &self.members[0]
+    }
+
+    fn intent_path(&self) -> PathBuf {
+        intent_path(self.primary().path())
+    }
+
+    fn begin(&self, i: &Intent) -> Result<()> {
+        let p = self.intent_path();
+        let body = serde_json::to_vec(i).expect("intent serialises");
+        let f = std::fs::File::create(&p).ctx(&p, "create intent")?;
+        (&f).write_all(&body).ctx(&p, "write intent")?;
+        f.sync_all().ctx(&p, "fsync intent")?;
+        sync_dir(&pool_of(&p))
+    }
+
+    fn end(&self) -> Result<()> {
+        let p = self.intent_path();
+        match std::fs::remove_file(&p) {
+            Ok(()) => sync_dir(&pool_of(&p)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).ctx(&p, "remove intent"),
+        }
+    }
+
+    fn reload(&mut self) -> Result<()> {
+        for m in &mut self.members {
+            m.reload_state()?;
+        }
+        Ok(())
+    }
+
+    /// Finish or undo an operation a crash interrupted (module docs).
+    fn recover(&mut self) -> Result<()> {
+        let p = self.intent_path();
+        let body = match std::fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).ctx(&p, "read intent"),
+        };
+        let intent: Intent = match serde_json::from_slice(&body) {
+            Ok(i) => i,
+            // A torn intent was written before the operation began.
+            Err(_) => return self.end(),
+        };
+        tracing::warn!(
+            "{}: finishing an interrupted group operation {intent:?}",
+            self.primary().path().display()
+        );
+        match &intent {
+            Intent::Snapshot { name } => {
+                if !has_snapshot(self.primary().volume(), name) {
+                    for m in &self.members[1..] {
+                        if has_snapshot(m.volume(), name) {
+                            m.volume().delete_snapshot(name)?;
+                        }
+                    }
+                }
+            }
+            Intent::Revert { name } => {
+                for m in &self.members {
+                    if has_snapshot(m.volume(), name) {
+                        m.volume().revert(name)?;
+                    }
+                }
+                self.reload()?;
+            }
+            Intent::Delete { name } => {
+                for m in &self.members {
+                    if has_snapshot(m.volume(), name) {
+                        m.volume().delete_snapshot(name)?;
+                    }
+                }
+            }
+            Intent::Clone { paths } => {
+                let committed = paths.first().is_some_and(|p| Lun::probe_uuid(p).is_ok());
+                if !committed {
+                    for p in paths {
+                        remove_clone(p)?;
+                    }
+                }
+            }
+        }
+        self.end()
+    }
+
+    /// Snapshot every member as `name` (secondaries first, the primary
+    /// last: its commit is the group's). Returns the primary's snapshot.
+    pub fn snapshot(&self, name: &str, description: &str) -> Result<SnapshotInfo> {
+        for m in &self.members {
+            if has_snapshot(m.volume(), name) {
+                return Err(
+                    volume::Error::SnapshotExists(format!("{name} (in {})", m.name())).into(),
+                );
+            }
+        }
+        self.begin(&Intent::Snapshot { name: name.into() })?;
+        let mut done: Vec<&Lun> = Vec::new();
+        let mut result = Ok(None);
+        for m in self.members[1..].iter().chain(&self.members[..1]) {
+            match m.volume().snapshot(name, description) {
+                Ok(info) => {
+                    done.push(m);
+                    result = Ok(Some(info));
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        match result {
+            Ok(info) => {
+                self.end()?;
+                Ok(info.expect("the primary was snapshotted last"))
+            }
+            Err(e) => {
+                for m in done {
+                    let _ = m.volume().delete_snapshot(name);
+                }
+                self.end()?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The primary's snapshots (every member has the same names).
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        self.primary().volume().snapshots()
+    }
+
+    fn require(&self, name: &str) -> Result<()> {
+        for m in &self.members {
+            if !has_snapshot(m.volume(), name) {
+                return Err(Error::Invalid(format!(
+                    "no snapshot named {name:?} in {} ({})",
+                    m.name(),
+                    m.path().display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Revert every member to `name`; state records come back with the
+    /// disks (the identity too, which snapshots never change).
+    pub fn revert(&mut self, name: &str) -> Result<()> {
+        self.require(name)?;
+        self.begin(&Intent::Revert { name: name.into() })?;
+        for m in self.members[1..].iter().chain(&self.members[..1]) {
+            m.volume().revert(name)?;
+        }
+        self.reload()?;
+        self.end()
+    }
+
+    /// Delete snapshot `name` from every member (merging layers so no
+    /// other snapshot, branch or clone loses a byte).
+    pub fn delete_snapshot(&self, name: &str) -> Result<()> {
+        if !has_snapshot(self.primary().volume(), name) {
+            return Err(volume::Error::NoSnapshot(name.into()).into());
+        }
+        self.begin(&Intent::Delete { name: name.into() })?;
+        for m in &self.members {
+            if has_snapshot(m.volume(), name) {
+                m.volume().delete_snapshot(name)?;
+            }
+        }
+        self.end()
+    }
+
+    /// A new VM from snapshot `name`: `POOL/NEW_NAME.lun` (and, for each
+    /// secondary S, `POOL/NEW_NAME-S.lun`), each with a new LUN UUID, name
+    /// and disk IDs, its chain an empty delta on the snapshot (O(1) in the
+    /// data), the clone's secondary references pointing at the cloned
+    /// secondaries.
+    pub fn clone(&self, name: &str, new_name: &str) -> Result<Group> {
+        self.require(name)?;
+        let pool = pool_of(self.primary().path());
+        let mut paths = vec![pool.join(format!("{new_name}.lun"))];
+        let mut names = vec![new_name.to_string()];
+        for m in &self.members[1..] {
+            let n = format!("{new_name}-{}", m.name());
+            crate::format::validate_name(&n).map_err(Error::Invalid)?;
+            paths.push(pool.join(format!("{n}.lun")));
+            names.push(n);
+        }
+        crate::format::validate_name(new_name).map_err(Error::Invalid)?;
+        for p in &paths {
+            if p.exists() || volume::layers_dir(p).exists() {
+                return Err(Error::Exists { path: p.clone() });
+            }
+        }
+        self.begin(&Intent::Clone {
+            paths: paths.clone(),
+        })?;
+        let made = (|| {
+            let mut secs = Vec::new();
+            let mut refs = SecondaryDisks::default();
+            for (i, m) in self.members.iter().enumerate().skip(1) {
+                let c = m.clone_from_snapshot(name, &paths[i], &names[i], None)?;
+                refs.disks.push(SecondaryRef {
+                    lun_uuid: c.uuid(),
+                    name: c.name().into(),
+                    path_hint: paths[i]
+                        .canonicalize()
+                        .unwrap_or_else(|_| paths[i].clone())
+                        .display()
+                        .to_string(),
+                    attached: crate::lun::now(),
+                });
+                secs.push(c);
+            }
+            let p = self
+                .primary()
+                .clone_from_snapshot(name, &paths[0], new_name, Some(refs))?;
+            let mut members = vec![p];
+            members.extend(secs);
+            Ok(Group {
+                members,
+                access: Access::ReadWrite,
+            })
+        })();
+        match made {
+            Ok(g) => {
+                self.end()?;
+                Ok(g)
+            }
+            Err(e) => {
+                for p in &paths {
+                    let _ = remove_clone(p);
+                }
+                self.end()?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Flatten every member (each resumable after a crash: calling again
+    /// continues where it stopped). `progress(done, total)` counts clusters
+    /// over the whole group.
+    pub fn flatten(&self, mut progress: impl FnMut(u64, u64)) -> Result<()> {
+        let clusters: Vec<u64> = self
+            .members
+            .iter()
+            .map(|m| m.volume().size().div_ceil(m.volume().cluster_size()))
+            .collect();
+        let total: u64 = clusters.iter().sum();
+        let mut base = 0;
+        for (m, n) in self.members.iter().zip(&clusters) {
+            m.volume().flatten(|d, _| progress(base + d, total))?;
+            base += n;
+        }
+        progress(total, total);
+        Ok(())
+    }
+
+    /// Changed extents of the primary between snapshot `from` and `to` (the
+    /// live volume when `None`), outside the label/GPT.
+    pub fn diff(&self, from: &str, to: Option<&str>) -> Result<Vec<Change>> {
+        let v = self.primary().volume();
+        Ok(volume::diff::clip(&v.diff(from, to)?, v.protected()))
+    }
+
+    /// Every member's changes, primary first, with its LUN UUID.
+    pub fn diffs(&self, from: &str, to: Option<&str>) -> Result<Vec<(Uuid, Vec<Change>)>> {
+        self.members
+            .iter()
+            .map(|m| {
+                let v = m.volume();
+                Ok((
+                    m.uuid(),
+                    volume::diff::clip(&v.diff(from, to)?, v.protected()),
+                ))
+            })
+            .collect()
+    }
+
+    /// Write the diff file (docs/volumes.md) of every member between
+    /// `from` and `to` (live when `None`). Returns the bytes written.
+    pub fn write_diff(&self, from: &str, to: Option<&str>, w: &mut impl Write) -> Result<u64> {
+        let diffs = self.diffs(from, to)?;
+        let sections: Vec<(&Volume, Vec<Change>)> = self
+            .members
+            .iter()
+            .zip(diffs)
+            .map(|(m, (_, c))| (&**m.volume(), c))
+            .collect();
+        Ok(volume::diff::write(&sections, from, to, w)?)
+    }
+
+    /// Verify a whole diff file (blake3, structure, one section per member
+    /// with matching LUN UUID, size and cluster size) and only then replay
+    /// it onto the members. The target should hold the diff's `from` state.
+    pub fn apply_diff(&mut self, r: &mut impl Read) -> Result<volume::diff::DiffInfo> {
+        if self.access == Access::ReadOnly {
+            return Err(Error::ReadOnly {
+                path: self.primary().path().to_path_buf(),
+            });
+        }
+        let pool = pool_of(self.primary().path());
+        let targets: Vec<&Volume> = self.members.iter().map(|m| &**m.volume()).collect();
+        let info = volume::diff::apply(r, &pool, &targets)?;
+        self.reload()?;
+        Ok(info)
+    }
+
+    /// Space used per layer of every member.
+    pub fn usage(&self) -> Vec<LayerUsage> {
+        self.members
+            .iter()
+            .flat_map(|m| m.volume().usage())
+            .collect()
+    }
+}
+
+/// Remove a clone that never committed (or that recovery undoes): the file
+/// and its layers directory.
+fn remove_clone(p: &Path) -> Result<()> {
+    if let Ok(l) = Lun::open(p, Access::ReadWrite) {
+        return l.delete();
+    }
+    match std::fs::remove_file(p) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).ctx(p, "remove clone"),
+    }
+    let l = volume::layers_dir(p);
+    if l.is_dir() {
+        std::fs::remove_dir_all(&l).ctx(&l, "remove clone layers")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,398 @@
+//! The consistency group and the LUN's volume end to end, on real LUN files
+//! in a temporary pool: snapshot, revert, delete, clone (new identity),
+//! flatten, diff / apply-diff, usage, crash recovery of a half-made group
+//! snapshot, deep chains.
+
+use std::path::{Path, PathBuf};
+
+use lun_manager::format::state::{HardwareConfig, Identity, RecordType, SecondaryDisks};
+use lun_manager::group::Group;
+use lun_manager::{Access, CreateSpec, Layout, Lun, RegionKind};
+
+const MIB: u64 = 1 << 20;
+
+fn create(pool: &Path, name: &str, layout: Layout) -> PathBuf {
+    let p = pool.join(format!("{name}.lun"));
+    Lun::create(
+        &p,
+        &CreateSpec {
+            name: name.into(),
+            disks: vec![4 * MIB, 2 * MIB],
+            memory: MIB,
+            vcpus: 2,
+            layout,
+        },
+    )
+    .unwrap();
+    p
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u64).wrapping_mul(2654435761) >> 9) as u8 ^ seed | 1)
+        .collect()
+}
+
+fn disk(l: &Lun, idx: u32, off: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    l.read_region(RegionKind::Disk, idx, off, &mut b).unwrap();
+    b
+}
+
+fn put_vcpus(l: &mut Lun, vcpus: u32) {
+    let mut hw: HardwareConfig = l.hardware().unwrap();
+    hw.vcpus = vcpus;
+    l.put_records(&[(
+        RecordType::HardwareConfig,
+        0,
+        serde_json::to_vec(&hw).unwrap(),
+    )])
+    .unwrap();
+}
+
+fn whole(l: &Lun) -> Vec<u8> {
+    let v = l.volume();
+    let mut b = vec![0u8; v.size() as usize];
+    v.read(0, &mut b).unwrap();
+    b
+}
+
+fn reopen(p: &Path) -> Group {
+    Group::open(p, Access::ReadWrite).unwrap()
+}
+
+#[test]
+fn clone_has_a_new_identity_while_snapshot_and_revert_keep_the_original() {
+    let d = tempfile::tempdir().unwrap();
+    for layout in [Layout::Offset, Layout::Truncate] {
+        let p = create(d.path(), &format!("vm-{layout}"), layout);
+        let mut g = reopen(&p);
+        let id0: Identity = g
+            .primary()
+            .record_json(RecordType::Identity, 0)
+            .unwrap()
+            .unwrap();
+        let uuid0 = g.primary().uuid();
+        let ids0: Vec<_> = (0..2).map(|i| g.primary().disk_id(i).unwrap()).collect();
+        g.primary()
+            .write_region(RegionKind::Disk, 0, 0, b"gold")
+            .unwrap();
+        let info = g.snapshot("gold", "golden image").unwrap();
+        assert_eq!(info.name, "gold");
+        assert_eq!(info.description, "golden image");
+        assert!(info.current);
+        g.primary()
+            .write_region(RegionKind::Disk, 0, 0, b"dirt")
+            .unwrap();
+        g.revert("gold").unwrap();
+        assert_eq!(disk(g.primary(), 0, 0, 4), b"gold");
+        // Snapshot and revert keep the identity.
+        assert_eq!(g.primary().uuid(), uuid0);
+        let id1: Identity = g
+            .primary()
+            .record_json(RecordType::Identity, 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(id1, id0);
+
+        let t = std::time::Instant::now();
+        let c = g.clone("gold", &format!("copy-{layout}")).unwrap();
+        let took = t.elapsed();
+        let cl = c.primary();
+        assert_ne!(cl.uuid(), uuid0);
+        assert_eq!(cl.name(), format!("copy-{layout}"));
+        assert_eq!(cl.layout(), layout);
+        assert_eq!(cl.label().lun_size, g.primary().label().lun_size);
+        for i in 0..2 {
+            let id = cl.disk_id(i).unwrap();
+            assert_ne!(id, ids0[i as usize], "disk{i} keeps its parent's ID");
+        }
+        let cid: Identity = cl.record_json(RecordType::Identity, 0).unwrap().unwrap();
+        assert_eq!(cid.disks[0].export_name, format!("copy-{layout}/disk0"));
+        // The clone holds the snapshot's data, its own label, a sparse file.
+        assert_eq!(disk(cl, 0, 0, 4), b"gold");
+        let meta = std::fs::metadata(cl.path()).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert!(meta.blocks() * 512 < 4 * MIB, "clone file is not sparse");
+        assert!(took.as_secs() < 5, "clone took {took:?}");
+        drop(c);
+        // It reopens on its own as a valid LUN with its own identity.
+        let c = Lun::open(
+            &d.path().join(format!("copy-{layout}.lun")),
+            Access::ReadWrite,
+        )
+        .unwrap();
+        assert!(c.verify_records().iter().all(|(_, e)| e.is_none()));
+        assert_ne!(c.uuid(), uuid0);
+        // The parent refuses deletion while the clone depends on it.
+        drop(g);
+        let e = Lun::open(&p, Access::ReadWrite)
+            .unwrap()
+            .delete()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("copy-{layout}")), "{e}");
+        // Once the clone is flattened the parent may go.
+        c.volume().flatten(|_, _| {}).unwrap();
+        let mut b = [0u8; 4];
+        c.read_region(RegionKind::Disk, 0, 0, &mut b).unwrap();
+        assert_eq!(&b, b"gold");
+        Lun::open(&p, Access::ReadWrite).unwrap().delete().unwrap();
+        c.read_region(RegionKind::Disk, 0, 0, &mut b).unwrap();
+        assert_eq!(&b, b"gold");
+    }
+}
+
+#[test]
+fn state_records_revert_with_the_disks() {
+    let d = tempfile::tempdir().unwrap();
+    let p = create(d.path(), "vm", Layout::Offset);
+    let g = reopen(&p);
+    g.snapshot("two-cpus", "").unwrap();
+    drop(g);
+    let mut l = Lun::open(&p, Access::ReadWrite).unwrap();
+    put_vcpus(&mut l, 8);
+    l.write_region(RegionKind::Disk, 1, MIB, b"later").unwrap();
+    l.sync().unwrap();
+    drop(l);
+    let mut g = reopen(&p);
+    assert_eq!(g.primary().hardware().unwrap().vcpus, 8);
+    g.snapshot("eight-cpus", "").unwrap();
+    g.revert("two-cpus").unwrap();
+    assert_eq!(g.primary().hardware().unwrap().vcpus, 2);
+    assert_eq!(disk(g.primary(), 1, MIB, 5), vec![0u8; 5]);
+    g.revert("eight-cpus").unwrap();
+    assert_eq!(g.primary().hardware().unwrap().vcpus, 8);
+    assert_eq!(disk(g.primary(), 1, MIB, 5), b"later");
+    // Deleting a snapshot in the middle loses nothing of the others.
+    g.delete_snapshot("two-cpus").unwrap();
+    assert_eq!(g.snapshots().len(), 1);
+    g.revert("eight-cpus").unwrap();
+    assert_eq!(g.primary().hardware().unwrap().vcpus, 8);
+    let u = g.usage();
+    assert!(u.iter().any(|l| l.live));
+    assert!(u
+        .iter()
+        .any(|l| l.snapshot.as_deref() == Some("eight-cpus")));
+}
+
+#[test]
+fn a_secondary_disk_is_snapshotted_reverted_and_cloned_with_its_primary() {
+    let d = tempfile::tempdir().unwrap();
+    let p = create(d.path(), "vm", Layout::Offset);
+    let s = create(d.path(), "data", Layout::Truncate);
+    {
+        let mut pl = Lun::open(&p, Access::ReadWrite).unwrap();
+        let sl = Lun::open(&s, Access::ReadOnly).unwrap();
+        pl.attach_secondary(&sl).unwrap();
+    }
+    let mut g = reopen(&p);
+    assert_eq!(g.members().len(), 2);
+    let suuid = g.members()[1].uuid();
+    g.members()[1]
+        .write_region(RegionKind::Disk, 0, 0, b"v1")
+        .unwrap();
+    g.snapshot("one", "").unwrap();
+    assert!(g.members()[1]
+        .volume()
+        .snapshots()
+        .iter()
+        .any(|x| x.name == "one"));
+    g.members()[1]
+        .write_region(RegionKind::Disk, 0, 0, b"v2")
+        .unwrap();
+    g.primary()
+        .write_region(RegionKind::Disk, 0, 0, b"p2")
+        .unwrap();
+    g.revert("one").unwrap();
+    assert_eq!(disk(&g.members()[1], 0, 0, 2), b"v1");
+    assert_eq!(disk(g.primary(), 0, 0, 2), vec![0, 0]);
+    // Clone: both LUNs cloned, the clone's primary points at the cloned
+    // secondary.
+    let c = g.clone("one", "vm2").unwrap();
+    assert_eq!(c.members().len(), 2);
+    let cs = &c.members()[1];
+    assert_eq!(cs.name(), "vm2-data");
+    assert_ne!(cs.uuid(), suuid);
+    assert_eq!(disk(cs, 0, 0, 2), b"v1");
+    let refs: SecondaryDisks = c.primary().secondaries().unwrap();
+    assert_eq!(refs.disks.len(), 1);
+    assert_eq!(refs.disks[0].lun_uuid, cs.uuid());
+    drop(c);
+    let c = reopen(&d.path().join("vm2.lun"));
+    assert_eq!(c.members()[1].path(), d.path().join("vm2-data.lun"));
+    // Group delete removes it from both.
+    g.delete_snapshot("one").unwrap();
+    assert!(g
+        .members()
+        .iter()
+        .all(|m| m.volume().snapshots().is_empty()));
+    // Flatten reports progress over the whole group and ends at the total.
+    let mut last = (0, 1);
+    g.flatten(|a, b| last = (a, b)).unwrap();
+    assert_eq!(last.0, last.1);
+}
+
+#[test]
+fn a_half_made_group_snapshot_is_removed_on_open() {
+    let d = tempfile::tempdir().unwrap();
+    let p = create(d.path(), "vm", Layout::Offset);
+    let s = create(d.path(), "data", Layout::Offset);
+    {
+        let mut pl = Lun::open(&p, Access::ReadWrite).unwrap();
+        let sl = Lun::open(&s, Access::ReadOnly).unwrap();
+        pl.attach_secondary(&sl).unwrap();
+    }
+    let g = reopen(&p);
+    g.snapshot("whole", "").unwrap();
+    // A crash after the secondary's snapshot and before the primary's: the
+    // intent file is there, the primary lacks the snapshot.
+    g.members()[1].volume().snapshot("half", "").unwrap();
+    std::fs::write(
+        d.path().join(".vm.group-op"),
+        br#"{"op":"snapshot","name":"half"}"#,
+    )
+    .unwrap();
+    drop(g);
+    // A read-only open changes nothing.
+    let ro = Group::open(&p, Access::ReadOnly).unwrap();
+    assert_eq!(ro.members()[1].volume().snapshots().len(), 2);
+    drop(ro);
+    let g = reopen(&p);
+    let names: Vec<_> = g.members()[1]
+        .volume()
+        .snapshots()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, vec!["whole".to_string()]);
+    assert!(!d.path().join(".vm.group-op").exists());
+}
+
+/// A byte copy of a LUN in another pool, then diffs replayed onto it.
+#[test]
+fn diff_then_apply_diff_onto_a_copy_reproduces_the_target_byte_for_byte() {
+    let d = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let p = create(d.path(), "vm", Layout::Offset);
+    {
+        let l = Lun::open(&p, Access::ReadWrite).unwrap();
+        l.write_region(RegionKind::Disk, 0, 0, &pattern(1, 3 * MIB as usize))
+            .unwrap();
+        l.sync().unwrap();
+    }
+    let copy = other.path().join("vm.lun");
+    std::fs::copy(&p, &copy).unwrap();
+    let g = reopen(&p);
+    g.snapshot("base", "").unwrap();
+    drop(g);
+    {
+        let mut l = Lun::open(&p, Access::ReadWrite).unwrap();
+        l.write_region(RegionKind::Disk, 0, 100_000, &pattern(2, 700_000))
+            .unwrap();
+        l.volume().trim(l.disks()[0].offset + 2 * MIB, MIB).unwrap();
+        l.write_region(RegionKind::Disk, 1, 12345, &pattern(3, 5000))
+            .unwrap();
+        put_vcpus(&mut l, 5);
+        l.sync().unwrap();
+    }
+    let g = reopen(&p);
+    g.snapshot("next", "").unwrap();
+    let changes = g.diff("base", Some("next")).unwrap();
+    assert!(!changes.is_empty());
+    let json = serde_json::to_string(&changes).unwrap();
+    assert!(
+        json.contains("\"kind\":\"zero\"") && json.contains("\"kind\":\"data\""),
+        "{json}"
+    );
+    let mut file = Vec::new();
+    let n = g.write_diff("base", Some("next"), &mut file).unwrap();
+    assert_eq!(n, file.len() as u64);
+    assert_eq!(&file[..8], b"LGDIFF01");
+
+    // Corrupted, truncated or mismatched files are refused and change
+    // nothing on the copy.
+    let before = std::fs::read(&copy).unwrap();
+    let mut target = reopen(&copy);
+    for bad in [
+        {
+            let mut b = file.clone();
+            let mid = b.len() / 2;
+            b[mid] ^= 0x40;
+            b
+        },
+        file[..file.len() - 1].to_vec(),
+        {
+            let mut b = file.clone();
+            b.push(0);
+            b
+        },
+        b"LGDIFF01 and then nonsense".to_vec(),
+    ] {
+        let e = target.apply_diff(&mut &bad[..]).unwrap_err().to_string();
+        assert!(e.contains("diff file refused"), "{e}");
+        assert!(
+            std::fs::read(&copy).unwrap() == before,
+            "a refused diff changed the copy"
+        );
+    }
+    let stranger = create(other.path(), "stranger", Layout::Offset);
+    let e = reopen(&stranger)
+        .apply_diff(&mut &file[..])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is for LUN"), "{e}");
+
+    // The real thing.
+    target.apply_diff(&mut &file[..]).unwrap();
+    let mut want = vec![0u8; g.primary().volume().size() as usize];
+    g.primary()
+        .volume()
+        .read_snapshot("next", 0, &mut want)
+        .unwrap();
+    assert!(
+        whole(target.primary()) == want,
+        "the copy differs from snapshot next"
+    );
+    assert_eq!(target.primary().hardware().unwrap().vcpus, 5);
+    // Applying again is harmless (absolute contents).
+    target.apply_diff(&mut &file[..]).unwrap();
+    assert!(whole(target.primary()) == want);
+    drop(target);
+    let t = Lun::open(&copy, Access::ReadWrite).unwrap();
+    assert!(t.verify_records().iter().all(|(_, e)| e.is_none()));
+    assert_eq!(t.hardware().unwrap().vcpus, 5);
+
+    // Snapshot → live works the same way.
+    g.primary()
+        .write_region(RegionKind::Disk, 1, 0, &pattern(4, 10_000))
+        .unwrap();
+    let mut live = Vec::new();
+    g.write_diff("next", None, &mut live).unwrap();
+    drop(t);
+    let mut target = reopen(&copy);
+    target.apply_diff(&mut &live[..]).unwrap();
+    assert!(whole(target.primary()) == whole(g.primary()));
+}
+
+#[test]
+fn a_chain_of_depth_64_reads_correctly() {
+    let d = tempfile::tempdir().unwrap();
+    let p = create(d.path(), "deep", Layout::Truncate);
+    let g = reopen(&p);
+    let l = g.primary();
+    let mut model = disk(l, 0, 0, 4 * MIB as usize);
+    for i in 0..64u64 {
+        let off = i * 60_000 + 777;
+        let data = pattern(i as u8, 70_000);
+        l.write_region(RegionKind::Disk, 0, off, &data).unwrap();
+        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        g.snapshot(&format!("s{i}"), "").unwrap();
+    }
+    assert_eq!(l.volume().chain().len(), 65);
+    assert!(disk(l, 0, 0, 4 * MIB as usize) == model);
+    drop(g);
+    let g = reopen(&p);
+    assert!(disk(g.primary(), 0, 0, 4 * MIB as usize) == model);
+    assert_eq!(g.snapshots().len(), 64);
+}
