@@ -958,8 +958,29 @@ impl Lun {
     // ----- state records -------------------------------------------------
 
     /// Read and verify one record's payload.
+    ///
+    /// A layered LUN's directory may have changed under the cached copy (a
+    /// revert through [`Lun::volume`] without [`Lun::reload_state`]): a
+    /// missing or mismatching record is looked up again in a fresh read of
+    /// the directory before it is reported.
     pub fn record(&self, rtype: RecordType, instance: u16) -> Result<Option<Vec<u8>>> {
-        let Some(e) = self.dir.find(rtype, instance).copied() else {
+        match self.record_in(&self.dir, rtype, instance) {
+            Ok(Some(b)) => Ok(Some(b)),
+            r if !self.volume.is_layered() => r,
+            r => match Self::read_dir(&self.path, &self.volume, &self.label) {
+                Ok((fresh, _)) if fresh != self.dir => self.record_in(&fresh, rtype, instance),
+                _ => r,
+            },
+        }
+    }
+
+    fn record_in(
+        &self,
+        dir: &Directory,
+        rtype: RecordType,
+        instance: u16,
+    ) -> Result<Option<Vec<u8>>> {
+        let Some(e) = dir.find(rtype, instance).copied() else {
             return Ok(None);
         };
         let len = usize::try_from(e.length).map_err(|_| self.rec_err(&e, "too large"))?;
@@ -969,6 +990,16 @@ impl Lun {
             return Err(self.rec_err(&e, "payload checksum mismatch"));
         }
         Ok(Some(b))
+    }
+
+    /// A layered LUN re-reads its directory before changing it, so a
+    /// revert done through the volume directly can never be overwritten
+    /// by a stale cached directory.
+    fn fresh_dir(&mut self) -> Result<()> {
+        if self.volume.is_layered() {
+            self.reload_state()?;
+        }
+        Ok(())
     }
 
     pub fn record_json<T: serde::de::DeserializeOwned>(
@@ -1016,6 +1047,7 @@ impl Lun {
     /// then one new directory generation.
     pub fn put_records(&mut self, recs: &[(RecordType, u16, Vec<u8>)]) -> Result<()> {
         self.writable()?;
+        self.fresh_dir()?;
         let st = *self.label.state_region();
         let mut next = self.dir.clone();
         // While writing, both the old and the new payloads must stay intact.
@@ -1067,6 +1099,7 @@ impl Lun {
     /// Remove a record (its space is free once the new directory is current).
     pub fn remove_record(&mut self, rtype: RecordType, instance: u16) -> Result<bool> {
         self.writable()?;
+        self.fresh_dir()?;
         let mut next = self.dir.clone();
         let before = next.entries.len();
         next.entries
@@ -1590,6 +1623,13 @@ mod tests {
             let mut l = Lun::open(&p, Access::ReadWrite).unwrap();
             assert_eq!(l.hardware().unwrap().vcpus, 7);
             l.volume().revert("a").unwrap();
+            // Without a reload the records still come from the reverted
+            // directory, and a record update starts from it.
+            assert_eq!(l.hardware().unwrap(), before);
+            l.put_records(&[(RecordType::Owner, 0, b"{}".to_vec())])
+                .unwrap();
+            assert_eq!(l.hardware().unwrap(), before);
+            assert!(l.verify_records().iter().all(|(_, e)| e.is_none()));
             l.reload_state().unwrap();
             assert_eq!(l.hardware().unwrap(), before);
             let mut b = [0u8; 6];
