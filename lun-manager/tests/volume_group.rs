@@ -396,3 +396,59 @@ fn a_chain_of_depth_64_reads_correctly() {
     assert!(disk(g.primary(), 0, 0, 4 * MIB as usize) == model);
     assert_eq!(g.snapshots().len(), 64);
 }
+
+#[test]
+fn interrupted_revert_and_clone_are_finished_or_undone_on_open() {
+    let d = tempfile::tempdir().unwrap();
+    let p = create(d.path(), "vm", Layout::Offset);
+    let s = create(d.path(), "data", Layout::Offset);
+    {
+        let mut pl = Lun::open(&p, Access::ReadWrite).unwrap();
+        let sl = Lun::open(&s, Access::ReadOnly).unwrap();
+        pl.attach_secondary(&sl).unwrap();
+    }
+    let g = reopen(&p);
+    g.snapshot("a", "").unwrap();
+    for m in g.members() {
+        m.write_region(RegionKind::Disk, 0, 0, b"new").unwrap();
+    }
+    // A crash after the secondary reverted and before the primary did.
+    g.members()[1].volume().revert("a").unwrap();
+    std::fs::write(
+        d.path().join(".vm.group-op"),
+        br#"{"op":"revert","name":"a"}"#,
+    )
+    .unwrap();
+    drop(g);
+    let g = reopen(&p);
+    for m in g.members() {
+        assert_eq!(disk(m, 0, 0, 3), vec![0, 0, 0], "{} not reverted", m.name());
+    }
+    // A crash in the middle of a clone: the secondary's clone is complete,
+    // the primary's has no label yet.
+    let half = g.clone("a", "half").unwrap();
+    let (hp, hs) = (
+        half.primary().path().to_path_buf(),
+        half.members()[1].path().to_path_buf(),
+    );
+    drop(half);
+    std::fs::write(&hp, vec![0u8; 4096]).unwrap();
+    std::fs::write(
+        d.path().join(".vm.group-op"),
+        serde_json::to_vec(&serde_json::json!({"op": "clone", "paths": [hp, hs]})).unwrap(),
+    )
+    .unwrap();
+    drop(g);
+    let g = reopen(&p);
+    assert!(!hp.exists() && !hs.exists(), "half-made clone left behind");
+    assert!(!d.path().join("half.layers").exists());
+    assert!(!d.path().join("half-data.layers").exists());
+    // The parent no longer counts the removed clones as dependents.
+    drop(g);
+    Lun::open(&s, Access::ReadWrite).unwrap();
+    let names: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.starts_with("half")), "{names:?}");
+}
