@@ -148,6 +148,39 @@ impl Group {
         Ok(g)
     }
 
+    /// A group of LUNs the caller already opened (a gateway serving them):
+    /// `members[0]` is the primary, the rest must be exactly its secondaries
+    /// in the order its state region lists them. A read-write group first
+    /// finishes or undoes an interrupted operation, like [`Group::open`].
+    pub fn from_members(members: Vec<Lun>) -> Result<Group> {
+        let Some(p) = members.first() else {
+            return Err(Error::Invalid("a group needs a primary LUN".into()));
+        };
+        let want: Vec<Uuid> = p.secondaries()?.disks.iter().map(|r| r.lun_uuid).collect();
+        let got: Vec<Uuid> = members[1..].iter().map(Lun::uuid).collect();
+        if want != got {
+            return Err(Error::Invalid(format!(
+                "{} lists secondaries {want:?}; the group was given {got:?}",
+                p.name()
+            )));
+        }
+        let access = if members.iter().all(|m| m.access() == Access::ReadWrite) {
+            Access::ReadWrite
+        } else {
+            Access::ReadOnly
+        };
+        let mut g = Group { members, access };
+        if access == Access::ReadWrite {
+            g.recover()?;
+        }
+        Ok(g)
+    }
+
+    /// Give the members back (primary first).
+    pub fn into_members(self) -> Vec<Lun> {
+        self.members
+    }
+
     /// Primary first, then the secondaries.
     pub fn members(&self) -> &[Lun] {
         &self.members

@@ -452,3 +452,24 @@ fn interrupted_revert_and_clone_are_finished_or_undone_on_open() {
         .collect();
     assert!(!names.iter().any(|n| n.starts_with("half")), "{names:?}");
 }
+
+#[test]
+fn a_group_can_be_made_of_luns_already_open() {
+    let d = tempfile::tempdir().unwrap();
+    let p = create(d.path(), "vm", Layout::Offset);
+    let s = create(d.path(), "data", Layout::Offset);
+    {
+        let mut pl = Lun::open(&p, Access::ReadWrite).unwrap();
+        let sl = Lun::open(&s, Access::ReadOnly).unwrap();
+        pl.attach_secondary(&sl).unwrap();
+    }
+    let pl = Lun::open(&p, Access::ReadWrite).unwrap();
+    let sl = Lun::open(&s, Access::ReadWrite).unwrap();
+    let e = Group::from_members(vec![pl]).unwrap_err().to_string();
+    assert!(e.contains("lists secondaries"), "{e}");
+    let pl = Lun::open(&p, Access::ReadWrite).unwrap();
+    let g = Group::from_members(vec![pl, sl]).unwrap();
+    g.snapshot("x", "").unwrap();
+    let m = g.into_members();
+    assert!(m.iter().all(|l| l.volume().snapshots().len() == 1));
+}
