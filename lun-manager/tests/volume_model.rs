@@ -5,6 +5,12 @@
 //! `Vec<u8>` per volume and per snapshot). After every step every volume
 //! and every snapshot must read back exactly as the model says, `extents()`
 //! must never call data a hole, and `diff()` must cover every changed byte.
+//! Reopens also open the volume read-only first (same bytes, no file
+//! changed); a crash without a flush must leave every byte untouched since
+//! the last flush as it was.
+//!
+//! `cargo test -p lun-manager --test volume_model` runs 32 cases (a few
+//! seconds); `PROPTEST_CASES=1000` for a soak.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -67,6 +73,11 @@ enum Op {
     FlushCrashReopen {
         v: usize,
     },
+    /// Drop without any flush: bytes untouched since the last flush must
+    /// read as they were then; touched bytes may read either way.
+    CrashReopen {
+        v: usize,
+    },
 }
 
 /// Offsets biased towards cluster boundaries and lengths from one byte to
@@ -96,7 +107,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (v.clone(), any::<usize>()).prop_map(|(v, which)| Op::Clone { v, which }),
         1 => v.clone().prop_map(|v| Op::Flatten { v }),
         1 => v.clone().prop_map(|v| Op::Reopen { v }),
-        1 => v.prop_map(|v| Op::FlushCrashReopen { v }),
+        1 => v.clone().prop_map(|v| Op::FlushCrashReopen { v }),
+        1 => v.prop_map(|v| Op::CrashReopen { v }),
     ]
 }
 
@@ -105,6 +117,30 @@ struct Vol {
     cfg: VolumeConfig,
     live: Vec<u8>,
     snaps: BTreeMap<String, Vec<u8>>,
+    /// The contents as of the last flush (or operation that flushes).
+    durable: Vec<u8>,
+    /// Bytes written, trimmed or zeroed since then.
+    dirty: Vec<bool>,
+}
+
+impl Vol {
+    fn new(vol: Volume, cfg: VolumeConfig, live: Vec<u8>) -> Vol {
+        Vol {
+            vol: Some(vol),
+            cfg,
+            durable: live.clone(),
+            dirty: vec![false; live.len()],
+            live,
+            snaps: BTreeMap::new(),
+        }
+    }
+    fn touched(&mut self, off: u64, len: u64) {
+        self.dirty[off as usize..(off + len) as usize].fill(true);
+    }
+    fn durable_now(&mut self) {
+        self.durable.clone_from(&self.live);
+        self.dirty.fill(false);
+    }
 }
 
 struct World {
@@ -187,12 +223,7 @@ impl World {
         World {
             dir,
             size,
-            vols: vec![Vol {
-                vol: Some(vol),
-                cfg,
-                live,
-                snaps: BTreeMap::new(),
-            }],
+            vols: vec![Vol::new(vol, cfg, live)],
             next_name: 0,
         }
     }
@@ -212,12 +243,14 @@ impl World {
                 let data = pattern(seed, off, len);
                 w.vol.as_ref().unwrap().write(off, &data).unwrap();
                 w.live[off as usize..(off + len) as usize].copy_from_slice(&data);
+                w.touched(off, len);
             }
             Op::Trim { v, off, len } => {
                 let (off, len) = self.clip(off, len);
                 let w = &mut self.vols[vi(v)];
                 w.vol.as_ref().unwrap().trim(off, len).unwrap();
                 w.live[off as usize..(off + len) as usize].fill(0);
+                w.touched(off, len);
             }
             Op::Zero {
                 v,
@@ -233,8 +266,13 @@ impl World {
                     .write_zeroes(off, len, may_trim)
                     .unwrap();
                 w.live[off as usize..(off + len) as usize].fill(0);
+                w.touched(off, len);
             }
-            Op::Flush { v } => self.vols[vi(v)].vol.as_ref().unwrap().flush().unwrap(),
+            Op::Flush { v } => {
+                let w = &mut self.vols[vi(v)];
+                w.vol.as_ref().unwrap().flush().unwrap();
+                w.durable_now();
+            }
             Op::Snapshot { v } => {
                 let name = format!("s{}", self.next_name);
                 self.next_name += 1;
@@ -248,6 +286,7 @@ impl World {
                 prop_assert_eq!(&info.name, &name);
                 prop_assert!(info.current);
                 w.snaps.insert(name, w.live.clone());
+                w.durable_now();
             }
             Op::Revert { v, which } => {
                 let w = &mut self.vols[vi(v)];
@@ -255,6 +294,7 @@ impl World {
                     Some(name) => {
                         w.vol.as_ref().unwrap().revert(&name).unwrap();
                         w.live = w.snaps[&name].clone();
+                        w.durable_now();
                         let cur: Vec<_> = w
                             .vol
                             .as_ref()
@@ -295,12 +335,7 @@ impl World {
                     .clone_to(&name, cfg.clone())
                     .unwrap();
                 let live = self.vols[src].snaps[&name].clone();
-                self.vols.push(Vol {
-                    vol: Some(vol),
-                    cfg,
-                    live,
-                    snaps: BTreeMap::new(),
-                });
+                self.vols.push(Vol::new(vol, cfg, live));
             }
             Op::Flatten { v } => {
                 let w = &mut self.vols[vi(v)];
@@ -336,6 +371,7 @@ impl World {
                 let vol = Volume::open(w.cfg.clone()).unwrap();
                 prop_assert!(vol.warnings().is_empty(), "{:?}", vol.warnings());
                 w.vol = Some(vol);
+                w.durable_now();
             }
             Op::FlushCrashReopen { v } => {
                 let w = &mut self.vols[vi(v)];
@@ -345,6 +381,26 @@ impl World {
                 let vol = Volume::open(w.cfg.clone()).unwrap();
                 prop_assert!(vol.warnings().is_empty(), "{:?}", vol.warnings());
                 w.vol = Some(vol);
+                w.durable_now();
+            }
+            Op::CrashReopen { v } => {
+                let w = &mut self.vols[vi(v)];
+                w.vol.take().unwrap().crash();
+                let vol = Volume::open(w.cfg.clone()).unwrap();
+                prop_assert!(vol.warnings().is_empty(), "{:?}", vol.warnings());
+                let mut got = vec![0u8; self.size as usize];
+                vol.read(0, &mut got).unwrap();
+                if let Some(at) = (0..got.len()).find(|&i| got[i] != w.durable[i] && !w.dirty[i]) {
+                    return Err(TestCaseError::fail(format!(
+                        "after a crash byte {at} (cluster {}) reads {}, but it was {} at the last flush and never touched since",
+                        at as u64 / CS,
+                        got[at],
+                        w.durable[at]
+                    )));
+                }
+                w.vol = Some(vol);
+                w.live = got;
+                w.durable_now();
             }
         }
         Ok(())
