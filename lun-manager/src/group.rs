@@ -195,6 +195,11 @@ impl Group {
     }
 
     fn begin(&self, i: &Intent) -> Result<()> {
+        if self.access == Access::ReadOnly {
+            return Err(Error::ReadOnly {
+                path: self.primary().path().to_path_buf(),
+            });
+        }
         let p = self.intent_path();
         let body = serde_json::to_vec(i).expect("intent serialises");
         let f = std::fs::File::create(&p).ctx(&p, "create intent")?;

@@ -254,9 +254,11 @@ fn a_half_made_group_snapshot_is_removed_on_open() {
     )
     .unwrap();
     drop(g);
-    // A read-only open changes nothing.
+    // A read-only open changes nothing and refuses changes.
     let ro = Group::open(&p, Access::ReadOnly).unwrap();
     assert_eq!(ro.members()[1].volume().snapshots().len(), 2);
+    let e = ro.snapshot("nope", "").unwrap_err().to_string();
+    assert!(e.contains("read-only"), "{e}");
     drop(ro);
     let g = reopen(&p);
     let names: Vec<_> = g.members()[1]

@@ -988,6 +988,14 @@ impl Volume {
         }
         self.flush_locked(&st)?;
         if st.plain {
+            // A block device has no pool directory to keep layers in (one
+            // next to /dev/sdX would live in devtmpfs and vanish at reboot).
+            if crate::fileops::is_block_device(&self.home).unwrap_or(false) {
+                return Err(Error::Invalid(format!(
+                    "{} is a block device: snapshots need a LUN file in a pool directory",
+                    self.lun_path.display()
+                )));
+            }
             std::fs::create_dir_all(&self.dir).ctx(&self.dir, "create layers directory")?;
             if let Some(p) = self.dir.parent() {
                 manifest::sync_dir(if p.as_os_str().is_empty() {
