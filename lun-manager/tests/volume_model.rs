@@ -7,7 +7,8 @@
 //! must never call data a hole, and `diff()` must cover every changed byte.
 //! Reopens also open the volume read-only first (same bytes, no file
 //! changed); a crash without a flush must leave every byte untouched since
-//! the last flush as it was.
+//! the last flush as it was; a diff file from a snapshot to the live volume,
+//! applied to a fresh copy of the snapshot, must reproduce the live volume.
 //!
 //! `cargo test -p lun-manager --test volume_model` runs 32 cases (a few
 //! seconds); `PROPTEST_CASES=1000` for a soak.
@@ -78,6 +79,12 @@ enum Op {
     CrashReopen {
         v: usize,
     },
+    /// Diff file from a snapshot to the live volume, applied to a fresh
+    /// copy of that snapshot: the copy must then read as the live volume.
+    DiffApply {
+        v: usize,
+        which: usize,
+    },
 }
 
 /// Offsets biased towards cluster boundaries and lengths from one byte to
@@ -108,7 +115,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => v.clone().prop_map(|v| Op::Flatten { v }),
         1 => v.clone().prop_map(|v| Op::Reopen { v }),
         1 => v.clone().prop_map(|v| Op::FlushCrashReopen { v }),
-        1 => v.prop_map(|v| Op::CrashReopen { v }),
+        1 => v.clone().prop_map(|v| Op::CrashReopen { v }),
+        1 => (v, any::<usize>()).prop_map(|(v, which)| Op::DiffApply { v, which }),
     ]
 }
 
@@ -318,6 +326,40 @@ impl World {
                     w.vol.as_ref().unwrap().delete_snapshot(&name).unwrap();
                     w.snaps.remove(&name);
                 }
+            }
+            Op::DiffApply { v, which } => {
+                let w = &self.vols[vi(v)];
+                let Some(name) = pick(&w.snaps, which) else {
+                    return Ok(());
+                };
+                let vol = w.vol.as_ref().unwrap();
+                let changes = lun_manager::volume::diff::clip(
+                    &vol.diff(&name, None).unwrap(),
+                    vol.protected(),
+                );
+                let mut file = Vec::new();
+                lun_manager::volume::diff::write(&[(vol, changes)], &name, None, &mut file)
+                    .unwrap();
+                // The copy: a plain LUN with the snapshot's bytes and the
+                // source's identity.
+                let n = self.next_name;
+                self.next_name += 1;
+                let mut cfg = new_lun(self.dir.path(), &format!("copy{n}"), self.size, false);
+                cfg.lun_uuid = w.cfg.lun_uuid;
+                cfg.file.write_all_at(&w.snaps[&name], 0).unwrap();
+                let copy = Volume::open(cfg.clone()).unwrap();
+                lun_manager::volume::diff::apply(&mut &file[..], self.dir.path(), &[&copy])
+                    .unwrap();
+                let mut b = vec![0u8; self.size as usize];
+                copy.read(0, &mut b).unwrap();
+                if b != w.live {
+                    let at = b.iter().zip(&w.live).position(|(a, m)| a != m).unwrap();
+                    return Err(TestCaseError::fail(format!(
+                        "diff({name}, live) applied to a copy differs from live at byte {at}"
+                    )));
+                }
+                drop(copy);
+                std::fs::remove_file(&cfg.lun_path).unwrap();
             }
             Op::Clone { v, which } => {
                 if n >= MAX_VOLUMES {
