@@ -1208,6 +1208,7 @@ impl Lun {
     /// Grow disk `index` to `new_len` bytes, or add disk `index` when it is
     /// the next free index. Never shrinks; never loses a byte.
     pub fn resize_disk(&mut self, index: u32, new_len: u64) -> Result<()> {
+        self.not_layered()?;
         let new_len = align_up(new_len)
             .ok_or_else(|| Error::Invalid(format!("size {new_len} is too large")))?;
         match self.region(RegionKind::Disk, index) {
@@ -1263,8 +1264,23 @@ impl Lun {
             })
     }
 
+    /// Resizing moves regions in the file, under the layers' feet: refused
+    /// once the LUN has layers.
+    fn not_layered(&self) -> Result<()> {
+        if self.volume.is_layered() {
+            return Err(Error::Invalid(format!(
+                "{} has snapshot layers in {} (snapshots, a clone, or a flattened chain); \
+                 resizing a layered LUN is not supported",
+                self.name(),
+                self.volume.layers_dir().display()
+            )));
+        }
+        Ok(())
+    }
+
     /// Set the VM's memory size, growing the state region to hold it.
     pub fn resize_memory(&mut self, memory: u64) -> Result<()> {
+        self.not_layered()?;
         let need = state::state_region_len(memory)
             .ok_or_else(|| Error::Invalid(format!("memory size {memory} is too large")))?;
         let st = *self.label.state_region();
@@ -1285,14 +1301,7 @@ impl Lun {
     /// 6. zero what the moved regions left behind; rewrite the GPT.
     fn grow(&mut self, kind: RegionKind, index: u32, new_len: u64) -> Result<()> {
         self.writable()?;
-        if self.volume.is_layered() {
-            return Err(Error::Invalid(format!(
-                "{} has snapshot layers in {} (snapshots, a clone, or a flattened chain); \
-                 resizing a layered LUN is not supported",
-                self.name(),
-                self.volume.layers_dir().display()
-            )));
-        }
+        self.not_layered()?;
         let old = self.label.clone();
         let target = old.region(kind, index).copied();
         let tgt_off = target.map(|r| r.offset);
@@ -1637,6 +1646,8 @@ mod tests {
             assert_eq!(&b, b"before");
             // Resizing a layered LUN is refused with a clear error.
             let e = l.resize_disk(0, 8 * MIB).unwrap_err().to_string();
+            assert!(e.contains("layered LUN is not supported"), "{e}");
+            let e = l.resize_memory(2 * MIB).unwrap_err().to_string();
             assert!(e.contains("layered LUN is not supported"), "{e}");
             // A read-only open writes nothing and sees the same state.
             drop(l);
