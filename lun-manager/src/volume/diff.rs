@@ -441,3 +441,92 @@ pub fn apply(r: &mut impl Read, scratch_dir: &Path, targets: &[&Volume]) -> Resu
     replay(&info, &mut spool, &spool_path, targets)?;
     Ok(info)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::{VolumeConfig, VolumeOptions};
+    use std::sync::Arc;
+
+    fn volume(dir: &Path, name: &str, lun: Uuid) -> Volume {
+        let path = dir.join(format!("{name}.lun"));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(64 * 4096).unwrap();
+        Volume::open(VolumeConfig {
+            lun_path: path,
+            file: Arc::new(f),
+            lun_uuid: lun,
+            size: 64 * 4096,
+            protected: std::iter::once(0..4096).collect(),
+            options: VolumeOptions {
+                cluster_size: 4096,
+                read_only: false,
+            },
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn every_single_byte_corruption_is_refused_before_anything_is_written() {
+        let d = tempfile::tempdir().unwrap();
+        let lun = Uuid::new_v4();
+        let src = volume(d.path(), "src", lun);
+        src.snapshot("a", "").unwrap();
+        src.write(4096 + 100, &[7u8; 300]).unwrap();
+        src.write(10 * 4096, &[9u8; 4096]).unwrap();
+        let changes = clip(&src.diff("a", None).unwrap(), src.protected());
+        let mut file = Vec::new();
+        write(&[(&src, changes)], "a", None, &mut file).unwrap();
+        let dst = volume(d.path(), "dst", lun);
+        let before = std::fs::read(d.path().join("dst.lun")).unwrap();
+        for i in 0..file.len() {
+            let mut bad = file.clone();
+            bad[i] ^= 0x01;
+            assert!(
+                apply(&mut &bad[..], d.path(), &[&dst]).is_err(),
+                "flip at {i} accepted"
+            );
+        }
+        for n in 0..file.len() {
+            assert!(
+                apply(&mut &file[..n], d.path(), &[&dst]).is_err(),
+                "truncation to {n} accepted"
+            );
+        }
+        assert_eq!(std::fs::read(d.path().join("dst.lun")).unwrap(), before);
+        // No scratch file is left behind.
+        let left: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().contains("spool"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        let info = apply(&mut &file[..], d.path(), &[&dst]).unwrap();
+        assert_eq!(info.from, "a");
+        assert_eq!(info.to, None);
+        let (mut a, mut b) = (vec![0u8; 64 * 4096], vec![0u8; 64 * 4096]);
+        src.read(0, &mut a).unwrap();
+        dst.read(0, &mut b).unwrap();
+        assert!(a == b);
+    }
+
+    #[test]
+    fn clip_cuts_protected_ranges_out() {
+        let c = |offset, length| Change {
+            offset,
+            length,
+            kind: ChangeKind::Data,
+        };
+        assert_eq!(
+            clip(&[c(0, 100), c(150, 100)], &[10..20, 200..210]),
+            vec![c(0, 10), c(20, 80), c(150, 50), c(210, 40)]
+        );
+        let all = std::iter::once(0..100).collect::<Vec<_>>();
+        assert_eq!(clip(&[c(10, 10)], &all), vec![]);
+    }
+}
