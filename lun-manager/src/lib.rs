@@ -7,10 +7,12 @@
 //! (`lunctl`) uses [`Lun`] directly.
 
 pub mod backend;
+pub mod control_client;
 pub mod error;
 pub mod fileops;
 pub mod format;
 pub mod lun;
+pub mod owner;
 pub mod pool;
 pub mod progress;
 pub mod report;
