@@ -236,6 +236,35 @@ fn main() -> ExitCode {
     }
 }
 
+/// The flock for a direct edit, refusing a LUN something else holds (a
+/// gateway included: these commands have no control API route).
+fn lock(path: &Path) -> Result<owner::FileLock, String> {
+    owner::lock(path).map_err(|e| e.to_string())
+}
+
+/// Layers directories of clones that still read layers in `layers`.
+fn dependent_clones(layers: &Path) -> Vec<String> {
+    use lun_manager::volume::manifest::{self, Parent};
+    let Ok(Some(m)) = manifest::load(layers) else {
+        return Vec::new();
+    };
+    let me = std::fs::canonicalize(layers).unwrap_or_else(|_| layers.to_path_buf());
+    m.manifest
+        .dependents
+        .iter()
+        .filter(|d| match manifest::load(&d.dir) {
+            Ok(None) => false,
+            Ok(Some(c)) => c.manifest.layers.iter().any(|l| {
+                matches!(&l.parent, Parent::External { dir, .. }
+                    if std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()) == me)
+            }),
+            // Unreadable: keep it, a pin is only dropped for certain.
+            Err(_) => true,
+        })
+        .map(|d| d.dir.display().to_string())
+        .collect()
+}
+
 fn size(s: &str, what: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| format!("{what}: {e}"))
 }
@@ -256,6 +285,7 @@ fn run(cli: Cli) -> Result<(), String> {
             if disk.is_empty() && memory.is_none() {
                 return Err("resize needs --disk N=SIZE or --memory SIZE".into());
             }
+            let _lock = lock(&path)?;
             let mut l = Lun::open(&path, Access::ReadWrite).map_err(|e| e.to_string())?;
             for d in &disk {
                 let (n, s) = d
@@ -286,6 +316,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let p = resolve(&lun, pool.as_deref())?;
             let s = resolve(&secondary, pool.as_deref())?;
             let other = Lun::open(&s, Access::ReadOnly).map_err(|e| e.to_string())?;
+            let _lock = lock(&p)?;
             let mut l = Lun::open(&p, Access::ReadWrite).map_err(|e| e.to_string())?;
             l.attach_secondary(&other).map_err(|e| e.to_string())?;
             println!(
@@ -303,9 +334,23 @@ fn run(cli: Cli) -> Result<(), String> {
                     path.display()
                 ));
             }
+            let lock = lock(&path)?;
             let l = Lun::open(&path, Access::ReadWrite).map_err(|e| e.to_string())?;
             let name = l.name().to_string();
+            let layers = path.with_extension("layers");
+            let clones = dependent_clones(&layers);
+            if !clones.is_empty() {
+                return Err(format!(
+                    "{name} has clones that read its snapshots ({}); flatten or delete them first",
+                    clones.join(", ")
+                ));
+            }
             l.delete().map_err(|e| e.to_string())?;
+            drop(lock);
+            if path.extension().is_some_and(|e| e == "lun") && layers.is_dir() {
+                std::fs::remove_dir_all(&layers)
+                    .map_err(|e| format!("{}: {e}", layers.display()))?;
+            }
             println!("deleted {name} ({})", path.display());
         }
         Cmd::Snapshot {
