@@ -642,6 +642,137 @@ mod tests {
         (p, bytes)
     }
 
+    fn snapshotted(dir: &Path, name: &str) -> PathBuf {
+        let p = dir.join(format!("{name}.lun"));
+        Lun::create(
+            &p,
+            &CreateSpec {
+                name: name.into(),
+                disks: vec![2 * MIB],
+                memory: 0,
+                vcpus: 1,
+                layout: Layout::Offset,
+            },
+        )
+        .unwrap();
+        let l = Lun::open(&p, Access::ReadWrite).unwrap();
+        let v = crate::volume::Volume::open(crate::volume::VolumeConfig::for_lun(
+            &l,
+            Default::default(),
+        ))
+        .unwrap();
+        v.snapshot("s1", "").unwrap();
+        v.snapshot("s2", "").unwrap();
+        v.close().unwrap();
+        p
+    }
+
+    #[test]
+    fn damaged_manifest_is_a_reason_and_the_scan_writes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let p = snapshotted(d.path(), "vm");
+        let dir = layers_dir(&p);
+        let r = scan(&[d.path().to_path_buf()]);
+        assert_eq!(r.vms[0].snapshots.len(), 2);
+        assert_eq!(r.vms[0].snapshots[1].parent.as_deref(), Some("s1"));
+        assert_eq!(r.vms[0].live_from.as_deref(), Some("s2"));
+        assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+        // One damaged slot: a warning, the other slot is used.
+        let s0 = manifest::slot_path(&dir, 0);
+        let mut b = std::fs::read(&s0).unwrap();
+        b[70] ^= 1;
+        std::fs::write(&s0, &b).unwrap();
+        let r = scan(&[d.path().to_path_buf()]);
+        assert_eq!(r.vms.len(), 1);
+        assert!(r.vms[0].warnings.iter().any(|w| w.contains("checksum")));
+        assert_eq!(std::fs::read(&s0).unwrap(), b, "the scanner never repairs");
+        // Both damaged: the LUN is listed as damaged with the reason.
+        let s1 = manifest::slot_path(&dir, 1);
+        std::fs::write(&s1, b"garbage").unwrap();
+        let r = scan(&[d.path().to_path_buf()]);
+        assert!(r.vms.is_empty());
+        assert!(
+            r.damaged[0].reason.contains("snapshot layers")
+                && r.damaged[0].reason.contains("no valid manifest slot"),
+            "{:?}",
+            r.damaged
+        );
+        // Scanning inside the layers directory finds and skips nothing.
+        let r = scan(&[dir.clone(), s1]);
+        assert!(r.vms.is_empty() && r.skipped.is_empty() && r.damaged.is_empty());
+    }
+
+    #[test]
+    fn a_clone_whose_parent_was_not_scanned_is_a_vm_with_a_warning() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let src = snapshotted(a.path(), "src");
+        let dst = b.path().join("dst.lun");
+        let sl = Lun::open(&src, Access::ReadWrite).unwrap();
+        let v = crate::volume::Volume::open(crate::volume::VolumeConfig::for_lun(
+            &sl,
+            Default::default(),
+        ))
+        .unwrap();
+        let spec = CreateSpec {
+            name: "dst".into(),
+            disks: vec![2 * MIB],
+            memory: 0,
+            vcpus: 1,
+            layout: Layout::Offset,
+        };
+        let t = Lun::create(&dst, &spec).unwrap();
+        v.clone_to(
+            "s1",
+            crate::volume::VolumeConfig::for_lun(&t, Default::default()),
+        )
+        .unwrap()
+        .close()
+        .unwrap();
+        v.close().unwrap();
+        let r = scan(&[b.path().to_path_buf()]);
+        assert_eq!(r.vms[0].name, "dst");
+        assert!(
+            r.vms[0]
+                .warnings
+                .iter()
+                .any(|w| w.contains("clone of snapshot s1")),
+            "{:?}",
+            r.vms[0].warnings
+        );
+        let r = scan(&[a.path().to_path_buf(), b.path().to_path_buf()]);
+        assert_eq!(r.vms.len(), 1);
+        assert_eq!(r.vms[0].clones[0].name, "dst");
+        assert_eq!(r.vms[0].clones[0].snapshot, "s1");
+        let rows = crate::report::table(&r);
+        assert!(rows.contains("clone dst  from src@s1"), "{rows}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Random bytes in both manifest slots never crash the scanner.
+        #[test]
+        fn scanner_survives_random_manifests(
+            junk in proptest::collection::vec(any::<u8>(), 0..400),
+            hits in proptest::collection::vec((0usize..4096, any::<u8>()), 1..8),
+        ) {
+            let d = tempfile::tempdir().unwrap();
+            let p = snapshotted(d.path(), "m");
+            let dir = layers_dir(&p);
+            let s0 = manifest::slot_path(&dir, 0);
+            let mut b = std::fs::read(&s0).unwrap();
+            for (at, v) in &hits {
+                let n = b.len();
+                b[at % n] = *v;
+            }
+            std::fs::write(&s0, &b).unwrap();
+            std::fs::write(manifest::slot_path(&dir, 1), &junk).unwrap();
+            let r = scan(&[d.path().to_path_buf()]);
+            prop_assert_eq!(r.vms.len() + r.damaged.len(), 1);
+            prop_assert!(r.skipped.is_empty());
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(150))]
         /// Random corruption anywhere in the metadata (GPT, label slots,
