@@ -105,15 +105,25 @@ fn vm_card(o: &mut String, vm: &VmReport) {
     for w in &vm.warnings {
         let _ = write!(o, "<p class=\"warn\">⚠ {}</p>", esc(w));
     }
+    for c in &vm.clones {
+        for w in &c.warnings {
+            let _ = write!(
+                o,
+                "<p class=\"warn\">⚠ clone {}: {}</p>",
+                esc(&c.name),
+                esc(w)
+            );
+        }
+    }
     o.push_str("</div>\n");
 }
 
 /// What a tree node says (cut to stay readable; the full text is its title).
 fn row_text(r: &TreeRow) -> String {
     let t = match r.kind {
-        RowKind::Snapshot if r.detail.is_empty() => format!("📷 {}", r.label),
-        RowKind::Snapshot => format!("📷 {} — {}", r.label, r.detail),
-        RowKind::Clone => format!("⧉ clone {} ({})", r.label, r.detail),
+        RowKind::Snapshot if r.detail.is_empty() => format!("snapshot {}", r.label),
+        RowKind::Snapshot => format!("snapshot {} — {}", r.label, r.detail),
+        RowKind::Clone => format!("clone {} ({})", r.label, r.detail),
         RowKind::Now => "● now (live)".to_string(),
     };
     t.chars().take(80).collect()
@@ -142,7 +152,11 @@ fn svg(vm: &VmReport) -> String {
             "secondary",
         ));
     }
-    let tree = tree_rows(vm);
+    let tree = if vm.snapshots.is_empty() && vm.clones.is_empty() {
+        Vec::new()
+    } else {
+        tree_rows(vm)
+    };
     let rows = items.len().max(1) + tree.len();
     let h = 30 + rows * 34;
     let width = tree
