@@ -51,13 +51,9 @@ pub enum Probe {
     Free,
     /// A gateway holds it and serves a control API at `control`.
     Gateway { pid: u32, control: PathBuf },
-    /// Someone else holds it. `pid` is 0 and `owner`/`host` are empty when
-    /// the holder wrote no record (e.g. another `lunctl`).
-    Busy {
-        owner: String,
-        pid: u32,
-        host: String,
-    },
+    /// Someone else holds it. `pid` is 0 and `owner` is empty when the
+    /// holder wrote no record (e.g. another `lunctl`).
+    Busy { owner: String, pid: u32 },
 }
 
 /// The flock alone, on a file description of its own (so it is independent
@@ -65,14 +61,24 @@ pub enum Probe {
 /// Dropping it releases the lock.
 #[derive(Debug)]
 pub struct FileLock {
-    /// Held only for its flock; closing it releases the lock.
-    _file: File,
+    /// Held only for its flock.
+    file: File,
     path: PathBuf,
 }
 
 impl FileLock {
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        // Unlock explicitly: a child forked by another thread shares this
+        // file description until it execs, and closing our descriptor alone
+        // would leave the lock held for that moment.
+        // SAFETY: flock on a descriptor this struct owns; no memory is passed.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
     }
 }
 
@@ -94,7 +100,7 @@ fn try_flock(path: &Path) -> Result<Try> {
     let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if r == 0 {
         return Ok(Try::Got(FileLock {
-            _file: file,
+            file,
             path: path.to_path_buf(),
         }));
     }
@@ -109,13 +115,17 @@ fn try_flock(path: &Path) -> Result<Try> {
     })
 }
 
+/// The `Owner` record of the LUN at `path`, if it has a readable one.
+fn read_record(path: &Path) -> Option<Owner> {
+    Lun::open(path, Access::ReadOnly)
+        .ok()
+        .and_then(|l| l.record_json(RecordType::Owner, 0).ok().flatten())
+}
+
 /// Who holds the lock of the LUN at `path`, read from its `Owner` record.
 /// Only meaningful while the flock is held by someone.
 fn holder(path: &Path) -> Probe {
-    let rec: Option<Owner> = Lun::open(path, Access::ReadOnly)
-        .ok()
-        .and_then(|l| l.record_json(RecordType::Owner, 0).ok().flatten());
-    match rec {
+    match read_record(path) {
         Some(Owner {
             owner,
             pid,
@@ -128,12 +138,10 @@ fn holder(path: &Path) -> Probe {
         Some(o) => Probe::Busy {
             owner: o.owner,
             pid: o.pid,
-            host: o.host,
         },
         None => Probe::Busy {
             owner: String::new(),
             pid: 0,
-            host: String::new(),
         },
     }
 }
@@ -151,21 +159,23 @@ pub fn probe(path: &Path) -> Result<Probe> {
     }
 }
 
-/// The error for a LUN whose lock is held: who holds it.
+/// The error for a LUN whose lock is held: who holds it, and where (the
+/// host from its `Owner` record).
 pub fn busy_error(path: &Path, p: &Probe) -> Error {
     let lun = path.display().to_string();
+    let host = || read_record(path).map_or_else(|| "?".to_string(), |o| o.host);
     match p {
         Probe::Gateway { pid, .. } => Error::Owned {
             lun,
             owner: "lungate".into(),
             pid: *pid,
-            host: hostname(),
+            host: host(),
         },
-        Probe::Busy { owner, pid, host } if *pid != 0 => Error::Owned {
+        Probe::Busy { owner, pid } if *pid != 0 => Error::Owned {
             lun,
             owner: owner.clone(),
             pid: *pid,
-            host: host.clone(),
+            host: host(),
         },
         _ => Error::Locked { lun },
     }
