@@ -125,8 +125,9 @@ struct Found {
     clone_of: Option<(Uuid, String)>,
 }
 
-/// `POOL/NAME.lun` → `POOL/NAME.layers` (the volume engine's rule).
-fn layers_dir(lun_path: &Path) -> PathBuf {
+/// `POOL/NAME.lun` → `POOL/NAME.layers`; any other path gets `.layers`
+/// appended (the volume engine's rule, which `volume` does not export).
+pub fn layers_dir(lun_path: &Path) -> PathBuf {
     match lun_path.extension() {
         Some(e) if e == "lun" => lun_path.with_extension("layers"),
         _ => {

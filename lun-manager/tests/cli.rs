@@ -1131,3 +1131,24 @@ fn a_lun_held_by_another_process_is_refused_or_sent_to_its_gateway() {
         drop(g);
     }
 }
+
+#[test]
+fn a_lun_at_any_path_keeps_its_layers_beside_it_and_delete_removes_them() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("vm.img");
+    lunctl()
+        .args(["create", "loose", "--path"])
+        .arg(&f)
+        .args(["--disk", "4M", "--memory", "1M", "--layout", "truncate"])
+        .assert()
+        .success();
+    let l = f.to_str().unwrap();
+    ok(&["snapshot", l, "s"]);
+    let layers = d.path().join("vm.img.layers");
+    assert!(layers.is_dir());
+    let r = json_of(&["scan", "--json", d.path().to_str().unwrap()]);
+    assert_eq!(r["vms"][0]["snapshots"][0]["name"], "s");
+    assert!(r["skipped"].as_array().unwrap().is_empty(), "{r}");
+    ok(&["delete", l, "--yes"]);
+    assert!(!f.exists() && !layers.exists());
+}

@@ -337,7 +337,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let lock = lock(&path)?;
             let l = Lun::open(&path, Access::ReadWrite).map_err(|e| e.to_string())?;
             let name = l.name().to_string();
-            let layers = path.with_extension("layers");
+            let layers = scan::layers_dir(&path);
             let clones = dependent_clones(&layers);
             if !clones.is_empty() {
                 return Err(format!(
@@ -347,7 +347,7 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             l.delete().map_err(|e| e.to_string())?;
             drop(lock);
-            if path.extension().is_some_and(|e| e == "lun") && layers.is_dir() {
+            if layers.is_dir() {
                 std::fs::remove_dir_all(&layers)
                     .map_err(|e| format!("{}: {e}", layers.display()))?;
             }
@@ -785,6 +785,13 @@ fn op_usage(_lun: &Lun, vol: &Volume) -> Vec<LayerUsage> {
 /// made a clone of snapshot `snap`. Removed again if that fails.
 fn op_clone(lun: &Lun, vol: &Volume, snap: &str, new_name: &str) -> Result<PathBuf, String> {
     lun_manager::format::validate_name(new_name)?;
+    if lun.is_block_device() {
+        return Err(format!(
+            "{}: a LUN on a block device cannot be cloned into a file next to it; \
+             clone a LUN that lives in a pool",
+            lun.name()
+        ));
+    }
     if !vol.snapshots().iter().any(|s| s.name == snap) {
         return Err(verr(lun)(volume::Error::NoSnapshot(snap.into())));
     }
@@ -813,8 +820,7 @@ fn op_clone(lun: &Lun, vol: &Volume, snap: &str, new_name: &str) -> Result<PathB
         layout: lun.layout(),
     };
     let new = Lun::create(&path, &spec).map_err(|e| e.to_string())?;
-    // The volume keeps NAME.lun's layers in NAME.layers.
-    let layers = path.with_extension("layers");
+    let layers = scan::layers_dir(&path);
     let undo = |why: String| {
         let _ = std::fs::remove_dir_all(&layers);
         let _ = std::fs::remove_file(&path);
