@@ -1152,3 +1152,53 @@ fn a_lun_at_any_path_keeps_its_layers_beside_it_and_delete_removes_them() {
     ok(&["delete", l, "--yes"]);
     assert!(!f.exists() && !layers.exists());
 }
+
+/// A flatten killed midway resumes from its saved progress when run again.
+#[test]
+fn flatten_killed_midway_resumes_and_completes() {
+    use lun_manager::volume::manifest;
+    let (_d, p) = pool();
+    let big = create(&p, "big", &["--disk", "1G", "--memory", "1M"]);
+    let (d0, d0len) = region(&inspect(&big), "disk", 0);
+    let head = pattern(65536, 8);
+    let tail = pattern(65536, 9);
+    vol_write(&big, d0, &head);
+    vol_write(&big, d0 + d0len - 65536, &tail);
+    ok(&["snapshot", big.to_str().unwrap(), "s"]);
+    ok(&["clone", big.to_str().unwrap(), "s", "c"]);
+    let c = p.join("c.lun");
+    let layers = p.join("c.layers");
+    let mut child = lunctl()
+        .args(["flatten", c.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut interrupted = false;
+    for _ in 0..6000 {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if let Ok(Some(l)) = manifest::load(&layers) {
+            if l.manifest.flatten.as_ref().is_some_and(|f| f.next > 0) {
+                child.kill().unwrap();
+                interrupted = true;
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.wait().unwrap();
+    assert!(interrupted, "flatten finished before it saved any progress");
+    let saved = manifest::load(&layers).unwrap().unwrap().manifest;
+    assert!(saved.flatten.is_some(), "progress survives the kill");
+    ok(&["flatten", c.to_str().unwrap()]);
+    let m = manifest::load(&layers).unwrap().unwrap().manifest;
+    assert!(m.flatten.is_none());
+    assert!(m
+        .layers
+        .iter()
+        .all(|l| !matches!(l.parent, manifest::Parent::External { .. })));
+    ok(&["delete", big.to_str().unwrap(), "--yes"]);
+    assert_eq!(vol_read(&c, d0, 65536), head);
+    assert_eq!(vol_read(&c, d0 + d0len - 65536, 65536), tail);
+}
