@@ -127,6 +127,7 @@ struct Found {
 
 /// `POOL/NAME.lun` → `POOL/NAME.layers`; any other path gets `.layers`
 /// appended (the volume engine's rule, which `volume` does not export).
+// MERGE: use volume::layers_dir if branch vol re-exports it.
 pub fn layers_dir(lun_path: &Path) -> PathBuf {
     match lun_path.extension() {
         Some(e) if e == "lun" => lun_path.with_extension("layers"),

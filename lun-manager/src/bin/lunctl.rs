@@ -243,6 +243,8 @@ fn lock(path: &Path) -> Result<owner::FileLock, String> {
 }
 
 /// Layers directories of clones that still read layers in `layers`.
+// MERGE: the volume engine decides this too (its private `dependent_alive`);
+// use its answer if branch vol exposes one (or Group refuses the delete).
 fn dependent_clones(layers: &Path) -> Vec<String> {
     use lun_manager::volume::manifest::{self, Parent};
     let Ok(Some(m)) = manifest::load(layers) else {
@@ -650,6 +652,7 @@ fn list(dir: &Path, as_json: bool) -> Result<(), String> {
 // ----- snapshot commands ---------------------------------------------------
 
 /// Where a snapshot command runs.
+// MERGE: `Direct` holds a `Group` (whose primary is `lun`) once it lands.
 enum Target {
     /// This process edits the files, holding the LUN's flock throughout.
     Direct {
