@@ -1338,6 +1338,7 @@ type ApplyFn<'a> = dyn FnMut(u64, Option<&[u8]>, u64) -> Result<(), String> + 'a
 /// trailer's checksum.
 fn walk_diff(
     vol: &Volume,
+    label: std::ops::Range<u64>,
     file: &Path,
     mut apply: Option<&mut ApplyFn<'_>>,
 ) -> Result<(u64, u64), String> {
@@ -1383,6 +1384,12 @@ fn walk_diff(
                 "{what}: bad extent (kind {kind}, offset {offset}, length {length}) for a LUN of {size} bytes"
             ));
         }
+        if offset < label.end && label.start < offset + length {
+            return Err(format!(
+                "{what}: extent at {offset} (+{length}) touches the label region [{}, {}), which a diff never holds",
+                label.start, label.end
+            ));
+        }
         extents += 1;
         total += length;
         if kind == 2 {
@@ -1421,7 +1428,9 @@ fn walk_diff(
 /// Verify the whole file first (nothing is written to a damaged or
 /// mismatched diff's target), then apply it and flush.
 fn provisional_apply_diff(lun: &Lun, vol: &Volume, file: &Path) -> Result<(u64, u64), String> {
-    walk_diff(vol, file, None)?;
+    let l = lun.label().label_region();
+    let label = l.offset..l.end();
+    walk_diff(vol, label.clone(), file, None)?;
     let mut write = |at: u64, data: Option<&[u8]>, len: u64| -> Result<(), String> {
         match data {
             Some(d) => vol.write(at, d),
@@ -1429,7 +1438,7 @@ fn provisional_apply_diff(lun: &Lun, vol: &Volume, file: &Path) -> Result<(u64, 
         }
         .map_err(verr(lun))
     };
-    let r = walk_diff(vol, file, Some(&mut write))?;
+    let r = walk_diff(vol, label, file, Some(&mut write))?;
     vol.flush().map_err(verr(lun))?;
     Ok(r)
 }
