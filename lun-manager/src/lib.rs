@@ -7,11 +7,13 @@
 //! (`lunctl`) uses [`Lun`] directly.
 
 pub mod backend;
+pub mod control_client;
 pub mod error;
 pub mod fileops;
 pub mod format;
 pub mod group;
 pub mod lun;
+pub mod owner;
 pub mod pool;
 pub mod progress;
 pub mod report;

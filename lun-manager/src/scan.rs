@@ -3,8 +3,15 @@
 //! label checksum. Secondary-disk LUNs and clones are attached to the VM
 //! that references them instead of being listed as VMs of their own.
 //!
-//! The scanner only ever opens read-only and never panics on bad input: a
-//! file that is not a LUN is skipped, a damaged one is listed with the reason.
+//! A LUN's snapshot layers live in `NAME.layers/` beside it; the scanner
+//! reads that directory's manifest for the snapshot tree and, for a clone,
+//! the snapshot of which VM it came from. Files inside a layers directory
+//! are never LUN candidates.
+//!
+//! The scanner only ever reads (it never replays a journal, removes an
+//! orphan or rewrites a manifest) and never panics on bad input: a file
+//! that is not a LUN is skipped, a damaged one (label, state or manifest) is
+//! listed with the reason.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::FileTypeExt;
@@ -17,6 +24,7 @@ use crate::error::Error;
 use crate::format::state::{Identity, RecordType, SnapshotNode, SnapshotTree};
 use crate::format::Layout;
 use crate::lun::{Access, Lun};
+use crate::volume::manifest::{self, Manifest, Parent};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ScanReport {
@@ -40,10 +48,25 @@ pub struct VmReport {
     pub disks: Vec<DiskReport>,
     pub state_region: u64,
     pub secondaries: Vec<SecondaryReport>,
+    /// Oldest first; each names the snapshot it was taken after.
     pub snapshots: Vec<SnapshotNode>,
-    /// LUNs cloned from this VM, by name and UUID.
+    /// The snapshot the live LUN continues from, if any.
+    pub live_from: Option<String>,
+    /// The snapshot layers directory, when there is one.
+    pub layers: Option<LayersReport>,
+    /// LUNs cloned from this VM, and clones of those clones (each names the
+    /// VM it was cloned from in `parent_uuid`).
     pub clones: Vec<CloneReport>,
     pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayersReport {
+    pub dir: String,
+    /// Delta layers the manifest lists.
+    pub count: usize,
+    /// Bytes the listed delta files occupy on disk.
+    pub disk_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -71,7 +94,15 @@ pub struct CloneReport {
     pub disks: Vec<DiskReport>,
     pub uuid: Uuid,
     pub path: String,
+    /// The snapshot of `parent_uuid` it was cloned from.
     pub snapshot: String,
+    /// The VM (or clone) it was cloned from.
+    pub parent: String,
+    pub parent_uuid: Uuid,
+    pub snapshots: Vec<SnapshotNode>,
+    pub live_from: Option<String>,
+    pub layers: Option<LayersReport>,
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -92,6 +123,40 @@ struct Found {
     vm: VmReport,
     secondary_uuids: Vec<Uuid>,
     clone_of: Option<(Uuid, String)>,
+}
+
+/// `POOL/NAME.lun` → `POOL/NAME.layers`; any other path gets `.layers`
+/// appended (the volume engine's rule, which `volume` does not export).
+// MERGE: use volume::layers_dir if branch vol re-exports it.
+pub fn layers_dir(lun_path: &Path) -> PathBuf {
+    match lun_path.extension() {
+        Some(e) if e == "lun" => lun_path.with_extension("layers"),
+        _ => {
+            let mut s = lun_path.as_os_str().to_os_string();
+            s.push(".layers");
+            PathBuf::from(s)
+        }
+    }
+}
+
+/// Whether `p` is a file of a snapshot layers directory (a delta or a
+/// manifest slot), which belongs to its LUN and is never a candidate.
+fn in_layers_dir(p: &Path) -> bool {
+    let Some(dir) = p.parent() else {
+        return false;
+    };
+    let named = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(".layers"));
+    let own_file = p
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(".delta") || n.starts_with("manifest."));
+    named
+        && (own_file
+            || manifest::slot_path(dir, 0).exists()
+            || manifest::slot_path(dir, 1).exists())
 }
 
 /// Scan `roots`: directories (their entries, not recursively), regular
@@ -118,7 +183,9 @@ pub fn scan(roots: &[PathBuf]) -> ScanReport {
                 Ok(rd) => {
                     for e in rd.filter_map(|e| e.ok()) {
                         let p = e.path();
-                        if p.file_name().is_some_and(|n| n == crate::pool::MARKER) {
+                        if p.file_name().is_some_and(|n| n == crate::pool::MARKER)
+                            || in_layers_dir(&p)
+                        {
                             continue;
                         }
                         match std::fs::metadata(&p) {
@@ -130,6 +197,7 @@ pub fn scan(roots: &[PathBuf]) -> ScanReport {
                     }
                 }
             },
+            Ok(md) if md.is_file() && in_layers_dir(root) => {}
             Ok(md) if md.is_file() || md.file_type().is_block_device() => {
                 candidates.insert(root.clone());
             }
@@ -192,6 +260,30 @@ fn probe(path: &Path) -> Result<Found, Error> {
         .secondaries()
         .map(|s| s.disks.iter().map(|d| d.lun_uuid).collect())
         .unwrap_or_default();
+    let layers = read_layers(path, &lun).map_err(|why| Error::Damaged {
+        path: path.to_path_buf(),
+        why,
+    })?;
+    let (snapshots, live_from, layers_report, clone_of) = match layers {
+        Some(l) => {
+            warnings.extend(l.warnings);
+            let (snaps, live) = snapshot_tree(&l.manifest);
+            let clone_of = match clone_source(&l.manifest) {
+                Ok(c) => c,
+                Err(w) => {
+                    warnings.push(w);
+                    None
+                }
+            };
+            (snaps, live, Some(l.report), clone_of)
+        }
+        None => (
+            tree.snapshots.clone(),
+            None,
+            None,
+            tree.clone_of.map(|c| (c.lun_uuid, c.snapshot)),
+        ),
+    };
     let vm = VmReport {
         name: lun.name().to_string(),
         uuid: lun.uuid(),
@@ -203,7 +295,9 @@ fn probe(path: &Path) -> Result<Found, Error> {
         disks: disk_reports(&lun, ident.as_ref()),
         state_region: lun.label().state_region().length,
         secondaries: Vec::new(),
-        snapshots: tree.snapshots.clone(),
+        snapshots,
+        live_from,
+        layers: layers_report,
         clones: Vec::new(),
         warnings,
     };
@@ -211,8 +305,184 @@ fn probe(path: &Path) -> Result<Found, Error> {
         path: path.to_path_buf(),
         vm,
         secondary_uuids,
-        clone_of: tree.clone_of.map(|c| (c.lun_uuid, c.snapshot)),
+        clone_of,
     })
+}
+
+struct Layers {
+    manifest: Manifest,
+    report: LayersReport,
+    warnings: Vec<String>,
+}
+
+/// Read `NAME.layers/` (read-only). `Err` is why the LUN cannot be used: a
+/// manifest with no valid slot, or one that belongs to another LUN.
+fn read_layers(path: &Path, lun: &Lun) -> Result<Option<Layers>, String> {
+    let dir = layers_dir(path);
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let shown = dir.display().to_string();
+    let loaded = match manifest::load(&dir) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            return Ok(Some(Layers {
+                manifest: Manifest {
+                    lun: lun.uuid(),
+                    size: lun.label().lun_size,
+                    cluster_size: 0,
+                    lun_path: path.to_path_buf(),
+                    layers: vec![],
+                    top: Uuid::nil(),
+                    snapshots: vec![],
+                    dependents: vec![],
+                    flatten: None,
+                },
+                report: LayersReport {
+                    dir: shown.clone(),
+                    count: 0,
+                    disk_bytes: 0,
+                },
+                warnings: vec![format!("{shown} holds no manifest (no snapshots)")],
+            }));
+        }
+        Err(e) => {
+            return Err(format!(
+                "snapshot layers: {}",
+                strip_path(&e.to_string(), &dir)
+            ))
+        }
+    };
+    let m = loaded.manifest;
+    if m.lun != lun.uuid() || m.size != lun.label().lun_size {
+        return Err(format!(
+            "snapshot layers {shown} are for LUN {} of {} bytes, not this LUN ({} of {} bytes)",
+            m.lun,
+            m.size,
+            lun.uuid(),
+            lun.label().lun_size
+        ));
+    }
+    let mut warnings: Vec<String> = loaded
+        .warnings
+        .iter()
+        .map(|w| format!("snapshot layers: {w}"))
+        .collect();
+    let mut disk_bytes = 0;
+    for l in &m.layers {
+        let f = dir.join(format!("{}.delta", l.id));
+        match std::fs::metadata(&f) {
+            Ok(md) => disk_bytes += std::os::unix::fs::MetadataExt::blocks(&md) * 512,
+            Err(e) => warnings.push(format!("snapshot layer {}: {e}", f.display())),
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        for e in rd.filter_map(|e| e.ok()) {
+            let n = e.file_name();
+            let Some(stem) = n.to_str().and_then(|n| n.strip_suffix(".delta")) else {
+                continue;
+            };
+            if Uuid::parse_str(stem).is_ok_and(|id| m.layer(id).is_none()) {
+                warnings.push(format!(
+                    "{}: an uncommitted layer (removed at the next read-write open)",
+                    e.path().display()
+                ));
+            }
+        }
+    }
+    if m.flatten.is_some() {
+        warnings.push("an interrupted flatten (lunctl flatten resumes it)".into());
+    }
+    Ok(Some(Layers {
+        report: LayersReport {
+            dir: shown,
+            count: m.layers.len(),
+            disk_bytes,
+        },
+        manifest: m,
+        warnings,
+    }))
+}
+
+/// The parent of a layer inside this manifest (the base's parent is none).
+fn parent_in(m: &Manifest, id: Uuid) -> Option<Uuid> {
+    if id == m.lun {
+        return None;
+    }
+    match &m.layer(id)?.parent {
+        Parent::Base => Some(m.lun),
+        Parent::Layer { id } => Some(*id),
+        Parent::None | Parent::External { .. } => None,
+    }
+}
+
+/// The nearest named layer strictly above `id` (towards the base).
+fn named_above(m: &Manifest, id: Uuid) -> Option<String> {
+    let mut at = parent_in(m, id);
+    for _ in 0..=m.layers.len() + 1 {
+        let x = at?;
+        if let Some(s) = m.snapshots.iter().find(|s| s.layer == x) {
+            return Some(s.name.clone());
+        }
+        at = parent_in(m, x);
+    }
+    None
+}
+
+/// Snapshots with their parents, and the one the live layer continues from.
+fn snapshot_tree(m: &Manifest) -> (Vec<SnapshotNode>, Option<String>) {
+    let nodes = m
+        .snapshots
+        .iter()
+        .map(|s| SnapshotNode {
+            name: s.name.clone(),
+            parent: named_above(m, s.layer),
+            created: s.created,
+            description: s.description.clone(),
+        })
+        .collect();
+    let live = if m.layer(m.top).is_some() {
+        named_above(m, m.top)
+    } else {
+        None
+    };
+    (nodes, live)
+}
+
+/// For a clone: the LUN UUID and snapshot name it was cloned from, read from
+/// the parent's manifest. `Err` is a warning (the parent's layers are gone
+/// or damaged).
+fn clone_source(m: &Manifest) -> Result<Option<(Uuid, String)>, String> {
+    let mut at = m.top;
+    for _ in 0..=m.layers.len() {
+        let Some(l) = m.layer(at) else {
+            return Ok(None);
+        };
+        match &l.parent {
+            Parent::Layer { id } => at = *id,
+            Parent::External { dir, id } => {
+                let pm = match manifest::load(dir) {
+                    Ok(Some(p)) => p.manifest,
+                    Ok(None) => {
+                        return Err(format!(
+                            "clone of a snapshot in {}, which holds no manifest",
+                            dir.display()
+                        ))
+                    }
+                    Err(e) => return Err(format!("clone of a snapshot in {}: {e}", dir.display())),
+                };
+                let snap = pm
+                    .snapshots
+                    .iter()
+                    .find(|s| s.layer == *id)
+                    .map(|s| s.name.clone())
+                    .unwrap_or_else(|| "(deleted snapshot)".into());
+                return Ok(Some((pm.lun, snap)));
+            }
+            Parent::Base | Parent::None => return Ok(None),
+        }
+    }
+    Ok(None)
 }
 
 fn disk_reports(lun: &Lun, ident: Option<&Identity>) -> Vec<DiskReport> {
@@ -281,28 +551,67 @@ fn group(report: &mut ScanReport, found: Vec<Found>) {
         }
         vms.push(vm);
     }
-    // Clones hang under their parent VM (which may itself be a clone).
-    let mut clone_of: BTreeMap<usize, (Uuid, String)> = BTreeMap::new();
+    // Clones hang under the VM at the root of their lineage (a clone of a
+    // clone too), each naming the VM and snapshot it came from.
+    let mut clone_of: BTreeMap<usize, (usize, String)> = BTreeMap::new();
     for (i, f) in found.iter().enumerate() {
+        if by_uuid.get(&f.vm.uuid) != Some(&i) {
+            continue;
+        }
         if let Some((parent, snap)) = &f.clone_of {
-            if by_uuid.contains_key(parent) && by_uuid.get(&f.vm.uuid) == Some(&i) {
-                clone_of.insert(i, (*parent, snap.clone()));
+            match by_uuid.get(parent) {
+                Some(&j) if j != i => {
+                    clone_of.insert(i, (j, snap.clone()));
+                }
+                _ => {
+                    if let Some(v) = vms.iter_mut().find(|v| v.uuid == f.vm.uuid) {
+                        v.warnings.push(format!(
+                            "clone of snapshot {snap} of LUN {parent}, which was not found in the scanned paths"
+                        ));
+                    }
+                }
             }
         }
     }
-    for (i, (parent, snap)) in &clone_of {
-        let c = &found[*i].vm;
-        if let Some(p) = vms.iter_mut().find(|v| v.uuid == *parent) {
-            p.clones.push(CloneReport {
-                name: c.name.clone(),
-                disks: c.disks.clone(),
-                uuid: c.uuid,
-                path: c.path.clone(),
-                snapshot: snap.clone(),
-            });
+    let root = |mut i: usize| {
+        let mut seen = BTreeSet::new();
+        while let Some((j, _)) = clone_of.get(&i) {
+            if !seen.insert(i) {
+                break;
+            }
+            i = *j;
+        }
+        i
+    };
+    for (&i, (j, snap)) in &clone_of {
+        let r = root(i);
+        if r == i {
+            continue; // a cycle: leave it a VM of its own
+        }
+        let c = &found[i].vm;
+        let p = &found[*j].vm;
+        let rep = CloneReport {
+            name: c.name.clone(),
+            disks: c.disks.clone(),
+            uuid: c.uuid,
+            path: c.path.clone(),
+            snapshot: snap.clone(),
+            parent: p.name.clone(),
+            parent_uuid: p.uuid,
+            snapshots: c.snapshots.clone(),
+            live_from: c.live_from.clone(),
+            layers: c.layers.clone(),
+            warnings: c.warnings.clone(),
+        };
+        if let Some(v) = vms.iter_mut().find(|v| v.uuid == found[r].vm.uuid) {
+            v.clones.push(rep);
+            attached.insert(i);
         }
     }
-    attached.extend(clone_of.keys().copied());
+    for v in &mut vms {
+        v.clones
+            .sort_by(|a, b| a.name.cmp(&b.name).then(a.path.cmp(&b.path)));
+    }
     let attached_uuids: BTreeSet<Uuid> = attached.iter().map(|&j| found[j].vm.uuid).collect();
     vms.retain(|v| !attached_uuids.contains(&v.uuid));
     vms.sort_by(|a, b| a.name.cmp(&b.name).then(a.path.cmp(&b.path)));
@@ -333,6 +642,137 @@ mod tests {
         .unwrap();
         let bytes = std::fs::read(&p).unwrap();
         (p, bytes)
+    }
+
+    fn snapshotted(dir: &Path, name: &str) -> PathBuf {
+        let p = dir.join(format!("{name}.lun"));
+        Lun::create(
+            &p,
+            &CreateSpec {
+                name: name.into(),
+                disks: vec![2 * MIB],
+                memory: 0,
+                vcpus: 1,
+                layout: Layout::Offset,
+            },
+        )
+        .unwrap();
+        let l = Lun::open(&p, Access::ReadWrite).unwrap();
+        let v = crate::volume::Volume::open(crate::volume::VolumeConfig::for_lun(
+            &l,
+            Default::default(),
+        ))
+        .unwrap();
+        v.snapshot("s1", "").unwrap();
+        v.snapshot("s2", "").unwrap();
+        v.close().unwrap();
+        p
+    }
+
+    #[test]
+    fn damaged_manifest_is_a_reason_and_the_scan_writes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let p = snapshotted(d.path(), "vm");
+        let dir = layers_dir(&p);
+        let r = scan(&[d.path().to_path_buf()]);
+        assert_eq!(r.vms[0].snapshots.len(), 2);
+        assert_eq!(r.vms[0].snapshots[1].parent.as_deref(), Some("s1"));
+        assert_eq!(r.vms[0].live_from.as_deref(), Some("s2"));
+        assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+        // One damaged slot: a warning, the other slot is used.
+        let s0 = manifest::slot_path(&dir, 0);
+        let mut b = std::fs::read(&s0).unwrap();
+        b[70] ^= 1;
+        std::fs::write(&s0, &b).unwrap();
+        let r = scan(&[d.path().to_path_buf()]);
+        assert_eq!(r.vms.len(), 1);
+        assert!(r.vms[0].warnings.iter().any(|w| w.contains("checksum")));
+        assert_eq!(std::fs::read(&s0).unwrap(), b, "the scanner never repairs");
+        // Both damaged: the LUN is listed as damaged with the reason.
+        let s1 = manifest::slot_path(&dir, 1);
+        std::fs::write(&s1, b"garbage").unwrap();
+        let r = scan(&[d.path().to_path_buf()]);
+        assert!(r.vms.is_empty());
+        assert!(
+            r.damaged[0].reason.contains("snapshot layers")
+                && r.damaged[0].reason.contains("no valid manifest slot"),
+            "{:?}",
+            r.damaged
+        );
+        // Scanning inside the layers directory finds and skips nothing.
+        let r = scan(&[dir.clone(), s1]);
+        assert!(r.vms.is_empty() && r.skipped.is_empty() && r.damaged.is_empty());
+    }
+
+    #[test]
+    fn a_clone_whose_parent_was_not_scanned_is_a_vm_with_a_warning() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let src = snapshotted(a.path(), "src");
+        let dst = b.path().join("dst.lun");
+        let sl = Lun::open(&src, Access::ReadWrite).unwrap();
+        let v = crate::volume::Volume::open(crate::volume::VolumeConfig::for_lun(
+            &sl,
+            Default::default(),
+        ))
+        .unwrap();
+        let spec = CreateSpec {
+            name: "dst".into(),
+            disks: vec![2 * MIB],
+            memory: 0,
+            vcpus: 1,
+            layout: Layout::Offset,
+        };
+        let t = Lun::create(&dst, &spec).unwrap();
+        v.clone_to(
+            "s1",
+            crate::volume::VolumeConfig::for_lun(&t, Default::default()),
+        )
+        .unwrap()
+        .close()
+        .unwrap();
+        v.close().unwrap();
+        let r = scan(&[b.path().to_path_buf()]);
+        assert_eq!(r.vms[0].name, "dst");
+        assert!(
+            r.vms[0]
+                .warnings
+                .iter()
+                .any(|w| w.contains("clone of snapshot s1")),
+            "{:?}",
+            r.vms[0].warnings
+        );
+        let r = scan(&[a.path().to_path_buf(), b.path().to_path_buf()]);
+        assert_eq!(r.vms.len(), 1);
+        assert_eq!(r.vms[0].clones[0].name, "dst");
+        assert_eq!(r.vms[0].clones[0].snapshot, "s1");
+        let rows = crate::report::table(&r);
+        assert!(rows.contains("clone dst  from src@s1"), "{rows}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Random bytes in both manifest slots never crash the scanner.
+        #[test]
+        fn scanner_survives_random_manifests(
+            junk in proptest::collection::vec(any::<u8>(), 0..400),
+            hits in proptest::collection::vec((0usize..4096, any::<u8>()), 1..8),
+        ) {
+            let d = tempfile::tempdir().unwrap();
+            let p = snapshotted(d.path(), "m");
+            let dir = layers_dir(&p);
+            let s0 = manifest::slot_path(&dir, 0);
+            let mut b = std::fs::read(&s0).unwrap();
+            for (at, v) in &hits {
+                let n = b.len();
+                b[at % n] = *v;
+            }
+            std::fs::write(&s0, &b).unwrap();
+            std::fs::write(manifest::slot_path(&dir, 1), &junk).unwrap();
+            let r = scan(&[d.path().to_path_buf()]);
+            prop_assert_eq!(r.vms.len() + r.damaged.len(), 1);
+            prop_assert!(r.skipped.is_empty());
+        }
     }
 
     proptest! {

@@ -705,3 +705,500 @@ fn block_device_lun_is_created_scanned_resized_within_the_device_and_wiped() {
         "wiped device is no LUN: {r}"
     );
 }
+
+// ----- snapshots, clones, diffs (issue 4) ------------------------------------
+
+use lun_manager::owner;
+use lun_manager::volume::{Volume, VolumeConfig};
+use lun_manager::{Access, Lun};
+
+/// The LUN's volume opened by the test itself (never while lunctl runs).
+fn volume(lun: &Path) -> Volume {
+    let l = Lun::open(lun, Access::ReadWrite).unwrap();
+    Volume::open(VolumeConfig::for_lun(&l, Default::default())).unwrap()
+}
+
+fn vol_write(lun: &Path, offset: u64, data: &[u8]) {
+    let v = volume(lun);
+    v.write(offset, data).unwrap();
+    v.close().unwrap();
+}
+
+fn vol_read(lun: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let v = volume(lun);
+    let mut b = vec![0u8; len];
+    v.read(offset, &mut b).unwrap();
+    b
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed) | 1)
+        .collect()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = lunctl().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "lunctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(args: &[&str], msg: &str) {
+    lunctl()
+        .args(args)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(msg));
+}
+
+fn json_of(args: &[&str]) -> Value {
+    serde_json::from_str(&ok(args)).unwrap()
+}
+
+#[test]
+fn snapshot_and_revert_round_trip_keeps_data_written_between_in_both_layouts() {
+    let (_d, p) = pool();
+    for layout in ["offset", "truncate"] {
+        let lun = create(
+            &p,
+            &format!("rt-{layout}"),
+            &["--disk", "8M", "--memory", "1M", "--layout", layout],
+        );
+        let l = lun.to_str().unwrap();
+        let (d0, _) = region(&inspect(&lun), "disk", 0);
+        let a = pattern(65536, 1);
+        let b = pattern(65536, 2);
+        let c = pattern(4096, 3);
+        vol_write(&lun, d0, &a);
+        assert!(ok(&["snapshot", l, "s1", "--description", "clean install"]).contains("s1"));
+        vol_write(&lun, d0, &b);
+        vol_write(&lun, d0 + (3 << 20), &c);
+        ok(&["snapshot", l, "s2"]);
+        vol_write(&lun, d0, &pattern(65536, 9));
+
+        ok(&["revert", l, "s1"]);
+        assert_eq!(vol_read(&lun, d0, a.len()), a, "{layout}: s1 data");
+        assert!(vol_read(&lun, d0 + (3 << 20), 4096).iter().all(|&x| x == 0));
+        ok(&["revert", l, "s2"]);
+        assert_eq!(vol_read(&lun, d0, b.len()), b, "{layout}: written between");
+        assert_eq!(vol_read(&lun, d0 + (3 << 20), c.len()), c);
+
+        let list = json_of(&["snapshots", l, "--json"]);
+        let names: Vec<&str> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["s1", "s2"]);
+        assert_eq!(list[0]["description"], "clean install");
+        assert_eq!(list[1]["parent"], "s1");
+        assert_eq!(list[1]["current"], true);
+        let tree = ok(&["snapshots", l]);
+        assert!(
+            tree.contains("s1") && tree.contains("└─ s2") && tree.contains("now (live)"),
+            "{tree}"
+        );
+
+        // Error paths: a taken name, an unknown snapshot, nothing changed.
+        fails(
+            &["snapshot", l, "s1"],
+            "a snapshot named \"s1\" already exists",
+        );
+        fails(&["revert", l, "nope"], "no snapshot named \"nope\"");
+        fails(
+            &["delete-snapshot", l, "nope"],
+            "no snapshot named \"nope\"",
+        );
+        fails(&["diff", l, "nope"], "no snapshot named \"nope\"");
+        assert_eq!(vol_read(&lun, d0, b.len()), b);
+
+        let usage = json_of(&["usage", l, "--json"]);
+        let live = usage
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["live"] == true)
+            .unwrap();
+        assert_eq!(live["in_chain"], true);
+        assert!(ok(&["usage", l]).contains("live"));
+    }
+}
+
+#[test]
+fn delete_snapshot_keeps_the_other_snapshots_data() {
+    let (_d, p) = pool();
+    let lun = create(&p, "del", &["--disk", "8M", "--memory", "1M"]);
+    let l = lun.to_str().unwrap();
+    let (d0, _) = region(&inspect(&lun), "disk", 0);
+    let data: Vec<Vec<u8>> = (1..=3).map(|i| pattern(131072, i)).collect();
+    for (i, x) in data.iter().enumerate() {
+        vol_write(&lun, d0 + (i as u64) * 4096, x);
+        ok(&["snapshot", l, &format!("s{}", i + 1)]);
+    }
+    ok(&["delete-snapshot", l, "s2"]);
+    let names: Vec<String> = json_of(&["snapshots", l, "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["s1", "s3"]);
+    let expect = |upto: usize| {
+        let mut img = vec![0u8; 131072 + 2 * 4096];
+        for (i, x) in data.iter().enumerate().take(upto) {
+            img[i * 4096..i * 4096 + x.len()].copy_from_slice(x);
+        }
+        img
+    };
+    ok(&["revert", l, "s3"]);
+    assert_eq!(vol_read(&lun, d0, 131072 + 8192), expect(3));
+    ok(&["revert", l, "s1"]);
+    assert_eq!(vol_read(&lun, d0, 131072 + 8192), expect(1));
+}
+
+#[test]
+fn clone_is_listed_under_its_parent_and_flatten_makes_it_independent() {
+    let (d, p) = pool();
+    let web = create(&p, "web", &["--disk", "8M", "--memory", "1M"]);
+    let w = web.to_str().unwrap();
+    let (d0, _) = region(&inspect(&web), "disk", 0);
+    let a = pattern(262144, 4);
+    vol_write(&web, d0, &a);
+    ok(&["snapshot", w, "gold"]);
+    vol_write(&web, d0, &pattern(65536, 5));
+
+    // Error paths leave no file behind.
+    fails(&["clone", w, "nope", "x"], "no snapshot named \"nope\"");
+    assert!(!p.join("x.lun").exists() && !p.join("x.layers").exists());
+    fails(&["clone", w, "gold", "web"], "already exists");
+    fails(&["clone", w, "gold", "bad/name"], "only ASCII letters");
+
+    let out = ok(&[
+        "clone",
+        "web",
+        "gold",
+        "web2",
+        "--pool",
+        p.to_str().unwrap(),
+    ]);
+    assert!(out.contains("web2"), "{out}");
+    let web2 = p.join("web2.lun");
+    let v2 = inspect(&web2);
+    assert_ne!(
+        v2["uuid"],
+        inspect(&web)["uuid"],
+        "a clone has its own identity"
+    );
+    assert_eq!(vol_read(&web2, d0, a.len()), a, "clone reads the snapshot");
+    assert_ne!(vol_read(&web, d0, 65536), a[..65536], "parent went on");
+
+    // The scanner lists the clone under web, from snapshot gold, and no
+    // file of a layers directory as a VM or as garbage.
+    let r = json_of(&["scan", p.to_str().unwrap(), "--json"]);
+    let vms = r["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 1, "{r}");
+    assert_eq!(vms[0]["name"], "web");
+    assert_eq!(vms[0]["snapshots"][0]["name"], "gold");
+    assert_eq!(vms[0]["live_from"], "gold");
+    assert_eq!(vms[0]["clones"][0]["name"], "web2");
+    assert_eq!(vms[0]["clones"][0]["snapshot"], "gold");
+    assert_eq!(vms[0]["clones"][0]["parent"], "web");
+    assert!(r["skipped"].as_array().unwrap().is_empty(), "{r}");
+    assert!(r["damaged"].as_array().unwrap().is_empty(), "{r}");
+    let table = ok(&["scan", p.to_str().unwrap()]);
+    assert!(
+        table.contains("snapshot gold") && table.contains("clone web2  from web@gold"),
+        "{table}"
+    );
+    let html_path = d.path().join("scan.html");
+    ok(&[
+        "scan",
+        p.to_str().unwrap(),
+        "--html",
+        html_path.to_str().unwrap(),
+    ]);
+    let html = std::fs::read_to_string(&html_path).unwrap();
+    assert!(html.contains("<svg") && html.contains("clone web2") && html.contains("gold"));
+    assert_eq!(
+        html.matches("http").count(),
+        html.matches("xmlns=\"http://www.w3.org/2000/svg\"").count()
+    );
+    // Scanning a layers directory itself finds nothing and skips nothing.
+    let r = json_of(&["scan", "--json", p.join("web.layers").to_str().unwrap()]);
+    assert!(r["vms"].as_array().unwrap().is_empty() && r["skipped"].as_array().unwrap().is_empty());
+
+    // The parent cannot go while the clone reads it; after a flatten it can.
+    fails(&["delete", w, "--yes"], "has clones");
+    let w2 = web2.to_str().unwrap();
+    ok(&["flatten", w2]);
+    ok(&["flatten", w2]); // nothing left to do: still fine
+    ok(&["delete", w, "--yes"]);
+    assert!(!web.exists() && !p.join("web.layers").exists());
+    assert_eq!(
+        vol_read(&web2, d0, a.len()),
+        a,
+        "flattened clone still reads"
+    );
+    let r = json_of(&["scan", p.to_str().unwrap(), "--json"]);
+    assert_eq!(r["vms"][0]["name"], "web2");
+}
+
+#[test]
+fn diff_lists_the_changed_extent_and_a_diff_file_makes_a_copy_equal() {
+    let (d, p) = pool();
+    for layout in ["offset", "truncate"] {
+        let name = format!("src-{layout}");
+        let lun = create(
+            &p,
+            &name,
+            &["--disk", "8M", "--memory", "1M", "--layout", layout],
+        );
+        let l = lun.to_str().unwrap();
+        let (d0, d0len) = region(&inspect(&lun), "disk", 0);
+        vol_write(&lun, d0, &pattern(65536, 6));
+        // The copy starts equal to the source at snapshot base.
+        let copy = d.path().join(format!("copy-{layout}.lun"));
+        std::fs::copy(&lun, &copy).unwrap();
+        ok(&["snapshot", l, "base"]);
+        let at = d0 + (1 << 20);
+        let x = pattern(131072, 7);
+        vol_write(&lun, at, &x);
+
+        let v = json_of(&["diff", l, "base", "--json"]);
+        let ch = v["changes"].as_array().unwrap();
+        assert_eq!(ch.len(), 1, "{v}");
+        assert_eq!(ch[0]["offset"], at);
+        assert_eq!(ch[0]["length"], 131072);
+        assert_eq!(ch[0]["kind"], "data");
+        assert!(ok(&["diff", l, "base"]).contains("disk0 +1048576"));
+        ok(&["snapshot", l, "after"]);
+        assert_eq!(json_of(&["diff", l, "base", "after", "--json"]), v);
+        assert!(ok(&["diff", l, "after"]).contains("no changes"));
+
+        let f = d.path().join(format!("{layout}.lgdiff"));
+        ok(&["diff", l, "base", "after", "--out", f.to_str().unwrap()]);
+        // A damaged diff file is refused before a byte is written.
+        let bad = d.path().join("bad.lgdiff");
+        let mut b = std::fs::read(&f).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x40;
+        std::fs::write(&bad, &b).unwrap();
+        let c = copy.to_str().unwrap();
+        fails(
+            &["apply-diff", c, bad.to_str().unwrap()],
+            "checksum mismatch",
+        );
+        assert!(vol_read(&copy, at, 131072).iter().all(|&z| z == 0));
+        fails(
+            &["apply-diff", c, copy.to_str().unwrap()],
+            "not a lungate diff file",
+        );
+
+        ok(&["apply-diff", c, f.to_str().unwrap()]);
+        assert_eq!(
+            vol_read(&copy, d0, d0len as usize),
+            vol_read(&lun, d0, d0len as usize),
+            "{layout}: copy equals the source after apply-diff"
+        );
+    }
+    // A diff for a LUN of another size is refused.
+    let other = create(&p, "other", &["--disk", "16M", "--memory", "1M"]);
+    fails(
+        &[
+            "apply-diff",
+            other.to_str().unwrap(),
+            d.path().join("offset.lgdiff").to_str().unwrap(),
+        ],
+        "diff is for a LUN of",
+    );
+}
+
+/// A tiny control API: answers one request with `body` and returns the
+/// request line it saw.
+fn fake_gateway(
+    sock: &Path,
+    status: &'static str,
+    body: &'static str,
+) -> std::thread::JoinHandle<String> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let _ = std::fs::remove_file(sock);
+    let l = std::os::unix::net::UnixListener::bind(sock).unwrap();
+    std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut first = String::new();
+        r.read_line(&mut first).unwrap();
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).unwrap();
+            if h == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut b = vec![0u8; len];
+        r.read_exact(&mut b).unwrap();
+        let mut s = s;
+        write!(
+            s,
+            "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        format!("{} {}", first.trim(), String::from_utf8_lossy(&b))
+    })
+}
+
+#[test]
+fn a_lun_held_by_another_process_is_refused_or_sent_to_its_gateway() {
+    let (d, p) = pool();
+    for layout in ["offset", "truncate"] {
+        let lun = create(
+            &p,
+            &format!("held-{layout}"),
+            &["--disk", "4M", "--memory", "1M", "--layout", layout],
+        );
+        let l = lun.to_str().unwrap();
+        // A bare flock (no record), held by this test process.
+        let lock = owner::lock(&lun).unwrap();
+        for args in [
+            vec!["snapshot", l, "s"],
+            vec!["snapshots", l],
+            vec!["revert", l, "s"],
+            vec!["flatten", l],
+            vec!["usage", l],
+            vec!["resize", l, "--disk", "0=8M"],
+            vec!["delete", l, "--yes"],
+        ] {
+            fails(&args, "locked by another process");
+        }
+        drop(lock);
+        // With an owner record: the contract's message.
+        let handle = Lun::open(&lun, Access::ReadWrite).unwrap();
+        let g = owner::acquire(&handle, "lungate", None).unwrap();
+        let msg = format!(
+            "LUN {l} is owned by PID {} (lungate) on {}; stop it or use its control API",
+            std::process::id(),
+            owner::hostname()
+        );
+        fails(&["snapshot", l, "s"], &msg);
+        fails(&["clone", l, "s", "n"], &msg);
+        drop(g);
+        assert!(lun.exists());
+        ok(&["snapshot", l, "s"]);
+
+        // A gateway with a control socket gets the operation instead.
+        let sock = d.path().join(format!("{layout}.sock"));
+        let g = owner::acquire(&handle, "lungate", Some(&sock)).unwrap();
+        let t = fake_gateway(
+            &sock,
+            "201 Created",
+            r#"{"snapshot":{"name":"s2","description":"","created":1,"parent":"s","layer":"00000000-0000-0000-0000-000000000000","current":true},"pause_us":12}"#,
+        );
+        let out = lunctl().args(["snapshot", l, "s2"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let seen = t.join().unwrap();
+        let uuid = handle.uuid();
+        assert!(
+            seen.starts_with(&format!("POST /v1/luns/{uuid}/snapshots HTTP/1.1"))
+                && seen.contains(r#""name":"s2""#),
+            "{seen}"
+        );
+        let t = fake_gateway(
+            &sock,
+            "409 Conflict",
+            r#"{"error":"a snapshot named \"s\" already exists"}"#,
+        );
+        fails(
+            &["snapshot", l, "s"],
+            "a snapshot named \"s\" already exists",
+        );
+        t.join().unwrap();
+        drop(g);
+    }
+}
+
+#[test]
+fn a_lun_at_any_path_keeps_its_layers_beside_it_and_delete_removes_them() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("vm.img");
+    lunctl()
+        .args(["create", "loose", "--path"])
+        .arg(&f)
+        .args(["--disk", "4M", "--memory", "1M", "--layout", "truncate"])
+        .assert()
+        .success();
+    let l = f.to_str().unwrap();
+    ok(&["snapshot", l, "s"]);
+    let layers = d.path().join("vm.img.layers");
+    assert!(layers.is_dir());
+    let r = json_of(&["scan", "--json", d.path().to_str().unwrap()]);
+    assert_eq!(r["vms"][0]["snapshots"][0]["name"], "s");
+    assert!(r["skipped"].as_array().unwrap().is_empty(), "{r}");
+    ok(&["delete", l, "--yes"]);
+    assert!(!f.exists() && !layers.exists());
+}
+
+/// A flatten killed midway resumes from its saved progress when run again.
+#[test]
+fn flatten_killed_midway_resumes_and_completes() {
+    use lun_manager::volume::manifest;
+    let (_d, p) = pool();
+    let big = create(&p, "big", &["--disk", "1G", "--memory", "1M"]);
+    let (d0, d0len) = region(&inspect(&big), "disk", 0);
+    let head = pattern(65536, 8);
+    let tail = pattern(65536, 9);
+    vol_write(&big, d0, &head);
+    vol_write(&big, d0 + d0len - 65536, &tail);
+    ok(&["snapshot", big.to_str().unwrap(), "s"]);
+    ok(&["clone", big.to_str().unwrap(), "s", "c"]);
+    let c = p.join("c.lun");
+    let layers = p.join("c.layers");
+    let mut child = lunctl()
+        .args(["flatten", c.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut interrupted = false;
+    for _ in 0..6000 {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if let Ok(Some(l)) = manifest::load(&layers) {
+            if l.manifest.flatten.as_ref().is_some_and(|f| f.next > 0) {
+                child.kill().unwrap();
+                interrupted = true;
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.wait().unwrap();
+    assert!(interrupted, "flatten finished before it saved any progress");
+    let saved = manifest::load(&layers).unwrap().unwrap().manifest;
+    assert!(saved.flatten.is_some(), "progress survives the kill");
+    ok(&["flatten", c.to_str().unwrap()]);
+    let m = manifest::load(&layers).unwrap().unwrap().manifest;
+    assert!(m.flatten.is_none());
+    assert!(m
+        .layers
+        .iter()
+        .all(|l| !matches!(l.parent, manifest::Parent::External { .. })));
+    ok(&["delete", big.to_str().unwrap(), "--yes"]);
+    assert_eq!(vol_read(&c, d0, 65536), head);
+    assert_eq!(vol_read(&c, d0 + d0len - 65536, 65536), tail);
+}

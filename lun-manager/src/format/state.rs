@@ -443,6 +443,9 @@ pub struct Owner {
     pub host: String,
     pub pid: u32,
     pub since: u64,
+    /// Unix socket path of the owner's control API (a gateway), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<String>,
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 use std::fmt::Write;
 
+use super::{tree_rows, RowKind, TreeRow};
 use crate::scan::{ScanReport, VmReport};
 use crate::size::human;
 
@@ -104,7 +105,32 @@ fn vm_card(o: &mut String, vm: &VmReport) {
     for w in &vm.warnings {
         let _ = write!(o, "<p class=\"warn\">⚠ {}</p>", esc(w));
     }
+    for c in &vm.clones {
+        for w in &c.warnings {
+            let _ = write!(
+                o,
+                "<p class=\"warn\">⚠ clone {}: {}</p>",
+                esc(&c.name),
+                esc(w)
+            );
+        }
+    }
     o.push_str("</div>\n");
+}
+
+/// What a tree node says (cut to stay readable; the full text is its title).
+fn row_text(r: &TreeRow) -> String {
+    let t = match r.kind {
+        RowKind::Snapshot if r.detail.is_empty() => format!("snapshot {}", r.label),
+        RowKind::Snapshot => format!("snapshot {} — {}", r.label, r.detail),
+        RowKind::Clone => format!("clone {} ({})", r.label, r.detail),
+        RowKind::Now => "● now (live)".to_string(),
+    };
+    t.chars().take(80).collect()
+}
+
+fn row_width(text: &str) -> usize {
+    text.chars().count() * 7 + 24
 }
 
 /// Draw the VM: its node, a bar per disk (width by size), dashed boxes for
@@ -126,40 +152,21 @@ fn svg(vm: &VmReport) -> String {
             "secondary",
         ));
     }
-    // Snapshot tree: depth-first order, each node indented by depth.
-    let mut snaps: Vec<(usize, String, &str)> = Vec::new();
-    fn walk<'a>(
-        vm: &'a VmReport,
-        parent: Option<&str>,
-        depth: usize,
-        out: &mut Vec<(usize, String, &'a str)>,
-    ) {
-        for s in vm
-            .snapshots
-            .iter()
-            .filter(|s| s.parent.as_deref() == parent)
-        {
-            out.push((depth, format!("📷 {}", s.name), "snap"));
-            for c in vm.clones.iter().filter(|c| c.snapshot == s.name) {
-                out.push((depth + 1, format!("clone {}", c.name), "clone"));
-            }
-            if depth < 64 {
-                walk(vm, Some(&s.name), depth + 1, out);
-            }
-        }
-    }
-    walk(vm, None, 0, &mut snaps);
-    for c in vm
-        .clones
-        .iter()
-        .filter(|c| !vm.snapshots.iter().any(|s| s.name == c.snapshot))
-    {
-        snaps.push((0, format!("clone {}", c.name), "clone"));
-    }
-    let rows = items.len().max(1) + snaps.len();
+    let tree = if vm.snapshots.is_empty() && vm.clones.is_empty() {
+        Vec::new()
+    } else {
+        tree_rows(vm)
+    };
+    let rows = items.len().max(1) + tree.len();
     let h = 30 + rows * 34;
+    let width = tree
+        .iter()
+        .map(|r| 200 + r.depth.min(16) * 28 + row_width(&row_text(r)) + 10)
+        .max()
+        .unwrap_or(0)
+        .max(760);
     let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"760\" height=\"{h}\" role=\"img\" aria-label=\"{}\" style=\"font:12px system-ui,sans-serif\">",
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{h}\" role=\"img\" aria-label=\"{}\" style=\"font:12px system-ui,sans-serif\">",
         esc(&vm.name)
     );
     let _ = write!(
@@ -189,26 +196,41 @@ fn svg(vm: &VmReport) -> String {
         );
     }
     let base = 10 + items.len().max(1) * 34;
-    for (i, (depth, label, style)) in snaps.iter().enumerate() {
+    if !tree.is_empty() {
+        let _ = write!(
+            s,
+            "<text x=\"4\" y=\"{}\" fill=\"#5a6570\">snapshots</text>",
+            base + 17
+        );
+    }
+    for (i, r) in tree.iter().enumerate() {
         let y = base + i * 34;
-        let x = 200 + depth * 28;
-        let fill = if *style == "clone" {
-            "#e6f6e6"
-        } else {
-            "#fff7db"
+        let x = 200 + r.depth.min(16) * 28;
+        // An elbow from the node it hangs under (or from the VM's label).
+        let (px, py) = match r.parent {
+            Some(p) => (200 + tree[p].depth.min(16) * 28 + 12, base + p * 34 + 26),
+            None => (160, base + 13),
         };
         let _ = write!(
             s,
-            "<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#b0a060\"/>\
-             <rect x=\"{x}\" y=\"{y}\" width=\"220\" height=\"26\" rx=\"13\" fill=\"{fill}\" stroke=\"#b0a060\"/>\
-             <text x=\"{}\" y=\"{}\">{}</text>",
-            x.saturating_sub(14),
-            y - 8,
-            x,
-            y + 13,
+            "<path d=\"M{px} {py} V{} H{x}\" fill=\"none\" stroke=\"#9aa5b1\"/>",
+            y + 13
+        );
+        let (fill, stroke, w) = match r.kind {
+            RowKind::Snapshot => ("#fff7db", "#b0a060", 220),
+            RowKind::Clone => ("#e6f6e6", "#4f9a4f", 300),
+            RowKind::Now => ("#e3ecff", "#2f6feb", 110),
+        };
+        let text = row_text(r);
+        let w = row_width(&text).max(w);
+        let _ = write!(
+            s,
+            "<rect x=\"{x}\" y=\"{y}\" width=\"{w}\" height=\"26\" rx=\"13\" fill=\"{fill}\" stroke=\"{stroke}\"/>\
+             <text x=\"{}\" y=\"{}\"><title>{}</title>{}</text>",
             x + 10,
             y + 17,
-            esc(label)
+            esc(&format!("{} {}", r.label, r.detail)),
+            esc(&text)
         );
     }
     s.push_str("</svg>");

@@ -5,10 +5,151 @@ mod html;
 
 pub use html::html;
 
+use std::collections::BTreeSet;
 use std::fmt::Write;
 
-use crate::scan::ScanReport;
+use uuid::Uuid;
+
+use crate::format::state::SnapshotNode;
+use crate::scan::{CloneReport, ScanReport, VmReport};
 use crate::size::human;
+
+/// One node of a VM's drawn tree: a snapshot, a clone, or the live LUN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TreeRow {
+    pub depth: usize,
+    /// Row index of the node it hangs under.
+    pub parent: Option<usize>,
+    pub kind: RowKind,
+    pub label: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RowKind {
+    Snapshot,
+    Clone,
+    Now,
+}
+
+/// The snapshot tree of `vm` in drawing order: each snapshot under the one
+/// it was taken after, each clone under the snapshot it came from (with its
+/// own tree below it), and `now` under the snapshot the live LUN continues
+/// from.
+pub(crate) fn tree_rows(vm: &VmReport) -> Vec<TreeRow> {
+    let mut t = Tree {
+        clones: &vm.clones,
+        seen: BTreeSet::from([vm.uuid]),
+        rows: Vec::new(),
+    };
+    t.owner(vm.uuid, &vm.snapshots, vm.live_from.as_deref(), None, 0);
+    t.rows
+}
+
+/// Deeper trees are cut (the report stays bounded on hostile input).
+const MAX_DEPTH: usize = 128;
+
+struct Tree<'a> {
+    clones: &'a [CloneReport],
+    /// Clones already drawn (a damaged lineage cannot loop).
+    seen: BTreeSet<Uuid>,
+    rows: Vec<TreeRow>,
+}
+
+impl<'a> Tree<'a> {
+    fn push(
+        &mut self,
+        depth: usize,
+        parent: Option<usize>,
+        kind: RowKind,
+        label: &str,
+        detail: String,
+    ) -> usize {
+        self.rows.push(TreeRow {
+            depth,
+            parent,
+            kind,
+            label: label.to_string(),
+            detail,
+        });
+        self.rows.len() - 1
+    }
+
+    /// The tree of one VM or clone, hanging under row `at`.
+    fn owner(
+        &mut self,
+        owner: Uuid,
+        snaps: &[SnapshotNode],
+        live_from: Option<&str>,
+        at: Option<usize>,
+        depth: usize,
+    ) {
+        if depth > MAX_DEPTH {
+            return;
+        }
+        self.under(owner, snaps, live_from, None, at, depth);
+        if !snaps.iter().any(|s| Some(s.name.as_str()) == live_from) {
+            self.push(depth, at, RowKind::Now, "now", "live".into());
+        }
+        // Clones of a snapshot deleted since (its layers are kept for them).
+        let clones = self.clones;
+        for c in clones
+            .iter()
+            .filter(|c| c.parent_uuid == owner && !snaps.iter().any(|s| s.name == c.snapshot))
+        {
+            self.clone_of(c, at, depth);
+        }
+    }
+
+    /// Snapshots taken after `parent`, their clones and their subtrees.
+    fn under(
+        &mut self,
+        owner: Uuid,
+        snaps: &[SnapshotNode],
+        live_from: Option<&str>,
+        parent: Option<&str>,
+        at: Option<usize>,
+        depth: usize,
+    ) {
+        if depth > MAX_DEPTH {
+            return;
+        }
+        for s in snaps.iter().filter(|s| s.parent.as_deref() == parent) {
+            let r = self.push(depth, at, RowKind::Snapshot, &s.name, s.description.clone());
+            let clones = self.clones;
+            for c in clones
+                .iter()
+                .filter(|c| c.parent_uuid == owner && c.snapshot == s.name)
+            {
+                self.clone_of(c, Some(r), depth + 1);
+            }
+            self.under(owner, snaps, live_from, Some(&s.name), Some(r), depth + 1);
+        }
+        if parent.is_some() && parent == live_from {
+            self.push(depth, at, RowKind::Now, "now", "live".into());
+        }
+    }
+
+    fn clone_of(&mut self, c: &CloneReport, at: Option<usize>, depth: usize) {
+        if !self.seen.insert(c.uuid) {
+            return;
+        }
+        let r = self.push(
+            depth,
+            at,
+            RowKind::Clone,
+            &c.name,
+            format!("from {}@{}  {}", c.parent, c.snapshot, c.path),
+        );
+        self.owner(
+            c.uuid,
+            &c.snapshots,
+            c.live_from.as_deref(),
+            Some(r),
+            depth + 1,
+        );
+    }
+}
 
 /// JSON, pretty-printed.
 pub fn json(r: &ScanReport) -> String {
@@ -74,26 +215,36 @@ pub fn table(r: &ScanReport) -> String {
                 }
             }
         }
-        for s in &vm.snapshots {
+        if let Some(l) = &vm.layers {
             let _ = writeln!(
                 o,
-                "  snapshot: {}{}",
-                s.name,
-                s.parent
-                    .as_ref()
-                    .map(|p| format!(" (parent {p})"))
-                    .unwrap_or_default()
+                "  layers: {} ({} layer(s), {} on disk)",
+                l.dir,
+                l.count,
+                human(l.disk_bytes)
             );
         }
-        for c in &vm.clones {
-            let _ = writeln!(
-                o,
-                "  clone: {} from snapshot {} at {}",
-                c.name, c.snapshot, c.path
-            );
+        if !vm.snapshots.is_empty() || !vm.clones.is_empty() {
+            let _ = writeln!(o, "  snapshots and clones:");
+            for r in tree_rows(vm) {
+                let pad = "  ".repeat(r.depth + 2);
+                let _ = match r.kind {
+                    RowKind::Snapshot if r.detail.is_empty() => {
+                        writeln!(o, "{pad}snapshot {}", r.label)
+                    }
+                    RowKind::Snapshot => writeln!(o, "{pad}snapshot {}  {:?}", r.label, r.detail),
+                    RowKind::Clone => writeln!(o, "{pad}clone {}  {}", r.label, r.detail),
+                    RowKind::Now => writeln!(o, "{pad}* now (live)"),
+                };
+            }
         }
         for w in &vm.warnings {
             let _ = writeln!(o, "  warning: {w}");
+        }
+        for c in &vm.clones {
+            for w in &c.warnings {
+                let _ = writeln!(o, "  warning: clone {}: {w}", c.name);
+            }
         }
     }
     if !r.damaged.is_empty() {

@@ -1,0 +1,426 @@
+//! Who may change a LUN: the ownership lock.
+//!
+//! A process that serves or edits a LUN holds `flock(LOCK_EX)` on the LUN
+//! file. The kernel drops it when the process dies (SIGKILL included), so a
+//! lock is never stale. A gateway also writes the [`Owner`] state record
+//! (`owner`, `host`, `pid`, `since`, `control`) so others can tell who holds
+//! the lock and where its control API listens; the record alone proves
+//! nothing (it survives a crash), only the flock does.
+//!
+//! This module owns the flock and the `Owner` record. It never waits for a
+//! lock (`LOCK_NB`): a busy LUN is reported at once with who holds it.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::format::state::{Owner, RecordType};
+use crate::lun::{now, Access, Lun};
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("LUN {lun} is owned by PID {pid} ({owner}) on {host}; stop it or use its control API")]
+    Owned {
+        lun: String,
+        owner: String,
+        pid: u32,
+        host: String,
+    },
+    #[error("LUN {lun} is locked by another process that left no owner record; stop it first")]
+    Locked { lun: String },
+    #[error("{path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Lun(#[from] crate::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What [`probe`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// Nobody holds the lock (an `Owner` record left by a dead process is
+    /// ignored).
+    Free,
+    /// A gateway holds it and serves a control API at `control`.
+    Gateway { pid: u32, control: PathBuf },
+    /// Someone else holds it. `pid` is 0 and `owner` is empty when the
+    /// holder wrote no record (e.g. another `lunctl`).
+    Busy { owner: String, pid: u32 },
+}
+
+/// The flock alone, on a file description of its own (so it is independent
+/// of every other descriptor of the LUN, including the caller's `Lun`).
+/// Dropping it releases the lock.
+#[derive(Debug)]
+pub struct FileLock {
+    /// Held only for its flock.
+    file: File,
+    path: PathBuf,
+}
+
+impl FileLock {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        // Unlock explicitly: a child forked by another thread shares this
+        // file description until it execs, and closing our descriptor alone
+        // would leave the lock held for that moment.
+        // SAFETY: flock on a descriptor this struct owns; no memory is passed.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+enum Try {
+    Got(FileLock),
+    Held,
+}
+
+fn try_flock(path: &Path) -> Result<Try> {
+    let file = OpenOptions::new()
+        .read(true)
+        .open(path)
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            op: "open for locking",
+            source,
+        })?;
+    // SAFETY: flock on a descriptor this function owns; no memory is passed.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(Try::Got(FileLock {
+            file,
+            path: path.to_path_buf(),
+        }));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(Try::Held);
+    }
+    Err(Error::Io {
+        path: path.to_path_buf(),
+        op: "flock",
+        source: e,
+    })
+}
+
+/// The `Owner` record of the LUN at `path`, if it has a readable one.
+fn read_record(path: &Path) -> Option<Owner> {
+    Lun::open(path, Access::ReadOnly)
+        .ok()
+        .and_then(|l| l.record_json(RecordType::Owner, 0).ok().flatten())
+}
+
+/// Who holds the lock of the LUN at `path`, read from its `Owner` record.
+/// Only meaningful while the flock is held by someone.
+fn holder(path: &Path) -> Probe {
+    match read_record(path) {
+        Some(Owner {
+            owner,
+            pid,
+            control: Some(c),
+            ..
+        }) if owner == "lungate" => Probe::Gateway {
+            pid,
+            control: PathBuf::from(c),
+        },
+        Some(o) => Probe::Busy {
+            owner: o.owner,
+            pid: o.pid,
+        },
+        None => Probe::Busy {
+            owner: String::new(),
+            pid: 0,
+        },
+    }
+}
+
+/// Is the LUN at `path` free, served by a gateway, or held by something
+/// else? Takes the lock for an instant when it is free, so a concurrent
+/// [`lock`] may fail in that window (it reports the LUN busy; retry).
+pub fn probe(path: &Path) -> Result<Probe> {
+    match try_flock(path)? {
+        Try::Got(l) => {
+            drop(l);
+            Ok(Probe::Free)
+        }
+        Try::Held => Ok(holder(path)),
+    }
+}
+
+/// The error for a LUN whose lock is held: who holds it, and where (the
+/// host from its `Owner` record).
+pub fn busy_error(path: &Path, p: &Probe) -> Error {
+    let lun = path.display().to_string();
+    let host = || read_record(path).map_or_else(|| "?".to_string(), |o| o.host);
+    match p {
+        Probe::Gateway { pid, .. } => Error::Owned {
+            lun,
+            owner: "lungate".into(),
+            pid: *pid,
+            host: host(),
+        },
+        Probe::Busy { owner, pid } if *pid != 0 => Error::Owned {
+            lun,
+            owner: owner.clone(),
+            pid: *pid,
+            host: host(),
+        },
+        _ => Error::Locked { lun },
+    }
+}
+
+/// Take the flock of the LUN at `path` without waiting (no record). What
+/// `lunctl` holds while it edits a LUN directly.
+pub fn lock(path: &Path) -> Result<FileLock> {
+    match try_flock(path)? {
+        Try::Got(l) => Ok(l),
+        Try::Held => Err(busy_error(path, &holder(path))),
+    }
+}
+
+/// The lock plus the `Owner` record: what a gateway holds while it serves a
+/// LUN. Dropping it clears the record and releases the lock; a crash keeps
+/// the record but the kernel still releases the lock.
+#[derive(Debug)]
+pub struct OwnerGuard {
+    lock: Option<FileLock>,
+    record: Owner,
+}
+
+impl OwnerGuard {
+    pub fn record(&self) -> &Owner {
+        &self.record
+    }
+
+    pub fn path(&self) -> &Path {
+        self.lock.as_ref().expect("held until drop").path()
+    }
+
+    /// Write the record again (a revert restores older state records).
+    pub fn rewrite(&self) -> Result<()> {
+        write_record(self.path(), Some(&self.record))
+    }
+
+    /// Clear the record and release the lock, reporting a failure to clear.
+    pub fn release(mut self) -> Result<()> {
+        let l = self.lock.take().expect("held until drop");
+        let r = write_record(l.path(), None);
+        drop(l);
+        r
+    }
+}
+
+impl Drop for OwnerGuard {
+    fn drop(&mut self) {
+        if let Some(l) = self.lock.take() {
+            if let Err(e) = write_record(l.path(), None) {
+                tracing::warn!("{}: owner record not cleared: {e}", l.path().display());
+            }
+        }
+    }
+}
+
+/// Write (`Some`) or remove (`None`) the `Owner` record.
+// MERGE: a second `Lun` handle opens a second Volume once `Lun` owns its
+// volume; write through the caller's `Lun` (its volume) when `Lun` offers a
+// `&self` record update. Until then the caller's `Lun` keeps a stale view of
+// the state directory (re-open it to see the record).
+fn write_record(path: &Path, rec: Option<&Owner>) -> Result<()> {
+    let mut l = Lun::open(path, Access::ReadWrite)?;
+    match rec {
+        Some(r) => l.put_records(&[(
+            RecordType::Owner,
+            0,
+            serde_json::to_vec(r).expect("owner record serialises"),
+        )])?,
+        None => {
+            l.remove_record(RecordType::Owner, 0)?;
+        }
+    }
+    Ok(())
+}
+
+/// Take the lock of `lun` and write the `Owner` record (`owner`, this host,
+/// this PID, now, `control`).
+pub fn acquire(lun: &Lun, owner: &str, control: Option<&Path>) -> Result<OwnerGuard> {
+    let lock = lock(lun.path())?;
+    let record = Owner {
+        owner: owner.to_string(),
+        host: hostname(),
+        pid: std::process::id(),
+        since: now(),
+        control: control.map(|c| c.display().to_string()),
+    };
+    write_record(lun.path(), Some(&record))?;
+    Ok(OwnerGuard {
+        lock: Some(lock),
+        record,
+    })
+}
+
+/// This machine's host name ("?" when it cannot be read).
+pub fn hostname() -> String {
+    let mut b = [0u8; 256];
+    // SAFETY: the buffer is valid for its whole length, and gethostname
+    // writes at most that many bytes.
+    let r = unsafe { libc::gethostname(b.as_mut_ptr().cast(), b.len()) };
+    if r != 0 {
+        return "?".into();
+    }
+    let n = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..n]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{Layout, MIB};
+    use crate::lun::CreateSpec;
+    use std::process::{Command, Stdio};
+
+    fn make(dir: &Path, layout: Layout) -> PathBuf {
+        let p = dir.join(format!("{layout}.lun"));
+        Lun::create(
+            &p,
+            &CreateSpec {
+                name: "o".into(),
+                disks: vec![2 * MIB],
+                memory: 0,
+                vcpus: 1,
+                layout,
+            },
+        )
+        .unwrap();
+        p
+    }
+
+    fn owner_record(p: &Path) -> Option<Owner> {
+        Lun::open(p, Access::ReadOnly)
+            .unwrap()
+            .record_json(RecordType::Owner, 0)
+            .unwrap()
+    }
+
+    #[test]
+    fn second_descriptor_is_refused_while_the_first_holds_the_lock() {
+        let d = tempfile::tempdir().unwrap();
+        for layout in [Layout::Offset, Layout::Truncate] {
+            let p = make(d.path(), layout);
+            assert_eq!(probe(&p).unwrap(), Probe::Free);
+            let a = lock(&p).unwrap();
+            let e = lock(&p).unwrap_err();
+            assert!(matches!(e, Error::Locked { .. }), "{e}");
+            assert!(matches!(probe(&p).unwrap(), Probe::Busy { pid: 0, .. }));
+            drop(a);
+            assert_eq!(probe(&p).unwrap(), Probe::Free);
+            let _b = lock(&p).unwrap();
+        }
+    }
+
+    #[test]
+    fn acquire_writes_the_record_and_drop_clears_it() {
+        let d = tempfile::tempdir().unwrap();
+        let p = make(d.path(), Layout::Offset);
+        let lun = Lun::open(&p, Access::ReadWrite).unwrap();
+        let sock = d.path().join("ctl.sock");
+        let g = acquire(&lun, "lungate", Some(&sock)).unwrap();
+        let rec = owner_record(&p).unwrap();
+        assert_eq!(rec.pid, std::process::id());
+        assert_eq!(rec.control.as_deref(), Some(sock.to_str().unwrap()));
+        assert_eq!(
+            probe(&p).unwrap(),
+            Probe::Gateway {
+                pid: std::process::id(),
+                control: sock.clone()
+            }
+        );
+        let e = lock(&p).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("owned by PID {} (lungate)", std::process::id()))
+                && e.contains("stop it or use its control API"),
+            "{e}"
+        );
+        g.rewrite().unwrap();
+        drop(g);
+        assert_eq!(owner_record(&p), None);
+        assert_eq!(probe(&p).unwrap(), Probe::Free);
+        // Something other than a gateway (no control socket) is just busy.
+        let g = acquire(&lun, "vmm-shim", None).unwrap();
+        match probe(&p).unwrap() {
+            Probe::Busy { owner, pid, .. } => {
+                assert_eq!((owner.as_str(), pid), ("vmm-shim", std::process::id()))
+            }
+            other => panic!("{other:?}"),
+        }
+        g.release().unwrap();
+        assert_eq!(owner_record(&p), None);
+    }
+
+    #[test]
+    fn old_records_without_control_still_decode() {
+        let o: Owner =
+            serde_json::from_str(r#"{"owner":"x","host":"h","pid":3,"since":4}"#).unwrap();
+        assert_eq!(o.control, None);
+    }
+
+    /// Another process holds the lock; SIGKILL releases it even though its
+    /// record (written by us on its behalf) stays behind.
+    #[test]
+    fn child_process_lock_is_seen_and_released_by_sigkill() {
+        let d = tempfile::tempdir().unwrap();
+        let p = make(d.path(), Layout::Truncate);
+        // The shell locks its own descriptor with flock(1) and becomes
+        // `sleep`, so the child PID is the one holding the lock.
+        let mut child = Command::new("sh")
+            .args(["-c", "exec 9<\"$0\" && flock -n 9 && exec sleep 60"])
+            .arg(&p)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("sh and flock(1) from util-linux");
+        let mut held = false;
+        for _ in 0..200 {
+            if probe(&p).unwrap() != Probe::Free {
+                held = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(held, "child never took the lock");
+        // A record left by whoever holds it names it in the error.
+        write_record(
+            &p,
+            Some(&Owner {
+                owner: "lungate".into(),
+                host: "elsewhere".into(),
+                pid: child.id(),
+                since: 1,
+                control: None,
+            }),
+        )
+        .unwrap();
+        let e = lock(&p).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "owned by PID {} (lungate) on elsewhere",
+                child.id()
+            )),
+            "{e}"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(probe(&p).unwrap(), Probe::Free, "stale record is ignored");
+        let _l = lock(&p).unwrap();
+    }
+}
