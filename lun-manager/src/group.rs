@@ -283,9 +283,12 @@ impl Group {
     pub fn snapshot(&self, name: &str, description: &str) -> Result<SnapshotInfo> {
         for m in &self.members {
             if has_snapshot(m.volume(), name) {
-                return Err(
-                    volume::Error::SnapshotExists(format!("{name} (in {})", m.name())).into(),
-                );
+                let e = volume::Error::SnapshotExists(name.into());
+                return Err(if m.uuid() == self.primary().uuid() {
+                    e.into()
+                } else {
+                    crate::Error::Invalid(format!("{e} in secondary disk {}", m.name()))
+                });
             }
         }
         self.begin(&Intent::Snapshot { name: name.into() })?;

@@ -191,11 +191,14 @@ pub fn lock(path: &Path) -> Result<FileLock> {
 }
 
 /// The lock plus the `Owner` record: what a gateway holds while it serves a
-/// LUN. Dropping it clears the record and releases the lock; a crash keeps
-/// the record but the kernel still releases the lock.
+/// LUN. The record is written through the caller's [`Lun`] (its volume: one
+/// volume per LUN per process), so changing it needs that `Lun` again:
+/// [`OwnerGuard::rewrite`] and [`OwnerGuard::release`]. Dropping the guard
+/// releases the lock but leaves the record, as a crash does; the record
+/// alone proves nothing.
 #[derive(Debug)]
 pub struct OwnerGuard {
-    lock: Option<FileLock>,
+    lock: FileLock,
     record: Owner,
 }
 
@@ -205,56 +208,40 @@ impl OwnerGuard {
     }
 
     pub fn path(&self) -> &Path {
-        self.lock.as_ref().expect("held until drop").path()
+        self.lock.path()
     }
 
     /// Write the record again (a revert restores older state records).
-    pub fn rewrite(&self) -> Result<()> {
-        write_record(self.path(), Some(&self.record))
+    pub fn rewrite(&self, lun: &mut Lun) -> Result<()> {
+        write_record(lun, Some(&self.record))
     }
 
-    /// Clear the record and release the lock, reporting a failure to clear.
-    pub fn release(mut self) -> Result<()> {
-        let l = self.lock.take().expect("held until drop");
-        let r = write_record(l.path(), None);
-        drop(l);
+    /// Clear the record, then release the lock.
+    pub fn release(self, lun: &mut Lun) -> Result<()> {
+        let r = write_record(lun, None);
+        drop(self.lock);
         r
     }
 }
 
-impl Drop for OwnerGuard {
-    fn drop(&mut self) {
-        if let Some(l) = self.lock.take() {
-            if let Err(e) = write_record(l.path(), None) {
-                tracing::warn!("{}: owner record not cleared: {e}", l.path().display());
-            }
-        }
-    }
-}
-
 /// Write (`Some`) or remove (`None`) the `Owner` record.
-// MERGE: a second `Lun` handle opens a second Volume once `Lun` owns its
-// volume; write through the caller's `Lun` (its volume) when `Lun` offers a
-// `&self` record update. Until then the caller's `Lun` keeps a stale view of
-// the state directory (re-open it to see the record).
-fn write_record(path: &Path, rec: Option<&Owner>) -> Result<()> {
-    let mut l = Lun::open(path, Access::ReadWrite)?;
+fn write_record(lun: &mut Lun, rec: Option<&Owner>) -> Result<()> {
     match rec {
-        Some(r) => l.put_records(&[(
+        Some(r) => lun.put_records(&[(
             RecordType::Owner,
             0,
             serde_json::to_vec(r).expect("owner record serialises"),
         )])?,
         None => {
-            l.remove_record(RecordType::Owner, 0)?;
+            lun.remove_record(RecordType::Owner, 0)?;
         }
     }
     Ok(())
 }
 
 /// Take the lock of `lun` and write the `Owner` record (`owner`, this host,
-/// this PID, now, `control`).
-pub fn acquire(lun: &Lun, owner: &str, control: Option<&Path>) -> Result<OwnerGuard> {
+/// this PID, now, `control`) through it.
+pub fn acquire(lun: &mut Lun, owner: &str, control: Option<&Path>) -> Result<OwnerGuard> {
     let lock = lock(lun.path())?;
     let record = Owner {
         owner: owner.to_string(),
@@ -263,11 +250,8 @@ pub fn acquire(lun: &Lun, owner: &str, control: Option<&Path>) -> Result<OwnerGu
         since: now(),
         control: control.map(|c| c.display().to_string()),
     };
-    write_record(lun.path(), Some(&record))?;
-    Ok(OwnerGuard {
-        lock: Some(lock),
-        record,
-    })
+    write_record(lun, Some(&record))?;
+    Ok(OwnerGuard { lock, record })
 }
 
 /// This machine's host name ("?" when it cannot be read).
@@ -330,12 +314,12 @@ mod tests {
     }
 
     #[test]
-    fn acquire_writes_the_record_and_drop_clears_it() {
+    fn acquire_writes_the_record_and_release_clears_it() {
         let d = tempfile::tempdir().unwrap();
         let p = make(d.path(), Layout::Offset);
-        let lun = Lun::open(&p, Access::ReadWrite).unwrap();
+        let mut lun = Lun::open(&p, Access::ReadWrite).unwrap();
         let sock = d.path().join("ctl.sock");
-        let g = acquire(&lun, "lungate", Some(&sock)).unwrap();
+        let g = acquire(&mut lun, "lungate", Some(&sock)).unwrap();
         let rec = owner_record(&p).unwrap();
         assert_eq!(rec.pid, std::process::id());
         assert_eq!(rec.control.as_deref(), Some(sock.to_str().unwrap()));
@@ -352,20 +336,23 @@ mod tests {
                 && e.contains("stop it or use its control API"),
             "{e}"
         );
-        g.rewrite().unwrap();
-        drop(g);
+        g.rewrite(&mut lun).unwrap();
+        g.release(&mut lun).unwrap();
         assert_eq!(owner_record(&p), None);
         assert_eq!(probe(&p).unwrap(), Probe::Free);
         // Something other than a gateway (no control socket) is just busy.
-        let g = acquire(&lun, "vmm-shim", None).unwrap();
+        let g = acquire(&mut lun, "vmm-shim", None).unwrap();
         match probe(&p).unwrap() {
             Probe::Busy { owner, pid, .. } => {
                 assert_eq!((owner.as_str(), pid), ("vmm-shim", std::process::id()))
             }
             other => panic!("{other:?}"),
         }
-        g.release().unwrap();
-        assert_eq!(owner_record(&p), None);
+        // Dropped without release: the lock goes, the record stays (as
+        // after a crash) and is ignored.
+        drop(g);
+        assert_eq!(probe(&p).unwrap(), Probe::Free);
+        assert_eq!(owner_record(&p).map(|o| o.owner), Some("vmm-shim".into()));
     }
 
     #[test]
@@ -400,7 +387,7 @@ mod tests {
         assert!(held, "child never took the lock");
         // A record left by whoever holds it names it in the error.
         write_record(
-            &p,
+            &mut Lun::open(&p, Access::ReadWrite).unwrap(),
             Some(&Owner {
                 owner: "lungate".into(),
                 host: "elsewhere".into(),

@@ -933,7 +933,7 @@ fn clone_is_listed_under_its_parent_and_flatten_makes_it_independent() {
     assert!(r["vms"].as_array().unwrap().is_empty() && r["skipped"].as_array().unwrap().is_empty());
 
     // The parent cannot go while the clone reads it; after a flatten it can.
-    fails(&["delete", w, "--yes"], "has clones");
+    fails(&["delete", w, "--yes"], "clones depend on its layers");
     let w2 = web2.to_str().unwrap();
     ok(&["flatten", w2]);
     ok(&["flatten", w2]); // nothing left to do: still fine
@@ -1006,7 +1006,7 @@ fn diff_lists_the_changed_extent_and_a_diff_file_makes_a_copy_equal() {
             "{layout}: copy equals the source after apply-diff"
         );
     }
-    // A diff for a LUN of another size is refused.
+    // A diff made on another LUN is refused.
     let other = create(&p, "other", &["--disk", "16M", "--memory", "1M"]);
     fails(
         &[
@@ -1014,7 +1014,7 @@ fn diff_lists_the_changed_extent_and_a_diff_file_makes_a_copy_equal() {
             other.to_str().unwrap(),
             d.path().join("offset.lgdiff").to_str().unwrap(),
         ],
-        "diff is for a LUN of",
+        "diff file refused: section 0 is for LUN",
     );
 }
 
@@ -1084,8 +1084,8 @@ fn a_lun_held_by_another_process_is_refused_or_sent_to_its_gateway() {
         }
         drop(lock);
         // With an owner record: the contract's message.
-        let handle = Lun::open(&lun, Access::ReadWrite).unwrap();
-        let g = owner::acquire(&handle, "lungate", None).unwrap();
+        let mut handle = Lun::open(&lun, Access::ReadWrite).unwrap();
+        let g = owner::acquire(&mut handle, "lungate", None).unwrap();
         let msg = format!(
             "LUN {l} is owned by PID {} (lungate) on {}; stop it or use its control API",
             std::process::id(),
@@ -1094,12 +1094,15 @@ fn a_lun_held_by_another_process_is_refused_or_sent_to_its_gateway() {
         fails(&["snapshot", l, "s"], &msg);
         fails(&["clone", l, "s", "n"], &msg);
         drop(g);
+        drop(handle);
         assert!(lun.exists());
         ok(&["snapshot", l, "s"]);
+        // lunctl changed the volume: a fresh handle sees the new chain.
+        let mut handle = Lun::open(&lun, Access::ReadWrite).unwrap();
 
         // A gateway with a control socket gets the operation instead.
         let sock = d.path().join(format!("{layout}.sock"));
-        let g = owner::acquire(&handle, "lungate", Some(&sock)).unwrap();
+        let g = owner::acquire(&mut handle, "lungate", Some(&sock)).unwrap();
         let t = fake_gateway(
             &sock,
             "201 Created",

@@ -11,19 +11,15 @@
 //! operation goes to its control API). Anything else holding the LUN is
 //! refused with who it is.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use lun_manager::format::state::{Identity, RecordType, SecondaryDisks, SnapshotTree};
+use lun_manager::group::Group;
 use lun_manager::lun::Found;
 use lun_manager::owner::{self, Probe};
 use lun_manager::size::{human, parse_size};
-use lun_manager::volume::{
-    self, Change, ChangeKind, LayerUsage, SnapshotInfo, Volume, VolumeConfig, VolumeOptions,
-};
 use lun_manager::{control_client, pool, progress, report, scan, Access, CreateSpec, Layout, Lun};
 use serde_json::json;
 
@@ -242,31 +238,6 @@ fn lock(path: &Path) -> Result<owner::FileLock, String> {
     owner::lock(path).map_err(|e| e.to_string())
 }
 
-/// Layers directories of clones that still read layers in `layers`.
-// MERGE: the volume engine decides this too (its private `dependent_alive`);
-// use its answer if branch vol exposes one (or Group refuses the delete).
-fn dependent_clones(layers: &Path) -> Vec<String> {
-    use lun_manager::volume::manifest::{self, Parent};
-    let Ok(Some(m)) = manifest::load(layers) else {
-        return Vec::new();
-    };
-    let me = std::fs::canonicalize(layers).unwrap_or_else(|_| layers.to_path_buf());
-    m.manifest
-        .dependents
-        .iter()
-        .filter(|d| match manifest::load(&d.dir) {
-            Ok(None) => false,
-            Ok(Some(c)) => c.manifest.layers.iter().any(|l| {
-                matches!(&l.parent, Parent::External { dir, .. }
-                    if std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()) == me)
-            }),
-            // Unreadable: keep it, a pin is only dropped for certain.
-            Err(_) => true,
-        })
-        .map(|d| d.dir.display().to_string())
-        .collect()
-}
-
 fn size(s: &str, what: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| format!("{what}: {e}"))
 }
@@ -339,20 +310,9 @@ fn run(cli: Cli) -> Result<(), String> {
             let lock = lock(&path)?;
             let l = Lun::open(&path, Access::ReadWrite).map_err(|e| e.to_string())?;
             let name = l.name().to_string();
-            let layers = scan::layers_dir(&path);
-            let clones = dependent_clones(&layers);
-            if !clones.is_empty() {
-                return Err(format!(
-                    "{name} has clones that read its snapshots ({}); flatten or delete them first",
-                    clones.join(", ")
-                ));
-            }
+            // Refused while clones read its snapshots; removes its layers.
             l.delete().map_err(|e| e.to_string())?;
             drop(lock);
-            if layers.is_dir() {
-                std::fs::remove_dir_all(&layers)
-                    .map_err(|e| format!("{}: {e}", layers.display()))?;
-            }
             println!("deleted {name} ({})", path.display());
         }
         Cmd::Snapshot {
@@ -652,13 +612,13 @@ fn list(dir: &Path, as_json: bool) -> Result<(), String> {
 // ----- snapshot commands ---------------------------------------------------
 
 /// Where a snapshot command runs.
-// MERGE: `Direct` holds a `Group` (whose primary is `lun`) once it lands.
 enum Target {
-    /// This process edits the files, holding the LUN's flock throughout.
+    /// This process edits the files of the whole VM (the LUN and its
+    /// secondaries, one consistency group), holding every member's flock
+    /// throughout.
     Direct {
-        lun: Lun,
-        vol: Arc<Volume>,
-        _lock: owner::FileLock,
+        group: Group,
+        _locks: Vec<owner::FileLock>,
     },
     /// A gateway holds the LUN; the command goes to its control API.
     Gateway {
@@ -672,7 +632,7 @@ enum Target {
 impl Target {
     fn name(&self) -> &str {
         match self {
-            Target::Direct { lun, .. } => lun.name(),
+            Target::Direct { group, .. } => group.primary().name(),
             Target::Gateway { name, .. } => name,
         }
     }
@@ -682,13 +642,20 @@ fn target(path: &Path) -> Result<Target, String> {
     let probe = owner::probe(path).map_err(|e| e.to_string())?;
     match probe {
         Probe::Free => {
-            let lock = owner::lock(path).map_err(|e| e.to_string())?;
-            let lun = Lun::open(path, Access::ReadWrite).map_err(|e| e.to_string())?;
-            let vol = volume_of(&lun)?;
+            let mut locks = vec![owner::lock(path).map_err(|e| e.to_string())?];
+            let group = Group::open(path, Access::ReadWrite).map_err(|e| e.to_string())?;
+            for m in &group.members()[1..] {
+                locks.push(owner::lock(m.path()).map_err(|e| {
+                    format!(
+                        "{} (a secondary disk of {}): {e}",
+                        m.path().display(),
+                        group.primary().name()
+                    )
+                })?);
+            }
             Ok(Target::Direct {
-                lun,
-                vol,
-                _lock: lock,
+                group,
+                _locks: locks,
             })
         }
         Probe::Gateway { pid, control } => {
@@ -709,19 +676,12 @@ fn target(path: &Path) -> Result<Target, String> {
     }
 }
 
-// MERGE: becomes lun.volume().clone()
-fn volume_of(lun: &Lun) -> Result<Arc<Volume>, String> {
-    Volume::open(VolumeConfig::for_lun(lun, VolumeOptions::default()))
-        .map(Arc::new)
-        .map_err(|e| format!("{}: {e}", lun.name()))
-}
-
 fn gw<T>(r: Result<T, control_client::Error>) -> Result<T, String> {
     r.map_err(|e| e.to_string())
 }
 
-fn verr(lun: &Lun) -> impl Fn(volume::Error) -> String + '_ {
-    move |e| format!("{}: {e}", lun.name())
+fn gerr(e: lun_manager::Error) -> String {
+    e.to_string()
 }
 
 /// A snapshot as `snapshots` shows it (from the volume or a gateway).
@@ -741,62 +701,27 @@ fn rows<T: serde::Serialize>(v: &T) -> Result<Vec<SnapRow>, String> {
         .map_err(|e| format!("unexpected snapshot list: {e}"))
 }
 
-// MERGE: use Group (Group::snapshot: every member under the same name)
-fn op_snapshot(lun: &Lun, vol: &Volume, snap: &str, desc: &str) -> Result<SnapshotInfo, String> {
-    vol.snapshot(snap, desc).map_err(verr(lun))
-}
-
-// MERGE: use Group (Group::snapshots)
-fn op_snapshots(_lun: &Lun, vol: &Volume) -> Vec<SnapshotInfo> {
-    vol.snapshots()
-}
-
-// MERGE: use Group (Group::revert)
-fn op_revert(lun: &Lun, vol: &Volume, snap: &str) -> Result<(), String> {
-    vol.revert(snap).map_err(verr(lun))
-}
-
-// MERGE: use Group (Group::delete_snapshot)
-fn op_delete_snapshot(lun: &Lun, vol: &Volume, snap: &str) -> Result<(), String> {
-    vol.delete_snapshot(snap).map_err(verr(lun))
-}
-
-// MERGE: use Group (Group::flatten)
-fn op_flatten(lun: &Lun, vol: &Volume) -> Result<(), String> {
-    let cs = vol.cluster_size();
-    let size = vol.size();
+fn op_flatten(group: &Group) -> Result<(), String> {
+    let p = group.primary();
+    let size = p.volume().size();
+    let cs = p.volume().cluster_size();
     let bar = progress::bar(size, "flatten");
-    let r = vol.flatten(|done, _total| bar.set_position((done * cs).min(size)));
+    let r = group.flatten(|done, _total| bar.set_position(done.saturating_mul(cs).min(size)));
     bar.finish_and_clear();
-    r.map_err(verr(lun))
+    r.map_err(gerr)
 }
 
-// MERGE: use Group (Group::diff)
-fn op_diff(lun: &Lun, vol: &Volume, from: &str, to: Option<&str>) -> Result<Vec<Change>, String> {
-    vol.diff(from, to).map_err(verr(lun))
-}
-
-// MERGE: use Group (Group::usage)
-fn op_usage(_lun: &Lun, vol: &Volume) -> Vec<LayerUsage> {
-    vol.usage()
-}
-
-// MERGE: use Group (Group::clone: secondaries cloned and re-referenced, new
-// identity written through the clone's volume)
-/// `NEW_NAME.lun` next to the source, created with the source's layout,
-/// disks and memory (so every region sits where the source's does), then
-/// made a clone of snapshot `snap`. Removed again if that fails.
-fn op_clone(lun: &Lun, vol: &Volume, snap: &str, new_name: &str) -> Result<PathBuf, String> {
+/// `NEW_NAME.lun` (and one clone per secondary disk) next to the source,
+/// each with a new identity, made from snapshot `snap` in O(1).
+fn op_clone(group: &Group, snap: &str, new_name: &str) -> Result<PathBuf, String> {
     lun_manager::format::validate_name(new_name)?;
+    let lun = group.primary();
     if lun.is_block_device() {
         return Err(format!(
             "{}: a LUN on a block device cannot be cloned into a file next to it; \
              clone a LUN that lives in a pool",
             lun.name()
         ));
-    }
-    if !vol.snapshots().iter().any(|s| s.name == snap) {
-        return Err(verr(lun)(volume::Error::NoSnapshot(snap.into())));
     }
     let dir = lun.path().parent().unwrap_or(Path::new("."));
     let path = pool::lun_path(dir, new_name);
@@ -814,60 +739,15 @@ fn op_clone(lun: &Lun, vol: &Volume, snap: &str, new_name: &str) -> Result<PathB
             }
         }
     }
-    let hw = lun.hardware().map_err(|e| e.to_string())?;
-    let spec = CreateSpec {
-        name: new_name.to_string(),
-        disks: lun.disks().iter().map(|d| d.length).collect(),
-        memory: hw.memory_bytes,
-        vcpus: hw.vcpus,
-        layout: lun.layout(),
-    };
-    let new = Lun::create(&path, &spec).map_err(|e| e.to_string())?;
-    let layers = scan::layers_dir(&path);
-    let undo = |why: String| {
-        let _ = std::fs::remove_dir_all(&layers);
-        let _ = std::fs::remove_file(&path);
-        why
-    };
-    let shape = |l: &Lun| {
-        let mut v: Vec<_> = l
-            .label()
-            .regions
-            .iter()
-            .map(|r| (r.kind, r.index, r.offset, r.length))
-            .collect();
-        v.sort_by_key(|r| r.2);
-        (l.label().lun_size, v)
-    };
-    if shape(&new) != shape(lun) {
-        return Err(undo(format!(
-            "{}: its regions were moved by a resize, so a new LUN cannot mirror them; \
-             cloning it needs the consistency-group clone",
-            lun.name()
-        )));
-    }
-    let cfg = VolumeConfig::for_lun(
-        &new,
-        VolumeOptions {
-            cluster_size: vol.cluster_size() as u32,
-        },
-    );
-    match vol.clone_to(snap, cfg) {
-        Ok(v) => {
-            v.close().map_err(|e| format!("{new_name}: {e}"))?;
-            Ok(path)
-        }
-        Err(e) => Err(undo(verr(lun)(e))),
-    }
+    let c = group.clone(snap, new_name).map_err(gerr)?;
+    Ok(c.primary().path().to_path_buf())
 }
 
 fn snapshot(path: &Path, snap: &str, desc: &str) -> Result<(), String> {
     let t = target(path)?;
     let info = match &t {
-        Target::Direct { lun, vol, .. } => {
-            let i = op_snapshot(lun, vol, snap, desc)?;
-            vol.flush().map_err(verr(lun))?;
-            rows(&[i])?.remove(0)
+        Target::Direct { group, .. } => {
+            rows(&[group.snapshot(snap, desc).map_err(gerr)?])?.remove(0)
         }
         Target::Gateway { client, base, .. } => {
             let v: serde_json::Value = gw(client.post(
@@ -891,7 +771,7 @@ fn snapshot(path: &Path, snap: &str, desc: &str) -> Result<(), String> {
 fn snapshots(path: &Path, as_json: bool) -> Result<(), String> {
     let t = target(path)?;
     let list = match &t {
-        Target::Direct { lun, vol, .. } => rows(&op_snapshots(lun, vol))?,
+        Target::Direct { group, .. } => rows(&group.snapshots())?,
         Target::Gateway { client, base, .. } => {
             gw(client.get::<Vec<SnapRow>>(&format!("{base}/snapshots")))?
         }
@@ -971,11 +851,10 @@ fn utc(secs: u64) -> String {
 }
 
 fn revert(path: &Path, snap: &str) -> Result<(), String> {
-    let t = target(path)?;
-    match &t {
-        Target::Direct { lun, vol, .. } => {
-            op_revert(lun, vol, snap)?;
-            vol.flush().map_err(verr(lun))?;
+    let mut t = target(path)?;
+    match &mut t {
+        Target::Direct { group, .. } => {
+            group.revert(snap).map_err(gerr)?;
             println!("{} reverted to snapshot {snap}", t.name());
         }
         Target::Gateway { client, base, .. } => {
@@ -994,7 +873,7 @@ fn revert(path: &Path, snap: &str) -> Result<(), String> {
 fn delete_snapshot(path: &Path, snap: &str) -> Result<(), String> {
     let t = target(path)?;
     match &t {
-        Target::Direct { lun, vol, .. } => op_delete_snapshot(lun, vol, snap)?,
+        Target::Direct { group, .. } => group.delete_snapshot(snap).map_err(gerr)?,
         Target::Gateway { client, base, .. } => {
             gw(client.delete::<serde_json::Value>(&format!(
                 "{base}/snapshots/{}",
@@ -1009,8 +888,8 @@ fn delete_snapshot(path: &Path, snap: &str) -> Result<(), String> {
 fn clone(path: &Path, snap: &str, new_name: &str) -> Result<(), String> {
     let t = target(path)?;
     match &t {
-        Target::Direct { lun, vol, .. } => {
-            let p = op_clone(lun, vol, snap, new_name)?;
+        Target::Direct { group, .. } => {
+            let p = op_clone(group, snap, new_name)?;
             println!(
                 "cloned {} at snapshot {snap} as {new_name} ({})",
                 t.name(),
@@ -1043,7 +922,7 @@ fn clone(path: &Path, snap: &str, new_name: &str) -> Result<(), String> {
 fn flatten(path: &Path) -> Result<(), String> {
     let t = target(path)?;
     match &t {
-        Target::Direct { lun, vol, .. } => op_flatten(lun, vol)?,
+        Target::Direct { group, .. } => op_flatten(group)?,
         Target::Gateway { client, base, .. } => {
             gw(client.post::<serde_json::Value>(&format!("{base}/flatten"), &json!({})))?;
         }
@@ -1068,11 +947,11 @@ fn diff(
     );
     if let Some(out) = out {
         let n = match &t {
-            Target::Direct { lun, vol, .. } => {
+            Target::Direct { group, .. } => {
                 let f =
                     std::fs::File::create(out).map_err(|e| format!("{}: {e}", out.display()))?;
                 let mut w = std::io::BufWriter::new(f);
-                let n = write_diff(lun, vol, from, to, &mut w)?;
+                let n = group.write_diff(from, to, &mut w).map_err(gerr)?;
                 let f = w
                     .into_inner()
                     .map_err(|e| format!("{}: {}", out.display(), e.error()))?;
@@ -1096,9 +975,9 @@ fn diff(
         return Ok(());
     }
     let (changes, lun_regions) = match &t {
-        Target::Direct { lun, vol, .. } => (
-            serde_json::to_value(op_diff(lun, vol, from, to)?).expect("json"),
-            Some(lun.label().regions.clone()),
+        Target::Direct { group, .. } => (
+            serde_json::to_value(group.diff(from, to).map_err(gerr)?).expect("json"),
+            Some(group.primary().label().regions.clone()),
         ),
         Target::Gateway { client, base, .. } => {
             let v: serde_json::Value = gw(client.get(&format!("{base}/diff?{query}")))?;
@@ -1153,15 +1032,20 @@ fn diff(
 }
 
 fn apply_diff(path: &Path, file: &Path) -> Result<(), String> {
-    let t = target(path)?;
-    match &t {
-        Target::Direct { lun, vol, .. } => {
-            let (n, bytes) = provisional_apply_diff(lun, vol, file)?;
+    let mut t = target(path)?;
+    let name = t.name().to_string();
+    match &mut t {
+        Target::Direct { group, .. } => {
+            let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let info = group
+                .apply_diff(&mut std::io::BufReader::new(f))
+                .map_err(|e| format!("{}: {e}", file.display()))?;
             println!(
-                "applied {} to {}: {n} extent(s), {}",
+                "applied {} ({} to {}) to {name}: {} LUN section(s)",
                 file.display(),
-                t.name(),
-                human(bytes)
+                info.from,
+                info.to.as_deref().unwrap_or("now"),
+                info.sections.len()
             );
         }
         Target::Gateway { client, base, .. } => {
@@ -1176,7 +1060,7 @@ fn apply_diff(path: &Path, file: &Path) -> Result<(), String> {
 fn usage(path: &Path, as_json: bool) -> Result<(), String> {
     let t = target(path)?;
     let list: serde_json::Value = match &t {
-        Target::Direct { lun, vol, .. } => serde_json::to_value(op_usage(lun, vol)).expect("json"),
+        Target::Direct { group, .. } => serde_json::to_value(group.usage()).expect("json"),
         Target::Gateway { client, base, .. } => gw(client.get(&format!("{base}/usage")))?,
     };
     if as_json {
@@ -1224,221 +1108,4 @@ fn usage(path: &Path, as_json: bool) -> Result<(), String> {
         human(shared)
     );
     Ok(())
-}
-
-// ----- provisional diff file -----------------------------------------------
-//
-// Layout: magic `LGDIFF01`, LUN UUID (16), size (u64), cluster size (u32),
-// from and to names (u16 length + UTF-8; an empty `to` is the live LUN),
-// then extents (kind u8: 1 data, 2 zero; offset u64; length u64; the data
-// bytes for kind 1), a 0 byte, and the blake3 of everything before it.
-// All integers little-endian.
-
-const DIFF_MAGIC: &[u8; 8] = b"LGDIFF01";
-const DIFF_CHUNK: u64 = 1 << 20;
-
-// MERGE: Group::write_diff
-fn write_diff(
-    lun: &Lun,
-    vol: &Volume,
-    from: &str,
-    to: Option<&str>,
-    out: &mut impl Write,
-) -> Result<u64, String> {
-    let changes = op_diff(lun, vol, from, to)?;
-    let mut h = blake3::Hasher::new();
-    let mut n = 0u64;
-    let mut put = |b: &[u8]| -> Result<(), String> {
-        h.update(b);
-        n += b.len() as u64;
-        out.write_all(b).map_err(|e| format!("write diff: {e}"))
-    };
-    put(DIFF_MAGIC)?;
-    put(lun.uuid().as_bytes())?;
-    put(&vol.size().to_le_bytes())?;
-    put(&(vol.cluster_size() as u32).to_le_bytes())?;
-    for name in [from, to.unwrap_or("")] {
-        let len = u16::try_from(name.len()).map_err(|_| "snapshot name too long".to_string())?;
-        put(&len.to_le_bytes())?;
-        put(name.as_bytes())?;
-    }
-    let mut buf = vec![0u8; DIFF_CHUNK as usize];
-    for c in &changes {
-        let kind = match c.kind {
-            ChangeKind::Data => 1u8,
-            ChangeKind::Zero => 2u8,
-        };
-        put(&[kind])?;
-        put(&c.offset.to_le_bytes())?;
-        put(&c.length.to_le_bytes())?;
-        if c.kind == ChangeKind::Data {
-            let mut at = c.offset;
-            while at < c.offset + c.length {
-                let k = (c.offset + c.length - at).min(DIFF_CHUNK) as usize;
-                match to {
-                    Some(s) => vol.read_snapshot(s, at, &mut buf[..k]),
-                    None => vol.read(at, &mut buf[..k]),
-                }
-                .map_err(verr(lun))?;
-                put(&buf[..k])?;
-                at += k as u64;
-            }
-        }
-    }
-    put(&[0])?;
-    let sum = h.finalize();
-    out.write_all(sum.as_bytes())
-        .map_err(|e| format!("write diff: {e}"))?;
-    out.flush().map_err(|e| format!("write diff: {e}"))?;
-    Ok(n + 32)
-}
-
-/// Reads a diff file, hashing what it reads.
-struct DiffReader<R> {
-    r: R,
-    h: blake3::Hasher,
-    what: String,
-}
-
-impl<R: Read> DiffReader<R> {
-    fn bytes(&mut self, b: &mut [u8]) -> Result<(), String> {
-        self.r
-            .read_exact(b)
-            .map_err(|e| format!("{}: truncated or unreadable diff file: {e}", self.what))?;
-        self.h.update(b);
-        Ok(())
-    }
-    fn u8(&mut self) -> Result<u8, String> {
-        let mut b = [0u8; 1];
-        self.bytes(&mut b)?;
-        Ok(b[0])
-    }
-    fn u16(&mut self) -> Result<u16, String> {
-        let mut b = [0u8; 2];
-        self.bytes(&mut b)?;
-        Ok(u16::from_le_bytes(b))
-    }
-    fn u32(&mut self) -> Result<u32, String> {
-        let mut b = [0u8; 4];
-        self.bytes(&mut b)?;
-        Ok(u32::from_le_bytes(b))
-    }
-    fn u64(&mut self) -> Result<u64, String> {
-        let mut b = [0u8; 8];
-        self.bytes(&mut b)?;
-        Ok(u64::from_le_bytes(b))
-    }
-}
-
-/// Receives one extent piece: offset, data (`None`: zeros), length.
-type ApplyFn<'a> = dyn FnMut(u64, Option<&[u8]>, u64) -> Result<(), String> + 'a;
-
-/// Walk a diff file; `apply` (when given) receives each extent and, for data,
-/// its bytes chunk by chunk. Checks the header against `vol` and the
-/// trailer's checksum.
-fn walk_diff(
-    vol: &Volume,
-    label: std::ops::Range<u64>,
-    file: &Path,
-    mut apply: Option<&mut ApplyFn<'_>>,
-) -> Result<(u64, u64), String> {
-    let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let what = file.display().to_string();
-    let mut r = DiffReader {
-        r: std::io::BufReader::new(f),
-        h: blake3::Hasher::new(),
-        what: what.clone(),
-    };
-    let mut magic = [0u8; 8];
-    r.bytes(&mut magic)?;
-    if &magic != DIFF_MAGIC {
-        return Err(format!("{what}: not a lungate diff file"));
-    }
-    let mut uuid = [0u8; 16];
-    r.bytes(&mut uuid)?;
-    let size = r.u64()?;
-    let cluster = r.u32()?;
-    if size != vol.size() || u64::from(cluster) != vol.cluster_size() {
-        return Err(format!(
-            "{what}: diff is for a LUN of {size} bytes with {cluster}-byte clusters; this one has {} bytes and {}-byte clusters",
-            vol.size(),
-            vol.cluster_size()
-        ));
-    }
-    for _ in 0..2 {
-        let n = r.u16()?;
-        let mut b = vec![0u8; n as usize];
-        r.bytes(&mut b)?;
-    }
-    let (mut extents, mut total) = (0u64, 0u64);
-    let mut buf = vec![0u8; DIFF_CHUNK as usize];
-    loop {
-        let kind = r.u8()?;
-        if kind == 0 {
-            break;
-        }
-        let offset = r.u64()?;
-        let length = r.u64()?;
-        if kind > 2 || offset.checked_add(length).is_none_or(|e| e > size) {
-            return Err(format!(
-                "{what}: bad extent (kind {kind}, offset {offset}, length {length}) for a LUN of {size} bytes"
-            ));
-        }
-        if offset < label.end && label.start < offset + length {
-            return Err(format!(
-                "{what}: extent at {offset} (+{length}) touches the label region [{}, {}), which a diff never holds",
-                label.start, label.end
-            ));
-        }
-        extents += 1;
-        total += length;
-        if kind == 2 {
-            if let Some(a) = apply.as_mut() {
-                a(offset, None, length)?;
-            }
-            continue;
-        }
-        let mut at = offset;
-        while at < offset + length {
-            let k = (offset + length - at).min(DIFF_CHUNK) as usize;
-            r.bytes(&mut buf[..k])?;
-            if let Some(a) = apply.as_mut() {
-                a(at, Some(&buf[..k]), k as u64)?;
-            }
-            at += k as u64;
-        }
-    }
-    let want = r.h.finalize();
-    let mut sum = [0u8; 32];
-    r.r.read_exact(&mut sum)
-        .map_err(|e| format!("{what}: truncated diff file (no checksum): {e}"))?;
-    if &sum != want.as_bytes() {
-        return Err(format!(
-            "{what}: checksum mismatch: the diff file is damaged"
-        ));
-    }
-    let mut rest = [0u8; 1];
-    if r.r.read(&mut rest).map_err(|e| format!("{what}: {e}"))? != 0 {
-        return Err(format!("{what}: trailing bytes after the checksum"));
-    }
-    Ok((extents, total))
-}
-
-// MERGE: Group::apply_diff
-/// Verify the whole file first (nothing is written to a damaged or
-/// mismatched diff's target), then apply it and flush.
-fn provisional_apply_diff(lun: &Lun, vol: &Volume, file: &Path) -> Result<(u64, u64), String> {
-    let l = lun.label().label_region();
-    let label = l.offset..l.end();
-    walk_diff(vol, label.clone(), file, None)?;
-    let mut write = |at: u64, data: Option<&[u8]>, len: u64| -> Result<(), String> {
-        match data {
-            Some(d) => vol.write(at, d),
-            None => vol.write_zeroes(at, len, false),
-        }
-        .map_err(verr(lun))
-    };
-    let r = walk_diff(vol, label, file, Some(&mut write))?;
-    vol.flush().map_err(verr(lun))?;
-    Ok(r)
 }

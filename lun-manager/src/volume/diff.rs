@@ -241,7 +241,7 @@ pub fn verify(r: &mut impl Read, spool: &mut File, spool_path: &Path) -> Result<
     let mut hdr = [0u8; 16];
     s.take(&mut hdr)?;
     if &hdr[0..8] != MAGIC {
-        return Err(bad("no LGDIFF01 magic"));
+        return Err(bad("not a lungate diff file (no LGDIFF01 magic)"));
     }
     let n = u32::from_le_bytes(hdr[8..12].try_into().expect("4"));
     let fl = u16::from_le_bytes([hdr[12], hdr[13]]) as usize;
