@@ -14,10 +14,10 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::export::ExportSet;
 use crate::nbd::handshake::{negotiate, HandshakeCtx, Outcome};
 use crate::nbd::session::{self, End};
 use crate::nbd::transport::Transport;
+use crate::registry::Registry;
 
 /// How long shutdown waits for sessions to finish their in-flight requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -64,6 +64,7 @@ impl std::fmt::Display for Listening {
 
 struct Shared {
     hs: HandshakeCtx,
+    registry: Arc<Registry>,
     engine: IoEngine,
     max_in_flight: u64,
     handshake_timeout: Duration,
@@ -79,7 +80,7 @@ impl Server {
     /// Bind every listener; nothing is accepted until [`Server::run`].
     pub async fn bind(
         settings: ServerSettings,
-        exports: Arc<ExportSet>,
+        registry: Arc<Registry>,
         engine: IoEngine,
     ) -> Result<Server, ServerError> {
         let mut tcp = Vec::new();
@@ -114,10 +115,11 @@ impl Server {
             unix,
             shared: Arc::new(Shared {
                 hs: HandshakeCtx {
-                    exports,
+                    exports: registry.exports.clone(),
                     tls_mode: settings.tls_mode,
                     tls: settings.tls,
                 },
+                registry,
                 engine,
                 max_in_flight: settings.max_in_flight,
                 handshake_timeout: settings.handshake_timeout,
@@ -206,9 +208,9 @@ impl Server {
         {
             tracing::warn!(timeout = ?DRAIN_TIMEOUT, "sessions still busy after the drain timeout; exiting anyway");
         }
-        for (path, file) in self.shared.hs.exports.files() {
-            if let Err(e) = self.shared.engine.flush(&file).await {
-                tracing::error!(lun = %path.display(), error = %e, "final flush failed");
+        for lun in self.shared.registry.luns() {
+            if let Err(e) = lun.flush(&self.shared.engine).await {
+                tracing::error!(lun = %lun.lun.path().display(), error = %e, "final flush failed");
             }
         }
         if let Some(p) = unix_path {
@@ -260,6 +262,8 @@ async fn connection(
     let export = negotiated.export.name.clone();
     tracing::info!(client = %who, export = %export, tls = io.is_tls(), identities = ?peer.cert_names,
         structured = negotiated.structured, flags = format!("{:#x}", negotiated.flags), "transmission");
+    let exp = negotiated.export.clone();
+    crate::export::ExportStats::add(&exp.stats.connections, 1);
     let end = session::serve(
         io,
         buffered,
@@ -269,6 +273,7 @@ async fn connection(
         shutdown,
     )
     .await;
+    crate::export::ExportStats::sub(&exp.stats.connections, 1);
     match end {
         Ok(End::Disconnect) => {
             tracing::info!(client = %who, export = %export, "client disconnected")
@@ -328,8 +333,8 @@ mod tests {
             allow,
             ..GatewayConfig::default()
         };
-        let exports = Arc::new(ExportSet::from_config(&cfg).unwrap());
-        assert_eq!(exports.len(), 2);
+        let registry = crate::config::build_registry(&cfg).unwrap();
+        assert_eq!(registry.exports.current().len(), 2);
         let settings = ServerSettings {
             listen: vec!["127.0.0.1:0".parse().unwrap()],
             unix: None,
@@ -339,7 +344,7 @@ mod tests {
             handshake_timeout: Duration::from_secs(10),
         };
         let engine = IoEngine::new(EngineKind::Auto, 2).unwrap();
-        let server = Server::bind(settings, exports, engine).await.unwrap();
+        let server = Server::bind(settings, registry, engine).await.unwrap();
         let addr = match &server.listening()[0] {
             Listening::Tcp(a) => *a,
             other => panic!("{other}"),
