@@ -27,6 +27,7 @@ pub struct Overrides {
     pub tls_key: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
     pub engine: Option<EngineChoice>,
+    pub control: Option<PathBuf>,
 }
 
 impl Overrides {
@@ -57,6 +58,9 @@ impl Overrides {
         }
         if let Some(e) = self.engine {
             cfg.io.engine = e;
+        }
+        if self.control.is_some() {
+            cfg.control.unix = self.control.clone();
         }
         cfg.validate()
     }
@@ -129,6 +133,18 @@ pub async fn build_server(cfg: &GatewayConfig) -> Result<Server, StartError> {
         tls,
         max_in_flight: cfg.max_in_flight.0,
         handshake_timeout: Duration::from_secs(cfg.handshake_timeout),
+        control_unix: cfg.control.unix_path(&cfg.pools),
+        control_tcp: match (&cfg.control.tcp, &cfg.control.token_file) {
+            (Some(a), Some(t)) => Some((
+                a.parse().map_err(|e| ConfigError::Invalid {
+                    field: "control.tcp".into(),
+                    value: a.clone(),
+                    reason: format!("{e}"),
+                })?,
+                t.clone(),
+            )),
+            _ => None,
+        },
     };
     Ok(Server::bind(settings, registry, engine).await?)
 }

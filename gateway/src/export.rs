@@ -89,6 +89,8 @@ pub struct Export {
     pub read_only: bool,
     pub block: BlockSizes,
     pub disk_id: Option<[u8; 16]>,
+    /// Disk index in the LUN.
+    pub disk: u32,
     pub allow: Vec<AllowRule>,
     /// LUN file this export lives in (for logs and the final flush).
     pub lun_path: PathBuf,
@@ -160,6 +162,7 @@ impl Export {
             read_only,
             block,
             disk_id: None,
+            disk: 0,
             allow: Vec::new(),
             lun_path,
             lun: None,
@@ -465,6 +468,7 @@ fn export_for(
         lun.path().to_path_buf(),
     )?;
     e.disk_id = lun.disk_id(disk);
+    e.disk = disk;
     e.lun = Some(served.clone());
     e.description = Some(match e.disk_id {
         Some(id) => format!(

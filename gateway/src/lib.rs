@@ -10,6 +10,7 @@
 //! `lungate_config::GatewayConfig`.
 
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod export;
 pub mod nbd;

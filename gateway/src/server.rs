@@ -29,6 +29,8 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
     #[error("cannot listen on unix socket {path}: {source}")]
     BindUnix {
         path: PathBuf,
@@ -44,6 +46,10 @@ pub struct ServerSettings {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub max_in_flight: u64,
     pub handshake_timeout: Duration,
+    /// Control API unix socket.
+    pub control_unix: Option<PathBuf>,
+    /// Control API TCP address and its token file.
+    pub control_tcp: Option<(SocketAddr, PathBuf)>,
 }
 
 /// A bound listener, as printed on stdout.
@@ -71,6 +77,7 @@ struct Shared {
 }
 
 pub struct Server {
+    control: crate::control::Control,
     tcp: Vec<TcpListener>,
     unix: Option<(UnixListener, PathBuf)>,
     shared: Arc<Shared>,
@@ -110,7 +117,17 @@ impl Server {
                 Some((l, path.clone()))
             }
         };
+        let control = crate::control::Control::bind(
+            registry.clone(),
+            settings.control_unix.as_deref(),
+            settings
+                .control_tcp
+                .as_ref()
+                .map(|(a, p)| (*a, p.as_path())),
+        )
+        .await?;
         Ok(Server {
+            control,
             tcp,
             unix,
             shared: Arc::new(Shared {
@@ -125,6 +142,11 @@ impl Server {
                 handshake_timeout: settings.handshake_timeout,
             }),
         })
+    }
+
+    /// The control API's listeners, as printed on stdout.
+    pub fn control_listening(&self) -> Vec<String> {
+        self.control.listening()
     }
 
     pub fn listening(&self) -> Vec<Listening> {
@@ -144,6 +166,7 @@ impl Server {
     /// flush every backing file.
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
+        let control = tokio::spawn(self.control.run(shutdown.clone()));
         for l in self.tcp {
             let (shared, tracker2, stop) = (self.shared.clone(), tracker.clone(), shutdown.clone());
             tracker.spawn(async move {
@@ -216,6 +239,7 @@ impl Server {
         if let Some(p) = unix_path {
             let _ = std::fs::remove_file(p);
         }
+        let _ = control.await;
         tracing::info!("stopped");
     }
 }
@@ -342,6 +366,8 @@ mod tests {
             tls: None,
             max_in_flight: 64 << 20,
             handshake_timeout: Duration::from_secs(10),
+            control_unix: None,
+            control_tcp: None,
         };
         let engine = IoEngine::new(EngineKind::Auto, 2).unwrap();
         let server = Server::bind(settings, registry, engine).await.unwrap();
