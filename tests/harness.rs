@@ -813,6 +813,112 @@ impl TlsCerts {
     }
 }
 
+impl Gateway {
+    /// The control API unix socket from the `control unix PATH` line.
+    pub fn control(&self) -> PathBuf {
+        self.stdout_lines()
+            .iter()
+            .find_map(|l| l.strip_prefix("control unix "))
+            .map(|p| PathBuf::from(p.trim()))
+            .expect("gateway printed no `control unix` line")
+    }
+
+    /// The control API TCP address from the `control tcp ADDR` line.
+    pub fn control_tcp(&self) -> SocketAddr {
+        self.stdout_lines()
+            .iter()
+            .find_map(|l| l.strip_prefix("control tcp "))
+            .map(|a| a.trim().parse().expect("control tcp address"))
+            .expect("gateway printed no `control tcp` line")
+    }
+}
+
+/// One HTTP exchange with the control API through `curl`: status and body.
+pub struct HttpReply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl HttpReply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "reply body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// Where a control request goes.
+pub enum Control<'a> {
+    Unix(&'a Path),
+    Tcp(SocketAddr, Option<&'a str>),
+}
+
+/// `curl` one request (`body` sent as-is; JSON content type unless `raw`).
+pub fn http(to: &Control, method: &str, path: &str, body: Option<&[u8]>, raw: bool) -> HttpReply {
+    let curl = require_tool("curl");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("body");
+    let mut cmd = Command::new(curl);
+    cmd.args(["-s", "-S", "-X", method, "-o"])
+        .arg(&out)
+        .args(["-w", "%{http_code}"]);
+    let url = match to {
+        Control::Unix(sock) => {
+            cmd.arg("--unix-socket").arg(sock);
+            format!("http://lungate{path}")
+        }
+        Control::Tcp(addr, token) => {
+            if let Some(t) = token {
+                cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+            }
+            format!("http://{addr}{path}")
+        }
+    };
+    if let Some(b) = body {
+        let f = dir.path().join("req");
+        std::fs::write(&f, b).expect("write request body");
+        cmd.arg("--data-binary").arg(format!("@{}", f.display()));
+        cmd.arg("-H").arg(if raw {
+            "Content-Type: application/octet-stream"
+        } else {
+            "Content-Type: application/json"
+        });
+    }
+    cmd.arg(url);
+    let o = run_timeout(&mut cmd, Duration::from_secs(120));
+    assert_success(&format!("curl {method} {path}"), &o);
+    let status: u16 = String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .expect("curl printed the status");
+    HttpReply {
+        status,
+        body: std::fs::read(&out).unwrap_or_default(),
+    }
+}
+
+/// JSON request over the unix socket; panics unless the status is `want`.
+pub fn api(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+    want: u16,
+) -> serde_json::Value {
+    let b = body.map(|v| v.to_string().into_bytes());
+    let r = http(&Control::Unix(sock), method, path, b.as_deref(), false);
+    assert_eq!(
+        r.status,
+        want,
+        "{method} {path}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    r.json()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,6 +76,13 @@ pub async fn snapshot(
     description: String,
 ) -> OpResult<(SnapshotInfo, u64)> {
     writable(l)?;
+    // Refuse the obvious before stopping anyone's I/O; the volume checks again.
+    if name.is_empty() {
+        return Err(OpError::BadRequest("snapshot name is empty".into()));
+    }
+    if l.volume.snapshots().iter().any(|s| s.name == name) {
+        return Err(volume::Error::SnapshotExists(name).into());
+    }
     // MERGE: use Group (pause every member's gate, then Group::snapshot)
     let paused = l.pause().await;
     let v = l.volume.clone();
@@ -93,6 +100,9 @@ pub async fn snapshots(l: &Arc<ServedLun>) -> OpResult<Vec<SnapshotInfo>> {
 /// Revert the LUN to snapshot `name`; returns the pause in µs.
 pub async fn revert(l: &Arc<ServedLun>, name: String) -> OpResult<u64> {
     writable(l)?;
+    if !l.volume.snapshots().iter().any(|s| s.name == name) {
+        return Err(volume::Error::NoSnapshot(name).into());
+    }
     // MERGE: use Group (pause every member; Group::revert); then re-write the
     // Owner record (owner::acquire), which the revert rolled back.
     let paused = l.pause().await;
