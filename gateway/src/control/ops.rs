@@ -178,34 +178,38 @@ pub async fn clone(
     };
     // MERGE: use Group (Group::clone: identity records, secondaries)
     let p2 = path.clone();
+    let src_size = src.label().lun_size;
+    // A failed create leaves nothing of ours behind (and an existing file is
+    // someone else's): no cleanup on this path.
     let target = blocking(move || {
-        let lun = Lun::create(&p2, &spec).map_err(|e| OpError::BadRequest(e.to_string()))?;
-        if lun.label().lun_size != src.label().lun_size {
-            return Err(OpError::Internal(format!(
-                "new LUN is {} bytes, the source {}: cannot clone",
-                lun.label().lun_size,
-                src.label().lun_size
-            )));
-        }
-        Ok(lun)
+        Lun::create(&p2, &spec).map_err(|e| match e {
+            lun_manager::Error::Exists { .. } => OpError::Conflict(e.to_string()),
+            e => OpError::BadRequest(e.to_string()),
+        })
     })
-    .await;
+    .await?;
     let cleanup = |p: &PathBuf| {
         let _ = std::fs::remove_file(p);
         let _ = std::fs::remove_dir_all(layers_dir(p));
     };
-    let target = match target {
-        Ok(t) => t,
-        Err(e) => {
-            cleanup(&path);
-            return Err(e);
-        }
-    };
+    if target.label().lun_size != src_size {
+        let msg = format!(
+            "new LUN is {} bytes, the source {src_size}: cannot clone",
+            target.label().lun_size
+        );
+        drop(target);
+        cleanup(&path);
+        return Err(OpError::Internal(msg));
+    }
     // MERGE: owner::acquire
     let owner = match OwnerLock::acquire(&path, true) {
         Ok(o) => o,
         Err(e @ ServeError::Busy { .. }) => return Err(OpError::Conflict(e.to_string())),
-        Err(e) => return Err(OpError::Internal(e.to_string())),
+        Err(e) => {
+            drop(target);
+            cleanup(&path);
+            return Err(OpError::Internal(e.to_string()));
+        }
     };
     let paused = l.pause().await;
     let v = l.volume.clone();
@@ -216,6 +220,7 @@ pub async fn clone(
         Ok(v) => Arc::new(v),
         Err(e) => {
             drop(owner);
+            drop(target);
             cleanup(&path);
             return Err(e);
         }
