@@ -95,6 +95,10 @@ pub struct ServedLun {
     pub lun: Arc<Lun>,
     pub volume: Arc<Volume>,
     pub gate: Arc<Gate>,
+    /// Held by every tree operation of the control API for its whole run,
+    /// so a snapshot waiting behind a long flatten or delete waits *before*
+    /// it pauses the LUN's I/O, not inside the pause.
+    pub maintenance: tokio::sync::Mutex<()>,
     pub read_only: bool,
     /// Canonical path, the key that makes one `ServedLun` per file.
     pub key: PathBuf,
@@ -145,6 +149,7 @@ impl ServedLun {
             lun,
             volume,
             gate: Gate::new(stats),
+            maintenance: tokio::sync::Mutex::new(()),
             read_only,
             key,
             plain: AtomicBool::new(false),

@@ -83,6 +83,7 @@ pub async fn snapshot(
     if l.volume.snapshots().iter().any(|s| s.name == name) {
         return Err(volume::Error::SnapshotExists(name).into());
     }
+    let _m = l.maintenance.lock().await;
     // MERGE: use Group (pause every member's gate, then Group::snapshot)
     let paused = l.pause().await;
     let v = l.volume.clone();
@@ -105,6 +106,7 @@ pub async fn revert(l: &Arc<ServedLun>, name: String) -> OpResult<u64> {
     }
     // MERGE: use Group (pause every member; Group::revert); then re-write the
     // Owner record (owner::acquire), which the revert rolled back.
+    let _m = l.maintenance.lock().await;
     let paused = l.pause().await;
     let v = l.volume.clone();
     let r = blocking(move || Ok(v.revert(&name)?)).await;
@@ -115,6 +117,7 @@ pub async fn revert(l: &Arc<ServedLun>, name: String) -> OpResult<u64> {
 
 pub async fn delete_snapshot(l: &Arc<ServedLun>, name: String) -> OpResult<()> {
     writable(l)?;
+    let _m = l.maintenance.lock().await;
     // MERGE: use Group
     let v = l.volume.clone();
     blocking(move || Ok(v.delete_snapshot(&name)?)).await
@@ -211,11 +214,13 @@ pub async fn clone(
             return Err(OpError::Internal(e.to_string()));
         }
     };
+    let m = l.maintenance.lock().await;
     let paused = l.pause().await;
     let v = l.volume.clone();
     let cfg = VolumeConfig::for_lun(&target, Default::default());
     let r = blocking(move || Ok(v.clone_to(&snap, cfg)?)).await;
     let us = paused.resume();
+    drop(m);
     let vol = match r {
         Ok(v) => Arc::new(v),
         Err(e) => {
@@ -248,6 +253,7 @@ pub async fn clone(
 /// Copy every cluster into the live layer (synchronous).
 pub async fn flatten(l: &Arc<ServedLun>) -> OpResult<()> {
     writable(l)?;
+    let _m = l.maintenance.lock().await;
     // MERGE: use Group
     let v = l.volume.clone();
     blocking(move || Ok(v.flatten(|_, _| {})?)).await
