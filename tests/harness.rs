@@ -285,8 +285,63 @@ pub struct LunInfo {
     pub layout: String,
     /// Expected size of each disk export, in bytes, in index order.
     pub disk_sizes: Vec<u64>,
-    /// [`hidden_digest`] right after creation.
+    /// [`hidden_digest`] right after creation; see [`baseline`].
     pub hidden: [u8; 32],
+}
+
+/// The reference hidden digest of each LUN a [`Pool`] created, by path.
+/// A read-write gateway writes its `Owner` record (who serves the LUN, its
+/// control socket) into the state region when it starts, before any client
+/// can connect; [`Gateway::try_start`] therefore takes the reference again,
+/// once `ready`, for every LUN whose owner record names that gateway. What
+/// the tests then prove is what matters: nothing a client sends changes a
+/// hidden byte.
+static BASELINES: std::sync::Mutex<Vec<(PathBuf, [u8; 32])>> = std::sync::Mutex::new(Vec::new());
+
+/// The reference digest of the LUN at `path` (its creation digest unless a
+/// gateway has since claimed it).
+pub fn baseline(path: &Path) -> Option<[u8; 32]> {
+    BASELINES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .find(|(p, _)| p == path)
+        .map(|(_, d)| *d)
+}
+
+fn set_baseline(path: &Path, d: [u8; 32]) {
+    let mut b = BASELINES.lock().unwrap_or_else(|e| e.into_inner());
+    match b.iter_mut().find(|(p, _)| p == path) {
+        Some(e) => e.1 = d,
+        None => b.push((path.to_path_buf(), d)),
+    }
+}
+
+/// Re-take the reference digest of every known LUN whose owner record
+/// names gateway `pid`.
+fn rebaseline_owned_by(pid: u32) {
+    let paths: Vec<PathBuf> = BASELINES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(p, _)| p.clone())
+        .collect();
+    for p in paths {
+        let Ok(l) = lun_manager::Lun::open(&p, lun_manager::Access::ReadOnly) else {
+            continue;
+        };
+        let owned = l
+            .record_json::<lun_manager::format::state::Owner>(
+                lun_manager::format::state::RecordType::Owner,
+                0,
+            )
+            .ok()
+            .flatten()
+            .is_some_and(|o| o.pid == pid);
+        if owned {
+            set_baseline(&p, hidden_digest(&p));
+        }
+    }
 }
 
 impl LunInfo {
@@ -344,6 +399,7 @@ impl Pool {
     pub fn add(&mut self, name: &str, layout: &str, disks: &[&str], memory: &str) -> &LunInfo {
         let path = create_lun(self.path(), name, layout, disks, memory);
         let hidden = hidden_digest(&path);
+        set_baseline(&path, hidden);
         self.luns.push(LunInfo {
             name: name.to_string(),
             path,
@@ -377,12 +433,13 @@ impl Pool {
     pub fn assert_hidden_unchanged(&self) {
         for l in &self.luns {
             let now = hidden_digest(&l.path);
+            let want = baseline(&l.path).unwrap_or(l.hidden);
             assert!(
-                now == l.hidden,
+                now == want,
                 "hidden bytes of {} ({} layout) changed: before {} after {}",
                 l.path.display(),
                 l.layout,
-                hex(&l.hidden),
+                hex(&want),
                 hex(&now)
             );
         }
@@ -484,6 +541,9 @@ impl Gateway {
                     } else if let Some(p) = line.strip_prefix("listening unix ") {
                         gw.unix = Some(PathBuf::from(p.trim()));
                     } else if line.trim() == "ready" {
+                        if let Some(c) = &gw.child {
+                            rebaseline_owned_by(c.id());
+                        }
                         break;
                     }
                 }
@@ -811,6 +871,112 @@ impl TlsCerts {
             .expect("utf-8 temp path")
             .to_string()
     }
+}
+
+impl Gateway {
+    /// The control API unix socket from the `control unix PATH` line.
+    pub fn control(&self) -> PathBuf {
+        self.stdout_lines()
+            .iter()
+            .find_map(|l| l.strip_prefix("control unix "))
+            .map(|p| PathBuf::from(p.trim()))
+            .expect("gateway printed no `control unix` line")
+    }
+
+    /// The control API TCP address from the `control tcp ADDR` line.
+    pub fn control_tcp(&self) -> SocketAddr {
+        self.stdout_lines()
+            .iter()
+            .find_map(|l| l.strip_prefix("control tcp "))
+            .map(|a| a.trim().parse().expect("control tcp address"))
+            .expect("gateway printed no `control tcp` line")
+    }
+}
+
+/// One HTTP exchange with the control API through `curl`: status and body.
+pub struct HttpReply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl HttpReply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "reply body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// Where a control request goes.
+pub enum Control<'a> {
+    Unix(&'a Path),
+    Tcp(SocketAddr, Option<&'a str>),
+}
+
+/// `curl` one request (`body` sent as-is; JSON content type unless `raw`).
+pub fn http(to: &Control, method: &str, path: &str, body: Option<&[u8]>, raw: bool) -> HttpReply {
+    let curl = require_tool("curl");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("body");
+    let mut cmd = Command::new(curl);
+    cmd.args(["-s", "-S", "-X", method, "-o"])
+        .arg(&out)
+        .args(["-w", "%{http_code}"]);
+    let url = match to {
+        Control::Unix(sock) => {
+            cmd.arg("--unix-socket").arg(sock);
+            format!("http://lungate{path}")
+        }
+        Control::Tcp(addr, token) => {
+            if let Some(t) = token {
+                cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+            }
+            format!("http://{addr}{path}")
+        }
+    };
+    if let Some(b) = body {
+        let f = dir.path().join("req");
+        std::fs::write(&f, b).expect("write request body");
+        cmd.arg("--data-binary").arg(format!("@{}", f.display()));
+        cmd.arg("-H").arg(if raw {
+            "Content-Type: application/octet-stream"
+        } else {
+            "Content-Type: application/json"
+        });
+    }
+    cmd.arg(url);
+    let o = run_timeout(&mut cmd, Duration::from_secs(120));
+    assert_success(&format!("curl {method} {path}"), &o);
+    let status: u16 = String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .expect("curl printed the status");
+    HttpReply {
+        status,
+        body: std::fs::read(&out).unwrap_or_default(),
+    }
+}
+
+/// JSON request over the unix socket; panics unless the status is `want`.
+pub fn api(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+    want: u16,
+) -> serde_json::Value {
+    let b = body.map(|v| v.to_string().into_bytes());
+    let r = http(&Control::Unix(sock), method, path, b.as_deref(), false);
+    assert_eq!(
+        r.status,
+        want,
+        "{method} {path}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    r.json()
 }
 
 #[cfg(test)]

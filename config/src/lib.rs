@@ -229,6 +229,56 @@ pub struct GatewayConfig {
     pub io: IoConfig,
     #[serde(default, rename = "export")]
     pub exports: Vec<ExportConfig>,
+    #[serde(default)]
+    pub control: ControlConfig,
+}
+
+/// The control API (HTTP/1.1 + JSON): always on a unix socket (mode 0600),
+/// optionally also on TCP with a bearer token.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Unix socket path; default `<first pool>/.lungate.sock` (none when
+    /// there is no pool and no path).
+    pub unix: Option<PathBuf>,
+    /// `IP:PORT` for the TCP listener; requires `token_file`.
+    pub tcp: Option<String>,
+    /// File whose first line is the bearer token TCP clients must send.
+    pub token_file: Option<PathBuf>,
+}
+
+impl ControlConfig {
+    /// The unix socket path in force for `pools`.
+    pub fn unix_path(&self, pools: &[PathBuf]) -> Option<PathBuf> {
+        self.unix
+            .clone()
+            .or_else(|| pools.first().map(|p| p.join(".lungate.sock")))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(u) = &self.unix {
+            if u.as_os_str().is_empty() {
+                return Err(ConfigError::invalid(
+                    "control.unix",
+                    "",
+                    "empty socket path",
+                ));
+            }
+        }
+        if let Some(t) = &self.tcp {
+            t.parse::<SocketAddr>().map_err(|e| {
+                ConfigError::invalid("control.tcp", t, format!("expected IP:PORT: {e}"))
+            })?;
+            if self.token_file.is_none() {
+                return Err(ConfigError::invalid(
+                    "control.tcp",
+                    t,
+                    "the TCP control listener requires `control.token_file` (bearer token)",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_listen() -> Vec<String> {
@@ -255,6 +305,7 @@ impl Default for GatewayConfig {
             block_size: BlockSizes::default(),
             io: IoConfig::default(),
             exports: Vec::new(),
+            control: ControlConfig::default(),
         }
     }
 }
@@ -313,6 +364,7 @@ impl GatewayConfig {
             }
         }
         self.allow_rules()?;
+        self.control.validate()?;
         self.validate_block_sizes()?;
         let max = self.block_size.maximum.0;
         if self.max_in_flight.0 < max {

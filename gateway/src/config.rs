@@ -9,9 +9,11 @@ use std::time::Duration;
 use lun_manager::backend::{EngineKind, IoEngine};
 use lungate_config::{ConfigError, EngineChoice, GatewayConfig, TlsMode};
 
-use crate::export::{ExportError, ExportSet};
+use crate::export::{block_sizes, ExportError, ExportSet, Exports};
 use crate::nbd::tls::{self, TlsError};
+use crate::registry::Registry;
 use crate::server::{Server, ServerError, ServerSettings};
+use crate::switch::SwitchStats;
 
 /// Command-line values that override the config file.
 #[derive(Debug, Default, Clone)]
@@ -25,6 +27,7 @@ pub struct Overrides {
     pub tls_key: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
     pub engine: Option<EngineChoice>,
+    pub control: Option<PathBuf>,
 }
 
 impl Overrides {
@@ -56,6 +59,9 @@ impl Overrides {
         if let Some(e) = self.engine {
             cfg.io.engine = e;
         }
+        if self.control.is_some() {
+            cfg.control.unix = self.control.clone();
+        }
         cfg.validate()
     }
 }
@@ -82,16 +88,34 @@ pub fn engine_kind(c: EngineChoice) -> EngineKind {
     }
 }
 
-/// Open the exports, start the engine, load TLS and bind the listeners.
-pub async fn build_server(cfg: &GatewayConfig) -> Result<Server, StartError> {
-    let listen = cfg.listen_addrs()?;
-    let exports = ExportSet::from_config(cfg)?;
+/// Open (and lock) every LUN and build its exports.
+pub fn build_registry(cfg: &GatewayConfig) -> Result<Arc<Registry>, StartError> {
+    let stats = Arc::new(SwitchStats::default());
+    let (exports, luns) = ExportSet::from_config(cfg, stats.clone())?;
     if exports.is_empty() {
         tracing::warn!("no exports: check `pools` and [[export]] in the configuration");
     }
     for e in exports.iter() {
-        tracing::info!(export = %e.name, size = e.size(), read_only = e.read_only, lun = %e.lun_path.display(), "export");
+        tracing::info!(export = %e.name, size = e.size(), read_only = e.read_only, lun = %e.lun_path.display(),
+            plain = e.lun.as_ref().is_some_and(|l| l.is_plain()), "export");
     }
+    let registry = Arc::new(Registry::new(
+        Arc::new(Exports::new(exports)),
+        luns,
+        stats,
+        cfg.read_only,
+        block_sizes(cfg),
+        cfg.allow_rules()?,
+        cfg.control.unix_path(&cfg.pools),
+    ));
+    crate::control::ops::recover(&registry);
+    Ok(registry)
+}
+
+/// Open the exports, start the engine, load TLS and bind the listeners.
+pub async fn build_server(cfg: &GatewayConfig) -> Result<Server, StartError> {
+    let listen = cfg.listen_addrs()?;
+    let registry = build_registry(cfg)?;
     let tls = match (cfg.tls.mode, &cfg.tls.cert, &cfg.tls.key) {
         (TlsMode::Off, _, _) => None,
         (_, Some(cert), Some(key)) => Some(tls::acceptor(cert, key, cfg.tls.ca.as_deref())?),
@@ -112,8 +136,20 @@ pub async fn build_server(cfg: &GatewayConfig) -> Result<Server, StartError> {
         tls,
         max_in_flight: cfg.max_in_flight.0,
         handshake_timeout: Duration::from_secs(cfg.handshake_timeout),
+        control_unix: cfg.control.unix_path(&cfg.pools),
+        control_tcp: match (&cfg.control.tcp, &cfg.control.token_file) {
+            (Some(a), Some(t)) => Some((
+                a.parse().map_err(|e| ConfigError::Invalid {
+                    field: "control.tcp".into(),
+                    value: a.clone(),
+                    reason: format!("{e}"),
+                })?,
+                t.clone(),
+            )),
+            _ => None,
+        },
     };
-    Ok(Server::bind(settings, Arc::new(exports), engine).await?)
+    Ok(Server::bind(settings, registry, engine).await?)
 }
 
 #[cfg(test)]

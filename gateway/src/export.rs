@@ -9,10 +9,14 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
-use lun_manager::{Access, Lun};
+use lun_manager::Lun;
 use lungate_config::{AllowRule, GatewayConfig, Peer};
+
+use crate::served::{ServeError, ServedLun};
+use crate::switch::SwitchStats;
 
 /// Block size constraints in force for an export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,11 +64,8 @@ pub enum ExportError {
         end: u64,
         backing: u64,
     },
-    #[error("cannot open LUN {path}: {source}")]
-    Lun {
-        path: PathBuf,
-        source: lun_manager::Error,
-    },
+    #[error(transparent)]
+    Serve(#[from] ServeError),
     #[error("export {name:?}: LUN {path} has no disk {disk}")]
     NoSuchDisk {
         name: String,
@@ -88,9 +89,39 @@ pub struct Export {
     pub read_only: bool,
     pub block: BlockSizes,
     pub disk_id: Option<[u8; 16]>,
+    /// Disk index in the LUN.
+    pub disk: u32,
     pub allow: Vec<AllowRule>,
     /// LUN file this export lives in (for logs and the final flush).
     pub lun_path: PathBuf,
+    /// The served LUN (volume, gate); `None` only for bare-file views in
+    /// unit tests, which go straight to the engine.
+    pub lun: Option<Arc<ServedLun>>,
+    pub stats: ExportStats,
+}
+
+/// Counters for `/v1/stats` and `/v1/exports`.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub errors: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+impl ExportStats {
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn sub(c: &AtomicU64, n: u64) {
+        c.fetch_sub(n, Ordering::Relaxed);
+    }
 }
 
 impl Export {
@@ -131,8 +162,11 @@ impl Export {
             read_only,
             block,
             disk_id: None,
+            disk: 0,
             allow: Vec::new(),
             lun_path,
+            lun: None,
+            stats: ExportStats::default(),
         })
     }
 
@@ -209,8 +243,48 @@ impl Export {
     }
 }
 
-/// All exports of a running gateway, by name.
+/// The exports of a running gateway; a clone made through the control API
+/// adds to it while connections are being served (copy on write: a reader
+/// keeps the set it looked at).
 #[derive(Debug, Default)]
+pub struct Exports {
+    current: RwLock<Arc<ExportSet>>,
+}
+
+impl Exports {
+    pub fn new(set: ExportSet) -> Exports {
+        Exports {
+            current: RwLock::new(Arc::new(set)),
+        }
+    }
+
+    pub fn current(&self) -> Arc<ExportSet> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Add exports; names already taken are refused (the existing export is
+    /// kept) and returned.
+    pub fn add(&self, new: Vec<Export>) -> Vec<String> {
+        let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let mut set = (**cur).clone();
+        let mut refused = Vec::new();
+        for e in new {
+            if set.get(&e.name).is_some() {
+                refused.push(e.name.clone());
+            } else {
+                set.insert(e);
+            }
+        }
+        *cur = Arc::new(set);
+        refused
+    }
+}
+
+/// All exports of a running gateway, by name.
+#[derive(Debug, Default, Clone)]
 pub struct ExportSet {
     list: Vec<Arc<Export>>,
     by_name: HashMap<String, usize>,
@@ -259,32 +333,27 @@ impl ExportSet {
         self.list.is_empty()
     }
 
-    /// One handle per distinct backing file (for the final flush).
-    pub fn files(&self) -> Vec<(PathBuf, Arc<File>)> {
+    /// The distinct served LUNs behind these exports.
+    pub fn luns(&self) -> Vec<Arc<ServedLun>> {
         let mut seen = std::collections::HashSet::new();
         self.list
             .iter()
-            .filter(|e| seen.insert(Arc::as_ptr(&e.file)))
-            .map(|e| (e.lun_path.clone(), e.file.clone()))
+            .filter_map(|e| e.lun.clone())
+            .filter(|l| seen.insert(Arc::as_ptr(l)))
             .collect()
     }
 
-    /// Open every LUN the configuration names and build its exports:
-    /// `NAME/diskN` for each disk of each LUN in each pool, then the
-    /// explicit `[[export]]` entries (replacing same-named pool exports).
-    pub fn from_config(cfg: &GatewayConfig) -> Result<ExportSet, ExportError> {
-        let block = BlockSizes {
-            minimum: cfg.block_size.minimum.0 as u32,
-            preferred: cfg.block_size.preferred.0 as u32,
-            maximum: cfg.block_size.maximum.0 as u32,
-        };
-        let access = if cfg.read_only {
-            Access::ReadOnly
-        } else {
-            Access::ReadWrite
-        };
+    /// Open (and lock) every LUN the configuration names and build its
+    /// exports: `NAME/diskN` for each disk of each LUN in each pool, then
+    /// the explicit `[[export]]` entries (replacing same-named pool
+    /// exports). Also returns the served LUNs, one per file.
+    pub fn from_config(
+        cfg: &GatewayConfig,
+        stats: Arc<SwitchStats>,
+    ) -> Result<(ExportSet, Vec<Arc<ServedLun>>), ExportError> {
+        let block = block_sizes(cfg);
         let pool_allow = cfg.allow_rules()?;
-        let mut luns = LunCache::default();
+        let mut luns = LunCache::new(cfg.read_only, cfg.control.unix_path(&cfg.pools), stats);
         let mut set = ExportSet::default();
 
         for pool in &cfg.pools {
@@ -296,15 +365,15 @@ impl ExportSet {
                 }
             };
             for path in paths {
-                let lun = match luns.open(&path, access) {
+                let lun = match luns.open(&path) {
                     Ok(l) => l,
                     Err(e) => {
-                        tracing::warn!(lun = %path.display(), error = %e, "skipping LUN that cannot be opened");
+                        tracing::warn!(lun = %path.display(), error = %e, "skipping LUN that cannot be served");
                         continue;
                     }
                 };
-                for region in lun.disks() {
-                    let name = format!("{}/disk{}", lun.name(), region.index);
+                for region in lun.lun.disks() {
+                    let name = format!("{}/disk{}", lun.lun.name(), region.index);
                     if let Some(prev) = set.get(&name) {
                         tracing::warn!(export = %name, first = %prev.lun_path.display(), second = %path.display(),
                             "two LUNs give the same export name; keeping the first");
@@ -318,12 +387,7 @@ impl ExportSet {
         }
 
         for ec in &cfg.exports {
-            let lun = luns
-                .open(&ec.lun, access)
-                .map_err(|source| ExportError::Lun {
-                    path: ec.lun.clone(),
-                    source,
-                })?;
+            let lun = luns.open(&ec.lun)?;
             let mut e = export_for(
                 &lun,
                 &ec.name,
@@ -337,17 +401,46 @@ impl ExportSet {
             e.allow = ec.allow_rules()?;
             set.insert(e);
         }
-        Ok(set)
+        Ok((set, luns.open.into_values().collect()))
     }
 }
 
+/// Block sizes from the configuration.
+pub fn block_sizes(cfg: &GatewayConfig) -> BlockSizes {
+    BlockSizes {
+        minimum: cfg.block_size.minimum.0 as u32,
+        preferred: cfg.block_size.preferred.0 as u32,
+        maximum: cfg.block_size.maximum.0 as u32,
+    }
+}
+
+/// The pool exports of one served LUN: `NAME/diskN` for each disk.
+pub fn pool_exports(
+    lun: &Arc<ServedLun>,
+    read_only: bool,
+    block: BlockSizes,
+    allow: &[AllowRule],
+) -> Result<Vec<Export>, ExportError> {
+    lun.lun
+        .disks()
+        .iter()
+        .map(|r| {
+            let name = format!("{}/disk{}", lun.lun.name(), r.index);
+            let mut e = export_for(lun, &name, r.index, read_only, block)?;
+            e.allow = allow.to_vec();
+            Ok(e)
+        })
+        .collect()
+}
+
 fn export_for(
-    lun: &Lun,
+    served: &Arc<ServedLun>,
     name: &str,
     disk: u32,
     read_only: bool,
     block: BlockSizes,
 ) -> Result<Export, ExportError> {
+    let lun: &Lun = &served.lun;
     let region = lun
         .disks()
         .into_iter()
@@ -375,6 +468,8 @@ fn export_for(
         lun.path().to_path_buf(),
     )?;
     e.disk_id = lun.disk_id(disk);
+    e.disk = disk;
+    e.lun = Some(served.clone());
     e.description = Some(match e.disk_id {
         Some(id) => format!(
             "LUN {} disk {} id {}",
@@ -388,18 +483,35 @@ fn export_for(
 }
 
 /// Opens each LUN file once, whichever pool or `[[export]]` names it.
-#[derive(Default)]
 struct LunCache {
-    open: HashMap<PathBuf, Arc<Lun>>,
+    open: HashMap<PathBuf, Arc<ServedLun>>,
+    read_only: bool,
+    /// The control socket the `Owner` records name.
+    control: Option<PathBuf>,
+    stats: Arc<SwitchStats>,
 }
 
 impl LunCache {
-    fn open(&mut self, path: &Path, access: Access) -> Result<Arc<Lun>, lun_manager::Error> {
+    fn new(read_only: bool, control: Option<PathBuf>, stats: Arc<SwitchStats>) -> LunCache {
+        LunCache {
+            open: HashMap::new(),
+            read_only,
+            control,
+            stats,
+        }
+    }
+
+    fn open(&mut self, path: &Path) -> Result<Arc<ServedLun>, ServeError> {
         let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         if let Some(l) = self.open.get(&key) {
             return Ok(l.clone());
         }
-        let lun = Arc::new(Lun::open(path, access)?);
+        let lun = Arc::new(ServedLun::open(
+            path,
+            self.read_only,
+            self.control.as_deref(),
+            self.stats.clone(),
+        )?);
         self.open.insert(key, lun.clone());
         Ok(lun)
     }

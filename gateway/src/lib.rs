@@ -2,12 +2,19 @@
 //!
 //! Layers, top to bottom: [`server`] (listeners, accept loop, shutdown) →
 //! [`nbd`] (wire format, handshake, transmission) → [`export`] (region view:
-//! bounds checks, offset into the LUN file) → `lun_manager::backend`
-//! (I/O engine). A layer only calls the one beneath it; [`config`] wires
-//! them together from a `lungate_config::GatewayConfig`.
+//! bounds checks, offset into the LUN) → [`served`] (one LUN: its volume,
+//! the live-switch [`switch`] gate, the io_uring fast path) →
+//! `lun_manager::volume` / `lun_manager::backend`. [`control`] is the
+//! HTTP/JSON control API over the [`registry`] of served LUNs. A layer only
+//! calls the one beneath it; [`config`] wires them together from a
+//! `lungate_config::GatewayConfig`.
 
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod export;
 pub mod nbd;
+pub mod registry;
+pub mod served;
 pub mod server;
+pub mod switch;

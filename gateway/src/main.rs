@@ -56,6 +56,9 @@ enum Cmd {
         /// I/O engine: auto, uring or sync.
         #[arg(long, value_parser = parse_engine)]
         engine: Option<EngineChoice>,
+        /// Control API unix socket (default: <first pool>/.lungate.sock).
+        #[arg(long)]
+        control: Option<PathBuf>,
     },
     /// Create ./demo-pool with LUN `demo` (1 GiB disk) if needed and serve
     /// it on 127.0.0.1:10809.
@@ -130,6 +133,7 @@ async fn run(cmd: Cmd) -> Result<(), String> {
             tls_key,
             tls_ca,
             engine,
+            control,
         } => {
             let mut cfg = match &config {
                 Some(p) => GatewayConfig::load(p).map_err(|e| e.to_string())?,
@@ -145,6 +149,7 @@ async fn run(cmd: Cmd) -> Result<(), String> {
                 tls_key,
                 tls_ca,
                 engine,
+                control,
             }
             .apply(&mut cfg)
             .map_err(|e| e.to_string())?;
@@ -162,6 +167,9 @@ async fn run(cmd: Cmd) -> Result<(), String> {
     {
         let mut out = std::io::stdout().lock();
         for l in &listening {
+            let _ = writeln!(out, "{l}");
+        }
+        for l in server.control_listening() {
             let _ = writeln!(out, "{l}");
         }
         if let Some(export) = &hint {

@@ -14,10 +14,10 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::export::ExportSet;
 use crate::nbd::handshake::{negotiate, HandshakeCtx, Outcome};
 use crate::nbd::session::{self, End};
 use crate::nbd::transport::Transport;
+use crate::registry::Registry;
 
 /// How long shutdown waits for sessions to finish their in-flight requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -29,6 +29,8 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
     #[error("cannot listen on unix socket {path}: {source}")]
     BindUnix {
         path: PathBuf,
@@ -44,6 +46,10 @@ pub struct ServerSettings {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub max_in_flight: u64,
     pub handshake_timeout: Duration,
+    /// Control API unix socket.
+    pub control_unix: Option<PathBuf>,
+    /// Control API TCP address and its token file.
+    pub control_tcp: Option<(SocketAddr, PathBuf)>,
 }
 
 /// A bound listener, as printed on stdout.
@@ -64,12 +70,14 @@ impl std::fmt::Display for Listening {
 
 struct Shared {
     hs: HandshakeCtx,
+    registry: Arc<Registry>,
     engine: IoEngine,
     max_in_flight: u64,
     handshake_timeout: Duration,
 }
 
 pub struct Server {
+    control: crate::control::Control,
     tcp: Vec<TcpListener>,
     unix: Option<(UnixListener, PathBuf)>,
     shared: Arc<Shared>,
@@ -79,7 +87,7 @@ impl Server {
     /// Bind every listener; nothing is accepted until [`Server::run`].
     pub async fn bind(
         settings: ServerSettings,
-        exports: Arc<ExportSet>,
+        registry: Arc<Registry>,
         engine: IoEngine,
     ) -> Result<Server, ServerError> {
         let mut tcp = Vec::new();
@@ -109,20 +117,36 @@ impl Server {
                 Some((l, path.clone()))
             }
         };
+        let control = crate::control::Control::bind(
+            registry.clone(),
+            settings.control_unix.as_deref(),
+            settings
+                .control_tcp
+                .as_ref()
+                .map(|(a, p)| (*a, p.as_path())),
+        )
+        .await?;
         Ok(Server {
+            control,
             tcp,
             unix,
             shared: Arc::new(Shared {
                 hs: HandshakeCtx {
-                    exports,
+                    exports: registry.exports.clone(),
                     tls_mode: settings.tls_mode,
                     tls: settings.tls,
                 },
+                registry,
                 engine,
                 max_in_flight: settings.max_in_flight,
                 handshake_timeout: settings.handshake_timeout,
             }),
         })
+    }
+
+    /// The control API's listeners, as printed on stdout.
+    pub fn control_listening(&self) -> Vec<String> {
+        self.control.listening()
     }
 
     pub fn listening(&self) -> Vec<Listening> {
@@ -142,6 +166,7 @@ impl Server {
     /// flush every backing file.
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
+        let control = tokio::spawn(self.control.run(shutdown.clone()));
         for l in self.tcp {
             let (shared, tracker2, stop) = (self.shared.clone(), tracker.clone(), shutdown.clone());
             tracker.spawn(async move {
@@ -206,14 +231,15 @@ impl Server {
         {
             tracing::warn!(timeout = ?DRAIN_TIMEOUT, "sessions still busy after the drain timeout; exiting anyway");
         }
-        for (path, file) in self.shared.hs.exports.files() {
-            if let Err(e) = self.shared.engine.flush(&file).await {
-                tracing::error!(lun = %path.display(), error = %e, "final flush failed");
+        for lun in self.shared.registry.luns() {
+            if let Err(e) = lun.flush(&self.shared.engine).await {
+                tracing::error!(lun = %lun.lun.path().display(), error = %e, "final flush failed");
             }
         }
         if let Some(p) = unix_path {
             let _ = std::fs::remove_file(p);
         }
+        let _ = control.await;
         tracing::info!("stopped");
     }
 }
@@ -260,6 +286,8 @@ async fn connection(
     let export = negotiated.export.name.clone();
     tracing::info!(client = %who, export = %export, tls = io.is_tls(), identities = ?peer.cert_names,
         structured = negotiated.structured, flags = format!("{:#x}", negotiated.flags), "transmission");
+    let exp = negotiated.export.clone();
+    crate::export::ExportStats::add(&exp.stats.connections, 1);
     let end = session::serve(
         io,
         buffered,
@@ -269,6 +297,7 @@ async fn connection(
         shutdown,
     )
     .await;
+    crate::export::ExportStats::sub(&exp.stats.connections, 1);
     match end {
         Ok(End::Disconnect) => {
             tracing::info!(client = %who, export = %export, "client disconnected")
@@ -328,8 +357,8 @@ mod tests {
             allow,
             ..GatewayConfig::default()
         };
-        let exports = Arc::new(ExportSet::from_config(&cfg).unwrap());
-        assert_eq!(exports.len(), 2);
+        let registry = crate::config::build_registry(&cfg).unwrap();
+        assert_eq!(registry.exports.current().len(), 2);
         let settings = ServerSettings {
             listen: vec!["127.0.0.1:0".parse().unwrap()],
             unix: None,
@@ -337,9 +366,11 @@ mod tests {
             tls: None,
             max_in_flight: 64 << 20,
             handshake_timeout: Duration::from_secs(10),
+            control_unix: None,
+            control_tcp: None,
         };
         let engine = IoEngine::new(EngineKind::Auto, 2).unwrap();
-        let server = Server::bind(settings, exports, engine).await.unwrap();
+        let server = Server::bind(settings, registry, engine).await.unwrap();
         let addr = match &server.listening()[0] {
             Listening::Tcp(a) => *a,
             other => panic!("{other}"),

@@ -36,6 +36,11 @@ pub enum Error {
     },
     #[error("{0}")]
     Invalid(String),
+    /// `0` says which snapshot and in which LUN.
+    #[error("{0}")]
+    NoSnapshot(String),
+    #[error("{0}")]
+    SnapshotExists(String),
     #[error("{what}: offset {offset} + length {len} exceeds region size {size}")]
     OutOfBounds {
         what: String,

@@ -287,7 +287,7 @@ impl Group {
                 return Err(if m.uuid() == self.primary().uuid() {
                     e.into()
                 } else {
-                    crate::Error::Invalid(format!("{e} in secondary disk {}", m.name()))
+                    crate::Error::SnapshotExists(format!("{e} in secondary disk {}", m.name()))
                 });
             }
         }
@@ -329,7 +329,7 @@ impl Group {
     fn require(&self, name: &str) -> Result<()> {
         for m in &self.members {
             if !has_snapshot(m.volume(), name) {
-                return Err(Error::Invalid(format!(
+                return Err(Error::NoSnapshot(format!(
                     "no snapshot named {name:?} in {} ({})",
                     m.name(),
                     m.path().display()

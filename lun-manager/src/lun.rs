@@ -89,6 +89,8 @@ impl From<volume::Error> for Error {
                 why: format!("volume layers: {why}"),
             },
             volume::Error::ReadOnly(path) => Error::ReadOnly { path },
+            e @ volume::Error::NoSnapshot(_) => Error::NoSnapshot(e.to_string()),
+            e @ volume::Error::SnapshotExists(_) => Error::SnapshotExists(e.to_string()),
             e => Error::Invalid(e.to_string()),
         }
     }
@@ -793,6 +795,28 @@ impl Lun {
     }
     /// The LUN's volume: its whole byte range through its chain of layers
     /// (the label region reads from the file and refuses writes).
+    /// A second handle on this LUN sharing its file and its one volume (never
+    /// a second `Volume`): what a gateway hands to a [`crate::group::Group`]
+    /// for an operation while it keeps serving through its own handle. Every
+    /// record change re-reads the state directory first, so handles never
+    /// write from a stale one; callers serialise record changes.
+    pub fn share(&self) -> Lun {
+        Lun {
+            path: self.path.clone(),
+            file: self.file.clone(),
+            access: self.access,
+            label: self.label.clone(),
+            label_slot: self.label_slot,
+            dir: self.dir.clone(),
+            dir_slot: self.dir_slot,
+            backing_size: self.backing_size,
+            is_block: self.is_block,
+            found: self.found.clone(),
+            warnings: self.warnings.clone(),
+            volume: self.volume.clone(),
+        }
+    }
+
     pub fn volume(&self) -> &Arc<Volume> {
         &self.volume
     }
@@ -995,11 +1019,14 @@ impl Lun {
     /// A layered LUN re-reads its directory before changing it, so a
     /// revert done through the volume directly can never be overwritten
     /// by a stale cached directory.
+    /// Re-read the state directory before changing it: another handle on
+    /// the same volume ([`Lun::share`]) or a revert may have moved it on.
     fn fresh_dir(&mut self) -> Result<()> {
-        if self.volume.is_layered() {
-            self.reload_state()?;
+        if self.dir.generation == 0 {
+            // Being created: no directory has been committed yet.
+            return Ok(());
         }
-        Ok(())
+        self.reload_state()
     }
 
     pub fn record_json<T: serde::de::DeserializeOwned>(

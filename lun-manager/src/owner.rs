@@ -243,6 +243,17 @@ fn write_record(lun: &mut Lun, rec: Option<&Owner>) -> Result<()> {
 /// this PID, now, `control`) through it.
 pub fn acquire(lun: &mut Lun, owner: &str, control: Option<&Path>) -> Result<OwnerGuard> {
     let lock = lock(lun.path())?;
+    claim(lock, lun, owner, control)
+}
+
+/// [`acquire`] with a lock the caller took (with [`lock`]) before it opened
+/// `lun`, so nothing opened the LUN read-write without holding it.
+pub fn claim(
+    lock: FileLock,
+    lun: &mut Lun,
+    owner: &str,
+    control: Option<&Path>,
+) -> Result<OwnerGuard> {
     let record = Owner {
         owner: owner.to_string(),
         host: hostname(),

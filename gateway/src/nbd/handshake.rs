@@ -21,7 +21,7 @@ use super::proto::{
     IHAVEOPT, NBDMAGIC,
 };
 use super::transport::Transport;
-use crate::export::{Export, ExportSet};
+use crate::export::{Export, Exports};
 
 /// Largest option payload buffered. The biggest legitimate options are
 /// INFO/GO and meta-context queries: a few 4 KiB strings.
@@ -63,7 +63,7 @@ pub enum HandshakeError {
 
 /// What the handshake needs from the server.
 pub struct HandshakeCtx {
-    pub exports: Arc<ExportSet>,
+    pub exports: Arc<Exports>,
     pub tls_mode: TlsMode,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
@@ -277,6 +277,7 @@ pub async fn negotiate(
                 }
                 let visible: Vec<Arc<Export>> = ctx
                     .exports
+                    .current()
                     .iter()
                     .filter(|e| e.allows(&st.peer))
                     .cloned()
@@ -471,7 +472,7 @@ pub async fn negotiate(
 
 /// The export `name` if this client may enter transmission with it now.
 fn lookup_for_transmission(ctx: &HandshakeCtx, st: &State, name: &[u8]) -> Option<Arc<Export>> {
-    ctx.exports.visible(name, &st.peer).cloned()
+    ctx.exports.current().visible(name, &st.peer).cloned()
 }
 
 /// How to refuse an INFO/GO/meta request for `name`: exports that only
@@ -483,7 +484,7 @@ fn refusal(ctx: &HandshakeCtx, st: &State, name: &[u8]) -> (u32, String) {
     if !st.io.is_tls() && ctx.tls_mode == TlsMode::On {
         if let Some(e) = std::str::from_utf8(name)
             .ok()
-            .and_then(|n| ctx.exports.get(n))
+            .and_then(|n| ctx.exports.current().get(n).cloned())
         {
             if !e.allow.is_empty() && e.allow.iter().all(|r| r.needs_tls()) {
                 return (

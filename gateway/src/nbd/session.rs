@@ -7,8 +7,10 @@
 //! Requests in flight are bounded in bytes: while over the bound the reader
 //! stops reading, which pushes back on the client through TCP.
 //!
-//! Every offset goes through [`Export::locate_checked`] before the engine
-//! sees it; this module never computes a file offset itself.
+//! Every offset goes through [`Export::locate_checked`] before the LUN
+//! sees it; this module never computes a file offset itself. Each request
+//! takes its place at the LUN's live-switch gate in the order the reader
+//! decoded it (see [`crate::switch`]) and holds its pass while it runs.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,7 +27,7 @@ use super::codec::{ChunkPayload, CodecError, Reply, RequestCodec, RequestFrame, 
 use super::handshake::Negotiated;
 use super::proto::{cmd_flags, reply_flags, state, Command, NbdError, BASE_ALLOCATION_ID};
 use super::transport::{BoxWriter, Transport};
-use crate::export::{Export, RangeError};
+use crate::export::{Export, ExportStats, RangeError};
 
 /// Payloads up to this size are copied into the batch buffer; larger ones
 /// are written from their own buffer.
@@ -250,8 +252,13 @@ pub async fn serve(
         if !ctx.inflight.acquire(credit).await {
             break Ok(End::Eof); // the writer died: the client is gone
         }
+        let entry = ctx.export.lun.as_ref().map(|l| l.gate.enter());
         let (ctx2, tx2) = (ctx.clone(), tx.clone());
         tokio::spawn(async move {
+            let _pass = match entry {
+                Some(e) => Some(e.ready().await),
+                None => None,
+            };
             handle(&ctx2, &tx2, header, payload, credit).await;
         });
     };
@@ -355,10 +362,77 @@ fn send_ok(ctx: &Ctx, tx: &Tx, h: &RequestHeader, credit: u64) {
 }
 
 async fn handle(ctx: &Ctx, tx: &Tx, h: RequestHeader, payload: Option<Bytes>, credit: u64) {
-    match run(ctx, tx, &h, payload, credit).await {
+    let st = &ctx.export.stats;
+    ExportStats::add(&st.in_flight, 1);
+    let r = run(ctx, tx, &h, payload, credit).await;
+    ExportStats::sub(&st.in_flight, 1);
+    match (&r, h.command) {
+        (Err(_), _) => ExportStats::add(&st.errors, 1),
+        (Ok(_), Command::Read) => {
+            ExportStats::add(&st.reads, 1);
+            ExportStats::add(&st.bytes_read, u64::from(h.length));
+        }
+        (Ok(_), Command::Write | Command::WriteZeroes | Command::Trim) => {
+            ExportStats::add(&st.writes, 1);
+            if h.command == Command::Write {
+                ExportStats::add(&st.bytes_written, u64::from(h.length));
+            }
+        }
+        _ => {}
+    }
+    match r {
         Ok(true) => {}
         Ok(false) => send_ok(ctx, tx, &h, credit),
         Err(f) => send_failure(ctx, tx, &h, f, credit),
+    }
+}
+
+// The data path: through the served LUN (fast path or volume), or straight
+// to the engine for a bare file view.
+impl Ctx {
+    async fn read_at(&self, at: u64, len: usize) -> std::io::Result<Bytes> {
+        match &self.export.lun {
+            Some(l) => l.read(&self.engine, at, len).await,
+            None => self.engine.read(&self.export.file, at, len).await,
+        }
+    }
+    async fn write_at(&self, at: u64, data: Bytes, fua: bool) -> std::io::Result<()> {
+        match &self.export.lun {
+            Some(l) => l.write(&self.engine, at, data, fua).await,
+            None => self.engine.write(&self.export.file, at, data, fua).await,
+        }
+    }
+    async fn flush(&self) -> std::io::Result<()> {
+        match &self.export.lun {
+            Some(l) => l.flush(&self.engine).await,
+            None => self.engine.flush(&self.export.file).await,
+        }
+    }
+    async fn trim(&self, at: u64, len: u64) -> std::io::Result<()> {
+        match &self.export.lun {
+            Some(l) => l.trim(&self.engine, at, len).await,
+            None => self.engine.punch_hole(&self.export.file, at, len).await,
+        }
+    }
+    async fn write_zeroes(&self, at: u64, len: u64, may_trim: bool) -> std::io::Result<()> {
+        match &self.export.lun {
+            Some(l) => l.write_zeroes(&self.engine, at, len, may_trim).await,
+            None => {
+                self.engine
+                    .write_zeroes(&self.export.file, at, len, may_trim)
+                    .await
+            }
+        }
+    }
+    async fn extents(
+        &self,
+        at: u64,
+        len: u64,
+    ) -> std::io::Result<Vec<lun_manager::backend::Extent>> {
+        match &self.export.lun {
+            Some(l) => l.extents(&self.engine, at, len).await,
+            None => self.engine.extents(&self.export.file, at, len),
+        }
     }
 }
 
@@ -413,16 +487,14 @@ async fn run(
                 .map_err(|r| Failure::range(r, true))?;
             let data = payload.unwrap_or_default();
             if !data.is_empty() {
-                ctx.engine
-                    .write(&e.file, at, data, fua)
+                ctx.write_at(at, data, fua)
                     .await
                     .map_err(|err| Failure::io("write", &err))?;
             }
             Ok(false)
         }
         Command::Flush => {
-            ctx.engine
-                .flush(&e.file)
+            ctx.flush()
                 .await
                 .map_err(|err| Failure::io("flush", &err))?;
             Ok(false)
@@ -432,7 +504,7 @@ async fn run(
                 .locate_checked(offset, length, false)
                 .map_err(|r| Failure::range(r, false))?;
             if length > 0 {
-                if let Err(err) = ctx.engine.punch_hole(&e.file, at, length).await {
+                if let Err(err) = ctx.trim(at, length).await {
                     // Trim is advisory: a backing store that cannot punch
                     // holes simply keeps the data.
                     if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
@@ -440,8 +512,7 @@ async fn run(
                     }
                 }
                 if fua {
-                    ctx.engine
-                        .flush(&e.file)
+                    ctx.flush()
                         .await
                         .map_err(|err| Failure::io("flush after trim", &err))?;
                 }
@@ -461,13 +532,11 @@ async fn run(
                 ));
             }
             if length > 0 {
-                ctx.engine
-                    .write_zeroes(&e.file, at, length, !no_hole)
+                ctx.write_zeroes(at, length, !no_hole)
                     .await
                     .map_err(|err| Failure::io("write zeroes", &err))?;
                 if fua {
-                    ctx.engine
-                        .flush(&e.file)
+                    ctx.flush()
                         .await
                         .map_err(|err| Failure::io("flush after write zeroes", &err))?;
                 }
@@ -508,7 +577,7 @@ async fn run(
             let at = e
                 .locate_checked(offset, length, false)
                 .map_err(|r| Failure::range(r, false))?;
-            let extents = allocation(ctx, at, offset, length)?;
+            let extents = allocation(ctx, at, offset, length).await?;
             let mut descs: Vec<(u32, u32)> = extents
                 .into_iter()
                 .map(|(len, hole)| (len as u32, if hole { state::HOLE | state::ZERO } else { 0 }))
@@ -541,12 +610,17 @@ async fn run(
 /// Allocation of export range `[offset, offset + length)` (file offset
 /// `at`) as consecutive `(length, is_hole)` runs covering it exactly.
 /// Gaps the engine does not describe are reported as data.
-fn allocation(ctx: &Ctx, at: u64, offset: u64, length: u64) -> Result<Vec<(u64, bool)>, Failure> {
+async fn allocation(
+    ctx: &Ctx,
+    at: u64,
+    offset: u64,
+    length: u64,
+) -> Result<Vec<(u64, bool)>, Failure> {
     let e = &ctx.export;
     let end = offset + length; // locate proved this fits
     let raw = ctx
-        .engine
-        .extents(&e.file, at, length)
+        .extents(at, length)
+        .await
         .map_err(|err| Failure::io("block status", &err))?;
     let mut runs: Vec<(u64, bool)> = Vec::new();
     let mut pos = offset;
@@ -574,7 +648,6 @@ fn allocation(ctx: &Ctx, at: u64, offset: u64, length: u64) -> Result<Vec<(u64, 
 }
 
 async fn read(ctx: &Ctx, tx: &Tx, h: &RequestHeader, at: u64, credit: u64) -> Result<(), Failure> {
-    let e = &ctx.export;
     let length = u64::from(h.length);
     if length == 0 {
         send_ok(ctx, tx, h, credit);
@@ -582,14 +655,13 @@ async fn read(ctx: &Ctx, tx: &Tx, h: &RequestHeader, at: u64, credit: u64) -> Re
     }
     let sparse = ctx.structured && h.flags & cmd_flags::DF == 0 && length >= SPARSE_READ_MIN;
     if sparse {
-        let runs = allocation(ctx, at, h.offset, length)?;
+        let runs = allocation(ctx, at, h.offset, length).await?;
         if runs.iter().any(|(l, hole)| *hole && *l >= MIN_HOLE_CHUNK) {
             return read_sparse(ctx, tx, h, at, runs, credit).await;
         }
     }
     let data = ctx
-        .engine
-        .read(&e.file, at, h.length as usize)
+        .read_at(at, h.length as usize)
         .await
         .map_err(|err| Failure::io("read", &err))?;
     let reply = if ctx.structured {
@@ -623,7 +695,6 @@ async fn read_sparse(
     runs: Vec<(u64, bool)>,
     credit: u64,
 ) -> Result<(), Failure> {
-    let e = &ctx.export;
     // Short holes are merged into the data around them.
     let mut segs: Vec<(u64, u64, bool)> = Vec::new(); // (export offset, len, hole)
     let mut pos = h.offset;
@@ -644,8 +715,7 @@ async fn read_sparse(
             });
         } else {
             let data = ctx
-                .engine
-                .read(&e.file, at + (off - h.offset), len as usize)
+                .read_at(at + (off - h.offset), len as usize)
                 .await
                 .map_err(|err| Failure::io("read", &err))?;
             chunks.push(ChunkPayload::OffsetData { offset: off, data });

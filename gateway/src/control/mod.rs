@@ -1,0 +1,476 @@
+//! The control API: HTTP/1.1 + JSON over a unix socket (mode 0600) and,
+//! optionally, TCP with a bearer token. Routes and shapes are those of the
+//! issue-4 contract and `docs/openapi.yaml`; `docs/control-api.md` shows
+//! how to use them.
+//!
+//! This module parses requests, finds the LUN and maps results to HTTP; the
+//! operations themselves live in [`ops`]. It never touches NBD sessions: a
+//! live switch reaches them only through the LUN's gate.
+
+pub mod ops;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+
+use crate::export::ExportStats;
+use crate::registry::Registry;
+use crate::served::ServedLun;
+use ops::OpError;
+
+/// Largest body `apply-diff` accepts (the file is verified in memory).
+pub const MAX_DIFF_BODY: usize = 4 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot listen on control socket {path}: {source}")]
+    BindUnix {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control socket {0} is in use by a running gateway")]
+    InUse(PathBuf),
+    #[error("cannot listen on control tcp {addr}: {source}")]
+    BindTcp {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot read control token file {path}: {source}")]
+    Token {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control token file {0} is empty")]
+    EmptyToken(PathBuf),
+}
+
+/// Bound control listeners, served by [`Control::run`].
+pub struct Control {
+    unix: Option<(UnixListener, PathBuf)>,
+    tcp: Option<(TcpListener, Arc<Vec<u8>>)>,
+    registry: Arc<Registry>,
+}
+
+impl Control {
+    /// Bind the unix socket (replacing a stale one, never a live one) with
+    /// mode 0600, and the TCP listener if configured.
+    pub async fn bind(
+        registry: Arc<Registry>,
+        unix: Option<&Path>,
+        tcp: Option<(SocketAddr, &Path)>,
+    ) -> Result<Control, ControlError> {
+        let unix = match unix {
+            None => None,
+            Some(path) => {
+                if let Ok(m) = std::fs::symlink_metadata(path) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if m.file_type().is_socket() {
+                        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                            return Err(ControlError::InUse(path.into()));
+                        }
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+                let l = UnixListener::bind(path).map_err(|source| ControlError::BindUnix {
+                    path: path.into(),
+                    source,
+                })?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+                    |source| ControlError::BindUnix {
+                        path: path.into(),
+                        source,
+                    },
+                )?;
+                Some((l, path.to_path_buf()))
+            }
+        };
+        let tcp = match tcp {
+            None => None,
+            Some((addr, token_file)) => {
+                let text =
+                    std::fs::read_to_string(token_file).map_err(|source| ControlError::Token {
+                        path: token_file.into(),
+                        source,
+                    })?;
+                let token = text.lines().next().unwrap_or("").trim().to_string();
+                if token.is_empty() {
+                    return Err(ControlError::EmptyToken(token_file.into()));
+                }
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ControlError::BindTcp { addr, source })?;
+                Some((l, Arc::new(token.into_bytes())))
+            }
+        };
+        Ok(Control {
+            unix,
+            tcp,
+            registry,
+        })
+    }
+
+    /// `control unix PATH` / `control tcp ADDR` lines for stdout.
+    pub fn listening(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some((_, p)) = &self.unix {
+            v.push(format!("control unix {}", p.display()));
+        }
+        if let Some((l, _)) = &self.tcp {
+            if let Ok(a) = l.local_addr() {
+                v.push(format!("control tcp {a}"));
+            }
+        }
+        v
+    }
+
+    /// Serve until `shutdown`; removes the unix socket afterwards.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let app = router(self.registry.clone());
+        let mut tasks = Vec::new();
+        let unix_path = self.unix.as_ref().map(|(_, p)| p.clone());
+        if let Some((l, _)) = self.unix {
+            let (app, stop) = (app.clone(), shutdown.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = axum::serve(l, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                {
+                    tracing::error!(error = %e, "control API (unix) stopped");
+                }
+            }));
+        }
+        if let Some((l, token)) = self.tcp {
+            let app = app.layer(axum::middleware::from_fn_with_state(token, require_token));
+            let stop = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = axum::serve(l, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                {
+                    tracing::error!(error = %e, "control API (tcp) stopped");
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        if let Some(p) = unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Equal-length comparison whose time does not depend on where the bytes
+/// differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0xff);
+        diff |= x ^ y;
+    }
+    diff == 0
+}
+
+async fn require_token(State(token): State<Arc<Vec<u8>>>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), &token));
+    if ok {
+        next.run(req).await
+    } else {
+        let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        r
+    }
+}
+
+type Reg = State<Arc<Registry>>;
+
+pub fn router(reg: Arc<Registry>) -> Router {
+    Router::new()
+        .route("/v1/exports", get(exports))
+        .route("/v1/stats", get(stats))
+        .route("/v1/luns", get(luns))
+        .route("/v1/luns/{lun}/snapshots", get(snapshots).post(snapshot))
+        .route("/v1/luns/{lun}/snapshots/{snap}", delete(delete_snapshot))
+        .route("/v1/luns/{lun}/revert", post(revert))
+        .route("/v1/luns/{lun}/clone", post(clone))
+        .route("/v1/luns/{lun}/flatten", post(flatten))
+        .route("/v1/luns/{lun}/diff", get(diff))
+        .route("/v1/luns/{lun}/diff-file", get(diff_file))
+        .route(
+            "/v1/luns/{lun}/apply-diff",
+            post(apply_diff).layer(DefaultBodyLimit::max(MAX_DIFF_BODY)),
+        )
+        .route("/v1/luns/{lun}/usage", get(usage))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        .with_state(reg)
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": msg.into() }))).into_response()
+}
+
+/// An error response; every handler returns `Result<_, ApiError>`.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> Self {
+        let s = match &e {
+            OpError::NotFound(_) => StatusCode::NOT_FOUND,
+            OpError::Conflict(_) => StatusCode::CONFLICT,
+            OpError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            OpError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(s, e.to_string())
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(e: axum::extract::rejection::JsonRejection) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, format!("bad request body: {e}"))
+    }
+}
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(e: axum::extract::rejection::QueryRejection) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, format!("bad query: {e}"))
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn find(reg: &Registry, id: &str) -> Result<Arc<ServedLun>, ApiError> {
+    reg.find(id).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no LUN named or with UUID {id:?} is served here"),
+        )
+    })
+}
+
+fn ok(v: Value) -> ApiResult {
+    Ok(Json(v).into_response())
+}
+
+fn created(v: Value) -> ApiResult {
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+async fn exports(State(reg): Reg) -> ApiResult {
+    let set = reg.exports.current();
+    let v: Vec<Value> = set
+        .iter()
+        .map(|e| {
+            let lun = e.lun.as_ref();
+            json!({
+                "name": e.name,
+                "lun": lun.map(|l| l.lun.name().to_string()),
+                "lun_uuid": lun.map(|l| l.lun.uuid().to_string()),
+                "disk": e.disk,
+                "size": e.size(),
+                "read_only": e.read_only,
+                "connections": ExportStats::get(&e.stats.connections),
+            })
+        })
+        .collect();
+    ok(json!(v))
+}
+
+async fn stats(State(reg): Reg) -> ApiResult {
+    let set = reg.exports.current();
+    let v: Vec<Value> = set
+        .iter()
+        .map(|e| {
+            let s = &e.stats;
+            json!({
+                "name": e.name,
+                "reads": ExportStats::get(&s.reads),
+                "writes": ExportStats::get(&s.writes),
+                "bytes_read": ExportStats::get(&s.bytes_read),
+                "bytes_written": ExportStats::get(&s.bytes_written),
+                "errors": ExportStats::get(&s.errors),
+                "in_flight": ExportStats::get(&s.in_flight),
+            })
+        })
+        .collect();
+    ok(json!({ "exports": v, "switch": reg.switch_stats.summary() }))
+}
+
+async fn luns(State(reg): Reg) -> ApiResult {
+    let v: Vec<Value> = reg
+        .luns()
+        .iter()
+        .map(|l| {
+            json!({
+                "name": l.lun.name(),
+                "path": l.lun.path(),
+                "uuid": l.lun.uuid().to_string(),
+                "layout": l.lun.layout(),
+                "snapshots": l.volume.snapshots().len(),
+            })
+        })
+        .collect();
+    ok(json!(v))
+}
+
+async fn snapshots(State(reg): Reg, UrlPath(lun): UrlPath<String>) -> ApiResult {
+    let l = find(&reg, &lun)?;
+    ok(json!(ops::snapshots(&reg, &l).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotBody {
+    name: String,
+    #[serde(default)]
+    description: String,
+}
+
+async fn snapshot(
+    State(reg): Reg,
+    UrlPath(lun): UrlPath<String>,
+    body: Result<Json<SnapshotBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let l = find(&reg, &lun)?;
+    let Json(b) = body?;
+    let (info, pause_us) = ops::snapshot(&reg, &l, b.name, b.description).await?;
+    created(json!({ "snapshot": info, "pause_us": pause_us }))
+}
+
+async fn delete_snapshot(
+    State(reg): Reg,
+    UrlPath((lun, snap)): UrlPath<(String, String)>,
+) -> ApiResult {
+    let l = find(&reg, &lun)?;
+    ops::delete_snapshot(&reg, &l, snap).await?;
+    ok(json!({}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevertBody {
+    snapshot: String,
+}
+
+async fn revert(
+    State(reg): Reg,
+    UrlPath(lun): UrlPath<String>,
+    body: Result<Json<RevertBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let l = find(&reg, &lun)?;
+    let Json(b) = body?;
+    let pause_us = ops::revert(&reg, &l, b.snapshot).await?;
+    ok(json!({ "pause_us": pause_us }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloneBody {
+    snapshot: String,
+    name: String,
+}
+
+async fn clone(
+    State(reg): Reg,
+    UrlPath(lun): UrlPath<String>,
+    body: Result<Json<CloneBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let l = find(&reg, &lun)?;
+    let Json(b) = body?;
+    let c = ops::clone(&reg, &l, b.snapshot, b.name).await?;
+    created(json!({
+        "name": c.name,
+        "path": c.path,
+        "uuid": c.uuid,
+        "exports": c.exports,
+    }))
+}
+
+async fn flatten(State(reg): Reg, UrlPath(lun): UrlPath<String>) -> ApiResult {
+    let l = find(&reg, &lun)?;
+    ops::flatten(&reg, &l).await?;
+    ok(json!({}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiffQuery {
+    from: String,
+    to: Option<String>,
+}
+
+async fn diff(
+    State(reg): Reg,
+    UrlPath(lun): UrlPath<String>,
+    q: Result<Query<DiffQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let l = find(&reg, &lun)?;
+    let Query(q) = q?;
+    ok(json!({ "changes": ops::diff(&reg, &l, q.from, q.to).await? }))
+}
+
+async fn diff_file(
+    State(reg): Reg,
+    UrlPath(lun): UrlPath<String>,
+    q: Result<Query<DiffQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let l = find(&reg, &lun)?;
+    let Query(q) = q?;
+    let bytes = ops::diff_file(&reg, &l, q.from, q.to).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+async fn apply_diff(
+    State(reg): Reg,
+    UrlPath(lun): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let l = find(&reg, &lun)?;
+    ops::apply_diff(&reg, &l, body).await?;
+    ok(json!({}))
+}
+
+async fn usage(State(reg): Reg, UrlPath(lun): UrlPath<String>) -> ApiResult {
+    let l = find(&reg, &lun)?;
+    ok(json!(ops::usage(&reg, &l).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison_is_exact() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret1"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(!constant_time_eq(b"\xff", b""));
+    }
+}

@@ -1,0 +1,313 @@
+//! The LUN operations the control API serves, one function each. Every
+//! operation works on the LUN's whole consistency group: the LUN and the
+//! secondary-disk LUNs its state region lists (`lun_manager::group`), all
+//! of which this gateway serves. The group is built from handles that share
+//! each served LUN's one volume ([`Lun::share`]), never a second volume.
+//!
+//! Snapshot and revert switch the layers guests read and write, so they
+//! run inside a live switch: every member's gate is paused (in-flight
+//! requests drained, new ones parked), the operation runs, the gates reopen
+//! and parked requests run in arrival order. Tree operations of a group
+//! are serialised by each member's maintenance lock, taken in one global
+//! order (the LUN files' canonical paths) before any pause, so two
+//! operations never deadlock and a waiting one never holds guests paused.
+//! Synchronous library calls run on tokio's blocking pool.
+
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use lun_manager::group::Group;
+use lun_manager::volume::{Change, LayerUsage, SnapshotInfo};
+
+use crate::registry::Registry;
+use crate::served::{own, ServedLun};
+
+/// Why an operation failed; the HTTP layer maps each kind to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<lun_manager::Error> for OpError {
+    fn from(e: lun_manager::Error) -> Self {
+        use lun_manager::Error as E;
+        match e {
+            E::NoSnapshot(_) => OpError::NotFound(e.to_string()),
+            E::SnapshotExists(_) | E::Exists { .. } | E::ReadOnly { .. } => {
+                OpError::Conflict(e.to_string())
+            }
+            E::Invalid(_) | E::OutOfBounds { .. } => OpError::BadRequest(e.to_string()),
+            other => OpError::Internal(other.to_string()),
+        }
+    }
+}
+
+pub type OpResult<T> = Result<T, OpError>;
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> OpResult<T> + Send + 'static,
+) -> OpResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| OpError::Internal(format!("operation task failed: {e}")))?
+}
+
+fn writable(l: &ServedLun) -> OpResult<()> {
+    if l.read_only {
+        return Err(OpError::Conflict(format!(
+            "LUN {} is served read-only",
+            l.lun.name()
+        )));
+    }
+    Ok(())
+}
+
+/// The served LUNs of `l`'s group: `l` first, then its secondaries in the
+/// order its state region lists them.
+fn members(reg: &Registry, l: &Arc<ServedLun>) -> OpResult<Vec<Arc<ServedLun>>> {
+    let mut h = l.lun.share();
+    // A revert may have changed the secondary list since the LUN was opened.
+    h.reload_state()?;
+    let mut out = vec![l.clone()];
+    for r in h.secondaries()?.disks {
+        let m = reg.find(&r.lun_uuid.to_string()).ok_or_else(|| {
+            OpError::Conflict(format!(
+                "{}: its secondary disk {} ({}) is not served by this gateway; \
+                 serve its pool too so the VM's disks change together",
+                l.lun.name(),
+                r.name,
+                r.lun_uuid
+            ))
+        })?;
+        out.push(m);
+    }
+    Ok(out)
+}
+
+/// The group over `ms` (handles sharing their volumes). Building it finishes
+/// or undoes an operation a crash interrupted.
+fn group_of(ms: &[Arc<ServedLun>]) -> OpResult<Group> {
+    Ok(Group::from_members(
+        ms.iter().map(|m| m.lun.share()).collect(),
+    )?)
+}
+
+/// Run `op` on the group of `l`, holding every member's maintenance lock;
+/// with `switch`, inside a pause of every member's gate. Returns the
+/// result and the pause in µs (the longest member's; 0 without a switch).
+async fn with_group<T: Send + 'static>(
+    reg: &Registry,
+    l: &Arc<ServedLun>,
+    switch: bool,
+    op: impl FnOnce(&mut Group) -> OpResult<T> + Send + 'static,
+) -> OpResult<(T, u64)> {
+    let ms = members(reg, l)?;
+    let mut order: Vec<&Arc<ServedLun>> = ms.iter().collect();
+    order.sort_by(|a, b| a.key.cmp(&b.key));
+    order.dedup_by(|a, b| a.key == b.key);
+    let mut held = Vec::with_capacity(order.len());
+    for m in &order {
+        held.push(m.maintenance.lock().await);
+    }
+    let mut paused = Vec::new();
+    if switch {
+        for m in &order {
+            paused.push(m.pause().await);
+        }
+    }
+    let group_ms = ms.clone();
+    let r = blocking(move || {
+        let mut g = group_of(&group_ms)?;
+        op(&mut g)
+    })
+    .await;
+    for m in &ms {
+        m.refresh_plain();
+    }
+    let us = paused.into_iter().map(|p| p.resume()).max().unwrap_or(0);
+    drop(held);
+    r.map(|t| (t, us))
+}
+
+/// Snapshot `name` of the VM; returns it and the pause in µs.
+pub async fn snapshot(
+    reg: &Registry,
+    l: &Arc<ServedLun>,
+    name: String,
+    description: String,
+) -> OpResult<(SnapshotInfo, u64)> {
+    writable(l)?;
+    // Refuse the obvious before stopping anyone's I/O; the group checks again.
+    lun_manager::format::validate_name(&name).map_err(OpError::BadRequest)?;
+    if l.volume.snapshots().iter().any(|s| s.name == name) {
+        return Err(OpError::Conflict(format!(
+            "a snapshot named {name:?} already exists"
+        )));
+    }
+    with_group(reg, l, true, move |g| Ok(g.snapshot(&name, &description)?)).await
+}
+
+pub async fn snapshots(_reg: &Registry, l: &Arc<ServedLun>) -> OpResult<Vec<SnapshotInfo>> {
+    Ok(l.volume.snapshots())
+}
+
+/// Revert the VM to snapshot `name`; returns the pause in µs.
+pub async fn revert(reg: &Registry, l: &Arc<ServedLun>, name: String) -> OpResult<u64> {
+    writable(l)?;
+    if !l.volume.snapshots().iter().any(|s| s.name == name) {
+        return Err(OpError::NotFound(format!("no snapshot named {name:?}")));
+    }
+    let ms = members(reg, l)?;
+    let ((), us) = with_group(reg, l, true, move |g| Ok(g.revert(&name)?)).await?;
+    // The snapshot's state records came back, this gateway's owner record
+    // with them (or none): claim the LUNs again.
+    for m in &ms {
+        if let Err(e) = m.reassert_owner() {
+            tracing::warn!(lun = %m.lun.name(), "owner record not rewritten after revert: {e}");
+        }
+    }
+    Ok(us)
+}
+
+pub async fn delete_snapshot(reg: &Registry, l: &Arc<ServedLun>, name: String) -> OpResult<()> {
+    writable(l)?;
+    with_group(reg, l, false, move |g| Ok(g.delete_snapshot(&name)?))
+        .await
+        .map(|(r, _)| r)
+}
+
+/// What a clone produced.
+pub struct Cloned {
+    pub name: String,
+    pub path: PathBuf,
+    pub uuid: String,
+    pub exports: Vec<String>,
+}
+
+/// Clone snapshot `snap` of the VM as a new VM `new_name` in the same
+/// directory (new LUN UUIDs, names and disk IDs; secondaries cloned too),
+/// and serve it at once.
+pub async fn clone(
+    reg: &Arc<Registry>,
+    l: &Arc<ServedLun>,
+    snap: String,
+    new_name: String,
+) -> OpResult<Cloned> {
+    writable(l)?;
+    lun_manager::format::validate_name(&new_name).map_err(OpError::BadRequest)?;
+    if reg.find(&new_name).is_some() {
+        return Err(OpError::Conflict(format!(
+            "a LUN named {new_name:?} is already served"
+        )));
+    }
+    if !l.volume.snapshots().iter().any(|s| s.name == snap) {
+        return Err(OpError::NotFound(format!("no snapshot named {snap:?}")));
+    }
+    // The clone reads the snapshot, which nothing changes: no pause needed.
+    let (clones, _) = with_group(reg, l, false, move |g| {
+        Ok(g.clone(&snap, &new_name)?.into_members())
+    })
+    .await?;
+    let control = reg.control.clone();
+    let mut served = Vec::new();
+    for mut c in clones {
+        let o = own(&mut c, control.as_deref()).map_err(|e| OpError::Internal(e.to_string()))?;
+        served.push(Arc::new(ServedLun::from_parts(
+            c,
+            reg.read_only,
+            o,
+            reg.switch_stats.clone(),
+        )));
+    }
+    let primary = served[0].clone();
+    let mut exports = Vec::new();
+    for s in served {
+        let names = reg.add(s).map_err(|e| OpError::Internal(e.to_string()))?;
+        if exports.is_empty() {
+            exports = names;
+        }
+    }
+    tracing::info!(lun = %primary.lun.name(), "clone made and exported");
+    Ok(Cloned {
+        name: primary.lun.name().to_string(),
+        path: primary.lun.path().to_path_buf(),
+        uuid: primary.lun.uuid().to_string(),
+        exports,
+    })
+}
+
+/// Copy every cluster the VM's disks read through shared layers into their
+/// own (synchronous; guests keep running).
+pub async fn flatten(reg: &Registry, l: &Arc<ServedLun>) -> OpResult<()> {
+    writable(l)?;
+    with_group(reg, l, false, |g| Ok(g.flatten(|_, _| {})?))
+        .await
+        .map(|(r, _)| r)
+}
+
+pub async fn diff(
+    reg: &Registry,
+    l: &Arc<ServedLun>,
+    from: String,
+    to: Option<String>,
+) -> OpResult<Vec<Change>> {
+    with_group(reg, l, false, move |g| Ok(g.diff(&from, to.as_deref())?))
+        .await
+        .map(|(r, _)| r)
+}
+
+/// The diff file from `from` to `to` (the live VM if `None`).
+pub async fn diff_file(
+    reg: &Registry,
+    l: &Arc<ServedLun>,
+    from: String,
+    to: Option<String>,
+) -> OpResult<Vec<u8>> {
+    with_group(reg, l, false, move |g| {
+        let mut out = Vec::new();
+        g.write_diff(&from, to.as_deref(), &mut out)?;
+        Ok(out)
+    })
+    .await
+    .map(|(r, _)| r)
+}
+
+/// Verify a whole diff file, then write it to the live VM. Like any other
+/// writer's, its writes interleave with the guests'; no pause (a large diff
+/// would hold guests for its whole verification).
+pub async fn apply_diff(reg: &Registry, l: &Arc<ServedLun>, body: bytes::Bytes) -> OpResult<()> {
+    writable(l)?;
+    with_group(reg, l, false, move |g| {
+        g.apply_diff(&mut Cursor::new(&body[..]))?;
+        Ok(())
+    })
+    .await
+    .map(|_| ())
+}
+
+pub async fn usage(reg: &Registry, l: &Arc<ServedLun>) -> OpResult<Vec<LayerUsage>> {
+    with_group(reg, l, false, |g| Ok(g.usage()))
+        .await
+        .map(|(r, _)| r)
+}
+
+/// Before serving: finish or undo every group operation a crash
+/// interrupted, so guests never see a half-made snapshot or revert.
+pub fn recover(reg: &Registry) {
+    for l in reg.luns() {
+        if l.read_only {
+            continue;
+        }
+        if let Err(e) = members(reg, &l).and_then(|ms| group_of(&ms)) {
+            tracing::warn!(lun = %l.lun.name(), "consistency group not checked: {e}");
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The live-switch gate of one served LUN: a holding queue in front of its
+//! data path.
+//!
+//! Every NBD request of every export of the LUN takes an [`Entry`] from the
+//! gate, in the order the connection's reader decoded it, and holds the
+//! resulting [`Pass`] while its I/O runs. [`Gate::pause`] stops admitting
+//! (new entries are parked in one FIFO), waits until no pass is out (the
+//! in-flight requests drained), and hands back a [`Paused`] guard; the
+//! operation (snapshot, revert, clone) runs while it is held. Releasing the
+//! guard admits the parked entries in arrival order. No request fails or
+//! is answered early because of a switch: it only waits.
+//!
+//! The gate knows nothing about volumes or NBD; it only counts.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::{oneshot, Notify};
+
+/// Pause durations of every gate of the gateway, for `/v1/stats`.
+#[derive(Debug, Default)]
+pub struct SwitchStats {
+    inner: Mutex<StatsInner>,
+}
+
+#[derive(Debug, Default)]
+struct StatsInner {
+    count: u64,
+    held_requests: u64,
+    max_us: u64,
+    /// The most recent pauses (at most [`KEEP`]), for percentiles.
+    recent: VecDeque<u64>,
+}
+
+const KEEP: usize = 65536;
+
+/// A snapshot of [`SwitchStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct SwitchSummary {
+    pub count: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    /// Requests that waited in a holding queue, over all pauses.
+    pub held_requests: u64,
+}
+
+impl SwitchStats {
+    fn record(&self, us: u64, held: u64) {
+        let mut s = lock(&self.inner);
+        s.count += 1;
+        s.held_requests += held;
+        s.max_us = s.max_us.max(us);
+        if s.recent.len() == KEEP {
+            s.recent.pop_front();
+        }
+        s.recent.push_back(us);
+    }
+
+    pub fn summary(&self) -> SwitchSummary {
+        let s = lock(&self.inner);
+        let mut v: Vec<u64> = s.recent.iter().copied().collect();
+        v.sort_unstable();
+        let pct = |p: usize| -> u64 {
+            if v.is_empty() {
+                0
+            } else {
+                v[((v.len() - 1) * p).div_ceil(100)]
+            }
+        };
+        SwitchSummary {
+            count: s.count,
+            p50_us: pct(50),
+            p99_us: pct(99),
+            max_us: s.max_us,
+            held_requests: s.held_requests,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain counters: a panic elsewhere leaves nothing half-updated.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Passes out (requests running).
+    active: u64,
+    paused: bool,
+    parked: VecDeque<oneshot::Sender<Pass>>,
+    /// Entries parked during the current pause.
+    held: u64,
+}
+
+#[derive(Debug)]
+pub struct Gate {
+    state: Mutex<State>,
+    drained: Notify,
+    /// Serialises pauses of this gate.
+    switching: Arc<tokio::sync::Mutex<()>>,
+    stats: Arc<SwitchStats>,
+}
+
+/// Permission to run one request; dropping it marks the request done.
+#[derive(Debug)]
+pub struct Pass {
+    gate: Arc<Gate>,
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        let mut st = lock(&self.gate.state);
+        st.active -= 1;
+        if st.active == 0 && st.paused {
+            drop(st);
+            self.gate.drained.notify_waiters();
+        }
+    }
+}
+
+/// A place in line: admitted at once, or parked until the switch ends.
+#[derive(Debug)]
+pub enum Entry {
+    Go(Pass),
+    Parked(oneshot::Receiver<Pass>),
+}
+
+impl Entry {
+    /// Wait for the pass. A parked entry is admitted when the pause ends,
+    /// in the order it was parked.
+    pub async fn ready(self) -> Pass {
+        match self {
+            Entry::Go(p) => p,
+            // The sender is dropped only by `release`, which always sends
+            // first; a gate dropped mid-pause (shutdown) never happens while
+            // a request holds an entry, because the request holds the gate.
+            Entry::Parked(rx) => rx.await.expect("holding queue released"),
+        }
+    }
+}
+
+impl Gate {
+    pub fn new(stats: Arc<SwitchStats>) -> Arc<Gate> {
+        Arc::new(Gate {
+            state: Mutex::new(State::default()),
+            drained: Notify::new(),
+            switching: Arc::new(tokio::sync::Mutex::new(())),
+            stats,
+        })
+    }
+
+    /// Take a place in line. Synchronous, so the caller (a connection's
+    /// reader) fixes the arrival order before spawning the request.
+    pub fn enter(self: &Arc<Self>) -> Entry {
+        let mut st = lock(&self.state);
+        if st.paused {
+            let (tx, rx) = oneshot::channel();
+            st.parked.push_back(tx);
+            st.held += 1;
+            Entry::Parked(rx)
+        } else {
+            st.active += 1;
+            Entry::Go(Pass { gate: self.clone() })
+        }
+    }
+
+    /// Stop admitting and wait for every running request to finish.
+    pub async fn pause(self: &Arc<Self>) -> Paused {
+        let serial = self.switching.clone().lock_owned().await;
+        let start = Instant::now();
+        lock(&self.state).paused = true;
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if lock(&self.state).active == 0 {
+                break;
+            }
+            drained.await;
+        }
+        Paused {
+            gate: self.clone(),
+            start,
+            done: false,
+            _serial: serial,
+        }
+    }
+
+    /// Requests running now.
+    pub fn active(&self) -> u64 {
+        lock(&self.state).active
+    }
+
+    fn release(self: &Arc<Self>, start: Instant) -> u64 {
+        let mut st = lock(&self.state);
+        st.paused = false;
+        let held = std::mem::take(&mut st.held);
+        while let Some(tx) = st.parked.pop_front() {
+            st.active += 1;
+            // If the receiver is gone the pass comes back in the error and
+            // its drop undoes the count (after we unlock).
+            if let Err(pass) = tx.send(Pass { gate: self.clone() }) {
+                st.active -= 1;
+                std::mem::forget(pass);
+            }
+        }
+        drop(st);
+        let us = start.elapsed().as_micros() as u64;
+        self.stats.record(us, held);
+        us
+    }
+}
+
+/// The gate is closed and drained while this lives; dropping it (or
+/// [`Paused::resume`]) releases the holding queue in arrival order.
+pub struct Paused {
+    gate: Arc<Gate>,
+    start: Instant,
+    done: bool,
+    _serial: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Paused {
+    /// Release the queue; the pause length in microseconds.
+    pub fn resume(mut self) -> u64 {
+        self.done = true;
+        self.gate.release(self.start)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        if !self.done {
+            self.gate.release(self.start);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn pause_waits_for_running_requests_and_releases_parked_ones_in_order() {
+        let stats = Arc::new(SwitchStats::default());
+        let gate = Gate::new(stats.clone());
+        let running = gate.enter().ready().await;
+        let g2 = gate.clone();
+        let pausing = tokio::spawn(async move { g2.pause().await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !pausing.is_finished(),
+            "pause must wait for the running request"
+        );
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for i in 0..5 {
+            let e = gate.enter();
+            assert!(matches!(e, Entry::Parked(_)));
+            let order = order.clone();
+            waiters.push(tokio::spawn(async move {
+                let _p = e.ready().await;
+                order.lock().unwrap().push(i);
+            }));
+        }
+        drop(running);
+        let paused = pausing.await.unwrap();
+        assert_eq!(gate.active(), 0);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            order.lock().unwrap().is_empty(),
+            "nothing runs during the pause"
+        );
+        paused.resume();
+        for w in waiters {
+            w.await.unwrap();
+        }
+        assert_eq!(order.lock().unwrap().len(), 5);
+        let s = stats.summary();
+        assert_eq!((s.count, s.held_requests), (1, 5));
+        assert!(s.max_us >= 20_000, "{s:?}");
+        assert!(matches!(gate.enter(), Entry::Go(_)));
+    }
+}

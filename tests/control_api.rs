@@ -1,0 +1,401 @@
+//! The control API end to end: every route through curl over the unix
+//! socket (and TCP with a bearer token), with its errors, on a real
+//! gateway serving real LUNs, with NBD clients checking the data.
+
+use std::os::unix::fs::PermissionsExt;
+
+use lungate_tests::*;
+use serde_json::json;
+
+#[test]
+fn every_route_works_over_the_unix_socket_with_contract_shapes_and_errors() {
+    let pool = Pool::both_layouts();
+    let gw = Gateway::start(&["--pool", pool.arg()]);
+    let sock = gw.control();
+    assert_eq!(
+        sock,
+        pool.path().join(".lungate.sock"),
+        "default control socket"
+    );
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket mode");
+
+    // exports, luns, stats
+    let ex = api(&sock, "GET", "/v1/exports", None, 200);
+    let names: Vec<&str> = ex
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 4, "{ex}");
+    let off0 = ex
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "off/disk0")
+        .unwrap();
+    assert_eq!(off0["lun"], "off");
+    assert_eq!(off0["disk"], 0);
+    assert_eq!(off0["size"], 64 << 20);
+    assert_eq!(off0["read_only"], false);
+    assert_eq!(off0["connections"], 0);
+    let lun_uuid = off0["lun_uuid"].as_str().unwrap().to_string();
+    let luns = api(&sock, "GET", "/v1/luns", None, 200);
+    let off = luns
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "off")
+        .unwrap();
+    assert_eq!(off["layout"], "offset");
+    assert_eq!(off["uuid"], lun_uuid.as_str());
+    assert_eq!(off["snapshots"], 0);
+    assert!(off["path"].as_str().unwrap().ends_with("off.lun"));
+    let st = api(&sock, "GET", "/v1/stats", None, 200);
+    assert_eq!(st["switch"]["count"], 0, "{st}");
+    assert_eq!(st["exports"].as_array().unwrap().len(), 4);
+
+    let uri = gw.uri("off/disk0");
+    qemu_io_ok(&uri, &["write -P 0x41 0 1M", "write -P 0x42 8M 64k"]);
+
+    // snapshot: created, duplicate, bad bodies, unknown LUN
+    let s = api(
+        &sock,
+        "POST",
+        "/v1/luns/off/snapshots",
+        Some(json!({"name": "s1", "description": "first"})),
+        201,
+    );
+    assert_eq!(s["snapshot"]["name"], "s1");
+    assert_eq!(s["snapshot"]["description"], "first");
+    assert_eq!(s["snapshot"]["current"], true);
+    assert!(s["pause_us"].as_u64().is_some(), "{s}");
+    let dup = api(
+        &sock,
+        "POST",
+        "/v1/luns/off/snapshots",
+        Some(json!({"name": "s1"})),
+        409,
+    );
+    assert!(dup["error"].as_str().unwrap().contains("exists"), "{dup}");
+    api(
+        &sock,
+        "POST",
+        "/v1/luns/off/snapshots",
+        Some(json!({"nam": "x"})),
+        400,
+    );
+    let r = http(
+        &Control::Unix(&sock),
+        "POST",
+        "/v1/luns/off/snapshots",
+        Some(b"{not json"),
+        false,
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"].is_string());
+    api(
+        &sock,
+        "POST",
+        "/v1/luns/off/snapshots",
+        Some(json!({"name": ""})),
+        400,
+    );
+    let nf = api(
+        &sock,
+        "POST",
+        "/v1/luns/nope/snapshots",
+        Some(json!({"name": "s"})),
+        404,
+    );
+    assert!(nf["error"].as_str().unwrap().contains("nope"));
+    api(&sock, "GET", "/v1/luns/nope/snapshots", None, 404);
+    api(&sock, "GET", "/v1/nothing", None, 404);
+
+    // snapshots by name and by UUID
+    let list = api(&sock, "GET", "/v1/luns/off/snapshots", None, 200);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["name"], "s1");
+    for k in ["created", "parent", "layer", "current", "description"] {
+        assert!(list[0].get(k).is_some(), "SnapshotInfo lacks {k}: {list}");
+    }
+    let by_uuid = api(
+        &sock,
+        "GET",
+        &format!("/v1/luns/{lun_uuid}/snapshots"),
+        None,
+        200,
+    );
+    assert_eq!(by_uuid, list);
+
+    // diff and diff-file after a change
+    qemu_io_ok(&uri, &["write -P 0x51 0 64k"]);
+    let d = api(&sock, "GET", "/v1/luns/off/diff?from=s1", None, 200);
+    let changes = d["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "{d}");
+    assert_eq!(changes[0]["kind"], "data");
+    assert_eq!(changes[0]["length"], 64 << 10);
+    api(&sock, "GET", "/v1/luns/off/diff", None, 400);
+    api(&sock, "GET", "/v1/luns/off/diff?from=zz", None, 404);
+    let file = http(
+        &Control::Unix(&sock),
+        "GET",
+        "/v1/luns/off/diff-file?from=s1",
+        None,
+        false,
+    );
+    assert_eq!(file.status, 200);
+    assert_eq!(&file.body[..8], b"LGDIFF01");
+
+    // revert: the snapshot's data is back; the diff file re-applies the change
+    let rv = api(
+        &sock,
+        "POST",
+        "/v1/luns/off/revert",
+        Some(json!({"snapshot": "s1"})),
+        200,
+    );
+    assert!(rv["pause_us"].as_u64().is_some());
+    qemu_io_ok(&uri, &["read -P 0x41 0 1M", "read -P 0x42 8M 64k"]);
+    api(
+        &sock,
+        "POST",
+        "/v1/luns/off/revert",
+        Some(json!({"snapshot": "zz"})),
+        404,
+    );
+    api(&sock, "POST", "/v1/luns/off/revert", Some(json!({})), 400);
+    let mut bad = file.body.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 1;
+    let r = http(
+        &Control::Unix(&sock),
+        "POST",
+        "/v1/luns/off/apply-diff",
+        Some(&bad),
+        true,
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    qemu_io_ok(&uri, &["read -P 0x41 0 64k"]);
+    let r = http(
+        &Control::Unix(&sock),
+        "POST",
+        "/v1/luns/off/apply-diff",
+        Some(&file.body),
+        true,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json(), json!({}));
+    qemu_io_ok(&uri, &["read -P 0x51 0 64k", "read -P 0x41 64k 960k"]);
+    // a diff of another size is refused
+    let r = http(
+        &Control::Unix(&sock),
+        "POST",
+        "/v1/luns/trunc/apply-diff",
+        Some(&file.body),
+        true,
+    );
+    assert_eq!(r.status, 400);
+
+    // clone: exported at once, holds the snapshot's data
+    let c = api(
+        &sock,
+        "POST",
+        "/v1/luns/off/clone",
+        Some(json!({"snapshot": "s1", "name": "offc"})),
+        201,
+    );
+    assert_eq!(c["name"], "offc");
+    assert_eq!(c["exports"], json!(["offc/disk0", "offc/disk1"]));
+    assert!(c["path"].as_str().unwrap().ends_with("offc.lun"));
+    assert_ne!(c["uuid"], lun_uuid.as_str());
+    qemu_io_ok(
+        &gw.uri("offc/disk0"),
+        &["read -P 0x41 0 1M", "read -P 0x42 8M 64k"],
+    );
+    qemu_io_ok(&gw.uri("offc/disk0"), &["write -P 0x61 0 64k"]);
+    qemu_io_ok(&uri, &["read -P 0x51 0 64k"]);
+    api(
+        &sock,
+        "POST",
+        "/v1/luns/off/clone",
+        Some(json!({"snapshot": "s1", "name": "offc"})),
+        409,
+    );
+    api(
+        &sock,
+        "POST",
+        "/v1/luns/off/clone",
+        Some(json!({"snapshot": "zz", "name": "offd"})),
+        404,
+    );
+    api(
+        &sock,
+        "POST",
+        "/v1/luns/off/clone",
+        Some(json!({"snapshot": "s1", "name": "../x"})),
+        400,
+    );
+    let ex = api(&sock, "GET", "/v1/exports", None, 200);
+    assert_eq!(ex.as_array().unwrap().len(), 6);
+
+    // usage, flatten, delete
+    let u = api(&sock, "GET", "/v1/luns/off/usage", None, 200);
+    let layers = u.as_array().unwrap();
+    assert!(layers.len() >= 2, "{u}");
+    assert_eq!(layers.iter().filter(|l| l["live"] == true).count(), 1);
+    for k in [
+        "layer",
+        "path",
+        "snapshot",
+        "in_chain",
+        "external",
+        "allocated_bytes",
+        "disk_bytes",
+    ] {
+        assert!(layers[0].get(k).is_some(), "LayerUsage lacks {k}: {u}");
+    }
+    assert_eq!(
+        api(&sock, "POST", "/v1/luns/offc/flatten", None, 200),
+        json!({})
+    );
+    qemu_io_ok(
+        &gw.uri("offc/disk0"),
+        &[
+            "read -P 0x61 0 64k",
+            "read -P 0x41 64k 960k",
+            "read -P 0x42 8M 64k",
+        ],
+    );
+    assert_eq!(
+        api(&sock, "DELETE", "/v1/luns/off/snapshots/s1", None, 200),
+        json!({})
+    );
+    api(&sock, "DELETE", "/v1/luns/off/snapshots/s1", None, 404);
+    qemu_io_ok(&uri, &["read -P 0x51 0 64k", "read -P 0x42 8M 64k"]);
+    qemu_io_ok(&gw.uri("offc/disk0"), &["read -P 0x42 8M 64k"]);
+
+    let st = api(&sock, "GET", "/v1/stats", None, 200);
+    // Only snapshot and revert switch layers; a clone reads a frozen
+    // snapshot and pauses no one.
+    assert_eq!(st["switch"]["count"], 2, "snapshot, revert: {st}");
+    for k in ["p50_us", "p99_us", "max_us", "held_requests"] {
+        assert!(st["switch"][k].as_u64().is_some(), "{st}");
+    }
+    let e = st["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "off/disk0")
+        .unwrap();
+    assert!(
+        e["writes"].as_u64().unwrap() >= 3 && e["bytes_read"].as_u64().unwrap() > 0,
+        "{e}"
+    );
+    gw.stop_ok();
+    assert!(!sock.exists(), "control socket removed at exit");
+    pool.assert_hidden_unchanged();
+}
+
+#[test]
+fn tcp_control_requires_the_bearer_token() {
+    let pool = Pool::both_layouts();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret-token\n").unwrap();
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "pools = [{:?}]\n[control]\ntcp = \"127.0.0.1:0\"\ntoken_file = {:?}\n",
+            pool.arg(),
+            token.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
+    let addr = gw.control_tcp();
+    let r = http(&Control::Tcp(addr, None), "GET", "/v1/luns", None, false);
+    assert_eq!(r.status, 401);
+    assert!(r.json()["error"].is_string());
+    let r = http(
+        &Control::Tcp(addr, Some("s3cret-tokeN")),
+        "GET",
+        "/v1/luns",
+        None,
+        false,
+    );
+    assert_eq!(r.status, 401);
+    let r = http(
+        &Control::Tcp(addr, Some("s3cret")),
+        "GET",
+        "/v1/luns",
+        None,
+        false,
+    );
+    assert_eq!(r.status, 401);
+    let r = http(
+        &Control::Tcp(addr, Some("s3cret-token")),
+        "GET",
+        "/v1/luns",
+        None,
+        false,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json().as_array().unwrap().len(), 2);
+    let r = http(
+        &Control::Tcp(addr, Some("s3cret-token")),
+        "POST",
+        "/v1/luns/trunc/snapshots",
+        Some(br#"{"name":"t1"}"#),
+        false,
+    );
+    assert_eq!(r.status, 201);
+    // the unix socket needs no token
+    api(&gw.control(), "GET", "/v1/luns/trunc/snapshots", None, 200);
+    gw.stop_ok();
+
+    // TCP without a token file is a configuration error
+    std::fs::write(
+        &cfg,
+        format!(
+            "pools = [{:?}]\n[control]\ntcp = \"127.0.0.1:0\"\n",
+            pool.arg()
+        ),
+    )
+    .unwrap();
+    let err = Gateway::try_start(&["--config", cfg.to_str().unwrap()])
+        .err()
+        .unwrap();
+    assert!(err.contains("token_file"), "{err}");
+}
+
+#[test]
+fn a_lun_served_by_one_gateway_is_refused_by_another() {
+    let pool = Pool::both_layouts();
+    let gw = Gateway::start(&["--pool", pool.arg()]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[export]]\nname = \"x/disk0\"\nlun = {:?}\n",
+            pool.lun("off").path.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let err = Gateway::try_start(&["--config", cfg.to_str().unwrap()])
+        .err()
+        .unwrap();
+    assert!(err.contains("in use by another process"), "{err}");
+    // a second gateway on the same pool cannot take its control socket either
+    let err = Gateway::try_start(&["--pool", pool.arg()]).err().unwrap();
+    assert!(err.contains("in use"), "{err}");
+    gw.stop_ok();
+    // once the first is gone the LUN can be served again
+    let gw2 = Gateway::start(&["--config", cfg.to_str().unwrap()]);
+    qemu_io_ok(&gw2.uri("x/disk0"), &["read 0 4k"]);
+    gw2.stop_ok();
+    pool.assert_hidden_unchanged();
+}
