@@ -449,6 +449,8 @@ fn lunctl_routes_to_the_gateway_and_operations_cover_secondary_disks() {
 
     // Clone through lunctl: the secondary is cloned too and exported.
     let out = lunctl(&["clone", vm.to_str().unwrap(), "s1", "vm2"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("exported as vm2/disk0"), "{said}");
     qemu_io_ok(&gw.uri("vm2/disk0"), &["read -P 0x11 0 1M"]);
     qemu_io_ok(&gw.uri("vm2-data/disk0"), &["read -P 0x22 0 1M"]);
     let luns = api(&sock, "GET", "/v1/luns", None, 200);
@@ -464,7 +466,7 @@ fn lunctl_routes_to_the_gateway_and_operations_cover_secondary_disks() {
     assert_ne!(uuid_of("vm2-data"), uuid_of("data"));
 
     // Revert through lunctl: both disks come back.
-    let out = lunctl(&["revert", vm.to_str().unwrap(), "s1"]);
+    lunctl(&["revert", vm.to_str().unwrap(), "s1"]);
     qemu_io_ok(&gw.uri("vm/disk0"), &["read -P 0x11 0 1M"]);
     qemu_io_ok(&gw.uri("data/disk0"), &["read -P 0x22 0 1M"]);
     gw.stop_ok();
@@ -472,6 +474,8 @@ fn lunctl_routes_to_the_gateway_and_operations_cover_secondary_disks() {
     // After the gateway: lunctl works on the files directly, and the
     // scanner shows the clone under its parent.
     let out = lunctl(&["snapshots", vm.to_str().unwrap(), "--json"]);
+    let snaps: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(snaps[0]["name"], "s1", "{snaps}");
     let out = lunctl(&["scan", "--json", pool.arg()]);
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let s = r.to_string();
