@@ -39,6 +39,7 @@ pub fn prepare(dir: &Path) -> Result<(GatewayConfig, String), DemoError> {
             memory: demo.lun.memory.0,
             vcpus: demo.lun.vcpus,
             layout,
+            cluster_size: 0,
         };
         Lun::create(&path, &spec).map_err(lun_err)?;
         tracing::info!(lun = %path.display(), "created demo LUN");

@@ -350,6 +350,7 @@ mod tests {
             memory: 16 << 20,
             vcpus: 1,
             layout: Layout::Offset,
+            cluster_size: 0,
         };
         Lun::create(&lun_path, &spec).unwrap();
         let cfg = GatewayConfig {

@@ -47,6 +47,9 @@ pub struct CreateSpec {
     pub memory: u64,
     pub vcpus: u32,
     pub layout: Layout,
+    /// Cluster size of the LUN's copy-on-write volume in bytes: a power of
+    /// two in 4 KiB..=2 MiB, or 0 for the default (64 KiB).
+    pub cluster_size: u32,
 }
 
 /// Most disks one LUN can hold (the region table has 64 entries).
@@ -99,7 +102,7 @@ impl From<volume::Error> for Error {
 fn open_volume(path: &Path, file: &Arc<File>, label: &Label, access: Access) -> Result<Volume> {
     let options = VolumeOptions {
         read_only: access == Access::ReadOnly,
-        ..VolumeOptions::default()
+        cluster_size: label.volume_cluster_size(),
     };
     Ok(Volume::open(VolumeConfig::for_label(
         path,
@@ -674,6 +677,7 @@ impl Lun {
             lun_size,
             created: t,
             updated: t,
+            cluster_size: spec.cluster_size,
             regions,
         };
         label
@@ -1636,6 +1640,7 @@ mod tests {
             memory: MIB,
             vcpus: 2,
             layout,
+            cluster_size: 0,
         }
     }
 

@@ -295,6 +295,7 @@ mod tests {
                 memory: 0,
                 vcpus: 1,
                 layout,
+                cluster_size: 0,
             },
         )
         .unwrap();

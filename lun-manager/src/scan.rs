@@ -623,6 +623,7 @@ mod tests {
                 memory: 0,
                 vcpus: 1,
                 layout,
+                cluster_size: 0,
             },
         )
         .unwrap();
@@ -640,6 +641,7 @@ mod tests {
                 memory: 0,
                 vcpus: 1,
                 layout: Layout::Offset,
+                cluster_size: 0,
             },
         )
         .unwrap();

@@ -709,19 +709,20 @@ fn block_device_lun_is_created_scanned_resized_within_the_device_and_wiped() {
 // ----- snapshots, clones, diffs (issue 4) ------------------------------------
 
 use lun_manager::owner;
-use lun_manager::volume::{Volume, VolumeConfig};
+use lun_manager::volume::Volume;
 use lun_manager::{Access, Lun};
+use std::sync::Arc;
 
 /// The LUN's volume opened by the test itself (never while lunctl runs).
-fn volume(lun: &Path) -> Volume {
-    let l = Lun::open(lun, Access::ReadWrite).unwrap();
-    Volume::open(VolumeConfig::for_lun(&l, Default::default())).unwrap()
+/// The LUN's own volume (the `Lun` handle is dropped, the volume lives on).
+fn volume(lun: &Path) -> Arc<Volume> {
+    Lun::open(lun, Access::ReadWrite).unwrap().volume().clone()
 }
 
 fn vol_write(lun: &Path, offset: u64, data: &[u8]) {
     let v = volume(lun);
     v.write(offset, data).unwrap();
-    v.close().unwrap();
+    v.flush().unwrap();
 }
 
 fn vol_read(lun: &Path, offset: u64, len: usize) -> Vec<u8> {
@@ -1204,4 +1205,53 @@ fn flatten_killed_midway_resumes_and_completes() {
     ok(&["delete", big.to_str().unwrap(), "--yes"]);
     assert_eq!(vol_read(&c, d0, 65536), head);
     assert_eq!(vol_read(&c, d0 + d0len - 65536, 65536), tail);
+}
+
+#[test]
+fn cluster_size_is_chosen_at_creation_and_used_by_the_volume() {
+    let (_d, p) = pool();
+    let p_s = p.to_str().unwrap();
+    let small = create(
+        &p,
+        "small",
+        &["--disk", "8M", "--memory", "1M", "--cluster-size", "16K"],
+    );
+    let dflt = create(&p, "dflt", &["--disk", "8M", "--memory", "1M"]);
+    assert_eq!(inspect(&small)["cluster_size"], 16 << 10);
+    assert_eq!(inspect(&dflt)["cluster_size"], 64 << 10);
+    for bad in ["3K", "2K", "4M", "0"] {
+        fails(
+            &[
+                "create",
+                "bad",
+                "--pool",
+                p_s,
+                "--disk",
+                "8M",
+                "--memory",
+                "1M",
+                "--cluster-size",
+                bad,
+            ],
+            "must be a power of two from 4K to 2M",
+        );
+    }
+    assert!(!p.join("bad.lun").exists());
+    // The layers of the first snapshot use it: a 4 KiB write after the
+    // snapshot allocates one 16 KiB cluster in the live layer.
+    for (lun, cs) in [(&small, 16u64 << 10), (&dflt, 64 << 10)] {
+        ok(&["snapshot", lun.to_str().unwrap(), "s"]);
+        assert_eq!(volume(lun).cluster_size(), cs);
+        let d0 = region(&inspect(lun), "disk", 0).0;
+        vol_write(lun, d0 + 4096, &pattern(4096, 7));
+        let u = json_of(&["usage", lun.to_str().unwrap(), "--json"]);
+        let live = u
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["live"] == true)
+            .unwrap_or_else(|| panic!("no live layer: {u}"));
+        assert_eq!(live["allocated_bytes"], cs, "{u}");
+        assert_eq!(vol_read(lun, d0 + 4096, 4096), pattern(4096, 7));
+    }
 }

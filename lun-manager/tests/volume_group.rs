@@ -21,6 +21,7 @@ fn create(pool: &Path, name: &str, layout: Layout) -> PathBuf {
             memory: MIB,
             vcpus: 2,
             layout,
+            cluster_size: 0,
         },
     )
     .unwrap();

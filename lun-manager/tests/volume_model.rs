@@ -588,6 +588,7 @@ fn protected_label_range_is_refused_and_read_from_the_lun_file() {
                 memory: 1 << 20,
                 vcpus: 1,
                 layout,
+                cluster_size: 0,
             },
         )
         .unwrap();

@@ -189,6 +189,10 @@ struct CreateArgs {
     vcpus: u32,
     #[arg(long, default_value = "offset")]
     layout: Layout,
+    /// Cluster size of the copy-on-write volume (snapshots, clones): a
+    /// power of two from 4K to 2M; fixed at creation
+    #[arg(long, value_name = "SIZE", default_value = "64K")]
+    cluster_size: String,
     #[arg(long)]
     json: bool,
 }
@@ -390,6 +394,18 @@ fn create(a: CreateArgs) -> Result<(), String> {
         memory: size(&a.memory, "--memory")?,
         vcpus: a.vcpus,
         layout: a.layout,
+        cluster_size: {
+            let cs = size(&a.cluster_size, "--cluster-size")?;
+            u32::try_from(cs)
+                .ok()
+                .filter(|&c| c != 0 && lun_manager::format::label::valid_cluster_size(c))
+                .ok_or_else(|| {
+                    format!(
+                        "--cluster-size {}: must be a power of two from 4K to 2M",
+                        a.cluster_size
+                    )
+                })?
+        },
     };
     let lun = Lun::create(&path, &spec).map_err(|e| e.to_string())?;
     if a.json {
@@ -447,6 +463,7 @@ fn describe(l: &Lun) -> serde_json::Value {
         "name": l.name(),
         "uuid": l.uuid().to_string(),
         "layout": l.layout(),
+        "cluster_size": l.label().volume_cluster_size(),
         "lun_size": label.lun_size,
         "backing_size": l.backing_size(),
         "block_device": l.is_block_device(),
@@ -482,6 +499,10 @@ fn inspect(path: &Path, as_json: bool) -> Result<(), String> {
     println!("name       {}", l.name());
     println!("uuid       {}", l.uuid());
     println!("layout     {}", l.layout());
+    println!(
+        "clusters   {} (copy-on-write volume)",
+        human(u64::from(l.label().volume_cluster_size()))
+    );
     println!(
         "size       {} ({} bytes; backing {} bytes)",
         human(label.lun_size),

@@ -20,7 +20,8 @@
 //! | 48   | 8    | LUN size in bytes                             |
 //! | 56   | 8    | created, Unix seconds                         |
 //! | 64   | 8    | updated, Unix seconds                         |
-//! | 72   | 56   | reserved, zero                                |
+//! | 72   | 4    | volume cluster size, bytes (0: 65536)         |
+//! | 76   | 52   | reserved, zero                                |
 //! | 128  | 64   | VM name, UTF-8, zero padded                   |
 //! | 192  | 3072 | region table: 64 entries of 48 bytes          |
 //! | 3264 | 800  | reserved, zero                                |
@@ -36,7 +37,9 @@ use super::{Layout, Region, RegionKind, ALIGN, LABEL_REGION_LEN, MIB, OFFSET_LAB
 
 pub const MAGIC: &[u8; 8] = b"LUNGATE\0";
 pub const VERSION_MAJOR: u16 = 1;
-pub const VERSION_MINOR: u16 = 0;
+/// Minor 1 added the volume cluster size at byte 72 (reserved, so zero,
+/// in minor 0 labels: the default).
+pub const VERSION_MINOR: u16 = 1;
 pub const LABEL_SIZE: usize = 4096;
 pub const NAME_MAX: usize = 64;
 pub const MAX_REGIONS: usize = 64;
@@ -87,8 +90,31 @@ pub struct Label {
     pub lun_size: u64,
     pub created: u64,
     pub updated: u64,
+    /// Cluster size of the LUN's copy-on-write volume in bytes, fixed at
+    /// creation: a power of two in 4 KiB..=2 MiB, or 0 for the default
+    /// ([`DEFAULT_CLUSTER_SIZE`]).
+    pub cluster_size: u32,
     /// Sorted by (kind, index).
     pub regions: Vec<Region>,
+}
+
+/// The volume cluster size of a label that names none.
+pub const DEFAULT_CLUSTER_SIZE: u32 = 64 << 10;
+
+impl Label {
+    /// The volume cluster size in bytes (the default when the label names none).
+    pub fn volume_cluster_size(&self) -> u32 {
+        if self.cluster_size == 0 {
+            DEFAULT_CLUSTER_SIZE
+        } else {
+            self.cluster_size
+        }
+    }
+}
+
+/// Whether `cs` may be stored as a label's cluster size.
+pub fn valid_cluster_size(cs: u32) -> bool {
+    cs == 0 || (cs.is_power_of_two() && (4096..=2 << 20).contains(&cs))
 }
 
 impl Label {
@@ -129,6 +155,7 @@ impl Label {
         b[48..56].copy_from_slice(&self.lun_size.to_le_bytes());
         b[56..64].copy_from_slice(&self.created.to_le_bytes());
         b[64..72].copy_from_slice(&self.updated.to_le_bytes());
+        b[72..76].copy_from_slice(&self.cluster_size.to_le_bytes());
         b[NAME_AT..NAME_AT + self.name.len()].copy_from_slice(self.name.as_bytes());
         for (i, r) in self.regions.iter().enumerate() {
             let e = &mut b[TABLE_AT + i * ENTRY_SIZE..TABLE_AT + (i + 1) * ENTRY_SIZE];
@@ -199,7 +226,13 @@ impl Label {
         if u32_at(44) != 0 {
             return Err(field("flags", format!("unknown flags {:#x}", u32_at(44))));
         }
-        if b[72..128].iter().any(|&c| c != 0) || b[3264..CHECKSUM_AT].iter().any(|&c| c != 0) {
+        if !valid_cluster_size(u32_at(72)) {
+            return Err(field(
+                "cluster size",
+                format!("{} is not a power of two in 4096..=2097152", u32_at(72)),
+            ));
+        }
+        if b[76..128].iter().any(|&c| c != 0) || b[3264..CHECKSUM_AT].iter().any(|&c| c != 0) {
             return Err(field("reserved", "reserved bytes are not zero"));
         }
         let mut regions = Vec::with_capacity(count);
@@ -237,6 +270,7 @@ impl Label {
             layout,
             name,
             lun_size: u64_at(48),
+            cluster_size: u32_at(72),
             created: u64_at(56),
             updated: u64_at(64),
             regions,
@@ -249,6 +283,15 @@ impl Label {
     /// any label is written, so an invalid table never reaches the disk.
     pub fn validate(&self) -> Result<(), LabelError> {
         super::validate_name(&self.name).map_err(|e| field("name", e))?;
+        if !valid_cluster_size(self.cluster_size) {
+            return Err(field(
+                "cluster size",
+                format!(
+                    "{} is not a power of two in 4096..=2097152",
+                    self.cluster_size
+                ),
+            ));
+        }
         if self.regions.len() < 3 || self.regions.len() > MAX_REGIONS {
             return Err(field(
                 "region count",
@@ -399,7 +442,24 @@ pub(crate) mod tests {
             },
             created: 1_700_000_000,
             updated: 1_700_000_001,
+            cluster_size: 0,
             regions,
+        }
+    }
+
+    #[test]
+    fn cluster_size_round_trips_and_bad_values_are_refused() {
+        let mut l = sample(Layout::Offset);
+        assert_eq!(l.volume_cluster_size(), DEFAULT_CLUSTER_SIZE);
+        l.cluster_size = 16 << 10;
+        let d = Label::decode(&l.encode()).unwrap();
+        assert_eq!(d.cluster_size, 16 << 10);
+        assert_eq!(d.volume_cluster_size(), 16 << 10);
+        for bad in [1u32, 3000, 2048, 4 << 20, u32::MAX] {
+            l.cluster_size = bad;
+            assert!(l.validate().is_err(), "{bad}");
+            let e = Label::decode(&l.encode()).unwrap_err().to_string();
+            assert!(e.contains("cluster size"), "{bad}: {e}");
         }
     }
 
