@@ -518,14 +518,7 @@ impl Lun {
             lun.put_records(&recs)?;
             lun.remove_record(RecordType::Owner, 0)?;
             lun.sync()?;
-            // The label is the commit point: written last, slot 0.
-            let label = lun.label.clone();
-            lun.write_label_slot(&label, 0)?;
-            lun.label_slot = 0;
-            if lun.label.layout == Layout::Offset {
-                gpt::write(&lun.file, &lun.label).ctx(path, "write GPT")?;
-            }
-            lun.sync_file()?;
+            lun.publish_new_label()?;
             Ok(lun)
         })();
         if made.is_err() {
@@ -763,15 +756,21 @@ impl Lun {
                 json(&SecondaryDisks::default()),
             ),
         ])?;
-        // The label is the commit point: written last, slot 0, generation 1.
-        let label = lun.label.clone();
-        lun.write_label_slot(&label, 0)?;
-        lun.label_slot = 0;
-        if lun.label.layout == Layout::Offset {
-            gpt::write(&lun.file, &lun.label).ctx(path, "write GPT")?;
-        }
-        lun.sync_file()?;
+        lun.publish_new_label()?;
         Ok(lun)
+    }
+
+    /// The last step of making a LUN (create, clone): its label, the commit
+    /// point, written after everything else is durable, into slot 0; then
+    /// the GPT (offset layout) and a final sync.
+    fn publish_new_label(&mut self) -> Result<()> {
+        let label = self.label.clone();
+        self.write_label_slot(&label, 0)?;
+        self.label_slot = 0;
+        if self.label.layout == Layout::Offset {
+            gpt::write(&self.file, &self.label).ctx(&self.path, "write GPT")?;
+        }
+        self.sync_file()
     }
 
     // ----- accessors -----------------------------------------------------
