@@ -52,6 +52,12 @@ pub enum Error {
     ReadOnly { path: PathBuf },
     #[error("{path} already exists")]
     Exists { path: PathBuf },
+    #[error("pool {pool} already has a VM named {name:?} ({path})")]
+    NameTaken {
+        pool: PathBuf,
+        name: String,
+        path: PathBuf,
+    },
     #[error("{path}: state record {record}: {why}")]
     Record {
         path: PathBuf,

@@ -388,6 +388,15 @@ impl Group {
                 return Err(Error::Exists { path: p.clone() });
             }
         }
+        for n in &names {
+            if let Some(path) = crate::pool::find_vm(&pool, n)? {
+                return Err(Error::NameTaken {
+                    pool,
+                    name: n.clone(),
+                    path,
+                });
+            }
+        }
         self.begin(&Intent::Clone {
             paths: paths.clone(),
         })?;

@@ -399,10 +399,16 @@ impl Lun {
     /// The LUN UUID of the LUN at `path`, from its label alone (no state
     /// directory, no volume): for finding secondary disks by UUID.
     pub fn probe_uuid(path: &Path) -> Result<Uuid> {
+        Ok(Self::probe_label(path)?.uuid)
+    }
+
+    /// The validated label of the LUN at `path`, read without opening its
+    /// state or its volume (cheap enough to ask of every LUN in a pool).
+    pub fn probe_label(path: &Path) -> Result<Label> {
         let file = File::open(path).ctx(path, "open")?;
         let backing = fileops::backing_size(&file).ctx(path, "size")?;
         let (label, ..) = Self::find_label(path, &file, backing)?;
-        Ok(label.uuid)
+        Ok(label)
     }
 
     /// Make a new LUN at `path` (which must not exist) from snapshot

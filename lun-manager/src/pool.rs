@@ -51,6 +51,16 @@ pub fn lun_path(dir: &Path, name: &str) -> PathBuf {
 }
 
 /// The `*.lun` files of a pool directory, sorted by name.
+/// The LUN in pool `dir` whose VM is named `name`, if any (names are
+/// unique in a pool: exports are named after them). Reads labels only;
+/// files whose label cannot be read are not counted.
+pub fn find_vm(dir: &Path, name: &str) -> Result<Option<PathBuf>> {
+    Ok(list_luns(dir)
+        .ctx(dir, "list pool")?
+        .into_iter()
+        .find(|p| crate::Lun::probe_label(p).is_ok_and(|l| l.name == name)))
+}
+
 pub fn list_luns(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok())

@@ -878,6 +878,19 @@ fn clone_is_listed_under_its_parent_and_flatten_makes_it_independent() {
     assert!(!p.join("x.lun").exists() && !p.join("x.layers").exists());
     fails(&["clone", w, "gold", "web"], "already exists");
     fails(&["clone", w, "gold", "bad/name"], "only ASCII letters");
+    // A VM of that name in a file of another name is found by its label.
+    lunctl()
+        .args(["create", "taken", "--path"])
+        .arg(p.join("other-file.lun"))
+        .args(["--disk", "8M", "--memory", "1M"])
+        .assert()
+        .success();
+    fails(
+        &["clone", w, "gold", "taken"],
+        "already has a VM named \"taken\"",
+    );
+    assert!(!p.join("taken.lun").exists() && !p.join("taken.layers").exists());
+    ok(&["delete", p.join("other-file.lun").to_str().unwrap(), "--yes"]);
 
     let out = ok(&[
         "clone",

@@ -41,7 +41,7 @@ impl From<lun_manager::Error> for OpError {
         use lun_manager::Error as E;
         match e {
             E::NoSnapshot(_) => OpError::NotFound(e.to_string()),
-            E::SnapshotExists(_) | E::Exists { .. } | E::ReadOnly { .. } => {
+            E::SnapshotExists(_) | E::Exists { .. } | E::NameTaken { .. } | E::ReadOnly { .. } => {
                 OpError::Conflict(e.to_string())
             }
             E::Invalid(_) | E::OutOfBounds { .. } => OpError::BadRequest(e.to_string()),

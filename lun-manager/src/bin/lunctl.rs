@@ -369,18 +369,13 @@ fn create(a: CreateArgs) -> Result<(), String> {
         (None, None) => unreachable!("clap requires --pool or --path"),
     };
     if let Some(dir) = &a.pool {
-        // Names are unique in a pool: exports are named after them.
-        for p in pool::list_luns(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
-            if let Ok(l) = Lun::open(&p, Access::ReadOnly) {
-                if l.name() == a.name {
-                    return Err(format!(
-                        "pool {} already has a VM named {:?} ({})",
-                        dir.display(),
-                        a.name,
-                        p.display()
-                    ));
-                }
+        if let Some(path) = pool::find_vm(dir, &a.name).map_err(|e| e.to_string())? {
+            return Err(lun_manager::Error::NameTaken {
+                pool: dir.clone(),
+                name: a.name.clone(),
+                path,
             }
+            .to_string());
         }
     }
     let disks = a
@@ -744,22 +739,7 @@ fn op_clone(group: &Group, snap: &str, new_name: &str) -> Result<PathBuf, String
             lun.name()
         ));
     }
-    let dir = lun.path().parent().unwrap_or(Path::new("."));
-    let path = pool::lun_path(dir, new_name);
-    if path.exists() {
-        return Err(format!("{} already exists", path.display()));
-    }
-    for p in pool::list_luns(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
-        if let Ok(l) = Lun::open(&p, Access::ReadOnly) {
-            if l.name() == new_name {
-                return Err(format!(
-                    "{} already has a VM named {new_name:?} ({})",
-                    dir.display(),
-                    p.display()
-                ));
-            }
-        }
-    }
+    // Group::clone refuses a taken file or VM name, for every disk.
     let c = group.clone(snap, new_name).map_err(gerr)?;
     Ok(c.primary().path().to_path_buf())
 }
