@@ -32,11 +32,6 @@ pub enum ServeError {
         path: PathBuf,
         source: lun_manager::Error,
     },
-    #[error("cannot open the volume of LUN {path}: {source}")]
-    Volume {
-        path: PathBuf,
-        source: volume::Error,
-    },
     #[error("LUN {path} is in use by another process (it holds the LUN's lock); stop it or use its control API")]
     Busy { path: PathBuf },
     #[error("cannot lock LUN {path}: {source}")]
@@ -113,7 +108,6 @@ pub fn own(lun: &mut Lun, control: Option<&Path>) -> Result<Ownership, ServeErro
 #[derive(Debug)]
 pub struct ServedLun {
     pub lun: Arc<Lun>,
-    pub volume: Arc<Volume>,
     pub gate: Arc<Gate>,
     /// Held by every tree operation of the control API for its whole run,
     /// so a snapshot waiting behind a long flatten or delete waits *before*
@@ -161,10 +155,8 @@ impl ServedLun {
         stats: Arc<SwitchStats>,
     ) -> ServedLun {
         let key = std::fs::canonicalize(lun.path()).unwrap_or_else(|_| lun.path().to_path_buf());
-        let volume = lun.volume().clone();
         let s = ServedLun {
             lun: Arc::new(lun),
-            volume,
             gate: Gate::new(stats),
             maintenance: tokio::sync::Mutex::new(()),
             read_only,
@@ -193,10 +185,15 @@ impl ServedLun {
         g.rewrite(&mut h)
     }
 
+    /// The LUN's one volume, shared by every export and connection.
+    pub fn volume(&self) -> &Arc<Volume> {
+        self.lun.volume()
+    }
+
     /// Re-read whether the volume has layers. Call only while paused (or
     /// before serving), so no request is running on the old choice.
     pub fn refresh_plain(&self) {
-        let plain = self.volume.chain() == [self.lun.uuid()];
+        let plain = self.volume().chain() == [self.lun.uuid()];
         self.plain.store(plain, Ordering::Release);
     }
 
@@ -291,7 +288,7 @@ impl ServedLun {
         &self,
         f: impl FnOnce(&Volume) -> volume::Result<T> + Send + 'static,
     ) -> io::Result<T> {
-        let v = self.volume.clone();
+        let v = self.volume().clone();
         match tokio::task::spawn_blocking(move || f(&v)).await {
             Ok(r) => r.map_err(to_io),
             Err(e) => Err(io::Error::other(format!("volume task failed: {e}"))),

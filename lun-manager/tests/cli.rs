@@ -890,7 +890,11 @@ fn clone_is_listed_under_its_parent_and_flatten_makes_it_independent() {
         "already has a VM named \"taken\"",
     );
     assert!(!p.join("taken.lun").exists() && !p.join("taken.layers").exists());
-    ok(&["delete", p.join("other-file.lun").to_str().unwrap(), "--yes"]);
+    ok(&[
+        "delete",
+        p.join("other-file.lun").to_str().unwrap(),
+        "--yes",
+    ]);
 
     let out = ok(&[
         "clone",

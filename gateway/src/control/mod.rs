@@ -332,7 +332,7 @@ async fn luns(State(reg): Reg) -> ApiResult {
                 "path": l.lun.path(),
                 "uuid": l.lun.uuid().to_string(),
                 "layout": l.lun.layout(),
-                "snapshots": l.volume.snapshots().len(),
+                "snapshots": l.volume().snapshots().len(),
             })
         })
         .collect();

@@ -147,7 +147,7 @@ pub async fn snapshot(
     writable(l)?;
     // Refuse the obvious before stopping anyone's I/O; the group checks again.
     lun_manager::format::validate_name(&name).map_err(OpError::BadRequest)?;
-    if l.volume.snapshots().iter().any(|s| s.name == name) {
+    if l.volume().snapshots().iter().any(|s| s.name == name) {
         return Err(OpError::Conflict(format!(
             "a snapshot named {name:?} already exists"
         )));
@@ -156,13 +156,13 @@ pub async fn snapshot(
 }
 
 pub async fn snapshots(_reg: &Registry, l: &Arc<ServedLun>) -> OpResult<Vec<SnapshotInfo>> {
-    Ok(l.volume.snapshots())
+    Ok(l.volume().snapshots())
 }
 
 /// Revert the VM to snapshot `name`; returns the pause in µs.
 pub async fn revert(reg: &Registry, l: &Arc<ServedLun>, name: String) -> OpResult<u64> {
     writable(l)?;
-    if !l.volume.snapshots().iter().any(|s| s.name == name) {
+    if !l.volume().snapshots().iter().any(|s| s.name == name) {
         return Err(OpError::NotFound(format!("no snapshot named {name:?}")));
     }
     let ms = members(reg, l)?;
@@ -208,7 +208,7 @@ pub async fn clone(
             "a LUN named {new_name:?} is already served"
         )));
     }
-    if !l.volume.snapshots().iter().any(|s| s.name == snap) {
+    if !l.volume().snapshots().iter().any(|s| s.name == snap) {
         return Err(OpError::NotFound(format!("no snapshot named {snap:?}")));
     }
     // The clone reads the snapshot, which nothing changes: no pause needed.
