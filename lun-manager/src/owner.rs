@@ -150,13 +150,20 @@ fn holder(path: &Path) -> Probe {
 /// else? Takes the lock for an instant when it is free, so a concurrent
 /// [`lock`] may fail in that window (it reports the LUN busy; retry).
 pub fn probe(path: &Path) -> Result<Probe> {
-    match try_flock(path)? {
-        Try::Got(l) => {
-            drop(l);
-            Ok(Probe::Free)
-        }
-        Try::Held => Ok(holder(path)),
-    }
+    Ok(match try_lock(path)? {
+        Ok(_lock) => Probe::Free,
+        Err(held) => held,
+    })
+}
+
+/// Take the flock of the LUN at `path` if it is free, or say who holds it
+/// (never [`Probe::Free`]): one attempt, so nothing can take the lock
+/// between a probe and the lock.
+pub fn try_lock(path: &Path) -> Result<Result<FileLock, Probe>> {
+    Ok(match try_flock(path)? {
+        Try::Got(l) => Ok(l),
+        Try::Held => Err(holder(path)),
+    })
 }
 
 /// The error for a LUN whose lock is held: who holds it, and where (the

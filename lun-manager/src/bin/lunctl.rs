@@ -655,10 +655,9 @@ impl Target {
 }
 
 fn target(path: &Path) -> Result<Target, String> {
-    let probe = owner::probe(path).map_err(|e| e.to_string())?;
-    match probe {
-        Probe::Free => {
-            let mut locks = vec![owner::lock(path).map_err(|e| e.to_string())?];
+    match owner::try_lock(path).map_err(|e| e.to_string())? {
+        Ok(lock) => {
+            let mut locks = vec![lock];
             let group = Group::open(path, Access::ReadWrite).map_err(|e| e.to_string())?;
             for m in &group.members()[1..] {
                 locks.push(owner::lock(m.path()).map_err(|e| {
@@ -674,21 +673,22 @@ fn target(path: &Path) -> Result<Target, String> {
                 _locks: locks,
             })
         }
-        Probe::Gateway { pid, control } => {
-            let lun = Lun::open(path, Access::ReadOnly).map_err(|e| e.to_string())?;
+        Err(Probe::Gateway { pid, control }) => {
+            // The label alone names the LUN; its state is the gateway's.
+            let label = Lun::probe_label(path).map_err(|e| e.to_string())?;
             eprintln!(
                 "lunctl: {} is served by lungate (PID {pid}); using its control API at {}",
-                lun.name(),
+                label.name,
                 control.display()
             );
             let client = control_client::Client::new(&control).map_err(|e| e.to_string())?;
             Ok(Target::Gateway {
                 client,
-                base: format!("/v1/luns/{}", lun.uuid()),
-                name: lun.name().to_string(),
+                base: format!("/v1/luns/{}", label.uuid),
+                name: label.name,
             })
         }
-        busy => Err(owner::busy_error(path, &busy).to_string()),
+        Err(busy) => Err(owner::busy_error(path, &busy).to_string()),
     }
 }
 
