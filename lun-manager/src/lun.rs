@@ -426,6 +426,7 @@ impl Lun {
         snapshot: &str,
         path: &Path,
         new_name: &str,
+        uuid: Uuid,
         secondaries: Option<SecondaryDisks>,
     ) -> Result<Lun> {
         crate::format::validate_name(new_name).map_err(Error::Invalid)?;
@@ -445,7 +446,7 @@ impl Lun {
         let t = now();
         let mut label = self.label.clone();
         label.generation = 1;
-        label.uuid = Uuid::new_v4();
+        label.uuid = uuid;
         label.name = new_name.into();
         label.created = t;
         label.updated = t;
@@ -528,8 +529,12 @@ impl Lun {
             Ok(lun)
         })();
         if made.is_err() {
+            // The file is ours (created above); of the layers, only what
+            // the clone's volume made under its UUID is removed.
             let _ = std::fs::remove_file(path);
-            let _ = std::fs::remove_dir_all(&layers);
+            for dir in [volume::staging_dir(&layers), layers] {
+                let _ = volume::remove_layers_of(&dir, uuid);
+            }
         }
         made
     }
@@ -1214,6 +1219,21 @@ impl Lun {
             return Err(Error::Invalid(format!(
                 "{} cannot be a secondary disk of itself",
                 self.name()
+            )));
+        }
+        let dir = |p: &Path| {
+            p.parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .canonicalize()
+                .ok()
+        };
+        if dir(self.path()).is_none() || dir(self.path()) != dir(other.path()) {
+            return Err(Error::Invalid(format!(
+                "{} is not in the pool of {} ({}): a VM's secondary disks live in its own pool, where its group finds them by UUID; move it there first",
+                other.path().display(),
+                self.name(),
+                self.path().parent().unwrap_or(Path::new(".")).display()
             )));
         }
         let mut s = self.secondaries()?;
