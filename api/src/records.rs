@@ -64,6 +64,14 @@ impl RecordType {
         }
     }
 
+    /// Whether the payload is JSON (the others are opaque or raw bytes).
+    pub fn is_json(self) -> bool {
+        !matches!(
+            self,
+            RecordType::VcpuState | RecordType::DeviceState | RecordType::MemoryImage
+        )
+    }
+
     pub fn from_code(c: u16) -> Option<RecordType> {
         Self::ALL.into_iter().find(|t| t.code() == c)
     }

@@ -8,6 +8,7 @@
 //! live switch reaches them only through the LUN's gate.
 
 pub mod ops;
+pub mod records;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -222,6 +223,16 @@ pub fn router(reg: Arc<Registry>) -> Router {
             post(apply_diff).layer(DefaultBodyLimit::max(MAX_DIFF_BODY)),
         )
         .route("/v1/luns/{lun}/usage", get(usage))
+        .route(
+            "/v1/luns/{lun}/records",
+            get(records::list)
+                .post(records::write)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/luns/{lun}/records/{rtype}/{instance}",
+            get(records::read),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .with_state(reg)
 }
