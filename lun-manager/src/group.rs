@@ -33,7 +33,7 @@ use uuid::Uuid;
 use crate::error::{Error, IoContext, Result};
 use crate::format::state::{SecondaryDisks, SecondaryRef};
 use crate::lun::{Access, Lun};
-use crate::volume::{self, Change, LayerUsage, SnapshotInfo, Volume};
+use lungate_block::volume::{self, Change, LayerUsage, SnapshotInfo, Volume};
 
 /// A multi-member operation in progress (the intent file's body).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -642,7 +642,7 @@ fn remove_clone(pool: &Path, c: &CloneMember) -> Result<Vec<String>> {
     if let Some(f) = &file {
         let ours = match Lun::probe_uuid(f) {
             Ok(u) => u == c.uuid,
-            Err(_) => layers_ours || crate::fileops::holds_no_data(f).unwrap_or(false),
+            Err(_) => layers_ours || lungate_block::sys::holds_no_data(f).unwrap_or(false),
         };
         if ours {
             std::fs::remove_file(f).ctx(f, "remove clone")?;

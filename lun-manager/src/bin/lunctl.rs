@@ -496,7 +496,7 @@ fn describe(l: &Lun) -> serde_json::Value {
 /// Rebuild the manifest under the LUN's lock, then open the LUN as a
 /// gateway would, to show it is whole again.
 fn repair(path: &Path, as_json: bool) -> Result<(), String> {
-    use lun_manager::volume::{repair, VolumeConfig, VolumeOptions};
+    use lungate_block::volume::{repair, VolumeOptions};
     let _lock = lock(path)?;
     let label = Lun::probe_label(path).map_err(|e| e.to_string())?;
     let file = std::fs::OpenOptions::new()
@@ -504,7 +504,7 @@ fn repair(path: &Path, as_json: bool) -> Result<(), String> {
         .write(true)
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    let cfg = VolumeConfig::for_label(
+    let cfg = lun_manager::lun::volume_config(
         path,
         std::sync::Arc::new(file),
         &label,
@@ -513,7 +513,8 @@ fn repair(path: &Path, as_json: bool) -> Result<(), String> {
             read_only: false,
         },
     );
-    let r = repair::rebuild_manifest(&cfg).map_err(|e| e.to_string())?;
+    let r =
+        repair::rebuild_manifest(&cfg, &|p| Lun::probe_uuid(p).ok()).map_err(|e| e.to_string())?;
     let l = Lun::open(path, Access::ReadWrite)
         .map_err(|e| format!("manifest rebuilt, but the LUN still does not open: {e}"))?;
     let snaps = l.volume().snapshots().len();
@@ -771,7 +772,7 @@ fn gerr(e: lun_manager::Error) -> String {
 /// A snapshot as `snapshots` shows it (from the volume or a gateway).
 type SnapRow = wire::SnapshotInfo;
 
-fn row(s: lun_manager::volume::SnapshotInfo) -> SnapRow {
+fn row(s: lungate_block::volume::SnapshotInfo) -> SnapRow {
     wire::SnapshotInfo {
         name: s.name,
         description: s.description,
@@ -782,7 +783,7 @@ fn row(s: lun_manager::volume::SnapshotInfo) -> SnapRow {
     }
 }
 
-fn rows(v: Vec<lun_manager::volume::SnapshotInfo>) -> Vec<SnapRow> {
+fn rows(v: Vec<lungate_block::volume::SnapshotInfo>) -> Vec<SnapRow> {
     v.into_iter().map(row).collect()
 }
 
@@ -1024,8 +1025,8 @@ fn diff(
                     offset: c.offset,
                     length: c.length,
                     kind: match c.kind {
-                        lun_manager::volume::ChangeKind::Data => wire::ChangeKind::Data,
-                        lun_manager::volume::ChangeKind::Zero => wire::ChangeKind::Zero,
+                        lungate_block::volume::ChangeKind::Data => wire::ChangeKind::Data,
+                        lungate_block::volume::ChangeKind::Zero => wire::ChangeKind::Zero,
                     },
                 })
                 .collect(),

@@ -1,6 +1,6 @@
 //! Synchronous whole-range file operations used by provisioning (create,
 //! resize, scan): backing size, data extents, sparse copy, zeroing. The
-//! gateway's per-request I/O goes through [`crate::backend`] instead.
+//! gateway's per-request I/O goes through [`crate::engine`] instead.
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};

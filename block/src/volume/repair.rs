@@ -65,7 +65,14 @@ fn short(id: Uuid) -> String {
 /// headers. Refuses when the manifest is valid (nothing to repair) or when
 /// any layer file of this LUN fails verification. The caller holds the
 /// LUN's lock, so no one else opens the volume meanwhile.
-pub fn rebuild_manifest(cfg: &VolumeConfig) -> Result<Rebuilt> {
+///
+/// `lun_uuid_of(path)` tells the LUN UUID of a LUN file in the pool (the
+/// caller knows the LUN format; this crate does not), so a clone's parent
+/// that is another LUN's base can be found.
+pub fn rebuild_manifest(
+    cfg: &VolumeConfig,
+    lun_uuid_of: &dyn Fn(&Path) -> Option<Uuid>,
+) -> Result<Rebuilt> {
     let dir = layers_dir(&cfg.lun_path);
     if !dir.symlink_metadata().is_ok_and(|m| m.is_dir()) {
         return Err(Error::Invalid(format!(
@@ -165,7 +172,7 @@ pub fn rebuild_manifest(cfg: &VolumeConfig) -> Result<Rebuilt> {
         } else if found.contains_key(&p) {
             Parent::Layer { id: p }
         } else {
-            let xdir = find_external(&pool, &me, p)?.ok_or_else(|| {
+            let xdir = find_external(&pool, &me, p, lun_uuid_of)?.ok_or_else(|| {
                 corrupt(
                     &f.path,
                     format!(
@@ -351,7 +358,12 @@ pub fn rebuild_manifest(cfg: &VolumeConfig) -> Result<Rebuilt> {
 
 /// The layers directory in `pool` (other than `me`) that holds layer `id`,
 /// or the layers directory of the pool's LUN whose UUID is `id`.
-fn find_external(pool: &Path, me: &Path, id: Uuid) -> Result<Option<PathBuf>> {
+fn find_external(
+    pool: &Path,
+    me: &Path,
+    id: Uuid,
+    lun_uuid_of: &dyn Fn(&Path) -> Option<Uuid>,
+) -> Result<Option<PathBuf>> {
     for e in std::fs::read_dir(pool).ctx(pool, "list pool")? {
         let p = e.ctx(pool, "list pool")?.path();
         let Ok(md) = p.symlink_metadata() else {
@@ -364,7 +376,7 @@ fn find_external(pool: &Path, me: &Path, id: Uuid) -> Result<Option<PathBuf>> {
             }
         } else if md.is_file()
             && p.extension().is_some_and(|x| x == "lun")
-            && crate::Lun::probe_uuid(&p).ok() == Some(id)
+            && lun_uuid_of(&p) == Some(id)
         {
             let l = layers_dir(&p);
             return Ok(Some(l.canonicalize().unwrap_or(l)));

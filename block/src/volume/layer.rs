@@ -371,14 +371,14 @@ impl Delta {
                 st.slot = 1 - st.slot;
                 drop(st);
                 if let Some(area) = compacted_from {
-                    let _ = crate::fileops::zero_range(
+                    let _ = crate::sys::zero_range(
                         &self.file,
                         self.geo.area_at(area),
                         self.geo.area_len,
                     );
                 }
                 for &p in &pfree {
-                    let _ = crate::fileops::zero_range(
+                    let _ = crate::sys::zero_range(
                         &self.file,
                         self.geo.phys_offset(p),
                         self.geo.cluster_size,
@@ -662,7 +662,7 @@ pub fn holds_nothing(path: &Path, lun: Uuid) -> bool {
     };
     // Nothing past the header slots: no journal, no data can be there.
     let hdrs = 2 * HEADER_SIZE as u64;
-    if len <= hdrs || crate::fileops::data_extents(&file, hdrs, len).is_ok_and(|e| e.is_empty()) {
+    if len <= hdrs || crate::sys::data_extents(&file, hdrs, len).is_ok_and(|e| e.is_empty()) {
         return true;
     }
     let Ok((h, _, _)) = read_header(&file, path) else {

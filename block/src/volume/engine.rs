@@ -17,7 +17,7 @@ use super::layer::{delta_path, Delta, Layer, Raw, PENDING_LIMIT};
 use super::manifest::{self, Dependent, FlattenRec, LayerRec, Manifest, Parent, SnapRec};
 use super::table::Table;
 use super::{lock, read, write};
-use crate::backend::Extent;
+use crate::engine::Extent;
 
 /// Cluster-lock shards; clusters `c` and `c + SHARDS` share a lock.
 const SHARDS: usize = 1024;
@@ -58,43 +58,6 @@ pub struct VolumeConfig {
     /// the LUN file itself, writes through the volume are refused.
     pub protected: Vec<Range<u64>>,
     pub options: VolumeOptions,
-}
-
-impl VolumeConfig {
-    /// The configuration for an open LUN: its whole byte range, with the
-    /// label region protected, and in the offset layout also the primary
-    /// and backup GPT (first and last MiB): both are derived from the label
-    /// and rewritten in place, so they must never be frozen into a layer.
-    pub fn for_lun(lun: &crate::Lun, options: VolumeOptions) -> VolumeConfig {
-        VolumeConfig::for_label(lun.path(), lun.file().clone(), lun.label(), options)
-    }
-
-    /// [`VolumeConfig::for_lun`] from a label alone (before the LUN is open).
-    pub fn for_label(
-        path: &Path,
-        file: Arc<File>,
-        label: &crate::format::label::Label,
-        options: VolumeOptions,
-    ) -> VolumeConfig {
-        let l = label.label_region();
-        let mut protected = Vec::with_capacity(3);
-        let mib = crate::format::MIB;
-        if label.layout == crate::Layout::Offset {
-            protected.push(0..mib);
-        }
-        protected.push(l.offset..l.end());
-        if label.layout == crate::Layout::Offset {
-            protected.push(label.lun_size - mib..label.lun_size);
-        }
-        VolumeConfig {
-            lun_path: path.to_path_buf(),
-            file,
-            lun_uuid: label.uuid,
-            size: label.lun_size,
-            protected,
-            options,
-        }
-    }
 }
 
 /// `POOL/NAME.lun` → `POOL/NAME.layers`.
@@ -305,7 +268,9 @@ impl std::fmt::Debug for Volume {
 }
 
 fn now() -> u64 {
-    crate::lun::now()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The directory holding `p` (`.` for a bare file name).
@@ -840,7 +805,7 @@ impl Volume {
         let st = read(&self.state);
         if st.plain {
             if may_trim {
-                return crate::fileops::zero_range(&self.home, offset, len)
+                return crate::sys::zero_range(&self.home, offset, len)
                     .ctx(&self.lun_path, "punch");
             }
             let zeros = vec![0u8; (1 << 20).min(len as usize)];
@@ -911,7 +876,7 @@ impl Volume {
             |file: &File, path: &Path, s: u64, e: u64| -> Result<Vec<(u64, u64, bool)>> {
                 let mut out = Vec::new();
                 let mut at = s;
-                for (o, l) in crate::fileops::data_extents(file, s, e).ctx(path, "SEEK_DATA")? {
+                for (o, l) in crate::sys::data_extents(file, s, e).ctx(path, "SEEK_DATA")? {
                     out.push((at, o, false));
                     out.push((o, o + l, true));
                     at = o + l;
@@ -1037,7 +1002,7 @@ impl Volume {
         if st.plain {
             // A block device has no pool directory to keep layers in (one
             // next to /dev/sdX would live in devtmpfs and vanish at reboot).
-            if crate::fileops::is_block_device(&self.home).unwrap_or(false) {
+            if crate::sys::is_block_device(&self.home).unwrap_or(false) {
                 return Err(Error::Invalid(format!(
                     "{} is a block device: snapshots need a LUN file in a pool directory",
                     self.lun_path.display()
