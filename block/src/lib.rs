@@ -8,6 +8,10 @@
 //! builds a [`volume::VolumeConfig`] from a LUN's label; this crate never
 //! looks inside the bytes it stores.
 
+pub mod device;
 pub mod engine;
+pub mod store;
 pub mod sys;
 pub mod volume;
+
+pub use device::{BlockDevice, Caps, Chunk, IoFuture};

@@ -192,6 +192,7 @@ fn new_lun(dir: &Path, name: &str, size: u64, fill: bool) -> VolumeConfig {
             cluster_size: CS as u32,
             read_only: false,
         },
+        engine: None,
     }
 }
 
@@ -641,6 +642,7 @@ fn sparse_terabyte_volume_index_stays_small() {
         size: 1 << 40,
         protected: vec![],
         options: VolumeOptions::default(),
+        engine: None,
     };
     let vol = Volume::open(cfg).unwrap();
     vol.snapshot("empty", "").unwrap();

@@ -126,6 +126,7 @@ pub fn volume_config(
         size: label.lun_size,
         protected,
         options,
+        engine: None,
     }
 }
 
@@ -475,7 +476,7 @@ impl Lun {
                 self.path.display()
             )));
         }
-        let layers = volume::layers_dir(path);
+        let layers = lungate_block::store::file::layers_dir(path);
         if layers.exists() {
             return Err(Error::Invalid(format!(
                 "{} exists (layers of an older LUN of that name?); remove it first",
@@ -571,8 +572,8 @@ impl Lun {
             // The file is ours (created above); of the layers, only what
             // the clone's volume made under its UUID is removed.
             let _ = std::fs::remove_file(path);
-            for dir in [volume::staging_dir(&layers), layers] {
-                let _ = volume::remove_layers_of(&dir, uuid);
+            for dir in [lungate_block::store::file::staging_dir(&layers), layers] {
+                let _ = lungate_block::store::file::remove_layers_of(&dir, uuid);
             }
         }
         made
@@ -726,7 +727,7 @@ impl Lun {
         label
             .validate()
             .map_err(|e| Error::Invalid(e.to_string()))?;
-        let layers = volume::layers_dir(path);
+        let layers = lungate_block::store::file::layers_dir(path);
         if layers.exists() {
             if !is_block {
                 let _ = std::fs::remove_file(path);
@@ -1892,7 +1893,7 @@ mod tests {
             assert!(ro.volume().is_read_only());
             drop(ro);
             // Delete takes the layers with it.
-            let layers = lungate_block::volume::layers_dir(&p);
+            let layers = lungate_block::store::file::layers_dir(&p);
             assert!(layers.is_dir());
             Lun::open(&p, Access::ReadWrite).unwrap().delete().unwrap();
             assert!(!layers.exists() && !p.exists());
