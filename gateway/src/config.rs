@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lungate_block::engine::{EngineKind, IoEngine};
-use lungate_config::{ConfigError, EngineChoice, GatewayConfig, TlsMode};
+use lungate_config::{ConfigError, GatewayConfig, TlsMode};
 
 use crate::export::{block_sizes, ExportError, ExportSet, Exports};
 use crate::nbd::tls::{self, TlsError};
@@ -26,7 +26,7 @@ pub struct Overrides {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
-    pub engine: Option<EngineChoice>,
+    pub engine: Option<EngineKind>,
     pub control: Option<PathBuf>,
 }
 
@@ -80,14 +80,6 @@ pub enum StartError {
     Server(#[from] ServerError),
 }
 
-pub fn engine_kind(c: EngineChoice) -> EngineKind {
-    match c {
-        EngineChoice::Auto => EngineKind::Auto,
-        EngineChoice::Uring => EngineKind::Uring,
-        EngineChoice::Sync => EngineKind::Sync,
-    }
-}
-
 /// Open (and lock) every LUN and build its exports.
 pub fn build_registry(cfg: &GatewayConfig, engine: &IoEngine) -> Result<Arc<Registry>, StartError> {
     let stats = Arc::new(SwitchStats::default());
@@ -115,8 +107,7 @@ pub fn build_registry(cfg: &GatewayConfig, engine: &IoEngine) -> Result<Arc<Regi
 /// Open the exports, start the engine, load TLS and bind the listeners.
 pub async fn build_server(cfg: &GatewayConfig) -> Result<Server, StartError> {
     let listen = cfg.listen_addrs()?;
-    let engine =
-        IoEngine::new(engine_kind(cfg.io.engine), cfg.io.workers).map_err(StartError::Engine)?;
+    let engine = IoEngine::new(cfg.io.engine, cfg.io.workers).map_err(StartError::Engine)?;
     tracing::info!(
         engine = engine.name(),
         workers = engine.workers(),

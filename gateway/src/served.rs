@@ -7,7 +7,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -45,19 +44,15 @@ impl SharedLock {
             path: path.into(),
             source,
         })?;
-        // SAFETY: flock only reads its integer arguments; the fd is owned by
-        // `file`, which lives as long as the returned guard.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                ServeError::Busy { path: path.into() }
-            } else {
-                ServeError::Lock {
+        match lungate_block::sys::flock(&file, lungate_block::sys::Lock::Shared) {
+            Ok(true) => {}
+            Ok(false) => return Err(ServeError::Busy { path: path.into() }),
+            Err(source) => {
+                return Err(ServeError::Lock {
                     path: path.into(),
-                    source: e,
-                }
-            });
+                    source,
+                })
+            }
         }
         Ok(SharedLock { _file: file })
     }
