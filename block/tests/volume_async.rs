@@ -188,3 +188,70 @@ async fn copy_on_write_over_zeros_writes_only_the_new_bytes() {
         "{data_bytes} bytes allocated for 64 partial clusters"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dirty_tracking_sees_every_change_through_both_paths() {
+    let d = tempfile::tempdir().unwrap();
+    let cs = 64u64 << 10;
+    let (v, _) = volume(d.path(), 64 << 20, cs as u32, None);
+    let dev = VolumeDevice::new(v.clone());
+    dev.write(5 * cs + 10, Bytes::from(vec![1u8; 100]), false)
+        .await
+        .unwrap();
+    let t = v.track_dirty();
+    assert!(t.take().is_empty(), "a new tracker starts clean");
+    // Async write spanning two clusters, a sync write, a trim, a zeroing.
+    dev.write(2 * cs - 10, Bytes::from(vec![2u8; 20]), false)
+        .await
+        .unwrap();
+    let v2 = v.clone();
+    tokio::task::spawn_blocking(move || v2.write(10 * cs, &[3u8; 10]).unwrap())
+        .await
+        .unwrap();
+    dev.trim(20 * cs, cs).await.unwrap();
+    dev.write_zeroes(30 * cs + 1, 5, false).await.unwrap();
+    assert_eq!(
+        t.take(),
+        vec![(cs, 2 * cs), (10 * cs, cs), (20 * cs, cs), (30 * cs, cs)]
+    );
+    assert!(t.take().is_empty());
+    // A snapshot changes nothing live; a revert changes the whole view.
+    let v2 = v.clone();
+    tokio::task::spawn_blocking(move || {
+        v2.snapshot("s", "").unwrap();
+    })
+    .await
+    .unwrap();
+    assert!(t.take().is_empty());
+    let v2 = v.clone();
+    tokio::task::spawn_blocking(move || v2.revert("s").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(t.take(), vec![(0, 64 << 20)]);
+    // Writes racing takes are all seen by some take.
+    let mut seen = std::collections::BTreeSet::new();
+    let writer = {
+        let dev = dev.clone();
+        tokio::spawn(async move {
+            for c in 0..200u64 {
+                dev.write((c % 512) * cs, Bytes::from(vec![4u8; 512]), false)
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    while !writer.is_finished() {
+        for (o, l) in t.take() {
+            seen.extend((o / cs)..((o + l) / cs));
+        }
+        tokio::task::yield_now().await;
+    }
+    writer.await.unwrap();
+    for (o, l) in t.take() {
+        seen.extend((o / cs)..((o + l) / cs));
+    }
+    assert_eq!(seen, (0..200u64).collect());
+    drop(t);
+    let t2 = v.track_dirty();
+    assert!(t2.take().is_empty());
+}

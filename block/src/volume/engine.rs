@@ -226,6 +226,16 @@ impl State {
     }
 }
 
+/// Marks a write's clusters dirty when it returns (after its bytes
+/// landed; see [`super::dirty`]).
+struct MarkOnDrop<'a>(&'a Volume, u64, u64);
+
+impl Drop for MarkOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.mark_dirty(self.1, self.2);
+    }
+}
+
 /// What a cluster resolves to, for comparisons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Res {
@@ -255,6 +265,8 @@ pub struct Volume {
     /// Serialises the commits of concurrent asynchronous flushes, so the
     /// later ones can see they were covered by an earlier one.
     pub(super) commit_group: Mutex<()>,
+    /// Dirty-cluster trackers (migration, incremental backup).
+    pub(super) dirty: Arc<super::dirty::DirtySet>,
     pub(super) maint: Mutex<()>,
     pub(super) warnings: Mutex<Vec<String>>,
     pub(super) crashed: AtomicBool,
@@ -448,11 +460,26 @@ impl Volume {
             io: async_lock::RwLock::new(()),
             durability: Default::default(),
             commit_group: Mutex::new(()),
+            dirty: Default::default(),
             maint: Mutex::new(()),
             warnings: Mutex::new(warnings),
             crashed: AtomicBool::new(false),
             read_only,
         })
+    }
+
+    /// Start tracking which clusters of the live volume change (see
+    /// [`super::dirty`]); stops when the tracker is dropped.
+    pub fn track_dirty(&self) -> super::dirty::DirtyTracker {
+        self.dirty.start(self.geo.size, self.geo.cluster_size)
+    }
+
+    /// Mark the clusters of `[offset, offset + len)` changed.
+    pub(super) fn mark_dirty(&self, offset: u64, len: u64) {
+        if len > 0 {
+            let cs = self.geo.cluster_size;
+            self.dirty.mark(offset / cs, (offset + len - 1) / cs);
+        }
     }
 
     /// The I/O engine of the asynchronous data path, if any.
@@ -750,6 +777,7 @@ impl Volume {
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_writable(offset, data.len() as u64)?;
         self.durability.note_write();
+        let _mark = MarkOnDrop(self, offset, data.len() as u64);
         let st = read(&self.state);
         if st.plain {
             return self
@@ -823,6 +851,7 @@ impl Volume {
     pub fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<()> {
         self.check_writable(offset, len)?;
         self.durability.note_write();
+        let _mark = MarkOnDrop(self, offset, len);
         let st = read(&self.state);
         if st.plain {
             if may_trim {
@@ -1144,6 +1173,7 @@ impl Volume {
         st.chain = st.chain_of(slot);
         let idx = st.build_index(&st.chain, self.geo.clusters);
         *st.index.get_mut().unwrap_or_else(|e| e.into_inner()) = idx;
+        self.dirty.mark_all();
         self.gc(&mut st, false)
     }
 

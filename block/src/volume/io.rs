@@ -410,6 +410,9 @@ impl Volume {
             }
         }
         drop(guards);
+        // Marked once the bytes landed: a tracker taken meanwhile finds them
+        // in its next take.
+        self.mark_dirty(offset, len);
         self.durability.note_write();
         if let Some(e) = first_err.take() {
             return Err(self.ioe(e, "write"));

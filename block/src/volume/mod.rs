@@ -17,6 +17,7 @@
 //! only for their short commit step, which also drains in-flight I/O.
 
 pub mod diff;
+pub mod dirty;
 pub mod error;
 pub mod header;
 pub mod journal;
