@@ -99,7 +99,7 @@ async fn reads_racing_trims_never_see_another_clusters_bytes() {
     let d = tempfile::tempdir().unwrap();
     let clusters = 32u64;
     let cs = 4096u64;
-    let (v, _) = volume(d.path(), clusters * cs, cs as u32, None);
+    let (v, cfg) = volume(d.path(), clusters * cs, cs as u32, None);
     let v2 = v.clone();
     tokio::task::spawn_blocking(move || v2.snapshot("s", "").unwrap())
         .await
@@ -124,6 +124,9 @@ async fn reads_racing_trims_never_see_another_clusters_bytes() {
                     _ => dev.flush().await.unwrap(),
                 }
                 i += 1;
+                // Page-cache hits complete without suspending: let the
+                // clock and the other tasks run.
+                tokio::task::yield_now().await;
             }
         }));
     }
@@ -139,6 +142,7 @@ async fn reads_racing_trims_never_see_another_clusters_bytes() {
                 let own = u64::from_le_bytes(b[..8].try_into().unwrap()) == c;
                 assert!(zero || own, "cluster {c} read another cluster's bytes");
                 n += 1;
+                tokio::task::yield_now().await;
             }
             n
         }));
@@ -153,6 +157,18 @@ async fn reads_racing_trims_never_see_another_clusters_bytes() {
         reads += r.await.unwrap();
     }
     assert!(reads > 100, "only {reads} reads ran");
+    // Freed clusters are reused once their trim is committed: the live
+    // layer holds at most one cluster per virtual cluster plus what the
+    // last commit had not released yet.
+    dev.flush().await.unwrap();
+    let top = v.chain()[0];
+    let delta = layers_dir(&cfg.lun_path).join(format!("{top}.delta"));
+    let len = std::fs::metadata(&delta).unwrap().len();
+    let data = len.saturating_sub(2 << 20);
+    assert!(
+        data <= 4 * clusters * cs,
+        "the live layer grew to {len} bytes for {clusters} clusters: freed clusters are not reused"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

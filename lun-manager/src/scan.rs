@@ -254,7 +254,8 @@ fn probe(path: &Path) -> Result<Found, Error> {
         Some(l) => {
             warnings.extend(l.warnings);
             let (snaps, live) = snapshot_tree(&l.manifest);
-            let clone_of = match clone_source(&l.manifest) {
+            let pool = path.parent().unwrap_or(Path::new("."));
+            let clone_of = match clone_source(&l.manifest, pool) {
                 Ok(c) => c,
                 Err(w) => {
                     warnings.push(w);
@@ -420,7 +421,7 @@ fn snapshot_tree(m: &Manifest) -> (Vec<SnapshotNode>, Option<String>) {
 /// For a clone: the LUN UUID and snapshot name it was cloned from, read from
 /// the parent's manifest. `Err` is a warning (the parent's layers are gone
 /// or damaged).
-fn clone_source(m: &Manifest) -> Result<Option<(Uuid, String)>, String> {
+fn clone_source(m: &Manifest, pool: &Path) -> Result<Option<(Uuid, String)>, String> {
     let mut at = m.top;
     for _ in 0..=m.layers.len() {
         let Some(l) = m.layer(at) else {
@@ -428,7 +429,9 @@ fn clone_source(m: &Manifest) -> Result<Option<(Uuid, String)>, String> {
         };
         match &l.parent {
             Parent::Layer { id } => at = *id,
-            Parent::External { dir, id } => {
+            Parent::External { dir, id, lun } => {
+                let dir = &lungate_block::store::file::resolve_peer(pool, dir, *lun)
+                    .map_err(|e| e.to_string())?;
                 let pm = match manifest::load(dir) {
                     Ok(Some(p)) => p.manifest,
                     Ok(None) => {
@@ -671,15 +674,16 @@ mod tests {
 
     #[test]
     fn a_clone_whose_parent_was_not_scanned_is_a_vm_with_a_warning() {
+        // A clone lives in its parent's pool; scanning only the clone's
+        // file leaves the parent unscanned.
         let a = tempfile::tempdir().unwrap();
-        let b = tempfile::tempdir().unwrap();
         let src = snapshotted(a.path(), "src");
-        let dst = b.path().join("dst.lun");
+        let dst = a.path().join("dst.lun");
         let sl = Lun::open(&src, Access::ReadWrite).unwrap();
         sl.clone_from_snapshot("s1", &dst, "dst", uuid::Uuid::new_v4(), None)
             .unwrap();
         drop(sl);
-        let r = scan(&[b.path().to_path_buf()]);
+        let r = scan(&[dst.clone()]);
         assert_eq!(r.vms[0].name, "dst");
         assert!(
             r.vms[0]
@@ -689,7 +693,7 @@ mod tests {
             "{:?}",
             r.vms[0].warnings
         );
-        let r = scan(&[a.path().to_path_buf(), b.path().to_path_buf()]);
+        let r = scan(&[a.path().to_path_buf()]);
         assert_eq!(r.vms.len(), 1);
         assert_eq!(r.vms[0].clones[0].name, "dst");
         assert_eq!(r.vms[0].clones[0].snapshot, "s1");

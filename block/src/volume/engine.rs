@@ -17,7 +17,7 @@ use super::manifest::{self, Dependent, FlattenRec, LayerRec, Manifest, Parent, S
 use super::table::Table;
 use super::{lock, read, write};
 use crate::engine::{Extent, IoEngine};
-use crate::store::file::{delta_path, FileObject, FileStore};
+use crate::store::file::{delta_path, parent_dir, peer_base, resolve_peer, FileObject, FileStore};
 use crate::store::{Object, Store};
 
 /// Cluster-lock shards; clusters `c` and `c + SHARDS` share a lock.
@@ -246,6 +246,9 @@ enum Res {
 
 pub struct Volume {
     pub(super) lun_path: PathBuf,
+    /// The pool directory (the LUN file's): where clones and their parents
+    /// are found by name and LUN UUID.
+    pub(super) pool: PathBuf,
     pub(super) dir: PathBuf,
     pub(super) store: Arc<dyn Store>,
     pub(super) engine: Option<IoEngine>,
@@ -289,6 +292,11 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// How a manifest names a file of the pool: by its name alone.
+fn pool_name(p: &Path) -> PathBuf {
+    PathBuf::from(p.file_name().unwrap_or(p.as_os_str()))
+}
+
 fn abs(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
@@ -317,6 +325,7 @@ impl Volume {
             !read_only,
         ));
         let dir = store.location().to_path_buf();
+        let pool = parent_dir(&cfg.lun_path);
         let mut warnings = Vec::new();
         if !read_only {
             warnings.extend(store.recover(cfg.lun_uuid)?);
@@ -376,7 +385,7 @@ impl Volume {
                 lun: cfg.lun_uuid,
                 size: cfg.size,
                 cluster_size: cs as u32,
-                lun_path: abs(&cfg.lun_path),
+                lun_path: pool_name(&cfg.lun_path),
                 layers: vec![],
                 top: Uuid::nil(),
                 snapshots: vec![],
@@ -414,9 +423,11 @@ impl Volume {
                     Parent::Base => Some(0),
                     Parent::None => None,
                     Parent::Layer { id } => Some(st.by_id[id]),
-                    Parent::External { dir: xdir, id } => Some(resolve_external(
+                    Parent::External { dir: xdir, id, lun } => Some(resolve_external(
                         &mut st,
+                        &pool,
                         xdir,
+                        *lun,
                         *id,
                         geo,
                         cfg.engine.as_ref(),
@@ -449,6 +460,7 @@ impl Volume {
         }
         Ok(Volume {
             lun_path: cfg.lun_path,
+            pool,
             dir,
             store,
             engine: cfg.engine,
@@ -531,8 +543,10 @@ impl Volume {
         st.manifest
             .dependents
             .iter()
-            .filter(|d| dependent_alive(&me, d))
-            .map(|d| d.dir.clone())
+            .filter(|d| dependent_alive(&self.pool, self.lun, &me, d))
+            .map(|d| {
+                resolve_peer(&self.pool, &d.dir, Some(d.lun)).unwrap_or_else(|_| d.dir.clone())
+            })
             .collect()
     }
 
@@ -1208,7 +1222,7 @@ impl Volume {
             let live: Vec<Dependent> = m
                 .dependents
                 .iter()
-                .filter(|d| dependent_alive(&me, d))
+                .filter(|d| dependent_alive(&self.pool, self.lun, &me, d))
                 .cloned()
                 .collect();
             let mut pinned = HashSet::new();
@@ -1345,6 +1359,16 @@ impl Volume {
                 self.geo.size
             )));
         }
+        // Clones and parents find each other by name and UUID in one pool.
+        let same_pool = |a: &Path, b: &Path| abs(&parent_dir(a)) == abs(&parent_dir(b));
+        if !same_pool(&target.lun_path, &self.lun_path) {
+            return Err(Error::Invalid(format!(
+                "clone target {} is not in the pool of {} ({}): a clone lives beside its parent",
+                target.lun_path.display(),
+                self.lun_path.display(),
+                self.pool.display()
+            )));
+        }
         let tstore = FileStore::new(
             &target.lun_path,
             target.file.clone(),
@@ -1372,12 +1396,13 @@ impl Volume {
             lun: target.lun_uuid,
             size: geo.size,
             cluster_size: geo.cluster_size as u32,
-            lun_path: abs(&target.lun_path),
+            lun_path: pool_name(&target.lun_path),
             layers: vec![LayerRec {
                 id,
                 parent: Parent::External {
                     dir: self.store.reference(),
                     id: layer,
+                    lun: Some(self.lun),
                 },
                 created,
             }],
@@ -1607,10 +1632,15 @@ impl Drop for Volume {
     }
 }
 
-/// Load a layer of another volume (and its ancestors) read-only.
+/// Load a layer of another volume of `pool` (and its ancestors)
+/// read-only: the volume whose layers directory `dir_ref` names, of LUN
+/// `lun` (see [`resolve_peer`]).
+#[allow(clippy::too_many_arguments)]
 fn resolve_external(
     st: &mut State,
-    dir: &Path,
+    pool: &Path,
+    dir_ref: &Path,
+    lun: Option<Uuid>,
     id: Uuid,
     geo: Geometry,
     engine: Option<&IoEngine>,
@@ -1621,8 +1651,10 @@ fn resolve_external(
         return Ok(s);
     }
     if depth > 4096 {
-        return Err(corrupt(dir, "external layer chain too deep (a cycle?)"));
+        return Err(corrupt(dir_ref, "external layer chain too deep (a cycle?)"));
     }
+    let dir = resolve_peer(pool, dir_ref, lun)?;
+    let dir = dir.as_path();
     let l = manifest::load(dir)?.ok_or_else(|| {
         corrupt(
             dir,
@@ -1640,8 +1672,17 @@ fn resolve_external(
         ));
     }
     if id == m.lun {
-        let obj = FileObject::open(&m.lun_path, false, engine.cloned())
-            .ctx(&m.lun_path, "open base LUN of a clone")?;
+        let base = peer_base(dir, &m.lun_path).ok_or_else(|| {
+            corrupt(
+                dir,
+                format!(
+                    "the LUN file {} these layers belong to is not in the pool",
+                    m.lun_path.display()
+                ),
+            )
+        })?;
+        let obj = FileObject::open(&base, false, engine.cloned())
+            .ctx(&base, "open base LUN of a clone")?;
         let slot = st.add(
             Layer::Raw(Raw {
                 id,
@@ -1661,30 +1702,20 @@ fn resolve_external(
     let (d, w) = Delta::open(Arc::new(obj), id, m.lun, geo)?;
     warnings.extend(w);
     let slot = st.add(Layer::Delta(Box::new(d)), None, false);
-    let parent = match rec.parent {
-        Parent::Base => Some(resolve_external(
+    let (next_dir, next_lun, next_id) = match rec.parent {
+        Parent::Base => (dir.to_path_buf(), Some(m.lun), Some(m.lun)),
+        Parent::None => (dir.to_path_buf(), None, None),
+        Parent::Layer { id } => (dir.to_path_buf(), Some(m.lun), Some(id)),
+        Parent::External { dir: d2, id, lun } => (d2, lun, Some(id)),
+    };
+    let parent = match next_id {
+        None => None,
+        Some(pid) => Some(resolve_external(
             st,
-            dir,
-            m.lun,
-            geo,
-            engine,
-            warnings,
-            depth + 1,
-        )?),
-        Parent::None => None,
-        Parent::Layer { id } => Some(resolve_external(
-            st,
-            dir,
-            id,
-            geo,
-            engine,
-            warnings,
-            depth + 1,
-        )?),
-        Parent::External { dir: d2, id } => Some(resolve_external(
-            st,
-            &d2,
-            id,
+            pool,
+            &next_dir,
+            next_lun,
+            pid,
             geo,
             engine,
             warnings,
@@ -1695,13 +1726,27 @@ fn resolve_external(
     Ok(slot)
 }
 
-/// Whether the clone recorded in `d` still reaches into our layers.
-/// Unreadable manifests count as alive: a pin is only dropped for certain.
-fn dependent_alive(me: &Path, d: &Dependent) -> bool {
-    match manifest::load(&d.dir) {
+/// Whether the clone recorded in `d` still reaches into our layers (LUN
+/// `me`, layers directory `me_dir`). Unreadable manifests count as alive:
+/// a pin is only dropped for certain.
+fn dependent_alive(pool: &Path, me: Uuid, me_dir: &Path, d: &Dependent) -> bool {
+    let Ok(dir) = resolve_peer(pool, &d.dir, Some(d.lun)) else {
+        // Gone from the pool for certain only if the directory is absent.
+        let dir = if d.dir.is_absolute() {
+            d.dir.clone()
+        } else {
+            pool.join(&d.dir)
+        };
+        return dir.symlink_metadata().is_ok();
+    };
+    match manifest::load(&dir) {
         Ok(None) => false,
-        Ok(Some(l)) => l.manifest.layers.iter().any(|x| {
-            matches!(&x.parent, Parent::External { dir, id } if *id == d.layer && abs(dir) == me)
+        Ok(Some(l)) => l.manifest.layers.iter().any(|x| match &x.parent {
+            Parent::External { dir, id, lun } if *id == d.layer => match lun {
+                Some(u) => *u == me,
+                None => abs(dir) == me_dir,
+            },
+            _ => false,
         }),
         Err(_) => true,
     }
