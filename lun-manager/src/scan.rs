@@ -683,7 +683,7 @@ mod tests {
         sl.clone_from_snapshot("s1", &dst, "dst", uuid::Uuid::new_v4(), None)
             .unwrap();
         drop(sl);
-        let r = scan(&[dst.clone()]);
+        let r = scan(std::slice::from_ref(&dst));
         assert_eq!(r.vms[0].name, "dst");
         assert!(
             r.vms[0]
