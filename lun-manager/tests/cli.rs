@@ -748,13 +748,23 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// lunctl exits 1 (the operation failed) saying `msg`.
 fn fails(args: &[&str], msg: &str) {
+    fails_with(1, args, msg);
+}
+
+/// lunctl exits `code` saying `msg` (docs/lunctl.md, "Exit codes").
+fn fails_with(code: i32, args: &[&str], msg: &str) {
     lunctl()
         .args(args)
         .assert()
-        .code(1)
+        .code(code)
         .stderr(predicate::str::contains(msg));
 }
+
+/// Exit codes of docs/lunctl.md.
+const BUSY: i32 = 3;
+const NOT_FOUND: i32 = 4;
 
 fn json_of(args: &[&str]) -> Value {
     serde_json::from_str(&ok(args)).unwrap()
@@ -810,12 +820,21 @@ fn snapshot_and_revert_round_trip_keeps_data_written_between_in_both_layouts() {
             &["snapshot", l, "s1"],
             "a snapshot named \"s1\" already exists",
         );
-        fails(&["revert", l, "nope"], "no snapshot named \"nope\"");
-        fails(
+        fails_with(
+            NOT_FOUND,
+            &["revert", l, "nope"],
+            "no snapshot named \"nope\"",
+        );
+        fails_with(
+            NOT_FOUND,
             &["delete-snapshot", l, "nope"],
             "no snapshot named \"nope\"",
         );
-        fails(&["diff", l, "nope"], "no snapshot named \"nope\"");
+        fails_with(
+            NOT_FOUND,
+            &["diff", l, "nope"],
+            "no snapshot named \"nope\"",
+        );
         assert_eq!(vol_read(&lun, d0, b.len()), b);
 
         let usage = json_of(&["usage", l, "--json"]);
@@ -874,7 +893,11 @@ fn clone_is_listed_under_its_parent_and_flatten_makes_it_independent() {
     vol_write(&web, d0, &pattern(65536, 5));
 
     // Error paths leave no file behind.
-    fails(&["clone", w, "nope", "x"], "no snapshot named \"nope\"");
+    fails_with(
+        NOT_FOUND,
+        &["clone", w, "nope", "x"],
+        "no snapshot named \"nope\"",
+    );
     assert!(!p.join("x.lun").exists() && !p.join("x.layers").exists());
     fails(&["clone", w, "gold", "web"], "already exists");
     fails(&["clone", w, "gold", "bad/name"], "only ASCII letters");
@@ -1098,7 +1121,7 @@ fn a_lun_held_by_another_process_is_refused_or_sent_to_its_gateway() {
             vec!["resize", l, "--disk", "0=8M"],
             vec!["delete", l, "--yes"],
         ] {
-            fails(&args, "locked by another process");
+            fails_with(BUSY, &args, "locked by another process");
         }
         drop(lock);
         // With an owner record: the contract's message.
@@ -1109,8 +1132,8 @@ fn a_lun_held_by_another_process_is_refused_or_sent_to_its_gateway() {
             std::process::id(),
             owner::hostname()
         );
-        fails(&["snapshot", l, "s"], &msg);
-        fails(&["clone", l, "s", "n"], &msg);
+        fails_with(BUSY, &["snapshot", l, "s"], &msg);
+        fails_with(BUSY, &["clone", l, "s", "n"], &msg);
         drop(g);
         drop(handle);
         assert!(lun.exists());
