@@ -63,14 +63,15 @@ impl Exit {
             Exit::Usage => "bad command line",
             Exit::Busy => "the LUN is held by another process; nothing was changed",
             Exit::NotFound => "no such file, LUN, VM or snapshot",
-            Exit::Damaged => "a LUN, its metadata or an input file is damaged",
+            Exit::Damaged => "not a LUN, or a LUN, its metadata or an input file is damaged",
         }
     }
 
-    /// The table of codes as plain text, one per line, for `--help`.
-    pub fn table() -> String {
+    /// The table of `codes` (those a binary uses) as plain text, one per
+    /// line, for `--help`.
+    pub fn table(codes: &[Exit]) -> String {
         let mut s = String::from("Exit status:\n");
-        for e in Exit::ALL {
+        for e in codes {
             s.push_str(&format!("  {}  {}\n", e.code(), e.meaning()));
         }
         s

@@ -35,7 +35,7 @@ use fail::{Fail, Res};
     name = "lunctl",
     version,
     about = "Provision and inspect lungate VM LUNs",
-    after_help = Exit::table()
+    after_help = Exit::table(&EXITS)
 )]
 struct Cli {
     /// Output for programs: a JSON document (read commands), or NDJSON
@@ -215,9 +215,13 @@ struct CreateArgs {
     /// Guest memory, e.g. 2G; sizes the hidden state region
     #[arg(long, value_name = "SIZE")]
     memory: String,
+    /// Virtual CPUs of the VM
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    #[arg(long, default_value = "offset")]
+    /// offset: a GPT the host recognises, disks served at their offsets;
+    /// truncate: disk0 at byte 0 (the guest's own partition table at LBA
+    /// 0), served truncated
+    #[arg(long, default_value = "offset", value_parser = layout_parser())]
     layout: Layout,
     /// Cluster size of the copy-on-write volume (snapshots, clones): a
     /// power of two from 4K to 2M; fixed at creation
@@ -228,6 +232,13 @@ struct CreateArgs {
     /// overwritten with zeros (nothing a previous user left shows through)
     #[arg(long)]
     prefill: bool,
+}
+
+/// `offset` or `truncate`, listed so completions offer them.
+fn layout_parser() -> impl clap::builder::TypedValueParser<Value = Layout> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["offset", "truncate"])
+        .map(|s| s.parse::<Layout>().expect("a listed layout"))
 }
 
 /// A LUN named by path, or by VM name with --pool.
