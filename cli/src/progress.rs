@@ -42,8 +42,10 @@ pub struct Reporter {
     bar_shown: bool,
     /// The phase of the last update, and its numbers.
     last: Option<(&'static str, u64, Option<u64>)>,
-    /// When the last event went out, and whether `last` is in it.
+    /// When the last event went out and what it said, and whether `last`
+    /// still has to go out.
     emitted: Option<Instant>,
+    sent: Option<(&'static str, u64, Option<u64>)>,
     pending: bool,
 }
 
@@ -58,6 +60,7 @@ impl Reporter {
             bar_shown: false,
             last: None,
             emitted: None,
+            sent: None,
             pending: false,
         }
     }
@@ -112,6 +115,10 @@ impl Reporter {
         let Some((phase, done, total)) = self.last else {
             return;
         };
+        if self.sent == self.last {
+            return; // said already
+        }
+        self.sent = self.last;
         self.emitted = Some(Instant::now());
         self.out.event(&Event::Progress {
             op: self.op,
@@ -131,7 +138,8 @@ impl Reporter {
             let (b, template) = match total {
                 Some(t) => (
                     ProgressBar::with_draw_target(Some(t), ProgressDrawTarget::hidden()),
-                    "{prefix} {msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ({eta})",
+                    // wide_bar takes what the terminal has left: one line.
+                    "{prefix} {msg} [{wide_bar}] {bytes}/{total_bytes} ({eta})",
                 ),
                 None => (
                     ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden()),
@@ -152,6 +160,9 @@ impl Reporter {
             self.bar_shown = false;
         }
         let Some(b) = &self.bar else { return };
+        if let Some(t) = total {
+            b.set_length(t); // a phase's total may grow as work is found
+        }
         b.set_position(done);
         if !self.bar_shown && self.started.elapsed() >= BAR_DELAY {
             b.set_draw_target(ProgressDrawTarget::stderr());
@@ -222,6 +233,15 @@ mod tests {
             .map(|e| e["done"].as_u64().unwrap())
             .collect();
         assert_eq!(done, [0, 40]);
+    }
+
+    #[test]
+    fn the_same_numbers_go_out_once() {
+        let (mut r, b) = json_reporter("flatten");
+        r.update("copy", 100, 100);
+        r.update("copy", 100, 100);
+        r.finish();
+        assert_eq!(b.lines().len(), 1);
     }
 
     #[test]

@@ -201,7 +201,7 @@ enum PoolCmd {
 
 #[derive(Args)]
 struct CreateArgs {
-    /// VM name (letters, digits, '.', '_', '-'); exports are NAME/disk0…
+    /// VM name (letters, digits, '.', '_', '-'); exports are NAME/disk0, NAME/disk1, ...
     name: String,
     /// Pool directory; the LUN becomes DIR/NAME.lun
     #[arg(long, value_name = "DIR", required_unless_present = "path")]
