@@ -61,6 +61,14 @@ pub fn data_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u
     Ok(out)
 }
 
+/// Whether the regular file at `path` holds no written byte at all
+/// (entirely a hole, or empty): removing it loses nothing.
+pub fn holds_no_data(path: &std::path::Path) -> io::Result<bool> {
+    let f = File::open(path)?;
+    let len = f.metadata()?.len();
+    Ok(data_extents(&f, 0, len)?.is_empty())
+}
+
 /// Copy `len` bytes from `src` to `dst` within one file, skipping holes so
 /// a sparse source stays sparse. The ranges must not overlap.
 pub fn copy_range(

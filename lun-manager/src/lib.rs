@@ -7,7 +7,6 @@
 //! (`lunctl`) uses [`Lun`] directly.
 
 pub mod backend;
-pub mod control_client;
 pub mod error;
 pub mod fileops;
 pub mod format;

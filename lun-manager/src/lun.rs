@@ -193,6 +193,15 @@ fn read_slots(file: &File, region_offset: u64, backing: u64) -> SlotRead {
     }
 }
 
+/// Largest payload of a JSON state record accepted by
+/// [`Lun::write_records_from`] (it is held in memory to be checked).
+pub const MAX_JSON_RECORD: u64 = 16 << 20;
+
+/// Validates a JSON record's payload before [`Lun::write_records_from`]
+/// commits it; the error says why it is refused.
+pub type RecordCheck<'a> =
+    dyn FnMut(RecordType, u16, &[u8]) -> std::result::Result<(), String> + 'a;
+
 impl Lun {
     // ----- opening -------------------------------------------------------
 
@@ -427,6 +436,7 @@ impl Lun {
         snapshot: &str,
         path: &Path,
         new_name: &str,
+        uuid: Uuid,
         secondaries: Option<SecondaryDisks>,
     ) -> Result<Lun> {
         crate::format::validate_name(new_name).map_err(Error::Invalid)?;
@@ -446,7 +456,7 @@ impl Lun {
         let t = now();
         let mut label = self.label.clone();
         label.generation = 1;
-        label.uuid = Uuid::new_v4();
+        label.uuid = uuid;
         label.name = new_name.into();
         label.created = t;
         label.updated = t;
@@ -529,8 +539,12 @@ impl Lun {
             Ok(lun)
         })();
         if made.is_err() {
+            // The file is ours (created above); of the layers, only what
+            // the clone's volume made under its UUID is removed.
             let _ = std::fs::remove_file(path);
-            let _ = std::fs::remove_dir_all(&layers);
+            for dir in [volume::staging_dir(&layers), layers] {
+                let _ = volume::remove_layers_of(&dir, uuid);
+            }
         }
         made
     }
@@ -1172,6 +1186,140 @@ impl Lun {
         self.commit_dir(next)
     }
 
+    /// The current directory entry of a record, read afresh (another
+    /// handle or a revert may have moved the directory on).
+    pub fn record_entry(&mut self, rtype: RecordType, instance: u16) -> Result<Option<Entry>> {
+        self.fresh_dir()?;
+        Ok(self.dir.find(rtype, instance).copied())
+    }
+
+    /// Read part of a record's payload: `buf.len()` bytes from `at` inside
+    /// it. The caller checks the whole payload against `e.checksum`.
+    pub fn read_record_at(&self, e: &Entry, at: u64, buf: &mut [u8]) -> Result<()> {
+        let end = at.checked_add(buf.len() as u64);
+        if end.is_none_or(|end| end > e.length) {
+            return Err(Error::Invalid(format!(
+                "read of {} bytes at {at} runs past the end of {} #{} ({} bytes)",
+                buf.len(),
+                e.rtype.name(),
+                e.instance,
+                e.length
+            )));
+        }
+        self.read_region(RegionKind::State, 0, e.offset + at, buf)
+    }
+
+    /// Write the records `puts` (type, instance, length) with payloads read
+    /// from `src` back to back, and remove `removes`, in one new directory
+    /// generation; returns it. Payloads stream through a 1 MiB buffer to
+    /// free space (the space of every current record, removed ones
+    /// included, stays intact until the commit), so a crash or a short
+    /// `src` leaves the previous directory current and changes nothing.
+    /// `check` sees the whole payload of each record whose type is JSON
+    /// (at most [`MAX_JSON_RECORD`] bytes) before anything is committed.
+    pub fn write_records_from(
+        &mut self,
+        puts: &[(RecordType, u16, u64)],
+        removes: &[(RecordType, u16)],
+        src: &mut dyn std::io::Read,
+        check: &mut RecordCheck<'_>,
+    ) -> Result<u64> {
+        self.writable()?;
+        self.fresh_dir()?;
+        let st = *self.label.state_region();
+        let mut next = self.dir.clone();
+        let mut busy = self.dir.clone();
+        for (i, (rtype, instance, _)) in puts.iter().enumerate() {
+            if puts[..i]
+                .iter()
+                .any(|(t, n, _)| t == rtype && n == instance)
+            {
+                return Err(Error::Invalid(format!(
+                    "{} #{instance} is written twice in one batch",
+                    rtype.name()
+                )));
+            }
+        }
+        let mut buf = vec![0u8; 1 << 20];
+        for (rtype, instance, len) in puts {
+            let (rtype, instance, len) = (*rtype, *instance, *len);
+            let off = busy.allocate(len, st.length).ok_or_else(|| Error::Record {
+                path: self.path.clone(),
+                record: format!("{} #{instance}", rtype.name()),
+                why: format!(
+                    "state region full: {len} bytes do not fit (region {} bytes, {} used)",
+                    st.length,
+                    busy.used_bytes()
+                ),
+            })?;
+            if busy.entries.len() >= state::MAX_ENTRIES * 2 {
+                return Err(Error::Invalid("too many state records".into()));
+            }
+            let json = rtype.is_json();
+            if json && len > MAX_JSON_RECORD {
+                return Err(Error::Invalid(format!(
+                    "{} #{instance}: {len} bytes exceeds the {MAX_JSON_RECORD}-byte limit of a JSON record",
+                    rtype.name()
+                )));
+            }
+            let mut kept = Vec::new();
+            let mut hasher = blake3::Hasher::new();
+            let mut done = 0u64;
+            while done < len {
+                let n = usize::try_from((len - done).min(buf.len() as u64)).expect("≤ 1 MiB");
+                src.read_exact(&mut buf[..n]).map_err(|e| Error::Record {
+                    path: self.path.clone(),
+                    record: format!("{} #{instance}", rtype.name()),
+                    why: format!("payload ended after {done} of {len} bytes: {e}"),
+                })?;
+                hasher.update(&buf[..n]);
+                if json {
+                    kept.extend_from_slice(&buf[..n]);
+                }
+                self.volume.write(st.offset + off + done, &buf[..n])?;
+                done += n as u64;
+            }
+            if json {
+                check(rtype, instance, &kept).map_err(|why| Error::Record {
+                    path: self.path.clone(),
+                    record: format!("{} #{instance}", rtype.name()),
+                    why,
+                })?;
+            }
+            let e = Entry {
+                rtype,
+                instance,
+                flags: 0,
+                offset: off,
+                length: len,
+                checksum: *hasher.finalize().as_bytes(),
+            };
+            busy.entries.push(Entry {
+                instance: u16::MAX,
+                ..e
+            });
+            next.entries
+                .retain(|x| !(x.rtype == rtype && x.instance == instance));
+            next.entries.push(e);
+        }
+        for (rtype, instance) in removes {
+            next.entries
+                .retain(|x| !(x.rtype == *rtype && x.instance == *instance));
+        }
+        if next.entries.len() > state::MAX_ENTRIES {
+            return Err(Error::Invalid(format!(
+                "state directory would hold {} records; the limit is {}",
+                next.entries.len(),
+                state::MAX_ENTRIES
+            )));
+        }
+        next.entries.sort_by_key(|e| (e.rtype, e.instance));
+        next.region_len = st.length;
+        self.sync()?;
+        self.commit_dir(next)?;
+        Ok(self.dir.generation)
+    }
+
     /// Remove a record (its space is free once the new directory is current).
     pub fn remove_record(&mut self, rtype: RecordType, instance: u16) -> Result<bool> {
         self.writable()?;
@@ -1254,6 +1402,21 @@ impl Lun {
             return Err(Error::Invalid(format!(
                 "{} cannot be a secondary disk of itself",
                 self.name()
+            )));
+        }
+        let dir = |p: &Path| {
+            p.parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .canonicalize()
+                .ok()
+        };
+        if dir(self.path()).is_none() || dir(self.path()) != dir(other.path()) {
+            return Err(Error::Invalid(format!(
+                "{} is not in the pool of {} ({}): a VM's secondary disks live in its own pool, where its group finds them by UUID; move it there first",
+                other.path().display(),
+                self.name(),
+                self.path().parent().unwrap_or(Path::new(".")).display()
             )));
         }
         let mut s = self.secondaries()?;

@@ -4,7 +4,8 @@
 
 use std::fmt;
 
-use lun_manager::{control_client, owner};
+use lun_manager::owner;
+use lungate_api::client as control;
 use lungate_cli::Exit;
 
 #[derive(Debug)]
@@ -81,10 +82,10 @@ impl From<owner::Error> for Fail {
     }
 }
 
-impl From<control_client::Error> for Fail {
-    fn from(e: control_client::Error) -> Fail {
-        let exit = match &e {
-            control_client::Error::Status { status: 404, .. } => Exit::NotFound,
+impl From<control::Error> for Fail {
+    fn from(e: control::Error) -> Fail {
+        let exit = match e.status() {
+            Some(404) => Exit::NotFound,
             _ => Exit::Failed,
         };
         Fail::new(exit, e.to_string())

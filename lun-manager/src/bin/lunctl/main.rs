@@ -15,7 +15,8 @@
 //! LUN is refused with who it is.
 //!
 //! Files: `provision.rs` (pools, create, inspect, list, resize, attach,
-//! delete), `snapshots.rs` (every snapshot command), `fail.rs` (exit codes).
+//! delete), `snapshots.rs` (every snapshot command, and repair of a lost
+//! snapshot manifest), `fail.rs` (exit codes).
 
 mod fail;
 mod provision;
@@ -154,6 +155,12 @@ enum Cmd {
         #[command(flatten)]
         lun: LunRef,
     },
+    /// Rebuild a LUN's lost snapshot manifest from its layers' headers
+    /// (the LUN is refused until then; see docs/volumes.md)
+    Repair {
+        #[command(flatten)]
+        lun: LunRef,
+    },
     /// Find VM LUNs in pool directories, files and block devices
     Scan {
         #[arg(required = true, value_name = "PATH")]
@@ -186,6 +193,7 @@ impl Cmd {
             Cmd::Diff { .. } => "diff",
             Cmd::ApplyDiff { .. } => "apply-diff",
             Cmd::Usage { .. } => "usage",
+            Cmd::Repair { .. } => "repair",
             Cmd::Scan { .. } => "scan",
             Cmd::Doc(DocCmd::Completions { .. }) => "completions",
             Cmd::Doc(DocCmd::Man { .. }) => "man",
@@ -329,6 +337,7 @@ fn run(cmd: Cmd, out: &Output) -> Res {
         } => snapshots::diff(out, &lun.path()?, &from, to.as_deref(), file.as_deref()),
         Cmd::ApplyDiff { lun, file } => snapshots::apply_diff(out, &lun.path()?, &file),
         Cmd::Usage { lun } => snapshots::usage(out, &lun.path()?),
+        Cmd::Repair { lun } => snapshots::repair(out, &lun.path()?),
         Cmd::Scan { paths, html } => {
             let r = scan::scan(&paths);
             if let Some(f) = html {

@@ -16,7 +16,9 @@ use std::path::Path;
 use lun_manager::group::Group;
 use lun_manager::owner::{self, Probe};
 use lun_manager::size::human;
-use lun_manager::{control_client, Access, Lun};
+use lun_manager::{Access, Lun};
+use lungate_api::client as control;
+use lungate_api::types as wire;
 use lungate_cli::{Output, Reporter};
 use serde_json::json;
 
@@ -33,9 +35,9 @@ pub enum Target {
     },
     /// A gateway holds the LUN; the command goes to its control API.
     Gateway {
-        client: control_client::Client,
-        /// `/v1/luns/{UUID}`: the gateway knows the LUN by its UUID.
-        base: String,
+        client: control::Client,
+        /// The LUN's UUID: the gateway knows it by that.
+        lun: String,
         name: String,
     },
 }
@@ -81,10 +83,10 @@ fn target(path: &Path) -> Res<Target> {
                 label.name,
                 control.display()
             );
-            let client = control_client::Client::new(&control)?;
+            let client = control::Client::new(&control)?;
             Ok(Target::Gateway {
                 client,
-                base: format!("/v1/luns/{}", label.uuid),
+                lun: control::uuid_ref(label.uuid),
                 name: label.name,
             })
         }
@@ -93,37 +95,35 @@ fn target(path: &Path) -> Res<Target> {
 }
 
 /// A snapshot as `snapshots` shows it (from the volume or a gateway).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct SnapRow {
-    name: String,
-    #[serde(default)]
-    description: String,
-    created: u64,
-    parent: Option<String>,
-    layer: uuid::Uuid,
-    current: bool,
+type SnapRow = wire::SnapshotInfo;
+
+fn row(s: lun_manager::volume::SnapshotInfo) -> SnapRow {
+    wire::SnapshotInfo {
+        name: s.name,
+        description: s.description,
+        created: s.created,
+        parent: s.parent,
+        layer: s.layer,
+        current: s.current,
+    }
 }
 
-fn rows<T: serde::Serialize>(v: &T) -> Res<Vec<SnapRow>> {
-    serde_json::from_value(serde_json::to_value(v).expect("json"))
-        .map_err(|e| Fail::from(format!("unexpected snapshot list: {e}")))
+fn rows(v: Vec<lun_manager::volume::SnapshotInfo>) -> Vec<SnapRow> {
+    v.into_iter().map(row).collect()
 }
 
 pub fn snapshot(out: &Output, path: &Path, snap: &str, desc: &str) -> Res {
     let t = target(path)?;
-    let info = match &t {
-        Target::Direct { group, .. } => rows(&[group.snapshot(snap, desc)?])?.remove(0),
-        Target::Gateway { client, base, .. } => {
-            let v: serde_json::Value = client.post(
-                &format!("{base}/snapshots"),
-                &json!({"name": snap, "description": desc}),
-            )?;
-            rows(&[&v["snapshot"]])?.remove(0)
+    let (info, pause_us) = match &t {
+        Target::Direct { group, .. } => (row(group.snapshot(snap, desc)?), None),
+        Target::Gateway { client, lun, .. } => {
+            let r = client.snapshot(lun, snap, desc)?;
+            (r.snapshot, Some(r.pause_us))
         }
     };
     out.result(
         "snapshot",
-        &json!({ "lun": t.name(), "snapshot": info }),
+        &json!({ "lun": t.name(), "snapshot": info, "pause_us": pause_us }),
         || {
             format!(
                 "snapshot {} of {} taken{}\n",
@@ -142,10 +142,8 @@ pub fn snapshot(out: &Output, path: &Path, snap: &str, desc: &str) -> Res {
 pub fn list(out: &Output, path: &Path) -> Res {
     let t = target(path)?;
     let list = match &t {
-        Target::Direct { group, .. } => rows(&group.snapshots())?,
-        Target::Gateway { client, base, .. } => {
-            client.get::<Vec<SnapRow>>(&format!("{base}/snapshots"))?
-        }
+        Target::Direct { group, .. } => rows(group.snapshots()),
+        Target::Gateway { client, lun, .. } => client.snapshots(lun)?,
     };
     out.document(&list, || snapshot_tree(t.name(), &list));
     Ok(())
@@ -202,11 +200,7 @@ pub fn revert(out: &Output, path: &Path, snap: &str) -> Res {
             group.revert(snap)?;
             None
         }
-        Target::Gateway { client, base, .. } => {
-            let v: serde_json::Value =
-                client.post(&format!("{base}/revert"), &json!({"snapshot": snap}))?;
-            Some(v["pause_us"].clone())
-        }
+        Target::Gateway { client, lun, .. } => Some(client.revert(lun, snap)?.pause_us),
     };
     out.result(
         "revert",
@@ -223,10 +217,7 @@ pub fn revert(out: &Output, path: &Path, snap: &str) -> Res {
 }
 
 /// Wait for a gateway's answer with a spinner (its API has no progress).
-fn via_gateway<T>(
-    rep: &mut Reporter,
-    f: impl FnOnce() -> Result<T, control_client::Error>,
-) -> Res<T> {
+fn via_gateway<T>(rep: &mut Reporter, f: impl FnOnce() -> Result<T, control::Error>) -> Res<T> {
     rep.waiting("gateway");
     let r = f();
     rep.finish();
@@ -242,13 +233,8 @@ pub fn delete(out: &Output, path: &Path, snap: &str) -> Res {
             rep.finish();
             r?
         }
-        Target::Gateway { client, base, .. } => {
-            via_gateway(&mut rep, || {
-                client.delete::<serde_json::Value>(&format!(
-                    "{base}/snapshots/{}",
-                    control_client::encode(snap)
-                ))
-            })?;
+        Target::Gateway { client, lun, .. } => {
+            via_gateway(&mut rep, || client.delete_snapshot(lun, snap))?;
         }
     }
     out.result(
@@ -293,20 +279,9 @@ pub fn clone(out: &Output, path: &Path, snap: &str, new_name: &str) -> Res {
                 .collect();
             (c.primary().path().display().to_string(), exports)
         }
-        Target::Gateway { client, base, .. } => {
-            let v: serde_json::Value = client.post(
-                &format!("{base}/clone"),
-                &json!({"snapshot": snap, "name": new_name}),
-            )?;
-            let exports = v["exports"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default();
-            (v["path"].as_str().unwrap_or("?").to_string(), exports)
+        Target::Gateway { client, lun, .. } => {
+            let c = client.clone_lun(lun, snap, new_name)?;
+            (c.path.display().to_string(), c.exports)
         }
     };
     let served = matches!(t, Target::Gateway { .. });
@@ -352,10 +327,8 @@ pub fn flatten(out: &Output, path: &Path) -> Res {
             rep.finish();
             r?
         }
-        Target::Gateway { client, base, .. } => {
-            via_gateway(&mut rep, || {
-                client.post::<serde_json::Value>(&format!("{base}/flatten"), &json!({}))
-            })?;
+        Target::Gateway { client, lun, .. } => {
+            via_gateway(&mut rep, || client.flatten(lun))?;
         }
     }
     out.result("flatten", &json!({ "lun": t.name() }), || {
@@ -369,14 +342,8 @@ pub fn flatten(out: &Output, path: &Path) -> Res {
 
 pub fn diff(out: &Output, path: &Path, from: &str, to: Option<&str>, file: Option<&Path>) -> Res {
     let t = target(path)?;
-    let query = format!(
-        "from={}{}",
-        control_client::encode(from),
-        to.map(|x| format!("&to={}", control_client::encode(x)))
-            .unwrap_or_default()
-    );
     if let Some(file) = file {
-        let n = write_diff_file(&t, from, to, file, &query)?;
+        let n = write_diff_file(&t, from, to, file)?;
         out.result(
             "diff",
             &json!({
@@ -400,15 +367,23 @@ pub fn diff(out: &Output, path: &Path, from: &str, to: Option<&str>, file: Optio
     }
     let (changes, lun_regions) = match &t {
         Target::Direct { group, .. } => (
-            serde_json::to_value(group.diff(from, to)?).expect("json"),
+            group
+                .diff(from, to)?
+                .into_iter()
+                .map(|c| wire::Change {
+                    offset: c.offset,
+                    length: c.length,
+                    kind: match c.kind {
+                        lun_manager::volume::ChangeKind::Data => wire::ChangeKind::Data,
+                        lun_manager::volume::ChangeKind::Zero => wire::ChangeKind::Zero,
+                    },
+                })
+                .collect(),
             Some(group.primary().label().regions.clone()),
         ),
-        Target::Gateway { client, base, .. } => {
-            let v: serde_json::Value = client.get(&format!("{base}/diff?{query}"))?;
-            (v["changes"].clone(), None)
-        }
+        Target::Gateway { client, lun, .. } => (client.diff(lun, from, to)?.changes, None),
     };
-    let doc = json!({ "changes": changes });
+    let doc = wire::Diff { changes };
     if out.is_json() {
         out.document(&doc, String::new);
         return Ok(());
@@ -418,28 +393,25 @@ pub fn diff(out: &Output, path: &Path, from: &str, to: Option<&str>, file: Optio
         None => Lun::open(path, Access::ReadOnly)?.label().regions.clone(),
     };
     out.document(&doc, || {
-        let list = changes.as_array().cloned().unwrap_or_default();
+        let list = &doc.changes;
         if list.is_empty() {
             return format!("no changes from {from} to {}\n", to.unwrap_or("now"));
         }
         let mut o = format!("{:>14} {:>12}  {:<5} WHERE\n", "OFFSET", "LENGTH", "KIND");
         let mut total = 0;
-        for c in &list {
-            let (off, len) = (
-                c["offset"].as_u64().unwrap_or(0),
-                c["length"].as_u64().unwrap_or(0),
-            );
+        for c in list {
+            let (off, len) = (c.offset, c.length);
             total += len;
             let at = regions
                 .iter()
                 .find(|r| r.offset <= off && off < r.end())
                 .map(|r| format!("{} +{}", r.name(), off - r.offset))
                 .unwrap_or_else(|| "-".into());
-            let _ = writeln!(
-                o,
-                "{off:>14} {len:>12}  {:<5} {at}",
-                c["kind"].as_str().unwrap_or("?")
-            );
+            let kind = match c.kind {
+                wire::ChangeKind::Data => "data",
+                wire::ChangeKind::Zero => "zero",
+            };
+            let _ = writeln!(o, "{off:>14} {len:>12}  {kind:<5} {at}");
         }
         let _ = writeln!(
             o,
@@ -453,7 +425,7 @@ pub fn diff(out: &Output, path: &Path, from: &str, to: Option<&str>, file: Optio
     Ok(())
 }
 
-fn write_diff_file(t: &Target, from: &str, to: Option<&str>, out: &Path, query: &str) -> Res<u64> {
+fn write_diff_file(t: &Target, from: &str, to: Option<&str>, out: &Path) -> Res<u64> {
     let at = |e: std::io::Error| Fail::from(format!("{}: {e}", out.display()));
     Ok(match t {
         Target::Direct { group, .. } => {
@@ -466,8 +438,8 @@ fn write_diff_file(t: &Target, from: &str, to: Option<&str>, out: &Path, query: 
             f.sync_all().map_err(at)?;
             n
         }
-        Target::Gateway { client, base, .. } => {
-            let b = client.get_bytes(&format!("{base}/diff-file?{query}"))?;
+        Target::Gateway { client, lun, .. } => {
+            let b = client.diff_file(lun, from, to)?;
             std::fs::write(out, &b).map_err(at)?;
             b.len() as u64
         }
@@ -540,11 +512,9 @@ pub fn apply_diff(out: &Output, path: &Path, file: &Path) -> Res {
                 "bytes": bytes,
             })
         }
-        Target::Gateway { client, base, .. } => {
+        Target::Gateway { client, lun, .. } => {
             let b = std::fs::read(file).map_err(at)?;
-            via_gateway(&mut rep.borrow_mut(), || {
-                client.post_bytes::<serde_json::Value>(&format!("{base}/apply-diff"), b)
-            })?;
+            via_gateway(&mut rep.borrow_mut(), || client.apply_diff(lun, b))?;
             json!({ "lun": name, "file": file })
         }
     };
@@ -565,48 +535,59 @@ pub fn apply_diff(out: &Output, path: &Path, file: &Path) -> Res {
 
 pub fn usage(out: &Output, path: &Path) -> Res {
     let t = target(path)?;
-    let list: serde_json::Value = match &t {
-        Target::Direct { group, .. } => serde_json::to_value(group.usage()).expect("json"),
-        Target::Gateway { client, base, .. } => client.get(&format!("{base}/usage"))?,
+    let list: Vec<wire::LayerUsage> = match &t {
+        Target::Direct { group, .. } => group
+            .usage()
+            .into_iter()
+            .map(|u| wire::LayerUsage {
+                layer: u.layer,
+                path: u.path,
+                snapshot: u.snapshot,
+                live: u.live,
+                in_chain: u.in_chain,
+                external: u.external,
+                allocated_bytes: u.allocated_bytes,
+                disk_bytes: u.disk_bytes,
+            })
+            .collect(),
+        Target::Gateway { client, lun, .. } => client.usage(lun)?,
     };
     out.document(&list, || usage_text(t.name(), &list));
     Ok(())
 }
 
-fn usage_text(name: &str, list: &serde_json::Value) -> String {
+fn usage_text(name: &str, list: &[wire::LayerUsage]) -> String {
     let mut o = format!(
         "{:<36}  {:<16} {:<13} {:>10} {:>10}\n",
         "LAYER", "SNAPSHOT", "ROLE", "ALLOCATED", "ON DISK"
     );
     let (mut own, mut shared) = (0, 0);
-    for l in list.as_array().into_iter().flatten() {
-        let role = if l["live"] == true {
+    for l in list {
+        let role = if l.live {
             "live"
-        } else if l["external"] == true {
+        } else if l.external {
             "shared (parent)"
-        } else if l["in_chain"] == true {
+        } else if l.in_chain {
             "in chain"
         } else {
             "not in chain"
         };
-        let disk = l["disk_bytes"].as_u64().unwrap_or(0);
-        if l["external"] == true {
-            shared += disk;
+        if l.external {
+            shared += l.disk_bytes;
         } else {
-            own += disk;
+            own += l.disk_bytes;
         }
-        let layer = l["layer"].as_str().unwrap_or("?");
-        let base = l["path"].as_str().is_some_and(|p| !p.ends_with(".delta"));
+        let base = l.path.extension().is_none_or(|e| e != "delta");
         let _ = writeln!(
             o,
             "{:<36}  {:<16} {:<13} {:>10} {:>10}",
-            layer,
-            l["snapshot"]
-                .as_str()
+            l.layer.to_string(),
+            l.snapshot
+                .as_deref()
                 .unwrap_or(if base { "(base)" } else { "-" }),
             role,
-            human(l["allocated_bytes"].as_u64().unwrap_or(0)),
-            human(disk)
+            human(l.allocated_bytes),
+            human(l.disk_bytes)
         );
     }
     let _ = writeln!(
@@ -616,4 +597,66 @@ fn usage_text(name: &str, list: &serde_json::Value) -> String {
         human(shared)
     );
     o
+}
+
+/// Rebuild the manifest under the LUN's lock, then open the LUN as a
+/// gateway would, to show it is whole again.
+pub fn repair(out: &Output, path: &Path) -> Res {
+    use lun_manager::volume::{repair, VolumeConfig, VolumeOptions};
+    let _lock = owner::lock(path)?;
+    let label = Lun::probe_label(path)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Fail::from(format!("{}: {e}", path.display())))?;
+    let cfg = VolumeConfig::for_label(
+        path,
+        std::sync::Arc::new(file),
+        &label,
+        VolumeOptions {
+            cluster_size: label.volume_cluster_size(),
+            read_only: false,
+        },
+    );
+    let r = repair::rebuild_manifest(&cfg).map_err(lun_manager::Error::from)?;
+    let l = Lun::open(path, Access::ReadWrite).map_err(|e| {
+        let f = Fail::from(e);
+        Fail::new(
+            f.exit,
+            format!(
+                "manifest rebuilt, but the LUN still does not open: {}",
+                f.msg
+            ),
+        )
+    })?;
+    let snaps = l.volume().snapshots().len();
+    drop(l);
+    out.result("repair", &r, || {
+        let mut o = format!(
+            "rebuilt {} from {} layer(s): live layer {}, {snaps} snapshot(s): {}\n",
+            r.dir.display(),
+            r.layers,
+            r.top,
+            r.snapshots.join(", ")
+        );
+        if !r.recovered.is_empty() {
+            let _ = writeln!(
+                o,
+                "named layers that had no snapshot name: {} (revert to them, or delete them with delete-snapshot)",
+                r.recovered.join(", ")
+            );
+        }
+        for p in &r.left_out {
+            let _ = writeln!(o, "left out {} (empty, never committed)", p.display());
+        }
+        for p in &r.kept_aside {
+            let _ = writeln!(o, "kept the damaged manifest slot as {}", p.display());
+        }
+        if r.dependents > 0 {
+            let _ = writeln!(o, "{} clone(s) depend on these layers", r.dependents);
+        }
+        o
+    });
+    Ok(())
 }
