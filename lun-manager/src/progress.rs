@@ -11,7 +11,7 @@
 //!
 //! | operation | phases |
 //! |---|---|
-//! | `Group::flatten` | `copy` |
+//! | `Group::flatten` | its own `(done, total)` callback in clusters (lunctl reports them as bytes, `copy`) |
 //! | `Group::delete_snapshot_with` | `merge` (only when layers are merged) |
 //! | `Group::apply_diff_with` | `apply` (the caller reports `verify` as it reads the file) |
 //! | `Lun::resize_disk_with`, `Lun::resize_memory_with` | `move`, `zero` |
