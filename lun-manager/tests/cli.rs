@@ -1593,3 +1593,46 @@ fn a_long_operation_draws_a_progress_bar_on_a_terminal_and_nothing_elsewhere() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn prefill_on_a_block_device_wipes_what_a_previous_user_left_in_the_disks() {
+    require_tool("losetup");
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("used.img");
+    // A device full of a previous tenant's bytes.
+    std::fs::write(&img, vec![0xabu8; 48 << 20]).unwrap();
+    let dev = Loop::attach(&img);
+    let disk0 = |dev: &str| {
+        let (off, len) = region(&inspect(Path::new(dev)), "disk", 0);
+        read_at(Path::new(dev), off, len as usize)
+    };
+    // Without --prefill the old bytes show through the new LUN's disk.
+    ok(&[
+        "create", "thin", "--path", &dev.0, "--disk", "16M", "--memory", "1M",
+    ]);
+    assert!(disk0(&dev.0).contains(&0xab), "expected the old bytes");
+    ok(&["delete", &dev.0, "--yes"]);
+    let (ev, code) = ndjson(&[
+        "create",
+        "clean",
+        "--path",
+        &dev.0,
+        "--disk",
+        "16M",
+        "--memory",
+        "1M",
+        "--prefill",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{ev:?}");
+    assert_eq!(
+        phase_of(&ev, "create", "prefill").last().unwrap().1,
+        16 << 20
+    );
+    assert!(
+        disk0(&dev.0).iter().all(|&b| b == 0),
+        "a prefilled disk reads zeros"
+    );
+    assert_eq!(inspect(Path::new(&dev.0))["name"], "clean");
+    ok(&["delete", &dev.0, "--yes"]);
+}

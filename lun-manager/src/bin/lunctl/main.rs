@@ -16,10 +16,12 @@
 //!
 //! Files: `provision.rs` (pools, create, inspect, list, resize, attach,
 //! delete), `snapshots.rs` (every snapshot command, and repair of a lost
-//! snapshot manifest), `fail.rs` (exit codes).
+//! snapshot manifest), `results.rs` (the `--json` result objects),
+//! `fail.rs` (exit codes).
 
 mod fail;
 mod provision;
+mod results;
 mod snapshots;
 
 use std::path::{Path, PathBuf};

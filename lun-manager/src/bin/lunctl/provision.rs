@@ -15,6 +15,7 @@ use lungate_cli::Output;
 use serde_json::json;
 
 use crate::fail::{Fail, Res};
+use crate::results;
 use crate::CreateArgs;
 
 fn size(s: &str, what: &str) -> Res<u64> {
@@ -23,7 +24,7 @@ fn size(s: &str, what: &str) -> Res<u64> {
 
 pub fn pool_init(out: &Output, dir: &Path) -> Res {
     pool::init(dir)?;
-    out.result("pool-init", &json!({ "pool": dir }), || {
+    out.result("pool-init", &results::PoolReady { pool: dir }, || {
         format!("pool {} ready\n", dir.display())
     });
     Ok(())
@@ -80,27 +81,25 @@ pub fn create(out: &Output, a: CreateArgs) -> Res {
     } else {
         Lun::create(&path, &spec)?
     };
-    let disks: Vec<_> = lun
+    let disks = lun
         .disks()
         .iter()
-        .map(|d| {
-            json!({
-                "index": d.index,
-                "size": d.length,
-                "export": format!("{}/disk{}", lun.name(), d.index),
-            })
+        .map(|d| results::Disk {
+            index: d.index,
+            size: d.length,
+            export: format!("{}/disk{}", lun.name(), d.index),
         })
         .collect();
     out.result(
         "create",
-        &json!({
-            "lun": lun.name(),
-            "uuid": lun.uuid(),
-            "path": path,
-            "layout": lun.layout(),
-            "disks": disks,
-            "prefilled": a.prefill,
-        }),
+        &results::Created {
+            lun: lun.name(),
+            uuid: lun.uuid(),
+            path: &path,
+            layout: lun.layout(),
+            disks,
+            prefilled: a.prefill,
+        },
         || {
             let mut o = format!(
                 "created {} ({}, {} layout{}) at {}\n",
@@ -376,14 +375,14 @@ pub fn resize(out: &Output, path: &Path, disk: &[String], memory: Option<String>
     rep.finish();
     out.result(
         "resize",
-        &json!({
-            "lun": l.name(),
-            "path": path,
-            "disks": l.disks().iter().map(|d| d.length).collect::<Vec<_>>(),
-            "memory": l.hardware().ok().map(|h| h.memory_bytes),
-            "state_region": l.label().state_region().length,
-            "lun_size": l.label().lun_size,
-        }),
+        &results::Resized {
+            lun: l.name(),
+            path,
+            disks: l.disks().iter().map(|d| d.length).collect(),
+            memory: l.hardware().ok().map(|h| h.memory_bytes),
+            state_region: l.label().state_region().length,
+            lun_size: l.label().lun_size,
+        },
         || text,
     );
     Ok(())
@@ -396,11 +395,11 @@ pub fn attach_secondary(out: &Output, p: &Path, s: &Path) -> Res {
     l.attach_secondary(&other)?;
     out.result(
         "attach-secondary",
-        &json!({
-            "lun": l.name(),
-            "secondary": other.name(),
-            "secondary_uuid": other.uuid(),
-        }),
+        &results::Attached {
+            lun: l.name(),
+            secondary: other.name(),
+            secondary_uuid: other.uuid(),
+        },
         || {
             format!(
                 "attached {} ({}) to {} as a secondary disk\n",
@@ -427,7 +426,7 @@ pub fn delete(out: &Output, path: &Path, yes: bool) -> Res {
     // Refused while clones read its snapshots; removes its layers.
     l.delete()?;
     drop(lock);
-    out.result("delete", &json!({ "lun": name, "path": path }), || {
+    out.result("delete", &results::Deleted { lun: &name, path }, || {
         format!("deleted {name} ({})\n", path.display())
     });
     Ok(())

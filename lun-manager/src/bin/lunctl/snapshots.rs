@@ -1,5 +1,6 @@
 //! The snapshot commands: snapshot, snapshots, revert, delete-snapshot,
-//! clone, flatten, diff, apply-diff, usage. Each runs on the whole VM (its
+//! clone, flatten, diff, apply-diff, usage, and repair of a lost snapshot
+//! manifest. Each runs on the whole VM (its
 //! consistency group) here, or through the control API of the gateway
 //! that holds the LUN ([`Target`]).
 //!
@@ -20,9 +21,9 @@ use lun_manager::{Access, Lun};
 use lungate_api::client as control;
 use lungate_api::types as wire;
 use lungate_cli::{Output, Reporter};
-use serde_json::json;
 
 use crate::fail::{Fail, Res};
+use crate::results;
 
 /// Where a snapshot command runs.
 pub enum Target {
@@ -123,7 +124,11 @@ pub fn snapshot(out: &Output, path: &Path, snap: &str, desc: &str) -> Res {
     };
     out.result(
         "snapshot",
-        &json!({ "lun": t.name(), "snapshot": info, "pause_us": pause_us }),
+        &results::SnapshotTaken {
+            lun: t.name(),
+            snapshot: &info,
+            pause_us,
+        },
         || {
             format!(
                 "snapshot {} of {} taken{}\n",
@@ -204,7 +209,11 @@ pub fn revert(out: &Output, path: &Path, snap: &str) -> Res {
     };
     out.result(
         "revert",
-        &json!({ "lun": t.name(), "snapshot": snap, "pause_us": pause_us }),
+        &results::Reverted {
+            lun: t.name(),
+            snapshot: snap,
+            pause_us,
+        },
         || match &pause_us {
             None => format!("{} reverted to snapshot {snap}\n", t.name()),
             Some(p) => format!(
@@ -239,7 +248,10 @@ pub fn delete(out: &Output, path: &Path, snap: &str) -> Res {
     }
     out.result(
         "delete-snapshot",
-        &json!({ "lun": t.name(), "snapshot": snap }),
+        &results::SnapshotDeleted {
+            lun: t.name(),
+            snapshot: snap,
+        },
         || format!("snapshot {snap} of {} deleted\n", t.name()),
     );
     Ok(())
@@ -287,14 +299,14 @@ pub fn clone(out: &Output, path: &Path, snap: &str, new_name: &str) -> Res {
     let served = matches!(t, Target::Gateway { .. });
     out.result(
         "clone",
-        &json!({
-            "lun": t.name(),
-            "snapshot": snap,
-            "clone": new_name,
-            "path": clone_path,
-            "exports": exports,
-            "served": served,
-        }),
+        &results::Cloned {
+            lun: t.name(),
+            snapshot: snap,
+            clone: new_name,
+            path: &clone_path,
+            exports: &exports,
+            served,
+        },
         || {
             if served {
                 format!(
@@ -331,7 +343,7 @@ pub fn flatten(out: &Output, path: &Path) -> Res {
             via_gateway(&mut rep, || client.flatten(lun))?;
         }
     }
-    out.result("flatten", &json!({ "lun": t.name() }), || {
+    out.result("flatten", &results::Flattened { lun: t.name() }, || {
         format!(
             "{} flattened: it reads no shared layer any more\n",
             t.name()
@@ -346,13 +358,13 @@ pub fn diff(out: &Output, path: &Path, from: &str, to: Option<&str>, file: Optio
         let n = write_diff_file(&t, from, to, file)?;
         out.result(
             "diff",
-            &json!({
-                "lun": t.name(),
-                "from": from,
-                "to": to,
-                "file": file,
-                "bytes": n,
-            }),
+            &results::DiffWritten {
+                lun: t.name(),
+                from,
+                to,
+                file,
+                bytes: n,
+            },
             || {
                 format!(
                     "diff of {} from {from} to {} written to {} ({})\n",
@@ -469,18 +481,27 @@ impl<R: Read> Read for Counted<'_, R> {
 pub fn apply_diff(out: &Output, path: &Path, file: &Path) -> Res {
     let mut t = target(path)?;
     let name = t.name().to_string();
-    let at = |e: std::io::Error| Fail::from(format!("{}: {e}", file.display()));
+    let at = |e: std::io::Error| {
+        let exit = if e.kind() == std::io::ErrorKind::NotFound {
+            lungate_cli::Exit::NotFound
+        } else {
+            lungate_cli::Exit::Failed
+        };
+        Fail::new(exit, format!("{}: {e}", file.display()))
+    };
     let rep = RefCell::new(out.progress("apply-diff"));
-    let fields = match &mut t {
+    let mut done = results::DiffApplied {
+        lun: &name,
+        file,
+        from: None,
+        to: None,
+        sections: None,
+        extents: None,
+        bytes: None,
+    };
+    match &mut t {
         Target::Direct { group, .. } => {
-            let f = std::fs::File::open(file).map_err(|e| {
-                let exit = if e.kind() == std::io::ErrorKind::NotFound {
-                    lungate_cli::Exit::NotFound
-                } else {
-                    lungate_cli::Exit::Failed
-                };
-                Fail::new(exit, format!("{}: {e}", file.display()))
-            })?;
+            let f = std::fs::File::open(file).map_err(at)?;
             let total = f.metadata().map_err(at)?.len();
             rep.borrow_mut().update("verify", 0, total);
             let mut r = Counted {
@@ -496,37 +517,26 @@ pub fn apply_diff(out: &Output, path: &Path, file: &Path) -> Res {
                     Fail::new(f.exit, format!("{}: {}", file.display(), f.msg))
                 })?;
             rep.borrow_mut().finish();
-            let bytes: u64 = info
-                .sections
-                .iter()
-                .flat_map(|s| &s.changes)
-                .map(|c| c.length)
-                .sum();
-            json!({
-                "lun": name,
-                "file": file,
-                "from": info.from,
-                "to": info.to,
-                "sections": info.sections.len(),
-                "extents": info.sections.iter().map(|s| s.changes.len()).sum::<usize>(),
-                "bytes": bytes,
-            })
+            let changes = || info.sections.iter().flat_map(|s| &s.changes);
+            done.sections = Some(info.sections.len());
+            done.extents = Some(changes().count());
+            done.bytes = Some(changes().map(|c| c.length).sum());
+            done.from = Some(info.from);
+            done.to = info.to;
         }
         Target::Gateway { client, lun, .. } => {
             let b = std::fs::read(file).map_err(at)?;
             via_gateway(&mut rep.borrow_mut(), || client.apply_diff(lun, b))?;
-            json!({ "lun": name, "file": file })
         }
-    };
-    out.result("apply-diff", &fields, || match fields.get("from") {
+    }
+    out.result("apply-diff", &done, || match &done.from {
         Some(from) => format!(
-            "applied {} ({} to {}) to {name}: {} LUN section(s), {} extent(s), {}\n",
+            "applied {} ({from} to {}) to {name}: {} LUN section(s), {} extent(s), {}\n",
             file.display(),
-            from.as_str().unwrap_or("?"),
-            fields["to"].as_str().unwrap_or("now"),
-            fields["sections"],
-            fields["extents"],
-            human(fields["bytes"].as_u64().unwrap_or(0))
+            done.to.as_deref().unwrap_or("now"),
+            done.sections.unwrap_or(0),
+            done.extents.unwrap_or(0),
+            human(done.bytes.unwrap_or(0))
         ),
         None => format!("applied {} to {name}\n", file.display()),
     });
