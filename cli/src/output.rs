@@ -22,6 +22,35 @@ use serde_json::{Map, Value};
 use crate::exit::Exit;
 use crate::progress::Reporter;
 
+/// Parse the command line of `program` with clap. A bad command line
+/// exits 2 as clap does; with `--json` among the arguments it also prints
+/// the `error` event (`"exit": "usage"`), so a program reading the output
+/// sees every failure the same way. `--help` and `--version` print and
+/// exit 0.
+pub fn parse_args<P: clap::Parser>(program: &'static str) -> P {
+    match P::try_parse() {
+        Ok(p) => p,
+        Err(e) => {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            if e.use_stderr() && args.iter().any(|a| a == "--json") {
+                let _ = e.print();
+                let op = args.iter().find(|a| !a.starts_with('-')).map_or("", |a| a);
+                let text = e.render().to_string();
+                let msg = text.trim().strip_prefix("error: ").unwrap_or(text.trim());
+                let out = Output::new(program, true);
+                out.event(&Event::Error {
+                    op,
+                    exit_code: Exit::Usage.code(),
+                    exit: Exit::Usage.name(),
+                    error: msg,
+                });
+                std::process::exit(i32::from(Exit::Usage.code()));
+            }
+            e.exit()
+        }
+    }
+}
+
 /// People or programs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {

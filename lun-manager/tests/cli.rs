@@ -1495,6 +1495,12 @@ fn failures_with_json_end_in_an_error_object_carrying_the_exit_code() {
             "failed",
             "unknown unit",
         ),
+        (
+            ndjson(&["create", "x", "--pool", ps, "--json"]),
+            2,
+            "usage",
+            "--disk <SIZE>",
+        ),
     ] {
         assert_eq!(code, want, "{ev:?}");
         let e = ev.last().unwrap();

@@ -286,7 +286,7 @@ fn resolve(lun: &str, pool: Option<&Path>) -> Res<PathBuf> {
 const EXITS: [Exit; 6] = Exit::ALL;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = lungate_cli::output::parse_args("lunctl");
     if let Cmd::Doc(d) = &cli.cmd {
         return lungate_cli::docs::main(Cli::command(), d, &EXITS);
     }
