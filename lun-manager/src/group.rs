@@ -34,7 +34,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::format::state::{SecondaryDisks, SecondaryRef};
 use crate::lun::{Access, Lun};
 use crate::progress::Progress;
-use crate::volume::{self, Change, LayerUsage, SnapshotInfo, Volume};
+use lungate_block::volume::{self, Change, LayerUsage, SnapshotInfo, Volume};
 
 /// A multi-member operation in progress (the intent file's body).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -463,7 +463,7 @@ impl Group {
         }
         crate::format::validate_name(new_name).map_err(Error::Invalid)?;
         for p in &paths {
-            if p.exists() || volume::layers_dir(p).exists() {
+            if p.exists() || lungate_block::store::file::layers_dir(p).exists() {
                 return Err(Error::Exists { path: p.clone() });
             }
         }
@@ -649,7 +649,7 @@ fn remove_clone(pool: &Path, c: &CloneMember) -> Result<Vec<String>> {
             return Ok(warnings);
         }
     };
-    let layers = volume::layers_dir(&p);
+    let layers = lungate_block::store::file::layers_dir(&p);
     let file = match p.symlink_metadata() {
         Ok(md) if md.file_type().is_symlink() || !md.is_file() => {
             warnings.push(format!("{}: not a regular file; left alone", p.display()));
@@ -659,13 +659,16 @@ fn remove_clone(pool: &Path, c: &CloneMember) -> Result<Vec<String>> {
         Err(_) => None,
     };
     let mut layers_ours = false;
-    for dir in [layers.clone(), volume::staging_dir(&layers)] {
-        layers_ours |= volume::layers_belong_to(&dir, c.uuid);
+    for dir in [
+        layers.clone(),
+        lungate_block::store::file::staging_dir(&layers),
+    ] {
+        layers_ours |= lungate_block::store::file::layers_belong_to(&dir, c.uuid);
     }
     if let Some(f) = &file {
         let ours = match Lun::probe_uuid(f) {
             Ok(u) => u == c.uuid,
-            Err(_) => layers_ours || crate::fileops::holds_no_data(f).unwrap_or(false),
+            Err(_) => layers_ours || lungate_block::sys::holds_no_data(f).unwrap_or(false),
         };
         if ours {
             std::fs::remove_file(f).ctx(f, "remove clone")?;
@@ -677,8 +680,11 @@ fn remove_clone(pool: &Path, c: &CloneMember) -> Result<Vec<String>> {
             ));
         }
     }
-    for dir in [layers.clone(), volume::staging_dir(&layers)] {
-        warnings.extend(volume::remove_layers_of(&dir, c.uuid)?);
+    for dir in [
+        layers.clone(),
+        lungate_block::store::file::staging_dir(&layers),
+    ] {
+        warnings.extend(lungate_block::store::file::remove_layers_of(&dir, c.uuid)?);
     }
     Ok(warnings)
 }

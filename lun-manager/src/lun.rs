@@ -18,7 +18,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
 use crate::error::{Error, IoContext, Result};
-use crate::fileops;
 use crate::format::label::{Label, LabelError, LABEL_SIZE, MAGIC as LABEL_MAGIC};
 use crate::format::state::{
     self, Directory, Entry, HardwareConfig, Identity, RecordType, SecondaryDisks, SnapshotTree,
@@ -29,7 +28,8 @@ use crate::format::{
     OFFSET_LABEL_AT, OFFSET_TAIL_RESERVED,
 };
 use crate::progress::Progress;
-use crate::volume::{self, Volume, VolumeConfig, VolumeOptions};
+use lungate_block::sys as fileops;
+use lungate_block::volume::{self, Volume, VolumeConfig, VolumeOptions};
 
 /// How to open the backing file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,12 +100,43 @@ impl From<volume::Error> for Error {
     }
 }
 
+/// The volume configuration of the LUN at `path` with `label`: its whole
+/// byte range, with the label region protected, and in the offset layout
+/// also the primary and backup GPT (first and last MiB): both are derived
+/// from the label and rewritten in place, so they must never be frozen
+/// into a layer.
+pub fn volume_config(
+    path: &Path,
+    file: Arc<File>,
+    label: &Label,
+    options: VolumeOptions,
+) -> VolumeConfig {
+    let l = label.label_region();
+    let mut protected = Vec::with_capacity(3);
+    if label.layout == Layout::Offset {
+        protected.push(0..MIB);
+    }
+    protected.push(l.offset..l.end());
+    if label.layout == Layout::Offset {
+        protected.push(label.lun_size - MIB..label.lun_size);
+    }
+    VolumeConfig {
+        lun_path: path.to_path_buf(),
+        file,
+        lun_uuid: label.uuid,
+        size: label.lun_size,
+        protected,
+        options,
+        engine: None,
+    }
+}
+
 fn open_volume(path: &Path, file: &Arc<File>, label: &Label, access: Access) -> Result<Volume> {
     let options = VolumeOptions {
         read_only: access == Access::ReadOnly,
         cluster_size: label.volume_cluster_size(),
     };
-    Ok(Volume::open(VolumeConfig::for_label(
+    Ok(Volume::open(volume_config(
         path,
         file.clone(),
         label,
@@ -446,7 +477,7 @@ impl Lun {
                 self.path.display()
             )));
         }
-        let layers = volume::layers_dir(path);
+        let layers = lungate_block::store::file::layers_dir(path);
         if layers.exists() {
             return Err(Error::Invalid(format!(
                 "{} exists (layers of an older LUN of that name?); remove it first",
@@ -481,7 +512,7 @@ impl Lun {
         let made = (|| {
             file.set_len(label.lun_size).ctx(path, "size clone")?;
             let file = Arc::new(file);
-            let cfg = VolumeConfig::for_label(path, file.clone(), &label, VolumeOptions::default());
+            let cfg = volume_config(path, file.clone(), &label, VolumeOptions::default());
             let vol = self.volume.clone_to(snapshot, cfg)?;
             // The snapshot's directory still names this LUN.
             let (mut dir, slot) = Self::read_dir_as(path, &vol, &label, self.uuid())?;
@@ -542,8 +573,8 @@ impl Lun {
             // The file is ours (created above); of the layers, only what
             // the clone's volume made under its UUID is removed.
             let _ = std::fs::remove_file(path);
-            for dir in [volume::staging_dir(&layers), layers] {
-                let _ = volume::remove_layers_of(&dir, uuid);
+            for dir in [lungate_block::store::file::staging_dir(&layers), layers] {
+                let _ = lungate_block::store::file::remove_layers_of(&dir, uuid);
             }
         }
         made
@@ -720,7 +751,7 @@ impl Lun {
         label
             .validate()
             .map_err(|e| Error::Invalid(e.to_string()))?;
-        let layers = volume::layers_dir(path);
+        let layers = lungate_block::store::file::layers_dir(path);
         if layers.exists() {
             if !is_block {
                 let _ = std::fs::remove_file(path);
@@ -878,6 +909,12 @@ impl Lun {
             warnings: self.warnings.clone(),
             volume: self.volume.clone(),
         }
+    }
+
+    /// This LUN's [`volume_config`] (the one its volume was opened with,
+    /// but for `options`).
+    pub fn volume_config(&self, options: VolumeOptions) -> VolumeConfig {
+        volume_config(&self.path, self.file.clone(), &self.label, options)
     }
 
     pub fn volume(&self) -> &Arc<Volume> {
@@ -1937,7 +1974,7 @@ mod tests {
             assert!(ro.volume().is_read_only());
             drop(ro);
             // Delete takes the layers with it.
-            let layers = crate::volume::layers_dir(&p);
+            let layers = lungate_block::store::file::layers_dir(&p);
             assert!(layers.is_dir());
             Lun::open(&p, Access::ReadWrite).unwrap().delete().unwrap();
             assert!(!layers.exists() && !p.exists());

@@ -27,7 +27,7 @@ use crate::error::Error;
 use crate::format::state::{Identity, RecordType, SnapshotTree};
 use crate::format::Layout;
 use crate::lun::{Access, Lun};
-use crate::volume::manifest::{self, Manifest, Parent};
+use lungate_block::volume::manifest::{self, Manifest, Parent};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ScanReport {
@@ -143,7 +143,7 @@ struct Found {
     clone_of: Option<(Uuid, String)>,
 }
 
-pub use crate::volume::layers_dir;
+pub use lungate_block::store::file::layers_dir;
 
 fn in_layers_dir(p: &Path) -> bool {
     let Some(dir) = p.parent() else {
@@ -686,11 +686,7 @@ mod tests {
         )
         .unwrap();
         let l = Lun::open(&p, Access::ReadWrite).unwrap();
-        let v = crate::volume::Volume::open(crate::volume::VolumeConfig::for_lun(
-            &l,
-            Default::default(),
-        ))
-        .unwrap();
+        let v = lungate_block::volume::Volume::open(l.volume_config(Default::default())).unwrap();
         v.snapshot("s1", "").unwrap();
         v.snapshot("s2", "").unwrap();
         v.close().unwrap();

@@ -98,7 +98,7 @@ fn target(path: &Path) -> Res<Target> {
 /// A snapshot as `snapshots` shows it (from the volume or a gateway).
 type SnapRow = wire::SnapshotInfo;
 
-fn row(s: lun_manager::volume::SnapshotInfo) -> SnapRow {
+fn row(s: lungate_block::volume::SnapshotInfo) -> SnapRow {
     wire::SnapshotInfo {
         name: s.name,
         description: s.description,
@@ -109,7 +109,7 @@ fn row(s: lun_manager::volume::SnapshotInfo) -> SnapRow {
     }
 }
 
-fn rows(v: Vec<lun_manager::volume::SnapshotInfo>) -> Vec<SnapRow> {
+fn rows(v: Vec<lungate_block::volume::SnapshotInfo>) -> Vec<SnapRow> {
     v.into_iter().map(row).collect()
 }
 
@@ -386,8 +386,8 @@ pub fn diff(out: &Output, path: &Path, from: &str, to: Option<&str>, file: Optio
                     offset: c.offset,
                     length: c.length,
                     kind: match c.kind {
-                        lun_manager::volume::ChangeKind::Data => wire::ChangeKind::Data,
-                        lun_manager::volume::ChangeKind::Zero => wire::ChangeKind::Zero,
+                        lungate_block::volume::ChangeKind::Data => wire::ChangeKind::Data,
+                        lungate_block::volume::ChangeKind::Zero => wire::ChangeKind::Zero,
                     },
                 })
                 .collect(),
@@ -612,7 +612,7 @@ fn usage_text(name: &str, list: &[wire::LayerUsage]) -> String {
 /// Rebuild the manifest under the LUN's lock, then open the LUN as a
 /// gateway would, to show it is whole again.
 pub fn repair(out: &Output, path: &Path) -> Res {
-    use lun_manager::volume::{repair, VolumeConfig, VolumeOptions};
+    use lungate_block::volume::{repair, VolumeOptions};
     let _lock = owner::lock(path)?;
     let label = Lun::probe_label(path)?;
     let file = std::fs::OpenOptions::new()
@@ -620,7 +620,7 @@ pub fn repair(out: &Output, path: &Path) -> Res {
         .write(true)
         .open(path)
         .map_err(|e| Fail::from(format!("{}: {e}", path.display())))?;
-    let cfg = VolumeConfig::for_label(
+    let cfg = lun_manager::lun::volume_config(
         path,
         std::sync::Arc::new(file),
         &label,
@@ -629,7 +629,8 @@ pub fn repair(out: &Output, path: &Path) -> Res {
             read_only: false,
         },
     );
-    let r = repair::rebuild_manifest(&cfg).map_err(lun_manager::Error::from)?;
+    let r = repair::rebuild_manifest(&cfg, &|p| Lun::probe_uuid(p).ok())
+        .map_err(lun_manager::Error::from)?;
     let l = Lun::open(path, Access::ReadWrite).map_err(|e| {
         let f = Fail::from(e);
         Fail::new(

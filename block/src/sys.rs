@@ -1,11 +1,13 @@
 //! Synchronous whole-range file operations used by provisioning (create,
 //! resize, scan): backing size, data extents, sparse copy, zeroing. The
-//! gateway's per-request I/O goes through [`crate::backend`] instead.
+//! gateway's per-request I/O goes through [`crate::engine`] instead.
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
+
+use crate::device::Extent;
 
 /// Size of a regular file or block device.
 pub fn backing_size(file: &File) -> io::Result<u64> {
@@ -22,9 +24,9 @@ pub fn is_block_device(file: &File) -> io::Result<bool> {
     Ok(file.metadata()?.file_type().is_block_device())
 }
 
+/// `lseek`; `Ok(None)` for ENXIO (no data, or no hole, at or after `off`).
 fn lseek(file: &File, off: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let off = libc::off_t::try_from(off)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+    let off = off_t(off)?;
     // SAFETY: lseek on a valid, owned descriptor has no memory effects.
     let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
     if r < 0 {
@@ -37,28 +39,93 @@ fn lseek(file: &File, off: u64, whence: libc::c_int) -> io::Result<Option<u64>> 
     Ok(Some(r as u64))
 }
 
-/// Data extents `(offset, length)` inside `[start, end)`, from SEEK_DATA /
-/// SEEK_HOLE. Where the filesystem cannot tell, the whole range is data.
-pub fn data_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
-    let mut out = Vec::new();
-    let mut at = start;
+/// Data and hole runs covering exactly `[offset, offset+len)`, in order,
+/// adjacent runs of the same kind merged, from `lseek(SEEK_DATA /
+/// SEEK_HOLE)`. Bytes past end of file are a hole. Advisory (a hole may be
+/// filled a moment later) and conservative: where the filesystem cannot
+/// tell, everything is data.
+///
+/// Uses the descriptor's file position (lseek moves it); all other I/O here
+/// is positional, so that is harmless.
+pub fn extents(file: &File, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+    let end = offset.checked_add(len).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("offset {offset} + length {len} overflows"),
+        )
+    })?;
+    let mut out: Vec<Extent> = Vec::new();
+    let mut push = |start: u64, stop: u64, data: bool| {
+        if stop <= start {
+            return;
+        }
+        match out.last_mut() {
+            Some(last) if last.data == data && last.offset + last.length == start => {
+                last.length += stop - start;
+            }
+            _ => out.push(Extent {
+                offset: start,
+                length: stop - start,
+                data,
+            }),
+        }
+    };
+    let mut at = offset;
     while at < end {
         let data = match lseek(file, at, libc::SEEK_DATA) {
-            Ok(Some(d)) => d,
-            Ok(None) => break,
+            Ok(Some(d)) => d.max(at),
+            Ok(None) => end,
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                return Ok(vec![(start, end - start)]);
+                push(at, end, true);
+                break;
             }
             Err(e) => return Err(e),
         };
+        push(at, data.min(end), false);
         if data >= end {
             break;
         }
-        let hole = lseek(file, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-        out.push((data, hole - data));
+        // SEEK_HOLE from inside data always finds one (end of file counts
+        // as a hole); treat the unexpected answers as "data to the end".
+        let hole = match lseek(file, data, libc::SEEK_HOLE)? {
+            Some(h) if h > data => h,
+            _ => end,
+        };
+        push(data, hole.min(end), true);
         at = hole;
     }
     Ok(out)
+}
+
+/// Data extents `(offset, length)` inside `[start, end)`; see [`extents`].
+pub fn data_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+    Ok(extents(file, start, end.saturating_sub(start))?
+        .into_iter()
+        .filter(|e| e.data)
+        .map(|e| (e.offset, e.length))
+        .collect())
+}
+
+/// `posix_fadvise(WILLNEED)`: start reading `[offset, offset+len)` into
+/// the page cache.
+pub fn will_need(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (o, l) = (off_t(offset)?, off_t(len)?);
+    // SAFETY: posix_fadvise only reads its integer arguments; the
+    // descriptor is owned by `file`, which outlives the call.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), o, l, libc::POSIX_FADV_WILLNEED) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+fn off_t(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{v} does not fit a file offset"),
+        )
+    })
 }
 
 /// Whether the regular file at `path` holds no written byte at all
@@ -195,6 +262,7 @@ pub fn allocate_range(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn sparse_copy_keeps_data_and_holes() {
@@ -234,5 +302,48 @@ mod tests {
         let mut b = vec![1u8; 4 << 20];
         f.read_exact_at(&mut b, 1 << 20).unwrap();
         assert!(b.iter().all(|&x| x == 0));
+    }
+
+    const BLOCK: u64 = 4096;
+    const BLOCKS: usize = 64;
+
+    /// Runs of the model (one bool per block: written or not), clipped to
+    /// `[offset, end)`, with bytes past the file's end as a hole.
+    fn model(written: &[bool], offset: u64, end: u64) -> Vec<Extent> {
+        let mut out: Vec<Extent> = Vec::new();
+        for at in offset..end {
+            let block = (at / BLOCK) as usize;
+            let data = written.get(block).copied().unwrap_or(false);
+            match out.last_mut() {
+                Some(last) if last.data == data => last.length += 1,
+                _ => out.push(Extent {
+                    offset: at,
+                    length: 1,
+                    data,
+                }),
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Whatever blocks are written and whatever window is asked for,
+        /// the runs cover the window exactly and match what was written.
+        #[test]
+        fn extents_match_the_blocks_written(
+            written in proptest::collection::vec(any::<bool>(), BLOCKS),
+            start in 0u64..(BLOCKS as u64 + 4) * BLOCK,
+            len in 0u64..(BLOCKS as u64 + 4) * BLOCK,
+        ) {
+            let f = tempfile::tempfile().unwrap();
+            f.set_len(BLOCKS as u64 * BLOCK).unwrap();
+            for (i, _) in written.iter().enumerate().filter(|(_, w)| **w) {
+                f.write_all_at(&[0xEE; BLOCK as usize], i as u64 * BLOCK).unwrap();
+            }
+            let got = extents(&f, start, len).unwrap();
+            prop_assert_eq!(got, model(&written, start, start + len));
+        }
     }
 }

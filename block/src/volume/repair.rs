@@ -24,16 +24,17 @@
 //! `manifest.N.damaged`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
 use super::error::{corrupt, Error, IoCtx, Result};
 use super::header::Header;
-use super::layer::{delta_path, holds_nothing, read_header, Delta};
+use super::layer::{holds_nothing, read_header, Delta};
 use super::manifest::{self, Dependent, LayerRec, Manifest, Parent, SnapRec};
-use super::{layers_dir, VolumeConfig};
+use super::VolumeConfig;
+use crate::store::file::{delta_path, layers_dir, FileStore};
+use crate::store::{Object, Store};
 
 /// What [`rebuild_manifest`] put back.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -55,6 +56,7 @@ pub struct Rebuilt {
 struct Found {
     header: Header,
     path: PathBuf,
+    obj: std::sync::Arc<dyn Object>,
 }
 
 fn short(id: Uuid) -> String {
@@ -65,7 +67,14 @@ fn short(id: Uuid) -> String {
 /// headers. Refuses when the manifest is valid (nothing to repair) or when
 /// any layer file of this LUN fails verification. The caller holds the
 /// LUN's lock, so no one else opens the volume meanwhile.
-pub fn rebuild_manifest(cfg: &VolumeConfig) -> Result<Rebuilt> {
+///
+/// `lun_uuid_of(path)` tells the LUN UUID of a LUN file in the pool (the
+/// caller knows the LUN format; this crate does not), so a clone's parent
+/// that is another LUN's base can be found.
+pub fn rebuild_manifest(
+    cfg: &VolumeConfig,
+    lun_uuid_of: &dyn Fn(&Path) -> Option<Uuid>,
+) -> Result<Rebuilt> {
     let dir = layers_dir(&cfg.lun_path);
     if !dir.symlink_metadata().is_ok_and(|m| m.is_dir()) {
         return Err(Error::Invalid(format!(
@@ -89,10 +98,12 @@ pub fn rebuild_manifest(cfg: &VolumeConfig) -> Result<Rebuilt> {
     };
 
     // Every layer file of this LUN, verified.
+    let store = FileStore::new(&cfg.lun_path, cfg.file.clone(), None, true);
     let mut found: BTreeMap<Uuid, Found> = BTreeMap::new();
-    for (id, path) in super::engine::delta_files(&dir)? {
-        let file = File::open(&path).ctx(&path, "open delta")?;
-        let (header, _, _) = read_header(&file, &path)?;
+    for id in store.list_layers()? {
+        let obj = store.open_layer(id, false)?;
+        let path = obj.name().to_path_buf();
+        let (header, _, _) = read_header(&*obj)?;
         if header.layer != id {
             return Err(corrupt(
                 &path,
@@ -110,7 +121,7 @@ pub fn rebuild_manifest(cfg: &VolumeConfig) -> Result<Rebuilt> {
                 ),
             ));
         }
-        found.insert(id, Found { header, path });
+        found.insert(id, Found { header, path, obj });
     }
     if found.is_empty() {
         return Err(Error::Invalid(format!(
@@ -148,9 +159,9 @@ pub fn rebuild_manifest(cfg: &VolumeConfig) -> Result<Rebuilt> {
             ));
         }
     }
-    for id in found.keys() {
+    for (id, f) in &found {
         // Journal and file length, exactly as an open checks them.
-        Delta::open(&dir, *id, cfg.lun_uuid, geo, false)?;
+        Delta::open(f.obj.clone(), *id, cfg.lun_uuid, geo)?;
     }
 
     // Parents, in the directory or elsewhere in the pool.
@@ -165,7 +176,7 @@ pub fn rebuild_manifest(cfg: &VolumeConfig) -> Result<Rebuilt> {
         } else if found.contains_key(&p) {
             Parent::Layer { id: p }
         } else {
-            let xdir = find_external(&pool, &me, p)?.ok_or_else(|| {
+            let xdir = find_external(&pool, &me, p, lun_uuid_of)?.ok_or_else(|| {
                 corrupt(
                     &f.path,
                     format!(
@@ -204,7 +215,7 @@ pub fn rebuild_manifest(cfg: &VolumeConfig) -> Result<Rebuilt> {
     let mut keep: HashSet<Uuid> = found.keys().copied().collect();
     for id in &leaves {
         let h = &found[id].header;
-        if **id != top && !h.frozen() && holds_nothing(&found[id].path, cfg.lun_uuid) {
+        if **id != top && !h.frozen() && holds_nothing(&*found[id].obj, cfg.lun_uuid) {
             keep.remove(id);
             left_out.push(found[id].path.clone());
         }
@@ -324,7 +335,7 @@ pub fn rebuild_manifest(cfg: &VolumeConfig) -> Result<Rebuilt> {
             .find(|s| s.layer == *id)
             .expect("named above")
             .name;
-        let (d, _) = Delta::open(&dir, *id, cfg.lun_uuid, geo, true)?;
+        let (d, _) = Delta::open(store.open_layer(*id, true)?, *id, cfg.lun_uuid, geo)?;
         d.set_frozen(name, "recovered by lunctl repair")?;
     }
     let mut kept_aside = Vec::new();
@@ -351,7 +362,12 @@ pub fn rebuild_manifest(cfg: &VolumeConfig) -> Result<Rebuilt> {
 
 /// The layers directory in `pool` (other than `me`) that holds layer `id`,
 /// or the layers directory of the pool's LUN whose UUID is `id`.
-fn find_external(pool: &Path, me: &Path, id: Uuid) -> Result<Option<PathBuf>> {
+fn find_external(
+    pool: &Path,
+    me: &Path,
+    id: Uuid,
+    lun_uuid_of: &dyn Fn(&Path) -> Option<Uuid>,
+) -> Result<Option<PathBuf>> {
     for e in std::fs::read_dir(pool).ctx(pool, "list pool")? {
         let p = e.ctx(pool, "list pool")?.path();
         let Ok(md) = p.symlink_metadata() else {
@@ -364,7 +380,7 @@ fn find_external(pool: &Path, me: &Path, id: Uuid) -> Result<Option<PathBuf>> {
             }
         } else if md.is_file()
             && p.extension().is_some_and(|x| x == "lun")
-            && crate::Lun::probe_uuid(&p).ok() == Some(id)
+            && lun_uuid_of(&p) == Some(id)
         {
             let l = layers_dir(&p);
             return Ok(Some(l.canonicalize().unwrap_or(l)));

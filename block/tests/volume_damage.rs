@@ -10,7 +10,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use lun_manager::volume::{layers_dir, repair, Volume, VolumeConfig, VolumeOptions};
+use lungate_block::store::file::layers_dir;
+use lungate_block::volume::{repair, Volume, VolumeConfig, VolumeOptions};
 use uuid::Uuid;
 
 const CS: u64 = 4096;
@@ -35,6 +36,7 @@ fn lun(dir: &Path, name: &str) -> VolumeConfig {
             cluster_size: CS as u32,
             read_only: false,
         },
+        engine: None,
     }
 }
 
@@ -125,7 +127,7 @@ fn repair_rebuilds_a_lost_manifest_from_the_layer_headers() {
     std::fs::write(&m1, &b).unwrap();
     assert!(open_err(&cfg).contains("no valid manifest slot"));
 
-    let r = repair::rebuild_manifest(&cfg).unwrap();
+    let r = repair::rebuild_manifest(&cfg, &|_| None).unwrap();
     assert_eq!(r.top, top);
     assert_eq!(r.layers, 2);
     assert_eq!(
@@ -146,7 +148,9 @@ fn repair_rebuilds_a_lost_manifest_from_the_layer_headers() {
     v.revert("b").unwrap();
     assert_eq!(all(&v), at_b);
     drop(v);
-    let e = repair::rebuild_manifest(&cfg).unwrap_err().to_string();
+    let e = repair::rebuild_manifest(&cfg, &|_| None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("nothing to repair"), "{e}");
 }
 
@@ -279,7 +283,7 @@ fn a_first_snapshot_interrupted_before_its_rename_leaves_a_plain_volume() {
     // Move the committed directory back to its staging name: the state a
     // crash before the publishing rename leaves.
     let dir = layers_dir(&cfg.lun_path);
-    let staging = lun_manager::volume::staging_dir(&dir);
+    let staging = lungate_block::store::file::staging_dir(&dir);
     std::fs::rename(&dir, &staging).unwrap();
     let foreign = d.path().join("keep-me");
     std::fs::write(&foreign, b"x").unwrap();

@@ -28,8 +28,7 @@ pub mod table;
 mod engine;
 
 pub use engine::{
-    layers_belong_to, layers_dir, remove_layers_of, staging_dir, Change, ChangeKind, LayerUsage,
-    SnapshotInfo, Volume, VolumeConfig, VolumeOptions,
+    Change, ChangeKind, LayerUsage, SnapshotInfo, Volume, VolumeConfig, VolumeOptions,
 };
 pub use error::{Error, Result};
 
