@@ -155,9 +155,16 @@ pub fn list(out: &Output, path: &Path) -> Res {
 }
 
 /// The snapshot tree for people: each snapshot under the one it was taken
-/// after, and `now` under the snapshot the live LUN continues from.
+/// after, and `VM now` under the snapshot the live LUN continues from.
 fn snapshot_tree(name: &str, list: &[SnapRow]) -> String {
-    fn walk(list: &[SnapRow], parent: Option<&str>, prefix: &str, depth: usize, o: &mut String) {
+    fn walk(
+        vm: &str,
+        list: &[SnapRow],
+        parent: Option<&str>,
+        prefix: &str,
+        depth: usize,
+        o: &mut String,
+    ) {
         let kids: Vec<&SnapRow> = list
             .iter()
             .filter(|s| s.parent.as_deref() == parent)
@@ -179,19 +186,19 @@ fn snapshot_tree(name: &str, list: &[SnapRow]) -> String {
             ));
             if depth < 256 {
                 let p = format!("{prefix}{}", if last { "   " } else { "│  " });
-                walk(list, Some(&s.name), &p, depth + 1, o);
+                walk(vm, list, Some(&s.name), &p, depth + 1, o);
             }
         }
         if now_here {
-            o.push_str(&format!("{prefix}└─ ● now (live)\n"));
+            o.push_str(&format!("{prefix}└─ ● {vm} now (live)\n"));
         }
     }
     let mut o = format!("{name}\n");
     if list.is_empty() {
-        o.push_str("└─ ● now (live, no snapshots)\n");
+        o.push_str(&format!("└─ ● {name} now (live, no snapshots)\n"));
         return o;
     }
-    walk(list, None, "", 0, &mut o);
+    walk(name, list, None, "", 0, &mut o);
     if !list.iter().any(|s| s.current) {
         o.push_str("(the live LUN descends from no snapshot: flattened or a clone)\n");
     }
