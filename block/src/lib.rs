@@ -12,8 +12,10 @@
 pub mod device;
 pub mod engine;
 pub mod progress;
+pub mod region;
 pub mod store;
 pub mod sys;
 pub mod volume;
 
-pub use device::{BlockDevice, Caps, Chunk, IoFuture};
+pub use device::{BlockDevice, Caps, Chunk, Extent, IoFuture};
+pub use region::Region;

@@ -89,15 +89,15 @@ pub fn engine_kind(c: EngineChoice) -> EngineKind {
 }
 
 /// Open (and lock) every LUN and build its exports.
-pub fn build_registry(cfg: &GatewayConfig) -> Result<Arc<Registry>, StartError> {
+pub fn build_registry(cfg: &GatewayConfig, engine: &IoEngine) -> Result<Arc<Registry>, StartError> {
     let stats = Arc::new(SwitchStats::default());
-    let (exports, luns) = ExportSet::from_config(cfg, stats.clone())?;
+    let (exports, luns) = ExportSet::from_config(cfg, stats.clone(), engine)?;
     if exports.is_empty() {
         tracing::warn!("no exports: check `pools` and [[export]] in the configuration");
     }
     for e in exports.iter() {
         tracing::info!(export = %e.name, size = e.size(), read_only = e.read_only, lun = %e.lun_path.display(),
-            plain = e.lun.as_ref().is_some_and(|l| l.is_plain()), "export");
+            layers = e.lun.as_ref().map_or(0, |l| l.volume().chain().len()), "export");
     }
     let registry = Arc::new(Registry::new(
         Arc::new(Exports::new(exports)),
@@ -115,13 +115,6 @@ pub fn build_registry(cfg: &GatewayConfig) -> Result<Arc<Registry>, StartError> 
 /// Open the exports, start the engine, load TLS and bind the listeners.
 pub async fn build_server(cfg: &GatewayConfig) -> Result<Server, StartError> {
     let listen = cfg.listen_addrs()?;
-    let registry = build_registry(cfg)?;
-    let tls = match (cfg.tls.mode, &cfg.tls.cert, &cfg.tls.key) {
-        (TlsMode::Off, _, _) => None,
-        (_, Some(cert), Some(key)) => Some(tls::acceptor(cert, key, cfg.tls.ca.as_deref())?),
-        // validate() rejects TLS without cert and key
-        _ => None,
-    };
     let engine =
         IoEngine::new(engine_kind(cfg.io.engine), cfg.io.workers).map_err(StartError::Engine)?;
     tracing::info!(
@@ -129,6 +122,13 @@ pub async fn build_server(cfg: &GatewayConfig) -> Result<Server, StartError> {
         workers = engine.workers(),
         "I/O engine"
     );
+    let registry = build_registry(cfg, &engine)?;
+    let tls = match (cfg.tls.mode, &cfg.tls.cert, &cfg.tls.key) {
+        (TlsMode::Off, _, _) => None,
+        (_, Some(cert), Some(key)) => Some(tls::acceptor(cert, key, cfg.tls.ca.as_deref())?),
+        // validate() rejects TLS without cert and key
+        _ => None,
+    };
     let settings = ServerSettings {
         listen,
         unix: cfg.unix.clone(),
@@ -149,7 +149,7 @@ pub async fn build_server(cfg: &GatewayConfig) -> Result<Server, StartError> {
             _ => None,
         },
     };
-    Ok(Server::bind(settings, registry, engine).await?)
+    Ok(Server::bind(settings, registry).await?)
 }
 
 #[cfg(test)]
