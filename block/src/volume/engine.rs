@@ -17,6 +17,7 @@ use super::manifest::{self, Dependent, FlattenRec, LayerRec, Manifest, Parent, S
 use super::table::Table;
 use super::{lock, read, write};
 use crate::engine::{Extent, IoEngine};
+use crate::progress::Progress;
 use crate::store::file::{delta_path, parent_dir, peer_base, resolve_peer, FileObject, FileStore};
 use crate::store::{Object, Store};
 
@@ -1188,7 +1189,7 @@ impl Volume {
         let idx = st.build_index(&st.chain, self.geo.clusters);
         *st.index.get_mut().unwrap_or_else(|e| e.into_inner()) = idx;
         self.dirty.mark_all();
-        self.gc(&mut st, false)
+        self.gc(&mut st, false, &mut crate::progress::silent())
     }
 
     /// Remove snapshot `name`. Its layer is kept while other snapshots,
@@ -1196,6 +1197,12 @@ impl Volume {
     /// removed, and one with a single child is merged into that child
     /// (clusters the child lacks are copied up), so no view loses a byte.
     pub fn delete_snapshot(&self, name: &str) -> Result<()> {
+        self.delete_snapshot_with(name, &mut crate::progress::silent())
+    }
+
+    /// [`Volume::delete_snapshot`], reporting the bytes of the clusters it
+    /// merges (phase `merge`) to `progress`.
+    pub fn delete_snapshot_with(&self, name: &str, progress: &mut dyn Progress) -> Result<()> {
         self.writable()?;
         let _m = lock(&self.maint);
         let mut st = write(&self.state);
@@ -1210,13 +1217,15 @@ impl Volume {
                 tracing::warn!("delete snapshot {name}: layer header still names it: {e}");
             }
         }
-        self.gc(&mut st, true)
+        self.gc(&mut st, true, progress)
     }
 
     /// Remove unnamed, unpinned layers that nothing needs; with `merge`,
     /// fold single-child ones into their child.
-    fn gc(&self, st: &mut State, merge: bool) -> Result<()> {
+    fn gc(&self, st: &mut State, merge: bool, progress: &mut dyn Progress) -> Result<()> {
         let me = abs(&self.dir);
+        // Bytes of the merges done so far (one `merge` phase for them all).
+        let mut merged = 0;
         loop {
             let m = &st.manifest;
             let live: Vec<Dependent> = m
@@ -1278,23 +1287,36 @@ impl Volume {
                         let _ = self.store.remove_layer(x);
                     }
                 }
-                Some((x, Some(c))) => self.merge_into(st, x, c)?,
+                Some((x, Some(c))) => merged = self.merge_into(st, x, c, merged, progress)?,
             }
         }
     }
 
     /// Copy the clusters of `x` that its only child `c` lacks into `c`,
     /// commit `c`, then re-parent `c` and drop `x`. Runs under the exclusive
-    /// chain lock: O(clusters held by `x`).
-    fn merge_into(&self, st: &mut State, x: Uuid, c: Uuid) -> Result<()> {
+    /// chain lock: O(clusters held by `x`). Reports `merge` progress past
+    /// `base` bytes and returns `base` plus the bytes of `x`'s clusters.
+    fn merge_into(
+        &self,
+        st: &mut State,
+        x: Uuid,
+        c: Uuid,
+        base: u64,
+        progress: &mut dyn Progress,
+    ) -> Result<u64> {
         let (xs, cs) = (st.by_id[&x], st.by_id[&c]);
         let in_chain = st.chain.contains(&cs);
+        let cluster = self.geo.cluster_size;
+        let end;
         {
             let (xd, cd) = (st.delta(xs), st.delta(cs));
             let entries: Vec<(u64, u64)> = read(&xd.map).iter().collect();
+            end = base + entries.len() as u64 * cluster;
+            progress.update("merge", base, end);
             let mut buf = vec![0u8; self.geo.cluster_size as usize];
             let mut idx = write(&st.index);
-            for (vc, v) in entries {
+            for (i, (vc, v)) in entries.into_iter().enumerate() {
+                progress.update("merge", base + i as u64 * cluster, end);
                 if cd.get(vc) != 0 {
                     continue;
                 }
@@ -1338,7 +1360,8 @@ impl Volume {
             let _ = self.store.remove_layer(x);
         }
         st.chain = st.chain_of(st.top);
-        Ok(())
+        progress.update("merge", end, end);
+        Ok(end)
     }
 
     /// Make a new volume from snapshot `name`: `target` is a LUN file the
@@ -1500,7 +1523,7 @@ impl Volume {
         st.chain = vec![top];
         let idx = st.build_index(&st.chain, self.geo.clusters);
         *st.index.get_mut().unwrap_or_else(|e| e.into_inner()) = idx;
-        self.gc(&mut st, true)
+        self.gc(&mut st, true, &mut crate::progress::silent())
     }
 
     fn flatten_cluster(&self, st: &State, vc: u64, buf: &mut [u8]) -> Result<()> {
