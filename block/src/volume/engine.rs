@@ -23,6 +23,9 @@ use crate::store::{Object, Store};
 
 /// Cluster-lock shards; clusters `c` and `c + SHARDS` share a lock.
 const SHARDS: usize = 1024;
+/// Clusters a merge copies per step before letting tree-operation
+/// waiters and guest I/O planning at the state lock.
+const MERGE_BATCH: usize = 256;
 /// Longest snapshot description kept in the manifest.
 pub const DESCRIPTION_MAX: usize = 4096;
 
@@ -1189,7 +1192,7 @@ impl Volume {
         let idx = st.build_index(&st.chain, self.geo.clusters);
         *st.index.get_mut().unwrap_or_else(|e| e.into_inner()) = idx;
         self.dirty.mark_all();
-        self.gc(&mut st, false, &mut crate::progress::silent())
+        self.gc(&mut st)
     }
 
     /// Remove snapshot `name`. Its layer is kept while other snapshots,
@@ -1217,106 +1220,140 @@ impl Volume {
                 tracing::warn!("delete snapshot {name}: layer header still names it: {e}");
             }
         }
-        self.gc(&mut st, true, progress)
+        self.gc(&mut st)?;
+        drop(st);
+        self.merge_all(progress)
     }
 
-    /// Remove unnamed, unpinned layers that nothing needs; with `merge`,
-    /// fold single-child ones into their child.
-    fn gc(&self, st: &mut State, merge: bool, progress: &mut dyn Progress) -> Result<()> {
+    /// Remove unnamed, unpinned layers that nothing needs (and forget
+    /// clones that no longer reach into ours).
+    fn gc(&self, st: &mut State) -> Result<()> {
+        while self.gc_step(st, false)?.is_some() {}
+        Ok(())
+    }
+
+    /// One step of [`Volume::gc`]: remove one removable layer (`Some(None)`),
+    /// or with `merge` name one unnamed layer with a single child to fold
+    /// into it (`Some(Some((x, child)))`); `None` when nothing is left to do.
+    fn gc_step(&self, st: &mut State, merge: bool) -> Result<Option<Option<(Uuid, Uuid)>>> {
         let me = abs(&self.dir);
-        // Bytes of the merges done so far (one `merge` phase for them all).
-        let mut merged = 0;
-        loop {
-            let m = &st.manifest;
-            let live: Vec<Dependent> = m
-                .dependents
+        let m = &st.manifest;
+        let live: Vec<Dependent> = m
+            .dependents
+            .iter()
+            .filter(|d| dependent_alive(&self.pool, self.lun, &me, d))
+            .cloned()
+            .collect();
+        let mut pinned = HashSet::new();
+        for d in &live {
+            let mut at = Some(d.layer);
+            while let Some(id) = at {
+                pinned.insert(id);
+                at = match m.layer(id).map(|l| &l.parent) {
+                    Some(Parent::Layer { id }) => Some(*id),
+                    _ => None,
+                };
+            }
+        }
+        let named: HashSet<Uuid> = m.snapshots.iter().map(|s| s.layer).collect();
+        let mut action = None;
+        for l in &m.layers {
+            if l.id == m.top || named.contains(&l.id) || pinned.contains(&l.id) {
+                continue;
+            }
+            let children: Vec<Uuid> = m
+                .layers
                 .iter()
-                .filter(|d| dependent_alive(&self.pool, self.lun, &me, d))
-                .cloned()
+                .filter(|c| c.parent == Parent::Layer { id: l.id })
+                .map(|c| c.id)
                 .collect();
-            let mut pinned = HashSet::new();
-            for d in &live {
-                let mut at = Some(d.layer);
-                while let Some(id) = at {
-                    pinned.insert(id);
-                    at = match m.layer(id).map(|l| &l.parent) {
-                        Some(Parent::Layer { id }) => Some(*id),
-                        _ => None,
-                    };
+            match children.len() {
+                0 => {
+                    action = Some((l.id, None));
+                    break;
                 }
+                1 if merge => {
+                    action = Some((l.id, Some(children[0])));
+                    break;
+                }
+                _ => {}
             }
-            let named: HashSet<Uuid> = m.snapshots.iter().map(|s| s.layer).collect();
-            let mut action = None;
-            for l in &m.layers {
-                if l.id == m.top || named.contains(&l.id) || pinned.contains(&l.id) {
-                    continue;
-                }
-                let children: Vec<Uuid> = m
-                    .layers
-                    .iter()
-                    .filter(|c| c.parent == Parent::Layer { id: l.id })
-                    .map(|c| c.id)
-                    .collect();
-                match children.len() {
-                    0 => {
-                        action = Some((l.id, None));
-                        break;
-                    }
-                    1 if merge => {
-                        action = Some((l.id, Some(children[0])));
-                        break;
-                    }
-                    _ => {}
-                }
-            }
-            match action {
-                None => {
-                    if live.len() != m.dependents.len() {
-                        let mut m = m.clone();
-                        m.dependents = live;
-                        self.commit(st, m)?;
-                    }
-                    return Ok(());
-                }
-                Some((x, None)) => {
-                    let mut m = st.manifest.clone();
-                    m.layers.retain(|l| l.id != x);
-                    m.retired.push(x);
+        }
+        match action {
+            None => {
+                if live.len() != m.dependents.len() {
+                    let mut m = m.clone();
+                    m.dependents = live;
                     self.commit(st, m)?;
-                    if st.remove(st.by_id[&x]).is_some() {
-                        let _ = self.store.remove_layer(x);
-                    }
                 }
-                Some((x, Some(c))) => merged = self.merge_into(st, x, c, merged, progress)?,
+                Ok(None)
             }
+            Some((x, None)) => {
+                let mut m = st.manifest.clone();
+                m.layers.retain(|l| l.id != x);
+                m.retired.push(x);
+                self.commit(st, m)?;
+                if st.remove(st.by_id[&x]).is_some() {
+                    let _ = self.store.remove_layer(x);
+                }
+                Ok(Some(None))
+            }
+            Some((x, Some(c))) => Ok(Some(Some((x, c)))),
         }
     }
 
-    /// Copy the clusters of `x` that its only child `c` lacks into `c`,
-    /// commit `c`, then re-parent `c` and drop `x`. Runs under the exclusive
-    /// chain lock: O(clusters held by `x`). Reports `merge` progress past
-    /// `base` bytes and returns `base` plus the bytes of `x`'s clusters.
-    fn merge_into(
-        &self,
-        st: &mut State,
-        x: Uuid,
-        c: Uuid,
-        base: u64,
-        progress: &mut dyn Progress,
-    ) -> Result<u64> {
-        let (xs, cs) = (st.by_id[&x], st.by_id[&c]);
-        let in_chain = st.chain.contains(&cs);
+    /// Fold every unnamed single-child layer into its child, in the
+    /// background of guest I/O: the copy runs in bounded steps under the
+    /// shared state lock and per-cluster locks (guests wait at most for the
+    /// cluster being copied), and only the final re-parenting takes the
+    /// state lock exclusively (one manifest commit). The caller holds the
+    /// maintenance lock and not the state lock. Reports `merge` progress.
+    fn merge_all(&self, progress: &mut dyn Progress) -> Result<()> {
+        let mut merged = 0;
+        loop {
+            let next = {
+                let mut st = write(&self.state);
+                loop {
+                    match self.gc_step(&mut st, true)? {
+                        Some(None) => continue,
+                        Some(Some(pair)) => break Some(pair),
+                        None => break None,
+                    }
+                }
+            };
+            let Some((x, c)) = next else {
+                return Ok(());
+            };
+            merged = self.merge_copy(x, c, merged, progress)?;
+            let mut st = write(&self.state);
+            self.merge_finish(&mut st, x, c)?;
+        }
+    }
+
+    /// Copy the clusters of `x` that its only child `c` lacks into `c` and
+    /// commit `c`, in batches of [`MERGE_BATCH`] clusters, each under the
+    /// shared state lock and each cluster under its shard lock, so guest
+    /// reads and writes go on between (and beside) them. `x` is frozen: its
+    /// map does not change meanwhile. Returns `base` plus the bytes of
+    /// `x`'s clusters.
+    fn merge_copy(&self, x: Uuid, c: Uuid, base: u64, progress: &mut dyn Progress) -> Result<u64> {
         let cluster = self.geo.cluster_size;
-        let end;
-        {
+        let (entries, in_chain) = {
+            let st = read(&self.state);
+            let xs = st.by_id[&x];
+            let cs = st.by_id[&c];
+            let entries: Vec<(u64, u64)> = read(&st.delta(xs).map).iter().collect();
+            (entries, st.chain.contains(&cs))
+        };
+        let end = base + entries.len() as u64 * cluster;
+        progress.update("merge", base, end);
+        let mut buf = vec![0u8; self.geo.cluster_size as usize];
+        for (bi, batch) in entries.chunks(MERGE_BATCH).enumerate() {
+            let st = read(&self.state);
+            let (xs, cs) = (st.by_id[&x], st.by_id[&c]);
             let (xd, cd) = (st.delta(xs), st.delta(cs));
-            let entries: Vec<(u64, u64)> = read(&xd.map).iter().collect();
-            end = base + entries.len() as u64 * cluster;
-            progress.update("merge", base, end);
-            let mut buf = vec![0u8; self.geo.cluster_size as usize];
-            let mut idx = write(&st.index);
-            for (i, (vc, v)) in entries.into_iter().enumerate() {
-                progress.update("merge", base + i as u64 * cluster, end);
+            for &(vc, v) in batch {
+                let _g = self.shard(vc).write_blocking();
                 if cd.get(vc) != 0 {
                     continue;
                 }
@@ -1334,15 +1371,29 @@ impl Volume {
                 };
                 cd.set_entry(vc, new);
                 if in_chain {
+                    let mut idx = write(&st.index);
                     let e = idx.get(vc);
                     if e != 0 && slot_of(e) == xs {
                         idx.set(vc, pack(cs, new));
                     }
                 }
             }
-            drop(idx);
-            cd.commit()?;
+            drop(st);
+            progress.update(
+                "merge",
+                base + ((bi + 1) * MERGE_BATCH).min(entries.len()) as u64 * cluster,
+                end,
+            );
         }
+        let st = read(&self.state);
+        st.delta(st.by_id[&c]).commit()?;
+        Ok(end)
+    }
+
+    /// The short, exclusive end of a merge: re-parent `c` to `x`'s parent
+    /// and drop `x` (one manifest commit).
+    fn merge_finish(&self, st: &mut State, x: Uuid, c: Uuid) -> Result<()> {
+        let (xs, cs) = (st.by_id[&x], st.by_id[&c]);
         let mut m = st.manifest.clone();
         let xparent = m.layer(x).expect("listed").parent.clone();
         m.layers.retain(|l| l.id != x);
@@ -1360,8 +1411,7 @@ impl Volume {
             let _ = self.store.remove_layer(x);
         }
         st.chain = st.chain_of(st.top);
-        progress.update("merge", end, end);
-        Ok(end)
+        Ok(())
     }
 
     /// Make a new volume from snapshot `name`: `target` is a LUN file the
@@ -1523,7 +1573,9 @@ impl Volume {
         st.chain = vec![top];
         let idx = st.build_index(&st.chain, self.geo.clusters);
         *st.index.get_mut().unwrap_or_else(|e| e.into_inner()) = idx;
-        self.gc(&mut st, true, &mut crate::progress::silent())
+        self.gc(&mut st)?;
+        drop(st);
+        self.merge_all(&mut crate::progress::silent())
     }
 
     fn flatten_cluster(&self, st: &State, vc: u64, buf: &mut [u8]) -> Result<()> {
