@@ -511,7 +511,33 @@ impl Client {
                 })?;
                 Ok(Some(out))
             }
-            Err(e) if e.status() == Some(404) && !e.to_string().contains("LUN") => Ok(None),
+            Err(e) if e.status() == Some(404) && e.to_string().contains("no state record") => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A small record as snapshot `snapshot` holds it (read from the frozen
+    /// snapshot; nothing live changes); `None` if the snapshot has none.
+    pub fn snapshot_record(
+        &self,
+        lun: &str,
+        snapshot: &str,
+        rtype: RecordType,
+        instance: u16,
+    ) -> Result<Option<Vec<u8>>> {
+        let path = format!(
+            "{}/{}/records/{}/{instance}",
+            lun_path(lun, "snapshots"),
+            encode(snapshot),
+            rtype.name()
+        );
+        match self.request(Method::GET, &path, "", Vec::new()) {
+            Ok(r) => Ok(Some(r.body)),
+            Err(e) if e.status() == Some(404) && e.to_string().contains("has no state record") => {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }

@@ -367,3 +367,41 @@ fn spawn_writer(
         h.write_records_from(&puts, &removes, &mut src, &mut check)
     })
 }
+
+/// `GET /v1/luns/{lun}/snapshots/{snap}/records/{type}/{instance}`: a small
+/// record (at most 16 MiB) as the snapshot holds it, read from the frozen
+/// layer; nothing live changes.
+pub async fn read_in_snapshot(
+    State(reg): Reg,
+    UrlPath((lun, snap, rtype, instance)): UrlPath<(String, String, String, u16)>,
+) -> ApiResult {
+    let l = find(&reg, &lun)?;
+    let rtype = parse_type(&rtype)?;
+    if !l.volume().snapshots().iter().any(|s| s.name == snap) {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no snapshot named {snap:?}"),
+        ));
+    }
+    let h = l.lun.share();
+    let s2 = snap.clone();
+    let b = tokio::task::spawn_blocking(move || h.snapshot_record(&s2, rtype, instance))
+        .await
+        .map_err(internal)?
+        .map_err(lun_err)?
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("snapshot {snap:?} has no state record {rtype} #{instance}"),
+            )
+        })?;
+    let sum = blake3::hash(&b).to_hex().to_string();
+    let mut r = Body::from(b).into_response();
+    let hd = r.headers_mut();
+    hd.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    hd.insert(BLAKE3_HEADER, HeaderValue::from_str(&sum).expect("hex"));
+    Ok(r)
+}

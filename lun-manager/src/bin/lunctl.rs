@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use lun_manager::format::state::{Identity, RecordType, SecondaryDisks, SnapshotTree};
+use lun_manager::format::state::{
+    GuestService, HardwareConfig, Identity, RecordType, SecondaryDisks, SnapshotTree,
+};
 use lun_manager::group::Group;
 use lun_manager::lun::Found;
 use lun_manager::owner::{self, Probe};
@@ -148,6 +150,24 @@ enum Cmd {
     },
     /// Space used by each layer of the LUN
     Usage {
+        #[command(flatten)]
+        lun: LunRef,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the VM's memory size and vCPU count (applied by vmm-shim at
+    /// the next boot or restore; a saved state is adapted to it then)
+    SetHardware {
+        #[command(flatten)]
+        lun: LunRef,
+        #[arg(long, value_name = "SIZE")]
+        memory: Option<String>,
+        #[arg(long, value_name = "N")]
+        vcpus: Option<u32>,
+    },
+    /// Show the key the guest's software signs its state-service requests
+    /// with (install it in the guest); gives an older LUN one first
+    GuestKey {
         #[command(flatten)]
         lun: LunRef,
         #[arg(long)]
@@ -344,6 +364,8 @@ fn run(cli: Cli) -> Result<(), String> {
         } => diff(&lun.path()?, &from, to.as_deref(), json, out.as_deref())?,
         Cmd::ApplyDiff { lun, file } => apply_diff(&lun.path()?, &file)?,
         Cmd::Usage { lun, json } => usage(&lun.path()?, json)?,
+        Cmd::SetHardware { lun, memory, vcpus } => set_hardware(&lun.path()?, memory, vcpus)?,
+        Cmd::GuestKey { lun, json } => guest_key(&lun.path()?, json)?,
         Cmd::Scan { paths, json, html } => {
             let r = scan::scan(&paths);
             if let Some(f) = html {
@@ -404,7 +426,10 @@ fn create(a: CreateArgs) -> Result<(), String> {
                 })?
         },
     };
-    let lun = Lun::create(&path, &spec).map_err(|e| e.to_string())?;
+    let mut lun = Lun::create(&path, &spec).map_err(|e| e.to_string())?;
+    let service = new_guest_service(lun.uuid())?;
+    lun.put_records(&[(RecordType::GuestService, 0, json_bytes(&service))])
+        .map_err(|e| e.to_string())?;
     if a.json {
         println!(
             "{}",
@@ -1100,5 +1125,173 @@ fn usage(path: &Path, as_json: bool) -> Result<(), String> {
         t.name(),
         human(shared)
     );
+    Ok(())
+}
+
+// ----- vmm-shim settings ---------------------------------------------------
+
+fn json_bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("record types serialise")
+}
+
+/// A fresh guest-service record: a random 16-byte key, generation 1.
+fn new_guest_service(lun: uuid::Uuid) -> Result<GuestService, String> {
+    let mut key = [0u8; 16];
+    getrandom::fill(&mut key).map_err(|e| format!("no random bytes for the guest key: {e}"))?;
+    Ok(GuestService {
+        key: lungate_api::records::hex16(&key),
+        generation: 1,
+        lun_uuid: lun,
+    })
+}
+
+/// Where a state-record change goes: this process (holding the LUN's
+/// flock) or the gateway that serves the LUN.
+enum RecordTarget {
+    Direct {
+        lun: Box<Lun>,
+        _lock: owner::FileLock,
+    },
+    Gateway {
+        client: control::Client,
+        lun: String,
+    },
+}
+
+fn record_target(path: &Path) -> Result<RecordTarget, String> {
+    match owner::try_lock(path).map_err(|e| e.to_string())? {
+        Ok(lock) => Ok(RecordTarget::Direct {
+            lun: Box::new(Lun::open(path, Access::ReadWrite).map_err(|e| e.to_string())?),
+            _lock: lock,
+        }),
+        Err(Probe::Gateway { pid, control: sock }) => {
+            let label = Lun::probe_label(path).map_err(|e| e.to_string())?;
+            eprintln!(
+                "lunctl: {} is served by lungate (PID {pid}); using its control API at {}",
+                label.name,
+                sock.display()
+            );
+            Ok(RecordTarget::Gateway {
+                client: control::Client::new(&sock).map_err(|e| e.to_string())?,
+                lun: control::uuid_ref(label.uuid),
+            })
+        }
+        Err(busy) => Err(owner::busy_error(path, &busy).to_string()),
+    }
+}
+
+impl RecordTarget {
+    fn get<T: serde::de::DeserializeOwned>(&self, t: RecordType) -> Result<Option<T>, String> {
+        match self {
+            RecordTarget::Direct { lun, .. } => lun.record_json(t, 0).map_err(|e| e.to_string()),
+            RecordTarget::Gateway { client, lun } => gw(client.record_json(lun, t, 0)),
+        }
+    }
+
+    fn put(&mut self, t: RecordType, payload: Vec<u8>) -> Result<(), String> {
+        match self {
+            RecordTarget::Direct { lun, .. } => lun
+                .put_records(&[(t, 0, payload)])
+                .map_err(|e| e.to_string()),
+            RecordTarget::Gateway { client, lun } => {
+                let batch = wire::RecordBatch {
+                    put: vec![wire::RecordPut {
+                        rtype: t,
+                        instance: 0,
+                        length: payload.len() as u64,
+                    }],
+                    remove: vec![],
+                };
+                gw(client.write_records(lun, &batch, |_, sink| sink.write(&payload)))?;
+                Ok(())
+            }
+        }
+    }
+
+    fn uuid(&self) -> Result<uuid::Uuid, String> {
+        match self {
+            RecordTarget::Direct { lun, .. } => Ok(lun.uuid()),
+            RecordTarget::Gateway { lun, .. } => lun
+                .parse()
+                .map_err(|e| format!("LUN reference {lun:?}: {e}")),
+        }
+    }
+
+    fn state_region_len(&self, path: &Path) -> Result<u64, String> {
+        let label = match self {
+            RecordTarget::Direct { lun, .. } => lun.label().clone(),
+            RecordTarget::Gateway { .. } => Lun::probe_label(path).map_err(|e| e.to_string())?,
+        };
+        Ok(label.state_region().length)
+    }
+}
+
+fn set_hardware(path: &Path, memory: Option<String>, vcpus: Option<u32>) -> Result<(), String> {
+    if memory.is_none() && vcpus.is_none() {
+        return Err("set-hardware needs --memory SIZE and/or --vcpus N".into());
+    }
+    let mut t = record_target(path)?;
+    let mut hw: HardwareConfig = t
+        .get(RecordType::HardwareConfig)?
+        .ok_or_else(|| format!("{}: no hardware-config record", path.display()))?;
+    if let Some(m) = memory {
+        let m = size(&m, "--memory")?;
+        if m == 0 || m % (1 << 20) != 0 {
+            return Err(format!(
+                "--memory {}: must be a non-zero multiple of 1M",
+                human(m)
+            ));
+        }
+        let need = lun_manager::format::state::state_region_len(m)
+            .ok_or_else(|| format!("--memory {m}: too large"))?;
+        let have = t.state_region_len(path)?;
+        if need > have {
+            return Err(format!(
+                "--memory {}: the state region is {} and must be {} for that memory (two images);                  grow it with lunctl resize --memory while the LUN has no snapshots",
+                human(m),
+                human(have),
+                human(need)
+            ));
+        }
+        hw.memory_bytes = m;
+    }
+    if let Some(n) = vcpus {
+        if n == 0 || n > 255 {
+            return Err(format!("--vcpus {n}: must be 1 to 255"));
+        }
+        hw.vcpus = n;
+    }
+    t.put(RecordType::HardwareConfig, json_bytes(&hw))?;
+    println!(
+        "hardware is now {} vCPU, {} memory (applied at the next boot or restore)",
+        hw.vcpus,
+        human(hw.memory_bytes)
+    );
+    Ok(())
+}
+
+fn guest_key(path: &Path, as_json: bool) -> Result<(), String> {
+    let mut t = record_target(path)?;
+    let service = match t.get::<GuestService>(RecordType::GuestService)? {
+        Some(s) => s,
+        None => {
+            let s = new_guest_service(t.uuid()?)?;
+            t.put(RecordType::GuestService, json_bytes(&s))?;
+            eprintln!("lunctl: the LUN had no guest key; made one");
+            s
+        }
+    };
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "key": service.key,
+                "generation": service.generation,
+            }))
+            .expect("json")
+        );
+    } else {
+        println!("{}", service.key);
+    }
     Ok(())
 }
