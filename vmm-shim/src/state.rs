@@ -444,8 +444,11 @@ mod tests {
                 status::MALFORMED
             ]
         );
-        // None of them moved the sequence: seq 1 is still fresh.
-        ram.write(0, &request(2, 99, 1, "", b"")).unwrap();
+        // The forged and stale ones did not move the sequence; the two
+        // authentic but malformed ones did (they must not be replayable).
+        ram.write(0, &request(2, 99, 4, "", b"")).unwrap();
+        assert!(s.submit(0, &ram, 0).is_none());
+        ram.write(0, &request(2, 99, 5, "", b"")).unwrap();
         assert_eq!(s.submit(0, &ram, 0).map(|x| x.1), Some(Request::List));
     }
 
