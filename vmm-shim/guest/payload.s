@@ -493,6 +493,12 @@ bm_fail5: mov eax, 45
 # the new memory and vCPU count: check both.
 # ===========================================================================
 mode_hwcheck:
+        # use the top page of memory, so a restore onto less is refused
+        mov     rsi, [rip + boot_params]
+        mov     rdi, [rsi + BP_MEMORY]
+        sub     rdi, 4096
+        mov     rax, 0x7070707070707070
+        mov     [rdi], rax
         lea     rsi, [rip + name_hw]
         lea     rdx, [rip + data_save]
         mov     ecx, OP_SAVE

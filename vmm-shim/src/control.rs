@@ -98,16 +98,26 @@ fn handle(s: UnixStream, tx: Sender<Msg>) {
         Err(e) => OpReply::err(format!("bad request: {e}")),
         Ok(op) => {
             let (rtx, rrx) = std::sync::mpsc::channel();
-            if tx.send(Msg::Operator(op, rtx)).is_err() {
+            let (ack_tx, ack_rx) = std::sync::mpsc::channel();
+            if tx.send(Msg::Operator(op, rtx, ack_rx)).is_err() {
                 OpReply::err("the VM is shutting down".into())
             } else {
-                rrx.recv()
-                    .unwrap_or_else(|_| OpReply::err("the VM stopped before answering".into()))
+                let r = rrx
+                    .recv()
+                    .unwrap_or_else(|_| OpReply::err("the VM stopped before answering".into()));
+                write_reply(&s, &r);
+                // The controller may be waiting to exit until this is out.
+                let _ = ack_tx.send(());
+                return;
             }
         }
     };
+    write_reply(&s, &reply);
+}
+
+fn write_reply(s: &UnixStream, reply: &OpReply) {
     let mut s = s;
-    let mut out = serde_json::to_string(&reply).expect("reply serialises");
+    let mut out = serde_json::to_string(reply).expect("reply serialises");
     out.push('\n');
     let _ = s.write_all(out.as_bytes());
 }

@@ -40,7 +40,8 @@ use crate::vm::Vm;
 pub enum Msg {
     Vcpu(u32, Report),
     Guest(GuestRequest),
-    Operator(OpRequest, Sender<OpReply>),
+    /// A command, where to answer, and word that the answer went out.
+    Operator(OpRequest, Sender<OpReply>, Receiver<()>),
 }
 
 /// How `run` starts the VM.
@@ -807,11 +808,12 @@ impl Controller {
                         ));
                     }
                 }
-                Msg::Operator(op, reply) => {
+                Msg::Operator(op, reply, written) => {
                     let (r, stop) = self.operator(op);
                     let _ = reply.send(r);
                     if stop {
                         self.stop_vm();
+                        let _ = written.recv_timeout(Duration::from_secs(5));
                         return Ok(0);
                     }
                     if self.vm.is_none() {
