@@ -126,6 +126,19 @@ fn record_batches_stream_commit_atomically_and_stay_out_of_the_disk_export() {
     assert!(e.to_string().contains("needs a state region"), "{e}");
     assert_eq!(c.records("vm").unwrap().generation, gen);
 
+    // More than the state region holds: refused with the reason, even
+    // though the gateway stops writing payload early.
+    let b = RecordBatch {
+        put: vec![put(RecordType::MemoryImage, 5, 200 << 20)],
+        remove: vec![],
+    };
+    let chunk = vec![3u8; 1 << 20];
+    let e = c
+        .write_records("vm", &b, |_, s| (0..200).try_for_each(|_| s.write(&chunk)))
+        .unwrap_err();
+    assert!(e.to_string().contains("state region full"), "{e}");
+    assert_eq!(c.records("vm").unwrap().generation, gen);
+
     // Unknown LUN and unknown type are clear errors.
     let e = c.records("nope").unwrap_err();
     assert_eq!(e.status(), Some(404));

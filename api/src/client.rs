@@ -652,6 +652,7 @@ impl Client {
             tx: Some(tx),
             buf: Vec::with_capacity(CHUNK),
             left: 0,
+            closed: false,
         };
         let mut local: std::io::Result<()> = sink.push(&header);
         for (i, put) in batch.put.iter().enumerate() {
@@ -675,14 +676,19 @@ impl Client {
         }
         // Closing the channel ends the body: short if `fill` failed, and
         // the gateway then discards the batch.
+        let closed = sink.closed;
         drop(sink);
         let reply = self.rt.block_on(task).map_err(|e| {
             self.http_err(&Method::POST, &path, format!("request task failed: {e}"))
         })?;
-        if let Err(e) = local {
-            return Err(self.http_err(&Method::POST, &path, format!("payload not sent: {e}")));
+        match (local, reply) {
+            // The gateway stopped the upload: its answer is the reason.
+            (Err(_), Err(e)) if closed => Err(e),
+            (Err(e), _) => {
+                Err(self.http_err(&Method::POST, &path, format!("payload not sent: {e}")))
+            }
+            (Ok(()), r) => r,
         }
-        reply
     }
 }
 
@@ -693,6 +699,8 @@ pub struct RecordSink<'c> {
     buf: Vec<u8>,
     /// Bytes the current record still expects.
     left: u64,
+    /// The request ended on the gateway's side: its reply says why.
+    closed: bool,
 }
 
 impl RecordSink<'_> {
@@ -714,9 +722,10 @@ impl RecordSink<'_> {
         }
         let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
         let tx = self.tx.as_ref().expect("sink open");
-        self.rt
-            .block_on(tx.send(chunk))
-            .map_err(|_| std::io::Error::other("the gateway closed the upload"))
+        self.rt.block_on(tx.send(chunk)).map_err(|_| {
+            self.closed = true;
+            std::io::Error::other("the gateway closed the upload")
+        })
     }
 
     /// Append payload bytes of the current record.

@@ -470,3 +470,75 @@ fn run(
     }
     KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> VcpuState {
+        let mut s = VcpuState {
+            index: 2,
+            regs: kvm_regs {
+                rip: 0x100000,
+                rax: 7,
+                ..Default::default()
+            },
+            sregs: kvm_sregs {
+                cr3: 0x9000,
+                ..Default::default()
+            },
+            fpu: kvm_fpu {
+                fcw: 0x37f,
+                mxcsr: 0x1f80,
+                last_ip: 0x1234,
+                ..Default::default()
+            },
+            xsave: kvm_xsave::default(),
+            xcrs: kvm_xcrs::default(),
+            lapic: kvm_lapic_state::default(),
+            msrs: vec![kvm_msr_entry {
+                index: 0x10,
+                data: 99,
+                ..Default::default()
+            }],
+            events: kvm_vcpu_events::default(),
+            mp_state: kvm_mp_state { mp_state: 3 },
+            debugregs: kvm_debugregs::default(),
+        };
+        s.fpu.xmm[15][3] = 0xab;
+        s.xsave.region[1023] = 0xdead_beef;
+        s.lapic.regs[1023] = 5;
+        s
+    }
+
+    #[test]
+    fn vcpu_state_round_trips_through_its_record() {
+        let s = sample();
+        let b = s.encode();
+        let d = VcpuState::decode(&b).unwrap();
+        assert_eq!(d.encode(), b);
+        assert_eq!((d.index, d.regs.rip, d.sregs.cr3), (2, 0x100000, 0x9000));
+        assert_eq!((d.fpu.xmm[15][3], d.fpu.last_ip), (0xab, 0x1234));
+        assert_eq!(d.xsave.region[1023], 0xdead_beef);
+        assert_eq!(d.msrs.len(), 1);
+        assert_eq!((d.msrs[0].index, d.msrs[0].data), (0x10, 99));
+    }
+
+    #[test]
+    fn damaged_vcpu_records_are_refused_not_misread() {
+        let b = sample().encode();
+        for cut in [0, 10, 16, 30, b.len() - 1] {
+            assert!(VcpuState::decode(&b[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut extra = b.clone();
+        extra.push(0);
+        assert!(VcpuState::decode(&extra).is_err());
+        // A section that claims more bytes than there are.
+        let mut long = b.clone();
+        long[20] = 0xff;
+        assert!(VcpuState::decode(&long).is_err());
+        let mut magic = b;
+        magic[0] ^= 1;
+        assert!(VcpuState::decode(&magic).is_err());
+    }
+}

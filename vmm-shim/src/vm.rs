@@ -70,7 +70,6 @@ impl CpuidEntry {
 }
 
 pub struct Vm {
-    kvm: Kvm,
     fd: VmFd,
     pub ram: Arc<GuestRam>,
     pub vcpus: Vec<VcpuFd>,
@@ -162,7 +161,6 @@ impl Vm {
         }
         let msr_list = Arc::new(probe_msrs(&kvm, &fds[0])?);
         Ok(Vm {
-            kvm,
             fd,
             ram,
             vcpus: fds,
@@ -218,11 +216,6 @@ impl Vm {
 
     pub fn pages(&self) -> u64 {
         self.ram.size() / PAGE
-    }
-
-    #[allow(dead_code)]
-    fn kvm(&self) -> &Kvm {
-        &self.kvm
     }
 }
 

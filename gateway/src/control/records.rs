@@ -312,6 +312,7 @@ pub async fn write(
         if !pending.is_empty() {
             sent += pending.len() as u64;
             if tx.send(pending.split().freeze()).await.is_err() {
+                while let Some(Ok(_)) = body.frame().await {}
                 return Ok(());
             }
         }
@@ -326,7 +327,10 @@ pub async fn write(
                             return Err(bad("request body is longer than its Content-Length"));
                         }
                         if tx.send(d).await.is_err() {
-                            // The writer stopped early; its result says why.
+                            // The writer stopped early (its result says
+                            // why): read the rest, so the client is not
+                            // cut off mid-upload and gets the answer.
+                            while let Some(Ok(_)) = body.frame().await {}
                             return Ok(());
                         }
                     }
