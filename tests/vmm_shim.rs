@@ -217,6 +217,8 @@ fn selftest_guest_saves_lists_restores_and_finds_memory_registers_disk_and_app_d
 #[test]
 fn an_operator_save_while_the_guest_writes_then_restore_keeps_disk_and_memory_consistent() {
     let pool = new_pool("32M");
+    // Two vCPUs: the halted one must be parked and saved too.
+    lunctl(&["set-hardware", "vm", "--pool", pool.arg(), "--vcpus", "2"]);
     let gw = Gateway::start(&["--pool", pool.arg()]);
     let shim = Shim::start(&pool, &gw, "vm", &["--guest", "writer"]);
     shim.wait_serial("payload: writer");
