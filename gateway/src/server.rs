@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lun_manager::backend::IoEngine;
+use lungate_block::engine::IoEngine;
 use lungate_config::{Peer, TlsMode};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
@@ -323,8 +323,8 @@ async fn connection(
 mod tests {
     use super::*;
     use crate::nbd::proto::*;
-    use lun_manager::backend::EngineKind;
     use lun_manager::{Access, CreateSpec, Layout, Lun};
+    use lungate_block::engine::EngineKind;
     use lungate_config::GatewayConfig;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;

@@ -18,7 +18,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
 use crate::error::{Error, IoContext, Result};
-use crate::fileops;
 use crate::format::label::{Label, LabelError, LABEL_SIZE, MAGIC as LABEL_MAGIC};
 use crate::format::state::{
     self, Directory, Entry, HardwareConfig, Identity, RecordType, SecondaryDisks, SnapshotTree,
@@ -28,7 +27,8 @@ use crate::format::{
     align_up, gpt, Layout, Region, RegionKind, ALIGN, LABEL_REGION_LEN, LABEL_SLOT_STRIDE, MIB,
     OFFSET_LABEL_AT, OFFSET_TAIL_RESERVED,
 };
-use crate::volume::{self, Volume, VolumeConfig, VolumeOptions};
+use lungate_block::sys as fileops;
+use lungate_block::volume::{self, Volume, VolumeConfig, VolumeOptions};
 
 /// How to open the backing file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,12 +99,43 @@ impl From<volume::Error> for Error {
     }
 }
 
+/// The volume configuration of the LUN at `path` with `label`: its whole
+/// byte range, with the label region protected, and in the offset layout
+/// also the primary and backup GPT (first and last MiB): both are derived
+/// from the label and rewritten in place, so they must never be frozen
+/// into a layer.
+pub fn volume_config(
+    path: &Path,
+    file: Arc<File>,
+    label: &Label,
+    options: VolumeOptions,
+) -> VolumeConfig {
+    let l = label.label_region();
+    let mut protected = Vec::with_capacity(3);
+    if label.layout == Layout::Offset {
+        protected.push(0..MIB);
+    }
+    protected.push(l.offset..l.end());
+    if label.layout == Layout::Offset {
+        protected.push(label.lun_size - MIB..label.lun_size);
+    }
+    VolumeConfig {
+        lun_path: path.to_path_buf(),
+        file,
+        lun_uuid: label.uuid,
+        size: label.lun_size,
+        protected,
+        options,
+        engine: None,
+    }
+}
+
 fn open_volume(path: &Path, file: &Arc<File>, label: &Label, access: Access) -> Result<Volume> {
     let options = VolumeOptions {
         read_only: access == Access::ReadOnly,
         cluster_size: label.volume_cluster_size(),
     };
-    Ok(Volume::open(VolumeConfig::for_label(
+    Ok(Volume::open(volume_config(
         path,
         file.clone(),
         label,
@@ -435,6 +466,7 @@ impl Lun {
         snapshot: &str,
         path: &Path,
         new_name: &str,
+        uuid: Uuid,
         secondaries: Option<SecondaryDisks>,
     ) -> Result<Lun> {
         crate::format::validate_name(new_name).map_err(Error::Invalid)?;
@@ -444,7 +476,7 @@ impl Lun {
                 self.path.display()
             )));
         }
-        let layers = volume::layers_dir(path);
+        let layers = lungate_block::store::file::layers_dir(path);
         if layers.exists() {
             return Err(Error::Invalid(format!(
                 "{} exists (layers of an older LUN of that name?); remove it first",
@@ -454,7 +486,7 @@ impl Lun {
         let t = now();
         let mut label = self.label.clone();
         label.generation = 1;
-        label.uuid = Uuid::new_v4();
+        label.uuid = uuid;
         label.name = new_name.into();
         label.created = t;
         label.updated = t;
@@ -479,7 +511,7 @@ impl Lun {
         let made = (|| {
             file.set_len(label.lun_size).ctx(path, "size clone")?;
             let file = Arc::new(file);
-            let cfg = VolumeConfig::for_label(path, file.clone(), &label, VolumeOptions::default());
+            let cfg = volume_config(path, file.clone(), &label, VolumeOptions::default());
             let vol = self.volume.clone_to(snapshot, cfg)?;
             // The snapshot's directory still names this LUN.
             let (mut dir, slot) = Self::read_dir_as(path, &vol, &label, self.uuid())?;
@@ -537,8 +569,12 @@ impl Lun {
             Ok(lun)
         })();
         if made.is_err() {
+            // The file is ours (created above); of the layers, only what
+            // the clone's volume made under its UUID is removed.
             let _ = std::fs::remove_file(path);
-            let _ = std::fs::remove_dir_all(&layers);
+            for dir in [lungate_block::store::file::staging_dir(&layers), layers] {
+                let _ = lungate_block::store::file::remove_layers_of(&dir, uuid);
+            }
         }
         made
     }
@@ -691,7 +727,7 @@ impl Lun {
         label
             .validate()
             .map_err(|e| Error::Invalid(e.to_string()))?;
-        let layers = volume::layers_dir(path);
+        let layers = lungate_block::store::file::layers_dir(path);
         if layers.exists() {
             if !is_block {
                 let _ = std::fs::remove_file(path);
@@ -833,6 +869,12 @@ impl Lun {
             warnings: self.warnings.clone(),
             volume: self.volume.clone(),
         }
+    }
+
+    /// This LUN's [`volume_config`] (the one its volume was opened with,
+    /// but for `options`).
+    pub fn volume_config(&self, options: VolumeOptions) -> VolumeConfig {
+        volume_config(&self.path, self.file.clone(), &self.label, options)
     }
 
     pub fn volume(&self) -> &Arc<Volume> {
@@ -1405,6 +1447,21 @@ impl Lun {
                 self.name()
             )));
         }
+        let dir = |p: &Path| {
+            p.parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .canonicalize()
+                .ok()
+        };
+        if dir(self.path()).is_none() || dir(self.path()) != dir(other.path()) {
+            return Err(Error::Invalid(format!(
+                "{} is not in the pool of {} ({}): a VM's secondary disks live in its own pool, where its group finds them by UUID; move it there first",
+                other.path().display(),
+                self.name(),
+                self.path().parent().unwrap_or(Path::new(".")).display()
+            )));
+        }
         let mut s = self.secondaries()?;
         if s.disks.iter().any(|d| d.lun_uuid == other.uuid()) {
             return Err(Error::Invalid(format!(
@@ -1882,7 +1939,7 @@ mod tests {
             assert!(ro.volume().is_read_only());
             drop(ro);
             // Delete takes the layers with it.
-            let layers = crate::volume::layers_dir(&p);
+            let layers = lungate_block::store::file::layers_dir(&p);
             assert!(layers.is_dir());
             Lun::open(&p, Access::ReadWrite).unwrap().delete().unwrap();
             assert!(!layers.exists() && !p.exists());

@@ -306,7 +306,7 @@ fn wire_layout(l: lun_manager::Layout) -> wire::Layout {
     }
 }
 
-pub(crate) fn wire_snapshot(s: lun_manager::volume::SnapshotInfo) -> wire::SnapshotInfo {
+pub(crate) fn wire_snapshot(s: lungate_block::volume::SnapshotInfo) -> wire::SnapshotInfo {
     wire::SnapshotInfo {
         name: s.name,
         description: s.description,
@@ -317,18 +317,18 @@ pub(crate) fn wire_snapshot(s: lun_manager::volume::SnapshotInfo) -> wire::Snaps
     }
 }
 
-fn wire_change(c: lun_manager::volume::Change) -> wire::Change {
+fn wire_change(c: lungate_block::volume::Change) -> wire::Change {
     wire::Change {
         offset: c.offset,
         length: c.length,
         kind: match c.kind {
-            lun_manager::volume::ChangeKind::Data => wire::ChangeKind::Data,
-            lun_manager::volume::ChangeKind::Zero => wire::ChangeKind::Zero,
+            lungate_block::volume::ChangeKind::Data => wire::ChangeKind::Data,
+            lungate_block::volume::ChangeKind::Zero => wire::ChangeKind::Zero,
         },
     }
 }
 
-fn wire_usage(u: lun_manager::volume::LayerUsage) -> wire::LayerUsage {
+fn wire_usage(u: lungate_block::volume::LayerUsage) -> wire::LayerUsage {
     wire::LayerUsage {
         layer: u.layer,
         path: u.path,

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use lun_manager::group::Group;
-use lun_manager::volume::{Change, LayerUsage, SnapshotInfo};
+use lungate_block::volume::{Change, LayerUsage, SnapshotInfo};
 
 use crate::registry::Registry;
 use crate::served::{own, ServedLun};

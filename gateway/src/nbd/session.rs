@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use lun_manager::backend::IoEngine;
+use lungate_block::engine::IoEngine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::codec::Decoder;
@@ -428,7 +428,7 @@ impl Ctx {
         &self,
         at: u64,
         len: u64,
-    ) -> std::io::Result<Vec<lun_manager::backend::Extent>> {
+    ) -> std::io::Result<Vec<lungate_block::engine::Extent>> {
         match &self.export.lun {
             Some(l) => l.extents(&self.engine, at, len).await,
             None => self.engine.extents(&self.export.file, at, len),

@@ -173,6 +173,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Rebuild a LUN's lost snapshot manifest from its layers' headers
+    /// (the LUN is refused until then; see docs/volumes.md)
+    Repair {
+        #[command(flatten)]
+        lun: LunRef,
+        #[arg(long)]
+        json: bool,
+    },
     /// Find VM LUNs in pool directories, files and block devices
     Scan {
         #[arg(required = true, value_name = "PATH")]
@@ -366,6 +374,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Usage { lun, json } => usage(&lun.path()?, json)?,
         Cmd::SetHardware { lun, memory, vcpus } => set_hardware(&lun.path()?, memory, vcpus)?,
         Cmd::GuestKey { lun, json } => guest_key(&lun.path()?, json)?,
+        Cmd::Repair { lun, json } => repair(&lun.path()?, json)?,
         Cmd::Scan { paths, json, html } => {
             let r = scan::scan(&paths);
             if let Some(f) = html {
@@ -507,6 +516,64 @@ fn describe(l: &Lun) -> serde_json::Value {
         },
         "warnings": l.warnings(),
     })
+}
+
+/// Rebuild the manifest under the LUN's lock, then open the LUN as a
+/// gateway would, to show it is whole again.
+fn repair(path: &Path, as_json: bool) -> Result<(), String> {
+    use lungate_block::volume::{repair, VolumeOptions};
+    let _lock = lock(path)?;
+    let label = Lun::probe_label(path).map_err(|e| e.to_string())?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let cfg = lun_manager::lun::volume_config(
+        path,
+        std::sync::Arc::new(file),
+        &label,
+        VolumeOptions {
+            cluster_size: label.volume_cluster_size(),
+            read_only: false,
+        },
+    );
+    let r =
+        repair::rebuild_manifest(&cfg, &|p| Lun::probe_uuid(p).ok()).map_err(|e| e.to_string())?;
+    let l = Lun::open(path, Access::ReadWrite)
+        .map_err(|e| format!("manifest rebuilt, but the LUN still does not open: {e}"))?;
+    let snaps = l.volume().snapshots().len();
+    drop(l);
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).expect("report serialises")
+        );
+        return Ok(());
+    }
+    println!(
+        "rebuilt {} from {} layer(s): live layer {}, {snaps} snapshot(s): {}",
+        r.dir.display(),
+        r.layers,
+        r.top,
+        r.snapshots.join(", ")
+    );
+    if !r.recovered.is_empty() {
+        println!(
+            "named layers that had no snapshot name: {} (revert to them, or delete them with delete-snapshot)",
+            r.recovered.join(", ")
+        );
+    }
+    for p in &r.left_out {
+        println!("left out {} (empty, never committed)", p.display());
+    }
+    for p in &r.kept_aside {
+        println!("kept the damaged manifest slot as {}", p.display());
+    }
+    if r.dependents > 0 {
+        println!("{} clone(s) depend on these layers", r.dependents);
+    }
+    Ok(())
 }
 
 fn inspect(path: &Path, as_json: bool) -> Result<(), String> {
@@ -730,7 +797,7 @@ fn gerr(e: lun_manager::Error) -> String {
 /// A snapshot as `snapshots` shows it (from the volume or a gateway).
 type SnapRow = wire::SnapshotInfo;
 
-fn row(s: lun_manager::volume::SnapshotInfo) -> SnapRow {
+fn row(s: lungate_block::volume::SnapshotInfo) -> SnapRow {
     wire::SnapshotInfo {
         name: s.name,
         description: s.description,
@@ -741,7 +808,7 @@ fn row(s: lun_manager::volume::SnapshotInfo) -> SnapRow {
     }
 }
 
-fn rows(v: Vec<lun_manager::volume::SnapshotInfo>) -> Vec<SnapRow> {
+fn rows(v: Vec<lungate_block::volume::SnapshotInfo>) -> Vec<SnapRow> {
     v.into_iter().map(row).collect()
 }
 
@@ -983,8 +1050,8 @@ fn diff(
                     offset: c.offset,
                     length: c.length,
                     kind: match c.kind {
-                        lun_manager::volume::ChangeKind::Data => wire::ChangeKind::Data,
-                        lun_manager::volume::ChangeKind::Zero => wire::ChangeKind::Zero,
+                        lungate_block::volume::ChangeKind::Data => wire::ChangeKind::Data,
+                        lungate_block::volume::ChangeKind::Zero => wire::ChangeKind::Zero,
                     },
                 })
                 .collect(),

@@ -14,7 +14,6 @@
 //! `LUNGATE_IO_ENGINE=auto|uring|sync` in the environment overrides the
 //! kind passed to [`IoEngine::new`]. See docs/backend.md.
 
-mod extents;
 mod nowait;
 mod op;
 mod sync;
@@ -30,7 +29,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-pub use extents::Extent;
+pub use crate::device::Extent;
 pub use op::BackendError;
 use op::{check_range, Op, Request, ZeroPlan};
 
@@ -289,7 +288,8 @@ impl IoEngine {
     /// Data and hole runs covering exactly `[offset, offset+len)`; see
     /// [`Extent`]. Runs on the calling thread (a few lseek calls).
     pub fn extents(&self, file: &File, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
-        extents::extents(file, offset, len)
+        check_range(offset, len)?;
+        crate::sys::extents(file, offset, len)
     }
 
     async fn zero(

@@ -1,9 +1,8 @@
 //! [`Volume`]: the chain of layers behind one LUN and every operation on it.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -13,11 +12,13 @@ use uuid::Uuid;
 use super::error::{corrupt, Error, IoCtx, Result};
 use super::header::{valid_cluster_size, Geometry, NAME_MAX};
 use super::journal::{self, KIND_DATA, KIND_ZERO};
-use super::layer::{delta_path, Delta, Layer, Raw, PENDING_LIMIT};
+use super::layer::{holds_nothing, Delta, Layer, Raw, PENDING_LIMIT};
 use super::manifest::{self, Dependent, FlattenRec, LayerRec, Manifest, Parent, SnapRec};
 use super::table::Table;
 use super::{lock, read, write};
-use crate::backend::Extent;
+use crate::engine::{Extent, IoEngine};
+use crate::store::file::{delta_path, FileObject, FileStore};
+use crate::store::{Object, Store};
 
 /// Cluster-lock shards; clusters `c` and `c + SHARDS` share a lock.
 const SHARDS: usize = 1024;
@@ -58,55 +59,9 @@ pub struct VolumeConfig {
     /// the LUN file itself, writes through the volume are refused.
     pub protected: Vec<Range<u64>>,
     pub options: VolumeOptions,
-}
-
-impl VolumeConfig {
-    /// The configuration for an open LUN: its whole byte range, with the
-    /// label region protected, and in the offset layout also the primary
-    /// and backup GPT (first and last MiB): both are derived from the label
-    /// and rewritten in place, so they must never be frozen into a layer.
-    pub fn for_lun(lun: &crate::Lun, options: VolumeOptions) -> VolumeConfig {
-        VolumeConfig::for_label(lun.path(), lun.file().clone(), lun.label(), options)
-    }
-
-    /// [`VolumeConfig::for_lun`] from a label alone (before the LUN is open).
-    pub fn for_label(
-        path: &Path,
-        file: Arc<File>,
-        label: &crate::format::label::Label,
-        options: VolumeOptions,
-    ) -> VolumeConfig {
-        let l = label.label_region();
-        let mut protected = Vec::with_capacity(3);
-        let mib = crate::format::MIB;
-        if label.layout == crate::Layout::Offset {
-            protected.push(0..mib);
-        }
-        protected.push(l.offset..l.end());
-        if label.layout == crate::Layout::Offset {
-            protected.push(label.lun_size - mib..label.lun_size);
-        }
-        VolumeConfig {
-            lun_path: path.to_path_buf(),
-            file,
-            lun_uuid: label.uuid,
-            size: label.lun_size,
-            protected,
-            options,
-        }
-    }
-}
-
-/// `POOL/NAME.lun` → `POOL/NAME.layers`.
-pub fn layers_dir(lun_path: &Path) -> PathBuf {
-    match lun_path.extension() {
-        Some(e) if e == "lun" => lun_path.with_extension("layers"),
-        _ => {
-            let mut s = lun_path.as_os_str().to_os_string();
-            s.push(".layers");
-            PathBuf::from(s)
-        }
-    }
+    /// The I/O engine the asynchronous data path runs on (the gateway's);
+    /// without one, the asynchronous calls do their I/O inline.
+    pub engine: Option<IoEngine>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -282,7 +237,8 @@ enum Res {
 pub struct Volume {
     lun_path: PathBuf,
     dir: PathBuf,
-    home: Arc<File>,
+    store: Arc<dyn Store>,
+    engine: Option<IoEngine>,
     lun: Uuid,
     geo: Geometry,
     protected: Vec<Range<u64>>,
@@ -305,7 +261,9 @@ impl std::fmt::Debug for Volume {
 }
 
 fn now() -> u64 {
-    crate::lun::now()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn abs(p: &Path) -> PathBuf {
@@ -328,12 +286,36 @@ impl Volume {
     /// chain, replaying journals. Without a layers directory this is a plain
     /// volume whose only layer is the LUN file.
     pub fn open(cfg: VolumeConfig) -> Result<Volume> {
-        let dir = layers_dir(&cfg.lun_path);
-        let loaded = if dir.is_dir() {
-            manifest::load(&dir)?
-        } else {
-            None
-        };
+        let read_only = cfg.options.read_only;
+        let store: Arc<dyn Store> = Arc::new(FileStore::new(
+            &cfg.lun_path,
+            cfg.file.clone(),
+            cfg.engine.clone(),
+            !read_only,
+        ));
+        let dir = store.location().to_path_buf();
+        let mut warnings = Vec::new();
+        if !read_only {
+            warnings.extend(store.recover(cfg.lun_uuid)?);
+        }
+        let loaded = store.load_manifest()?;
+        if loaded.is_none() && store.exists() {
+            let layers = store.list_layers()?;
+            if !layers.is_empty() {
+                return Err(corrupt(
+                    &dir,
+                    format!(
+                        "holds {} layer file(s) ({}) but no manifest (manifest.0 and manifest.1 are missing): the LUN's snapshots and everything written since the first one live in those layers, so it is not served; nothing was removed. `lunctl repair` rebuilds the manifest from the layers' headers",
+                        layers.len(),
+                        layers
+                            .iter()
+                            .map(|id| format!("{id}.delta"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
         let cs = loaded
             .as_ref()
             .map_or(cfg.options.cluster_size, |l| l.manifest.cluster_size) as u64;
@@ -361,12 +343,9 @@ impl Volume {
                 cfg.size
             )));
         }
-        let read_only = cfg.options.read_only;
-        let mut warnings = Vec::new();
         let home = Layer::Raw(Raw {
             id: cfg.lun_uuid,
-            path: cfg.lun_path.clone(),
-            file: cfg.file.clone(),
+            obj: store.base().clone(),
         });
         let mut st = State {
             plain: true,
@@ -380,6 +359,7 @@ impl Volume {
                 snapshots: vec![],
                 dependents: vec![],
                 flatten: None,
+                retired: vec![],
             },
             generation: 0,
             nodes: vec![],
@@ -401,7 +381,8 @@ impl Volume {
                 ));
             }
             for rec in &m.layers {
-                let (d, w) = Delta::open(&dir, rec.id, cfg.lun_uuid, geo, !read_only)?;
+                let obj = store.open_layer(rec.id, !read_only)?;
+                let (d, w) = Delta::open(obj, rec.id, cfg.lun_uuid, geo)?;
                 warnings.extend(w);
                 st.add(Layer::Delta(Box::new(d)), None, true);
             }
@@ -410,9 +391,15 @@ impl Volume {
                     Parent::Base => Some(0),
                     Parent::None => None,
                     Parent::Layer { id } => Some(st.by_id[id]),
-                    Parent::External { dir: xdir, id } => {
-                        Some(resolve_external(&mut st, xdir, *id, geo, &mut warnings, 0)?)
-                    }
+                    Parent::External { dir: xdir, id } => Some(resolve_external(
+                        &mut st,
+                        xdir,
+                        *id,
+                        geo,
+                        cfg.engine.as_ref(),
+                        &mut warnings,
+                        0,
+                    )?),
                 };
                 let s = st.by_id[&rec.id];
                 st.nodes[s as usize].as_mut().expect("just added").parent = parent;
@@ -424,12 +411,12 @@ impl Volume {
             if !l.warnings.is_empty() {
                 warnings.extend(l.warnings.iter().map(|w| format!("{}: {w}", dir.display())));
                 if !read_only {
-                    manifest::store(&dir, &st.manifest, st.generation)?;
+                    store.commit_manifest(&st.manifest, st.generation)?;
                 }
             }
         }
-        if dir.is_dir() && !read_only {
-            remove_orphans(&dir, &st.manifest, &mut warnings)?;
+        if store.exists() && !read_only {
+            remove_orphans(&*store, &st.manifest, &mut warnings)?;
         }
         st.chain = st.chain_of(st.top);
         *st.index.get_mut().unwrap_or_else(|e| e.into_inner()) =
@@ -440,7 +427,8 @@ impl Volume {
         Ok(Volume {
             lun_path: cfg.lun_path,
             dir,
-            home: cfg.file,
+            store,
+            engine: cfg.engine,
             lun: cfg.lun_uuid,
             geo,
             protected: cfg.protected,
@@ -451,6 +439,16 @@ impl Volume {
             crashed: AtomicBool::new(false),
             read_only,
         })
+    }
+
+    /// The I/O engine of the asynchronous data path, if any.
+    pub fn engine(&self) -> Option<&IoEngine> {
+        self.engine.as_ref()
+    }
+
+    /// The LUN's own bytes (the base of every chain of this volume).
+    fn home(&self) -> &Arc<dyn Object> {
+        self.store.base()
     }
 
     /// Flush and close.
@@ -641,9 +639,9 @@ impl Volume {
         if e == 0 {
             match root {
                 Some(r) => r
-                    .file
-                    .read_exact_at(buf, vc * self.geo.cluster_size + in_off)
-                    .ctx(&r.path, "read base"),
+                    .obj
+                    .read_at(buf, vc * self.geo.cluster_size + in_off)
+                    .ctx(r.obj.name(), "read base"),
                 None => {
                     buf.fill(0);
                     Ok(())
@@ -705,17 +703,14 @@ impl Volume {
         buf: &mut [u8],
     ) -> Result<()> {
         if st.plain {
-            return self
-                .home
-                .read_exact_at(buf, offset)
-                .ctx(&self.lun_path, "read");
+            return self.home().read_at(buf, offset).ctx(&self.lun_path, "read");
         }
         let root = st.root_raw(chain);
         for (s, e, protected) in self.segments(offset, buf.len() as u64) {
             let b = &mut buf[(s - offset) as usize..(e - offset) as usize];
             if protected {
-                self.home
-                    .read_exact_at(b, s)
+                self.home()
+                    .read_at(b, s)
                     .ctx(&self.lun_path, "read label region")?;
                 continue;
             }
@@ -739,8 +734,8 @@ impl Volume {
         let st = read(&self.state);
         if st.plain {
             return self
-                .home
-                .write_all_at(data, offset)
+                .home()
+                .write_at(data, offset)
                 .ctx(&self.lun_path, "write");
         }
         for (vc, in_off, ps, pe) in self.pieces(offset, offset + data.len() as u64) {
@@ -811,15 +806,17 @@ impl Volume {
         let st = read(&self.state);
         if st.plain {
             if may_trim {
-                return crate::fileops::zero_range(&self.home, offset, len)
+                return self
+                    .home()
+                    .zero_range(offset, len)
                     .ctx(&self.lun_path, "punch");
             }
             let zeros = vec![0u8; (1 << 20).min(len as usize)];
             let mut at = offset;
             while at < offset + len {
                 let n = (offset + len - at).min(zeros.len() as u64) as usize;
-                self.home
-                    .write_all_at(&zeros[..n], at)
+                self.home()
+                    .write_at(&zeros[..n], at)
                     .ctx(&self.lun_path, "write zeros")?;
                 at += n as u64;
             }
@@ -853,7 +850,7 @@ impl Volume {
             return Ok(());
         }
         if st.plain {
-            self.home.sync_data().ctx(&self.lun_path, "fdatasync")
+            self.home().sync().ctx(&self.lun_path, "fdatasync")
         } else {
             st.delta(st.top).commit()
         }
@@ -879,10 +876,10 @@ impl Volume {
             runs.push((s, e, data));
         };
         let raw_extents =
-            |file: &File, path: &Path, s: u64, e: u64| -> Result<Vec<(u64, u64, bool)>> {
+            |obj: &Arc<dyn Object>, s: u64, e: u64| -> Result<Vec<(u64, u64, bool)>> {
                 let mut out = Vec::new();
                 let mut at = s;
-                for (o, l) in crate::fileops::data_extents(file, s, e).ctx(path, "SEEK_DATA")? {
+                for (o, l) in obj.data_extents(s, e).ctx(obj.name(), "SEEK_DATA")? {
                     out.push((at, o, false));
                     out.push((o, o + l, true));
                     at = o + l;
@@ -891,7 +888,7 @@ impl Volume {
                 Ok(out)
             };
         if st.plain {
-            for (s, e, d) in raw_extents(&self.home, &self.lun_path, offset, offset + len)? {
+            for (s, e, d) in raw_extents(self.home(), offset, offset + len)? {
                 push(s, e, d);
             }
         } else {
@@ -913,7 +910,7 @@ impl Volume {
                         continue;
                     }
                     if let (Some((a, b)), Some(r)) = (raw_run.take(), root) {
-                        for (x, y, d) in raw_extents(&r.file, &r.path, a, b)? {
+                        for (x, y, d) in raw_extents(&r.obj, a, b)? {
                             push(x, y, d);
                         }
                     }
@@ -921,7 +918,7 @@ impl Volume {
                     push(ps, pe, data);
                 }
                 if let (Some((a, b)), Some(r)) = (raw_run.take(), root) {
-                    for (x, y, d) in raw_extents(&r.file, &r.path, a, b)? {
+                    for (x, y, d) in raw_extents(&r.obj, a, b)? {
                         push(x, y, d);
                     }
                 }
@@ -956,21 +953,22 @@ impl Volume {
         }
     }
 
-    fn commit(&self, st: &mut State, m: Manifest) -> Result<()> {
-        manifest::store(&self.dir, &m, st.generation + 1)?;
+    fn commit(&self, st: &mut State, mut m: Manifest) -> Result<()> {
+        // A retired layer stays listed until its object is gone for certain.
+        m.retired.retain(|id| self.store.has_layer(*id));
+        self.store.commit_manifest(&m, st.generation + 1)?;
         st.manifest = m;
         st.generation += 1;
         Ok(())
     }
 
     fn new_delta(&self, id: Uuid, parent: Uuid, created: u64) -> Result<Delta> {
-        let d = Delta::create(&self.dir, id, parent, self.lun, self.geo, created)?;
-        manifest::sync_dir(&self.dir)?;
-        Ok(d)
+        Delta::create(&*self.store, id, parent, self.lun, self.geo, created)
     }
 
     /// Freeze the live layer as snapshot `name` and continue in a new empty
-    /// delta. O(1): one flush, one empty file, one manifest commit.
+    /// delta. O(1): one flush, one empty layer, one manifest commit (the
+    /// first one also publishes the store's layers; see [`Store`]).
     pub fn snapshot(&self, name: &str, description: &str) -> Result<SnapshotInfo> {
         self.writable()?;
         validate_name(name)?;
@@ -987,29 +985,19 @@ impl Volume {
             return Err(Error::SnapshotExists(name.into()));
         }
         self.flush_locked(&st)?;
-        if st.plain {
-            // A block device has no pool directory to keep layers in (one
-            // next to /dev/sdX would live in devtmpfs and vanish at reboot).
-            if crate::fileops::is_block_device(&self.home).unwrap_or(false) {
-                return Err(Error::Invalid(format!(
-                    "{} is a block device: snapshots need a LUN file in a pool directory",
-                    self.lun_path.display()
-                )));
-            }
-            std::fs::create_dir_all(&self.dir).ctx(&self.dir, "create layers directory")?;
-            if let Some(p) = self.dir.parent() {
-                manifest::sync_dir(if p.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    p
-                })?;
-            }
+        // A block device has no pool directory to keep layers in (one
+        // next to /dev/sdX would live in devtmpfs and vanish at reboot).
+        if st.plain && self.home().is_block_device() {
+            return Err(Error::Invalid(format!(
+                "{} is a block device: snapshots need a LUN file in a pool directory",
+                self.lun_path.display()
+            )));
         }
+        let first = st.plain;
         let created = now();
         let old_top = st.top;
         let old_id = st.layer(old_top).id();
         let id = Uuid::new_v4();
-        let d = self.new_delta(id, old_id, created)?;
         let mut m = st.manifest.clone();
         m.layers.push(LayerRec {
             id,
@@ -1024,10 +1012,27 @@ impl Volume {
             description: description.into(),
         });
         m.flatten = None;
-        if let Err(e) = self.commit(&mut st, m) {
-            let _ = std::fs::remove_file(&d.path);
-            return Err(e);
-        }
+        let made = self
+            .new_delta(id, old_id, created)
+            .and_then(|d| self.commit(&mut st, m).map(|()| d));
+        let d = match made {
+            // The first layer was made before its store was published:
+            // reopen it where it lives now.
+            Ok(d) if first => {
+                drop(d);
+                let obj = self.store.open_layer(id, true)?;
+                Delta::open(obj, id, self.lun, self.geo)?.0
+            }
+            Ok(d) => d,
+            Err(e) => {
+                if first {
+                    let _ = self.store.recover(self.lun);
+                } else {
+                    let _ = self.store.remove_layer(id);
+                }
+                return Err(e);
+            }
+        };
         st.plain = false;
         let slot = st.add(Layer::Delta(Box::new(d)), Some(old_top), true);
         st.top = slot;
@@ -1095,6 +1100,7 @@ impl Volume {
         let old_id = st.layer(old_top).id();
         let mut m = st.manifest.clone();
         m.layers.retain(|l| l.id != old_id);
+        m.retired.push(old_id);
         m.layers.push(LayerRec {
             id,
             parent: self.parent_ref(target_id),
@@ -1105,12 +1111,12 @@ impl Volume {
             m.flatten = None;
         }
         if let Err(e) = self.commit(&mut st, m) {
-            let _ = std::fs::remove_file(&d.path);
+            let _ = self.store.remove_layer(id);
             return Err(e);
         }
         let slot = st.add(Layer::Delta(Box::new(d)), Some(target), true);
-        if let Some(old) = st.remove(old_top) {
-            let _ = std::fs::remove_file(old.layer.path());
+        if st.remove(old_top).is_some() {
+            let _ = self.store.remove_layer(old_id);
         }
         st.top = slot;
         st.chain = st.chain_of(slot);
@@ -1127,10 +1133,17 @@ impl Volume {
         self.writable()?;
         let _m = lock(&self.maint);
         let mut st = write(&self.state);
-        self.snap(&st, name)?;
+        let layer = self.snap(&st, name)?.layer;
         let mut m = st.manifest.clone();
         m.snapshots.retain(|s| s.name != name);
         self.commit(&mut st, m)?;
+        // A layer kept for other views stops naming the deleted snapshot,
+        // so a manifest rebuilt from the headers does not bring it back.
+        if let Some(d) = st.by_id.get(&layer).and_then(|&s| st.layer(s).delta()) {
+            if let Err(e) = d.set_frozen("", "") {
+                tracing::warn!("delete snapshot {name}: layer header still names it: {e}");
+            }
+        }
         self.gc(&mut st, true)
     }
 
@@ -1193,9 +1206,10 @@ impl Volume {
                 Some((x, None)) => {
                     let mut m = st.manifest.clone();
                     m.layers.retain(|l| l.id != x);
+                    m.retired.push(x);
                     self.commit(st, m)?;
-                    if let Some(n) = st.remove(st.by_id[&x]) {
-                        let _ = std::fs::remove_file(n.layer.path());
+                    if st.remove(st.by_id[&x]).is_some() {
+                        let _ = self.store.remove_layer(x);
                     }
                 }
                 Some((x, Some(c))) => self.merge_into(st, x, c)?,
@@ -1244,16 +1258,18 @@ impl Volume {
         let mut m = st.manifest.clone();
         let xparent = m.layer(x).expect("listed").parent.clone();
         m.layers.retain(|l| l.id != x);
+        m.retired.push(x);
         for l in &mut m.layers {
             if l.id == c {
                 l.parent = xparent.clone();
             }
         }
+        st.delta(cs).set_parent(header_parent(&xparent, self.lun))?;
         self.commit(st, m)?;
         let xp = st.node(xs).parent;
         st.nodes[cs as usize].as_mut().expect("live").parent = xp;
-        if let Some(n) = st.remove(xs) {
-            let _ = std::fs::remove_file(n.layer.path());
+        if st.remove(xs).is_some() {
+            let _ = self.store.remove_layer(x);
         }
         st.chain = st.chain_of(st.top);
         Ok(())
@@ -1277,25 +1293,21 @@ impl Volume {
                 self.geo.size
             )));
         }
-        let tdir = layers_dir(&target.lun_path);
-        if manifest::slot_path(&tdir, 0).exists() || manifest::slot_path(&tdir, 1).exists() {
+        let tstore = FileStore::new(
+            &target.lun_path,
+            target.file.clone(),
+            target.engine.clone(),
+            true,
+        );
+        if tstore.exists() || !tstore.list_layers()?.is_empty() {
             return Err(Error::Invalid(format!(
                 "clone target {} already has layers",
-                tdir.display()
+                tstore.location().display()
             )));
         }
-        std::fs::create_dir_all(&tdir).ctx(&tdir, "create layers directory")?;
-        if let Some(p) = tdir.parent() {
-            manifest::sync_dir(if p.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                p
-            })?;
-        }
-        let tdir_abs = abs(&tdir);
         let mut m = st.manifest.clone();
         m.dependents.push(Dependent {
-            dir: tdir_abs.clone(),
+            dir: tstore.reference(),
             lun: target.lun_uuid,
             layer,
         });
@@ -1303,8 +1315,7 @@ impl Volume {
         let created = now();
         let id = Uuid::new_v4();
         let geo = self.geo;
-        Delta::create(&tdir, id, layer, target.lun_uuid, geo, created)?;
-        manifest::sync_dir(&tdir)?;
+        Delta::create(&tstore, id, layer, target.lun_uuid, geo, created)?;
         let tm = Manifest {
             lun: target.lun_uuid,
             size: geo.size,
@@ -1313,7 +1324,7 @@ impl Volume {
             layers: vec![LayerRec {
                 id,
                 parent: Parent::External {
-                    dir: abs(&self.dir),
+                    dir: self.store.reference(),
                     id: layer,
                 },
                 created,
@@ -1322,8 +1333,10 @@ impl Volume {
             snapshots: vec![],
             dependents: vec![],
             flatten: None,
+            retired: vec![],
         };
-        manifest::store(&tdir, &tm, 1)?;
+        // The target store's first commit publishes its layers.
+        tstore.commit_manifest(&tm, 1)?;
         drop(st);
         Volume::open(VolumeConfig {
             options: VolumeOptions {
@@ -1394,6 +1407,7 @@ impl Volume {
         }
         let mut st = write(&self.state);
         st.delta(st.top).commit()?;
+        st.delta(st.top).set_parent(Uuid::nil())?;
         let mut m = st.manifest.clone();
         for l in &mut m.layers {
             if l.id == top_id {
@@ -1423,9 +1437,9 @@ impl Volume {
             let Some(root) = st.root_raw(&st.chain) else {
                 return Ok(());
             };
-            root.file
-                .read_exact_at(buf, vc * self.geo.cluster_size)
-                .ctx(&root.path, "read base")?;
+            root.obj
+                .read_at(buf, vc * self.geo.cluster_size)
+                .ctx(root.obj.name(), "read base")?;
             if buf.iter().all(|&b| b == 0) {
                 return Ok(());
             }
@@ -1545,6 +1559,7 @@ fn resolve_external(
     dir: &Path,
     id: Uuid,
     geo: Geometry,
+    engine: Option<&IoEngine>,
     warnings: &mut Vec<String>,
     depth: usize,
 ) -> Result<u16> {
@@ -1571,15 +1586,12 @@ fn resolve_external(
         ));
     }
     if id == m.lun {
-        let file = OpenOptions::new()
-            .read(true)
-            .open(&m.lun_path)
+        let obj = FileObject::open(&m.lun_path, false, engine.cloned())
             .ctx(&m.lun_path, "open base LUN of a clone")?;
         let slot = st.add(
             Layer::Raw(Raw {
                 id,
-                path: m.lun_path.clone(),
-                file: Arc::new(file),
+                obj: Arc::new(obj),
             }),
             None,
             false,
@@ -1590,16 +1602,40 @@ fn resolve_external(
         .layer(id)
         .ok_or_else(|| corrupt(dir, format!("layer {id} is needed but not listed")))?
         .clone();
-    let (d, w) = Delta::open(dir, id, m.lun, geo, false)?;
+    let path = delta_path(dir, id);
+    let obj = FileObject::open(&path, false, engine.cloned()).ctx(&path, "open layer")?;
+    let (d, w) = Delta::open(Arc::new(obj), id, m.lun, geo)?;
     warnings.extend(w);
     let slot = st.add(Layer::Delta(Box::new(d)), None, false);
     let parent = match rec.parent {
-        Parent::Base => Some(resolve_external(st, dir, m.lun, geo, warnings, depth + 1)?),
+        Parent::Base => Some(resolve_external(
+            st,
+            dir,
+            m.lun,
+            geo,
+            engine,
+            warnings,
+            depth + 1,
+        )?),
         Parent::None => None,
-        Parent::Layer { id } => Some(resolve_external(st, dir, id, geo, warnings, depth + 1)?),
-        Parent::External { dir: d2, id } => {
-            Some(resolve_external(st, &d2, id, geo, warnings, depth + 1)?)
-        }
+        Parent::Layer { id } => Some(resolve_external(
+            st,
+            dir,
+            id,
+            geo,
+            engine,
+            warnings,
+            depth + 1,
+        )?),
+        Parent::External { dir: d2, id } => Some(resolve_external(
+            st,
+            &d2,
+            id,
+            geo,
+            engine,
+            warnings,
+            depth + 1,
+        )?),
     };
     st.nodes[slot as usize].as_mut().expect("just added").parent = parent;
     Ok(slot)
@@ -1617,23 +1653,42 @@ fn dependent_alive(me: &Path, d: &Dependent) -> bool {
     }
 }
 
-/// Delete delta files no manifest entry names (a crash between creating a
-/// layer and committing it, or between a commit and the file's removal).
-fn remove_orphans(dir: &Path, m: &Manifest, warnings: &mut Vec<String>) -> Result<()> {
+/// Deal with delta files the manifest does not list. Only two kinds are
+/// removed, because only they can be proved to hold nothing anyone needs:
+/// layers a committed manifest retired (a crash came between the commit
+/// and the removal) and layers that never committed a byte (a crash came
+/// between creating a layer and committing it). Any other unlisted layer
+/// holds data no manifest accounts for; it is kept and reported.
+fn remove_orphans(store: &dyn Store, m: &Manifest, warnings: &mut Vec<String>) -> Result<()> {
     let known: HashSet<Uuid> = m.layers.iter().map(|l| l.id).collect();
-    for e in std::fs::read_dir(dir).ctx(dir, "list layers directory")? {
-        let e = e.ctx(dir, "list layers directory")?;
-        let name = e.file_name();
-        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".delta")) else {
+    for id in store.list_layers()? {
+        if known.contains(&id) {
             continue;
-        };
-        if let Ok(id) = Uuid::parse_str(stem) {
-            if !known.contains(&id) {
-                let p = delta_path(dir, id);
-                std::fs::remove_file(&p).ctx(&p, "remove orphan layer")?;
-                warnings.push(format!("{}: removed an uncommitted layer", p.display()));
-            }
+        }
+        let obj = store.open_layer(id, false)?;
+        let name = obj.name().display().to_string();
+        if m.retired.contains(&id) {
+            drop(obj);
+            store.remove_layer(id)?;
+            warnings.push(format!("{name}: removed a layer the manifest had retired"));
+        } else if holds_nothing(&*obj, m.lun) {
+            drop(obj);
+            store.remove_layer(id)?;
+            warnings.push(format!("{name}: removed an uncommitted, empty layer"));
+        } else {
+            warnings.push(format!(
+                "{name}: kept a layer file the manifest does not list; it may hold data (docs/volumes.md, \"Damaged layers\")"
+            ));
         }
     }
     Ok(())
+}
+
+/// The parent UUID a delta header records for a manifest parent.
+fn header_parent(p: &Parent, lun: Uuid) -> Uuid {
+    match p {
+        Parent::Base => lun,
+        Parent::None => Uuid::nil(),
+        Parent::Layer { id } | Parent::External { id, .. } => *id,
+    }
 }

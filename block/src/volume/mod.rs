@@ -22,12 +22,13 @@ pub mod header;
 pub mod journal;
 pub mod layer;
 pub mod manifest;
+pub mod repair;
 pub mod table;
 
 mod engine;
 
 pub use engine::{
-    layers_dir, Change, ChangeKind, LayerUsage, SnapshotInfo, Volume, VolumeConfig, VolumeOptions,
+    Change, ChangeKind, LayerUsage, SnapshotInfo, Volume, VolumeConfig, VolumeOptions,
 };
 pub use error::{Error, Result};
 
