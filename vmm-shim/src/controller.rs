@@ -88,6 +88,8 @@ pub struct Controller {
     vm: Option<Running>,
     /// The guest-service record was another LUN's when this run began.
     generation_moved_at_start: bool,
+    /// How many VMs this run built; the running one's number.
+    instance: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -152,6 +154,7 @@ impl Controller {
             deferred: VecDeque::new(),
             vm: None,
             generation_moved_at_start: false,
+            instance: 0,
         };
         c.generation_moved_at_start = c.refresh_identity()?;
         Ok(c)
@@ -243,7 +246,9 @@ impl Controller {
                 }
             })
             .map_err(|e| e.to_string())?;
+        self.instance += 1;
         let bus = Arc::new(Bus {
+            instance: self.instance,
             ram: vm.ram.clone(),
             serial: self.serial.clone(),
             block: self.block.clone(),
@@ -798,8 +803,13 @@ impl Controller {
                 }
                 Msg::Vcpu(_, Report::Parked(_)) => {}
                 Msg::Guest(g) => {
-                    if self.vm.is_some() {
+                    if self.vm.is_some() && g.instance == self.instance {
                         self.guest(g);
+                    } else {
+                        eprintln!(
+                            "vmm-shim: {}: dropped request {} of a VM a restore replaced",
+                            self.opts.name, g.id
+                        );
                     }
                     if self.vm.is_none() {
                         return Err(format!(

@@ -19,6 +19,9 @@ use crate::vcpu::Report;
 /// A guest request the state service accepted, for the controller.
 #[derive(Debug)]
 pub struct GuestRequest {
+    /// Which VM (the controller's count of VMs it built) asked: a request
+    /// still queued when its VM was replaced by a restore is dropped.
+    pub instance: u64,
     pub vcpu: u32,
     pub id: u32,
     pub request: Request,
@@ -30,6 +33,7 @@ pub struct Bus {
     pub block: Arc<Mutex<block::BlockDevice>>,
     pub state: Arc<Mutex<StateService>>,
     pub requests: Sender<GuestRequest>,
+    pub instance: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -55,7 +59,12 @@ impl Bus {
                 let addr = u64::from(le_u32(data));
                 let accepted = lock(&self.state).submit(vcpu, &self.ram, addr);
                 if let Some((id, request)) = accepted {
-                    let _ = self.requests.send(GuestRequest { vcpu, id, request });
+                    let _ = self.requests.send(GuestRequest {
+                        instance: self.instance,
+                        vcpu,
+                        id,
+                        request,
+                    });
                 }
                 None
             }
