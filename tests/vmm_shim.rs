@@ -208,8 +208,15 @@ fn selftest_guest_saves_lists_restores_and_finds_memory_registers_disk_and_app_d
     ] {
         assert!(serial.contains(step), "missing {step:?}:\n{serial}");
     }
-    // The guest deleted its save at the end.
+    // The guest deleted its save at the end, and its reconfiguration (one
+    // more vCPU, applied at its restore) is the VM's hardware now.
     assert!(saves(&gw, "vm").is_empty(), "{:?}", saves(&gw, "vm"));
+    let hw: HardwareConfig = Client::new(&gw.control())
+        .unwrap()
+        .record_json("vm", RecordType::HardwareConfig, 0)
+        .unwrap()
+        .unwrap();
+    assert_eq!(hw.vcpus, 2);
     assert_hidden_intact(&gw, "vm", 16 << 20);
     gw.stop_ok();
 }

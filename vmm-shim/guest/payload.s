@@ -11,7 +11,8 @@
 #
 # Modes (boot parameter `mode`):
 #   1 selftest  count, write numbered blocks, save with app data, go on,
-#               restore, then check memory, registers, disk and app data
+#               ask for one more vCPU, restore, then check memory, registers,
+#               disk, app data and the new vCPU
 #   2 writer    write numbered blocks forever, logging each in memory; after
 #               a restore event check that disk and memory agree
 #   3 badmac    wrong, replayed and stale-epoch requests are refused
@@ -214,11 +215,12 @@ mode_selftest:
         call    list_has
         test    eax, eax
         jz      st_fail_list
-        # reconfigure to the same hardware: accepted, applied at next boot
+        # reconfigure to one more vCPU: applied at the restore below
         mov     rsi, [rip + boot_params]
         mov     rax, [rsi + BP_MEMORY]
         mov     [rip + req_buf + RQ_ARG0], rax
         mov     eax, [rsi + BP_VCPUS]
+        inc     eax
         mov     [rip + req_buf + RQ_ARG1], rax
         xor     esi, esi
         xor     edx, edx
@@ -307,6 +309,28 @@ st_restored:
         call    check_ev_data
         test    eax, eax
         jnz     st_fail_data
+        # the reconfiguration took effect: one more vCPU, and it runs
+        mov     edi, K_HARDWARE
+        xor     esi, esi
+        call    wait_event
+        mov     rbx, [rip + ev_ptr]
+        mov     ecx, [rbx + EV_TEXT_LEN]
+        lea     rsi, [rbx + EV_TEXT + rcx]
+        mov     rdx, [rip + boot_params]
+        mov     eax, [rdx + BP_VCPUS]
+        mov     ecx, eax
+        inc     eax
+        cmp     eax, [rsi + 20]
+        jne     st_fail_reconf
+        mov     edx, 500000
+        lea     rax, [rip + ap_alive]
+5:      cmp     qword ptr [rax + rcx*8], 0
+        jne     6f
+        pause
+        dec     edx
+        jnz     5b
+        jmp     st_fail_reconf
+6:
         # delete the save; the list no longer has it
         lea     rsi, [rip + name_selftest]
         xor     edx, edx
