@@ -113,46 +113,46 @@ pub struct Change {
 // bits 0-1 kind, 2-47 physical cluster, 48-63 layer slot; 0 = no layer
 // above the root holds the cluster.
 
-fn pack(slot: u16, v: u64) -> u64 {
+pub(super) fn pack(slot: u16, v: u64) -> u64 {
     debug_assert!(v < 1 << 48);
     ((slot as u64) << 48) | v
 }
-fn slot_of(e: u64) -> u16 {
+pub(super) fn slot_of(e: u64) -> u16 {
     (e >> 48) as u16
 }
-fn val_of(e: u64) -> u64 {
+pub(super) fn val_of(e: u64) -> u64 {
     e & ((1 << 48) - 1)
 }
 
-struct Node {
-    layer: Arc<Layer>,
-    parent: Option<u16>,
+pub(super) struct Node {
+    pub(super) layer: Arc<Layer>,
+    pub(super) parent: Option<u16>,
     /// Stored in this volume's layers directory (or its own base).
-    own: bool,
+    pub(super) own: bool,
 }
 
-struct State {
+pub(super) struct State {
     /// No layers directory yet: the LUN file is the only, writable layer.
-    plain: bool,
-    manifest: Manifest,
-    generation: u64,
-    nodes: Vec<Option<Node>>,
-    by_id: HashMap<Uuid, u16>,
-    top: u16,
+    pub(super) plain: bool,
+    pub(super) manifest: Manifest,
+    pub(super) generation: u64,
+    pub(super) nodes: Vec<Option<Node>>,
+    pub(super) by_id: HashMap<Uuid, u16>,
+    pub(super) top: u16,
     /// Top first, root last.
-    chain: Vec<u16>,
+    pub(super) chain: Vec<u16>,
     /// The live chain's merged map: which layer holds each cluster.
-    index: RwLock<Table>,
+    pub(super) index: RwLock<Table>,
 }
 
 impl State {
-    fn node(&self, s: u16) -> &Node {
+    pub(super) fn node(&self, s: u16) -> &Node {
         self.nodes[s as usize].as_ref().expect("live slot")
     }
-    fn layer(&self, s: u16) -> &Layer {
+    pub(super) fn layer(&self, s: u16) -> &Layer {
         &self.node(s).layer
     }
-    fn delta(&self, s: u16) -> &Delta {
+    pub(super) fn delta(&self, s: u16) -> &Delta {
         self.layer(s).delta().expect("a delta layer")
     }
     fn add(&mut self, layer: Layer, parent: Option<u16>, own: bool) -> u16 {
@@ -187,7 +187,7 @@ impl State {
         }
         v
     }
-    fn root_raw(&self, chain: &[u16]) -> Option<&Raw> {
+    pub(super) fn root_raw(&self, chain: &[u16]) -> Option<&Raw> {
         match &*self.node(*chain.last()?).layer {
             Layer::Raw(r) => Some(r),
             Layer::Delta(_) => None,
@@ -235,19 +235,30 @@ enum Res {
 }
 
 pub struct Volume {
-    lun_path: PathBuf,
-    dir: PathBuf,
-    store: Arc<dyn Store>,
-    engine: Option<IoEngine>,
-    lun: Uuid,
-    geo: Geometry,
-    protected: Vec<Range<u64>>,
-    state: RwLock<State>,
-    shards: Box<[RwLock<()>]>,
-    maint: Mutex<()>,
-    warnings: Mutex<Vec<String>>,
-    crashed: AtomicBool,
-    read_only: bool,
+    pub(super) lun_path: PathBuf,
+    pub(super) dir: PathBuf,
+    pub(super) store: Arc<dyn Store>,
+    pub(super) engine: Option<IoEngine>,
+    pub(super) lun: Uuid,
+    pub(super) geo: Geometry,
+    pub(super) protected: Vec<Range<u64>>,
+    pub(super) state: RwLock<State>,
+    /// Per-cluster locks, shared by the synchronous and the asynchronous
+    /// data path (see the module docs of [`super::io`]).
+    pub(super) shards: Box<[async_lock::RwLock<()>]>,
+    /// Held shared by every asynchronous request for its whole run and
+    /// exclusively by the tree operations that change the live layer
+    /// (snapshot, revert), which therefore never overtake a request.
+    pub(super) io: async_lock::RwLock<()>,
+    /// Writes completed and the newest known durable (flush grouping).
+    pub(super) durability: super::io::Durability,
+    /// Serialises the commits of concurrent asynchronous flushes, so the
+    /// later ones can see they were covered by an earlier one.
+    pub(super) commit_group: Mutex<()>,
+    pub(super) maint: Mutex<()>,
+    pub(super) warnings: Mutex<Vec<String>>,
+    pub(super) crashed: AtomicBool,
+    pub(super) read_only: bool,
 }
 
 impl std::fmt::Debug for Volume {
@@ -433,7 +444,10 @@ impl Volume {
             geo,
             protected: cfg.protected,
             state: RwLock::new(st),
-            shards: (0..SHARDS).map(|_| RwLock::new(())).collect(),
+            shards: (0..SHARDS).map(|_| async_lock::RwLock::new(())).collect(),
+            io: async_lock::RwLock::new(()),
+            durability: Default::default(),
+            commit_group: Mutex::new(()),
             maint: Mutex::new(()),
             warnings: Mutex::new(warnings),
             crashed: AtomicBool::new(false),
@@ -447,7 +461,7 @@ impl Volume {
     }
 
     /// The LUN's own bytes (the base of every chain of this volume).
-    fn home(&self) -> &Arc<dyn Object> {
+    pub(super) fn home(&self) -> &Arc<dyn Object> {
         self.store.base()
     }
 
@@ -495,7 +509,7 @@ impl Volume {
             .collect()
     }
 
-    fn writable(&self) -> Result<()> {
+    pub(super) fn writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly(self.lun_path.clone()));
         }
@@ -575,7 +589,7 @@ impl Volume {
         Ok(())
     }
 
-    fn cluster_len(&self, vc: u64) -> usize {
+    pub(super) fn cluster_len(&self, vc: u64) -> usize {
         let cs = self.geo.cluster_size;
         (self.geo.size - vc * cs).min(cs) as usize
     }
@@ -606,7 +620,11 @@ impl Volume {
     }
 
     /// `(cluster, offset in cluster, start, end)` pieces of `[start, end)`.
-    fn pieces(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64, u64, u64)> {
+    pub(super) fn pieces(
+        &self,
+        start: u64,
+        end: u64,
+    ) -> impl Iterator<Item = (u64, u64, u64, u64)> {
         let cs = self.geo.cluster_size;
         let mut at = start;
         std::iter::from_fn(move || {
@@ -621,7 +639,7 @@ impl Volume {
         })
     }
 
-    fn shard(&self, vc: u64) -> &RwLock<()> {
+    pub(super) fn shard(&self, vc: u64) -> &async_lock::RwLock<()> {
         &self.shards[(vc % SHARDS as u64) as usize]
     }
 
@@ -716,7 +734,7 @@ impl Volume {
             }
             for (vc, in_off, ps, pe) in self.pieces(s, e) {
                 let pb = &mut b[(ps - s) as usize..(pe - s) as usize];
-                let _g = read(self.shard(vc));
+                let _g = self.shard(vc).read_blocking();
                 let ent = if live {
                     read(&st.index).get(vc)
                 } else {
@@ -731,6 +749,7 @@ impl Volume {
     /// Write `data` at `offset`. Durable after the next [`Volume::flush`].
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_writable(offset, data.len() as u64)?;
+        self.durability.note_write();
         let st = read(&self.state);
         if st.plain {
             return self
@@ -755,7 +774,7 @@ impl Volume {
 
     fn write_piece(&self, st: &State, vc: u64, in_off: u64, data: &[u8]) -> Result<()> {
         let top = st.delta(st.top);
-        let _g = write(self.shard(vc));
+        let _g = self.shard(vc).write_blocking();
         let e = read(&st.index).get(vc);
         if e != 0 && slot_of(e) == st.top && journal::kind(val_of(e)) == KIND_DATA {
             return top.write_data(journal::phys(val_of(e)), in_off, data);
@@ -783,7 +802,7 @@ impl Volume {
 
     /// Make a whole cluster read as zeros in the top layer.
     fn zero_cluster(&self, st: &State, vc: u64) {
-        let _g = write(self.shard(vc));
+        let _g = self.shard(vc).write_blocking();
         let mut idx = write(&st.index);
         let e = idx.get(vc);
         let reads_zero = if e == 0 {
@@ -803,6 +822,7 @@ impl Volume {
     /// partial clusters, and everything without `may_trim`, are written.
     pub fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<()> {
         self.check_writable(offset, len)?;
+        self.durability.note_write();
         let st = read(&self.state);
         if st.plain {
             if may_trim {
@@ -979,6 +999,7 @@ impl Volume {
             )));
         }
         let _m = lock(&self.maint);
+        let _io = self.io.write_blocking();
         self.flush()?;
         let mut st = write(&self.state);
         if !st.plain && st.manifest.snapshot(name).is_some() {
@@ -1090,6 +1111,7 @@ impl Volume {
     pub fn revert(&self, name: &str) -> Result<()> {
         self.writable()?;
         let _m = lock(&self.maint);
+        let _io = self.io.write_blocking();
         let mut st = write(&self.state);
         let target_id = self.snap(&st, name)?.layer;
         let target = st.by_id[&target_id];
@@ -1426,7 +1448,7 @@ impl Volume {
 
     fn flatten_cluster(&self, st: &State, vc: u64, buf: &mut [u8]) -> Result<()> {
         let top = st.delta(st.top);
-        let _g = write(self.shard(vc));
+        let _g = self.shard(vc).write_blocking();
         if top.get(vc) != 0 {
             return Ok(());
         }

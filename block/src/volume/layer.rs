@@ -81,6 +81,10 @@ struct DeltaState {
     free: Vec<u64>,
     pending_free: Vec<u64>,
     pending: Vec<(u64, u64)>,
+    /// Physical clusters from here on were never written in this object
+    /// (past its end when opened, never handed out since): they read as
+    /// zeros, so a partial write there needs no zero fill.
+    fresh_from: u64,
 }
 
 pub struct Delta {
@@ -144,6 +148,7 @@ impl Delta {
                 free: Vec::new(),
                 pending_free: Vec::new(),
                 pending: Vec::new(),
+                fresh_from: 0,
             }),
             commit_lock: Mutex::new(()),
         })
@@ -248,6 +253,9 @@ impl Delta {
                     free,
                     pending_free: Vec::new(),
                     pending: Vec::new(),
+                    fresh_from: (len - geo.data_start)
+                        .div_ceil(geo.cluster_size)
+                        .max(next_phys),
                 }),
                 commit_lock: Mutex::new(()),
             },
@@ -261,14 +269,25 @@ impl Delta {
 
     /// A physical cluster nobody references.
     pub fn alloc(&self) -> u64 {
+        self.alloc_fresh().0
+    }
+
+    /// [`Delta::alloc`], and whether the cluster was never written (reads
+    /// as zeros without being written).
+    pub fn alloc_fresh(&self) -> (u64, bool) {
         let mut st = lock(&self.st);
-        match st.free.pop() {
+        let p = match st.free.pop() {
             Some(p) => p,
             None => {
                 st.next_phys += 1;
                 st.next_phys - 1
             }
+        };
+        let fresh = p >= st.fresh_from;
+        if fresh {
+            st.fresh_from = p + 1;
         }
+        (p, fresh)
     }
 
     /// Give back a cluster from [`Delta::alloc`] that was never mapped.

@@ -26,6 +26,9 @@ pub mod repair;
 pub mod table;
 
 mod engine;
+mod io;
+
+pub use io::VolumeDevice;
 
 pub use engine::{
     Change, ChangeKind, LayerUsage, SnapshotInfo, Volume, VolumeConfig, VolumeOptions,
