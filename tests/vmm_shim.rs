@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use lungate_api::nbd::client::{Address, NbdClient};
 use lungate_api::records::{GuestService, HardwareConfig, RecordType};
 use lungate_api::types::{RecordBatch, RecordPut};
 use lungate_api::Client;
@@ -197,7 +198,9 @@ fn new_pool(memory: &str) -> Pool {
 
 #[test]
 fn selftest_guest_saves_lists_restores_and_finds_memory_registers_disk_and_app_data_as_saved() {
-    let pool = new_pool("32M");
+    // Two disks: the guest checks both come back to the save point.
+    let mut pool = Pool::new();
+    pool.add("vm", "offset", &["16M", "8M"], "32M");
     let gw = Gateway::start(&["--pool", pool.arg()]);
     let (code, serial, err) = run_to_end(&pool, &gw, "vm", &["--guest", "selftest"]);
     assert_eq!(code, 0, "serial:\n{serial}\nstderr:\n{err}");
@@ -217,6 +220,19 @@ fn selftest_guest_saves_lists_restores_and_finds_memory_registers_disk_and_app_d
         .unwrap()
         .unwrap();
     assert_eq!(hw.vcpus, 2);
+    // Disk 1 is back at the save point too: block 0 stamped (100, counter 1000).
+    let mut d1 =
+        NbdClient::connect(&Address::Unix(gw.unix_path().to_path_buf()), "vm/disk1").unwrap();
+    let mut b = [0u8; 16];
+    d1.read_at(0, &mut b).unwrap();
+    assert_eq!(
+        (
+            u64::from_le_bytes(b[..8].try_into().unwrap()),
+            u64::from_le_bytes(b[8..].try_into().unwrap())
+        ),
+        (100, 1000)
+    );
+    d1.disconnect().unwrap();
     assert_hidden_intact(&gw, "vm", 16 << 20);
     gw.stop_ok();
 }

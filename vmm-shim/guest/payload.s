@@ -43,6 +43,7 @@
         .equ BP_ARG,        0x14
         .equ BP_KEY,        0x18
         .equ BP_EPOCH,      0x28
+        .equ BP_DISKS,      0x38
 
         # request (port A)
         .equ RQ_MAGIC,      0x5152474c          # "LGRQ"
@@ -159,6 +160,19 @@ mode_selftest:
         mov     edi, BLK_FLUSH
         xor     esi, esi
         call    blk_one
+        # and block 0 of the second disk, if the VM has one
+        mov     rsi, [rip + boot_params]
+        cmp     dword ptr [rsi + BP_DISKS], 2
+        jb      7f
+        mov     dword ptr [rip + blk_disk], 1
+        mov     edi, 100
+        mov     rsi, [rip + counter]
+        call    stamp_block
+        mov     edi, BLK_WRITE
+        xor     esi, esi
+        call    blk_one
+        mov     dword ptr [rip + blk_disk], 0
+7:
 
         # 3. a memory pattern derived from the counter
         mov     rdi, PATTERN
@@ -245,7 +259,18 @@ mode_selftest:
         inc     ebx
         cmp     ebx, 8
         jb      4b
-        mov     rdi, PATTERN
+        mov     rsi, [rip + boot_params]
+        cmp     dword ptr [rsi + BP_DISKS], 2
+        jb      8f
+        mov     dword ptr [rip + blk_disk], 1
+        mov     edi, 100
+        mov     rsi, 0xdeadbeef
+        call    stamp_block
+        mov     edi, BLK_WRITE
+        xor     esi, esi
+        call    blk_one
+        mov     dword ptr [rip + blk_disk], 0
+8:      mov     rdi, PATTERN
         mov     ecx, PATTERN_QW
         mov     rax, 0x1111111111111111
         rep stosq
@@ -759,7 +784,8 @@ stamp_block:
         jnz     1b
         ret
 
-# blk_one: edi = op, rsi = sector; one 512-byte sector via blk_buf.
+# blk_one: edi = op, rsi = sector; one 512-byte sector of disk blk_disk
+# via blk_buf.
 # Returns eax = status; a failed request ends the test.
 blk_one:
         lea     rdx, [rip + blk_desc]
@@ -767,6 +793,8 @@ blk_one:
         mov     dword ptr [rdx + 4], 0xffffffff
         mov     [rdx + 8], rsi
         mov     dword ptr [rdx + 16], 1
+        mov     eax, [rip + blk_disk]
+        mov     [rdx + 20], eax
         lea     rax, [rip + blk_buf]
         mov     [rdx + 24], rax
         mov     eax, edx
@@ -780,7 +808,7 @@ blk_one:
 1:      mov     eax, 80
         jmp     fail
 
-# disk_sum: checksum of blocks 0..7 -> rax
+# disk_sum: checksum of blocks 0..7 (and block 0 of disk 1) -> rax
 disk_sum:
         push    rbx
         push    r9
@@ -797,7 +825,20 @@ disk_sum:
         inc     ebx
         cmp     ebx, 8
         jb      1b
-        mov     rax, r9
+        mov     rsi, [rip + boot_params]
+        cmp     dword ptr [rsi + BP_DISKS], 2
+        jb      2f
+        mov     dword ptr [rip + blk_disk], 1
+        mov     edi, BLK_READ
+        xor     esi, esi
+        call    blk_one
+        mov     dword ptr [rip + blk_disk], 0
+        lea     rsi, [rip + blk_buf]
+        mov     ecx, 64
+        call    checksum
+        rol     r9, 13
+        xor     r9, rax
+2:      mov     rax, r9
         pop     r9
         pop     rbx
         ret
@@ -1180,6 +1221,7 @@ first_uuid:     .quad 0
 first_gen:      .quad 0
 hw_mem:         .quad 0
 hw_vcpus:       .quad 0
+blk_disk:       .quad 0
 ap_alive:       .fill 256, 8, 0
 wlog:           .fill 64, 8, 0
         .balign 64

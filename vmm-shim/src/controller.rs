@@ -304,6 +304,10 @@ impl Controller {
             fill_memory(&vm.ram, LOAD + image.len() as u64).map_err(|e| e.to_string())?;
         }
         let epoch = new_epoch();
+        let (disk_bytes, disks) = {
+            let b = lock(&self.block);
+            (b.size(0), b.count() as u32)
+        };
         let bp = BootParams {
             mode,
             memory: hw.memory_bytes,
@@ -311,7 +315,8 @@ impl Controller {
             arg,
             key: self.key,
             epoch,
-            disk_bytes: lock(&self.block).size(),
+            disk_bytes,
+            disks,
         };
         vm.ram
             .load(BOOT_PARAMS, &bp.encode())

@@ -62,6 +62,7 @@ pub struct BootParams {
     pub key: [u8; 16],
     pub epoch: u64,
     pub disk_bytes: u64,
+    pub disks: u32,
 }
 
 impl BootParams {
@@ -77,6 +78,7 @@ impl BootParams {
         b[24..40].copy_from_slice(&self.key);
         b[40..48].copy_from_slice(&self.epoch.to_le_bytes());
         b[48..56].copy_from_slice(&self.disk_bytes.to_le_bytes());
+        b[56..60].copy_from_slice(&self.disks.to_le_bytes());
         b
     }
 }

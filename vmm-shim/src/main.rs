@@ -229,9 +229,25 @@ fn run(
             }
         )
     })?;
-    let export = format!("{}/disk0", vm.name);
-    let block = BlockDevice::connect(&nbd, &export)
-        .map_err(|e| format!("the VM's disk {export} at {nbd}: {e}"))?;
+    // Every disk of the LUN, as the gateway exports them.
+    let mut disks: Vec<(u32, String)> = client
+        .exports()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|e| e.lun_uuid == Some(lun.uuid))
+        .map(|e| (e.disk, e.name))
+        .collect();
+    disks.sort();
+    if disks.iter().enumerate().any(|(i, (d, _))| *d as usize != i) {
+        return Err(format!(
+            "{}: the gateway exports disks {:?}, not 0..n",
+            vm.name,
+            disks.iter().map(|d| d.0).collect::<Vec<_>>()
+        ));
+    }
+    let exports: Vec<String> = disks.into_iter().map(|d| d.1).collect();
+    let block = BlockDevice::connect(&nbd, &exports)
+        .map_err(|e| format!("the VM's disks at {nbd}: {e}"))?;
     let out: Box<dyn std::io::Write + Send> = match &serial {
         Some(p) => Box::new(
             std::fs::OpenOptions::new()

@@ -1,13 +1,14 @@
-//! The paravirtual disk: the guest writes the guest-physical address of a
+//! The paravirtual disks: the guest writes the guest-physical address of a
 //! 32-byte request descriptor to the doorbell port, the device does the
-//! I/O through its NBD connection to the LUN's disk export on the gateway
+//! I/O through its NBD connection to that disk's export on the gateway
 //! (like any NBD client: the shim never opens the LUN file) and writes the
-//! status back before the `OUT` returns.
+//! status back before the `OUT` returns. Every disk region of the LUN is
+//! one disk, numbered as in the LUN (`NAME/disk0`, `NAME/disk1`, …).
 //!
 //! Descriptor (little-endian): op u32 (0 read, 1 write, 2 flush, 3 size),
 //! status u32 (written: 0 ok, 1 I/O error, 2 out of range, 3 bad request),
 //! sector u64 (512 bytes; op 3 writes the disk size in bytes here), count
-//! u32 (sectors, at most 2048), reserved u32, buffer u64 (guest-physical).
+//! u32 (sectors, at most 2048), disk u32, buffer u64 (guest-physical).
 
 use lungate_api::nbd::client::{Address, NbdClient};
 
@@ -24,37 +25,62 @@ pub mod status {
     pub const BAD: u32 = 3;
 }
 
-pub struct BlockDevice {
+struct Disk {
     nbd: NbdClient,
-    addr: Address,
     export: String,
 }
 
+pub struct BlockDevice {
+    disks: Vec<Disk>,
+    addr: Address,
+}
+
 impl BlockDevice {
-    pub fn connect(addr: &Address, export: &str) -> Result<BlockDevice, String> {
-        let nbd = NbdClient::connect(addr, export).map_err(|e| e.to_string())?;
+    /// Connect to every export in `exports` (disk 0 first).
+    pub fn connect(addr: &Address, exports: &[String]) -> Result<BlockDevice, String> {
+        let mut disks = Vec::with_capacity(exports.len());
+        for e in exports {
+            let nbd = NbdClient::connect(addr, e).map_err(|x| format!("disk {e}: {x}"))?;
+            disks.push(Disk {
+                nbd,
+                export: e.clone(),
+            });
+        }
+        if disks.is_empty() {
+            return Err("the LUN has no disk to attach".into());
+        }
         Ok(BlockDevice {
-            nbd,
+            disks,
             addr: addr.clone(),
-            export: export.to_string(),
         })
     }
 
-    pub fn size(&self) -> u64 {
-        self.nbd.size()
+    pub fn count(&self) -> usize {
+        self.disks.len()
     }
 
-    pub fn export(&self) -> &str {
-        &self.export
+    /// Disk `i`'s size in bytes (0 if there is no such disk).
+    pub fn size(&self, i: usize) -> u64 {
+        self.disks.get(i).map(|d| d.nbd.size()).unwrap_or(0)
+    }
+
+    pub fn exports(&self) -> Vec<&str> {
+        self.disks.iter().map(|d| d.export.as_str()).collect()
     }
 
     pub fn address(&self) -> &Address {
         &self.addr
     }
 
-    /// Make every completed write durable (a save does this first).
+    /// Make every completed write of every disk durable (a save does this
+    /// first).
     pub fn flush(&mut self) -> Result<(), String> {
-        self.nbd.flush().map_err(|e| e.to_string())
+        for d in &mut self.disks {
+            d.nbd
+                .flush()
+                .map_err(|e| format!("disk {}: {e}", d.export))?;
+        }
+        Ok(())
     }
 
     pub fn doorbell(&mut self, ram: &GuestRam, desc: u64) {
@@ -65,13 +91,17 @@ impl BlockDevice {
         let op = u32::from_le_bytes(d[0..4].try_into().expect("4"));
         let sector = u64::from_le_bytes(d[8..16].try_into().expect("8"));
         let count = u32::from_le_bytes(d[16..20].try_into().expect("4"));
+        let disk = u32::from_le_bytes(d[20..24].try_into().expect("4")) as usize;
         let buf = u64::from_le_bytes(d[24..32].try_into().expect("8"));
-        let status = self.execute(ram, desc, op, sector, count, buf);
+        let status = match self.disks.get_mut(disk) {
+            None => status::BAD,
+            Some(d) => Self::execute(d, ram, desc, op, sector, count, buf),
+        };
         let _ = ram.write(desc + 4, &status.to_le_bytes());
     }
 
     fn execute(
-        &mut self,
+        d: &mut Disk,
         ram: &GuestRam,
         desc: u64,
         op: u32,
@@ -79,12 +109,13 @@ impl BlockDevice {
         count: u32,
         buf: u64,
     ) -> u32 {
+        let size = d.nbd.size();
         if op == 3 {
-            let _ = ram.write(desc + 8, &self.size().to_le_bytes());
+            let _ = ram.write(desc + 8, &size.to_le_bytes());
             return status::OK;
         }
         if op == 2 {
-            return match self.nbd.flush() {
+            return match d.nbd.flush() {
                 Ok(()) => status::OK,
                 Err(_) => status::IO,
             };
@@ -96,13 +127,13 @@ impl BlockDevice {
         let Some(offset) = sector.checked_mul(SECTOR) else {
             return status::RANGE;
         };
-        if offset.checked_add(len).is_none_or(|e| e > self.size()) {
+        if offset.checked_add(len).is_none_or(|e| e > size) {
             return status::RANGE;
         }
         let mut data = vec![0u8; len as usize];
         match op {
             0 => {
-                if self.nbd.read_at(offset, &mut data).is_err() {
+                if d.nbd.read_at(offset, &mut data).is_err() {
                     return status::IO;
                 }
                 match ram.write(buf, &data) {
@@ -114,7 +145,7 @@ impl BlockDevice {
                 if ram.read(buf, &mut data).is_err() {
                     return status::BAD;
                 }
-                match self.nbd.write_at(offset, &data) {
+                match d.nbd.write_at(offset, &data) {
                     Ok(()) => status::OK,
                     Err(_) => status::IO,
                 }
