@@ -10,8 +10,10 @@
 
 pub mod device;
 pub mod engine;
+pub mod region;
 pub mod store;
 pub mod sys;
 pub mod volume;
 
-pub use device::{BlockDevice, Caps, Chunk, IoFuture};
+pub use device::{BlockDevice, Caps, Chunk, Extent, IoFuture};
+pub use region::Region;

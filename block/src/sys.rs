@@ -1,6 +1,8 @@
-//! Synchronous whole-range file operations used by provisioning (create,
-//! resize, scan): backing size, data extents, sparse copy, zeroing. The
-//! gateway's per-request I/O goes through [`crate::engine`] instead.
+//! The one place for the system calls the data path and provisioning make
+//! on files, each wrapped once: size, lseek data/hole (extents), fadvise,
+//! fallocate, flock, gethostname; and the whole-range operations built on
+//! them (sparse copy, zeroing). Per-request guest I/O goes through
+//! [`crate::engine`] instead.
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
@@ -161,6 +163,65 @@ pub fn copy_range(
     Ok(())
 }
 
+/// `fallocate(mode, offset, len)`.
+pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let (o, l) = (off_t(offset)?, off_t(len)?);
+    // SAFETY: fallocate takes no pointers; the descriptor is owned by
+    // `file`, which outlives the call.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, o, l) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// How [`flock`] locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lock {
+    Shared,
+    Exclusive,
+}
+
+/// `flock(LOCK_SH | LOCK_EX, LOCK_NB)`: `Ok(false)` when another
+/// descriptor holds a conflicting lock.
+pub fn flock(file: &File, how: Lock) -> io::Result<bool> {
+    let op = match how {
+        Lock::Shared => libc::LOCK_SH,
+        Lock::Exclusive => libc::LOCK_EX,
+    };
+    // SAFETY: flock takes no pointers; the descriptor is owned by `file`.
+    let r = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// `flock(LOCK_UN)`.
+pub fn unlock(file: &File) {
+    // SAFETY: flock takes no pointers; the descriptor is owned by `file`.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+}
+
+/// This machine's host name ("?" when it cannot be read).
+pub fn hostname() -> String {
+    let mut b = [0u8; 256];
+    // SAFETY: the buffer is valid for its whole length, and gethostname
+    // writes at most that many bytes.
+    let r = unsafe { libc::gethostname(b.as_mut_ptr().cast(), b.len()) };
+    if r != 0 {
+        return "?".into();
+    }
+    let n = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..n]).into_owned()
+}
+
 /// Make `[off, off+len)` read as zeros: punch a hole where the filesystem
 /// can, write zeros where it cannot (block devices, old filesystems).
 pub fn zero_range(file: &File, off: u64, len: u64) -> io::Result<()> {
@@ -168,25 +229,15 @@ pub fn zero_range(file: &File, off: u64, len: u64) -> io::Result<()> {
         return Ok(());
     }
     if !is_block_device(file)? {
-        let (o, l) = (
-            libc::off_t::try_from(off).map_err(|_| io::Error::other("offset too large"))?,
-            libc::off_t::try_from(len).map_err(|_| io::Error::other("length too large"))?,
-        );
-        // SAFETY: fallocate on a valid descriptor; no memory is passed.
-        let r = unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                o,
-                l,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(e);
+        match fallocate(
+            file,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        ) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+            Err(e) => return Err(e),
         }
     }
     let zeros = vec![0u8; 1 << 20];

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lungate_block::engine::{EngineKind, IoEngine};
-use lungate_config::{ConfigError, EngineChoice, GatewayConfig, TlsMode};
+use lungate_config::{ConfigError, GatewayConfig, TlsMode};
 
 use crate::export::{block_sizes, ExportError, ExportSet, Exports};
 use crate::nbd::tls::{self, TlsError};
@@ -26,7 +26,7 @@ pub struct Overrides {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
-    pub engine: Option<EngineChoice>,
+    pub engine: Option<EngineKind>,
     pub control: Option<PathBuf>,
 }
 
@@ -80,24 +80,16 @@ pub enum StartError {
     Server(#[from] ServerError),
 }
 
-pub fn engine_kind(c: EngineChoice) -> EngineKind {
-    match c {
-        EngineChoice::Auto => EngineKind::Auto,
-        EngineChoice::Uring => EngineKind::Uring,
-        EngineChoice::Sync => EngineKind::Sync,
-    }
-}
-
 /// Open (and lock) every LUN and build its exports.
-pub fn build_registry(cfg: &GatewayConfig) -> Result<Arc<Registry>, StartError> {
+pub fn build_registry(cfg: &GatewayConfig, engine: &IoEngine) -> Result<Arc<Registry>, StartError> {
     let stats = Arc::new(SwitchStats::default());
-    let (exports, luns) = ExportSet::from_config(cfg, stats.clone())?;
+    let (exports, luns) = ExportSet::from_config(cfg, stats.clone(), engine)?;
     if exports.is_empty() {
         tracing::warn!("no exports: check `pools` and [[export]] in the configuration");
     }
     for e in exports.iter() {
         tracing::info!(export = %e.name, size = e.size(), read_only = e.read_only, lun = %e.lun_path.display(),
-            plain = e.lun.as_ref().is_some_and(|l| l.is_plain()), "export");
+            layers = e.lun.as_ref().map_or(0, |l| l.volume().chain().len()), "export");
     }
     let registry = Arc::new(Registry::new(
         Arc::new(Exports::new(exports)),
@@ -115,20 +107,19 @@ pub fn build_registry(cfg: &GatewayConfig) -> Result<Arc<Registry>, StartError> 
 /// Open the exports, start the engine, load TLS and bind the listeners.
 pub async fn build_server(cfg: &GatewayConfig) -> Result<Server, StartError> {
     let listen = cfg.listen_addrs()?;
-    let registry = build_registry(cfg)?;
+    let engine = IoEngine::new(cfg.io.engine, cfg.io.workers).map_err(StartError::Engine)?;
+    tracing::info!(
+        engine = engine.name(),
+        workers = engine.workers(),
+        "I/O engine"
+    );
+    let registry = build_registry(cfg, &engine)?;
     let tls = match (cfg.tls.mode, &cfg.tls.cert, &cfg.tls.key) {
         (TlsMode::Off, _, _) => None,
         (_, Some(cert), Some(key)) => Some(tls::acceptor(cert, key, cfg.tls.ca.as_deref())?),
         // validate() rejects TLS without cert and key
         _ => None,
     };
-    let engine =
-        IoEngine::new(engine_kind(cfg.io.engine), cfg.io.workers).map_err(StartError::Engine)?;
-    tracing::info!(
-        engine = engine.name(),
-        workers = engine.workers(),
-        "I/O engine"
-    );
     let settings = ServerSettings {
         listen,
         unix: cfg.unix.clone(),
@@ -149,7 +140,7 @@ pub async fn build_server(cfg: &GatewayConfig) -> Result<Server, StartError> {
             _ => None,
         },
     };
-    Ok(Server::bind(settings, registry, engine).await?)
+    Ok(Server::bind(settings, registry).await?)
 }
 
 #[cfg(test)]

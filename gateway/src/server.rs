@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lungate_block::engine::IoEngine;
 use lungate_config::{Peer, TlsMode};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
@@ -38,7 +37,7 @@ pub enum ServerError {
     },
 }
 
-/// Settings the server needs beyond the exports and the engine.
+/// Settings the server needs beyond the exports.
 pub struct ServerSettings {
     pub listen: Vec<SocketAddr>,
     pub unix: Option<PathBuf>,
@@ -71,7 +70,6 @@ impl std::fmt::Display for Listening {
 struct Shared {
     hs: HandshakeCtx,
     registry: Arc<Registry>,
-    engine: IoEngine,
     max_in_flight: u64,
     handshake_timeout: Duration,
 }
@@ -88,7 +86,6 @@ impl Server {
     pub async fn bind(
         settings: ServerSettings,
         registry: Arc<Registry>,
-        engine: IoEngine,
     ) -> Result<Server, ServerError> {
         let mut tcp = Vec::new();
         for addr in &settings.listen {
@@ -137,7 +134,6 @@ impl Server {
                     tls: settings.tls,
                 },
                 registry,
-                engine,
                 max_in_flight: settings.max_in_flight,
                 handshake_timeout: settings.handshake_timeout,
             }),
@@ -232,7 +228,7 @@ impl Server {
             tracing::warn!(timeout = ?DRAIN_TIMEOUT, "sessions still busy after the drain timeout; exiting anyway");
         }
         for lun in self.shared.registry.luns() {
-            if let Err(e) = lun.flush(&self.shared.engine).await {
+            if let Err(e) = lun.device().flush().await {
                 tracing::error!(lun = %lun.lun.path().display(), error = %e, "final flush failed");
             }
         }
@@ -288,15 +284,7 @@ async fn connection(
         structured = negotiated.structured, flags = format!("{:#x}", negotiated.flags), "transmission");
     let exp = negotiated.export.clone();
     crate::export::ExportStats::add(&exp.stats.connections, 1);
-    let end = session::serve(
-        io,
-        buffered,
-        negotiated,
-        shared.engine.clone(),
-        shared.max_in_flight,
-        shutdown,
-    )
-    .await;
+    let end = session::serve(io, buffered, negotiated, shared.max_in_flight, shutdown).await;
     crate::export::ExportStats::sub(&exp.stats.connections, 1);
     match end {
         Ok(End::Disconnect) => {
@@ -324,7 +312,6 @@ mod tests {
     use super::*;
     use crate::nbd::proto::*;
     use lun_manager::{Access, CreateSpec, Layout, Lun};
-    use lungate_block::engine::EngineKind;
     use lungate_config::GatewayConfig;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
@@ -358,7 +345,10 @@ mod tests {
             allow,
             ..GatewayConfig::default()
         };
-        let registry = crate::config::build_registry(&cfg).unwrap();
+        let engine =
+            lungate_block::engine::IoEngine::new(lungate_block::engine::EngineKind::Auto, 2)
+                .unwrap();
+        let registry = crate::config::build_registry(&cfg, &engine).unwrap();
         assert_eq!(registry.exports.current().len(), 2);
         let settings = ServerSettings {
             listen: vec!["127.0.0.1:0".parse().unwrap()],
@@ -370,8 +360,7 @@ mod tests {
             control_unix: None,
             control_tcp: None,
         };
-        let engine = IoEngine::new(EngineKind::Auto, 2).unwrap();
-        let server = Server::bind(settings, registry, engine).await.unwrap();
+        let server = Server::bind(settings, registry).await.unwrap();
         let addr = match &server.listening()[0] {
             Listening::Tcp(a) => *a,
             other => panic!("{other}"),

@@ -27,6 +27,7 @@ use crate::format::{
     align_up, gpt, Layout, Region, RegionKind, ALIGN, LABEL_REGION_LEN, LABEL_SLOT_STRIDE, MIB,
     OFFSET_LABEL_AT, OFFSET_TAIL_RESERVED,
 };
+use lungate_block::engine::IoEngine;
 use lungate_block::sys as fileops;
 use lungate_block::volume::{self, Volume, VolumeConfig, VolumeOptions};
 
@@ -130,17 +131,20 @@ pub fn volume_config(
     }
 }
 
-fn open_volume(path: &Path, file: &Arc<File>, label: &Label, access: Access) -> Result<Volume> {
+fn open_volume(
+    path: &Path,
+    file: &Arc<File>,
+    label: &Label,
+    access: Access,
+    engine: Option<IoEngine>,
+) -> Result<Volume> {
     let options = VolumeOptions {
         read_only: access == Access::ReadOnly,
         cluster_size: label.volume_cluster_size(),
     };
-    Ok(Volume::open(volume_config(
-        path,
-        file.clone(),
-        label,
-        options,
-    ))?)
+    let mut cfg = volume_config(path, file.clone(), label, options);
+    cfg.engine = engine;
+    Ok(Volume::open(cfg)?)
 }
 
 impl std::fmt::Debug for Lun {
@@ -236,6 +240,12 @@ impl Lun {
     // ----- opening -------------------------------------------------------
 
     pub fn open(path: &Path, access: Access) -> Result<Lun> {
+        Lun::open_with(path, access, None)
+    }
+
+    /// [`Lun::open`], with the volume's asynchronous data path on `engine`
+    /// (a gateway serving the LUN).
+    pub fn open_with(path: &Path, access: Access, engine: Option<IoEngine>) -> Result<Lun> {
         let file = OpenOptions::new()
             .read(true)
             .write(access == Access::ReadWrite)
@@ -260,7 +270,7 @@ impl Lun {
             }
         }
         let file = Arc::new(file);
-        let volume = open_volume(path, &file, &label, access)?;
+        let volume = open_volume(path, &file, &label, access, engine)?;
         warnings.extend(volume.warnings());
         let (dir, dir_slot) = Self::read_dir(path, &volume, &label)?;
         let mut lun = Lun {
@@ -761,7 +771,7 @@ impl Lun {
         fileops::zero_range(&file, label.label_region().offset, LABEL_REGION_LEN)
             .ctx(path, "clear label")?;
         let file = Arc::new(file);
-        let volume = Arc::new(open_volume(path, &file, &label, Access::ReadWrite)?);
+        let volume = Arc::new(open_volume(path, &file, &label, Access::ReadWrite, None)?);
         let mut lun = Lun {
             path: path.into(),
             file,
@@ -1426,6 +1436,7 @@ impl Lun {
                 &self.file,
                 &self.label,
                 self.access,
+                self.volume.engine().cloned(),
             )?);
         }
         Ok(())

@@ -1360,11 +1360,13 @@ impl Volume {
         // The target store's first commit publishes its layers.
         tstore.commit_manifest(&tm, 1)?;
         drop(st);
+        let engine = target.engine.clone().or_else(|| self.engine.clone());
         Volume::open(VolumeConfig {
             options: VolumeOptions {
                 cluster_size: geo.cluster_size as u32,
                 read_only: false,
             },
+            engine,
             ..target
         })
     }

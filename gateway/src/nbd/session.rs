@@ -7,17 +7,17 @@
 //! Requests in flight are bounded in bytes: while over the bound the reader
 //! stops reading, which pushes back on the client through TCP.
 //!
-//! Every offset goes through [`Export::locate_checked`] before the LUN
-//! sees it; this module never computes a file offset itself. Each request
-//! takes its place at the LUN's live-switch gate in the order the reader
-//! decoded it (see [`crate::switch`]) and holds its pass while it runs.
+//! A request goes to the top of its export's block-device stack
+//! ([`Export::dev`], the region view) in export offsets; the region checks
+//! the range and translates it, the LUN's live-switch gate below it parks
+//! the request during a switch (see [`crate::switch`]). This module only
+//! adds the protocol's rules (flags, block sizes, read-only) and never
+//! computes a LUN offset itself.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use lungate_block::engine::IoEngine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::codec::Decoder;
@@ -28,6 +28,7 @@ use super::handshake::Negotiated;
 use super::proto::{cmd_flags, reply_flags, state, Command, NbdError, BASE_ALLOCATION_ID};
 use super::transport::{BoxWriter, Transport};
 use crate::export::{Export, ExportStats, RangeError};
+use lungate_block::Chunk;
 
 /// Payloads up to this size are copied into the batch buffer; larger ones
 /// are written from their own buffer.
@@ -136,7 +137,6 @@ type Tx = mpsc::UnboundedSender<Outgoing>;
 
 struct Ctx {
     export: Arc<Export>,
-    engine: IoEngine,
     structured: bool,
     base_allocation: bool,
     inflight: InFlight,
@@ -156,20 +156,23 @@ impl Failure {
         }
     }
 
-    fn io(what: &str, e: &std::io::Error) -> Self {
+    /// An I/O error from the stack. A range the region view refused is
+    /// ENOSPC for writes past the end (the spec's SHOULD), else EINVAL.
+    fn io(what: &str, e: &std::io::Error, writing: bool) -> Self {
+        if let Some(r) = lungate_block::device::range_error(e) {
+            let error = if writing {
+                NbdError::NoSpc
+            } else {
+                NbdError::Inval
+            };
+            return Failure::new(error, r.to_string());
+        }
         Failure::new(NbdError::from_io(e), format!("{what}: {e}"))
     }
 
-    /// Range errors: writes past the end are ENOSPC (the spec's SHOULD),
-    /// everything else EINVAL.
-    fn range(e: RangeError, writing: bool) -> Self {
-        let error = match e {
-            RangeError::OutOfBounds { .. } | RangeError::Overflow { .. } if writing => {
-                NbdError::NoSpc
-            }
-            _ => NbdError::Inval,
-        };
-        Failure::new(error, e.to_string())
+    /// Block-size rule violations: EINVAL.
+    fn range(e: RangeError) -> Self {
+        Failure::new(NbdError::Inval, e.to_string())
     }
 }
 
@@ -180,13 +183,11 @@ pub async fn serve(
     io: Transport,
     buffered: BytesMut,
     negotiated: Negotiated,
-    engine: IoEngine,
     max_in_flight: u64,
     shutdown: CancellationToken,
 ) -> Result<End, SessionError> {
     let ctx = Arc::new(Ctx {
         export: negotiated.export,
-        engine,
         structured: negotiated.structured,
         base_allocation: negotiated.base_allocation,
         inflight: InFlight::new(max_in_flight),
@@ -219,13 +220,10 @@ pub async fn serve(
         let (header, payload) = match frame {
             RequestFrame::Request { header, payload } => (header, payload),
             RequestFrame::OversizedWrite { header } => {
-                let f = Failure::range(
-                    RangeError::TooLong {
-                        length: u64::from(header.length),
-                        maximum: ctx.export.block.maximum,
-                    },
-                    true,
-                );
+                let f = Failure::range(RangeError::TooLong {
+                    length: u64::from(header.length),
+                    maximum: ctx.export.block.maximum,
+                });
                 send_failure(&ctx, &tx, &header, f, 0);
                 continue;
             }
@@ -252,13 +250,8 @@ pub async fn serve(
         if !ctx.inflight.acquire(credit).await {
             break Ok(End::Eof); // the writer died: the client is gone
         }
-        let entry = ctx.export.lun.as_ref().map(|l| l.gate.enter());
         let (ctx2, tx2) = (ctx.clone(), tx.clone());
         tokio::spawn(async move {
-            let _pass = match entry {
-                Some(e) => Some(e.ready().await),
-                None => None,
-            };
             handle(&ctx2, &tx2, header, payload, credit).await;
         });
     };
@@ -387,55 +380,6 @@ async fn handle(ctx: &Ctx, tx: &Tx, h: RequestHeader, payload: Option<Bytes>, cr
     }
 }
 
-// The data path: through the served LUN (fast path or volume), or straight
-// to the engine for a bare file view.
-impl Ctx {
-    async fn read_at(&self, at: u64, len: usize) -> std::io::Result<Bytes> {
-        match &self.export.lun {
-            Some(l) => l.read(&self.engine, at, len).await,
-            None => self.engine.read(&self.export.file, at, len).await,
-        }
-    }
-    async fn write_at(&self, at: u64, data: Bytes, fua: bool) -> std::io::Result<()> {
-        match &self.export.lun {
-            Some(l) => l.write(&self.engine, at, data, fua).await,
-            None => self.engine.write(&self.export.file, at, data, fua).await,
-        }
-    }
-    async fn flush(&self) -> std::io::Result<()> {
-        match &self.export.lun {
-            Some(l) => l.flush(&self.engine).await,
-            None => self.engine.flush(&self.export.file).await,
-        }
-    }
-    async fn trim(&self, at: u64, len: u64) -> std::io::Result<()> {
-        match &self.export.lun {
-            Some(l) => l.trim(&self.engine, at, len).await,
-            None => self.engine.punch_hole(&self.export.file, at, len).await,
-        }
-    }
-    async fn write_zeroes(&self, at: u64, len: u64, may_trim: bool) -> std::io::Result<()> {
-        match &self.export.lun {
-            Some(l) => l.write_zeroes(&self.engine, at, len, may_trim).await,
-            None => {
-                self.engine
-                    .write_zeroes(&self.export.file, at, len, may_trim)
-                    .await
-            }
-        }
-    }
-    async fn extents(
-        &self,
-        at: u64,
-        len: u64,
-    ) -> std::io::Result<Vec<lungate_block::engine::Extent>> {
-        match &self.export.lun {
-            Some(l) => l.extents(&self.engine, at, len).await,
-            None => self.engine.extents(&self.export.file, at, len),
-        }
-    }
-}
-
 /// Execute one request. `Ok(true)`: replies already sent; `Ok(false)`:
 /// success without payload, caller replies.
 async fn run(
@@ -446,6 +390,7 @@ async fn run(
     credit: u64,
 ) -> Result<bool, Failure> {
     let e = &ctx.export;
+    let dev = &e.dev;
     let extra = h.flags & !h.command.allowed_flags();
     if extra != 0 {
         return Err(Failure::new(
@@ -474,55 +419,45 @@ async fn run(
             format!("export {:?} is read-only", e.name),
         ));
     }
+    let payload_carrying = matches!(h.command, Command::Read | Command::Write | Command::Cache);
+    if !matches!(
+        h.command,
+        Command::Flush | Command::Disc | Command::Unknown(_)
+    ) {
+        e.check_block_sizes(offset, length, payload_carrying)
+            .map_err(Failure::range)?;
+    }
     match h.command {
-        Command::Read => {
-            let at = e
-                .locate_checked(offset, length, true)
-                .map_err(|r| Failure::range(r, false))?;
-            read(ctx, tx, h, at, credit).await.map(|()| true)
-        }
+        Command::Read => read(ctx, tx, h, credit).await.map(|()| true),
         Command::Write => {
-            let at = e
-                .locate_checked(offset, length, true)
-                .map_err(|r| Failure::range(r, true))?;
             let data = payload.unwrap_or_default();
-            if !data.is_empty() {
-                ctx.write_at(at, data, fua)
-                    .await
-                    .map_err(|err| Failure::io("write", &err))?;
-            }
+            dev.write(offset, data, fua)
+                .await
+                .map_err(|err| Failure::io("write", &err, true))?;
             Ok(false)
         }
         Command::Flush => {
-            ctx.flush()
+            dev.flush()
                 .await
-                .map_err(|err| Failure::io("flush", &err))?;
+                .map_err(|err| Failure::io("flush", &err, false))?;
             Ok(false)
         }
         Command::Trim => {
-            let at = e
-                .locate_checked(offset, length, false)
-                .map_err(|r| Failure::range(r, false))?;
-            if length > 0 {
-                if let Err(err) = ctx.trim(at, length).await {
-                    // Trim is advisory: a backing store that cannot punch
-                    // holes simply keeps the data.
-                    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                        return Err(Failure::io("trim", &err));
-                    }
+            if let Err(err) = dev.trim(offset, length).await {
+                // Trim is advisory: a backing store that cannot punch
+                // holes simply keeps the data.
+                if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                    return Err(Failure::io("trim", &err, false));
                 }
-                if fua {
-                    ctx.flush()
-                        .await
-                        .map_err(|err| Failure::io("flush after trim", &err))?;
-                }
+            }
+            if fua && length > 0 {
+                dev.flush()
+                    .await
+                    .map_err(|err| Failure::io("flush after trim", &err, false))?;
             }
             Ok(false)
         }
         Command::WriteZeroes => {
-            let at = e
-                .locate_checked(offset, length, false)
-                .map_err(|r| Failure::range(r, true))?;
             let no_hole = h.flags & cmd_flags::NO_HOLE != 0;
             if h.flags & cmd_flags::FAST_ZERO != 0 && no_hole {
                 // Allocating zeroes may cost as much as writing them.
@@ -531,36 +466,24 @@ async fn run(
                     "fast zero with NO_HOLE is not guaranteed fast",
                 ));
             }
-            if length > 0 {
-                ctx.write_zeroes(at, length, !no_hole)
+            dev.write_zeroes(offset, length, !no_hole)
+                .await
+                .map_err(|err| Failure::io("write zeroes", &err, true))?;
+            if fua && length > 0 {
+                dev.flush()
                     .await
-                    .map_err(|err| Failure::io("write zeroes", &err))?;
-                if fua {
-                    ctx.flush()
-                        .await
-                        .map_err(|err| Failure::io("flush after write zeroes", &err))?;
-                }
+                    .map_err(|err| Failure::io("flush after write zeroes", &err, false))?;
             }
             Ok(false)
         }
         Command::Cache => {
-            let at = e
-                .locate_checked(offset, length, true)
-                .map_err(|r| Failure::range(r, false))?;
-            if length > 0 {
-                // SAFETY: posix_fadvise only reads its integer arguments; the
-                // fd is owned by `e.file`, which outlives this call.
-                let rc = unsafe {
-                    libc::posix_fadvise(
-                        e.file.as_raw_fd(),
-                        at as libc::off_t,
-                        length as libc::off_t,
-                        libc::POSIX_FADV_WILLNEED,
-                    )
-                };
-                if rc != 0 {
-                    tracing::debug!(rc, "posix_fadvise(WILLNEED) failed; cache hint ignored");
+            // Through the stack: the layer that holds each cluster reads
+            // it ahead. A hint; failing to take it is not an error.
+            if let Err(err) = dev.cache(offset, length).await {
+                if lungate_block::device::range_error(&err).is_some() {
+                    return Err(Failure::io("cache", &err, false));
                 }
+                tracing::debug!(error = %err, "cache hint ignored");
             }
             Ok(false)
         }
@@ -574,13 +497,16 @@ async fn run(
             if length == 0 {
                 return Err(Failure::new(NbdError::Inval, "block status of length 0"));
             }
-            let at = e
-                .locate_checked(offset, length, false)
-                .map_err(|r| Failure::range(r, false))?;
-            let extents = allocation(ctx, at, offset, length).await?;
+            let extents = dev
+                .extents(offset, length)
+                .await
+                .map_err(|err| Failure::io("block status", &err, false))?;
             let mut descs: Vec<(u32, u32)> = extents
                 .into_iter()
-                .map(|(len, hole)| (len as u32, if hole { state::HOLE | state::ZERO } else { 0 }))
+                .map(|x| {
+                    let flags = if x.data { 0 } else { state::HOLE | state::ZERO };
+                    (x.length as u32, flags)
+                })
                 .collect();
             if h.flags & cmd_flags::REQ_ONE != 0 {
                 descs.truncate(1);
@@ -607,63 +533,33 @@ async fn run(
     }
 }
 
-/// Allocation of export range `[offset, offset + length)` (file offset
-/// `at`) as consecutive `(length, is_hole)` runs covering it exactly.
-/// Gaps the engine does not describe are reported as data.
-async fn allocation(
-    ctx: &Ctx,
-    at: u64,
-    offset: u64,
-    length: u64,
-) -> Result<Vec<(u64, bool)>, Failure> {
-    let e = &ctx.export;
-    let end = offset + length; // locate proved this fits
-    let raw = ctx
-        .extents(at, length)
-        .await
-        .map_err(|err| Failure::io("block status", &err))?;
-    let mut runs: Vec<(u64, bool)> = Vec::new();
-    let mut pos = offset;
-    let push = |runs: &mut Vec<(u64, bool)>, len: u64, hole: bool| match runs.last_mut() {
-        Some((l, h)) if *h == hole => *l += len,
-        _ => runs.push((len, hole)),
-    };
-    for x in raw {
-        let Some((o, l)) = e.clip_file_range(x.offset, x.length, offset, end) else {
-            continue;
-        };
-        if o < pos {
-            continue; // overlapping or unsorted extent: keep what we have
-        }
-        if o > pos {
-            push(&mut runs, o - pos, false);
-        }
-        push(&mut runs, l, !x.data);
-        pos = o + l;
-    }
-    if pos < end {
-        push(&mut runs, end - pos, false);
-    }
-    Ok(runs)
-}
-
-async fn read(ctx: &Ctx, tx: &Tx, h: &RequestHeader, at: u64, credit: u64) -> Result<(), Failure> {
+async fn read(ctx: &Ctx, tx: &Tx, h: &RequestHeader, credit: u64) -> Result<(), Failure> {
+    let dev = &ctx.export.dev;
     let length = u64::from(h.length);
     if length == 0 {
+        // Still a range check: an empty read past the end is refused.
+        dev.read(h.offset, 0)
+            .await
+            .map_err(|err| Failure::io("read", &err, false))?;
         send_ok(ctx, tx, h, credit);
         return Ok(());
     }
     let sparse = ctx.structured && h.flags & cmd_flags::DF == 0 && length >= SPARSE_READ_MIN;
     if sparse {
-        let runs = allocation(ctx, at, h.offset, length).await?;
-        if runs.iter().any(|(l, hole)| *hole && *l >= MIN_HOLE_CHUNK) {
-            return read_sparse(ctx, tx, h, at, runs, credit).await;
-        }
+        // One call, one consistent view: the stack says where it holds
+        // zeros, and those go out as OFFSET_HOLE chunks. All data is in
+        // hand before the first chunk goes out, so an I/O error becomes one
+        // error reply instead of a half-sent read.
+        let chunks = dev
+            .read_chunks(h.offset, h.length as usize)
+            .await
+            .map_err(|err| Failure::io("read", &err, false))?;
+        return send_chunks(tx, h, chunks, credit);
     }
-    let data = ctx
-        .read_at(at, h.length as usize)
+    let data = dev
+        .read(h.offset, h.length as usize)
         .await
-        .map_err(|err| Failure::io("read", &err))?;
+        .map_err(|err| Failure::io("read", &err, false))?;
     let reply = if ctx.structured {
         Reply::Chunk {
             handle: h.handle,
@@ -684,45 +580,43 @@ async fn read(ctx: &Ctx, tx: &Tx, h: &RequestHeader, at: u64, credit: u64) -> Re
     Ok(())
 }
 
-/// Structured read that sends holes as OFFSET_HOLE. All data is read
-/// before the first chunk goes out, so an I/O error becomes one error
-/// reply instead of a half-sent read.
-async fn read_sparse(
-    ctx: &Ctx,
-    tx: &Tx,
-    h: &RequestHeader,
-    at: u64,
-    runs: Vec<(u64, bool)>,
-    credit: u64,
-) -> Result<(), Failure> {
-    // Short holes are merged into the data around them.
-    let mut segs: Vec<(u64, u64, bool)> = Vec::new(); // (export offset, len, hole)
-    let mut pos = h.offset;
-    for (len, hole) in runs {
-        let hole = hole && len >= MIN_HOLE_CHUNK;
-        match segs.last_mut() {
-            Some((_, l, hh)) if *hh == hole => *l += len,
-            _ => segs.push((pos, len, hole)),
-        }
-        pos += len;
-    }
-    let mut chunks = Vec::with_capacity(segs.len());
-    for (off, len, hole) in segs {
-        if hole {
-            chunks.push(ChunkPayload::OffsetHole {
-                offset: off,
-                length: len as u32,
+/// A structured read as chunks: holes of at least [`MIN_HOLE_CHUNK`] as
+/// OFFSET_HOLE, shorter ones sent as zeros with the data around them.
+fn send_chunks(tx: &Tx, h: &RequestHeader, chunks: Vec<Chunk>, credit: u64) -> Result<(), Failure> {
+    let mut out: Vec<ChunkPayload> = Vec::with_capacity(chunks.len());
+    let mut data: Option<(u64, BytesMut)> = None;
+    let flush_data = |data: &mut Option<(u64, BytesMut)>, out: &mut Vec<ChunkPayload>| {
+        if let Some((offset, b)) = data.take() {
+            out.push(ChunkPayload::OffsetData {
+                offset,
+                data: b.freeze(),
             });
-        } else {
-            let data = ctx
-                .read_at(at + (off - h.offset), len as usize)
-                .await
-                .map_err(|err| Failure::io("read", &err))?;
-            chunks.push(ChunkPayload::OffsetData { offset: off, data });
+        }
+    };
+    for c in chunks {
+        match c {
+            Chunk::Hole { offset, length } if length >= MIN_HOLE_CHUNK => {
+                flush_data(&mut data, &mut out);
+                out.push(ChunkPayload::OffsetHole {
+                    offset,
+                    length: length as u32,
+                });
+            }
+            c => {
+                let (offset, bytes): (u64, &[u8]) = match &c {
+                    Chunk::Data { offset, data } => (*offset, data),
+                    Chunk::Hole { offset, length } => (*offset, &ZERO_CHUNK[..*length as usize]),
+                };
+                match &mut data {
+                    Some((_, b)) => b.extend_from_slice(bytes),
+                    None => data = Some((offset, BytesMut::from(bytes))),
+                }
+            }
         }
     }
-    let n = chunks.len();
-    for (i, payload) in chunks.into_iter().enumerate() {
+    flush_data(&mut data, &mut out);
+    let n = out.len();
+    for (i, payload) in out.into_iter().enumerate() {
         let last = i + 1 == n;
         send(
             tx,
@@ -736,3 +630,6 @@ async fn read_sparse(
     }
     Ok(())
 }
+
+/// Zeros for holes too short to send as holes.
+static ZERO_CHUNK: [u8; MIN_HOLE_CHUNK as usize] = [0; MIN_HOLE_CHUNK as usize];
