@@ -190,7 +190,8 @@ fn the_typed_client_speaks_tcp_with_the_bearer_token_and_streams_records_there_t
         put: vec![put(RecordType::MemoryImage, 0, image.len() as u64)],
         remove: vec![],
     };
-    c.write_records("vm", &batch, |_, s| s.write(&image)).unwrap();
+    c.write_records("vm", &batch, |_, s| s.write(&image))
+        .unwrap();
     let mut back = Vec::new();
     c.record_reader("vm", RecordType::MemoryImage, 0)
         .unwrap()
