@@ -1367,6 +1367,52 @@ impl Lun {
         Ok(self.dir.generation)
     }
 
+    /// One record's payload as snapshot `snap` holds it (a JSON record or
+    /// another small one, at most [`MAX_JSON_RECORD`] bytes), verified;
+    /// `None` if the snapshot's directory has no such record. Reads the
+    /// frozen snapshot, so nothing live changes.
+    pub fn snapshot_record(
+        &self,
+        snap: &str,
+        rtype: RecordType,
+        instance: u16,
+    ) -> Result<Option<Vec<u8>>> {
+        let st = *self.label.state_region();
+        let mut best: Option<Directory> = None;
+        for slot in 0..2u64 {
+            let mut b = vec![0u8; DIR_SLOT_SIZE];
+            self.volume
+                .read_snapshot(snap, st.offset + slot * DIR_SLOT_SIZE as u64, &mut b)?;
+            if let Ok(d) = Directory::decode(&b, self.uuid()) {
+                if best.as_ref().is_none_or(|x| d.generation > x.generation) {
+                    best = Some(d);
+                }
+            }
+        }
+        let d = best.ok_or_else(|| Error::Record {
+            path: self.path.clone(),
+            record: format!("snapshot {snap}"),
+            why: "no valid state directory in the snapshot".into(),
+        })?;
+        let Some(e) = d.find(rtype, instance).copied() else {
+            return Ok(None);
+        };
+        if e.length > MAX_JSON_RECORD {
+            return Err(Error::Invalid(format!(
+                "{} #{instance} of snapshot {snap} is {} bytes; only records up to {MAX_JSON_RECORD} bytes are read from a snapshot",
+                rtype.name(),
+                e.length
+            )));
+        }
+        let mut b = vec![0u8; usize::try_from(e.length).expect("capped")];
+        self.volume
+            .read_snapshot(snap, st.offset + e.offset, &mut b)?;
+        if blake3::hash(&b).as_bytes() != &e.checksum {
+            return Err(self.rec_err(&e, "payload checksum mismatch in the snapshot"));
+        }
+        Ok(Some(b))
+    }
+
     /// Remove a record (its space is free once the new directory is current).
     pub fn remove_record(&mut self, rtype: RecordType, instance: u16) -> Result<bool> {
         self.writable()?;

@@ -16,10 +16,12 @@
 //!
 //! Files: `provision.rs` (pools, create, inspect, list, resize, attach,
 //! delete), `snapshots.rs` (every snapshot command, and repair of a lost
-//! snapshot manifest), `results.rs` (the `--json` result objects),
+//! snapshot manifest), `guest.rs` (vmm-shim's hardware and guest key),
+//! `results.rs` (the `--json` result objects),
 //! `fail.rs` (exit codes).
 
 mod fail;
+mod guest;
 mod provision;
 mod results;
 mod snapshots;
@@ -157,6 +159,22 @@ enum Cmd {
         #[command(flatten)]
         lun: LunRef,
     },
+    /// Change the VM's memory size and vCPU count (applied by vmm-shim at
+    /// the next boot or restore; a saved state is adapted to it then)
+    SetHardware {
+        #[command(flatten)]
+        lun: LunRef,
+        #[arg(long, value_name = "SIZE")]
+        memory: Option<String>,
+        #[arg(long, value_name = "N")]
+        vcpus: Option<u32>,
+    },
+    /// Show the key the guest's software signs its state-service requests
+    /// with (install it in the guest); gives an older LUN one first
+    GuestKey {
+        #[command(flatten)]
+        lun: LunRef,
+    },
     /// Rebuild a LUN's lost snapshot manifest from its layers' headers
     /// (the LUN is refused until then; see docs/volumes.md)
     Repair {
@@ -195,6 +213,8 @@ impl Cmd {
             Cmd::Diff { .. } => "diff",
             Cmd::ApplyDiff { .. } => "apply-diff",
             Cmd::Usage { .. } => "usage",
+            Cmd::SetHardware { .. } => "set-hardware",
+            Cmd::GuestKey { .. } => "guest-key",
             Cmd::Repair { .. } => "repair",
             Cmd::Scan { .. } => "scan",
             Cmd::Doc(DocCmd::Completions { .. }) => "completions",
@@ -339,6 +359,10 @@ fn run(cmd: Cmd, out: &Output) -> Res {
         } => snapshots::diff(out, &lun.path()?, &from, to.as_deref(), file.as_deref()),
         Cmd::ApplyDiff { lun, file } => snapshots::apply_diff(out, &lun.path()?, &file),
         Cmd::Usage { lun } => snapshots::usage(out, &lun.path()?),
+        Cmd::SetHardware { lun, memory, vcpus } => {
+            guest::set_hardware(out, &lun.path()?, memory, vcpus)
+        }
+        Cmd::GuestKey { lun } => guest::guest_key(out, &lun.path()?),
         Cmd::Repair { lun } => snapshots::repair(out, &lun.path()?),
         Cmd::Scan { paths, html } => {
             let r = scan::scan(&paths);

@@ -81,6 +81,8 @@ pub fn create(out: &Output, a: CreateArgs) -> Res {
     } else {
         Lun::create(&path, &spec)?
     };
+    let mut lun = lun;
+    crate::guest::install_guest_service(&mut lun)?;
     let disks = lun
         .disks()
         .iter()
