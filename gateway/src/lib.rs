@@ -5,7 +5,8 @@
 //! bounds checks, offset into the LUN) → [`served`] (one LUN: its volume,
 //! the live-switch [`switch`] gate, the io_uring fast path) →
 //! `lun_manager::volume` / `lun_manager::backend`. [`control`] is the
-//! HTTP/JSON control API over the [`registry`] of served LUNs. A layer only
+//! HTTP/JSON control API over the [`registry`] of served LUNs. [`memory`]
+//! bounds what connections may hold, gateway-wide and per connection. A layer only
 //! calls the one beneath it; [`config`] wires them together from a
 //! `lungate_config::GatewayConfig`.
 
@@ -13,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod export;
+pub mod memory;
 pub mod nbd;
 pub mod registry;
 pub mod served;

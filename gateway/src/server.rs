@@ -1,11 +1,14 @@
-//! Listeners and connection lifecycle: bind TCP and unix sockets, accept,
-//! run each connection's handshake then transmission, and on shutdown stop
-//! accepting, let every session drain its in-flight requests, and flush
-//! every backing file.
+//! Listeners and connection lifecycle: bind TCP and unix sockets (or take
+//! the ones systemd-style socket activation passed in), admit each
+//! connection (per-client limit, memory floor), run its handshake then
+//! transmission, and on shutdown stop accepting, let every session drain
+//! its in-flight requests, and flush every backing file.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lun_manager::backend::IoEngine;
@@ -14,6 +17,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::memory::MemoryBudget;
 use crate::nbd::handshake::{negotiate, HandshakeCtx, Outcome};
 use crate::nbd::session::{self, End};
 use crate::nbd::transport::Transport;
@@ -36,6 +40,8 @@ pub enum ServerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("socket-activation file descriptor {fd}: {reason}")]
+    Activated { fd: i32, reason: String },
 }
 
 /// Settings the server needs beyond the exports and the engine.
@@ -44,12 +50,21 @@ pub struct ServerSettings {
     pub unix: Option<PathBuf>,
     pub tls_mode: TlsMode,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Per-connection bound on bytes of requests being served.
     pub max_in_flight: u64,
+    /// The gateway-wide memory budget every connection draws from.
+    pub memory: Arc<MemoryBudget>,
+    pub max_connections_per_client: u32,
     pub handshake_timeout: Duration,
     /// Control API unix socket.
     pub control_unix: Option<PathBuf>,
     /// Control API TCP address and its token file.
     pub control_tcp: Option<(SocketAddr, PathBuf)>,
+    /// TLS for the control API's TCP listener.
+    pub control_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Listening sockets passed in by socket activation (`LISTEN_FDS`);
+    /// when there are any, `listen` and `unix` are not bound.
+    pub activated: Vec<OwnedFd>,
 }
 
 /// A bound listener, as printed on stdout.
@@ -73,14 +88,125 @@ struct Shared {
     registry: Arc<Registry>,
     engine: IoEngine,
     max_in_flight: u64,
+    memory: Arc<MemoryBudget>,
+    admission: Admission,
     handshake_timeout: Duration,
+}
+
+/// Who a connection counts against for `max_connections_per_client`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ClientKey {
+    Ip(IpAddr),
+    /// A unix-socket peer, by user id.
+    Uid(u32),
+    /// A unix-socket peer whose credentials could not be read.
+    UnknownUnix,
+}
+
+impl std::fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientKey::Ip(ip) => write!(f, "{ip}"),
+            ClientKey::Uid(u) => write!(f, "unix uid {u}"),
+            ClientKey::UnknownUnix => f.write_str("unix peer"),
+        }
+    }
+}
+
+/// Open connections per client.
+#[derive(Debug)]
+struct Admission {
+    per_client: u32,
+    open: Mutex<HashMap<ClientKey, u32>>,
+}
+
+/// One admitted connection; counted until dropped.
+struct Admitted<'a> {
+    admission: &'a Admission,
+    key: ClientKey,
+}
+
+impl Admission {
+    fn admit(&self, key: ClientKey) -> Result<Admitted<'_>, u32> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(key).or_insert(0);
+        if *n >= self.per_client {
+            return Err(*n);
+        }
+        *n += 1;
+        Ok(Admitted {
+            admission: self,
+            key,
+        })
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        let mut open = self
+            .admission
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
 }
 
 pub struct Server {
     control: crate::control::Control,
     tcp: Vec<TcpListener>,
-    unix: Option<(UnixListener, PathBuf)>,
+    unix: Option<(UnixListener, Option<PathBuf>)>,
     shared: Arc<Shared>,
+}
+
+/// A listener passed in by socket activation, by its address family.
+enum Activated {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+/// Tell a passed-in listening socket's kind from its address family.
+fn activated(fd: OwnedFd) -> Result<Activated, ServerError> {
+    use std::os::fd::AsRawFd;
+    let raw = fd.as_raw_fd();
+    let bad = |reason: String| ServerError::Activated { fd: raw, reason };
+    // SAFETY: sockaddr_storage is plain old data, valid when zeroed.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: getsockname writes at most `len` bytes into `addr`, which we
+    // own and sized; `raw` is a descriptor `fd` owns.
+    let rc = unsafe {
+        libc::getsockname(
+            raw,
+            std::ptr::addr_of_mut!(addr).cast::<libc::sockaddr>(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(bad(format!(
+            "not a socket: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let l = match i32::from(addr.ss_family) {
+        libc::AF_INET | libc::AF_INET6 => {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true).map_err(|e| bad(e.to_string()))?;
+            Activated::Tcp(l)
+        }
+        libc::AF_UNIX => {
+            let l = std::os::unix::net::UnixListener::from(fd);
+            l.set_nonblocking(true).map_err(|e| bad(e.to_string()))?;
+            Activated::Unix(l)
+        }
+        other => return Err(bad(format!("address family {other} is not TCP or unix"))),
+    };
+    Ok(l)
 }
 
 impl Server {
@@ -91,7 +217,44 @@ impl Server {
         engine: IoEngine,
     ) -> Result<Server, ServerError> {
         let mut tcp = Vec::new();
-        for addr in &settings.listen {
+        let mut unix = None;
+        let activation = !settings.activated.is_empty();
+        for fd in settings.activated {
+            use std::os::fd::AsRawFd;
+            let raw = fd.as_raw_fd();
+            match activated(fd)? {
+                Activated::Tcp(l) => {
+                    tcp.push(
+                        TcpListener::from_std(l).map_err(|e| ServerError::Activated {
+                            fd: raw,
+                            reason: e.to_string(),
+                        })?,
+                    )
+                }
+                Activated::Unix(l) => {
+                    if unix.is_some() {
+                        return Err(ServerError::Activated {
+                            fd: raw,
+                            reason: "more than one unix socket passed in".into(),
+                        });
+                    }
+                    let l = UnixListener::from_std(l).map_err(|e| ServerError::Activated {
+                        fd: raw,
+                        reason: e.to_string(),
+                    })?;
+                    // Not ours to remove at exit: the launcher made it.
+                    unix = Some((l, None));
+                }
+            }
+        }
+        if activation {
+            tracing::info!(
+                tcp = tcp.len(),
+                unix = unix.is_some(),
+                "socket activation: serving the passed-in sockets instead of `listen` and `unix`"
+            );
+        }
+        for addr in settings.listen.iter().filter(|_| !activation) {
             let l = TcpListener::bind(addr)
                 .await
                 .map_err(|source| ServerError::BindTcp {
@@ -100,9 +263,11 @@ impl Server {
                 })?;
             tcp.push(l);
         }
-        let unix = match &settings.unix {
-            None => None,
-            Some(path) => {
+        let unix = match (&settings.unix, unix) {
+            (_, Some(u)) => Some(u),
+            (_, None) if activation => None,
+            (None, None) => None,
+            (Some(path), None) => {
                 // A socket file left by a previous run would make bind fail.
                 if let Ok(m) = std::fs::symlink_metadata(path) {
                     use std::os::unix::fs::FileTypeExt;
@@ -114,7 +279,7 @@ impl Server {
                     path: path.clone(),
                     source,
                 })?;
-                Some((l, path.clone()))
+                Some((l, Some(path.clone())))
             }
         };
         let control = crate::control::Control::bind(
@@ -124,6 +289,7 @@ impl Server {
                 .control_tcp
                 .as_ref()
                 .map(|(a, p)| (*a, p.as_path())),
+            settings.control_tls,
         )
         .await?;
         Ok(Server {
@@ -139,6 +305,11 @@ impl Server {
                 registry,
                 engine,
                 max_in_flight: settings.max_in_flight,
+                memory: settings.memory,
+                admission: Admission {
+                    per_client: settings.max_connections_per_client,
+                    open: Mutex::new(HashMap::new()),
+                },
                 handshake_timeout: settings.handshake_timeout,
             }),
         })
@@ -156,8 +327,15 @@ impl Server {
             .filter_map(|l| l.local_addr().ok())
             .map(Listening::Tcp)
             .collect();
-        if let Some((_, p)) = &self.unix {
-            v.push(Listening::Unix(p.clone()));
+        if let Some((l, p)) = &self.unix {
+            let path = p.clone().or_else(|| {
+                l.local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(|p| p.to_path_buf()))
+            });
+            if let Some(p) = path {
+                v.push(Listening::Unix(p));
+            }
         }
         v
     }
@@ -167,6 +345,7 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         let control = tokio::spawn(self.control.run(shutdown.clone()));
+        let trimmer = tokio::spawn(self.shared.memory.clone().run_trimmer(shutdown.clone()));
         for l in self.tcp {
             let (shared, tracker2, stop) = (self.shared.clone(), tracker.clone(), shutdown.clone());
             tracker.spawn(async move {
@@ -178,6 +357,7 @@ impl Server {
                     match accepted {
                         Ok((sock, addr)) => {
                             let _ = sock.set_nodelay(true);
+                            let ip = addr.ip().to_canonical();
                             let peer = Peer {
                                 ip: Some(addr.ip()),
                                 cert_names: vec![],
@@ -185,6 +365,7 @@ impl Server {
                             tracker2.spawn(connection(
                                 Transport::Tcp(sock),
                                 peer,
+                                ClientKey::Ip(ip),
                                 addr.to_string(),
                                 shared.clone(),
                                 stop.clone(),
@@ -195,7 +376,7 @@ impl Server {
                 }
             });
         }
-        let unix_path = self.unix.as_ref().map(|(_, p)| p.clone());
+        let unix_path = self.unix.as_ref().and_then(|(_, p)| p.clone());
         if let Some((l, _)) = self.unix {
             let (shared, tracker2, stop) = (self.shared.clone(), tracker.clone(), shutdown.clone());
             tracker.spawn(async move {
@@ -208,9 +389,13 @@ impl Server {
                     match accepted {
                         Ok((sock, _)) => {
                             n += 1;
+                            let key = sock
+                                .peer_cred()
+                                .map_or(ClientKey::UnknownUnix, |c| ClientKey::Uid(c.uid()));
                             tracker2.spawn(connection(
                                 Transport::Unix(sock),
                                 Peer::default(),
+                                key,
                                 format!("unix#{n}"),
                                 shared.clone(),
                                 stop.clone(),
@@ -240,6 +425,7 @@ impl Server {
             let _ = std::fs::remove_file(p);
         }
         let _ = control.await;
+        let _ = trimmer.await;
         tracing::info!("stopped");
     }
 }
@@ -254,11 +440,27 @@ async fn accept_error(e: std::io::Error) {
 async fn connection(
     io: Transport,
     peer: Peer,
+    key: ClientKey,
     who: String,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
     tracing::debug!(client = %who, "connected");
+    // Refused connections are closed before the greeting: there is no way
+    // to tell an NBD client why before option haggling.
+    let _admitted = match shared.admission.admit(key) {
+        Ok(a) => a,
+        Err(open) => {
+            tracing::warn!(client = %who, %key, open, limit = shared.admission.per_client,
+                "connection refused: the client is at max_connections_per_client");
+            return;
+        }
+    };
+    let Some(memory) = shared.memory.connection(shared.max_in_flight) else {
+        tracing::warn!(client = %who, used = shared.memory.used(), limit = shared.memory.limit(),
+            "connection refused: max_memory has no room for another connection");
+        return;
+    };
     let hs = tokio::select! {
         r = tokio::time::timeout(shared.handshake_timeout, negotiate(io, peer, &shared.hs)) => r,
         _ = shutdown.cancelled() => return,
@@ -285,7 +487,7 @@ async fn connection(
     };
     let export = negotiated.export.name.clone();
     tracing::info!(client = %who, export = %export, tls = io.is_tls(), identities = ?peer.cert_names,
-        structured = negotiated.structured, flags = format!("{:#x}", negotiated.flags), "transmission");
+        structured = negotiated.structured, extended = negotiated.extended, flags = format!("{:#x}", negotiated.flags), "transmission");
     let exp = negotiated.export.clone();
     crate::export::ExportStats::add(&exp.stats.connections, 1);
     let end = session::serve(
@@ -293,7 +495,7 @@ async fn connection(
         buffered,
         negotiated,
         shared.engine.clone(),
-        shared.max_in_flight,
+        memory,
         shutdown,
     )
     .await;
@@ -366,9 +568,13 @@ mod tests {
             tls_mode,
             tls: None,
             max_in_flight: 64 << 20,
+            memory: MemoryBudget::new(1 << 30),
+            max_connections_per_client: 64,
             handshake_timeout: Duration::from_secs(10),
             control_unix: None,
             control_tcp: None,
+            control_tls: None,
+            activated: Vec::new(),
         };
         let engine = IoEngine::new(EngineKind::Auto, 2).unwrap();
         let server = Server::bind(settings, registry, engine).await.unwrap();
@@ -627,8 +833,9 @@ mod tests {
             let (err, handle, _) = simple_reply(&mut s, 0).await;
             assert_eq!((err, handle), (*want, i as u64), "{cmd:?} at {off}+{len}");
         }
-        // Oversized WRITE: payload discarded, EINVAL, connection usable.
-        let big = (32u32 << 20) + 512;
+        // Oversized WRITE (beyond the 64 MiB maximum): payload discarded,
+        // EINVAL, connection usable.
+        let big = (64u32 << 20) + 512;
         request(
             &mut s,
             0,

@@ -1,50 +1,56 @@
 //! Transmission phase of one connection.
 //!
-//! One reader loop decodes requests and spawns one task per request; tasks
-//! run concurrently and finish in any order; one writer task batches their
-//! replies into few syscalls (header and small payloads copied into one
-//! buffer, large payloads written straight from the engine's `Bytes`).
-//! Requests in flight are bounded in bytes: while over the bound the reader
-//! stops reading, which pushes back on the client through TCP.
+//! One reader loop decodes request headers, checks each request once
+//! ([`prepare`]: flags, read-only, and the range through
+//! [`Export::locate_checked`], the only place an export offset becomes a
+//! file offset), and spawns one task per request; tasks run concurrently
+//! and finish in any order; one writer task ([`super::writer`]) puts their
+//! replies on the wire.
 //!
-//! Every offset goes through [`Export::locate_checked`] before the LUN
-//! sees it; this module never computes a file offset itself. Each request
-//! takes its place at the LUN's live-switch gate in the order the reader
-//! decoded it (see [`crate::switch`]) and holds its pass while it runs.
+//! Memory: before it reads a request's payload or starts the request, the
+//! reader charges it to the connection's account ([`ConnMemory`]), which
+//! waits while the connection is at `max_in_flight` or the gateway at
+//! `max_memory`. The charge stays until the request's last reply bytes are
+//! written, so a client that does not read its replies stops being read
+//! (TCP pushes back on it) instead of growing the gateway. No request holds
+//! more than [`STREAM_WINDOW`] bytes of data at once: a longer WRITE's
+//! payload is read from the socket and written to the export a
+//! [`PIECE`] at a time, a longer READ's reply is read and sent a piece at a
+//! time (OFFSET_DATA chunks, or one simple reply whose data follows in
+//! pieces).
+//!
+//! Each request takes its place at the LUN's live-switch gate in the order
+//! the reader decoded it (see [`crate::switch`]) and holds its pass while
+//! it runs. All I/O goes through the few `Ctx` methods at the bottom.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use lun_manager::backend::IoEngine;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, Notify};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
-use super::codec::{ChunkPayload, CodecError, Reply, RequestCodec, RequestFrame, RequestHeader};
+use super::codec::{ChunkPayload, CodecError, Reply, RequestCodec, RequestHeader};
 use super::handshake::Negotiated;
 use super::proto::{cmd_flags, reply_flags, state, Command, NbdError, BASE_ALLOCATION_ID};
-use super::transport::{BoxWriter, Transport};
+use super::transport::{BoxReader, Transport};
+use super::writer::{write_replies, Hold, Outgoing, Tx, WriterError};
 use crate::export::{Export, ExportStats, RangeError};
+use crate::memory::{ConnMemory, Credit, PIECE, REQUEST_OVERHEAD, STREAM_WINDOW};
 
-/// Payloads up to this size are copied into the batch buffer; larger ones
-/// are written from their own buffer.
-const COPY_LIMIT: usize = 32 * 1024;
-/// Write the batch buffer out once it holds this much.
-const FLUSH_AT: usize = 256 * 1024;
-/// Per-request charge on top of its data, so payload-less requests are
-/// bounded too.
-const REQUEST_OVERHEAD: u64 = 4096;
 /// Reads at least this long look for holes to send as OFFSET_HOLE chunks.
 const SPARSE_READ_MIN: u64 = 128 * 1024;
-/// Too-long WRITE payloads up to this length are read and discarded (the
-/// spec: lengths under 32 MiB SHOULD NOT be treated as denial of service);
-/// longer ones get EINVAL and end the session.
-const WRITE_SKIP_LIMIT: u32 = 64 * 1024 * 1024;
 /// Holes shorter than this are read as data.
 const MIN_HOLE_CHUNK: u64 = 4096;
+/// Socket read-ahead between requests.
+const READ_AHEAD: usize = 256 * 1024;
+/// Most of the export one BLOCK_STATUS looks at (a 64-bit effect length
+/// with extended headers can name a whole disk): the reply may cover less
+/// than asked, and clients ask again from where it stopped.
+const BLOCK_STATUS_SPAN: u64 = 1 << 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -52,8 +58,10 @@ pub enum SessionError {
     Codec(#[from] CodecError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Writer(#[from] WriterError),
     #[error("reply writer task failed: {0}")]
-    Writer(String),
+    WriterTask(String),
 }
 
 /// How a session ended.
@@ -65,81 +73,18 @@ pub enum End {
     Eof,
     /// The server is shutting down.
     Shutdown,
-    /// The client sent a WRITE too long to skip; it got EINVAL and the
+    /// The client sent a payload too long to skip; it got EINVAL and the
     /// connection was closed.
     AbsurdWrite,
 }
 
-/// Per-connection bound on bytes in flight.
-struct InFlight {
-    used: AtomicU64,
-    max: u64,
-    notify: Notify,
-    closed: AtomicBool,
-}
-
-impl InFlight {
-    fn new(max: u64) -> Self {
-        InFlight {
-            used: AtomicU64::new(0),
-            max,
-            notify: Notify::new(),
-            closed: AtomicBool::new(false),
-        }
-    }
-
-    /// Charge `n` bytes, waiting while over the bound. Only the reader
-    /// acquires, so check-then-add cannot race with another acquirer.
-    /// `false` once the writer is gone.
-    async fn acquire(&self, n: u64) -> bool {
-        loop {
-            if self.closed.load(Ordering::Acquire) {
-                return false;
-            }
-            let used = self.used.load(Ordering::Acquire);
-            if used == 0 || used + n <= self.max {
-                self.used.fetch_add(n, Ordering::AcqRel);
-                return true;
-            }
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let used = self.used.load(Ordering::Acquire);
-            if self.closed.load(Ordering::Acquire) || used == 0 || used + n <= self.max {
-                continue;
-            }
-            notified.await;
-        }
-    }
-
-    fn release(&self, n: u64) {
-        if n > 0 {
-            self.used.fetch_sub(n, Ordering::AcqRel);
-            self.notify.notify_one();
-        }
-    }
-
-    fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.notify.notify_one();
-    }
-}
-
-/// One message for the writer, with the in-flight bytes to release once
-/// it is on the wire.
-struct Outgoing {
-    reply: Reply,
-    credit: u64,
-}
-
-type Tx = mpsc::UnboundedSender<Outgoing>;
-
 struct Ctx {
     export: Arc<Export>,
     engine: IoEngine,
+    /// Structured replies (or extended headers, which imply them).
     structured: bool,
+    extended: bool,
     base_allocation: bool,
-    inflight: InFlight,
 }
 
 /// A failed request: NBD error plus a message for structured replies.
@@ -173,6 +118,87 @@ impl Failure {
     }
 }
 
+/// A request that passed [`prepare`]: `at` is its file offset.
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    at: u64,
+}
+
+/// What a request is charged: its data up to the streaming window, plus
+/// the fixed overhead.
+fn charge(h: &RequestHeader) -> u64 {
+    let data = match h.command {
+        Command::Read => h.length,
+        _ => h.payload,
+    };
+    REQUEST_OVERHEAD + data.min(STREAM_WINDOW)
+}
+
+/// The socket's read half and the bytes read ahead of the decoder.
+struct Input {
+    reader: BoxReader,
+    buf: BytesMut,
+}
+
+enum Next {
+    Header(RequestHeader),
+    Eof,
+    Shutdown,
+}
+
+impl Input {
+    async fn header(
+        &mut self,
+        codec: &mut RequestCodec,
+        shutdown: &CancellationToken,
+    ) -> Result<Next, SessionError> {
+        loop {
+            if let Some(h) = codec.decode(&mut self.buf)? {
+                return Ok(Next::Header(h));
+            }
+            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
+                self.buf.reserve(READ_AHEAD);
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(Next::Shutdown),
+                n = self.reader.read_buf(&mut self.buf) => match n? {
+                    0 => return Ok(Next::Eof),
+                    _ => continue,
+                },
+            }
+        }
+    }
+
+    /// The next `n` payload bytes (at most a streaming window).
+    async fn take(&mut self, n: usize) -> std::io::Result<Bytes> {
+        while self.buf.len() < n {
+            self.buf.reserve(n - self.buf.len());
+            if self.reader.read_buf(&mut self.buf).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(self.buf.split_to(n).freeze())
+    }
+
+    /// Read and drop `n` payload bytes, never holding more than the
+    /// read-ahead buffer.
+    async fn skip(&mut self, mut n: u64) -> std::io::Result<()> {
+        while n > 0 {
+            if self.buf.is_empty() {
+                self.buf.reserve(READ_AHEAD);
+                if self.reader.read_buf(&mut self.buf).await? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            let k = n.min(self.buf.len() as u64);
+            self.buf.advance(k as usize);
+            n -= k;
+        }
+        Ok(())
+    }
+}
+
 /// Serve requests until DISC, EOF, an unrecoverable framing error, or
 /// server shutdown. In-flight requests always finish and get their replies
 /// before this returns.
@@ -181,91 +207,134 @@ pub async fn serve(
     buffered: BytesMut,
     negotiated: Negotiated,
     engine: IoEngine,
-    max_in_flight: u64,
+    memory: Arc<ConnMemory>,
     shutdown: CancellationToken,
 ) -> Result<End, SessionError> {
     let ctx = Arc::new(Ctx {
         export: negotiated.export,
         engine,
-        structured: negotiated.structured,
+        structured: negotiated.structured || negotiated.extended,
+        extended: negotiated.extended,
         base_allocation: negotiated.base_allocation,
-        inflight: InFlight::new(max_in_flight),
     });
-    let (mut reader, writer) = io.split();
+    let (reader, writer) = io.split();
+    let mut codec = RequestCodec::new(ctx.extended);
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_replies(writer, rx, ctx.clone()));
+    let writer_failed = CancellationToken::new();
+    let writer = tokio::spawn(write_replies(writer, rx, codec, writer_failed.clone()));
+    let mut input = Input {
+        reader,
+        buf: buffered,
+    };
+    // Payloads too long to serve are read and dropped up to this length
+    // (the spec: up to 32 MiB SHOULD NOT be taken for denial of service);
+    // longer ones end the session.
+    let skip_limit = u64::from(ctx.export.block.maximum).max(32 << 20) * 2;
 
-    let mut codec = RequestCodec::new(ctx.export.block.maximum, WRITE_SKIP_LIMIT);
-    let mut buf = buffered;
     let result: Result<End, SessionError> = loop {
-        let frame = match codec.decode(&mut buf) {
-            Ok(Some(f)) => f,
-            Ok(None) => {
-                if buf.capacity() - buf.len() < 16 * 1024 {
-                    buf.reserve(256 * 1024);
-                }
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => break Ok(End::Shutdown),
-                    n = reader.read_buf(&mut buf) => match n {
-                        Ok(0) => break Ok(End::Eof),
-                        Ok(_) => continue,
-                        Err(e) => break Err(e.into()),
-                    },
-                }
-            }
-            Err(e) => break Err(e.into()),
+        let h = match input.header(&mut codec, &shutdown).await {
+            Ok(Next::Header(h)) => h,
+            Ok(Next::Eof) => break Ok(End::Eof),
+            Ok(Next::Shutdown) => break Ok(End::Shutdown),
+            Err(e) => break Err(e),
         };
-        let (header, payload) = match frame {
-            RequestFrame::Request { header, payload } => (header, payload),
-            RequestFrame::OversizedWrite { header } => {
-                let f = Failure::range(
-                    RangeError::TooLong {
-                        length: u64::from(header.length),
-                        maximum: ctx.export.block.maximum,
-                    },
-                    true,
-                );
-                send_failure(&ctx, &tx, &header, f, 0);
-                continue;
-            }
-            RequestFrame::AbsurdWrite { header } => {
-                let f = Failure::new(
-                    NbdError::Inval,
-                    format!(
-                        "write length {} is beyond the {WRITE_SKIP_LIMIT}-byte limit; closing the connection",
-                        header.length
-                    ),
-                );
-                send_failure(&ctx, &tx, &header, f, 0);
-                break Ok(End::AbsurdWrite);
-            }
-        };
-        if header.command == Command::Disc {
+        if h.command == Command::Disc {
             break Ok(End::Disconnect);
         }
-        let data = match header.command {
-            Command::Read | Command::Write => u64::from(header.length),
-            _ => 0,
-        };
-        let credit = REQUEST_OVERHEAD + data.min(u64::from(ctx.export.block.maximum));
-        if !ctx.inflight.acquire(credit).await {
-            break Ok(End::Eof); // the writer died: the client is gone
+        if h.payload > skip_limit {
+            let f = Failure::new(
+                NbdError::Inval,
+                format!(
+                    "payload of {} bytes is beyond the {skip_limit}-byte limit; closing the connection",
+                    h.payload
+                ),
+            );
+            send_failure(&ctx, &tx, &h, f, Hold::default());
+            break Ok(End::AbsurdWrite);
         }
+        let credit = tokio::select! {
+            c = memory.acquire(charge(&h)) => c,
+            _ = writer_failed.cancelled() => break Ok(End::Eof), // the client is gone
+            _ = shutdown.cancelled() => {
+                let f = Failure::new(NbdError::Shutdown, "the server is shutting down");
+                if let Err(e) = input.skip(h.payload).await {
+                    break Err(e.into());
+                }
+                send_failure(&ctx, &tx, &h, f, Hold::default());
+                break Ok(End::Shutdown);
+            }
+        };
+        let job = match prepare(&ctx, &h) {
+            Ok(j) => j,
+            Err(f) => {
+                if let Err(e) = input.skip(h.payload).await {
+                    break Err(e.into());
+                }
+                send_failure(&ctx, &tx, &h, f, Hold::credit(credit));
+                continue;
+            }
+        };
         let entry = ctx.export.lun.as_ref().map(|l| l.gate.enter());
         let (ctx2, tx2) = (ctx.clone(), tx.clone());
+        if h.payload > STREAM_WINDOW {
+            // Written as it arrives: the task writes one piece while the
+            // reader reads the next.
+            let (ptx, prx) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                let _pass = match entry {
+                    Some(e) => Some(e.ready().await),
+                    None => None,
+                };
+                handle(&ctx2, &tx2, h, job, Payload::Stream(prx), credit).await;
+            });
+            let window = Arc::new(Semaphore::new((STREAM_WINDOW / PIECE) as usize));
+            let mut done = 0u64;
+            let mut failed = None;
+            while done < h.payload {
+                let slot = window
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the window semaphore is never closed");
+                let n = (h.payload - done).min(PIECE) as usize;
+                match input.take(n).await {
+                    Ok(piece) => {
+                        // The task is gone only if the writer is: stop then.
+                        let _ = ptx.send((piece, slot));
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                done += n as u64;
+            }
+            drop(ptx);
+            if let Some(e) = failed {
+                break Err(e.into());
+            }
+            continue;
+        }
+        let payload = if h.payload > 0 {
+            match input.take(h.payload as usize).await {
+                Ok(p) => Payload::Whole(p),
+                Err(e) => break Err(e.into()),
+            }
+        } else {
+            Payload::None
+        };
         tokio::spawn(async move {
             let _pass = match entry {
                 Some(e) => Some(e.ready().await),
                 None => None,
             };
-            handle(&ctx2, &tx2, header, payload, credit).await;
+            handle(&ctx2, &tx2, h, job, payload, credit).await;
         });
     };
     drop(tx);
     let written = writer
         .await
-        .map_err(|e| SessionError::Writer(e.to_string()))?;
+        .map_err(|e| SessionError::WriterTask(e.to_string()))?;
     match (result, written) {
         (Err(e), _) => Err(e),
         (Ok(end), Ok(())) => Ok(end),
@@ -276,56 +345,24 @@ pub async fn serve(
     }
 }
 
-async fn write_replies(
-    mut w: BoxWriter,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    ctx: Arc<Ctx>,
-) -> std::io::Result<()> {
-    let mut buf = BytesMut::with_capacity(FLUSH_AT + COPY_LIMIT);
-    let res = async {
-        while let Some(first) = rx.recv().await {
-            let mut next = Some(first);
-            let mut credit = 0;
-            while let Some(m) = next.take() {
-                credit += m.credit;
-                let tail = RequestCodec::encode_split(&m.reply, &mut buf, COPY_LIMIT)
-                    .map_err(std::io::Error::other)?;
-                if let Some(data) = tail {
-                    w.write_all(&buf).await?;
-                    buf.clear();
-                    w.write_all(&data).await?;
-                } else if buf.len() >= FLUSH_AT {
-                    w.write_all(&buf).await?;
-                    buf.clear();
-                }
-                next = rx.try_recv().ok();
-            }
-            if !buf.is_empty() {
-                w.write_all(&buf).await?;
-                buf.clear();
-            }
-            w.flush().await?;
-            ctx.inflight.release(credit);
-        }
-        w.shutdown().await
-    }
-    .await;
-    if res.is_err() {
-        ctx.inflight.close();
-    }
-    res
+/// A WRITE's data: whole, or pieces as the reader gets them.
+enum Payload {
+    None,
+    Whole(Bytes),
+    Stream(mpsc::UnboundedReceiver<(Bytes, tokio::sync::OwnedSemaphorePermit)>),
 }
 
-fn send(tx: &Tx, reply: Reply, credit: u64) {
+fn send(tx: &Tx, reply: Reply, hold: Hold) {
     // A send fails only when the writer is gone; the reader notices that.
-    let _ = tx.send(Outgoing { reply, credit });
+    let _ = tx.send(Outgoing::Reply { reply, hold });
 }
 
-fn send_failure(ctx: &Ctx, tx: &Tx, h: &RequestHeader, f: Failure, credit: u64) {
+fn send_failure(ctx: &Ctx, tx: &Tx, h: &RequestHeader, f: Failure, hold: Hold) {
     tracing::debug!(command = ?h.command, offset = h.offset, length = h.length, error = ?f.error, message = %f.message, "request failed");
     let reply = if ctx.structured {
         Reply::Chunk {
             handle: h.handle,
+            offset: h.offset,
             flags: reply_flags::DONE,
             payload: ChunkPayload::Error {
                 error: f.error.code(),
@@ -339,56 +376,592 @@ fn send_failure(ctx: &Ctx, tx: &Tx, h: &RequestHeader, f: Failure, credit: u64) 
             data: None,
         }
     };
-    send(tx, reply, credit);
+    send(tx, reply, hold);
 }
 
-fn send_ok(ctx: &Ctx, tx: &Tx, h: &RequestHeader, credit: u64) {
-    let reply = if ctx.structured && h.command == Command::Read {
+fn send_ok(ctx: &Ctx, tx: &Tx, h: &RequestHeader, hold: Hold) {
+    let reply = if ctx.extended || (ctx.structured && h.command == Command::Read) {
         Reply::Chunk {
             handle: h.handle,
+            offset: h.offset,
             flags: reply_flags::DONE,
             payload: ChunkPayload::None,
         }
     } else {
-        // Simple replies are allowed for payload-less success even with
-        // structured replies, and are the shortest.
+        // Simple replies are allowed for payload-less success with
+        // structured replies (not with extended headers), and are the
+        // shortest.
         Reply::Simple {
             handle: h.handle,
             error: 0,
             data: None,
         }
     };
-    send(tx, reply, credit);
+    send(tx, reply, hold);
 }
 
-async fn handle(ctx: &Ctx, tx: &Tx, h: RequestHeader, payload: Option<Bytes>, credit: u64) {
+fn chunk(h: &RequestHeader, flags: u16, payload: ChunkPayload) -> Reply {
+    Reply::Chunk {
+        handle: h.handle,
+        offset: h.offset,
+        flags,
+        payload,
+    }
+}
+
+/// Check a request before anything of it runs: flags, read-only, range.
+fn prepare(ctx: &Ctx, h: &RequestHeader) -> Result<Job, Failure> {
+    let e = &ctx.export;
+    let extra = h.flags & !h.command.allowed_flags(ctx.extended);
+    if extra != 0 {
+        return Err(Failure::new(
+            NbdError::Inval,
+            format!(
+                "command flags {:#x} are not valid for {:?}",
+                extra, h.command
+            ),
+        ));
+    }
+    if ctx.extended && h.command == Command::Write && h.flags & cmd_flags::PAYLOAD_LEN == 0 {
+        return Err(Failure::new(
+            NbdError::Inval,
+            "NBD_CMD_WRITE without NBD_CMD_FLAG_PAYLOAD_LEN under extended headers",
+        ));
+    }
+    if h.flags & cmd_flags::DF != 0 && !ctx.structured {
+        return Err(Failure::new(
+            NbdError::Inval,
+            "NBD_CMD_FLAG_DF without structured replies",
+        ));
+    }
+    let writing = matches!(
+        h.command,
+        Command::Write | Command::Trim | Command::WriteZeroes
+    );
+    if writing && e.read_only {
+        return Err(Failure::new(
+            NbdError::Perm,
+            format!("export {:?} is read-only", e.name),
+        ));
+    }
+    let (offset, length) = (h.offset, h.length);
+    let at = match h.command {
+        Command::Read | Command::Cache => e
+            .locate_checked(offset, length, true)
+            .map_err(|r| Failure::range(r, false))?,
+        Command::Write => e
+            .locate_checked(offset, length, true)
+            .map_err(|r| Failure::range(r, true))?,
+        Command::Trim => e
+            .locate_checked(offset, length, false)
+            .map_err(|r| Failure::range(r, false))?,
+        Command::WriteZeroes => e
+            .locate_checked(offset, length, false)
+            .map_err(|r| Failure::range(r, true))?,
+        Command::BlockStatus => {
+            if !ctx.structured || !ctx.base_allocation {
+                return Err(Failure::new(
+                    NbdError::Inval,
+                    "NBD_CMD_BLOCK_STATUS without a negotiated metadata context",
+                ));
+            }
+            if length == 0 {
+                return Err(Failure::new(NbdError::Inval, "block status of length 0"));
+            }
+            e.locate_checked(offset, length, false)
+                .map_err(|r| Failure::range(r, false))?
+        }
+        Command::Flush => 0,
+        Command::Disc => 0, // handled by the reader; never spawned
+        Command::Unknown(c) => {
+            return Err(Failure::new(
+                NbdError::Inval,
+                format!("unknown command {c}"),
+            ))
+        }
+    };
+    if h.command == Command::Read && h.flags & cmd_flags::DF != 0 && length > STREAM_WINDOW {
+        return Err(Failure::new(
+            NbdError::Overflow,
+            format!(
+                "a read of {length} bytes cannot be sent unfragmented (NBD_CMD_FLAG_DF) \
+                 beyond {STREAM_WINDOW} bytes"
+            ),
+        ));
+    }
+    if h.payload > 0 && h.command != Command::Write {
+        return Err(Failure::new(
+            NbdError::Inval,
+            format!("{:?} takes no payload", h.command),
+        ));
+    }
+    Ok(Job { at })
+}
+
+async fn handle(ctx: &Ctx, tx: &Tx, h: RequestHeader, job: Job, payload: Payload, credit: Credit) {
     let st = &ctx.export.stats;
     ExportStats::add(&st.in_flight, 1);
-    let r = run(ctx, tx, &h, payload, credit).await;
+    let mut credit = Some(credit);
+    let r = run(ctx, tx, &h, job, payload, &mut credit).await;
     ExportStats::sub(&st.in_flight, 1);
     match (&r, h.command) {
         (Err(_), _) => ExportStats::add(&st.errors, 1),
         (Ok(_), Command::Read) => {
             ExportStats::add(&st.reads, 1);
-            ExportStats::add(&st.bytes_read, u64::from(h.length));
+            ExportStats::add(&st.bytes_read, h.length);
         }
         (Ok(_), Command::Write | Command::WriteZeroes | Command::Trim) => {
             ExportStats::add(&st.writes, 1);
             if h.command == Command::Write {
-                ExportStats::add(&st.bytes_written, u64::from(h.length));
+                ExportStats::add(&st.bytes_written, h.length);
             }
         }
         _ => {}
     }
+    let hold = Hold {
+        credit: credit.take(),
+        piece: None,
+    };
     match r {
         Ok(true) => {}
-        Ok(false) => send_ok(ctx, tx, &h, credit),
-        Err(f) => send_failure(ctx, tx, &h, f, credit),
+        Ok(false) => send_ok(ctx, tx, &h, hold),
+        Err(f) => send_failure(ctx, tx, &h, f, hold),
     }
 }
 
+/// Execute one checked request. `Ok(true)`: replies already sent (they
+/// took `credit`); `Ok(false)`: success without payload, caller replies.
+async fn run(
+    ctx: &Ctx,
+    tx: &Tx,
+    h: &RequestHeader,
+    job: Job,
+    payload: Payload,
+    credit: &mut Option<Credit>,
+) -> Result<bool, Failure> {
+    let fua = h.flags & cmd_flags::FUA != 0;
+    let (at, length) = (job.at, h.length);
+    match h.command {
+        Command::Read => read(ctx, tx, h, at, credit).await.map(|()| true),
+        Command::Write => {
+            match payload {
+                Payload::None => {}
+                Payload::Whole(data) => ctx
+                    .write_at(at, data, fua)
+                    .await
+                    .map_err(|err| Failure::io("write", &err))?,
+                Payload::Stream(pieces) => write_streamed(ctx, h, at, pieces).await?,
+            }
+            Ok(false)
+        }
+        Command::Flush => {
+            ctx.flush()
+                .await
+                .map_err(|err| Failure::io("flush", &err))?;
+            Ok(false)
+        }
+        Command::Trim => {
+            if length > 0 {
+                if let Err(err) = ctx.trim(at, length).await {
+                    // Trim is advisory: a backing store that cannot punch
+                    // holes simply keeps the data.
+                    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                        return Err(Failure::io("trim", &err));
+                    }
+                }
+                if fua {
+                    ctx.flush()
+                        .await
+                        .map_err(|err| Failure::io("flush after trim", &err))?;
+                }
+            }
+            Ok(false)
+        }
+        Command::WriteZeroes => {
+            let no_hole = h.flags & cmd_flags::NO_HOLE != 0;
+            if h.flags & cmd_flags::FAST_ZERO != 0 && no_hole {
+                // Allocating zeroes may cost as much as writing them.
+                return Err(Failure::new(
+                    NbdError::NotSup,
+                    "fast zero with NO_HOLE is not guaranteed fast",
+                ));
+            }
+            if length > 0 {
+                ctx.write_zeroes(at, length, !no_hole)
+                    .await
+                    .map_err(|err| Failure::io("write zeroes", &err))?;
+                if fua {
+                    ctx.flush()
+                        .await
+                        .map_err(|err| Failure::io("flush after write zeroes", &err))?;
+                }
+            }
+            Ok(false)
+        }
+        Command::Cache => {
+            if length > 0 {
+                ctx.cache(at, length);
+            }
+            Ok(false)
+        }
+        Command::BlockStatus => {
+            let span = length.min(BLOCK_STATUS_SPAN);
+            let extents = allocation(ctx, at, h.offset, span).await?;
+            let flags_of = |hole: bool| if hole { state::HOLE | state::ZERO } else { 0 };
+            let one = h.flags & cmd_flags::REQ_ONE != 0;
+            let take = if one { 1 } else { usize::MAX };
+            let payload = if ctx.extended {
+                ChunkPayload::BlockStatusExt {
+                    context: BASE_ALLOCATION_ID,
+                    extents: extents
+                        .into_iter()
+                        .take(take)
+                        .map(|(len, hole)| (len, u64::from(flags_of(hole))))
+                        .collect(),
+                }
+            } else {
+                // span <= 2^32 and the runs cover it, so only a single run
+                // of exactly 4 GiB would not fit; it is cut to fit.
+                ChunkPayload::BlockStatus {
+                    context: BASE_ALLOCATION_ID,
+                    extents: extents
+                        .into_iter()
+                        .take(take)
+                        .map(|(len, hole)| (len.min(u64::from(u32::MAX)) as u32, flags_of(hole)))
+                        .collect(),
+                }
+            };
+            send(
+                tx,
+                chunk(h, reply_flags::DONE, payload),
+                Hold {
+                    credit: credit.take(),
+                    piece: None,
+                },
+            );
+            Ok(true)
+        }
+        Command::Disc | Command::Unknown(_) => Ok(false), // refused by prepare
+    }
+}
+
+/// Write a streamed payload piece by piece as the reader delivers it. After
+/// a failed piece the rest is still drained (the reader must get through
+/// the payload) but not written.
+async fn write_streamed(
+    ctx: &Ctx,
+    h: &RequestHeader,
+    at: u64,
+    mut pieces: mpsc::UnboundedReceiver<(Bytes, tokio::sync::OwnedSemaphorePermit)>,
+) -> Result<(), Failure> {
+    let mut done = 0u64;
+    let mut failed = None;
+    while let Some((data, slot)) = pieces.recv().await {
+        let n = data.len() as u64;
+        if failed.is_none() {
+            if let Err(e) = ctx.write_at(at + done, data, false).await {
+                failed = Some(Failure::io("write", &e));
+            }
+        }
+        drop(slot);
+        done += n;
+    }
+    if let Some(f) = failed {
+        return Err(f);
+    }
+    if done != h.payload {
+        return Err(Failure::new(
+            NbdError::Io,
+            format!(
+                "connection closed after {done} of {} payload bytes",
+                h.payload
+            ),
+        ));
+    }
+    if h.flags & cmd_flags::FUA != 0 {
+        ctx.flush()
+            .await
+            .map_err(|err| Failure::io("flush after write", &err))?;
+    }
+    Ok(())
+}
+
+/// Allocation of export range `[offset, offset + length)` (file offset
+/// `at`) as consecutive `(length, is_hole)` runs covering it exactly.
+/// Gaps the engine does not describe are reported as data.
+async fn allocation(
+    ctx: &Ctx,
+    at: u64,
+    offset: u64,
+    length: u64,
+) -> Result<Vec<(u64, bool)>, Failure> {
+    let e = &ctx.export;
+    let end = offset + length; // locate proved this fits
+    let raw = ctx
+        .extents(at, length)
+        .await
+        .map_err(|err| Failure::io("block status", &err))?;
+    let mut runs: Vec<(u64, bool)> = Vec::new();
+    let mut pos = offset;
+    let push = |runs: &mut Vec<(u64, bool)>, len: u64, hole: bool| match runs.last_mut() {
+        Some((l, h)) if *h == hole => *l += len,
+        _ => runs.push((len, hole)),
+    };
+    for x in raw {
+        let Some((o, l)) = e.clip_file_range(x.offset, x.length, offset, end) else {
+            continue;
+        };
+        if o < pos {
+            continue; // overlapping or unsorted extent: keep what we have
+        }
+        if o > pos {
+            push(&mut runs, o - pos, false);
+        }
+        push(&mut runs, l, !x.data);
+        pos = o + l;
+    }
+    if pos < end {
+        push(&mut runs, end - pos, false);
+    }
+    Ok(runs)
+}
+
+/// Runs merged into (export offset, length, hole) segments, holes shorter
+/// than [`MIN_HOLE_CHUNK`] folded into the data around them.
+fn segments(offset: u64, runs: Vec<(u64, bool)>) -> Vec<(u64, u64, bool)> {
+    let mut segs: Vec<(u64, u64, bool)> = Vec::new();
+    let mut pos = offset;
+    for (len, hole) in runs {
+        let hole = hole && len >= MIN_HOLE_CHUNK;
+        match segs.last_mut() {
+            Some((_, l, hh)) if *hh == hole => *l += len,
+            _ => segs.push((pos, len, hole)),
+        }
+        pos += len;
+    }
+    segs
+}
+
+async fn read(
+    ctx: &Ctx,
+    tx: &Tx,
+    h: &RequestHeader,
+    at: u64,
+    credit: &mut Option<Credit>,
+) -> Result<(), Failure> {
+    let length = h.length;
+    if length == 0 {
+        let hold = Hold {
+            credit: credit.take(),
+            piece: None,
+        };
+        send_ok(ctx, tx, h, hold);
+        return Ok(());
+    }
+    if !ctx.structured {
+        if length > STREAM_WINDOW {
+            return read_simple_streamed(ctx, tx, h, at, credit).await;
+        }
+        let data = ctx
+            .read_at(at, length as usize)
+            .await
+            .map_err(|err| Failure::io("read", &err))?;
+        let reply = Reply::Simple {
+            handle: h.handle,
+            error: 0,
+            data: Some(data),
+        };
+        send(
+            tx,
+            reply,
+            Hold {
+                credit: credit.take(),
+                piece: None,
+            },
+        );
+        return Ok(());
+    }
+    let sparse = h.flags & cmd_flags::DF == 0 && length >= SPARSE_READ_MIN;
+    let segs = if sparse {
+        segments(h.offset, allocation(ctx, at, h.offset, length).await?)
+    } else {
+        vec![(h.offset, length, false)]
+    };
+    if length > STREAM_WINDOW {
+        read_structured_streamed(ctx, tx, h, at, segs, credit).await;
+        return Ok(());
+    }
+    // Within the window: everything is read before the first chunk goes
+    // out, so an I/O error is one error reply instead of a half-sent read.
+    let mut chunks = Vec::with_capacity(segs.len());
+    for (off, len, hole) in segs {
+        if hole {
+            chunks.push(ChunkPayload::OffsetHole {
+                offset: off,
+                length: len as u32,
+            });
+        } else {
+            let data = ctx
+                .read_at(at + (off - h.offset), len as usize)
+                .await
+                .map_err(|err| Failure::io("read", &err))?;
+            chunks.push(ChunkPayload::OffsetData { offset: off, data });
+        }
+    }
+    let n = chunks.len();
+    for (i, payload) in chunks.into_iter().enumerate() {
+        let last = i + 1 == n;
+        let hold = if last {
+            Hold {
+                credit: credit.take(),
+                piece: None,
+            }
+        } else {
+            Hold::default()
+        };
+        send(
+            tx,
+            chunk(h, if last { reply_flags::DONE } else { 0 }, payload),
+            hold,
+        );
+    }
+    Ok(())
+}
+
+/// A structured READ longer than the window: each data piece goes out as
+/// its own OFFSET_DATA chunk as soon as it is read, holes as OFFSET_HOLE,
+/// and a final NONE chunk ends it. A piece that fails to read ends it with
+/// an ERROR_OFFSET chunk at that piece (the pieces before it are valid).
+async fn read_structured_streamed(
+    ctx: &Ctx,
+    tx: &Tx,
+    h: &RequestHeader,
+    at: u64,
+    segs: Vec<(u64, u64, bool)>,
+    credit: &mut Option<Credit>,
+) {
+    let window = Arc::new(Semaphore::new((STREAM_WINDOW / PIECE) as usize));
+    for (off, len, hole) in segs {
+        if hole {
+            let payload = ChunkPayload::OffsetHole {
+                offset: off,
+                length: len as u32,
+            };
+            send(tx, chunk(h, 0, payload), Hold::default());
+            continue;
+        }
+        let mut done = 0u64;
+        while done < len {
+            let slot = window
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the window semaphore is never closed");
+            let n = (len - done).min(PIECE);
+            let piece_off = off + done;
+            match ctx.read_at(at + (piece_off - h.offset), n as usize).await {
+                Ok(data) => {
+                    let payload = ChunkPayload::OffsetData {
+                        offset: piece_off,
+                        data,
+                    };
+                    let hold = Hold {
+                        credit: None,
+                        piece: Some(slot),
+                    };
+                    send(tx, chunk(h, 0, payload), hold);
+                }
+                Err(e) => {
+                    let f = Failure::io("read", &e);
+                    tracing::debug!(offset = piece_off, error = %f.message, "read failed mid-reply");
+                    let payload = ChunkPayload::ErrorOffset {
+                        error: f.error.code(),
+                        message: f.message,
+                        offset: piece_off,
+                    };
+                    let hold = Hold {
+                        credit: credit.take(),
+                        piece: None,
+                    };
+                    send(tx, chunk(h, reply_flags::DONE, payload), hold);
+                    return;
+                }
+            }
+            done += n;
+        }
+    }
+    let hold = Hold {
+        credit: credit.take(),
+        piece: None,
+    };
+    send(tx, chunk(h, reply_flags::DONE, ChunkPayload::None), hold);
+}
+
+/// A simple-reply READ longer than the window: the first piece is read
+/// before the header goes out (so the usual failure is a clean error
+/// reply), the rest follows piece by piece. A later failure can only end
+/// the connection (the spec's rule for simple replies).
+async fn read_simple_streamed(
+    ctx: &Ctx,
+    tx: &Tx,
+    h: &RequestHeader,
+    at: u64,
+    credit: &mut Option<Credit>,
+) -> Result<(), Failure> {
+    let window = Arc::new(Semaphore::new((STREAM_WINDOW / PIECE) as usize));
+    let slot = window
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the window semaphore is never closed");
+    let first = ctx
+        .read_at(at, PIECE as usize)
+        .await
+        .map_err(|err| Failure::io("read", &err))?;
+    let Some(c) = credit.take() else {
+        return Err(Failure::new(NbdError::Io, "read without its credit"));
+    };
+    let (ptx, prx) = mpsc::unbounded_channel();
+    let _ = tx.send(Outgoing::Stream {
+        head: Reply::Simple {
+            handle: h.handle,
+            error: 0,
+            data: None,
+        },
+        total: h.length,
+        first: (first, slot),
+        rest: prx,
+        credit: c,
+    });
+    let mut done = PIECE;
+    while done < h.length {
+        let slot = window
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the window semaphore is never closed");
+        let n = (h.length - done).min(PIECE);
+        match ctx.read_at(at + done, n as usize).await {
+            Ok(d) => {
+                if ptx.send(Ok((d, slot))).is_err() {
+                    break; // the writer is gone
+                }
+            }
+            Err(e) => {
+                tracing::warn!(offset = h.offset + done, error = %e,
+                    "read failed after its simple reply header was sent; closing the connection");
+                let _ = ptx.send(Err(()));
+                break;
+            }
+        }
+        done += n;
+    }
+    Ok(())
+}
+
 // The data path: through the served LUN (fast path or volume), or straight
-// to the engine for a bare file view.
+// to the engine for a bare file view. Offsets are file offsets that
+// `prepare` produced.
 impl Ctx {
     async fn read_at(&self, at: u64, len: usize) -> std::io::Result<Bytes> {
         match &self.export.lun {
@@ -434,305 +1007,20 @@ impl Ctx {
             None => self.engine.extents(&self.export.file, at, len),
         }
     }
-}
-
-/// Execute one request. `Ok(true)`: replies already sent; `Ok(false)`:
-/// success without payload, caller replies.
-async fn run(
-    ctx: &Ctx,
-    tx: &Tx,
-    h: &RequestHeader,
-    payload: Option<Bytes>,
-    credit: u64,
-) -> Result<bool, Failure> {
-    let e = &ctx.export;
-    let extra = h.flags & !h.command.allowed_flags();
-    if extra != 0 {
-        return Err(Failure::new(
-            NbdError::Inval,
-            format!(
-                "command flags {:#x} are not valid for {:?}",
-                extra, h.command
-            ),
-        ));
-    }
-    if h.flags & cmd_flags::DF != 0 && !ctx.structured {
-        return Err(Failure::new(
-            NbdError::Inval,
-            "NBD_CMD_FLAG_DF without structured replies",
-        ));
-    }
-    let fua = h.flags & cmd_flags::FUA != 0;
-    let (offset, length) = (h.offset, u64::from(h.length));
-    let writing = matches!(
-        h.command,
-        Command::Write | Command::Trim | Command::WriteZeroes
-    );
-    if writing && e.read_only {
-        return Err(Failure::new(
-            NbdError::Perm,
-            format!("export {:?} is read-only", e.name),
-        ));
-    }
-    match h.command {
-        Command::Read => {
-            let at = e
-                .locate_checked(offset, length, true)
-                .map_err(|r| Failure::range(r, false))?;
-            read(ctx, tx, h, at, credit).await.map(|()| true)
-        }
-        Command::Write => {
-            let at = e
-                .locate_checked(offset, length, true)
-                .map_err(|r| Failure::range(r, true))?;
-            let data = payload.unwrap_or_default();
-            if !data.is_empty() {
-                ctx.write_at(at, data, fua)
-                    .await
-                    .map_err(|err| Failure::io("write", &err))?;
-            }
-            Ok(false)
-        }
-        Command::Flush => {
-            ctx.flush()
-                .await
-                .map_err(|err| Failure::io("flush", &err))?;
-            Ok(false)
-        }
-        Command::Trim => {
-            let at = e
-                .locate_checked(offset, length, false)
-                .map_err(|r| Failure::range(r, false))?;
-            if length > 0 {
-                if let Err(err) = ctx.trim(at, length).await {
-                    // Trim is advisory: a backing store that cannot punch
-                    // holes simply keeps the data.
-                    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                        return Err(Failure::io("trim", &err));
-                    }
-                }
-                if fua {
-                    ctx.flush()
-                        .await
-                        .map_err(|err| Failure::io("flush after trim", &err))?;
-                }
-            }
-            Ok(false)
-        }
-        Command::WriteZeroes => {
-            let at = e
-                .locate_checked(offset, length, false)
-                .map_err(|r| Failure::range(r, true))?;
-            let no_hole = h.flags & cmd_flags::NO_HOLE != 0;
-            if h.flags & cmd_flags::FAST_ZERO != 0 && no_hole {
-                // Allocating zeroes may cost as much as writing them.
-                return Err(Failure::new(
-                    NbdError::NotSup,
-                    "fast zero with NO_HOLE is not guaranteed fast",
-                ));
-            }
-            if length > 0 {
-                ctx.write_zeroes(at, length, !no_hole)
-                    .await
-                    .map_err(|err| Failure::io("write zeroes", &err))?;
-                if fua {
-                    ctx.flush()
-                        .await
-                        .map_err(|err| Failure::io("flush after write zeroes", &err))?;
-                }
-            }
-            Ok(false)
-        }
-        Command::Cache => {
-            let at = e
-                .locate_checked(offset, length, true)
-                .map_err(|r| Failure::range(r, false))?;
-            if length > 0 {
-                // SAFETY: posix_fadvise only reads its integer arguments; the
-                // fd is owned by `e.file`, which outlives this call.
-                let rc = unsafe {
-                    libc::posix_fadvise(
-                        e.file.as_raw_fd(),
-                        at as libc::off_t,
-                        length as libc::off_t,
-                        libc::POSIX_FADV_WILLNEED,
-                    )
-                };
-                if rc != 0 {
-                    tracing::debug!(rc, "posix_fadvise(WILLNEED) failed; cache hint ignored");
-                }
-            }
-            Ok(false)
-        }
-        Command::BlockStatus => {
-            if !ctx.structured || !ctx.base_allocation {
-                return Err(Failure::new(
-                    NbdError::Inval,
-                    "NBD_CMD_BLOCK_STATUS without a negotiated metadata context",
-                ));
-            }
-            if length == 0 {
-                return Err(Failure::new(NbdError::Inval, "block status of length 0"));
-            }
-            let at = e
-                .locate_checked(offset, length, false)
-                .map_err(|r| Failure::range(r, false))?;
-            let extents = allocation(ctx, at, offset, length).await?;
-            let mut descs: Vec<(u32, u32)> = extents
-                .into_iter()
-                .map(|(len, hole)| (len as u32, if hole { state::HOLE | state::ZERO } else { 0 }))
-                .collect();
-            if h.flags & cmd_flags::REQ_ONE != 0 {
-                descs.truncate(1);
-            }
-            send(
-                tx,
-                Reply::Chunk {
-                    handle: h.handle,
-                    flags: reply_flags::DONE,
-                    payload: ChunkPayload::BlockStatus {
-                        context: BASE_ALLOCATION_ID,
-                        extents: descs,
-                    },
-                },
-                credit,
-            );
-            Ok(true)
-        }
-        Command::Disc => Ok(false), // handled by the reader; never spawned
-        Command::Unknown(c) => Err(Failure::new(
-            NbdError::Inval,
-            format!("unknown command {c}"),
-        )),
-    }
-}
-
-/// Allocation of export range `[offset, offset + length)` (file offset
-/// `at`) as consecutive `(length, is_hole)` runs covering it exactly.
-/// Gaps the engine does not describe are reported as data.
-async fn allocation(
-    ctx: &Ctx,
-    at: u64,
-    offset: u64,
-    length: u64,
-) -> Result<Vec<(u64, bool)>, Failure> {
-    let e = &ctx.export;
-    let end = offset + length; // locate proved this fits
-    let raw = ctx
-        .extents(at, length)
-        .await
-        .map_err(|err| Failure::io("block status", &err))?;
-    let mut runs: Vec<(u64, bool)> = Vec::new();
-    let mut pos = offset;
-    let push = |runs: &mut Vec<(u64, bool)>, len: u64, hole: bool| match runs.last_mut() {
-        Some((l, h)) if *h == hole => *l += len,
-        _ => runs.push((len, hole)),
-    };
-    for x in raw {
-        let Some((o, l)) = e.clip_file_range(x.offset, x.length, offset, end) else {
-            continue;
+    /// NBD_CMD_CACHE: a read-ahead hint on the LUN file.
+    fn cache(&self, at: u64, len: u64) {
+        // SAFETY: posix_fadvise only reads its integer arguments; the fd is
+        // owned by `self.export.file`, which outlives this call.
+        let rc = unsafe {
+            libc::posix_fadvise(
+                self.export.file.as_raw_fd(),
+                at as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            )
         };
-        if o < pos {
-            continue; // overlapping or unsorted extent: keep what we have
-        }
-        if o > pos {
-            push(&mut runs, o - pos, false);
-        }
-        push(&mut runs, l, !x.data);
-        pos = o + l;
-    }
-    if pos < end {
-        push(&mut runs, end - pos, false);
-    }
-    Ok(runs)
-}
-
-async fn read(ctx: &Ctx, tx: &Tx, h: &RequestHeader, at: u64, credit: u64) -> Result<(), Failure> {
-    let length = u64::from(h.length);
-    if length == 0 {
-        send_ok(ctx, tx, h, credit);
-        return Ok(());
-    }
-    let sparse = ctx.structured && h.flags & cmd_flags::DF == 0 && length >= SPARSE_READ_MIN;
-    if sparse {
-        let runs = allocation(ctx, at, h.offset, length).await?;
-        if runs.iter().any(|(l, hole)| *hole && *l >= MIN_HOLE_CHUNK) {
-            return read_sparse(ctx, tx, h, at, runs, credit).await;
+        if rc != 0 {
+            tracing::debug!(rc, "posix_fadvise(WILLNEED) failed; cache hint ignored");
         }
     }
-    let data = ctx
-        .read_at(at, h.length as usize)
-        .await
-        .map_err(|err| Failure::io("read", &err))?;
-    let reply = if ctx.structured {
-        Reply::Chunk {
-            handle: h.handle,
-            flags: reply_flags::DONE,
-            payload: ChunkPayload::OffsetData {
-                offset: h.offset,
-                data,
-            },
-        }
-    } else {
-        Reply::Simple {
-            handle: h.handle,
-            error: 0,
-            data: Some(data),
-        }
-    };
-    send(tx, reply, credit);
-    Ok(())
-}
-
-/// Structured read that sends holes as OFFSET_HOLE. All data is read
-/// before the first chunk goes out, so an I/O error becomes one error
-/// reply instead of a half-sent read.
-async fn read_sparse(
-    ctx: &Ctx,
-    tx: &Tx,
-    h: &RequestHeader,
-    at: u64,
-    runs: Vec<(u64, bool)>,
-    credit: u64,
-) -> Result<(), Failure> {
-    // Short holes are merged into the data around them.
-    let mut segs: Vec<(u64, u64, bool)> = Vec::new(); // (export offset, len, hole)
-    let mut pos = h.offset;
-    for (len, hole) in runs {
-        let hole = hole && len >= MIN_HOLE_CHUNK;
-        match segs.last_mut() {
-            Some((_, l, hh)) if *hh == hole => *l += len,
-            _ => segs.push((pos, len, hole)),
-        }
-        pos += len;
-    }
-    let mut chunks = Vec::with_capacity(segs.len());
-    for (off, len, hole) in segs {
-        if hole {
-            chunks.push(ChunkPayload::OffsetHole {
-                offset: off,
-                length: len as u32,
-            });
-        } else {
-            let data = ctx
-                .read_at(at + (off - h.offset), len as usize)
-                .await
-                .map_err(|err| Failure::io("read", &err))?;
-            chunks.push(ChunkPayload::OffsetData { offset: off, data });
-        }
-    }
-    let n = chunks.len();
-    for (i, payload) in chunks.into_iter().enumerate() {
-        let last = i + 1 == n;
-        send(
-            tx,
-            Reply::Chunk {
-                handle: h.handle,
-                flags: if last { reply_flags::DONE } else { 0 },
-                payload,
-            },
-            if last { credit } else { 0 },
-        );
-    }
-    Ok(())
 }
