@@ -888,7 +888,9 @@ impl Gateway {
         self.stdout_lines()
             .iter()
             .find_map(|l| l.strip_prefix("control tcp "))
-            .map(|a| a.trim().parse().expect("control tcp address"))
+            // "control tcp ADDR" or "control tcp ADDR tls"
+            .and_then(|a| a.split_whitespace().next())
+            .map(|a| a.parse().expect("control tcp address"))
             .expect("gateway printed no `control tcp` line")
     }
 }

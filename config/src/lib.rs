@@ -32,7 +32,7 @@ pub const MAX_BLOCK_SIZE_LIMIT: u64 = 256 * 1024 * 1024;
 /// conformance client sends requests of up to 49,865,728 bytes.
 pub const DEFAULT_MAX_BLOCK_SIZE: u64 = 64 * 1024 * 1024;
 
-/// Smallest `max_in_flight`: room for a request's 2 MiB streaming window
+/// Smallest `max_in_flight`: room for a request's 1 MiB streaming window
 /// and its bookkeeping, with some to spare.
 pub const MIN_IN_FLIGHT: u64 = 4 * 1024 * 1024;
 

@@ -13,11 +13,13 @@
 //! accepted: its own buffers plus room for one request. Up to that floor it
 //! never waits for anybody else, so a connection can always make progress
 //! however many others sit on memory; beyond it, it borrows from what the
-//! floors leave free, up to its own cap. A client that does not read its
-//! replies therefore pins at most its cap, and once the gateway budget is
-//! used up the others run on their floors. A connection that cannot get its
-//! floor is refused at accept: the budget also bounds how many connections
-//! there are.
+//! floors leave free, up to its own cap, but never from the last quarter of
+//! the budget, which is kept for the floors of connections still to come. A
+//! client that does not read its replies therefore pins at most its cap;
+//! once the borrowable part is used up the others run on their floors, and
+//! new clients are still admitted. A connection that cannot get its floor
+//! is refused at accept: the budget also bounds how many connections there
+//! are.
 //!
 //! Memory freed when connections close is handed back to the kernel
 //! ([`MemoryBudget::run_trimmer`]): glibc keeps freed heap pages otherwise.
@@ -33,23 +35,24 @@ use tokio_util::sync::CancellationToken;
 
 /// Largest buffer of one streamed piece (a READ reply chunk, a slice of a
 /// WRITE payload).
-pub const PIECE: u64 = 1024 * 1024;
-/// Most data one request holds at once: requests up to this length are
-/// handled whole, longer ones in [`PIECE`]s, two at a time (one being read
-/// while the other is written).
+pub const PIECE: u64 = 512 * 1024;
+/// Most data one request holds at once (1 MiB): requests up to this length
+/// are handled whole, longer ones in [`PIECE`]s, two at a time (one being
+/// read while the other is written).
 pub const STREAM_WINDOW: u64 = 2 * PIECE;
 /// Charge per request on top of its data, so payload-less requests are
 /// bounded too (task, header, reply, extents).
 pub const REQUEST_OVERHEAD: u64 = 4096;
-/// Per-connection buffers outside any request: the socket read buffer (up
-/// to a piece plus the read-ahead), the reply batch buffer, TLS records.
-pub const CONN_OVERHEAD: u64 = 2 * PIECE;
+/// Per-connection buffers outside any request: the socket read-ahead
+/// (256 KiB), the reply batch buffer (288 KiB), TLS records.
+pub const CONN_OVERHEAD: u64 = 1024 * 1024;
 /// The largest charge of one request.
 pub const MAX_REQUEST_CHARGE: u64 = REQUEST_OVERHEAD + STREAM_WINDOW;
 /// What a connection reserves of the gateway budget when it is accepted.
 pub const CONN_FLOOR: u64 = CONN_OVERHEAD + MAX_REQUEST_CHARGE;
 
-// The config crate's documented minimum must hold a request's window.
+// The config crate's documented minimum must hold a request's window. A
+// floor comes to about 2 MiB.
 const _: () = assert!(lungate_config::MIN_IN_FLIGHT >= MAX_REQUEST_CHARGE);
 
 /// Default `max_memory`: an eighth of the machine's memory, or of the
@@ -116,10 +119,17 @@ impl MemoryBudget {
         self.used.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn try_take(&self, n: u64) -> bool {
+    /// Take `n` bytes: for a connection's floor anything up to the limit,
+    /// for borrowing only what leaves the last quarter free.
+    fn try_take(&self, n: u64, floor: bool) -> bool {
+        let cap = if floor {
+            self.limit
+        } else {
+            self.limit - self.limit / 4
+        };
         let mut used = self.lock();
         match used.checked_add(n) {
-            Some(u) if u <= self.limit => {
+            Some(u) if u <= cap => {
                 *used = u;
                 true
             }
@@ -141,7 +151,7 @@ impl MemoryBudget {
     /// The account of a new connection whose requests may hold up to
     /// `cap` bytes, or `None` when the budget has no room for its floor.
     pub fn connection(self: &Arc<Self>, cap: u64) -> Option<Arc<ConnMemory>> {
-        if !self.try_take(CONN_FLOOR) {
+        if !self.try_take(CONN_FLOOR, true) {
             return None;
         }
         Some(Arc::new(ConnMemory {
@@ -237,7 +247,7 @@ impl ConnMemory {
             return None;
         }
         let need = borrowed(after) - borrowed(*used);
-        if need > 0 && !self.global.try_take(need) {
+        if need > 0 && !self.global.try_take(need, false) {
             return None;
         }
         *used = after;
@@ -310,19 +320,23 @@ mod tests {
 
     #[test]
     fn a_connection_always_has_its_floor_and_borrows_the_rest() {
-        let b = MemoryBudget::new(2 * CONN_FLOOR + 4 * MAX_REQUEST_CHARGE);
-        let hog = b.connection(64 << 20).unwrap();
-        let honest = b.connection(64 << 20).unwrap();
-        // The hog takes its own share and then everything left to borrow.
+        let b = MemoryBudget::new(64 * CONN_FLOOR);
+        let hog = b.connection(1 << 30).unwrap();
+        let honest = b.connection(1 << 30).unwrap();
+        // The hog takes its own share and then all it may borrow: up to
+        // three quarters of the budget.
         let mut held = vec![];
         while let Some(c) = hog.try_acquire(MAX_REQUEST_CHARGE) {
             held.push(c);
         }
-        assert_eq!(held.len(), 5, "own share plus four borrowed");
-        assert_eq!(b.used(), b.limit());
+        assert!(b.used() <= b.limit() / 4 * 3);
+        assert!(b.used() + MAX_REQUEST_CHARGE > b.limit() / 4 * 3);
+        // New connections still get their floors from the last quarter.
+        let late: Vec<_> = (0..15).map(|_| b.connection(1 << 30).unwrap()).collect();
+        drop(late);
         // The other connection still runs one request at a time on its own.
         let one = honest.try_acquire(MAX_REQUEST_CHARGE).expect("floor");
-        assert!(honest.try_acquire(REQUEST_OVERHEAD).is_none());
+        assert!(honest.try_acquire(MAX_REQUEST_CHARGE).is_none());
         drop(one);
         assert!(honest.try_acquire(MAX_REQUEST_CHARGE).is_some());
         // What the hog borrowed goes back to the budget as it is released.

@@ -333,8 +333,8 @@ pub struct RequestHeader {
     /// Effect length, or for a request with a payload (a WRITE) the
     /// payload's length. Compact headers carry 32 bits of it.
     pub length: u64,
-    /// Payload bytes that follow this header on the wire: a compact
-    /// WRITE's length, or an extended request's length when it sets
+    /// Payload bytes that follow this header on the wire: a WRITE's
+    /// length, or an extended request's length when it sets
     /// `NBD_CMD_FLAG_PAYLOAD_LEN`.
     pub payload: u64,
 }
@@ -389,7 +389,11 @@ impl Decoder for RequestCodec {
         let command = Command::from_wire(be_u16(src, 6));
         let (length, payload) = if self.extended {
             let length = be_u64(src, 24);
-            let payload = if flags & cmd_flags::PAYLOAD_LEN != 0 {
+            // A WRITE always carries its data, flag or not: the spec says it
+            // MUST set PAYLOAD_LEN, but libnbd without strict mode sends the
+            // payload without the flag, and reading the two the same way
+            // keeps framing either way.
+            let payload = if flags & cmd_flags::PAYLOAD_LEN != 0 || command == Command::Write {
                 length
             } else {
                 0
@@ -876,10 +880,15 @@ mod tests {
         encode_request(&write, true, b"xyz", &mut buf);
         assert_eq!(codec.decode(&mut buf).unwrap(), Some(write));
         assert_eq!(&buf[..], b"xyz");
-        // Without PAYLOAD_LEN the length is an effect length: no payload.
+        // Without PAYLOAD_LEN the length is an effect length: no payload;
+        // except for WRITE, whose data follows anyway (libnbd's non-strict
+        // mode sends it so).
         let mut h = write;
         h.flags = 0;
         buf.clear();
+        encode_request(&h, true, b"", &mut buf);
+        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().payload, 3);
+        h.command = Command::Read;
         encode_request(&h, true, b"", &mut buf);
         assert_eq!(codec.decode(&mut buf).unwrap().unwrap().payload, 0);
         // A compact header where an extended one is due is refused.
@@ -1143,7 +1152,8 @@ mod tests {
                         Ok(Some(h)) => {
                             prop_assert_eq!(before - buf.len(), if extended { 32 } else { 28 });
                             if extended {
-                                prop_assert_eq!(h.payload != 0, h.flags & cmd_flags::PAYLOAD_LEN != 0 && h.length != 0);
+                                let carries = h.flags & cmd_flags::PAYLOAD_LEN != 0 || h.command == Command::Write;
+                                prop_assert_eq!(h.payload != 0, carries && h.length != 0);
                             } else {
                                 prop_assert!(h.length <= u64::from(u32::MAX));
                                 prop_assert_eq!(h.payload, if h.command == Command::Write { h.length } else { 0 });
@@ -1165,7 +1175,7 @@ mod tests {
                               offset in any::<u64>(), len in any::<u32>(), extended in any::<bool>()) {
             let command = Command::from_wire(cmd);
             let payload = if extended {
-                if flags & cmd_flags::PAYLOAD_LEN != 0 { u64::from(len) } else { 0 }
+                if flags & cmd_flags::PAYLOAD_LEN != 0 || command == Command::Write { u64::from(len) } else { 0 }
             } else if command == Command::Write {
                 u64::from(len)
             } else {

@@ -196,8 +196,8 @@ impl Command {
 
     /// Command flags this command accepts (FUA is accepted everywhere: the
     /// spec says clients are known to set it on any command). With extended
-    /// headers WRITE carries (and must carry) `PAYLOAD_LEN`; no other
-    /// command takes a payload here.
+    /// headers WRITE carries `PAYLOAD_LEN`; no other command takes a
+    /// payload here.
     pub fn allowed_flags(self, extended: bool) -> u16 {
         use cmd_flags::*;
         match self {

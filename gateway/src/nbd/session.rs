@@ -21,7 +21,9 @@
 //!
 //! Each request takes its place at the LUN's live-switch gate in the order
 //! the reader decoded it (see [`crate::switch`]) and holds its pass while
-//! it runs. All I/O goes through the few `Ctx` methods at the bottom.
+//! it runs; requests of one connection whose ranges overlap, one of them a
+//! write, run in arrival order ([`InOrder`]). All I/O goes through the few
+//! `Ctx` methods at the bottom.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -47,10 +49,12 @@ const SPARSE_READ_MIN: u64 = 128 * 1024;
 const MIN_HOLE_CHUNK: u64 = 4096;
 /// Socket read-ahead between requests.
 const READ_AHEAD: usize = 256 * 1024;
-/// Most of the export one BLOCK_STATUS looks at (a 64-bit effect length
-/// with extended headers can name a whole disk): the reply may cover less
-/// than asked, and clients ask again from where it stopped.
+/// Most of the export one BLOCK_STATUS looks at: 4 GiB with compact
+/// headers (32-bit descriptors), 64 GiB with extended ones (a 64-bit effect
+/// length can name a whole disk). The reply may cover less than asked, and
+/// clients ask again from where it stopped.
 const BLOCK_STATUS_SPAN: u64 = 1 << 32;
+const BLOCK_STATUS_SPAN_EXTENDED: u64 = 1 << 36;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -132,6 +136,95 @@ fn charge(h: &RequestHeader) -> u64 {
         _ => h.payload,
     };
     REQUEST_OVERHEAD + data.min(STREAM_WINDOW)
+}
+
+/// Keeps one connection's overlapping requests in arrival order: a request
+/// whose range overlaps an earlier one still running, where either writes,
+/// waits for it to finish. The spec lets a server reorder such requests;
+/// keeping them in order costs little and gives a client (and
+/// nbd-tester-client's `-l` mode) what a disk would.
+#[derive(Default)]
+struct InOrder {
+    running: std::sync::Mutex<Vec<Running>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+struct Running {
+    id: u64,
+    start: u64,
+    end: u64,
+    write: bool,
+    done: tokio::sync::watch::Receiver<()>,
+}
+
+/// A registered request; dropping it lets the requests behind it go.
+struct Ticket {
+    order: Arc<InOrder>,
+    id: u64,
+    _done: tokio::sync::watch::Sender<()>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut r = self.order.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = r.iter().position(|x| x.id == self.id) {
+            r.swap_remove(i);
+        }
+    }
+}
+
+impl InOrder {
+    /// Register `[start, start + len)`; returns the ticket and what to wait
+    /// for first.
+    fn register(
+        self: &Arc<Self>,
+        start: u64,
+        len: u64,
+        write: bool,
+    ) -> (Ticket, Vec<tokio::sync::watch::Receiver<()>>) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let end = start.saturating_add(len);
+        let (tx, rx) = tokio::sync::watch::channel(());
+        let mut r = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let deps = r
+            .iter()
+            .filter(|x| (write || x.write) && x.start < end && start < x.end)
+            .map(|x| x.done.clone())
+            .collect();
+        r.push(Running {
+            id,
+            start,
+            end,
+            write,
+            done: rx,
+        });
+        let ticket = Ticket {
+            order: self.clone(),
+            id,
+            _done: tx,
+        };
+        (ticket, deps)
+    }
+}
+
+/// What the ordering needs of a request: its export range and whether it
+/// writes. `None` for requests that touch no range.
+fn range_of(h: &RequestHeader) -> Option<(u64, u64, bool)> {
+    let write = match h.command {
+        Command::Write | Command::Trim | Command::WriteZeroes => true,
+        Command::Read | Command::BlockStatus | Command::Cache => false,
+        _ => return None,
+    };
+    (h.length > 0).then_some((h.offset, h.length, write))
+}
+
+/// Wait for the earlier overlapping requests a request depends on.
+async fn after(deps: Vec<tokio::sync::watch::Receiver<()>>) {
+    for mut d in deps {
+        // Nothing is ever sent: this returns when the sender (the earlier
+        // request's ticket) is dropped.
+        let _ = d.changed().await;
+    }
 }
 
 /// The socket's read half and the bytes read ahead of the decoder.
@@ -230,6 +323,7 @@ pub async fn serve(
     // (the spec: up to 32 MiB SHOULD NOT be taken for denial of service);
     // longer ones end the session.
     let skip_limit = u64::from(ctx.export.block.maximum).max(32 << 20) * 2;
+    let order = Arc::new(InOrder::default());
 
     let result: Result<End, SessionError> = loop {
         let h = match input.header(&mut codec, &shutdown).await {
@@ -275,6 +369,13 @@ pub async fn serve(
             }
         };
         let entry = ctx.export.lun.as_ref().map(|l| l.gate.enter());
+        let (ticket, deps) = match range_of(&h) {
+            Some((start, len, write)) => {
+                let (t, d) = order.register(start, len, write);
+                (Some(t), d)
+            }
+            None => (None, Vec::new()),
+        };
         let (ctx2, tx2) = (ctx.clone(), tx.clone());
         if h.payload > STREAM_WINDOW {
             // Written as it arrives: the task writes one piece while the
@@ -285,7 +386,9 @@ pub async fn serve(
                     Some(e) => Some(e.ready().await),
                     None => None,
                 };
+                after(deps).await;
                 handle(&ctx2, &tx2, h, job, Payload::Stream(prx), credit).await;
+                drop(ticket);
             });
             let window = Arc::new(Semaphore::new((STREAM_WINDOW / PIECE) as usize));
             let mut done = 0u64;
@@ -328,7 +431,9 @@ pub async fn serve(
                 Some(e) => Some(e.ready().await),
                 None => None,
             };
+            after(deps).await;
             handle(&ctx2, &tx2, h, job, payload, credit).await;
+            drop(ticket);
         });
     };
     drop(tx);
@@ -420,12 +525,6 @@ fn prepare(ctx: &Ctx, h: &RequestHeader) -> Result<Job, Failure> {
                 "command flags {:#x} are not valid for {:?}",
                 extra, h.command
             ),
-        ));
-    }
-    if ctx.extended && h.command == Command::Write && h.flags & cmd_flags::PAYLOAD_LEN == 0 {
-        return Err(Failure::new(
-            NbdError::Inval,
-            "NBD_CMD_WRITE without NBD_CMD_FLAG_PAYLOAD_LEN under extended headers",
         ));
     }
     if h.flags & cmd_flags::DF != 0 && !ctx.structured {
@@ -605,7 +704,11 @@ async fn run(
             Ok(false)
         }
         Command::BlockStatus => {
-            let span = length.min(BLOCK_STATUS_SPAN);
+            let span = length.min(if ctx.extended {
+                BLOCK_STATUS_SPAN_EXTENDED
+            } else {
+                BLOCK_STATUS_SPAN
+            });
             let extents = allocation(ctx, at, h.offset, span).await?;
             let flags_of = |hole: bool| if hole { state::HOLE | state::ZERO } else { 0 };
             let one = h.flags & cmd_flags::REQ_ONE != 0;
