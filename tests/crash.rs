@@ -11,8 +11,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lun_manager::volume::{Volume, VolumeConfig};
 use lun_manager::{Access, Lun};
+use lungate_block::volume::Volume;
 use lungate_tests::*;
 
 const NBLOCKS: usize = 64;
@@ -240,7 +240,7 @@ fn sigkill_at_random_points_loses_no_flushed_write_and_no_snapshot() {
     assert!(!model.confirmed.is_empty(), "no snapshot was ever made");
     let l = Lun::open(&lun, Access::ReadWrite).unwrap();
     let base = l.disks()[0].offset;
-    let v = Volume::open(VolumeConfig::for_lun(&l, Default::default())).unwrap();
+    let v = Volume::open(l.volume_config(Default::default())).unwrap();
     let mut buf = vec![0u8; BS];
     for name in &listed {
         let want = &model.snaps[name];

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lun_manager::backend::{EngineKind, IoEngine};
+use lungate_block::engine::{EngineKind, IoEngine};
 use lungate_config::{ConfigError, EngineChoice, GatewayConfig, TlsMode};
 
 use crate::export::{block_sizes, ExportError, ExportSet, Exports};

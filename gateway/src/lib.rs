@@ -4,11 +4,11 @@
 //! [`nbd`] (wire format, handshake, transmission) → [`export`] (region view:
 //! bounds checks, offset into the LUN) → [`served`] (one LUN: its volume,
 //! the live-switch [`switch`] gate, the io_uring fast path) →
-//! `lun_manager::volume` / `lun_manager::backend`. [`control`] is the
+//! `lungate_block::volume` / `lungate_block::engine`. [`control`] is the
 //! HTTP/JSON control API over the [`registry`] of served LUNs. [`memory`]
-//! bounds what connections may hold, gateway-wide and per connection. A layer only
-//! calls the one beneath it; [`config`] wires them together from a
-//! `lungate_config::GatewayConfig`.
+//! bounds what connections may hold, gateway-wide and per connection. A
+//! layer only calls the one beneath it; [`config`] wires them together
+//! from a `lungate_config::GatewayConfig`.
 
 pub mod config;
 pub mod control;

@@ -19,9 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use lun_manager::backend::{Extent, IoEngine};
-use lun_manager::volume::{self, Volume};
 use lun_manager::{owner, Access, Lun};
+use lungate_block::engine::{Extent, IoEngine};
+use lungate_block::volume::{self, Volume};
 
 use crate::switch::{Gate, Paused, SwitchStats};
 

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lun_manager::backend::IoEngine;
+use lungate_block::engine::IoEngine;
 use lungate_config::{Peer, TlsMode};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
@@ -525,8 +525,8 @@ async fn connection(
 mod tests {
     use super::*;
     use crate::nbd::proto::*;
-    use lun_manager::backend::EngineKind;
     use lun_manager::{Access, CreateSpec, Layout, Lun};
+    use lungate_block::engine::EngineKind;
     use lungate_config::GatewayConfig;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;

@@ -24,6 +24,7 @@
 //! [`Lun`].
 
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -32,7 +33,7 @@ use uuid::Uuid;
 use crate::error::{Error, IoContext, Result};
 use crate::format::state::{SecondaryDisks, SecondaryRef};
 use crate::lun::{Access, Lun};
-use crate::volume::{self, Change, LayerUsage, SnapshotInfo, Volume};
+use lungate_block::volume::{self, Change, LayerUsage, SnapshotInfo, Volume};
 
 /// A multi-member operation in progress (the intent file's body).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,10 +48,21 @@ enum Intent {
     Delete {
         name: String,
     },
-    /// `paths[0]` is the primary's clone (the commit point).
+    /// `members[0]` is the primary's clone (the commit point).
     Clone {
-        paths: Vec<PathBuf>,
+        members: Vec<CloneMember>,
     },
+}
+
+/// One LUN a clone makes: `POOL/NAME.lun` with LUN UUID `uuid`. The intent
+/// holds names, never paths, so recovery can only reach files in the pool,
+/// and the UUID chosen before anything is created, so recovery only removes
+/// a file it can prove this clone made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloneMember {
+    name: String,
+    uuid: Uuid,
 }
 
 pub struct Group {
@@ -72,6 +84,18 @@ fn pool_of(path: &Path) -> PathBuf {
     }
 }
 
+/// Whether `p` is a regular file (not a symlink) directly inside `pool`.
+fn in_pool(pool: &Path, p: &Path) -> bool {
+    let (Some(parent), Ok(md)) = (p.parent(), p.symlink_metadata()) else {
+        return false;
+    };
+    md.is_file()
+        && matches!(
+            (parent.canonicalize(), pool.canonicalize()),
+            (Ok(a), Ok(b)) if a == b
+        )
+}
+
 fn intent_path(primary: &Path) -> PathBuf {
     let stem = primary
         .file_stem()
@@ -89,8 +113,13 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// Find the LUN with `uuid`: its path hint first, then every `*.lun` file
 /// in `pool`.
 fn find_secondary(pool: &Path, r: &SecondaryRef) -> Result<PathBuf> {
+    // The hint comes from the state region, a file of the pool's own: it is
+    // only followed to a regular file directly inside this pool.
     let hint = PathBuf::from(&r.path_hint);
-    if !r.path_hint.is_empty() && Lun::probe_uuid(&hint).ok() == Some(r.lun_uuid) {
+    if !r.path_hint.is_empty()
+        && in_pool(pool, &hint)
+        && Lun::probe_uuid(&hint).ok() == Some(r.lun_uuid)
+    {
         return Ok(hint);
     }
     let mut found = Vec::new();
@@ -202,7 +231,14 @@ impl Group {
         }
         let p = self.intent_path();
         let body = serde_json::to_vec(i).expect("intent serialises");
-        let f = std::fs::File::create(&p).ctx(&p, "create intent")?;
+        // Never through a symlink planted in the pool.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&p)
+            .ctx(&p, "create intent")?;
         (&f).write_all(&body).ctx(&p, "write intent")?;
         f.sync_all().ctx(&p, "fsync intent")?;
         sync_dir(&pool_of(&p))
@@ -227,15 +263,40 @@ impl Group {
     /// Finish or undo an operation a crash interrupted (module docs).
     fn recover(&mut self) -> Result<()> {
         let p = self.intent_path();
-        let body = match std::fs::read(&p) {
-            Ok(b) => b,
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&p);
+        let mut body = Vec::new();
+        match opened {
+            Ok(mut f) => {
+                f.read_to_end(&mut body).ctx(&p, "read intent")?;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                tracing::warn!(
+                    "{}: a symlink, not an intent this gateway wrote; removed the link, nothing else",
+                    p.display()
+                );
+                return self.end();
+            }
             Err(e) => return Err(e).ctx(&p, "read intent"),
-        };
+        }
         let intent: Intent = match serde_json::from_slice(&body) {
             Ok(i) => i,
-            // A torn intent was written before the operation began.
-            Err(_) => return self.end(),
+            // A torn intent was written before the operation began; one
+            // in another shape was not written by this version. Neither
+            // names anything recovery could prove it made: nothing is
+            // removed.
+            Err(e) => {
+                if !body.is_empty() {
+                    tracing::warn!(
+                        "{}: ignored an intent this version cannot act on ({e}); nothing removed",
+                        p.display()
+                    );
+                }
+                return self.end();
+            }
         };
         tracing::warn!(
             "{}: finishing an interrupted group operation {intent:?}",
@@ -266,11 +327,16 @@ impl Group {
                     }
                 }
             }
-            Intent::Clone { paths } => {
-                let committed = paths.first().is_some_and(|p| Lun::probe_uuid(p).is_ok());
+            Intent::Clone { members } => {
+                let pool = pool_of(self.primary().path());
+                let committed = members.first().is_some_and(|c| {
+                    clone_path(&pool, c).is_ok_and(|p| Lun::probe_uuid(&p).ok() == Some(c.uuid))
+                });
                 if !committed {
-                    for p in paths {
-                        remove_clone(p)?;
+                    for c in members {
+                        for w in remove_clone(&pool, c)? {
+                            tracing::warn!("{w}");
+                        }
                     }
                 }
             }
@@ -397,14 +463,23 @@ impl Group {
                 });
             }
         }
+        let uuids: Vec<Uuid> = paths.iter().map(|_| Uuid::new_v4()).collect();
+        let intent: Vec<CloneMember> = names
+            .iter()
+            .zip(&uuids)
+            .map(|(n, u)| CloneMember {
+                name: n.clone(),
+                uuid: *u,
+            })
+            .collect();
         self.begin(&Intent::Clone {
-            paths: paths.clone(),
+            members: intent.clone(),
         })?;
         let made = (|| {
             let mut secs = Vec::new();
             let mut refs = SecondaryDisks::default();
             for (i, m) in self.members.iter().enumerate().skip(1) {
-                let c = m.clone_from_snapshot(name, &paths[i], &names[i], None)?;
+                let c = m.clone_from_snapshot(name, &paths[i], &names[i], uuids[i], None)?;
                 refs.disks.push(SecondaryRef {
                     lun_uuid: c.uuid(),
                     name: c.name().into(),
@@ -417,9 +492,13 @@ impl Group {
                 });
                 secs.push(c);
             }
-            let p = self
-                .primary()
-                .clone_from_snapshot(name, &paths[0], new_name, Some(refs))?;
+            let p = self.primary().clone_from_snapshot(
+                name,
+                &paths[0],
+                new_name,
+                uuids[0],
+                Some(refs),
+            )?;
             let mut members = vec![p];
             members.extend(secs);
             Ok(Group {
@@ -433,8 +512,11 @@ impl Group {
                 Ok(g)
             }
             Err(e) => {
-                for p in &paths {
-                    let _ = remove_clone(p);
+                for c in &intent {
+                    match remove_clone(&pool, c) {
+                        Ok(w) => w.iter().for_each(|w| tracing::warn!("{w}")),
+                        Err(e) => tracing::warn!("clone {}: not cleaned up: {e}", c.name),
+                    }
                 }
                 self.end()?;
                 Err(e)
@@ -520,20 +602,60 @@ impl Group {
     }
 }
 
-/// Remove a clone that never committed (or that recovery undoes): the file
-/// and its layers directory.
-fn remove_clone(p: &Path) -> Result<()> {
-    if let Ok(l) = Lun::open(p, Access::ReadWrite) {
-        return l.delete();
+/// `POOL/NAME.lun` of a clone member, refusing a name that could leave
+/// the pool (a VM name has no '/' and no leading '.').
+fn clone_path(pool: &Path, c: &CloneMember) -> Result<PathBuf> {
+    crate::format::validate_name(&c.name)
+        .map_err(|why| Error::Invalid(format!("clone intent names {:?}: {why}", c.name)))?;
+    Ok(pool.join(format!("{}.lun", c.name)))
+}
+
+/// Remove what a clone that never committed made (or what recovery
+/// undoes), and only what it can prove that clone made: a LUN file whose
+/// label carries the recorded UUID, or, before the label is written, a
+/// file whose layers name that UUID or that holds no data at all; and in
+/// its layers directories only manifest slots and layer files of that
+/// UUID. Symlinks and anything else are left alone and reported in the
+/// returned warnings.
+fn remove_clone(pool: &Path, c: &CloneMember) -> Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    let p = match clone_path(pool, c) {
+        Ok(p) => p,
+        Err(e) => {
+            warnings.push(format!("{e}; nothing removed"));
+            return Ok(warnings);
+        }
+    };
+    let layers = volume::layers_dir(&p);
+    let file = match p.symlink_metadata() {
+        Ok(md) if md.file_type().is_symlink() || !md.is_file() => {
+            warnings.push(format!("{}: not a regular file; left alone", p.display()));
+            None
+        }
+        Ok(_) => Some(p.clone()),
+        Err(_) => None,
+    };
+    let mut layers_ours = false;
+    for dir in [layers.clone(), volume::staging_dir(&layers)] {
+        layers_ours |= volume::layers_belong_to(&dir, c.uuid);
     }
-    match std::fs::remove_file(p) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).ctx(p, "remove clone"),
+    if let Some(f) = &file {
+        let ours = match Lun::probe_uuid(f) {
+            Ok(u) => u == c.uuid,
+            Err(_) => layers_ours || lungate_block::sys::holds_no_data(f).unwrap_or(false),
+        };
+        if ours {
+            std::fs::remove_file(f).ctx(f, "remove clone")?;
+        } else {
+            warnings.push(format!(
+                "{}: not the clone this operation made (LUN {}); left alone",
+                f.display(),
+                c.uuid
+            ));
+        }
     }
-    let l = volume::layers_dir(p);
-    if l.is_dir() {
-        std::fs::remove_dir_all(&l).ctx(&l, "remove clone layers")?;
+    for dir in [layers.clone(), volume::staging_dir(&layers)] {
+        warnings.extend(volume::remove_layers_of(&dir, c.uuid)?);
     }
-    Ok(())
+    Ok(warnings)
 }

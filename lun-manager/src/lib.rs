@@ -1,15 +1,12 @@
 //! lungate's LUN manager: the on-disk format of a VM's LUN (GPT, label,
-//! hidden state region), provisioning, pools, the discovery scanner and its
-//! reports, and the backend I/O engine the gateway serves disks through.
+//! hidden state region), provisioning, pools, the consistency group, the
+//! discovery scanner and its reports, and `lunctl`.
 //!
-//! Data path seen from here: the gateway's export (region view) calls into
-//! [`backend`] with byte offsets inside one region of a [`Lun`]; provisioning
-//! (`lunctl`) uses [`Lun`] directly.
+//! A [`Lun`] opens its copy-on-write volume from `lungate_block` (the data
+//! path lives there); this crate knows the LUN's format, the block crate
+//! never does.
 
-pub mod backend;
-pub mod control_client;
 pub mod error;
-pub mod fileops;
 pub mod format;
 pub mod group;
 pub mod lun;
@@ -19,7 +16,6 @@ pub mod progress;
 pub mod report;
 pub mod scan;
 pub mod size;
-pub mod volume;
 
 pub use error::{Error, Result};
 pub use format::{Layout, Region, RegionKind};

@@ -18,7 +18,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
 use crate::error::{Error, IoContext, Result};
-use crate::fileops;
 use crate::format::label::{Label, LabelError, LABEL_SIZE, MAGIC as LABEL_MAGIC};
 use crate::format::state::{
     self, Directory, Entry, HardwareConfig, Identity, RecordType, SecondaryDisks, SnapshotTree,
@@ -28,7 +27,8 @@ use crate::format::{
     align_up, gpt, Layout, Region, RegionKind, ALIGN, LABEL_REGION_LEN, LABEL_SLOT_STRIDE, MIB,
     OFFSET_LABEL_AT, OFFSET_TAIL_RESERVED,
 };
-use crate::volume::{self, Volume, VolumeConfig, VolumeOptions};
+use lungate_block::sys as fileops;
+use lungate_block::volume::{self, Volume, VolumeConfig, VolumeOptions};
 
 /// How to open the backing file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,12 +99,42 @@ impl From<volume::Error> for Error {
     }
 }
 
+/// The volume configuration of the LUN at `path` with `label`: its whole
+/// byte range, with the label region protected, and in the offset layout
+/// also the primary and backup GPT (first and last MiB): both are derived
+/// from the label and rewritten in place, so they must never be frozen
+/// into a layer.
+pub fn volume_config(
+    path: &Path,
+    file: Arc<File>,
+    label: &Label,
+    options: VolumeOptions,
+) -> VolumeConfig {
+    let l = label.label_region();
+    let mut protected = Vec::with_capacity(3);
+    if label.layout == Layout::Offset {
+        protected.push(0..MIB);
+    }
+    protected.push(l.offset..l.end());
+    if label.layout == Layout::Offset {
+        protected.push(label.lun_size - MIB..label.lun_size);
+    }
+    VolumeConfig {
+        lun_path: path.to_path_buf(),
+        file,
+        lun_uuid: label.uuid,
+        size: label.lun_size,
+        protected,
+        options,
+    }
+}
+
 fn open_volume(path: &Path, file: &Arc<File>, label: &Label, access: Access) -> Result<Volume> {
     let options = VolumeOptions {
         read_only: access == Access::ReadOnly,
         cluster_size: label.volume_cluster_size(),
     };
-    Ok(Volume::open(VolumeConfig::for_label(
+    Ok(Volume::open(volume_config(
         path,
         file.clone(),
         label,
@@ -191,6 +221,15 @@ fn read_slots(file: &File, region_offset: u64, backing: u64) -> SlotRead {
         None => SlotRead::Nothing,
     }
 }
+
+/// Largest payload of a JSON state record accepted by
+/// [`Lun::write_records_from`] (it is held in memory to be checked).
+pub const MAX_JSON_RECORD: u64 = 16 << 20;
+
+/// Validates a JSON record's payload before [`Lun::write_records_from`]
+/// commits it; the error says why it is refused.
+pub type RecordCheck<'a> =
+    dyn FnMut(RecordType, u16, &[u8]) -> std::result::Result<(), String> + 'a;
 
 impl Lun {
     // ----- opening -------------------------------------------------------
@@ -426,6 +465,7 @@ impl Lun {
         snapshot: &str,
         path: &Path,
         new_name: &str,
+        uuid: Uuid,
         secondaries: Option<SecondaryDisks>,
     ) -> Result<Lun> {
         crate::format::validate_name(new_name).map_err(Error::Invalid)?;
@@ -445,7 +485,7 @@ impl Lun {
         let t = now();
         let mut label = self.label.clone();
         label.generation = 1;
-        label.uuid = Uuid::new_v4();
+        label.uuid = uuid;
         label.name = new_name.into();
         label.created = t;
         label.updated = t;
@@ -470,7 +510,7 @@ impl Lun {
         let made = (|| {
             file.set_len(label.lun_size).ctx(path, "size clone")?;
             let file = Arc::new(file);
-            let cfg = VolumeConfig::for_label(path, file.clone(), &label, VolumeOptions::default());
+            let cfg = volume_config(path, file.clone(), &label, VolumeOptions::default());
             let vol = self.volume.clone_to(snapshot, cfg)?;
             // The snapshot's directory still names this LUN.
             let (mut dir, slot) = Self::read_dir_as(path, &vol, &label, self.uuid())?;
@@ -528,8 +568,12 @@ impl Lun {
             Ok(lun)
         })();
         if made.is_err() {
+            // The file is ours (created above); of the layers, only what
+            // the clone's volume made under its UUID is removed.
             let _ = std::fs::remove_file(path);
-            let _ = std::fs::remove_dir_all(&layers);
+            for dir in [volume::staging_dir(&layers), layers] {
+                let _ = volume::remove_layers_of(&dir, uuid);
+            }
         }
         made
     }
@@ -824,6 +868,12 @@ impl Lun {
             warnings: self.warnings.clone(),
             volume: self.volume.clone(),
         }
+    }
+
+    /// This LUN's [`volume_config`] (the one its volume was opened with,
+    /// but for `options`).
+    pub fn volume_config(&self, options: VolumeOptions) -> VolumeConfig {
+        volume_config(&self.path, self.file.clone(), &self.label, options)
     }
 
     pub fn volume(&self) -> &Arc<Volume> {
@@ -1132,6 +1182,140 @@ impl Lun {
         self.commit_dir(next)
     }
 
+    /// The current directory entry of a record, read afresh (another
+    /// handle or a revert may have moved the directory on).
+    pub fn record_entry(&mut self, rtype: RecordType, instance: u16) -> Result<Option<Entry>> {
+        self.fresh_dir()?;
+        Ok(self.dir.find(rtype, instance).copied())
+    }
+
+    /// Read part of a record's payload: `buf.len()` bytes from `at` inside
+    /// it. The caller checks the whole payload against `e.checksum`.
+    pub fn read_record_at(&self, e: &Entry, at: u64, buf: &mut [u8]) -> Result<()> {
+        let end = at.checked_add(buf.len() as u64);
+        if end.is_none_or(|end| end > e.length) {
+            return Err(Error::Invalid(format!(
+                "read of {} bytes at {at} runs past the end of {} #{} ({} bytes)",
+                buf.len(),
+                e.rtype.name(),
+                e.instance,
+                e.length
+            )));
+        }
+        self.read_region(RegionKind::State, 0, e.offset + at, buf)
+    }
+
+    /// Write the records `puts` (type, instance, length) with payloads read
+    /// from `src` back to back, and remove `removes`, in one new directory
+    /// generation; returns it. Payloads stream through a 1 MiB buffer to
+    /// free space (the space of every current record, removed ones
+    /// included, stays intact until the commit), so a crash or a short
+    /// `src` leaves the previous directory current and changes nothing.
+    /// `check` sees the whole payload of each record whose type is JSON
+    /// (at most [`MAX_JSON_RECORD`] bytes) before anything is committed.
+    pub fn write_records_from(
+        &mut self,
+        puts: &[(RecordType, u16, u64)],
+        removes: &[(RecordType, u16)],
+        src: &mut dyn std::io::Read,
+        check: &mut RecordCheck<'_>,
+    ) -> Result<u64> {
+        self.writable()?;
+        self.fresh_dir()?;
+        let st = *self.label.state_region();
+        let mut next = self.dir.clone();
+        let mut busy = self.dir.clone();
+        for (i, (rtype, instance, _)) in puts.iter().enumerate() {
+            if puts[..i]
+                .iter()
+                .any(|(t, n, _)| t == rtype && n == instance)
+            {
+                return Err(Error::Invalid(format!(
+                    "{} #{instance} is written twice in one batch",
+                    rtype.name()
+                )));
+            }
+        }
+        let mut buf = vec![0u8; 1 << 20];
+        for (rtype, instance, len) in puts {
+            let (rtype, instance, len) = (*rtype, *instance, *len);
+            let off = busy.allocate(len, st.length).ok_or_else(|| Error::Record {
+                path: self.path.clone(),
+                record: format!("{} #{instance}", rtype.name()),
+                why: format!(
+                    "state region full: {len} bytes do not fit (region {} bytes, {} used)",
+                    st.length,
+                    busy.used_bytes()
+                ),
+            })?;
+            if busy.entries.len() >= state::MAX_ENTRIES * 2 {
+                return Err(Error::Invalid("too many state records".into()));
+            }
+            let json = rtype.is_json();
+            if json && len > MAX_JSON_RECORD {
+                return Err(Error::Invalid(format!(
+                    "{} #{instance}: {len} bytes exceeds the {MAX_JSON_RECORD}-byte limit of a JSON record",
+                    rtype.name()
+                )));
+            }
+            let mut kept = Vec::new();
+            let mut hasher = blake3::Hasher::new();
+            let mut done = 0u64;
+            while done < len {
+                let n = usize::try_from((len - done).min(buf.len() as u64)).expect("≤ 1 MiB");
+                src.read_exact(&mut buf[..n]).map_err(|e| Error::Record {
+                    path: self.path.clone(),
+                    record: format!("{} #{instance}", rtype.name()),
+                    why: format!("payload ended after {done} of {len} bytes: {e}"),
+                })?;
+                hasher.update(&buf[..n]);
+                if json {
+                    kept.extend_from_slice(&buf[..n]);
+                }
+                self.volume.write(st.offset + off + done, &buf[..n])?;
+                done += n as u64;
+            }
+            if json {
+                check(rtype, instance, &kept).map_err(|why| Error::Record {
+                    path: self.path.clone(),
+                    record: format!("{} #{instance}", rtype.name()),
+                    why,
+                })?;
+            }
+            let e = Entry {
+                rtype,
+                instance,
+                flags: 0,
+                offset: off,
+                length: len,
+                checksum: *hasher.finalize().as_bytes(),
+            };
+            busy.entries.push(Entry {
+                instance: u16::MAX,
+                ..e
+            });
+            next.entries
+                .retain(|x| !(x.rtype == rtype && x.instance == instance));
+            next.entries.push(e);
+        }
+        for (rtype, instance) in removes {
+            next.entries
+                .retain(|x| !(x.rtype == *rtype && x.instance == *instance));
+        }
+        if next.entries.len() > state::MAX_ENTRIES {
+            return Err(Error::Invalid(format!(
+                "state directory would hold {} records; the limit is {}",
+                next.entries.len(),
+                state::MAX_ENTRIES
+            )));
+        }
+        next.entries.sort_by_key(|e| (e.rtype, e.instance));
+        next.region_len = st.length;
+        self.sync()?;
+        self.commit_dir(next)?;
+        Ok(self.dir.generation)
+    }
+
     /// Remove a record (its space is free once the new directory is current).
     pub fn remove_record(&mut self, rtype: RecordType, instance: u16) -> Result<bool> {
         self.writable()?;
@@ -1214,6 +1398,21 @@ impl Lun {
             return Err(Error::Invalid(format!(
                 "{} cannot be a secondary disk of itself",
                 self.name()
+            )));
+        }
+        let dir = |p: &Path| {
+            p.parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .canonicalize()
+                .ok()
+        };
+        if dir(self.path()).is_none() || dir(self.path()) != dir(other.path()) {
+            return Err(Error::Invalid(format!(
+                "{} is not in the pool of {} ({}): a VM's secondary disks live in its own pool, where its group finds them by UUID; move it there first",
+                other.path().display(),
+                self.name(),
+                self.path().parent().unwrap_or(Path::new(".")).display()
             )));
         }
         let mut s = self.secondaries()?;
@@ -1693,7 +1892,7 @@ mod tests {
             assert!(ro.volume().is_read_only());
             drop(ro);
             // Delete takes the layers with it.
-            let layers = crate::volume::layers_dir(&p);
+            let layers = lungate_block::volume::layers_dir(&p);
             assert!(layers.is_dir());
             Lun::open(&p, Access::ReadWrite).unwrap().delete().unwrap();
             assert!(!layers.exists() && !p.exists());

@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::format::state::{Identity, RecordType, SnapshotNode, SnapshotTree};
 use crate::format::Layout;
 use crate::lun::{Access, Lun};
-use crate::volume::manifest::{self, Manifest, Parent};
+use lungate_block::volume::manifest::{self, Manifest, Parent};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ScanReport {
@@ -125,7 +125,7 @@ struct Found {
     clone_of: Option<(Uuid, String)>,
 }
 
-pub use crate::volume::layers_dir;
+pub use lungate_block::volume::layers_dir;
 
 fn in_layers_dir(p: &Path) -> bool {
     let Some(dir) = p.parent() else {
@@ -311,27 +311,9 @@ fn read_layers(path: &Path, lun: &Lun) -> Result<Option<Layers>, String> {
     let shown = dir.display().to_string();
     let loaded = match manifest::load(&dir) {
         Ok(Some(l)) => l,
-        Ok(None) => {
-            return Ok(Some(Layers {
-                manifest: Manifest {
-                    lun: lun.uuid(),
-                    size: lun.label().lun_size,
-                    cluster_size: 0,
-                    lun_path: path.to_path_buf(),
-                    layers: vec![],
-                    top: Uuid::nil(),
-                    snapshots: vec![],
-                    dependents: vec![],
-                    flatten: None,
-                },
-                report: LayersReport {
-                    dir: shown.clone(),
-                    count: 0,
-                    disk_bytes: 0,
-                },
-                warnings: vec![format!("{shown} holds no manifest (no snapshots)")],
-            }));
-        }
+        // The volume refuses a directory whose layers lost their manifest,
+        // so an empty one is all that is left here: no snapshots.
+        Ok(None) => return Ok(None),
         Err(e) => {
             return Err(format!(
                 "snapshot layers: {}",
@@ -646,11 +628,7 @@ mod tests {
         )
         .unwrap();
         let l = Lun::open(&p, Access::ReadWrite).unwrap();
-        let v = crate::volume::Volume::open(crate::volume::VolumeConfig::for_lun(
-            &l,
-            Default::default(),
-        ))
-        .unwrap();
+        let v = lungate_block::volume::Volume::open(l.volume_config(Default::default())).unwrap();
         v.snapshot("s1", "").unwrap();
         v.snapshot("s2", "").unwrap();
         v.close().unwrap();
@@ -698,7 +676,8 @@ mod tests {
         let src = snapshotted(a.path(), "src");
         let dst = b.path().join("dst.lun");
         let sl = Lun::open(&src, Access::ReadWrite).unwrap();
-        sl.clone_from_snapshot("s1", &dst, "dst", None).unwrap();
+        sl.clone_from_snapshot("s1", &dst, "dst", uuid::Uuid::new_v4(), None)
+            .unwrap();
         drop(sl);
         let r = scan(&[b.path().to_path_buf()]);
         assert_eq!(r.vms[0].name, "dst");

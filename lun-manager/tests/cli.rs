@@ -709,8 +709,8 @@ fn block_device_lun_is_created_scanned_resized_within_the_device_and_wiped() {
 // ----- snapshots, clones, diffs (issue 4) ------------------------------------
 
 use lun_manager::owner;
-use lun_manager::volume::Volume;
 use lun_manager::{Access, Lun};
+use lungate_block::volume::Volume;
 use std::sync::Arc;
 
 /// The LUN's volume opened by the test itself (never while lunctl runs).
@@ -1177,7 +1177,7 @@ fn a_lun_at_any_path_keeps_its_layers_beside_it_and_delete_removes_them() {
 /// A flatten killed midway resumes from its saved progress when run again.
 #[test]
 fn flatten_killed_midway_resumes_and_completes() {
-    use lun_manager::volume::manifest;
+    use lungate_block::volume::manifest;
     let (_d, p) = pool();
     let big = create(&p, "big", &["--disk", "1G", "--memory", "1M"]);
     let (d0, d0len) = region(&inspect(&big), "disk", 0);

@@ -434,11 +434,16 @@ fn interrupted_revert_and_clone_are_finished_or_undone_on_open() {
         half.primary().path().to_path_buf(),
         half.members()[1].path().to_path_buf(),
     );
+    let (hu, hsu) = (half.primary().uuid(), half.members()[1].uuid());
     drop(half);
     std::fs::write(&hp, vec![0u8; 4096]).unwrap();
     std::fs::write(
         d.path().join(".vm.group-op"),
-        serde_json::to_vec(&serde_json::json!({"op": "clone", "paths": [hp, hs]})).unwrap(),
+        serde_json::to_vec(&serde_json::json!({"op": "clone", "members": [
+            {"name": "half", "uuid": hu},
+            {"name": "half-data", "uuid": hsu},
+        ]}))
+        .unwrap(),
     )
     .unwrap();
     drop(g);
@@ -475,4 +480,91 @@ fn a_group_can_be_made_of_luns_already_open() {
     g.snapshot("x", "").unwrap();
     let m = g.into_members();
     assert!(m.iter().all(|l| l.volume().snapshots().len() == 1));
+}
+
+/// An intent file is a file of the pool: whatever it names, recovery only
+/// removes what the interrupted clone provably made, inside the pool.
+#[test]
+fn a_hostile_clone_intent_removes_nothing_the_clone_did_not_make() {
+    let top = tempfile::tempdir().unwrap();
+    let pool = top.path().join("pool");
+    let outside = top.path().join("outside");
+    std::fs::create_dir_all(&pool).unwrap();
+    std::fs::create_dir_all(outside.join("victim.layers")).unwrap();
+    let victim = outside.join("victim.lun");
+    std::fs::write(&victim, b"precious").unwrap();
+    std::fs::write(outside.join("victim.layers/keep"), b"precious too").unwrap();
+    let p = create(&pool, "vm", Layout::Offset);
+    let other = create(&pool, "other", Layout::Offset);
+    std::os::unix::fs::symlink(&victim, pool.join("link.lun")).unwrap();
+    let intent = pool.join(".vm.group-op");
+    let bodies = [
+        // The format before names: absolute paths.
+        serde_json::json!({"op": "clone", "paths": [victim, other]}),
+        // Names that leave the pool, a LUN that is not the clone's, a
+        // symlink, and a name with nothing behind it.
+        serde_json::json!({"op": "clone", "members": [
+            {"name": "../outside/victim", "uuid": uuid::Uuid::new_v4()},
+            {"name": "/etc/passwd", "uuid": uuid::Uuid::new_v4()},
+            {"name": "other", "uuid": uuid::Uuid::new_v4()},
+            {"name": "link", "uuid": uuid::Uuid::new_v4()},
+            {"name": "never-made", "uuid": uuid::Uuid::new_v4()},
+        ]}),
+    ];
+    for body in bodies {
+        std::fs::write(&intent, serde_json::to_vec(&body).unwrap()).unwrap();
+        let g = Group::open(&p, Access::ReadWrite).unwrap();
+        drop(g);
+        assert!(!intent.exists(), "intent left behind");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(outside.join("victim.layers/keep").exists());
+        assert!(pool.join("link.lun").symlink_metadata().is_ok());
+        Lun::open(&other, Access::ReadOnly).expect("the other LUN is intact");
+    }
+    // An intent that is a symlink is never followed, for reading or for
+    // writing the next intent.
+    std::os::unix::fs::symlink(&victim, &intent).unwrap();
+    let g = Group::open(&p, Access::ReadWrite).unwrap();
+    g.snapshot("s", "").unwrap();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert!(!intent.exists());
+}
+
+/// A secondary disk's path hint is only followed inside the pool.
+#[test]
+fn a_secondary_path_hint_outside_the_pool_is_not_followed() {
+    let top = tempfile::tempdir().unwrap();
+    let pool = top.path().join("pool");
+    let elsewhere = top.path().join("elsewhere");
+    std::fs::create_dir_all(&pool).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let p = create(&pool, "vm", Layout::Offset);
+    let s = create(&elsewhere, "data", Layout::Offset);
+    {
+        let mut pl = Lun::open(&p, Access::ReadWrite).unwrap();
+        let sl = Lun::open(&s, Access::ReadOnly).unwrap();
+        let e = pl.attach_secondary(&sl).unwrap_err().to_string();
+        assert!(e.contains("not in the pool"), "{e}");
+        // A state region that names it anyway (written by hand, or an
+        // older version).
+        let mut refs = pl.secondaries().unwrap();
+        refs.disks.push(lun_manager::format::state::SecondaryRef {
+            lun_uuid: sl.uuid(),
+            name: "data".into(),
+            path_hint: s.canonicalize().unwrap().display().to_string(),
+            attached: 0,
+        });
+        pl.put_records(&[(
+            RecordType::SecondaryDisks,
+            0,
+            serde_json::to_vec(&refs).unwrap(),
+        )])
+        .unwrap();
+    }
+    let e = Group::open(&p, Access::ReadWrite).unwrap_err().to_string();
+    assert!(e.contains("not found in"), "{e}");
+    // Moved into the pool, it is found by UUID.
+    std::fs::rename(&s, pool.join("data.lun")).unwrap();
+    let g = Group::open(&p, Access::ReadWrite).unwrap();
+    assert_eq!(g.members().len(), 2);
 }

@@ -9,6 +9,7 @@
 
 mod https;
 pub mod ops;
+pub mod records;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -21,8 +22,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use lungate_api::types as wire;
+use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
@@ -252,12 +253,22 @@ pub fn router(reg: Arc<Registry>) -> Router {
             post(apply_diff).layer(DefaultBodyLimit::max(MAX_DIFF_BODY)),
         )
         .route("/v1/luns/{lun}/usage", get(usage))
+        .route(
+            "/v1/luns/{lun}/records",
+            get(records::list)
+                .post(records::write)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/luns/{lun}/records/{rtype}/{instance}",
+            get(records::read),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .with_state(reg)
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": msg.into() }))).into_response()
+    (status, Json(wire::ErrorBody { error: msg.into() })).into_response()
 }
 
 /// An error response; every handler returns `Result<_, ApiError>`.
@@ -304,93 +315,147 @@ fn find(reg: &Registry, id: &str) -> Result<Arc<ServedLun>, ApiError> {
     })
 }
 
-fn ok(v: Value) -> ApiResult {
+fn ok(v: impl Serialize) -> ApiResult {
     Ok(Json(v).into_response())
 }
 
-fn created(v: Value) -> ApiResult {
+fn created(v: impl Serialize) -> ApiResult {
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
+// ----- library types to wire types -------------------------------------------
+
+fn wire_layout(l: lun_manager::Layout) -> wire::Layout {
+    match l {
+        lun_manager::Layout::Offset => wire::Layout::Offset,
+        lun_manager::Layout::Truncate => wire::Layout::Truncate,
+    }
+}
+
+pub(crate) fn wire_snapshot(s: lungate_block::volume::SnapshotInfo) -> wire::SnapshotInfo {
+    wire::SnapshotInfo {
+        name: s.name,
+        description: s.description,
+        created: s.created,
+        parent: s.parent,
+        layer: s.layer,
+        current: s.current,
+    }
+}
+
+fn wire_change(c: lungate_block::volume::Change) -> wire::Change {
+    wire::Change {
+        offset: c.offset,
+        length: c.length,
+        kind: match c.kind {
+            lungate_block::volume::ChangeKind::Data => wire::ChangeKind::Data,
+            lungate_block::volume::ChangeKind::Zero => wire::ChangeKind::Zero,
+        },
+    }
+}
+
+fn wire_usage(u: lungate_block::volume::LayerUsage) -> wire::LayerUsage {
+    wire::LayerUsage {
+        layer: u.layer,
+        path: u.path,
+        snapshot: u.snapshot,
+        live: u.live,
+        in_chain: u.in_chain,
+        external: u.external,
+        allocated_bytes: u.allocated_bytes,
+        disk_bytes: u.disk_bytes,
+    }
+}
+
+// ----- handlers ----------------------------------------------------------------
+
 async fn exports(State(reg): Reg) -> ApiResult {
     let set = reg.exports.current();
-    let v: Vec<Value> = set
+    let v: Vec<wire::ExportInfo> = set
         .iter()
         .map(|e| {
             let lun = e.lun.as_ref();
-            json!({
-                "name": e.name,
-                "lun": lun.map(|l| l.lun.name().to_string()),
-                "lun_uuid": lun.map(|l| l.lun.uuid().to_string()),
-                "disk": e.disk,
-                "size": e.size(),
-                "read_only": e.read_only,
-                "connections": ExportStats::get(&e.stats.connections),
-            })
+            wire::ExportInfo {
+                name: e.name.clone(),
+                lun: lun.map(|l| l.lun.name().to_string()),
+                lun_uuid: lun.map(|l| l.lun.uuid()),
+                disk: e.disk,
+                size: e.size(),
+                read_only: e.read_only,
+                connections: ExportStats::get(&e.stats.connections),
+            }
         })
         .collect();
-    ok(json!(v))
+    ok(v)
 }
 
 async fn stats(State(reg): Reg) -> ApiResult {
     let set = reg.exports.current();
-    let v: Vec<Value> = set
+    let exports: Vec<wire::ExportStats> = set
         .iter()
         .map(|e| {
             let s = &e.stats;
-            json!({
-                "name": e.name,
-                "reads": ExportStats::get(&s.reads),
-                "writes": ExportStats::get(&s.writes),
-                "bytes_read": ExportStats::get(&s.bytes_read),
-                "bytes_written": ExportStats::get(&s.bytes_written),
-                "errors": ExportStats::get(&s.errors),
-                "in_flight": ExportStats::get(&s.in_flight),
-            })
+            wire::ExportStats {
+                name: e.name.clone(),
+                reads: ExportStats::get(&s.reads),
+                writes: ExportStats::get(&s.writes),
+                bytes_read: ExportStats::get(&s.bytes_read),
+                bytes_written: ExportStats::get(&s.bytes_written),
+                errors: ExportStats::get(&s.errors),
+                in_flight: ExportStats::get(&s.in_flight),
+            }
         })
         .collect();
-    ok(json!({ "exports": v, "switch": reg.switch_stats.summary() }))
+    let sw = reg.switch_stats.summary();
+    ok(wire::Stats {
+        exports,
+        switch: wire::SwitchSummary {
+            count: sw.count,
+            p50_us: sw.p50_us,
+            p99_us: sw.p99_us,
+            max_us: sw.max_us,
+            held_requests: sw.held_requests,
+        },
+    })
 }
 
 async fn luns(State(reg): Reg) -> ApiResult {
-    let v: Vec<Value> = reg
+    let v: Vec<wire::LunInfo> = reg
         .luns()
         .iter()
-        .map(|l| {
-            json!({
-                "name": l.lun.name(),
-                "path": l.lun.path(),
-                "uuid": l.lun.uuid().to_string(),
-                "layout": l.lun.layout(),
-                "snapshots": l.volume().snapshots().len(),
-            })
+        .map(|l| wire::LunInfo {
+            name: l.lun.name().to_string(),
+            path: l.lun.path().to_path_buf(),
+            uuid: l.lun.uuid(),
+            layout: wire_layout(l.lun.layout()),
+            snapshots: l.volume().snapshots().len(),
         })
         .collect();
-    ok(json!(v))
+    ok(v)
 }
 
 async fn snapshots(State(reg): Reg, UrlPath(lun): UrlPath<String>) -> ApiResult {
     let l = find(&reg, &lun)?;
-    ok(json!(ops::snapshots(&reg, &l).await?))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SnapshotBody {
-    name: String,
-    #[serde(default)]
-    description: String,
+    let v: Vec<wire::SnapshotInfo> = ops::snapshots(&reg, &l)
+        .await?
+        .into_iter()
+        .map(wire_snapshot)
+        .collect();
+    ok(v)
 }
 
 async fn snapshot(
     State(reg): Reg,
     UrlPath(lun): UrlPath<String>,
-    body: Result<Json<SnapshotBody>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<wire::SnapshotRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
     let l = find(&reg, &lun)?;
     let Json(b) = body?;
     let (info, pause_us) = ops::snapshot(&reg, &l, b.name, b.description).await?;
-    created(json!({ "snapshot": info, "pause_us": pause_us }))
+    created(wire::SnapshotTaken {
+        snapshot: wire_snapshot(info),
+        pause_us,
+    })
 }
 
 async fn delete_snapshot(
@@ -399,76 +464,61 @@ async fn delete_snapshot(
 ) -> ApiResult {
     let l = find(&reg, &lun)?;
     ops::delete_snapshot(&reg, &l, snap).await?;
-    ok(json!({}))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RevertBody {
-    snapshot: String,
+    ok(wire::Empty {})
 }
 
 async fn revert(
     State(reg): Reg,
     UrlPath(lun): UrlPath<String>,
-    body: Result<Json<RevertBody>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<wire::RevertRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
     let l = find(&reg, &lun)?;
     let Json(b) = body?;
     let pause_us = ops::revert(&reg, &l, b.snapshot).await?;
-    ok(json!({ "pause_us": pause_us }))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CloneBody {
-    snapshot: String,
-    name: String,
+    ok(wire::Paused { pause_us })
 }
 
 async fn clone(
     State(reg): Reg,
     UrlPath(lun): UrlPath<String>,
-    body: Result<Json<CloneBody>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<wire::CloneRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
     let l = find(&reg, &lun)?;
     let Json(b) = body?;
     let c = ops::clone(&reg, &l, b.snapshot, b.name).await?;
-    created(json!({
-        "name": c.name,
-        "path": c.path,
-        "uuid": c.uuid,
-        "exports": c.exports,
-    }))
+    created(wire::Cloned {
+        name: c.name,
+        path: c.path,
+        uuid: c.uuid,
+        exports: c.exports,
+    })
 }
 
 async fn flatten(State(reg): Reg, UrlPath(lun): UrlPath<String>) -> ApiResult {
     let l = find(&reg, &lun)?;
     ops::flatten(&reg, &l).await?;
-    ok(json!({}))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DiffQuery {
-    from: String,
-    to: Option<String>,
+    ok(wire::Empty {})
 }
 
 async fn diff(
     State(reg): Reg,
     UrlPath(lun): UrlPath<String>,
-    q: Result<Query<DiffQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<wire::DiffQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
     let l = find(&reg, &lun)?;
     let Query(q) = q?;
-    ok(json!({ "changes": ops::diff(&reg, &l, q.from, q.to).await? }))
+    let changes = ops::diff(&reg, &l, q.from, q.to)
+        .await?
+        .into_iter()
+        .map(wire_change)
+        .collect();
+    ok(wire::Diff { changes })
 }
 
 async fn diff_file(
     State(reg): Reg,
     UrlPath(lun): UrlPath<String>,
-    q: Result<Query<DiffQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<wire::DiffQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
     let l = find(&reg, &lun)?;
     let Query(q) = q?;
@@ -483,12 +533,17 @@ async fn apply_diff(
 ) -> ApiResult {
     let l = find(&reg, &lun)?;
     ops::apply_diff(&reg, &l, body).await?;
-    ok(json!({}))
+    ok(wire::Empty {})
 }
 
 async fn usage(State(reg): Reg, UrlPath(lun): UrlPath<String>) -> ApiResult {
     let l = find(&reg, &lun)?;
-    ok(json!(ops::usage(&reg, &l).await?))
+    let v: Vec<wire::LayerUsage> = ops::usage(&reg, &l)
+        .await?
+        .into_iter()
+        .map(wire_usage)
+        .collect();
+    ok(v)
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use lun_manager::group::Group;
-use lun_manager::volume::{Change, LayerUsage, SnapshotInfo};
+use lungate_block::volume::{Change, LayerUsage, SnapshotInfo};
 
 use crate::registry::Registry;
 use crate::served::{own, ServedLun};
@@ -188,7 +188,7 @@ pub async fn delete_snapshot(reg: &Registry, l: &Arc<ServedLun>, name: String) -
 pub struct Cloned {
     pub name: String,
     pub path: PathBuf,
-    pub uuid: String,
+    pub uuid: uuid::Uuid,
     pub exports: Vec<String>,
 }
 
@@ -239,7 +239,7 @@ pub async fn clone(
     Ok(Cloned {
         name: primary.lun.name().to_string(),
         path: primary.lun.path().to_path_buf(),
-        uuid: primary.lun.uuid().to_string(),
+        uuid: primary.lun.uuid(),
         exports,
     })
 }

@@ -29,7 +29,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
-use lun_manager::backend::IoEngine;
+use lungate_block::engine::IoEngine;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::Decoder;
@@ -1104,7 +1104,7 @@ impl Ctx {
         &self,
         at: u64,
         len: u64,
-    ) -> std::io::Result<Vec<lun_manager::backend::Extent>> {
+    ) -> std::io::Result<Vec<lungate_block::engine::Extent>> {
         match &self.export.lun {
             Some(l) => l.extents(&self.engine, at, len).await,
             None => self.engine.extents(&self.export.file, at, len),

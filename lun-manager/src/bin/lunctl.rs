@@ -20,7 +20,9 @@ use lun_manager::group::Group;
 use lun_manager::lun::Found;
 use lun_manager::owner::{self, Probe};
 use lun_manager::size::{human, parse_size};
-use lun_manager::{control_client, pool, progress, report, scan, Access, CreateSpec, Layout, Lun};
+use lun_manager::{pool, progress, report, scan, Access, CreateSpec, Layout, Lun};
+use lungate_api::client as control;
+use lungate_api::types as wire;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -146,6 +148,14 @@ enum Cmd {
     },
     /// Space used by each layer of the LUN
     Usage {
+        #[command(flatten)]
+        lun: LunRef,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild a LUN's lost snapshot manifest from its layers' headers
+    /// (the LUN is refused until then; see docs/volumes.md)
+    Repair {
         #[command(flatten)]
         lun: LunRef,
         #[arg(long)]
@@ -342,6 +352,7 @@ fn run(cli: Cli) -> Result<(), String> {
         } => diff(&lun.path()?, &from, to.as_deref(), json, out.as_deref())?,
         Cmd::ApplyDiff { lun, file } => apply_diff(&lun.path()?, &file)?,
         Cmd::Usage { lun, json } => usage(&lun.path()?, json)?,
+        Cmd::Repair { lun, json } => repair(&lun.path()?, json)?,
         Cmd::Scan { paths, json, html } => {
             let r = scan::scan(&paths);
             if let Some(f) = html {
@@ -480,6 +491,64 @@ fn describe(l: &Lun) -> serde_json::Value {
         },
         "warnings": l.warnings(),
     })
+}
+
+/// Rebuild the manifest under the LUN's lock, then open the LUN as a
+/// gateway would, to show it is whole again.
+fn repair(path: &Path, as_json: bool) -> Result<(), String> {
+    use lungate_block::volume::{repair, VolumeOptions};
+    let _lock = lock(path)?;
+    let label = Lun::probe_label(path).map_err(|e| e.to_string())?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let cfg = lun_manager::lun::volume_config(
+        path,
+        std::sync::Arc::new(file),
+        &label,
+        VolumeOptions {
+            cluster_size: label.volume_cluster_size(),
+            read_only: false,
+        },
+    );
+    let r =
+        repair::rebuild_manifest(&cfg, &|p| Lun::probe_uuid(p).ok()).map_err(|e| e.to_string())?;
+    let l = Lun::open(path, Access::ReadWrite)
+        .map_err(|e| format!("manifest rebuilt, but the LUN still does not open: {e}"))?;
+    let snaps = l.volume().snapshots().len();
+    drop(l);
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).expect("report serialises")
+        );
+        return Ok(());
+    }
+    println!(
+        "rebuilt {} from {} layer(s): live layer {}, {snaps} snapshot(s): {}",
+        r.dir.display(),
+        r.layers,
+        r.top,
+        r.snapshots.join(", ")
+    );
+    if !r.recovered.is_empty() {
+        println!(
+            "named layers that had no snapshot name: {} (revert to them, or delete them with delete-snapshot)",
+            r.recovered.join(", ")
+        );
+    }
+    for p in &r.left_out {
+        println!("left out {} (empty, never committed)", p.display());
+    }
+    for p in &r.kept_aside {
+        println!("kept the damaged manifest slot as {}", p.display());
+    }
+    if r.dependents > 0 {
+        println!("{} clone(s) depend on these layers", r.dependents);
+    }
+    Ok(())
 }
 
 fn inspect(path: &Path, as_json: bool) -> Result<(), String> {
@@ -638,9 +707,9 @@ enum Target {
     },
     /// A gateway holds the LUN; the command goes to its control API.
     Gateway {
-        client: control_client::Client,
-        /// `/v1/luns/{UUID}`: the gateway knows the LUN by its UUID.
-        base: String,
+        client: control::Client,
+        /// The LUN's UUID: the gateway knows it by that.
+        lun: String,
         name: String,
     },
 }
@@ -681,10 +750,10 @@ fn target(path: &Path) -> Result<Target, String> {
                 label.name,
                 control.display()
             );
-            let client = control_client::Client::new(&control).map_err(|e| e.to_string())?;
+            let client = control::Client::new(&control).map_err(|e| e.to_string())?;
             Ok(Target::Gateway {
                 client,
-                base: format!("/v1/luns/{}", label.uuid),
+                lun: control::uuid_ref(label.uuid),
                 name: label.name,
             })
         }
@@ -692,7 +761,7 @@ fn target(path: &Path) -> Result<Target, String> {
     }
 }
 
-fn gw<T>(r: Result<T, control_client::Error>) -> Result<T, String> {
+fn gw<T>(r: Result<T, control::Error>) -> Result<T, String> {
     r.map_err(|e| e.to_string())
 }
 
@@ -701,20 +770,21 @@ fn gerr(e: lun_manager::Error) -> String {
 }
 
 /// A snapshot as `snapshots` shows it (from the volume or a gateway).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct SnapRow {
-    name: String,
-    #[serde(default)]
-    description: String,
-    created: u64,
-    parent: Option<String>,
-    layer: uuid::Uuid,
-    current: bool,
+type SnapRow = wire::SnapshotInfo;
+
+fn row(s: lungate_block::volume::SnapshotInfo) -> SnapRow {
+    wire::SnapshotInfo {
+        name: s.name,
+        description: s.description,
+        created: s.created,
+        parent: s.parent,
+        layer: s.layer,
+        current: s.current,
+    }
 }
 
-fn rows<T: serde::Serialize>(v: &T) -> Result<Vec<SnapRow>, String> {
-    serde_json::from_value(serde_json::to_value(v).expect("json"))
-        .map_err(|e| format!("unexpected snapshot list: {e}"))
+fn rows(v: Vec<lungate_block::volume::SnapshotInfo>) -> Vec<SnapRow> {
+    v.into_iter().map(row).collect()
 }
 
 fn op_flatten(group: &Group) -> Result<(), String> {
@@ -747,16 +817,8 @@ fn op_clone(group: &Group, snap: &str, new_name: &str) -> Result<PathBuf, String
 fn snapshot(path: &Path, snap: &str, desc: &str) -> Result<(), String> {
     let t = target(path)?;
     let info = match &t {
-        Target::Direct { group, .. } => {
-            rows(&[group.snapshot(snap, desc).map_err(gerr)?])?.remove(0)
-        }
-        Target::Gateway { client, base, .. } => {
-            let v: serde_json::Value = gw(client.post(
-                &format!("{base}/snapshots"),
-                &json!({"name": snap, "description": desc}),
-            ))?;
-            rows(&[&v["snapshot"]])?.remove(0)
-        }
+        Target::Direct { group, .. } => row(group.snapshot(snap, desc).map_err(gerr)?),
+        Target::Gateway { client, lun, .. } => gw(client.snapshot(lun, snap, desc))?.snapshot,
     };
     println!(
         "snapshot {} of {} taken{}",
@@ -772,10 +834,8 @@ fn snapshot(path: &Path, snap: &str, desc: &str) -> Result<(), String> {
 fn snapshots(path: &Path, as_json: bool) -> Result<(), String> {
     let t = target(path)?;
     let list = match &t {
-        Target::Direct { group, .. } => rows(&group.snapshots())?,
-        Target::Gateway { client, base, .. } => {
-            gw(client.get::<Vec<SnapRow>>(&format!("{base}/snapshots")))?
-        }
+        Target::Direct { group, .. } => rows(group.snapshots()),
+        Target::Gateway { client, lun, .. } => gw(client.snapshots(lun))?,
     };
     if as_json {
         println!("{}", serde_json::to_string_pretty(&list).expect("json"));
@@ -858,13 +918,12 @@ fn revert(path: &Path, snap: &str) -> Result<(), String> {
             group.revert(snap).map_err(gerr)?;
             println!("{} reverted to snapshot {snap}", t.name());
         }
-        Target::Gateway { client, base, .. } => {
-            let v: serde_json::Value =
-                gw(client.post(&format!("{base}/revert"), &json!({"snapshot": snap})))?;
+        Target::Gateway { client, lun, .. } => {
+            let p = gw(client.revert(lun, snap))?;
             println!(
                 "{} reverted to snapshot {snap} (guests paused {} µs)",
                 t.name(),
-                v["pause_us"]
+                p.pause_us
             );
         }
     }
@@ -875,11 +934,8 @@ fn delete_snapshot(path: &Path, snap: &str) -> Result<(), String> {
     let t = target(path)?;
     match &t {
         Target::Direct { group, .. } => group.delete_snapshot(snap).map_err(gerr)?,
-        Target::Gateway { client, base, .. } => {
-            gw(client.delete::<serde_json::Value>(&format!(
-                "{base}/snapshots/{}",
-                control_client::encode(snap)
-            )))?;
+        Target::Gateway { client, lun, .. } => {
+            gw(client.delete_snapshot(lun, snap))?;
         }
     }
     println!("snapshot {snap} of {} deleted", t.name());
@@ -897,23 +953,13 @@ fn clone(path: &Path, snap: &str, new_name: &str) -> Result<(), String> {
                 p.display()
             );
         }
-        Target::Gateway { client, base, .. } => {
-            let v: serde_json::Value = gw(client.post(
-                &format!("{base}/clone"),
-                &json!({"snapshot": snap, "name": new_name}),
-            ))?;
+        Target::Gateway { client, lun, .. } => {
+            let c = gw(client.clone_lun(lun, snap, new_name))?;
             println!(
                 "cloned {} at snapshot {snap} as {new_name} ({}); exported as {}",
                 t.name(),
-                v["path"].as_str().unwrap_or("?"),
-                v["exports"]
-                    .as_array()
-                    .map(|a| a
-                        .iter()
-                        .filter_map(|x| x.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "))
-                    .unwrap_or_default()
+                c.path.display(),
+                c.exports.join(", ")
             );
         }
     }
@@ -924,8 +970,8 @@ fn flatten(path: &Path) -> Result<(), String> {
     let t = target(path)?;
     match &t {
         Target::Direct { group, .. } => op_flatten(group)?,
-        Target::Gateway { client, base, .. } => {
-            gw(client.post::<serde_json::Value>(&format!("{base}/flatten"), &json!({})))?;
+        Target::Gateway { client, lun, .. } => {
+            gw(client.flatten(lun))?;
         }
     }
     println!("{} flattened: it reads no shared layer any more", t.name());
@@ -940,12 +986,6 @@ fn diff(
     out: Option<&Path>,
 ) -> Result<(), String> {
     let t = target(path)?;
-    let query = format!(
-        "from={}{}",
-        control_client::encode(from),
-        to.map(|x| format!("&to={}", control_client::encode(x)))
-            .unwrap_or_default()
-    );
     if let Some(out) = out {
         let n = match &t {
             Target::Direct { group, .. } => {
@@ -960,8 +1000,8 @@ fn diff(
                     .map_err(|e| format!("{}: {e}", out.display()))?;
                 n
             }
-            Target::Gateway { client, base, .. } => {
-                let b = gw(client.get_bytes(&format!("{base}/diff-file?{query}")))?;
+            Target::Gateway { client, lun, .. } => {
+                let b = gw(client.diff_file(lun, from, to))?;
                 std::fs::write(out, &b).map_err(|e| format!("{}: {e}", out.display()))?;
                 b.len() as u64
             }
@@ -977,18 +1017,27 @@ fn diff(
     }
     let (changes, lun_regions) = match &t {
         Target::Direct { group, .. } => (
-            serde_json::to_value(group.diff(from, to).map_err(gerr)?).expect("json"),
+            group
+                .diff(from, to)
+                .map_err(gerr)?
+                .into_iter()
+                .map(|c| wire::Change {
+                    offset: c.offset,
+                    length: c.length,
+                    kind: match c.kind {
+                        lungate_block::volume::ChangeKind::Data => wire::ChangeKind::Data,
+                        lungate_block::volume::ChangeKind::Zero => wire::ChangeKind::Zero,
+                    },
+                })
+                .collect(),
             Some(group.primary().label().regions.clone()),
         ),
-        Target::Gateway { client, base, .. } => {
-            let v: serde_json::Value = gw(client.get(&format!("{base}/diff?{query}")))?;
-            (v["changes"].clone(), None)
-        }
+        Target::Gateway { client, lun, .. } => (gw(client.diff(lun, from, to))?.changes, None),
     };
     if as_json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({ "changes": changes })).expect("json")
+            serde_json::to_string_pretty(&wire::Diff { changes }).expect("json")
         );
         return Ok(());
     }
@@ -1000,7 +1049,7 @@ fn diff(
             .regions
             .clone(),
     };
-    let list = changes.as_array().cloned().unwrap_or_default();
+    let list = changes;
     if list.is_empty() {
         println!("no changes from {from} to {}", to.unwrap_or("now"));
         return Ok(());
@@ -1008,20 +1057,18 @@ fn diff(
     println!("{:>14} {:>12}  {:<5} WHERE", "OFFSET", "LENGTH", "KIND");
     let mut total = 0;
     for c in &list {
-        let (o, l) = (
-            c["offset"].as_u64().unwrap_or(0),
-            c["length"].as_u64().unwrap_or(0),
-        );
+        let (o, l) = (c.offset, c.length);
         total += l;
         let at = regions
             .iter()
             .find(|r| r.offset <= o && o < r.end())
             .map(|r| format!("{} +{}", r.name(), o - r.offset))
             .unwrap_or_else(|| "-".into());
-        println!(
-            "{o:>14} {l:>12}  {:<5} {at}",
-            c["kind"].as_str().unwrap_or("?")
-        );
+        let kind = match c.kind {
+            wire::ChangeKind::Data => "data",
+            wire::ChangeKind::Zero => "zero",
+        };
+        println!("{o:>14} {l:>12}  {kind:<5} {at}");
     }
     println!(
         "{} extent(s), {} changed from {from} to {}",
@@ -1049,9 +1096,9 @@ fn apply_diff(path: &Path, file: &Path) -> Result<(), String> {
                 info.sections.len()
             );
         }
-        Target::Gateway { client, base, .. } => {
+        Target::Gateway { client, lun, .. } => {
             let b = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
-            gw(client.post_bytes::<serde_json::Value>(&format!("{base}/apply-diff"), b))?;
+            gw(client.apply_diff(lun, b))?;
             println!("applied {} to {}", file.display(), t.name());
         }
     }
@@ -1060,9 +1107,22 @@ fn apply_diff(path: &Path, file: &Path) -> Result<(), String> {
 
 fn usage(path: &Path, as_json: bool) -> Result<(), String> {
     let t = target(path)?;
-    let list: serde_json::Value = match &t {
-        Target::Direct { group, .. } => serde_json::to_value(group.usage()).expect("json"),
-        Target::Gateway { client, base, .. } => gw(client.get(&format!("{base}/usage")))?,
+    let list: Vec<wire::LayerUsage> = match &t {
+        Target::Direct { group, .. } => group
+            .usage()
+            .into_iter()
+            .map(|u| wire::LayerUsage {
+                layer: u.layer,
+                path: u.path,
+                snapshot: u.snapshot,
+                live: u.live,
+                in_chain: u.in_chain,
+                external: u.external,
+                allocated_bytes: u.allocated_bytes,
+                disk_bytes: u.disk_bytes,
+            })
+            .collect(),
+        Target::Gateway { client, lun, .. } => gw(client.usage(lun))?,
     };
     if as_json {
         println!("{}", serde_json::to_string_pretty(&list).expect("json"));
@@ -1073,32 +1133,31 @@ fn usage(path: &Path, as_json: bool) -> Result<(), String> {
         "LAYER", "SNAPSHOT", "ROLE", "ALLOCATED", "ON DISK"
     );
     let (mut own, mut shared) = (0, 0);
-    for l in list.as_array().into_iter().flatten() {
-        let role = if l["live"] == true {
+    for l in &list {
+        let role = if l.live {
             "live"
-        } else if l["external"] == true {
+        } else if l.external {
             "shared (parent)"
-        } else if l["in_chain"] == true {
+        } else if l.in_chain {
             "in chain"
         } else {
             "not in chain"
         };
-        let disk = l["disk_bytes"].as_u64().unwrap_or(0);
-        if l["external"] == true {
+        let disk = l.disk_bytes;
+        if l.external {
             shared += disk;
         } else {
             own += disk;
         }
-        let layer = l["layer"].as_str().unwrap_or("?");
-        let base = l["path"].as_str().is_some_and(|p| !p.ends_with(".delta"));
+        let base = l.path.extension().is_none_or(|e| e != "delta");
         println!(
             "{:<36}  {:<16} {:<13} {:>10} {:>10}",
-            layer,
-            l["snapshot"]
-                .as_str()
+            l.layer.to_string(),
+            l.snapshot
+                .as_deref()
                 .unwrap_or(if base { "(base)" } else { "-" }),
             role,
-            human(l["allocated_bytes"].as_u64().unwrap_or(0)),
+            human(l.allocated_bytes),
             human(disk)
         );
     }

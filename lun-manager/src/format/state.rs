@@ -29,6 +29,13 @@
 use thiserror::Error;
 use uuid::Uuid;
 
+// The record types and their JSON payloads are wire types, shared with the
+// control API's clients (`vmm-shim`): they live in `lungate_api::records`.
+pub use lungate_api::records::{
+    CloneOrigin, Device, DiskIdentity, GuestService, HardwareConfig, Identity, MemoryExtent,
+    MemoryMap, Owner, RecordType, SecondaryDisks, SecondaryRef, SnapshotNode, SnapshotTree,
+};
+
 pub const MAGIC: &[u8; 8] = b"LGSTATE\0";
 pub const VERSION: u16 = 1;
 pub const DIR_SLOT_SIZE: usize = 64 * 1024;
@@ -51,76 +58,6 @@ pub fn state_region_len(memory: u64) -> Option<u64> {
         .checked_add(DEVICE_STATE_ROOM)?
         .checked_add(DATA_START)
         .and_then(super::align_up)
-}
-
-/// Record types. The numbers are on disk and never reused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RecordType {
-    /// JSON [`HardwareConfig`].
-    HardwareConfig,
-    /// Opaque vCPU state blob; instance = vCPU number.
-    VcpuState,
-    /// Opaque device state blob; instance = device number.
-    DeviceState,
-    /// JSON [`MemoryMap`]: guest-physical extents of a memory image.
-    MemoryMap,
-    /// Raw memory image bytes; instance = image number.
-    MemoryImage,
-    /// JSON snapshot tree.
-    SnapshotTree,
-    /// JSON [`Identity`].
-    Identity,
-    /// JSON [`SecondaryDisks`].
-    SecondaryDisks,
-    /// JSON [`Owner`] lock record.
-    Owner,
-}
-
-impl RecordType {
-    pub const ALL: [RecordType; 9] = [
-        RecordType::HardwareConfig,
-        RecordType::VcpuState,
-        RecordType::DeviceState,
-        RecordType::MemoryMap,
-        RecordType::MemoryImage,
-        RecordType::SnapshotTree,
-        RecordType::Identity,
-        RecordType::SecondaryDisks,
-        RecordType::Owner,
-    ];
-
-    pub fn code(self) -> u16 {
-        match self {
-            RecordType::HardwareConfig => 1,
-            RecordType::VcpuState => 2,
-            RecordType::DeviceState => 3,
-            RecordType::MemoryMap => 4,
-            RecordType::MemoryImage => 5,
-            RecordType::SnapshotTree => 6,
-            RecordType::Identity => 7,
-            RecordType::SecondaryDisks => 8,
-            RecordType::Owner => 9,
-        }
-    }
-
-    pub fn from_code(c: u16) -> Option<RecordType> {
-        Self::ALL.into_iter().find(|t| t.code() == c)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            RecordType::HardwareConfig => "hardware-config",
-            RecordType::VcpuState => "vcpu-state",
-            RecordType::DeviceState => "device-state",
-            RecordType::MemoryMap => "memory-map",
-            RecordType::MemoryImage => "memory-image",
-            RecordType::SnapshotTree => "snapshot-tree",
-            RecordType::Identity => "identity",
-            RecordType::SecondaryDisks => "secondary-disks",
-            RecordType::Owner => "owner",
-        }
-    }
 }
 
 /// One directory entry.
@@ -328,124 +265,6 @@ impl Directory {
     pub fn used_bytes(&self) -> u64 {
         self.entries.iter().map(|e| e.length).sum()
     }
-}
-
-/// Hardware configuration of the VM.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct HardwareConfig {
-    pub vcpus: u32,
-    pub memory_bytes: u64,
-    #[serde(default)]
-    pub devices: Vec<Device>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Device {
-    /// e.g. "virtio-blk", "serial".
-    pub kind: String,
-    /// Disk index for block devices.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk: Option<u32>,
-}
-
-/// The original identity of each disk, which guests see and which survives
-/// snapshot and revert.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Identity {
-    pub disks: Vec<DiskIdentity>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DiskIdentity {
-    pub index: u32,
-    /// 16 bytes, hex.
-    pub id: String,
-    /// Export name at creation (`NAME/diskN`).
-    pub export_name: String,
-    pub description: String,
-}
-
-impl DiskIdentity {
-    pub fn id_bytes(&self) -> Option<[u8; 16]> {
-        let s = self.id.as_bytes();
-        if s.len() != 32 {
-            return None;
-        }
-        let mut out = [0u8; 16];
-        for (i, o) in out.iter_mut().enumerate() {
-            let h = std::str::from_utf8(&s[2 * i..2 * i + 2]).ok()?;
-            *o = u8::from_str_radix(h, 16).ok()?;
-        }
-        Some(out)
-    }
-}
-
-/// References to secondary disks held in other LUNs.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SecondaryDisks {
-    pub disks: Vec<SecondaryRef>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SecondaryRef {
-    pub lun_uuid: Uuid,
-    /// VM name of the secondary LUN when it was attached (informational).
-    pub name: String,
-    /// Where it was found when attached (a hint; the scanner matches by UUID).
-    pub path_hint: String,
-    pub attached: u64,
-}
-
-/// Snapshot tree; populated by the volume engine.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SnapshotTree {
-    pub snapshots: Vec<SnapshotNode>,
-    /// LUN this one was cloned from, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub clone_of: Option<CloneOrigin>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SnapshotNode {
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parent: Option<String>,
-    pub created: u64,
-    #[serde(default)]
-    pub description: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct CloneOrigin {
-    pub lun_uuid: Uuid,
-    pub snapshot: String,
-}
-
-/// Guest-physical layout of a memory image record.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct MemoryMap {
-    pub extents: Vec<MemoryExtent>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct MemoryExtent {
-    pub guest_addr: u64,
-    pub length: u64,
-    /// Which memory-image record instance holds it, and where in it.
-    pub image: u16,
-    pub image_offset: u64,
-}
-
-/// Who owns the LUN (a running gateway or shim): the lock record.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Owner {
-    pub owner: String,
-    pub host: String,
-    pub pid: u32,
-    pub since: u64,
-    /// Unix socket path of the owner's control API (a gateway), if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub control: Option<String>,
 }
 
 #[cfg(test)]

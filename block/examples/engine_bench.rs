@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lun_manager::backend::{EngineKind, IoEngine};
+use lungate_block::engine::{EngineKind, IoEngine};
 
 const BLOCK: u64 = 4096;
 

@@ -6,7 +6,7 @@ use std::fs::OpenOptions;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use lun_manager::volume::{Volume, VolumeConfig, VolumeOptions};
+use lungate_block::volume::{Volume, VolumeConfig, VolumeOptions};
 use uuid::Uuid;
 
 const CS: u64 = 4096;

@@ -1,6 +1,6 @@
 //! Synchronous whole-range file operations used by provisioning (create,
 //! resize, scan): backing size, data extents, sparse copy, zeroing. The
-//! gateway's per-request I/O goes through [`crate::backend`] instead.
+//! gateway's per-request I/O goes through [`crate::engine`] instead.
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
@@ -59,6 +59,14 @@ pub fn data_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u
         at = hole;
     }
     Ok(out)
+}
+
+/// Whether the regular file at `path` holds no written byte at all
+/// (entirely a hole, or empty): removing it loses nothing.
+pub fn holds_no_data(path: &std::path::Path) -> io::Result<bool> {
+    let f = File::open(path)?;
+    let len = f.metadata()?.len();
+    Ok(data_extents(&f, 0, len)?.is_empty())
 }
 
 /// Copy `len` bytes from `src` to `dst` within one file, skipping holes so

@@ -10,7 +10,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::Arc;
 
-use lun_manager::volume::{layers_dir, Volume, VolumeConfig, VolumeOptions};
+use lungate_block::volume::{layers_dir, Volume, VolumeConfig, VolumeOptions};
 use uuid::Uuid;
 
 const CS: u64 = 4096;

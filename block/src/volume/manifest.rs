@@ -57,6 +57,12 @@ pub struct Manifest {
     pub dependents: Vec<Dependent>,
     #[serde(default)]
     pub flatten: Option<FlattenRec>,
+    /// Layers a commit dropped whose files may still exist (a crash came
+    /// between the commit and the file's removal). Only these, and layer
+    /// files that provably hold nothing, are ever removed at open: a layer
+    /// file no manifest accounts for is kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<Uuid>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,6 +162,9 @@ impl Manifest {
                     s.name, s.layer
                 ));
             }
+        }
+        if let Some(r) = self.retired.iter().find(|r| known(**r)) {
+            return Err(format!("retired layer {r} is still listed"));
         }
         if let Some(f) = &self.flatten {
             if self.layer(f.layer).is_none()
@@ -369,6 +378,7 @@ mod tests {
             ],
             dependents: vec![],
             flatten: None,
+            retired: vec![],
         }
     }
 

@@ -127,7 +127,18 @@ impl Delta {
             description: String::new(),
         };
         let path = delta_path(dir, id);
-        let file = create_file(&path, &header.encode())?;
+        // Both slots are written: generation 1 in slot 0 and generation 0
+        // in slot 1 (where the alternation puts it), so that from the start
+        // a zeroed slot is damage, never "not written yet".
+        let mut both = header.encode().to_vec();
+        both.extend_from_slice(
+            &Header {
+                generation: 0,
+                ..header.clone()
+            }
+            .encode(),
+        );
+        let file = create_file(&path, &both)?;
         file.set_len(geo.data_start).ctx(&path, "size delta file")?;
         file.sync_all().ctx(&path, "fsync delta file")?;
         Ok(Delta {
@@ -164,41 +175,17 @@ impl Delta {
             .write(writable)
             .open(&path)
             .ctx(&path, "open delta")?;
-        let mut best: Option<(Header, u64)> = None;
-        let mut problems = Vec::new();
-        for slot in 0..2u64 {
-            let mut b = vec![0u8; HEADER_SIZE];
-            if let Err(e) = file.read_exact_at(&mut b, slot * HEADER_SIZE as u64) {
-                problems.push(format!("header slot {slot}: {e}"));
-                continue;
-            }
-            match Header::decode(&b) {
-                Ok(h) => {
-                    if best
-                        .as_ref()
-                        .is_none_or(|(x, _)| h.generation > x.generation)
-                    {
-                        best = Some((h, slot));
-                    }
-                }
-                Err(HeaderError::NoMagic) if b.iter().all(|&c| c == 0) => {}
-                Err(e) => problems.push(format!("header slot {slot}: {e}")),
-            }
-        }
-        let Some((header, slot)) = best else {
+        let len = file.metadata().ctx(&path, "stat delta")?.len();
+        if len < geo.data_start {
             return Err(corrupt(
                 &path,
-                format!("no valid header ({})", problems.join("; ")),
-            ));
-        };
-        let mut warnings = Vec::new();
-        for p in &problems {
-            warnings.push(format!(
-                "{}: {p} (using slot {slot}, generation {})",
-                path.display(),
-                header.generation
+                format!(
+                    "file is {len} bytes, shorter than its headers and journal areas ({} bytes): truncated",
+                    geo.data_start
+                ),
             ));
         }
+        let (header, slot, warnings) = read_header(&file, &path)?;
         let bad = |why: String| Err(corrupt(&path, why));
         if header.layer != id {
             return bad(format!(
@@ -234,6 +221,23 @@ impl Delta {
         used.sort_unstable();
         if let Some(w) = used.windows(2).find(|w| w[0] == w[1]) {
             return bad(format!("physical cluster {} is mapped twice", w[0]));
+        }
+        // Committed data must all be there: a shorter file lost clusters the
+        // journal says hold data (they would read as zeros, or as holes once
+        // a later write extends the file again).
+        let need = map
+            .iter()
+            .filter(|(_, v)| journal::kind(*v) == journal::KIND_DATA)
+            .map(|(vc, v)| {
+                let clen = (geo.size - vc * geo.cluster_size).min(geo.cluster_size);
+                geo.phys_offset(journal::phys(v)) + clen
+            })
+            .max()
+            .unwrap_or(geo.data_start);
+        if len < need {
+            return bad(format!(
+                "file is {len} bytes but its committed journal maps data up to byte {need}: truncated, committed clusters are missing"
+            ));
         }
         let next_phys = used.last().map_or(0, |p| p + 1);
         let mut free = Vec::new();
@@ -367,14 +371,14 @@ impl Delta {
                 st.slot = 1 - st.slot;
                 drop(st);
                 if let Some(area) = compacted_from {
-                    let _ = crate::fileops::zero_range(
+                    let _ = crate::sys::zero_range(
                         &self.file,
                         self.geo.area_at(area),
                         self.geo.area_len,
                     );
                 }
                 for &p in &pfree {
-                    let _ = crate::fileops::zero_range(
+                    let _ = crate::sys::zero_range(
                         &self.file,
                         self.geo.phys_offset(p),
                         self.geo.cluster_size,
@@ -452,15 +456,29 @@ impl Delta {
     }
 
     /// Record in the header that the layer is frozen as snapshot `name`
-    /// (informational: the manifest is authoritative).
+    /// (informational: the manifest is authoritative; `lunctl repair`
+    /// rebuilds a lost manifest from it).
     pub fn set_frozen(&self, name: &str, description: &str) -> Result<()> {
+        self.update_header(|h| {
+            h.flags |= FLAG_FROZEN;
+            h.name = truncate(name, super::header::NAME_MAX);
+            h.description = truncate(description, super::header::DESC_MAX);
+        })
+    }
+
+    /// Record a new parent in the header (after a merge or a flatten
+    /// re-parents the layer), so the headers keep naming the tree.
+    pub fn set_parent(&self, parent: Uuid) -> Result<()> {
+        self.update_header(|h| h.parent = parent)
+    }
+
+    /// Commit a new header generation with `f` applied.
+    fn update_header(&self, f: impl FnOnce(&mut Header)) -> Result<()> {
         let _c = lock(&self.commit_lock);
         let mut st = lock(&self.st);
         let mut h = st.header.clone();
         h.generation += 1;
-        h.flags |= FLAG_FROZEN;
-        h.name = truncate(name, super::header::NAME_MAX);
-        h.description = truncate(description, super::header::DESC_MAX);
+        f(&mut h);
         self.write_header(&mut st, h)
     }
 }
@@ -471,4 +489,187 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     s[..end].to_string()
+}
+
+/// What one header slot of a delta file holds.
+enum SlotRead {
+    Valid(Header),
+    /// Never written (a fresh delta has only slot 0).
+    Zero,
+    /// Not a valid header; `prefix` is what its first sector still says.
+    Damaged {
+        why: String,
+        prefix: Option<(Uuid, u64)>,
+    },
+}
+
+fn read_slot(file: &File, path: &Path, slot: u64) -> Result<SlotRead> {
+    let mut b = vec![0u8; HEADER_SIZE];
+    file.read_exact_at(&mut b, slot * HEADER_SIZE as u64)
+        .ctx(path, "read delta header")?;
+    Ok(match Header::decode(&b) {
+        Ok(h) => SlotRead::Valid(h),
+        Err(HeaderError::NoMagic) if b.iter().all(|&c| c == 0) => SlotRead::Zero,
+        Err(e) => SlotRead::Damaged {
+            why: e.to_string(),
+            prefix: (&b[0..8] == super::header::MAGIC).then(|| {
+                let generation = u64::from_le_bytes(b[16..24].try_into().expect("8"));
+                (Uuid::from_slice(&b[24..40]).expect("16"), generation)
+            }),
+        },
+    })
+}
+
+/// The slot a header of `generation` is written to: generation 1 goes to
+/// slot 0 at creation and every later header to the other slot, so the
+/// slots alternate and a slot's generation tells which one it must be.
+fn slot_of_generation(generation: u64) -> u64 {
+    generation.wrapping_sub(1) % 2
+}
+
+/// Choose the committed header of a delta file. Falling back to the older
+/// slot is legal only where the newer slot is what a torn write of the
+/// next header leaves (magic, this layer, generation one above the good
+/// slot's or the one it overwrote); anything else — a zeroed slot after
+/// the first commit, a slot of the wrong layer or generation, garbage —
+/// means committed metadata is missing, and the layer is refused rather
+/// than silently read as it was at an older generation.
+pub fn read_header(file: &File, path: &Path) -> Result<(Header, u64, Vec<String>)> {
+    let slots = [read_slot(file, path, 0)?, read_slot(file, path, 1)?];
+    for (s, r) in slots.iter().enumerate() {
+        if let SlotRead::Valid(h) = r {
+            if slot_of_generation(h.generation) != s as u64 {
+                return Err(corrupt(
+                    path,
+                    format!(
+                        "header slot {s} holds generation {}, which belongs in slot {}: the slots were copied or swapped",
+                        h.generation,
+                        slot_of_generation(h.generation)
+                    ),
+                ));
+            }
+        }
+    }
+    let pick = match (&slots[0], &slots[1]) {
+        (SlotRead::Valid(a), SlotRead::Valid(b)) => {
+            if a.layer != b.layer {
+                return Err(corrupt(
+                    path,
+                    format!(
+                        "header slots name different layers ({} and {})",
+                        a.layer, b.layer
+                    ),
+                ));
+            }
+            if a.generation > b.generation {
+                0
+            } else {
+                1
+            }
+        }
+        (SlotRead::Valid(h), SlotRead::Zero) | (SlotRead::Zero, SlotRead::Valid(h)) => {
+            // Deltas write both slots at creation; only one made before
+            // that, never committed (generation 1, nothing appended to its
+            // journal), may still have an unwritten slot.
+            if h.generation != 1 || journal_started(file, h) {
+                return Err(corrupt(
+                    path,
+                    format!(
+                        "the other header slot is zeroed but this one holds generation {}: a committed header is missing",
+                        h.generation
+                    ),
+                ));
+            }
+            if matches!(slots[0], SlotRead::Valid(_)) {
+                0
+            } else {
+                1
+            }
+        }
+        (SlotRead::Valid(h), SlotRead::Damaged { why, prefix })
+        | (SlotRead::Damaged { why, prefix }, SlotRead::Valid(h)) => {
+            let torn = prefix.is_some_and(|(layer, g)| {
+                layer == h.layer && (g == h.generation + 1 || g + 1 == h.generation)
+            });
+            let good = if matches!(slots[0], SlotRead::Valid(_)) {
+                0
+            } else {
+                1
+            };
+            if !torn {
+                return Err(corrupt(
+                    path,
+                    format!(
+                        "header slot {} is damaged ({why}) and is not a torn write of the header after slot {good}'s generation {}: a committed header may be lost",
+                        1 - good,
+                        h.generation
+                    ),
+                ));
+            }
+            good
+        }
+        (a, b) => {
+            let why = |s: &SlotRead| match s {
+                SlotRead::Zero => "zeroed".to_string(),
+                SlotRead::Damaged { why, .. } => why.clone(),
+                SlotRead::Valid(_) => unreachable!("handled above"),
+            };
+            return Err(corrupt(
+                path,
+                format!("no valid header (slot 0: {}; slot 1: {})", why(a), why(b)),
+            ));
+        }
+    };
+    let SlotRead::Valid(header) = &slots[pick] else {
+        unreachable!("picked a valid slot")
+    };
+    let mut warnings = Vec::new();
+    if let SlotRead::Damaged { why, .. } = &slots[1 - pick] {
+        warnings.push(format!(
+            "{}: header slot {}: {why} (a torn header write; using slot {pick}, generation {})",
+            path.display(),
+            1 - pick,
+            header.generation
+        ));
+    }
+    Ok((header.clone(), pick as u64, warnings))
+}
+
+/// Whether the journal area of `h` has a record at its start (the first
+/// step of a commit), or cannot be read.
+fn journal_started(file: &File, h: &Header) -> bool {
+    let Some(geo) = h.geometry() else {
+        return true;
+    };
+    let mut magic = [0u8; 4];
+    match file.read_exact_at(&mut magic, geo.area_at(h.area)) {
+        Ok(()) => &magic == journal::MAGIC,
+        Err(_) => true,
+    }
+}
+
+/// Whether the delta at `path` provably holds nothing: a file with no byte
+/// written past its two header slots (a crash while [`Delta::create`]
+/// wrote them: no journal, no data can be there), or a header of LUN
+/// `lun` that never committed a journal record with no byte written past
+/// its header and journal areas. Removing such a file loses nothing.
+pub fn holds_nothing(path: &Path, lun: Uuid) -> bool {
+    let Ok(file) = File::open(path) else {
+        return false;
+    };
+    let Ok(len) = file.metadata().map(|m| m.len()) else {
+        return false;
+    };
+    // Nothing past the header slots: no journal, no data can be there.
+    let hdrs = 2 * HEADER_SIZE as u64;
+    if len <= hdrs || crate::sys::data_extents(&file, hdrs, len).is_ok_and(|e| e.is_empty()) {
+        return true;
+    }
+    let Ok((h, _, _)) = read_header(&file, path) else {
+        return false;
+    };
+    let Some(geo) = h.geometry() else {
+        return false;
+    };
+    h.lun == lun && h.generation <= 1 && h.journal_len == 0 && !h.frozen() && len <= geo.data_start
 }

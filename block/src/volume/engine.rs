@@ -17,7 +17,7 @@ use super::layer::{delta_path, Delta, Layer, Raw, PENDING_LIMIT};
 use super::manifest::{self, Dependent, FlattenRec, LayerRec, Manifest, Parent, SnapRec};
 use super::table::Table;
 use super::{lock, read, write};
-use crate::backend::Extent;
+use crate::engine::Extent;
 
 /// Cluster-lock shards; clusters `c` and `c + SHARDS` share a lock.
 const SHARDS: usize = 1024;
@@ -58,43 +58,6 @@ pub struct VolumeConfig {
     /// the LUN file itself, writes through the volume are refused.
     pub protected: Vec<Range<u64>>,
     pub options: VolumeOptions,
-}
-
-impl VolumeConfig {
-    /// The configuration for an open LUN: its whole byte range, with the
-    /// label region protected, and in the offset layout also the primary
-    /// and backup GPT (first and last MiB): both are derived from the label
-    /// and rewritten in place, so they must never be frozen into a layer.
-    pub fn for_lun(lun: &crate::Lun, options: VolumeOptions) -> VolumeConfig {
-        VolumeConfig::for_label(lun.path(), lun.file().clone(), lun.label(), options)
-    }
-
-    /// [`VolumeConfig::for_lun`] from a label alone (before the LUN is open).
-    pub fn for_label(
-        path: &Path,
-        file: Arc<File>,
-        label: &crate::format::label::Label,
-        options: VolumeOptions,
-    ) -> VolumeConfig {
-        let l = label.label_region();
-        let mut protected = Vec::with_capacity(3);
-        let mib = crate::format::MIB;
-        if label.layout == crate::Layout::Offset {
-            protected.push(0..mib);
-        }
-        protected.push(l.offset..l.end());
-        if label.layout == crate::Layout::Offset {
-            protected.push(label.lun_size - mib..label.lun_size);
-        }
-        VolumeConfig {
-            lun_path: path.to_path_buf(),
-            file,
-            lun_uuid: label.uuid,
-            size: label.lun_size,
-            protected,
-            options,
-        }
-    }
 }
 
 /// `POOL/NAME.lun` → `POOL/NAME.layers`.
@@ -305,7 +268,17 @@ impl std::fmt::Debug for Volume {
 }
 
 fn now() -> u64 {
-    crate::lun::now()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The directory holding `p` (`.` for a bare file name).
+fn parent_dir(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 fn abs(p: &Path) -> PathBuf {
@@ -329,11 +302,32 @@ impl Volume {
     /// volume whose only layer is the LUN file.
     pub fn open(cfg: VolumeConfig) -> Result<Volume> {
         let dir = layers_dir(&cfg.lun_path);
+        let mut warnings = Vec::new();
+        if !cfg.options.read_only {
+            discard_unpublished(&staging_dir(&dir), cfg.lun_uuid, &mut warnings)?;
+        }
         let loaded = if dir.is_dir() {
             manifest::load(&dir)?
         } else {
             None
         };
+        if loaded.is_none() && dir.is_dir() {
+            let files = delta_files(&dir)?;
+            if !files.is_empty() {
+                return Err(corrupt(
+                    &dir,
+                    format!(
+                        "holds {} layer file(s) ({}) but no manifest (manifest.0 and manifest.1 are missing): the LUN's snapshots and everything written since the first one live in those layers, so it is not served; nothing was removed. `lunctl repair` rebuilds the manifest from the layers' headers",
+                        files.len(),
+                        files
+                            .iter()
+                            .map(|(id, _)| format!("{id}.delta"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
         let cs = loaded
             .as_ref()
             .map_or(cfg.options.cluster_size, |l| l.manifest.cluster_size) as u64;
@@ -362,7 +356,6 @@ impl Volume {
             )));
         }
         let read_only = cfg.options.read_only;
-        let mut warnings = Vec::new();
         let home = Layer::Raw(Raw {
             id: cfg.lun_uuid,
             path: cfg.lun_path.clone(),
@@ -380,6 +373,7 @@ impl Volume {
                 snapshots: vec![],
                 dependents: vec![],
                 flatten: None,
+                retired: vec![],
             },
             generation: 0,
             nodes: vec![],
@@ -811,7 +805,7 @@ impl Volume {
         let st = read(&self.state);
         if st.plain {
             if may_trim {
-                return crate::fileops::zero_range(&self.home, offset, len)
+                return crate::sys::zero_range(&self.home, offset, len)
                     .ctx(&self.lun_path, "punch");
             }
             let zeros = vec![0u8; (1 << 20).min(len as usize)];
@@ -882,7 +876,7 @@ impl Volume {
             |file: &File, path: &Path, s: u64, e: u64| -> Result<Vec<(u64, u64, bool)>> {
                 let mut out = Vec::new();
                 let mut at = s;
-                for (o, l) in crate::fileops::data_extents(file, s, e).ctx(path, "SEEK_DATA")? {
+                for (o, l) in crate::sys::data_extents(file, s, e).ctx(path, "SEEK_DATA")? {
                     out.push((at, o, false));
                     out.push((o, o + l, true));
                     at = o + l;
@@ -956,7 +950,10 @@ impl Volume {
         }
     }
 
-    fn commit(&self, st: &mut State, m: Manifest) -> Result<()> {
+    fn commit(&self, st: &mut State, mut m: Manifest) -> Result<()> {
+        // A retired layer stays listed until its file is gone for certain.
+        m.retired
+            .retain(|id| delta_path(&self.dir, *id).symlink_metadata().is_ok());
         manifest::store(&self.dir, &m, st.generation + 1)?;
         st.manifest = m;
         st.generation += 1;
@@ -966,6 +963,20 @@ impl Volume {
     fn new_delta(&self, id: Uuid, parent: Uuid, created: u64) -> Result<Delta> {
         let d = Delta::create(&self.dir, id, parent, self.lun, self.geo, created)?;
         manifest::sync_dir(&self.dir)?;
+        Ok(d)
+    }
+
+    /// Commit the first manifest of a plain volume: build the layers
+    /// directory under its staging name with `delta` and `m` in it, then
+    /// rename it into place (the commit point) and make the rename
+    /// durable. Returns the delta, reopened under its final path.
+    fn publish(&self, st: &mut State, staging: &Path, id: Uuid, m: Manifest) -> Result<Delta> {
+        manifest::store(staging, &m, st.generation + 1)?;
+        std::fs::rename(staging, &self.dir).ctx(&self.dir, "publish layers directory")?;
+        manifest::sync_dir(&parent_dir(&self.dir))?;
+        st.manifest = m;
+        st.generation += 1;
+        let (d, _) = Delta::open(&self.dir, id, self.lun, self.geo, true)?;
         Ok(d)
     }
 
@@ -987,29 +998,28 @@ impl Volume {
             return Err(Error::SnapshotExists(name.into()));
         }
         self.flush_locked(&st)?;
+        let staging = staging_dir(&self.dir);
         if st.plain {
             // A block device has no pool directory to keep layers in (one
             // next to /dev/sdX would live in devtmpfs and vanish at reboot).
-            if crate::fileops::is_block_device(&self.home).unwrap_or(false) {
+            if crate::sys::is_block_device(&self.home).unwrap_or(false) {
                 return Err(Error::Invalid(format!(
                     "{} is a block device: snapshots need a LUN file in a pool directory",
                     self.lun_path.display()
                 )));
             }
-            std::fs::create_dir_all(&self.dir).ctx(&self.dir, "create layers directory")?;
-            if let Some(p) = self.dir.parent() {
-                manifest::sync_dir(if p.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    p
-                })?;
-            }
+            // Open checked that an existing directory holds no layers; an
+            // empty one is replaced by the rename below.
+            std::fs::create_dir(&staging).ctx(&staging, "create layers directory")?;
+            manifest::sync_dir(&parent_dir(&staging))?;
         }
         let created = now();
         let old_top = st.top;
         let old_id = st.layer(old_top).id();
         let id = Uuid::new_v4();
-        let d = self.new_delta(id, old_id, created)?;
+        let ddir = if st.plain { &staging } else { &self.dir };
+        let d = Delta::create(ddir, id, old_id, self.lun, self.geo, created)
+            .and_then(|d| manifest::sync_dir(ddir).map(|()| d));
         let mut m = st.manifest.clone();
         m.layers.push(LayerRec {
             id,
@@ -1024,10 +1034,23 @@ impl Volume {
             description: description.into(),
         });
         m.flatten = None;
-        if let Err(e) = self.commit(&mut st, m) {
-            let _ = std::fs::remove_file(&d.path);
-            return Err(e);
-        }
+        let d = if st.plain {
+            match d.and_then(|_| self.publish(&mut st, &staging, id, m)) {
+                Ok(d) => d,
+                Err(e) => {
+                    let mut w = Vec::new();
+                    let _ = discard_unpublished(&staging, self.lun, &mut w);
+                    return Err(e);
+                }
+            }
+        } else {
+            let d = d?;
+            if let Err(e) = self.commit(&mut st, m) {
+                let _ = std::fs::remove_file(&d.path);
+                return Err(e);
+            }
+            d
+        };
         st.plain = false;
         let slot = st.add(Layer::Delta(Box::new(d)), Some(old_top), true);
         st.top = slot;
@@ -1095,6 +1118,7 @@ impl Volume {
         let old_id = st.layer(old_top).id();
         let mut m = st.manifest.clone();
         m.layers.retain(|l| l.id != old_id);
+        m.retired.push(old_id);
         m.layers.push(LayerRec {
             id,
             parent: self.parent_ref(target_id),
@@ -1127,10 +1151,17 @@ impl Volume {
         self.writable()?;
         let _m = lock(&self.maint);
         let mut st = write(&self.state);
-        self.snap(&st, name)?;
+        let layer = self.snap(&st, name)?.layer;
         let mut m = st.manifest.clone();
         m.snapshots.retain(|s| s.name != name);
         self.commit(&mut st, m)?;
+        // A layer kept for other views stops naming the deleted snapshot,
+        // so a manifest rebuilt from the headers does not bring it back.
+        if let Some(d) = st.by_id.get(&layer).and_then(|&s| st.layer(s).delta()) {
+            if let Err(e) = d.set_frozen("", "") {
+                tracing::warn!("delete snapshot {name}: layer header still names it: {e}");
+            }
+        }
         self.gc(&mut st, true)
     }
 
@@ -1193,6 +1224,7 @@ impl Volume {
                 Some((x, None)) => {
                     let mut m = st.manifest.clone();
                     m.layers.retain(|l| l.id != x);
+                    m.retired.push(x);
                     self.commit(st, m)?;
                     if let Some(n) = st.remove(st.by_id[&x]) {
                         let _ = std::fs::remove_file(n.layer.path());
@@ -1244,11 +1276,13 @@ impl Volume {
         let mut m = st.manifest.clone();
         let xparent = m.layer(x).expect("listed").parent.clone();
         m.layers.retain(|l| l.id != x);
+        m.retired.push(x);
         for l in &mut m.layers {
             if l.id == c {
                 l.parent = xparent.clone();
             }
         }
+        st.delta(cs).set_parent(header_parent(&xparent, self.lun))?;
         self.commit(st, m)?;
         let xp = st.node(xs).parent;
         st.nodes[cs as usize].as_mut().expect("live").parent = xp;
@@ -1284,15 +1318,17 @@ impl Volume {
                 tdir.display()
             )));
         }
-        std::fs::create_dir_all(&tdir).ctx(&tdir, "create layers directory")?;
-        if let Some(p) = tdir.parent() {
-            manifest::sync_dir(if p.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                p
-            })?;
+        if delta_files(&tdir).is_ok_and(|f| !f.is_empty()) {
+            return Err(Error::Invalid(format!(
+                "clone target {} already holds layer files",
+                tdir.display()
+            )));
         }
-        let tdir_abs = abs(&tdir);
+        // Built under the staging name and renamed into place once whole.
+        let staging = staging_dir(&tdir);
+        std::fs::create_dir(&staging).ctx(&staging, "create layers directory")?;
+        manifest::sync_dir(&parent_dir(&staging))?;
+        let tdir_abs = abs(&parent_dir(&tdir)).join(tdir.file_name().unwrap_or_default());
         let mut m = st.manifest.clone();
         m.dependents.push(Dependent {
             dir: tdir_abs.clone(),
@@ -1303,8 +1339,8 @@ impl Volume {
         let created = now();
         let id = Uuid::new_v4();
         let geo = self.geo;
-        Delta::create(&tdir, id, layer, target.lun_uuid, geo, created)?;
-        manifest::sync_dir(&tdir)?;
+        Delta::create(&staging, id, layer, target.lun_uuid, geo, created)?;
+        manifest::sync_dir(&staging)?;
         let tm = Manifest {
             lun: target.lun_uuid,
             size: geo.size,
@@ -1322,8 +1358,11 @@ impl Volume {
             snapshots: vec![],
             dependents: vec![],
             flatten: None,
+            retired: vec![],
         };
-        manifest::store(&tdir, &tm, 1)?;
+        manifest::store(&staging, &tm, 1)?;
+        std::fs::rename(&staging, &tdir).ctx(&tdir, "publish layers directory")?;
+        manifest::sync_dir(&parent_dir(&tdir))?;
         drop(st);
         Volume::open(VolumeConfig {
             options: VolumeOptions {
@@ -1394,6 +1433,7 @@ impl Volume {
         }
         let mut st = write(&self.state);
         st.delta(st.top).commit()?;
+        st.delta(st.top).set_parent(Uuid::nil())?;
         let mut m = st.manifest.clone();
         for l in &mut m.layers {
             if l.id == top_id {
@@ -1617,10 +1657,9 @@ fn dependent_alive(me: &Path, d: &Dependent) -> bool {
     }
 }
 
-/// Delete delta files no manifest entry names (a crash between creating a
-/// layer and committing it, or between a commit and the file's removal).
-fn remove_orphans(dir: &Path, m: &Manifest, warnings: &mut Vec<String>) -> Result<()> {
-    let known: HashSet<Uuid> = m.layers.iter().map(|l| l.id).collect();
+/// The delta files in `dir`, by layer UUID.
+pub(crate) fn delta_files(dir: &Path) -> Result<Vec<(Uuid, PathBuf)>> {
+    let mut out = Vec::new();
     for e in std::fs::read_dir(dir).ctx(dir, "list layers directory")? {
         let e = e.ctx(dir, "list layers directory")?;
         let name = e.file_name();
@@ -1628,12 +1667,147 @@ fn remove_orphans(dir: &Path, m: &Manifest, warnings: &mut Vec<String>) -> Resul
             continue;
         };
         if let Ok(id) = Uuid::parse_str(stem) {
-            if !known.contains(&id) {
-                let p = delta_path(dir, id);
-                std::fs::remove_file(&p).ctx(&p, "remove orphan layer")?;
-                warnings.push(format!("{}: removed an uncommitted layer", p.display()));
-            }
+            out.push((id, e.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Deal with delta files the manifest does not list. Only two kinds are
+/// removed, because only they can be proved to hold nothing anyone needs:
+/// layers a committed manifest retired (a crash came between the commit
+/// and the removal) and layers that never committed a byte (a crash came
+/// between creating a layer and committing it). Any other unlisted layer
+/// holds data no manifest accounts for; it is kept and reported.
+fn remove_orphans(dir: &Path, m: &Manifest, warnings: &mut Vec<String>) -> Result<()> {
+    let known: HashSet<Uuid> = m.layers.iter().map(|l| l.id).collect();
+    for (id, p) in delta_files(dir)? {
+        if known.contains(&id) {
+            continue;
+        }
+        if m.retired.contains(&id) {
+            std::fs::remove_file(&p).ctx(&p, "remove retired layer")?;
+            warnings.push(format!(
+                "{}: removed a layer the manifest had retired",
+                p.display()
+            ));
+        } else if super::layer::holds_nothing(&p, m.lun) {
+            std::fs::remove_file(&p).ctx(&p, "remove uncommitted layer")?;
+            warnings.push(format!(
+                "{}: removed an uncommitted, empty layer",
+                p.display()
+            ));
+        } else {
+            warnings.push(format!(
+                "{}: kept a layer file the manifest does not list; it may hold data (docs/volumes.md, \"Damaged layers\")",
+                p.display()
+            ));
         }
     }
     Ok(())
+}
+
+/// `NAME.layers.new`: where a first snapshot or a clone builds its layers
+/// directory before renaming it into place (the commit point), so a crash
+/// never leaves a `NAME.layers` without a manifest.
+pub fn staging_dir(dir: &Path) -> PathBuf {
+    let mut s = dir.as_os_str().to_os_string();
+    s.push(".new");
+    PathBuf::from(s)
+}
+
+/// Whether `file` (in a layers directory) is a manifest slot or a layer
+/// file of LUN `lun`.
+fn layer_file_of(path: &Path, lun: Uuid) -> bool {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    match name.as_deref() {
+        Some("manifest.0" | "manifest.1") => std::fs::read(path)
+            .ok()
+            .and_then(|b| manifest::decode(&b).ok())
+            .is_some_and(|(m, _)| m.lun == lun),
+        Some(n) if n.ends_with(".delta") => File::open(path)
+            .ok()
+            .and_then(|f| super::layer::read_header(&f, path).ok())
+            .is_some_and(|(h, _, _)| h.lun == lun),
+        _ => false,
+    }
+}
+
+/// The regular files in `dir` (a real directory, not a symlink), or none.
+fn regular_entries(dir: &Path) -> Option<Vec<(PathBuf, bool)>> {
+    if !dir.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+        return None;
+    }
+    let rd = std::fs::read_dir(dir).ok()?;
+    Some(
+        rd.filter_map(|e| e.ok())
+            .map(|e| (e.path(), e.file_type().is_ok_and(|t| t.is_file())))
+            .collect(),
+    )
+}
+
+/// Whether the layers directory `dir` holds a manifest slot or a layer
+/// file of LUN `lun` (proof that LUN's volume made it).
+pub fn layers_belong_to(dir: &Path, lun: Uuid) -> bool {
+    regular_entries(dir).is_some_and(|es| es.iter().any(|(p, file)| *file && layer_file_of(p, lun)))
+}
+
+/// Remove from layers directory `dir` the manifest slots and layer files
+/// of LUN `lun`, then the directory if nothing else is left. Anything
+/// else (other files, symlinks, another LUN's layers) is left alone and
+/// named in the returned warnings. A missing `dir` is not an error.
+pub fn remove_layers_of(dir: &Path, lun: Uuid) -> Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    match dir.symlink_metadata() {
+        Err(_) => return Ok(warnings),
+        Ok(md) if !md.is_dir() => {
+            warnings.push(format!("{}: not a directory; left alone", dir.display()));
+            return Ok(warnings);
+        }
+        Ok(_) => {}
+    }
+    let mut kept = 0;
+    for (p, file) in regular_entries(dir).unwrap_or_default() {
+        if file && layer_file_of(&p, lun) {
+            std::fs::remove_file(&p).ctx(&p, "remove layer file")?;
+        } else {
+            kept += 1;
+            warnings.push(format!(
+                "{}: not a layer file of LUN {lun}; left alone",
+                p.display()
+            ));
+        }
+    }
+    if kept == 0 {
+        std::fs::remove_dir(dir).ctx(dir, "remove layers directory")?;
+        manifest::sync_dir(&parent_dir(dir))?;
+    }
+    Ok(warnings)
+}
+
+/// Remove the staging directory of a first snapshot or clone that a crash
+/// interrupted: it was never renamed into place, so nothing in it was
+/// ever served.
+fn discard_unpublished(staging: &Path, lun: Uuid, warnings: &mut Vec<String>) -> Result<()> {
+    if staging.symlink_metadata().is_err() {
+        return Ok(());
+    }
+    warnings.extend(remove_layers_of(staging, lun)?);
+    if staging.symlink_metadata().is_err() {
+        warnings.push(format!(
+            "{}: removed the layers of an interrupted first snapshot or clone",
+            staging.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The parent UUID a delta header records for a manifest parent.
+fn header_parent(p: &Parent, lun: Uuid) -> Uuid {
+    match p {
+        Parent::Base => lun,
+        Parent::None => Uuid::nil(),
+        Parent::Layer { id } | Parent::External { id, .. } => *id,
+    }
 }

@@ -22,12 +22,14 @@ pub mod header;
 pub mod journal;
 pub mod layer;
 pub mod manifest;
+pub mod repair;
 pub mod table;
 
 mod engine;
 
 pub use engine::{
-    layers_dir, Change, ChangeKind, LayerUsage, SnapshotInfo, Volume, VolumeConfig, VolumeOptions,
+    layers_belong_to, layers_dir, remove_layers_of, staging_dir, Change, ChangeKind, LayerUsage,
+    SnapshotInfo, Volume, VolumeConfig, VolumeOptions,
 };
 pub use error::{Error, Result};
 

@@ -1,0 +1,367 @@
+//! The control API's requests and replies (docs/control-api.md,
+//! docs/openapi.yaml), one type per JSON shape. The gateway serialises
+//! exactly these and `lunctl` and `vmm-shim` deserialise them, so there is
+//! one definition of every route's wire format.
+//!
+//! Request bodies refuse unknown fields (a typo is a 400, not a silently
+//! ignored option); replies accept them, so an older client keeps working
+//! against a newer gateway that adds a field.
+
+use uuid::Uuid;
+
+use crate::records::RecordType;
+
+/// Every error reply: a 4xx/5xx status with this body.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// The reply of a route that returns nothing: `{}`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Empty {}
+
+/// How a LUN lays out its regions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    Offset,
+    Truncate,
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Layout::Offset => "offset",
+            Layout::Truncate => "truncate",
+        })
+    }
+}
+
+/// `GET /v1/exports`: one element per export.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExportInfo {
+    pub name: String,
+    /// The served LUN's name (`None` for an export that is not a LUN's disk).
+    pub lun: Option<String>,
+    pub lun_uuid: Option<Uuid>,
+    pub disk: u32,
+    pub size: u64,
+    pub read_only: bool,
+    pub connections: u64,
+}
+
+/// `GET /v1/stats`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stats {
+    pub exports: Vec<ExportStats>,
+    pub switch: SwitchSummary,
+}
+
+/// Counters of one export since the gateway started.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExportStats {
+    pub name: String,
+    pub reads: u64,
+    /// WRITE, WRITE_ZEROES and TRIM.
+    pub writes: u64,
+    pub bytes_read: u64,
+    /// WRITE payloads only.
+    pub bytes_written: u64,
+    pub errors: u64,
+    pub in_flight: u64,
+}
+
+/// The live switch's pauses since the gateway started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SwitchSummary {
+    pub count: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    /// Requests that waited in a holding queue, over all pauses.
+    pub held_requests: u64,
+}
+
+/// `GET /v1/luns`: one element per served LUN.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LunInfo {
+    pub name: String,
+    pub path: std::path::PathBuf,
+    pub uuid: Uuid,
+    pub layout: Layout,
+    /// How many snapshots it has.
+    pub snapshots: usize,
+}
+
+/// One snapshot (`GET /v1/luns/{lun}/snapshots` lists them, oldest first).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The nearest older snapshot on this snapshot's branch.
+    pub parent: Option<String>,
+    /// The frozen layer's UUID.
+    pub layer: Uuid,
+    /// Whether the live volume descends directly from this snapshot.
+    pub current: bool,
+}
+
+/// `POST /v1/luns/{lun}/snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// The reply to a snapshot: 201 with the snapshot and the I/O pause.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotTaken {
+    pub snapshot: SnapshotInfo,
+    pub pause_us: u64,
+}
+
+/// `POST /v1/luns/{lun}/revert`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevertRequest {
+    pub snapshot: String,
+}
+
+/// The reply to an operation that ran inside a live switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Paused {
+    /// How long the LUN's I/O was held, µs.
+    pub pause_us: u64,
+}
+
+/// `POST /v1/luns/{lun}/clone`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneRequest {
+    pub snapshot: String,
+    pub name: String,
+}
+
+/// The reply to a clone: 201 with the new LUN and its exports.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Cloned {
+    pub name: String,
+    pub path: std::path::PathBuf,
+    pub uuid: Uuid,
+    pub exports: Vec<String>,
+}
+
+/// The query of `GET /v1/luns/{lun}/diff` and `/diff-file`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffQuery {
+    pub from: String,
+    /// `None`: the live volume.
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    Data,
+    Zero,
+}
+
+/// One changed extent, in LUN byte offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Change {
+    pub offset: u64,
+    pub length: u64,
+    pub kind: ChangeKind,
+}
+
+/// The reply of `GET /v1/luns/{lun}/diff`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Diff {
+    pub changes: Vec<Change>,
+}
+
+/// `GET /v1/luns/{lun}/usage`: one element per layer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerUsage {
+    pub layer: Uuid,
+    pub path: std::path::PathBuf,
+    pub snapshot: Option<String>,
+    /// The live, writable layer.
+    pub live: bool,
+    /// Part of the live chain.
+    pub in_chain: bool,
+    /// Belongs to another volume (this one is a clone of it).
+    pub external: bool,
+    /// Clusters the layer holds × cluster size (the whole size for a base).
+    pub allocated_bytes: u64,
+    /// Bytes its file occupies on disk.
+    pub disk_bytes: u64,
+}
+
+// ----- state records -------------------------------------------------------
+
+/// One record of a served LUN's state directory
+/// (`GET /v1/luns/{lun}/records`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RecordInfo {
+    #[serde(rename = "type")]
+    pub rtype: RecordType,
+    pub instance: u16,
+    pub length: u64,
+    /// blake3 of the payload, 64 hex digits.
+    pub blake3: String,
+}
+
+/// The reply of `GET /v1/luns/{lun}/records`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Records {
+    /// The state directory's generation.
+    pub generation: u64,
+    /// Bytes of the state region payloads may use, and bytes in use.
+    pub capacity: u64,
+    pub used: u64,
+    pub records: Vec<RecordInfo>,
+}
+
+/// A record to write in a [`RecordBatch`]: its payload is the next
+/// `length` bytes of the body after the header.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordPut {
+    #[serde(rename = "type")]
+    pub rtype: RecordType,
+    pub instance: u16,
+    pub length: u64,
+}
+
+/// A record to remove in a [`RecordBatch`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordRef {
+    #[serde(rename = "type")]
+    pub rtype: RecordType,
+    pub instance: u16,
+}
+
+/// The header of `POST /v1/luns/{lun}/records`: every record it writes and
+/// removes becomes current in one new directory generation, or none does.
+///
+/// The body is `u32` little-endian header length, the header as JSON, then
+/// each `put`'s payload in order, back to back (see
+/// [`RecordBatch::encode_header`]). Payloads stream: the gateway writes
+/// them to free space as they arrive and commits the directory at the end.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordBatch {
+    #[serde(default)]
+    pub put: Vec<RecordPut>,
+    #[serde(default)]
+    pub remove: Vec<RecordRef>,
+}
+
+/// Largest JSON header a record batch may have.
+pub const MAX_BATCH_HEADER: u32 = 1 << 20;
+
+impl RecordBatch {
+    /// The body's first bytes: header length and header.
+    pub fn encode_header(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(self).expect("record batch serialises");
+        let mut out = Vec::with_capacity(4 + json.len());
+        out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        out.extend_from_slice(&json);
+        out
+    }
+
+    /// Bytes of payload that follow the header.
+    pub fn payload_len(&self) -> Option<u64> {
+        self.put
+            .iter()
+            .try_fold(0u64, |a, p| a.checked_add(p.length))
+    }
+
+    /// Length of the whole body.
+    pub fn body_len(&self) -> Option<u64> {
+        let header = serde_json::to_vec(self).ok()?.len() as u64;
+        self.payload_len()?.checked_add(4 + header)
+    }
+}
+
+/// The reply of a record batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RecordsWritten {
+    /// The state directory's new generation.
+    pub generation: u64,
+}
+
+/// The response header that carries a streamed record's blake3 (64 hex
+/// digits), so a client checks what it received end to end.
+pub const BLAKE3_HEADER: &str = "x-lungate-blake3";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_keep_the_documented_field_names() {
+        let s = SnapshotTaken {
+            snapshot: SnapshotInfo {
+                name: "s1".into(),
+                description: "d".into(),
+                created: 7,
+                parent: None,
+                layer: Uuid::nil(),
+                current: true,
+            },
+            pause_us: 3,
+        };
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["snapshot"]["parent"], serde_json::Value::Null);
+        assert_eq!(v["pause_us"], 3);
+        let c = Change {
+            offset: 1,
+            length: 2,
+            kind: ChangeKind::Zero,
+        };
+        assert_eq!(
+            serde_json::to_string(&c).unwrap(),
+            r#"{"offset":1,"length":2,"kind":"zero"}"#
+        );
+        assert_eq!(serde_json::to_string(&Empty {}).unwrap(), "{}");
+    }
+
+    #[test]
+    fn requests_refuse_unknown_fields() {
+        assert!(serde_json::from_str::<SnapshotRequest>(r#"{"name":"a","nmae":"b"}"#).is_err());
+        let r: SnapshotRequest = serde_json::from_str(r#"{"name":"a"}"#).unwrap();
+        assert_eq!(r.description, "");
+    }
+
+    #[test]
+    fn a_batch_header_is_its_length_then_json() {
+        let b = RecordBatch {
+            put: vec![RecordPut {
+                rtype: RecordType::MemoryImage,
+                instance: 1,
+                length: 4096,
+            }],
+            remove: vec![RecordRef {
+                rtype: RecordType::MemoryImage,
+                instance: 0,
+            }],
+        };
+        let h = b.encode_header();
+        let n = u32::from_le_bytes(h[..4].try_into().unwrap()) as usize;
+        assert_eq!(n + 4, h.len());
+        let back: RecordBatch = serde_json::from_slice(&h[4..]).unwrap();
+        assert_eq!(back, b);
+        assert_eq!(b.body_len(), Some(h.len() as u64 + 4096));
+        assert!(String::from_utf8_lossy(&h[4..]).contains(r#""type":"memory-image""#));
+    }
+}
