@@ -904,6 +904,126 @@ mod tests {
         f.stop().await;
     }
 
+    /// One extended request (32-byte header, 64-bit length).
+    async fn ext_request(
+        s: &mut TcpStream,
+        flags: u16,
+        cmd: Command,
+        handle: u64,
+        off: u64,
+        len: u64,
+        payload: &[u8],
+    ) {
+        let mut b = Vec::with_capacity(32 + payload.len());
+        b.extend_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&cmd.to_wire().to_be_bytes());
+        b.extend_from_slice(&handle.to_be_bytes());
+        b.extend_from_slice(&off.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(payload);
+        s.write_all(&b).await.unwrap();
+    }
+
+    /// One extended reply chunk: (flags, type, handle, offset, payload).
+    async fn ext_chunk(s: &mut TcpStream) -> (u16, u16, u64, u64, Vec<u8>) {
+        assert_eq!(s.read_u32().await.unwrap(), EXTENDED_REPLY_MAGIC);
+        let flags = s.read_u16().await.unwrap();
+        let kind = s.read_u16().await.unwrap();
+        let handle = s.read_u64().await.unwrap();
+        let offset = s.read_u64().await.unwrap();
+        let len = s.read_u64().await.unwrap();
+        let mut data = vec![0; len as usize];
+        s.read_exact(&mut data).await.unwrap();
+        (flags, kind, handle, offset, data)
+    }
+
+    #[tokio::test]
+    async fn extended_headers_frame_requests_and_replies_at_64_bits() {
+        let f = start(TlsMode::Off).await;
+        let mut s = hello(f.addr, 3).await;
+        send_opt(&mut s, opt::EXTENDED_HEADERS, b"x").await;
+        assert_eq!(opt_reply(&mut s).await.1, rep::ERR_INVALID, "takes no data");
+        send_opt(&mut s, opt::EXTENDED_HEADERS, b"").await;
+        assert_eq!(opt_reply(&mut s).await.1, rep::ACK);
+        send_opt(&mut s, opt::STRUCTURED_REPLY, b"").await;
+        assert_eq!(
+            opt_reply(&mut s).await.1,
+            rep::ERR_EXT_HEADER_REQD,
+            "no downgrade to structured replies"
+        );
+        let size = go(&mut s, "vm/disk1").await;
+        // WRITE with PAYLOAD_LEN: payload follows; the reply is an extended
+        // NONE chunk repeating the offset (no simple replies any more).
+        ext_request(
+            &mut s,
+            cmd_flags::PAYLOAD_LEN,
+            Command::Write,
+            1,
+            4096,
+            512,
+            &[0x5a; 512],
+        )
+        .await;
+        let (fl, kind, h, off, _) = ext_chunk(&mut s).await;
+        assert_eq!(
+            (fl, kind, h, off),
+            (reply_flags::DONE, chunk::NONE, 1, 4096)
+        );
+        ext_request(&mut s, 0, Command::Read, 2, 4096, 512, &[]).await;
+        let (fl, kind, h, off, data) = ext_chunk(&mut s).await;
+        assert_eq!(
+            (fl, kind, h, off),
+            (reply_flags::DONE, chunk::OFFSET_DATA, 2, 4096)
+        );
+        assert_eq!(&data[..8], &4096u64.to_be_bytes());
+        assert!(data[8..].iter().all(|b| *b == 0x5a));
+        // A 64-bit effect length past the end is refused, not truncated to
+        // 32 bits (which would fit).
+        ext_request(&mut s, 0, Command::Trim, 3, 0, (1 << 32) + 4096, &[]).await;
+        let (_, kind, h, _, body) = ext_chunk(&mut s).await;
+        assert_eq!((kind, h), (chunk::ERROR, 3));
+        assert_eq!(
+            u32::from_be_bytes(body[..4].try_into().unwrap()),
+            NbdError::Inval.code()
+        );
+        ext_request(&mut s, 0, Command::WriteZeroes, 4, 0, size, &[]).await;
+        assert_eq!(
+            ext_chunk(&mut s).await.1,
+            chunk::NONE,
+            "zero the whole disk in one request"
+        );
+        // A payload on a command that takes none is read, then refused.
+        ext_request(
+            &mut s,
+            cmd_flags::PAYLOAD_LEN,
+            Command::Flush,
+            5,
+            0,
+            16,
+            &[0; 16],
+        )
+        .await;
+        assert_eq!(ext_chunk(&mut s).await.1, chunk::ERROR);
+        ext_request(&mut s, 0, Command::Flush, 6, 0, 0, &[]).await;
+        let (_, kind, h, _, _) = ext_chunk(&mut s).await;
+        assert_eq!(
+            (kind, h),
+            (chunk::NONE, 6),
+            "framing kept after the refused payload"
+        );
+        ext_request(&mut s, 0, Command::Disc, 7, 0, 0, &[]).await;
+        assert!(closed(&mut s).await);
+
+        // EXPORT_NAME after extended headers: the spec forbids it; hang up.
+        let mut s = hello(f.addr, 3).await;
+        send_opt(&mut s, opt::EXTENDED_HEADERS, b"").await;
+        assert_eq!(opt_reply(&mut s).await.1, rep::ACK);
+        send_opt(&mut s, opt::EXPORT_NAME, b"vm/disk0").await;
+        assert!(closed(&mut s).await);
+        f.stop().await;
+    }
+
     #[tokio::test]
     async fn pipelined_requests_all_get_replies() {
         let f = start(TlsMode::Off).await;
