@@ -2216,3 +2216,60 @@ fn requests_larger_than_max_in_flight_stream_through() {
     gw.stop_ok();
     pool.assert_hidden_unchanged();
 }
+
+/// A client that never reads the reply of a 48 MiB READ, and one that sends
+/// the header and first MiB of a 48 MiB WRITE and then stalls, do not hold
+/// up a live switch of their LUN: a streamed request holds the LUN's gate
+/// only while one of its pieces does I/O. A snapshot through the control
+/// API completes promptly, and an honest client is served before and after.
+#[test]
+fn stalled_large_requests_do_not_hold_up_a_snapshot() {
+    let mut pool = Pool::new();
+    pool.add("sw", "offset", &["64M"], "16M");
+    let mut gw = Gateway::start(&["--pool", pool.arg()]);
+    let (export, _) = pool.exports()[0].clone();
+    let tcp = Addr::Tcp(gw.addr());
+    let mut honest = Session::simple(&tcp, &export);
+    let data = pattern_bytes(MIB as usize, 0x5a5a);
+    let r = honest.write(0, &data);
+    honest.expect("seed", 0, r);
+
+    let big = 48 * MIB as u32;
+    let mut reader = Session::simple(&tcp, &export);
+    reader
+        .raw
+        .send(&Session::header(0, nbd::CMD_READ, 1, 0, big));
+    let mut writer = Session::simple(&tcp, &export);
+    let mut b = Session::header(0, nbd::CMD_WRITE, 1, 8 * MIB, big).to_vec();
+    b.extend_from_slice(&pattern_bytes(MIB as usize, 7));
+    writer.raw.send(&b);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let started = Instant::now();
+    let v = lungate_tests::api(
+        &gw.control(),
+        "POST",
+        "/v1/luns/sw/snapshots",
+        Some(serde_json::json!({ "name": "under-stall" })),
+        201,
+    );
+    let took = started.elapsed();
+    eprintln!("snapshot with two stalled clients: {took:?}, {v}");
+    assert!(
+        took < Duration::from_secs(10),
+        "the snapshot waited {took:?} behind stalled requests"
+    );
+    assert_eq!(
+        honest.read_ok(0, MIB as u32),
+        data,
+        "honest read after the snapshot"
+    );
+    let r = honest.write(4 * MIB, &data);
+    honest.expect("honest write after the snapshot", 0, r);
+    drop(reader);
+    drop(writer);
+    honest.assert_usable("stalled clients gone");
+    honest.disconnect();
+    gw.assert_running();
+    gw.stop_ok();
+}

@@ -21,8 +21,10 @@
 //!
 //! Each request takes its place at the LUN's live-switch gate in the order
 //! the reader decoded it (see [`crate::switch`]) and holds its pass while
-//! it runs; requests of one connection whose ranges overlap, one of them a
-//! write, run in arrival order ([`InOrder`]). All I/O goes through the few
+//! it runs, except that a streamed request takes a pass for each piece's
+//! I/O only, so a client slow to send a payload or to read a reply never
+//! holds up a switch; requests of one connection whose ranges overlap, one
+//! of them a write, run in arrival order ([`InOrder`]). All I/O goes through the few
 //! `Ctx` methods at the bottom.
 
 use std::os::fd::AsRawFd;
@@ -368,7 +370,16 @@ pub async fn serve(
                 continue;
             }
         };
-        let entry = ctx.export.lun.as_ref().map(|l| l.gate.enter());
+        // A request streamed in pieces takes the gate once per piece
+        // instead (`Ctx::piece_pass`): holding it while waiting for a slow
+        // client's payload or for it to read the reply would hold up every
+        // live switch of the LUN.
+        let streamed =
+            h.payload > STREAM_WINDOW || (h.command == Command::Read && h.length > STREAM_WINDOW);
+        let entry = match &ctx.export.lun {
+            Some(l) if !streamed => Some(l.gate.enter()),
+            _ => None,
+        };
         let (ticket, deps) = match range_of(&h) {
             Some((start, len, write)) => {
                 let (t, d) = order.register(start, len, write);
@@ -762,6 +773,7 @@ async fn write_streamed(
     while let Some((data, slot)) = pieces.recv().await {
         let n = data.len() as u64;
         if failed.is_none() {
+            let _pass = ctx.piece_pass().await;
             if let Err(e) = ctx.write_at(at + done, data, false).await {
                 failed = Some(Failure::io("write", &e));
             }
@@ -782,6 +794,7 @@ async fn write_streamed(
         ));
     }
     if h.flags & cmd_flags::FUA != 0 {
+        let _pass = ctx.piece_pass().await;
         ctx.flush()
             .await
             .map_err(|err| Failure::io("flush after write", &err))?;
@@ -886,6 +899,11 @@ async fn read(
     }
     let sparse = h.flags & cmd_flags::DF == 0 && length >= SPARSE_READ_MIN;
     let segs = if sparse {
+        let _pass = if length > STREAM_WINDOW {
+            ctx.piece_pass().await
+        } else {
+            None // the caller holds the request's pass
+        };
         segments(h.offset, allocation(ctx, at, h.offset, length).await?)
     } else {
         vec![(h.offset, length, false)]
@@ -962,7 +980,10 @@ async fn read_structured_streamed(
                 .expect("the window semaphore is never closed");
             let n = (len - done).min(PIECE);
             let piece_off = off + done;
-            match ctx.read_at(at + (piece_off - h.offset), n as usize).await {
+            let pass = ctx.piece_pass().await;
+            let got = ctx.read_at(at + (piece_off - h.offset), n as usize).await;
+            drop(pass);
+            match got {
                 Ok(data) => {
                     let payload = ChunkPayload::OffsetData {
                         offset: piece_off,
@@ -1017,10 +1038,12 @@ async fn read_simple_streamed(
         .acquire_owned()
         .await
         .expect("the window semaphore is never closed");
+    let pass = ctx.piece_pass().await;
     let first = ctx
         .read_at(at, PIECE as usize)
         .await
         .map_err(|err| Failure::io("read", &err))?;
+    drop(pass);
     let Some(c) = credit.take() else {
         return Err(Failure::new(NbdError::Io, "read without its credit"));
     };
@@ -1044,7 +1067,10 @@ async fn read_simple_streamed(
             .await
             .expect("the window semaphore is never closed");
         let n = (h.length - done).min(PIECE);
-        match ctx.read_at(at + done, n as usize).await {
+        let pass = ctx.piece_pass().await;
+        let got = ctx.read_at(at + done, n as usize).await;
+        drop(pass);
+        match got {
             Ok(d) => {
                 if ptx.send(Ok((d, slot))).is_err() {
                     break; // the writer is gone
@@ -1066,6 +1092,13 @@ async fn read_simple_streamed(
 // to the engine for a bare file view. Offsets are file offsets that
 // `prepare` produced.
 impl Ctx {
+    /// A pass at the LUN's gate for one piece of a streamed request.
+    async fn piece_pass(&self) -> Option<crate::switch::Pass> {
+        match &self.export.lun {
+            Some(l) => Some(l.gate.enter().ready().await),
+            None => None,
+        }
+    }
     async fn read_at(&self, at: u64, len: usize) -> std::io::Result<Bytes> {
         match &self.export.lun {
             Some(l) => l.read(&self.engine, at, len).await,
