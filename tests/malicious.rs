@@ -2217,11 +2217,14 @@ fn requests_larger_than_max_in_flight_stream_through() {
     pool.assert_hidden_unchanged();
 }
 
-/// A client that never reads the reply of a 48 MiB READ, and one that sends
-/// the header and first MiB of a 48 MiB WRITE and then stalls, do not hold
-/// up a live switch of their LUN: a streamed request holds the LUN's gate
-/// only while one of its pieces does I/O. A snapshot through the control
-/// API completes promptly, and an honest client is served before and after.
+/// A client that never reads the reply of a 48 MiB READ (with a small
+/// overlapping WRITE queued behind it), and one that sends the header and
+/// first MiB of a 48 MiB WRITE and then stalls, do not hold up a live
+/// switch of their LUN: a streamed request holds the LUN's gate only while
+/// one of its pieces does I/O, and a request waiting for an earlier
+/// overlapping one takes its place at the gate only after it. A snapshot
+/// through the control API completes promptly, and an honest client is
+/// served before and after.
 #[test]
 fn stalled_large_requests_do_not_hold_up_a_snapshot() {
     let mut pool = Pool::new();
@@ -2239,6 +2242,12 @@ fn stalled_large_requests_do_not_hold_up_a_snapshot() {
     reader
         .raw
         .send(&Session::header(0, nbd::CMD_READ, 1, 0, big));
+    // Behind it on the same connection, a small write it overlaps: it
+    // waits for the read (arrival order), and must not hold the gate while
+    // it waits.
+    let mut w = Session::header(0, nbd::CMD_WRITE, 2, 4096, 4096).to_vec();
+    w.extend_from_slice(&[0xee; 4096]);
+    reader.raw.send(&w);
     let mut writer = Session::simple(&tcp, &export);
     let mut b = Session::header(0, nbd::CMD_WRITE, 1, 8 * MIB, big).to_vec();
     b.extend_from_slice(&pattern_bytes(MIB as usize, 7));

@@ -376,10 +376,6 @@ pub async fn serve(
         // live switch of the LUN.
         let streamed =
             h.payload > STREAM_WINDOW || (h.command == Command::Read && h.length > STREAM_WINDOW);
-        let entry = match &ctx.export.lun {
-            Some(l) if !streamed => Some(l.gate.enter()),
-            _ => None,
-        };
         let (ticket, deps) = match range_of(&h) {
             Some((start, len, write)) => {
                 let (t, d) = order.register(start, len, write);
@@ -387,16 +383,19 @@ pub async fn serve(
             }
             None => (None, Vec::new()),
         };
+        // A request that must wait for earlier overlapping ones takes its
+        // place at the gate only once they are done, for the same reason.
+        let entry = match &ctx.export.lun {
+            Some(l) if !streamed && deps.is_empty() => Gated::Entry(l.gate.enter()),
+            Some(_) if !streamed => Gated::Late,
+            _ => Gated::Pieces,
+        };
         let (ctx2, tx2) = (ctx.clone(), tx.clone());
         if h.payload > STREAM_WINDOW {
             // Written as it arrives: the task writes one piece while the
             // reader reads the next.
             let (ptx, prx) = mpsc::unbounded_channel();
             tokio::spawn(async move {
-                let _pass = match entry {
-                    Some(e) => Some(e.ready().await),
-                    None => None,
-                };
                 after(deps).await;
                 handle(&ctx2, &tx2, h, job, Payload::Stream(prx), credit).await;
                 drop(ticket);
@@ -439,10 +438,16 @@ pub async fn serve(
         };
         tokio::spawn(async move {
             let _pass = match entry {
-                Some(e) => Some(e.ready().await),
-                None => None,
+                Gated::Entry(e) => Some(e.ready().await),
+                Gated::Late => {
+                    after(deps).await;
+                    ctx2.piece_pass().await
+                }
+                Gated::Pieces => {
+                    after(deps).await;
+                    None
+                }
             };
-            after(deps).await;
             handle(&ctx2, &tx2, h, job, payload, credit).await;
             drop(ticket);
         });
@@ -459,6 +464,16 @@ pub async fn serve(
         (Ok(End::Disconnect | End::Eof | End::AbsurdWrite), Err(_)) => Ok(End::Eof),
         (Ok(End::Shutdown), Err(e)) => Err(e.into()),
     }
+}
+
+/// How a request holds its LUN's live-switch gate.
+enum Gated {
+    /// Its place, taken in arrival order when the reader decoded it.
+    Entry(crate::switch::Entry),
+    /// A place taken once the earlier requests it overlaps are done.
+    Late,
+    /// A place per piece of a streamed request (or no LUN behind the export).
+    Pieces,
 }
 
 /// A WRITE's data: whole, or pieces as the reader gets them.
