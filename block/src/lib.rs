@@ -8,6 +8,12 @@
 //! builds a [`volume::VolumeConfig`] from a LUN's label; this crate never
 //! looks inside the bytes it stores.
 
+pub mod device;
 pub mod engine;
+pub mod region;
+pub mod store;
 pub mod sys;
 pub mod volume;
+
+pub use device::{BlockDevice, Caps, Chunk, Extent, IoFuture};
+pub use region::Region;

@@ -1,11 +1,15 @@
-//! Synchronous whole-range file operations used by provisioning (create,
-//! resize, scan): backing size, data extents, sparse copy, zeroing. The
-//! gateway's per-request I/O goes through [`crate::engine`] instead.
+//! The one place for the system calls the data path and provisioning make
+//! on files, each wrapped once: size, lseek data/hole (extents), fadvise,
+//! fallocate, flock, gethostname; and the whole-range operations built on
+//! them (sparse copy, zeroing). Per-request guest I/O goes through
+//! [`crate::engine`] instead.
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
+
+use crate::device::Extent;
 
 /// Size of a regular file or block device.
 pub fn backing_size(file: &File) -> io::Result<u64> {
@@ -22,9 +26,9 @@ pub fn is_block_device(file: &File) -> io::Result<bool> {
     Ok(file.metadata()?.file_type().is_block_device())
 }
 
+/// `lseek`; `Ok(None)` for ENXIO (no data, or no hole, at or after `off`).
 fn lseek(file: &File, off: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let off = libc::off_t::try_from(off)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+    let off = off_t(off)?;
     // SAFETY: lseek on a valid, owned descriptor has no memory effects.
     let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
     if r < 0 {
@@ -37,28 +41,93 @@ fn lseek(file: &File, off: u64, whence: libc::c_int) -> io::Result<Option<u64>> 
     Ok(Some(r as u64))
 }
 
-/// Data extents `(offset, length)` inside `[start, end)`, from SEEK_DATA /
-/// SEEK_HOLE. Where the filesystem cannot tell, the whole range is data.
-pub fn data_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
-    let mut out = Vec::new();
-    let mut at = start;
+/// Data and hole runs covering exactly `[offset, offset+len)`, in order,
+/// adjacent runs of the same kind merged, from `lseek(SEEK_DATA /
+/// SEEK_HOLE)`. Bytes past end of file are a hole. Advisory (a hole may be
+/// filled a moment later) and conservative: where the filesystem cannot
+/// tell, everything is data.
+///
+/// Uses the descriptor's file position (lseek moves it); all other I/O here
+/// is positional, so that is harmless.
+pub fn extents(file: &File, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+    let end = offset.checked_add(len).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("offset {offset} + length {len} overflows"),
+        )
+    })?;
+    let mut out: Vec<Extent> = Vec::new();
+    let mut push = |start: u64, stop: u64, data: bool| {
+        if stop <= start {
+            return;
+        }
+        match out.last_mut() {
+            Some(last) if last.data == data && last.offset + last.length == start => {
+                last.length += stop - start;
+            }
+            _ => out.push(Extent {
+                offset: start,
+                length: stop - start,
+                data,
+            }),
+        }
+    };
+    let mut at = offset;
     while at < end {
         let data = match lseek(file, at, libc::SEEK_DATA) {
-            Ok(Some(d)) => d,
-            Ok(None) => break,
+            Ok(Some(d)) => d.max(at),
+            Ok(None) => end,
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                return Ok(vec![(start, end - start)]);
+                push(at, end, true);
+                break;
             }
             Err(e) => return Err(e),
         };
+        push(at, data.min(end), false);
         if data >= end {
             break;
         }
-        let hole = lseek(file, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-        out.push((data, hole - data));
+        // SEEK_HOLE from inside data always finds one (end of file counts
+        // as a hole); treat the unexpected answers as "data to the end".
+        let hole = match lseek(file, data, libc::SEEK_HOLE)? {
+            Some(h) if h > data => h,
+            _ => end,
+        };
+        push(data, hole.min(end), true);
         at = hole;
     }
     Ok(out)
+}
+
+/// Data extents `(offset, length)` inside `[start, end)`; see [`extents`].
+pub fn data_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+    Ok(extents(file, start, end.saturating_sub(start))?
+        .into_iter()
+        .filter(|e| e.data)
+        .map(|e| (e.offset, e.length))
+        .collect())
+}
+
+/// `posix_fadvise(WILLNEED)`: start reading `[offset, offset+len)` into
+/// the page cache.
+pub fn will_need(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (o, l) = (off_t(offset)?, off_t(len)?);
+    // SAFETY: posix_fadvise only reads its integer arguments; the
+    // descriptor is owned by `file`, which outlives the call.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), o, l, libc::POSIX_FADV_WILLNEED) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+fn off_t(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{v} does not fit a file offset"),
+        )
+    })
 }
 
 /// Whether the regular file at `path` holds no written byte at all
@@ -94,6 +163,65 @@ pub fn copy_range(
     Ok(())
 }
 
+/// `fallocate(mode, offset, len)`.
+pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let (o, l) = (off_t(offset)?, off_t(len)?);
+    // SAFETY: fallocate takes no pointers; the descriptor is owned by
+    // `file`, which outlives the call.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, o, l) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// How [`flock`] locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lock {
+    Shared,
+    Exclusive,
+}
+
+/// `flock(LOCK_SH | LOCK_EX, LOCK_NB)`: `Ok(false)` when another
+/// descriptor holds a conflicting lock.
+pub fn flock(file: &File, how: Lock) -> io::Result<bool> {
+    let op = match how {
+        Lock::Shared => libc::LOCK_SH,
+        Lock::Exclusive => libc::LOCK_EX,
+    };
+    // SAFETY: flock takes no pointers; the descriptor is owned by `file`.
+    let r = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// `flock(LOCK_UN)`.
+pub fn unlock(file: &File) {
+    // SAFETY: flock takes no pointers; the descriptor is owned by `file`.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+}
+
+/// This machine's host name ("?" when it cannot be read).
+pub fn hostname() -> String {
+    let mut b = [0u8; 256];
+    // SAFETY: the buffer is valid for its whole length, and gethostname
+    // writes at most that many bytes.
+    let r = unsafe { libc::gethostname(b.as_mut_ptr().cast(), b.len()) };
+    if r != 0 {
+        return "?".into();
+    }
+    let n = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..n]).into_owned()
+}
+
 /// Make `[off, off+len)` read as zeros: punch a hole where the filesystem
 /// can, write zeros where it cannot (block devices, old filesystems).
 pub fn zero_range(file: &File, off: u64, len: u64) -> io::Result<()> {
@@ -101,25 +229,15 @@ pub fn zero_range(file: &File, off: u64, len: u64) -> io::Result<()> {
         return Ok(());
     }
     if !is_block_device(file)? {
-        let (o, l) = (
-            libc::off_t::try_from(off).map_err(|_| io::Error::other("offset too large"))?,
-            libc::off_t::try_from(len).map_err(|_| io::Error::other("length too large"))?,
-        );
-        // SAFETY: fallocate on a valid descriptor; no memory is passed.
-        let r = unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                o,
-                l,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(e);
+        match fallocate(
+            file,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        ) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+            Err(e) => return Err(e),
         }
     }
     let zeros = vec![0u8; 1 << 20];
@@ -159,5 +277,50 @@ mod tests {
         assert!(b[..1000].iter().all(|&x| x == 9));
         assert!(b[1000..6000].iter().all(|&x| x == 0));
         assert!(b[6000..].iter().all(|&x| x == 9));
+    }
+
+    use proptest::prelude::*;
+
+    const BLOCK: u64 = 4096;
+    const BLOCKS: usize = 64;
+
+    /// Runs of the model (one bool per block: written or not), clipped to
+    /// `[offset, end)`, with bytes past the file's end as a hole.
+    fn model(written: &[bool], offset: u64, end: u64) -> Vec<Extent> {
+        let mut out: Vec<Extent> = Vec::new();
+        for at in offset..end {
+            let block = (at / BLOCK) as usize;
+            let data = written.get(block).copied().unwrap_or(false);
+            match out.last_mut() {
+                Some(last) if last.data == data => last.length += 1,
+                _ => out.push(Extent {
+                    offset: at,
+                    length: 1,
+                    data,
+                }),
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Whatever blocks are written and whatever window is asked for,
+        /// the runs cover the window exactly and match what was written.
+        #[test]
+        fn extents_match_the_blocks_written(
+            written in proptest::collection::vec(any::<bool>(), BLOCKS),
+            start in 0u64..(BLOCKS as u64 + 4) * BLOCK,
+            len in 0u64..(BLOCKS as u64 + 4) * BLOCK,
+        ) {
+            let f = tempfile::tempfile().unwrap();
+            f.set_len(BLOCKS as u64 * BLOCK).unwrap();
+            for (i, _) in written.iter().enumerate().filter(|(_, w)| **w) {
+                f.write_all_at(&[0xEE; BLOCK as usize], i as u64 * BLOCK).unwrap();
+            }
+            let got = extents(&f, start, len).unwrap();
+            prop_assert_eq!(got, model(&written, start, start + len));
+        }
     }
 }

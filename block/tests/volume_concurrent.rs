@@ -36,6 +36,7 @@ fn io_threads_and_tree_operations_run_together() {
                 cluster_size: CS as u32,
                 read_only: false,
             },
+            engine: None,
         })
         .unwrap(),
     );

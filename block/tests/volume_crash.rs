@@ -10,7 +10,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::Arc;
 
-use lungate_block::volume::{layers_dir, Volume, VolumeConfig, VolumeOptions};
+use lungate_block::store::file::layers_dir;
+use lungate_block::volume::{Volume, VolumeConfig, VolumeOptions};
 use uuid::Uuid;
 
 const CS: u64 = 4096;
@@ -34,6 +35,7 @@ fn lun(dir: &Path, name: &str, size: u64) -> VolumeConfig {
             cluster_size: CS as u32,
             read_only: false,
         },
+        engine: None,
     }
 }
 

@@ -10,7 +10,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use lungate_block::volume::{layers_dir, repair, Volume, VolumeConfig, VolumeOptions};
+use lungate_block::store::file::layers_dir;
+use lungate_block::volume::{repair, Volume, VolumeConfig, VolumeOptions};
 use uuid::Uuid;
 
 const CS: u64 = 4096;
@@ -35,6 +36,7 @@ fn lun(dir: &Path, name: &str) -> VolumeConfig {
             cluster_size: CS as u32,
             read_only: false,
         },
+        engine: None,
     }
 }
 
@@ -281,7 +283,7 @@ fn a_first_snapshot_interrupted_before_its_rename_leaves_a_plain_volume() {
     // Move the committed directory back to its staging name: the state a
     // crash before the publishing rename leaves.
     let dir = layers_dir(&cfg.lun_path);
-    let staging = lungate_block::volume::staging_dir(&dir);
+    let staging = lungate_block::store::file::staging_dir(&dir);
     std::fs::rename(&dir, &staging).unwrap();
     let foreign = d.path().join("keep-me");
     std::fs::write(&foreign, b"x").unwrap();

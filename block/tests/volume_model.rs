@@ -19,7 +19,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use lungate_block::volume::{ChangeKind, Error, Volume, VolumeConfig, VolumeOptions};
+use lungate_block::engine::{EngineKind, IoEngine};
+use lungate_block::volume::{ChangeKind, Error, Volume, VolumeConfig, VolumeDevice, VolumeOptions};
+use lungate_block::BlockDevice;
 use proptest::prelude::*;
 use uuid::Uuid;
 
@@ -28,25 +30,32 @@ const MAX_VOLUMES: usize = 3;
 
 #[derive(Debug, Clone)]
 enum Op {
+    /// Data operations run through the synchronous API or, with `asy`,
+    /// through the asynchronous data path (`VolumeDevice` on io_uring),
+    /// the one the gateway serves.
     Write {
         v: usize,
         off: u64,
         len: u64,
         seed: u8,
+        asy: bool,
     },
     Trim {
         v: usize,
         off: u64,
         len: u64,
+        asy: bool,
     },
     Zero {
         v: usize,
         off: u64,
         len: u64,
         may_trim: bool,
+        asy: bool,
     },
     Flush {
         v: usize,
+        asy: bool,
     },
     Snapshot {
         v: usize,
@@ -104,10 +113,10 @@ fn range() -> impl Strategy<Value = (u64, u64)> {
 fn op() -> impl Strategy<Value = Op> {
     let v = 0usize..MAX_VOLUMES;
     prop_oneof![
-        8 => (v.clone(), range(), any::<u8>()).prop_map(|(v, (off, len), seed)| Op::Write { v, off, len, seed }),
-        2 => (v.clone(), range()).prop_map(|(v, (off, len))| Op::Trim { v, off, len }),
-        2 => (v.clone(), range(), any::<bool>()).prop_map(|(v, (off, len), may_trim)| Op::Zero { v, off, len, may_trim }),
-        2 => v.clone().prop_map(|v| Op::Flush { v }),
+        8 => (v.clone(), range(), any::<u8>(), any::<bool>()).prop_map(|(v, (off, len), seed, asy)| Op::Write { v, off, len, seed, asy }),
+        2 => (v.clone(), range(), any::<bool>()).prop_map(|(v, (off, len), asy)| Op::Trim { v, off, len, asy }),
+        2 => (v.clone(), range(), any::<bool>(), any::<bool>()).prop_map(|(v, (off, len), may_trim, asy)| Op::Zero { v, off, len, may_trim, asy }),
+        2 => (v.clone(), any::<bool>()).prop_map(|(v, asy)| Op::Flush { v, asy }),
         3 => v.clone().prop_map(|v| Op::Snapshot { v }),
         2 => (v.clone(), any::<usize>()).prop_map(|(v, which)| Op::Revert { v, which }),
         2 => (v.clone(), any::<usize>()).prop_map(|(v, which)| Op::Delete { v, which }),
@@ -121,7 +130,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 struct Vol {
-    vol: Option<Volume>,
+    vol: Option<Arc<Volume>>,
     cfg: VolumeConfig,
     live: Vec<u8>,
     snaps: BTreeMap<String, Vec<u8>>,
@@ -134,7 +143,7 @@ struct Vol {
 impl Vol {
     fn new(vol: Volume, cfg: VolumeConfig, live: Vec<u8>) -> Vol {
         Vol {
-            vol: Some(vol),
+            vol: Some(Arc::new(vol)),
             cfg,
             durable: live.clone(),
             dirty: vec![false; live.len()],
@@ -156,6 +165,29 @@ struct World {
     size: u64,
     vols: Vec<Vol>,
     next_name: usize,
+}
+
+/// The engine the asynchronous data path runs on: io_uring where it
+/// works, else the thread pool (both are the gateway's).
+fn engine() -> IoEngine {
+    static E: std::sync::OnceLock<IoEngine> = std::sync::OnceLock::new();
+    E.get_or_init(|| IoEngine::new(EngineKind::Auto, 2).unwrap())
+        .clone()
+}
+
+fn rt() -> &'static tokio::runtime::Runtime {
+    static R: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    R.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
+fn sole(v: Arc<Volume>) -> Volume {
+    Arc::try_unwrap(v).unwrap_or_else(|_| panic!("the model holds the only reference"))
 }
 
 fn pattern(seed: u8, off: u64, len: u64) -> Vec<u8> {
@@ -192,6 +224,7 @@ fn new_lun(dir: &Path, name: &str, size: u64, fill: bool) -> VolumeConfig {
             cluster_size: CS as u32,
             read_only: false,
         },
+        engine: Some(engine()),
     }
 }
 
@@ -245,18 +278,35 @@ impl World {
         let n = self.vols.len();
         let vi = |v: usize| v % n;
         match *op {
-            Op::Write { v, off, len, seed } => {
+            Op::Write {
+                v,
+                off,
+                len,
+                seed,
+                asy,
+            } => {
                 let (off, len) = self.clip(off, len);
                 let w = &mut self.vols[vi(v)];
                 let data = pattern(seed, off, len);
-                w.vol.as_ref().unwrap().write(off, &data).unwrap();
+                if asy {
+                    let dev = VolumeDevice::new(w.vol.clone().unwrap());
+                    rt().block_on(dev.write(off, data.clone().into(), false))
+                        .unwrap();
+                } else {
+                    w.vol.as_ref().unwrap().write(off, &data).unwrap();
+                }
                 w.live[off as usize..(off + len) as usize].copy_from_slice(&data);
                 w.touched(off, len);
             }
-            Op::Trim { v, off, len } => {
+            Op::Trim { v, off, len, asy } => {
                 let (off, len) = self.clip(off, len);
                 let w = &mut self.vols[vi(v)];
-                w.vol.as_ref().unwrap().trim(off, len).unwrap();
+                if asy {
+                    let dev = VolumeDevice::new(w.vol.clone().unwrap());
+                    rt().block_on(dev.trim(off, len)).unwrap();
+                } else {
+                    w.vol.as_ref().unwrap().trim(off, len).unwrap();
+                }
                 w.live[off as usize..(off + len) as usize].fill(0);
                 w.touched(off, len);
             }
@@ -265,20 +315,31 @@ impl World {
                 off,
                 len,
                 may_trim,
+                asy,
             } => {
                 let (off, len) = self.clip(off, len);
                 let w = &mut self.vols[vi(v)];
-                w.vol
-                    .as_ref()
-                    .unwrap()
-                    .write_zeroes(off, len, may_trim)
-                    .unwrap();
+                if asy {
+                    let dev = VolumeDevice::new(w.vol.clone().unwrap());
+                    rt().block_on(dev.write_zeroes(off, len, may_trim)).unwrap();
+                } else {
+                    w.vol
+                        .as_ref()
+                        .unwrap()
+                        .write_zeroes(off, len, may_trim)
+                        .unwrap();
+                }
                 w.live[off as usize..(off + len) as usize].fill(0);
                 w.touched(off, len);
             }
-            Op::Flush { v } => {
+            Op::Flush { v, asy } => {
                 let w = &mut self.vols[vi(v)];
-                w.vol.as_ref().unwrap().flush().unwrap();
+                if asy {
+                    let dev = VolumeDevice::new(w.vol.clone().unwrap());
+                    rt().block_on(dev.flush()).unwrap();
+                } else {
+                    w.vol.as_ref().unwrap().flush().unwrap();
+                }
                 w.durable_now();
             }
             Op::Snapshot { v } => {
@@ -392,7 +453,7 @@ impl World {
             }
             Op::Reopen { v } => {
                 let w = &mut self.vols[vi(v)];
-                w.vol.take().unwrap().close().unwrap();
+                sole(w.vol.take().unwrap()).close().unwrap();
                 // A read-only open sees the same bytes and writes nothing.
                 let before = dir_fingerprint(&w.cfg.lun_path);
                 let ro_cfg = VolumeConfig {
@@ -412,22 +473,22 @@ impl World {
                 prop_assert_eq!(before, dir_fingerprint(&w.cfg.lun_path));
                 let vol = Volume::open(w.cfg.clone()).unwrap();
                 prop_assert!(vol.warnings().is_empty(), "{:?}", vol.warnings());
-                w.vol = Some(vol);
+                w.vol = Some(Arc::new(vol));
                 w.durable_now();
             }
             Op::FlushCrashReopen { v } => {
                 let w = &mut self.vols[vi(v)];
-                let vol = w.vol.take().unwrap();
+                let vol = sole(w.vol.take().unwrap());
                 vol.flush().unwrap();
                 vol.crash();
                 let vol = Volume::open(w.cfg.clone()).unwrap();
                 prop_assert!(vol.warnings().is_empty(), "{:?}", vol.warnings());
-                w.vol = Some(vol);
+                w.vol = Some(Arc::new(vol));
                 w.durable_now();
             }
             Op::CrashReopen { v } => {
                 let w = &mut self.vols[vi(v)];
-                w.vol.take().unwrap().crash();
+                sole(w.vol.take().unwrap()).crash();
                 let vol = Volume::open(w.cfg.clone()).unwrap();
                 prop_assert!(vol.warnings().is_empty(), "{:?}", vol.warnings());
                 let mut got = vec![0u8; self.size as usize];
@@ -440,7 +501,7 @@ impl World {
                         w.durable[at]
                     )));
                 }
-                w.vol = Some(vol);
+                w.vol = Some(Arc::new(vol));
                 w.live = got;
                 w.durable_now();
             }
@@ -560,17 +621,17 @@ proptest! {
     ) {
         let size = clusters * CS + extra;
         let mut w = World::new(size);
-        w.check(0, &Op::Flush { v: 0 })?;
+        w.check(0, &Op::Flush { v: 0, asy: false })?;
         for (i, op) in ops.iter().enumerate() {
             w.apply(op)?;
             w.check(i + 1, op)?;
         }
         // Finally every volume survives a clean close and reopen.
         for v in &mut w.vols {
-            v.vol.take().unwrap().close().unwrap();
-            v.vol = Some(Volume::open(v.cfg.clone()).unwrap());
+            sole(v.vol.take().unwrap()).close().unwrap();
+            v.vol = Some(Arc::new(Volume::open(v.cfg.clone()).unwrap()));
         }
-        w.check(ops.len() + 1, &Op::Flush { v: 0 })?;
+        w.check(ops.len() + 1, &Op::Flush { v: 0, asy: false })?;
     }
 }
 
@@ -641,6 +702,7 @@ fn sparse_terabyte_volume_index_stays_small() {
         size: 1 << 40,
         protected: vec![],
         options: VolumeOptions::default(),
+        engine: None,
     };
     let vol = Volume::open(cfg).unwrap();
     vol.snapshot("empty", "").unwrap();

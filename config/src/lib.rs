@@ -6,7 +6,7 @@
 //! field it is about, so an operator can fix the file without reading code.
 
 mod allow;
-mod size;
+pub mod size;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -162,21 +162,14 @@ impl Default for BlockSizes {
     }
 }
 
-/// Which I/O engine serves the exports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EngineChoice {
-    #[default]
-    Auto,
-    Uring,
-    Sync,
-}
+/// Which I/O engine serves the exports: the engine's own enum.
+pub use lungate_block::engine::EngineKind;
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct IoConfig {
     #[serde(default)]
-    pub engine: EngineChoice,
+    pub engine: EngineKind,
     /// Worker threads of the engine (io_uring rings or sync threads);
     /// 0 lets the engine pick from the CPU count.
     #[serde(default = "default_workers")]
@@ -190,7 +183,7 @@ fn default_workers() -> usize {
 impl Default for IoConfig {
     fn default() -> Self {
         IoConfig {
-            engine: EngineChoice::Auto,
+            engine: EngineKind::Auto,
             workers: default_workers(),
         }
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lungate_block::engine::{EngineKind, IoEngine};
-use lungate_config::{ConfigError, EngineChoice, GatewayConfig, TlsMode};
+use lungate_config::{ConfigError, GatewayConfig, TlsMode};
 
 use crate::export::{block_sizes, ExportError, ExportSet, Exports};
 use crate::memory::MemoryBudget;
@@ -28,7 +28,7 @@ pub struct Overrides {
     pub tls_key: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
     pub tls_verify_peer: bool,
-    pub engine: Option<EngineChoice>,
+    pub engine: Option<EngineKind>,
     pub control: Option<PathBuf>,
 }
 
@@ -85,24 +85,16 @@ pub enum StartError {
     Server(#[from] ServerError),
 }
 
-pub fn engine_kind(c: EngineChoice) -> EngineKind {
-    match c {
-        EngineChoice::Auto => EngineKind::Auto,
-        EngineChoice::Uring => EngineKind::Uring,
-        EngineChoice::Sync => EngineKind::Sync,
-    }
-}
-
 /// Open (and lock) every LUN and build its exports.
-pub fn build_registry(cfg: &GatewayConfig) -> Result<Arc<Registry>, StartError> {
+pub fn build_registry(cfg: &GatewayConfig, engine: &IoEngine) -> Result<Arc<Registry>, StartError> {
     let stats = Arc::new(SwitchStats::default());
-    let (exports, luns) = ExportSet::from_config(cfg, stats.clone())?;
+    let (exports, luns) = ExportSet::from_config(cfg, stats.clone(), engine)?;
     if exports.is_empty() {
         tracing::warn!("no exports: check `pools` and [[export]] in the configuration");
     }
     for e in exports.iter() {
         tracing::info!(export = %e.name, size = e.size(), read_only = e.read_only, lun = %e.lun_path.display(),
-            plain = e.lun.as_ref().is_some_and(|l| l.is_plain()), "export");
+            layers = e.lun.as_ref().map_or(0, |l| l.volume().chain().len()), "export");
     }
     let registry = Arc::new(Registry::new(
         Arc::new(Exports::new(exports)),
@@ -124,7 +116,13 @@ pub async fn build_server(
     activated: Vec<std::os::fd::OwnedFd>,
 ) -> Result<Server, StartError> {
     let listen = cfg.listen_addrs()?;
-    let registry = build_registry(cfg)?;
+    let engine = IoEngine::new(cfg.io.engine, cfg.io.workers).map_err(StartError::Engine)?;
+    tracing::info!(
+        engine = engine.name(),
+        workers = engine.workers(),
+        "I/O engine"
+    );
+    let registry = build_registry(cfg, &engine)?;
     let auth = tls::ClientAuth {
         ca: cfg.tls.ca.as_deref(),
         verify_peer: cfg.tls.verify_peer,
@@ -151,13 +149,6 @@ pub async fn build_server(
         max_connections = memory.max_connections(),
         "memory bounds"
     );
-    let engine =
-        IoEngine::new(engine_kind(cfg.io.engine), cfg.io.workers).map_err(StartError::Engine)?;
-    tracing::info!(
-        engine = engine.name(),
-        workers = engine.workers(),
-        "I/O engine"
-    );
     let settings = ServerSettings {
         listen,
         unix: cfg.unix.clone(),
@@ -182,7 +173,7 @@ pub async fn build_server(
         control_tls,
         activated,
     };
-    Ok(Server::bind(settings, registry, engine).await?)
+    Ok(Server::bind(settings, registry).await?)
 }
 
 #[cfg(test)]

@@ -1,18 +1,21 @@
-//! The region view: one NBD export is one disk region of a LUN file.
+//! Exports: one NBD export is one disk region of a LUN.
 //!
-//! An [`Export`] owns the only translation from export offsets to file
-//! offsets. Every request range is checked with checked arithmetic against
-//! the export `size` before `base` is added, so nothing outside
-//! `[base, base + size)` of the backing file is ever read, written, trimmed
-//! or queried, whatever a client sends. This module never does I/O itself.
+//! An [`Export`] is a name, its flags and the top of the LUN's stack for
+//! that disk: a [`Region`] view (offset or truncate) over the LUN's gate
+//! and volume, built once when the export is. The region checks every
+//! request range against the export size, with checked arithmetic, before
+//! the LUN offset is added (see `lungate_block::region`); this module adds
+//! only the protocol's block-size rules, and never does I/O itself.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use lun_manager::Lun;
+use lungate_block::engine::IoEngine;
+use lungate_block::region::RegionError;
+use lungate_block::{BlockDevice, Region};
 use lungate_config::{AllowRule, GatewayConfig, Peer};
 
 use crate::served::{ServeError, ServedLun};
@@ -36,13 +39,11 @@ impl Default for BlockSizes {
     }
 }
 
-/// Why a request range was refused. Mapped to NBD errors by the session.
+/// Why a request was refused by the block-size rules. Mapped to NBD
+/// errors by the session (out-of-range requests are refused by the region
+/// view, as `lungate_block::device::RangeError`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RangeError {
-    #[error("offset {offset} + length {length} overflows 64 bits")]
-    Overflow { offset: u64, length: u64 },
-    #[error("offset {offset} + length {length} exceeds export size {size}")]
-    OutOfBounds { offset: u64, length: u64, size: u64 },
     #[error("offset {offset} / length {length} not aligned to minimum block size {minimum}")]
     Misaligned {
         offset: u64,
@@ -55,15 +56,8 @@ pub enum RangeError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("export {name:?}: region offset {base} + length {size} overflows 64 bits")]
-    RegionOverflow { name: String, base: u64, size: u64 },
-    #[error("export {name:?}: region [{base}, {end}) lies beyond the backing size {backing}")]
-    RegionBeyondFile {
-        name: String,
-        base: u64,
-        end: u64,
-        backing: u64,
-    },
+    #[error("export {name:?}: {source}")]
+    Region { name: String, source: RegionError },
     #[error(transparent)]
     Serve(#[from] ServeError),
     #[error("export {name:?}: LUN {path} has no disk {disk}")]
@@ -77,27 +71,34 @@ pub enum ExportError {
 }
 
 /// One disk region served over NBD.
-#[derive(Debug)]
 pub struct Export {
     pub name: String,
     pub description: Option<String>,
-    pub file: Arc<File>,
-    /// Region offset in the backing file.
-    base: u64,
-    /// Region length: the export size clients see.
-    size: u64,
+    /// The top of the stack: the region view of this disk.
+    pub dev: Arc<dyn BlockDevice>,
     pub read_only: bool,
     pub block: BlockSizes,
     pub disk_id: Option<[u8; 16]>,
     /// Disk index in the LUN.
     pub disk: u32,
     pub allow: Vec<AllowRule>,
-    /// LUN file this export lives in (for logs and the final flush).
+    /// LUN file this export lives in (for logs).
     pub lun_path: PathBuf,
-    /// The served LUN (volume, gate); `None` only for bare-file views in
-    /// unit tests, which go straight to the engine.
+    /// The served LUN (gate, volume, ownership); `None` only for views of
+    /// bare files in tests.
     pub lun: Option<Arc<ServedLun>>,
     pub stats: ExportStats,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export")
+            .field("name", &self.name)
+            .field("size", &self.size())
+            .field("read_only", &self.read_only)
+            .field("lun_path", &self.lun_path)
+            .finish()
+    }
 }
 
 /// Counters for `/v1/stats` and `/v1/exports`.
@@ -125,40 +126,18 @@ impl ExportStats {
 }
 
 impl Export {
-    /// Build the view of `[base, base + size)` of `file`, whose readable
-    /// size is `backing` bytes.
-    #[allow(clippy::too_many_arguments)]
+    /// An export of `dev` (the top of its stack, a region view).
     pub fn new(
         name: String,
-        file: Arc<File>,
-        base: u64,
-        size: u64,
-        backing: u64,
+        dev: Arc<dyn BlockDevice>,
         read_only: bool,
         block: BlockSizes,
         lun_path: PathBuf,
-    ) -> Result<Export, ExportError> {
-        let end = base
-            .checked_add(size)
-            .ok_or_else(|| ExportError::RegionOverflow {
-                name: name.clone(),
-                base,
-                size,
-            })?;
-        if end > backing {
-            return Err(ExportError::RegionBeyondFile {
-                name,
-                base,
-                end,
-                backing,
-            });
-        }
-        Ok(Export {
+    ) -> Export {
+        Export {
             name,
             description: None,
-            file,
-            base,
-            size,
+            dev,
             read_only,
             block,
             disk_id: None,
@@ -167,44 +146,47 @@ impl Export {
             lun_path,
             lun: None,
             stats: ExportStats::default(),
-        })
+        }
+    }
+
+    /// An export of `[base, base + size)` of the file at `path`, served
+    /// on `engine` (bare-file views: tests and tools).
+    pub fn of_file(
+        name: String,
+        path: &Path,
+        base: u64,
+        size: u64,
+        read_only: bool,
+        block: BlockSizes,
+        engine: &IoEngine,
+    ) -> std::io::Result<Export> {
+        let obj =
+            lungate_block::store::file::FileObject::open(path, !read_only, Some(engine.clone()))?;
+        let region = Region::new(Arc::new(obj), base, size)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        Ok(Export::new(
+            name,
+            Arc::new(region),
+            read_only,
+            block,
+            path.to_path_buf(),
+        ))
     }
 
     /// Export size in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.dev.size()
     }
 
-    /// Region offset in the backing file.
-    pub fn base(&self) -> u64 {
-        self.base
-    }
-
-    /// Translate an export range to a file offset. The range must lie
-    /// inside the export; `length` 0 at `offset == size` is allowed.
-    pub fn locate(&self, offset: u64, length: u64) -> Result<u64, RangeError> {
-        let end = offset
-            .checked_add(length)
-            .ok_or(RangeError::Overflow { offset, length })?;
-        if end > self.size {
-            return Err(RangeError::OutOfBounds {
-                offset,
-                length,
-                size: self.size,
-            });
-        }
-        // base + end <= base + size, which `new` proved does not overflow.
-        Ok(self.base + offset)
-    }
-
-    /// `locate` plus the block size rules: alignment to the minimum block
-    /// size always, and the maximum for payload-carrying commands.
-    pub fn locate_checked(
+    /// The block size rules: alignment to the minimum block size always,
+    /// and the maximum for payload-carrying commands. (The range itself is
+    /// checked by the region view.)
+    pub fn check_block_sizes(
         &self,
         offset: u64,
         length: u64,
         enforce_maximum: bool,
-    ) -> Result<u64, RangeError> {
+    ) -> Result<(), RangeError> {
         let min = u64::from(self.block.minimum);
         if offset % min != 0 || length % min != 0 {
             return Err(RangeError::Misaligned {
@@ -219,22 +201,7 @@ impl Export {
                 maximum: self.block.maximum,
             });
         }
-        self.locate(offset, length)
-    }
-
-    /// Convert a file range back to export coordinates, clipped to
-    /// `[start, end)` of the export. `None` if it does not intersect.
-    pub fn clip_file_range(
-        &self,
-        file_off: u64,
-        len: u64,
-        start: u64,
-        end: u64,
-    ) -> Option<(u64, u64)> {
-        let f_end = file_off.checked_add(len)?;
-        let lo = file_off.saturating_sub(self.base).max(start);
-        let hi = f_end.checked_sub(self.base)?.min(end).min(self.size);
-        (hi > lo).then_some((lo, hi - lo))
+        Ok(())
     }
 
     /// May `peer` see and use this export?
@@ -350,10 +317,16 @@ impl ExportSet {
     pub fn from_config(
         cfg: &GatewayConfig,
         stats: Arc<SwitchStats>,
+        engine: &IoEngine,
     ) -> Result<(ExportSet, Vec<Arc<ServedLun>>), ExportError> {
         let block = block_sizes(cfg);
         let pool_allow = cfg.allow_rules()?;
-        let mut luns = LunCache::new(cfg.read_only, cfg.control.unix_path(&cfg.pools), stats);
+        let mut luns = LunCache::new(
+            cfg.read_only,
+            cfg.control.unix_path(&cfg.pools),
+            stats,
+            engine.clone(),
+        );
         let mut set = ExportSet::default();
 
         for pool in &cfg.pools {
@@ -450,23 +423,20 @@ fn export_for(
             path: lun.path().to_path_buf(),
             disk,
         })?;
-    let backing = lun
-        .file()
-        .metadata()
-        .map(|m| m.len())
-        .ok()
-        .filter(|l| *l > 0)
-        .unwrap_or(u64::MAX); // block devices report 0; Lun::open checked bounds
+    let view =
+        Region::new(served.device().clone(), region.offset, region.length).map_err(|source| {
+            ExportError::Region {
+                name: name.to_string(),
+                source,
+            }
+        })?;
     let mut e = Export::new(
         name.to_string(),
-        lun.file().clone(),
-        region.offset,
-        region.length,
-        backing,
+        Arc::new(view),
         read_only,
         block,
         lun.path().to_path_buf(),
-    )?;
+    );
     e.disk_id = lun.disk_id(disk);
     e.disk = disk;
     e.lun = Some(served.clone());
@@ -485,6 +455,7 @@ fn export_for(
 /// Opens each LUN file once, whichever pool or `[[export]]` names it.
 struct LunCache {
     open: HashMap<PathBuf, Arc<ServedLun>>,
+    engine: IoEngine,
     read_only: bool,
     /// The control socket the `Owner` records name.
     control: Option<PathBuf>,
@@ -492,9 +463,15 @@ struct LunCache {
 }
 
 impl LunCache {
-    fn new(read_only: bool, control: Option<PathBuf>, stats: Arc<SwitchStats>) -> LunCache {
+    fn new(
+        read_only: bool,
+        control: Option<PathBuf>,
+        stats: Arc<SwitchStats>,
+        engine: IoEngine,
+    ) -> LunCache {
         LunCache {
             open: HashMap::new(),
+            engine,
             read_only,
             control,
             stats,
@@ -511,6 +488,7 @@ impl LunCache {
             self.read_only,
             self.control.as_deref(),
             self.stats.clone(),
+            &self.engine,
         )?);
         self.open.insert(key, lun.clone());
         Ok(lun)
@@ -520,87 +498,17 @@ impl LunCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
 
-    fn export(base: u64, size: u64, block: BlockSizes) -> Export {
-        let f = tempfile::tempfile().unwrap();
-        Export::new(
-            "t".into(),
-            Arc::new(f),
-            base,
-            size,
-            u64::MAX,
-            false,
-            block,
-            PathBuf::from("t.lun"),
-        )
-        .unwrap()
-    }
-
-    #[test]
-    fn locate_adds_base_inside_bounds() {
-        let e = export(1 << 20, 4 << 20, BlockSizes::default());
-        assert_eq!(e.locate(0, 4096), Ok(1 << 20));
-        assert_eq!(e.locate((4 << 20) - 1, 1), Ok((5 << 20) - 1));
-        assert_eq!(e.locate(4 << 20, 0), Ok(5 << 20), "empty range at the end");
-    }
-
-    #[test]
-    fn locate_refuses_past_end_and_overflow() {
-        let e = export(1 << 20, 4 << 20, BlockSizes::default());
-        assert_eq!(
-            e.locate(4 << 20, 1),
-            Err(RangeError::OutOfBounds {
-                offset: 4 << 20,
-                length: 1,
-                size: 4 << 20
-            })
-        );
-        assert_eq!(
-            e.locate(u64::MAX, 1),
-            Err(RangeError::Overflow {
-                offset: u64::MAX,
-                length: 1
-            })
-        );
-        assert!(matches!(
-            e.locate(u64::MAX - (1 << 20) + 1, 0),
-            Err(RangeError::OutOfBounds { .. })
-        ));
-        assert!(matches!(
-            e.locate((4 << 20) + 1, 0),
-            Err(RangeError::OutOfBounds { .. })
-        ));
-    }
-
-    #[test]
-    fn region_past_u64_or_file_end_is_refused() {
-        let f = Arc::new(tempfile::tempfile().unwrap());
-        let b = BlockSizes::default();
-        let p = PathBuf::from("x");
-        assert!(matches!(
-            Export::new(
-                "a".into(),
-                f.clone(),
-                u64::MAX,
-                2,
-                u64::MAX,
-                false,
-                b,
-                p.clone()
-            ),
-            Err(ExportError::RegionOverflow { .. })
-        ));
-        assert!(matches!(
-            Export::new("a".into(), f, 100, 100, 150, false, b, p),
-            Err(ExportError::RegionBeyondFile { end: 200, .. })
-        ));
+    fn export(size: u64, block: BlockSizes) -> Export {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(size).unwrap();
+        let engine = IoEngine::new(lungate_block::engine::EngineKind::Sync, 1).unwrap();
+        Export::of_file("t".into(), f.path(), 0, size, false, block, &engine).unwrap()
     }
 
     #[test]
     fn alignment_and_maximum() {
         let e = export(
-            0,
             1 << 20,
             BlockSizes {
                 minimum: 512,
@@ -608,38 +516,25 @@ mod tests {
                 maximum: 65536,
             },
         );
-        assert_eq!(e.locate_checked(512, 1024, true), Ok(512));
+        assert_eq!(e.check_block_sizes(512, 1024, true), Ok(()));
         assert!(matches!(
-            e.locate_checked(100, 512, true),
+            e.check_block_sizes(100, 512, true),
             Err(RangeError::Misaligned { .. })
         ));
         assert!(matches!(
-            e.locate_checked(0, 100, true),
+            e.check_block_sizes(0, 100, true),
             Err(RangeError::Misaligned { .. })
         ));
         assert!(matches!(
-            e.locate_checked(0, 131072, true),
+            e.check_block_sizes(0, 131072, true),
             Err(RangeError::TooLong { .. })
         ));
-        assert_eq!(e.locate_checked(0, 131072, false), Ok(0));
-    }
-
-    #[test]
-    fn clip_file_range_maps_back_and_clips() {
-        let e = export(1000, 500, BlockSizes::default());
-        // Extent covering the whole file: clipped to the request window.
-        assert_eq!(e.clip_file_range(0, 10_000, 100, 300), Some((100, 200)));
-        // Extent starting inside the region.
-        assert_eq!(e.clip_file_range(1200, 50, 0, 500), Some((200, 50)));
-        // Extent entirely before or after the region.
-        assert_eq!(e.clip_file_range(0, 1000, 0, 500), None);
-        assert_eq!(e.clip_file_range(1500, 100, 0, 500), None);
-        assert_eq!(e.clip_file_range(u64::MAX, 10, 0, 500), None);
+        assert_eq!(e.check_block_sizes(0, 131072, false), Ok(()));
     }
 
     #[test]
     fn denied_export_is_invisible() {
-        let mut e = export(0, 4096, BlockSizes::default());
+        let mut e = export(4096, BlockSizes::default());
         e.name = "vm/disk0".into();
         e.allow = vec!["10.0.0.0/8".parse().unwrap()];
         let set = ExportSet::new(vec![e]);
@@ -655,27 +550,5 @@ mod tests {
         assert!(set.visible(b"vm/disk0", &outside).is_none());
         assert!(set.visible(b"nope", &inside).is_none());
         assert!(set.visible(&[0xff, 0xfe], &inside).is_none());
-    }
-
-    proptest! {
-        /// Whatever offset/length a client sends, a successful locate yields
-        /// a file range inside [base, base + size).
-        #[test]
-        fn locate_never_escapes_the_region(base in 0u64..(1u64 << 62), size in 0u64..(1u64 << 40),
-                                           offset in any::<u64>(), length in any::<u32>(),
-                                           near_end in any::<bool>()) {
-            let e = export(base, size, BlockSizes::default());
-            let offset = if near_end { size.saturating_sub(offset % 8192) } else { offset };
-            if let Ok(file_off) = e.locate(offset, u64::from(length)) {
-                prop_assert!(file_off >= base);
-                prop_assert!(file_off + u64::from(length) <= base + size);
-            } else {
-                let escapes = match offset.checked_add(u64::from(length)) {
-                    None => true,
-                    Some(end) => end > size,
-                };
-                prop_assert!(escapes);
-            }
-        }
     }
 }

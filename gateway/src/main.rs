@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use lungate::config::{build_server, Overrides};
-use lungate_config::{EngineChoice, GatewayConfig, TlsMode};
+use lungate_config::{EngineKind, GatewayConfig, TlsMode};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -59,7 +59,7 @@ enum Cmd {
         tls_verify_peer: bool,
         /// I/O engine: auto, uring or sync.
         #[arg(long, value_parser = parse_engine)]
-        engine: Option<EngineChoice>,
+        engine: Option<EngineKind>,
         /// Control API unix socket (default: <first pool>/.lungate.sock).
         #[arg(long)]
         control: Option<PathBuf>,
@@ -77,15 +77,9 @@ fn parse_tls(s: &str) -> Result<TlsMode, String> {
     s.parse()
 }
 
-fn parse_engine(s: &str) -> Result<EngineChoice, String> {
-    match s {
-        "auto" => Ok(EngineChoice::Auto),
-        "uring" => Ok(EngineChoice::Uring),
-        "sync" => Ok(EngineChoice::Sync),
-        other => Err(format!(
-            "unknown engine {other:?}: expected auto, uring or sync"
-        )),
-    }
+fn parse_engine(s: &str) -> Result<EngineKind, String> {
+    s.parse()
+        .map_err(|e: lungate_block::engine::BackendError| e.to_string())
 }
 
 /// The listening sockets systemd-style socket activation passed in:

@@ -1,29 +1,21 @@
-//! One LUN this gateway serves: the open [`Lun`], its one [`Volume`] (shared
-//! by every export and connection of the LUN), the ownership lock, and the
-//! live-switch [`Gate`] in front of its data path.
-//!
-//! Data path choice, made per request under the gate: while the volume is
-//! *plain* (no layers: the LUN file is the whole chain) requests go to the
-//! io_uring [`IoEngine`] on the LUN file, exactly as the volume itself
-//! would do them, only asynchronously; once it has layers they go to the
-//! volume on tokio's blocking pool. The flag changes only inside a pause
-//! (snapshot, revert, clone), when no request is running, so no request
-//! ever sees a half-switched LUN. Offsets here are LUN byte offsets; the
-//! export (region view) has already checked and translated them.
+//! One LUN this gateway serves: the open [`Lun`], its one [`Volume`]
+//! (shared by every export and connection of the LUN), the ownership lock,
+//! and the LUN's block-device stack below the region views of its exports:
+//! the live-switch [`GateDevice`] over the volume's [`VolumeDevice`], whose
+//! layers do their I/O on the gateway's engine. A LUN without snapshots is
+//! a chain of length one, served by the same path.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use lun_manager::{owner, Access, Lun};
-use lungate_block::engine::{Extent, IoEngine};
-use lungate_block::volume::{self, Volume};
+use lungate_block::engine::IoEngine;
+use lungate_block::volume::{Volume, VolumeDevice};
+use lungate_block::BlockDevice;
 
-use crate::switch::{Gate, Paused, SwitchStats};
+use crate::switch::{Gate, GateDevice, Paused, SwitchStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -52,19 +44,15 @@ impl SharedLock {
             path: path.into(),
             source,
         })?;
-        // SAFETY: flock only reads its integer arguments; the fd is owned by
-        // `file`, which lives as long as the returned guard.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                ServeError::Busy { path: path.into() }
-            } else {
-                ServeError::Lock {
+        match lungate_block::sys::flock(&file, lungate_block::sys::Lock::Shared) {
+            Ok(true) => {}
+            Ok(false) => return Err(ServeError::Busy { path: path.into() }),
+            Err(source) => {
+                return Err(ServeError::Lock {
                     path: path.into(),
-                    source: e,
-                }
-            });
+                    source,
+                })
+            }
         }
         Ok(SharedLock { _file: file })
     }
@@ -105,7 +93,6 @@ pub fn own(lun: &mut Lun, control: Option<&Path>) -> Result<Ownership, ServeErro
         .map_err(|e| owner_err(&path, e))
 }
 
-#[derive(Debug)]
 pub struct ServedLun {
     pub lun: Arc<Lun>,
     pub gate: Arc<Gate>,
@@ -116,8 +103,19 @@ pub struct ServedLun {
     pub read_only: bool,
     /// Canonical path, the key that makes one `ServedLun` per file.
     pub key: PathBuf,
-    plain: AtomicBool,
+    /// The gate over the volume: what the region views of the LUN's
+    /// exports sit on.
+    dev: Arc<dyn BlockDevice>,
     owner: Ownership,
+}
+
+impl std::fmt::Debug for ServedLun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServedLun")
+            .field("key", &self.key)
+            .field("read_only", &self.read_only)
+            .finish()
+    }
 }
 
 impl ServedLun {
@@ -128,6 +126,7 @@ impl ServedLun {
         read_only: bool,
         control: Option<&Path>,
         stats: Arc<SwitchStats>,
+        engine: &IoEngine,
     ) -> Result<ServedLun, ServeError> {
         let lun_err = |source| ServeError::Lun {
             path: path.into(),
@@ -135,13 +134,15 @@ impl ServedLun {
         };
         if read_only {
             let lock = SharedLock::acquire(path)?;
-            let lun = Lun::open(path, Access::ReadOnly).map_err(lun_err)?;
+            let lun =
+                Lun::open_with(path, Access::ReadOnly, Some(engine.clone())).map_err(lun_err)?;
             return Ok(Self::from_parts(lun, true, Ownership::Shared(lock), stats));
         }
         // Locked before the open: opening a volume read-write may replay its
         // journal, which nobody else may be doing at the same time.
         let lock = owner::lock(path).map_err(|e| owner_err(path, e))?;
-        let mut lun = Lun::open(path, Access::ReadWrite).map_err(lun_err)?;
+        let mut lun =
+            Lun::open_with(path, Access::ReadWrite, Some(engine.clone())).map_err(lun_err)?;
         let guard =
             owner::claim(lock, &mut lun, "lungate", control).map_err(|e| owner_err(path, e))?;
         Ok(Self::from_parts(lun, false, Ownership::Owner(guard), stats))
@@ -155,17 +156,17 @@ impl ServedLun {
         stats: Arc<SwitchStats>,
     ) -> ServedLun {
         let key = std::fs::canonicalize(lun.path()).unwrap_or_else(|_| lun.path().to_path_buf());
-        let s = ServedLun {
+        let gate = Gate::new(stats);
+        let volume: Arc<dyn BlockDevice> = Arc::new(VolumeDevice::new(lun.volume().clone()));
+        ServedLun {
+            dev: Arc::new(GateDevice::new(gate.clone(), volume)),
             lun: Arc::new(lun),
-            gate: Gate::new(stats),
+            gate,
             maintenance: tokio::sync::Mutex::new(()),
             read_only,
             key,
-            plain: AtomicBool::new(false),
             owner,
-        };
-        s.refresh_plain();
-        s
+        }
     }
 
     /// Write this gateway's `Owner` record again (a revert brings back the
@@ -190,120 +191,14 @@ impl ServedLun {
         self.lun.volume()
     }
 
-    /// Re-read whether the volume has layers. Call only while paused (or
-    /// before serving), so no request is running on the old choice.
-    pub fn refresh_plain(&self) {
-        let plain = self.volume().chain() == [self.lun.uuid()];
-        self.plain.store(plain, Ordering::Release);
-    }
-
-    /// Whether requests take the io_uring fast path.
-    pub fn is_plain(&self) -> bool {
-        self.plain.load(Ordering::Acquire)
+    /// The LUN's stack below its exports' region views (gate, volume).
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.dev
     }
 
     /// Stop the data path of this LUN (every export, every connection) and
     /// wait for running requests; see [`crate::switch`].
     pub async fn pause(&self) -> Paused {
         self.gate.pause().await
-    }
-
-    fn file(&self) -> &Arc<File> {
-        self.lun.file()
-    }
-
-    pub async fn read(&self, engine: &IoEngine, at: u64, len: usize) -> io::Result<Bytes> {
-        if self.is_plain() {
-            return engine.read(self.file(), at, len).await;
-        }
-        self.blocking(move |v| {
-            let mut buf = vec![0u8; len];
-            v.read(at, &mut buf)?;
-            Ok(Bytes::from(buf))
-        })
-        .await
-    }
-
-    /// Write; with `fua`, durable (a volume flush) before returning.
-    pub async fn write(
-        &self,
-        engine: &IoEngine,
-        at: u64,
-        data: Bytes,
-        fua: bool,
-    ) -> io::Result<()> {
-        if self.is_plain() {
-            return engine.write(self.file(), at, data, fua).await;
-        }
-        self.blocking(move |v| {
-            v.write(at, &data)?;
-            if fua {
-                v.flush()?;
-            }
-            Ok(())
-        })
-        .await
-    }
-
-    /// Every write acknowledged before this call survives a crash.
-    pub async fn flush(&self, engine: &IoEngine) -> io::Result<()> {
-        if self.is_plain() {
-            return engine.flush(self.file()).await;
-        }
-        self.blocking(|v| v.flush()).await
-    }
-
-    /// Deallocate; reads back as zeros.
-    pub async fn trim(&self, engine: &IoEngine, at: u64, len: u64) -> io::Result<()> {
-        if self.is_plain() {
-            return engine.punch_hole(self.file(), at, len).await;
-        }
-        self.blocking(move |v| v.trim(at, len)).await
-    }
-
-    pub async fn write_zeroes(
-        &self,
-        engine: &IoEngine,
-        at: u64,
-        len: u64,
-        may_trim: bool,
-    ) -> io::Result<()> {
-        if self.is_plain() {
-            return engine.write_zeroes(self.file(), at, len, may_trim).await;
-        }
-        self.blocking(move |v| v.write_zeroes(at, len, may_trim))
-            .await
-    }
-
-    /// Allocation of the merged chain over `[at, at + len)`.
-    pub async fn extents(&self, engine: &IoEngine, at: u64, len: u64) -> io::Result<Vec<Extent>> {
-        if self.is_plain() {
-            return engine.extents(self.file(), at, len);
-        }
-        self.blocking(move |v| v.extents(at, len)).await
-    }
-
-    /// Run a synchronous volume call off the reactor.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Volume) -> volume::Result<T> + Send + 'static,
-    ) -> io::Result<T> {
-        let v = self.volume().clone();
-        match tokio::task::spawn_blocking(move || f(&v)).await {
-            Ok(r) => r.map_err(to_io),
-            Err(e) => Err(io::Error::other(format!("volume task failed: {e}"))),
-        }
-    }
-}
-
-/// Volume errors as `io::Error`, keeping the OS error code where there is
-/// one (the NBD error mapping is by errno).
-pub fn to_io(e: volume::Error) -> io::Error {
-    match e {
-        volume::Error::Io { source, .. } if source.raw_os_error().is_some() => source,
-        volume::Error::OutOfBounds { .. } | volume::Error::Protected { .. } => {
-            io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
-        }
-        other => io::Error::other(other.to_string()),
     }
 }

@@ -11,7 +11,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lungate_block::engine::IoEngine;
 use lungate_config::{Peer, TlsMode};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
@@ -44,7 +43,7 @@ pub enum ServerError {
     Activated { fd: i32, reason: String },
 }
 
-/// Settings the server needs beyond the exports and the engine.
+/// Settings the server needs beyond the exports.
 pub struct ServerSettings {
     pub listen: Vec<SocketAddr>,
     pub unix: Option<PathBuf>,
@@ -86,7 +85,6 @@ impl std::fmt::Display for Listening {
 struct Shared {
     hs: HandshakeCtx,
     registry: Arc<Registry>,
-    engine: IoEngine,
     max_in_flight: u64,
     memory: Arc<MemoryBudget>,
     admission: Admission,
@@ -214,7 +212,6 @@ impl Server {
     pub async fn bind(
         settings: ServerSettings,
         registry: Arc<Registry>,
-        engine: IoEngine,
     ) -> Result<Server, ServerError> {
         let mut tcp = Vec::new();
         let mut unix = None;
@@ -303,7 +300,6 @@ impl Server {
                     tls: settings.tls,
                 },
                 registry,
-                engine,
                 max_in_flight: settings.max_in_flight,
                 memory: settings.memory,
                 admission: Admission {
@@ -417,7 +413,7 @@ impl Server {
             tracing::warn!(timeout = ?DRAIN_TIMEOUT, "sessions still busy after the drain timeout; exiting anyway");
         }
         for lun in self.shared.registry.luns() {
-            if let Err(e) = lun.flush(&self.shared.engine).await {
+            if let Err(e) = lun.device().flush().await {
                 tracing::error!(lun = %lun.lun.path().display(), error = %e, "final flush failed");
             }
         }
@@ -490,15 +486,7 @@ async fn connection(
         structured = negotiated.structured, extended = negotiated.extended, flags = format!("{:#x}", negotiated.flags), "transmission");
     let exp = negotiated.export.clone();
     crate::export::ExportStats::add(&exp.stats.connections, 1);
-    let end = session::serve(
-        io,
-        buffered,
-        negotiated,
-        shared.engine.clone(),
-        memory,
-        shutdown,
-    )
-    .await;
+    let end = session::serve(io, buffered, negotiated, memory, shutdown).await;
     crate::export::ExportStats::sub(&exp.stats.connections, 1);
     match end {
         Ok(End::Disconnect) => {
@@ -526,7 +514,6 @@ mod tests {
     use super::*;
     use crate::nbd::proto::*;
     use lun_manager::{Access, CreateSpec, Layout, Lun};
-    use lungate_block::engine::EngineKind;
     use lungate_config::GatewayConfig;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
@@ -560,7 +547,10 @@ mod tests {
             allow,
             ..GatewayConfig::default()
         };
-        let registry = crate::config::build_registry(&cfg).unwrap();
+        let engine =
+            lungate_block::engine::IoEngine::new(lungate_block::engine::EngineKind::Auto, 2)
+                .unwrap();
+        let registry = crate::config::build_registry(&cfg, &engine).unwrap();
         assert_eq!(registry.exports.current().len(), 2);
         let settings = ServerSettings {
             listen: vec!["127.0.0.1:0".parse().unwrap()],
@@ -576,8 +566,7 @@ mod tests {
             control_tls: None,
             activated: Vec::new(),
         };
-        let engine = IoEngine::new(EngineKind::Auto, 2).unwrap();
-        let server = Server::bind(settings, registry, engine).await.unwrap();
+        let server = Server::bind(settings, registry).await.unwrap();
         let addr = match &server.listening()[0] {
             Listening::Tcp(a) => *a,
             other => panic!("{other}"),

@@ -1,21 +1,24 @@
 //! The live-switch gate of one served LUN: a holding queue in front of its
-//! data path.
+//! data path, as a layer of the LUN's block-device stack ([`GateDevice`],
+//! between the region views of its exports and its volume).
 //!
-//! Every NBD request of every export of the LUN takes an [`Entry`] from the
-//! gate, in the order the connection's reader decoded it, and holds the
-//! resulting [`Pass`] while its I/O runs. [`Gate::pause`] stops admitting
-//! (new entries are parked in one FIFO), waits until no pass is out (the
-//! in-flight requests drained), and hands back a [`Paused`] guard; the
-//! operation (snapshot, revert, clone) runs while it is held. Releasing the
-//! guard admits the parked entries in arrival order. No request fails or
-//! is answered early because of a switch: it only waits.
+//! Every request of every export of the LUN takes an [`Entry`] from the
+//! gate when it reaches this layer, and holds the resulting [`Pass`] while
+//! its I/O runs below. [`Gate::pause`] stops admitting (new entries are
+//! parked in one FIFO), waits until no pass is out (the in-flight requests
+//! drained), and hands back a [`Paused`] guard; the operation (snapshot,
+//! revert, clone) runs while it is held. Releasing the guard admits the
+//! parked entries in arrival order. No request fails or is answered early
+//! because of a switch: it only waits.
 //!
-//! The gate knows nothing about volumes or NBD; it only counts.
+//! The gate itself knows nothing about volumes or NBD; it only counts.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use bytes::Bytes;
+use lungate_block::device::{BlockDevice, Caps, Chunk, Extent, IoFuture};
 use tokio::sync::{oneshot, Notify};
 
 /// Pause durations of every gate of the gateway, for `/v1/stats`.
@@ -151,8 +154,8 @@ impl Gate {
         })
     }
 
-    /// Take a place in line. Synchronous, so the caller (a connection's
-    /// reader) fixes the arrival order before spawning the request.
+    /// Take a place in line. Synchronous: the order of calls is the order
+    /// of the holding queue.
     pub fn enter(self: &Arc<Self>) -> Entry {
         let mut st = lock(&self.state);
         if st.paused {
@@ -235,6 +238,65 @@ impl Drop for Paused {
         if !self.done {
             self.gate.release(self.start);
         }
+    }
+}
+
+/// The gate as a layer of the block-device stack: each call takes its
+/// place in line when it is made and runs the layer below once admitted,
+/// holding its pass until that completes.
+pub struct GateDevice {
+    gate: Arc<Gate>,
+    inner: Arc<dyn BlockDevice>,
+}
+
+impl GateDevice {
+    pub fn new(gate: Arc<Gate>, inner: Arc<dyn BlockDevice>) -> GateDevice {
+        GateDevice { gate, inner }
+    }
+
+    fn through<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&dyn BlockDevice) -> IoFuture<T> + Send + 'static,
+    ) -> IoFuture<T> {
+        let entry = self.gate.enter();
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let _pass = entry.ready().await;
+            op(&*inner).await
+        })
+    }
+}
+
+impl BlockDevice for GateDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn caps(&self) -> Caps {
+        self.inner.caps()
+    }
+    fn read(&self, offset: u64, len: usize) -> IoFuture<Bytes> {
+        self.through(move |d| d.read(offset, len))
+    }
+    fn read_chunks(&self, offset: u64, len: usize) -> IoFuture<Vec<Chunk>> {
+        self.through(move |d| d.read_chunks(offset, len))
+    }
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<()> {
+        self.through(move |d| d.write(offset, data, fua))
+    }
+    fn flush(&self) -> IoFuture<()> {
+        self.through(|d| d.flush())
+    }
+    fn trim(&self, offset: u64, len: u64) -> IoFuture<()> {
+        self.through(move |d| d.trim(offset, len))
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> IoFuture<()> {
+        self.through(move |d| d.write_zeroes(offset, len, may_trim))
+    }
+    fn extents(&self, offset: u64, len: u64) -> IoFuture<Vec<Extent>> {
+        self.through(move |d| d.extents(offset, len))
+    }
+    fn cache(&self, offset: u64, len: u64) -> IoFuture<()> {
+        self.through(move |d| d.cache(offset, len))
     }
 }
 

@@ -450,7 +450,7 @@ impl Group {
         }
         crate::format::validate_name(new_name).map_err(Error::Invalid)?;
         for p in &paths {
-            if p.exists() || volume::layers_dir(p).exists() {
+            if p.exists() || lungate_block::store::file::layers_dir(p).exists() {
                 return Err(Error::Exists { path: p.clone() });
             }
         }
@@ -626,7 +626,7 @@ fn remove_clone(pool: &Path, c: &CloneMember) -> Result<Vec<String>> {
             return Ok(warnings);
         }
     };
-    let layers = volume::layers_dir(&p);
+    let layers = lungate_block::store::file::layers_dir(&p);
     let file = match p.symlink_metadata() {
         Ok(md) if md.file_type().is_symlink() || !md.is_file() => {
             warnings.push(format!("{}: not a regular file; left alone", p.display()));
@@ -636,8 +636,11 @@ fn remove_clone(pool: &Path, c: &CloneMember) -> Result<Vec<String>> {
         Err(_) => None,
     };
     let mut layers_ours = false;
-    for dir in [layers.clone(), volume::staging_dir(&layers)] {
-        layers_ours |= volume::layers_belong_to(&dir, c.uuid);
+    for dir in [
+        layers.clone(),
+        lungate_block::store::file::staging_dir(&layers),
+    ] {
+        layers_ours |= lungate_block::store::file::layers_belong_to(&dir, c.uuid);
     }
     if let Some(f) = &file {
         let ours = match Lun::probe_uuid(f) {
@@ -654,8 +657,11 @@ fn remove_clone(pool: &Path, c: &CloneMember) -> Result<Vec<String>> {
             ));
         }
     }
-    for dir in [layers.clone(), volume::staging_dir(&layers)] {
-        warnings.extend(volume::remove_layers_of(&dir, c.uuid)?);
+    for dir in [
+        layers.clone(),
+        lungate_block::store::file::staging_dir(&layers),
+    ] {
+        warnings.extend(lungate_block::store::file::remove_layers_of(&dir, c.uuid)?);
     }
     Ok(warnings)
 }

@@ -27,6 +27,7 @@ use crate::format::{
     align_up, gpt, Layout, Region, RegionKind, ALIGN, LABEL_REGION_LEN, LABEL_SLOT_STRIDE, MIB,
     OFFSET_LABEL_AT, OFFSET_TAIL_RESERVED,
 };
+use lungate_block::engine::IoEngine;
 use lungate_block::sys as fileops;
 use lungate_block::volume::{self, Volume, VolumeConfig, VolumeOptions};
 
@@ -126,20 +127,24 @@ pub fn volume_config(
         size: label.lun_size,
         protected,
         options,
+        engine: None,
     }
 }
 
-fn open_volume(path: &Path, file: &Arc<File>, label: &Label, access: Access) -> Result<Volume> {
+fn open_volume(
+    path: &Path,
+    file: &Arc<File>,
+    label: &Label,
+    access: Access,
+    engine: Option<IoEngine>,
+) -> Result<Volume> {
     let options = VolumeOptions {
         read_only: access == Access::ReadOnly,
         cluster_size: label.volume_cluster_size(),
     };
-    Ok(Volume::open(volume_config(
-        path,
-        file.clone(),
-        label,
-        options,
-    ))?)
+    let mut cfg = volume_config(path, file.clone(), label, options);
+    cfg.engine = engine;
+    Ok(Volume::open(cfg)?)
 }
 
 impl std::fmt::Debug for Lun {
@@ -235,6 +240,12 @@ impl Lun {
     // ----- opening -------------------------------------------------------
 
     pub fn open(path: &Path, access: Access) -> Result<Lun> {
+        Lun::open_with(path, access, None)
+    }
+
+    /// [`Lun::open`], with the volume's asynchronous data path on `engine`
+    /// (a gateway serving the LUN).
+    pub fn open_with(path: &Path, access: Access, engine: Option<IoEngine>) -> Result<Lun> {
         let file = OpenOptions::new()
             .read(true)
             .write(access == Access::ReadWrite)
@@ -259,7 +270,7 @@ impl Lun {
             }
         }
         let file = Arc::new(file);
-        let volume = open_volume(path, &file, &label, access)?;
+        let volume = open_volume(path, &file, &label, access, engine)?;
         warnings.extend(volume.warnings());
         let (dir, dir_slot) = Self::read_dir(path, &volume, &label)?;
         let mut lun = Lun {
@@ -475,7 +486,7 @@ impl Lun {
                 self.path.display()
             )));
         }
-        let layers = volume::layers_dir(path);
+        let layers = lungate_block::store::file::layers_dir(path);
         if layers.exists() {
             return Err(Error::Invalid(format!(
                 "{} exists (layers of an older LUN of that name?); remove it first",
@@ -571,8 +582,8 @@ impl Lun {
             // The file is ours (created above); of the layers, only what
             // the clone's volume made under its UUID is removed.
             let _ = std::fs::remove_file(path);
-            for dir in [volume::staging_dir(&layers), layers] {
-                let _ = volume::remove_layers_of(&dir, uuid);
+            for dir in [lungate_block::store::file::staging_dir(&layers), layers] {
+                let _ = lungate_block::store::file::remove_layers_of(&dir, uuid);
             }
         }
         made
@@ -726,7 +737,7 @@ impl Lun {
         label
             .validate()
             .map_err(|e| Error::Invalid(e.to_string()))?;
-        let layers = volume::layers_dir(path);
+        let layers = lungate_block::store::file::layers_dir(path);
         if layers.exists() {
             if !is_block {
                 let _ = std::fs::remove_file(path);
@@ -760,7 +771,7 @@ impl Lun {
         fileops::zero_range(&file, label.label_region().offset, LABEL_REGION_LEN)
             .ctx(path, "clear label")?;
         let file = Arc::new(file);
-        let volume = Arc::new(open_volume(path, &file, &label, Access::ReadWrite)?);
+        let volume = Arc::new(open_volume(path, &file, &label, Access::ReadWrite, None)?);
         let mut lun = Lun {
             path: path.into(),
             file,
@@ -1379,6 +1390,7 @@ impl Lun {
                 &self.file,
                 &self.label,
                 self.access,
+                self.volume.engine().cloned(),
             )?);
         }
         Ok(())
@@ -1892,7 +1904,7 @@ mod tests {
             assert!(ro.volume().is_read_only());
             drop(ro);
             // Delete takes the layers with it.
-            let layers = lungate_block::volume::layers_dir(&p);
+            let layers = lungate_block::store::file::layers_dir(&p);
             assert!(layers.is_dir());
             Lun::open(&p, Access::ReadWrite).unwrap().delete().unwrap();
             assert!(!layers.exists() && !p.exists());

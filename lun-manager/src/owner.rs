@@ -11,7 +11,6 @@
 //! lock (`LOCK_NB`): a busy LUN is reported at once with who holds it.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -77,8 +76,7 @@ impl Drop for FileLock {
         // Unlock explicitly: a child forked by another thread shares this
         // file description until it execs, and closing our descriptor alone
         // would leave the lock held for that moment.
-        // SAFETY: flock on a descriptor this struct owns; no memory is passed.
-        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+        lungate_block::sys::unlock(&self.file);
     }
 }
 
@@ -96,23 +94,18 @@ fn try_flock(path: &Path) -> Result<Try> {
             op: "open for locking",
             source,
         })?;
-    // SAFETY: flock on a descriptor this function owns; no memory is passed.
-    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r == 0 {
-        return Ok(Try::Got(FileLock {
+    match lungate_block::sys::flock(&file, lungate_block::sys::Lock::Exclusive) {
+        Ok(true) => Ok(Try::Got(FileLock {
             file,
             path: path.to_path_buf(),
-        }));
+        })),
+        Ok(false) => Ok(Try::Held),
+        Err(source) => Err(Error::Io {
+            path: path.to_path_buf(),
+            op: "flock",
+            source,
+        }),
     }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        return Ok(Try::Held);
-    }
-    Err(Error::Io {
-        path: path.to_path_buf(),
-        op: "flock",
-        source: e,
-    })
 }
 
 /// The `Owner` record of the LUN at `path`, if it has a readable one.
@@ -274,15 +267,7 @@ pub fn claim(
 
 /// This machine's host name ("?" when it cannot be read).
 pub fn hostname() -> String {
-    let mut b = [0u8; 256];
-    // SAFETY: the buffer is valid for its whole length, and gethostname
-    // writes at most that many bytes.
-    let r = unsafe { libc::gethostname(b.as_mut_ptr().cast(), b.len()) };
-    if r != 0 {
-        return "?".into();
-    }
-    let n = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..n]).into_owned()
+    lungate_block::sys::hostname()
 }
 
 #[cfg(test)]

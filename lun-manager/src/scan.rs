@@ -125,7 +125,7 @@ struct Found {
     clone_of: Option<(Uuid, String)>,
 }
 
-pub use lungate_block::volume::layers_dir;
+pub use lungate_block::store::file::layers_dir;
 
 fn in_layers_dir(p: &Path) -> bool {
     let Some(dir) = p.parent() else {

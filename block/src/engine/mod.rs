@@ -11,10 +11,9 @@
 //! This layer knows nothing of regions or exports: callers (the export
 //! layer) check that a request stays inside its region before it gets here.
 //!
-//! `LUNGATE_IO_ENGINE=auto|uring|sync` in the environment overrides the
-//! kind passed to [`IoEngine::new`]. See docs/backend.md.
+//! The kind is chosen once, by the caller (the gateway's configuration);
+//! nothing here reads the environment. See docs/backend.md.
 
-mod extents;
 mod nowait;
 mod op;
 mod sync;
@@ -30,20 +29,20 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-pub use extents::Extent;
+pub use crate::device::Extent;
 pub use op::BackendError;
 use op::{check_range, Op, Request, ZeroPlan};
 
-/// Environment variable that forces an engine: `auto`, `uring` or `sync`.
-pub const ENGINE_ENV: &str = "LUNGATE_IO_ENGINE";
-
-/// Which engine to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Which engine to run: the one enum the configuration (`[io] engine`),
+/// the command line (`--engine`) and the engine share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum EngineKind {
     /// io_uring if it works here, else sync (with one warning).
     #[default]
     Auto,
     /// io_uring or an error.
+    #[serde(alias = "io_uring", alias = "io-uring")]
     Uring,
     /// Thread pool with pread/pwrite.
     Sync,
@@ -71,18 +70,6 @@ impl FromStr for EngineKind {
                 value: s.to_string(),
             }),
         }
-    }
-}
-
-/// The kind to build: the environment override if set and non-empty,
-/// else the requested one.
-fn resolve_kind(requested: EngineKind, env: Option<&str>) -> Result<EngineKind, BackendError> {
-    match env.map(str::trim) {
-        None | Some("") => Ok(requested),
-        Some(v) => v.parse().map_err(|_| BackendError::BadEnv {
-            var: ENGINE_ENV,
-            value: v.to_string(),
-        }),
     }
 }
 
@@ -134,19 +121,13 @@ impl fmt::Debug for IoEngine {
 
 impl IoEngine {
     /// Build an engine with `workers` threads (0: a default for the
-    /// engine). [`ENGINE_ENV`] overrides `kind` when set. `Auto` uses
+    /// engine). `Auto` uses
     /// io_uring if a probe succeeds, else the sync engine with one
     /// `tracing::warn!` saying why; `Uring` fails instead.
     pub fn new(kind: EngineKind, workers: usize) -> io::Result<IoEngine> {
-        let env = std::env::var(ENGINE_ENV).ok();
-        let chosen = resolve_kind(kind, env.as_deref())?;
-        if chosen != kind {
-            tracing::info!(requested = %kind, engine = %chosen, "{ENGINE_ENV} overrides the I/O engine");
-        }
-        IoEngine::build(chosen, workers)
+        IoEngine::build(kind, workers)
     }
 
-    /// [`IoEngine::new`] without the environment override.
     fn build(kind: EngineKind, workers: usize) -> io::Result<IoEngine> {
         let uring = |workers: usize| {
             uring::probe()?;
@@ -289,7 +270,8 @@ impl IoEngine {
     /// Data and hole runs covering exactly `[offset, offset+len)`; see
     /// [`Extent`]. Runs on the calling thread (a few lseek calls).
     pub fn extents(&self, file: &File, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
-        extents::extents(file, offset, len)
+        check_range(offset, len)?;
+        crate::sys::extents(file, offset, len)
     }
 
     async fn zero(

@@ -31,7 +31,7 @@ pub(crate) fn read(file: &File, offset: u64, buf: &mut Vec<u8>, len: usize) -> i
         let done = buf.len();
         let at = offset + done as u64;
         let iov = libc::iovec {
-            // SAFETY (pointer arithmetic): `done < len <= capacity`.
+            // SAFETY: pointer arithmetic inside the allocation: `done < len <= capacity`.
             iov_base: unsafe { buf.as_mut_ptr().add(done) }.cast(),
             iov_len: len - done,
         };

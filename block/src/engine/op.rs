@@ -125,8 +125,6 @@ pub enum BackendError {
     Unavailable { why: String },
     #[error("unknown I/O engine {value:?}: expected auto, uring (or io_uring) or sync")]
     UnknownEngine { value: String },
-    #[error("{var}={value:?}: expected auto, uring (or io_uring) or sync")]
-    BadEnv { var: &'static str, value: String },
 }
 
 impl From<BackendError> for io::Error {
@@ -134,9 +132,9 @@ impl From<BackendError> for io::Error {
         let kind = match &e {
             BackendError::ShortRead { .. } => io::ErrorKind::UnexpectedEof,
             BackendError::WriteZero { .. } => io::ErrorKind::WriteZero,
-            BackendError::Range { .. }
-            | BackendError::UnknownEngine { .. }
-            | BackendError::BadEnv { .. } => io::ErrorKind::InvalidInput,
+            BackendError::Range { .. } | BackendError::UnknownEngine { .. } => {
+                io::ErrorKind::InvalidInput
+            }
             BackendError::NoMemory { .. } => io::ErrorKind::OutOfMemory,
             BackendError::Stopped { .. } => io::ErrorKind::BrokenPipe,
             BackendError::Unavailable { .. } => io::ErrorKind::Unsupported,

@@ -1,7 +1,7 @@
 //! The synchronous engine: a small pool of threads running pread, pwrite,
 //! fdatasync and fallocate. Used where io_uring is unavailable (old kernels,
 //! seccomp profiles that block it, `kernel.io_uring_disabled`) or when
-//! forced with `LUNGATE_IO_ENGINE=sync`.
+//! chosen with `[io] engine = "sync"` (or `lungate serve --engine sync`).
 //!
 //! The queue lock is held only to push or pop a request, never across a
 //! system call.
@@ -216,20 +216,10 @@ fn write_all(file: &File, offset: u64, data: &[u8]) -> io::Result<()> {
 
 fn zero(file: &File, offset: u64, len: u64, plan: ZeroPlan) -> io::Result<()> {
     for &mode in plan.modes() {
-        // SAFETY: fallocate takes no pointers; the descriptor is valid for
-        // the life of `file`. The range was checked to fit in off_t.
-        let r = unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
+        let e = match crate::sys::fallocate(file, mode, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
         };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(errno) if fallocate_unsupported(errno) => continue,
             _ => return Err(e),

@@ -576,32 +576,6 @@ fn engine_kind_parses_and_displays() {
 }
 
 #[test]
-fn environment_override_wins_and_bad_values_name_the_variable() {
-    assert_eq!(
-        resolve_kind(EngineKind::Auto, None).unwrap(),
-        EngineKind::Auto
-    );
-    assert_eq!(
-        resolve_kind(EngineKind::Uring, Some("")).unwrap(),
-        EngineKind::Uring
-    );
-    assert_eq!(
-        resolve_kind(EngineKind::Uring, Some("sync")).unwrap(),
-        EngineKind::Sync
-    );
-    assert_eq!(
-        resolve_kind(EngineKind::Sync, Some(" uring ")).unwrap(),
-        EngineKind::Uring
-    );
-    let e = resolve_kind(EngineKind::Auto, Some("fast")).unwrap_err();
-    let msg = e.to_string();
-    assert!(
-        msg.contains(ENGINE_ENV) && msg.contains("\"fast\""),
-        "{msg}"
-    );
-}
-
-#[test]
 fn auto_uses_io_uring_exactly_when_the_probe_passes() {
     let e = IoEngine::build(EngineKind::Auto, 1).unwrap();
     let expected = match uring::probe() {

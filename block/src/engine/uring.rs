@@ -333,8 +333,8 @@ impl Slot {
         match &mut self.work {
             Work::Read { buf, len } => {
                 let n = (*len - done).min(MAX_TRANSFER);
-                // SAFETY (pointer arithmetic): `buf` has capacity `len` and
-                // `done < len`, so the pointer stays inside its allocation.
+                // SAFETY: pointer arithmetic only: `buf` has capacity `len`
+                // and `done < len`, so the pointer stays inside its allocation.
                 let ptr = unsafe { buf.as_mut_ptr().add(done) };
                 // The kernel writes up to `n` bytes at `ptr` until the CQE
                 // arrives. That memory is the spare capacity of a Vec owned

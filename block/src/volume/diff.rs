@@ -467,6 +467,7 @@ mod tests {
                 cluster_size: 4096,
                 read_only: false,
             },
+            engine: None,
         })
         .unwrap()
     }

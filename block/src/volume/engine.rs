@@ -1,9 +1,8 @@
 //! [`Volume`]: the chain of layers behind one LUN and every operation on it.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -13,11 +12,13 @@ use uuid::Uuid;
 use super::error::{corrupt, Error, IoCtx, Result};
 use super::header::{valid_cluster_size, Geometry, NAME_MAX};
 use super::journal::{self, KIND_DATA, KIND_ZERO};
-use super::layer::{delta_path, Delta, Layer, Raw, PENDING_LIMIT};
+use super::layer::{holds_nothing, Delta, Layer, Raw, PENDING_LIMIT};
 use super::manifest::{self, Dependent, FlattenRec, LayerRec, Manifest, Parent, SnapRec};
 use super::table::Table;
 use super::{lock, read, write};
-use crate::engine::Extent;
+use crate::engine::{Extent, IoEngine};
+use crate::store::file::{delta_path, FileObject, FileStore};
+use crate::store::{Object, Store};
 
 /// Cluster-lock shards; clusters `c` and `c + SHARDS` share a lock.
 const SHARDS: usize = 1024;
@@ -58,18 +59,9 @@ pub struct VolumeConfig {
     /// the LUN file itself, writes through the volume are refused.
     pub protected: Vec<Range<u64>>,
     pub options: VolumeOptions,
-}
-
-/// `POOL/NAME.lun` → `POOL/NAME.layers`.
-pub fn layers_dir(lun_path: &Path) -> PathBuf {
-    match lun_path.extension() {
-        Some(e) if e == "lun" => lun_path.with_extension("layers"),
-        _ => {
-            let mut s = lun_path.as_os_str().to_os_string();
-            s.push(".layers");
-            PathBuf::from(s)
-        }
-    }
+    /// The I/O engine the asynchronous data path runs on (the gateway's);
+    /// without one, the asynchronous calls do their I/O inline.
+    pub engine: Option<IoEngine>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -121,46 +113,46 @@ pub struct Change {
 // bits 0-1 kind, 2-47 physical cluster, 48-63 layer slot; 0 = no layer
 // above the root holds the cluster.
 
-fn pack(slot: u16, v: u64) -> u64 {
+pub(super) fn pack(slot: u16, v: u64) -> u64 {
     debug_assert!(v < 1 << 48);
     ((slot as u64) << 48) | v
 }
-fn slot_of(e: u64) -> u16 {
+pub(super) fn slot_of(e: u64) -> u16 {
     (e >> 48) as u16
 }
-fn val_of(e: u64) -> u64 {
+pub(super) fn val_of(e: u64) -> u64 {
     e & ((1 << 48) - 1)
 }
 
-struct Node {
-    layer: Arc<Layer>,
-    parent: Option<u16>,
+pub(super) struct Node {
+    pub(super) layer: Arc<Layer>,
+    pub(super) parent: Option<u16>,
     /// Stored in this volume's layers directory (or its own base).
-    own: bool,
+    pub(super) own: bool,
 }
 
-struct State {
+pub(super) struct State {
     /// No layers directory yet: the LUN file is the only, writable layer.
-    plain: bool,
-    manifest: Manifest,
-    generation: u64,
-    nodes: Vec<Option<Node>>,
-    by_id: HashMap<Uuid, u16>,
-    top: u16,
+    pub(super) plain: bool,
+    pub(super) manifest: Manifest,
+    pub(super) generation: u64,
+    pub(super) nodes: Vec<Option<Node>>,
+    pub(super) by_id: HashMap<Uuid, u16>,
+    pub(super) top: u16,
     /// Top first, root last.
-    chain: Vec<u16>,
+    pub(super) chain: Vec<u16>,
     /// The live chain's merged map: which layer holds each cluster.
-    index: RwLock<Table>,
+    pub(super) index: RwLock<Table>,
 }
 
 impl State {
-    fn node(&self, s: u16) -> &Node {
+    pub(super) fn node(&self, s: u16) -> &Node {
         self.nodes[s as usize].as_ref().expect("live slot")
     }
-    fn layer(&self, s: u16) -> &Layer {
+    pub(super) fn layer(&self, s: u16) -> &Layer {
         &self.node(s).layer
     }
-    fn delta(&self, s: u16) -> &Delta {
+    pub(super) fn delta(&self, s: u16) -> &Delta {
         self.layer(s).delta().expect("a delta layer")
     }
     fn add(&mut self, layer: Layer, parent: Option<u16>, own: bool) -> u16 {
@@ -195,7 +187,7 @@ impl State {
         }
         v
     }
-    fn root_raw(&self, chain: &[u16]) -> Option<&Raw> {
+    pub(super) fn root_raw(&self, chain: &[u16]) -> Option<&Raw> {
         match &*self.node(*chain.last()?).layer {
             Layer::Raw(r) => Some(r),
             Layer::Delta(_) => None,
@@ -234,6 +226,16 @@ impl State {
     }
 }
 
+/// Marks a write's clusters dirty when it returns (after its bytes
+/// landed; see [`super::dirty`]).
+struct MarkOnDrop<'a>(&'a Volume, u64, u64);
+
+impl Drop for MarkOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.mark_dirty(self.1, self.2);
+    }
+}
+
 /// What a cluster resolves to, for comparisons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Res {
@@ -243,18 +245,32 @@ enum Res {
 }
 
 pub struct Volume {
-    lun_path: PathBuf,
-    dir: PathBuf,
-    home: Arc<File>,
-    lun: Uuid,
-    geo: Geometry,
-    protected: Vec<Range<u64>>,
-    state: RwLock<State>,
-    shards: Box<[RwLock<()>]>,
-    maint: Mutex<()>,
-    warnings: Mutex<Vec<String>>,
-    crashed: AtomicBool,
-    read_only: bool,
+    pub(super) lun_path: PathBuf,
+    pub(super) dir: PathBuf,
+    pub(super) store: Arc<dyn Store>,
+    pub(super) engine: Option<IoEngine>,
+    pub(super) lun: Uuid,
+    pub(super) geo: Geometry,
+    pub(super) protected: Vec<Range<u64>>,
+    pub(super) state: RwLock<State>,
+    /// Per-cluster locks, shared by the synchronous and the asynchronous
+    /// data path (see the module docs of [`super::io`]).
+    pub(super) shards: Box<[async_lock::RwLock<()>]>,
+    /// Held shared by every asynchronous request for its whole run and
+    /// exclusively by the tree operations that change the live layer
+    /// (snapshot, revert), which therefore never overtake a request.
+    pub(super) io: async_lock::RwLock<()>,
+    /// Writes completed and the newest known durable (flush grouping).
+    pub(super) durability: super::io::Durability,
+    /// Serialises the commits of concurrent asynchronous flushes, so the
+    /// later ones can see they were covered by an earlier one.
+    pub(super) commit_group: Mutex<()>,
+    /// Dirty-cluster trackers (migration, incremental backup).
+    pub(super) dirty: Arc<super::dirty::DirtySet>,
+    pub(super) maint: Mutex<()>,
+    pub(super) warnings: Mutex<Vec<String>>,
+    pub(super) crashed: AtomicBool,
+    pub(super) read_only: bool,
 }
 
 impl std::fmt::Debug for Volume {
@@ -271,14 +287,6 @@ fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// The directory holding `p` (`.` for a bare file name).
-fn parent_dir(p: &Path) -> PathBuf {
-    match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
 }
 
 fn abs(p: &Path) -> PathBuf {
@@ -301,27 +309,30 @@ impl Volume {
     /// chain, replaying journals. Without a layers directory this is a plain
     /// volume whose only layer is the LUN file.
     pub fn open(cfg: VolumeConfig) -> Result<Volume> {
-        let dir = layers_dir(&cfg.lun_path);
+        let read_only = cfg.options.read_only;
+        let store: Arc<dyn Store> = Arc::new(FileStore::new(
+            &cfg.lun_path,
+            cfg.file.clone(),
+            cfg.engine.clone(),
+            !read_only,
+        ));
+        let dir = store.location().to_path_buf();
         let mut warnings = Vec::new();
-        if !cfg.options.read_only {
-            discard_unpublished(&staging_dir(&dir), cfg.lun_uuid, &mut warnings)?;
+        if !read_only {
+            warnings.extend(store.recover(cfg.lun_uuid)?);
         }
-        let loaded = if dir.is_dir() {
-            manifest::load(&dir)?
-        } else {
-            None
-        };
-        if loaded.is_none() && dir.is_dir() {
-            let files = delta_files(&dir)?;
-            if !files.is_empty() {
+        let loaded = store.load_manifest()?;
+        if loaded.is_none() && store.exists() {
+            let layers = store.list_layers()?;
+            if !layers.is_empty() {
                 return Err(corrupt(
                     &dir,
                     format!(
                         "holds {} layer file(s) ({}) but no manifest (manifest.0 and manifest.1 are missing): the LUN's snapshots and everything written since the first one live in those layers, so it is not served; nothing was removed. `lunctl repair` rebuilds the manifest from the layers' headers",
-                        files.len(),
-                        files
+                        layers.len(),
+                        layers
                             .iter()
-                            .map(|(id, _)| format!("{id}.delta"))
+                            .map(|id| format!("{id}.delta"))
                             .collect::<Vec<_>>()
                             .join(", ")
                     ),
@@ -355,11 +366,9 @@ impl Volume {
                 cfg.size
             )));
         }
-        let read_only = cfg.options.read_only;
         let home = Layer::Raw(Raw {
             id: cfg.lun_uuid,
-            path: cfg.lun_path.clone(),
-            file: cfg.file.clone(),
+            obj: store.base().clone(),
         });
         let mut st = State {
             plain: true,
@@ -395,7 +404,8 @@ impl Volume {
                 ));
             }
             for rec in &m.layers {
-                let (d, w) = Delta::open(&dir, rec.id, cfg.lun_uuid, geo, !read_only)?;
+                let obj = store.open_layer(rec.id, !read_only)?;
+                let (d, w) = Delta::open(obj, rec.id, cfg.lun_uuid, geo)?;
                 warnings.extend(w);
                 st.add(Layer::Delta(Box::new(d)), None, true);
             }
@@ -404,9 +414,15 @@ impl Volume {
                     Parent::Base => Some(0),
                     Parent::None => None,
                     Parent::Layer { id } => Some(st.by_id[id]),
-                    Parent::External { dir: xdir, id } => {
-                        Some(resolve_external(&mut st, xdir, *id, geo, &mut warnings, 0)?)
-                    }
+                    Parent::External { dir: xdir, id } => Some(resolve_external(
+                        &mut st,
+                        xdir,
+                        *id,
+                        geo,
+                        cfg.engine.as_ref(),
+                        &mut warnings,
+                        0,
+                    )?),
                 };
                 let s = st.by_id[&rec.id];
                 st.nodes[s as usize].as_mut().expect("just added").parent = parent;
@@ -418,12 +434,12 @@ impl Volume {
             if !l.warnings.is_empty() {
                 warnings.extend(l.warnings.iter().map(|w| format!("{}: {w}", dir.display())));
                 if !read_only {
-                    manifest::store(&dir, &st.manifest, st.generation)?;
+                    store.commit_manifest(&st.manifest, st.generation)?;
                 }
             }
         }
-        if dir.is_dir() && !read_only {
-            remove_orphans(&dir, &st.manifest, &mut warnings)?;
+        if store.exists() && !read_only {
+            remove_orphans(&*store, &st.manifest, &mut warnings)?;
         }
         st.chain = st.chain_of(st.top);
         *st.index.get_mut().unwrap_or_else(|e| e.into_inner()) =
@@ -434,17 +450,46 @@ impl Volume {
         Ok(Volume {
             lun_path: cfg.lun_path,
             dir,
-            home: cfg.file,
+            store,
+            engine: cfg.engine,
             lun: cfg.lun_uuid,
             geo,
             protected: cfg.protected,
             state: RwLock::new(st),
-            shards: (0..SHARDS).map(|_| RwLock::new(())).collect(),
+            shards: (0..SHARDS).map(|_| async_lock::RwLock::new(())).collect(),
+            io: async_lock::RwLock::new(()),
+            durability: Default::default(),
+            commit_group: Mutex::new(()),
+            dirty: Default::default(),
             maint: Mutex::new(()),
             warnings: Mutex::new(warnings),
             crashed: AtomicBool::new(false),
             read_only,
         })
+    }
+
+    /// Start tracking which clusters of the live volume change (see
+    /// [`super::dirty`]); stops when the tracker is dropped.
+    pub fn track_dirty(&self) -> super::dirty::DirtyTracker {
+        self.dirty.start(self.geo.size, self.geo.cluster_size)
+    }
+
+    /// Mark the clusters of `[offset, offset + len)` changed.
+    pub(super) fn mark_dirty(&self, offset: u64, len: u64) {
+        if len > 0 {
+            let cs = self.geo.cluster_size;
+            self.dirty.mark(offset / cs, (offset + len - 1) / cs);
+        }
+    }
+
+    /// The I/O engine of the asynchronous data path, if any.
+    pub fn engine(&self) -> Option<&IoEngine> {
+        self.engine.as_ref()
+    }
+
+    /// The LUN's own bytes (the base of every chain of this volume).
+    pub(super) fn home(&self) -> &Arc<dyn Object> {
+        self.store.base()
     }
 
     /// Flush and close.
@@ -491,7 +536,7 @@ impl Volume {
             .collect()
     }
 
-    fn writable(&self) -> Result<()> {
+    pub(super) fn writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly(self.lun_path.clone()));
         }
@@ -571,7 +616,7 @@ impl Volume {
         Ok(())
     }
 
-    fn cluster_len(&self, vc: u64) -> usize {
+    pub(super) fn cluster_len(&self, vc: u64) -> usize {
         let cs = self.geo.cluster_size;
         (self.geo.size - vc * cs).min(cs) as usize
     }
@@ -602,7 +647,11 @@ impl Volume {
     }
 
     /// `(cluster, offset in cluster, start, end)` pieces of `[start, end)`.
-    fn pieces(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64, u64, u64)> {
+    pub(super) fn pieces(
+        &self,
+        start: u64,
+        end: u64,
+    ) -> impl Iterator<Item = (u64, u64, u64, u64)> {
         let cs = self.geo.cluster_size;
         let mut at = start;
         std::iter::from_fn(move || {
@@ -617,7 +666,7 @@ impl Volume {
         })
     }
 
-    fn shard(&self, vc: u64) -> &RwLock<()> {
+    pub(super) fn shard(&self, vc: u64) -> &async_lock::RwLock<()> {
         &self.shards[(vc % SHARDS as u64) as usize]
     }
 
@@ -635,9 +684,9 @@ impl Volume {
         if e == 0 {
             match root {
                 Some(r) => r
-                    .file
-                    .read_exact_at(buf, vc * self.geo.cluster_size + in_off)
-                    .ctx(&r.path, "read base"),
+                    .obj
+                    .read_at(buf, vc * self.geo.cluster_size + in_off)
+                    .ctx(r.obj.name(), "read base"),
                 None => {
                     buf.fill(0);
                     Ok(())
@@ -699,23 +748,20 @@ impl Volume {
         buf: &mut [u8],
     ) -> Result<()> {
         if st.plain {
-            return self
-                .home
-                .read_exact_at(buf, offset)
-                .ctx(&self.lun_path, "read");
+            return self.home().read_at(buf, offset).ctx(&self.lun_path, "read");
         }
         let root = st.root_raw(chain);
         for (s, e, protected) in self.segments(offset, buf.len() as u64) {
             let b = &mut buf[(s - offset) as usize..(e - offset) as usize];
             if protected {
-                self.home
-                    .read_exact_at(b, s)
+                self.home()
+                    .read_at(b, s)
                     .ctx(&self.lun_path, "read label region")?;
                 continue;
             }
             for (vc, in_off, ps, pe) in self.pieces(s, e) {
                 let pb = &mut b[(ps - s) as usize..(pe - s) as usize];
-                let _g = read(self.shard(vc));
+                let _g = self.shard(vc).read_blocking();
                 let ent = if live {
                     read(&st.index).get(vc)
                 } else {
@@ -730,11 +776,13 @@ impl Volume {
     /// Write `data` at `offset`. Durable after the next [`Volume::flush`].
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_writable(offset, data.len() as u64)?;
+        self.durability.note_write();
+        let _mark = MarkOnDrop(self, offset, data.len() as u64);
         let st = read(&self.state);
         if st.plain {
             return self
-                .home
-                .write_all_at(data, offset)
+                .home()
+                .write_at(data, offset)
                 .ctx(&self.lun_path, "write");
         }
         for (vc, in_off, ps, pe) in self.pieces(offset, offset + data.len() as u64) {
@@ -754,7 +802,7 @@ impl Volume {
 
     fn write_piece(&self, st: &State, vc: u64, in_off: u64, data: &[u8]) -> Result<()> {
         let top = st.delta(st.top);
-        let _g = write(self.shard(vc));
+        let _g = self.shard(vc).write_blocking();
         let e = read(&st.index).get(vc);
         if e != 0 && slot_of(e) == st.top && journal::kind(val_of(e)) == KIND_DATA {
             return top.write_data(journal::phys(val_of(e)), in_off, data);
@@ -782,7 +830,7 @@ impl Volume {
 
     /// Make a whole cluster read as zeros in the top layer.
     fn zero_cluster(&self, st: &State, vc: u64) {
-        let _g = write(self.shard(vc));
+        let _g = self.shard(vc).write_blocking();
         let mut idx = write(&st.index);
         let e = idx.get(vc);
         let reads_zero = if e == 0 {
@@ -802,18 +850,22 @@ impl Volume {
     /// partial clusters, and everything without `may_trim`, are written.
     pub fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<()> {
         self.check_writable(offset, len)?;
+        self.durability.note_write();
+        let _mark = MarkOnDrop(self, offset, len);
         let st = read(&self.state);
         if st.plain {
             if may_trim {
-                return crate::sys::zero_range(&self.home, offset, len)
+                return self
+                    .home()
+                    .zero_range(offset, len)
                     .ctx(&self.lun_path, "punch");
             }
             let zeros = vec![0u8; (1 << 20).min(len as usize)];
             let mut at = offset;
             while at < offset + len {
                 let n = (offset + len - at).min(zeros.len() as u64) as usize;
-                self.home
-                    .write_all_at(&zeros[..n], at)
+                self.home()
+                    .write_at(&zeros[..n], at)
                     .ctx(&self.lun_path, "write zeros")?;
                 at += n as u64;
             }
@@ -847,7 +899,7 @@ impl Volume {
             return Ok(());
         }
         if st.plain {
-            self.home.sync_data().ctx(&self.lun_path, "fdatasync")
+            self.home().sync().ctx(&self.lun_path, "fdatasync")
         } else {
             st.delta(st.top).commit()
         }
@@ -873,10 +925,10 @@ impl Volume {
             runs.push((s, e, data));
         };
         let raw_extents =
-            |file: &File, path: &Path, s: u64, e: u64| -> Result<Vec<(u64, u64, bool)>> {
+            |obj: &Arc<dyn Object>, s: u64, e: u64| -> Result<Vec<(u64, u64, bool)>> {
                 let mut out = Vec::new();
                 let mut at = s;
-                for (o, l) in crate::sys::data_extents(file, s, e).ctx(path, "SEEK_DATA")? {
+                for (o, l) in obj.data_extents(s, e).ctx(obj.name(), "SEEK_DATA")? {
                     out.push((at, o, false));
                     out.push((o, o + l, true));
                     at = o + l;
@@ -885,7 +937,7 @@ impl Volume {
                 Ok(out)
             };
         if st.plain {
-            for (s, e, d) in raw_extents(&self.home, &self.lun_path, offset, offset + len)? {
+            for (s, e, d) in raw_extents(self.home(), offset, offset + len)? {
                 push(s, e, d);
             }
         } else {
@@ -907,7 +959,7 @@ impl Volume {
                         continue;
                     }
                     if let (Some((a, b)), Some(r)) = (raw_run.take(), root) {
-                        for (x, y, d) in raw_extents(&r.file, &r.path, a, b)? {
+                        for (x, y, d) in raw_extents(&r.obj, a, b)? {
                             push(x, y, d);
                         }
                     }
@@ -915,7 +967,7 @@ impl Volume {
                     push(ps, pe, data);
                 }
                 if let (Some((a, b)), Some(r)) = (raw_run.take(), root) {
-                    for (x, y, d) in raw_extents(&r.file, &r.path, a, b)? {
+                    for (x, y, d) in raw_extents(&r.obj, a, b)? {
                         push(x, y, d);
                     }
                 }
@@ -951,37 +1003,21 @@ impl Volume {
     }
 
     fn commit(&self, st: &mut State, mut m: Manifest) -> Result<()> {
-        // A retired layer stays listed until its file is gone for certain.
-        m.retired
-            .retain(|id| delta_path(&self.dir, *id).symlink_metadata().is_ok());
-        manifest::store(&self.dir, &m, st.generation + 1)?;
+        // A retired layer stays listed until its object is gone for certain.
+        m.retired.retain(|id| self.store.has_layer(*id));
+        self.store.commit_manifest(&m, st.generation + 1)?;
         st.manifest = m;
         st.generation += 1;
         Ok(())
     }
 
     fn new_delta(&self, id: Uuid, parent: Uuid, created: u64) -> Result<Delta> {
-        let d = Delta::create(&self.dir, id, parent, self.lun, self.geo, created)?;
-        manifest::sync_dir(&self.dir)?;
-        Ok(d)
-    }
-
-    /// Commit the first manifest of a plain volume: build the layers
-    /// directory under its staging name with `delta` and `m` in it, then
-    /// rename it into place (the commit point) and make the rename
-    /// durable. Returns the delta, reopened under its final path.
-    fn publish(&self, st: &mut State, staging: &Path, id: Uuid, m: Manifest) -> Result<Delta> {
-        manifest::store(staging, &m, st.generation + 1)?;
-        std::fs::rename(staging, &self.dir).ctx(&self.dir, "publish layers directory")?;
-        manifest::sync_dir(&parent_dir(&self.dir))?;
-        st.manifest = m;
-        st.generation += 1;
-        let (d, _) = Delta::open(&self.dir, id, self.lun, self.geo, true)?;
-        Ok(d)
+        Delta::create(&*self.store, id, parent, self.lun, self.geo, created)
     }
 
     /// Freeze the live layer as snapshot `name` and continue in a new empty
-    /// delta. O(1): one flush, one empty file, one manifest commit.
+    /// delta. O(1): one flush, one empty layer, one manifest commit (the
+    /// first one also publishes the store's layers; see [`Store`]).
     pub fn snapshot(&self, name: &str, description: &str) -> Result<SnapshotInfo> {
         self.writable()?;
         validate_name(name)?;
@@ -992,34 +1028,26 @@ impl Volume {
             )));
         }
         let _m = lock(&self.maint);
+        let _io = self.io.write_blocking();
         self.flush()?;
         let mut st = write(&self.state);
         if !st.plain && st.manifest.snapshot(name).is_some() {
             return Err(Error::SnapshotExists(name.into()));
         }
         self.flush_locked(&st)?;
-        let staging = staging_dir(&self.dir);
-        if st.plain {
-            // A block device has no pool directory to keep layers in (one
-            // next to /dev/sdX would live in devtmpfs and vanish at reboot).
-            if crate::sys::is_block_device(&self.home).unwrap_or(false) {
-                return Err(Error::Invalid(format!(
-                    "{} is a block device: snapshots need a LUN file in a pool directory",
-                    self.lun_path.display()
-                )));
-            }
-            // Open checked that an existing directory holds no layers; an
-            // empty one is replaced by the rename below.
-            std::fs::create_dir(&staging).ctx(&staging, "create layers directory")?;
-            manifest::sync_dir(&parent_dir(&staging))?;
+        // A block device has no pool directory to keep layers in (one
+        // next to /dev/sdX would live in devtmpfs and vanish at reboot).
+        if st.plain && self.home().is_block_device() {
+            return Err(Error::Invalid(format!(
+                "{} is a block device: snapshots need a LUN file in a pool directory",
+                self.lun_path.display()
+            )));
         }
+        let first = st.plain;
         let created = now();
         let old_top = st.top;
         let old_id = st.layer(old_top).id();
         let id = Uuid::new_v4();
-        let ddir = if st.plain { &staging } else { &self.dir };
-        let d = Delta::create(ddir, id, old_id, self.lun, self.geo, created)
-            .and_then(|d| manifest::sync_dir(ddir).map(|()| d));
         let mut m = st.manifest.clone();
         m.layers.push(LayerRec {
             id,
@@ -1034,22 +1062,26 @@ impl Volume {
             description: description.into(),
         });
         m.flatten = None;
-        let d = if st.plain {
-            match d.and_then(|_| self.publish(&mut st, &staging, id, m)) {
-                Ok(d) => d,
-                Err(e) => {
-                    let mut w = Vec::new();
-                    let _ = discard_unpublished(&staging, self.lun, &mut w);
-                    return Err(e);
-                }
+        let made = self
+            .new_delta(id, old_id, created)
+            .and_then(|d| self.commit(&mut st, m).map(|()| d));
+        let d = match made {
+            // The first layer was made before its store was published:
+            // reopen it where it lives now.
+            Ok(d) if first => {
+                drop(d);
+                let obj = self.store.open_layer(id, true)?;
+                Delta::open(obj, id, self.lun, self.geo)?.0
             }
-        } else {
-            let d = d?;
-            if let Err(e) = self.commit(&mut st, m) {
-                let _ = std::fs::remove_file(&d.path);
+            Ok(d) => d,
+            Err(e) => {
+                if first {
+                    let _ = self.store.recover(self.lun);
+                } else {
+                    let _ = self.store.remove_layer(id);
+                }
                 return Err(e);
             }
-            d
         };
         st.plain = false;
         let slot = st.add(Layer::Delta(Box::new(d)), Some(old_top), true);
@@ -1108,6 +1140,7 @@ impl Volume {
     pub fn revert(&self, name: &str) -> Result<()> {
         self.writable()?;
         let _m = lock(&self.maint);
+        let _io = self.io.write_blocking();
         let mut st = write(&self.state);
         let target_id = self.snap(&st, name)?.layer;
         let target = st.by_id[&target_id];
@@ -1129,17 +1162,18 @@ impl Volume {
             m.flatten = None;
         }
         if let Err(e) = self.commit(&mut st, m) {
-            let _ = std::fs::remove_file(&d.path);
+            let _ = self.store.remove_layer(id);
             return Err(e);
         }
         let slot = st.add(Layer::Delta(Box::new(d)), Some(target), true);
-        if let Some(old) = st.remove(old_top) {
-            let _ = std::fs::remove_file(old.layer.path());
+        if st.remove(old_top).is_some() {
+            let _ = self.store.remove_layer(old_id);
         }
         st.top = slot;
         st.chain = st.chain_of(slot);
         let idx = st.build_index(&st.chain, self.geo.clusters);
         *st.index.get_mut().unwrap_or_else(|e| e.into_inner()) = idx;
+        self.dirty.mark_all();
         self.gc(&mut st, false)
     }
 
@@ -1226,8 +1260,8 @@ impl Volume {
                     m.layers.retain(|l| l.id != x);
                     m.retired.push(x);
                     self.commit(st, m)?;
-                    if let Some(n) = st.remove(st.by_id[&x]) {
-                        let _ = std::fs::remove_file(n.layer.path());
+                    if st.remove(st.by_id[&x]).is_some() {
+                        let _ = self.store.remove_layer(x);
                     }
                 }
                 Some((x, Some(c))) => self.merge_into(st, x, c)?,
@@ -1286,8 +1320,8 @@ impl Volume {
         self.commit(st, m)?;
         let xp = st.node(xs).parent;
         st.nodes[cs as usize].as_mut().expect("live").parent = xp;
-        if let Some(n) = st.remove(xs) {
-            let _ = std::fs::remove_file(n.layer.path());
+        if st.remove(xs).is_some() {
+            let _ = self.store.remove_layer(x);
         }
         st.chain = st.chain_of(st.top);
         Ok(())
@@ -1311,27 +1345,21 @@ impl Volume {
                 self.geo.size
             )));
         }
-        let tdir = layers_dir(&target.lun_path);
-        if manifest::slot_path(&tdir, 0).exists() || manifest::slot_path(&tdir, 1).exists() {
+        let tstore = FileStore::new(
+            &target.lun_path,
+            target.file.clone(),
+            target.engine.clone(),
+            true,
+        );
+        if tstore.exists() || !tstore.list_layers()?.is_empty() {
             return Err(Error::Invalid(format!(
                 "clone target {} already has layers",
-                tdir.display()
+                tstore.location().display()
             )));
         }
-        if delta_files(&tdir).is_ok_and(|f| !f.is_empty()) {
-            return Err(Error::Invalid(format!(
-                "clone target {} already holds layer files",
-                tdir.display()
-            )));
-        }
-        // Built under the staging name and renamed into place once whole.
-        let staging = staging_dir(&tdir);
-        std::fs::create_dir(&staging).ctx(&staging, "create layers directory")?;
-        manifest::sync_dir(&parent_dir(&staging))?;
-        let tdir_abs = abs(&parent_dir(&tdir)).join(tdir.file_name().unwrap_or_default());
         let mut m = st.manifest.clone();
         m.dependents.push(Dependent {
-            dir: tdir_abs.clone(),
+            dir: tstore.reference(),
             lun: target.lun_uuid,
             layer,
         });
@@ -1339,8 +1367,7 @@ impl Volume {
         let created = now();
         let id = Uuid::new_v4();
         let geo = self.geo;
-        Delta::create(&staging, id, layer, target.lun_uuid, geo, created)?;
-        manifest::sync_dir(&staging)?;
+        Delta::create(&tstore, id, layer, target.lun_uuid, geo, created)?;
         let tm = Manifest {
             lun: target.lun_uuid,
             size: geo.size,
@@ -1349,7 +1376,7 @@ impl Volume {
             layers: vec![LayerRec {
                 id,
                 parent: Parent::External {
-                    dir: abs(&self.dir),
+                    dir: self.store.reference(),
                     id: layer,
                 },
                 created,
@@ -1360,15 +1387,16 @@ impl Volume {
             flatten: None,
             retired: vec![],
         };
-        manifest::store(&staging, &tm, 1)?;
-        std::fs::rename(&staging, &tdir).ctx(&tdir, "publish layers directory")?;
-        manifest::sync_dir(&parent_dir(&tdir))?;
+        // The target store's first commit publishes its layers.
+        tstore.commit_manifest(&tm, 1)?;
         drop(st);
+        let engine = target.engine.clone().or_else(|| self.engine.clone());
         Volume::open(VolumeConfig {
             options: VolumeOptions {
                 cluster_size: geo.cluster_size as u32,
                 read_only: false,
             },
+            engine,
             ..target
         })
     }
@@ -1452,7 +1480,7 @@ impl Volume {
 
     fn flatten_cluster(&self, st: &State, vc: u64, buf: &mut [u8]) -> Result<()> {
         let top = st.delta(st.top);
-        let _g = write(self.shard(vc));
+        let _g = self.shard(vc).write_blocking();
         if top.get(vc) != 0 {
             return Ok(());
         }
@@ -1463,9 +1491,9 @@ impl Volume {
             let Some(root) = st.root_raw(&st.chain) else {
                 return Ok(());
             };
-            root.file
-                .read_exact_at(buf, vc * self.geo.cluster_size)
-                .ctx(&root.path, "read base")?;
+            root.obj
+                .read_at(buf, vc * self.geo.cluster_size)
+                .ctx(root.obj.name(), "read base")?;
             if buf.iter().all(|&b| b == 0) {
                 return Ok(());
             }
@@ -1585,6 +1613,7 @@ fn resolve_external(
     dir: &Path,
     id: Uuid,
     geo: Geometry,
+    engine: Option<&IoEngine>,
     warnings: &mut Vec<String>,
     depth: usize,
 ) -> Result<u16> {
@@ -1611,15 +1640,12 @@ fn resolve_external(
         ));
     }
     if id == m.lun {
-        let file = OpenOptions::new()
-            .read(true)
-            .open(&m.lun_path)
+        let obj = FileObject::open(&m.lun_path, false, engine.cloned())
             .ctx(&m.lun_path, "open base LUN of a clone")?;
         let slot = st.add(
             Layer::Raw(Raw {
                 id,
-                path: m.lun_path.clone(),
-                file: Arc::new(file),
+                obj: Arc::new(obj),
             }),
             None,
             false,
@@ -1630,16 +1656,40 @@ fn resolve_external(
         .layer(id)
         .ok_or_else(|| corrupt(dir, format!("layer {id} is needed but not listed")))?
         .clone();
-    let (d, w) = Delta::open(dir, id, m.lun, geo, false)?;
+    let path = delta_path(dir, id);
+    let obj = FileObject::open(&path, false, engine.cloned()).ctx(&path, "open layer")?;
+    let (d, w) = Delta::open(Arc::new(obj), id, m.lun, geo)?;
     warnings.extend(w);
     let slot = st.add(Layer::Delta(Box::new(d)), None, false);
     let parent = match rec.parent {
-        Parent::Base => Some(resolve_external(st, dir, m.lun, geo, warnings, depth + 1)?),
+        Parent::Base => Some(resolve_external(
+            st,
+            dir,
+            m.lun,
+            geo,
+            engine,
+            warnings,
+            depth + 1,
+        )?),
         Parent::None => None,
-        Parent::Layer { id } => Some(resolve_external(st, dir, id, geo, warnings, depth + 1)?),
-        Parent::External { dir: d2, id } => {
-            Some(resolve_external(st, &d2, id, geo, warnings, depth + 1)?)
-        }
+        Parent::Layer { id } => Some(resolve_external(
+            st,
+            dir,
+            id,
+            geo,
+            engine,
+            warnings,
+            depth + 1,
+        )?),
+        Parent::External { dir: d2, id } => Some(resolve_external(
+            st,
+            &d2,
+            id,
+            geo,
+            engine,
+            warnings,
+            depth + 1,
+        )?),
     };
     st.nodes[slot as usize].as_mut().expect("just added").parent = parent;
     Ok(slot)
@@ -1657,148 +1707,33 @@ fn dependent_alive(me: &Path, d: &Dependent) -> bool {
     }
 }
 
-/// The delta files in `dir`, by layer UUID.
-pub(crate) fn delta_files(dir: &Path) -> Result<Vec<(Uuid, PathBuf)>> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).ctx(dir, "list layers directory")? {
-        let e = e.ctx(dir, "list layers directory")?;
-        let name = e.file_name();
-        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".delta")) else {
-            continue;
-        };
-        if let Ok(id) = Uuid::parse_str(stem) {
-            out.push((id, e.path()));
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
 /// Deal with delta files the manifest does not list. Only two kinds are
 /// removed, because only they can be proved to hold nothing anyone needs:
 /// layers a committed manifest retired (a crash came between the commit
 /// and the removal) and layers that never committed a byte (a crash came
 /// between creating a layer and committing it). Any other unlisted layer
 /// holds data no manifest accounts for; it is kept and reported.
-fn remove_orphans(dir: &Path, m: &Manifest, warnings: &mut Vec<String>) -> Result<()> {
+fn remove_orphans(store: &dyn Store, m: &Manifest, warnings: &mut Vec<String>) -> Result<()> {
     let known: HashSet<Uuid> = m.layers.iter().map(|l| l.id).collect();
-    for (id, p) in delta_files(dir)? {
+    for id in store.list_layers()? {
         if known.contains(&id) {
             continue;
         }
+        let obj = store.open_layer(id, false)?;
+        let name = obj.name().display().to_string();
         if m.retired.contains(&id) {
-            std::fs::remove_file(&p).ctx(&p, "remove retired layer")?;
-            warnings.push(format!(
-                "{}: removed a layer the manifest had retired",
-                p.display()
-            ));
-        } else if super::layer::holds_nothing(&p, m.lun) {
-            std::fs::remove_file(&p).ctx(&p, "remove uncommitted layer")?;
-            warnings.push(format!(
-                "{}: removed an uncommitted, empty layer",
-                p.display()
-            ));
+            drop(obj);
+            store.remove_layer(id)?;
+            warnings.push(format!("{name}: removed a layer the manifest had retired"));
+        } else if holds_nothing(&*obj, m.lun) {
+            drop(obj);
+            store.remove_layer(id)?;
+            warnings.push(format!("{name}: removed an uncommitted, empty layer"));
         } else {
             warnings.push(format!(
-                "{}: kept a layer file the manifest does not list; it may hold data (docs/volumes.md, \"Damaged layers\")",
-                p.display()
+                "{name}: kept a layer file the manifest does not list; it may hold data (docs/volumes.md, \"Damaged layers\")"
             ));
         }
-    }
-    Ok(())
-}
-
-/// `NAME.layers.new`: where a first snapshot or a clone builds its layers
-/// directory before renaming it into place (the commit point), so a crash
-/// never leaves a `NAME.layers` without a manifest.
-pub fn staging_dir(dir: &Path) -> PathBuf {
-    let mut s = dir.as_os_str().to_os_string();
-    s.push(".new");
-    PathBuf::from(s)
-}
-
-/// Whether `file` (in a layers directory) is a manifest slot or a layer
-/// file of LUN `lun`.
-fn layer_file_of(path: &Path, lun: Uuid) -> bool {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    match name.as_deref() {
-        Some("manifest.0" | "manifest.1") => std::fs::read(path)
-            .ok()
-            .and_then(|b| manifest::decode(&b).ok())
-            .is_some_and(|(m, _)| m.lun == lun),
-        Some(n) if n.ends_with(".delta") => File::open(path)
-            .ok()
-            .and_then(|f| super::layer::read_header(&f, path).ok())
-            .is_some_and(|(h, _, _)| h.lun == lun),
-        _ => false,
-    }
-}
-
-/// The regular files in `dir` (a real directory, not a symlink), or none.
-fn regular_entries(dir: &Path) -> Option<Vec<(PathBuf, bool)>> {
-    if !dir.symlink_metadata().is_ok_and(|m| m.is_dir()) {
-        return None;
-    }
-    let rd = std::fs::read_dir(dir).ok()?;
-    Some(
-        rd.filter_map(|e| e.ok())
-            .map(|e| (e.path(), e.file_type().is_ok_and(|t| t.is_file())))
-            .collect(),
-    )
-}
-
-/// Whether the layers directory `dir` holds a manifest slot or a layer
-/// file of LUN `lun` (proof that LUN's volume made it).
-pub fn layers_belong_to(dir: &Path, lun: Uuid) -> bool {
-    regular_entries(dir).is_some_and(|es| es.iter().any(|(p, file)| *file && layer_file_of(p, lun)))
-}
-
-/// Remove from layers directory `dir` the manifest slots and layer files
-/// of LUN `lun`, then the directory if nothing else is left. Anything
-/// else (other files, symlinks, another LUN's layers) is left alone and
-/// named in the returned warnings. A missing `dir` is not an error.
-pub fn remove_layers_of(dir: &Path, lun: Uuid) -> Result<Vec<String>> {
-    let mut warnings = Vec::new();
-    match dir.symlink_metadata() {
-        Err(_) => return Ok(warnings),
-        Ok(md) if !md.is_dir() => {
-            warnings.push(format!("{}: not a directory; left alone", dir.display()));
-            return Ok(warnings);
-        }
-        Ok(_) => {}
-    }
-    let mut kept = 0;
-    for (p, file) in regular_entries(dir).unwrap_or_default() {
-        if file && layer_file_of(&p, lun) {
-            std::fs::remove_file(&p).ctx(&p, "remove layer file")?;
-        } else {
-            kept += 1;
-            warnings.push(format!(
-                "{}: not a layer file of LUN {lun}; left alone",
-                p.display()
-            ));
-        }
-    }
-    if kept == 0 {
-        std::fs::remove_dir(dir).ctx(dir, "remove layers directory")?;
-        manifest::sync_dir(&parent_dir(dir))?;
-    }
-    Ok(warnings)
-}
-
-/// Remove the staging directory of a first snapshot or clone that a crash
-/// interrupted: it was never renamed into place, so nothing in it was
-/// ever served.
-fn discard_unpublished(staging: &Path, lun: Uuid, warnings: &mut Vec<String>) -> Result<()> {
-    if staging.symlink_metadata().is_err() {
-        return Ok(());
-    }
-    warnings.extend(remove_layers_of(staging, lun)?);
-    if staging.symlink_metadata().is_err() {
-        warnings.push(format!(
-            "{}: removed the layers of an interrupted first snapshot or clone",
-            staging.display()
-        ));
     }
     Ok(())
 }

@@ -13,19 +13,17 @@
 //! that entry is committed, so a crash can never resurrect a map entry whose
 //! cluster holds someone else's data.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
 
 use uuid::Uuid;
 
 use super::error::{corrupt, IoCtx, Result};
 use super::header::{Geometry, Header, HeaderError, FLAG_FROZEN, HEADER_SIZE};
 use super::journal;
-use super::manifest::create_file;
 use super::table::Table;
 use super::{lock, read, write};
+use crate::store::{Object, Store};
 
 /// Records waiting for a commit before the writer commits on its own.
 pub const PENDING_LIMIT: usize = 1 << 16;
@@ -44,9 +42,14 @@ impl Layer {
     }
 
     pub fn path(&self) -> &Path {
+        self.object().name()
+    }
+
+    /// The store object holding the layer's bytes.
+    pub fn object(&self) -> &Arc<dyn Object> {
         match self {
-            Layer::Raw(r) => &r.path,
-            Layer::Delta(d) => &d.path,
+            Layer::Raw(r) => &r.obj,
+            Layer::Delta(d) => &d.obj,
         }
     }
 
@@ -59,19 +62,14 @@ impl Layer {
 
     /// Bytes the layer's files occupy on disk.
     pub fn disk_bytes(&self) -> u64 {
-        let f = match self {
-            Layer::Raw(r) => &*r.file,
-            Layer::Delta(d) => &d.file,
-        };
-        f.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+        self.object().stored_bytes()
     }
 }
 
 /// A LUN file used as the bottom of a chain.
 pub struct Raw {
     pub id: Uuid,
-    pub path: PathBuf,
-    pub file: std::sync::Arc<File>,
+    pub obj: Arc<dyn Object>,
 }
 
 struct DeltaState {
@@ -83,12 +81,15 @@ struct DeltaState {
     free: Vec<u64>,
     pending_free: Vec<u64>,
     pending: Vec<(u64, u64)>,
+    /// Physical clusters from here on were never written in this object
+    /// (past its end when opened, never handed out since): they read as
+    /// zeros, so a partial write there needs no zero fill.
+    fresh_from: u64,
 }
 
 pub struct Delta {
     pub id: Uuid,
-    pub path: PathBuf,
-    pub file: File,
+    pub obj: Arc<dyn Object>,
     pub geo: Geometry,
     /// Cluster → journal entry value ([`journal::data`] / [`journal::ZERO`]).
     pub map: RwLock<Table>,
@@ -96,15 +97,11 @@ pub struct Delta {
     commit_lock: Mutex<()>,
 }
 
-pub fn delta_path(dir: &Path, id: Uuid) -> PathBuf {
-    dir.join(format!("{id}.delta"))
-}
-
 impl Delta {
-    /// Create an empty delta file (header in slot 0, nothing allocated).
-    /// The caller makes the directory entry durable.
+    /// Create an empty delta object in `store` (both header slots,
+    /// nothing allocated), durable with its name.
     pub fn create(
-        dir: &Path,
+        store: &dyn Store,
         id: Uuid,
         parent: Uuid,
         lun: Uuid,
@@ -126,7 +123,6 @@ impl Delta {
             name: String::new(),
             description: String::new(),
         };
-        let path = delta_path(dir, id);
         // Both slots are written: generation 1 in slot 0 and generation 0
         // in slot 1 (where the alternation puts it), so that from the start
         // a zeroed slot is damage, never "not written yet".
@@ -138,13 +134,10 @@ impl Delta {
             }
             .encode(),
         );
-        let file = create_file(&path, &both)?;
-        file.set_len(geo.data_start).ctx(&path, "size delta file")?;
-        file.sync_all().ctx(&path, "fsync delta file")?;
+        let obj = store.create_layer(id, &both, geo.data_start)?;
         Ok(Delta {
             id,
-            path,
-            file,
+            obj,
             geo,
             map: RwLock::new(Table::new(geo.clusters)),
             st: Mutex::new(DeltaState {
@@ -155,27 +148,23 @@ impl Delta {
                 free: Vec::new(),
                 pending_free: Vec::new(),
                 pending: Vec::new(),
+                fresh_from: 0,
             }),
             commit_lock: Mutex::new(()),
         })
     }
 
-    /// Open and verify a delta file, replaying its committed journal.
+    /// Verify a delta object (opened by the caller from its store) and
+    /// replay its committed journal.
     /// Returns warnings (one damaged header slot).
     pub fn open(
-        dir: &Path,
+        obj: Arc<dyn Object>,
         id: Uuid,
         lun: Uuid,
         geo: Geometry,
-        writable: bool,
     ) -> Result<(Delta, Vec<String>)> {
-        let path = delta_path(dir, id);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(&path)
-            .ctx(&path, "open delta")?;
-        let len = file.metadata().ctx(&path, "stat delta")?.len();
+        let path = obj.name().to_path_buf();
+        let len = obj.byte_len().ctx(&path, "stat delta")?;
         if len < geo.data_start {
             return Err(corrupt(
                 &path,
@@ -185,7 +174,7 @@ impl Delta {
                 ),
             ));
         }
-        let (header, slot, warnings) = read_header(&file, &path)?;
+        let (header, slot, warnings) = read_header(&*obj)?;
         let bad = |why: String| Err(corrupt(&path, why));
         if header.layer != id {
             return bad(format!(
@@ -203,7 +192,7 @@ impl Delta {
             ));
         }
         let mut jb = vec![0u8; header.journal_len as usize];
-        file.read_exact_at(&mut jb, geo.area_at(header.area))
+        obj.read_at(&mut jb, geo.area_at(header.area))
             .ctx(&path, "read journal")?;
         // The in-memory index packs a physical cluster into 46 bits.
         let max_phys = ((u64::MAX - geo.data_start) / geo.cluster_size - 1).min((1 << 46) - 1);
@@ -253,8 +242,7 @@ impl Delta {
         Ok((
             Delta {
                 id,
-                path,
-                file,
+                obj,
                 geo,
                 map: RwLock::new(map),
                 st: Mutex::new(DeltaState {
@@ -265,6 +253,9 @@ impl Delta {
                     free,
                     pending_free: Vec::new(),
                     pending: Vec::new(),
+                    fresh_from: (len - geo.data_start)
+                        .div_ceil(geo.cluster_size)
+                        .max(next_phys),
                 }),
                 commit_lock: Mutex::new(()),
             },
@@ -278,14 +269,25 @@ impl Delta {
 
     /// A physical cluster nobody references.
     pub fn alloc(&self) -> u64 {
+        self.alloc_fresh().0
+    }
+
+    /// [`Delta::alloc`], and whether the cluster was never written (reads
+    /// as zeros without being written).
+    pub fn alloc_fresh(&self) -> (u64, bool) {
         let mut st = lock(&self.st);
-        match st.free.pop() {
+        let p = match st.free.pop() {
             Some(p) => p,
             None => {
                 st.next_phys += 1;
                 st.next_phys - 1
             }
+        };
+        let fresh = p >= st.fresh_from;
+        if fresh {
+            st.fresh_from = p + 1;
         }
+        (p, fresh)
     }
 
     /// Give back a cluster from [`Delta::alloc`] that was never mapped.
@@ -322,25 +324,25 @@ impl Delta {
     }
 
     pub fn read_data(&self, phys: u64, in_off: u64, buf: &mut [u8]) -> Result<()> {
-        self.file
-            .read_exact_at(buf, self.geo.phys_offset(phys) + in_off)
-            .ctx(&self.path, "read delta cluster")
+        self.obj
+            .read_at(buf, self.geo.phys_offset(phys) + in_off)
+            .ctx(self.obj.name(), "read delta cluster")
     }
 
     pub fn write_data(&self, phys: u64, in_off: u64, buf: &[u8]) -> Result<()> {
-        self.file
-            .write_all_at(buf, self.geo.phys_offset(phys) + in_off)
-            .ctx(&self.path, "write delta cluster")
+        self.obj
+            .write_at(buf, self.geo.phys_offset(phys) + in_off)
+            .ctx(self.obj.name(), "write delta cluster")
     }
 
     fn write_header(&self, st: &mut DeltaState, h: Header) -> Result<()> {
         let slot = 1 - st.slot;
-        self.file
-            .write_all_at(&h.encode(), slot * HEADER_SIZE as u64)
-            .ctx(&self.path, "write delta header")?;
-        self.file
-            .sync_data()
-            .ctx(&self.path, "fdatasync delta header")?;
+        self.obj
+            .write_at(&h.encode(), slot * HEADER_SIZE as u64)
+            .ctx(self.obj.name(), "write delta header")?;
+        self.obj
+            .sync()
+            .ctx(self.obj.name(), "fdatasync delta header")?;
         st.header = h;
         st.slot = slot;
         Ok(())
@@ -359,7 +361,7 @@ impl Delta {
             )
         };
         if pending.is_empty() && pfree.is_empty() {
-            return self.file.sync_data().ctx(&self.path, "fdatasync delta");
+            return self.obj.sync().ctx(self.obj.name(), "fdatasync delta");
         }
         let r = self.commit_batch(&pending, header, next_seq);
         let mut st = lock(&self.st);
@@ -371,18 +373,14 @@ impl Delta {
                 st.slot = 1 - st.slot;
                 drop(st);
                 if let Some(area) = compacted_from {
-                    let _ = crate::sys::zero_range(
-                        &self.file,
-                        self.geo.area_at(area),
-                        self.geo.area_len,
-                    );
+                    let _ = self
+                        .obj
+                        .zero_range(self.geo.area_at(area), self.geo.area_len);
                 }
                 for &p in &pfree {
-                    let _ = crate::sys::zero_range(
-                        &self.file,
-                        self.geo.phys_offset(p),
-                        self.geo.cluster_size,
-                    );
+                    let _ = self
+                        .obj
+                        .zero_range(self.geo.phys_offset(p), self.geo.cluster_size);
                 }
                 lock(&self.st).free.extend(pfree);
                 Ok(())
@@ -416,18 +414,18 @@ impl Delta {
         h.generation += 1;
         let mut compacted = None;
         if header.journal_len + bytes.len() as u64 <= self.geo.area_len {
-            self.file
-                .write_all_at(&bytes, self.geo.area_at(header.area) + header.journal_len)
-                .ctx(&self.path, "append journal")?;
+            self.obj
+                .write_at(&bytes, self.geo.area_at(header.area) + header.journal_len)
+                .ctx(self.obj.name(), "append journal")?;
             h.journal_len += bytes.len() as u64;
         } else {
             // The map already holds every pending entry: write it whole.
             let all: Vec<(u64, u64)> = read(&self.map).iter().collect();
             let (full, _) = journal::encode(&all, seq);
             let area = 1 - header.area;
-            self.file
-                .write_all_at(&full, self.geo.area_at(area))
-                .ctx(&self.path, "write compacted journal")?;
+            self.obj
+                .write_at(&full, self.geo.area_at(area))
+                .ctx(self.obj.name(), "write compacted journal")?;
             h.area = area;
             h.journal_len = full.len() as u64;
             h.first_seq = seq;
@@ -444,14 +442,14 @@ impl Delta {
         next: u64,
         compacted: Option<u32>,
     ) -> Result<(Header, u64, Option<u32>)> {
-        self.file.sync_data().ctx(&self.path, "fdatasync delta")?;
+        self.obj.sync().ctx(self.obj.name(), "fdatasync delta")?;
         let slot = 1 - lock(&self.st).slot;
-        self.file
-            .write_all_at(&h.encode(), slot * HEADER_SIZE as u64)
-            .ctx(&self.path, "write delta header")?;
-        self.file
-            .sync_data()
-            .ctx(&self.path, "fdatasync delta header")?;
+        self.obj
+            .write_at(&h.encode(), slot * HEADER_SIZE as u64)
+            .ctx(self.obj.name(), "write delta header")?;
+        self.obj
+            .sync()
+            .ctx(self.obj.name(), "fdatasync delta header")?;
         Ok((h, next, compacted))
     }
 
@@ -503,10 +501,10 @@ enum SlotRead {
     },
 }
 
-fn read_slot(file: &File, path: &Path, slot: u64) -> Result<SlotRead> {
+fn read_slot(obj: &dyn Object, slot: u64) -> Result<SlotRead> {
     let mut b = vec![0u8; HEADER_SIZE];
-    file.read_exact_at(&mut b, slot * HEADER_SIZE as u64)
-        .ctx(path, "read delta header")?;
+    obj.read_at(&mut b, slot * HEADER_SIZE as u64)
+        .ctx(obj.name(), "read delta header")?;
     Ok(match Header::decode(&b) {
         Ok(h) => SlotRead::Valid(h),
         Err(HeaderError::NoMagic) if b.iter().all(|&c| c == 0) => SlotRead::Zero,
@@ -534,8 +532,9 @@ fn slot_of_generation(generation: u64) -> u64 {
 /// the first commit, a slot of the wrong layer or generation, garbage —
 /// means committed metadata is missing, and the layer is refused rather
 /// than silently read as it was at an older generation.
-pub fn read_header(file: &File, path: &Path) -> Result<(Header, u64, Vec<String>)> {
-    let slots = [read_slot(file, path, 0)?, read_slot(file, path, 1)?];
+pub fn read_header(obj: &dyn Object) -> Result<(Header, u64, Vec<String>)> {
+    let path = obj.name();
+    let slots = [read_slot(obj, 0)?, read_slot(obj, 1)?];
     for (s, r) in slots.iter().enumerate() {
         if let SlotRead::Valid(h) = r {
             if slot_of_generation(h.generation) != s as u64 {
@@ -571,7 +570,7 @@ pub fn read_header(file: &File, path: &Path) -> Result<(Header, u64, Vec<String>
             // Deltas write both slots at creation; only one made before
             // that, never committed (generation 1, nothing appended to its
             // journal), may still have an unwritten slot.
-            if h.generation != 1 || journal_started(file, h) {
+            if h.generation != 1 || journal_started(obj, h) {
                 return Err(corrupt(
                     path,
                     format!(
@@ -637,35 +636,31 @@ pub fn read_header(file: &File, path: &Path) -> Result<(Header, u64, Vec<String>
 
 /// Whether the journal area of `h` has a record at its start (the first
 /// step of a commit), or cannot be read.
-fn journal_started(file: &File, h: &Header) -> bool {
+fn journal_started(obj: &dyn Object, h: &Header) -> bool {
     let Some(geo) = h.geometry() else {
         return true;
     };
     let mut magic = [0u8; 4];
-    match file.read_exact_at(&mut magic, geo.area_at(h.area)) {
+    match obj.read_at(&mut magic, geo.area_at(h.area)) {
         Ok(()) => &magic == journal::MAGIC,
         Err(_) => true,
     }
 }
 
-/// Whether the delta at `path` provably holds nothing: a file with no byte
-/// written past its two header slots (a crash while [`Delta::create`]
-/// wrote them: no journal, no data can be there), or a header of LUN
-/// `lun` that never committed a journal record with no byte written past
-/// its header and journal areas. Removing such a file loses nothing.
-pub fn holds_nothing(path: &Path, lun: Uuid) -> bool {
-    let Ok(file) = File::open(path) else {
+/// Whether the delta `obj` provably holds nothing: no byte written past
+/// its two header slots (a crash while [`Delta::create`] wrote them: no
+/// journal, no data can be there), or a header of LUN `lun` that never
+/// committed a journal record with no byte written past its header and
+/// journal areas. Removing such an object loses nothing.
+pub fn holds_nothing(obj: &dyn Object, lun: Uuid) -> bool {
+    let Ok(len) = obj.byte_len() else {
         return false;
     };
-    let Ok(len) = file.metadata().map(|m| m.len()) else {
-        return false;
-    };
-    // Nothing past the header slots: no journal, no data can be there.
     let hdrs = 2 * HEADER_SIZE as u64;
-    if len <= hdrs || crate::sys::data_extents(&file, hdrs, len).is_ok_and(|e| e.is_empty()) {
+    if len <= hdrs || obj.data_extents(hdrs, len).is_ok_and(|e| e.is_empty()) {
         return true;
     }
-    let Ok((h, _, _)) = read_header(&file, path) else {
+    let Ok((h, _, _)) = read_header(obj) else {
         return false;
     };
     let Some(geo) = h.geometry() else {

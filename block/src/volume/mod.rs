@@ -17,6 +17,7 @@
 //! only for their short commit step, which also drains in-flight I/O.
 
 pub mod diff;
+pub mod dirty;
 pub mod error;
 pub mod header;
 pub mod journal;
@@ -26,10 +27,12 @@ pub mod repair;
 pub mod table;
 
 mod engine;
+mod io;
+
+pub use io::VolumeDevice;
 
 pub use engine::{
-    layers_belong_to, layers_dir, remove_layers_of, staging_dir, Change, ChangeKind, LayerUsage,
-    SnapshotInfo, Volume, VolumeConfig, VolumeOptions,
+    Change, ChangeKind, LayerUsage, SnapshotInfo, Volume, VolumeConfig, VolumeOptions,
 };
 pub use error::{Error, Result};
 

@@ -24,16 +24,17 @@
 //! `manifest.N.damaged`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
 use super::error::{corrupt, Error, IoCtx, Result};
 use super::header::Header;
-use super::layer::{delta_path, holds_nothing, read_header, Delta};
+use super::layer::{holds_nothing, read_header, Delta};
 use super::manifest::{self, Dependent, LayerRec, Manifest, Parent, SnapRec};
-use super::{layers_dir, VolumeConfig};
+use super::VolumeConfig;
+use crate::store::file::{delta_path, layers_dir, FileStore};
+use crate::store::{Object, Store};
 
 /// What [`rebuild_manifest`] put back.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -55,6 +56,7 @@ pub struct Rebuilt {
 struct Found {
     header: Header,
     path: PathBuf,
+    obj: std::sync::Arc<dyn Object>,
 }
 
 fn short(id: Uuid) -> String {
@@ -96,10 +98,12 @@ pub fn rebuild_manifest(
     };
 
     // Every layer file of this LUN, verified.
+    let store = FileStore::new(&cfg.lun_path, cfg.file.clone(), None, true);
     let mut found: BTreeMap<Uuid, Found> = BTreeMap::new();
-    for (id, path) in super::engine::delta_files(&dir)? {
-        let file = File::open(&path).ctx(&path, "open delta")?;
-        let (header, _, _) = read_header(&file, &path)?;
+    for id in store.list_layers()? {
+        let obj = store.open_layer(id, false)?;
+        let path = obj.name().to_path_buf();
+        let (header, _, _) = read_header(&*obj)?;
         if header.layer != id {
             return Err(corrupt(
                 &path,
@@ -117,7 +121,7 @@ pub fn rebuild_manifest(
                 ),
             ));
         }
-        found.insert(id, Found { header, path });
+        found.insert(id, Found { header, path, obj });
     }
     if found.is_empty() {
         return Err(Error::Invalid(format!(
@@ -155,9 +159,9 @@ pub fn rebuild_manifest(
             ));
         }
     }
-    for id in found.keys() {
+    for (id, f) in &found {
         // Journal and file length, exactly as an open checks them.
-        Delta::open(&dir, *id, cfg.lun_uuid, geo, false)?;
+        Delta::open(f.obj.clone(), *id, cfg.lun_uuid, geo)?;
     }
 
     // Parents, in the directory or elsewhere in the pool.
@@ -211,7 +215,7 @@ pub fn rebuild_manifest(
     let mut keep: HashSet<Uuid> = found.keys().copied().collect();
     for id in &leaves {
         let h = &found[id].header;
-        if **id != top && !h.frozen() && holds_nothing(&found[id].path, cfg.lun_uuid) {
+        if **id != top && !h.frozen() && holds_nothing(&*found[id].obj, cfg.lun_uuid) {
             keep.remove(id);
             left_out.push(found[id].path.clone());
         }
@@ -331,7 +335,7 @@ pub fn rebuild_manifest(
             .find(|s| s.layer == *id)
             .expect("named above")
             .name;
-        let (d, _) = Delta::open(&dir, *id, cfg.lun_uuid, geo, true)?;
+        let (d, _) = Delta::open(store.open_layer(*id, true)?, *id, cfg.lun_uuid, geo)?;
         d.set_frozen(name, "recovered by lunctl repair")?;
     }
     let mut kept_aside = Vec::new();

@@ -129,9 +129,6 @@ async fn with_group<T: Send + 'static>(
         op(&mut g)
     })
     .await;
-    for m in &ms {
-        m.refresh_plain();
-    }
     let us = paused.into_iter().map(|p| p.resume()).max().unwrap_or(0);
     drop(held);
     r.map(|t| (t, us))
@@ -169,11 +166,15 @@ pub async fn revert(reg: &Registry, l: &Arc<ServedLun>, name: String) -> OpResul
     let ((), us) = with_group(reg, l, true, move |g| Ok(g.revert(&name)?)).await?;
     // The snapshot's state records came back, this gateway's owner record
     // with them (or none): claim the LUNs again.
-    for m in &ms {
-        if let Err(e) = m.reassert_owner() {
-            tracing::warn!(lun = %m.lun.name(), "owner record not rewritten after revert: {e}");
+    let _ = blocking(move || {
+        for m in &ms {
+            if let Err(e) = m.reassert_owner() {
+                tracing::warn!(lun = %m.lun.name(), "owner record not rewritten after revert: {e}");
+            }
         }
-    }
+        Ok(())
+    })
+    .await;
     Ok(us)
 }
 

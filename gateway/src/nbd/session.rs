@@ -1,11 +1,14 @@
 //! Transmission phase of one connection.
 //!
-//! One reader loop decodes request headers, checks each request once
-//! ([`prepare`]: flags, read-only, and the range through
-//! [`Export::locate_checked`], the only place an export offset becomes a
-//! file offset), and spawns one task per request; tasks run concurrently
-//! and finish in any order; one writer task ([`super::writer`]) puts their
-//! replies on the wire.
+//! One reader loop decodes request headers, checks each request's protocol
+//! rules once ([`prepare`]: flags, block sizes, read-only), and spawns one
+//! task per request; tasks run concurrently and finish in any order; one
+//! writer task ([`super::writer`]) puts their replies on the wire. A
+//! request goes to the top of its export's block-device stack
+//! ([`Export::dev`], the region view) in export offsets; the region checks
+//! the range and translates it, the LUN's live-switch gate below it parks
+//! the request during a switch (see [`crate::switch`]). This module never
+//! computes a LUN offset itself.
 //!
 //! Memory: before it reads a request's payload or starts the request, the
 //! reader charges it to the connection's account ([`ConnMemory`]), which
@@ -19,19 +22,17 @@
 //! time (OFFSET_DATA chunks, or one simple reply whose data follows in
 //! pieces).
 //!
-//! Each request takes its place at the LUN's live-switch gate in the order
-//! the reader decoded it (see [`crate::switch`]) and holds its pass while
-//! it runs, except that a streamed request takes a pass for each piece's
-//! I/O only, so a client slow to send a payload or to read a reply never
-//! holds up a switch; requests of one connection whose ranges overlap, one
-//! of them a write, run in arrival order ([`InOrder`]). All I/O goes through the few
-//! `Ctx` methods at the bottom.
+//! Every call into the stack takes its own place at the gate, so a streamed
+//! request holds a pass only for one piece's I/O at a time and a client
+//! slow to send a payload or to read a reply never holds up a switch.
+//! Requests of one connection whose ranges overlap, one of them a write,
+//! run in arrival order ([`InOrder`]); a request waits for the earlier ones
+//! before it calls into the stack.
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
-use lungate_block::engine::IoEngine;
+use lungate_block::Chunk;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::Decoder;
@@ -86,7 +87,6 @@ pub enum End {
 
 struct Ctx {
     export: Arc<Export>,
-    engine: IoEngine,
     /// Structured replies (or extended headers, which imply them).
     structured: bool,
     extended: bool,
@@ -107,27 +107,28 @@ impl Failure {
         }
     }
 
-    fn io(what: &str, e: &std::io::Error) -> Self {
+    /// An I/O error from the stack. A range the region view refused is
+    /// ENOSPC for writes past the end (the spec's SHOULD), else EINVAL.
+    fn io(what: &str, e: &std::io::Error, writing: bool) -> Self {
+        if let Some(r) = lungate_block::device::range_error(e) {
+            return Failure::range_of(r, writing);
+        }
         Failure::new(NbdError::from_io(e), format!("{what}: {e}"))
     }
 
-    /// Range errors: writes past the end are ENOSPC (the spec's SHOULD),
-    /// everything else EINVAL.
-    fn range(e: RangeError, writing: bool) -> Self {
-        let error = match e {
-            RangeError::OutOfBounds { .. } | RangeError::Overflow { .. } if writing => {
-                NbdError::NoSpc
-            }
-            _ => NbdError::Inval,
+    fn range_of(r: &lungate_block::device::RangeError, writing: bool) -> Self {
+        let error = if writing {
+            NbdError::NoSpc
+        } else {
+            NbdError::Inval
         };
-        Failure::new(error, e.to_string())
+        Failure::new(error, r.to_string())
     }
-}
 
-/// A request that passed [`prepare`]: `at` is its file offset.
-#[derive(Debug, Clone, Copy)]
-struct Job {
-    at: u64,
+    /// Block-size rule violations: EINVAL.
+    fn range(e: RangeError) -> Self {
+        Failure::new(NbdError::Inval, e.to_string())
+    }
 }
 
 /// What a request is charged: its data up to the streaming window, plus
@@ -301,13 +302,11 @@ pub async fn serve(
     io: Transport,
     buffered: BytesMut,
     negotiated: Negotiated,
-    engine: IoEngine,
     memory: Arc<ConnMemory>,
     shutdown: CancellationToken,
 ) -> Result<End, SessionError> {
     let ctx = Arc::new(Ctx {
         export: negotiated.export,
-        engine,
         structured: negotiated.structured || negotiated.extended,
         extended: negotiated.extended,
         base_allocation: negotiated.base_allocation,
@@ -360,8 +359,8 @@ pub async fn serve(
                 break Ok(End::Shutdown);
             }
         };
-        let job = match prepare(&ctx, &h) {
-            Ok(j) => j,
+        match prepare(&ctx, &h) {
+            Ok(()) => {}
             Err(f) => {
                 if let Err(e) = input.skip(h.payload).await {
                     break Err(e.into());
@@ -369,26 +368,13 @@ pub async fn serve(
                 send_failure(&ctx, &tx, &h, f, Hold::credit(credit));
                 continue;
             }
-        };
-        // A request streamed in pieces takes the gate once per piece
-        // instead (`Ctx::piece_pass`): holding it while waiting for a slow
-        // client's payload or for it to read the reply would hold up every
-        // live switch of the LUN.
-        let streamed =
-            h.payload > STREAM_WINDOW || (h.command == Command::Read && h.length > STREAM_WINDOW);
+        }
         let (ticket, deps) = match range_of(&h) {
             Some((start, len, write)) => {
                 let (t, d) = order.register(start, len, write);
                 (Some(t), d)
             }
             None => (None, Vec::new()),
-        };
-        // A request that must wait for earlier overlapping ones takes its
-        // place at the gate only once they are done, for the same reason.
-        let entry = match &ctx.export.lun {
-            Some(l) if !streamed && deps.is_empty() => Gated::Entry(l.gate.enter()),
-            Some(_) if !streamed => Gated::Late,
-            _ => Gated::Pieces,
         };
         let (ctx2, tx2) = (ctx.clone(), tx.clone());
         if h.payload > STREAM_WINDOW {
@@ -397,7 +383,7 @@ pub async fn serve(
             let (ptx, prx) = mpsc::unbounded_channel();
             tokio::spawn(async move {
                 after(deps).await;
-                handle(&ctx2, &tx2, h, job, Payload::Stream(prx), credit).await;
+                handle(&ctx2, &tx2, h, Payload::Stream(prx), credit).await;
                 drop(ticket);
             });
             let window = Arc::new(Semaphore::new((STREAM_WINDOW / PIECE) as usize));
@@ -437,18 +423,8 @@ pub async fn serve(
             Payload::None
         };
         tokio::spawn(async move {
-            let _pass = match entry {
-                Gated::Entry(e) => Some(e.ready().await),
-                Gated::Late => {
-                    after(deps).await;
-                    ctx2.piece_pass().await
-                }
-                Gated::Pieces => {
-                    after(deps).await;
-                    None
-                }
-            };
-            handle(&ctx2, &tx2, h, job, payload, credit).await;
+            after(deps).await;
+            handle(&ctx2, &tx2, h, payload, credit).await;
             drop(ticket);
         });
     };
@@ -464,16 +440,6 @@ pub async fn serve(
         (Ok(End::Disconnect | End::Eof | End::AbsurdWrite), Err(_)) => Ok(End::Eof),
         (Ok(End::Shutdown), Err(e)) => Err(e.into()),
     }
-}
-
-/// How a request holds its LUN's live-switch gate.
-enum Gated {
-    /// Its place, taken in arrival order when the reader decoded it.
-    Entry(crate::switch::Entry),
-    /// A place taken once the earlier requests it overlaps are done.
-    Late,
-    /// A place per piece of a streamed request (or no LUN behind the export).
-    Pieces,
 }
 
 /// A WRITE's data: whole, or pieces as the reader gets them.
@@ -541,7 +507,7 @@ fn chunk(h: &RequestHeader, flags: u16, payload: ChunkPayload) -> Reply {
 }
 
 /// Check a request before anything of it runs: flags, read-only, range.
-fn prepare(ctx: &Ctx, h: &RequestHeader) -> Result<Job, Failure> {
+fn prepare(ctx: &Ctx, h: &RequestHeader) -> Result<(), Failure> {
     let e = &ctx.export;
     let extra = h.flags & !h.command.allowed_flags(ctx.extended);
     if extra != 0 {
@@ -570,19 +536,13 @@ fn prepare(ctx: &Ctx, h: &RequestHeader) -> Result<Job, Failure> {
         ));
     }
     let (offset, length) = (h.offset, h.length);
-    let at = match h.command {
-        Command::Read | Command::Cache => e
-            .locate_checked(offset, length, true)
-            .map_err(|r| Failure::range(r, false))?,
-        Command::Write => e
-            .locate_checked(offset, length, true)
-            .map_err(|r| Failure::range(r, true))?,
-        Command::Trim => e
-            .locate_checked(offset, length, false)
-            .map_err(|r| Failure::range(r, false))?,
-        Command::WriteZeroes => e
-            .locate_checked(offset, length, false)
-            .map_err(|r| Failure::range(r, true))?,
+    match h.command {
+        Command::Read | Command::Write | Command::Cache => e
+            .check_block_sizes(offset, length, true)
+            .map_err(Failure::range)?,
+        Command::Trim | Command::WriteZeroes => e
+            .check_block_sizes(offset, length, false)
+            .map_err(Failure::range)?,
         Command::BlockStatus => {
             if !ctx.structured || !ctx.base_allocation {
                 return Err(Failure::new(
@@ -593,18 +553,24 @@ fn prepare(ctx: &Ctx, h: &RequestHeader) -> Result<Job, Failure> {
             if length == 0 {
                 return Err(Failure::new(NbdError::Inval, "block status of length 0"));
             }
-            e.locate_checked(offset, length, false)
-                .map_err(|r| Failure::range(r, false))?
+            e.check_block_sizes(offset, length, false)
+                .map_err(Failure::range)?
         }
-        Command::Flush => 0,
-        Command::Disc => 0, // handled by the reader; never spawned
+        Command::Flush | Command::Disc => {} // DISC: handled by the reader
         Command::Unknown(c) => {
             return Err(Failure::new(
                 NbdError::Inval,
                 format!("unknown command {c}"),
             ))
         }
-    };
+    }
+    // A streamed WRITE is written piece by piece as it arrives; one that
+    // would run past the end is refused before any of it is written (the
+    // region view checks each piece again, as it checks every call).
+    if h.command == Command::Write && h.payload > STREAM_WINDOW {
+        lungate_block::device::check_range(offset, length, e.size())
+            .map_err(|r| Failure::range_of(&r, true))?;
+    }
     if h.command == Command::Read && h.flags & cmd_flags::DF != 0 && length > STREAM_WINDOW {
         return Err(Failure::new(
             NbdError::Overflow,
@@ -620,14 +586,14 @@ fn prepare(ctx: &Ctx, h: &RequestHeader) -> Result<Job, Failure> {
             format!("{:?} takes no payload", h.command),
         ));
     }
-    Ok(Job { at })
+    Ok(())
 }
 
-async fn handle(ctx: &Ctx, tx: &Tx, h: RequestHeader, job: Job, payload: Payload, credit: Credit) {
+async fn handle(ctx: &Ctx, tx: &Tx, h: RequestHeader, payload: Payload, credit: Credit) {
     let st = &ctx.export.stats;
     ExportStats::add(&st.in_flight, 1);
     let mut credit = Some(credit);
-    let r = run(ctx, tx, &h, job, payload, &mut credit).await;
+    let r = run(ctx, tx, &h, payload, &mut credit).await;
     ExportStats::sub(&st.in_flight, 1);
     match (&r, h.command) {
         (Err(_), _) => ExportStats::add(&st.errors, 1),
@@ -660,45 +626,46 @@ async fn run(
     ctx: &Ctx,
     tx: &Tx,
     h: &RequestHeader,
-    job: Job,
     payload: Payload,
     credit: &mut Option<Credit>,
 ) -> Result<bool, Failure> {
+    let dev = &ctx.export.dev;
     let fua = h.flags & cmd_flags::FUA != 0;
-    let (at, length) = (job.at, h.length);
+    let (offset, length) = (h.offset, h.length);
     match h.command {
-        Command::Read => read(ctx, tx, h, at, credit).await.map(|()| true),
+        Command::Read => read(ctx, tx, h, credit).await.map(|()| true),
         Command::Write => {
             match payload {
-                Payload::None => {}
-                Payload::Whole(data) => ctx
-                    .write_at(at, data, fua)
+                Payload::None => dev
+                    .write(offset, Bytes::new(), fua)
                     .await
-                    .map_err(|err| Failure::io("write", &err))?,
-                Payload::Stream(pieces) => write_streamed(ctx, h, at, pieces).await?,
+                    .map_err(|err| Failure::io("write", &err, true))?,
+                Payload::Whole(data) => dev
+                    .write(offset, data, fua)
+                    .await
+                    .map_err(|err| Failure::io("write", &err, true))?,
+                Payload::Stream(pieces) => write_streamed(ctx, h, pieces).await?,
             }
             Ok(false)
         }
         Command::Flush => {
-            ctx.flush()
+            dev.flush()
                 .await
-                .map_err(|err| Failure::io("flush", &err))?;
+                .map_err(|err| Failure::io("flush", &err, false))?;
             Ok(false)
         }
         Command::Trim => {
-            if length > 0 {
-                if let Err(err) = ctx.trim(at, length).await {
-                    // Trim is advisory: a backing store that cannot punch
-                    // holes simply keeps the data.
-                    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                        return Err(Failure::io("trim", &err));
-                    }
+            if let Err(err) = dev.trim(offset, length).await {
+                // Trim is advisory: a backing store that cannot punch
+                // holes simply keeps the data.
+                if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                    return Err(Failure::io("trim", &err, false));
                 }
-                if fua {
-                    ctx.flush()
-                        .await
-                        .map_err(|err| Failure::io("flush after trim", &err))?;
-                }
+            }
+            if fua && length > 0 {
+                dev.flush()
+                    .await
+                    .map_err(|err| Failure::io("flush after trim", &err, false))?;
             }
             Ok(false)
         }
@@ -711,41 +678,53 @@ async fn run(
                     "fast zero with NO_HOLE is not guaranteed fast",
                 ));
             }
-            if length > 0 {
-                ctx.write_zeroes(at, length, !no_hole)
+            dev.write_zeroes(offset, length, !no_hole)
+                .await
+                .map_err(|err| Failure::io("write zeroes", &err, true))?;
+            if fua && length > 0 {
+                dev.flush()
                     .await
-                    .map_err(|err| Failure::io("write zeroes", &err))?;
-                if fua {
-                    ctx.flush()
-                        .await
-                        .map_err(|err| Failure::io("flush after write zeroes", &err))?;
-                }
+                    .map_err(|err| Failure::io("flush after write zeroes", &err, false))?;
             }
             Ok(false)
         }
         Command::Cache => {
-            if length > 0 {
-                ctx.cache(at, length);
+            // Through the stack: the layer that holds each cluster reads
+            // it ahead. A hint; failing to take it is not an error.
+            if let Err(err) = dev.cache(offset, length).await {
+                if lungate_block::device::range_error(&err).is_some() {
+                    return Err(Failure::io("cache", &err, false));
+                }
+                tracing::debug!(error = %err, "cache hint ignored");
             }
             Ok(false)
         }
         Command::BlockStatus => {
+            // The whole request is range-checked; the answer may cover less.
+            lungate_block::device::check_range(offset, length, ctx.export.size())
+                .map_err(|r| Failure::range_of(&r, false))?;
             let span = length.min(if ctx.extended {
                 BLOCK_STATUS_SPAN_EXTENDED
             } else {
                 BLOCK_STATUS_SPAN
             });
-            let extents = allocation(ctx, at, h.offset, span).await?;
-            let flags_of = |hole: bool| if hole { state::HOLE | state::ZERO } else { 0 };
-            let one = h.flags & cmd_flags::REQ_ONE != 0;
-            let take = if one { 1 } else { usize::MAX };
+            let extents = dev
+                .extents(offset, span)
+                .await
+                .map_err(|err| Failure::io("block status", &err, false))?;
+            let flags_of = |data: bool| if data { 0 } else { state::HOLE | state::ZERO };
+            let take = if h.flags & cmd_flags::REQ_ONE != 0 {
+                1
+            } else {
+                usize::MAX
+            };
             let payload = if ctx.extended {
                 ChunkPayload::BlockStatusExt {
                     context: BASE_ALLOCATION_ID,
                     extents: extents
                         .into_iter()
                         .take(take)
-                        .map(|(len, hole)| (len, u64::from(flags_of(hole))))
+                        .map(|x| (x.length, u64::from(flags_of(x.data))))
                         .collect(),
                 }
             } else {
@@ -756,7 +735,7 @@ async fn run(
                     extents: extents
                         .into_iter()
                         .take(take)
-                        .map(|(len, hole)| (len.min(u64::from(u32::MAX)) as u32, flags_of(hole)))
+                        .map(|x| (x.length.min(u64::from(u32::MAX)) as u32, flags_of(x.data)))
                         .collect(),
                 }
             };
@@ -780,17 +759,16 @@ async fn run(
 async fn write_streamed(
     ctx: &Ctx,
     h: &RequestHeader,
-    at: u64,
     mut pieces: mpsc::UnboundedReceiver<(Bytes, tokio::sync::OwnedSemaphorePermit)>,
 ) -> Result<(), Failure> {
+    let dev = &ctx.export.dev;
     let mut done = 0u64;
     let mut failed = None;
     while let Some((data, slot)) = pieces.recv().await {
         let n = data.len() as u64;
         if failed.is_none() {
-            let _pass = ctx.piece_pass().await;
-            if let Err(e) = ctx.write_at(at + done, data, false).await {
-                failed = Some(Failure::io("write", &e));
+            if let Err(e) = dev.write(h.offset + done, data, false).await {
+                failed = Some(Failure::io("write", &e, true));
             }
         }
         drop(slot);
@@ -809,79 +787,72 @@ async fn write_streamed(
         ));
     }
     if h.flags & cmd_flags::FUA != 0 {
-        let _pass = ctx.piece_pass().await;
-        ctx.flush()
+        dev.flush()
             .await
-            .map_err(|err| Failure::io("flush after write", &err))?;
+            .map_err(|err| Failure::io("flush after write", &err, false))?;
     }
     Ok(())
 }
 
-/// Allocation of export range `[offset, offset + length)` (file offset
-/// `at`) as consecutive `(length, is_hole)` runs covering it exactly.
-/// Gaps the engine does not describe are reported as data.
-async fn allocation(
-    ctx: &Ctx,
-    at: u64,
-    offset: u64,
-    length: u64,
-) -> Result<Vec<(u64, bool)>, Failure> {
-    let e = &ctx.export;
-    let end = offset + length; // locate proved this fits
-    let raw = ctx
-        .extents(at, length)
-        .await
-        .map_err(|err| Failure::io("block status", &err))?;
-    let mut runs: Vec<(u64, bool)> = Vec::new();
-    let mut pos = offset;
-    let push = |runs: &mut Vec<(u64, bool)>, len: u64, hole: bool| match runs.last_mut() {
-        Some((l, h)) if *h == hole => *l += len,
-        _ => runs.push((len, hole)),
+/// A structured read's answer from the stack as chunk payloads: holes of at
+/// least [`MIN_HOLE_CHUNK`] as OFFSET_HOLE, shorter ones sent as zeros with
+/// the data around them.
+fn chunk_payloads(chunks: Vec<Chunk>) -> Vec<ChunkPayload> {
+    let mut out: Vec<ChunkPayload> = Vec::with_capacity(chunks.len());
+    let mut data: Option<(u64, BytesMut)> = None;
+    let flush_data = |data: &mut Option<(u64, BytesMut)>, out: &mut Vec<ChunkPayload>| {
+        if let Some((offset, b)) = data.take() {
+            out.push(ChunkPayload::OffsetData {
+                offset,
+                data: b.freeze(),
+            });
+        }
     };
-    for x in raw {
-        let Some((o, l)) = e.clip_file_range(x.offset, x.length, offset, end) else {
-            continue;
-        };
-        if o < pos {
-            continue; // overlapping or unsorted extent: keep what we have
+    for c in chunks {
+        match c {
+            Chunk::Hole { offset, length } if length >= MIN_HOLE_CHUNK => {
+                flush_data(&mut data, &mut out);
+                out.push(ChunkPayload::OffsetHole {
+                    offset,
+                    length: length as u32,
+                });
+            }
+            // Data with nothing pending goes out as it came: no copy.
+            Chunk::Data { offset, data: d } if data.is_none() => {
+                out.push(ChunkPayload::OffsetData { offset, data: d });
+            }
+            c => {
+                let (offset, bytes): (u64, &[u8]) = match &c {
+                    Chunk::Data { offset, data } => (*offset, data),
+                    Chunk::Hole { offset, length } => (*offset, &ZERO_CHUNK[..*length as usize]),
+                };
+                match &mut data {
+                    Some((_, b)) => b.extend_from_slice(bytes),
+                    None => data = Some((offset, BytesMut::from(bytes))),
+                }
+            }
         }
-        if o > pos {
-            push(&mut runs, o - pos, false);
-        }
-        push(&mut runs, l, !x.data);
-        pos = o + l;
     }
-    if pos < end {
-        push(&mut runs, end - pos, false);
-    }
-    Ok(runs)
+    flush_data(&mut data, &mut out);
+    out
 }
 
-/// Runs merged into (export offset, length, hole) segments, holes shorter
-/// than [`MIN_HOLE_CHUNK`] folded into the data around them.
-fn segments(offset: u64, runs: Vec<(u64, bool)>) -> Vec<(u64, u64, bool)> {
-    let mut segs: Vec<(u64, u64, bool)> = Vec::new();
-    let mut pos = offset;
-    for (len, hole) in runs {
-        let hole = hole && len >= MIN_HOLE_CHUNK;
-        match segs.last_mut() {
-            Some((_, l, hh)) if *hh == hole => *l += len,
-            _ => segs.push((pos, len, hole)),
-        }
-        pos += len;
-    }
-    segs
-}
+/// Zeros for holes too short to send as holes.
+static ZERO_CHUNK: [u8; MIN_HOLE_CHUNK as usize] = [0; MIN_HOLE_CHUNK as usize];
 
 async fn read(
     ctx: &Ctx,
     tx: &Tx,
     h: &RequestHeader,
-    at: u64,
     credit: &mut Option<Credit>,
 ) -> Result<(), Failure> {
+    let dev = &ctx.export.dev;
     let length = h.length;
     if length == 0 {
+        // Still a range check: an empty read past the end is refused.
+        dev.read(h.offset, 0)
+            .await
+            .map_err(|err| Failure::io("read", &err, false))?;
         let hold = Hold {
             credit: credit.take(),
             piece: None,
@@ -891,12 +862,12 @@ async fn read(
     }
     if !ctx.structured {
         if length > STREAM_WINDOW {
-            return read_simple_streamed(ctx, tx, h, at, credit).await;
+            return read_simple_streamed(ctx, tx, h, credit).await;
         }
-        let data = ctx
-            .read_at(at, length as usize)
+        let data = dev
+            .read(h.offset, length as usize)
             .await
-            .map_err(|err| Failure::io("read", &err))?;
+            .map_err(|err| Failure::io("read", &err, false))?;
         let reply = Reply::Simple {
             handle: h.handle,
             error: 0,
@@ -913,37 +884,31 @@ async fn read(
         return Ok(());
     }
     let sparse = h.flags & cmd_flags::DF == 0 && length >= SPARSE_READ_MIN;
-    let segs = if sparse {
-        let _pass = if length > STREAM_WINDOW {
-            ctx.piece_pass().await
-        } else {
-            None // the caller holds the request's pass
-        };
-        segments(h.offset, allocation(ctx, at, h.offset, length).await?)
-    } else {
-        vec![(h.offset, length, false)]
-    };
     if length > STREAM_WINDOW {
-        read_structured_streamed(ctx, tx, h, at, segs, credit).await;
+        // prepare refused DF beyond the window.
+        read_structured_streamed(ctx, tx, h, sparse, credit).await;
         return Ok(());
     }
     // Within the window: everything is read before the first chunk goes
     // out, so an I/O error is one error reply instead of a half-sent read.
-    let mut chunks = Vec::with_capacity(segs.len());
-    for (off, len, hole) in segs {
-        if hole {
-            chunks.push(ChunkPayload::OffsetHole {
-                offset: off,
-                length: len as u32,
-            });
-        } else {
-            let data = ctx
-                .read_at(at + (off - h.offset), len as usize)
-                .await
-                .map_err(|err| Failure::io("read", &err))?;
-            chunks.push(ChunkPayload::OffsetData { offset: off, data });
-        }
-    }
+    let chunks = if sparse {
+        // One call, one consistent view: the stack says where it holds
+        // zeros, and those go out as OFFSET_HOLE chunks.
+        let c = dev
+            .read_chunks(h.offset, length as usize)
+            .await
+            .map_err(|err| Failure::io("read", &err, false))?;
+        chunk_payloads(c)
+    } else {
+        let data = dev
+            .read(h.offset, length as usize)
+            .await
+            .map_err(|err| Failure::io("read", &err, false))?;
+        vec![ChunkPayload::OffsetData {
+            offset: h.offset,
+            data,
+        }]
+    };
     let n = chunks.len();
     for (i, payload) in chunks.into_iter().enumerate() {
         let last = i + 1 == n;
@@ -964,70 +929,73 @@ async fn read(
     Ok(())
 }
 
-/// A structured READ longer than the window: each data piece goes out as
-/// its own OFFSET_DATA chunk as soon as it is read, holes as OFFSET_HOLE,
-/// and a final NONE chunk ends it. A piece that fails to read ends it with
-/// an ERROR_OFFSET chunk at that piece (the pieces before it are valid).
+/// A structured READ longer than the window: each piece is read from the
+/// stack (holes included, when `sparse`) and goes out as its chunks as soon
+/// as it is read, and a final NONE chunk ends the reply. A piece that fails
+/// to read ends it with an ERROR_OFFSET chunk at that piece (the pieces
+/// before it are valid).
 async fn read_structured_streamed(
     ctx: &Ctx,
     tx: &Tx,
     h: &RequestHeader,
-    at: u64,
-    segs: Vec<(u64, u64, bool)>,
+    sparse: bool,
     credit: &mut Option<Credit>,
 ) {
+    let dev = &ctx.export.dev;
     let window = Arc::new(Semaphore::new((STREAM_WINDOW / PIECE) as usize));
-    for (off, len, hole) in segs {
-        if hole {
-            let payload = ChunkPayload::OffsetHole {
-                offset: off,
-                length: len as u32,
-            };
-            send(tx, chunk(h, 0, payload), Hold::default());
-            continue;
-        }
-        let mut done = 0u64;
-        while done < len {
-            let slot = window
-                .clone()
-                .acquire_owned()
+    let mut done = 0u64;
+    while done < h.length {
+        let slot = window
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the window semaphore is never closed");
+        let n = (h.length - done).min(PIECE);
+        let piece_off = h.offset + done;
+        let got = if sparse {
+            dev.read_chunks(piece_off, n as usize)
                 .await
-                .expect("the window semaphore is never closed");
-            let n = (len - done).min(PIECE);
-            let piece_off = off + done;
-            let pass = ctx.piece_pass().await;
-            let got = ctx.read_at(at + (piece_off - h.offset), n as usize).await;
-            drop(pass);
-            match got {
-                Ok(data) => {
-                    let payload = ChunkPayload::OffsetData {
-                        offset: piece_off,
-                        data,
-                    };
+                .map(chunk_payloads)
+        } else {
+            dev.read(piece_off, n as usize).await.map(|data| {
+                vec![ChunkPayload::OffsetData {
+                    offset: piece_off,
+                    data,
+                }]
+            })
+        };
+        match got {
+            Ok(payloads) => {
+                // The piece's slot stays with its last chunk until that is
+                // on the wire.
+                let mut slot = Some(slot);
+                let k = payloads.len();
+                for (i, payload) in payloads.into_iter().enumerate() {
+                    let piece = if i + 1 == k { slot.take() } else { None };
                     let hold = Hold {
                         credit: None,
-                        piece: Some(slot),
+                        piece,
                     };
                     send(tx, chunk(h, 0, payload), hold);
                 }
-                Err(e) => {
-                    let f = Failure::io("read", &e);
-                    tracing::debug!(offset = piece_off, error = %f.message, "read failed mid-reply");
-                    let payload = ChunkPayload::ErrorOffset {
-                        error: f.error.code(),
-                        message: f.message,
-                        offset: piece_off,
-                    };
-                    let hold = Hold {
-                        credit: credit.take(),
-                        piece: None,
-                    };
-                    send(tx, chunk(h, reply_flags::DONE, payload), hold);
-                    return;
-                }
             }
-            done += n;
+            Err(e) => {
+                let f = Failure::io("read", &e, false);
+                tracing::debug!(offset = piece_off, error = %f.message, "read failed mid-reply");
+                let payload = ChunkPayload::ErrorOffset {
+                    error: f.error.code(),
+                    message: f.message,
+                    offset: piece_off,
+                };
+                let hold = Hold {
+                    credit: credit.take(),
+                    piece: None,
+                };
+                send(tx, chunk(h, reply_flags::DONE, payload), hold);
+                return;
+            }
         }
+        done += n;
     }
     let hold = Hold {
         credit: credit.take(),
@@ -1044,21 +1012,19 @@ async fn read_simple_streamed(
     ctx: &Ctx,
     tx: &Tx,
     h: &RequestHeader,
-    at: u64,
     credit: &mut Option<Credit>,
 ) -> Result<(), Failure> {
+    let dev = &ctx.export.dev;
     let window = Arc::new(Semaphore::new((STREAM_WINDOW / PIECE) as usize));
     let slot = window
         .clone()
         .acquire_owned()
         .await
         .expect("the window semaphore is never closed");
-    let pass = ctx.piece_pass().await;
-    let first = ctx
-        .read_at(at, PIECE as usize)
+    let first = dev
+        .read(h.offset, PIECE as usize)
         .await
-        .map_err(|err| Failure::io("read", &err))?;
-    drop(pass);
+        .map_err(|err| Failure::io("read", &err, false))?;
     let Some(c) = credit.take() else {
         return Err(Failure::new(NbdError::Io, "read without its credit"));
     };
@@ -1082,10 +1048,7 @@ async fn read_simple_streamed(
             .await
             .expect("the window semaphore is never closed");
         let n = (h.length - done).min(PIECE);
-        let pass = ctx.piece_pass().await;
-        let got = ctx.read_at(at + done, n as usize).await;
-        drop(pass);
-        match got {
+        match dev.read(h.offset + done, n as usize).await {
             Ok(d) => {
                 if ptx.send(Ok((d, slot))).is_err() {
                     break; // the writer is gone
@@ -1101,77 +1064,4 @@ async fn read_simple_streamed(
         done += n;
     }
     Ok(())
-}
-
-// The data path: through the served LUN (fast path or volume), or straight
-// to the engine for a bare file view. Offsets are file offsets that
-// `prepare` produced.
-impl Ctx {
-    /// A pass at the LUN's gate for one piece of a streamed request.
-    async fn piece_pass(&self) -> Option<crate::switch::Pass> {
-        match &self.export.lun {
-            Some(l) => Some(l.gate.enter().ready().await),
-            None => None,
-        }
-    }
-    async fn read_at(&self, at: u64, len: usize) -> std::io::Result<Bytes> {
-        match &self.export.lun {
-            Some(l) => l.read(&self.engine, at, len).await,
-            None => self.engine.read(&self.export.file, at, len).await,
-        }
-    }
-    async fn write_at(&self, at: u64, data: Bytes, fua: bool) -> std::io::Result<()> {
-        match &self.export.lun {
-            Some(l) => l.write(&self.engine, at, data, fua).await,
-            None => self.engine.write(&self.export.file, at, data, fua).await,
-        }
-    }
-    async fn flush(&self) -> std::io::Result<()> {
-        match &self.export.lun {
-            Some(l) => l.flush(&self.engine).await,
-            None => self.engine.flush(&self.export.file).await,
-        }
-    }
-    async fn trim(&self, at: u64, len: u64) -> std::io::Result<()> {
-        match &self.export.lun {
-            Some(l) => l.trim(&self.engine, at, len).await,
-            None => self.engine.punch_hole(&self.export.file, at, len).await,
-        }
-    }
-    async fn write_zeroes(&self, at: u64, len: u64, may_trim: bool) -> std::io::Result<()> {
-        match &self.export.lun {
-            Some(l) => l.write_zeroes(&self.engine, at, len, may_trim).await,
-            None => {
-                self.engine
-                    .write_zeroes(&self.export.file, at, len, may_trim)
-                    .await
-            }
-        }
-    }
-    async fn extents(
-        &self,
-        at: u64,
-        len: u64,
-    ) -> std::io::Result<Vec<lungate_block::engine::Extent>> {
-        match &self.export.lun {
-            Some(l) => l.extents(&self.engine, at, len).await,
-            None => self.engine.extents(&self.export.file, at, len),
-        }
-    }
-    /// NBD_CMD_CACHE: a read-ahead hint on the LUN file.
-    fn cache(&self, at: u64, len: u64) {
-        // SAFETY: posix_fadvise only reads its integer arguments; the fd is
-        // owned by `self.export.file`, which outlives this call.
-        let rc = unsafe {
-            libc::posix_fadvise(
-                self.export.file.as_raw_fd(),
-                at as libc::off_t,
-                len as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            )
-        };
-        if rc != 0 {
-            tracing::debug!(rc, "posix_fadvise(WILLNEED) failed; cache hint ignored");
-        }
-    }
 }
