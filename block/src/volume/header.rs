@@ -21,7 +21,7 @@
 //! | 56   | 16   | LUN UUID owning the layers directory              |
 //! | 72   | 8    | virtual size                                      |
 //! | 80   | 8    | created, Unix seconds                             |
-//! | 88   | 4    | flags: bit 0 frozen; others zero                  |
+//! | 88   | 4    | flags: bit 0 frozen, bit 1 checksums; others zero |
 //! | 92   | 4    | current journal area (0 or 1)                     |
 //! | 96   | 8    | committed journal length in that area             |
 //! | 104  | 8    | sequence number of the area's first record        |
@@ -46,6 +46,8 @@ pub const DESC_MAX: usize = 1024;
 const SUM_AT: usize = HEADER_SIZE - 32;
 
 pub const FLAG_FROZEN: u32 = 1;
+/// The layer keeps a checksum of every data cluster in its journal.
+pub const FLAG_CHECKSUMS: u32 = 2;
 
 /// Where things live in a delta file; a pure function of cluster size and
 /// virtual size.
@@ -73,9 +75,11 @@ impl Geometry {
         }
         let clusters = size.div_ceil(cluster_size);
         let area0 = align(2 * HEADER_SIZE as u64, cluster_size)?;
-        // An area holds a full compacted map with room to spare, so after a
-        // compaction any batch of distinct entries still fits.
-        let map_bytes = super::journal::encoded_len(usize::try_from(clusters).ok()?);
+        // An area holds a full compacted map (a data entry and a checksum
+        // entry per cluster, for layers with checksums) with room to spare,
+        // so after a compaction any batch of distinct entries still fits.
+        let map_bytes =
+            super::journal::encoded_len(usize::try_from(clusters.checked_mul(2)?).ok()?);
         let area_len = align(
             map_bytes.checked_mul(2)?.checked_add(1 << 20)?,
             cluster_size,
@@ -143,6 +147,10 @@ impl Header {
 
     pub fn frozen(&self) -> bool {
         self.flags & FLAG_FROZEN != 0
+    }
+
+    pub fn checksums(&self) -> bool {
+        self.flags & FLAG_CHECKSUMS != 0
     }
 
     pub fn encode(&self) -> [u8; HEADER_SIZE] {
@@ -242,7 +250,7 @@ impl Header {
                 ),
             )
         })?;
-        if h.flags & !FLAG_FROZEN != 0 {
+        if h.flags & !(FLAG_FROZEN | FLAG_CHECKSUMS) != 0 {
             return Err(bad("flags", format!("unknown flags {:#x}", h.flags)));
         }
         if h.area > 1 {
