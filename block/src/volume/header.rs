@@ -12,7 +12,7 @@
 //! | off  | len  | field                                             |
 //! |------|------|---------------------------------------------------|
 //! | 0    | 8    | magic `LGDELTA\0`                                 |
-//! | 8    | 2    | version (1)                                       |
+//! | 8    | 2    | version (2)                                       |
 //! | 10   | 2    | reserved, zero                                    |
 //! | 12   | 4    | cluster size                                      |
 //! | 16   | 8    | generation                                        |
@@ -39,7 +39,9 @@ use thiserror::Error;
 use uuid::Uuid;
 
 pub const MAGIC: &[u8; 8] = b"LGDELTA\0";
-pub const VERSION: u16 = 1;
+/// Version 2 sized the journal areas for a data and a checksum entry per
+/// cluster; version 1 (development builds before data checksums) had one.
+pub const VERSION: u16 = 2;
 pub const HEADER_SIZE: usize = 4096;
 pub const NAME_MAX: usize = 128;
 pub const DESC_MAX: usize = 1024;
@@ -134,7 +136,7 @@ pub enum HeaderError {
     NoMagic,
     #[error("delta header checksum mismatch")]
     Checksum,
-    #[error("unsupported delta header version {0}")]
+    #[error("unsupported delta header version {0} (this build reads version 2; version 1 came from development builds before data checksums and has a smaller journal area)")]
     Version(u16),
     #[error("delta header field {field} is invalid: {why}")]
     Field { field: &'static str, why: String },
