@@ -111,6 +111,13 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .ctx(dir, "fsync directory")
 }
 
+/// Where the secondary `r` of the primary LUN at `primary` lives (the same
+/// search [`Group::open`] does: the path hint if it is a file of the
+/// primary's pool holding that UUID, else every LUN of the pool).
+pub fn locate_secondary(primary: &Path, r: &SecondaryRef) -> Result<PathBuf> {
+    find_secondary(&pool_of(primary), r)
+}
+
 /// Find the LUN with `uuid`: its path hint first, then every `*.lun` file
 /// in `pool`.
 fn find_secondary(pool: &Path, r: &SecondaryRef) -> Result<PathBuf> {
