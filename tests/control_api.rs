@@ -146,7 +146,7 @@ fn every_route_works_over_the_unix_socket_with_contract_shapes_and_errors() {
         false,
     );
     assert_eq!(file.status, 200);
-    assert_eq!(&file.body[..8], b"LGDIFF01");
+    assert_eq!(&file.body[..8], b"LGDIFF02");
 
     // revert: the snapshot's data is back; the diff file re-applies the change
     let rv = api(

@@ -118,6 +118,19 @@ pub fn locate_secondary(primary: &Path, r: &SecondaryRef) -> Result<PathBuf> {
     find_secondary(&pool_of(primary), r)
 }
 
+/// The volume ranges of `lun`'s disks, minus its protected (label) bytes:
+/// what a diff's base digest covers, so a diff applies to another LUN
+/// whose disks hold the same bytes (its state region, with its own
+/// identity, is not compared nor written).
+fn disk_ranges(lun: &Lun) -> Vec<std::ops::Range<u64>> {
+    let r: Vec<_> = lun
+        .disks()
+        .iter()
+        .map(|d| d.offset..d.offset.saturating_add(d.length))
+        .collect();
+    volume::diff::clip_ranges(&r, lun.volume().protected())
+}
+
 /// Find the LUN with `uuid`: its path hint first, then every `*.lun` file
 /// in `pool`.
 fn find_secondary(pool: &Path, r: &SecondaryRef) -> Result<PathBuf> {
@@ -588,13 +601,17 @@ impl Group {
     /// `from` and `to` (live when `None`). Returns the bytes written.
     pub fn write_diff(&self, from: &str, to: Option<&str>, w: &mut impl Write) -> Result<u64> {
         let diffs = self.diffs(from, to)?;
-        let sections: Vec<(&Volume, Vec<Change>)> = self
+        let sections: Vec<volume::diff::Section<'_>> = self
             .members
             .iter()
             .zip(diffs)
-            .map(|(m, (_, c))| (&**m.volume(), c))
+            .map(|(m, (_, changes))| volume::diff::Section {
+                volume: m.volume(),
+                changes,
+                base: disk_ranges(m),
+            })
             .collect();
-        Ok(volume::diff::write(&sections, from, to, w)?)
+        Ok(volume::diff::write_sections(&sections, from, to, w)?)
     }
 
     /// Verify a whole diff file (blake3, structure, one section per member
@@ -618,7 +635,8 @@ impl Group {
         }
         let pool = pool_of(self.primary().path());
         let targets: Vec<&Volume> = self.members.iter().map(|m| &**m.volume()).collect();
-        let info = volume::diff::apply_with(r, &pool, &targets, progress)?;
+        let bases: Vec<_> = self.members.iter().map(disk_ranges).collect();
+        let info = volume::diff::apply_to_bases(r, &pool, &targets, &bases, progress)?;
         self.reload()?;
         Ok(info)
     }

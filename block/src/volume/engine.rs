@@ -1756,6 +1756,65 @@ impl Volume {
         Ok(out)
     }
 
+    /// A digest of what snapshot `snapshot` (the live volume when `None`)
+    /// holds in `ranges` (ascending, inside the volume): what a diff file
+    /// records as its base, so that it can be applied to any volume whose
+    /// bytes there are the same, whatever its LUN. Canonical: for every
+    /// cluster-aligned piece of the ranges that is not all zeros, its
+    /// offset, length and blake3 (keyed for this use), so a hole and
+    /// written zeros hash alike. Clusters the view maps to nothing are
+    /// skipped without a read; the others are read (O(allocated bytes)).
+    pub fn content_digest(
+        &self,
+        snapshot: Option<&str>,
+        ranges: &[Range<u64>],
+    ) -> Result<[u8; 32]> {
+        let mut h = blake3::Hasher::new_derive_key("lungate diff base digest v1");
+        let cs = self.geo.cluster_size;
+        let mut buf = vec![0u8; cs as usize];
+        let mut last = 0;
+        for r in ranges {
+            if r.start < last || r.start > r.end {
+                return Err(Error::Invalid(format!(
+                    "digest ranges must ascend: {r:?} after {last}"
+                )));
+            }
+            self.check(r.start, r.end - r.start)?;
+            last = r.end;
+            let mut at = r.start;
+            while at < r.end {
+                let vc = at / cs;
+                let end = ((vc + 1) * cs).min(r.end);
+                let zero = {
+                    let st = read(&self.state);
+                    if st.plain {
+                        false
+                    } else {
+                        let chain = match snapshot {
+                            Some(n) => st.chain_of(st.by_id[&self.snap(&st, n)?.layer]),
+                            None => st.chain.clone(),
+                        };
+                        self.resolve(&st, &chain, vc) == Res::Zero
+                    }
+                };
+                if !zero {
+                    let b = &mut buf[..(end - at) as usize];
+                    match snapshot {
+                        Some(n) => self.read_snapshot(n, at, b)?,
+                        None => self.read(at, b)?,
+                    }
+                    if b.iter().any(|&x| x != 0) {
+                        h.update(&at.to_le_bytes());
+                        h.update(&(end - at).to_le_bytes());
+                        h.update(blake3::hash(b).as_bytes());
+                    }
+                }
+                at = end;
+            }
+        }
+        Ok(*h.finalize().as_bytes())
+    }
+
     /// Space used by every layer this volume knows.
     pub fn usage(&self) -> Vec<LayerUsage> {
         let st = read(&self.state);

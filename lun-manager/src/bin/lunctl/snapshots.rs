@@ -505,6 +505,7 @@ pub fn apply_diff(out: &Output, path: &Path, file: &Path) -> Res {
         sections: None,
         extents: None,
         bytes: None,
+        base_matched: None,
     };
     match &mut t {
         Target::Direct { group, .. } => {
@@ -528,6 +529,7 @@ pub fn apply_diff(out: &Output, path: &Path, file: &Path) -> Res {
             done.sections = Some(info.sections.len());
             done.extents = Some(changes().count());
             done.bytes = Some(changes().map(|c| c.length).sum());
+            done.base_matched = Some(info.sections.iter().filter(|s| s.base_only).count());
             done.from = Some(info.from);
             done.to = info.to;
         }
@@ -538,12 +540,18 @@ pub fn apply_diff(out: &Output, path: &Path, file: &Path) -> Res {
     }
     out.result("apply-diff", &done, || match &done.from {
         Some(from) => format!(
-            "applied {} ({from} to {}) to {name}: {} LUN section(s), {} extent(s), {}\n",
+            "applied {} ({from} to {}) to {name}: {} LUN section(s), {} extent(s), {}{}\n",
             file.display(),
             done.to.as_deref().unwrap_or("now"),
             done.sections.unwrap_or(0),
             done.extents.unwrap_or(0),
-            human(done.bytes.unwrap_or(0))
+            human(done.bytes.unwrap_or(0)),
+            match done.base_matched {
+                Some(n) if n > 0 => format!(
+                    "; {n} onto another LUN whose disks hold the base {from} (disk extents only)"
+                ),
+                _ => String::new(),
+            }
         ),
         None => format!("applied {} to {name}\n", file.display()),
     });
