@@ -322,12 +322,12 @@ impl Volume {
     /// volume whose only layer is the LUN file.
     pub fn open(cfg: VolumeConfig) -> Result<Volume> {
         let read_only = cfg.options.read_only;
-        let store: Arc<dyn Store> = Arc::new(FileStore::new(
+        let store = crate::store::hook::wrapped(Arc::new(FileStore::new(
             &cfg.lun_path,
             cfg.file.clone(),
             cfg.engine.clone(),
             !read_only,
-        ));
+        )));
         let dir = store.location().to_path_buf();
         let pool = parent_dir(&cfg.lun_path);
         let mut warnings = Vec::new();
@@ -1442,12 +1442,12 @@ impl Volume {
                 self.pool.display()
             )));
         }
-        let tstore = FileStore::new(
+        let tstore = crate::store::hook::wrapped(Arc::new(FileStore::new(
             &target.lun_path,
             target.file.clone(),
             target.engine.clone(),
             true,
-        );
+        )));
         if tstore.exists() || !tstore.list_layers()?.is_empty() {
             return Err(Error::Invalid(format!(
                 "clone target {} already has layers",
@@ -1464,7 +1464,7 @@ impl Volume {
         let created = now();
         let id = Uuid::new_v4();
         let geo = self.geo;
-        Delta::create(&tstore, id, layer, target.lun_uuid, geo, created)?;
+        Delta::create(&*tstore, id, layer, target.lun_uuid, geo, created)?;
         let tm = Manifest {
             lun: target.lun_uuid,
             size: geo.size,
