@@ -26,9 +26,10 @@
 //! published) must read exactly its snapshot.
 //!
 //! `cargo test -p lungate-block --test volume_powerloss` runs the default
-//! (one workload, at least 1000 kill and 1000 power-loss points);
-//! `POWERLOSS_STEPS=N POWERLOSS_POINTS=M` for a soak, `POWERLOSS_SEED=S`
-//! replays a run.
+//! (one workload of 300 steps, 1000 kill and 1000 power-loss points);
+//! `CRASH_LONG=1` is the soak mode (3000 steps, 10000 points of each),
+//! `POWERLOSS_STEPS=N POWERLOSS_POINTS=M` set the counts,
+//! `POWERLOSS_SEED=S` replays a run.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -854,8 +855,9 @@ fn every_kill_and_power_loss_point_keeps_flushed_writes_and_snapshots() {
             .unwrap()
             .as_nanos() as u64,
     );
-    let steps = env("POWERLOSS_STEPS", 300);
-    let points = env("POWERLOSS_POINTS", 1000);
+    let long = env("CRASH_LONG", 0) != 0;
+    let steps = env("POWERLOSS_STEPS", if long { 3000 } else { 300 });
+    let points = env("POWERLOSS_POINTS", if long { 10_000 } else { 1000 });
     eprintln!("POWERLOSS_SEED={seed} POWERLOSS_STEPS={steps} POWERLOSS_POINTS={points}");
     let started = std::time::Instant::now();
     let mut rng = Rng(seed);
