@@ -891,7 +891,7 @@ fn every_kill_and_power_loss_point_keeps_flushed_writes_and_snapshots() {
     // record boundary when there are fewer), ascending.
     let n = log.len() as u64;
     let pick = |count: u64, salt: u64| -> Vec<usize> {
-        if count >= n + 1 {
+        if count > n {
             return (0..=log.len()).collect();
         }
         let mut r = Rng(seed ^ salt);
