@@ -412,9 +412,10 @@ fn check_online(m: &mut Model, gw: &Gateway, ctl: &Client, offline: &[u8], life:
     }
 }
 
-/// Remove the oldest clones beyond the limit (the gateway is down).
+/// Remove the oldest clones until there is room for one more (the gateway
+/// is down), so every life may aim a kill at a clone.
 fn prune_clones(m: &mut Model, pool: &Path) {
-    while m.clones.len() > MAX_CLONES {
+    while m.clones.len() >= MAX_CLONES {
         let name = m.clones.keys().next().cloned().expect("non-empty");
         m.clones.remove(&name);
         let l = Lun::open(&pool.join(format!("{name}.lun")), Access::ReadWrite).unwrap();
