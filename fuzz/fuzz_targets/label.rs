@@ -4,11 +4,13 @@
 //! checksum over the mutated block first, so the fuzzer reaches every field
 //! check behind it. Properties: no input panics; an accepted block
 //! re-encodes to exactly itself (the format is canonical: reserved bytes
-//! and padding must be zero); with any single bit flipped it is refused.
+//! and padding must be zero) but for the minor version, which a reader
+//! accepts whatever it is and a writer sets to its own; with any single
+//! bit flipped it is refused.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use lun_manager::format::label::{Label, LABEL_SIZE};
+use lun_manager::format::label::{Label, LABEL_SIZE, VERSION_MINOR};
 use lungate_fuzz::{assert_every_flip_refused, fix_blake3, padded, Input};
 
 fuzz_target!(|data: &[u8]| {
