@@ -24,9 +24,12 @@ fuzz_target!(|data: &[u8]| {
         fix_blake3(&mut b, LABEL_SIZE - 32);
     }
     if let Ok(l) = Label::decode(&b) {
+        let mut want = b.clone();
+        want[10..12].copy_from_slice(&VERSION_MINOR.to_le_bytes());
+        fix_blake3(&mut want, LABEL_SIZE - 32);
         assert_eq!(
             &l.encode()[..],
-            &b[..],
+            &want[..],
             "an accepted label did not re-encode to itself"
         );
         assert!(l.validate().is_ok());
