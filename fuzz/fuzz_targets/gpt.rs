@@ -13,7 +13,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use lun_manager::format::gpt;
-use lungate_fuzz::{crc32, memfd, Input};
+use lungate_fuzz::{crc32, memfd_sparse, Input};
 
 const SECTOR: usize = 512;
 
@@ -59,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
         fix_header(&mut b, 1);
         fix_header(&mut b, sectors - 1);
     }
-    let f = memfd(&b, len as u64);
+    let f = memfd_sparse(&b);
     if let Ok((_guid, parts)) = gpt::read(&f, len as u64) {
         for p in &parts {
             assert!(p.offset.checked_add(p.length).is_some(), "{p:?}");

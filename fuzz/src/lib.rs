@@ -21,6 +21,20 @@ pub fn memfd(bytes: &[u8], len: u64) -> File {
     f
 }
 
+/// An anonymous in-memory file of `bytes.len()` bytes holding `bytes`,
+/// written only where a 4 KiB block is not all zeros (the rest stays a
+/// hole): large, mostly empty disk images cost what their data costs.
+pub fn memfd_sparse(bytes: &[u8]) -> File {
+    use std::os::unix::fs::FileExt;
+    let f = memfd(&[], bytes.len() as u64);
+    for (i, c) in bytes.chunks(4096).enumerate() {
+        if c.iter().any(|&x| x != 0) {
+            f.write_all_at(c, i as u64 * 4096).expect("write memfd");
+        }
+    }
+    f
+}
+
 /// Assert that `accepts` refuses `valid` with any one byte changed: the
 /// bit flipped in byte `i` is `i % 8`, so over the bytes every bit
 /// position is hit. `limit` bounds the work on long inputs (bytes are then
