@@ -13,6 +13,8 @@
 //! traits and needs no change to the volume above it. See docs/store.md.
 
 pub mod file;
+#[doc(hidden)]
+pub mod hook;
 
 use std::io;
 use std::path::{Path, PathBuf};

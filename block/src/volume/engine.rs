@@ -322,12 +322,12 @@ impl Volume {
     /// volume whose only layer is the LUN file.
     pub fn open(cfg: VolumeConfig) -> Result<Volume> {
         let read_only = cfg.options.read_only;
-        let store: Arc<dyn Store> = Arc::new(FileStore::new(
+        let store = crate::store::hook::wrapped(Arc::new(FileStore::new(
             &cfg.lun_path,
             cfg.file.clone(),
             cfg.engine.clone(),
             !read_only,
-        ));
+        )));
         let dir = store.location().to_path_buf();
         let pool = parent_dir(&cfg.lun_path);
         let mut warnings = Vec::new();
@@ -1038,9 +1038,15 @@ impl Volume {
     fn commit(&self, st: &mut State, mut m: Manifest) -> Result<()> {
         // A retired layer stays listed until its object is gone for certain.
         m.retired.retain(|id| self.store.has_layer(*id));
-        self.store.commit_manifest(&m, st.generation + 1)?;
+        let next = st.generation.checked_add(1).ok_or_else(|| {
+            corrupt(
+                self.store.location(),
+                format!("manifest generation {} cannot advance", st.generation),
+            )
+        })?;
+        self.store.commit_manifest(&m, next)?;
         st.manifest = m;
-        st.generation += 1;
+        st.generation = next;
         Ok(())
     }
 
@@ -1525,12 +1531,12 @@ impl Volume {
                 self.pool.display()
             )));
         }
-        let tstore = FileStore::new(
+        let tstore = crate::store::hook::wrapped(Arc::new(FileStore::new(
             &target.lun_path,
             target.file.clone(),
             target.engine.clone(),
             true,
-        );
+        )));
         if tstore.exists() || !tstore.list_layers()?.is_empty() {
             return Err(Error::Invalid(format!(
                 "clone target {} already has layers",
@@ -1548,7 +1554,15 @@ impl Volume {
         let id = Uuid::new_v4();
         let geo = self.geo;
         let checksums = st.manifest.checksums;
-        Delta::create(&tstore, id, layer, target.lun_uuid, geo, created, checksums)?;
+        Delta::create(
+            &*tstore,
+            id,
+            layer,
+            target.lun_uuid,
+            geo,
+            created,
+            checksums,
+        )?;
         let tm = Manifest {
             lun: target.lun_uuid,
             size: geo.size,

@@ -716,7 +716,7 @@ impl Delta {
     ) -> Result<(Header, u64, Option<u32>)> {
         let (bytes, next) = journal::encode(batch, seq);
         let mut h = header.clone();
-        h.generation += 1;
+        h.generation = next_generation(self.obj.name(), header.generation)?;
         if header.journal_len + bytes.len() as u64 <= self.geo.area_len {
             self.obj
                 .write_at(&bytes, self.geo.area_at(header.area) + header.journal_len)
@@ -776,7 +776,7 @@ impl Delta {
         let _c = lock(&self.commit_lock);
         let mut st = lock(&self.st);
         let mut h = st.header.clone();
-        h.generation += 1;
+        h.generation = next_generation(self.obj.name(), h.generation)?;
         f(&mut h);
         self.write_header(&mut st, h)
     }
@@ -889,7 +889,9 @@ pub fn read_header(obj: &dyn Object) -> Result<(Header, u64, Vec<String>)> {
         (SlotRead::Valid(h), SlotRead::Damaged { why, prefix })
         | (SlotRead::Damaged { why, prefix }, SlotRead::Valid(h)) => {
             let torn = prefix.is_some_and(|(layer, g)| {
-                layer == h.layer && (g == h.generation + 1 || g + 1 == h.generation)
+                layer == h.layer
+                    && (h.generation.checked_add(1) == Some(g)
+                        || g.checked_add(1) == Some(h.generation))
             });
             let good = if matches!(slots[0], SlotRead::Valid(_)) {
                 0
@@ -968,4 +970,11 @@ pub fn holds_nothing(obj: &dyn Object, lun: Uuid) -> bool {
         return false;
     };
     h.lun == lun && h.generation <= 1 && h.journal_len == 0 && !h.frozen() && len <= geo.data_start
+}
+
+/// The generation after `g`; a header at the last one (which only damage or
+/// a crafted file can produce) is refused rather than wrapped.
+fn next_generation(path: &Path, g: u64) -> Result<u64> {
+    g.checked_add(1)
+        .ok_or_else(|| corrupt(path, format!("header generation {g} cannot advance")))
 }
