@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """scripts/bench-report.py OUT: the results.md of scripts/bench from what its
 parts left in OUT (results.csv from ../shared/bench/nbd-bench.sh, pause.csv,
-rss.csv, map.csv, snapshots.md, vmm.md, machine.txt). Medians over runs; a
-ratio is lungate over the best peer (the lowest CPU, the highest rate)."""
+rss.csv, map.csv, cluster.csv, checksums-skipped.txt, snapshots.md, vmm.md,
+machine.txt). Medians over runs; a ratio is lungate over the best peer (the
+lowest CPU, the highest rate), or over lungate's own reference (depth 0, no
+checksums, 64 KiB clusters)."""
 
 import csv
 import os
@@ -117,7 +119,7 @@ if transports:
     emit("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     labels = []
     for r in runs:
-        if r["label"] not in labels and not r["label"].startswith("depth-"):
+        if r["label"] not in labels and not r["label"].startswith(("depth-", "csum-")):
             labels.append(r["label"])
     for label in labels:
         server, _, t = label.rpartition("-")
@@ -134,6 +136,83 @@ if transports:
                  f"| {fmt(cli)} | {fmt(cpu_us(label, wl))} | {len(s)} |")
     emit("")
 
+
+def verdict(ok):
+    return "–" if ok is None else ("yes" if ok else "no")
+
+
+own = []  # (metric, measured, reference, ratio, target, met)
+depth_lg = sorted({r["label"] for r in runs if r["label"].startswith("depth-lungate-d")},
+                  key=lambda l: int(l.rpartition("-d")[2]))
+if len(depth_lg) >= 2:
+    d0, dn = depth_lg[0], depth_lg[-1]
+    a, b = iops(d0, "rr4k"), iops(dn, "rr4k")
+    if a and b:
+        own.append((f"4K random read IOPS at chain depth {dn.rpartition('-d')[2]} (TCP, 1 conn.)",
+                    fmt(b), f"depth {d0.rpartition('-d')[2]}: {fmt(a)}", fmt(b / a, "×"),
+                    "≥ 0.9× (within 10 %)", verdict(b / a >= 0.9)))
+for r in rows("pause.csv"):
+    p99 = int(r["p99_us"])
+    own.append((f"live-switch pause p99, {r['op']}, 32 requests in flight (µs)", str(p99),
+                f"{r['count']} pauses, p50 {r['p50_us']}, max {r['max_us']}", "–", "< 1000 µs",
+                verdict(p99 < 1000)))
+_rss = rows("rss.csv")
+if _rss:
+    r = _rss[0]
+    e, _, c = r["exports_connections"].partition(":")
+    mib = int(r["rss_connected_kib"]) / 1024
+    own.append((f"gateway RSS, {e} exports, {c} idle connections (MiB)", f"{mib:.1f}",
+                f"{int(r['rss_idle_kib']) / 1024:.1f} before connecting", "–", "< 64 MiB",
+                verdict(mib < 64)))
+_m = {r["disk"]: int(r["rss_kib"]) for r in rows("map.csv")}
+if "1T" in _m and "1G" in _m:
+    diff = (_m["1T"] - _m["1G"]) / 1024
+    own.append(("allocation-map RAM of a 1 TiB sparse LUN (MiB)", f"{diff:.1f}",
+                f"RSS {_m['1T'] / 1024:.1f} vs {_m['1G'] / 1024:.1f} for 1 GiB", "–", "≤ 4 MiB",
+                verdict(diff <= 4)))
+if os.path.exists(path("checksums-skipped.txt")):
+    own.append(("data checksums (lunctl create --checksums)", "not measured",
+                open(path("checksums-skipped.txt")).read().strip(), "–", "cost measured", "–"))
+else:
+    for wl, what in (("rr4k", "read"), ("rw4k", "write")):
+        on, off = iops("csum-lungate-on", wl), iops("csum-lungate-off", wl)
+        con, coff = cpu_us("csum-lungate-on", wl), cpu_us("csum-lungate-off", wl)
+        if on and off:
+            own.append((f"4K random {what} IOPS with data checksums (TCP, 1 conn.)", fmt(on),
+                        f"without: {fmt(off)}; server µs/request {fmt(con)} vs {fmt(coff)}",
+                        fmt(on / off, "×"), "cost measured", "–"))
+_cl = rows("cluster.csv")
+if _cl:
+    def cl(cs, p, k):
+        return med([float(r[k]) for r in _cl if r["cluster"] == cs and r["pass"] == p])
+    for p in ("fresh", "allocated"):
+        a, b = cl("64K", p, "iops"), cl("4K", p, "iops")
+        ua, ub = cl("64K", p, "srv_us_per_write"), cl("4K", p, "srv_us_per_write")
+        if a and b:
+            own.append((f"4 KiB writes into {p} clusters, 64 KiB cluster size (IOPS)", fmt(a),
+                        f"4 KiB clusters: {fmt(b)}; server µs/write {fmt(ua)} vs {fmt(ub)}",
+                        fmt(a / b, "×"), "cost measured", "–"))
+if own:
+    emit("## lungate's own targets")
+    emit("")
+    emit("| metric | lungate | reference | ratio | target | met |")
+    emit("| --- | --- | --- | --- | --- | --- |")
+    for row in own:
+        emit("| " + " | ".join(row) + " |")
+    emit("")
+    if _cl:
+        emit("### 4 KiB writes into fresh and allocated clusters (one per 64 KiB, QD32, 1 conn.)")
+        emit("")
+        emit("| cluster size | pass | writes | IOPS | server µs/write | p99 µs | runs |")
+        emit("| --- | --- | --- | --- | --- | --- | --- |")
+        for cs in ("64K", "4K"):
+            for p in ("fresh", "allocated"):
+                s_ = [r for r in _cl if r["cluster"] == cs and r["pass"] == p]
+                if s_:
+                    emit(f"| {cs} | {p} | {s_[0]['writes']} | {fmt(cl(cs, p, 'iops'))} "
+                         f"| {fmt(cl(cs, p, 'srv_us_per_write'))} | {fmt(cl(cs, p, 'p99_us'))} | {len(s_)} |")
+        emit("")
+
 depth_labels = sorted({r["label"] for r in runs if r["label"].startswith("depth-")},
                       key=lambda l: (l.rpartition("-d")[0], int(l.rpartition("-d")[2])))
 if depth_labels:
@@ -146,18 +225,6 @@ if depth_labels:
         emit(f"| {server} | {d} | {fmt(iops(label, 'rr4k'))} | {fmt(cpu_us(label, 'rr4k'))} "
              f"| {fmt(iops(label, 'rw4k'))} | {fmt(cpu_us(label, 'rw4k'))} |")
     emit("")
-    lg = [l for l in depth_labels if l.startswith("depth-lungate-d")]
-    if len(lg) >= 2:
-        first, last = lg[0], lg[-1]
-        d0, dn = first.rpartition("-d")[2], last.rpartition("-d")[2]
-        ri, rc = iops(first, "rr4k"), iops(last, "rr4k")
-        ci, cc = cpu_us(first, "rr4k"), cpu_us(last, "rr4k")
-        if ri and rc:
-            ratio = rc / ri
-            emit(f"lungate 4K random read at depth {dn} vs depth {d0}: {ratio:.2f}× the IOPS "
-                 f"(target: within 10 %, met: {'yes' if ratio >= 0.9 else 'no'})"
-                 + (f"; server CPU per read {cc / ci:.2f}×" if ci and cc else "") + ".")
-            emit("")
 
 pause = rows("pause.csv")
 if pause:
@@ -171,26 +238,6 @@ if pause:
              f"| {r['held_requests']} | {r['iops_during']} | {met} |")
     emit("")
 
-rss = rows("rss.csv")
-if rss:
-    r = rss[0]
-    exports, _, conns = r["exports_connections"].partition(":")
-    mib = int(r["rss_connected_kib"]) / 1024
-    emit("## Gateway memory")
-    emit("")
-    emit("| exports | idle connections | RSS before connecting (MiB) | RSS with the connections (MiB) | target | met |")
-    emit("| --- | --- | --- | --- | --- | --- |")
-    emit(f"| {exports} | {conns} | {int(r['rss_idle_kib']) / 1024:.1f} | {mib:.1f} | < 64 MiB "
-         f"| {'yes' if mib < 64 else 'no'} |")
-    emit("")
-
-m = {r["disk"]: int(r["rss_kib"]) for r in rows("map.csv")}
-if "1T" in m and "1G" in m:
-    diff = (m["1T"] - m["1G"]) / 1024
-    emit(f"Allocation map of a 1 TiB sparse LUN (one snapshot, data at both ends): gateway RSS "
-         f"{m['1T'] / 1024:.1f} MiB serving it against {m['1G'] / 1024:.1f} MiB for a 1 GiB LUN: "
-         f"{diff:.1f} MiB for the extra TiB (target: a few MiB at most, met: {'yes' if diff <= 4 else 'no'}).")
-    emit("")
 
 for name, title in (("snapshots.md", "Snapshot creation (idle LUNs)"), ("vmm.md", "vmm-shim save and restore")):
     if os.path.exists(path(name)):
