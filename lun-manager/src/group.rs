@@ -616,6 +616,39 @@ impl Group {
         Ok(info)
     }
 
+    /// Check every data checksum of every member (primary first), each
+    /// report with the member's path. See [`Volume::scrub`].
+    pub fn scrub(&self, progress: &mut dyn Progress) -> Result<lungate_api::types::Scrub> {
+        use lungate_api::types as wire;
+        let mut luns = Vec::new();
+        for m in &self.members {
+            let r = m.volume().scrub(progress)?;
+            luns.push(wire::LunScrub {
+                path: m.path().to_path_buf(),
+                layers_checked: r.layers_checked,
+                layers_without_checksums: r.layers_without_checksums,
+                clusters_checked: r.clusters_checked,
+                bytes_checked: r.bytes_checked,
+                clusters_unsummed: r.clusters_unsummed,
+                errors: r
+                    .errors
+                    .into_iter()
+                    .map(|e| wire::ScrubError {
+                        layer: e.layer,
+                        snapshot: e.snapshot,
+                        live: e.live,
+                        cluster: e.cluster,
+                        offset: e.offset,
+                        phys: e.phys,
+                        affected: e.affected,
+                        intact_in: e.intact_in,
+                    })
+                    .collect(),
+            });
+        }
+        Ok(wire::Scrub { luns })
+    }
+
     /// Space used per layer of every member.
     pub fn usage(&self) -> Vec<LayerUsage> {
         self.members

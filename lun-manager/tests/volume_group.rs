@@ -22,6 +22,7 @@ fn create(pool: &Path, name: &str, layout: Layout) -> PathBuf {
             vcpus: 2,
             layout,
             cluster_size: 0,
+            checksums: false,
         },
     )
     .unwrap();

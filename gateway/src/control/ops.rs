@@ -294,6 +294,16 @@ pub async fn apply_diff(reg: &Registry, l: &Arc<ServedLun>, body: bytes::Bytes) 
     .map(|_| ())
 }
 
+/// Check every data checksum of the VM (all members) while guests run;
+/// other operations on the LUN wait meanwhile (the maintenance lock).
+pub async fn scrub(reg: &Registry, l: &Arc<ServedLun>) -> OpResult<lungate_api::types::Scrub> {
+    with_group(reg, l, false, |g| {
+        Ok(g.scrub(&mut lungate_block::progress::silent())?)
+    })
+    .await
+    .map(|(r, _)| r)
+}
+
 pub async fn usage(reg: &Registry, l: &Arc<ServedLun>) -> OpResult<Vec<LayerUsage>> {
     with_group(reg, l, false, |g| Ok(g.usage()))
         .await

@@ -29,6 +29,7 @@ pub struct Created<'a> {
     pub layout: lun_manager::Layout,
     pub disks: Vec<Disk>,
     pub prefilled: bool,
+    pub checksums: bool,
 }
 
 #[derive(Serialize)]
