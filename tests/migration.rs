@@ -1,0 +1,583 @@
+//! Live migration end to end (docs/migration.md): two real gateways on
+//! 127.0.0.1 with a pool each (or one gateway with two pools), `lunctl
+//! migrate`, and an NBD client (the project's blocking client, one
+//! connection held open across the switch) writing sequence-numbered
+//! blocks and reading each back while the LUN moves. Every request must
+//! succeed and every read must return the last write; the connection the
+//! client had before the switch is forwarded to the new owner, and new
+//! connections are served there only.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use lungate_api::nbd::client::{Address, NbdClient};
+use lungate_tests::*;
+use serde_json::json;
+
+const BLOCK: usize = 4096;
+/// Blocks the writer cycles through (at the start of disk 0).
+const BLOCKS: u64 = 1024;
+
+/// The bytes of block `k` after write number `seq`.
+fn block(k: u64, seq: u64) -> Vec<u8> {
+    let mut b = pattern_bytes(BLOCK, seq.wrapping_mul(0x9e37_79b9) ^ k);
+    b[..8].copy_from_slice(&seq.to_le_bytes());
+    b[8..16].copy_from_slice(&k.to_le_bytes());
+    b
+}
+
+/// What a writer saw.
+struct Seen {
+    ops: u64,
+    failures: Vec<String>,
+    mismatches: u64,
+    /// The last sequence number written to each block (0: never).
+    model: Vec<u64>,
+}
+
+/// Sequence-numbered writes with read-back verification on one NBD
+/// connection, until `stop`; every 16th write also reads an older block.
+fn writer(addr: Address, export: String, stop: Arc<AtomicBool>, count: Arc<AtomicU64>) -> Seen {
+    let mut seen = Seen {
+        ops: 0,
+        failures: Vec::new(),
+        mismatches: 0,
+        model: vec![0; BLOCKS as usize],
+    };
+    let mut c = match NbdClient::connect(&addr, &export) {
+        Ok(c) => c,
+        Err(e) => {
+            seen.failures.push(format!("connect: {e}"));
+            return seen;
+        }
+    };
+    let mut seq = 0u64;
+    let mut buf = vec![0u8; BLOCK];
+    while !stop.load(Ordering::Relaxed) {
+        seq += 1;
+        let k = (seq * 7) % BLOCKS;
+        let data = block(k, seq);
+        if let Err(e) = c.write_at(k * BLOCK as u64, &data) {
+            seen.failures.push(format!("write #{seq}: {e}"));
+            break;
+        }
+        seen.model[k as usize] = seq;
+        if let Err(e) = c.read_at(k * BLOCK as u64, &mut buf) {
+            seen.failures.push(format!("read #{seq}: {e}"));
+            break;
+        }
+        if buf != data {
+            seen.mismatches += 1;
+        }
+        if seq % 16 == 0 {
+            let j = (seq * 13) % BLOCKS;
+            if let Err(e) = c.read_at(j * BLOCK as u64, &mut buf) {
+                seen.failures.push(format!("read back #{seq}: {e}"));
+                break;
+            }
+            let want = match seen.model[j as usize] {
+                0 => None,
+                s => Some(block(j, s)),
+            };
+            if let Some(w) = want {
+                if buf != w {
+                    seen.mismatches += 1;
+                }
+            }
+        }
+        if seq % 64 == 0 {
+            if let Err(e) = c.flush() {
+                seen.failures.push(format!("flush #{seq}: {e}"));
+                break;
+            }
+        }
+        seen.ops = seq;
+        count.store(seq, Ordering::Relaxed);
+    }
+    if seen.failures.is_empty() {
+        if let Err(e) = c.disconnect() {
+            seen.failures.push(format!("disconnect: {e}"));
+        }
+    }
+    seen
+}
+
+/// Check every block the writer wrote, through a new connection.
+fn verify(addr: &Address, export: &str, model: &[u64]) {
+    let mut c = NbdClient::connect(addr, export).unwrap_or_else(|e| panic!("{addr} {export}: {e}"));
+    let mut buf = vec![0u8; BLOCK];
+    let mut bad = 0;
+    for (k, &s) in model.iter().enumerate() {
+        c.read_at(k as u64 * BLOCK as u64, &mut buf).unwrap();
+        let want = if s == 0 {
+            vec![0u8; BLOCK]
+        } else {
+            block(k as u64, s)
+        };
+        if buf != want {
+            bad += 1;
+        }
+    }
+    c.disconnect().unwrap();
+    assert_eq!(bad, 0, "{bad} blocks read back wrong from {addr} {export}");
+}
+
+/// Fill `[0, len)` of an export with `fill`, then flush.
+fn fill(addr: &Address, export: &str, off: u64, len: usize, seed: u64) -> Vec<u8> {
+    let mut c = NbdClient::connect(addr, export).unwrap();
+    let data = pattern_bytes(len, seed);
+    c.write_at(off, &data).unwrap();
+    c.flush().unwrap();
+    c.disconnect().unwrap();
+    data
+}
+
+fn read(addr: &Address, export: &str, off: u64, len: usize) -> Vec<u8> {
+    let mut c = NbdClient::connect(addr, export).unwrap();
+    let mut b = vec![0u8; len];
+    c.read_at(off, &mut b).unwrap();
+    c.disconnect().unwrap();
+    b
+}
+
+fn migration_addr(gw: &Gateway) -> String {
+    gw.stdout_lines()
+        .iter()
+        .find_map(|l| l.strip_prefix("migration tcp "))
+        .map(|a| a.trim().to_string())
+        .expect("gateway printed no `migration tcp` line")
+}
+
+/// A new pool directory (`lunctl pool init`).
+fn pool_dir() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    lunctl(&["pool", "init", d.path().to_str().unwrap()]);
+    d
+}
+
+fn tcp(gw: &Gateway) -> Address {
+    Address::Tcp(gw.addr())
+}
+
+/// `lunctl --json migrate ARGS`: its final JSON object and whether it
+/// exited 0.
+fn lunctl_migrate(args: &[&str]) -> (bool, serde_json::Value, String) {
+    let mut full = vec!["--json", "migrate"];
+    full.extend_from_slice(args);
+    let out = run_timeout(
+        std::process::Command::new(bin("lunctl")).args(&full),
+        Duration::from_secs(120),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let last = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let all = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), last, all)
+}
+
+/// Files and directories under `dir` (recursively), relative.
+fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if name == ".lungate.sock" {
+                continue;
+            }
+            out.push(p.strip_prefix(dir).unwrap().to_path_buf());
+            if p.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// [`tree`] without an empty migration state directory (what a pool that
+/// answered a migration may keep; it holds no file of one).
+fn clean_tree(dir: &Path) -> Vec<PathBuf> {
+    let t = tree(dir);
+    let state = PathBuf::from(".lungate-migrations");
+    if t.iter().filter(|p| p.starts_with(&state)).count() == 1 {
+        return t.into_iter().filter(|p| *p != state).collect();
+    }
+    t
+}
+
+fn run_writer(
+    addr: Address,
+    export: &str,
+) -> (Arc<AtomicBool>, Arc<AtomicU64>, thread::JoinHandle<Seen>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let (s, c, e) = (stop.clone(), count.clone(), export.to_string());
+    let h = thread::spawn(move || writer(addr, e, s, c));
+    (stop, count, h)
+}
+
+/// Wait until the writer has done `n` more operations.
+fn wait_ops(count: &AtomicU64, n: u64) {
+    let start = count.load(Ordering::Relaxed);
+    let t = Instant::now();
+    while count.load(Ordering::Relaxed) < start + n {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the writer made no progress"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn assert_clean(seen: &Seen) {
+    assert!(
+        seen.failures.is_empty(),
+        "failed requests: {:?}",
+        seen.failures
+    );
+    assert_eq!(seen.mismatches, 0, "mismatched reads");
+    assert!(seen.ops > 0);
+}
+
+#[test]
+fn a_lun_with_a_snapshot_migrates_between_two_gateways_under_writes() {
+    let (a, b) = (pool_dir(), pool_dir());
+    create_lun(a.path(), "vm1", "offset", &["64M"], "16M");
+    let a_s = a.path().to_str().unwrap();
+    let b_s = b.path().to_str().unwrap();
+    let src = Gateway::start(&["--pool", a_s]);
+    let dst = Gateway::start(&["--pool", b_s, "--migration-listen", "127.0.0.1:0"]);
+    let to = migration_addr(&dst);
+    let export = "vm1/disk0";
+
+    // Data under the snapshot, beyond the writer's blocks.
+    let frozen = fill(&tcp(&src), export, 8 << 20, 4 << 20, 11);
+    api(
+        &src.control(),
+        "POST",
+        "/v1/luns/vm1/snapshots",
+        Some(json!({"name": "s1", "description": "before the move"})),
+        201,
+    );
+    // ... then overwritten in the live layer.
+    let live = fill(&tcp(&src), export, 8 << 20, 1 << 20, 12);
+    let snaps_before = api(&src.control(), "GET", "/v1/luns/vm1/snapshots", None, 200);
+
+    let (stop, count, h) = run_writer(tcp(&src), export);
+    wait_ops(&count, 300);
+    let (ok, res, all) = lunctl_migrate(&["vm1", "--pool", a_s, "--to", &to]);
+    assert!(
+        ok,
+        "lunctl migrate failed: {all}\nsource:\n{}\ntarget:\n{}",
+        src.stderr_log(),
+        dst.stderr_log()
+    );
+    assert_eq!(res["type"], "result", "{all}");
+    assert_eq!(res["phase"], "done", "{res}");
+    assert!(res["bytes"].as_u64().unwrap() >= 5 << 20, "{res}");
+    assert!(res["pause_us"].as_u64().is_some(), "{res}");
+    assert!(res["parked"].as_u64().is_some(), "{res}");
+    eprintln!(
+        "migrated: {} bytes, {} rounds, pause {} us, {} parked, {} ms",
+        res["bytes"], res["rounds"], res["pause_us"], res["parked"], res["elapsed_ms"]
+    );
+    // The connection opened before the switch keeps working, forwarded.
+    wait_ops(&count, 300);
+    stop.store(true, Ordering::Relaxed);
+    let seen = h.join().unwrap();
+    assert_clean(&seen);
+    eprintln!(
+        "writer: {} sequence-numbered writes, all verified",
+        seen.ops
+    );
+
+    // The target owns it: its pool has the LUN, the source's does not.
+    assert!(b.path().join("vm1.lun").is_file());
+    assert!(!a.path().join("vm1.lun").exists());
+    // New connections: the source no longer offers the export; the target does.
+    assert!(NbdClient::connect(&tcp(&src), export).is_err());
+    verify(&tcp(&dst), export, &seen.model);
+    assert_eq!(read(&tcp(&dst), export, 8 << 20, 1 << 20), live);
+    assert_eq!(
+        read(&tcp(&dst), export, 9 << 20, 3 << 20),
+        frozen[1 << 20..]
+    );
+    // The snapshot tree arrived whole and the snapshot reads as it was.
+    let snaps_after = api(&dst.control(), "GET", "/v1/luns/vm1/snapshots", None, 200);
+    assert_eq!(snaps_before, snaps_after);
+    let c = api(
+        &dst.control(),
+        "POST",
+        "/v1/luns/vm1/clone",
+        Some(json!({"snapshot": "s1", "name": "vm1-s1"})),
+        201,
+    );
+    let clone_export = c["exports"][0].as_str().unwrap().to_string();
+    assert_eq!(read(&tcp(&dst), &clone_export, 8 << 20, 4 << 20), frozen);
+    // Both gateways list it.
+    let m = lunctl(&["--json", "migrations", "--pool", a_s]);
+    let v: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap();
+    assert_eq!(v[0]["phase"], "done", "{v}");
+    assert_eq!(v[0]["direction"], "outgoing", "{v}");
+    let m = lunctl(&["--json", "migrations", "--pool", b_s]);
+    let v: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap();
+    assert_eq!(v[0]["direction"], "incoming", "{v}");
+    // The target serves the LUN after a restart too (it owns it for good).
+    drop(src);
+    dst.stop_ok();
+    let dst = Gateway::start(&["--pool", b_s]);
+    verify(&tcp(&dst), export, &seen.model);
+    dst.stop_ok();
+}
+
+#[test]
+fn a_lun_moves_between_two_pools_of_one_gateway_under_writes() {
+    let (a, b) = (pool_dir(), pool_dir());
+    create_lun(a.path(), "vm2", "offset", &["32M"], "16M");
+    let a_s = a.path().to_str().unwrap();
+    let b_s = b.path().to_str().unwrap();
+    let gw = Gateway::start(&["--pool", a_s, "--pool", b_s]);
+    let export = "vm2/disk0";
+    let frozen = fill(&tcp(&gw), export, 4 << 20, 2 << 20, 21);
+    api(
+        &gw.control(),
+        "POST",
+        "/v1/luns/vm2/snapshots",
+        Some(json!({"name": "s1"})),
+        201,
+    );
+    let (stop, count, h) = run_writer(tcp(&gw), export);
+    wait_ops(&count, 300);
+    let (ok, res, all) = lunctl_migrate(&["vm2", "--pool", a_s, "--to-pool", b_s]);
+    assert!(
+        ok,
+        "lunctl migrate --to-pool failed: {all}\n{}",
+        gw.stderr_log()
+    );
+    assert_eq!(res["phase"], "done", "{res}");
+    assert_eq!(res["direction"], "local", "{res}");
+    wait_ops(&count, 300);
+    // A new connection during the forwarding period is served from pool B.
+    verify_prefix(&tcp(&gw), export);
+    stop.store(true, Ordering::Relaxed);
+    let seen = h.join().unwrap();
+    assert_clean(&seen);
+    assert!(b.path().join("vm2.lun").is_file());
+    assert!(!a.path().join("vm2.lun").exists());
+    verify(&tcp(&gw), export, &seen.model);
+    let c = api(
+        &gw.control(),
+        "POST",
+        "/v1/luns/vm2/clone",
+        Some(json!({"snapshot": "s1", "name": "vm2-s1"})),
+        201,
+    );
+    let clone_export = c["exports"][0].as_str().unwrap().to_string();
+    assert_eq!(read(&tcp(&gw), &clone_export, 4 << 20, 2 << 20), frozen);
+    let luns = api(&gw.control(), "GET", "/v1/luns", None, 200);
+    let paths: Vec<String> = luns
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["name"] == "vm2")
+        .map(|l| l["path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(paths.len(), 1, "{luns}");
+    assert!(
+        paths[0].starts_with(b_s)
+            || Path::new(&paths[0]).starts_with(std::fs::canonicalize(b.path()).unwrap()),
+        "{luns}"
+    );
+    gw.stop_ok();
+}
+
+/// A new connection reads the export (the served LUN answers).
+fn verify_prefix(addr: &Address, export: &str) {
+    let mut c = NbdClient::connect(addr, export).unwrap();
+    let mut b = vec![0u8; BLOCK];
+    c.read_at(0, &mut b).unwrap();
+    c.disconnect().unwrap();
+}
+
+#[test]
+fn refusals_name_their_reason_and_create_nothing_on_the_target() {
+    let (a, b) = (pool_dir(), pool_dir());
+    create_lun(a.path(), "vm3", "offset", &["16M"], "16M");
+    // The same name already in the target pool.
+    create_lun(b.path(), "vm3", "offset", &["16M"], "16M");
+    let a_s = a.path().to_str().unwrap();
+    let b_s = b.path().to_str().unwrap();
+    let src = Gateway::start(&["--pool", a_s]);
+    let before = clean_tree(b.path());
+
+    let c = pool_dir();
+    let c_s = c.path().to_str().unwrap();
+    let before_c = clean_tree(c.path());
+    let check = |dst: &Gateway, pool: &Path, want: &str, extra: &[&str]| {
+        let to = migration_addr(dst);
+        let mut args = vec!["vm3", "--pool", a_s, "--to", &to];
+        args.extend_from_slice(extra);
+        let (ok, res, all) = lunctl_migrate(&args);
+        assert!(!ok, "migration should be refused ({want}): {all}");
+        assert_eq!(res["type"], "error", "{all}");
+        let msg = res["error"].as_str().unwrap_or_default().to_string();
+        assert!(
+            msg.contains(want),
+            "refusal {msg:?} does not say {want:?}\n{all}"
+        );
+        let was = if pool == b.path() { &before } else { &before_c };
+        assert_eq!(
+            &clean_tree(pool),
+            was,
+            "the target made files for a refused migration"
+        );
+        // The source still serves, unchanged.
+        assert!(a.path().join("vm3.lun").is_file());
+        fill(&tcp(&src), "vm3/disk0", 0, 4096, 5);
+    };
+
+    {
+        let dst = Gateway::start(&["--pool", b_s, "--migration-listen", "127.0.0.1:0"]);
+        check(&dst, b.path(), "already has", &[]);
+        dst.stop_ok();
+    }
+    {
+        let dst = Gateway::start(&[
+            "--pool",
+            b_s,
+            "--migration-listen",
+            "127.0.0.1:0",
+            "--migration-allow",
+            "192.0.2.0/24",
+        ]);
+        check(
+            &dst,
+            b.path(),
+            "not in the target's migration allow list",
+            &[],
+        );
+        dst.stop_ok();
+    }
+    {
+        let etc = tempfile::tempdir().unwrap();
+        let cfg = etc.path().join("gw-token.toml");
+        let tok = etc.path().join("gw-token");
+        std::fs::write(&tok, "s3cret\n").unwrap();
+        std::fs::write(
+            &cfg,
+            format!("[migration]\ntoken_file = {:?}\nreserve = \"1000T\"\n", tok),
+        )
+        .unwrap();
+        let cfg_s = cfg.to_str().unwrap();
+        let dst = Gateway::start(&[
+            "--config",
+            cfg_s,
+            "--pool",
+            c_s,
+            "--migration-listen",
+            "127.0.0.1:0",
+        ]);
+        check(&dst, c.path(), "token", &[]);
+        let wrong = etc.path().join("wrong-token");
+        std::fs::write(&wrong, "nope\n").unwrap();
+        check(
+            &dst,
+            c.path(),
+            "token",
+            &["--token-file", wrong.to_str().unwrap()],
+        );
+        // With the right token, the space check refuses it (the reserve
+        // is larger than any disk).
+        check(
+            &dst,
+            c.path(),
+            "not enough free space",
+            &["--token-file", tok.to_str().unwrap()],
+        );
+        dst.stop_ok();
+        let _ = std::fs::remove_file(cfg);
+        let _ = std::fs::remove_file(tok);
+        let _ = std::fs::remove_file(wrong);
+    }
+    src.stop_ok();
+}
+
+#[test]
+fn an_abort_or_a_timeout_leaves_the_source_serving_and_the_target_clean() {
+    let (a, b) = (pool_dir(), pool_dir());
+    create_lun(a.path(), "vm4", "offset", &["32M"], "16M");
+    let a_s = a.path().to_str().unwrap();
+    let b_s = b.path().to_str().unwrap();
+    let src = Gateway::start_env(
+        &["--pool", a_s],
+        &[("LUNGATE_TEST_MIGRATION_STALL", "copied:3000")],
+    );
+    let dst = Gateway::start(&["--pool", b_s, "--migration-listen", "127.0.0.1:0"]);
+    let to = migration_addr(&dst);
+    let before = clean_tree(b.path());
+    let export = "vm4/disk0";
+    fill(&tcp(&src), export, 0, 1 << 20, 3);
+    let (stop, count, h) = run_writer(tcp(&src), export);
+    wait_ops(&count, 100);
+
+    // --abort while the source stalls after the bulk copy.
+    let (a2, to2) = (a_s.to_string(), to.clone());
+    let m = thread::spawn(move || lunctl_migrate(&["vm4", "--pool", &a2, "--to", &to2]));
+    let t = Instant::now();
+    loop {
+        let log = src.stderr_log();
+        if log.contains("migration stalled at copied") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "never reached the stall:\n{log}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let ab = lunctl(&["--json", "migrate", "vm4", "--pool", a_s, "--abort"]);
+    assert!(ab.status.success());
+    let (ok, res, all) = m.join().unwrap();
+    assert!(!ok, "an aborted migration reported success: {all}");
+    assert!(
+        res["error"].as_str().unwrap_or("").contains("abort"),
+        "{all}"
+    );
+    wait_ops(&count, 200);
+    // Nothing left on the target (its staging is removed on the abort).
+    let t = Instant::now();
+    while clean_tree(b.path()) != before {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "target left {:?}",
+            tree(b.path())
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&lunctl(&["--json", "migrations", "--pool", a_s]).stdout).unwrap();
+    assert_eq!(v[0]["phase"], "aborted", "{v}");
+    stop.store(true, Ordering::Relaxed);
+    let seen = h.join().unwrap();
+    assert_clean(&seen);
+    assert!(a.path().join("vm4.lun").is_file());
+    verify(&tcp(&src), export, &seen.model);
+
+    // The target goes away mid-copy: the step times out, the source serves.
+    drop(dst);
+    let (ok, _res, all) = lunctl_migrate(&["vm4", "--pool", a_s, "--to", &to]);
+    assert!(!ok, "{all}");
+    verify(&tcp(&src), export, &seen.model);
+    src.stop_ok();
+}
