@@ -233,7 +233,7 @@ pub fn free_space(path: &std::path::Path) -> io::Result<u64> {
     if unsafe { libc::fstatvfs(dir.as_raw_fd(), &mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Make `[off, off+len)` read as zeros: punch a hole where the filesystem
