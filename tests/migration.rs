@@ -25,9 +25,13 @@ use serde_json::json;
 fn a_lun_with_a_snapshot_migrates_between_two_gateways_under_writes() {
     let (a, b) = (pool_dir(), pool_dir());
     create_lun(a.path(), "vm1", "offset", &["64M"], "16M");
+    create_lun(a.path(), "vm1data", "offset", &["16M"], "16M");
     let a_s = a.path().to_str().unwrap();
     let b_s = b.path().to_str().unwrap();
+    // A secondary disk: it moves with the VM, in the same switch.
+    lunctl(&["attach-secondary", "vm1", "vm1data", "--pool", a_s]);
     let src = Gateway::start(&["--pool", a_s]);
+    let data = fill(&tcp(&src), "vm1data/disk0", 1 << 20, 2 << 20, 13);
     let dst = Gateway::start(&["--pool", b_s, "--migration-listen", "127.0.0.1:0"]);
     let to = migration_addr(&dst);
     let export = "vm1/disk0";
@@ -56,6 +60,7 @@ fn a_lun_with_a_snapshot_migrates_between_two_gateways_under_writes() {
     );
     assert_eq!(res["type"], "result", "{all}");
     assert_eq!(res["phase"], "done", "{res}");
+    assert_eq!(res["members"], json!(["vm1", "vm1data"]), "{res}");
     assert!(res["bytes"].as_u64().unwrap() >= 5 << 20, "{res}");
     assert!(res["pause_us"].as_u64().is_some(), "{res}");
     assert!(res["parked"].as_u64().is_some(), "{res}");
@@ -63,6 +68,12 @@ fn a_lun_with_a_snapshot_migrates_between_two_gateways_under_writes() {
         "migrated: {} bytes, {} rounds, pause {} us, {} parked, {} ms",
         res["bytes"], res["rounds"], res["pause_us"], res["parked"], res["elapsed_ms"]
     );
+    for l in src.stderr_log().lines().filter(|l| l.contains("migration committed")) {
+        eprintln!("source: {l}");
+    }
+    for l in dst.stderr_log().lines().filter(|l| l.contains("_us=")) {
+        eprintln!("target: {l}");
+    }
     // The connection opened before the switch keeps working, forwarded.
     wait_ops(&count, 300);
     stop.store(true, Ordering::Relaxed);
@@ -76,6 +87,9 @@ fn a_lun_with_a_snapshot_migrates_between_two_gateways_under_writes() {
     // The target owns it: its pool has the LUN, the source's does not.
     assert!(b.path().join("vm1.lun").is_file());
     assert!(!a.path().join("vm1.lun").exists());
+    assert!(b.path().join("vm1data.lun").is_file());
+    assert!(!a.path().join("vm1data.lun").exists());
+    assert_eq!(read(&tcp(&dst), "vm1data/disk0", 1 << 20, 2 << 20), data);
     // New connections: the source no longer offers the export; the target does.
     assert!(NbdClient::connect(&tcp(&src), export).is_err());
     verify(&tcp(&dst), export, &seen.model);
@@ -351,4 +365,61 @@ fn an_abort_or_a_timeout_leaves_the_source_serving_and_the_target_clean() {
     assert!(!ok, "{all}");
     verify(&tcp(&src), export, &seen.model);
     src.stop_ok();
+}
+
+#[test]
+fn a_snapshot_asked_for_during_a_migration_runs_on_the_new_owner() {
+    let (a, b) = (pool_dir(), pool_dir());
+    create_lun(a.path(), "vm5", "offset", &["16M"], "16M");
+    let a_s = a.path().to_str().unwrap();
+    let b_s = b.path().to_str().unwrap();
+    let src = Gateway::start_env(
+        &["--pool", a_s],
+        &[("LUNGATE_TEST_MIGRATION_STALL", "copied:2000")],
+    );
+    let dst = Gateway::start(&["--pool", b_s, "--migration-listen", "127.0.0.1:0"]);
+    let to = migration_addr(&dst);
+    let (a2, to2) = (a_s.to_string(), to.clone());
+    let m = thread::spawn(move || lunctl_migrate(&["vm5", "--pool", &a2, "--to", &to2]));
+    let t = Instant::now();
+    while !src.stderr_log().contains("migration stalled at copied") {
+        assert!(t.elapsed() < Duration::from_secs(60), "never stalled");
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Queued while the LUN moves; answered by the target after the switch.
+    let sock = src.control();
+    let snap = thread::spawn(move || {
+        api(
+            &sock,
+            "POST",
+            "/v1/luns/vm5/snapshots",
+            Some(json!({"name": "during", "description": "queued"})),
+            201,
+        )
+    });
+    let (ok, res, all) = m.join().unwrap();
+    assert!(ok, "{all}");
+    assert_eq!(res["queued_ops"], 1, "{res}");
+    let taken = snap
+        .join()
+        .expect("the queued snapshot was not answered 201");
+    assert_eq!(taken["snapshot"]["name"], "during");
+    let list = api(&dst.control(), "GET", "/v1/luns/vm5/snapshots", None, 200);
+    assert_eq!(list[0]["name"], "during", "{list}");
+    assert_eq!(list[0]["description"], "queued", "{list}");
+    // After the move, the source sends control operations elsewhere.
+    let r = http(
+        &Control::Unix(&src.control()),
+        "POST",
+        "/v1/luns/vm5/snapshots",
+        Some(br#"{"name": "late"}"#),
+        false,
+    );
+    assert_ne!(
+        r.status / 100,
+        2,
+        "the source still took a snapshot of a LUN it gave away"
+    );
+    src.stop_ok();
+    dst.stop_ok();
 }

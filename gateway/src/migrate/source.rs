@@ -685,6 +685,7 @@ impl Job {
             paused.push(srcs[i].pause().await);
             slot[i] = k;
         }
+        let paused_at = Instant::now();
         self.settings.stall.at("paused").await;
         for (s, _) in self.srcs.iter().zip(&self.prepare.members) {
             if let Some(g) = s.generation {
@@ -732,6 +733,7 @@ impl Job {
             ))));
         }
         self.settings.stall.at("committing").await;
+        let sent_us = paused_at.elapsed().as_micros() as u64;
         let commit = Message::Commit {
             tally: sender.tally.digest(),
             frames: sender.frames,
@@ -773,7 +775,9 @@ impl Job {
             )));
         }
         // Committed: the target owns the LUNs.
+        let committed_us = paused_at.elapsed().as_micros() as u64;
         let devices = self.forwarders(nbd).await;
+        let forwarding_us = paused_at.elapsed().as_micros() as u64;
         let to = self.tracked.snapshot().peer;
         let mut parked = 0;
         for (i, s) in self.srcs.iter().enumerate() {
@@ -795,7 +799,7 @@ impl Job {
             i.parked = Some(parked);
         });
         tracing::info!(migration = %self.rec.id, pause_us, parked, bytes = sender.bytes,
-            rounds = self.tracked.snapshot().rounds, "migration committed; forwarding to the new owner");
+            rounds = self.tracked.snapshot().rounds, sent_us, committed_us, forwarding_us, "migration committed; forwarding to the new owner");
         self.finish(link).await;
         Ok(())
     }

@@ -216,14 +216,16 @@ async fn run(
     };
     // The commit point: from this record on, the LUNs are ours.
     tracked.update(|i| i.phase = MigrationPhase::Switching);
+    let t0 = std::time::Instant::now();
     if let Err(e) = rec.set(&pool, State::Committed) {
         drop(stage);
         undo(&pool, &rec);
         tracked.finish(MigrationPhase::Aborted, Some(e.to_string()));
         return Err(format!("write the commit record: {e}"));
     }
-    tracing::info!(migration = %p.migration, tally = %committed, "migration committed");
+    tracing::info!(migration = %p.migration, tally = %committed, record_us = t0.elapsed().as_micros() as u64, "migration committed");
     settings.stall.at("committed").await;
+    let t0 = std::time::Instant::now();
     let exports = match install(&pool, &stage, reg, settings) {
         Ok(e) => e,
         Err(e) => {
@@ -232,6 +234,7 @@ async fn run(
             return Err(e);
         }
     };
+    tracing::info!(migration = %p.migration, install_us = t0.elapsed().as_micros() as u64, "committed LUNs served");
     link.send_msg(Message::Complete {
         exports,
         nbd_port: nbd.map(|n| n.0),
@@ -440,7 +443,9 @@ async fn receive(
                     frames,
                     bytes,
                 } => {
+                    let t0 = std::time::Instant::now();
                     let (mine, f, b) = applier.close().await?;
+                    tracing::info!(close_us = t0.elapsed().as_micros() as u64, "staged volumes flushed and closed");
                     let mine = mine.digest();
                     if mine != tally || f != frames || b != bytes {
                         return Err(format!(

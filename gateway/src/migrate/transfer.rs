@@ -614,6 +614,21 @@ impl Stage {
         }
     }
 
+    /// Make what arrived so far durable (at the end of each round, so the
+    /// commit, inside the guests' pause, has only the last round to flush).
+    pub fn sync(&mut self) -> Result<(), String> {
+        for m in &mut self.members {
+            if let Some(v) = &m.volume {
+                v.flush()
+                    .map_err(|e| format!("member {}: flush: {e}", m.info.name))?;
+            }
+            m.file
+                .sync_all()
+                .map_err(|e| ctx(&m.lun_path, "fsync", e))?;
+        }
+        Ok(())
+    }
+
     /// Make everything durable and close the staged volumes (they are
     /// opened again, in the pool, by the commit).
     pub fn close(&mut self) -> Result<(), String> {
@@ -725,6 +740,11 @@ impl Applier {
                         }
                         Job::Frame(_) | Job::FilesDone(_) => {}
                         Job::Barrier(r) => {
+                            if failed.is_none() {
+                                if let Err(e) = stage.sync() {
+                                    failed = Some(e);
+                                }
+                            }
                             let _ = r.send(failed.clone().map_or(Ok(()), Err));
                         }
                         Job::Close(r) => {
