@@ -68,7 +68,11 @@ fn a_lun_with_a_snapshot_migrates_between_two_gateways_under_writes() {
         "migrated: {} bytes, {} rounds, pause {} us, {} parked, {} ms",
         res["bytes"], res["rounds"], res["pause_us"], res["parked"], res["elapsed_ms"]
     );
-    for l in src.stderr_log().lines().filter(|l| l.contains("migration committed")) {
+    for l in src
+        .stderr_log()
+        .lines()
+        .filter(|l| l.contains("migration committed"))
+    {
         eprintln!("source: {l}");
     }
     for l in dst.stderr_log().lines().filter(|l| l.contains("_us=")) {
@@ -294,6 +298,43 @@ fn refusals_name_their_reason_and_create_nothing_on_the_target() {
         let _ = std::fs::remove_file(cfg);
         let _ = std::fs::remove_file(tok);
         let _ = std::fs::remove_file(wrong);
+    }
+    {
+        // A clone reads through the VM's layers: refused by the source, with
+        // the dependents named.
+        let dst = Gateway::start(&["--pool", c_s, "--migration-listen", "127.0.0.1:0"]);
+        api(
+            &src.control(),
+            "POST",
+            "/v1/luns/vm3/snapshots",
+            Some(json!({"name": "base"})),
+            201,
+        );
+        api(
+            &src.control(),
+            "POST",
+            "/v1/luns/vm3/clone",
+            Some(json!({"snapshot": "base", "name": "vm3c"})),
+            201,
+        );
+        check(
+            &dst,
+            c.path(),
+            "clones that depend on its layers: vm3c",
+            &[],
+        );
+        // With --with-dependents the clone moves along, in the same switch.
+        let to = migration_addr(&dst);
+        let (ok, res, all) =
+            lunctl_migrate(&["vm3", "--pool", a_s, "--to", &to, "--with-dependents"]);
+        assert!(ok, "--with-dependents: {all}\n{}", dst.stderr_log());
+        assert_eq!(res["members"], json!(["vm3", "vm3c"]), "{res}");
+        assert!(c.path().join("vm3.lun").is_file() && c.path().join("vm3c.lun").is_file());
+        assert!(!a.path().join("vm3.lun").exists() && !a.path().join("vm3c.lun").exists());
+        let snaps = api(&dst.control(), "GET", "/v1/luns/vm3/snapshots", None, 200);
+        assert_eq!(snaps[0]["name"], "base", "{snaps}");
+        verify_prefix(&tcp(&dst), "vm3c/disk0");
+        dst.stop_ok();
     }
     src.stop_ok();
 }

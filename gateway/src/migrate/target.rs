@@ -445,7 +445,10 @@ async fn receive(
                 } => {
                     let t0 = std::time::Instant::now();
                     let (mine, f, b) = applier.close().await?;
-                    tracing::info!(close_us = t0.elapsed().as_micros() as u64, "staged volumes flushed and closed");
+                    tracing::info!(
+                        close_us = t0.elapsed().as_micros() as u64,
+                        "staged volumes flushed and closed"
+                    );
                     let mine = mine.digest();
                     if mine != tally || f != frames || b != bytes {
                         return Err(format!(
