@@ -464,3 +464,64 @@ fn a_snapshot_asked_for_during_a_migration_runs_on_the_new_owner() {
     src.stop_ok();
     dst.stop_ok();
 }
+
+fn put_policy(sock: &Path, lun: &str, json: &str) {
+    use lungate_api::records::RecordType;
+    use lungate_api::types::{RecordBatch, RecordPut};
+    let c = lungate_api::client::Client::new(sock).unwrap();
+    let b = json.as_bytes().to_vec();
+    let batch = RecordBatch {
+        put: vec![RecordPut {
+            rtype: RecordType::Policy,
+            instance: 0,
+            length: b.len() as u64,
+        }],
+        remove: vec![],
+    };
+    c.write_records(lun, &batch, |_, s| s.write(&b)).unwrap();
+}
+
+#[test]
+fn the_vms_policy_decides_where_it_may_go_and_travels_with_it() {
+    use lungate_api::records::{Policy, RecordType};
+    let (a, b) = (pool_dir(), pool_dir());
+    create_lun(a.path(), "vm6", "offset", &["16M"], "16M");
+    let a_s = a.path().to_str().unwrap();
+    let b_s = b.path().to_str().unwrap();
+    let etc = tempfile::tempdir().unwrap();
+    let cfg = etc.path().join("gw-b.toml");
+    std::fs::write(&cfg, "[migration]\nname = \"gw-b\"\n").unwrap();
+    let src = Gateway::start(&["--pool", a_s]);
+    let dst = Gateway::start(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--pool",
+        b_s,
+        "--migration-listen",
+        "127.0.0.1:0",
+    ]);
+    let to = migration_addr(&dst);
+    let before = clean_tree(b.path());
+    let refused = |want: &str| {
+        let (ok, res, all) = lunctl_migrate(&["vm6", "--pool", a_s, "--to", &to]);
+        assert!(!ok, "{all}");
+        let msg = res["error"].as_str().unwrap_or_default();
+        assert!(msg.contains(want), "{msg:?} does not say {want:?}");
+        assert_eq!(clean_tree(b.path()), before);
+    };
+    put_policy(&src.control(), "vm6", r#"{"migrate_to": ["192.0.2.0/24"]}"#);
+    refused("policy does not allow migrating it to");
+    put_policy(&src.control(), "vm6", r#"{"gateways": ["gw-c"]}"#);
+    refused("policy does not admit it on gateway gw-b");
+    let pol = r#"{"migrate_to": ["127.0.0.0/8"], "gateways": ["gw-b"], "keep_snapshots": 3}"#;
+    put_policy(&src.control(), "vm6", pol);
+    let (ok, res, all) = lunctl_migrate(&["vm6", "--pool", a_s, "--to", &to]);
+    assert!(ok, "{all}");
+    assert_eq!(res["phase"], "done");
+    // The record arrived with the VM, and the target reads it.
+    let c = lungate_api::client::Client::new(&dst.control()).unwrap();
+    let got: Option<Policy> = c.record_json("vm6", RecordType::Policy, 0).unwrap();
+    assert_eq!(got, Some(serde_json::from_str::<Policy>(pol).unwrap()));
+    src.stop_ok();
+    dst.stop_ok();
+}
