@@ -522,6 +522,24 @@ fn the_vms_policy_decides_where_it_may_go_and_travels_with_it() {
     let c = lungate_api::client::Client::new(&dst.control()).unwrap();
     let got: Option<Policy> = c.record_json("vm6", RecordType::Policy, 0).unwrap();
     assert_eq!(got, Some(serde_json::from_str::<Policy>(pol).unwrap()));
+    // The target enforces it: with keep_snapshots 3, a fourth snapshot
+    // deletes the oldest.
+    for n in ["r1", "r2", "r3", "r4"] {
+        api(
+            &dst.control(),
+            "POST",
+            "/v1/luns/vm6/snapshots",
+            Some(json!({"name": n})),
+            201,
+        );
+    }
+    let names: Vec<String> = api(&dst.control(), "GET", "/v1/luns/vm6/snapshots", None, 200)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["r2", "r3", "r4"]);
     src.stop_ok();
     dst.stop_ok();
 }

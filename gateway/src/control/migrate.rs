@@ -28,6 +28,7 @@ async fn run_now(reg: &Arc<Registry>, l: &Arc<ServedLun>, op: QueuedOp) -> ApiRe
             name, description, ..
         } => {
             let (info, pause_us) = super::ops::snapshot(reg, l, name, description).await?;
+            retain(reg, l).await;
             created(wire::SnapshotTaken {
                 snapshot: wire_snapshot(info),
                 pause_us,
@@ -53,6 +54,37 @@ async fn run_now(reg: &Arc<Registry>, l: &Arc<ServedLun>, op: QueuedOp) -> ApiRe
         QueuedOp::Flatten { .. } => {
             super::ops::flatten(reg, l).await?;
             ok(wire::Empty {})
+        }
+    }
+}
+
+/// The VM's policy `keep_snapshots`: after a snapshot, delete the oldest
+/// snapshots beyond that many (failures are logged; the snapshot stands).
+async fn retain(reg: &Arc<Registry>, l: &Arc<ServedLun>) {
+    let keep = {
+        let mut h = l.lun.share();
+        h.reload_state()
+            .ok()
+            .and_then(|()| {
+                h.record_json::<lungate_api::records::Policy>(
+                    lungate_api::records::RecordType::Policy,
+                    0,
+                )
+                .ok()
+                .flatten()
+            })
+            .and_then(|p| p.keep_snapshots)
+    };
+    let Some(keep) = keep else { return };
+    let mut snaps = l.volume().snapshots();
+    snaps.sort_by_key(|s| s.created);
+    let extra = snaps.len().saturating_sub(keep as usize);
+    for s in snaps.into_iter().take(extra) {
+        match super::ops::delete_snapshot(reg, l, s.name.clone()).await {
+            Ok(()) => tracing::info!(lun = %l.lun.name(), snapshot = %s.name, keep,
+                "snapshot deleted by the VM's retention policy"),
+            Err(e) => tracing::warn!(lun = %l.lun.name(), snapshot = %s.name,
+                "retention policy: cannot delete the snapshot: {e}"),
         }
     }
 }
