@@ -262,6 +262,7 @@ pub fn router(reg: Arc<Registry>) -> Router {
         .route("/v1/migrations", get(migrate::list))
         .route("/v1/migrations/{id}", get(migrate::get_one))
         .route("/v1/migrations/{id}/abort", post(migrate::abort))
+        .route("/v1/luns/{lun}/scrub", post(scrub))
         .route(
             "/v1/luns/{lun}/records",
             get(records::list)
@@ -555,6 +556,11 @@ async fn apply_diff(
     let l = find(&reg, &lun)?;
     ops::apply_diff(&reg, &l, body).await?;
     ok(wire::Empty {})
+}
+
+async fn scrub(State(reg): Reg, UrlPath(lun): UrlPath<String>) -> ApiResult {
+    let l = find(&reg, &lun)?;
+    ok(ops::scrub(&reg, &l).await?)
 }
 
 async fn usage(State(reg): Reg, UrlPath(lun): UrlPath<String>) -> ApiResult {

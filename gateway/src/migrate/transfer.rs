@@ -521,8 +521,16 @@ impl Stage {
                 .iter()
                 .find(|r| r.id == l.live)
                 .map_or(0, |r| r.created);
-            Delta::create(&store, l.live, l.live_parent, info.uuid, geo, created)
-                .map_err(|e| format!("member {}: live layer: {e}", info.name))?;
+            Delta::create(
+                &store,
+                l.live,
+                l.live_parent,
+                info.uuid,
+                geo,
+                created,
+                man.checksums,
+            )
+            .map_err(|e| format!("member {}: live layer: {e}", info.name))?;
             manifest::store(&dir, &man, 1)
                 .map_err(|e| format!("member {}: write manifest: {e}", info.name))?;
         }

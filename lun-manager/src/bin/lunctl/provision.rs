@@ -72,6 +72,7 @@ pub fn create(out: &Output, a: CreateArgs) -> Res {
         vcpus: a.vcpus,
         layout: a.layout,
         cluster_size,
+        checksums: a.checksums,
     };
     let lun = if a.prefill {
         let mut rep = out.progress("create");
@@ -101,14 +102,16 @@ pub fn create(out: &Output, a: CreateArgs) -> Res {
             layout: lun.layout(),
             disks,
             prefilled: a.prefill,
+            checksums: lun.volume().checksums(),
         },
         || {
             let mut o = format!(
-                "created {} ({}, {} layout{}) at {}\n",
+                "created {} ({}, {} layout{}{}) at {}\n",
                 lun.name(),
                 lun.uuid(),
                 lun.layout(),
                 if a.prefill { ", prefilled" } else { "" },
+                if a.checksums { ", data checksums" } else { "" },
                 path.display()
             );
             for d in lun.disks() {
