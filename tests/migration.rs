@@ -543,3 +543,63 @@ fn the_vms_policy_decides_where_it_may_go_and_travels_with_it() {
     src.stop_ok();
     dst.stop_ok();
 }
+
+#[test]
+fn a_lun_with_data_checksums_migrates_and_scrubs_clean_on_the_target() {
+    let (a, b) = (pool_dir(), pool_dir());
+    let a_s = a.path().to_str().unwrap();
+    let b_s = b.path().to_str().unwrap();
+    lunctl(&[
+        "create",
+        "vm7",
+        "--pool",
+        a_s,
+        "--disk",
+        "16M",
+        "--memory",
+        "16M",
+        "--checksums",
+    ]);
+    let src = Gateway::start(&["--pool", a_s]);
+    let dst = Gateway::start(&["--pool", b_s, "--migration-listen", "127.0.0.1:0"]);
+    let to = migration_addr(&dst);
+    let frozen = fill(&tcp(&src), "vm7/disk0", 0, 2 << 20, 71);
+    api(
+        &src.control(),
+        "POST",
+        "/v1/luns/vm7/snapshots",
+        Some(json!({"name": "s1"})),
+        201,
+    );
+    let live = fill(&tcp(&src), "vm7/disk0", 1 << 20, 1 << 20, 72);
+    let scrub = |pool: &str| -> serde_json::Value {
+        let out = lunctl(&["--json", "scrub", "vm7", "--pool", pool]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let doc = text
+            .lines()
+            .collect::<Vec<_>>()
+            .join("\n")
+            .split_once("\n{\n")
+            .map(|(_, rest)| format!("{{\n{rest}"))
+            .unwrap_or(text.clone());
+        serde_json::from_str(&doc).unwrap_or_else(|e| panic!("{e}: {text}"))
+    };
+    let before = scrub(a_s);
+    let (ok, res, all) = lunctl_migrate(&["vm7", "--pool", a_s, "--to", &to]);
+    assert!(ok, "{all}\n{}", dst.stderr_log());
+    assert_eq!(res["phase"], "done");
+    assert_eq!(read(&tcp(&dst), "vm7/disk0", 0, 1 << 20), frozen[..1 << 20]);
+    assert_eq!(read(&tcp(&dst), "vm7/disk0", 1 << 20, 1 << 20), live);
+    // Every cluster of every layer verifies against its checksum there.
+    let after = scrub(b_s);
+    eprintln!("scrub: source {before}\ntarget {after}");
+    let l = &after["luns"][0];
+    assert_eq!(l["errors"], json!([]), "{after}");
+    assert_eq!(l["clusters_unsummed"], 0, "{after}");
+    assert_eq!(
+        l["layers_without_checksums"], before["luns"][0]["layers_without_checksums"],
+        "source {before}\ntarget {after}"
+    );
+    src.stop_ok();
+    dst.stop_ok();
+}
