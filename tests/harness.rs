@@ -500,6 +500,19 @@ impl Gateway {
     /// exit status and stderr) instead of panicking, for tests that expect a
     /// configuration to be refused.
     pub fn try_start(args: &[&str]) -> Result<Gateway, String> {
+        Gateway::try_start_env(args, &[])
+    }
+
+    /// [`Gateway::start`] with extra environment variables for the child
+    /// (test hooks such as `LUNGATE_TEST_MIGRATION_STALL`).
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Gateway {
+        match Gateway::try_start_env(args, env) {
+            Ok(g) => g,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    pub fn try_start_env(args: &[&str], env: &[(&str, &str)]) -> Result<Gateway, String> {
         let dir = tempfile::Builder::new()
             .prefix("lungate-gw-")
             .tempdir()
@@ -518,6 +531,9 @@ impl Gateway {
             .stderr(File::create(&log).expect("create gateway log"));
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
         }
         let what = describe(&cmd);
         let mut child = cmd

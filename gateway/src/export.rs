@@ -248,6 +248,33 @@ impl Exports {
         *cur = Arc::new(set);
         refused
     }
+
+    /// Remove every export of the served LUN `lun` (a LUN that migrated
+    /// away: new connections cannot find it; connections already open keep
+    /// their export). Returns the names removed.
+    pub fn remove_lun(&self, lun: &Arc<ServedLun>) -> Vec<String> {
+        let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let mut removed = Vec::new();
+        let kept: Vec<Arc<Export>> = cur
+            .list
+            .iter()
+            .filter(|e| {
+                let gone = e.lun.as_ref().is_some_and(|l| Arc::ptr_eq(l, lun));
+                if gone {
+                    removed.push(e.name.clone());
+                }
+                !gone
+            })
+            .cloned()
+            .collect();
+        let mut set = ExportSet::default();
+        for e in kept {
+            set.by_name.insert(e.name.clone(), set.list.len());
+            set.list.push(e);
+        }
+        *cur = Arc::new(set);
+        removed
+    }
 }
 
 /// All exports of a running gateway, by name.

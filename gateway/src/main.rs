@@ -23,6 +23,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start; boxing the serve flags would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve every disk of every LUN in the pools (and [[export]] entries).
@@ -65,6 +67,14 @@ enum Cmd {
         /// Control API unix socket (default: <first pool>/.lungate.sock).
         #[arg(long)]
         control: Option<PathBuf>,
+        /// Admit migrations from other gateways on IP:PORT (replaces
+        /// `[migration] listen`).
+        #[arg(long)]
+        migration_listen: Option<String>,
+        /// Who may migrate LUNs here: IP, CIDR or cert:NAME; repeatable
+        /// (replaces `[migration] allow`).
+        #[arg(long = "migration-allow")]
+        migration_allow: Vec<String>,
     },
     /// Create ./demo-pool with LUN `demo` (1 GiB disk) if needed and serve
     /// it on 127.0.0.1:10809.
@@ -194,6 +204,8 @@ async fn run(cmd: Cmd, activated: Vec<std::os::fd::OwnedFd>) -> Result<(), Strin
             tls_verify_peer,
             engine,
             control,
+            migration_listen,
+            migration_allow,
         } => {
             let mut cfg = match &config {
                 Some(p) => GatewayConfig::load(p).map_err(|e| e.to_string())?,
@@ -211,6 +223,8 @@ async fn run(cmd: Cmd, activated: Vec<std::os::fd::OwnedFd>) -> Result<(), Strin
                 tls_verify_peer,
                 engine,
                 control,
+                migration_listen,
+                migration_allow,
             }
             .apply(&mut cfg)
             .map_err(|e| e.to_string())?;

@@ -72,7 +72,7 @@ fn writable(l: &ServedLun) -> OpResult<()> {
 
 /// The served LUNs of `l`'s group: `l` first, then its secondaries in the
 /// order its state region lists them.
-fn members(reg: &Registry, l: &Arc<ServedLun>) -> OpResult<Vec<Arc<ServedLun>>> {
+pub(crate) fn members(reg: &Registry, l: &Arc<ServedLun>) -> OpResult<Vec<Arc<ServedLun>>> {
     let mut h = l.lun.share();
     // A revert may have changed the secondary list since the LUN was opened.
     h.reload_state()?;

@@ -41,6 +41,7 @@ fn writable_type(t: RecordType) -> bool {
             | RecordType::MemoryMap
             | RecordType::MemoryImage
             | RecordType::GuestService
+            | RecordType::Policy
     )
 }
 
@@ -216,6 +217,9 @@ fn check_json(
             }
             Ok(())
         }
+        RecordType::Policy => serde_json::from_slice::<lungate_api::records::Policy>(b)
+            .map(|_| ())
+            .map_err(|e| format!("not a policy: {e}")),
         _ => serde_json::from_slice::<serde_json::Value>(b)
             .map(|_| ())
             .map_err(|e| format!("not JSON: {e}")),

@@ -22,6 +22,7 @@
 
 mod fail;
 mod guest;
+mod migrate;
 mod provision;
 mod results;
 mod snapshots;
@@ -187,6 +188,48 @@ enum Cmd {
         #[command(flatten)]
         lun: LunRef,
     },
+    /// Move a served VM (its LUNs, state region and snapshot tree) live to
+    /// another gateway (--to) or another pool of its gateway (--to-pool)
+    Migrate {
+        #[command(flatten)]
+        lun: LunRef,
+        /// The target gateway's migration listener, HOST:PORT
+        #[arg(long, value_name = "HOST:PORT", required_unless_present_any = ["to_pool", "abort"], conflicts_with = "to_pool")]
+        to: Option<String>,
+        /// A pool of the same gateway (its path or name)
+        #[arg(long, value_name = "POOL")]
+        to_pool: Option<String>,
+        /// The pool on the target gateway (default: its first)
+        #[arg(long, value_name = "NAME", requires = "to")]
+        target_pool: Option<String>,
+        /// Guest-visible pause budget in ms (default: the gateway's, 50)
+        #[arg(long, value_name = "MS")]
+        downtime_ms: Option<u64>,
+        /// Copy bandwidth limit per second, e.g. 200M
+        #[arg(long, value_name = "RATE")]
+        max_rate: Option<String>,
+        /// Keep the source copy as POOL/NAME.migrated-ID/
+        #[arg(long)]
+        keep_source: bool,
+        /// Also move the clones that depend on the VM's layers
+        #[arg(long)]
+        with_dependents: bool,
+        /// File whose first line is the target's migration token
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Abort the VM's running migration (the source keeps serving)
+        #[arg(long, conflicts_with_all = ["to", "to_pool"])]
+        abort: bool,
+    },
+    /// List the migrations a gateway runs, answers or finished lately
+    Migrations {
+        /// A pool the gateway serves (its control socket is DIR/.lungate.sock)
+        #[arg(long, value_name = "DIR", required_unless_present = "control")]
+        pool: Option<PathBuf>,
+        /// The gateway's control socket
+        #[arg(long, value_name = "SOCKET")]
+        control: Option<PathBuf>,
+    },
     /// Find VM LUNs in pool directories, files and block devices
     Scan {
         #[arg(required = true, value_name = "PATH")]
@@ -223,6 +266,8 @@ impl Cmd {
             Cmd::SetHardware { .. } => "set-hardware",
             Cmd::GuestKey { .. } => "guest-key",
             Cmd::Repair { .. } => "repair",
+            Cmd::Migrate { .. } => "migrate",
+            Cmd::Migrations { .. } => "migrations",
             Cmd::Scan { .. } => "scan",
             Cmd::Doc(DocCmd::Completions { .. }) => "completions",
             Cmd::Doc(DocCmd::Man { .. }) => "man",
@@ -378,6 +423,35 @@ fn run(cmd: Cmd, out: &Output) -> Res {
         }
         Cmd::GuestKey { lun } => guest::guest_key(out, &lun.path()?),
         Cmd::Repair { lun } => snapshots::repair(out, &lun.path()?),
+        Cmd::Migrate {
+            lun,
+            to,
+            to_pool,
+            target_pool,
+            downtime_ms,
+            max_rate,
+            keep_source,
+            with_dependents,
+            token_file,
+            abort,
+        } => migrate::migrate(
+            out,
+            &lun.path()?,
+            migrate::Args {
+                to,
+                to_pool,
+                target_pool,
+                downtime_ms,
+                max_rate,
+                keep_source,
+                with_dependents,
+                token_file,
+                abort,
+            },
+        ),
+        Cmd::Migrations { pool, control } => {
+            migrate::list(out, pool.as_deref(), control.as_deref())
+        }
         Cmd::Scan { paths, html } => {
             let r = scan::scan(&paths);
             if let Some(f) = html {
