@@ -1050,6 +1050,16 @@ impl Lun {
         Ok(())
     }
 
+    /// Make `[offset, offset + len)` inside a region read as zeros (not
+    /// durable until [`Lun::sync`]).
+    pub fn zero_region(&self, kind: RegionKind, index: u32, offset: u64, len: u64) -> Result<()> {
+        self.writable()?;
+        for p in self.pieces(kind, index, offset, len)?.iter() {
+            self.volume.write_zeroes(p.at, p.len, true)?;
+        }
+        Ok(())
+    }
+
     /// Make every write through the volume durable.
     pub fn sync(&self) -> Result<()> {
         if self.access == Access::ReadOnly {

@@ -204,9 +204,167 @@ fn read_at(lun: &Path, offset: u64, len: usize) -> Vec<u8> {
 }
 
 #[test]
-fn resize_preserves_disk_and_state_data_in_both_layouts() {
+fn aligned_layout_shows_lungate_gpt_at_lba0_to_sfdisk_and_blkid() {
+    require_tool("sfdisk");
+    require_tool("blkid");
     let (_d, p) = pool();
-    for layout in ["offset", "truncate"] {
+    let lun = create(
+        &p,
+        "al",
+        &[
+            "--disk", "64M", "--disk", "8M", "--memory", "16M", "--layout", "aligned",
+        ],
+    );
+    let v = inspect(&lun);
+    assert_eq!(v["layout"], "aligned");
+    assert_eq!(region(&v, "label", 0), (0, 1 << 20));
+    assert_eq!(region(&v, "disk", 0), (0, 64 << 20));
+    let (st, _) = region(&v, "state", 0);
+    assert_eq!(v["shadow"]["length"], 1 << 20);
+    assert_eq!(v["shadow"]["lun_offset"], st + (128 << 10));
+    let out = Command::new("sfdisk")
+        .arg("--dump")
+        .arg(&lun)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.trim().is_empty(), "{err}");
+    let dump = String::from_utf8(out.stdout).unwrap();
+    let uuid = v["uuid"].as_str().unwrap().to_uppercase();
+    assert!(dump.contains(&format!("label-id: {uuid}")), "{dump}");
+    // The label partition covers the two slots; disk0's partition the part
+    // of disk0 at its own offset, from 1 MiB.
+    for (name, start, size) in [
+        ("lungate-label", 512, 1536),
+        ("lungate-disk0", 2048, (64 << 11) - 2048),
+    ] {
+        assert!(
+            dump.lines().any(|l| l.contains(name)
+                && l.contains(&format!("start= {start:>11}, size= {size:>11}"))),
+            "{name} at {start}+{size} missing from:\n{dump}"
+        );
+    }
+    let out = Command::new("sfdisk")
+        .arg("--verify")
+        .arg(&lun)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("No errors detected"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(&lun)
+        .output()
+        .unwrap();
+    let b = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(b.contains("pttype=gpt"), "{b}");
+    assert!(
+        b.contains(&format!("ptuuid={}", uuid.to_lowercase())),
+        "{b}"
+    );
+    lunctl()
+        .args(["inspect"])
+        .arg(&lun)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "shadow   disk0 bytes [0, 1048576)",
+        ));
+}
+
+#[test]
+fn import_of_a_partitioned_raw_image_keeps_its_blocks_at_their_offsets() {
+    require_tool("sfdisk");
+    let (d, p) = pool();
+    // A raw image with the guest's own GPT (sfdisk writes it) and data at
+    // 1 MiB and near its end.
+    let img = d.path().join("guest.raw");
+    let len = 40u64 << 20;
+    std::fs::File::create(&img).unwrap().set_len(len).unwrap();
+    let mut sf = Command::new("sfdisk")
+        .arg("--no-reread")
+        .arg("-q")
+        .arg(&img)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    sf.stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: gpt\nstart=2048, size=16384, name=guestroot\n")
+        .unwrap();
+    assert!(sf.wait().unwrap().success());
+    let a = write_pattern(&img, 1 << 20, 8192, 9);
+    let b = write_pattern(&img, len - 65536, 4096, 10);
+    let guest_head = read_at(&img, 0, 1 << 20);
+    let before = std::fs::read(&img).unwrap();
+
+    let out = lunctl()
+        .args(["import"])
+        .arg(&img)
+        .args(["imp", "--memory", "16M", "--layout", "aligned", "--json"])
+        .arg("--pool")
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["imported"]["image_bytes"], len);
+    let lun = p.join("imp.lun");
+    let v = inspect(&lun);
+    assert_eq!(region(&v, "disk", 0), (0, len));
+    // Every block past the first MiB at its own offset in the LUN file,
+    // the guest's first MiB (its GPT) in the shadow area.
+    assert_eq!(read_at(&lun, 1 << 20, 8192), a);
+    assert_eq!(read_at(&lun, len - 65536, 4096), b);
+    assert_eq!(
+        read_at(&lun, len - 33 * 512, 33 * 512),
+        &before[(len - 33 * 512) as usize..]
+    );
+    let at = v["shadow"]["lun_offset"].as_u64().unwrap();
+    assert_eq!(read_at(&lun, at, 1 << 20), guest_head);
+    // The host sees lungate's GPT, not the guest's.
+    let dump = Command::new("sfdisk")
+        .arg("--dump")
+        .arg(&lun)
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.contains("lungate-disk0") && !dump.contains("guestroot"),
+        "{dump}"
+    );
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        before,
+        "the image is untouched"
+    );
+    // A qcow2 image is refused with the conversion to run.
+    let q = d.path().join("x.qcow2");
+    std::fs::write(&q, b"QFI\xfb\0\0\0\x03").unwrap();
+    lunctl()
+        .args(["import"])
+        .arg(&q)
+        .args(["q", "--memory", "16M", "--pool"])
+        .arg(&p)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("qemu-img convert -O raw"));
+    assert!(!p.join("q.lun").exists());
+}
+
+#[test]
+fn resize_preserves_disk_and_state_data_in_every_layout() {
+    let (_d, p) = pool();
+    for layout in ["offset", "truncate", "aligned"] {
         let name = format!("vm-{layout}");
         let lun = create(
             &p,
@@ -218,8 +376,10 @@ fn resize_preserves_disk_and_state_data_in_both_layouts() {
         let v = inspect(&lun);
         let (d0, d0len) = region(&v, "disk", 0);
         let (d1, _) = region(&v, "disk", 1);
-        // A pattern at the start and end of each disk.
-        let a = write_pattern(&lun, d0, 65536, 1);
+        // A pattern at the start and end of each disk (past the shadowed
+        // first MiB of an aligned disk0: there the LUN file holds the GPT).
+        let start = if layout == "aligned" { 1 << 20 } else { 0 };
+        let a = write_pattern(&lun, d0 + start, 65536, 1);
         let b = write_pattern(&lun, d0 + d0len - 4096, 4096, 2);
         let c = write_pattern(&lun, d1, 4 << 20, 3);
         let records_before = v["state"]["records"].clone();
@@ -250,10 +410,10 @@ fn resize_preserves_disk_and_state_data_in_both_layouts() {
         assert_eq!(n0len, 40 << 20);
         assert_eq!(region(&v, "disk", 2).1, 16 << 20);
         assert_eq!(v["hardware"]["memory_bytes"], 64u64 << 20);
-        if layout == "truncate" {
+        if layout != "offset" {
             assert_eq!(n0, 0);
         }
-        assert_eq!(read_at(&lun, n0, 65536), a, "{layout}: disk0 start");
+        assert_eq!(read_at(&lun, n0 + start, 65536), a, "{layout}: disk0 start");
         assert_eq!(
             read_at(&lun, n0 + d0len - 4096, 4096),
             b,
@@ -761,16 +921,19 @@ fn json_of(args: &[&str]) -> Value {
 }
 
 #[test]
-fn snapshot_and_revert_round_trip_keeps_data_written_between_in_both_layouts() {
+fn snapshot_and_revert_round_trip_keeps_data_written_between_in_every_layout() {
     let (_d, p) = pool();
-    for layout in ["offset", "truncate"] {
+    for layout in ["offset", "truncate", "aligned"] {
         let lun = create(
             &p,
             &format!("rt-{layout}"),
             &["--disk", "8M", "--memory", "1M", "--layout", layout],
         );
         let l = lun.to_str().unwrap();
-        let (d0, _) = region(&inspect(&lun), "disk", 0);
+        // An aligned disk0's first MiB is not at its own offset (the
+        // volume refuses writes there: it is the LUN's GPT and label).
+        let skip = if layout == "aligned" { 1 << 20 } else { 0 };
+        let d0 = region(&inspect(&lun), "disk", 0).0 + skip;
         let a = pattern(65536, 1);
         let b = pattern(65536, 2);
         let c = pattern(4096, 3);

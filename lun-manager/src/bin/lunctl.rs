@@ -45,6 +45,8 @@ enum Cmd {
     },
     /// Create a VM LUN in a pool, or on a file or block device with --path
     Create(CreateArgs),
+    /// Create a VM LUN whose disk0 is a copy of a raw disk image
+    Import(ImportArgs),
     /// Show a LUN's regions, sizes, identity, state records and checksums
     Inspect {
         #[command(flatten)]
@@ -207,6 +209,39 @@ struct CreateArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct ImportArgs {
+    /// The raw disk image (a file or block device; read, never changed)
+    image: PathBuf,
+    /// VM name (letters, digits, '.', '_', '-'); exports are NAME/disk0…
+    name: String,
+    /// Pool directory; the LUN becomes DIR/NAME.lun
+    #[arg(long, value_name = "DIR", required_unless_present = "path")]
+    pool: Option<PathBuf>,
+    /// Create at this file or block device path instead of in a pool
+    #[arg(long, value_name = "PATH", conflicts_with = "pool")]
+    path: Option<PathBuf>,
+    /// Size of disk0 (default: the image's, rounded up to 1M)
+    #[arg(long, value_name = "SIZE")]
+    size: Option<String>,
+    /// More disks after the imported disk0 (repeat), e.g. 20G
+    #[arg(long, value_name = "SIZE")]
+    disk: Vec<String>,
+    /// Guest memory, e.g. 2G; sizes the hidden state region
+    #[arg(long, value_name = "SIZE")]
+    memory: String,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// aligned keeps every block of the image at its own offset but the first MiB
+    #[arg(long, default_value = "offset")]
+    layout: Layout,
+    /// Cluster size of the copy-on-write volume: a power of two from 4K to 2M
+    #[arg(long, value_name = "SIZE", default_value = "64K")]
+    cluster_size: String,
+    #[arg(long)]
+    json: bool,
+}
+
 /// A LUN named by path, or by VM name with --pool.
 #[derive(Args)]
 struct LunRef {
@@ -265,6 +300,7 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("pool {} ready", dir.display());
         }
         Cmd::Create(a) => create(a)?,
+        Cmd::Import(a) => import(a)?,
         Cmd::Inspect { lun, json } => inspect(&lun.path()?, json)?,
         Cmd::List { pool: dir, json } => list(&dir, json)?,
         Cmd::Resize { lun, disk, memory } => {
@@ -369,26 +405,92 @@ fn run(cli: Cli) -> Result<(), String> {
     Ok(())
 }
 
-fn create(a: CreateArgs) -> Result<(), String> {
-    let path = match (&a.pool, &a.path) {
-        (Some(dir), _) => {
-            pool::require(dir).map_err(|e| e.to_string())?;
-            lun_manager::format::validate_name(&a.name)?;
-            pool::lun_path(dir, &a.name)
-        }
-        (None, Some(p)) => p.clone(),
-        (None, None) => unreachable!("clap requires --pool or --path"),
+/// Where a new LUN named `name` goes (`--pool` or `--path`), refusing a
+/// name the pool already has.
+fn new_lun_path(name: &str, pool: Option<&Path>, path: Option<&Path>) -> Result<PathBuf, String> {
+    let Some(dir) = pool else {
+        return Ok(path.expect("clap requires --pool or --path").to_path_buf());
     };
-    if let Some(dir) = &a.pool {
-        if let Some(path) = pool::find_vm(dir, &a.name).map_err(|e| e.to_string())? {
-            return Err(lun_manager::Error::NameTaken {
-                pool: dir.clone(),
-                name: a.name.clone(),
-                path,
-            }
-            .to_string());
+    pool::require(dir).map_err(|e| e.to_string())?;
+    lun_manager::format::validate_name(name)?;
+    if let Some(path) = pool::find_vm(dir, name).map_err(|e| e.to_string())? {
+        return Err(lun_manager::Error::NameTaken {
+            pool: dir.to_path_buf(),
+            name: name.to_string(),
+            path,
         }
+        .to_string());
     }
+    Ok(pool::lun_path(dir, name))
+}
+
+fn cluster_size_arg(s: &str) -> Result<u32, String> {
+    let cs = size(s, "--cluster-size")?;
+    u32::try_from(cs)
+        .ok()
+        .filter(|&c| c != 0 && lun_manager::format::label::valid_cluster_size(c))
+        .ok_or_else(|| format!("--cluster-size {s}: must be a power of two from 4K to 2M"))
+}
+
+fn import(a: ImportArgs) -> Result<(), String> {
+    use lun_manager::import;
+    let path = new_lun_path(&a.name, a.pool.as_deref(), a.path.as_deref())?;
+    let image_len = std::fs::File::open(&a.image)
+        .and_then(|f| lungate_block::sys::backing_size(&f))
+        .map_err(|e| format!("{}: {e}", a.image.display()))?;
+    let fits = import::disk_size_for(a.layout, image_len)
+        .ok_or_else(|| format!("{}: {image_len} bytes is too large", a.image.display()))?;
+    let disk0 = match &a.size {
+        Some(s) => size(s, "--size")?.max(fits),
+        None => fits,
+    };
+    let mut disks = vec![disk0];
+    for d in &a.disk {
+        disks.push(size(d, "--disk")?);
+    }
+    let spec = CreateSpec {
+        name: a.name.clone(),
+        disks,
+        memory: size(&a.memory, "--memory")?,
+        vcpus: a.vcpus,
+        layout: a.layout,
+        cluster_size: cluster_size_arg(&a.cluster_size)?,
+    };
+    let (lun, done) = import::import_raw(&a.image, &path, &spec).map_err(|e| e.to_string())?;
+    if a.json {
+        let mut v = describe(&lun);
+        v["imported"] = json!({
+            "image": a.image.display().to_string(),
+            "image_bytes": done.image_len,
+            "copied_bytes": done.copied,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return Ok(());
+    }
+    println!(
+        "imported {} ({}, {} of data) as disk0 of {} ({}, {} layout) at {}",
+        a.image.display(),
+        human(done.image_len),
+        human(done.copied),
+        lun.name(),
+        lun.uuid(),
+        lun.layout(),
+        path.display()
+    );
+    for d in lun.disks() {
+        println!(
+            "  disk{}: {} export {}/disk{}",
+            d.index,
+            human(d.length),
+            lun.name(),
+            d.index
+        );
+    }
+    Ok(())
+}
+
+fn create(a: CreateArgs) -> Result<(), String> {
+    let path = new_lun_path(&a.name, a.pool.as_deref(), a.path.as_deref())?;
     let disks = a
         .disk
         .iter()
@@ -400,18 +502,7 @@ fn create(a: CreateArgs) -> Result<(), String> {
         memory: size(&a.memory, "--memory")?,
         vcpus: a.vcpus,
         layout: a.layout,
-        cluster_size: {
-            let cs = size(&a.cluster_size, "--cluster-size")?;
-            u32::try_from(cs)
-                .ok()
-                .filter(|&c| c != 0 && lun_manager::format::label::valid_cluster_size(c))
-                .ok_or_else(|| {
-                    format!(
-                        "--cluster-size {}: must be a power of two from 4K to 2M",
-                        a.cluster_size
-                    )
-                })?
-        },
+        cluster_size: cluster_size_arg(&a.cluster_size)?,
     };
     let lun = Lun::create(&path, &spec).map_err(|e| e.to_string())?;
     if a.json {
@@ -479,6 +570,7 @@ fn describe(l: &Lun) -> serde_json::Value {
         "updated": label.updated,
         "label_checksum": match l.found() { Found::Normal => "ok".to_string(), Found::OneSlot(w) => format!("ok (other slot: {w})"), Found::Recovered(w) => format!("recovered: {w}") },
         "regions": label.regions,
+        "shadow": shadow(l),
         "hardware": l.hardware().ok(),
         "identity": ident,
         "secondaries": sec,
@@ -491,6 +583,18 @@ fn describe(l: &Lun) -> serde_json::Value {
         },
         "warnings": l.warnings(),
     })
+}
+
+/// The aligned layout's shadowed range: which disk bytes live where.
+fn shadow(l: &Lun) -> Option<serde_json::Value> {
+    match l.disk_view(0)? {
+        lungate_block::region::View::Aligned(m) => Some(json!({
+            "disk": 0,
+            "length": m.shadow_len(),
+            "lun_offset": m.shadow_at(),
+        })),
+        lungate_block::region::View::Window { .. } => None,
+    }
 }
 
 /// Rebuild the manifest under the LUN's lock, then open the LUN as a
@@ -596,6 +700,15 @@ fn inspect(path: &Path, as_json: bool) -> Result<(), String> {
             r.offset,
             r.length,
             human(r.length)
+        );
+    }
+    if let (Some(len), Some(at)) = (
+        v["shadow"]["length"].as_u64(),
+        v["shadow"]["lun_offset"].as_u64(),
+    ) {
+        println!(
+            "  shadow   disk0 bytes [0, {len}) live at offset {at} (state region + {})",
+            at - label.state_region().offset
         );
     }
     if let Some(id) = v["identity"]["disks"].as_array() {
