@@ -530,7 +530,7 @@ impl BlockDevice for Aligned {
         for &p in pieces.iter() {
             if p.at == p.disk {
                 below = Some((self.inner.extents(p.at, p.len), p));
-            } else {
+            } else if p.len > 0 {
                 out.push(Extent {
                     offset: p.disk,
                     length: p.len,
