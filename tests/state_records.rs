@@ -126,6 +126,19 @@ fn record_batches_stream_commit_atomically_and_stay_out_of_the_disk_export() {
     assert!(e.to_string().contains("needs a state region"), "{e}");
     assert_eq!(c.records("vm").unwrap().generation, gen);
 
+    // More than the state region holds: refused with the reason, even
+    // though the gateway stops writing payload early.
+    let b = RecordBatch {
+        put: vec![put(RecordType::MemoryImage, 5, 200 << 20)],
+        remove: vec![],
+    };
+    let chunk = vec![3u8; 1 << 20];
+    let e = c
+        .write_records("vm", &b, |_, s| (0..200).try_for_each(|_| s.write(&chunk)))
+        .unwrap_err();
+    assert!(e.to_string().contains("state region full"), "{e}");
+    assert_eq!(c.records("vm").unwrap().generation, gen);
+
     // Unknown LUN and unknown type are clear errors.
     let e = c.records("nope").unwrap_err();
     assert_eq!(e.status(), Some(404));
@@ -137,5 +150,53 @@ fn record_batches_stream_commit_atomically_and_stay_out_of_the_disk_export() {
     // None of it is visible through the guest's disk: still all zeros.
     qemu_io_ok(&gw.uri("vm/disk0"), &["read -P 0 0 16M"]);
     drop(c);
+    gw.stop_ok();
+}
+
+#[test]
+fn the_typed_client_speaks_tcp_with_the_bearer_token_and_streams_records_there_too() {
+    use lungate_api::client::Endpoint;
+    let mut pool = Pool::new();
+    pool.add("vm", "offset", &["16M"], "32M");
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "tok-123\n").unwrap();
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "pools = [{:?}]\n[control]\ntcp = \"127.0.0.1:0\"\ntoken_file = {:?}\n",
+            pool.arg(),
+            token.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
+    let addr = gw.control_tcp();
+    let bad = Client::connect(Endpoint::Tcp {
+        addr,
+        token: "tok-124".into(),
+    })
+    .unwrap();
+    assert_eq!(bad.luns().unwrap_err().status(), Some(401));
+    let c = Client::connect(Endpoint::Tcp {
+        addr,
+        token: "tok-123".into(),
+    })
+    .unwrap();
+    assert_eq!(c.luns().unwrap()[0].name, "vm");
+    let image = pattern_bytes(3 << 20, 9);
+    let batch = RecordBatch {
+        put: vec![put(RecordType::MemoryImage, 0, image.len() as u64)],
+        remove: vec![],
+    };
+    c.write_records("vm", &batch, |_, s| s.write(&image))
+        .unwrap();
+    let mut back = Vec::new();
+    c.record_reader("vm", RecordType::MemoryImage, 0)
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert!(back == image);
     gw.stop_ok();
 }

@@ -511,7 +511,33 @@ impl Client {
                 })?;
                 Ok(Some(out))
             }
-            Err(e) if e.status() == Some(404) && !e.to_string().contains("LUN") => Ok(None),
+            Err(e) if e.status() == Some(404) && e.to_string().contains("no state record") => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A small record as snapshot `snapshot` holds it (read from the frozen
+    /// snapshot; nothing live changes); `None` if the snapshot has none.
+    pub fn snapshot_record(
+        &self,
+        lun: &str,
+        snapshot: &str,
+        rtype: RecordType,
+        instance: u16,
+    ) -> Result<Option<Vec<u8>>> {
+        let path = format!(
+            "{}/{}/records/{}/{instance}",
+            lun_path(lun, "snapshots"),
+            encode(snapshot),
+            rtype.name()
+        );
+        match self.request(Method::GET, &path, "", Vec::new()) {
+            Ok(r) => Ok(Some(r.body)),
+            Err(e) if e.status() == Some(404) && e.to_string().contains("has no state record") => {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
@@ -626,6 +652,7 @@ impl Client {
             tx: Some(tx),
             buf: Vec::with_capacity(CHUNK),
             left: 0,
+            closed: false,
         };
         let mut local: std::io::Result<()> = sink.push(&header);
         for (i, put) in batch.put.iter().enumerate() {
@@ -649,14 +676,19 @@ impl Client {
         }
         // Closing the channel ends the body: short if `fill` failed, and
         // the gateway then discards the batch.
+        let closed = sink.closed;
         drop(sink);
         let reply = self.rt.block_on(task).map_err(|e| {
             self.http_err(&Method::POST, &path, format!("request task failed: {e}"))
         })?;
-        if let Err(e) = local {
-            return Err(self.http_err(&Method::POST, &path, format!("payload not sent: {e}")));
+        match (local, reply) {
+            // The gateway stopped the upload: its answer is the reason.
+            (Err(_), Err(e)) if closed => Err(e),
+            (Err(e), _) => {
+                Err(self.http_err(&Method::POST, &path, format!("payload not sent: {e}")))
+            }
+            (Ok(()), r) => r,
         }
-        reply
     }
 }
 
@@ -667,6 +699,8 @@ pub struct RecordSink<'c> {
     buf: Vec<u8>,
     /// Bytes the current record still expects.
     left: u64,
+    /// The request ended on the gateway's side: its reply says why.
+    closed: bool,
 }
 
 impl RecordSink<'_> {
@@ -688,9 +722,10 @@ impl RecordSink<'_> {
         }
         let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
         let tx = self.tx.as_ref().expect("sink open");
-        self.rt
-            .block_on(tx.send(chunk))
-            .map_err(|_| std::io::Error::other("the gateway closed the upload"))
+        self.rt.block_on(tx.send(chunk)).map_err(|_| {
+            self.closed = true;
+            std::io::Error::other("the gateway closed the upload")
+        })
     }
 
     /// Append payload bytes of the current record.

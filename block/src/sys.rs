@@ -225,6 +225,18 @@ pub fn hostname() -> String {
 /// Make `[off, off+len)` read as zeros: punch a hole where the filesystem
 /// can, write zeros where it cannot (block devices, old filesystems).
 pub fn zero_range(file: &File, off: u64, len: u64) -> io::Result<()> {
+    zero_range_with(file, off, len, |_| {})
+}
+
+/// [`zero_range`], calling `progress(done)` with the bytes zeroed so far
+/// (once at the end when a hole was punched, per MiB when zeros are
+/// written).
+pub fn zero_range_with(
+    file: &File,
+    off: u64,
+    len: u64,
+    mut progress: impl FnMut(u64),
+) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }
@@ -235,17 +247,67 @@ pub fn zero_range(file: &File, off: u64, len: u64) -> io::Result<()> {
             off,
             len,
         ) {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                progress(len);
+                return Ok(());
+            }
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
             Err(e) => return Err(e),
         }
     }
+    write_zeros(file, off, len, progress)
+}
+
+fn write_zeros(file: &File, off: u64, len: u64, mut progress: impl FnMut(u64)) -> io::Result<()> {
     let zeros = vec![0u8; 1 << 20];
     let mut done = 0;
     while done < len {
         let n = (len - done).min(zeros.len() as u64) as usize;
         file.write_all_at(&zeros[..n], off + done)?;
         done += n as u64;
+        progress(done);
+    }
+    Ok(())
+}
+
+/// Give `[off, off+len)` real storage that reads as zeros, so later writes
+/// there cannot fail for want of space: `fallocate` on a regular file
+/// (the range must be a hole: data already there is kept, not zeroed),
+/// zeros written on a block device (which also wipes what a previous user
+/// left there) or where the filesystem cannot allocate. `progress(done)`
+/// gets the bytes handled so far.
+pub fn allocate_range(
+    file: &File,
+    off: u64,
+    len: u64,
+    mut progress: impl FnMut(u64),
+) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    if is_block_device(file)? {
+        return write_zeros(file, off, len, progress);
+    }
+    // In steps, so a slow filesystem still shows progress.
+    const STEP: u64 = 1 << 30;
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(STEP);
+        let (o, l) = (
+            libc::off_t::try_from(off + done).map_err(|_| io::Error::other("offset too large"))?,
+            libc::off_t::try_from(n).map_err(|_| io::Error::other("length too large"))?,
+        );
+        // SAFETY: fallocate on a valid descriptor; no memory is passed.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, o, l) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(e);
+            }
+            return write_zeros(file, off + done, len - done, |d| progress(done + d));
+        }
+        done += n;
+        progress(done);
     }
     Ok(())
 }
@@ -253,6 +315,7 @@ pub fn zero_range(file: &File, off: u64, len: u64) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn sparse_copy_keeps_data_and_holes() {
@@ -279,7 +342,20 @@ mod tests {
         assert!(b[6000..].iter().all(|&x| x == 9));
     }
 
-    use proptest::prelude::*;
+    #[test]
+    fn allocate_range_gives_a_hole_storage_that_reads_zero() {
+        use std::os::unix::fs::MetadataExt;
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(8 << 20).unwrap();
+        assert!(f.metadata().unwrap().blocks() * 512 < 1 << 20);
+        let mut seen = Vec::new();
+        allocate_range(&f, 1 << 20, 4 << 20, |d| seen.push(d)).unwrap();
+        assert!(f.metadata().unwrap().blocks() * 512 >= 4 << 20);
+        assert_eq!(seen.last(), Some(&(4 << 20)));
+        let mut b = vec![1u8; 4 << 20];
+        f.read_exact_at(&mut b, 1 << 20).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+    }
 
     const BLOCK: u64 = 4096;
     const BLOCKS: usize = 64;

@@ -5,8 +5,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use lungate::config::{build_server, Overrides};
+use lungate_cli::Exit;
 use lungate_config::{EngineKind, GatewayConfig, TlsMode};
 use tokio_util::sync::CancellationToken;
 
@@ -14,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "lungate",
     version,
-    about = "NBD gateway serving the disk regions of LUN files"
+    about = "NBD gateway serving the disk regions of LUN files",
+    after_help = Exit::table(&EXITS)
 )]
 struct Cli {
     #[command(subcommand)]
@@ -67,7 +69,12 @@ enum Cmd {
         #[arg(long, default_value = "demo-pool")]
         dir: PathBuf,
     },
+    #[command(flatten)]
+    Doc(lungate_cli::DocCmd),
 }
+
+/// The exit codes lungate uses (lungate_cli::Exit, the same as lunctl's).
+const EXITS: [Exit; 3] = [Exit::Ok, Exit::Failed, Exit::Usage];
 
 fn parse_tls(s: &str) -> Result<TlsMode, String> {
     s.parse()
@@ -80,6 +87,10 @@ fn parse_engine(s: &str) -> Result<EngineKind, String> {
 
 fn main() -> ExitCode {
     use std::io::IsTerminal;
+    let cli = Cli::parse();
+    if let Cmd::Doc(d) = &cli.cmd {
+        return lungate_cli::docs::main(Cli::command(), d, &EXITS);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // Colour codes only for people; log files and journald get plain text.
@@ -89,7 +100,6 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error")),
         )
         .init();
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -97,15 +107,15 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("lungate: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return Exit::Failed.into();
         }
     };
     match runtime.block_on(run(cli.cmd)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => Exit::Ok.into(),
         Err(msg) => {
             tracing::error!("{msg}");
             eprintln!("lungate: {msg}");
-            ExitCode::FAILURE
+            Exit::Failed.into()
         }
     }
 }
@@ -153,6 +163,7 @@ async fn run(cmd: Cmd) -> Result<(), String> {
             let (cfg, export) = lungate::demo::prepare(&dir).map_err(|e| e.to_string())?;
             (cfg, Some(export))
         }
+        Cmd::Doc(_) => unreachable!("handled in main"),
     };
 
     let server = build_server(&cfg).await.map_err(|e| e.to_string())?;

@@ -33,6 +33,7 @@ use uuid::Uuid;
 use crate::error::{Error, IoContext, Result};
 use crate::format::state::{SecondaryDisks, SecondaryRef};
 use crate::lun::{Access, Lun};
+use crate::progress::Progress;
 use lungate_block::volume::{self, Change, LayerUsage, SnapshotInfo, Volume};
 
 /// A multi-member operation in progress (the intent file's body).
@@ -420,13 +421,25 @@ impl Group {
     /// Delete snapshot `name` from every member (merging layers so no
     /// other snapshot, branch or clone loses a byte).
     pub fn delete_snapshot(&self, name: &str) -> Result<()> {
+        self.delete_snapshot_with(name, &mut crate::progress::silent())
+    }
+
+    /// [`Group::delete_snapshot`], reporting the merges of every member as
+    /// one `merge` phase to `progress`.
+    pub fn delete_snapshot_with(&self, name: &str, progress: &mut dyn Progress) -> Result<()> {
         if !has_snapshot(self.primary().volume(), name) {
             return Err(volume::Error::NoSnapshot(name.into()).into());
         }
         self.begin(&Intent::Delete { name: name.into() })?;
+        let mut base = 0;
         for m in &self.members {
             if has_snapshot(m.volume(), name) {
-                m.volume().delete_snapshot(name)?;
+                let mut end = base;
+                m.volume().delete_snapshot_with(name, &mut |p, d, t| {
+                    end = base + t;
+                    progress.update(p, base + d, base + t)
+                })?;
+                base = end;
             }
         }
         self.end()
@@ -581,6 +594,16 @@ impl Group {
     /// with matching LUN UUID, size and cluster size) and only then replay
     /// it onto the members. The target should hold the diff's `from` state.
     pub fn apply_diff(&mut self, r: &mut impl Read) -> Result<volume::diff::DiffInfo> {
+        self.apply_diff_with(r, &mut crate::progress::silent())
+    }
+
+    /// [`Group::apply_diff`], reporting the replay (phase `apply`) to
+    /// `progress`.
+    pub fn apply_diff_with(
+        &mut self,
+        r: &mut impl Read,
+        progress: &mut dyn Progress,
+    ) -> Result<volume::diff::DiffInfo> {
         if self.access == Access::ReadOnly {
             return Err(Error::ReadOnly {
                 path: self.primary().path().to_path_buf(),
@@ -588,7 +611,7 @@ impl Group {
         }
         let pool = pool_of(self.primary().path());
         let targets: Vec<&Volume> = self.members.iter().map(|m| &**m.volume()).collect();
-        let info = volume::diff::apply(r, &pool, &targets)?;
+        let info = volume::diff::apply_with(r, &pool, &targets, progress)?;
         self.reload()?;
         Ok(info)
     }

@@ -17,6 +17,7 @@ use std::path::Path;
 use crate::error::{Error, IoContext, Result};
 use crate::format::{align_up, Layout, RegionKind, MIB, SHADOW_LEN};
 use crate::lun::{CreateSpec, Lun};
+use crate::progress::Progress;
 use lungate_block::sys as fileops;
 
 /// Formats that are not raw images, by their magic at byte 0: importing
@@ -50,7 +51,14 @@ pub struct Imported {
 /// Make a LUN at `path` from `spec` whose disk0 holds the raw image at
 /// `image`. `spec.disks[0]` must hold the image ([`disk_size_for`]). On
 /// any error the new LUN is removed again (a block device's label wiped).
-pub fn import_raw(image: &Path, path: &Path, spec: &CreateSpec) -> Result<(Lun, Imported)> {
+/// Reports the `import` phase (bytes of the image's data extents) to
+/// `progress`.
+pub fn import_raw(
+    image: &Path,
+    path: &Path,
+    spec: &CreateSpec,
+    progress: &mut dyn Progress,
+) -> Result<(Lun, Imported)> {
     let src = File::open(image).ctx(image, "open image")?;
     let image_len = fileops::backing_size(&src).ctx(image, "size")?;
     let mut head = [0u8; 8];
@@ -76,7 +84,7 @@ pub fn import_raw(image: &Path, path: &Path, spec: &CreateSpec) -> Result<(Lun, 
         )));
     }
     let lun = Lun::create(path, spec)?;
-    match copy(&src, image, image_len, &lun) {
+    match copy(&src, image, image_len, &lun, progress) {
         Ok(copied) => Ok((lun, Imported { image_len, copied })),
         Err(e) => {
             // Ours: made just above; nothing else can hold it yet.
@@ -86,14 +94,21 @@ pub fn import_raw(image: &Path, path: &Path, spec: &CreateSpec) -> Result<(Lun, 
     }
 }
 
-fn copy(src: &File, image: &Path, image_len: u64, lun: &Lun) -> Result<u64> {
+fn copy(
+    src: &File,
+    image: &Path,
+    image_len: u64,
+    lun: &Lun,
+    progress: &mut dyn Progress,
+) -> Result<u64> {
     if lun.is_block_device() {
         let len = lun.disks()[0].length;
         lun.zero_region(RegionKind::Disk, 0, 0, len)?;
     }
     let extents = fileops::data_extents(src, 0, image_len).ctx(image, "map image")?;
     let total: u64 = extents.iter().map(|(_, l)| l).sum();
-    let bar = crate::progress::bar(total, "importing");
+    let mut read = 0;
+    progress.update("import", 0, total);
     let mut buf = vec![0u8; MIB as usize];
     let mut copied = 0;
     for (offset, len) in extents {
@@ -112,10 +127,10 @@ fn copy(src: &File, image: &Path, image_len: u64, lun: &Lun) -> Result<u64> {
                 }
             }
             done += n as u64;
-            bar.inc(n as u64);
+            read += n as u64;
+            progress.update("import", read, total);
         }
     }
-    bar.finish_and_clear();
     lun.sync()?;
     Ok(copied)
 }
@@ -171,7 +186,14 @@ mod tests {
             let p = d.path().join(format!("{layout}.lun"));
             let size = disk_size_for(layout, want.len() as u64).unwrap();
             assert_eq!(size, 6 * MIB);
-            let (lun, done) = import_raw(&img, &p, &spec(layout, size)).unwrap();
+            let mut seen = Vec::new();
+            let (lun, done) = import_raw(&img, &p, &spec(layout, size), &mut |ph, d, t| {
+                seen.push((ph, d, t))
+            })
+            .unwrap();
+            assert_eq!(seen.first(), Some(&("import", 0, seen[0].2)));
+            let last = *seen.last().unwrap();
+            assert_eq!(last.1, last.2, "{layout}: the phase ends at its total");
             assert_eq!(done.image_len, want.len() as u64);
             assert_eq!(done.copied, 2 * 4096 + 1000, "{layout}: only data blocks");
             drop(lun);
@@ -203,12 +225,13 @@ mod tests {
         let q = d.path().join("disk.qcow2");
         std::fs::write(&q, b"QFI\xfb\0\0\0\x03rest").unwrap();
         let p = d.path().join("x.lun");
-        let e = import_raw(&q, &p, &spec(Layout::Aligned, 2 * MIB))
+        let silent = &mut crate::progress::silent();
+        let e = import_raw(&q, &p, &spec(Layout::Aligned, 2 * MIB), silent)
             .unwrap_err()
             .to_string();
         assert!(e.contains("qcow2") && e.contains("qemu-img convert"), "{e}");
         let (img, _) = image(d.path());
-        let e = import_raw(&img, &p, &spec(Layout::Aligned, 2 * MIB))
+        let e = import_raw(&img, &p, &spec(Layout::Aligned, 2 * MIB), silent)
             .unwrap_err()
             .to_string();
         assert!(e.contains("cannot hold"), "{e}");
@@ -216,7 +239,7 @@ mod tests {
         // A LUN is not an image.
         let lun = d.path().join("a.lun");
         drop(Lun::create(&lun, &spec(Layout::Offset, 2 * MIB)).unwrap());
-        let e = import_raw(&lun, &p, &spec(Layout::Offset, 64 * MIB))
+        let e = import_raw(&lun, &p, &spec(Layout::Offset, 64 * MIB), silent)
             .unwrap_err()
             .to_string();
         assert!(e.contains("is a lungate LUN"), "{e}");

@@ -29,6 +29,7 @@ use crate::format::{
     align_up, gpt, Layout, Region, RegionKind, ALIGN, LABEL_REGION_LEN, MIB, OFFSET_LABEL_AT,
     OFFSET_TAIL_RESERVED, SHADOW_LEN,
 };
+use crate::progress::Progress;
 use lungate_block::engine::IoEngine;
 use lungate_block::region::{Pieces, ShadowMap, View};
 use lungate_block::sys as fileops;
@@ -637,6 +638,29 @@ impl Lun {
     /// Provision a new LUN at `path`: a new sparse file (which must not
     /// exist) or an existing block device large enough for it.
     pub fn create(path: &Path, spec: &CreateSpec) -> Result<Lun> {
+        Self::create_inner(path, spec, None)
+    }
+
+    /// [`Lun::create`], and give every disk region real storage before the
+    /// label is published (`fileops::allocate_range`: a file is fully
+    /// allocated, so the guest can never hit ENOSPC; a block device's disk
+    /// regions are overwritten with zeros, so nothing a previous user left
+    /// there shows through). Reports the `prefill` phase to `progress`. An
+    /// interrupted prefill leaves no LUN behind, only an unlabelled file or
+    /// device.
+    pub fn create_prefilled(
+        path: &Path,
+        spec: &CreateSpec,
+        progress: &mut dyn Progress,
+    ) -> Result<Lun> {
+        Self::create_inner(path, spec, Some(progress))
+    }
+
+    fn create_inner(
+        path: &Path,
+        spec: &CreateSpec,
+        prefill: Option<&mut dyn Progress>,
+    ) -> Result<Lun> {
         crate::format::validate_name(&spec.name).map_err(Error::Invalid)?;
         if spec.disks.is_empty() {
             return Err(Error::Invalid("a LUN needs at least one --disk".into()));
@@ -776,7 +800,7 @@ impl Lun {
                 layers.display()
             )));
         }
-        let result = Self::initialise(path, file, is_block, label, spec);
+        let result = Self::initialise(path, file, is_block, label, spec, prefill);
         if result.is_err() && !is_block {
             let _ = std::fs::remove_file(path);
         }
@@ -789,6 +813,7 @@ impl Lun {
         is_block: bool,
         label: Label,
         spec: &CreateSpec,
+        prefill: Option<&mut dyn Progress>,
     ) -> Result<Lun> {
         if !is_block {
             file.set_len(label.lun_size).ctx(path, "size new LUN")?;
@@ -858,6 +883,21 @@ impl Lun {
                 json(&SecondaryDisks::default()),
             ),
         ])?;
+        if let Some(progress) = prefill {
+            let disks = lun.disks();
+            let total: u64 = disks.iter().map(|d| d.length).sum();
+            let mut done = 0;
+            progress.update("prefill", 0, total);
+            for d in &disks {
+                fileops::allocate_range(&lun.file, d.offset, d.length, |n| {
+                    progress.update("prefill", done + n, total)
+                })
+                .ctx(path, "prefill disk")?;
+                done += d.length;
+            }
+            // Durable before the label makes the LUN exist.
+            lun.sync_file()?;
+        }
         lun.publish_new_label()?;
         Ok(lun)
     }
@@ -1412,6 +1452,52 @@ impl Lun {
         Ok(self.dir.generation)
     }
 
+    /// One record's payload as snapshot `snap` holds it (a JSON record or
+    /// another small one, at most [`MAX_JSON_RECORD`] bytes), verified;
+    /// `None` if the snapshot's directory has no such record. Reads the
+    /// frozen snapshot, so nothing live changes.
+    pub fn snapshot_record(
+        &self,
+        snap: &str,
+        rtype: RecordType,
+        instance: u16,
+    ) -> Result<Option<Vec<u8>>> {
+        let st = *self.label.state_region();
+        let mut best: Option<Directory> = None;
+        for slot in 0..2u64 {
+            let mut b = vec![0u8; DIR_SLOT_SIZE];
+            self.volume
+                .read_snapshot(snap, st.offset + slot * DIR_SLOT_SIZE as u64, &mut b)?;
+            if let Ok(d) = Directory::decode(&b, self.uuid(), state::data_start(self.layout())) {
+                if best.as_ref().is_none_or(|x| d.generation > x.generation) {
+                    best = Some(d);
+                }
+            }
+        }
+        let d = best.ok_or_else(|| Error::Record {
+            path: self.path.clone(),
+            record: format!("snapshot {snap}"),
+            why: "no valid state directory in the snapshot".into(),
+        })?;
+        let Some(e) = d.find(rtype, instance).copied() else {
+            return Ok(None);
+        };
+        if e.length > MAX_JSON_RECORD {
+            return Err(Error::Invalid(format!(
+                "{} #{instance} of snapshot {snap} is {} bytes; only records up to {MAX_JSON_RECORD} bytes are read from a snapshot",
+                rtype.name(),
+                e.length
+            )));
+        }
+        let mut b = vec![0u8; usize::try_from(e.length).expect("capped")];
+        self.volume
+            .read_snapshot(snap, st.offset + e.offset, &mut b)?;
+        if blake3::hash(&b).as_bytes() != &e.checksum {
+            return Err(self.rec_err(&e, "payload checksum mismatch in the snapshot"));
+        }
+        Ok(Some(b))
+    }
+
     /// Remove a record (its space is free once the new directory is current).
     pub fn remove_record(&mut self, rtype: RecordType, instance: u16) -> Result<bool> {
         self.writable()?;
@@ -1540,6 +1626,17 @@ impl Lun {
     /// Grow disk `index` to `new_len` bytes, or add disk `index` when it is
     /// the next free index. Never shrinks; never loses a byte.
     pub fn resize_disk(&mut self, index: u32, new_len: u64) -> Result<()> {
+        self.resize_disk_with(index, new_len, &mut crate::progress::silent())
+    }
+
+    /// [`Lun::resize_disk`], reporting the regions it moves (`move`) and
+    /// the space it zeroes (`zero`) to `progress`.
+    pub fn resize_disk_with(
+        &mut self,
+        index: u32,
+        new_len: u64,
+        progress: &mut dyn Progress,
+    ) -> Result<()> {
         self.not_layered()?;
         let new_len = align_up(new_len)
             .ok_or_else(|| Error::Invalid(format!("size {new_len} is too large")))?;
@@ -1549,7 +1646,7 @@ impl Lun {
                 r.length
             ))),
             Some(r) if new_len == r.length => Ok(()),
-            Some(_) => self.grow(RegionKind::Disk, index, new_len),
+            Some(_) => self.grow(RegionKind::Disk, index, new_len, progress),
             None if index as usize == self.disks().len() => {
                 if self.disks().len() >= MAX_DISKS {
                     return Err(Error::Invalid(format!(
@@ -1559,7 +1656,7 @@ impl Lun {
                 if new_len == 0 {
                     return Err(Error::Invalid("a new disk needs a size".into()));
                 }
-                self.grow(RegionKind::Disk, index, new_len)?;
+                self.grow(RegionKind::Disk, index, new_len, progress)?;
                 let mut id: Identity = self
                     .record_json(RecordType::Identity, 0)?
                     .unwrap_or(Identity { disks: vec![] });
@@ -1612,12 +1709,18 @@ impl Lun {
 
     /// Set the VM's memory size, growing the state region to hold it.
     pub fn resize_memory(&mut self, memory: u64) -> Result<()> {
+        self.resize_memory_with(memory, &mut crate::progress::silent())
+    }
+
+    /// [`Lun::resize_memory`], reporting to `progress` as
+    /// [`Lun::resize_disk_with`] does.
+    pub fn resize_memory_with(&mut self, memory: u64, progress: &mut dyn Progress) -> Result<()> {
         self.not_layered()?;
         let need = state::state_region_len(self.label.layout, memory)
             .ok_or_else(|| Error::Invalid(format!("memory size {memory} is too large")))?;
         let st = *self.label.state_region();
         if need > st.length {
-            self.grow(RegionKind::State, 0, need)?;
+            self.grow(RegionKind::State, 0, need, progress)?;
         }
         let mut hw = self.hardware()?;
         hw.memory_bytes = memory;
@@ -1631,7 +1734,13 @@ impl Lun {
     /// 4. zero the range the grown region will cover, sync;
     /// 5. label N+2: the region at its new length, sync;
     /// 6. zero what the moved regions left behind; rewrite the GPT.
-    fn grow(&mut self, kind: RegionKind, index: u32, new_len: u64) -> Result<()> {
+    fn grow(
+        &mut self,
+        kind: RegionKind,
+        index: u32,
+        new_len: u64,
+        progress: &mut dyn Progress,
+    ) -> Result<()> {
         self.writable()?;
         self.not_layered()?;
         let old = self.label.clone();
@@ -1767,13 +1876,20 @@ impl Lun {
         }
         // 2. copy movers
         let total: u64 = movers.iter().map(|r| r.length).sum();
-        let bar = crate::progress::bar(total, "moving regions");
+        let mut moved = 0;
+        progress.update("move", 0, total);
         for m in &movers {
             let dst = placed.iter().find(|p| p.guid == m.guid).expect("placed");
-            fileops::copy_range(&self.file, m.offset, dst.offset, m.length, |n| bar.inc(n))
-                .ctx(&self.path, "copy region")?;
+            // Holes are skipped: what they would have copied counts as done.
+            let before = moved;
+            fileops::copy_range(&self.file, m.offset, dst.offset, m.length, |n| {
+                moved += n;
+                progress.update("move", moved, total);
+            })
+            .ctx(&self.path, "copy region")?;
+            moved = before + m.length;
+            progress.update("move", moved, total);
         }
-        bar.finish_and_clear();
         self.sync()?;
         // 3. label N+1
         let mut mid = old.clone();
@@ -1789,10 +1905,22 @@ impl Lun {
         self.commit_label(mid.clone())?;
         // 4. zero the range the region grows into (it held moved data).
         let mut fin = mid.clone();
+        // One `zero` phase over every range zeroed from here on; its total
+        // grows as ranges are added, `done` never falls.
+        let (mut zeroed, mut zero_total) = (0u64, 0u64);
+        let mut zero = |file: &File, off: u64, len: u64| {
+            zero_total += len;
+            progress.update("zero", zeroed, zero_total);
+            let r = fileops::zero_range_with(file, off, len, |d| {
+                progress.update("zero", zeroed + d, zero_total)
+            });
+            zeroed += len;
+            r
+        };
         match target {
             Some(t) => {
                 let (s, e) = (t.end(), t.offset + new_len);
-                fileops::zero_range(&self.file, s, e - s).ctx(&self.path, "zero new space")?;
+                zero(&self.file, s, e - s).ctx(&self.path, "zero new space")?;
                 for r in fin.regions.iter_mut() {
                     if r.guid == t.guid {
                         r.length = new_len;
@@ -1801,8 +1929,7 @@ impl Lun {
             }
             None => {
                 let p = placed.last().expect("new region placed");
-                fileops::zero_range(&self.file, p.offset, p.length)
-                    .ctx(&self.path, "zero new disk")?;
+                zero(&self.file, p.offset, p.length).ctx(&self.path, "zero new disk")?;
                 fin.regions.push(*p);
                 fin.regions.sort_by_key(|r| (r.kind, r.index));
             }
@@ -1820,7 +1947,7 @@ impl Lun {
         }
         for (s, e) in vacated {
             for (gs, ge) in subtract(s, e, &fin.regions) {
-                fileops::zero_range(&self.file, gs, ge - gs).ctx(&self.path, "zero vacated")?;
+                zero(&self.file, gs, ge - gs).ctx(&self.path, "zero vacated")?;
             }
         }
         if layout.has_gpt() {

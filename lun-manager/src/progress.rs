@@ -1,21 +1,23 @@
-//! Progress bars for long operations (region moves, flatten): shown on a
-//! terminal, hidden when stderr is not one, so scripts get clean output.
+//! How a long library operation (flatten, a merging delete-snapshot,
+//! applying a diff, moving regions on resize, prefilling disks) tells its
+//! caller how far it is: [`Progress`], defined beside the volume in
+//! `lungate_block::progress` and used by both crates. The library only
+//! reports; drawing a bar or writing JSON events is the caller's job
+//! (`lungate_cli::Reporter` in the binaries), so the gateway can run the
+//! same code silently.
+//!
+//! A report is `(phase, done, total)` in bytes: phases follow one another,
+//! each starts at `done == 0` and ends at `done == total`, and within a
+//! phase `done` never falls (`total` may grow when the work is found as it
+//! goes, e.g. one merge after another). The phases, by operation:
+//!
+//! | operation | phases |
+//! |---|---|
+//! | `Group::flatten` | its own `(done, total)` callback in clusters (lunctl reports them as bytes, `copy`) |
+//! | `Group::delete_snapshot_with` | `merge` (only when layers are merged) |
+//! | `Group::apply_diff_with` | `apply` (the caller reports `verify` as it reads the file) |
+//! | `Lun::resize_disk_with`, `Lun::resize_memory_with` | `move`, `zero` |
+//! | `Lun::create_prefilled` | `prefill` |
+//! | `import::import_raw` | `import` |
 
-use std::io::IsTerminal;
-
-use indicatif::{ProgressBar, ProgressStyle};
-
-/// A byte-count bar with `msg`, or a hidden one when stderr is no terminal.
-pub fn bar(total: u64, msg: &'static str) -> ProgressBar {
-    if total < (64 << 20) || !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let b = ProgressBar::new(total);
-    b.set_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    b.set_message(msg);
-    b
-}
+pub use lungate_block::progress::{silent, Progress};

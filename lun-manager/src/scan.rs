@@ -1,12 +1,15 @@
 //! The discovery scanner: finds VM LUNs in pool directories, files and block
 //! devices with no database, by partition-type GUID or footer magic plus the
-//! label checksum. Secondary-disk LUNs and clones are attached to the VM
-//! that references them instead of being listed as VMs of their own.
+//! label checksum. Secondary-disk LUNs are attached to the VM that
+//! references them instead of being listed as VMs of their own. A clone is
+//! a VM with its own identity: it is listed as one, with `parent` naming
+//! the VM and snapshot it came from (`web@clean`), and its parent lists it
+//! among its `clones`.
 //!
 //! A LUN's snapshot layers live in `NAME.layers/` beside it; the scanner
-//! reads that directory's manifest for the snapshot tree and, for a clone,
-//! the snapshot of which VM it came from. Files inside a layers directory
-//! are never LUN candidates.
+//! reads that directory's manifest for the snapshot tree (with the space
+//! each snapshot's layer takes) and, for a clone, the snapshot of which VM
+//! it came from. Files inside a layers directory are never LUN candidates.
 //!
 //! The scanner only ever reads (it never replays a journal, removes an
 //! orphan or rewrites a manifest) and never panics on bad input: a file
@@ -21,7 +24,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::error::Error;
-use crate::format::state::{Identity, RecordType, SnapshotNode, SnapshotTree};
+use crate::format::state::{Identity, RecordType, SnapshotTree};
 use crate::format::Layout;
 use crate::lun::{Access, Lun};
 use lungate_block::volume::manifest::{self, Manifest, Parent};
@@ -47,17 +50,36 @@ pub struct VmReport {
     pub memory: Option<u64>,
     pub disks: Vec<DiskReport>,
     pub state_region: u64,
+    /// For a clone: `VM@SNAP`, the VM and snapshot it was cloned from (the
+    /// VM by its LUN UUID when it was not in the scanned paths).
+    pub parent: Option<String>,
+    /// The LUN UUID of the VM named in `parent`.
+    pub parent_uuid: Option<Uuid>,
     pub secondaries: Vec<SecondaryReport>,
     /// Oldest first; each names the snapshot it was taken after.
-    pub snapshots: Vec<SnapshotNode>,
+    pub snapshots: Vec<SnapshotReport>,
     /// The snapshot the live LUN continues from, if any.
     pub live_from: Option<String>,
     /// The snapshot layers directory, when there is one.
     pub layers: Option<LayersReport>,
-    /// LUNs cloned from this VM, and clones of those clones (each names the
-    /// VM it was cloned from in `parent_uuid`).
-    pub clones: Vec<CloneReport>,
+    /// VMs cloned from this VM's snapshots (each is in the report's `vms`
+    /// too, with `parent` naming this VM).
+    pub clones: Vec<CloneRef>,
     pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotReport {
+    pub name: String,
+    /// The snapshot it was taken after.
+    pub parent: Option<String>,
+    /// Unix seconds.
+    pub created: u64,
+    pub description: String,
+    /// Bytes its layer occupies on disk (for the first snapshot, whose
+    /// layer is the LUN file itself: the whole file's). `None` when the
+    /// layer's file could not be measured.
+    pub disk_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -86,23 +108,19 @@ pub struct SecondaryReport {
     /// Where the scan found it; `None` when it was not in the scanned paths.
     pub path: Option<String>,
     pub disks: Vec<DiskReport>,
+    /// When the secondary disk's LUN is itself a clone (the secondary of a
+    /// cloned VM): `LUN@SNAP` it came from.
+    pub parent: Option<String>,
 }
 
+/// A clone of one of a VM's snapshots, as its parent lists it.
 #[derive(Debug, Clone, Serialize)]
-pub struct CloneReport {
+pub struct CloneRef {
     pub name: String,
-    pub disks: Vec<DiskReport>,
     pub uuid: Uuid,
     pub path: String,
-    /// The snapshot of `parent_uuid` it was cloned from.
+    /// The parent's snapshot it was cloned from.
     pub snapshot: String,
-    /// The VM (or clone) it was cloned from.
-    pub parent: String,
-    pub parent_uuid: Uuid,
-    pub snapshots: Vec<SnapshotNode>,
-    pub live_from: Option<String>,
-    pub layers: Option<LayersReport>,
-    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -253,8 +271,9 @@ fn probe(path: &Path) -> Result<Found, Error> {
     let (snapshots, live_from, layers_report, clone_of) = match layers {
         Some(l) => {
             warnings.extend(l.warnings);
-            let (snaps, live) = snapshot_tree(&l.manifest);
-            let clone_of = match clone_source(&l.manifest) {
+            let (snaps, live) = snapshot_tree(&l.manifest, &layers_dir(path), path);
+            let pool = path.parent().unwrap_or(Path::new("."));
+            let clone_of = match clone_source(&l.manifest, pool) {
                 Ok(c) => c,
                 Err(w) => {
                     warnings.push(w);
@@ -264,7 +283,16 @@ fn probe(path: &Path) -> Result<Found, Error> {
             (snaps, live, Some(l.report), clone_of)
         }
         None => (
-            tree.snapshots.clone(),
+            tree.snapshots
+                .iter()
+                .map(|n| SnapshotReport {
+                    name: n.name.clone(),
+                    parent: n.parent.clone(),
+                    created: n.created,
+                    description: n.description.clone(),
+                    disk_bytes: None,
+                })
+                .collect(),
             None,
             None,
             tree.clone_of.map(|c| (c.lun_uuid, c.snapshot)),
@@ -280,6 +308,8 @@ fn probe(path: &Path) -> Result<Found, Error> {
         memory: hw.as_ref().map(|h| h.memory_bytes),
         disks: disk_reports(&lun, ident.as_ref()),
         state_region: lun.label().state_region().length,
+        parent: None,
+        parent_uuid: None,
         secondaries: Vec::new(),
         snapshots,
         live_from,
@@ -397,16 +427,30 @@ fn named_above(m: &Manifest, id: Uuid) -> Option<String> {
     None
 }
 
-/// Snapshots with their parents, and the one the live layer continues from.
-fn snapshot_tree(m: &Manifest) -> (Vec<SnapshotNode>, Option<String>) {
+/// Bytes a file occupies on disk.
+fn on_disk(p: &Path) -> Option<u64> {
+    std::fs::metadata(p)
+        .ok()
+        .map(|md| std::os::unix::fs::MetadataExt::blocks(&md) * 512)
+}
+
+/// Snapshots with their parents and the space of their layers (in `dir`,
+/// or the LUN file at `lun` for the base), and the one the live layer
+/// continues from.
+fn snapshot_tree(m: &Manifest, dir: &Path, lun: &Path) -> (Vec<SnapshotReport>, Option<String>) {
     let nodes = m
         .snapshots
         .iter()
-        .map(|s| SnapshotNode {
+        .map(|s| SnapshotReport {
             name: s.name.clone(),
             parent: named_above(m, s.layer),
             created: s.created,
             description: s.description.clone(),
+            disk_bytes: if s.layer == m.lun {
+                on_disk(lun)
+            } else {
+                on_disk(&dir.join(format!("{}.delta", s.layer)))
+            },
         })
         .collect();
     let live = if m.layer(m.top).is_some() {
@@ -420,7 +464,7 @@ fn snapshot_tree(m: &Manifest) -> (Vec<SnapshotNode>, Option<String>) {
 /// For a clone: the LUN UUID and snapshot name it was cloned from, read from
 /// the parent's manifest. `Err` is a warning (the parent's layers are gone
 /// or damaged).
-fn clone_source(m: &Manifest) -> Result<Option<(Uuid, String)>, String> {
+fn clone_source(m: &Manifest, pool: &Path) -> Result<Option<(Uuid, String)>, String> {
     let mut at = m.top;
     for _ in 0..=m.layers.len() {
         let Some(l) = m.layer(at) else {
@@ -428,7 +472,9 @@ fn clone_source(m: &Manifest) -> Result<Option<(Uuid, String)>, String> {
         };
         match &l.parent {
             Parent::Layer { id } => at = *id,
-            Parent::External { dir, id } => {
+            Parent::External { dir, id, lun } => {
+                let dir = &lungate_block::store::file::resolve_peer(pool, dir, *lun)
+                    .map_err(|e| e.to_string())?;
                 let pm = match manifest::load(dir) {
                     Ok(Some(p)) => p.manifest,
                     Ok(None) => {
@@ -468,7 +514,9 @@ fn disk_reports(lun: &Lun, ident: Option<&Identity>) -> Vec<DiskReport> {
         .collect()
 }
 
-/// Attach secondaries and clones to the VMs that reference them.
+/// Attach secondaries to the VMs that reference them, name each clone's
+/// parent and list it among its parent's clones, and order the VMs so each
+/// clone follows the VM it came from.
 fn group(report: &mut ScanReport, found: Vec<Found>) {
     let mut by_uuid: BTreeMap<Uuid, usize> = BTreeMap::new();
     for (i, f) in found.iter().enumerate() {
@@ -485,13 +533,28 @@ fn group(report: &mut ScanReport, found: Vec<Found>) {
             by_uuid.insert(f.vm.uuid, i);
         }
     }
+    let unique = |i: usize| by_uuid.get(&found[i].vm.uuid) == Some(&i);
+    // `VM@SNAP` of a clone, by the parent's name when it was scanned.
+    let parent_of = |i: usize| {
+        found[i].clone_of.as_ref().map(|(p, snap)| {
+            let who = match by_uuid.get(p) {
+                Some(&j) if j != i => found[j].vm.name.clone(),
+                _ => p.to_string(),
+            };
+            (format!("{who}@{snap}"), *p)
+        })
+    };
     let mut attached = BTreeSet::new();
-    let mut vms: Vec<VmReport> = Vec::new();
+    let mut vms: Vec<(usize, VmReport)> = Vec::new();
     for (i, f) in found.iter().enumerate() {
-        if by_uuid.get(&f.vm.uuid) != Some(&i) {
+        if !unique(i) {
             continue;
         }
         let mut vm = f.vm.clone();
+        if let Some((parent, uuid)) = parent_of(i) {
+            vm.parent = Some(parent);
+            vm.parent_uuid = Some(uuid);
+        }
         for u in &f.secondary_uuids {
             match by_uuid.get(u) {
                 Some(&j) => {
@@ -502,6 +565,7 @@ fn group(report: &mut ScanReport, found: Vec<Found>) {
                         name: s.name.clone(),
                         path: Some(s.path.clone()),
                         disks: s.disks.clone(),
+                        parent: parent_of(j).map(|p| p.0),
                     });
                 }
                 None => {
@@ -513,77 +577,74 @@ fn group(report: &mut ScanReport, found: Vec<Found>) {
                         name: String::new(),
                         path: None,
                         disks: Vec::new(),
+                        parent: None,
                     });
                 }
             }
         }
-        vms.push(vm);
+        vms.push((i, vm));
     }
-    // Clones hang under the VM at the root of their lineage (a clone of a
-    // clone too), each naming the VM and snapshot it came from.
-    let mut clone_of: BTreeMap<usize, (usize, String)> = BTreeMap::new();
-    for (i, f) in found.iter().enumerate() {
-        if by_uuid.get(&f.vm.uuid) != Some(&i) {
+    vms.retain(|(i, _)| !attached.contains(i));
+    // A clone names its parent; the parent (when it is a VM here) lists it.
+    let index: BTreeMap<usize, usize> = vms.iter().enumerate().map(|(k, (i, _))| (*i, k)).collect();
+    let mut children: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for k in 0..vms.len() {
+        let i = vms[k].0;
+        let Some((p, snap)) = &found[i].clone_of else {
             continue;
-        }
-        if let Some((parent, snap)) = &f.clone_of {
-            match by_uuid.get(parent) {
-                Some(&j) if j != i => {
-                    clone_of.insert(i, (j, snap.clone()));
-                }
-                _ => {
-                    if let Some(v) = vms.iter_mut().find(|v| v.uuid == f.vm.uuid) {
-                        v.warnings.push(format!(
-                            "clone of snapshot {snap} of LUN {parent}, which was not found in the scanned paths"
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    let root = |mut i: usize| {
-        let mut seen = BTreeSet::new();
-        while let Some((j, _)) = clone_of.get(&i) {
-            if !seen.insert(i) {
-                break;
-            }
-            i = *j;
-        }
-        i
-    };
-    for (&i, (j, snap)) in &clone_of {
-        let r = root(i);
-        if r == i {
-            continue; // a cycle: leave it a VM of its own
-        }
-        let c = &found[i].vm;
-        let p = &found[*j].vm;
-        let rep = CloneReport {
-            name: c.name.clone(),
-            disks: c.disks.clone(),
-            uuid: c.uuid,
-            path: c.path.clone(),
-            snapshot: snap.clone(),
-            parent: p.name.clone(),
-            parent_uuid: p.uuid,
-            snapshots: c.snapshots.clone(),
-            live_from: c.live_from.clone(),
-            layers: c.layers.clone(),
-            warnings: c.warnings.clone(),
         };
-        if let Some(v) = vms.iter_mut().find(|v| v.uuid == found[r].vm.uuid) {
-            v.clones.push(rep);
-            attached.insert(i);
+        match by_uuid.get(p).filter(|&&j| j != i) {
+            Some(j) => {
+                if let Some(&pk) = index.get(j) {
+                    let c = &vms[k].1;
+                    let r = CloneRef {
+                        name: c.name.clone(),
+                        uuid: c.uuid,
+                        path: c.path.clone(),
+                        snapshot: snap.clone(),
+                    };
+                    vms[pk].1.clones.push(r);
+                    children.entry(pk).or_default().push(k);
+                }
+            }
+            None => vms[k].1.warnings.push(format!(
+                "clone of snapshot {snap} of LUN {p}, which was not found in the scanned paths"
+            )),
         }
     }
+    let key = |v: &VmReport| (v.name.clone(), v.path.clone());
     for v in &mut vms {
-        v.clones
+        v.1.clones
             .sort_by(|a, b| a.name.cmp(&b.name).then(a.path.cmp(&b.path)));
     }
-    let attached_uuids: BTreeSet<Uuid> = attached.iter().map(|&j| found[j].vm.uuid).collect();
-    vms.retain(|v| !attached_uuids.contains(&v.uuid));
-    vms.sort_by(|a, b| a.name.cmp(&b.name).then(a.path.cmp(&b.path)));
-    report.vms = vms;
+    for c in children.values_mut() {
+        c.sort_by_key(|&k| key(&vms[k].1));
+    }
+    // Roots by name, each followed by its clones, depth first. A VM on a
+    // lineage cycle (damaged records) has no root: it goes last.
+    let is_child: BTreeSet<usize> = children.values().flatten().copied().collect();
+    let mut roots: Vec<usize> = (0..vms.len()).filter(|k| !is_child.contains(k)).collect();
+    roots.sort_by_key(|&k| key(&vms[k].1));
+    let mut order = Vec::with_capacity(vms.len());
+    let mut placed = BTreeSet::new();
+    let mut stack: Vec<usize> = roots.into_iter().rev().collect();
+    while let Some(k) = stack.pop() {
+        if !placed.insert(k) {
+            continue;
+        }
+        order.push(k);
+        if let Some(c) = children.get(&k) {
+            stack.extend(c.iter().rev());
+        }
+    }
+    let mut rest: Vec<usize> = (0..vms.len()).filter(|k| !placed.contains(k)).collect();
+    rest.sort_by_key(|&k| key(&vms[k].1));
+    order.extend(rest);
+    let mut slots: Vec<Option<VmReport>> = vms.into_iter().map(|(_, v)| Some(v)).collect();
+    report.vms = order
+        .into_iter()
+        .map(|k| slots[k].take().expect("each VM once"))
+        .collect();
     report.damaged.sort_by(|a, b| a.path.cmp(&b.path));
 }
 
@@ -671,15 +732,16 @@ mod tests {
 
     #[test]
     fn a_clone_whose_parent_was_not_scanned_is_a_vm_with_a_warning() {
+        // A clone lives in its parent's pool; scanning only the clone's
+        // file leaves the parent unscanned.
         let a = tempfile::tempdir().unwrap();
-        let b = tempfile::tempdir().unwrap();
         let src = snapshotted(a.path(), "src");
-        let dst = b.path().join("dst.lun");
+        let dst = a.path().join("dst.lun");
         let sl = Lun::open(&src, Access::ReadWrite).unwrap();
         sl.clone_from_snapshot("s1", &dst, "dst", uuid::Uuid::new_v4(), None)
             .unwrap();
         drop(sl);
-        let r = scan(&[b.path().to_path_buf()]);
+        let r = scan(std::slice::from_ref(&dst));
         assert_eq!(r.vms[0].name, "dst");
         assert!(
             r.vms[0]
@@ -689,12 +751,23 @@ mod tests {
             "{:?}",
             r.vms[0].warnings
         );
-        let r = scan(&[a.path().to_path_buf(), b.path().to_path_buf()]);
-        assert_eq!(r.vms.len(), 1);
+        assert_eq!(
+            r.vms[0].parent.as_deref(),
+            Some(format!("{}@s1", r.vms[0].parent_uuid.unwrap()).as_str()),
+            "an unscanned parent is named by its LUN UUID"
+        );
+        let r = scan(&[a.path().to_path_buf()]);
+        let names: Vec<&str> = r.vms.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["src", "dst"], "a clone is a VM, after its parent");
         assert_eq!(r.vms[0].clones[0].name, "dst");
         assert_eq!(r.vms[0].clones[0].snapshot, "s1");
+        assert_eq!(r.vms[1].parent.as_deref(), Some("src@s1"));
+        assert_eq!(r.vms[1].parent_uuid, Some(r.vms[0].uuid));
+        assert!(r.vms[1].warnings.is_empty(), "{:?}", r.vms[1].warnings);
         let rows = crate::report::table(&r);
         assert!(rows.contains("clone dst  from src@s1"), "{rows}");
+        assert!(rows.contains("parent: src@s1"), "{rows}");
+        assert!(rows.contains("* src now (live)"), "{rows}");
     }
 
     proptest! {

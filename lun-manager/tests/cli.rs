@@ -316,8 +316,18 @@ fn import_of_a_partitioned_raw_image_keeps_its_blocks_at_their_offsets() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["imported"]["image_bytes"], len);
+    // NDJSON: progress events of the `import` phase, then the result.
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let v = lines.last().unwrap();
+    assert_eq!((&v["type"], &v["op"]), (&"result".into(), &"import".into()));
+    assert_eq!(v["image_bytes"], len, "{v}");
+    assert_eq!(v["layout"], "aligned");
+    assert!(lines[..lines.len() - 1]
+        .iter()
+        .all(|e| e["type"] == "progress" && e["phase"] == "import"));
     let lun = p.join("imp.lun");
     let v = inspect(&lun);
     assert_eq!(region(&v, "disk", 0), (0, len));
@@ -500,7 +510,7 @@ fn error_paths_exit_non_zero_with_clear_messages() {
         &[
             "create", "b", "--pool", ps, "--disk", "4M", "--memory", "1M", "--layout", "weird",
         ],
-        "unknown layout",
+        "[possible values: offset, truncate, aligned]",
     );
     let nopool = d.path().join("nopool");
     fail(
@@ -733,18 +743,17 @@ fn scan_reports_vms_secondaries_and_damage_on_a_mixed_directory() {
 
     let html = std::fs::read_to_string(d.path().join("r.html")).unwrap();
     assert!(html.starts_with("<!DOCTYPE html>"));
-    assert!(html.contains("<svg") && html.contains("web-data") && html.contains("overlap.lun"));
-    // Self-contained: no scripts, and no URL but the SVG namespace.
+    assert!(html.contains(r#"data-secondary="web-data""#) && html.contains("overlap.lun"));
+    // Self-contained: no scripts, and no URL at all.
     assert!(!html.contains("<script"));
-    assert_eq!(
-        html.matches("http").count(),
-        html.matches("xmlns=\"http://www.w3.org/2000/svg\"").count(),
+    assert!(
+        !html.contains("http"),
         "external reference in the HTML report"
     );
 
     // The table for people says the same.
     lunctl().arg("scan").arg(&p).assert().success().stdout(
-        predicate::str::contains("3 VM(s), 3 damaged")
+        predicate::str::contains("3 VM(s) (0 of them clones), 3 damaged")
             .and(predicate::str::contains("secondary: web-data")),
     );
 }
@@ -908,13 +917,23 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// lunctl exits 1 (the operation failed) saying `msg`.
 fn fails(args: &[&str], msg: &str) {
+    fails_with(1, args, msg);
+}
+
+/// lunctl exits `code` saying `msg` (docs/lunctl.md, "Exit codes").
+fn fails_with(code: i32, args: &[&str], msg: &str) {
     lunctl()
         .args(args)
         .assert()
-        .code(1)
+        .code(code)
         .stderr(predicate::str::contains(msg));
 }
+
+/// Exit codes of docs/lunctl.md.
+const BUSY: i32 = 3;
+const NOT_FOUND: i32 = 4;
 
 fn json_of(args: &[&str]) -> Value {
     serde_json::from_str(&ok(args)).unwrap()
@@ -973,12 +992,21 @@ fn snapshot_and_revert_round_trip_keeps_data_written_between_in_every_layout() {
             &["snapshot", l, "s1"],
             "a snapshot named \"s1\" already exists",
         );
-        fails(&["revert", l, "nope"], "no snapshot named \"nope\"");
-        fails(
+        fails_with(
+            NOT_FOUND,
+            &["revert", l, "nope"],
+            "no snapshot named \"nope\"",
+        );
+        fails_with(
+            NOT_FOUND,
             &["delete-snapshot", l, "nope"],
             "no snapshot named \"nope\"",
         );
-        fails(&["diff", l, "nope"], "no snapshot named \"nope\"");
+        fails_with(
+            NOT_FOUND,
+            &["diff", l, "nope"],
+            "no snapshot named \"nope\"",
+        );
         assert_eq!(vol_read(&lun, d0, b.len()), b);
 
         let usage = json_of(&["usage", l, "--json"]);
@@ -1037,7 +1065,11 @@ fn clone_is_listed_under_its_parent_and_flatten_makes_it_independent() {
     vol_write(&web, d0, &pattern(65536, 5));
 
     // Error paths leave no file behind.
-    fails(&["clone", w, "nope", "x"], "no snapshot named \"nope\"");
+    fails_with(
+        NOT_FOUND,
+        &["clone", w, "nope", "x"],
+        "no snapshot named \"nope\"",
+    );
     assert!(!p.join("x.lun").exists() && !p.join("x.layers").exists());
     fails(&["clone", w, "gold", "web"], "already exists");
     fails(&["clone", w, "gold", "bad/name"], "only ASCII letters");
@@ -1078,22 +1110,32 @@ fn clone_is_listed_under_its_parent_and_flatten_makes_it_independent() {
     assert_eq!(vol_read(&web2, d0, a.len()), a, "clone reads the snapshot");
     assert_ne!(vol_read(&web, d0, 65536), a[..65536], "parent went on");
 
-    // The scanner lists the clone under web, from snapshot gold, and no
-    // file of a layers directory as a VM or as garbage.
+    // The scanner lists the clone as a VM of its own after web, with its
+    // parent web@gold, web lists it among its clones, and no file of a
+    // layers directory is taken for a VM or for garbage.
     let r = json_of(&["scan", p.to_str().unwrap(), "--json"]);
     let vms = r["vms"].as_array().unwrap();
-    assert_eq!(vms.len(), 1, "{r}");
+    assert_eq!(vms.len(), 2, "{r}");
     assert_eq!(vms[0]["name"], "web");
+    assert_eq!(vms[0]["parent"], Value::Null);
     assert_eq!(vms[0]["snapshots"][0]["name"], "gold");
+    assert!(vms[0]["snapshots"][0]["disk_bytes"].as_u64().unwrap() > 0);
     assert_eq!(vms[0]["live_from"], "gold");
     assert_eq!(vms[0]["clones"][0]["name"], "web2");
     assert_eq!(vms[0]["clones"][0]["snapshot"], "gold");
-    assert_eq!(vms[0]["clones"][0]["parent"], "web");
+    assert_eq!(vms[0]["clones"][0]["uuid"], v2["uuid"]);
+    assert_eq!(vms[1]["name"], "web2");
+    assert_eq!(vms[1]["parent"], "web@gold");
+    assert_eq!(vms[1]["parent_uuid"], vms[0]["uuid"]);
     assert!(r["skipped"].as_array().unwrap().is_empty(), "{r}");
     assert!(r["damaged"].as_array().unwrap().is_empty(), "{r}");
     let table = ok(&["scan", p.to_str().unwrap()]);
     assert!(
-        table.contains("snapshot gold") && table.contains("clone web2  from web@gold"),
+        table.contains("snapshot web@gold")
+            && table.contains("clone web2  from web@gold")
+            && table.contains("parent: web@gold")
+            && table.contains("* web now (live)")
+            && table.contains("2 VM(s) (1 of them clones)"),
         "{table}"
     );
     let html_path = d.path().join("scan.html");
@@ -1104,10 +1146,15 @@ fn clone_is_listed_under_its_parent_and_flatten_makes_it_independent() {
         html_path.to_str().unwrap(),
     ]);
     let html = std::fs::read_to_string(&html_path).unwrap();
-    assert!(html.contains("<svg") && html.contains("clone web2") && html.contains("gold"));
-    assert_eq!(
-        html.matches("http").count(),
-        html.matches("xmlns=\"http://www.w3.org/2000/svg\"").count()
+    assert!(
+        html.contains(r#"data-kind="clone" data-owner="web" data-name="web2""#)
+            && html.contains(r#"data-vm="web2""#)
+            && html.contains(r#"data-parent="web@gold""#),
+        "{html}"
+    );
+    assert!(
+        !html.contains("http"),
+        "external reference in the HTML report"
     );
     // Scanning a layers directory itself finds nothing and skips nothing.
     let r = json_of(&["scan", "--json", p.join("web.layers").to_str().unwrap()]);
@@ -1127,6 +1174,7 @@ fn clone_is_listed_under_its_parent_and_flatten_makes_it_independent() {
     );
     let r = json_of(&["scan", p.to_str().unwrap(), "--json"]);
     assert_eq!(r["vms"][0]["name"], "web2");
+    assert_eq!(r["vms"][0]["parent"], Value::Null, "flattened: no parent");
 }
 
 #[test]
@@ -1261,7 +1309,7 @@ fn a_lun_held_by_another_process_is_refused_or_sent_to_its_gateway() {
             vec!["resize", l, "--disk", "0=8M"],
             vec!["delete", l, "--yes"],
         ] {
-            fails(&args, "locked by another process");
+            fails_with(BUSY, &args, "locked by another process");
         }
         drop(lock);
         // With an owner record: the contract's message.
@@ -1272,8 +1320,8 @@ fn a_lun_held_by_another_process_is_refused_or_sent_to_its_gateway() {
             std::process::id(),
             owner::hostname()
         );
-        fails(&["snapshot", l, "s"], &msg);
-        fails(&["clone", l, "s", "n"], &msg);
+        fails_with(BUSY, &["snapshot", l, "s"], &msg);
+        fails_with(BUSY, &["clone", l, "s", "n"], &msg);
         drop(g);
         drop(handle);
         assert!(lun.exists());
@@ -1434,4 +1482,336 @@ fn cluster_size_is_chosen_at_creation_and_used_by_the_volume() {
         assert_eq!(live["allocated_bytes"], cs, "{u}");
         assert_eq!(vol_read(lun, d0 + 4096, 4096), pattern(4096, 7));
     }
+}
+
+// ----- machine output and progress (issue 14) --------------------------------
+
+/// Run lunctl; its stdout as NDJSON lines, and its exit code.
+fn ndjson(args: &[&str]) -> (Vec<Value>, i32) {
+    let out = lunctl().args(args).output().unwrap();
+    let lines = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{args:?}: {l:?}: {e}")))
+        .collect();
+    (lines, out.status.code().unwrap_or(-1))
+}
+
+/// The progress events of `phase`, checked: they start at 0, never fall,
+/// and end at their total.
+fn phase_of(events: &[Value], op: &str, phase: &str) -> Vec<(u64, u64)> {
+    let got: Vec<(u64, u64)> = events
+        .iter()
+        .filter(|e| e["type"] == "progress" && e["phase"] == phase)
+        .map(|e| {
+            assert_eq!(e["op"], op, "{e}");
+            assert_eq!(e["unit"], "bytes", "{e}");
+            (e["done"].as_u64().unwrap(), e["total"].as_u64().unwrap())
+        })
+        .collect();
+    assert!(!got.is_empty(), "no {phase} events in {events:?}");
+    assert_eq!(got[0].0, 0, "{phase} starts at 0: {got:?}");
+    assert!(got.windows(2).all(|w| w[0].0 <= w[1].0), "{phase}: {got:?}");
+    let (done, total) = *got.last().unwrap();
+    assert_eq!(done, total, "{phase} ends done: {got:?}");
+    got
+}
+
+/// The last line: the result of `op`.
+fn result_of<'a>(events: &'a [Value], op: &str) -> &'a Value {
+    let r = events.last().expect("some output");
+    assert_eq!(r["type"], "result", "{events:?}");
+    assert_eq!(r["op"], op);
+    assert_eq!(r["exit_code"], 0);
+    r
+}
+
+#[test]
+fn long_operations_with_json_print_ndjson_progress_and_end_in_a_result() {
+    let (d, p) = pool();
+    let ps = p.to_str().unwrap();
+    // create --prefill: every disk byte allocated before the LUN exists.
+    let (ev, code) = ndjson(&[
+        "create",
+        "pre",
+        "--pool",
+        ps,
+        "--disk",
+        "64M",
+        "--disk",
+        "32M",
+        "--memory",
+        "1M",
+        "--prefill",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{ev:?}");
+    let fill = phase_of(&ev, "create", "prefill");
+    assert_eq!(fill.last().unwrap().1, 96 << 20);
+    let r = result_of(&ev, "create");
+    assert_eq!(r["prefilled"], true);
+    assert_eq!(r["disks"][1]["size"], 32u64 << 20);
+    let pre = p.join("pre.lun");
+    let used = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&pre).unwrap()) * 512;
+    assert!(used >= 96 << 20, "prefilled LUN uses only {used} bytes");
+    assert!(vol_read(&pre, region(&inspect(&pre), "disk", 1).0, 65536)
+        .iter()
+        .all(|&b| b == 0));
+    // Without --prefill the disks stay holes.
+    ok(&[
+        "create", "thin", "--pool", ps, "--disk", "64M", "--memory", "1M",
+    ]);
+    let thin =
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p.join("thin.lun")).unwrap());
+    assert!(thin * 512 < 8 << 20, "{thin} blocks");
+
+    // resize: disk1 moves out of disk0's way, the new space is zeroed.
+    let (ev, code) = ndjson(&["resize", "pre", "--pool", ps, "--disk", "0=80M", "--json"]);
+    assert_eq!(code, 0, "{ev:?}");
+    assert_eq!(phase_of(&ev, "resize", "move").last().unwrap().1, 32 << 20);
+    phase_of(&ev, "resize", "zero");
+    assert_eq!(result_of(&ev, "resize")["disks"][0], 80u64 << 20);
+
+    // delete-snapshot that merges a layer into the next.
+    let m = create(&p, "m", &["--disk", "8M", "--memory", "1M"]);
+    let ms = m.to_str().unwrap();
+    let d0 = region(&inspect(&m), "disk", 0).0;
+    for (i, s) in ["s1", "s2", "s3"].iter().enumerate() {
+        vol_write(&m, d0 + i as u64 * (1 << 20), &pattern(1 << 20, i as u8));
+        ok(&["snapshot", ms, s]);
+    }
+    let (ev, code) = ndjson(&["delete-snapshot", ms, "s2", "--json"]);
+    assert_eq!(code, 0, "{ev:?}");
+    let merged = phase_of(&ev, "delete-snapshot", "merge");
+    assert!(merged.last().unwrap().1 >= 1 << 20, "{merged:?}");
+    assert_eq!(result_of(&ev, "delete-snapshot")["snapshot"], "s2");
+    ok(&["revert", ms, "s3"]);
+    assert_eq!(vol_read(&m, d0 + (1 << 20), 1 << 20), pattern(1 << 20, 1));
+
+    // flatten of a clone.
+    ok(&["clone", ms, "s3", "mc"]);
+    let (ev, code) = ndjson(&["flatten", p.join("mc.lun").to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "{ev:?}");
+    let copied = phase_of(&ev, "flatten", "copy");
+    assert_eq!(copied.last().unwrap().1, volume(&p.join("mc.lun")).size());
+    assert_eq!(result_of(&ev, "flatten")["lun"], "mc");
+
+    // diff --out and apply-diff: verify the whole file, then apply.
+    let copy = d.path().join("copy.lun");
+    std::fs::copy(&m, &copy).unwrap();
+    ok(&["snapshot", ms, "base"]);
+    vol_write(&m, d0, &pattern(3 << 20, 9));
+    let f = d.path().join("m.lgdiff");
+    let (ev, _) = ndjson(&["diff", ms, "base", "--out", f.to_str().unwrap(), "--json"]);
+    let size = result_of(&ev, "diff")["bytes"].as_u64().unwrap();
+    assert_eq!(size, std::fs::metadata(&f).unwrap().len());
+    let (ev, code) = ndjson(&[
+        "apply-diff",
+        copy.to_str().unwrap(),
+        f.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{ev:?}");
+    assert_eq!(
+        phase_of(&ev, "apply-diff", "verify").last().unwrap().1,
+        size
+    );
+    let applied = phase_of(&ev, "apply-diff", "apply");
+    let first_apply = ev.iter().position(|e| e["phase"] == "apply").unwrap();
+    let last_verify = ev.iter().rposition(|e| e["phase"] == "verify").unwrap();
+    assert!(
+        last_verify < first_apply,
+        "verified before a byte is applied"
+    );
+    let r = result_of(&ev, "apply-diff");
+    assert_eq!(r["bytes"], applied.last().unwrap().1);
+    assert!(r["bytes"].as_u64().unwrap() >= 3 << 20, "{r}");
+    assert_eq!(r["from"], "base");
+}
+
+#[test]
+fn failures_with_json_end_in_an_error_object_carrying_the_exit_code() {
+    let (d, p) = pool();
+    let ps = p.to_str().unwrap();
+    let m = create(&p, "m", &["--disk", "8M", "--memory", "1M"]);
+    let ms = m.to_str().unwrap();
+    let garbage = d.path().join("garbage.img");
+    std::fs::write(&garbage, vec![0x5au8; 3 << 20]).unwrap();
+    let lock = owner::lock(&m).unwrap();
+    let busy = ndjson(&["snapshot", ms, "s", "--json"]);
+    drop(lock);
+    for ((ev, code), want, name, says) in [
+        (
+            ndjson(&["revert", ms, "nope", "--json"]),
+            4,
+            "not-found",
+            "no snapshot named",
+        ),
+        (
+            ndjson(&["inspect", "nosuch", "--pool", ps, "--json"]),
+            4,
+            "not-found",
+            "no LUN named",
+        ),
+        (busy, 3, "busy", "locked by another process"),
+        (
+            ndjson(&["inspect", garbage.to_str().unwrap(), "--json"]),
+            5,
+            "damaged",
+            "not a lungate LUN",
+        ),
+        (
+            ndjson(&[
+                "create", "x", "--pool", ps, "--disk", "4X", "--memory", "1M", "--json",
+            ]),
+            1,
+            "failed",
+            "unknown unit",
+        ),
+        (
+            ndjson(&["create", "x", "--pool", ps, "--json"]),
+            2,
+            "usage",
+            "--disk <SIZE>",
+        ),
+    ] {
+        assert_eq!(code, want, "{ev:?}");
+        let e = ev.last().unwrap();
+        assert_eq!(e["type"], "error", "{ev:?}");
+        assert_eq!(e["exit_code"], want);
+        assert_eq!(e["exit"], name);
+        assert!(e["error"].as_str().unwrap().contains(says), "{e}");
+    }
+    // The message goes to stderr too, with or without --json.
+    lunctl()
+        .args(["revert", ms, "nope"])
+        .assert()
+        .code(4)
+        .stdout("")
+        .stderr(predicate::str::starts_with("lunctl: error: "));
+}
+
+#[test]
+fn every_command_takes_json_and_a_read_command_prints_one_document() {
+    let (d, p) = pool();
+    let ps = p.to_str().unwrap();
+    let (ev, _) = ndjson(&["pool", "init", ps, "--json"]);
+    assert_eq!(result_of(&ev, "pool-init")["pool"], ps);
+    let a = create(&p, "a", &["--disk", "8M", "--memory", "1M"]);
+    create(&p, "b", &["--disk", "8M", "--memory", "0"]);
+    let (ev, _) = ndjson(&["attach-secondary", "a", "b", "--pool", ps, "--json"]);
+    assert_eq!(result_of(&ev, "attach-secondary")["secondary"], "b");
+    let (ev, _) = ndjson(&["--json", "snapshot", "a", "s", "--pool", ps]);
+    let r = result_of(&ev, "snapshot");
+    assert_eq!(r["lun"], "a");
+    assert_eq!(r["snapshot"]["name"], "s");
+    let (ev, _) = ndjson(&["clone", "a", "s", "c", "--pool", ps, "--json"]);
+    let r = result_of(&ev, "clone");
+    assert_eq!(r["exports"], serde_json::json!(["c/disk0", "c-b/disk0"]));
+    let (ev, _) = ndjson(&["revert", "a", "s", "--pool", ps, "--json"]);
+    assert_eq!(result_of(&ev, "revert")["snapshot"], "s");
+    let (ev, _) = ndjson(&["delete", "c", "--pool", ps, "--yes", "--json"]);
+    assert_eq!(result_of(&ev, "delete")["lun"], "c");
+    // Read commands: one (pretty-printed) document each.
+    for args in [
+        vec!["inspect", a.to_str().unwrap()],
+        vec!["list", "--pool", ps],
+        vec!["snapshots", a.to_str().unwrap()],
+        vec!["usage", a.to_str().unwrap()],
+        vec!["diff", a.to_str().unwrap(), "s"],
+        vec!["scan", ps],
+    ] {
+        let mut args = args.clone();
+        args.push("--json");
+        let v = json_of(&args);
+        assert!(v.is_object() || v.is_array(), "{args:?}: {v}");
+    }
+    let _ = d;
+}
+
+#[test]
+fn a_long_operation_draws_a_progress_bar_on_a_terminal_and_nothing_elsewhere() {
+    require_tool("script");
+    let (_d, p) = pool();
+    let big = create(&p, "big", &["--disk", "256M", "--memory", "1M"]);
+    ok(&["snapshot", big.to_str().unwrap(), "s"]);
+    ok(&["clone", big.to_str().unwrap(), "s", "c1"]);
+    ok(&["clone", big.to_str().unwrap(), "s", "c2"]);
+    let bin = assert_cmd::cargo::cargo_bin("lunctl");
+    // script(1) gives lunctl a terminal; what it drew comes out on stdout.
+    let out = Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "{} flatten {}",
+            bin.display(),
+            p.join("c1.lun").display()
+        ))
+        .arg("/dev/null")
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(
+        screen.contains("flatten copy [=") && screen.contains(" MiB/"),
+        "no progress bar on the terminal: {screen:?}"
+    );
+    assert!(screen.contains("c1 flattened"), "{screen:?}");
+    // No terminal: the message only, nothing on stderr.
+    let out = lunctl()
+        .args(["flatten", p.join("c2.lun").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "c2 flattened: it reads no shared layer any more\n"
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn prefill_on_a_block_device_wipes_what_a_previous_user_left_in_the_disks() {
+    require_tool("losetup");
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("used.img");
+    // A device full of a previous tenant's bytes.
+    std::fs::write(&img, vec![0xabu8; 48 << 20]).unwrap();
+    let dev = Loop::attach(&img);
+    let disk0 = |dev: &str| {
+        let (off, len) = region(&inspect(Path::new(dev)), "disk", 0);
+        read_at(Path::new(dev), off, len as usize)
+    };
+    // Without --prefill the old bytes show through the new LUN's disk.
+    ok(&[
+        "create", "thin", "--path", &dev.0, "--disk", "16M", "--memory", "1M",
+    ]);
+    assert!(disk0(&dev.0).contains(&0xab), "expected the old bytes");
+    ok(&["delete", &dev.0, "--yes"]);
+    let (ev, code) = ndjson(&[
+        "create",
+        "clean",
+        "--path",
+        &dev.0,
+        "--disk",
+        "16M",
+        "--memory",
+        "1M",
+        "--prefill",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{ev:?}");
+    assert_eq!(
+        phase_of(&ev, "create", "prefill").last().unwrap().1,
+        16 << 20
+    );
+    assert!(
+        disk0(&dev.0).iter().all(|&b| b == 0),
+        "a prefilled disk reads zeros"
+    );
+    assert_eq!(inspect(Path::new(&dev.0))["name"], "clean");
+    ok(&["delete", &dev.0, "--yes"]);
 }

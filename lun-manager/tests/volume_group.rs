@@ -568,3 +568,48 @@ fn a_secondary_path_hint_outside_the_pool_is_not_followed() {
     let g = Group::open(&p, Access::ReadWrite).unwrap();
     assert_eq!(g.members().len(), 2);
 }
+
+/// Clones name their parent by pool-relative name and LUN UUID: the pool
+/// can move and the parent can be renamed; a missing parent is a clear
+/// error, not a broken read.
+#[test]
+fn clones_survive_a_moved_pool_and_a_renamed_parent() {
+    let top = tempfile::tempdir().unwrap();
+    let pool = top.path().join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    let p = create(&pool, "gold", Layout::Offset);
+    {
+        let l = Lun::open(&p, Access::ReadWrite).unwrap();
+        l.write_region(RegionKind::Disk, 0, 0, &pattern(9, 4096))
+            .unwrap();
+        l.sync().unwrap();
+    }
+    let g = Group::open(&p, Access::ReadWrite).unwrap();
+    g.snapshot("s", "").unwrap();
+    g.clone("s", "copy").unwrap();
+    drop(g);
+    // Move the whole pool.
+    let moved = top.path().join("elsewhere");
+    std::fs::rename(&pool, &moved).unwrap();
+    let c = Lun::open(&moved.join("copy.lun"), Access::ReadWrite).unwrap();
+    assert_eq!(disk(&c, 0, 0, 4096), pattern(9, 4096));
+    drop(c);
+    // Rename the parent inside the pool: found by its LUN UUID.
+    std::fs::rename(moved.join("gold.lun"), moved.join("gold-renamed.lun")).unwrap();
+    std::fs::rename(moved.join("gold.layers"), moved.join("gold-renamed.layers")).unwrap();
+    let c = Lun::open(&moved.join("copy.lun"), Access::ReadWrite).unwrap();
+    assert_eq!(disk(&c, 0, 0, 4096), pattern(9, 4096));
+    drop(c);
+    // The parent keeps its layers pinned for the clone after the moves.
+    let g = Group::open(&moved.join("gold-renamed.lun"), Access::ReadWrite).unwrap();
+    assert_eq!(g.primary().volume().dependents().len(), 1);
+    drop(g);
+    // Parent gone from the pool: refused with the reason.
+    let away = top.path().join("away");
+    std::fs::create_dir_all(&away).unwrap();
+    std::fs::rename(moved.join("gold-renamed.layers"), away.join("gold.layers")).unwrap();
+    let e = Lun::open(&moved.join("copy.lun"), Access::ReadOnly)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is not in pool"), "{e}");
+}

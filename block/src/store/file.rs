@@ -374,9 +374,7 @@ impl Store for FileStore {
     }
 
     fn reference(&self) -> PathBuf {
-        let parent = parent_dir(&self.dir);
-        let parent = parent.canonicalize().unwrap_or(parent);
-        parent.join(self.dir.file_name().unwrap_or_default())
+        PathBuf::from(self.dir.file_name().unwrap_or_default())
     }
 
     fn recover(&self, lun: Uuid) -> Result<Vec<String>> {
@@ -472,4 +470,74 @@ fn discard_unpublished(staging: &Path, lun: Uuid, warnings: &mut Vec<String>) ->
         ));
     }
     Ok(())
+}
+
+/// Where another volume of `pool` referred to by a manifest is: its layers
+/// directory `dir` (a name in the pool; an absolute path in older
+/// manifests, tried first and then by its name in this pool) holding the
+/// manifest of LUN `lun`; failing that, whichever layers directory of the
+/// pool holds LUN `lun`'s manifest (it was renamed). A clear error when it
+/// is in none: the data below a clone's own layer lives there.
+pub fn resolve_peer(pool: &Path, dir: &Path, lun: Option<Uuid>) -> Result<PathBuf> {
+    let mut candidates = Vec::new();
+    if dir.is_absolute() {
+        candidates.push(dir.to_path_buf());
+    }
+    if let Some(name) = dir.file_name() {
+        candidates.push(pool.join(name));
+    }
+    let holds = |d: &Path| -> bool {
+        d.symlink_metadata().is_ok_and(|m| m.is_dir())
+            && manifest::load(d)
+                .ok()
+                .flatten()
+                .is_some_and(|l| lun.is_none_or(|u| l.manifest.lun == u))
+    };
+    if let Some(d) = candidates.iter().find(|d| holds(d)) {
+        return Ok(d.clone());
+    }
+    if lun.is_some() {
+        if let Ok(rd) = std::fs::read_dir(pool) {
+            let mut found: Vec<PathBuf> = rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "layers") && holds(p))
+                .collect();
+            found.sort();
+            if let Some(d) = found.into_iter().next() {
+                return Ok(d);
+            }
+        }
+    }
+    Err(crate::volume::error::corrupt(
+        dir,
+        format!(
+            "the volume this one was cloned from ({}, last seen as {}) is not in pool {}: the clone's data below its own layer lives there; move it back into the pool",
+            lun.map_or("LUN unknown".to_string(), |u| format!("LUN {u}")),
+            dir.display(),
+            pool.display()
+        ),
+    ))
+}
+
+/// The base LUN file of the peer volume whose layers are in `peer_dir`,
+/// from its manifest's `lun_path` (a name in the pool, or an absolute
+/// path in older manifests) or the layers directory's own name.
+pub fn peer_base(peer_dir: &Path, lun_path: &Path) -> Option<PathBuf> {
+    let pool = parent_dir(peer_dir);
+    let mut candidates = Vec::new();
+    if lun_path.is_absolute() {
+        candidates.push(lun_path.to_path_buf());
+    }
+    if let Some(name) = lun_path.file_name() {
+        candidates.push(pool.join(name));
+    }
+    if let Some(stem) = peer_dir.file_stem() {
+        let mut n = stem.to_os_string();
+        n.push(".lun");
+        candidates.push(pool.join(n));
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.symlink_metadata().is_ok_and(|m| !m.is_dir()))
 }

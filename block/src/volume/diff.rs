@@ -44,6 +44,7 @@ use uuid::Uuid;
 
 use super::error::{Error, IoCtx, Result};
 use super::{Change, ChangeKind, Volume};
+use crate::progress::Progress;
 
 pub const MAGIC: &[u8; 8] = b"LGDIFF01";
 pub const SECTION_MAGIC: &[u8; 4] = b"LGDS";
@@ -380,14 +381,24 @@ pub fn check_targets(info: &DiffInfo, targets: &[&Volume]) -> Result<()> {
 
 /// Replay a verified spool onto `targets` (checked by [`check_targets`]).
 /// Idempotent: every extent holds absolute contents, so a replay
-/// interrupted by a crash is finished by replaying again.
+/// interrupted by a crash is finished by replaying again. Reports the
+/// bytes of the extents replayed (phase `apply`) to `progress`.
 pub fn replay(
     info: &DiffInfo,
     spool: &mut File,
     spool_path: &Path,
     targets: &[&Volume],
+    progress: &mut dyn Progress,
 ) -> Result<()> {
     check_targets(info, targets)?;
+    let total: u64 = info
+        .sections
+        .iter()
+        .flat_map(|s| &s.changes)
+        .map(|c| c.length)
+        .sum();
+    let mut replayed = 0;
+    progress.update("apply", 0, total);
     let mut at = 16 + info.from.len() as u64 + info.to.as_ref().map_or(0, |t| t.len() as u64);
     let mut buf = vec![0u8; CHUNK];
     for (s, v) in info.sections.iter().zip(targets) {
@@ -395,7 +406,11 @@ pub fn replay(
         for c in &s.changes {
             at += 24;
             match c.kind {
-                ChangeKind::Zero => v.write_zeroes(c.offset, c.length, true)?,
+                ChangeKind::Zero => {
+                    v.write_zeroes(c.offset, c.length, true)?;
+                    replayed += c.length;
+                    progress.update("apply", replayed, total);
+                }
                 ChangeKind::Data => {
                     spool
                         .seek(SeekFrom::Start(at))
@@ -408,6 +423,8 @@ pub fn replay(
                             .ctx(spool_path, "read diff spool")?;
                         v.write(c.offset + done, &buf[..n])?;
                         done += n as u64;
+                        replayed += n as u64;
+                        progress.update("apply", replayed, total);
                     }
                     at += c.length;
                 }
@@ -422,6 +439,16 @@ pub fn replay(
 /// file in `scratch_dir`), check it against `targets`, then replay it.
 /// Nothing is written to a target unless the whole file verified.
 pub fn apply(r: &mut impl Read, scratch_dir: &Path, targets: &[&Volume]) -> Result<DiffInfo> {
+    apply_with(r, scratch_dir, targets, &mut crate::progress::silent())
+}
+
+/// [`apply`], reporting the replay (phase `apply`) to `progress`.
+pub fn apply_with(
+    r: &mut impl Read,
+    scratch_dir: &Path,
+    targets: &[&Volume],
+    progress: &mut dyn Progress,
+) -> Result<DiffInfo> {
     let spool_path = scratch_dir.join(format!(
         ".lgdiff-spool-{}-{}",
         std::process::id(),
@@ -438,7 +465,7 @@ pub fn apply(r: &mut impl Read, scratch_dir: &Path, targets: &[&Volume]) -> Resu
     let _ = std::fs::remove_file(&spool_path);
     let info = verify(r, &mut spool, &spool_path)?;
     check_targets(&info, targets)?;
-    replay(&info, &mut spool, &spool_path, targets)?;
+    replay(&info, &mut spool, &spool_path, targets, progress)?;
     Ok(info)
 }
 

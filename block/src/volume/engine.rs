@@ -17,11 +17,15 @@ use super::manifest::{self, Dependent, FlattenRec, LayerRec, Manifest, Parent, S
 use super::table::Table;
 use super::{lock, read, write};
 use crate::engine::{Extent, IoEngine};
-use crate::store::file::{delta_path, FileObject, FileStore};
+use crate::progress::Progress;
+use crate::store::file::{delta_path, parent_dir, peer_base, resolve_peer, FileObject, FileStore};
 use crate::store::{Object, Store};
 
 /// Cluster-lock shards; clusters `c` and `c + SHARDS` share a lock.
 const SHARDS: usize = 1024;
+/// Clusters a merge copies per step before letting tree-operation
+/// waiters and guest I/O planning at the state lock.
+const MERGE_BATCH: usize = 256;
 /// Longest snapshot description kept in the manifest.
 pub const DESCRIPTION_MAX: usize = 4096;
 
@@ -246,6 +250,9 @@ enum Res {
 
 pub struct Volume {
     pub(super) lun_path: PathBuf,
+    /// The pool directory (the LUN file's): where clones and their parents
+    /// are found by name and LUN UUID.
+    pub(super) pool: PathBuf,
     pub(super) dir: PathBuf,
     pub(super) store: Arc<dyn Store>,
     pub(super) engine: Option<IoEngine>,
@@ -289,6 +296,11 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// How a manifest names a file of the pool: by its name alone.
+fn pool_name(p: &Path) -> PathBuf {
+    PathBuf::from(p.file_name().unwrap_or(p.as_os_str()))
+}
+
 fn abs(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
@@ -317,6 +329,7 @@ impl Volume {
             !read_only,
         ));
         let dir = store.location().to_path_buf();
+        let pool = parent_dir(&cfg.lun_path);
         let mut warnings = Vec::new();
         if !read_only {
             warnings.extend(store.recover(cfg.lun_uuid)?);
@@ -376,7 +389,7 @@ impl Volume {
                 lun: cfg.lun_uuid,
                 size: cfg.size,
                 cluster_size: cs as u32,
-                lun_path: abs(&cfg.lun_path),
+                lun_path: pool_name(&cfg.lun_path),
                 layers: vec![],
                 top: Uuid::nil(),
                 snapshots: vec![],
@@ -414,9 +427,11 @@ impl Volume {
                     Parent::Base => Some(0),
                     Parent::None => None,
                     Parent::Layer { id } => Some(st.by_id[id]),
-                    Parent::External { dir: xdir, id } => Some(resolve_external(
+                    Parent::External { dir: xdir, id, lun } => Some(resolve_external(
                         &mut st,
+                        &pool,
                         xdir,
+                        *lun,
                         *id,
                         geo,
                         cfg.engine.as_ref(),
@@ -449,6 +464,7 @@ impl Volume {
         }
         Ok(Volume {
             lun_path: cfg.lun_path,
+            pool,
             dir,
             store,
             engine: cfg.engine,
@@ -531,8 +547,10 @@ impl Volume {
         st.manifest
             .dependents
             .iter()
-            .filter(|d| dependent_alive(&me, d))
-            .map(|d| d.dir.clone())
+            .filter(|d| dependent_alive(&self.pool, self.lun, &me, d))
+            .map(|d| {
+                resolve_peer(&self.pool, &d.dir, Some(d.lun)).unwrap_or_else(|_| d.dir.clone())
+            })
             .collect()
     }
 
@@ -1174,7 +1192,7 @@ impl Volume {
         let idx = st.build_index(&st.chain, self.geo.clusters);
         *st.index.get_mut().unwrap_or_else(|e| e.into_inner()) = idx;
         self.dirty.mark_all();
-        self.gc(&mut st, false)
+        self.gc(&mut st)
     }
 
     /// Remove snapshot `name`. Its layer is kept while other snapshots,
@@ -1182,6 +1200,12 @@ impl Volume {
     /// removed, and one with a single child is merged into that child
     /// (clusters the child lacks are copied up), so no view loses a byte.
     pub fn delete_snapshot(&self, name: &str) -> Result<()> {
+        self.delete_snapshot_with(name, &mut crate::progress::silent())
+    }
+
+    /// [`Volume::delete_snapshot`], reporting the bytes of the clusters it
+    /// merges (phase `merge`) to `progress`.
+    pub fn delete_snapshot_with(&self, name: &str, progress: &mut dyn Progress) -> Result<()> {
         self.writable()?;
         let _m = lock(&self.maint);
         let mut st = write(&self.state);
@@ -1196,91 +1220,140 @@ impl Volume {
                 tracing::warn!("delete snapshot {name}: layer header still names it: {e}");
             }
         }
-        self.gc(&mut st, true)
+        self.gc(&mut st)?;
+        drop(st);
+        self.merge_all(progress)
     }
 
-    /// Remove unnamed, unpinned layers that nothing needs; with `merge`,
-    /// fold single-child ones into their child.
-    fn gc(&self, st: &mut State, merge: bool) -> Result<()> {
+    /// Remove unnamed, unpinned layers that nothing needs (and forget
+    /// clones that no longer reach into ours).
+    fn gc(&self, st: &mut State) -> Result<()> {
+        while self.gc_step(st, false)?.is_some() {}
+        Ok(())
+    }
+
+    /// One step of [`Volume::gc`]: remove one removable layer (`Some(None)`),
+    /// or with `merge` name one unnamed layer with a single child to fold
+    /// into it (`Some(Some((x, child)))`); `None` when nothing is left to do.
+    fn gc_step(&self, st: &mut State, merge: bool) -> Result<Option<Option<(Uuid, Uuid)>>> {
         let me = abs(&self.dir);
-        loop {
-            let m = &st.manifest;
-            let live: Vec<Dependent> = m
-                .dependents
+        let m = &st.manifest;
+        let live: Vec<Dependent> = m
+            .dependents
+            .iter()
+            .filter(|d| dependent_alive(&self.pool, self.lun, &me, d))
+            .cloned()
+            .collect();
+        let mut pinned = HashSet::new();
+        for d in &live {
+            let mut at = Some(d.layer);
+            while let Some(id) = at {
+                pinned.insert(id);
+                at = match m.layer(id).map(|l| &l.parent) {
+                    Some(Parent::Layer { id }) => Some(*id),
+                    _ => None,
+                };
+            }
+        }
+        let named: HashSet<Uuid> = m.snapshots.iter().map(|s| s.layer).collect();
+        let mut action = None;
+        for l in &m.layers {
+            if l.id == m.top || named.contains(&l.id) || pinned.contains(&l.id) {
+                continue;
+            }
+            let children: Vec<Uuid> = m
+                .layers
                 .iter()
-                .filter(|d| dependent_alive(&me, d))
-                .cloned()
+                .filter(|c| c.parent == Parent::Layer { id: l.id })
+                .map(|c| c.id)
                 .collect();
-            let mut pinned = HashSet::new();
-            for d in &live {
-                let mut at = Some(d.layer);
-                while let Some(id) = at {
-                    pinned.insert(id);
-                    at = match m.layer(id).map(|l| &l.parent) {
-                        Some(Parent::Layer { id }) => Some(*id),
-                        _ => None,
-                    };
+            match children.len() {
+                0 => {
+                    action = Some((l.id, None));
+                    break;
                 }
+                1 if merge => {
+                    action = Some((l.id, Some(children[0])));
+                    break;
+                }
+                _ => {}
             }
-            let named: HashSet<Uuid> = m.snapshots.iter().map(|s| s.layer).collect();
-            let mut action = None;
-            for l in &m.layers {
-                if l.id == m.top || named.contains(&l.id) || pinned.contains(&l.id) {
-                    continue;
-                }
-                let children: Vec<Uuid> = m
-                    .layers
-                    .iter()
-                    .filter(|c| c.parent == Parent::Layer { id: l.id })
-                    .map(|c| c.id)
-                    .collect();
-                match children.len() {
-                    0 => {
-                        action = Some((l.id, None));
-                        break;
-                    }
-                    1 if merge => {
-                        action = Some((l.id, Some(children[0])));
-                        break;
-                    }
-                    _ => {}
-                }
-            }
-            match action {
-                None => {
-                    if live.len() != m.dependents.len() {
-                        let mut m = m.clone();
-                        m.dependents = live;
-                        self.commit(st, m)?;
-                    }
-                    return Ok(());
-                }
-                Some((x, None)) => {
-                    let mut m = st.manifest.clone();
-                    m.layers.retain(|l| l.id != x);
-                    m.retired.push(x);
+        }
+        match action {
+            None => {
+                if live.len() != m.dependents.len() {
+                    let mut m = m.clone();
+                    m.dependents = live;
                     self.commit(st, m)?;
-                    if st.remove(st.by_id[&x]).is_some() {
-                        let _ = self.store.remove_layer(x);
-                    }
                 }
-                Some((x, Some(c))) => self.merge_into(st, x, c)?,
+                Ok(None)
             }
+            Some((x, None)) => {
+                let mut m = st.manifest.clone();
+                m.layers.retain(|l| l.id != x);
+                m.retired.push(x);
+                self.commit(st, m)?;
+                if st.remove(st.by_id[&x]).is_some() {
+                    let _ = self.store.remove_layer(x);
+                }
+                Ok(Some(None))
+            }
+            Some((x, Some(c))) => Ok(Some(Some((x, c)))),
         }
     }
 
-    /// Copy the clusters of `x` that its only child `c` lacks into `c`,
-    /// commit `c`, then re-parent `c` and drop `x`. Runs under the exclusive
-    /// chain lock: O(clusters held by `x`).
-    fn merge_into(&self, st: &mut State, x: Uuid, c: Uuid) -> Result<()> {
-        let (xs, cs) = (st.by_id[&x], st.by_id[&c]);
-        let in_chain = st.chain.contains(&cs);
-        {
+    /// Fold every unnamed single-child layer into its child, in the
+    /// background of guest I/O: the copy runs in bounded steps under the
+    /// shared state lock and per-cluster locks (guests wait at most for the
+    /// cluster being copied), and only the final re-parenting takes the
+    /// state lock exclusively (one manifest commit). The caller holds the
+    /// maintenance lock and not the state lock. Reports `merge` progress.
+    fn merge_all(&self, progress: &mut dyn Progress) -> Result<()> {
+        let mut merged = 0;
+        loop {
+            let next = {
+                let mut st = write(&self.state);
+                loop {
+                    match self.gc_step(&mut st, true)? {
+                        Some(None) => continue,
+                        Some(Some(pair)) => break Some(pair),
+                        None => break None,
+                    }
+                }
+            };
+            let Some((x, c)) = next else {
+                return Ok(());
+            };
+            merged = self.merge_copy(x, c, merged, progress)?;
+            let mut st = write(&self.state);
+            self.merge_finish(&mut st, x, c)?;
+        }
+    }
+
+    /// Copy the clusters of `x` that its only child `c` lacks into `c` and
+    /// commit `c`, in batches of [`MERGE_BATCH`] clusters, each under the
+    /// shared state lock and each cluster under its shard lock, so guest
+    /// reads and writes go on between (and beside) them. `x` is frozen: its
+    /// map does not change meanwhile. Returns `base` plus the bytes of
+    /// `x`'s clusters.
+    fn merge_copy(&self, x: Uuid, c: Uuid, base: u64, progress: &mut dyn Progress) -> Result<u64> {
+        let cluster = self.geo.cluster_size;
+        let (entries, in_chain) = {
+            let st = read(&self.state);
+            let xs = st.by_id[&x];
+            let cs = st.by_id[&c];
+            let entries: Vec<(u64, u64)> = read(&st.delta(xs).map).iter().collect();
+            (entries, st.chain.contains(&cs))
+        };
+        let end = base + entries.len() as u64 * cluster;
+        progress.update("merge", base, end);
+        let mut buf = vec![0u8; self.geo.cluster_size as usize];
+        for (bi, batch) in entries.chunks(MERGE_BATCH).enumerate() {
+            let st = read(&self.state);
+            let (xs, cs) = (st.by_id[&x], st.by_id[&c]);
             let (xd, cd) = (st.delta(xs), st.delta(cs));
-            let entries: Vec<(u64, u64)> = read(&xd.map).iter().collect();
-            let mut buf = vec![0u8; self.geo.cluster_size as usize];
-            let mut idx = write(&st.index);
-            for (vc, v) in entries {
+            for &(vc, v) in batch {
+                let _g = self.shard(vc).write_blocking();
                 if cd.get(vc) != 0 {
                     continue;
                 }
@@ -1298,15 +1371,29 @@ impl Volume {
                 };
                 cd.set_entry(vc, new);
                 if in_chain {
+                    let mut idx = write(&st.index);
                     let e = idx.get(vc);
                     if e != 0 && slot_of(e) == xs {
                         idx.set(vc, pack(cs, new));
                     }
                 }
             }
-            drop(idx);
-            cd.commit()?;
+            drop(st);
+            progress.update(
+                "merge",
+                base + ((bi + 1) * MERGE_BATCH).min(entries.len()) as u64 * cluster,
+                end,
+            );
         }
+        let st = read(&self.state);
+        st.delta(st.by_id[&c]).commit()?;
+        Ok(end)
+    }
+
+    /// The short, exclusive end of a merge: re-parent `c` to `x`'s parent
+    /// and drop `x` (one manifest commit).
+    fn merge_finish(&self, st: &mut State, x: Uuid, c: Uuid) -> Result<()> {
+        let (xs, cs) = (st.by_id[&x], st.by_id[&c]);
         let mut m = st.manifest.clone();
         let xparent = m.layer(x).expect("listed").parent.clone();
         m.layers.retain(|l| l.id != x);
@@ -1345,6 +1432,16 @@ impl Volume {
                 self.geo.size
             )));
         }
+        // Clones and parents find each other by name and UUID in one pool.
+        let same_pool = |a: &Path, b: &Path| abs(&parent_dir(a)) == abs(&parent_dir(b));
+        if !same_pool(&target.lun_path, &self.lun_path) {
+            return Err(Error::Invalid(format!(
+                "clone target {} is not in the pool of {} ({}): a clone lives beside its parent",
+                target.lun_path.display(),
+                self.lun_path.display(),
+                self.pool.display()
+            )));
+        }
         let tstore = FileStore::new(
             &target.lun_path,
             target.file.clone(),
@@ -1372,12 +1469,13 @@ impl Volume {
             lun: target.lun_uuid,
             size: geo.size,
             cluster_size: geo.cluster_size as u32,
-            lun_path: abs(&target.lun_path),
+            lun_path: pool_name(&target.lun_path),
             layers: vec![LayerRec {
                 id,
                 parent: Parent::External {
                     dir: self.store.reference(),
                     id: layer,
+                    lun: Some(self.lun),
                 },
                 created,
             }],
@@ -1475,7 +1573,9 @@ impl Volume {
         st.chain = vec![top];
         let idx = st.build_index(&st.chain, self.geo.clusters);
         *st.index.get_mut().unwrap_or_else(|e| e.into_inner()) = idx;
-        self.gc(&mut st, true)
+        self.gc(&mut st)?;
+        drop(st);
+        self.merge_all(&mut crate::progress::silent())
     }
 
     fn flatten_cluster(&self, st: &State, vc: u64, buf: &mut [u8]) -> Result<()> {
@@ -1607,10 +1707,15 @@ impl Drop for Volume {
     }
 }
 
-/// Load a layer of another volume (and its ancestors) read-only.
+/// Load a layer of another volume of `pool` (and its ancestors)
+/// read-only: the volume whose layers directory `dir_ref` names, of LUN
+/// `lun` (see [`resolve_peer`]).
+#[allow(clippy::too_many_arguments)]
 fn resolve_external(
     st: &mut State,
-    dir: &Path,
+    pool: &Path,
+    dir_ref: &Path,
+    lun: Option<Uuid>,
     id: Uuid,
     geo: Geometry,
     engine: Option<&IoEngine>,
@@ -1621,8 +1726,10 @@ fn resolve_external(
         return Ok(s);
     }
     if depth > 4096 {
-        return Err(corrupt(dir, "external layer chain too deep (a cycle?)"));
+        return Err(corrupt(dir_ref, "external layer chain too deep (a cycle?)"));
     }
+    let dir = resolve_peer(pool, dir_ref, lun)?;
+    let dir = dir.as_path();
     let l = manifest::load(dir)?.ok_or_else(|| {
         corrupt(
             dir,
@@ -1640,8 +1747,17 @@ fn resolve_external(
         ));
     }
     if id == m.lun {
-        let obj = FileObject::open(&m.lun_path, false, engine.cloned())
-            .ctx(&m.lun_path, "open base LUN of a clone")?;
+        let base = peer_base(dir, &m.lun_path).ok_or_else(|| {
+            corrupt(
+                dir,
+                format!(
+                    "the LUN file {} these layers belong to is not in the pool",
+                    m.lun_path.display()
+                ),
+            )
+        })?;
+        let obj = FileObject::open(&base, false, engine.cloned())
+            .ctx(&base, "open base LUN of a clone")?;
         let slot = st.add(
             Layer::Raw(Raw {
                 id,
@@ -1661,30 +1777,20 @@ fn resolve_external(
     let (d, w) = Delta::open(Arc::new(obj), id, m.lun, geo)?;
     warnings.extend(w);
     let slot = st.add(Layer::Delta(Box::new(d)), None, false);
-    let parent = match rec.parent {
-        Parent::Base => Some(resolve_external(
+    let (next_dir, next_lun, next_id) = match rec.parent {
+        Parent::Base => (dir.to_path_buf(), Some(m.lun), Some(m.lun)),
+        Parent::None => (dir.to_path_buf(), None, None),
+        Parent::Layer { id } => (dir.to_path_buf(), Some(m.lun), Some(id)),
+        Parent::External { dir: d2, id, lun } => (d2, lun, Some(id)),
+    };
+    let parent = match next_id {
+        None => None,
+        Some(pid) => Some(resolve_external(
             st,
-            dir,
-            m.lun,
-            geo,
-            engine,
-            warnings,
-            depth + 1,
-        )?),
-        Parent::None => None,
-        Parent::Layer { id } => Some(resolve_external(
-            st,
-            dir,
-            id,
-            geo,
-            engine,
-            warnings,
-            depth + 1,
-        )?),
-        Parent::External { dir: d2, id } => Some(resolve_external(
-            st,
-            &d2,
-            id,
+            pool,
+            &next_dir,
+            next_lun,
+            pid,
             geo,
             engine,
             warnings,
@@ -1695,13 +1801,27 @@ fn resolve_external(
     Ok(slot)
 }
 
-/// Whether the clone recorded in `d` still reaches into our layers.
-/// Unreadable manifests count as alive: a pin is only dropped for certain.
-fn dependent_alive(me: &Path, d: &Dependent) -> bool {
-    match manifest::load(&d.dir) {
+/// Whether the clone recorded in `d` still reaches into our layers (LUN
+/// `me`, layers directory `me_dir`). Unreadable manifests count as alive:
+/// a pin is only dropped for certain.
+fn dependent_alive(pool: &Path, me: Uuid, me_dir: &Path, d: &Dependent) -> bool {
+    let Ok(dir) = resolve_peer(pool, &d.dir, Some(d.lun)) else {
+        // Gone from the pool for certain only if the directory is absent.
+        let dir = if d.dir.is_absolute() {
+            d.dir.clone()
+        } else {
+            pool.join(&d.dir)
+        };
+        return dir.symlink_metadata().is_ok();
+    };
+    match manifest::load(&dir) {
         Ok(None) => false,
-        Ok(Some(l)) => l.manifest.layers.iter().any(|x| {
-            matches!(&x.parent, Parent::External { dir, id } if *id == d.layer && abs(dir) == me)
+        Ok(Some(l)) => l.manifest.layers.iter().any(|x| match &x.parent {
+            Parent::External { dir, id, lun } if *id == d.layer => match lun {
+                Some(u) => *u == me,
+                None => abs(dir) == me_dir,
+            },
+            _ => false,
         }),
         Err(_) => true,
     }

@@ -472,12 +472,14 @@ impl Volume {
                     // only its length must reach the cluster's end (its
                     // last byte, a zero, is written when `new` stops short).
                     let end = at + clen;
-                    let tail = (*in_off + (n as u64) < *clen)
-                        .then(|| top.write(end - 1, Bytes::from_static(&[0]), false));
                     let head = match data {
                         WriteData::Zeros { .. } => None,
                         WriteData::Bytes(_) => Some(top.write(at + in_off, new, false)),
                     };
+                    // Zeros write nothing at all, so they always need the
+                    // last byte; data reaching the cluster's end does not.
+                    let tail = (head.is_none() || *in_off + (n as u64) < *clen)
+                        .then(|| top.write(end - 1, Bytes::from_static(&[0]), false));
                     if let Some(h) = head {
                         h.await?;
                     }

@@ -44,7 +44,8 @@ pub struct Manifest {
     pub lun: Uuid,
     pub size: u64,
     pub cluster_size: u32,
-    /// Absolute path of the LUN file (the base), for clones that reach it.
+    /// The LUN file (the base) as a name in the pool, for clones that reach
+    /// it (older manifests: an absolute path).
     pub lun_path: PathBuf,
     /// Delta layers stored in this directory.
     pub layers: Vec<LayerRec>,
@@ -83,8 +84,17 @@ pub enum Parent {
     /// Another layer in this directory.
     Layer { id: Uuid },
     /// A layer (or the base, when `id` is that LUN's UUID) of another
-    /// volume: `dir` is its layers directory.
-    External { dir: PathBuf, id: Uuid },
+    /// volume of the same pool (a clone's link to its parent): `dir` names
+    /// its layers directory within the pool and `lun` is its LUN UUID, so
+    /// the pool can move or be renamed; resolved by
+    /// [`crate::store::file::resolve_peer`]. Manifests written before names
+    /// hold an absolute `dir` and no `lun`.
+    External {
+        dir: PathBuf,
+        id: Uuid,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lun: Option<Uuid>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +111,8 @@ pub struct SnapRec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Dependent {
+    /// The clone's layers directory, a name in the pool (older manifests:
+    /// an absolute path).
     pub dir: PathBuf,
     pub lun: Uuid,
     pub layer: Uuid,

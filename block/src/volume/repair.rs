@@ -176,7 +176,7 @@ pub fn rebuild_manifest(
         } else if found.contains_key(&p) {
             Parent::Layer { id: p }
         } else {
-            let xdir = find_external(&pool, &me, p, lun_uuid_of)?.ok_or_else(|| {
+            let (xdir, xlun) = find_external(&pool, &me, p, lun_uuid_of)?.ok_or_else(|| {
                 corrupt(
                     &f.path,
                     format!(
@@ -185,7 +185,11 @@ pub fn rebuild_manifest(
                     ),
                 )
             })?;
-            Parent::External { dir: xdir, id: p }
+            Parent::External {
+                dir: xdir,
+                id: p,
+                lun: Some(xlun),
+            }
         };
         parent.insert(*id, rec);
     }
@@ -314,14 +318,11 @@ pub fn rebuild_manifest(
         lun: cfg.lun_uuid,
         size: cfg.size,
         cluster_size: geo.cluster_size as u32,
-        lun_path: cfg
-            .lun_path
-            .canonicalize()
-            .unwrap_or_else(|_| cfg.lun_path.clone()),
+        lun_path: PathBuf::from(cfg.lun_path.file_name().unwrap_or_default()),
         layers,
         top,
         snapshots,
-        dependents: find_dependents(&pool, &me)?,
+        dependents: find_dependents(&pool, &me, cfg.lun_uuid)?,
         flatten: None,
         retired: vec![],
     };
@@ -367,7 +368,8 @@ fn find_external(
     me: &Path,
     id: Uuid,
     lun_uuid_of: &dyn Fn(&Path) -> Option<Uuid>,
-) -> Result<Option<PathBuf>> {
+) -> Result<Option<(PathBuf, Uuid)>> {
+    let name = |p: &Path| PathBuf::from(p.file_name().unwrap_or_default());
     for e in std::fs::read_dir(pool).ctx(pool, "list pool")? {
         let p = e.ctx(pool, "list pool")?.path();
         let Ok(md) = p.symlink_metadata() else {
@@ -376,21 +378,23 @@ fn find_external(
         let canon = p.canonicalize().unwrap_or_else(|_| p.clone());
         if md.is_dir() && p.extension().is_some_and(|x| x == "layers") && canon != me {
             if delta_path(&p, id).symlink_metadata().is_ok() {
-                return Ok(Some(canon));
+                if let Ok(Some(l)) = manifest::load(&p) {
+                    return Ok(Some((name(&p), l.manifest.lun)));
+                }
             }
         } else if md.is_file()
             && p.extension().is_some_and(|x| x == "lun")
             && lun_uuid_of(&p) == Some(id)
         {
-            let l = layers_dir(&p);
-            return Ok(Some(l.canonicalize().unwrap_or(l)));
+            return Ok(Some((name(&layers_dir(&p)), id)));
         }
     }
     Ok(None)
 }
 
-/// Clones in `pool` whose layers name one of `me`'s layers as parent.
-fn find_dependents(pool: &Path, me: &Path) -> Result<Vec<Dependent>> {
+/// Clones in `pool` whose layers name one of the layers of LUN `lun`
+/// (layers directory `me`) as parent.
+fn find_dependents(pool: &Path, me: &Path, lun: Uuid) -> Result<Vec<Dependent>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(pool).ctx(pool, "list pool")? {
         let p = e.ctx(pool, "list pool")?.path();
@@ -407,10 +411,14 @@ fn find_dependents(pool: &Path, me: &Path) -> Result<Vec<Dependent>> {
             continue;
         }
         for rec in &l.manifest.layers {
-            if let Parent::External { dir, id } = &rec.parent {
-                if dir.canonicalize().unwrap_or_else(|_| dir.clone()) == me {
+            if let Parent::External { dir, id, lun: xl } = &rec.parent {
+                let ours = match xl {
+                    Some(u) => *u == lun,
+                    None => dir.canonicalize().unwrap_or_else(|_| dir.clone()) == me,
+                };
+                if ours {
                     out.push(Dependent {
-                        dir: canon.clone(),
+                        dir: PathBuf::from(p.file_name().unwrap_or_default()),
                         lun: l.manifest.lun,
                         layer: *id,
                     });

@@ -233,6 +233,10 @@ pub fn router(reg: Arc<Registry>) -> Router {
             "/v1/luns/{lun}/records/{rtype}/{instance}",
             get(records::read),
         )
+        .route(
+            "/v1/luns/{lun}/snapshots/{snap}/records/{rtype}/{instance}",
+            get(records::read_in_snapshot),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .with_state(reg)
 }

@@ -315,6 +315,7 @@ pub async fn write(
         if !pending.is_empty() {
             sent += pending.len() as u64;
             if tx.send(pending.split().freeze()).await.is_err() {
+                while let Some(Ok(_)) = body.frame().await {}
                 return Ok(());
             }
         }
@@ -329,7 +330,10 @@ pub async fn write(
                             return Err(bad("request body is longer than its Content-Length"));
                         }
                         if tx.send(d).await.is_err() {
-                            // The writer stopped early; its result says why.
+                            // The writer stopped early (its result says
+                            // why): read the rest, so the client is not
+                            // cut off mid-upload and gets the answer.
+                            while let Some(Ok(_)) = body.frame().await {}
                             return Ok(());
                         }
                     }
@@ -370,4 +374,42 @@ fn spawn_writer(
         let mut check = check_json(layout, region);
         h.write_records_from(&puts, &removes, &mut src, &mut check)
     })
+}
+
+/// `GET /v1/luns/{lun}/snapshots/{snap}/records/{type}/{instance}`: a small
+/// record (at most 16 MiB) as the snapshot holds it, read from the frozen
+/// layer; nothing live changes.
+pub async fn read_in_snapshot(
+    State(reg): Reg,
+    UrlPath((lun, snap, rtype, instance)): UrlPath<(String, String, String, u16)>,
+) -> ApiResult {
+    let l = find(&reg, &lun)?;
+    let rtype = parse_type(&rtype)?;
+    if !l.volume().snapshots().iter().any(|s| s.name == snap) {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no snapshot named {snap:?}"),
+        ));
+    }
+    let h = l.lun.share();
+    let s2 = snap.clone();
+    let b = tokio::task::spawn_blocking(move || h.snapshot_record(&s2, rtype, instance))
+        .await
+        .map_err(internal)?
+        .map_err(lun_err)?
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("snapshot {snap:?} has no state record {rtype} #{instance}"),
+            )
+        })?;
+    let sum = blake3::hash(&b).to_hex().to_string();
+    let mut r = Body::from(b).into_response();
+    let hd = r.headers_mut();
+    hd.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    hd.insert(BLAKE3_HEADER, HeaderValue::from_str(&sum).expect("hex"));
+    Ok(r)
 }
