@@ -378,6 +378,82 @@ fn tcp_control_requires_the_bearer_token() {
     assert!(err.contains("token_file"), "{err}");
 }
 
+/// `curl` over HTTPS to the control API with extra arguments (headers);
+/// the HTTP status, or 0 when no HTTP exchange happened.
+fn https_status(ca: &std::path::Path, url: &str, extra: &[&str]) -> u16 {
+    let mut cmd = std::process::Command::new(require_tool("curl"));
+    cmd.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(ca)
+        .args(extra)
+        .arg(url);
+    let o = run_timeout(&mut cmd, CMD_TIMEOUT);
+    String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// `control.tls`: the TCP listener speaks HTTPS with the gateway's
+/// certificate (plain HTTP gets no answer), and the bearer token is
+/// checked strictly: exactly one `Authorization` header, `Bearer`, one
+/// space, the token; a second header, a second space or a different
+/// token is 401.
+#[test]
+fn tcp_control_over_tls_with_a_strict_bearer_token() {
+    let pool = Pool::all_layouts();
+    let certs = TlsCerts::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret-token\n").unwrap();
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "pools = [{:?}]\n[tls]\ncert = {:?}\nkey = {:?}\n\
+             [control]\ntcp = \"127.0.0.1:0\"\ntoken_file = {:?}\ntls = true\n",
+            pool.arg(),
+            certs.path_str("server-cert.pem"),
+            certs.path_str("server-key.pem"),
+            token.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
+    assert!(
+        gw.stdout_lines()
+            .iter()
+            .any(|l| l.starts_with("control tcp ") && l.ends_with(" tls")),
+        "{:?}",
+        gw.stdout_lines()
+    );
+    let addr = gw.control_tcp();
+    let url = format!("https://127.0.0.1:{}/v1/luns", addr.port());
+    let ca = certs.file("ca-cert.pem");
+    let good = "Authorization: Bearer s3cret-token";
+    assert_eq!(https_status(&ca, &url, &["-H", good]), 200);
+    assert_eq!(https_status(&ca, &url, &[]), 401, "no token");
+    assert_eq!(
+        https_status(&ca, &url, &["-H", good, "-H", good]),
+        401,
+        "two Authorization headers"
+    );
+    assert_eq!(
+        https_status(&ca, &url, &["-H", "Authorization: Bearer  s3cret-token"]),
+        401,
+        "two spaces"
+    );
+    assert_eq!(
+        https_status(&ca, &url, &["-H", "Authorization: Bearer s3cret-tokeN"]),
+        401,
+        "wrong token"
+    );
+    // Plain HTTP on the TLS port is not answered.
+    let plain = format!("http://127.0.0.1:{}/v1/luns", addr.port());
+    assert_eq!(https_status(&ca, &plain, &["-H", good]), 0);
+    gw.stop_ok();
+    pool.assert_hidden_unchanged();
+}
+
 #[test]
 fn a_lun_served_by_one_gateway_is_refused_by_another() {
     let pool = Pool::all_layouts();

@@ -122,8 +122,10 @@ pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
         None => {
             let _ = child.kill();
             let _ = child.wait();
-            let stdout = out.join().unwrap_or_default();
-            let stderr = err.join().unwrap_or_default();
+            // A grandchild (a server the command started) may still hold
+            // the pipes open: wait for the output only briefly.
+            let stdout = out.take_within(Duration::from_secs(2));
+            let stderr = err.take_within(Duration::from_secs(2));
             panic!(
                 "`{what}` did not finish within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
                 String::from_utf8_lossy(&stdout),
@@ -133,8 +135,8 @@ pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
     };
     Output {
         status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
+        stdout: out.take(),
+        stderr: err.take(),
     }
 }
 
@@ -158,12 +160,29 @@ pub fn assert_success(what: &str, out: &Output) {
     );
 }
 
-fn drain<R: Read + Send + 'static>(mut r: R) -> thread::JoinHandle<Vec<u8>> {
+/// A pipe read to its end on a thread of its own.
+struct Drain(mpsc::Receiver<Vec<u8>>);
+
+impl Drain {
+    /// Everything, once the writing end is closed.
+    fn take(self) -> Vec<u8> {
+        self.0.recv().unwrap_or_default()
+    }
+
+    /// Everything if the pipe closes within `t`, else nothing.
+    fn take_within(self, t: Duration) -> Vec<u8> {
+        self.0.recv_timeout(t).unwrap_or_default()
+    }
+}
+
+fn drain<R: Read + Send + 'static>(mut r: R) -> Drain {
+    let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         let mut buf = Vec::new();
         let _ = r.read_to_end(&mut buf);
-        buf
-    })
+        let _ = tx.send(buf);
+    });
+    Drain(rx)
 }
 
 /// Polls `child` until it exits or `timeout` passes (`None`).
@@ -937,7 +956,9 @@ impl Gateway {
         self.stdout_lines()
             .iter()
             .find_map(|l| l.strip_prefix("control tcp "))
-            .map(|a| a.trim().parse().expect("control tcp address"))
+            // "control tcp ADDR" or "control tcp ADDR tls"
+            .and_then(|a| a.split_whitespace().next())
+            .map(|a| a.parse().expect("control tcp address"))
             .expect("gateway printed no `control tcp` line")
     }
 }

@@ -22,9 +22,22 @@ pub const GATEWAY_EXAMPLE_TOML: &str = include_str!("../gateway.toml");
 /// The embedded configuration of `lungate demo` (`config/demo.toml`).
 pub const DEMO_TOML: &str = include_str!("../demo.toml");
 
-/// Largest block size lungate will ever advertise or accept in one request:
-/// the spec's interoperability limit for READ/WRITE payloads (2^25).
-pub const MAX_BLOCK_SIZE_LIMIT: u64 = 32 * 1024 * 1024;
+/// Largest `block_size.maximum` lungate accepts. Requests are streamed
+/// through a bounded window (a READ reply is produced in pieces, a WRITE
+/// payload is written as it arrives), so the maximum does not set how much
+/// memory a request takes; it only bounds how long one request may run.
+pub const MAX_BLOCK_SIZE_LIMIT: u64 = 256 * 1024 * 1024;
+
+/// Default `block_size.maximum`: 64 MiB, like nbdkit. The nbd project's
+/// conformance client sends requests of up to 49,865,728 bytes.
+pub const DEFAULT_MAX_BLOCK_SIZE: u64 = 64 * 1024 * 1024;
+
+/// Smallest `max_in_flight`: room for a request's 1 MiB streaming window
+/// and its bookkeeping, with some to spare.
+pub const MIN_IN_FLIGHT: u64 = 4 * 1024 * 1024;
+
+/// Smallest `max_memory`.
+pub const MIN_MEMORY: u64 = 32 * 1024 * 1024;
 
 /// One error enum for the whole crate; each variant says what and where.
 #[derive(Debug, thiserror::Error)]
@@ -106,9 +119,14 @@ pub struct TlsConfig {
     pub cert: Option<PathBuf>,
     /// Server private key (PEM: PKCS#8, PKCS#1 or SEC1).
     pub key: Option<PathBuf>,
-    /// CA bundle (PEM) that signs client certificates. When set, clients
-    /// may present a certificate and `cert:` allow rules can match it.
+    /// CA bundle (PEM) that signs client certificates. When set, a client
+    /// certificate that does not verify against it ends the TLS handshake,
+    /// and `cert:` allow rules can match a verified one.
     pub ca: Option<PathBuf>,
+    /// Require every TLS client to present a certificate that verifies
+    /// against `ca` (qemu-nbd's `verify-peer=on`).
+    #[serde(default)]
+    pub verify_peer: bool,
 }
 
 /// Block size constraints advertised with NBD_INFO_BLOCK_SIZE and enforced
@@ -131,7 +149,7 @@ fn default_pref_block() -> ByteSize {
     ByteSize(4096)
 }
 fn default_max_block() -> ByteSize {
-    ByteSize(MAX_BLOCK_SIZE_LIMIT)
+    ByteSize(DEFAULT_MAX_BLOCK_SIZE)
 }
 
 impl Default for BlockSizes {
@@ -211,6 +229,14 @@ pub struct GatewayConfig {
     /// Per-connection bound on bytes of requests being served.
     #[serde(default = "default_in_flight")]
     pub max_in_flight: ByteSize,
+    /// Gateway-wide bound on the memory all connections may hold for
+    /// requests and replies; unset: an eighth of the machine's memory (or
+    /// of the cgroup's limit, if lower).
+    pub max_memory: Option<ByteSize>,
+    /// Connections one client (one IP address; one user on the unix
+    /// socket) may have open at once.
+    #[serde(default = "default_connections_per_client")]
+    pub max_connections_per_client: u32,
     /// Seconds a client has to finish option haggling.
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout: u64,
@@ -238,6 +264,10 @@ pub struct ControlConfig {
     pub tcp: Option<String>,
     /// File whose first line is the bearer token TCP clients must send.
     pub token_file: Option<PathBuf>,
+    /// Serve the TCP listener over TLS (HTTPS) with `tls.cert` and
+    /// `tls.key`; `tls.ca` and `tls.verify_peer` apply to its clients too.
+    #[serde(default)]
+    pub tls: bool,
 }
 
 impl ControlConfig {
@@ -269,6 +299,12 @@ impl ControlConfig {
                     "the TCP control listener requires `control.token_file` (bearer token)",
                 ));
             }
+        } else if self.tls {
+            return Err(ConfigError::invalid(
+                "control.tls",
+                true,
+                "there is no TCP control listener (`control.tcp`) to secure",
+            ));
         }
         Ok(())
     }
@@ -283,6 +319,9 @@ fn default_in_flight() -> ByteSize {
 fn default_handshake_timeout() -> u64 {
     30
 }
+fn default_connections_per_client() -> u32 {
+    256
+}
 
 impl Default for GatewayConfig {
     fn default() -> Self {
@@ -293,6 +332,8 @@ impl Default for GatewayConfig {
             read_only: false,
             allow: Vec::new(),
             max_in_flight: default_in_flight(),
+            max_memory: None,
+            max_connections_per_client: default_connections_per_client(),
             handshake_timeout: default_handshake_timeout(),
             tls: TlsConfig::default(),
             block_size: BlockSizes::default(),
@@ -359,12 +400,27 @@ impl GatewayConfig {
         self.allow_rules()?;
         self.control.validate()?;
         self.validate_block_sizes()?;
-        let max = self.block_size.maximum.0;
-        if self.max_in_flight.0 < max {
+        if self.max_in_flight.0 < MIN_IN_FLIGHT {
             return Err(ConfigError::invalid(
                 "max_in_flight",
                 self.max_in_flight.0,
-                format!("must be at least block_size.maximum ({max})"),
+                format!("must be at least {MIN_IN_FLIGHT}"),
+            ));
+        }
+        if let Some(m) = self.max_memory {
+            if m.0 < MIN_MEMORY {
+                return Err(ConfigError::invalid(
+                    "max_memory",
+                    m.0,
+                    format!("must be at least {MIN_MEMORY}"),
+                ));
+            }
+        }
+        if self.max_connections_per_client == 0 {
+            return Err(ConfigError::invalid(
+                "max_connections_per_client",
+                0,
+                "must be at least 1",
             ));
         }
         if self.handshake_timeout == 0 {
@@ -379,6 +435,20 @@ impl GatewayConfig {
                 "io.workers",
                 self.io.workers,
                 "must be between 0 (engine default) and 256",
+            ));
+        }
+        if self.tls.verify_peer && self.tls.ca.is_none() {
+            return Err(ConfigError::invalid(
+                "tls.verify_peer",
+                true,
+                "needs `tls.ca` to verify client certificates against",
+            ));
+        }
+        if self.control.tls && (self.tls.cert.is_none() || self.tls.key.is_none()) {
+            return Err(ConfigError::invalid(
+                "control.tls",
+                true,
+                "needs `tls.cert` and `tls.key` (the control listener uses the gateway's certificate)",
             ));
         }
         match self.tls.mode {
@@ -641,7 +711,7 @@ mod tests {
             "block_size.preferred"
         );
         assert_eq!(
-            invalid_field("[block_size]\nmaximum = \"64M\""),
+            invalid_field("[block_size]\nmaximum = \"512M\""),
             "block_size.maximum"
         );
         assert_eq!(
@@ -649,6 +719,20 @@ mod tests {
             "block_size.maximum"
         );
         assert_eq!(invalid_field("max_in_flight = \"1M\""), "max_in_flight");
+        assert_eq!(invalid_field("max_memory = \"1M\""), "max_memory");
+        assert_eq!(
+            invalid_field("max_connections_per_client = 0"),
+            "max_connections_per_client"
+        );
+        assert_eq!(
+            invalid_field("[tls]\nverify_peer = true"),
+            "tls.verify_peer"
+        );
+        assert_eq!(
+            invalid_field("[control]\ntcp = \"127.0.0.1:1\"\ntoken_file = \"t\"\ntls = true"),
+            "control.tls"
+        );
+        assert_eq!(invalid_field("[control]\ntls = true"), "control.tls");
         assert_eq!(invalid_field("[tls]\nmode = \"require\""), "tls.cert");
         assert_eq!(
             invalid_field("[tls]\nmode = \"on\"\ncert = \"c.pem\""),

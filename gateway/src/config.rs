@@ -10,6 +10,7 @@ use lungate_block::engine::{EngineKind, IoEngine};
 use lungate_config::{ConfigError, GatewayConfig, TlsMode};
 
 use crate::export::{block_sizes, ExportError, ExportSet, Exports};
+use crate::memory::MemoryBudget;
 use crate::nbd::tls::{self, TlsError};
 use crate::registry::Registry;
 use crate::server::{Server, ServerError, ServerSettings};
@@ -26,6 +27,7 @@ pub struct Overrides {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
+    pub tls_verify_peer: bool,
     pub engine: Option<EngineKind>,
     pub control: Option<PathBuf>,
 }
@@ -55,6 +57,9 @@ impl Overrides {
         }
         if self.tls_ca.is_some() {
             cfg.tls.ca = self.tls_ca.clone();
+        }
+        if self.tls_verify_peer {
+            cfg.tls.verify_peer = true;
         }
         if let Some(e) = self.engine {
             cfg.io.engine = e;
@@ -104,8 +109,12 @@ pub fn build_registry(cfg: &GatewayConfig, engine: &IoEngine) -> Result<Arc<Regi
     Ok(registry)
 }
 
-/// Open the exports, start the engine, load TLS and bind the listeners.
-pub async fn build_server(cfg: &GatewayConfig) -> Result<Server, StartError> {
+/// Open the exports, start the engine, load TLS and bind the listeners
+/// (or take `activated`, the sockets socket activation passed in).
+pub async fn build_server(
+    cfg: &GatewayConfig,
+    activated: Vec<std::os::fd::OwnedFd>,
+) -> Result<Server, StartError> {
     let listen = cfg.listen_addrs()?;
     let engine = IoEngine::new(cfg.io.engine, cfg.io.workers).map_err(StartError::Engine)?;
     tracing::info!(
@@ -114,18 +123,40 @@ pub async fn build_server(cfg: &GatewayConfig) -> Result<Server, StartError> {
         "I/O engine"
     );
     let registry = build_registry(cfg, &engine)?;
+    let auth = tls::ClientAuth {
+        ca: cfg.tls.ca.as_deref(),
+        verify_peer: cfg.tls.verify_peer,
+    };
     let tls = match (cfg.tls.mode, &cfg.tls.cert, &cfg.tls.key) {
         (TlsMode::Off, _, _) => None,
-        (_, Some(cert), Some(key)) => Some(tls::acceptor(cert, key, cfg.tls.ca.as_deref())?),
+        (_, Some(cert), Some(key)) => Some(tls::acceptor(cert, key, auth)?),
         // validate() rejects TLS without cert and key
         _ => None,
     };
+    let control_tls = match (cfg.control.tls, &cfg.tls.cert, &cfg.tls.key) {
+        (true, Some(cert), Some(key)) => Some(tls::server_config(cert, key, auth, &[b"http/1.1"])?),
+        // validate() rejects control.tls without cert and key
+        _ => None,
+    };
+    let memory = MemoryBudget::new(match cfg.max_memory {
+        Some(m) => m.0,
+        None => crate::memory::default_limit(),
+    });
+    tracing::info!(
+        max_memory = memory.limit(),
+        max_in_flight = cfg.max_in_flight.0,
+        max_connections_per_client = cfg.max_connections_per_client,
+        max_connections = memory.max_connections(),
+        "memory bounds"
+    );
     let settings = ServerSettings {
         listen,
         unix: cfg.unix.clone(),
         tls_mode: cfg.tls.mode,
         tls,
         max_in_flight: cfg.max_in_flight.0,
+        memory,
+        max_connections_per_client: cfg.max_connections_per_client,
         handshake_timeout: Duration::from_secs(cfg.handshake_timeout),
         control_unix: cfg.control.unix_path(&cfg.pools),
         control_tcp: match (&cfg.control.tcp, &cfg.control.token_file) {
@@ -139,6 +170,8 @@ pub async fn build_server(cfg: &GatewayConfig) -> Result<Server, StartError> {
             )),
             _ => None,
         },
+        control_tls,
+        activated,
     };
     Ok(Server::bind(settings, registry).await?)
 }

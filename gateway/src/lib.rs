@@ -5,14 +5,16 @@
 //! bounds checks, offset into the LUN) → [`served`] (one LUN: its volume,
 //! the live-switch [`switch`] gate, the io_uring fast path) →
 //! `lungate_block::volume` / `lungate_block::engine`. [`control`] is the
-//! HTTP/JSON control API over the [`registry`] of served LUNs. A layer only
-//! calls the one beneath it; [`config`] wires them together from a
-//! `lungate_config::GatewayConfig`.
+//! HTTP/JSON control API over the [`registry`] of served LUNs. [`memory`]
+//! bounds what connections may hold, gateway-wide and per connection. A
+//! layer only calls the one beneath it; [`config`] wires them together
+//! from a `lungate_config::GatewayConfig`.
 
 pub mod config;
 pub mod control;
 pub mod demo;
 pub mod export;
+pub mod memory;
 pub mod nbd;
 pub mod registry;
 pub mod served;

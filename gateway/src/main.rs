@@ -52,9 +52,13 @@ enum Cmd {
         /// Server private key (PEM).
         #[arg(long)]
         tls_key: Option<PathBuf>,
-        /// CA for client certificates (PEM); enables `cert:` allow rules.
+        /// CA for client certificates (PEM): a certificate that does not
+        /// verify against it ends the handshake; enables `cert:` rules.
         #[arg(long)]
         tls_ca: Option<PathBuf>,
+        /// Require a client certificate that verifies against --tls-ca.
+        #[arg(long)]
+        tls_verify_peer: bool,
         /// I/O engine: auto, uring or sync.
         #[arg(long, value_parser = parse_engine)]
         engine: Option<EngineKind>,
@@ -85,12 +89,63 @@ fn parse_engine(s: &str) -> Result<EngineKind, String> {
         .map_err(|e: lungate_block::engine::BackendError| e.to_string())
 }
 
+/// The listening sockets systemd-style socket activation passed in:
+/// `LISTEN_FDS` descriptors from 3 on, if `LISTEN_PID` names this process.
+/// The variables are removed so that no child inherits them. Called before
+/// any thread exists.
+fn take_activated_sockets() -> Result<Vec<std::os::fd::OwnedFd>, String> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    const FIRST: i32 = 3; // SD_LISTEN_FDS_START
+    let pid = std::env::var("LISTEN_PID").ok();
+    let fds = std::env::var("LISTEN_FDS").ok();
+    for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(v);
+    }
+    let (Some(pid), Some(fds)) = (pid, fds) else {
+        return Ok(Vec::new());
+    };
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(Vec::new()); // meant for another process
+    }
+    let n: i32 = fds
+        .trim()
+        .parse()
+        .map_err(|_| format!("LISTEN_FDS={fds:?} is not a number"))?;
+    if !(0..=64).contains(&n) {
+        return Err(format!("LISTEN_FDS={n} is out of range"));
+    }
+    let mut out = Vec::new();
+    for fd in FIRST..FIRST + n {
+        // SAFETY: fcntl(F_GETFD/F_SETFD) only inspects and sets the
+        // descriptor's flags; an invalid descriptor just fails with EBADF.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags < 0 {
+            return Err(format!(
+                "LISTEN_FDS names descriptor {fd}, which is not open"
+            ));
+        }
+        // SAFETY: as above; close-on-exec keeps it from children.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) };
+        // SAFETY: the launcher passed this descriptor to this process (that
+        // is what LISTEN_PID/LISTEN_FDS say) and nothing else owns it.
+        out.push(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    Ok(out)
+}
+
 fn main() -> ExitCode {
     use std::io::IsTerminal;
     let cli = Cli::parse();
     if let Cmd::Doc(d) = &cli.cmd {
         return lungate_cli::docs::main(Cli::command(), d, &EXITS);
     }
+    let activated = match take_activated_sockets() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("lungate: socket activation: {e}");
+            return Exit::Failed.into();
+        }
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // Colour codes only for people; log files and journald get plain text.
@@ -110,7 +165,7 @@ fn main() -> ExitCode {
             return Exit::Failed.into();
         }
     };
-    match runtime.block_on(run(cli.cmd)) {
+    match runtime.block_on(run(cli.cmd, activated)) {
         Ok(()) => Exit::Ok.into(),
         Err(msg) => {
             tracing::error!("{msg}");
@@ -120,7 +175,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cmd: Cmd) -> Result<(), String> {
+async fn run(cmd: Cmd, activated: Vec<std::os::fd::OwnedFd>) -> Result<(), String> {
     // Installed first, so a signal during startup still ends cleanly.
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())
@@ -136,6 +191,7 @@ async fn run(cmd: Cmd) -> Result<(), String> {
             tls_cert,
             tls_key,
             tls_ca,
+            tls_verify_peer,
             engine,
             control,
         } => {
@@ -152,6 +208,7 @@ async fn run(cmd: Cmd) -> Result<(), String> {
                 tls_cert,
                 tls_key,
                 tls_ca,
+                tls_verify_peer,
                 engine,
                 control,
             }
@@ -166,7 +223,9 @@ async fn run(cmd: Cmd) -> Result<(), String> {
         Cmd::Doc(_) => unreachable!("handled in main"),
     };
 
-    let server = build_server(&cfg).await.map_err(|e| e.to_string())?;
+    let server = build_server(&cfg, activated)
+        .await
+        .map_err(|e| e.to_string())?;
 
     let listening = server.listening();
     {

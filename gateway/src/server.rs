@@ -1,11 +1,14 @@
-//! Listeners and connection lifecycle: bind TCP and unix sockets, accept,
-//! run each connection's handshake then transmission, and on shutdown stop
-//! accepting, let every session drain its in-flight requests, and flush
-//! every backing file.
+//! Listeners and connection lifecycle: bind TCP and unix sockets (or take
+//! the ones systemd-style socket activation passed in), admit each
+//! connection (per-client limit, memory floor), run its handshake then
+//! transmission, and on shutdown stop accepting, let every session drain
+//! its in-flight requests, and flush every backing file.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lungate_config::{Peer, TlsMode};
@@ -13,6 +16,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::memory::MemoryBudget;
 use crate::nbd::handshake::{negotiate, HandshakeCtx, Outcome};
 use crate::nbd::session::{self, End};
 use crate::nbd::transport::Transport;
@@ -35,6 +39,8 @@ pub enum ServerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("socket-activation file descriptor {fd}: {reason}")]
+    Activated { fd: i32, reason: String },
 }
 
 /// Settings the server needs beyond the exports.
@@ -43,12 +49,21 @@ pub struct ServerSettings {
     pub unix: Option<PathBuf>,
     pub tls_mode: TlsMode,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Per-connection bound on bytes of requests being served.
     pub max_in_flight: u64,
+    /// The gateway-wide memory budget every connection draws from.
+    pub memory: Arc<MemoryBudget>,
+    pub max_connections_per_client: u32,
     pub handshake_timeout: Duration,
     /// Control API unix socket.
     pub control_unix: Option<PathBuf>,
     /// Control API TCP address and its token file.
     pub control_tcp: Option<(SocketAddr, PathBuf)>,
+    /// TLS for the control API's TCP listener.
+    pub control_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Listening sockets passed in by socket activation (`LISTEN_FDS`);
+    /// when there are any, `listen` and `unix` are not bound.
+    pub activated: Vec<OwnedFd>,
 }
 
 /// A bound listener, as printed on stdout.
@@ -71,14 +86,125 @@ struct Shared {
     hs: HandshakeCtx,
     registry: Arc<Registry>,
     max_in_flight: u64,
+    memory: Arc<MemoryBudget>,
+    admission: Admission,
     handshake_timeout: Duration,
+}
+
+/// Who a connection counts against for `max_connections_per_client`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ClientKey {
+    Ip(IpAddr),
+    /// A unix-socket peer, by user id.
+    Uid(u32),
+    /// A unix-socket peer whose credentials could not be read.
+    UnknownUnix,
+}
+
+impl std::fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientKey::Ip(ip) => write!(f, "{ip}"),
+            ClientKey::Uid(u) => write!(f, "unix uid {u}"),
+            ClientKey::UnknownUnix => f.write_str("unix peer"),
+        }
+    }
+}
+
+/// Open connections per client.
+#[derive(Debug)]
+struct Admission {
+    per_client: u32,
+    open: Mutex<HashMap<ClientKey, u32>>,
+}
+
+/// One admitted connection; counted until dropped.
+struct Admitted<'a> {
+    admission: &'a Admission,
+    key: ClientKey,
+}
+
+impl Admission {
+    fn admit(&self, key: ClientKey) -> Result<Admitted<'_>, u32> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(key).or_insert(0);
+        if *n >= self.per_client {
+            return Err(*n);
+        }
+        *n += 1;
+        Ok(Admitted {
+            admission: self,
+            key,
+        })
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        let mut open = self
+            .admission
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
 }
 
 pub struct Server {
     control: crate::control::Control,
     tcp: Vec<TcpListener>,
-    unix: Option<(UnixListener, PathBuf)>,
+    unix: Option<(UnixListener, Option<PathBuf>)>,
     shared: Arc<Shared>,
+}
+
+/// A listener passed in by socket activation, by its address family.
+enum Activated {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+/// Tell a passed-in listening socket's kind from its address family.
+fn activated(fd: OwnedFd) -> Result<Activated, ServerError> {
+    use std::os::fd::AsRawFd;
+    let raw = fd.as_raw_fd();
+    let bad = |reason: String| ServerError::Activated { fd: raw, reason };
+    // SAFETY: sockaddr_storage is plain old data, valid when zeroed.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: getsockname writes at most `len` bytes into `addr`, which we
+    // own and sized; `raw` is a descriptor `fd` owns.
+    let rc = unsafe {
+        libc::getsockname(
+            raw,
+            std::ptr::addr_of_mut!(addr).cast::<libc::sockaddr>(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(bad(format!(
+            "not a socket: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let l = match i32::from(addr.ss_family) {
+        libc::AF_INET | libc::AF_INET6 => {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true).map_err(|e| bad(e.to_string()))?;
+            Activated::Tcp(l)
+        }
+        libc::AF_UNIX => {
+            let l = std::os::unix::net::UnixListener::from(fd);
+            l.set_nonblocking(true).map_err(|e| bad(e.to_string()))?;
+            Activated::Unix(l)
+        }
+        other => return Err(bad(format!("address family {other} is not TCP or unix"))),
+    };
+    Ok(l)
 }
 
 impl Server {
@@ -88,7 +214,44 @@ impl Server {
         registry: Arc<Registry>,
     ) -> Result<Server, ServerError> {
         let mut tcp = Vec::new();
-        for addr in &settings.listen {
+        let mut unix = None;
+        let activation = !settings.activated.is_empty();
+        for fd in settings.activated {
+            use std::os::fd::AsRawFd;
+            let raw = fd.as_raw_fd();
+            match activated(fd)? {
+                Activated::Tcp(l) => {
+                    tcp.push(
+                        TcpListener::from_std(l).map_err(|e| ServerError::Activated {
+                            fd: raw,
+                            reason: e.to_string(),
+                        })?,
+                    )
+                }
+                Activated::Unix(l) => {
+                    if unix.is_some() {
+                        return Err(ServerError::Activated {
+                            fd: raw,
+                            reason: "more than one unix socket passed in".into(),
+                        });
+                    }
+                    let l = UnixListener::from_std(l).map_err(|e| ServerError::Activated {
+                        fd: raw,
+                        reason: e.to_string(),
+                    })?;
+                    // Not ours to remove at exit: the launcher made it.
+                    unix = Some((l, None));
+                }
+            }
+        }
+        if activation {
+            tracing::info!(
+                tcp = tcp.len(),
+                unix = unix.is_some(),
+                "socket activation: serving the passed-in sockets instead of `listen` and `unix`"
+            );
+        }
+        for addr in settings.listen.iter().filter(|_| !activation) {
             let l = TcpListener::bind(addr)
                 .await
                 .map_err(|source| ServerError::BindTcp {
@@ -97,9 +260,11 @@ impl Server {
                 })?;
             tcp.push(l);
         }
-        let unix = match &settings.unix {
-            None => None,
-            Some(path) => {
+        let unix = match (&settings.unix, unix) {
+            (_, Some(u)) => Some(u),
+            (_, None) if activation => None,
+            (None, None) => None,
+            (Some(path), None) => {
                 // A socket file left by a previous run would make bind fail.
                 if let Ok(m) = std::fs::symlink_metadata(path) {
                     use std::os::unix::fs::FileTypeExt;
@@ -111,7 +276,7 @@ impl Server {
                     path: path.clone(),
                     source,
                 })?;
-                Some((l, path.clone()))
+                Some((l, Some(path.clone())))
             }
         };
         let control = crate::control::Control::bind(
@@ -121,6 +286,7 @@ impl Server {
                 .control_tcp
                 .as_ref()
                 .map(|(a, p)| (*a, p.as_path())),
+            settings.control_tls,
         )
         .await?;
         Ok(Server {
@@ -135,6 +301,11 @@ impl Server {
                 },
                 registry,
                 max_in_flight: settings.max_in_flight,
+                memory: settings.memory,
+                admission: Admission {
+                    per_client: settings.max_connections_per_client,
+                    open: Mutex::new(HashMap::new()),
+                },
                 handshake_timeout: settings.handshake_timeout,
             }),
         })
@@ -152,8 +323,15 @@ impl Server {
             .filter_map(|l| l.local_addr().ok())
             .map(Listening::Tcp)
             .collect();
-        if let Some((_, p)) = &self.unix {
-            v.push(Listening::Unix(p.clone()));
+        if let Some((l, p)) = &self.unix {
+            let path = p.clone().or_else(|| {
+                l.local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(|p| p.to_path_buf()))
+            });
+            if let Some(p) = path {
+                v.push(Listening::Unix(p));
+            }
         }
         v
     }
@@ -163,6 +341,7 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         let control = tokio::spawn(self.control.run(shutdown.clone()));
+        let trimmer = tokio::spawn(self.shared.memory.clone().run_trimmer(shutdown.clone()));
         for l in self.tcp {
             let (shared, tracker2, stop) = (self.shared.clone(), tracker.clone(), shutdown.clone());
             tracker.spawn(async move {
@@ -174,6 +353,7 @@ impl Server {
                     match accepted {
                         Ok((sock, addr)) => {
                             let _ = sock.set_nodelay(true);
+                            let ip = addr.ip().to_canonical();
                             let peer = Peer {
                                 ip: Some(addr.ip()),
                                 cert_names: vec![],
@@ -181,6 +361,7 @@ impl Server {
                             tracker2.spawn(connection(
                                 Transport::Tcp(sock),
                                 peer,
+                                ClientKey::Ip(ip),
                                 addr.to_string(),
                                 shared.clone(),
                                 stop.clone(),
@@ -191,7 +372,7 @@ impl Server {
                 }
             });
         }
-        let unix_path = self.unix.as_ref().map(|(_, p)| p.clone());
+        let unix_path = self.unix.as_ref().and_then(|(_, p)| p.clone());
         if let Some((l, _)) = self.unix {
             let (shared, tracker2, stop) = (self.shared.clone(), tracker.clone(), shutdown.clone());
             tracker.spawn(async move {
@@ -204,9 +385,13 @@ impl Server {
                     match accepted {
                         Ok((sock, _)) => {
                             n += 1;
+                            let key = sock
+                                .peer_cred()
+                                .map_or(ClientKey::UnknownUnix, |c| ClientKey::Uid(c.uid()));
                             tracker2.spawn(connection(
                                 Transport::Unix(sock),
                                 Peer::default(),
+                                key,
                                 format!("unix#{n}"),
                                 shared.clone(),
                                 stop.clone(),
@@ -236,6 +421,7 @@ impl Server {
             let _ = std::fs::remove_file(p);
         }
         let _ = control.await;
+        let _ = trimmer.await;
         tracing::info!("stopped");
     }
 }
@@ -250,11 +436,27 @@ async fn accept_error(e: std::io::Error) {
 async fn connection(
     io: Transport,
     peer: Peer,
+    key: ClientKey,
     who: String,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
     tracing::debug!(client = %who, "connected");
+    // Refused connections are closed before the greeting: there is no way
+    // to tell an NBD client why before option haggling.
+    let _admitted = match shared.admission.admit(key) {
+        Ok(a) => a,
+        Err(open) => {
+            tracing::warn!(client = %who, %key, open, limit = shared.admission.per_client,
+                "connection refused: the client is at max_connections_per_client");
+            return;
+        }
+    };
+    let Some(memory) = shared.memory.connection(shared.max_in_flight) else {
+        tracing::warn!(client = %who, used = shared.memory.used(), limit = shared.memory.limit(),
+            "connection refused: max_memory has no room for another connection");
+        return;
+    };
     let hs = tokio::select! {
         r = tokio::time::timeout(shared.handshake_timeout, negotiate(io, peer, &shared.hs)) => r,
         _ = shutdown.cancelled() => return,
@@ -281,10 +483,10 @@ async fn connection(
     };
     let export = negotiated.export.name.clone();
     tracing::info!(client = %who, export = %export, tls = io.is_tls(), identities = ?peer.cert_names,
-        structured = negotiated.structured, flags = format!("{:#x}", negotiated.flags), "transmission");
+        structured = negotiated.structured, extended = negotiated.extended, flags = format!("{:#x}", negotiated.flags), "transmission");
     let exp = negotiated.export.clone();
     crate::export::ExportStats::add(&exp.stats.connections, 1);
-    let end = session::serve(io, buffered, negotiated, shared.max_in_flight, shutdown).await;
+    let end = session::serve(io, buffered, negotiated, memory, shutdown).await;
     crate::export::ExportStats::sub(&exp.stats.connections, 1);
     match end {
         Ok(End::Disconnect) => {
@@ -356,9 +558,13 @@ mod tests {
             tls_mode,
             tls: None,
             max_in_flight: 64 << 20,
+            memory: MemoryBudget::new(1 << 30),
+            max_connections_per_client: 64,
             handshake_timeout: Duration::from_secs(10),
             control_unix: None,
             control_tcp: None,
+            control_tls: None,
+            activated: Vec::new(),
         };
         let server = Server::bind(settings, registry).await.unwrap();
         let addr = match &server.listening()[0] {
@@ -616,8 +822,9 @@ mod tests {
             let (err, handle, _) = simple_reply(&mut s, 0).await;
             assert_eq!((err, handle), (*want, i as u64), "{cmd:?} at {off}+{len}");
         }
-        // Oversized WRITE: payload discarded, EINVAL, connection usable.
-        let big = (32u32 << 20) + 512;
+        // Oversized WRITE (beyond the 64 MiB maximum): payload discarded,
+        // EINVAL, connection usable.
+        let big = (64u32 << 20) + 512;
         request(
             &mut s,
             0,
@@ -683,6 +890,126 @@ mod tests {
         go(&mut s, "vm/disk0").await;
         request(&mut s, 0, Command::Read, 10, 0, 4096, &[]).await;
         assert_eq!(simple_reply(&mut s, 4096).await.0, 0);
+        f.stop().await;
+    }
+
+    /// One extended request (32-byte header, 64-bit length).
+    async fn ext_request(
+        s: &mut TcpStream,
+        flags: u16,
+        cmd: Command,
+        handle: u64,
+        off: u64,
+        len: u64,
+        payload: &[u8],
+    ) {
+        let mut b = Vec::with_capacity(32 + payload.len());
+        b.extend_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&cmd.to_wire().to_be_bytes());
+        b.extend_from_slice(&handle.to_be_bytes());
+        b.extend_from_slice(&off.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(payload);
+        s.write_all(&b).await.unwrap();
+    }
+
+    /// One extended reply chunk: (flags, type, handle, offset, payload).
+    async fn ext_chunk(s: &mut TcpStream) -> (u16, u16, u64, u64, Vec<u8>) {
+        assert_eq!(s.read_u32().await.unwrap(), EXTENDED_REPLY_MAGIC);
+        let flags = s.read_u16().await.unwrap();
+        let kind = s.read_u16().await.unwrap();
+        let handle = s.read_u64().await.unwrap();
+        let offset = s.read_u64().await.unwrap();
+        let len = s.read_u64().await.unwrap();
+        let mut data = vec![0; len as usize];
+        s.read_exact(&mut data).await.unwrap();
+        (flags, kind, handle, offset, data)
+    }
+
+    #[tokio::test]
+    async fn extended_headers_frame_requests_and_replies_at_64_bits() {
+        let f = start(TlsMode::Off).await;
+        let mut s = hello(f.addr, 3).await;
+        send_opt(&mut s, opt::EXTENDED_HEADERS, b"x").await;
+        assert_eq!(opt_reply(&mut s).await.1, rep::ERR_INVALID, "takes no data");
+        send_opt(&mut s, opt::EXTENDED_HEADERS, b"").await;
+        assert_eq!(opt_reply(&mut s).await.1, rep::ACK);
+        send_opt(&mut s, opt::STRUCTURED_REPLY, b"").await;
+        assert_eq!(
+            opt_reply(&mut s).await.1,
+            rep::ERR_EXT_HEADER_REQD,
+            "no downgrade to structured replies"
+        );
+        let size = go(&mut s, "vm/disk1").await;
+        // WRITE with PAYLOAD_LEN: payload follows; the reply is an extended
+        // NONE chunk repeating the offset (no simple replies any more).
+        ext_request(
+            &mut s,
+            cmd_flags::PAYLOAD_LEN,
+            Command::Write,
+            1,
+            4096,
+            512,
+            &[0x5a; 512],
+        )
+        .await;
+        let (fl, kind, h, off, _) = ext_chunk(&mut s).await;
+        assert_eq!(
+            (fl, kind, h, off),
+            (reply_flags::DONE, chunk::NONE, 1, 4096)
+        );
+        ext_request(&mut s, 0, Command::Read, 2, 4096, 512, &[]).await;
+        let (fl, kind, h, off, data) = ext_chunk(&mut s).await;
+        assert_eq!(
+            (fl, kind, h, off),
+            (reply_flags::DONE, chunk::OFFSET_DATA, 2, 4096)
+        );
+        assert_eq!(&data[..8], &4096u64.to_be_bytes());
+        assert!(data[8..].iter().all(|b| *b == 0x5a));
+        // A 64-bit effect length past the end is refused, not truncated to
+        // 32 bits (which would fit).
+        ext_request(&mut s, 0, Command::Trim, 3, 0, (1 << 32) + 4096, &[]).await;
+        let (_, kind, h, _, body) = ext_chunk(&mut s).await;
+        assert_eq!((kind, h), (chunk::ERROR, 3));
+        assert_eq!(
+            u32::from_be_bytes(body[..4].try_into().unwrap()),
+            NbdError::Inval.code()
+        );
+        ext_request(&mut s, 0, Command::WriteZeroes, 4, 0, size, &[]).await;
+        assert_eq!(
+            ext_chunk(&mut s).await.1,
+            chunk::NONE,
+            "zero the whole disk in one request"
+        );
+        // A payload on a command that takes none is read, then refused.
+        ext_request(
+            &mut s,
+            cmd_flags::PAYLOAD_LEN,
+            Command::Flush,
+            5,
+            0,
+            16,
+            &[0; 16],
+        )
+        .await;
+        assert_eq!(ext_chunk(&mut s).await.1, chunk::ERROR);
+        ext_request(&mut s, 0, Command::Flush, 6, 0, 0, &[]).await;
+        let (_, kind, h, _, _) = ext_chunk(&mut s).await;
+        assert_eq!(
+            (kind, h),
+            (chunk::NONE, 6),
+            "framing kept after the refused payload"
+        );
+        ext_request(&mut s, 0, Command::Disc, 7, 0, 0, &[]).await;
+        assert!(closed(&mut s).await);
+
+        // EXPORT_NAME after extended headers: the spec forbids it; hang up.
+        let mut s = hello(f.addr, 3).await;
+        send_opt(&mut s, opt::EXTENDED_HEADERS, b"").await;
+        assert_eq!(opt_reply(&mut s).await.1, rep::ACK);
+        send_opt(&mut s, opt::EXPORT_NAME, b"vm/disk0").await;
+        assert!(closed(&mut s).await);
         f.stop().await;
     }
 

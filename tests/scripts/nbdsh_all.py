@@ -10,6 +10,9 @@
 #   NBDSH_SIZE       the export size the server must advertise, in bytes
 #   NBDSH_READ_ONLY  "1" if the export is served read-only (writes must
 #                    fail with EPERM and nothing else is written)
+#   NBDSH_EXTENDED   "1": request extended headers (libnbd >= 1.18) and
+#                    check they were negotiated; otherwise they are not
+#                    requested (libnbd 1.22 would by default)
 #   NBDSH_SERVER     "lungate" (default): also assert lungate's own
 #                    promises (every transmission flag advertised, trim
 #                    reads back zeros, block status truthful, export names
@@ -28,6 +31,7 @@ import nbd
 URI = os.environ["NBDSH_URI"]
 SIZE = int(os.environ["NBDSH_SIZE"])
 READ_ONLY = os.environ.get("NBDSH_READ_ONLY", "0") == "1"
+EXTENDED = os.environ.get("NBDSH_EXTENDED", "0") == "1"
 LUNGATE = os.environ.get("NBDSH_SERVER", "lungate") == "lungate"
 MIB = 1 << 20
 KIB = 1 << 10
@@ -75,6 +79,10 @@ def pattern(n, seed):
 
 def connect(structured=True, meta=True, strict=True):
     h = nbd.NBD()
+    if hasattr(h, "set_request_extended_headers"):
+        h.set_request_extended_headers(structured and EXTENDED)
+    elif EXTENDED:
+        raise AssertionError("FAILED: this libnbd cannot request extended headers")
     h.set_request_structured_replies(structured)
     if meta:
         h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
@@ -119,6 +127,8 @@ def status_at(exts, offset):
 h = connect()
 check(h.get_size() == SIZE, "export size %d == %d" % (h.get_size(), SIZE))
 check(h.get_structured_replies_negotiated(), "structured replies negotiated")
+if EXTENDED:
+    check(h.get_extended_headers_negotiated(), "extended headers negotiated")
 check(h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION),
       "base:allocation negotiated")
 check(h.is_read_only() == READ_ONLY, "is_read_only == %s" % READ_ONLY)

@@ -10,9 +10,15 @@ pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Magic of requests once extended headers are negotiated.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Magic of every reply once extended headers are negotiated.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 /// Size of a transmission request header.
 pub const REQUEST_HEADER_LEN: usize = 28;
+/// Size of an extended request header (64-bit length).
+pub const EXTENDED_REQUEST_HEADER_LEN: usize = 32;
 /// Size of an option header (magic, option, length).
 pub const OPTION_HEADER_LEN: usize = 16;
 /// NBD strings (names, messages) are at most this long.
@@ -45,6 +51,7 @@ pub mod tx_flags {
     pub const SEND_RESIZE: u16 = 1 << 9;
     pub const SEND_CACHE: u16 = 1 << 10;
     pub const SEND_FAST_ZERO: u16 = 1 << 11;
+    pub const BLOCK_STATUS_PAYLOAD: u16 = 1 << 12;
 }
 
 /// Option types.
@@ -95,6 +102,7 @@ pub mod rep {
     pub const ERR_SHUTDOWN: u32 = ERR + 7;
     pub const ERR_BLOCK_SIZE_REQD: u32 = ERR + 8;
     pub const ERR_TOO_BIG: u32 = ERR + 9;
+    pub const ERR_EXT_HEADER_REQD: u32 = ERR + 10;
 }
 
 /// NBD_INFO_* types used in NBD_REP_INFO.
@@ -112,6 +120,8 @@ pub mod cmd_flags {
     pub const DF: u16 = 1 << 2;
     pub const REQ_ONE: u16 = 1 << 3;
     pub const FAST_ZERO: u16 = 1 << 4;
+    /// Extended headers: the length is a payload length (WRITE).
+    pub const PAYLOAD_LEN: u16 = 1 << 5;
 }
 
 /// Structured reply flags.
@@ -125,6 +135,7 @@ pub mod chunk {
     pub const OFFSET_DATA: u16 = 1;
     pub const OFFSET_HOLE: u16 = 2;
     pub const BLOCK_STATUS: u16 = 5;
+    pub const BLOCK_STATUS_EXT: u16 = 6;
     pub const ERROR: u16 = (1 << 15) + 1;
     pub const ERROR_OFFSET: u16 = (1 << 15) + 2;
 }
@@ -184,11 +195,14 @@ impl Command {
     }
 
     /// Command flags this command accepts (FUA is accepted everywhere: the
-    /// spec says clients are known to set it on any command).
-    pub fn allowed_flags(self) -> u16 {
+    /// spec says clients are known to set it on any command). With extended
+    /// headers WRITE carries `PAYLOAD_LEN`; no other command takes a
+    /// payload here.
+    pub fn allowed_flags(self, extended: bool) -> u16 {
         use cmd_flags::*;
         match self {
             Command::Read => FUA | DF,
+            Command::Write if extended => FUA | PAYLOAD_LEN,
             Command::WriteZeroes => FUA | NO_HOLE | FAST_ZERO,
             Command::BlockStatus => FUA | REQ_ONE,
             _ => FUA,

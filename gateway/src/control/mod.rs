@@ -7,6 +7,7 @@
 //! operations themselves live in [`ops`]. It never touches NBD sessions: a
 //! live switch reaches them only through the LUN's gate.
 
+mod https;
 pub mod ops;
 pub mod records;
 
@@ -61,16 +62,19 @@ pub enum ControlError {
 pub struct Control {
     unix: Option<(UnixListener, PathBuf)>,
     tcp: Option<(TcpListener, Arc<Vec<u8>>)>,
+    /// TLS for the TCP listener (`control.tls`).
+    tls: Option<Arc<rustls::ServerConfig>>,
     registry: Arc<Registry>,
 }
 
 impl Control {
     /// Bind the unix socket (replacing a stale one, never a live one) with
-    /// mode 0600, and the TCP listener if configured.
+    /// mode 0600, and the TCP listener if configured (HTTPS with `tls`).
     pub async fn bind(
         registry: Arc<Registry>,
         unix: Option<&Path>,
         tcp: Option<(SocketAddr, &Path)>,
+        tls: Option<Arc<rustls::ServerConfig>>,
     ) -> Result<Control, ControlError> {
         let unix = match unix {
             None => None,
@@ -118,6 +122,7 @@ impl Control {
         Ok(Control {
             unix,
             tcp,
+            tls,
             registry,
         })
     }
@@ -130,7 +135,8 @@ impl Control {
         }
         if let Some((l, _)) = &self.tcp {
             if let Ok(a) = l.local_addr() {
-                v.push(format!("control tcp {a}"));
+                let tls = if self.tls.is_some() { " tls" } else { "" };
+                v.push(format!("control tcp {a}{tls}"));
             }
         }
         v
@@ -155,11 +161,21 @@ impl Control {
         if let Some((l, token)) = self.tcp {
             let app = app.layer(axum::middleware::from_fn_with_state(token, require_token));
             let stop = shutdown.clone();
+            let tls = self.tls.clone();
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = axum::serve(l, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-                {
+                let served = match tls {
+                    None => {
+                        axum::serve(l, app)
+                            .with_graceful_shutdown(stop.cancelled_owned())
+                            .await
+                    }
+                    Some(cfg) => {
+                        axum::serve(https::TlsListener::new(l, cfg, stop.clone()), app)
+                            .with_graceful_shutdown(stop.cancelled_owned())
+                            .await
+                    }
+                };
+                if let Err(e) = served {
                     tracing::error!(error = %e, "control API (tcp) stopped");
                 }
             }));
@@ -185,13 +201,27 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// The token of a request's `Authorization` header, parsed strictly:
+/// exactly one such header, scheme `Bearer` (case-insensitive, RFC 9110),
+/// exactly one space, then the token with nothing around it. `None` for
+/// anything else.
+fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&[u8]> {
+    let mut all = headers.get_all(header::AUTHORIZATION).iter();
+    let value = all.next()?;
+    if all.next().is_some() {
+        return None;
+    }
+    let v = value.as_bytes();
+    let (scheme, rest) = v.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"Bearer ") {
+        return None;
+    }
+    let token_char = |b: &u8| b.is_ascii_graphic();
+    (!rest.is_empty() && rest.iter().all(token_char)).then_some(rest)
+}
+
 async fn require_token(State(token): State<Arc<Vec<u8>>>, req: Request, next: Next) -> Response {
-    let ok = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), &token));
+    let ok = bearer_token(req.headers()).is_some_and(|t| constant_time_eq(t, &token));
     if ok {
         next.run(req).await
     } else {
@@ -523,7 +553,35 @@ async fn usage(State(reg): Reg, UrlPath(lun): UrlPath<String>) -> ApiResult {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{bearer_token, constant_time_eq};
+    use axum::http::{header::AUTHORIZATION, HeaderMap, HeaderValue};
+
+    fn headers(values: &[&[u8]]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(AUTHORIZATION, HeaderValue::from_bytes(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn authorization_is_parsed_strictly() {
+        let tok = |v: &[&[u8]]| bearer_token(&headers(v)).map(|t| t.to_vec());
+        assert_eq!(tok(&[b"Bearer s3cret"]), Some(b"s3cret".to_vec()));
+        assert_eq!(tok(&[b"bearer s3cret"]), Some(b"s3cret".to_vec()));
+        assert_eq!(tok(&[]), None, "no header");
+        assert_eq!(
+            tok(&[b"Bearer s3cret", b"Bearer s3cret"]),
+            None,
+            "two headers"
+        );
+        assert_eq!(tok(&[b"Bearer  s3cret"]), None, "two spaces");
+        assert_eq!(tok(&[b"Bearer s3cret "]), None, "trailing space");
+        assert_eq!(tok(&[b"Bearer\ts3cret"]), None, "tab");
+        assert_eq!(tok(&[b"Bearer "]), None, "empty token");
+        assert_eq!(tok(&[b"Basic czNjcmV0"]), None, "other scheme");
+        assert_eq!(tok(&[b"Bearers3cret"]), None, "no space");
+    }
 
     #[test]
     fn token_comparison_is_exact() {

@@ -2,10 +2,11 @@
 //!
 //! Decoding is a pure function over a `BytesMut`: it returns `Ok(None)` when
 //! it needs more bytes, checks every length before using it, and never
-//! panics on any input. Oversized payloads (an option longer than the option
-//! cap, a WRITE longer than the payload cap) are consumed and discarded as
-//! they arrive, never buffered, and then reported as a frame so the caller
-//! can answer with an error instead of hanging up.
+//! panics on any input. An option longer than the option cap is consumed
+//! and discarded as it arrives, never buffered, and then reported as a
+//! frame so the caller can answer with an error instead of hanging up.
+//! Transmission requests decode to their header only (compact or extended,
+//! as negotiated): the session reads a WRITE's payload itself, in pieces.
 //!
 //! This module knows nothing about exports, TLS or sockets.
 
@@ -13,7 +14,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use super::proto::{
-    chunk, Command, IHAVEOPT, MAX_STRING_LEN, OPTION_HEADER_LEN, OPTION_REPLY_MAGIC,
+    chunk, cmd_flags, Command, EXTENDED_REPLY_MAGIC, EXTENDED_REQUEST_HEADER_LEN,
+    EXTENDED_REQUEST_MAGIC, IHAVEOPT, MAX_STRING_LEN, OPTION_HEADER_LEN, OPTION_REPLY_MAGIC,
     REQUEST_HEADER_LEN, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
 };
 
@@ -21,8 +23,10 @@ use super::proto::{
 pub enum CodecError {
     #[error("option magic {found:#018x} is not IHAVEOPT")]
     BadOptionMagic { found: u64 },
-    #[error("request magic {found:#010x} is not NBD_REQUEST_MAGIC")]
-    BadRequestMagic { found: u32 },
+    #[error("request magic {found:#010x} is not the negotiated {expected:#010x}")]
+    BadRequestMagic { found: u32, expected: u32 },
+    #[error("a simple reply was about to be sent although extended headers were negotiated")]
+    SimpleReplyWhenExtended,
     #[error("reply payload of {len} bytes does not fit the 32-bit length field")]
     ReplyTooLarge { len: usize },
     #[error(transparent)]
@@ -319,112 +323,100 @@ pub mod reply_data {
 // Transmission
 // ---------------------------------------------------------------------------
 
+/// One transmission request header, compact or extended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestHeader {
     pub flags: u16,
     pub command: Command,
     pub handle: u64,
     pub offset: u64,
-    pub length: u32,
+    /// Effect length, or for a request with a payload (a WRITE) the
+    /// payload's length. Compact headers carry 32 bits of it.
+    pub length: u64,
+    /// Payload bytes that follow this header on the wire: a WRITE's
+    /// length, or an extended request's length when it sets
+    /// `NBD_CMD_FLAG_PAYLOAD_LEN`.
+    pub payload: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RequestFrame {
-    /// A request; `payload` is `Some` exactly for NBD_CMD_WRITE.
-    Request {
-        header: RequestHeader,
-        payload: Option<Bytes>,
-    },
-    /// A WRITE whose payload exceeded the cap; the payload was discarded.
-    OversizedWrite { header: RequestHeader },
-    /// A WRITE whose length is beyond even the skip limit: its payload was
-    /// not consumed, so the caller answers and ends the session.
-    AbsurdWrite { header: RequestHeader },
-}
-
-/// Decodes transmission requests; encodes replies.
-#[derive(Debug)]
+/// Decodes transmission request headers; encodes replies. The payload after
+/// a header is not part of the frame: the session reads it in pieces
+/// ([`RequestHeader::payload`] bytes), so no length a client sends decides
+/// how much is buffered.
+#[derive(Debug, Clone, Copy)]
 pub struct RequestCodec {
-    max_payload: u32,
-    skip_limit: u32,
-    skipping: Option<(RequestHeader, u64)>,
+    /// `NBD_OPT_EXTENDED_HEADERS` was negotiated: 32-byte requests with
+    /// 64-bit lengths, 32-byte extended reply headers.
+    extended: bool,
 }
 
 impl RequestCodec {
-    /// `max_payload`: largest WRITE payload buffered; longer ones up to
-    /// `skip_limit` are discarded as they arrive and reported as
-    /// `OversizedWrite`; longer still are `AbsurdWrite`.
-    pub fn new(max_payload: u32, skip_limit: u32) -> Self {
-        RequestCodec {
-            max_payload,
-            skip_limit,
-            skipping: None,
-        }
+    pub fn new(extended: bool) -> Self {
+        RequestCodec { extended }
+    }
+
+    pub fn extended(&self) -> bool {
+        self.extended
     }
 }
 
 impl Decoder for RequestCodec {
-    type Item = RequestFrame;
+    type Item = RequestHeader;
     type Error = CodecError;
 
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<RequestFrame>, CodecError> {
-        if let Some((header, remaining)) = &mut self.skipping {
-            let n = (src.len() as u64).min(*remaining);
-            src.advance(n as usize);
-            *remaining -= n;
-            if *remaining > 0 {
-                return Ok(None);
-            }
-            let header = *header;
-            self.skipping = None;
-            return Ok(Some(RequestFrame::OversizedWrite { header }));
-        }
-        if src.len() < REQUEST_HEADER_LEN {
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<RequestHeader>, CodecError> {
+        let len = if self.extended {
+            EXTENDED_REQUEST_HEADER_LEN
+        } else {
+            REQUEST_HEADER_LEN
+        };
+        if src.len() < len {
             return Ok(None);
         }
         let magic = be_u32(src, 0);
-        if magic != REQUEST_MAGIC {
-            return Err(CodecError::BadRequestMagic { found: magic });
+        let want = if self.extended {
+            EXTENDED_REQUEST_MAGIC
+        } else {
+            REQUEST_MAGIC
+        };
+        if magic != want {
+            return Err(CodecError::BadRequestMagic {
+                found: magic,
+                expected: want,
+            });
         }
+        let flags = be_u16(src, 4);
+        let command = Command::from_wire(be_u16(src, 6));
+        let (length, payload) = if self.extended {
+            let length = be_u64(src, 24);
+            // A WRITE always carries its data, flag or not: the spec says it
+            // MUST set PAYLOAD_LEN, but libnbd without strict mode sends the
+            // payload without the flag, and reading the two the same way
+            // keeps framing either way.
+            let payload = if flags & cmd_flags::PAYLOAD_LEN != 0 || command == Command::Write {
+                length
+            } else {
+                0
+            };
+            (length, payload)
+        } else {
+            let length = u64::from(be_u32(src, 24));
+            (length, if command == Command::Write { length } else { 0 })
+        };
         let header = RequestHeader {
-            flags: be_u16(src, 4),
-            command: Command::from_wire(be_u16(src, 6)),
+            flags,
+            command,
             handle: be_u64(src, 8),
             offset: be_u64(src, 16),
-            length: be_u32(src, 24),
+            length,
+            payload,
         };
-        if header.command != Command::Write {
-            src.advance(REQUEST_HEADER_LEN);
-            return Ok(Some(RequestFrame::Request {
-                header,
-                payload: None,
-            }));
-        }
-        if header.length > self.skip_limit.max(self.max_payload) {
-            src.advance(REQUEST_HEADER_LEN);
-            return Ok(Some(RequestFrame::AbsurdWrite { header }));
-        }
-        if header.length > self.max_payload {
-            src.advance(REQUEST_HEADER_LEN);
-            self.skipping = Some((header, u64::from(header.length)));
-            return self.decode(src);
-        }
-        let total = REQUEST_HEADER_LEN + header.length as usize;
-        if src.len() < total {
-            // One allocation for the whole payload instead of regrowing.
-            src.reserve(total - src.len());
-            return Ok(None);
-        }
-        src.advance(REQUEST_HEADER_LEN);
-        let payload = src.split_to(header.length as usize).freeze();
-        Ok(Some(RequestFrame::Request {
-            header,
-            payload: Some(payload),
-        }))
+        src.advance(len);
+        Ok(Some(header))
     }
 }
 
-/// The payload of one structured reply chunk.
+/// The payload of one structured (or extended) reply chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChunkPayload {
     None,
@@ -436,9 +428,16 @@ pub enum ChunkPayload {
         offset: u64,
         length: u32,
     },
+    /// `NBD_REPLY_TYPE_BLOCK_STATUS`: (length, flags) descriptors.
     BlockStatus {
         context: u32,
         extents: Vec<(u32, u32)>,
+    },
+    /// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` (extended headers only): 64-bit
+    /// lengths and status.
+    BlockStatusExt {
+        context: u32,
+        extents: Vec<(u64, u64)>,
     },
     Error {
         error: u32,
@@ -458,8 +457,24 @@ impl ChunkPayload {
             ChunkPayload::OffsetData { .. } => chunk::OFFSET_DATA,
             ChunkPayload::OffsetHole { .. } => chunk::OFFSET_HOLE,
             ChunkPayload::BlockStatus { .. } => chunk::BLOCK_STATUS,
+            ChunkPayload::BlockStatusExt { .. } => chunk::BLOCK_STATUS_EXT,
             ChunkPayload::Error { .. } => chunk::ERROR,
             ChunkPayload::ErrorOffset { .. } => chunk::ERROR_OFFSET,
+        }
+    }
+
+    /// Payload length on the wire.
+    fn len(&self) -> usize {
+        match self {
+            ChunkPayload::None => 0,
+            ChunkPayload::OffsetData { data, .. } => 8 + data.len(),
+            ChunkPayload::OffsetHole { .. } => 12,
+            ChunkPayload::BlockStatus { extents, .. } => 4 + 8 * extents.len(),
+            ChunkPayload::BlockStatusExt { extents, .. } => 8 + 16 * extents.len(),
+            ChunkPayload::Error { message, .. } => 6 + truncate_str(message, MAX_STRING_LEN).len(),
+            ChunkPayload::ErrorOffset { message, .. } => {
+                14 + truncate_str(message, MAX_STRING_LEN).len()
+            }
         }
     }
 }
@@ -467,15 +482,18 @@ impl ChunkPayload {
 /// One server message of the transmission phase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
-    /// Simple reply; `data` only for a successful READ.
+    /// Simple reply; `data` only for a successful READ. With `data: None`
+    /// and error 0 it is also the header a streamed READ's data follows.
     Simple {
         handle: u64,
         error: u32,
         data: Option<Bytes>,
     },
-    /// One structured reply chunk.
+    /// One structured reply chunk; with extended headers an extended one,
+    /// which repeats the request's `offset`.
     Chunk {
         handle: u64,
+        offset: u64,
         flags: u16,
         payload: ChunkPayload,
     },
@@ -498,6 +516,7 @@ impl RequestCodec {
     /// `copy_limit` bytes, which is returned to be written after `dst`
     /// without copying it.
     pub fn encode_split(
+        &self,
         reply: &Reply,
         dst: &mut BytesMut,
         copy_limit: usize,
@@ -516,6 +535,10 @@ impl RequestCodec {
                 error,
                 data,
             } => {
+                if self.extended {
+                    // Extended headers forbid simple replies.
+                    return Err(CodecError::SimpleReplyWhenExtended);
+                }
                 dst.reserve(16);
                 dst.put_u32(SIMPLE_REPLY_MAGIC);
                 dst.put_u32(*error);
@@ -526,28 +549,29 @@ impl RequestCodec {
             }
             Reply::Chunk {
                 handle,
+                offset: request_offset,
                 flags,
                 payload,
             } => {
-                let len = match payload {
-                    ChunkPayload::None => 0,
-                    ChunkPayload::OffsetData { data, .. } => 8 + data.len(),
-                    ChunkPayload::OffsetHole { .. } => 12,
-                    ChunkPayload::BlockStatus { extents, .. } => 4 + 8 * extents.len(),
-                    ChunkPayload::Error { message, .. } => {
-                        6 + truncate_str(message, MAX_STRING_LEN).len()
-                    }
-                    ChunkPayload::ErrorOffset { message, .. } => {
-                        14 + truncate_str(message, MAX_STRING_LEN).len()
-                    }
-                };
-                let len32 = u32::try_from(len).map_err(|_| CodecError::ReplyTooLarge { len })?;
-                dst.reserve(20 + len.min(copy_limit.saturating_add(8)));
-                dst.put_u32(STRUCTURED_REPLY_MAGIC);
-                dst.put_u16(*flags);
-                dst.put_u16(payload.kind());
-                dst.put_u64(*handle);
-                dst.put_u32(len32);
+                let len = payload.len();
+                if self.extended {
+                    dst.reserve(32 + len.min(copy_limit.saturating_add(16)));
+                    dst.put_u32(EXTENDED_REPLY_MAGIC);
+                    dst.put_u16(*flags);
+                    dst.put_u16(payload.kind());
+                    dst.put_u64(*handle);
+                    dst.put_u64(*request_offset);
+                    dst.put_u64(len as u64);
+                } else {
+                    let len32 =
+                        u32::try_from(len).map_err(|_| CodecError::ReplyTooLarge { len })?;
+                    dst.reserve(20 + len.min(copy_limit.saturating_add(8)));
+                    dst.put_u32(STRUCTURED_REPLY_MAGIC);
+                    dst.put_u16(*flags);
+                    dst.put_u16(payload.kind());
+                    dst.put_u64(*handle);
+                    dst.put_u32(len32);
+                }
                 match payload {
                     ChunkPayload::None => {}
                     ChunkPayload::OffsetData { offset, data } => {
@@ -563,6 +587,16 @@ impl RequestCodec {
                         for (l, f) in extents {
                             dst.put_u32(*l);
                             dst.put_u32(*f);
+                        }
+                    }
+                    ChunkPayload::BlockStatusExt { context, extents } => {
+                        let n = u32::try_from(extents.len())
+                            .map_err(|_| CodecError::ReplyTooLarge { len })?;
+                        dst.put_u32(*context);
+                        dst.put_u32(n);
+                        for (l, f) in extents {
+                            dst.put_u64(*l);
+                            dst.put_u64(*f);
                         }
                     }
                     ChunkPayload::Error { error, message } => {
@@ -593,7 +627,7 @@ impl Encoder<Reply> for RequestCodec {
     type Error = CodecError;
 
     fn encode(&mut self, item: Reply, dst: &mut BytesMut) -> Result<(), CodecError> {
-        let tail = Self::encode_split(&item, dst, usize::MAX)?;
+        let tail = self.encode_split(&item, dst, usize::MAX)?;
         debug_assert!(tail.is_none());
         Ok(())
     }
@@ -612,13 +646,22 @@ pub(crate) mod client {
         dst.put_slice(data);
     }
 
-    pub fn encode_request(h: &RequestHeader, payload: &[u8], dst: &mut BytesMut) {
-        dst.put_u32(REQUEST_MAGIC);
+    /// A compact (`extended` false, 32-bit length) or extended request.
+    pub fn encode_request(h: &RequestHeader, extended: bool, payload: &[u8], dst: &mut BytesMut) {
+        dst.put_u32(if extended {
+            EXTENDED_REQUEST_MAGIC
+        } else {
+            REQUEST_MAGIC
+        });
         dst.put_u16(h.flags);
         dst.put_u16(h.command.to_wire());
         dst.put_u64(h.handle);
         dst.put_u64(h.offset);
-        dst.put_u32(h.length);
+        if extended {
+            dst.put_u64(h.length);
+        } else {
+            dst.put_u32(h.length as u32);
+        }
         dst.put_slice(payload);
     }
 
@@ -635,6 +678,25 @@ pub(crate) mod client {
         src.advance(20);
         Some((flags, kind, handle, src.split_to(len).freeze()))
     }
+
+    /// Decode one extended chunk: (flags, type, handle, offset, payload).
+    pub fn decode_extended(src: &mut BytesMut) -> Option<(u16, u16, u64, u64, Bytes)> {
+        if src.len() < 32 || be_u32(src, 0) != EXTENDED_REPLY_MAGIC {
+            return None;
+        }
+        let len = usize::try_from(be_u64(src, 24)).ok()?;
+        if src.len() < 32 + len {
+            return None;
+        }
+        let (flags, kind, handle, offset) = (
+            be_u16(src, 4),
+            be_u16(src, 6),
+            be_u64(src, 8),
+            be_u64(src, 16),
+        );
+        src.advance(32);
+        Some((flags, kind, handle, offset, src.split_to(len).freeze()))
+    }
 }
 
 #[cfg(test)]
@@ -644,13 +706,14 @@ mod tests {
     use crate::nbd::proto::{opt, rep};
     use proptest::prelude::*;
 
-    fn header(command: Command, length: u32) -> RequestHeader {
+    fn header(command: Command, length: u64) -> RequestHeader {
         RequestHeader {
             flags: 1,
             command,
             handle: 0xdead_beef_0bad_cafe,
             offset: 4096,
             length,
+            payload: if command == Command::Write { length } else { 0 },
         }
     }
 
@@ -721,16 +784,6 @@ mod tests {
                 len: 0xffff_fff0
             })
         );
-        let mut buf = BytesMut::new();
-        encode_request(&header(Command::Write, u32::MAX), b"", &mut buf);
-        assert_eq!(
-            RequestCodec::new(1 << 20, 1 << 24)
-                .decode(&mut buf)
-                .unwrap(),
-            Some(RequestFrame::AbsurdWrite {
-                header: header(Command::Write, u32::MAX)
-            })
-        );
     }
 
     #[test]
@@ -776,68 +829,74 @@ mod tests {
     }
 
     #[test]
-    fn request_round_trip_with_write_payload() {
+    fn headers_decode_and_leave_the_payload() {
         let mut wire = BytesMut::new();
-        encode_request(&header(Command::Write, 5), b"abcde", &mut wire);
-        encode_request(&header(Command::Read, 4096), b"", &mut wire);
-        let mut codec = RequestCodec::new(1 << 20, 1 << 24);
+        encode_request(&header(Command::Write, 5), false, b"abcde", &mut wire);
+        encode_request(&header(Command::Read, 4096), false, b"", &mut wire);
+        let mut codec = RequestCodec::new(false);
         let mut buf = BytesMut::new();
         let mut got = vec![];
-        for b in wire.iter() {
+        // One byte at a time: decode waits, never misparses.
+        for b in wire.iter().take(28) {
             buf.put_u8(*b);
-            while let Some(f) = codec.decode(&mut buf).unwrap() {
-                got.push(f);
+            if let Some(h) = codec.decode(&mut buf).unwrap() {
+                got.push(h);
             }
         }
+        assert_eq!(got, vec![header(Command::Write, 5)]);
+        assert!(buf.is_empty(), "the payload is not part of the frame");
+        buf.put_slice(&wire[28..]);
+        assert_eq!(&buf[..5], b"abcde");
+        buf.advance(5);
         assert_eq!(
-            got,
-            vec![
-                RequestFrame::Request {
-                    header: header(Command::Write, 5),
-                    payload: Some(Bytes::from_static(b"abcde"))
-                },
-                RequestFrame::Request {
-                    header: header(Command::Read, 4096),
-                    payload: None
-                },
-            ]
+            codec.decode(&mut buf).unwrap(),
+            Some(header(Command::Read, 4096))
         );
     }
 
     #[test]
-    fn oversized_write_is_discarded_in_chunks() {
-        let mut wire = BytesMut::new();
-        encode_request(
-            &header(Command::Write, 100_000),
-            &vec![1u8; 100_000],
-            &mut wire,
-        );
-        encode_request(&header(Command::Flush, 0), b"", &mut wire);
-        let mut codec = RequestCodec::new(65536, 1 << 20);
+    fn extended_headers_carry_64_bit_lengths_and_the_payload_flag() {
+        let mut codec = RequestCodec::new(true);
         let mut buf = BytesMut::new();
-        let mut got = vec![];
-        for piece in wire.chunks(4096) {
-            buf.put_slice(piece);
-            while let Some(f) = codec.decode(&mut buf).unwrap() {
-                got.push(f);
-            }
-            assert!(buf.len() <= 4096 + 28, "discarded payload accumulates");
-        }
-        assert_eq!(
-            got[0],
-            RequestFrame::OversizedWrite {
-                header: header(Command::Write, 100_000)
-            }
-        );
+        let trim = RequestHeader {
+            flags: 0,
+            command: Command::Trim,
+            handle: 7,
+            offset: 1 << 40,
+            length: 5 << 32,
+            payload: 0,
+        };
+        encode_request(&trim, true, b"", &mut buf);
+        assert_eq!(buf.len(), 32);
+        assert_eq!(codec.decode(&mut buf).unwrap(), Some(trim));
+        let write = RequestHeader {
+            flags: cmd_flags::PAYLOAD_LEN,
+            command: Command::Write,
+            handle: 8,
+            offset: 0,
+            length: 3,
+            payload: 3,
+        };
+        encode_request(&write, true, b"xyz", &mut buf);
+        assert_eq!(codec.decode(&mut buf).unwrap(), Some(write));
+        assert_eq!(&buf[..], b"xyz");
+        // Without PAYLOAD_LEN the length is an effect length: no payload;
+        // except for WRITE, whose data follows anyway (libnbd's non-strict
+        // mode sends it so).
+        let mut h = write;
+        h.flags = 0;
+        buf.clear();
+        encode_request(&h, true, b"", &mut buf);
+        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().payload, 3);
+        h.command = Command::Read;
+        encode_request(&h, true, b"", &mut buf);
+        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().payload, 0);
+        // A compact header where an extended one is due is refused.
+        buf.clear();
+        encode_request(&trim, false, &[0; 4], &mut buf);
         assert!(matches!(
-            got[1],
-            RequestFrame::Request {
-                header: RequestHeader {
-                    command: Command::Flush,
-                    ..
-                },
-                ..
-            }
+            codec.decode(&mut buf),
+            Err(CodecError::BadRequestMagic { .. })
         ));
     }
 
@@ -845,8 +904,11 @@ mod tests {
     fn bad_request_magic_is_an_error() {
         let mut buf = BytesMut::from(&[0xffu8; 28][..]);
         assert!(matches!(
-            RequestCodec::new(10, 10).decode(&mut buf),
-            Err(CodecError::BadRequestMagic { found: 0xffff_ffff })
+            RequestCodec::new(false).decode(&mut buf),
+            Err(CodecError::BadRequestMagic {
+                found: 0xffff_ffff,
+                ..
+            })
         ));
     }
 
@@ -858,18 +920,53 @@ mod tests {
             error: 0,
             data: Some(data.clone()),
         };
+        let codec = RequestCodec::new(false);
         let mut dst = BytesMut::new();
-        assert_eq!(
-            RequestCodec::encode_split(&r, &mut dst, 1000).unwrap(),
-            None
-        );
+        assert_eq!(codec.encode_split(&r, &mut dst, 1000).unwrap(), None);
         assert_eq!(dst.len(), 116);
         dst.clear();
-        let tail = RequestCodec::encode_split(&r, &mut dst, 10).unwrap();
+        let tail = codec.encode_split(&r, &mut dst, 10).unwrap();
         assert_eq!(dst.len(), 16);
         assert_eq!(tail, Some(data));
         assert_eq!(be_u32(&dst, 0), SIMPLE_REPLY_MAGIC);
         assert_eq!(be_u64(&dst, 8), 42);
+        dst.clear();
+        assert!(matches!(
+            RequestCodec::new(true).encode_split(&r, &mut dst, 10),
+            Err(CodecError::SimpleReplyWhenExtended)
+        ));
+    }
+
+    #[test]
+    fn extended_chunks_repeat_the_request_offset_and_use_64_bit_status() {
+        let mut codec = RequestCodec::new(true);
+        let mut dst = BytesMut::new();
+        let payload = ChunkPayload::BlockStatusExt {
+            context: 1,
+            extents: vec![(5 << 32, 3), (4096, 0)],
+        };
+        codec
+            .encode(
+                Reply::Chunk {
+                    handle: 9,
+                    offset: 1 << 33,
+                    flags: 1,
+                    payload,
+                },
+                &mut dst,
+            )
+            .unwrap();
+        let (flags, kind, handle, offset, body) = decode_extended(&mut dst).unwrap();
+        assert_eq!(
+            (flags, kind, handle, offset),
+            (1, chunk::BLOCK_STATUS_EXT, 9, 1 << 33)
+        );
+        assert_eq!(body.len(), 8 + 2 * 16);
+        assert_eq!(be_u32(&body, 0), 1, "context id");
+        assert_eq!(be_u32(&body, 4), 2, "descriptor count");
+        assert_eq!(be_u64(&body, 8), 5 << 32);
+        assert_eq!(be_u64(&body, 16), 3);
+        assert!(dst.is_empty());
     }
 
     #[test]
@@ -916,11 +1013,12 @@ mod tests {
         for (payload, len) in cases {
             let kind = payload.kind();
             let mut dst = BytesMut::new();
-            let mut codec = RequestCodec::new(0, 0);
+            let mut codec = RequestCodec::new(false);
             codec
                 .encode(
                     Reply::Chunk {
                         handle: 9,
+                        offset: 0,
                         flags: 1,
                         payload,
                     },
@@ -937,10 +1035,11 @@ mod tests {
     fn error_messages_are_capped_at_the_string_limit() {
         let mut dst = BytesMut::new();
         let long = "ü".repeat(5000);
-        RequestCodec::new(0, 0)
+        RequestCodec::new(false)
             .encode(
                 Reply::Chunk {
                     handle: 1,
+                    offset: 0,
                     flags: 1,
                     payload: ChunkPayload::Error {
                         error: 22,
@@ -1031,33 +1130,38 @@ mod tests {
             }
         }
 
-        /// Same for transmission requests: WRITE payloads never exceed the
-        /// cap and equal the header length; other commands carry none.
+        /// Same for transmission requests, compact and extended: a header
+        /// is consumed whole or not at all, and only a WRITE (compact) or a
+        /// PAYLOAD_LEN request (extended) announces a payload.
         #[test]
         fn request_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600),
-                                       valid_magic in any::<bool>(),
-                                       cut in 1usize..64, cap in 0u32..300) {
+                                       valid_magic in any::<bool>(), extended in any::<bool>(),
+                                       cut in 1usize..64) {
             let mut input = BytesMut::new();
-            if valid_magic { input.put_u32(REQUEST_MAGIC); }
+            if valid_magic {
+                input.put_u32(if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC });
+            }
             input.put_slice(&bytes);
-            let mut codec = RequestCodec::new(cap, 2 * cap);
+            let mut codec = RequestCodec::new(extended);
             let mut buf = BytesMut::new();
             'outer: for piece in input.chunks(cut) {
                 buf.put_slice(piece);
                 loop {
+                    let before = buf.len();
                     match codec.decode(&mut buf) {
-                        Ok(Some(RequestFrame::Request { header, payload })) => {
-                            match payload {
-                                Some(p) => {
-                                    prop_assert_eq!(header.command, Command::Write);
-                                    prop_assert_eq!(p.len() as u32, header.length);
-                                    prop_assert!(header.length <= cap);
-                                }
-                                None => prop_assert_ne!(header.command, Command::Write),
+                        Ok(Some(h)) => {
+                            prop_assert_eq!(before - buf.len(), if extended { 32 } else { 28 });
+                            if extended {
+                                let carries = h.flags & cmd_flags::PAYLOAD_LEN != 0 || h.command == Command::Write;
+                                prop_assert_eq!(h.payload != 0, carries && h.length != 0);
+                            } else {
+                                prop_assert!(h.length <= u64::from(u32::MAX));
+                                prop_assert_eq!(h.payload, if h.command == Command::Write { h.length } else { 0 });
                             }
+                            // The caller consumes the payload; here it is skipped.
+                            let skip = (h.payload as usize).min(buf.len());
+                            buf.advance(skip);
                         }
-                        Ok(Some(RequestFrame::OversizedWrite { header })) => prop_assert!(header.length > cap && header.length <= 2 * cap),
-                        Ok(Some(RequestFrame::AbsurdWrite { header })) => { prop_assert!(header.length > 2 * cap); break 'outer; }
                         Ok(None) => break,
                         Err(_) => break 'outer,
                     }
@@ -1065,20 +1169,23 @@ mod tests {
             }
         }
 
-        /// Structured requests round-trip for any field values.
+        /// Request headers round-trip for any field values.
         #[test]
         fn request_round_trip(flags in any::<u16>(), cmd in 0u16..12, handle in any::<u64>(),
-                              offset in any::<u64>(), len in 0u32..2000) {
-            let h = RequestHeader { flags, command: Command::from_wire(cmd), handle, offset, length: len };
-            let payload = if h.command == Command::Write { vec![0xabu8; len as usize] } else { vec![] };
-            let mut buf = BytesMut::new();
-            encode_request(&h, &payload, &mut buf);
-            let got = RequestCodec::new(4096, 8192).decode(&mut buf).unwrap().unwrap();
-            let want = RequestFrame::Request {
-                header: h,
-                payload: (h.command == Command::Write).then(|| Bytes::from(payload)),
+                              offset in any::<u64>(), len in any::<u32>(), extended in any::<bool>()) {
+            let command = Command::from_wire(cmd);
+            let payload = if extended {
+                if flags & cmd_flags::PAYLOAD_LEN != 0 || command == Command::Write { u64::from(len) } else { 0 }
+            } else if command == Command::Write {
+                u64::from(len)
+            } else {
+                0
             };
-            prop_assert_eq!(got, want);
+            let h = RequestHeader { flags, command, handle, offset, length: u64::from(len), payload };
+            let mut buf = BytesMut::new();
+            encode_request(&h, extended, &[], &mut buf);
+            let got = RequestCodec::new(extended).decode(&mut buf).unwrap().unwrap();
+            prop_assert_eq!(got, h);
             prop_assert!(buf.is_empty());
         }
 

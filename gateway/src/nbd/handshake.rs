@@ -43,6 +43,8 @@ pub enum HandshakeError {
     UnknownExport { name: String },
     #[error("NBD_OPT_EXPORT_NAME before STARTTLS while TLS is required")]
     TlsRequired,
+    #[error("NBD_OPT_EXPORT_NAME after extended headers were negotiated (the spec forbids it)")]
+    ExportNameAfterExtended,
     #[error("client sent {0} bytes after NBD_OPT_STARTTLS before the TLS handshake")]
     DataBeforeTls(usize),
     #[error("TLS handshake failed: {0}")]
@@ -73,6 +75,8 @@ pub struct HandshakeCtx {
 pub struct Negotiated {
     pub export: Arc<Export>,
     pub structured: bool,
+    /// `NBD_OPT_EXTENDED_HEADERS` (implies structured replies).
+    pub extended: bool,
     /// `base:allocation` was selected for this export.
     pub base_allocation: bool,
     pub flags: u16,
@@ -91,8 +95,8 @@ pub enum Outcome {
     Closed,
 }
 
-/// Transmission flags for `export`, given whether structured replies were
-/// negotiated.
+/// Transmission flags for `export`, given whether structured replies (or
+/// extended headers) were negotiated.
 pub fn transmission_flags(export: &Export, structured: bool) -> u16 {
     use tx_flags::*;
     let mut f = HAS_FLAGS | SEND_FLUSH | CAN_MULTI_CONN | SEND_CACHE;
@@ -114,6 +118,7 @@ struct State {
     codec: OptionCodec,
     peer: Peer,
     structured: bool,
+    extended: bool,
     /// Export name the last successful SET_META_CONTEXT selected
     /// `base:allocation` for.
     meta_for: Option<Bytes>,
@@ -189,6 +194,7 @@ pub async fn negotiate(
         codec: OptionCodec::new(MAX_OPTION_LEN, OPTION_SKIP_LIMIT),
         peer,
         structured: false,
+        extended: false,
         meta_for: None,
     };
     let mut count = 0u32;
@@ -239,6 +245,9 @@ pub async fn negotiate(
 
         match o {
             opt::EXPORT_NAME => {
+                if st.extended {
+                    return Err(HandshakeError::ExportNameAfterExtended);
+                }
                 let Some(export) = lookup_for_transmission(ctx, &st, &data) else {
                     return Err(HandshakeError::UnknownExport {
                         name: String::from_utf8_lossy(&data).into_owned(),
@@ -333,6 +342,7 @@ pub async fn negotiate(
                 st.io = Transport::Tls(Box::new(tls));
                 // The spec forbids keeping negotiation state across STARTTLS.
                 st.structured = false;
+                st.extended = false;
                 st.meta_for = None;
             }
             opt::INFO | opt::GO => {
@@ -404,7 +414,29 @@ pub async fn negotiate(
                     .await?;
                     continue;
                 }
+                if st.extended {
+                    st.reply(OptionReply::error(
+                        o,
+                        rep::ERR_EXT_HEADER_REQD,
+                        "extended headers are already negotiated; they take precedence",
+                    ))
+                    .await?;
+                    continue;
+                }
                 st.structured = true;
+                st.reply(OptionReply::ack(o)).await?;
+            }
+            opt::EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    st.reply(OptionReply::error(
+                        o,
+                        rep::ERR_INVALID,
+                        "NBD_OPT_EXTENDED_HEADERS takes no data",
+                    ))
+                    .await?;
+                    continue;
+                }
+                st.extended = true;
                 st.reply(OptionReply::ack(o)).await?;
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
@@ -413,11 +445,11 @@ pub async fn negotiate(
                     // Replaced even when this request fails.
                     st.meta_for = None;
                 }
-                if !st.structured {
+                if !st.structured && !st.extended {
                     st.reply(OptionReply::error(
                         o,
                         rep::ERR_INVALID,
-                        "negotiate NBD_OPT_STRUCTURED_REPLY first",
+                        "negotiate NBD_OPT_STRUCTURED_REPLY or NBD_OPT_EXTENDED_HEADERS first",
                     ))
                     .await?;
                     continue;
@@ -499,10 +531,11 @@ fn refusal(ctx: &HandshakeCtx, st: &State, name: &[u8]) -> (u32, String) {
 
 fn finish(st: &State, export: Arc<Export>, name: &[u8]) -> Negotiated {
     let base_allocation = st.meta_for.as_deref() == Some(name);
-    let flags = transmission_flags(&export, st.structured);
+    let flags = transmission_flags(&export, st.structured || st.extended);
     Negotiated {
         export,
         structured: st.structured,
+        extended: st.extended,
         base_allocation,
         flags,
     }

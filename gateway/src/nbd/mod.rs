@@ -1,7 +1,8 @@
 //! The NBD protocol (NetworkBlockDevice/nbd doc/proto.md): constants
 //! ([`proto`]), framing ([`codec`]), the fixed-newstyle handshake
-//! ([`handshake`]), the transmission phase ([`session`]), TLS ([`tls`]) and
-//! the byte stream under them ([`transport`]).
+//! ([`handshake`]), the transmission phase ([`session`] and its reply
+//! [`writer`]), TLS ([`tls`]) and the byte stream under them
+//! ([`transport`]).
 
 pub mod codec;
 pub mod handshake;
@@ -9,3 +10,4 @@ pub mod proto;
 pub mod session;
 pub mod tls;
 pub mod transport;
+pub mod writer;

@@ -1,51 +1,63 @@
 //! Transmission phase of one connection.
 //!
-//! One reader loop decodes requests and spawns one task per request; tasks
-//! run concurrently and finish in any order; one writer task batches their
-//! replies into few syscalls (header and small payloads copied into one
-//! buffer, large payloads written straight from the engine's `Bytes`).
-//! Requests in flight are bounded in bytes: while over the bound the reader
-//! stops reading, which pushes back on the client through TCP.
-//!
-//! A request goes to the top of its export's block-device stack
+//! One reader loop decodes request headers, checks each request's protocol
+//! rules once ([`prepare`]: flags, block sizes, read-only), and spawns one
+//! task per request; tasks run concurrently and finish in any order; one
+//! writer task ([`super::writer`]) puts their replies on the wire. A
+//! request goes to the top of its export's block-device stack
 //! ([`Export::dev`], the region view) in export offsets; the region checks
 //! the range and translates it, the LUN's live-switch gate below it parks
-//! the request during a switch (see [`crate::switch`]). This module only
-//! adds the protocol's rules (flags, block sizes, read-only) and never
+//! the request during a switch (see [`crate::switch`]). This module never
 //! computes a LUN offset itself.
+//!
+//! Memory: before it reads a request's payload or starts the request, the
+//! reader charges it to the connection's account ([`ConnMemory`]), which
+//! waits while the connection is at `max_in_flight` or the gateway at
+//! `max_memory`. The charge stays until the request's last reply bytes are
+//! written, so a client that does not read its replies stops being read
+//! (TCP pushes back on it) instead of growing the gateway. No request holds
+//! more than [`STREAM_WINDOW`] bytes of data at once: a longer WRITE's
+//! payload is read from the socket and written to the export a
+//! [`PIECE`] at a time, a longer READ's reply is read and sent a piece at a
+//! time (OFFSET_DATA chunks, or one simple reply whose data follows in
+//! pieces).
+//!
+//! Every call into the stack takes its own place at the gate, so a streamed
+//! request holds a pass only for one piece's I/O at a time and a client
+//! slow to send a payload or to read a reply never holds up a switch.
+//! Requests of one connection whose ranges overlap, one of them a write,
+//! run in arrival order ([`InOrder`]); a request waits for the earlier ones
+//! before it calls into the stack.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, Notify};
+use bytes::{Buf, Bytes, BytesMut};
+use lungate_block::Chunk;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
-use super::codec::{ChunkPayload, CodecError, Reply, RequestCodec, RequestFrame, RequestHeader};
+use super::codec::{ChunkPayload, CodecError, Reply, RequestCodec, RequestHeader};
 use super::handshake::Negotiated;
 use super::proto::{cmd_flags, reply_flags, state, Command, NbdError, BASE_ALLOCATION_ID};
-use super::transport::{BoxWriter, Transport};
+use super::transport::{BoxReader, Transport};
+use super::writer::{write_replies, Hold, Outgoing, Tx, WriterError};
 use crate::export::{Export, ExportStats, RangeError};
-use lungate_block::Chunk;
+use crate::memory::{ConnMemory, Credit, PIECE, REQUEST_OVERHEAD, STREAM_WINDOW};
 
-/// Payloads up to this size are copied into the batch buffer; larger ones
-/// are written from their own buffer.
-const COPY_LIMIT: usize = 32 * 1024;
-/// Write the batch buffer out once it holds this much.
-const FLUSH_AT: usize = 256 * 1024;
-/// Per-request charge on top of its data, so payload-less requests are
-/// bounded too.
-const REQUEST_OVERHEAD: u64 = 4096;
 /// Reads at least this long look for holes to send as OFFSET_HOLE chunks.
 const SPARSE_READ_MIN: u64 = 128 * 1024;
-/// Too-long WRITE payloads up to this length are read and discarded (the
-/// spec: lengths under 32 MiB SHOULD NOT be treated as denial of service);
-/// longer ones get EINVAL and end the session.
-const WRITE_SKIP_LIMIT: u32 = 64 * 1024 * 1024;
 /// Holes shorter than this are read as data.
 const MIN_HOLE_CHUNK: u64 = 4096;
+/// Socket read-ahead between requests.
+const READ_AHEAD: usize = 256 * 1024;
+/// Most of the export one BLOCK_STATUS looks at: 4 GiB with compact
+/// headers (32-bit descriptors), 64 GiB with extended ones (a 64-bit effect
+/// length can name a whole disk). The reply may cover less than asked, and
+/// clients ask again from where it stopped.
+const BLOCK_STATUS_SPAN: u64 = 1 << 32;
+const BLOCK_STATUS_SPAN_EXTENDED: u64 = 1 << 36;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -53,8 +65,10 @@ pub enum SessionError {
     Codec(#[from] CodecError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Writer(#[from] WriterError),
     #[error("reply writer task failed: {0}")]
-    Writer(String),
+    WriterTask(String),
 }
 
 /// How a session ended.
@@ -66,80 +80,17 @@ pub enum End {
     Eof,
     /// The server is shutting down.
     Shutdown,
-    /// The client sent a WRITE too long to skip; it got EINVAL and the
+    /// The client sent a payload too long to skip; it got EINVAL and the
     /// connection was closed.
     AbsurdWrite,
 }
 
-/// Per-connection bound on bytes in flight.
-struct InFlight {
-    used: AtomicU64,
-    max: u64,
-    notify: Notify,
-    closed: AtomicBool,
-}
-
-impl InFlight {
-    fn new(max: u64) -> Self {
-        InFlight {
-            used: AtomicU64::new(0),
-            max,
-            notify: Notify::new(),
-            closed: AtomicBool::new(false),
-        }
-    }
-
-    /// Charge `n` bytes, waiting while over the bound. Only the reader
-    /// acquires, so check-then-add cannot race with another acquirer.
-    /// `false` once the writer is gone.
-    async fn acquire(&self, n: u64) -> bool {
-        loop {
-            if self.closed.load(Ordering::Acquire) {
-                return false;
-            }
-            let used = self.used.load(Ordering::Acquire);
-            if used == 0 || used + n <= self.max {
-                self.used.fetch_add(n, Ordering::AcqRel);
-                return true;
-            }
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let used = self.used.load(Ordering::Acquire);
-            if self.closed.load(Ordering::Acquire) || used == 0 || used + n <= self.max {
-                continue;
-            }
-            notified.await;
-        }
-    }
-
-    fn release(&self, n: u64) {
-        if n > 0 {
-            self.used.fetch_sub(n, Ordering::AcqRel);
-            self.notify.notify_one();
-        }
-    }
-
-    fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.notify.notify_one();
-    }
-}
-
-/// One message for the writer, with the in-flight bytes to release once
-/// it is on the wire.
-struct Outgoing {
-    reply: Reply,
-    credit: u64,
-}
-
-type Tx = mpsc::UnboundedSender<Outgoing>;
-
 struct Ctx {
     export: Arc<Export>,
+    /// Structured replies (or extended headers, which imply them).
     structured: bool,
+    extended: bool,
     base_allocation: bool,
-    inflight: InFlight,
 }
 
 /// A failed request: NBD error plus a message for structured replies.
@@ -160,19 +111,187 @@ impl Failure {
     /// ENOSPC for writes past the end (the spec's SHOULD), else EINVAL.
     fn io(what: &str, e: &std::io::Error, writing: bool) -> Self {
         if let Some(r) = lungate_block::device::range_error(e) {
-            let error = if writing {
-                NbdError::NoSpc
-            } else {
-                NbdError::Inval
-            };
-            return Failure::new(error, r.to_string());
+            return Failure::range_of(r, writing);
         }
         Failure::new(NbdError::from_io(e), format!("{what}: {e}"))
+    }
+
+    fn range_of(r: &lungate_block::device::RangeError, writing: bool) -> Self {
+        let error = if writing {
+            NbdError::NoSpc
+        } else {
+            NbdError::Inval
+        };
+        Failure::new(error, r.to_string())
     }
 
     /// Block-size rule violations: EINVAL.
     fn range(e: RangeError) -> Self {
         Failure::new(NbdError::Inval, e.to_string())
+    }
+}
+
+/// What a request is charged: its data up to the streaming window, plus
+/// the fixed overhead.
+fn charge(h: &RequestHeader) -> u64 {
+    let data = match h.command {
+        Command::Read => h.length,
+        _ => h.payload,
+    };
+    REQUEST_OVERHEAD + data.min(STREAM_WINDOW)
+}
+
+/// Keeps one connection's overlapping requests in arrival order: a request
+/// whose range overlaps an earlier one still running, where either writes,
+/// waits for it to finish. The spec lets a server reorder such requests;
+/// keeping them in order costs little and gives a client (and
+/// nbd-tester-client's `-l` mode) what a disk would.
+#[derive(Default)]
+struct InOrder {
+    running: std::sync::Mutex<Vec<Running>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+struct Running {
+    id: u64,
+    start: u64,
+    end: u64,
+    write: bool,
+    done: tokio::sync::watch::Receiver<()>,
+}
+
+/// A registered request; dropping it lets the requests behind it go.
+struct Ticket {
+    order: Arc<InOrder>,
+    id: u64,
+    _done: tokio::sync::watch::Sender<()>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut r = self.order.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = r.iter().position(|x| x.id == self.id) {
+            r.swap_remove(i);
+        }
+    }
+}
+
+impl InOrder {
+    /// Register `[start, start + len)`; returns the ticket and what to wait
+    /// for first.
+    fn register(
+        self: &Arc<Self>,
+        start: u64,
+        len: u64,
+        write: bool,
+    ) -> (Ticket, Vec<tokio::sync::watch::Receiver<()>>) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let end = start.saturating_add(len);
+        let (tx, rx) = tokio::sync::watch::channel(());
+        let mut r = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let deps = r
+            .iter()
+            .filter(|x| (write || x.write) && x.start < end && start < x.end)
+            .map(|x| x.done.clone())
+            .collect();
+        r.push(Running {
+            id,
+            start,
+            end,
+            write,
+            done: rx,
+        });
+        let ticket = Ticket {
+            order: self.clone(),
+            id,
+            _done: tx,
+        };
+        (ticket, deps)
+    }
+}
+
+/// What the ordering needs of a request: its export range and whether it
+/// writes. `None` for requests that touch no range.
+fn range_of(h: &RequestHeader) -> Option<(u64, u64, bool)> {
+    let write = match h.command {
+        Command::Write | Command::Trim | Command::WriteZeroes => true,
+        Command::Read | Command::BlockStatus | Command::Cache => false,
+        _ => return None,
+    };
+    (h.length > 0).then_some((h.offset, h.length, write))
+}
+
+/// Wait for the earlier overlapping requests a request depends on.
+async fn after(deps: Vec<tokio::sync::watch::Receiver<()>>) {
+    for mut d in deps {
+        // Nothing is ever sent: this returns when the sender (the earlier
+        // request's ticket) is dropped.
+        let _ = d.changed().await;
+    }
+}
+
+/// The socket's read half and the bytes read ahead of the decoder.
+struct Input {
+    reader: BoxReader,
+    buf: BytesMut,
+}
+
+enum Next {
+    Header(RequestHeader),
+    Eof,
+    Shutdown,
+}
+
+impl Input {
+    async fn header(
+        &mut self,
+        codec: &mut RequestCodec,
+        shutdown: &CancellationToken,
+    ) -> Result<Next, SessionError> {
+        loop {
+            if let Some(h) = codec.decode(&mut self.buf)? {
+                return Ok(Next::Header(h));
+            }
+            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
+                self.buf.reserve(READ_AHEAD);
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(Next::Shutdown),
+                n = self.reader.read_buf(&mut self.buf) => match n? {
+                    0 => return Ok(Next::Eof),
+                    _ => continue,
+                },
+            }
+        }
+    }
+
+    /// The next `n` payload bytes (at most a streaming window).
+    async fn take(&mut self, n: usize) -> std::io::Result<Bytes> {
+        while self.buf.len() < n {
+            self.buf.reserve(n - self.buf.len());
+            if self.reader.read_buf(&mut self.buf).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(self.buf.split_to(n).freeze())
+    }
+
+    /// Read and drop `n` payload bytes, never holding more than the
+    /// read-ahead buffer.
+    async fn skip(&mut self, mut n: u64) -> std::io::Result<()> {
+        while n > 0 {
+            if self.buf.is_empty() {
+                self.buf.reserve(READ_AHEAD);
+                if self.reader.read_buf(&mut self.buf).await? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            let k = n.min(self.buf.len() as u64);
+            self.buf.advance(k as usize);
+            n -= k;
+        }
+        Ok(())
     }
 }
 
@@ -183,82 +302,136 @@ pub async fn serve(
     io: Transport,
     buffered: BytesMut,
     negotiated: Negotiated,
-    max_in_flight: u64,
+    memory: Arc<ConnMemory>,
     shutdown: CancellationToken,
 ) -> Result<End, SessionError> {
     let ctx = Arc::new(Ctx {
         export: negotiated.export,
-        structured: negotiated.structured,
+        structured: negotiated.structured || negotiated.extended,
+        extended: negotiated.extended,
         base_allocation: negotiated.base_allocation,
-        inflight: InFlight::new(max_in_flight),
     });
-    let (mut reader, writer) = io.split();
+    let (reader, writer) = io.split();
+    let mut codec = RequestCodec::new(ctx.extended);
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_replies(writer, rx, ctx.clone()));
+    let writer_failed = CancellationToken::new();
+    let writer = tokio::spawn(write_replies(writer, rx, codec, writer_failed.clone()));
+    let mut input = Input {
+        reader,
+        buf: buffered,
+    };
+    // Payloads too long to serve are read and dropped up to this length
+    // (the spec: up to 32 MiB SHOULD NOT be taken for denial of service);
+    // longer ones end the session.
+    let skip_limit = u64::from(ctx.export.block.maximum).max(32 << 20) * 2;
+    let order = Arc::new(InOrder::default());
 
-    let mut codec = RequestCodec::new(ctx.export.block.maximum, WRITE_SKIP_LIMIT);
-    let mut buf = buffered;
     let result: Result<End, SessionError> = loop {
-        let frame = match codec.decode(&mut buf) {
-            Ok(Some(f)) => f,
-            Ok(None) => {
-                if buf.capacity() - buf.len() < 16 * 1024 {
-                    buf.reserve(256 * 1024);
-                }
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => break Ok(End::Shutdown),
-                    n = reader.read_buf(&mut buf) => match n {
-                        Ok(0) => break Ok(End::Eof),
-                        Ok(_) => continue,
-                        Err(e) => break Err(e.into()),
-                    },
-                }
-            }
-            Err(e) => break Err(e.into()),
+        let h = match input.header(&mut codec, &shutdown).await {
+            Ok(Next::Header(h)) => h,
+            Ok(Next::Eof) => break Ok(End::Eof),
+            Ok(Next::Shutdown) => break Ok(End::Shutdown),
+            Err(e) => break Err(e),
         };
-        let (header, payload) = match frame {
-            RequestFrame::Request { header, payload } => (header, payload),
-            RequestFrame::OversizedWrite { header } => {
-                let f = Failure::range(RangeError::TooLong {
-                    length: u64::from(header.length),
-                    maximum: ctx.export.block.maximum,
-                });
-                send_failure(&ctx, &tx, &header, f, 0);
-                continue;
-            }
-            RequestFrame::AbsurdWrite { header } => {
-                let f = Failure::new(
-                    NbdError::Inval,
-                    format!(
-                        "write length {} is beyond the {WRITE_SKIP_LIMIT}-byte limit; closing the connection",
-                        header.length
-                    ),
-                );
-                send_failure(&ctx, &tx, &header, f, 0);
-                break Ok(End::AbsurdWrite);
-            }
-        };
-        if header.command == Command::Disc {
+        if h.command == Command::Disc {
             break Ok(End::Disconnect);
         }
-        let data = match header.command {
-            Command::Read | Command::Write => u64::from(header.length),
-            _ => 0,
-        };
-        let credit = REQUEST_OVERHEAD + data.min(u64::from(ctx.export.block.maximum));
-        if !ctx.inflight.acquire(credit).await {
-            break Ok(End::Eof); // the writer died: the client is gone
+        if h.payload > skip_limit {
+            let f = Failure::new(
+                NbdError::Inval,
+                format!(
+                    "payload of {} bytes is beyond the {skip_limit}-byte limit; closing the connection",
+                    h.payload
+                ),
+            );
+            send_failure(&ctx, &tx, &h, f, Hold::default());
+            break Ok(End::AbsurdWrite);
         }
+        let credit = tokio::select! {
+            c = memory.acquire(charge(&h)) => c,
+            _ = writer_failed.cancelled() => break Ok(End::Eof), // the client is gone
+            _ = shutdown.cancelled() => {
+                let f = Failure::new(NbdError::Shutdown, "the server is shutting down");
+                if let Err(e) = input.skip(h.payload).await {
+                    break Err(e.into());
+                }
+                send_failure(&ctx, &tx, &h, f, Hold::default());
+                break Ok(End::Shutdown);
+            }
+        };
+        match prepare(&ctx, &h) {
+            Ok(()) => {}
+            Err(f) => {
+                if let Err(e) = input.skip(h.payload).await {
+                    break Err(e.into());
+                }
+                send_failure(&ctx, &tx, &h, f, Hold::credit(credit));
+                continue;
+            }
+        }
+        let (ticket, deps) = match range_of(&h) {
+            Some((start, len, write)) => {
+                let (t, d) = order.register(start, len, write);
+                (Some(t), d)
+            }
+            None => (None, Vec::new()),
+        };
         let (ctx2, tx2) = (ctx.clone(), tx.clone());
+        if h.payload > STREAM_WINDOW {
+            // Written as it arrives: the task writes one piece while the
+            // reader reads the next.
+            let (ptx, prx) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                after(deps).await;
+                handle(&ctx2, &tx2, h, Payload::Stream(prx), credit).await;
+                drop(ticket);
+            });
+            let window = Arc::new(Semaphore::new((STREAM_WINDOW / PIECE) as usize));
+            let mut done = 0u64;
+            let mut failed = None;
+            while done < h.payload {
+                let slot = window
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the window semaphore is never closed");
+                let n = (h.payload - done).min(PIECE) as usize;
+                match input.take(n).await {
+                    Ok(piece) => {
+                        // The task is gone only if the writer is: stop then.
+                        let _ = ptx.send((piece, slot));
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                done += n as u64;
+            }
+            drop(ptx);
+            if let Some(e) = failed {
+                break Err(e.into());
+            }
+            continue;
+        }
+        let payload = if h.payload > 0 {
+            match input.take(h.payload as usize).await {
+                Ok(p) => Payload::Whole(p),
+                Err(e) => break Err(e.into()),
+            }
+        } else {
+            Payload::None
+        };
         tokio::spawn(async move {
-            handle(&ctx2, &tx2, header, payload, credit).await;
+            after(deps).await;
+            handle(&ctx2, &tx2, h, payload, credit).await;
+            drop(ticket);
         });
     };
     drop(tx);
     let written = writer
         .await
-        .map_err(|e| SessionError::Writer(e.to_string()))?;
+        .map_err(|e| SessionError::WriterTask(e.to_string()))?;
     match (result, written) {
         (Err(e), _) => Err(e),
         (Ok(end), Ok(())) => Ok(end),
@@ -269,56 +442,24 @@ pub async fn serve(
     }
 }
 
-async fn write_replies(
-    mut w: BoxWriter,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    ctx: Arc<Ctx>,
-) -> std::io::Result<()> {
-    let mut buf = BytesMut::with_capacity(FLUSH_AT + COPY_LIMIT);
-    let res = async {
-        while let Some(first) = rx.recv().await {
-            let mut next = Some(first);
-            let mut credit = 0;
-            while let Some(m) = next.take() {
-                credit += m.credit;
-                let tail = RequestCodec::encode_split(&m.reply, &mut buf, COPY_LIMIT)
-                    .map_err(std::io::Error::other)?;
-                if let Some(data) = tail {
-                    w.write_all(&buf).await?;
-                    buf.clear();
-                    w.write_all(&data).await?;
-                } else if buf.len() >= FLUSH_AT {
-                    w.write_all(&buf).await?;
-                    buf.clear();
-                }
-                next = rx.try_recv().ok();
-            }
-            if !buf.is_empty() {
-                w.write_all(&buf).await?;
-                buf.clear();
-            }
-            w.flush().await?;
-            ctx.inflight.release(credit);
-        }
-        w.shutdown().await
-    }
-    .await;
-    if res.is_err() {
-        ctx.inflight.close();
-    }
-    res
+/// A WRITE's data: whole, or pieces as the reader gets them.
+enum Payload {
+    None,
+    Whole(Bytes),
+    Stream(mpsc::UnboundedReceiver<(Bytes, tokio::sync::OwnedSemaphorePermit)>),
 }
 
-fn send(tx: &Tx, reply: Reply, credit: u64) {
+fn send(tx: &Tx, reply: Reply, hold: Hold) {
     // A send fails only when the writer is gone; the reader notices that.
-    let _ = tx.send(Outgoing { reply, credit });
+    let _ = tx.send(Outgoing::Reply { reply, hold });
 }
 
-fn send_failure(ctx: &Ctx, tx: &Tx, h: &RequestHeader, f: Failure, credit: u64) {
+fn send_failure(ctx: &Ctx, tx: &Tx, h: &RequestHeader, f: Failure, hold: Hold) {
     tracing::debug!(command = ?h.command, offset = h.offset, length = h.length, error = ?f.error, message = %f.message, "request failed");
     let reply = if ctx.structured {
         Reply::Chunk {
             handle: h.handle,
+            offset: h.offset,
             flags: reply_flags::DONE,
             payload: ChunkPayload::Error {
                 error: f.error.code(),
@@ -332,66 +473,43 @@ fn send_failure(ctx: &Ctx, tx: &Tx, h: &RequestHeader, f: Failure, credit: u64) 
             data: None,
         }
     };
-    send(tx, reply, credit);
+    send(tx, reply, hold);
 }
 
-fn send_ok(ctx: &Ctx, tx: &Tx, h: &RequestHeader, credit: u64) {
-    let reply = if ctx.structured && h.command == Command::Read {
+fn send_ok(ctx: &Ctx, tx: &Tx, h: &RequestHeader, hold: Hold) {
+    let reply = if ctx.extended || (ctx.structured && h.command == Command::Read) {
         Reply::Chunk {
             handle: h.handle,
+            offset: h.offset,
             flags: reply_flags::DONE,
             payload: ChunkPayload::None,
         }
     } else {
-        // Simple replies are allowed for payload-less success even with
-        // structured replies, and are the shortest.
+        // Simple replies are allowed for payload-less success with
+        // structured replies (not with extended headers), and are the
+        // shortest.
         Reply::Simple {
             handle: h.handle,
             error: 0,
             data: None,
         }
     };
-    send(tx, reply, credit);
+    send(tx, reply, hold);
 }
 
-async fn handle(ctx: &Ctx, tx: &Tx, h: RequestHeader, payload: Option<Bytes>, credit: u64) {
-    let st = &ctx.export.stats;
-    ExportStats::add(&st.in_flight, 1);
-    let r = run(ctx, tx, &h, payload, credit).await;
-    ExportStats::sub(&st.in_flight, 1);
-    match (&r, h.command) {
-        (Err(_), _) => ExportStats::add(&st.errors, 1),
-        (Ok(_), Command::Read) => {
-            ExportStats::add(&st.reads, 1);
-            ExportStats::add(&st.bytes_read, u64::from(h.length));
-        }
-        (Ok(_), Command::Write | Command::WriteZeroes | Command::Trim) => {
-            ExportStats::add(&st.writes, 1);
-            if h.command == Command::Write {
-                ExportStats::add(&st.bytes_written, u64::from(h.length));
-            }
-        }
-        _ => {}
-    }
-    match r {
-        Ok(true) => {}
-        Ok(false) => send_ok(ctx, tx, &h, credit),
-        Err(f) => send_failure(ctx, tx, &h, f, credit),
+fn chunk(h: &RequestHeader, flags: u16, payload: ChunkPayload) -> Reply {
+    Reply::Chunk {
+        handle: h.handle,
+        offset: h.offset,
+        flags,
+        payload,
     }
 }
 
-/// Execute one request. `Ok(true)`: replies already sent; `Ok(false)`:
-/// success without payload, caller replies.
-async fn run(
-    ctx: &Ctx,
-    tx: &Tx,
-    h: &RequestHeader,
-    payload: Option<Bytes>,
-    credit: u64,
-) -> Result<bool, Failure> {
+/// Check a request before anything of it runs: flags, read-only, range.
+fn prepare(ctx: &Ctx, h: &RequestHeader) -> Result<(), Failure> {
     let e = &ctx.export;
-    let dev = &e.dev;
-    let extra = h.flags & !h.command.allowed_flags();
+    let extra = h.flags & !h.command.allowed_flags(ctx.extended);
     if extra != 0 {
         return Err(Failure::new(
             NbdError::Inval,
@@ -407,8 +525,6 @@ async fn run(
             "NBD_CMD_FLAG_DF without structured replies",
         ));
     }
-    let fua = h.flags & cmd_flags::FUA != 0;
-    let (offset, length) = (h.offset, u64::from(h.length));
     let writing = matches!(
         h.command,
         Command::Write | Command::Trim | Command::WriteZeroes
@@ -419,21 +535,117 @@ async fn run(
             format!("export {:?} is read-only", e.name),
         ));
     }
-    let payload_carrying = matches!(h.command, Command::Read | Command::Write | Command::Cache);
-    if !matches!(
-        h.command,
-        Command::Flush | Command::Disc | Command::Unknown(_)
-    ) {
-        e.check_block_sizes(offset, length, payload_carrying)
-            .map_err(Failure::range)?;
+    let (offset, length) = (h.offset, h.length);
+    match h.command {
+        Command::Read | Command::Write | Command::Cache => e
+            .check_block_sizes(offset, length, true)
+            .map_err(Failure::range)?,
+        Command::Trim | Command::WriteZeroes => e
+            .check_block_sizes(offset, length, false)
+            .map_err(Failure::range)?,
+        Command::BlockStatus => {
+            if !ctx.structured || !ctx.base_allocation {
+                return Err(Failure::new(
+                    NbdError::Inval,
+                    "NBD_CMD_BLOCK_STATUS without a negotiated metadata context",
+                ));
+            }
+            if length == 0 {
+                return Err(Failure::new(NbdError::Inval, "block status of length 0"));
+            }
+            e.check_block_sizes(offset, length, false)
+                .map_err(Failure::range)?
+        }
+        Command::Flush | Command::Disc => {} // DISC: handled by the reader
+        Command::Unknown(c) => {
+            return Err(Failure::new(
+                NbdError::Inval,
+                format!("unknown command {c}"),
+            ))
+        }
     }
+    // A streamed WRITE is written piece by piece as it arrives; one that
+    // would run past the end is refused before any of it is written (the
+    // region view checks each piece again, as it checks every call).
+    if h.command == Command::Write && h.payload > STREAM_WINDOW {
+        lungate_block::device::check_range(offset, length, e.size())
+            .map_err(|r| Failure::range_of(&r, true))?;
+    }
+    if h.command == Command::Read && h.flags & cmd_flags::DF != 0 && length > STREAM_WINDOW {
+        return Err(Failure::new(
+            NbdError::Overflow,
+            format!(
+                "a read of {length} bytes cannot be sent unfragmented (NBD_CMD_FLAG_DF) \
+                 beyond {STREAM_WINDOW} bytes"
+            ),
+        ));
+    }
+    if h.payload > 0 && h.command != Command::Write {
+        return Err(Failure::new(
+            NbdError::Inval,
+            format!("{:?} takes no payload", h.command),
+        ));
+    }
+    Ok(())
+}
+
+async fn handle(ctx: &Ctx, tx: &Tx, h: RequestHeader, payload: Payload, credit: Credit) {
+    let st = &ctx.export.stats;
+    ExportStats::add(&st.in_flight, 1);
+    let mut credit = Some(credit);
+    let r = run(ctx, tx, &h, payload, &mut credit).await;
+    ExportStats::sub(&st.in_flight, 1);
+    match (&r, h.command) {
+        (Err(_), _) => ExportStats::add(&st.errors, 1),
+        (Ok(_), Command::Read) => {
+            ExportStats::add(&st.reads, 1);
+            ExportStats::add(&st.bytes_read, h.length);
+        }
+        (Ok(_), Command::Write | Command::WriteZeroes | Command::Trim) => {
+            ExportStats::add(&st.writes, 1);
+            if h.command == Command::Write {
+                ExportStats::add(&st.bytes_written, h.length);
+            }
+        }
+        _ => {}
+    }
+    let hold = Hold {
+        credit: credit.take(),
+        piece: None,
+    };
+    match r {
+        Ok(true) => {}
+        Ok(false) => send_ok(ctx, tx, &h, hold),
+        Err(f) => send_failure(ctx, tx, &h, f, hold),
+    }
+}
+
+/// Execute one checked request. `Ok(true)`: replies already sent (they
+/// took `credit`); `Ok(false)`: success without payload, caller replies.
+async fn run(
+    ctx: &Ctx,
+    tx: &Tx,
+    h: &RequestHeader,
+    payload: Payload,
+    credit: &mut Option<Credit>,
+) -> Result<bool, Failure> {
+    let dev = &ctx.export.dev;
+    let fua = h.flags & cmd_flags::FUA != 0;
+    let (offset, length) = (h.offset, h.length);
     match h.command {
         Command::Read => read(ctx, tx, h, credit).await.map(|()| true),
         Command::Write => {
-            let data = payload.unwrap_or_default();
-            dev.write(offset, data, fua)
-                .await
-                .map_err(|err| Failure::io("write", &err, true))?;
+            match payload {
+                Payload::None => dev
+                    .write(offset, Bytes::new(), fua)
+                    .await
+                    .map_err(|err| Failure::io("write", &err, true))?,
+                Payload::Whole(data) => dev
+                    .write(offset, data, fua)
+                    .await
+                    .map_err(|err| Failure::io("write", &err, true))?,
+                Payload::Stream(pieces) => write_streamed(ctx, h, pieces).await?,
+            }
             Ok(false)
         }
         Command::Flush => {
@@ -488,101 +700,104 @@ async fn run(
             Ok(false)
         }
         Command::BlockStatus => {
-            if !ctx.structured || !ctx.base_allocation {
-                return Err(Failure::new(
-                    NbdError::Inval,
-                    "NBD_CMD_BLOCK_STATUS without a negotiated metadata context",
-                ));
-            }
-            if length == 0 {
-                return Err(Failure::new(NbdError::Inval, "block status of length 0"));
-            }
+            // The whole request is range-checked; the answer may cover less.
+            lungate_block::device::check_range(offset, length, ctx.export.size())
+                .map_err(|r| Failure::range_of(&r, false))?;
+            let span = length.min(if ctx.extended {
+                BLOCK_STATUS_SPAN_EXTENDED
+            } else {
+                BLOCK_STATUS_SPAN
+            });
             let extents = dev
-                .extents(offset, length)
+                .extents(offset, span)
                 .await
                 .map_err(|err| Failure::io("block status", &err, false))?;
-            let mut descs: Vec<(u32, u32)> = extents
-                .into_iter()
-                .map(|x| {
-                    let flags = if x.data { 0 } else { state::HOLE | state::ZERO };
-                    (x.length as u32, flags)
-                })
-                .collect();
-            if h.flags & cmd_flags::REQ_ONE != 0 {
-                descs.truncate(1);
-            }
+            let flags_of = |data: bool| if data { 0 } else { state::HOLE | state::ZERO };
+            let take = if h.flags & cmd_flags::REQ_ONE != 0 {
+                1
+            } else {
+                usize::MAX
+            };
+            let payload = if ctx.extended {
+                ChunkPayload::BlockStatusExt {
+                    context: BASE_ALLOCATION_ID,
+                    extents: extents
+                        .into_iter()
+                        .take(take)
+                        .map(|x| (x.length, u64::from(flags_of(x.data))))
+                        .collect(),
+                }
+            } else {
+                // span <= 2^32 and the runs cover it, so only a single run
+                // of exactly 4 GiB would not fit; it is cut to fit.
+                ChunkPayload::BlockStatus {
+                    context: BASE_ALLOCATION_ID,
+                    extents: extents
+                        .into_iter()
+                        .take(take)
+                        .map(|x| (x.length.min(u64::from(u32::MAX)) as u32, flags_of(x.data)))
+                        .collect(),
+                }
+            };
             send(
                 tx,
-                Reply::Chunk {
-                    handle: h.handle,
-                    flags: reply_flags::DONE,
-                    payload: ChunkPayload::BlockStatus {
-                        context: BASE_ALLOCATION_ID,
-                        extents: descs,
-                    },
+                chunk(h, reply_flags::DONE, payload),
+                Hold {
+                    credit: credit.take(),
+                    piece: None,
                 },
-                credit,
             );
             Ok(true)
         }
-        Command::Disc => Ok(false), // handled by the reader; never spawned
-        Command::Unknown(c) => Err(Failure::new(
-            NbdError::Inval,
-            format!("unknown command {c}"),
-        )),
+        Command::Disc | Command::Unknown(_) => Ok(false), // refused by prepare
     }
 }
 
-async fn read(ctx: &Ctx, tx: &Tx, h: &RequestHeader, credit: u64) -> Result<(), Failure> {
+/// Write a streamed payload piece by piece as the reader delivers it. After
+/// a failed piece the rest is still drained (the reader must get through
+/// the payload) but not written.
+async fn write_streamed(
+    ctx: &Ctx,
+    h: &RequestHeader,
+    mut pieces: mpsc::UnboundedReceiver<(Bytes, tokio::sync::OwnedSemaphorePermit)>,
+) -> Result<(), Failure> {
     let dev = &ctx.export.dev;
-    let length = u64::from(h.length);
-    if length == 0 {
-        // Still a range check: an empty read past the end is refused.
-        dev.read(h.offset, 0)
-            .await
-            .map_err(|err| Failure::io("read", &err, false))?;
-        send_ok(ctx, tx, h, credit);
-        return Ok(());
-    }
-    let sparse = ctx.structured && h.flags & cmd_flags::DF == 0 && length >= SPARSE_READ_MIN;
-    if sparse {
-        // One call, one consistent view: the stack says where it holds
-        // zeros, and those go out as OFFSET_HOLE chunks. All data is in
-        // hand before the first chunk goes out, so an I/O error becomes one
-        // error reply instead of a half-sent read.
-        let chunks = dev
-            .read_chunks(h.offset, h.length as usize)
-            .await
-            .map_err(|err| Failure::io("read", &err, false))?;
-        return send_chunks(tx, h, chunks, credit);
-    }
-    let data = dev
-        .read(h.offset, h.length as usize)
-        .await
-        .map_err(|err| Failure::io("read", &err, false))?;
-    let reply = if ctx.structured {
-        Reply::Chunk {
-            handle: h.handle,
-            flags: reply_flags::DONE,
-            payload: ChunkPayload::OffsetData {
-                offset: h.offset,
-                data,
-            },
+    let mut done = 0u64;
+    let mut failed = None;
+    while let Some((data, slot)) = pieces.recv().await {
+        let n = data.len() as u64;
+        if failed.is_none() {
+            if let Err(e) = dev.write(h.offset + done, data, false).await {
+                failed = Some(Failure::io("write", &e, true));
+            }
         }
-    } else {
-        Reply::Simple {
-            handle: h.handle,
-            error: 0,
-            data: Some(data),
-        }
-    };
-    send(tx, reply, credit);
+        drop(slot);
+        done += n;
+    }
+    if let Some(f) = failed {
+        return Err(f);
+    }
+    if done != h.payload {
+        return Err(Failure::new(
+            NbdError::Io,
+            format!(
+                "connection closed after {done} of {} payload bytes",
+                h.payload
+            ),
+        ));
+    }
+    if h.flags & cmd_flags::FUA != 0 {
+        dev.flush()
+            .await
+            .map_err(|err| Failure::io("flush after write", &err, false))?;
+    }
     Ok(())
 }
 
-/// A structured read as chunks: holes of at least [`MIN_HOLE_CHUNK`] as
-/// OFFSET_HOLE, shorter ones sent as zeros with the data around them.
-fn send_chunks(tx: &Tx, h: &RequestHeader, chunks: Vec<Chunk>, credit: u64) -> Result<(), Failure> {
+/// A structured read's answer from the stack as chunk payloads: holes of at
+/// least [`MIN_HOLE_CHUNK`] as OFFSET_HOLE, shorter ones sent as zeros with
+/// the data around them.
+fn chunk_payloads(chunks: Vec<Chunk>) -> Vec<ChunkPayload> {
     let mut out: Vec<ChunkPayload> = Vec::with_capacity(chunks.len());
     let mut data: Option<(u64, BytesMut)> = None;
     let flush_data = |data: &mut Option<(u64, BytesMut)>, out: &mut Vec<ChunkPayload>| {
@@ -602,6 +817,10 @@ fn send_chunks(tx: &Tx, h: &RequestHeader, chunks: Vec<Chunk>, credit: u64) -> R
                     length: length as u32,
                 });
             }
+            // Data with nothing pending goes out as it came: no copy.
+            Chunk::Data { offset, data: d } if data.is_none() => {
+                out.push(ChunkPayload::OffsetData { offset, data: d });
+            }
             c => {
                 let (offset, bytes): (u64, &[u8]) = match &c {
                     Chunk::Data { offset, data } => (*offset, data),
@@ -615,21 +834,234 @@ fn send_chunks(tx: &Tx, h: &RequestHeader, chunks: Vec<Chunk>, credit: u64) -> R
         }
     }
     flush_data(&mut data, &mut out);
-    let n = out.len();
-    for (i, payload) in out.into_iter().enumerate() {
-        let last = i + 1 == n;
+    out
+}
+
+/// Zeros for holes too short to send as holes.
+static ZERO_CHUNK: [u8; MIN_HOLE_CHUNK as usize] = [0; MIN_HOLE_CHUNK as usize];
+
+async fn read(
+    ctx: &Ctx,
+    tx: &Tx,
+    h: &RequestHeader,
+    credit: &mut Option<Credit>,
+) -> Result<(), Failure> {
+    let dev = &ctx.export.dev;
+    let length = h.length;
+    if length == 0 {
+        // Still a range check: an empty read past the end is refused.
+        dev.read(h.offset, 0)
+            .await
+            .map_err(|err| Failure::io("read", &err, false))?;
+        let hold = Hold {
+            credit: credit.take(),
+            piece: None,
+        };
+        send_ok(ctx, tx, h, hold);
+        return Ok(());
+    }
+    if !ctx.structured {
+        if length > STREAM_WINDOW {
+            return read_simple_streamed(ctx, tx, h, credit).await;
+        }
+        let data = dev
+            .read(h.offset, length as usize)
+            .await
+            .map_err(|err| Failure::io("read", &err, false))?;
+        let reply = Reply::Simple {
+            handle: h.handle,
+            error: 0,
+            data: Some(data),
+        };
         send(
             tx,
-            Reply::Chunk {
-                handle: h.handle,
-                flags: if last { reply_flags::DONE } else { 0 },
-                payload,
+            reply,
+            Hold {
+                credit: credit.take(),
+                piece: None,
             },
-            if last { credit } else { 0 },
+        );
+        return Ok(());
+    }
+    let sparse = h.flags & cmd_flags::DF == 0 && length >= SPARSE_READ_MIN;
+    if length > STREAM_WINDOW {
+        // prepare refused DF beyond the window.
+        read_structured_streamed(ctx, tx, h, sparse, credit).await;
+        return Ok(());
+    }
+    // Within the window: everything is read before the first chunk goes
+    // out, so an I/O error is one error reply instead of a half-sent read.
+    let chunks = if sparse {
+        // One call, one consistent view: the stack says where it holds
+        // zeros, and those go out as OFFSET_HOLE chunks.
+        let c = dev
+            .read_chunks(h.offset, length as usize)
+            .await
+            .map_err(|err| Failure::io("read", &err, false))?;
+        chunk_payloads(c)
+    } else {
+        let data = dev
+            .read(h.offset, length as usize)
+            .await
+            .map_err(|err| Failure::io("read", &err, false))?;
+        vec![ChunkPayload::OffsetData {
+            offset: h.offset,
+            data,
+        }]
+    };
+    let n = chunks.len();
+    for (i, payload) in chunks.into_iter().enumerate() {
+        let last = i + 1 == n;
+        let hold = if last {
+            Hold {
+                credit: credit.take(),
+                piece: None,
+            }
+        } else {
+            Hold::default()
+        };
+        send(
+            tx,
+            chunk(h, if last { reply_flags::DONE } else { 0 }, payload),
+            hold,
         );
     }
     Ok(())
 }
 
-/// Zeros for holes too short to send as holes.
-static ZERO_CHUNK: [u8; MIN_HOLE_CHUNK as usize] = [0; MIN_HOLE_CHUNK as usize];
+/// A structured READ longer than the window: each piece is read from the
+/// stack (holes included, when `sparse`) and goes out as its chunks as soon
+/// as it is read, and a final NONE chunk ends the reply. A piece that fails
+/// to read ends it with an ERROR_OFFSET chunk at that piece (the pieces
+/// before it are valid).
+async fn read_structured_streamed(
+    ctx: &Ctx,
+    tx: &Tx,
+    h: &RequestHeader,
+    sparse: bool,
+    credit: &mut Option<Credit>,
+) {
+    let dev = &ctx.export.dev;
+    let window = Arc::new(Semaphore::new((STREAM_WINDOW / PIECE) as usize));
+    let mut done = 0u64;
+    while done < h.length {
+        let slot = window
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the window semaphore is never closed");
+        let n = (h.length - done).min(PIECE);
+        let piece_off = h.offset + done;
+        let got = if sparse {
+            dev.read_chunks(piece_off, n as usize)
+                .await
+                .map(chunk_payloads)
+        } else {
+            dev.read(piece_off, n as usize).await.map(|data| {
+                vec![ChunkPayload::OffsetData {
+                    offset: piece_off,
+                    data,
+                }]
+            })
+        };
+        match got {
+            Ok(payloads) => {
+                // The piece's slot stays with its last chunk until that is
+                // on the wire.
+                let mut slot = Some(slot);
+                let k = payloads.len();
+                for (i, payload) in payloads.into_iter().enumerate() {
+                    let piece = if i + 1 == k { slot.take() } else { None };
+                    let hold = Hold {
+                        credit: None,
+                        piece,
+                    };
+                    send(tx, chunk(h, 0, payload), hold);
+                }
+            }
+            Err(e) => {
+                let f = Failure::io("read", &e, false);
+                tracing::debug!(offset = piece_off, error = %f.message, "read failed mid-reply");
+                let payload = ChunkPayload::ErrorOffset {
+                    error: f.error.code(),
+                    message: f.message,
+                    offset: piece_off,
+                };
+                let hold = Hold {
+                    credit: credit.take(),
+                    piece: None,
+                };
+                send(tx, chunk(h, reply_flags::DONE, payload), hold);
+                return;
+            }
+        }
+        done += n;
+    }
+    let hold = Hold {
+        credit: credit.take(),
+        piece: None,
+    };
+    send(tx, chunk(h, reply_flags::DONE, ChunkPayload::None), hold);
+}
+
+/// A simple-reply READ longer than the window: the first piece is read
+/// before the header goes out (so the usual failure is a clean error
+/// reply), the rest follows piece by piece. A later failure can only end
+/// the connection (the spec's rule for simple replies).
+async fn read_simple_streamed(
+    ctx: &Ctx,
+    tx: &Tx,
+    h: &RequestHeader,
+    credit: &mut Option<Credit>,
+) -> Result<(), Failure> {
+    let dev = &ctx.export.dev;
+    let window = Arc::new(Semaphore::new((STREAM_WINDOW / PIECE) as usize));
+    let slot = window
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the window semaphore is never closed");
+    let first = dev
+        .read(h.offset, PIECE as usize)
+        .await
+        .map_err(|err| Failure::io("read", &err, false))?;
+    let Some(c) = credit.take() else {
+        return Err(Failure::new(NbdError::Io, "read without its credit"));
+    };
+    let (ptx, prx) = mpsc::unbounded_channel();
+    let _ = tx.send(Outgoing::Stream {
+        head: Reply::Simple {
+            handle: h.handle,
+            error: 0,
+            data: None,
+        },
+        total: h.length,
+        first: (first, slot),
+        rest: prx,
+        credit: c,
+    });
+    let mut done = PIECE;
+    while done < h.length {
+        let slot = window
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the window semaphore is never closed");
+        let n = (h.length - done).min(PIECE);
+        match dev.read(h.offset + done, n as usize).await {
+            Ok(d) => {
+                if ptx.send(Ok((d, slot))).is_err() {
+                    break; // the writer is gone
+                }
+            }
+            Err(e) => {
+                tracing::warn!(offset = h.offset + done, error = %e,
+                    "read failed after its simple reply header was sent; closing the connection");
+                let _ = ptx.send(Err(()));
+                break;
+            }
+        }
+        done += n;
+    }
+    Ok(())
+}

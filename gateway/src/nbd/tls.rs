@@ -1,6 +1,7 @@
-//! TLS for NBD_OPT_STARTTLS: building the rustls server configuration from
-//! PEM files, and reading the client's certificate identity for `cert:`
-//! allow rules. Certificate validation itself is rustls' job.
+//! TLS for NBD_OPT_STARTTLS and the control API's TCP listener: building
+//! the rustls server configuration from PEM files, and reading the client's
+//! certificate identity for `cert:` allow rules. Certificate validation
+//! itself is rustls' job.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -71,16 +72,41 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         })
 }
 
-/// Build the acceptor. With `ca`, clients may present a certificate signed
-/// by it (verified by rustls); clients without one are still accepted and
-/// simply match no `cert:` rule.
-pub fn acceptor(cert: &Path, key: &Path, ca: Option<&Path>) -> Result<TlsAcceptor, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+/// How the server treats client certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAuth<'a> {
+    /// CA bundle that signs client certificates; `None`: certificates are
+    /// not requested.
+    pub ca: Option<&'a Path>,
+    /// A client must present a certificate that verifies against `ca`
+    /// (qemu-nbd's `verify-peer=on`). Without it a client may present none,
+    /// but one it presents must still verify.
+    pub verify_peer: bool,
+}
+
+/// The crypto provider every TLS listener of the gateway uses. aws-lc-rs
+/// rather than ring: ring refuses RSA private keys whose primes are not a
+/// multiple of 512 bits (so every size but 2048, 3072 and 4096), while
+/// GnuTLS, and with it qemu-nbd, nbdkit and nbd-server, load any size; the
+/// nbd test suite's keys are 2432 bits.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The rustls server configuration: certificate chain, key, client
+/// certificate policy, and the ALPN protocols offered (none for NBD).
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    auth: ClientAuth<'_>,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = provider();
     let chain = read_certs("TLS certificate", cert)?;
     let key = read_key(key)?;
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
-    let config = match ca {
+    let mut config = match auth.ca {
         None => builder.with_no_client_auth().with_single_cert(chain, key)?,
         Some(ca_path) => {
             let mut roots = rustls::RootCertStore::empty();
@@ -90,13 +116,19 @@ pub fn acceptor(cert: &Path, key: &Path, ca: Option<&Path>) -> Result<TlsAccepto
                     reason: e.to_string(),
                 })?;
             }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            // No CA names in the CertificateRequest: a GnuTLS client whose
+            // certificate another CA signed would otherwise quietly send
+            // none and be let in as anonymous; this way it sends it, and the
+            // verifier refuses it, which ends the handshake.
+            let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider,
             )
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| TlsError::ClientCa {
+            .clear_root_hint_subjects();
+            if !auth.verify_peer {
+                verifier = verifier.allow_unauthenticated();
+            }
+            let verifier = verifier.build().map_err(|e| TlsError::ClientCa {
                 path: ca_path.to_path_buf(),
                 reason: e.to_string(),
             })?;
@@ -105,7 +137,13 @@ pub fn acceptor(cert: &Path, key: &Path, ca: Option<&Path>) -> Result<TlsAccepto
                 .with_single_cert(chain, key)?
         }
     };
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// The acceptor for NBD_OPT_STARTTLS.
+pub fn acceptor(cert: &Path, key: &Path, auth: ClientAuth<'_>) -> Result<TlsAcceptor, TlsError> {
+    Ok(TlsAcceptor::from(server_config(cert, key, auth, &[])?))
 }
 
 /// Identities of the verified client certificate: subject CNs, DNS and

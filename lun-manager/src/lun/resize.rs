@@ -1,0 +1,350 @@
+//! Growing a disk or the state region while keeping every byte.
+
+use super::*;
+
+impl Lun {
+    // ----- resize --------------------------------------------------------
+
+    /// Grow disk `index` to `new_len` bytes, or add disk `index` when it is
+    /// the next free index. Never shrinks; never loses a byte.
+    pub fn resize_disk(&mut self, index: u32, new_len: u64) -> Result<()> {
+        self.resize_disk_with(index, new_len, &mut crate::progress::silent())
+    }
+
+    /// [`Lun::resize_disk`], reporting the regions it moves (`move`) and
+    /// the space it zeroes (`zero`) to `progress`.
+    pub fn resize_disk_with(
+        &mut self,
+        index: u32,
+        new_len: u64,
+        progress: &mut dyn Progress,
+    ) -> Result<()> {
+        self.not_layered()?;
+        let new_len = align_up(new_len)
+            .ok_or_else(|| Error::Invalid(format!("size {new_len} is too large")))?;
+        match self.region(RegionKind::Disk, index) {
+            Some(r) if new_len < r.length => Err(Error::Invalid(format!(
+                "disk{index} is {} bytes; shrinking to {new_len} would lose data and is refused",
+                r.length
+            ))),
+            Some(r) if new_len == r.length => Ok(()),
+            Some(_) => self.grow(RegionKind::Disk, index, new_len, progress),
+            None if index as usize == self.disks().len() => {
+                if self.disks().len() >= MAX_DISKS {
+                    return Err(Error::Invalid(format!(
+                        "a LUN holds at most {MAX_DISKS} disks"
+                    )));
+                }
+                if new_len == 0 {
+                    return Err(Error::Invalid("a new disk needs a size".into()));
+                }
+                self.grow(RegionKind::Disk, index, new_len, progress)?;
+                let mut id: Identity = self
+                    .record_json(RecordType::Identity, 0)?
+                    .unwrap_or(Identity { disks: vec![] });
+                id.disks.push(state::DiskIdentity {
+                    index,
+                    id: crate::format::label::hex(Uuid::new_v4().as_bytes()),
+                    export_name: format!("{}/disk{index}", self.name()),
+                    description: format!("lungate {} disk{index}", self.name()),
+                });
+                let mut hw: HardwareConfig = self.hardware()?;
+                hw.devices.push(state::Device {
+                    kind: "virtio-blk".into(),
+                    disk: Some(index),
+                });
+                self.put_records(&[
+                    (RecordType::Identity, 0, json(&id)),
+                    (RecordType::HardwareConfig, 0, json(&hw)),
+                ])
+            }
+            None => Err(Error::Invalid(format!(
+                "no disk{index}: the LUN has disks 0..{}; a new disk must be disk{}",
+                self.disks().len(),
+                self.disks().len()
+            ))),
+        }
+    }
+
+    pub fn hardware(&self) -> Result<HardwareConfig> {
+        self.record_json(RecordType::HardwareConfig, 0)?
+            .ok_or_else(|| Error::Record {
+                path: self.path.clone(),
+                record: "hardware-config".into(),
+                why: "missing".into(),
+            })
+    }
+
+    /// Resizing moves regions in the file, under the layers' feet: refused
+    /// once the LUN has layers.
+    pub(super) fn not_layered(&self) -> Result<()> {
+        if self.volume.is_layered() {
+            return Err(Error::Invalid(format!(
+                "{} has snapshot layers in {} (snapshots, a clone, or a flattened chain); \
+                 resizing a layered LUN is not supported",
+                self.name(),
+                self.volume.layers_dir().display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Set the VM's memory size, growing the state region to hold it.
+    pub fn resize_memory(&mut self, memory: u64) -> Result<()> {
+        self.resize_memory_with(memory, &mut crate::progress::silent())
+    }
+
+    /// [`Lun::resize_memory`], reporting to `progress` as
+    /// [`Lun::resize_disk_with`] does.
+    pub fn resize_memory_with(&mut self, memory: u64, progress: &mut dyn Progress) -> Result<()> {
+        self.not_layered()?;
+        let need = state::state_region_len(self.label.layout, memory)
+            .ok_or_else(|| Error::Invalid(format!("memory size {memory} is too large")))?;
+        let st = *self.label.state_region();
+        if need > st.length {
+            self.grow(RegionKind::State, 0, need, progress)?;
+        }
+        let mut hw = self.hardware()?;
+        hw.memory_bytes = memory;
+        self.put_records(&[(RecordType::HardwareConfig, 0, json(&hw))])
+    }
+
+    /// The crash-safe grow protocol (docs/lun-format.md, "Resize"):
+    /// 1. extend the file if the new layout needs more room;
+    /// 2. copy every region in the way to free space, sync;
+    /// 3. label N+1: moved regions at their new homes, sync;
+    /// 4. zero the range the grown region will cover, sync;
+    /// 5. label N+2: the region at its new length, sync;
+    /// 6. zero what the moved regions left behind; rewrite the GPT.
+    pub(super) fn grow(
+        &mut self,
+        kind: RegionKind,
+        index: u32,
+        new_len: u64,
+        progress: &mut dyn Progress,
+    ) -> Result<()> {
+        self.writable()?;
+        self.not_layered()?;
+        let old = self.label.clone();
+        let target = old.region(kind, index).copied();
+        let tgt_off = target.map(|r| r.offset);
+        let layout = old.layout;
+        // Regions that stay put: everything but the target, the movers, and
+        // (truncate layout) the footer, which follows the end of the file.
+        let want_end = tgt_off.map(|o| o.checked_add(new_len));
+        if let Some(None) = want_end {
+            return Err(Error::Invalid("new size overflows".into()));
+        }
+        let grow_range = target.map(|r| (r.end(), r.offset + new_len));
+        let is_mover = |r: &Region| {
+            if Some(*r) == target {
+                return false;
+            }
+            if layout == Layout::Truncate && r.kind == RegionKind::Label {
+                return false;
+            }
+            matches!(grow_range, Some((s, e)) if r.offset < e && s < r.end())
+        };
+        if layout.has_gpt() {
+            if let Some(m) = old
+                .regions
+                .iter()
+                .find(|r| is_mover(r) && r.kind == RegionKind::Label)
+            {
+                return Err(Error::Invalid(format!(
+                    "cannot grow {kind}{index} over the label region at {}",
+                    m.offset
+                )));
+            }
+        }
+        let movers: Vec<Region> = old
+            .regions
+            .iter()
+            .filter(|r| is_mover(r))
+            .copied()
+            .collect();
+        // Occupied while copying: every old region, plus the target's new extent.
+        let mut busy: Vec<(u64, u64)> = old.regions.iter().map(|r| (r.offset, r.end())).collect();
+        if let (Some(t), Some(Some(e))) = (target, want_end) {
+            busy.push((t.offset, e));
+        }
+        // Aligned: the label region [0, 1 MiB) and disk0 are busy, so
+        // nothing is placed below disk0's end.
+        let floor = match layout {
+            Layout::Offset => OFFSET_LABEL_AT,
+            Layout::Truncate | Layout::Aligned => 0,
+        };
+        let data_limit = |lun_size: u64| match layout {
+            Layout::Offset | Layout::Aligned => lun_size - OFFSET_TAIL_RESERVED,
+            Layout::Truncate => lun_size - LABEL_REGION_LEN,
+        };
+        let mut placed: Vec<Region> = Vec::new();
+        let mut to_place: Vec<Region> = movers.clone();
+        if target.is_none() {
+            to_place.push(Region {
+                kind,
+                index,
+                offset: 0,
+                length: new_len,
+                guid: Uuid::new_v4(),
+            });
+        }
+        let mut lun_size = old.lun_size;
+        for r in &to_place {
+            let fit = first_fit(&busy, floor, data_limit(lun_size), r.length);
+            let at = match fit {
+                Some(at) => at,
+                None if self.is_block => {
+                    return Err(Error::Invalid(format!(
+                        "{}: not enough free space on the block device for {} ({} bytes)",
+                        self.path.display(),
+                        r.name(),
+                        r.length
+                    )))
+                }
+                None => {
+                    // Place past everything, including the old tail MiB.
+                    let end = busy
+                        .iter()
+                        .map(|b| b.1)
+                        .max()
+                        .unwrap_or(0)
+                        .max(old.lun_size);
+                    lun_size = end
+                        .checked_add(r.length)
+                        .and_then(|x| x.checked_add(MIB))
+                        .ok_or_else(|| Error::Invalid("new size overflows".into()))?;
+                    end
+                }
+            };
+            busy.push((at, at + r.length));
+            placed.push(Region { offset: at, ..*r });
+        }
+        if let Some(Some(e)) = want_end {
+            // The target's own growth may need a bigger file.
+            let limit = data_limit(lun_size);
+            if e > limit {
+                if self.is_block {
+                    return Err(Error::Invalid(format!(
+                        "{}: growing {kind}{index} to {new_len} bytes needs {} more bytes than the block device has",
+                        self.path.display(),
+                        e - limit
+                    )));
+                }
+                let end = busy
+                    .iter()
+                    .map(|b| b.1)
+                    .max()
+                    .unwrap_or(0)
+                    .max(old.lun_size);
+                lun_size = lun_size.max(end.max(e) + MIB);
+            }
+        }
+        if self.is_block {
+            lun_size = old.lun_size;
+        }
+        // 1. room
+        if lun_size > self.backing_size {
+            self.file.set_len(lun_size).ctx(&self.path, "extend")?;
+            self.backing_size = lun_size;
+            if layout.has_gpt() {
+                // The current partitions, the backup at the new end: the
+                // tail is never an unwritten extension, which the label
+                // search would take for an interrupted truncate resize and
+                // walk the guest's data for a footer.
+                gpt::write_in(&self.file, &old, lun_size).ctx(&self.path, "extend GPT")?;
+                self.sync_file()?;
+            }
+        }
+        // 2. copy movers
+        let total: u64 = movers.iter().map(|r| r.length).sum();
+        let mut moved = 0;
+        progress.update("move", 0, total);
+        for m in &movers {
+            let dst = placed.iter().find(|p| p.guid == m.guid).expect("placed");
+            // Holes are skipped: what they would have copied counts as done.
+            let before = moved;
+            fileops::copy_range(&self.file, m.offset, dst.offset, m.length, |n| {
+                moved += n;
+                progress.update("move", moved, total);
+            })
+            .ctx(&self.path, "copy region")?;
+            moved = before + m.length;
+            progress.update("move", moved, total);
+        }
+        self.sync()?;
+        // 3. label N+1
+        let mut mid = old.clone();
+        mid.lun_size = lun_size;
+        for r in mid.regions.iter_mut() {
+            if let Some(p) = placed.iter().find(|p| p.guid == r.guid) {
+                *r = *p;
+            }
+            if layout == Layout::Truncate && r.kind == RegionKind::Label {
+                r.offset = lun_size - LABEL_REGION_LEN;
+            }
+        }
+        self.commit_label(mid.clone())?;
+        // 4. zero the range the region grows into (it held moved data).
+        let mut fin = mid.clone();
+        // One `zero` phase over every range zeroed from here on; its total
+        // grows as ranges are added, `done` never falls.
+        let (mut zeroed, mut zero_total) = (0u64, 0u64);
+        let mut zero = |file: &File, off: u64, len: u64| {
+            zero_total += len;
+            progress.update("zero", zeroed, zero_total);
+            let r = fileops::zero_range_with(file, off, len, |d| {
+                progress.update("zero", zeroed + d, zero_total)
+            });
+            zeroed += len;
+            r
+        };
+        match target {
+            Some(t) => {
+                let (s, e) = (t.end(), t.offset + new_len);
+                zero(&self.file, s, e - s).ctx(&self.path, "zero new space")?;
+                for r in fin.regions.iter_mut() {
+                    if r.guid == t.guid {
+                        r.length = new_len;
+                    }
+                }
+            }
+            None => {
+                let p = placed.last().expect("new region placed");
+                zero(&self.file, p.offset, p.length).ctx(&self.path, "zero new disk")?;
+                fin.regions.push(*p);
+                fin.regions.sort_by_key(|r| (r.kind, r.index));
+            }
+        }
+        self.sync()?;
+        // 5. label N+2
+        self.commit_label(fin.clone())?;
+        // 6. clean up what is no longer any region's.
+        let mut vacated: Vec<(u64, u64)> = movers.iter().map(|r| (r.offset, r.end())).collect();
+        if layout == Layout::Truncate && old.label_region().offset != fin.label_region().offset {
+            vacated.push((old.label_region().offset, old.label_region().end()));
+        }
+        if layout.has_gpt() && fin.lun_size != old.lun_size {
+            vacated.push((old.lun_size - OFFSET_TAIL_RESERVED, old.lun_size));
+        }
+        for (s, e) in vacated {
+            for (gs, ge) in subtract(s, e, &fin.regions) {
+                zero(&self.file, gs, ge - gs).ctx(&self.path, "zero vacated")?;
+            }
+        }
+        if layout.has_gpt() {
+            gpt::write(&self.file, &self.label).ctx(&self.path, "rewrite GPT")?;
+        }
+        self.sync()?;
+        if kind == RegionKind::State {
+            // Let the directory cover the grown region.
+            let d = self.dir.clone();
+            self.commit_dir(Directory {
+                region_len: new_len,
+                ..d
+            })?;
+        }
+        self.warnings.clear();
+        Ok(())
+    }
+}
