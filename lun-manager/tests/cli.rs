@@ -877,6 +877,7 @@ fn block_device_lun_is_created_scanned_resized_within_the_device_and_wiped() {
 
 // ----- snapshots, clones, diffs (issue 4) ------------------------------------
 
+use lun_manager::format::RegionKind;
 use lun_manager::owner;
 use lun_manager::{Access, Lun};
 use lungate_block::volume::Volume;
@@ -1177,10 +1178,38 @@ fn clone_is_listed_under_its_parent_and_flatten_makes_it_independent() {
     assert_eq!(r["vms"][0]["parent"], Value::Null, "flattened: no parent");
 }
 
+/// disk0's bytes `[offset, offset + len)` as its guest sees them (through
+/// the disk's view: an aligned disk0's first MiB is in the shadow area).
+fn disk_read(lun: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    Lun::open(lun, Access::ReadOnly)
+        .unwrap()
+        .read_region(RegionKind::Disk, 0, offset, &mut b)
+        .unwrap();
+    b
+}
+
+fn disk_write(lun: &Path, offset: u64, data: &[u8]) {
+    let l = Lun::open(lun, Access::ReadWrite).unwrap();
+    l.write_region(RegionKind::Disk, 0, offset, data).unwrap();
+    l.sync().unwrap();
+}
+
+/// The volume offset that holds disk0's byte `offset`.
+fn disk_at(lun: &Path, offset: u64) -> u64 {
+    let l = Lun::open(lun, Access::ReadOnly).unwrap();
+    let pieces = l.disk_view(0).unwrap().pieces(offset, 1).unwrap();
+    pieces.iter().next().unwrap().at
+}
+
+/// In every layout a diff lists what changed since a snapshot, both the
+/// start of disk0 (the guest's partition table: in the aligned layout it
+/// lives in the state region's shadow area) and a block past the first
+/// MiB, and a diff file makes a copy read the same as its source.
 #[test]
 fn diff_lists_the_changed_extent_and_a_diff_file_makes_a_copy_equal() {
     let (d, p) = pool();
-    for layout in ["offset", "truncate"] {
+    for layout in ["offset", "truncate", "aligned"] {
         let name = format!("src-{layout}");
         let lun = create(
             &p,
@@ -1188,22 +1217,43 @@ fn diff_lists_the_changed_extent_and_a_diff_file_makes_a_copy_equal() {
             &["--disk", "8M", "--memory", "1M", "--layout", layout],
         );
         let l = lun.to_str().unwrap();
-        let (d0, d0len) = region(&inspect(&lun), "disk", 0);
-        vol_write(&lun, d0, &pattern(65536, 6));
+        let (_, d0len) = region(&inspect(&lun), "disk", 0);
+        disk_write(&lun, 0, &pattern(65536, 6));
         // The copy starts equal to the source at snapshot base.
         let copy = d.path().join(format!("copy-{layout}.lun"));
         std::fs::copy(&lun, &copy).unwrap();
         ok(&["snapshot", l, "base"]);
-        let at = d0 + (1 << 20);
         let x = pattern(131072, 7);
-        vol_write(&lun, at, &x);
+        disk_write(&lun, 1 << 20, &x);
+        let table = pattern(65536, 8);
+        disk_write(&lun, 0, &table);
 
         let v = json_of(&["diff", l, "base", "--json"]);
-        let ch = v["changes"].as_array().unwrap();
-        assert_eq!(ch.len(), 1, "{v}");
-        assert_eq!(ch[0]["offset"], at);
-        assert_eq!(ch[0]["length"], 131072);
-        assert_eq!(ch[0]["kind"], "data");
+        let mut got: Vec<(u64, u64, &str)> = v["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["offset"].as_u64().unwrap(),
+                    c["length"].as_u64().unwrap(),
+                    c["kind"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        got.sort();
+        let mut want = vec![
+            (disk_at(&lun, 0), 65536, "data"),
+            (disk_at(&lun, 1 << 20), 131072, "data"),
+        ];
+        want.sort();
+        assert_eq!(got, want, "{layout}: {v}");
+        if layout == "aligned" {
+            // Past the first MiB disk0 is at its own offset; its start is
+            // not (the LUN's GPT is there).
+            assert_eq!(disk_at(&lun, 1 << 20), 1 << 20);
+            assert_ne!(disk_at(&lun, 0), 0);
+        }
         assert!(ok(&["diff", l, "base"]).contains("disk0 +1048576"));
         ok(&["snapshot", l, "after"]);
         assert_eq!(json_of(&["diff", l, "base", "after", "--json"]), v);
@@ -1222,16 +1272,18 @@ fn diff_lists_the_changed_extent_and_a_diff_file_makes_a_copy_equal() {
             &["apply-diff", c, bad.to_str().unwrap()],
             "checksum mismatch",
         );
-        assert!(vol_read(&copy, at, 131072).iter().all(|&z| z == 0));
+        assert!(disk_read(&copy, 1 << 20, 131072).iter().all(|&z| z == 0));
+        assert_eq!(disk_read(&copy, 0, 65536), pattern(65536, 6));
         fails(
             &["apply-diff", c, copy.to_str().unwrap()],
             "not a lungate diff file",
         );
 
         ok(&["apply-diff", c, f.to_str().unwrap()]);
+        assert_eq!(disk_read(&copy, 0, 65536), table, "{layout}: the new table");
         assert_eq!(
-            vol_read(&copy, d0, d0len as usize),
-            vol_read(&lun, d0, d0len as usize),
+            disk_read(&copy, 0, d0len as usize),
+            disk_read(&lun, 0, d0len as usize),
             "{layout}: copy equals the source after apply-diff"
         );
     }
