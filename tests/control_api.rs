@@ -153,7 +153,7 @@ fn every_route_works_over_the_unix_socket_with_contract_shapes_and_errors() {
         false,
     );
     assert_eq!(file.status, 200);
-    assert_eq!(&file.body[..8], b"LGDIFF01");
+    assert_eq!(&file.body[..8], b"LGDIFF02");
 
     // revert: the snapshot's data is back; the diff file re-applies the change
     let rv = api(
@@ -564,4 +564,65 @@ fn lunctl_routes_to_the_gateway_and_operations_cover_secondary_disks() {
     let s = r.to_string();
     assert!(s.contains("vm2") && s.contains("s1"), "{s}");
     pool.assert_hidden_unchanged();
+}
+
+#[test]
+fn a_group_op_names_the_other_gateway_that_serves_a_secondary() {
+    let mut pool = Pool::new();
+    pool.add("vm", "offset", &["16M"], "8M");
+    pool.add("data", "offset", &["16M"], "8M");
+    let vm = pool.lun("vm").path.clone();
+    let data = pool.lun("data").path.clone();
+    lunctl(&[
+        "attach-secondary",
+        vm.to_str().unwrap(),
+        data.to_str().unwrap(),
+    ]);
+    // A second gateway serves only the secondary, through an [[export]];
+    // the pool's gateway then serves the primary and skips the secondary.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("other.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[export]]\nname = \"data/disk0\"\nlun = {:?}\n",
+            data.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let ctl = dir.path().join("other.sock");
+    let other = Gateway::start(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--control",
+        ctl.to_str().unwrap(),
+    ]);
+    let gw = Gateway::start(&["--pool", pool.arg()]);
+    qemu_io_ok(&gw.uri("vm/disk0"), &["write -P 0x51 0 64k"]);
+    let r = api(
+        &gw.control(),
+        "POST",
+        "/v1/luns/vm/snapshots",
+        Some(serde_json::json!({"name": "s1"})),
+        409,
+    );
+    let msg = r.to_string();
+    assert!(
+        msg.contains("served by another lungate")
+            && msg.contains(&format!("PID {}", other.pid()))
+            && msg.contains("data"),
+        "{msg}"
+    );
+    // Nothing changed: no snapshot on either disk, the guest's data intact.
+    assert_eq!(
+        api(&gw.control(), "GET", "/v1/luns/vm/snapshots", None, 200),
+        serde_json::json!([])
+    );
+    assert_eq!(
+        api(&ctl, "GET", "/v1/luns/data/snapshots", None, 200),
+        serde_json::json!([])
+    );
+    qemu_io_ok(&gw.uri("vm/disk0"), &["read -P 0x51 0 64k"]);
+    gw.stop_ok();
+    other.stop_ok();
 }

@@ -487,6 +487,10 @@ impl Client {
         Self::parse(&Method::POST, &path, &r.body)
     }
 
+    pub fn scrub(&self, lun: &str) -> Result<Scrub> {
+        self.post(&lun_path(lun, "scrub"), &Empty {})
+    }
+
     pub fn usage(&self, lun: &str) -> Result<Vec<LayerUsage>> {
         self.get(&lun_path(lun, "usage"))
     }

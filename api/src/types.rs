@@ -207,6 +207,51 @@ pub struct LayerUsage {
     pub disk_bytes: u64,
 }
 
+/// `POST /v1/luns/{lun}/scrub`: every data checksum of the VM checked,
+/// one report per member LUN (the primary first, then its secondaries).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Scrub {
+    pub luns: Vec<LunScrub>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LunScrub {
+    pub path: std::path::PathBuf,
+    /// Layers that keep checksums, and those that do not (the base LUN
+    /// file, layers of a LUN made without `--checksums`).
+    pub layers_checked: usize,
+    pub layers_without_checksums: usize,
+    pub clusters_checked: u64,
+    pub bytes_checked: u64,
+    /// Data clusters not summed yet (written since the last flush).
+    pub clusters_unsummed: u64,
+    pub errors: Vec<ScrubError>,
+}
+
+/// A cluster whose bytes differ from their committed checksum.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ScrubError {
+    pub layer: Uuid,
+    pub snapshot: Option<String>,
+    pub live: bool,
+    pub cluster: u64,
+    /// Byte offset of the cluster in the LUN.
+    pub offset: u64,
+    pub phys: u64,
+    /// Views (`live`, snapshot names) that read the damaged cluster.
+    pub affected: Vec<String>,
+    /// Views holding another version of the cluster that passes its
+    /// checksum (to restore from).
+    pub intact_in: Vec<String>,
+}
+
+impl Scrub {
+    /// Damaged clusters over every member.
+    pub fn error_count(&self) -> usize {
+        self.luns.iter().map(|l| l.errors.len()).sum()
+    }
+}
+
 // ----- state records -------------------------------------------------------
 
 /// One record of a served LUN's state directory

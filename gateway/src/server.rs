@@ -540,6 +540,7 @@ mod tests {
             vcpus: 1,
             layout: Layout::Offset,
             cluster_size: 0,
+            checksums: false,
         };
         Lun::create(&lun_path, &spec).unwrap();
         let cfg = GatewayConfig {

@@ -667,6 +667,7 @@ mod tests {
                 vcpus: 1,
                 layout,
                 cluster_size: 0,
+                checksums: false,
             },
         )
         .unwrap();
@@ -685,6 +686,7 @@ mod tests {
                 vcpus: 1,
                 layout: Layout::Offset,
                 cluster_size: 0,
+                checksums: false,
             },
         )
         .unwrap();

@@ -1299,6 +1299,53 @@ fn diff_lists_the_changed_extent_and_a_diff_file_makes_a_copy_equal() {
     );
 }
 
+#[test]
+fn a_diff_restores_onto_a_clone_of_its_base_and_refuses_other_disks() {
+    let (d, p) = pool();
+    let lun = create(&p, "web", &["--disk", "8M", "--memory", "1M"]);
+    let l = lun.to_str().unwrap();
+    let (d0, d0len) = region(&inspect(&lun), "disk", 0);
+    vol_write(&lun, d0 + 4096, &pattern(65536, 3));
+    ok(&["snapshot", l, "clean"]);
+    ok(&["clone", l, "clean", "web-restore"]);
+    let restore = p.join("web-restore.lun");
+    let x = pattern(131072, 8);
+    vol_write(&lun, d0 + (2 << 20), &x);
+    ok(&["snapshot", l, "updated"]);
+    let f = d.path().join("chain.lgdiff");
+    ok(&["diff", l, "clean", "updated", "--out", f.to_str().unwrap()]);
+
+    // A fresh LUN of the same shape but other disk bytes: refused, unchanged.
+    let other = create(&p, "other", &["--disk", "8M", "--memory", "1M"]);
+    vol_write(&other, d0 + 4096, &pattern(65536, 4));
+    let before = vol_read(&other, d0, d0len as usize);
+    fails(
+        &["apply-diff", other.to_str().unwrap(), f.to_str().unwrap()],
+        "does not hold its base \"clean\"",
+    );
+    assert!(vol_read(&other, d0, d0len as usize) == before);
+
+    // The clone of clean: applied (disks only), now equal to web@updated.
+    let out = ok(&[
+        "apply-diff",
+        restore.to_str().unwrap(),
+        f.to_str().unwrap(),
+        "--json",
+    ]);
+    // progress events first, then the result object
+    let v = serde_json::Deserializer::from_str(&out)
+        .into_iter::<Value>()
+        .filter_map(Result::ok)
+        .last()
+        .unwrap();
+    assert_eq!(v["base_matched"], 1, "{v}");
+    assert_eq!(
+        vol_read(&restore, d0, d0len as usize),
+        vol_read(&lun, d0, d0len as usize),
+        "the restored clone's disk equals the source's"
+    );
+}
+
 /// A tiny control API: answers one request with `body` and returns the
 /// request line it saw.
 fn fake_gateway(

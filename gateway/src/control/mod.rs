@@ -253,6 +253,7 @@ pub fn router(reg: Arc<Registry>) -> Router {
             post(apply_diff).layer(DefaultBodyLimit::max(MAX_DIFF_BODY)),
         )
         .route("/v1/luns/{lun}/usage", get(usage))
+        .route("/v1/luns/{lun}/scrub", post(scrub))
         .route(
             "/v1/luns/{lun}/records",
             get(records::list)
@@ -539,6 +540,11 @@ async fn apply_diff(
     let l = find(&reg, &lun)?;
     ops::apply_diff(&reg, &l, body).await?;
     ok(wire::Empty {})
+}
+
+async fn scrub(State(reg): Reg, UrlPath(lun): UrlPath<String>) -> ApiResult {
+    let l = find(&reg, &lun)?;
+    ok(ops::scrub(&reg, &l).await?)
 }
 
 async fn usage(State(reg): Reg, UrlPath(lun): UrlPath<String>) -> ApiResult {

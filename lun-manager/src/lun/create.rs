@@ -224,6 +224,10 @@ impl Lun {
             warnings: Vec::new(),
         };
         lun.backing_size = fileops::backing_size(&lun.file).ctx(path, "size")?;
+        if spec.checksums {
+            // Before the first record: every byte the volume holds is summed.
+            lun.volume.enable_checksums()?;
+        }
         let hw = HardwareConfig {
             vcpus: spec.vcpus,
             memory_bytes: spec.memory,

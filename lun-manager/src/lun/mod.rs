@@ -68,6 +68,9 @@ pub struct CreateSpec {
     /// Cluster size of the LUN's copy-on-write volume in bytes: a power of
     /// two in 4 KiB..=2 MiB, or 0 for the default (64 KiB).
     pub cluster_size: u32,
+    /// Keep a checksum of every data cluster (state and disks), checked on
+    /// every read; see `docs/volumes.md`. Fixed at creation.
+    pub checksums: bool,
 }
 
 /// Most disks one LUN can hold (the region table has 64 entries).
@@ -110,6 +113,17 @@ impl From<volume::Error> for Error {
                 why: format!("volume layers: {why}"),
             },
             volume::Error::ReadOnly(path) => Error::ReadOnly { path },
+            volume::Error::DataChecksum {
+                path,
+                layer,
+                cluster,
+                phys,
+            } => Error::Damaged {
+                why: format!(
+                    "cluster {cluster} (physical {phys}) of layer {layer} fails its data checksum"
+                ),
+                path,
+            },
             e @ volume::Error::NoSnapshot(_) => Error::NoSnapshot(e.to_string()),
             e @ volume::Error::SnapshotExists(_) => Error::SnapshotExists(e.to_string()),
             e => Error::Invalid(e.to_string()),
@@ -668,6 +682,7 @@ mod tests {
             vcpus: 2,
             layout,
             cluster_size: 0,
+            checksums: false,
         }
     }
 

@@ -156,6 +156,12 @@ enum Cmd {
         lun: LunRef,
         file: PathBuf,
     },
+    /// Read every data cluster of a LUN made with --checksums (live and
+    /// snapshots) and check it; exits 5 (damaged) naming each bad cluster
+    Scrub {
+        #[command(flatten)]
+        lun: LunRef,
+    },
     /// Space used by each layer of the LUN
     Usage {
         #[command(flatten)]
@@ -216,6 +222,7 @@ impl Cmd {
             Cmd::Diff { .. } => "diff",
             Cmd::ApplyDiff { .. } => "apply-diff",
             Cmd::Usage { .. } => "usage",
+            Cmd::Scrub { .. } => "scrub",
             Cmd::SetHardware { .. } => "set-hardware",
             Cmd::GuestKey { .. } => "guest-key",
             Cmd::Repair { .. } => "repair",
@@ -266,6 +273,12 @@ struct CreateArgs {
     /// overwritten with zeros (nothing a previous user left shows through)
     #[arg(long)]
     prefill: bool,
+    /// Keep a checksum of every data cluster (disks and state), checked on
+    /// every read, so silent corruption below the gateway fails the read
+    /// (EIO) instead of reaching the guest; `lunctl scrub` checks them all.
+    /// Costs a copy on the first write to a cluster after each flush
+    #[arg(long)]
+    checksums: bool,
 }
 
 #[derive(Args)]
@@ -397,6 +410,7 @@ fn run(cmd: Cmd, out: &Output) -> Res {
         } => snapshots::diff(out, &lun.path()?, &from, to.as_deref(), file.as_deref()),
         Cmd::ApplyDiff { lun, file } => snapshots::apply_diff(out, &lun.path()?, &file),
         Cmd::Usage { lun } => snapshots::usage(out, &lun.path()?),
+        Cmd::Scrub { lun } => snapshots::scrub(out, &lun.path()?),
         Cmd::SetHardware { lun, memory, vcpus } => {
             guest::set_hardware(out, &lun.path()?, memory, vcpus)
         }

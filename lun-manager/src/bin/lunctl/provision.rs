@@ -104,6 +104,8 @@ pub fn import(out: &Output, a: ImportArgs) -> Res {
         vcpus: a.vcpus,
         layout: a.layout,
         cluster_size: cluster_size_arg(&a.cluster_size)?,
+        // Not offered by `import` yet (create --checksums is).
+        checksums: false,
     };
     let mut rep = out.progress("import");
     let r = import::import_raw(&a.image, &path, &spec, &mut |p, d, t| rep.update(p, d, t));
@@ -155,6 +157,7 @@ pub fn create(out: &Output, a: CreateArgs) -> Res {
         vcpus: a.vcpus,
         layout: a.layout,
         cluster_size,
+        checksums: a.checksums,
     };
     let lun = if a.prefill {
         let mut rep = out.progress("create");
@@ -176,14 +179,16 @@ pub fn create(out: &Output, a: CreateArgs) -> Res {
             layout: lun.layout(),
             disks,
             prefilled: a.prefill,
+            checksums: lun.volume().checksums(),
         },
         || {
             let mut o = format!(
-                "created {} ({}, {} layout{}) at {}\n",
+                "created {} ({}, {} layout{}{}) at {}\n",
                 lun.name(),
                 lun.uuid(),
                 lun.layout(),
                 if a.prefill { ", prefilled" } else { "" },
+                if a.checksums { ", data checksums" } else { "" },
                 path.display()
             );
             disk_lines(&mut o, &lun);

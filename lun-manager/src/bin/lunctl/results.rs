@@ -29,6 +29,7 @@ pub struct Created<'a> {
     pub layout: lun_manager::Layout,
     pub disks: Vec<Disk>,
     pub prefilled: bool,
+    pub checksums: bool,
 }
 
 #[derive(Serialize)]
@@ -130,4 +131,7 @@ pub struct DiffApplied<'a> {
     pub sections: Option<usize>,
     pub extents: Option<usize>,
     pub bytes: Option<u64>,
+    /// Sections applied to another LUN whose disks matched the diff's base
+    /// (only their disk extents were written).
+    pub base_matched: Option<usize>,
 }
