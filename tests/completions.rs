@@ -107,11 +107,18 @@ fn bash_fish_and_zsh_complete_commands_options_and_values() {
     assert!(bash_complete(&bash, &["lunctl", "create", "--pre"]).contains(&"--prefill".into()));
     assert_eq!(
         bash_complete(&bash, &["lunctl", "create", "web", "--layout", ""]),
-        ["offset", "truncate"]
+        ["offset", "truncate", "aligned"]
     );
     assert_eq!(
         fish_complete(&fish, "lunctl create web --layout "),
-        ["offset", "truncate"]
+        ["offset", "truncate", "aligned"]
+    );
+    assert_eq!(
+        bash_complete(
+            &bash,
+            &["lunctl", "import", "disk.raw", "web", "--layout", ""]
+        ),
+        ["offset", "truncate", "aligned"]
     );
     assert!(fish_complete(&fish, "lunctl delete-snapshot --").contains(&"--json".into()));
     let gw = d.path().join("lungate.bash");

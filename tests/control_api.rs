@@ -9,7 +9,7 @@ use serde_json::json;
 
 #[test]
 fn every_route_works_over_the_unix_socket_with_contract_shapes_and_errors() {
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let gw = Gateway::start(&["--pool", pool.arg()]);
     let sock = gw.control();
     assert_eq!(
@@ -28,7 +28,7 @@ fn every_route_works_over_the_unix_socket_with_contract_shapes_and_errors() {
         .iter()
         .map(|e| e["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names.len(), 4, "{ex}");
+    assert_eq!(names.len(), 6, "{ex}");
     let off0 = ex
         .as_array()
         .unwrap()
@@ -54,7 +54,14 @@ fn every_route_works_over_the_unix_socket_with_contract_shapes_and_errors() {
     assert!(off["path"].as_str().unwrap().ends_with("off.lun"));
     let st = api(&sock, "GET", "/v1/stats", None, 200);
     assert_eq!(st["switch"]["count"], 0, "{st}");
-    assert_eq!(st["exports"].as_array().unwrap().len(), 4);
+    assert_eq!(st["exports"].as_array().unwrap().len(), 6);
+    let algn = luns
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "algn")
+        .unwrap();
+    assert_eq!(algn["layout"], "aligned");
 
     let uri = gw.uri("off/disk0");
     qemu_io_ok(&uri, &["write -P 0x41 0 1M", "write -P 0x42 8M 64k"]);
@@ -238,7 +245,7 @@ fn every_route_works_over_the_unix_socket_with_contract_shapes_and_errors() {
         400,
     );
     let ex = api(&sock, "GET", "/v1/exports", None, 200);
-    assert_eq!(ex.as_array().unwrap().len(), 6);
+    assert_eq!(ex.as_array().unwrap().len(), 8);
 
     // usage, flatten, delete
     let u = api(&sock, "GET", "/v1/luns/off/usage", None, 200);
@@ -300,7 +307,7 @@ fn every_route_works_over_the_unix_socket_with_contract_shapes_and_errors() {
 
 #[test]
 fn tcp_control_requires_the_bearer_token() {
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "s3cret-token\n").unwrap();
@@ -343,7 +350,7 @@ fn tcp_control_requires_the_bearer_token() {
         false,
     );
     assert_eq!(r.status, 200);
-    assert_eq!(r.json().as_array().unwrap().len(), 2);
+    assert_eq!(r.json().as_array().unwrap().len(), 3);
     let r = http(
         &Control::Tcp(addr, Some("s3cret-token")),
         "POST",
@@ -393,7 +400,7 @@ fn https_status(ca: &std::path::Path, url: &str, extra: &[&str]) -> u16 {
 /// token is 401.
 #[test]
 fn tcp_control_over_tls_with_a_strict_bearer_token() {
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let certs = TlsCerts::generate();
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
@@ -449,7 +456,7 @@ fn tcp_control_over_tls_with_a_strict_bearer_token() {
 
 #[test]
 fn a_lun_served_by_one_gateway_is_refused_by_another() {
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let gw = Gateway::start(&["--pool", pool.arg()]);
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("gw.toml");

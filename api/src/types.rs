@@ -27,6 +27,7 @@ pub struct Empty {}
 pub enum Layout {
     Offset,
     Truncate,
+    Aligned,
 }
 
 impl std::fmt::Display for Layout {
@@ -34,6 +35,7 @@ impl std::fmt::Display for Layout {
         f.write_str(match self {
             Layout::Offset => "offset",
             Layout::Truncate => "truncate",
+            Layout::Aligned => "aligned",
         })
     }
 }

@@ -698,7 +698,7 @@ pub struct DemoLun {
     pub memory: ByteSize,
     #[serde(default = "default_vcpus")]
     pub vcpus: u32,
-    /// "offset" or "truncate"
+    /// "offset", "truncate" or "aligned"
     pub layout: String,
 }
 

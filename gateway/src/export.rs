@@ -1,11 +1,15 @@
 //! Exports: one NBD export is one disk region of a LUN.
 //!
 //! An [`Export`] is a name, its flags and the top of the LUN's stack for
-//! that disk: a [`Region`] view (offset or truncate) over the LUN's gate
-//! and volume, built once when the export is. The region checks every
-//! request range against the export size, with checked arithmetic, before
-//! the LUN offset is added (see `lungate_block::region`); this module adds
-//! only the protocol's block-size rules, and never does I/O itself.
+//! that disk: a region view over the LUN's gate and volume, built once when
+//! the export is, from the disk's [`lungate_block::region::View`] as the
+//! LUN describes it ([`Lun::disk_view`]): a [`Region`] (offset, truncate)
+//! or an aligned view (the aligned layout's disk0, whose shadowed first MiB
+//! goes through the same gate and volume to the state region's shadow
+//! area). The view checks every request range against the export size,
+//! with checked arithmetic, before it translates it (see
+//! `lungate_block::region`); this module adds only the protocol's
+//! block-size rules, and never does I/O itself.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -441,25 +445,21 @@ fn export_for(
     block: BlockSizes,
 ) -> Result<Export, ExportError> {
     let lun: &Lun = &served.lun;
-    let region = lun
-        .disks()
-        .into_iter()
-        .find(|r| r.index == disk)
+    let view = lun
+        .disk_view(disk)
         .ok_or_else(|| ExportError::NoSuchDisk {
             name: name.to_string(),
             path: lun.path().to_path_buf(),
             disk,
-        })?;
-    let view =
-        Region::new(served.device().clone(), region.offset, region.length).map_err(|source| {
-            ExportError::Region {
-                name: name.to_string(),
-                source,
-            }
+        })?
+        .over(served.device().clone())
+        .map_err(|source| ExportError::Region {
+            name: name.to_string(),
+            source,
         })?;
     let mut e = Export::new(
         name.to_string(),
-        Arc::new(view),
+        view,
         read_only,
         block,
         lun.path().to_path_buf(),

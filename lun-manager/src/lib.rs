@@ -9,6 +9,7 @@
 pub mod error;
 pub mod format;
 pub mod group;
+pub mod import;
 pub mod lun;
 pub mod owner;
 pub mod pool;

@@ -343,6 +343,7 @@ fn wire_layout(l: lun_manager::Layout) -> wire::Layout {
     match l {
         lun_manager::Layout::Offset => wire::Layout::Offset,
         lun_manager::Layout::Truncate => wire::Layout::Truncate,
+        lun_manager::Layout::Aligned => wire::Layout::Aligned,
     }
 }
 

@@ -14,8 +14,8 @@
 //! LUN: the operation goes to its control API). Anything else holding the
 //! LUN is refused with who it is.
 //!
-//! Files: `provision.rs` (pools, create, inspect, list, resize, attach,
-//! delete), `snapshots.rs` (every snapshot command, and repair of a lost
+//! Files: `provision.rs` (pools, create, import, inspect, list, resize,
+//! attach, delete), `snapshots.rs` (every snapshot command, and repair of a lost
 //! snapshot manifest), `guest.rs` (vmm-shim's hardware and guest key),
 //! `results.rs` (the `--json` result objects),
 //! `fail.rs` (exit codes).
@@ -62,6 +62,8 @@ enum Cmd {
     },
     /// Create a VM LUN in a pool, or on a file or block device with --path
     Create(CreateArgs),
+    /// Create a VM LUN whose disk0 is a copy of a raw disk image
+    Import(ImportArgs),
     /// Show a LUN's regions, sizes, identity, state records and checksums
     Inspect {
         #[command(flatten)]
@@ -248,6 +250,7 @@ impl Cmd {
         match self {
             Cmd::Pool { .. } => "pool-init",
             Cmd::Create(_) => "create",
+            Cmd::Import(_) => "import",
             Cmd::Inspect { .. } => "inspect",
             Cmd::List { .. } => "list",
             Cmd::Resize { .. } => "resize",
@@ -302,7 +305,8 @@ struct CreateArgs {
     vcpus: u32,
     /// offset: a GPT the host recognises, disks served at their offsets;
     /// truncate: disk0 at byte 0 (the guest's own partition table at LBA
-    /// 0), served truncated
+    /// 0), served truncated; aligned: disk0 at byte 0 and lungate's GPT at
+    /// LBA 0 (the guest's first MiB kept in the state region)
     #[arg(long, default_value = "offset", value_parser = layout_parser())]
     layout: Layout,
     /// Cluster size of the copy-on-write volume (snapshots, clones): a
@@ -322,10 +326,43 @@ struct CreateArgs {
     checksums: bool,
 }
 
-/// `offset` or `truncate`, listed so completions offer them.
+#[derive(Args)]
+struct ImportArgs {
+    /// The raw disk image (a file or block device; read, never changed)
+    image: PathBuf,
+    /// VM name (letters, digits, '.', '_', '-'); exports are NAME/disk0, NAME/disk1, ...
+    name: String,
+    /// Pool directory; the LUN becomes DIR/NAME.lun
+    #[arg(long, value_name = "DIR", required_unless_present = "path")]
+    pool: Option<PathBuf>,
+    /// Create at this file or block device path instead of in a pool
+    #[arg(long, value_name = "PATH", conflicts_with = "pool")]
+    path: Option<PathBuf>,
+    /// Size of disk0 (default: the image's, rounded up to 1M)
+    #[arg(long, value_name = "SIZE")]
+    size: Option<String>,
+    /// More disks after the imported disk0 (repeat), e.g. 20G
+    #[arg(long, value_name = "SIZE")]
+    disk: Vec<String>,
+    /// Guest memory, e.g. 2G; sizes the hidden state region
+    #[arg(long, value_name = "SIZE")]
+    memory: String,
+    /// Virtual CPUs of the VM
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// As for create; aligned keeps every block of the image at its own
+    /// offset in the LUN but the first MiB
+    #[arg(long, default_value = "offset", value_parser = layout_parser())]
+    layout: Layout,
+    /// Cluster size of the copy-on-write volume: a power of two from 4K to 2M
+    #[arg(long, value_name = "SIZE", default_value = "64K")]
+    cluster_size: String,
+}
+
+/// `offset`, `truncate` or `aligned`, listed so completions offer them.
 fn layout_parser() -> impl clap::builder::TypedValueParser<Value = Layout> {
     use clap::builder::TypedValueParser;
-    clap::builder::PossibleValuesParser::new(["offset", "truncate"])
+    clap::builder::PossibleValuesParser::new(["offset", "truncate", "aligned"])
         .map(|s| s.parse::<Layout>().expect("a listed layout"))
 }
 
@@ -382,6 +419,7 @@ fn run(cmd: Cmd, out: &Output) -> Res {
             cmd: PoolCmd::Init { dir },
         } => provision::pool_init(out, &dir),
         Cmd::Create(a) => provision::create(out, a),
+        Cmd::Import(a) => provision::import(out, a),
         Cmd::Inspect { lun } => provision::inspect(out, &lun.path()?),
         Cmd::List { pool } => provision::list(out, &pool),
         Cmd::Resize { lun, disk, memory } => provision::resize(out, &lun.path()?, &disk, memory),

@@ -33,6 +33,20 @@ pub struct Created<'a> {
 }
 
 #[derive(Serialize)]
+pub struct Imported<'a> {
+    pub lun: &'a str,
+    pub uuid: Uuid,
+    pub path: &'a Path,
+    pub layout: lun_manager::Layout,
+    pub disks: Vec<Disk>,
+    pub image: &'a Path,
+    /// Bytes of the image.
+    pub image_bytes: u64,
+    /// Bytes of data copied (holes and zero blocks are not).
+    pub copied_bytes: u64,
+}
+
+#[derive(Serialize)]
 pub struct Resized<'a> {
     pub lun: &'a str,
     pub path: &'a Path,
