@@ -626,3 +626,44 @@ fn a_group_op_names_the_other_gateway_that_serves_a_secondary() {
     gw.stop_ok();
     other.stop_ok();
 }
+
+/// A revert a crash interrupted (its intent file left in the pool) is
+/// finished when the next gateway starts, before it serves: the disk reads
+/// as the snapshot, and the LUN's owner record names the new gateway, not
+/// the one whose record came back with the snapshot's state.
+#[test]
+fn a_revert_finished_at_start_leaves_the_new_gateways_owner_record() {
+    use lun_manager::format::state::{Owner, RecordType};
+    let owner = |p: &std::path::Path| -> Option<Owner> {
+        lun_manager::Lun::open(p, lun_manager::Access::ReadOnly)
+            .unwrap()
+            .record_json(RecordType::Owner, 0)
+            .unwrap()
+    };
+    let mut pool = Pool::new();
+    let path = pool.add("vm", "offset", &["2M"], "1M").path.clone();
+    let gw1 = Gateway::start(&["--pool", pool.arg()]);
+    let first = gw1.pid();
+    qemu_io_ok(&gw1.uri("vm/disk0"), &["write -P 0x31 0 64k"]);
+    let c = lungate_api::Client::new(&gw1.control()).unwrap();
+    c.snapshot("vm", "s", "").unwrap();
+    qemu_io_ok(&gw1.uri("vm/disk0"), &["write -P 0x32 0 64k"]);
+    gw1.stop_ok();
+    assert_eq!(owner(&path).map(|o| o.pid), Some(first));
+
+    // What Group::revert writes before it touches a volume.
+    let intent = pool.path().join(".vm.group-op");
+    std::fs::write(&intent, br#"{"op":"revert","name":"s"}"#).unwrap();
+    let gw2 = Gateway::start(&["--pool", pool.arg()]);
+    assert!(!intent.exists(), "the intent outlived the recovery");
+    qemu_io_ok(&gw2.uri("vm/disk0"), &["read -P 0x31 0 64k"]);
+    let rec = owner(&path).expect("an owner record");
+    assert_eq!(
+        rec.pid,
+        gw2.pid(),
+        "after the recovered revert the owner record names {rec:?}"
+    );
+    assert!(rec.control.is_some(), "{rec:?}");
+    gw2.stop_ok();
+    pool.assert_hidden_unchanged();
+}

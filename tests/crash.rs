@@ -531,6 +531,9 @@ fn sigkill_at_a_thousand_points_loses_no_flushed_write_snapshot_or_clone() {
     let gw = Gateway::start(&["--pool", pool.arg()]);
     let ctl = Client::new(&gw.control()).unwrap();
     check_online(&mut m, &gw, &ctl, &offline, points);
+    // Nothing the last life's reads did, nor the clean stop, changes a
+    // hidden byte (checked on both sides of the stop, to tell them apart).
+    pool.assert_hidden_unchanged();
     gw.stop_ok();
     inspect_ok(&lun, points);
     eprintln!(

@@ -7,6 +7,7 @@
 //! never by name. It does not mock anything: a test that uses it talks to
 //! the real server over real sockets.
 
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -353,6 +354,79 @@ pub struct LunInfo {
 /// hidden byte.
 static BASELINES: std::sync::Mutex<Vec<(PathBuf, [u8; 32])>> = std::sync::Mutex::new(Vec::new());
 
+/// The hidden blocks ([`lun_manager::Lun::hidden_blocks`]) behind each
+/// baseline, so a failed [`Pool::assert_hidden_unchanged`] can name what
+/// changed.
+type Blocks = Vec<(u64, [u8; 32])>;
+static BASELINE_BLOCKS: std::sync::Mutex<Vec<(PathBuf, Blocks)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn hidden_blocks(lun: &Path) -> Blocks {
+    lun_manager::Lun::open(lun, lun_manager::Access::ReadOnly)
+        .unwrap_or_else(|e| panic!("open {} read-only: {e}", lun.display()))
+        .hidden_blocks()
+        .unwrap_or_else(|e| panic!("hidden_blocks of {}: {e}", lun.display()))
+}
+
+/// Which blocks differ between `was` and the LUN at `path` now, each named
+/// by the part of the LUN it lies in (label region, a state directory
+/// slot, a state record, free state space, or elsewhere).
+fn describe_hidden_change(path: &Path, was: &Blocks) -> String {
+    use lun_manager::format::state::DIR_SLOT_SIZE;
+    let now = hidden_blocks(path);
+    let old: BTreeMap<u64, [u8; 32]> = was.iter().copied().collect();
+    let new: BTreeMap<u64, [u8; 32]> = now.iter().copied().collect();
+    let mut changed: Vec<(u64, &str)> = Vec::new();
+    for (o, h) in &old {
+        match new.get(o) {
+            None => changed.push((*o, "now zero")),
+            Some(n) if n != h => changed.push((*o, "changed")),
+            _ => {}
+        }
+    }
+    for o in new.keys() {
+        if !old.contains_key(o) {
+            changed.push((*o, "was zero"));
+        }
+    }
+    changed.sort();
+    let Ok(l) = lun_manager::Lun::open(path, lun_manager::Access::ReadOnly) else {
+        return format!("{} blocks differ: {changed:?}", changed.len());
+    };
+    let st = *l.label().state_region();
+    let dir = l.directory();
+    let name = |o: u64| -> String {
+        if o >= st.offset && o < st.offset + st.length {
+            let rel = o - st.offset;
+            if rel < 2 * DIR_SLOT_SIZE as u64 {
+                return format!("state directory slot {}", rel / DIR_SLOT_SIZE as u64);
+            }
+            for e in &dir.entries {
+                if rel + 4096 > e.offset && rel < e.offset + e.length {
+                    return format!("state record {}#{}", e.rtype.name(), e.instance);
+                }
+            }
+            return format!("state region +{rel:#x} (no current record)");
+        }
+        if o < st.offset {
+            return "before the state region (GPT, label)".into();
+        }
+        "after the state region".into()
+    };
+    let list: Vec<String> = changed
+        .iter()
+        .take(24)
+        .map(|(o, how)| format!("{o:#x} {how} ({})", name(*o)))
+        .collect();
+    format!(
+        "{} of {} hidden blocks differ (directory generation now {}): {}",
+        changed.len(),
+        old.len().max(new.len()),
+        dir.generation,
+        list.join("; ")
+    )
+}
+
 /// The reference digest of the LUN at `path` (its creation digest unless a
 /// gateway has since claimed it).
 pub fn baseline(path: &Path) -> Option<[u8; 32]> {
@@ -365,6 +439,14 @@ pub fn baseline(path: &Path) -> Option<[u8; 32]> {
 }
 
 fn set_baseline(path: &Path, d: [u8; 32]) {
+    let blocks = hidden_blocks(path);
+    {
+        let mut bb = BASELINE_BLOCKS.lock().unwrap_or_else(|e| e.into_inner());
+        match bb.iter_mut().find(|(p, _)| p == path) {
+            Some(e) => e.1 = blocks,
+            None => bb.push((path.to_path_buf(), blocks)),
+        }
+    }
     let mut b = BASELINES.lock().unwrap_or_else(|e| e.into_inner());
     match b.iter_mut().find(|(p, _)| p == path) {
         Some(e) => e.1 = d,
@@ -502,14 +584,24 @@ impl Pool {
         for l in &self.luns {
             let now = hidden_digest(&l.path);
             let want = baseline(&l.path).unwrap_or(l.hidden);
-            assert!(
-                now == want,
-                "hidden bytes of {} ({} layout) changed: before {} after {}",
-                l.path.display(),
-                l.layout,
-                hex(&want),
-                hex(&now)
-            );
+            if now != want {
+                let was = BASELINE_BLOCKS
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .find(|(p, _)| p == &l.path)
+                    .map(|(_, b)| b.clone());
+                let what = was
+                    .map(|b| describe_hidden_change(&l.path, &b))
+                    .unwrap_or_default();
+                panic!(
+                    "hidden bytes of {} ({} layout) changed: before {} after {}; {what}",
+                    l.path.display(),
+                    l.layout,
+                    hex(&want),
+                    hex(&now)
+                );
+            }
         }
     }
 }

@@ -350,8 +350,23 @@ pub fn recover(reg: &Registry) {
         if l.read_only {
             continue;
         }
-        if let Err(e) = members(reg, &l).and_then(|ms| group_of(&ms)) {
+        let ms = match members(reg, &l) {
+            Ok(ms) => ms,
+            Err(e) => {
+                tracing::warn!(lun = %l.lun.name(), "consistency group not checked: {e}");
+                continue;
+            }
+        };
+        if let Err(e) = group_of(&ms) {
             tracing::warn!(lun = %l.lun.name(), "consistency group not checked: {e}");
+        }
+        // A revert the check finished brought back the snapshot's state
+        // records, its owner record among them (another gateway's, or
+        // none): claim the LUNs again, as a live revert does.
+        for m in &ms {
+            if let Err(e) = m.reassert_owner() {
+                tracing::warn!(lun = %m.lun.name(), "owner record not rewritten after recovery: {e}");
+            }
         }
     }
 }

@@ -481,6 +481,18 @@ impl Lun {
     /// digest depends on the bytes only, not on whether zeros are a hole or
     /// written.
     pub fn hidden_digest(&self) -> std::io::Result<[u8; 32]> {
+        let mut h = blake3::Hasher::new();
+        for (offset, block) in self.hidden_blocks()? {
+            h.update(&offset.to_le_bytes());
+            h.update(&block);
+        }
+        Ok(*h.finalize().as_bytes())
+    }
+
+    /// What [`Lun::hidden_digest`] hashes, block by block: the offset and
+    /// blake3 of each hidden 4 KiB block that is not all zeros, in offset
+    /// order. Comparing two lists names the blocks that changed.
+    pub fn hidden_blocks(&self) -> std::io::Result<Vec<(u64, [u8; 32])>> {
         let mut guest: Vec<std::ops::Range<u64>> = self
             .disks()
             .iter()
@@ -489,7 +501,6 @@ impl Lun {
             .collect();
         guest.push(self.label.lun_size..self.label.lun_size);
         guest.sort_by_key(|r| r.start);
-        let mut h = blake3::Hasher::new();
         let mut at = 0;
         let mut ranges = Vec::new();
         for d in &guest {
@@ -502,6 +513,7 @@ impl Lun {
         const BLOCK: usize = 4096;
         let zero = [0u8; BLOCK];
         let mut buf = vec![0u8; 1 << 20];
+        let mut out = Vec::new();
         for (start, end) in ranges {
             for x in self.volume.extents(start, end - start).map_err(io)? {
                 if !x.data {
@@ -514,15 +526,14 @@ impl Lun {
                     self.volume.read(o, &mut buf[..n]).map_err(io)?;
                     for (i, b) in buf[..n].chunks(BLOCK).enumerate() {
                         if b != &zero[..b.len()] {
-                            h.update(&(o + (i * BLOCK) as u64).to_le_bytes());
-                            h.update(b);
+                            out.push((o + (i * BLOCK) as u64, *blake3::hash(b).as_bytes()));
                         }
                     }
                     done += n as u64;
                 }
             }
         }
-        Ok(*h.finalize().as_bytes())
+        Ok(out)
     }
 
     // ----- label updates -------------------------------------------------
