@@ -218,3 +218,133 @@ fn writes_after_the_last_flush_may_go_but_flushed_ones_stay() {
     // Clusters the lost writes never touched are exactly as flushed.
     assert_eq!(got[100 * CS as usize..], flushed[100 * CS as usize..]);
 }
+
+/// The `*.delta` files of a layers directory, by name.
+fn deltas(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".delta"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn cluster(v: &Volume, c: u64) -> Vec<u8> {
+    let mut b = vec![0u8; CS as usize];
+    v.read(c * CS, &mut b).unwrap();
+    b
+}
+
+/// A live snapshot in its three phases (prepare before the pause, switch
+/// inside it, finish after): a crash after the switch and before anything
+/// made it durable forgets the snapshot and removes the spare delta, with
+/// every flushed write intact; a flush after the switch is what makes it
+/// durable, so a crash after that flush keeps the snapshot exactly as the
+/// disk was at the switch and the live disk with the write after it.
+#[test]
+fn a_switched_snapshot_is_durable_after_the_next_flush_and_forgotten_before() {
+    for flush_after in [false, true] {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = lun(d.path(), "s", 64 * CS);
+        let dir = layers_dir(&cfg.lun_path);
+        let v = Volume::open(cfg.clone()).unwrap();
+        v.write(0, &[1; CS as usize]).unwrap();
+        // The first snapshot publishes the store (made whole, durably).
+        v.snapshot("first", "").unwrap();
+        v.write(CS, &[2; CS as usize]).unwrap();
+        v.flush().unwrap();
+        let committed = deltas(&dir);
+        v.prepare_snapshot().unwrap();
+        assert_eq!(deltas(&dir).len(), committed.len() + 1, "no spare made");
+        // Written after the prepare, before the switch: in the snapshot.
+        v.write(2 * CS, &[3; CS as usize]).unwrap();
+        let info = v.switch_snapshot("s", "live").unwrap();
+        assert_eq!(info.name, "s");
+        assert!(v.snapshots().iter().any(|s| s.name == "s"));
+        v.write(3 * CS, &[4; CS as usize]).unwrap();
+        if flush_after {
+            v.flush().unwrap();
+        }
+        v.crash();
+
+        let v = Volume::open(cfg.clone()).unwrap();
+        let names: Vec<String> = v.snapshots().into_iter().map(|s| s.name).collect();
+        assert_eq!(cluster(&v, 0), vec![1; CS as usize]);
+        assert_eq!(cluster(&v, 1), vec![2; CS as usize]);
+        if flush_after {
+            assert_eq!(names, ["first", "s"]);
+            assert_eq!(cluster(&v, 2), vec![3; CS as usize]);
+            assert_eq!(cluster(&v, 3), vec![4; CS as usize]);
+            let mut b = vec![0u8; 4 * CS as usize];
+            v.read_snapshot("s", 0, &mut b).unwrap();
+            assert_eq!(
+                &b[..3 * CS as usize],
+                &[[1u8; 4096], [2; 4096], [3; 4096]].concat()[..]
+            );
+            assert_eq!(
+                &b[3 * CS as usize..],
+                &[0u8; 4096][..],
+                "a write after the switch is in the snapshot"
+            );
+            assert_eq!(deltas(&dir).len(), committed.len() + 1);
+        } else {
+            assert_eq!(
+                names,
+                ["first"],
+                "a snapshot nothing made durable survived a crash"
+            );
+            assert_eq!(
+                cluster(&v, 3),
+                vec![0; CS as usize],
+                "an unflushed write into the spare delta survived its removal"
+            );
+            assert_eq!(
+                deltas(&dir),
+                committed,
+                "the spare delta outlived the crash"
+            );
+        }
+        // Tree operations go on from a committed manifest.
+        v.snapshot("after", "").unwrap();
+        v.close().unwrap();
+        let v = Volume::open(cfg).unwrap();
+        assert!(v.snapshots().iter().any(|s| s.name == "after"));
+    }
+}
+
+/// A spare delta made on a live layer that a revert then replaced is not
+/// used: the switch makes the snapshot whole on the new live layer and the
+/// stale spare is removed.
+#[test]
+fn a_spare_from_before_a_revert_is_removed_not_used() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = lun(d.path(), "r", 16 * CS);
+    let dir = layers_dir(&cfg.lun_path);
+    let v = Volume::open(cfg.clone()).unwrap();
+    v.write(0, &[7; CS as usize]).unwrap();
+    v.snapshot("a", "").unwrap();
+    v.write(0, &[8; CS as usize]).unwrap();
+    v.prepare_snapshot().unwrap();
+    v.revert("a").unwrap();
+    v.write(CS, &[9; CS as usize]).unwrap();
+    v.switch_snapshot("b", "").unwrap();
+    v.finish_switch().unwrap();
+    let mut b = vec![0u8; 2 * CS as usize];
+    v.read_snapshot("b", 0, &mut b).unwrap();
+    assert_eq!(b, [[7u8; 4096], [9; 4096]].concat());
+    // Every delta file left (before any reopen could clean up) is a layer
+    // of the volume.
+    let named: Vec<String> = v
+        .usage()
+        .into_iter()
+        .map(|u| u.path.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for f in deltas(&dir) {
+        assert!(
+            named.contains(&f),
+            "{f} is no layer of the volume: {named:?}"
+        );
+    }
+    v.close().unwrap();
+}

@@ -36,6 +36,13 @@ use crate::lun::{Access, Lun};
 use crate::progress::Progress;
 use lungate_block::volume::{self, Change, LayerUsage, SnapshotInfo, Volume};
 
+/// What [`Group::switch_snapshot`] did: the members (by index) that
+/// switched, and the primary's snapshot or the first error.
+pub struct Switched {
+    done: Vec<usize>,
+    result: std::result::Result<SnapshotInfo, volume::Error>,
+}
+
 /// A multi-member operation in progress (the intent file's body).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -374,6 +381,16 @@ impl Group {
     /// Snapshot every member as `name` (secondaries first, the primary
     /// last: its commit is the group's). Returns the primary's snapshot.
     pub fn snapshot(&self, name: &str, description: &str) -> Result<SnapshotInfo> {
+        self.prepare_snapshot(name)?;
+        let switched = self.switch_snapshot(name, description);
+        self.finish_snapshot(name, switched)
+    }
+
+    /// Phase one of a live group snapshot, before the guests are paused:
+    /// refuse a name any member has, write the intent (a group of more
+    /// than one), and let every member flush and make its next live delta
+    /// ahead ([`lungate_block::Volume::prepare_snapshot`]).
+    pub fn prepare_snapshot(&self, name: &str) -> Result<()> {
         for m in &self.members {
             if has_snapshot(m.volume(), name) {
                 let e = volume::Error::SnapshotExists(name.into());
@@ -384,13 +401,38 @@ impl Group {
                 });
             }
         }
-        self.begin(&Intent::Snapshot { name: name.into() })?;
-        let mut done: Vec<&Lun> = Vec::new();
+        // One member's snapshot is one manifest commit: nothing to finish
+        // or undo after a crash, so no intent.
+        let multi = self.members.len() > 1;
+        if multi {
+            self.begin(&Intent::Snapshot { name: name.into() })?;
+        }
+        for m in &self.members {
+            if let Err(e) = m.volume().prepare_snapshot() {
+                if multi {
+                    self.end()?;
+                }
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Phase two, while the guests are paused: every member switches in
+    /// memory (secondaries first, the primary last), no byte written.
+    pub fn switch_snapshot(&self, name: &str, description: &str) -> Switched {
+        let mut done = Vec::new();
         let mut result = Ok(None);
-        for m in self.members[1..].iter().chain(&self.members[..1]) {
-            match m.volume().snapshot(name, description) {
+        for (i, m) in self
+            .members
+            .iter()
+            .enumerate()
+            .skip(1)
+            .chain(self.members.iter().enumerate().take(1))
+        {
+            match m.volume().switch_snapshot(name, description) {
                 Ok(info) => {
-                    done.push(m);
+                    done.push(i);
                     result = Ok(Some(info));
                 }
                 Err(e) => {
@@ -399,16 +441,40 @@ impl Group {
                 }
             }
         }
+        Switched {
+            done,
+            result: result.map(|i| i.expect("the primary was switched last")),
+        }
+    }
+
+    /// Phase three, after the guests go on: commit every switched member
+    /// (secondaries first; the primary's commit is the group's), then end
+    /// the intent. When a member failed, the members that made the
+    /// snapshot delete it again.
+    pub fn finish_snapshot(&self, name: &str, switched: Switched) -> Result<SnapshotInfo> {
+        let mut result = switched.result;
+        for &i in switched.done.iter() {
+            if let Err(e) = self.members[i].volume().finish_switch() {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        let multi = self.members.len() > 1;
         match result {
             Ok(info) => {
-                self.end()?;
-                Ok(info.expect("the primary was snapshotted last"))
+                if multi {
+                    self.end()?;
+                }
+                Ok(info)
             }
             Err(e) => {
-                for m in done {
-                    let _ = m.volume().delete_snapshot(name);
+                for &i in &switched.done {
+                    let _ = self.members[i].volume().delete_snapshot(name);
                 }
-                self.end()?;
+                if multi {
+                    self.end()?;
+                }
                 Err(e.into())
             }
         }

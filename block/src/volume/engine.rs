@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::error::{corrupt, Error, IoCtx, Result};
 use super::header::{valid_cluster_size, Geometry, NAME_MAX};
 use super::journal::{self, KIND_DATA, KIND_ZERO};
-use super::layer::{holds_nothing, Delta, Layer, Raw, PENDING_LIMIT};
+use super::layer::{holds_nothing, is_spare, Delta, Layer, Raw, PENDING_LIMIT};
 use super::manifest::{self, Dependent, FlattenRec, LayerRec, Manifest, Parent, SnapRec};
 use super::table::Table;
 use super::{lock, read, write};
@@ -275,9 +275,43 @@ pub struct Volume {
     /// Dirty-cluster trackers (migration, incremental backup).
     pub(super) dirty: Arc<super::dirty::DirtySet>,
     pub(super) maint: Mutex<()>,
+    /// A snapshot switched in memory whose durable commit is still to do
+    /// ([`Volume::switch_snapshot`], [`Volume::finish_switch`]); held while
+    /// it is done, so concurrent finishers wait for the first.
+    pub(super) pending: Mutex<Option<PendingSwitch>>,
+    /// Whether `pending` holds one; set under the state lock (written) by
+    /// the switch, so a flush that reads it under the state lock knows
+    /// which live layer its writes went to.
+    pub(super) switch_pending: AtomicBool,
+    /// The next live delta, made ahead by [`Volume::prepare_snapshot`].
+    pub(super) spare: Mutex<Option<Spare>>,
     pub(super) warnings: Mutex<Vec<String>>,
     pub(super) crashed: AtomicBool,
     pub(super) read_only: bool,
+}
+
+/// The durable half of a snapshot switched in memory.
+pub(super) struct PendingSwitch {
+    /// The layer frozen as the snapshot (the live one before the switch).
+    old: Arc<Layer>,
+    /// The new live layer (the spare, its flag still set).
+    new: Arc<Layer>,
+    /// The manifest that names the snapshot and the new live delta.
+    manifest: Manifest,
+    generation: u64,
+    name: String,
+    description: String,
+}
+
+/// An empty delta made ahead on the live layer `parent`: uncommitted (no
+/// manifest names it) until a snapshot switches to it; a crash leaves it
+/// to the next open, which removes layers no manifest names.
+pub(super) struct Spare {
+    id: Uuid,
+    parent: Uuid,
+    created: u64,
+    checksums: bool,
+    delta: Delta,
 }
 
 impl std::fmt::Debug for Volume {
@@ -479,6 +513,9 @@ impl Volume {
             commit_group: Mutex::new(()),
             dirty: Default::default(),
             maint: Mutex::new(()),
+            pending: Mutex::new(None),
+            switch_pending: AtomicBool::new(false),
+            spare: Mutex::new(None),
             warnings: Mutex::new(warnings),
             crashed: AtomicBool::new(false),
             read_only,
@@ -917,8 +954,16 @@ impl Volume {
 
     /// After this returns, every write acknowledged before it survives a crash.
     pub fn flush(&self) -> Result<()> {
-        let st = read(&self.state);
-        self.flush_locked(&st)
+        loop {
+            let st = read(&self.state);
+            // Writes before a switch went to the layer it froze: that
+            // layer's commit and the manifest come first.
+            if !self.switch_pending.load(Ordering::Acquire) {
+                return self.flush_locked(&st);
+            }
+            drop(st);
+            self.finish_switch()?;
+        }
     }
 
     fn flush_locked(&self, st: &State) -> Result<()> {
@@ -1067,8 +1112,97 @@ impl Volume {
 
     /// Freeze the live layer as snapshot `name` and continue in a new empty
     /// delta. O(1): one flush, one empty layer, one manifest commit (the
-    /// first one also publishes the store's layers; see [`Store`]).
+    /// first one also publishes the store's layers; see [`Store`]). The
+    /// three phases of a live snapshot in one call: [`Volume::prepare_snapshot`],
+    /// [`Volume::switch_snapshot`], [`Volume::finish_switch`].
     pub fn snapshot(&self, name: &str, description: &str) -> Result<SnapshotInfo> {
+        self.prepare_snapshot()?;
+        let info = self.switch_snapshot(name, description)?;
+        self.finish_switch()?;
+        Ok(info)
+    }
+
+    /// The maintenance lock, with a switched snapshot made durable first:
+    /// every tree operation starts from a committed manifest.
+    fn maintenance(&self) -> Result<std::sync::MutexGuard<'_, ()>> {
+        let g = lock(&self.maint);
+        self.finish_switch()?;
+        Ok(g)
+    }
+
+    /// Phase one of a live snapshot, before the guests are paused: flush
+    /// the live layer (so what is left to make durable later is only what
+    /// the last requests wrote) and make the next live delta ahead (its
+    /// file created and synced). A plain volume makes nothing: its first
+    /// snapshot publishes the store and is done whole by the switch.
+    pub fn prepare_snapshot(&self) -> Result<()> {
+        self.writable()?;
+        let _m = self.maintenance()?;
+        self.flush()?;
+        let (parent, checksums) = {
+            let st = read(&self.state);
+            if st.plain {
+                return Ok(());
+            }
+            (st.layer(st.top).id(), st.manifest.checksums)
+        };
+        let mut spare = lock(&self.spare);
+        if spare
+            .as_ref()
+            .is_some_and(|s| s.parent == parent && s.checksums == checksums)
+        {
+            return Ok(());
+        }
+        self.drop_spare(&mut spare);
+        let id = Uuid::new_v4();
+        let created = now();
+        let delta = Delta::create(
+            &*self.store,
+            id,
+            parent,
+            self.lun,
+            self.geo,
+            created,
+            checksums,
+        )?;
+        if let Err(e) = delta.set_spare(true) {
+            drop(delta);
+            let _ = self.store.remove_layer(id);
+            return Err(e);
+        }
+        *spare = Some(Spare {
+            id,
+            parent,
+            created,
+            checksums,
+            delta,
+        });
+        Ok(())
+    }
+
+    /// Remove a spare delta nothing will use.
+    fn drop_spare(&self, spare: &mut Option<Spare>) {
+        if let Some(s) = spare.take() {
+            drop(s.delta);
+            if let Err(e) = self.store.remove_layer(s.id) {
+                tracing::warn!(
+                    "{}: unused spare layer {} not removed: {e}",
+                    self.lun_path.display(),
+                    s.id
+                );
+            }
+        }
+    }
+
+    /// Phase two, while the guests are paused: the live layer becomes
+    /// snapshot `name` and the spare delta the live layer, in memory; no
+    /// byte is written. Until [`Volume::finish_switch`] has committed it,
+    /// a crash forgets the snapshot and what was written since (none of
+    /// it flushed: every flush, FUA write and tree operation finishes the
+    /// switch first). Without a matching spare (a plain volume's first
+    /// snapshot, or no [`Volume::prepare_snapshot`]) the snapshot is made
+    /// whole and durable here.
+    pub fn switch_snapshot(&self, name: &str, description: &str) -> Result<SnapshotInfo> {
         self.writable()?;
         validate_name(name)?;
         if description.len() > DESCRIPTION_MAX {
@@ -1077,24 +1211,103 @@ impl Volume {
                 description.len()
             )));
         }
-        let _m = lock(&self.maint);
+        let _m = self.maintenance()?;
         let _io = self.io.write_blocking();
-        self.flush()?;
         let mut st = write(&self.state);
         if !st.plain && st.manifest.snapshot(name).is_some() {
             return Err(Error::SnapshotExists(name.into()));
         }
-        self.flush_locked(&st)?;
-        // A block device has no pool directory to keep layers in (one
-        // next to /dev/sdX would live in devtmpfs and vanish at reboot).
-        if st.plain && self.home().is_block_device() {
-            return Err(Error::Invalid(format!(
-                "{} is a block device: snapshots need a LUN file in a pool directory",
-                self.lun_path.display()
-            )));
+        let mut spare = lock(&self.spare);
+        let ready = !st.plain
+            && spare.as_ref().is_some_and(|s| {
+                s.parent == st.layer(st.top).id() && s.checksums == st.manifest.checksums
+            });
+        if !ready {
+            self.drop_spare(&mut spare);
+            drop(spare);
+            self.flush_locked(&st)?;
+            // A block device has no pool directory to keep layers in (one
+            // next to /dev/sdX would live in devtmpfs and vanish at reboot).
+            if st.plain && self.home().is_block_device() {
+                return Err(Error::Invalid(format!(
+                    "{} is a block device: snapshots need a LUN file in a pool directory",
+                    self.lun_path.display()
+                )));
+            }
+            self.push_top(&mut st, Some((name, description)), false)?;
+            return Ok(self.info(&st, name).expect("just made"));
         }
-        self.push_top(&mut st, Some((name, description)), false)?;
+        let sp = spare.take().expect("checked above");
+        drop(spare);
+        let generation = st.generation.checked_add(1).ok_or_else(|| {
+            corrupt(
+                self.store.location(),
+                format!("manifest generation {} cannot advance", st.generation),
+            )
+        })?;
+        let old_top = st.top;
+        let old_id = st.layer(old_top).id();
+        let mut m = st.manifest.clone();
+        m.layers.push(LayerRec {
+            id: sp.id,
+            parent: self.parent_ref(old_id),
+            created: sp.created,
+        });
+        m.top = sp.id;
+        m.snapshots.push(SnapRec {
+            name: name.into(),
+            layer: old_id,
+            created: sp.created,
+            description: description.into(),
+        });
+        m.flatten = None;
+        let old = st.node(old_top).layer.clone();
+        st.manifest = m.clone();
+        st.generation = generation;
+        let slot = st.add(Layer::Delta(Box::new(sp.delta)), Some(old_top), true);
+        st.top = slot;
+        st.chain.insert(0, slot);
+        *lock(&self.pending) = Some(PendingSwitch {
+            old,
+            new: st.node(slot).layer.clone(),
+            manifest: m,
+            generation,
+            name: name.into(),
+            description: description.into(),
+        });
+        self.switch_pending.store(true, Ordering::Release);
         Ok(self.info(&st, name).expect("just made"))
+    }
+
+    /// Phase three, after the guests go on: make a switched snapshot
+    /// durable, in order: the frozen layer's last writes, the manifest
+    /// naming the snapshot and the new live delta (the commit point), the
+    /// frozen flag in the old layer's header. Nothing to do without a
+    /// switch; a failed commit stays pending and every later flush tries
+    /// it again (and fails until it succeeds).
+    pub fn finish_switch(&self) -> Result<()> {
+        let mut p = lock(&self.pending);
+        let Some(job) = p.as_mut() else {
+            return Ok(());
+        };
+        let d = job.old.delta().expect("a switch freezes a delta");
+        self.commit_layer(d)?;
+        job.manifest.retired.retain(|id| self.store.has_layer(*id));
+        self.store.commit_manifest(&job.manifest, job.generation)?;
+        if let Err(e) = d.set_frozen(&job.name, &job.description) {
+            tracing::warn!(
+                "snapshot {}: frozen flag not recorded in the layer header: {e}",
+                job.name
+            );
+        }
+        // Named by the manifest now: no longer a spare an open may remove.
+        job.new
+            .delta()
+            .expect("the spare is a delta")
+            .set_spare(false)?;
+        *p = None;
+        self.switch_pending.store(false, Ordering::Release);
+        Ok(())
     }
 
     /// Continue in a new empty live delta on top of the current one, which
@@ -1179,7 +1392,7 @@ impl Volume {
     /// the base stay unchecked. Idempotent.
     pub fn enable_checksums(&self) -> Result<()> {
         self.writable()?;
-        let _m = lock(&self.maint);
+        let _m = self.maintenance()?;
         let _io = self.io.write_blocking();
         self.flush()?;
         let mut st = write(&self.state);
@@ -1246,7 +1459,7 @@ impl Volume {
     /// index is rebuilt in memory from the target chain's maps).
     pub fn revert(&self, name: &str) -> Result<()> {
         self.writable()?;
-        let _m = lock(&self.maint);
+        let _m = self.maintenance()?;
         let _io = self.io.write_blocking();
         let mut st = write(&self.state);
         let target_id = self.snap(&st, name)?.layer;
@@ -1296,7 +1509,7 @@ impl Volume {
     /// merges (phase `merge`) to `progress`.
     pub fn delete_snapshot_with(&self, name: &str, progress: &mut dyn Progress) -> Result<()> {
         self.writable()?;
-        let _m = lock(&self.maint);
+        let _m = self.maintenance()?;
         let mut st = write(&self.state);
         let layer = self.snap(&st, name)?.layer;
         let mut m = st.manifest.clone();
@@ -1510,7 +1723,7 @@ impl Volume {
     /// clone as a dependent so the layers it needs are never merged away.
     pub fn clone_to(&self, name: &str, target: VolumeConfig) -> Result<Volume> {
         self.writable()?;
-        let _m = lock(&self.maint);
+        let _m = self.maintenance()?;
         let mut st = write(&self.state);
         let layer = self.snap(&st, name)?.layer;
         if target.size != self.geo.size {
@@ -1606,7 +1819,7 @@ impl Volume {
     /// `progress(done, total)` counts clusters.
     pub fn flatten(&self, mut progress: impl FnMut(u64, u64)) -> Result<()> {
         self.writable()?;
-        let _m = lock(&self.maint);
+        let _m = self.maintenance()?;
         let total = self.geo.clusters;
         let (top_id, start) = {
             let mut st = write(&self.state);
@@ -1861,6 +2074,9 @@ impl Drop for Volume {
             if let Err(e) = self.flush() {
                 tracing::error!("{}: flush on close failed: {e}", self.lun_path.display());
             }
+            // A spare no snapshot used: not left for the next open.
+            let mut spare = lock(&self.spare);
+            self.drop_spare(&mut spare);
         }
     }
 }
@@ -2007,6 +2223,12 @@ fn remove_orphans(store: &dyn Store, m: &Manifest, warnings: &mut Vec<String>) -
             drop(obj);
             store.remove_layer(id)?;
             warnings.push(format!("{name}: removed an uncommitted, empty layer"));
+        } else if is_spare(&*obj, m.lun) {
+            drop(obj);
+            store.remove_layer(id)?;
+            warnings.push(format!(
+                "{name}: removed the spare layer of a snapshot a crash interrupted (no manifest named it; nothing in it was flushed)"
+            ));
         } else {
             warnings.push(format!(
                 "{name}: kept a layer file the manifest does not list; it may hold data (docs/volumes.md, \"Damaged layers\")"

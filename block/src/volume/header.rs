@@ -21,7 +21,7 @@
 //! | 56   | 16   | LUN UUID owning the layers directory              |
 //! | 72   | 8    | virtual size                                      |
 //! | 80   | 8    | created, Unix seconds                             |
-//! | 88   | 4    | flags: bit 0 frozen, bit 1 checksums; others zero |
+//! | 88   | 4    | flags: bit 0 frozen, bit 1 checksums, bit 2 spare; others zero |
 //! | 92   | 4    | current journal area (0 or 1)                     |
 //! | 96   | 8    | committed journal length in that area             |
 //! | 104  | 8    | sequence number of the area's first record        |
@@ -50,6 +50,11 @@ const SUM_AT: usize = HEADER_SIZE - 32;
 pub const FLAG_FROZEN: u32 = 1;
 /// The layer keeps a checksum of every data cluster in its journal.
 pub const FLAG_CHECKSUMS: u32 = 2;
+/// Made ahead for a live snapshot and not yet named by a committed
+/// manifest: nothing written into it was ever flushed (every flush makes
+/// the snapshot durable first, and the flag is cleared right after the
+/// manifest commit), so a spare no manifest names is removed on open.
+pub const FLAG_SPARE: u32 = 4;
 
 /// Where things live in a delta file; a pure function of cluster size and
 /// virtual size.
@@ -155,6 +160,10 @@ impl Header {
         self.flags & FLAG_CHECKSUMS != 0
     }
 
+    pub fn spare(&self) -> bool {
+        self.flags & FLAG_SPARE != 0
+    }
+
     pub fn encode(&self) -> [u8; HEADER_SIZE] {
         let g = self
             .geometry()
@@ -252,7 +261,7 @@ impl Header {
                 ),
             )
         })?;
-        if h.flags & !(FLAG_FROZEN | FLAG_CHECKSUMS) != 0 {
+        if h.flags & !(FLAG_FROZEN | FLAG_CHECKSUMS | FLAG_SPARE) != 0 {
             return Err(bad("flags", format!("unknown flags {:#x}", h.flags)));
         }
         if h.area > 1 {

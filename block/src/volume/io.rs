@@ -626,8 +626,17 @@ impl Volume {
                         return Ok(());
                     }
                     let now = v.durability.written.load(Ordering::Acquire);
-                    let st = super::read(&v.state);
-                    v.commit_layer(st.delta(st.top))?;
+                    loop {
+                        let st = super::read(&v.state);
+                        // Writes before a snapshot's switch went to the
+                        // layer it froze: its commit comes first.
+                        if !v.switch_pending.load(Ordering::Acquire) {
+                            v.commit_layer(st.delta(st.top))?;
+                            break;
+                        }
+                        drop(st);
+                        v.finish_switch()?;
+                    }
                     v.durability.durable.fetch_max(now, Ordering::AcqRel);
                     Ok(())
                 })

@@ -765,6 +765,17 @@ impl Delta {
         })
     }
 
+    /// Set or clear the spare flag ([`super::header::FLAG_SPARE`]).
+    pub fn set_spare(&self, on: bool) -> Result<()> {
+        self.update_header(|h| {
+            if on {
+                h.flags |= super::header::FLAG_SPARE;
+            } else {
+                h.flags &= !super::header::FLAG_SPARE;
+            }
+        })
+    }
+
     /// Record a new parent in the header (after a merge or a flatten
     /// re-parents the layer), so the headers keep naming the tree.
     pub fn set_parent(&self, parent: Uuid) -> Result<()> {
@@ -970,6 +981,12 @@ pub fn holds_nothing(obj: &dyn Object, lun: Uuid) -> bool {
         return false;
     };
     h.lun == lun && h.generation <= 1 && h.journal_len == 0 && !h.frozen() && len <= geo.data_start
+}
+
+/// Whether `obj` is a spare delta of LUN `lun` ([`super::header::FLAG_SPARE`]):
+/// made ahead for a live snapshot whose manifest commit never happened.
+pub fn is_spare(obj: &dyn Object, lun: Uuid) -> bool {
+    read_header(obj).is_ok_and(|(h, _, _)| h.lun == lun && h.spare())
 }
 
 /// The generation after `g`; a header at the last one (which only damage or

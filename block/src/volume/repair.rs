@@ -100,6 +100,9 @@ pub fn rebuild_manifest(
     // Every layer file of this LUN, verified.
     let store = FileStore::new(&cfg.lun_path, cfg.file.clone(), None, true);
     let mut found: BTreeMap<Uuid, Found> = BTreeMap::new();
+    // Spares a crash left before any manifest named them hold nothing
+    // flushed: left out, like empty uncommitted leaves.
+    let mut spares = Vec::new();
     for id in store.list_layers()? {
         let obj = store.open_layer(id, false)?;
         let path = obj.name().to_path_buf();
@@ -120,6 +123,10 @@ pub fn rebuild_manifest(
                     dir.display()
                 ),
             ));
+        }
+        if header.spare() {
+            spares.push(path);
+            continue;
         }
         found.insert(id, Found { header, path, obj });
     }
@@ -215,7 +222,7 @@ pub fn rebuild_manifest(
                 "every leaf layer is frozen: the live layer is missing, so the LUN's current data cannot be told",
             )
         })?;
-    let mut left_out = Vec::new();
+    let mut left_out = spares;
     let mut keep: HashSet<Uuid> = found.keys().copied().collect();
     for id in &leaves {
         let h = &found[id].header;

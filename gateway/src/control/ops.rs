@@ -182,7 +182,41 @@ pub async fn snapshot(
             "a snapshot named {name:?} already exists"
         )));
     }
-    with_group(reg, l, true, move |g| Ok(g.snapshot(&name, &description)?)).await
+    // The durable work is out of the pause: every member flushes and
+    // makes its next live delta before the gates close, switches in memory
+    // while they are closed, and commits after they open (a flush that
+    // comes meanwhile waits for that commit).
+    let ms = members(reg, l)?;
+    let mut order: Vec<&Arc<ServedLun>> = ms.iter().collect();
+    order.sort_by(|a, b| a.key.cmp(&b.key));
+    order.dedup_by(|a, b| a.key == b.key);
+    let mut held = Vec::with_capacity(order.len());
+    for m in &order {
+        held.push(m.maintenance.lock().await);
+    }
+    let group_ms = ms.clone();
+    let n = name.clone();
+    let g = blocking(move || {
+        let g = group_of(&group_ms)?;
+        g.prepare_snapshot(&n)?;
+        Ok(g)
+    })
+    .await?;
+    let mut paused = Vec::new();
+    for m in &order {
+        paused.push(m.pause().await);
+    }
+    let n = name.clone();
+    let switched = blocking(move || {
+        let s = g.switch_snapshot(&n, &description);
+        Ok((g, s))
+    })
+    .await;
+    let us = paused.into_iter().map(|p| p.resume()).max().unwrap_or(0);
+    let (g, s) = switched?;
+    let info = blocking(move || Ok(g.finish_snapshot(&name, s)?)).await?;
+    drop(held);
+    Ok((info, us))
 }
 
 pub async fn snapshots(_reg: &Registry, l: &Arc<ServedLun>) -> OpResult<Vec<SnapshotInfo>> {
