@@ -2,7 +2,7 @@
 """scripts/bench-report.py OUT: the results.md of scripts/bench from what its
 parts left in OUT (results.csv from ../shared/bench/nbd-bench.sh, pause.csv,
 rss.csv, map.csv, cluster.csv, checksums-skipped.txt, snapshots.md, vmm.md,
-machine.txt). Medians over runs; a ratio is lungate over the best peer (the
+layouts.md, machine.txt). Medians over runs; a ratio is lungate over the best peer (the
 lowest CPU, the highest rate), or over lungate's own reference (depth 0, no
 checksums, 64 KiB clusters)."""
 
@@ -239,7 +239,11 @@ if pause:
     emit("")
 
 
-for name, title in (("snapshots.md", "Snapshot creation (idle LUNs)"), ("vmm.md", "vmm-shim save and restore")):
+for name, title in (
+    ("snapshots.md", "Snapshot creation (idle LUNs)"),
+    ("vmm.md", "vmm-shim save and restore"),
+    ("layouts.md", "Layouts: offset, truncate and aligned (one gateway, 4K random I/O)"),
+):
     if os.path.exists(path(name)):
         emit(f"## {title}")
         emit("")

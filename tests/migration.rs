@@ -603,3 +603,215 @@ fn a_lun_with_data_checksums_migrates_and_scrubs_clean_on_the_target() {
     src.stop_ok();
     dst.stop_ok();
 }
+
+/// What an aligned LUN keeps outside its guest's bytes, taken from its file:
+/// the label, `sfdisk --dump` of lungate's own GPT, every state record but
+/// the owner's (its bytes), and the hidden blocks.
+struct Hidden {
+    label: lun_manager::format::label::Label,
+    gpt: String,
+    records: Vec<(String, Vec<u8>)>,
+    blocks: Vec<(u64, [u8; 32])>,
+}
+
+fn hidden_of(lun: &Path) -> Hidden {
+    use lun_manager::format::state::RecordType;
+    let l = lun_manager::Lun::open(lun, lun_manager::Access::ReadOnly)
+        .unwrap_or_else(|e| panic!("open {}: {e}", lun.display()));
+    assert!(
+        l.warnings().is_empty(),
+        "{}: {:?}",
+        lun.display(),
+        l.warnings()
+    );
+    let mut records = Vec::new();
+    for e in &l.directory().entries {
+        if e.rtype == RecordType::Owner {
+            continue;
+        }
+        let b = l
+            .record(e.rtype, e.instance)
+            .unwrap_or_else(|err| panic!("{}: record {:?}: {err}", lun.display(), e.rtype))
+            .expect("a listed record");
+        records.push((format!("{}#{}", e.rtype.name(), e.instance), b));
+    }
+    records.sort();
+    Hidden {
+        label: l.label().clone(),
+        gpt: sfdisk_dump(lun),
+        records,
+        blocks: l.hidden_blocks().unwrap(),
+    }
+}
+
+/// `sfdisk --dump` of a LUN file, its path replaced by `LUN`; sfdisk must
+/// not complain (it checks both GPT headers, the backup at the end of the
+/// file included).
+fn sfdisk_dump(path: &Path) -> String {
+    let out = run_ok(
+        std::process::Command::new(require_tool("sfdisk"))
+            .arg("--dump")
+            .arg(path),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.trim().is_empty(),
+        "sfdisk complains about {}: {err}",
+        path.display()
+    );
+    String::from_utf8_lossy(&out.stdout).replace(path.to_str().unwrap(), "LUN")
+}
+
+/// The aligned layout (guest disk0 at byte 0 of the LUN, lungate's GPT at
+/// LBA 0, the guest's first MiB kept in the state region's shadow area)
+/// moves between two gateways while a client writes into the shadowed
+/// range and past it; on the target the export reads every write, the
+/// LUN file still starts with lungate's GPT, every guest block past the
+/// first MiB sits at its own offset of the file, the shadowed blocks sit in
+/// the shadow area, and nothing hidden changed but the owner record.
+#[test]
+fn an_aligned_lun_migrates_between_two_gateways_under_writes() {
+    use lun_manager::format::SHADOW_LEN;
+    let (a, b) = (pool_dir(), pool_dir());
+    create_lun(a.path(), "vma", "aligned", &["40M", "16M"], "16M");
+    let a_s = a.path().to_str().unwrap();
+    let b_s = b.path().to_str().unwrap();
+    let src = Gateway::start(&["--pool", a_s]);
+    let dst = Gateway::start(&["--pool", b_s, "--migration-listen", "127.0.0.1:0"]);
+    let to = migration_addr(&dst);
+    let export = "vma/disk0";
+    let src_lun = a.path().join("vma.lun");
+    let dst_lun = b.path().join("vma.lun");
+    // disk0 at byte 0: the writer's 4 MiB cover the shadowed first MiB and
+    // 3 MiB past it; more data further on, and in disk1 (no shadow there).
+    assert_eq!(disk_regions(&src_lun)[0].0, 0, "aligned disk0 starts at 0");
+    let far = fill(&tcp(&src), export, 24 << 20, 4 << 20, 31);
+    let d1 = fill(&tcp(&src), "vma/disk1", 0, 2 << 20, 32);
+    let before = hidden_of(&src_lun);
+    assert!(before.gpt.contains("lungate-disk0"), "{}", before.gpt);
+
+    let (stop, count, h) = run_writer(tcp(&src), export);
+    wait_ops(&count, 1200);
+    let (ok, res, all) = lunctl_migrate(&["vma", "--pool", a_s, "--to", &to]);
+    assert!(
+        ok,
+        "lunctl migrate failed: {all}\nsource:\n{}\ntarget:\n{}",
+        src.stderr_log(),
+        dst.stderr_log()
+    );
+    assert_eq!(res["phase"], "done", "{res}");
+    assert_eq!(res["members"], json!(["vma"]), "{res}");
+    // The connection opened before the switch keeps working, forwarded.
+    let at_switch = count.load(Ordering::Relaxed);
+    let t = Instant::now();
+    while count.load(Ordering::Relaxed) < at_switch + 300
+        && !h.is_finished()
+        && t.elapsed() < Duration::from_secs(60)
+    {
+        thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let seen = h.join().unwrap();
+    assert_clean(&seen);
+    assert!(
+        seen.ops >= at_switch + 300,
+        "the writer made no progress after the switch ({} ops, {at_switch} at the switch)",
+        seen.ops
+    );
+    let shadowed = (SHADOW_LEN / BLOCK as u64) as usize;
+    assert!(
+        seen.model[..shadowed].iter().all(|&s| s > 0)
+            && seen.model[shadowed..].iter().all(|&s| s > 0),
+        "the writer wrote every block, in the shadowed range and past it"
+    );
+    assert!(dst_lun.is_file() && !src_lun.exists());
+    assert!(NbdClient::connect(&tcp(&src), export).is_err());
+
+    // Through the target's export.
+    verify(&tcp(&dst), export, &seen.model);
+    assert_eq!(read(&tcp(&dst), export, 24 << 20, 4 << 20), far);
+    assert_eq!(read(&tcp(&dst), "vma/disk1", 0, 2 << 20), d1);
+    let size = NbdClient::connect(&tcp(&dst), export).unwrap().size();
+    assert_eq!(size, 40 << 20, "disk0's size on the target");
+    dst.stop_ok();
+
+    // In the target's LUN file: every block past the shadowed range at its
+    // own offset; the shadowed ones where the LUN's view keeps them (the
+    // shadow area), not at LBA 0, which holds lungate's GPT as before.
+    let mut misplaced = Vec::new();
+    for (k, &s) in seen.model.iter().enumerate() {
+        let at = k as u64 * BLOCK as u64;
+        let want = block(k as u64, s);
+        let got = if at >= SHADOW_LEN {
+            file_bytes(&dst_lun, at, BLOCK)
+        } else {
+            disk_file_bytes(&dst_lun, 0, at, BLOCK)
+        };
+        if got != want {
+            misplaced.push(k);
+        }
+    }
+    assert!(
+        misplaced.is_empty(),
+        "blocks not where they belong: {misplaced:?}"
+    );
+    assert_eq!(file_bytes(&dst_lun, 24 << 20, 4 << 20), far);
+    assert_ne!(
+        file_bytes(&dst_lun, 0, BLOCK),
+        block(0, seen.model[0]),
+        "the guest's block 0 landed on lungate's GPT"
+    );
+    let after = hidden_of(&dst_lun);
+    let sector0 = file_bytes(&dst_lun, 0, 512);
+    assert_eq!(
+        &sector0[510..512],
+        &[0x55, 0xAA],
+        "protective MBR signature"
+    );
+    assert_eq!(sector0[446 + 4], 0xEE, "LBA 0 holds a protective MBR");
+    assert_eq!(&file_bytes(&dst_lun, 512, 8)[..], b"EFI PART");
+    assert_eq!(after.gpt, before.gpt, "lungate's GPT changed in the move");
+    assert_eq!(after.label, before.label, "the label changed in the move");
+    assert_eq!(after.records, before.records, "a state record changed");
+    // Hidden blocks: only the state directory and the owner record (the
+    // target's gateway now owns it) may differ.
+    let st = *after.label.state_region();
+    let lun = lun_manager::Lun::open(&dst_lun, lun_manager::Access::ReadOnly).unwrap();
+    let owner: Vec<_> = lun
+        .directory()
+        .entries
+        .iter()
+        .filter(|e| e.rtype == lun_manager::format::state::RecordType::Owner)
+        .map(|e| st.offset + e.offset..st.offset + e.end())
+        .collect();
+    let dir_end = st.offset + 2 * lun_manager::format::state::DIR_SLOT_SIZE as u64;
+    let allowed = |o: u64| {
+        (st.offset..dir_end).contains(&o) || owner.iter().any(|r| o + 4096 > r.start && o < r.end)
+    };
+    let old: std::collections::BTreeMap<_, _> = before.blocks.iter().copied().collect();
+    let new: std::collections::BTreeMap<_, _> = after.blocks.iter().copied().collect();
+    let changed: Vec<u64> = old
+        .keys()
+        .chain(new.keys())
+        .copied()
+        .filter(|o| old.get(o) != new.get(o) && !allowed(*o))
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "hidden blocks changed in the move (state region at {:#x}): {changed:x?}",
+        st.offset
+    );
+
+    // The target serves it after a restart, and a write straddling the end
+    // of the shadowed range is split there as on the source.
+    let dst = Gateway::start(&["--pool", b_s]);
+    verify(&tcp(&dst), export, &seen.model);
+    let straddle = fill(&tcp(&dst), export, SHADOW_LEN - 8192, 16384, 33);
+    dst.stop_ok();
+    assert_eq!(
+        disk_file_bytes(&dst_lun, 0, SHADOW_LEN - 8192, 16384),
+        straddle
+    );
+    assert_eq!(file_bytes(&dst_lun, SHADOW_LEN, 8192), straddle[8192..]);
+    assert_eq!(sfdisk_dump(&dst_lun), before.gpt);
+}

@@ -1114,3 +1114,160 @@ fn disks_larger_than_4gib_address_every_byte() {
     gw.stop_ok();
     pool.assert_hidden_unchanged();
 }
+
+/// `sfdisk --dump` of a LUN file with its path replaced by `LUN`; sfdisk
+/// must not complain (it checks the primary GPT at LBA 1 and the backup
+/// GPT at the end of the file, and that the backup covers the whole file).
+fn sfdisk_dump(path: &Path) -> String {
+    let out = run_ok(Command::new(require_tool("sfdisk")).arg("--dump").arg(path));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.trim().is_empty(),
+        "sfdisk complains about {}: {err}",
+        path.display()
+    );
+    String::from_utf8_lossy(&out.stdout).replace(path.to_str().unwrap(), "LUN")
+}
+
+/// `start=` and `size=` (sectors) of the partition named `name` in an
+/// `sfdisk --dump`.
+fn sfdisk_part(dump: &str, name: &str) -> (u64, u64) {
+    let line = dump
+        .lines()
+        .find(|l| l.contains(&format!("name=\"{name}\"")))
+        .unwrap_or_else(|| panic!("no {name} in\n{dump}"));
+    let field = |k: &str| -> u64 {
+        let at = line.find(k).unwrap_or_else(|| panic!("no {k} in {line}")) + k.len();
+        line[at..]
+            .trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("bad {k} in {line}"))
+    };
+    (field("start="), field("size="))
+}
+
+/// Growing an aligned LUN (disk0, which moves the state region and its
+/// shadow area; then the memory, which grows the state region; then a
+/// new disk) keeps every guest byte: the shadowed first MiB, a write
+/// straddling its end, the rest of disk0 at its own offsets and disk1.
+/// lungate's GPT at LBA 0 stays valid and describes the new regions, the
+/// backup GPT moves to the new end of the file, the grown part reads as
+/// zeros, and shrinking is refused without touching the file.
+#[test]
+fn resizing_an_aligned_lun_keeps_its_shadowed_range_and_gpt() {
+    use lungate_tests::{file_bytes, lunctl};
+    let mut pool = Pool::new();
+    pool.add("grow", "aligned", &["40M", "16M"], "16M");
+    let lun = pool.lun("grow").path.clone();
+    let ls = lun.to_str().unwrap();
+    let writes = [
+        ("grow/disk0", "write -P 0x5a 0 960k"),
+        ("grow/disk0", "write -P 0x5e 960k 128k"),
+        ("grow/disk0", "write -P 0x5b 1088k 960k"),
+        ("grow/disk0", "write -P 0x5c 40896k 64k"),
+        ("grow/disk1", "write -P 0x5d 0 1M"),
+    ];
+    let reads = [
+        ("grow/disk0", "read -P 0x5a 0 960k"),
+        ("grow/disk0", "read -P 0x5e 960k 128k"),
+        ("grow/disk0", "read -P 0x5b 1088k 960k"),
+        ("grow/disk0", "read -P 0x5c 40896k 64k"),
+        ("grow/disk1", "read -P 0x5d 0 1M"),
+    ];
+    let gw = Gateway::start(&["--pool", pool.arg()]);
+    for (e, w) in writes {
+        qemu_io_ok(&gw.uri(e), &[w]);
+    }
+    gw.stop_ok();
+    let before = sfdisk_dump(&lun);
+    let file_before = std::fs::read(&lun).unwrap();
+
+    // Shrinking is refused, and the file is left as it was.
+    let out = run_timeout(
+        Command::new(lungate_tests::bin("lunctl")).args(["resize", ls, "--disk", "0=32M"]),
+        CMD_TIMEOUT,
+    );
+    assert!(!out.status.success(), "a shrink succeeded: {}", text(&out));
+    assert!(text(&out).contains("shrinking"), "{}", text(&out));
+    assert!(
+        std::fs::read(&lun).unwrap() == file_before,
+        "a refused shrink changed the LUN"
+    );
+
+    lunctl(&["resize", ls, "--disk", "0=64M"]);
+    lunctl(&["resize", ls, "--memory", "48M"]);
+    lunctl(&["resize", ls, "--disk", "2=8M"]);
+
+    // lungate's GPT: a protective MBR at LBA 0, the header at LBA 1, the
+    // backup header in the file's last sector, and the new regions.
+    let size = std::fs::metadata(&lun).unwrap().len();
+    let after = sfdisk_dump(&lun);
+    assert_ne!(after, before, "the GPT does not describe the grown LUN");
+    let s0 = file_bytes(&lun, 0, 512);
+    assert_eq!(&s0[510..512], &[0x55, 0xAA], "protective MBR signature");
+    assert_eq!(s0[446 + 4], 0xEE, "LBA 0 holds a protective MBR");
+    assert_eq!(
+        &file_bytes(&lun, 512, 8)[..],
+        b"EFI PART",
+        "GPT header at LBA 1"
+    );
+    assert_eq!(
+        &file_bytes(&lun, size - 512, 8)[..],
+        b"EFI PART",
+        "backup GPT header in the last sector"
+    );
+    assert!(
+        after.contains(&format!("last-lba: {}\n", size / 512 - 34)),
+        "the GPT does not reach the new end ({size} bytes):\n{after}"
+    );
+    // The GPT's disk0 partition is the part past the shadowed first MiB.
+    assert_eq!(
+        sfdisk_part(&after, "lungate-disk0"),
+        (2048, (63 * MIB) / 512)
+    );
+    assert_eq!(sfdisk_part(&after, "lungate-disk2").1, (8 * MIB) / 512);
+    let regions = disk_regions(&lun);
+    assert_eq!(regions[0], (0, 64 * MIB), "disk0 stays at byte 0");
+    let (state, _) = sfdisk_part(&after, "lungate-state");
+    assert!(state * 512 >= 64 * MIB, "the state region moved past disk0");
+    let l = lun_manager::Lun::open(&lun, lun_manager::Access::ReadOnly).unwrap();
+    assert!(l.warnings().is_empty(), "{:?}", l.warnings());
+    drop(l);
+
+    // Every byte where it was, through the file and through NBD.
+    assert_eq!(
+        file_bytes(&lun, 1088 * KIB, 960 * 1024),
+        vec![0x5b; 960 * 1024]
+    );
+    assert_eq!(file_bytes(&lun, MIB, 64 * 1024), vec![0x5e; 64 * 1024]);
+    assert_eq!(disk_file_bytes(&lun, 0, 0, 4096), vec![0x5a; 4096]);
+    assert_eq!(
+        disk_file_bytes(&lun, 0, 960 * KIB, 65536),
+        vec![0x5e; 65536]
+    );
+    let gw = Gateway::start(&["--pool", pool.arg()]);
+    let info = nbdinfo(&["--size", &gw.uri("grow/disk0")]);
+    assert_eq!(
+        String::from_utf8_lossy(&info.stdout).trim(),
+        (64 * MIB).to_string()
+    );
+    for (e, r) in reads {
+        qemu_io_ok(&gw.uri(e), &[r]);
+    }
+    qemu_io_ok(&gw.uri("grow/disk0"), &["read -P 0 40M 24M"]);
+    qemu_io_ok(&gw.uri("grow/disk2"), &["read -P 0 0 8M"]);
+    // The shadowed range is still the guest's, after the move.
+    qemu_io_ok(
+        &gw.uri("grow/disk0"),
+        &["write -P 0x5f 0 4k", "read -P 0x5f 0 4k"],
+    );
+    gw.stop_ok();
+    assert_eq!(disk_file_bytes(&lun, 0, 0, 4096), vec![0x5f; 4096]);
+    assert_eq!(
+        sfdisk_dump(&lun),
+        after,
+        "a guest write reached lungate's GPT"
+    );
+}

@@ -4,8 +4,10 @@
 //!
 //! [`RemoteLun`] covers the LUN's byte range like the volume it replaces
 //! and sends each request to the target gateway's export of the disk it
-//! falls in (a request reaches the gate from one disk's region view, so it
-//! always lies inside one disk), over one pipelined NBD connection per
+//! falls in, at the disk offset the source's region view mapped it from (a
+//! request reaches the gate from one disk's region view, so it always lies
+//! inside one piece of one disk: the disk's window, or in the aligned
+//! layout either disk0's shadow area or the rest of disk0), over one pipelined NBD connection per
 //! disk ([`NbdConn`]: fixed newstyle, `NBD_OPT_GO`, simple replies,
 //! STARTTLS when the target's NBD listener speaks TLS). Requests go out in
 //! the order they are called, so the holding queue's order carries over.
@@ -299,43 +301,73 @@ async fn reader(mut r: tokio::io::ReadHalf<Box<dyn Stream>>, pending: Pending) {
     }
 }
 
+/// One disk of a migrated LUN as the source's region view maps it: the
+/// pieces of the LUN that hold its bytes, `(LUN offset, length, disk
+/// offset)` (one for a window; two for an aligned disk0, whose first MiB
+/// lives in the state region's shadow area), and a connection to the new
+/// owner's export of it.
+pub struct RemoteDisk {
+    pub pieces: Vec<(u64, u64, u64)>,
+    pub length: u64,
+    pub conn: NbdConn,
+}
+
 /// A migrated LUN's byte range, forwarded disk by disk to the new owner.
 pub struct RemoteLun {
     size: u64,
     read_only: bool,
-    /// `(start, length, connection)` of each disk region, by start.
-    disks: Vec<(u64, u64, NbdConn)>,
+    /// `(LUN offset, length, disk offset, disk)` of every piece of every
+    /// disk, by LUN offset.
+    routes: Vec<(u64, u64, u64, usize)>,
+    conns: Vec<NbdConn>,
 }
 
 impl RemoteLun {
-    /// `disks`: `(LUN offset, length, connection to that disk's export)`.
-    pub fn new(size: u64, mut disks: Vec<(u64, u64, NbdConn)>) -> io::Result<RemoteLun> {
-        disks.sort_by_key(|d| d.0);
-        for (start, len, c) in &disks {
-            if c.size() != *len {
+    pub fn new(size: u64, disks: Vec<RemoteDisk>) -> io::Result<RemoteLun> {
+        let mut routes = Vec::new();
+        let mut conns = Vec::new();
+        for (i, d) in disks.into_iter().enumerate() {
+            if d.conn.size() != d.length {
                 return Err(proto(format!(
-                    "the new owner's export {} is {} bytes, the disk at {start} is {len}",
-                    c.export,
-                    c.size()
+                    "the new owner's export {} is {} bytes, the disk is {}",
+                    d.conn.export,
+                    d.conn.size(),
+                    d.length
                 )));
             }
+            for &(at, len, disk) in &d.pieces {
+                let fits = |a: u64, b: u64, lim: u64| a.checked_add(b).is_some_and(|e| e <= lim);
+                if len == 0 || !fits(at, len, size) || !fits(disk, len, d.length) {
+                    return Err(proto(format!(
+                        "disk {} piece [{at}, +{len}) at disk offset {disk} does not fit",
+                        d.conn.export
+                    )));
+                }
+                routes.push((at, len, disk, i));
+            }
+            conns.push(d.conn);
         }
-        let read_only = disks.iter().any(|d| d.2.flags & tx_flags::READ_ONLY != 0);
+        routes.sort_by_key(|r| r.0);
+        if routes.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+            return Err(proto("the disks' pieces overlap"));
+        }
+        let read_only = conns.iter().any(|c| c.flags & tx_flags::READ_ONLY != 0);
         Ok(RemoteLun {
             size,
             read_only,
-            disks,
+            routes,
+            conns,
         })
     }
 
     /// The disk holding `[offset, offset + len)`, and the offset in it.
     fn route(&self, offset: u64, len: u64) -> io::Result<(&NbdConn, u64)> {
-        let i = self.disks.partition_point(|d| d.0 <= offset);
+        let i = self.routes.partition_point(|r| r.0 <= offset);
         if i > 0 {
-            let (start, dlen, c) = &self.disks[i - 1];
+            let (start, rlen, disk, c) = self.routes[i - 1];
             let rel = offset - start;
-            if rel.checked_add(len).is_some_and(|e| e <= *dlen) {
-                return Ok((c, rel));
+            if rel.checked_add(len).is_some_and(|e| e <= rlen) {
+                return Ok((&self.conns[c], disk + rel));
             }
         }
         Err(io::Error::new(
@@ -428,9 +460,9 @@ impl BlockDevice for RemoteLun {
 
     fn flush(&self) -> IoFuture<()> {
         let v: Vec<IoFuture<Bytes>> = self
-            .disks
+            .conns
             .iter()
-            .map(|(_, _, c)| c.call(Command::Flush, 0, 0, 0, None))
+            .map(|c| c.call(Command::Flush, 0, 0, 0, None))
             .collect();
         Box::pin(all(v))
     }

@@ -30,7 +30,7 @@ use lungate_config::Peer;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::forward::{NbdConn, RemoteLun};
+use super::forward::{NbdConn, RemoteDisk, RemoteLun};
 use super::journal::{self, MemberRec, Record, State};
 use super::protocol::{describe, Link, VERSION};
 use super::transfer::{self, link_err, Sender, Work};
@@ -833,7 +833,7 @@ impl Job {
     /// The devices that take each member's requests from now on.
     async fn forwarders(&self, nbd: (Option<u16>, bool)) -> Vec<Arc<dyn BlockDevice>> {
         let mut out: Vec<Arc<dyn BlockDevice>> = Vec::new();
-        for m in &self.prepare.members {
+        for (m, s) in self.prepare.members.iter().zip(&self.srcs) {
             let dev: Arc<dyn BlockDevice> = match &self.req.to {
                 Destination::Local(pool) => {
                     let path = pool.join(format!("{}.lun", m.name));
@@ -850,7 +850,7 @@ impl Job {
                     let mut last = String::new();
                     let mut dev = None;
                     for attempt in 0..5 {
-                        match remote(&self.settings, to, nbd, m).await {
+                        match remote(&self.settings, to, nbd, m, &s.lun.lun).await {
                             Ok(d) => {
                                 dev = Some(d);
                                 break;
@@ -1049,12 +1049,15 @@ pub async fn query(
     }
 }
 
-/// NBD connections to the target's exports of member `m`'s disks.
+/// NBD connections to the target's exports of member `m`'s disks, each
+/// reached through the pieces of the LUN its region view on `lun` maps it
+/// to (an aligned disk0's first MiB lives in the state region).
 async fn remote(
     settings: &Settings,
     to: &str,
     (nbd_port, nbd_tls): (Option<u16>, bool),
     m: &Member,
+    lun: &lun_manager::Lun,
 ) -> Result<RemoteLun, String> {
     let port = nbd_port.ok_or("the target has no TCP NBD listener")?;
     let addr = super::listen::resolve(to)
@@ -1075,12 +1078,27 @@ async fn remote(
         _ => None,
     };
     let mut disks = Vec::new();
-    for [index, offset, length] in &m.disks {
+    for [index, _, length] in &m.disks {
         let export = format!("{}/disk{index}", m.name);
-        let c = NbdConn::connect(addr, &export, tls.clone())
+        let view = u32::try_from(*index)
+            .ok()
+            .and_then(|i| lun.disk_view(i))
+            .ok_or_else(|| format!("{}: no disk{index}", m.name))?;
+        let pieces = view
+            .pieces(0, *length)
+            .map_err(|e| format!("{export}: {e}"))?
+            .as_slice()
+            .iter()
+            .map(|p| (p.at, p.len, p.disk))
+            .collect();
+        let conn = NbdConn::connect(addr, &export, tls.clone())
             .await
             .map_err(|e| format!("{addr} export {export}: {e}"))?;
-        disks.push((*offset, *length, c));
+        disks.push(RemoteDisk {
+            pieces,
+            length: *length,
+            conn,
+        });
     }
     RemoteLun::new(m.size, disks).map_err(|e| e.to_string())
 }
