@@ -97,6 +97,9 @@ fn in_pool(pool: &Path, p: &Path) -> bool {
         )
 }
 
+/// The metadata key of an RBD primary's intent.
+const INTENT_KEY: &str = "lungate.group-op";
+
 fn intent_path(primary: &Path) -> PathBuf {
     let stem = primary
         .file_stem()
@@ -232,6 +235,11 @@ impl Group {
         }
         let p = self.intent_path();
         let body = serde_json::to_vec(i).expect("intent serialises");
+        // An RBD LUN keeps its intent in its image's metadata.
+        let text = String::from_utf8_lossy(&body);
+        if let Some(r) = self.primary().backing().note_set(INTENT_KEY, Some(&text)) {
+            return r.ctx(&p, "record intent");
+        }
         // Never through a symlink planted in the pool.
         let f = std::fs::OpenOptions::new()
             .write(true)
@@ -247,6 +255,9 @@ impl Group {
 
     fn end(&self) -> Result<()> {
         let p = self.intent_path();
+        if let Some(r) = self.primary().backing().note_set(INTENT_KEY, None) {
+            return r.ctx(&p, "remove intent");
+        }
         match std::fs::remove_file(&p) {
             Ok(()) => sync_dir(&pool_of(&p)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -264,12 +275,23 @@ impl Group {
     /// Finish or undo an operation a crash interrupted (module docs).
     fn recover(&mut self) -> Result<()> {
         let p = self.intent_path();
-        let opened = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&p);
         let mut body = Vec::new();
+        let note = self.primary().backing().note_get(INTENT_KEY);
+        let opened = match note {
+            Some(r) => {
+                match r.ctx(&p, "read intent")? {
+                    Some(v) => body = v.into_bytes(),
+                    None => return Ok(()),
+                }
+                Err(std::io::Error::from_raw_os_error(0))
+            }
+            None => std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&p),
+        };
         match opened {
+            Err(_) if !body.is_empty() => {}
             Ok(mut f) => {
                 f.read_to_end(&mut body).ctx(&p, "read intent")?;
             }
@@ -630,7 +652,7 @@ impl Group {
 fn clone_path(pool: &Path, c: &CloneMember) -> Result<PathBuf> {
     crate::format::validate_name(&c.name)
         .map_err(|why| Error::Invalid(format!("clone intent names {:?}: {why}", c.name)))?;
-    Ok(pool.join(format!("{}.lun", c.name)))
+    Ok(crate::pool::lun_path(pool, &c.name))
 }
 
 /// Remove what a clone that never committed made (or what recovery
@@ -649,6 +671,26 @@ fn remove_clone(pool: &Path, c: &CloneMember) -> Result<Vec<String>> {
             return Ok(warnings);
         }
     };
+    if crate::backing::is_rbd(&p) {
+        // Ours when its label names the clone, or when it has no label yet
+        // (a clone's image is wiped of its parent's label at once).
+        let ours = match Lun::probe_uuid(&p) {
+            Ok(u) => u == c.uuid,
+            Err(Error::NotALun { .. }) => crate::pool::lun_exists(&p),
+            Err(_) => false,
+        };
+        if ours {
+            #[cfg(feature = "rbd")]
+            crate::backing::Backing::remove_rbd(&p)?;
+        } else if crate::pool::lun_exists(&p) {
+            warnings.push(format!(
+                "{}: not the clone this operation made (LUN {}); left alone",
+                p.display(),
+                c.uuid
+            ));
+        }
+        return Ok(warnings);
+    }
     let layers = lungate_block::store::file::layers_dir(&p);
     let file = match p.symlink_metadata() {
         Ok(md) if md.file_type().is_symlink() || !md.is_file() => {

@@ -6,13 +6,12 @@
 //! reported and rewritten from the label.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
 
 use gpt::disk::LogicalBlockSize;
 use gpt::partition::Partition;
 use gpt::partition_types::{OperatingSystem, Type};
+use lungate_block::store::Object;
 use uuid::Uuid;
 
 use super::label::Label;
@@ -21,18 +20,28 @@ use super::{Region, RegionKind, SECTOR};
 /// Number of partition entries, as every common tool writes.
 const ENTRIES: u32 = 128;
 
-/// A `Read + Write + Seek` view of the first `len` bytes of a file, so the
+/// A `Read + Write + Seek` view of the first `len` bytes of a LUN's bytes
+/// (a file, a block device or an RBD image), so the
 /// `gpt` crate puts the backup GPT at the end of the LUN, not the end of a
 /// larger block device.
-#[derive(Debug)]
 pub(crate) struct Window<'a> {
-    file: &'a File,
+    file: &'a dyn Object,
     len: u64,
     pos: u64,
 }
 
+impl std::fmt::Debug for Window<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Window")
+            .field("object", &self.file.name())
+            .field("len", &self.len)
+            .field("pos", &self.pos)
+            .finish()
+    }
+}
+
 impl<'a> Window<'a> {
-    pub(crate) fn new(file: &'a File, len: u64) -> Self {
+    pub(crate) fn new(file: &'a dyn Object, len: u64) -> Self {
         Window { file, len, pos: 0 }
     }
 }
@@ -44,7 +53,7 @@ impl Read for Window<'_> {
         if n == 0 {
             return Ok(0);
         }
-        let n = self.file.read_at(&mut buf[..n], self.pos)?;
+        self.file.read_at(&mut buf[..n], self.pos)?;
         self.pos += n as u64;
         Ok(n)
     }
@@ -64,7 +73,7 @@ impl Write for Window<'_> {
                 ),
             ));
         }
-        self.file.write_all_at(buf, self.pos)?;
+        self.file.write_at(buf, self.pos)?;
         self.pos += buf.len() as u64;
         Ok(buf.len())
     }
@@ -111,7 +120,7 @@ fn partition_id(r: &Region) -> u32 {
 }
 
 /// Write the protective MBR and both GPTs for `label` (offset layout).
-pub fn write(file: &File, label: &Label) -> io::Result<()> {
+pub fn write(file: &dyn Object, label: &Label) -> io::Result<()> {
     let mut dev = Window::new(file, label.lun_size);
     let sectors = label.lun_size / SECTOR;
     let mbr = gpt::mbr::ProtectiveMBR::with_lb_size(u32::try_from(sectors - 1).unwrap_or(u32::MAX));
@@ -163,11 +172,11 @@ const MAX_SANE_ENTRIES: u32 = 4096;
 
 /// Check the fields of both GPT headers that drive allocation before the
 /// `gpt` crate sees them.
-fn headers_sane(file: &File, len: u64) -> io::Result<()> {
+fn headers_sane(file: &dyn Object, len: u64) -> io::Result<()> {
     let last = (len / SECTOR).saturating_sub(1);
     for lba in [1, last] {
         let mut h = [0u8; 92];
-        if lba == 0 || file.read_exact_at(&mut h, lba * SECTOR).is_err() {
+        if lba == 0 || file.read_at(&mut h, lba * SECTOR).is_err() {
             continue;
         }
         if &h[0..8] != b"EFI PART" {
@@ -186,7 +195,7 @@ fn headers_sane(file: &File, len: u64) -> io::Result<()> {
 }
 
 /// Read the GPT of the first `len` bytes of `file`. Read-only.
-pub fn read(file: &File, len: u64) -> io::Result<(Uuid, Vec<GptPartition>)> {
+pub fn read(file: &dyn Object, len: u64) -> io::Result<(Uuid, Vec<GptPartition>)> {
     headers_sane(file, len)?;
     let disk = gpt::GptConfig::new()
         .writable(false)
@@ -258,14 +267,24 @@ mod tests {
     use super::*;
     use crate::format::label::tests::sample;
     use crate::format::Layout;
+    use lungate_block::store::file::FileObject;
+    use std::os::unix::fs::FileExt;
+
+    fn obj(f: &std::fs::File) -> FileObject {
+        FileObject::new(
+            "t".into(),
+            std::sync::Arc::new(f.try_clone().unwrap()),
+            None,
+        )
+    }
 
     #[test]
     fn gpt_round_trips_and_matches_the_label() {
         let f = tempfile::tempfile().unwrap();
         let l = sample(Layout::Offset);
         f.set_len(l.lun_size).unwrap();
-        write(&f, &l).unwrap();
-        let (guid, parts) = read(&f, l.lun_size).unwrap();
+        write(&obj(&f), &l).unwrap();
+        let (guid, parts) = read(&obj(&f), l.lun_size).unwrap();
         assert_eq!(guid, l.uuid);
         assert!(
             diff(&l, guid, &parts).is_empty(),
@@ -296,7 +315,7 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         let l = sample(Layout::Offset);
         f.set_len(l.lun_size).unwrap();
-        write(&f, &l).unwrap();
+        write(&obj(&f), &l).unwrap();
         for lba in [1, l.lun_size / SECTOR - 1] {
             let mut h = [0u8; 92];
             f.read_exact_at(&mut h, lba * SECTOR).unwrap();
@@ -307,7 +326,7 @@ mod tests {
             h[16..20].copy_from_slice(&crc.to_le_bytes());
             f.write_all_at(&h, lba * SECTOR).unwrap();
         }
-        let e = read(&f, l.lun_size).unwrap_err();
+        let e = read(&obj(&f), l.lun_size).unwrap_err();
         assert!(e.to_string().contains("claims 4294967295 entries"), "{e}");
     }
 
@@ -316,7 +335,7 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         let l = sample(Layout::Offset);
         f.set_len(l.lun_size * 2).unwrap();
-        write(&f, &l).unwrap();
+        write(&obj(&f), &l).unwrap();
         let mut last = [0u8; 8];
         f.read_exact_at(&mut last, l.lun_size - SECTOR).unwrap();
         assert_eq!(&last, b"EFI PART");

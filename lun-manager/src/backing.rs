@@ -1,0 +1,226 @@
+//! Where a LUN's bytes live: a file or block device (a path), or an RBD
+//! image (`rbd:POOL[/NAMESPACE]/NAME.lun`, with the `rbd` feature). A
+//! [`Backing`] gives the LUN code one byte interface for both (the store's
+//! [`Object`]) and builds the LUN's volume on the matching store: the file
+//! store beside a file, the RBD store (native snapshots) for an image.
+//!
+//! Everything else in this crate names a LUN by a `Path`; an RBD LUN's
+//! path is its `rbd:` location, which no file operation is ever asked to
+//! open (everything that opens, creates, removes or lists goes through
+//! here or [`crate::pool`]).
+
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+use std::sync::Arc;
+
+use lungate_block::store::file::FileObject;
+use lungate_block::store::Object;
+use lungate_block::volume::{StoreVolume, Volume};
+
+use crate::error::{Error, IoContext, Result};
+use crate::format::label::Label;
+use crate::lun::Access;
+
+/// Whether `path` names an RBD image or pool rather than a file.
+pub fn is_rbd(path: &Path) -> bool {
+    path.to_str().is_some_and(|s| s.starts_with("rbd:"))
+}
+
+/// The bytes of one LUN, opened.
+#[derive(Clone)]
+pub struct Backing {
+    /// Every byte of the LUN.
+    pub base: Arc<dyn Object>,
+    /// The file, for a file or block-device LUN.
+    pub file: Option<Arc<File>>,
+    #[cfg(feature = "rbd")]
+    pub rbd: Option<(
+        lungate_block::store::rbd::ImageSpec,
+        Arc<lungate_block::store::rbd::RbdObject>,
+    )>,
+}
+
+impl std::fmt::Debug for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backing")
+            .field("base", &self.base.name())
+            .finish()
+    }
+}
+
+#[cfg(not(feature = "rbd"))]
+fn no_rbd(path: &Path) -> Error {
+    Error::Invalid(format!(
+        "{}: this build has no Ceph RBD support (build with the cargo feature `rbd`)",
+        path.display()
+    ))
+}
+
+#[cfg(feature = "rbd")]
+pub(crate) fn image_spec(path: &Path) -> Result<lungate_block::store::rbd::ImageSpec> {
+    lungate_block::store::rbd::ImageSpec::parse(&path.to_string_lossy()).map_err(Error::Invalid)
+}
+
+impl Backing {
+    pub fn from_file(path: &Path, file: File) -> Backing {
+        let file = Arc::new(file);
+        Backing {
+            base: Arc::new(FileObject::new(path.to_path_buf(), file.clone(), None)),
+            file: Some(file),
+            #[cfg(feature = "rbd")]
+            rbd: None,
+        }
+    }
+
+    /// Bytes already open as a store object (a clone's new image).
+    pub fn from_object(base: Arc<dyn Object>) -> Backing {
+        Backing {
+            base,
+            file: None,
+            #[cfg(feature = "rbd")]
+            rbd: None,
+        }
+    }
+
+    /// Open the LUN bytes at `path`.
+    pub fn open(path: &Path, access: Access) -> Result<Backing> {
+        if is_rbd(path) {
+            return Self::open_rbd(path, access);
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(access == Access::ReadWrite)
+            .open(path)
+            .ctx(path, "open")?;
+        Ok(Self::from_file(path, file))
+    }
+
+    #[cfg(not(feature = "rbd"))]
+    fn open_rbd(path: &Path, _access: Access) -> Result<Backing> {
+        Err(no_rbd(path))
+    }
+
+    #[cfg(feature = "rbd")]
+    fn open_rbd(path: &Path, access: Access) -> Result<Backing> {
+        use lungate_block::store::rbd::{Pool, RbdObject};
+        let spec = image_spec(path)?;
+        let pool = Arc::new(Pool::open(&spec.pool).ctx(path, "connect to the RBD pool")?);
+        let img = pool
+            .open_image(&spec.image, access == Access::ReadWrite)
+            .map_err(|source| match source.raw_os_error() {
+                Some(libc::ENOENT) => Error::NotALun {
+                    path: path.into(),
+                    why: "no such RBD image".into(),
+                },
+                _ => Error::Io {
+                    path: path.into(),
+                    op: "open RBD image",
+                    source,
+                },
+            })?;
+        if access == Access::ReadWrite {
+            // The ownership lock of an RBD LUN (see `owner`): taken on this
+            // handle, which does the LUN's I/O, and kept until it closes.
+            img.lock_acquire().map_err(|source| Error::Io {
+                path: path.into(),
+                op: "take the RBD exclusive lock (another client holds it: stop it or use its control API)",
+                source,
+            })?;
+        }
+        let obj = Arc::new(RbdObject::new(Arc::new(img), path.to_path_buf()));
+        Ok(Backing {
+            base: obj.clone(),
+            file: None,
+            rbd: Some((spec, obj)),
+        })
+    }
+
+    /// Create the bytes of a new LUN at `path`, `size` bytes long (a file
+    /// that must not exist yet, or an image).
+    #[cfg(feature = "rbd")]
+    pub fn create_rbd(path: &Path, size: u64) -> Result<Backing> {
+        use lungate_block::store::rbd::Pool;
+        let spec = image_spec(path)?;
+        let pool = Pool::open(&spec.pool).ctx(path, "connect to the RBD pool")?;
+        pool.create(&spec.image, size)
+            .map_err(|source| match source.raw_os_error() {
+                Some(libc::EEXIST) => Error::Exists { path: path.into() },
+                _ => Error::Io {
+                    path: path.into(),
+                    op: "create RBD image",
+                    source,
+                },
+            })?;
+        Self::open(path, Access::ReadWrite)
+    }
+
+    #[cfg(not(feature = "rbd"))]
+    pub fn create_rbd(path: &Path, _size: u64) -> Result<Backing> {
+        Err(no_rbd(path))
+    }
+
+    pub fn is_rbd(&self) -> bool {
+        self.file.is_none()
+    }
+
+    /// A small named note kept with the LUN's bytes (an RBD image's
+    /// metadata key): where an RBD LUN keeps what a file LUN keeps in a
+    /// file beside it (the group's intent). `None` for a file LUN.
+    pub fn note_get(&self, key: &str) -> Option<std::io::Result<Option<String>>> {
+        #[cfg(feature = "rbd")]
+        if let Some((_, obj)) = &self.rbd {
+            return Some(obj.image().metadata_get(key));
+        }
+        let _ = key;
+        None
+    }
+
+    /// Set a note (one atomic update); `None` for a file LUN.
+    pub fn note_set(&self, key: &str, value: Option<&str>) -> Option<std::io::Result<()>> {
+        #[cfg(feature = "rbd")]
+        if let Some((_, obj)) = &self.rbd {
+            return Some(match value {
+                Some(v) => obj.image().metadata_set(key, v),
+                None => obj.image().metadata_remove(key),
+            });
+        }
+        let _ = (key, value);
+        None
+    }
+
+    /// The LUN's volume on the RBD store (its snapshots are RBD
+    /// snapshots); a file LUN's volume is opened on the file store by
+    /// [`Volume::open`].
+    pub fn open_native_volume(
+        &self,
+        path: &Path,
+        label: &Label,
+        cfg: StoreVolume,
+    ) -> Result<Volume> {
+        let _ = (label, &cfg);
+        #[cfg(feature = "rbd")]
+        if let Some((spec, obj)) = &self.rbd {
+            let (store, warnings) = lungate_block::store::rbd::RbdStore::open(
+                spec.clone(),
+                obj.clone(),
+                label.uuid,
+                label.lun_size,
+            )?;
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
+            return Ok(Volume::open_in(Arc::new(store), cfg)?);
+        }
+        Err(Error::Invalid(format!(
+            "{}: no store for these LUN bytes",
+            path.display()
+        )))
+    }
+
+    /// Remove the LUN's bytes (the LUN is deleted; every handle closed).
+    #[cfg(feature = "rbd")]
+    pub fn remove_rbd(path: &Path) -> Result<()> {
+        let spec = image_spec(path)?;
+        lungate_block::store::rbd::remove_image(&spec).ctx(path, "remove RBD image")
+    }
+}
