@@ -273,9 +273,13 @@ pub struct ControlConfig {
 impl ControlConfig {
     /// The unix socket path in force for `pools`.
     pub fn unix_path(&self, pools: &[PathBuf]) -> Option<PathBuf> {
-        self.unix
-            .clone()
-            .or_else(|| pools.first().map(|p| p.join(".lungate.sock")))
+        // An RBD pool (`rbd:…`) has no directory to hold a socket.
+        self.unix.clone().or_else(|| {
+            pools
+                .iter()
+                .find(|p| !p.to_string_lossy().starts_with("rbd:"))
+                .map(|p| p.join(".lungate.sock"))
+        })
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

@@ -292,7 +292,17 @@ fn write_record(lun: &mut Lun, rec: Option<&Owner>) -> Result<()> {
 /// Take the lock of `lun` and write the `Owner` record (`owner`, this host,
 /// this PID, now, `control`) through it.
 pub fn acquire(lun: &mut Lun, owner: &str, control: Option<&Path>) -> Result<OwnerGuard> {
-    let lock = lock(lun.path())?;
+    // An RBD LUN opened read-write already holds the image's exclusive
+    // lock on its own handle (a probe through another handle would find it
+    // held, by us).
+    let lock = if lun.is_rbd() && lun.access() == Access::ReadWrite {
+        FileLock {
+            file: None,
+            path: lun.path().to_path_buf(),
+        }
+    } else {
+        lock(lun.path())?
+    };
     claim(lock, lun, owner, control)
 }
 

@@ -455,9 +455,9 @@ impl Pool {
             check(r)?;
             let mut names: Vec<String> = specs[..n]
                 .iter()
-                // SAFETY: librbd set `name` of the first `n` entries to
-                // NUL-terminated strings it allocated.
                 .map(|s| {
+                    // SAFETY: librbd set `name` of the first `n` entries to
+                    // NUL-terminated strings it allocated.
                     unsafe { CStr::from_ptr(s.name) }
                         .to_string_lossy()
                         .into_owned()
@@ -972,8 +972,9 @@ impl Image {
             let n = check(r)? as usize;
             let names = v[..n]
                 .iter()
-                // SAFETY: librbd set `name` of the first `n` entries.
                 .map(|s| {
+                    // SAFETY: librbd set `name` of the first `n` entries to
+                    // NUL-terminated strings it allocated.
                     unsafe { CStr::from_ptr(s.name) }
                         .to_string_lossy()
                         .into_owned()
