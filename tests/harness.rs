@@ -7,6 +7,8 @@
 //! never by name. It does not mock anything: a test that uses it talks to
 //! the real server over real sockets.
 
+pub mod ceph;
+
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};

@@ -26,6 +26,25 @@ pub fn is_rbd(path: &Path) -> bool {
     path.to_str().is_some_and(|s| s.starts_with("rbd:"))
 }
 
+/// The pool a LUN lives in: its directory, or for an RBD image
+/// `rbd:POOL[/NS]/NAME.lun[:OPTIONS]` the pool `rbd:POOL[/NS][:OPTIONS]`
+/// (the options, such as `conf=FILE`, may hold '/' themselves).
+pub fn pool_of(path: &Path) -> std::path::PathBuf {
+    if is_rbd(path) {
+        let s = path.to_string_lossy();
+        let (head, opts) = match s[4..].find(':') {
+            Some(i) => s.split_at(4 + i),
+            None => (&s[..], ""),
+        };
+        let pool = head.rsplit_once('/').map_or(head, |(p, _)| p);
+        return format!("{pool}{opts}").into();
+    }
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    }
+}
+
 /// The bytes of one LUN, opened.
 #[derive(Clone)]
 pub struct Backing {
@@ -222,5 +241,21 @@ impl Backing {
     pub fn remove_rbd(path: &Path) -> Result<()> {
         let spec = image_spec(path)?;
         lungate_block::store::rbd::remove_image(&spec).ctx(path, "remove RBD image")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_of_an_image_keeps_its_options() {
+        assert_eq!(
+            pool_of(Path::new("rbd:rbd/ns/vm.lun:conf=/etc/ceph/x.conf")),
+            Path::new("rbd:rbd/ns:conf=/etc/ceph/x.conf")
+        );
+        assert_eq!(pool_of(Path::new("rbd:p/vm.lun")), Path::new("rbd:p"));
+        assert_eq!(pool_of(Path::new("/a/b/vm.lun")), Path::new("/a/b"));
+        assert_eq!(pool_of(Path::new("vm.lun")), Path::new("."));
     }
 }

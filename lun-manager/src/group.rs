@@ -79,10 +79,7 @@ impl std::fmt::Debug for Group {
 }
 
 fn pool_of(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
+    crate::backing::pool_of(path)
 }
 
 /// Whether `p` is a regular file (not a symlink) directly inside `pool`.
@@ -475,12 +472,12 @@ impl Group {
     pub fn clone(&self, name: &str, new_name: &str) -> Result<Group> {
         self.require(name)?;
         let pool = pool_of(self.primary().path());
-        let mut paths = vec![pool.join(format!("{new_name}.lun"))];
+        let mut paths = vec![crate::pool::lun_path(&pool, new_name)];
         let mut names = vec![new_name.to_string()];
         for m in &self.members[1..] {
             let n = format!("{new_name}-{}", m.name());
             crate::format::validate_name(&n).map_err(Error::Invalid)?;
-            paths.push(pool.join(format!("{n}.lun")));
+            paths.push(crate::pool::lun_path(&pool, &n));
             names.push(n);
         }
         crate::format::validate_name(new_name).map_err(Error::Invalid)?;
