@@ -127,13 +127,15 @@ fn watchdog(dir: &Path) {
         dir = dir.display(),
         down = shared_ceph().join("ceph-down.sh").display(),
     );
-    Command::new("setsid")
-        .args(["sh", "-c", &script])
+    // `setsid -f` forks the watchdog into a session of its own and returns.
+    let st = Command::new("setsid")
+        .args(["-f", "sh", "-c", &script])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()
+        .status()
         .expect("start the cluster's watchdog");
+    assert!(st.success(), "setsid -f: {st}");
 }
 
 /// An etcd server on free 127.0.0.1 ports with its data in a temp

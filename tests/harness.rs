@@ -654,6 +654,16 @@ impl Gateway {
         }
     }
 
+    /// Sends `sig` (SIGSTOP, SIGCONT, ...) to the gateway, by PID.
+    pub fn send_signal(&self, sig: libc::c_int) {
+        signal(self.child.as_ref().expect("gateway child"), sig);
+    }
+
+    /// Waits up to `timeout` for the gateway to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_timeout(self.child.as_mut().expect("gateway child"), timeout)
+    }
+
     /// Everything the gateway wrote to stderr so far.
     pub fn stderr_log(&self) -> String {
         std::fs::read(&self.log)

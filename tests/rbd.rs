@@ -274,3 +274,194 @@ fn rbd_lun_served_with_every_volume_operation() {
     }
     assert!(!c.rbd(&["ls", &format!("rbd/{ns}")]).contains(".lun"));
 }
+
+/// The value of etcd key `key` (`None`: no such key), read with etcdctl.
+fn etcd_get(endpoint: &str, key: &str) -> Option<serde_json::Value> {
+    let out = run_ok(
+        Command::new(require_tool("etcdctl"))
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", endpoint, "get", "--print-value-only", key]),
+    );
+    let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!v.is_empty()).then(|| serde_json::from_str(&v).expect("owner value is JSON"))
+}
+
+/// The exports a gateway lists.
+fn listed(gw: &Gateway) -> Vec<String> {
+    let out = run_ok(Command::new(require_tool("nbdinfo")).args(["--list", &gw.unix_uri("")]));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("export=\"")?.strip_suffix("\":"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Two gateways on one cluster coordinated through etcd: every LUN has
+/// exactly one owner; a gateway frozen mid-write (SIGSTOP, as a
+/// partitioned host) loses its LUNs once its lease expires, the other takes
+/// them over (breaking its RBD lock, which blocklists it), and the frozen
+/// one's queued write is refused once it runs again.
+#[test]
+fn two_gateways_one_owner_failover_and_fencing() {
+    let c = Cluster::shared();
+    let etcd = lungate_tests::ceph::Etcd::start();
+    let ep = etcd.endpoint.trim_start_matches("http://").to_string();
+    let pool = c.pool("co");
+    for n in ["v1", "v2", "v3"] {
+        let out = lunctl(&[
+            "create", "--pool", &pool, "--disk", "8M", "--memory", "4M", n,
+        ]);
+        assert_success("lunctl create", &out);
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let cfg = work.path().join("gw.toml");
+    std::fs::write(&cfg, "[coordinator]\nlease_ttl = 2\n").expect("config");
+    let coord = format!("etcd://{ep}");
+    let start = |n: &str| {
+        Gateway::start(&[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--pool",
+            &pool,
+            "--coordinator",
+            &coord,
+            "--control",
+            work.path().join(format!("{n}.sock")).to_str().unwrap(),
+        ])
+    };
+    let (ga, gb) = std::thread::scope(|s| {
+        let a = s.spawn(|| start("a"));
+        let b = s.spawn(|| start("b"));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let all: Vec<String> = ["v1", "v2", "v3"]
+        .iter()
+        .map(|n| format!("{n}/disk0"))
+        .collect();
+    let owner_pid = |n: &str| {
+        etcd_get(&ep, &format!("/lungate/luns/rbd/co/{n}.lun"))
+            .and_then(|v| v["pid"].as_u64())
+            .map(|p| p as u32)
+    };
+    // A moment for a claim loop to pick up what the first pass left.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (la, lb) = (listed(&ga), listed(&gb));
+        for e in &la {
+            assert!(
+                !lb.contains(e),
+                "{e} served by both gateways: {la:?} {lb:?}"
+            );
+        }
+        let mut both: Vec<String> = la.iter().chain(&lb).cloned().collect();
+        both.sort();
+        if both == all {
+            for n in ["v1", "v2", "v3"] {
+                let e = format!("{n}/disk0");
+                let want = if la.contains(&e) { ga.pid() } else { gb.pid() };
+                assert_eq!(owner_pid(n), Some(want), "etcd owner of {n}");
+                let locks = c.rbd(&["lock", "ls", &format!("rbd/co/{n}.lun")]);
+                assert_eq!(locks.matches("client.").count(), 1, "{locks}");
+            }
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every LUN served once: {la:?} {lb:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // The gateway owning v1 is the one frozen.
+    let (mut x, y) = if owner_pid("v1") == Some(ga.pid()) {
+        (ga, gb)
+    } else {
+        (gb, ga)
+    };
+
+    // A client of x: one flushed write, then (x frozen) a second write.
+    let script = work.path().join("writer.py");
+    std::fs::write(
+        &script,
+        r#"
+import sys
+h.pwrite(b'\x11' * 65536, 0)
+h.flush()
+print("first", flush=True)
+sys.stdin.readline()
+try:
+    h.pwrite(b'\x22' * 65536, 0)
+    h.flush()
+    print("second ok", flush=True)
+except Exception as e:
+    print("second failed:", e, flush=True)
+"#,
+    )
+    .unwrap();
+    let mut writer = nbdsh()
+        .args([
+            "-u",
+            &x.unix_uri("v1/disk0"),
+            &format!("--command=exec(open('{}').read())", script.display()),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("nbdsh");
+    let mut out = std::io::BufReader::new(writer.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "first");
+    x.send_signal(libc::SIGSTOP);
+    std::io::Write::write_all(writer.stdin.as_mut().unwrap(), b"go\n").unwrap();
+
+    // y takes v1 over once x's lease expires, fencing x first.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !listed(&y).contains(&"v1/disk0".to_string()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no takeover: {}",
+            y.stderr_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(owner_pid("v1"), Some(y.pid()));
+    assert!(y
+        .stderr_log()
+        .contains("breaking a former owner's RBD lock"));
+    let v1 = y.uri("v1/disk0");
+    qemu_io_ok(&v1, &["read -P 0x11 0 64k", "write -P 0x33 0 64k"]);
+
+    // x runs again: its queued write must not land, and it stops serving.
+    x.send_signal(libc::SIGCONT);
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert!(
+        line.starts_with("second failed"),
+        "the fenced gateway's write: {line:?}"
+    );
+    let _ = writer.wait();
+    let status = x
+        .wait_exit(std::time::Duration::from_secs(30))
+        .expect("the fenced gateway exits");
+    assert_eq!(status.code(), Some(75), "{}", x.stderr_log());
+    qemu_io_ok(&v1, &["read -P 0x33 0 64k"]);
+    // every LUN is y's now
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut l = listed(&y);
+        l.sort();
+        if l == all {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "y serves only {l:?}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // a clean stop gives the lease (and every LUN key) back at once
+    let ypid = y.pid();
+    y.stop_ok();
+    for n in ["v1", "v2", "v3"] {
+        assert_ne!(owner_pid(n), Some(ypid));
+        assert_eq!(owner_pid(n), None, "{n} still owned after a clean stop");
+    }
+    drop(etcd);
+}

@@ -250,6 +250,54 @@ pub struct GatewayConfig {
     pub exports: Vec<ExportConfig>,
     #[serde(default)]
     pub control: ControlConfig,
+    #[serde(default)]
+    pub coordinator: CoordinatorConfig,
+}
+
+/// Several gateways sharing RBD pools, coordinated through etcd
+/// (docs/scale-out.md). Off (`url` unset): the single-host lock rules.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// `etcd://HOST:PORT` of an etcd (v3) client endpoint.
+    pub url: Option<String>,
+    /// This gateway's name in etcd; default `HOSTNAME-PID`.
+    pub name: Option<String>,
+    /// Seconds the gateway's lease outlives its last keepalive: how long
+    /// its LUNs stay unserved after it dies, before another gateway takes
+    /// them (default 10).
+    pub lease_ttl: Option<u64>,
+}
+
+impl CoordinatorConfig {
+    /// `HOST:PORT` of the etcd endpoint, if coordination is on.
+    pub fn endpoint(&self) -> Result<Option<String>, ConfigError> {
+        let Some(u) = &self.url else { return Ok(None) };
+        match u.strip_prefix("etcd://") {
+            Some(hp) if hp.contains(':') && !hp.contains('/') => Ok(Some(hp.to_string())),
+            _ => Err(ConfigError::invalid(
+                "coordinator.url",
+                u,
+                "expected etcd://HOST:PORT",
+            )),
+        }
+    }
+
+    pub fn ttl(&self) -> u64 {
+        self.lease_ttl.unwrap_or(10)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.endpoint()?;
+        if self.lease_ttl.is_some_and(|t| !(2..=3600).contains(&t)) {
+            return Err(ConfigError::invalid(
+                "coordinator.lease_ttl",
+                self.ttl(),
+                "must be 2 to 3600 seconds",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The control API (HTTP/1.1 + JSON): always on a unix socket (mode 0600),
@@ -344,6 +392,7 @@ impl Default for GatewayConfig {
             io: IoConfig::default(),
             exports: Vec::new(),
             control: ControlConfig::default(),
+            coordinator: CoordinatorConfig::default(),
         }
     }
 }
@@ -403,6 +452,7 @@ impl GatewayConfig {
         }
         self.allow_rules()?;
         self.control.validate()?;
+        self.coordinator.validate()?;
         self.validate_block_sizes()?;
         if self.max_in_flight.0 < MIN_IN_FLIGHT {
             return Err(ConfigError::invalid(

@@ -30,6 +30,7 @@ pub struct Overrides {
     pub tls_verify_peer: bool,
     pub engine: Option<EngineKind>,
     pub control: Option<PathBuf>,
+    pub coordinator: Option<String>,
 }
 
 impl Overrides {
@@ -67,6 +68,9 @@ impl Overrides {
         if self.control.is_some() {
             cfg.control.unix = self.control.clone();
         }
+        if self.coordinator.is_some() {
+            cfg.coordinator.url = self.coordinator.clone();
+        }
         cfg.validate()
     }
 }
@@ -83,6 +87,8 @@ pub enum StartError {
     Engine(std::io::Error),
     #[error(transparent)]
     Server(#[from] ServerError),
+    #[error(transparent)]
+    Coordinator(#[from] crate::coordinator::EtcdError),
 }
 
 /// Open (and lock) every LUN and build its exports.
@@ -173,7 +179,24 @@ pub async fn build_server(
         control_tls,
         activated,
     };
-    Ok(Server::bind(settings, registry).await?)
+    let server = Server::bind(settings, registry.clone()).await?;
+    if let Some(endpoint) = cfg.coordinator.endpoint()? {
+        let mut addrs: Vec<String> = server.listening().iter().map(|l| l.to_string()).collect();
+        addrs.extend(server.control_listening());
+        let c = crate::coordinator::Coordinator::start(
+            &endpoint,
+            cfg.coordinator.name.as_deref(),
+            cfg.coordinator.ttl(),
+            &cfg.pools,
+            serde_json::json!(addrs),
+            engine.clone(),
+        )
+        .await?;
+        // The LUNs nobody owns are served before `ready`.
+        c.claim_pass(&registry).await;
+        c.spawn(registry);
+    }
+    Ok(server)
 }
 
 #[cfg(test)]

@@ -65,6 +65,11 @@ enum Cmd {
         /// Control API unix socket (default: <first pool>/.lungate.sock).
         #[arg(long)]
         control: Option<PathBuf>,
+        /// etcd endpoint etcd://HOST:PORT: share the RBD pools with other
+        /// gateways, one owner per LUN (docs/scale-out.md); replaces
+        /// `[coordinator] url`.
+        #[arg(long)]
+        coordinator: Option<String>,
     },
     /// Create ./demo-pool with LUN `demo` (1 GiB disk) if needed and serve
     /// it on 127.0.0.1:10809.
@@ -194,6 +199,7 @@ async fn run(cmd: Cmd, activated: Vec<std::os::fd::OwnedFd>) -> Result<(), Strin
             tls_verify_peer,
             engine,
             control,
+            coordinator,
         } => {
             let mut cfg = match &config {
                 Some(p) => GatewayConfig::load(p).map_err(|e| e.to_string())?,
@@ -211,6 +217,7 @@ async fn run(cmd: Cmd, activated: Vec<std::os::fd::OwnedFd>) -> Result<(), Strin
                 tls_verify_peer,
                 engine,
                 control,
+                coordinator,
             }
             .apply(&mut cfg)
             .map_err(|e| e.to_string())?;
@@ -257,6 +264,7 @@ async fn run(cmd: Cmd, activated: Vec<std::os::fd::OwnedFd>) -> Result<(), Strin
         let _ = out.flush();
     }
     server.run(shutdown).await;
+    lungate::coordinator::release().await;
     Ok(())
 }
 

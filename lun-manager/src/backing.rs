@@ -45,6 +45,23 @@ pub fn pool_of(path: &Path) -> std::path::PathBuf {
     }
 }
 
+static TAKEOVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Make this process take over the exclusive lock of every RBD image it
+/// opens read-write: break the holder's lock, which blocklists the holder
+/// at the OSDs (its later writes fail), then take it. Only for a gateway
+/// that the coordinator (etcd) has just made the LUN's one owner: the
+/// holder is then a dead or partitioned former owner. See
+/// docs/scale-out.md.
+pub fn set_takeover(on: bool) {
+    TAKEOVER.store(on, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether [`set_takeover`] is on.
+pub fn takeover() -> bool {
+    TAKEOVER.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// The bytes of one LUN, opened.
 #[derive(Clone)]
 pub struct Backing {
@@ -137,6 +154,22 @@ impl Backing {
                     source,
                 },
             })?;
+        if access == Access::ReadWrite && takeover() {
+            // Fence the former owner first (see `set_takeover`).
+            let owners = img.lock_owners().map_err(|source| Error::Io {
+                path: path.into(),
+                op: "read the RBD lock owners",
+                source,
+            })?;
+            for o in owners {
+                tracing::warn!(lun = %path.display(), owner = %o, "breaking a former owner's RBD lock (it is blocklisted)");
+                img.lock_break(&o).map_err(|source| Error::Io {
+                    path: path.into(),
+                    op: "break the former owner's RBD lock",
+                    source,
+                })?;
+            }
+        }
         if access == Access::ReadWrite {
             // The ownership lock of an RBD LUN (see `owner`): taken on this
             // handle, which does the LUN's I/O, and kept until it closes.

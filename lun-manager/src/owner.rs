@@ -127,7 +127,8 @@ fn rbd_locked(path: &Path) -> Result<bool> {
 
 fn try_flock(path: &Path) -> Result<Try> {
     if crate::backing::is_rbd(path) {
-        return Ok(if rbd_locked(path)? {
+        // A takeover breaks the holder's lock when it opens the image.
+        return Ok(if !crate::backing::takeover() && rbd_locked(path)? {
             Try::Held
         } else {
             Try::Got(FileLock {
