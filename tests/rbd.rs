@@ -315,7 +315,7 @@ fn two_gateways_one_owner_failover_and_fencing() {
     }
     let work = tempfile::tempdir().expect("tempdir");
     let cfg = work.path().join("gw.toml");
-    std::fs::write(&cfg, "[coordinator]\nlease_ttl = 2\n").expect("config");
+    std::fs::write(&cfg, "[coordinator]\nlease_ttl = 3\n").expect("config");
     let coord = format!("etcd://{ep}");
     let start = |n: &str| {
         Gateway::start(&[
@@ -371,6 +371,41 @@ fn two_gateways_one_owner_failover_and_fencing() {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    // A clone made on its owner's control API stays with that owner: the
+    // other gateway may see the new image first, but never breaks a lock
+    // that no former owner of the LUN holds.
+    let (mut ga, mut gb) = (ga, gb);
+    let a_owns_v2 = owner_pid("v2") == Some(ga.pid());
+    let (o, other) = if a_owns_v2 { (&ga, &gb) } else { (&gb, &ga) };
+    let sock = o.control();
+    api(
+        &sock,
+        "POST",
+        "/v1/luns/v2/snapshots",
+        Some(json!({"name": "s"})),
+        201,
+    );
+    api(
+        &sock,
+        "POST",
+        "/v1/luns/v2/clone",
+        Some(json!({"snapshot": "s", "name": "v2c"})),
+        201,
+    );
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(listed(o).contains(&"v2c/disk0".to_string()));
+    assert!(!listed(other).contains(&"v2c/disk0".to_string()));
+    assert_eq!(owner_pid("v2c"), Some(o.pid()), "the clone's etcd owner");
+    qemu_io_ok(
+        &o.uri("v2c/disk0"),
+        &["write -P 0x44 0 4k", "read -P 0x44 0 4k"],
+    );
+    ga.assert_running();
+    gb.assert_running();
+    let mut all = all;
+    all.push("v2c/disk0".into());
+    all.sort();
+
     // The gateway owning v1 is the one frozen.
     let (mut x, y) = if owner_pid("v1") == Some(ga.pid()) {
         (ga, gb)
@@ -459,7 +494,7 @@ except Exception as e:
     // a clean stop gives the lease (and every LUN key) back at once
     let ypid = y.pid();
     y.stop_ok();
-    for n in ["v1", "v2", "v3"] {
+    for n in ["v1", "v2", "v3", "v2c"] {
         assert_ne!(owner_pid(n), Some(ypid));
         assert_eq!(owner_pid(n), None, "{n} still owned after a clean stop");
     }

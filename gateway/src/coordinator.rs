@@ -8,11 +8,16 @@
 //!   at `/lungate/luns/POOL[/NS]/IMAGE`, a key bound to that gateway's
 //!   lease and created by a transaction that succeeds only if the key does
 //!   not exist: at most one owner at any time.
-//! * etcd alone does not stop a partitioned old owner from writing. The
-//!   new owner therefore opens the image with [`set_takeover`]: it breaks
-//!   the old owner's RBD exclusive lock, which blocklists the old owner's
-//!   client at the OSDs, before it serves a byte. The old owner's later
-//!   writes fail in the cluster.
+//! * etcd alone does not stop a partitioned old owner from writing. Each
+//!   owner records its librados client (the RBD lock owner string of its
+//!   handle) at `/lungate/fence/POOL[/NS]/IMAGE` (no lease: it outlives
+//!   the owner). A new owner opens the image with [`set_takeover`] for
+//!   exactly that client: it breaks the old owner's RBD exclusive lock,
+//!   which blocklists the old owner at the OSDs, before it serves a byte;
+//!   the old owner's later writes fail in the cluster. A lock held by any
+//!   other client (a `lunctl` at work, a gateway that just made a clone
+//!   and has not claimed it yet) is never broken: the claim is given back
+//!   and tried again a second later.
 //! * A gateway that cannot renew its lease for `lease_ttl` seconds has lost
 //!   its LUNs to whoever claims them next: it exits (status 75) rather than
 //!   serve on.
@@ -238,10 +243,19 @@ impl Etcd {
 /// The etcd key of the RBD LUN at `path` (`rbd:POOL[/NS]/IMAGE[:opts]`):
 /// `/lungate/luns/POOL[/NS]/IMAGE`, the same whatever options name it.
 pub fn lun_key(path: &Path) -> String {
+    format!("/lungate/luns/{}", image_id(path))
+}
+
+/// The etcd key naming the librados client of the LUN's last owner.
+fn fence_key(path: &Path) -> String {
+    format!("/lungate/fence/{}", image_id(path))
+}
+
+/// `POOL[/NS]/IMAGE` of `rbd:POOL[/NS]/IMAGE[:opts]`.
+fn image_id(path: &Path) -> String {
     let s = path.to_string_lossy();
     let rest = s.strip_prefix("rbd:").unwrap_or(&s);
-    let head = rest.split(':').next().unwrap_or_default();
-    format!("/lungate/luns/{head}")
+    rest.split(':').next().unwrap_or_default().to_string()
 }
 
 /// This gateway in etcd.
@@ -254,6 +268,8 @@ pub struct Coordinator {
     owner_value: String,
     pools: Vec<PathBuf>,
     engine: IoEngine,
+    /// The served LUNs whose etcd key this gateway holds.
+    keyed: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 static CURRENT: OnceLock<Arc<Coordinator>> = OnceLock::new();
@@ -282,7 +298,6 @@ impl Coordinator {
             lease,
         )
         .await?;
-        lun_manager::backing::set_takeover(true);
         tracing::info!(gateway = %name, lease, ttl, etcd = endpoint, "registered in etcd");
         let c = Arc::new(Coordinator {
             etcd,
@@ -292,8 +307,12 @@ impl Coordinator {
             ttl,
             pools: pools.iter().filter(|p| is_rbd(p)).cloned().collect(),
             engine,
+            keyed: Default::default(),
         });
         let _ = CURRENT.set(c.clone());
+        // Renewals start now: the first claims (opening images) may take
+        // longer than the lease.
+        c.keep_alive();
         Ok(c)
     }
 
@@ -315,10 +334,21 @@ impl Coordinator {
                     Err(_) => continue,
                 };
             for path in luns {
-                if reg.luns().iter().any(|l| l.lun.path() == path) {
-                    continue;
+                let served = reg.luns().into_iter().find(|l| l.lun.path() == path);
+                match served {
+                    // A LUN this gateway made (a clone) and serves: its key.
+                    Some(l) if !self.is_keyed(&path) => {
+                        if let Ok(Ok(())) = self
+                            .etcd
+                            .create(&lun_key(&path), &self.owner_value, self.lease)
+                            .await
+                        {
+                            self.keep(&l).await;
+                        }
+                    }
+                    Some(_) => {}
+                    None => self.claim(reg, path).await,
                 }
-                self.claim(reg, path).await;
             }
         }
     }
@@ -334,6 +364,14 @@ impl Coordinator {
             }
         }
         tracing::info!(lun = %path.display(), gateway = %self.name, "owner in etcd; taking the RBD lock");
+        let former = match self.etcd.get(&fence_key(&path)).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(lun = %path.display(), error = %e, "cannot read the former owner; releasing the LUN");
+                let _ = self.etcd.delete(&key).await;
+                return;
+            }
+        };
         let (p, control, stats, engine) = (
             path.clone(),
             reg.control.clone(),
@@ -341,7 +379,10 @@ impl Coordinator {
             self.engine.clone(),
         );
         let opened = tokio::task::spawn_blocking(move || {
-            ServedLun::open(&p, false, control.as_deref(), stats, &engine)
+            lun_manager::backing::set_takeover(&p, former);
+            let r = ServedLun::open(&p, false, control.as_deref(), stats, &engine);
+            lun_manager::backing::set_takeover(&p, None);
+            r
         })
         .await;
         let served = match opened {
@@ -353,6 +394,7 @@ impl Coordinator {
             }
             Err(_) => return,
         };
+        self.keep(&served).await;
         match reg.add(served) {
             Ok(names) => {
                 tracing::info!(lun = %path.display(), exports = ?names, "serving (owner)");
@@ -361,9 +403,36 @@ impl Coordinator {
         }
     }
 
-    /// Keep the lease alive (exit when it is lost) and claim LUNs, until
-    /// the process ends.
-    pub fn spawn(self: &Arc<Self>, reg: Arc<Registry>) {
+    fn is_keyed(&self, path: &Path) -> bool {
+        self.keyed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(path)
+    }
+
+    /// Record this gateway's librados client as the LUN's owner to fence
+    /// (`/lungate/fence/…`), now that its key is ours.
+    async fn keep(&self, l: &Arc<ServedLun>) {
+        let path = l.lun.path().to_path_buf();
+        let me = match l.lun.backing().rbd_lock_owners() {
+            Some(Ok(o)) if o.len() == 1 => o[0].clone(),
+            other => {
+                tracing::warn!(lun = %path.display(), owners = ?other.map(|r| r.map_err(|e| e.to_string())), "cannot tell this gateway's RBD lock owner");
+                return;
+            }
+        };
+        if let Err(e) = self.etcd.put(&fence_key(&path), &me, 0).await {
+            tracing::warn!(lun = %path.display(), error = %e, "cannot record the owner to fence");
+            return;
+        }
+        self.keyed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path);
+    }
+
+    /// Keep the lease alive until the process ends; exit when it is lost.
+    fn keep_alive(self: &Arc<Self>) {
         let me = self.clone();
         tokio::spawn(async move {
             let every = Duration::from_millis(me.ttl * 1000 / 3);
@@ -382,6 +451,10 @@ impl Coordinator {
                 }
             }
         });
+    }
+
+    /// Claim unowned LUNs once a second until the process ends.
+    pub fn spawn(self: &Arc<Self>, reg: Arc<Registry>) {
         let me = self.clone();
         tokio::spawn(async move {
             loop {

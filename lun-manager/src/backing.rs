@@ -45,21 +45,36 @@ pub fn pool_of(path: &Path) -> std::path::PathBuf {
     }
 }
 
-static TAKEOVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Make this process take over the exclusive lock of every RBD image it
-/// opens read-write: break the holder's lock, which blocklists the holder
-/// at the OSDs (its later writes fail), then take it. Only for a gateway
-/// that the coordinator (etcd) has just made the LUN's one owner: the
-/// holder is then a dead or partitioned former owner. See
-/// docs/scale-out.md.
-pub fn set_takeover(on: bool) {
-    TAKEOVER.store(on, std::sync::atomic::Ordering::SeqCst);
+fn takeovers() -> &'static std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, String>> {
+    static T: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, String>>,
+    > = std::sync::OnceLock::new();
+    T.get_or_init(Default::default)
 }
 
-/// Whether [`set_takeover`] is on.
-pub fn takeover() -> bool {
-    TAKEOVER.load(std::sync::atomic::Ordering::SeqCst)
+/// Let this process take over the RBD image at `path` from `former`, the
+/// lock owner (librados client address) of its last coordinated owner:
+/// the next read-write open breaks that owner's exclusive lock, which
+/// blocklists it at the OSDs (its later writes fail), then takes the lock.
+/// A lock held by anyone else is never broken (the open fails). Only for
+/// a gateway the coordinator (etcd) has just made the LUN's one owner, so
+/// `former` has lost its lease: it is dead or partitioned. `None` clears
+/// the permission. See docs/scale-out.md.
+pub fn set_takeover(path: &Path, former: Option<String>) {
+    let mut t = takeovers().lock().unwrap_or_else(|e| e.into_inner());
+    match former {
+        Some(f) => t.insert(path.to_path_buf(), f),
+        None => t.remove(path),
+    };
+}
+
+/// The former owner [`set_takeover`] allows to be fenced at `path`.
+pub fn takeover(path: &Path) -> Option<String> {
+    takeovers()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(path)
+        .cloned()
 }
 
 /// The bytes of one LUN, opened.
@@ -154,7 +169,7 @@ impl Backing {
                     source,
                 },
             })?;
-        if access == Access::ReadWrite && takeover() {
+        if let (Access::ReadWrite, Some(former)) = (access, takeover(path)) {
             // Fence the former owner first (see `set_takeover`).
             let owners = img.lock_owners().map_err(|source| Error::Io {
                 path: path.into(),
@@ -162,6 +177,15 @@ impl Backing {
                 source,
             })?;
             for o in owners {
+                if o != former {
+                    return Err(Error::Io {
+                        path: path.into(),
+                        op: "take the RBD exclusive lock",
+                        source: std::io::Error::other(format!(
+                            "held by {o}, which is not this LUN's former coordinated owner ({former}); not broken"
+                        )),
+                    });
+                }
                 tracing::warn!(lun = %path.display(), owner = %o, "breaking a former owner's RBD lock (it is blocklisted)");
                 img.lock_break(&o).map_err(|source| Error::Io {
                     path: path.into(),
@@ -213,6 +237,17 @@ impl Backing {
 
     pub fn is_rbd(&self) -> bool {
         self.file.is_none()
+    }
+
+    /// Who holds the RBD exclusive lock of the image (librbd's owner
+    /// strings: librados client addresses); `None` for a file LUN. Read on
+    /// a LUN this process opened read-write, it names this process.
+    pub fn rbd_lock_owners(&self) -> Option<std::io::Result<Vec<String>>> {
+        #[cfg(feature = "rbd")]
+        if let Some((_, obj)) = &self.rbd {
+            return Some(obj.image().lock_owners());
+        }
+        None
     }
 
     /// A small named note kept with the LUN's bytes (an RBD image's

@@ -127,15 +127,18 @@ fn rbd_locked(path: &Path) -> Result<bool> {
 
 fn try_flock(path: &Path) -> Result<Try> {
     if crate::backing::is_rbd(path) {
-        // A takeover breaks the holder's lock when it opens the image.
-        return Ok(if !crate::backing::takeover() && rbd_locked(path)? {
-            Try::Held
-        } else {
-            Try::Got(FileLock {
-                file: None,
-                path: path.to_path_buf(),
-            })
-        });
+        // A takeover breaks the former owner's lock when it opens the
+        // image (and refuses anyone else's).
+        return Ok(
+            if crate::backing::takeover(path).is_none() && rbd_locked(path)? {
+                Try::Held
+            } else {
+                Try::Got(FileLock {
+                    file: None,
+                    path: path.to_path_buf(),
+                })
+            },
+        );
     }
     let file = OpenOptions::new()
         .read(true)
