@@ -392,10 +392,24 @@ fn two_gateways_one_owner_failover_and_fencing() {
         Some(json!({"snapshot": "s", "name": "v2c"})),
         201,
     );
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    assert!(listed(o).contains(&"v2c/disk0".to_string()));
-    assert!(!listed(other).contains(&"v2c/disk0".to_string()));
-    assert_eq!(owner_pid("v2c"), Some(o.pid()), "the clone's etcd owner");
+    // The maker claims the clone's key at one of its next passes (the
+    // other gateway may hold it for a moment, fail to open and give it
+    // back); meanwhile the clone never moves.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        assert!(listed(o).contains(&"v2c/disk0".to_string()));
+        assert!(!listed(other).contains(&"v2c/disk0".to_string()));
+        if owner_pid("v2c") == Some(o.pid()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the clone's etcd owner is {:?}, not {}",
+            owner_pid("v2c"),
+            o.pid()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
     qemu_io_ok(
         &o.uri("v2c/disk0"),
         &["write -P 0x44 0 4k", "read -P 0x44 0 4k"],

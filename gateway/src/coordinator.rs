@@ -338,12 +338,15 @@ impl Coordinator {
                 match served {
                     // A LUN this gateway made (a clone) and serves: its key.
                     Some(l) if !self.is_keyed(&path) => {
-                        if let Ok(Ok(())) = self
+                        match self
                             .etcd
                             .create(&lun_key(&path), &self.owner_value, self.lease)
                             .await
                         {
-                            self.keep(&l).await;
+                            Ok(Ok(())) => self.keep(&l).await,
+                            // claimed before it was made (`preclaim`)
+                            Ok(Err(Some(v))) if v == self.owner_value => self.keep(&l).await,
+                            _ => {}
                         }
                     }
                     Some(_) => {}
@@ -473,6 +476,37 @@ fn lost(name: &str, why: &str) -> ! {
 
 fn is_rbd(p: &Path) -> bool {
     lun_manager::backing::is_rbd(p)
+}
+
+/// Own the keys of LUNs about to be made here (a clone's images) before
+/// they exist. `Err`: one is owned already (nothing is kept).
+pub async fn preclaim(paths: &[PathBuf]) -> Result<(), String> {
+    let Some(c) = CURRENT.get() else {
+        return Ok(());
+    };
+    let mut done = Vec::new();
+    for p in paths.iter().filter(|p| is_rbd(p)) {
+        match c.etcd.create(&lun_key(p), &c.owner_value, c.lease).await {
+            Ok(Ok(())) => done.push(p.clone()),
+            Ok(Err(_)) => {
+                unclaim(&done).await;
+                return Err(format!("{} is owned by another gateway", p.display()));
+            }
+            Err(e) => {
+                unclaim(&done).await;
+                return Err(e.to_string());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Give back keys [`preclaim`] took (the clone failed).
+pub async fn unclaim(paths: &[PathBuf]) {
+    let Some(c) = CURRENT.get() else { return };
+    for p in paths.iter().filter(|p| is_rbd(p)) {
+        let _ = c.etcd.delete(&lun_key(p)).await;
+    }
 }
 
 /// Give up this gateway's lease (its LUN keys go with it), after its LUNs
