@@ -11,7 +11,7 @@ use std::process::Command;
 use lungate_tests::{bin, require_tool, run_ok};
 
 /// The binaries with the shared documentation subcommands.
-const BINS: [&str; 2] = ["lunctl", "lungate"];
+const BINS: [&str; 3] = ["lunctl", "lungate", "vmm-shim"];
 
 fn stdout(cmd: &mut Command) -> String {
     String::from_utf8(run_ok(cmd).stdout).expect("utf-8")
@@ -107,15 +107,28 @@ fn bash_fish_and_zsh_complete_commands_options_and_values() {
     assert!(bash_complete(&bash, &["lunctl", "create", "--pre"]).contains(&"--prefill".into()));
     assert_eq!(
         bash_complete(&bash, &["lunctl", "create", "web", "--layout", ""]),
-        ["offset", "truncate"]
+        ["offset", "truncate", "aligned"]
     );
     assert_eq!(
         fish_complete(&fish, "lunctl create web --layout "),
-        ["offset", "truncate"]
+        ["offset", "truncate", "aligned"]
+    );
+    assert_eq!(
+        bash_complete(
+            &bash,
+            &["lunctl", "import", "disk.raw", "web", "--layout", ""]
+        ),
+        ["offset", "truncate", "aligned"]
     );
     assert!(fish_complete(&fish, "lunctl delete-snapshot --").contains(&"--json".into()));
     let gw = d.path().join("lungate.bash");
     assert!(bash_complete(&gw, &["lungate", "serve", "--po"]).contains(&"--pool".into()));
+    let shim = d.path().join("vmm-shim.bash");
+    assert_eq!(bash_complete(&shim, &["vmm-shim", "rest"]), ["restore"]);
+    assert!(
+        bash_complete(&shim, &["vmm-shim", "run", "vm", "--guest", ""])
+            .contains(&"selftest".into())
+    );
 }
 
 #[test]

@@ -9,7 +9,7 @@ use serde_json::json;
 
 #[test]
 fn every_route_works_over_the_unix_socket_with_contract_shapes_and_errors() {
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let gw = Gateway::start(&["--pool", pool.arg()]);
     let sock = gw.control();
     assert_eq!(
@@ -28,7 +28,7 @@ fn every_route_works_over_the_unix_socket_with_contract_shapes_and_errors() {
         .iter()
         .map(|e| e["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names.len(), 4, "{ex}");
+    assert_eq!(names.len(), 6, "{ex}");
     let off0 = ex
         .as_array()
         .unwrap()
@@ -54,7 +54,14 @@ fn every_route_works_over_the_unix_socket_with_contract_shapes_and_errors() {
     assert!(off["path"].as_str().unwrap().ends_with("off.lun"));
     let st = api(&sock, "GET", "/v1/stats", None, 200);
     assert_eq!(st["switch"]["count"], 0, "{st}");
-    assert_eq!(st["exports"].as_array().unwrap().len(), 4);
+    assert_eq!(st["exports"].as_array().unwrap().len(), 6);
+    let algn = luns
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "algn")
+        .unwrap();
+    assert_eq!(algn["layout"], "aligned");
 
     let uri = gw.uri("off/disk0");
     qemu_io_ok(&uri, &["write -P 0x41 0 1M", "write -P 0x42 8M 64k"]);
@@ -146,7 +153,7 @@ fn every_route_works_over_the_unix_socket_with_contract_shapes_and_errors() {
         false,
     );
     assert_eq!(file.status, 200);
-    assert_eq!(&file.body[..8], b"LGDIFF01");
+    assert_eq!(&file.body[..8], b"LGDIFF02");
 
     // revert: the snapshot's data is back; the diff file re-applies the change
     let rv = api(
@@ -238,7 +245,7 @@ fn every_route_works_over_the_unix_socket_with_contract_shapes_and_errors() {
         400,
     );
     let ex = api(&sock, "GET", "/v1/exports", None, 200);
-    assert_eq!(ex.as_array().unwrap().len(), 6);
+    assert_eq!(ex.as_array().unwrap().len(), 8);
 
     // usage, flatten, delete
     let u = api(&sock, "GET", "/v1/luns/off/usage", None, 200);
@@ -300,7 +307,7 @@ fn every_route_works_over_the_unix_socket_with_contract_shapes_and_errors() {
 
 #[test]
 fn tcp_control_requires_the_bearer_token() {
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "s3cret-token\n").unwrap();
@@ -343,7 +350,7 @@ fn tcp_control_requires_the_bearer_token() {
         false,
     );
     assert_eq!(r.status, 200);
-    assert_eq!(r.json().as_array().unwrap().len(), 2);
+    assert_eq!(r.json().as_array().unwrap().len(), 3);
     let r = http(
         &Control::Tcp(addr, Some("s3cret-token")),
         "POST",
@@ -393,7 +400,7 @@ fn https_status(ca: &std::path::Path, url: &str, extra: &[&str]) -> u16 {
 /// token is 401.
 #[test]
 fn tcp_control_over_tls_with_a_strict_bearer_token() {
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let certs = TlsCerts::generate();
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
@@ -449,7 +456,7 @@ fn tcp_control_over_tls_with_a_strict_bearer_token() {
 
 #[test]
 fn a_lun_served_by_one_gateway_is_refused_by_another() {
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let gw = Gateway::start(&["--pool", pool.arg()]);
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("gw.toml");
@@ -557,4 +564,65 @@ fn lunctl_routes_to_the_gateway_and_operations_cover_secondary_disks() {
     let s = r.to_string();
     assert!(s.contains("vm2") && s.contains("s1"), "{s}");
     pool.assert_hidden_unchanged();
+}
+
+#[test]
+fn a_group_op_names_the_other_gateway_that_serves_a_secondary() {
+    let mut pool = Pool::new();
+    pool.add("vm", "offset", &["16M"], "8M");
+    pool.add("data", "offset", &["16M"], "8M");
+    let vm = pool.lun("vm").path.clone();
+    let data = pool.lun("data").path.clone();
+    lunctl(&[
+        "attach-secondary",
+        vm.to_str().unwrap(),
+        data.to_str().unwrap(),
+    ]);
+    // A second gateway serves only the secondary, through an [[export]];
+    // the pool's gateway then serves the primary and skips the secondary.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("other.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[export]]\nname = \"data/disk0\"\nlun = {:?}\n",
+            data.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let ctl = dir.path().join("other.sock");
+    let other = Gateway::start(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--control",
+        ctl.to_str().unwrap(),
+    ]);
+    let gw = Gateway::start(&["--pool", pool.arg()]);
+    qemu_io_ok(&gw.uri("vm/disk0"), &["write -P 0x51 0 64k"]);
+    let r = api(
+        &gw.control(),
+        "POST",
+        "/v1/luns/vm/snapshots",
+        Some(serde_json::json!({"name": "s1"})),
+        409,
+    );
+    let msg = r.to_string();
+    assert!(
+        msg.contains("served by another lungate")
+            && msg.contains(&format!("PID {}", other.pid()))
+            && msg.contains("data"),
+        "{msg}"
+    );
+    // Nothing changed: no snapshot on either disk, the guest's data intact.
+    assert_eq!(
+        api(&gw.control(), "GET", "/v1/luns/vm/snapshots", None, 200),
+        serde_json::json!([])
+    );
+    assert_eq!(
+        api(&ctl, "GET", "/v1/luns/data/snapshots", None, 200),
+        serde_json::json!([])
+    );
+    qemu_io_ok(&gw.uri("vm/disk0"), &["read -P 0x51 0 64k"]);
+    gw.stop_ok();
+    other.stop_ok();
 }

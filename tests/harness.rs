@@ -265,6 +265,42 @@ pub fn disk_regions(lun: &Path) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// `len` bytes of disk `disk` at disk offset `offset`, read from the LUN
+/// file where lungate keeps each byte (a LUN without snapshot layers): at
+/// the disk region's offset, and in the aligned layout the shadowed first
+/// MiB of disk0 from the state region's shadow area. The mapping is the
+/// LUN's own ([`lun_manager::Lun::disk_view`]), the one its exports use.
+pub fn disk_file_bytes(lun: &Path, disk: u32, offset: u64, len: usize) -> Vec<u8> {
+    let l = lun_manager::Lun::open(lun, lun_manager::Access::ReadOnly)
+        .unwrap_or_else(|e| panic!("open {} read-only: {e}", lun.display()));
+    let view = l
+        .disk_view(disk)
+        .unwrap_or_else(|| panic!("{}: no disk{disk}", lun.display()));
+    let pieces = view
+        .pieces(offset, len as u64)
+        .unwrap_or_else(|e| panic!("{} disk{disk}: {e}", lun.display()));
+    let mut out = Vec::with_capacity(len);
+    for p in pieces.iter() {
+        out.extend(file_bytes(lun, p.at, p.len as usize));
+    }
+    out
+}
+
+/// The ranges of the LUN file that hold guest disk bytes (every disk's
+/// view's ranges), sorted.
+pub fn guest_file_ranges(lun: &Path) -> Vec<std::ops::Range<u64>> {
+    let l = lun_manager::Lun::open(lun, lun_manager::Access::ReadOnly)
+        .unwrap_or_else(|e| panic!("open {} read-only: {e}", lun.display()));
+    let mut v: Vec<_> = l
+        .disks()
+        .iter()
+        .filter_map(|d| l.disk_view(d.index))
+        .flat_map(|v| v.device_ranges())
+        .collect();
+    v.sort_by_key(|r| r.start);
+    v
+}
+
 /// `len` bytes of `path` at `offset`.
 pub fn file_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
@@ -302,7 +338,7 @@ pub fn disk_size(s: &str) -> u64 {
 pub struct LunInfo {
     pub name: String,
     pub path: PathBuf,
-    /// "offset" or "truncate".
+    /// "offset", "truncate" or "aligned".
     pub layout: String,
     /// Expected size of each disk export, in bytes, in index order.
     pub disk_sizes: Vec<u64>,
@@ -370,6 +406,17 @@ impl LunInfo {
     pub fn export(&self, i: usize) -> String {
         format!("{}/disk{i}", self.name)
     }
+
+    /// Bytes at the start of disk `i` that the aligned layout shadows (the
+    /// guest's partition table, kept in the state region and always
+    /// reported as data by block status): 1 MiB of an aligned disk0, else 0.
+    pub fn shadowed(&self, i: usize) -> u64 {
+        if self.layout == "aligned" && i == 0 {
+            lun_manager::format::SHADOW_LEN
+        } else {
+            0
+        }
+    }
 }
 
 /// A fresh pool directory (removed on drop) and the LUNs created in it.
@@ -399,11 +446,13 @@ impl Pool {
     }
 
     /// A pool with one LUN of each layout: `off` (offset layout, disks
-    /// 64M and 32M) and `trunc` (truncate layout, disks 48M and 16M).
-    pub fn both_layouts() -> Pool {
+    /// 64M and 32M), `trunc` (truncate layout, disks 48M and 16M) and
+    /// `algn` (aligned layout, disks 40M and 16M).
+    pub fn all_layouts() -> Pool {
         let mut p = Pool::new();
         p.add("off", "offset", &["64M", "32M"], "16M");
         p.add("trunc", "truncate", &["48M", "16M"], "16M");
+        p.add("algn", "aligned", &["40M", "16M"], "16M");
         p
     }
 
@@ -502,6 +551,19 @@ impl Gateway {
     /// exit status and stderr) instead of panicking, for tests that expect a
     /// configuration to be refused.
     pub fn try_start(args: &[&str]) -> Result<Gateway, String> {
+        Gateway::try_start_env(args, &[])
+    }
+
+    /// [`Gateway::start`] with extra environment variables for the child
+    /// (test hooks such as `LUNGATE_TEST_MIGRATION_STALL`).
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Gateway {
+        match Gateway::try_start_env(args, env) {
+            Ok(g) => g,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    pub fn try_start_env(args: &[&str], env: &[(&str, &str)]) -> Result<Gateway, String> {
         let dir = tempfile::Builder::new()
             .prefix("lungate-gw-")
             .tempdir()
@@ -520,6 +582,9 @@ impl Gateway {
             .stderr(File::create(&log).expect("create gateway log"));
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
         }
         let what = describe(&cmd);
         let mut child = cmd
@@ -1026,26 +1091,29 @@ mod tests {
     }
 
     /// The oracle every end-to-end test relies on: writes inside a disk
-    /// region leave the hidden digest alone, one changed byte outside any
-    /// disk region (in a gap, the GPT, the label or the state) changes it.
+    /// (where the disk's view keeps its bytes: the region, and in the
+    /// aligned layout the shadow area but not the first MiB) leave the
+    /// hidden digest alone, one changed byte outside them (in a gap, the
+    /// GPT, the label or the state) changes it.
     #[test]
     fn hidden_digest_sees_one_byte_outside_the_disk_regions() {
-        let pool = Pool::both_layouts();
+        let pool = Pool::all_layouts();
         for l in &pool.luns {
-            for (off, len) in disk_regions(&l.path) {
-                poke(&l.path, off, 0xee);
-                poke(&l.path, off + len - 1, 0xee);
+            for r in guest_file_ranges(&l.path) {
+                poke(&l.path, r.start, 0xee);
+                poke(&l.path, r.end - 1, 0xee);
             }
         }
         pool.assert_hidden_unchanged();
         for l in &pool.luns {
-            let regions = disk_regions(&l.path);
+            let regions = guest_file_ranges(&l.path);
             let size = std::fs::metadata(&l.path).expect("stat").len();
-            // The byte right after each disk region, and the first and last
-            // byte of the file, when they are not inside a disk region.
-            let mut outside: Vec<u64> = regions.iter().map(|(o, n)| o + n).collect();
+            // The byte right before and after each guest range, and the
+            // first and last byte of the file, when they are not a guest's.
+            let mut outside: Vec<u64> = regions.iter().map(|r| r.end).collect();
+            outside.extend(regions.iter().filter_map(|r| r.start.checked_sub(1)));
             outside.extend([0, size - 1]);
-            outside.retain(|&x| x < size && !regions.iter().any(|(o, n)| (*o..o + n).contains(&x)));
+            outside.retain(|&x| x < size && !regions.iter().any(|r| r.contains(&x)));
             assert!(!outside.is_empty(), "{}: no hidden byte to poke", l.name);
             for at in outside {
                 // Compared with the digest just before: restoring a byte

@@ -1534,6 +1534,85 @@ fn check_huge(t: &Target) {
     s.disconnect();
 }
 
+/// The aligned layout's shadowed first MiB of disk0 (`shadow` bytes): the
+/// guest's own partition table lives in the state region's shadow area,
+/// while the LUN file keeps lungate's MBR, GPT and label there. Run on a
+/// fresh LUN: the guest first sees zeros there (never the host's GPT or
+/// label); then every command that touches the range, alone or across its
+/// end, reads back what it wrote, block status calls it data, and the
+/// caller's hidden digest proves that none of it reached the LUN's GPT,
+/// label or state records.
+fn check_shadow(t: &Target, shadow: u64) {
+    let mut s = Session::open(&t.addr, &t.export, true, true);
+    let sh = u32::try_from(shadow).expect("shadow fits a request");
+    assert!(
+        s.read_ok(0, sh).iter().all(|&b| b == 0),
+        "{}: a fresh aligned disk0 does not read zeros in its first MiB",
+        t.export
+    );
+    // The guest's own MBR and GPT header, where the host's sit in the file.
+    let mut table = pattern_bytes(34 * 512, 0x7ab1e);
+    table[510..512].copy_from_slice(&[0x55, 0xaa]);
+    table[512..520].copy_from_slice(b"EFI PART");
+    let r = s.cmd(
+        nbd::CMD_FLAG_FUA,
+        nbd::CMD_WRITE,
+        0,
+        table.len() as u32,
+        &table,
+    );
+    s.expect("write the guest's partition table", 0, r);
+    assert_eq!(s.read_ok(0, table.len() as u32), table);
+    // Across the end of the shadowed range, and one write over all of it.
+    let across = pattern_bytes(256 * KIB as usize, 0xac);
+    let r = s.write(shadow - 128 * KIB, &across);
+    s.expect("write across the shadow's end", 0, r);
+    assert_eq!(s.read_ok(shadow - 128 * KIB, 256 * KIB as u32), across);
+    let big = pattern_bytes(2 * shadow as usize, 0xb16);
+    let r = s.write(0, &big);
+    s.expect("write the shadow and the MiB after it", 0, r);
+    assert_eq!(s.read_ok(0, 2 * sh), big);
+    // Trim and write zeroes across the boundary, with flags.
+    let r = s.cmd(0, nbd::CMD_TRIM, shadow - 4096, 8192, &[]);
+    s.expect("trim across the shadow's end", 0, r);
+    let r = s.cmd(
+        nbd::CMD_FLAG_FUA | nbd::CMD_FLAG_NO_HOLE,
+        nbd::CMD_WRITE_ZEROES,
+        0,
+        4096,
+        &[],
+    );
+    s.expect("write zeroes at 0", 0, r);
+    let got = s.read_ok(0, 2 * sh);
+    let mut want = big.clone();
+    want[..4096].fill(0);
+    want[(shadow - 4096) as usize..(shadow + 4096) as usize].fill(0);
+    assert!(got == want, "{}: trim/zero across the shadow", t.export);
+    let r = s.cmd(0, nbd::CMD_CACHE, 0, 2 * sh, &[]);
+    s.expect("cache over the shadow", 0, r);
+    // Block status: the shadowed range is data whatever it holds; the
+    // trimmed 4 KiB after it is a hole.
+    let h = s.send(0, nbd::CMD_BLOCK_STATUS, 0, sh + 4096, &[]);
+    let chunks = s.chunks(h);
+    let bs = chunks
+        .iter()
+        .find(|c| c.rtype == nbd::REPLY_TYPE_BLOCK_STATUS)
+        .unwrap_or_else(|| panic!("no block status chunk: {chunks:?}"));
+    let d: Vec<(u32, u32)> = bs.payload[4..]
+        .chunks(8)
+        .map(|x| (be32(x), be32(&x[4..])))
+        .collect();
+    assert_eq!(d[0], (sh, 0), "{}: the shadow is data: {d:?}", t.export);
+    assert!(
+        d.len() > 1 && d[1].1 & 1 == 1,
+        "trimmed block after it: {d:?}"
+    );
+    // The guest's table again, as a guest would leave it.
+    let r = s.write(0, &table);
+    s.expect("rewrite the guest's table", 0, r);
+    s.disconnect();
+}
+
 fn run_all(t: &Target, others: &[&str]) {
     check_bounds(t);
     check_zero_lengths(t);
@@ -1548,7 +1627,7 @@ fn run_all(t: &Target, others: &[&str]) {
 #[test]
 fn hostile_requests_never_escape_the_disk_region() {
     require_tool("qemu-io");
-    let mut pool = Pool::both_layouts();
+    let mut pool = Pool::all_layouts();
     pool.add("huge", "truncate", &["5G", "5G"], "16M");
     // A short handshake deadline: a server may end a handshake that claims
     // a 4 GiB option by that deadline instead of at once (see
@@ -1563,6 +1642,13 @@ fn hostile_requests_never_escape_the_disk_region() {
     let mut gw = Gateway::start(&["--config", config.to_str().expect("utf-8")]);
     let exports = pool.exports();
     let names: Vec<&str> = exports.iter().map(|(n, _)| n.as_str()).collect();
+    let shadows: Vec<(String, u64)> = pool
+        .luns
+        .iter()
+        .flat_map(|l| (0..l.disk_sizes.len()).map(move |i| (l.export(i), l.shadowed(i))))
+        .filter(|(_, s)| *s > 0)
+        .collect();
+    assert!(!shadows.is_empty(), "the pool has an aligned LUN");
     for (i, (export, size)) in exports.iter().enumerate() {
         let addr = if i % 2 == 0 {
             Addr::Tcp(gw.addr())
@@ -1576,6 +1662,10 @@ fn hostile_requests_never_escape_the_disk_region() {
             lungate: true,
             pid: gw.pid(),
         };
+        if let Some((_, shadow)) = shadows.iter().find(|(e, _)| e == export) {
+            check_shadow(&t, *shadow);
+            pool.assert_hidden_unchanged();
+        }
         if t.size > 1 << 32 {
             check_huge(&t);
         } else {
@@ -1611,7 +1701,7 @@ fn hostile_requests_never_escape_the_disk_region() {
 
 #[test]
 fn read_only_gateway_refuses_every_write() {
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     // Put known data in first, through a writable gateway.
     let gw = Gateway::start(&["--pool", pool.arg()]);
     for (export, _) in pool.exports() {
@@ -1800,7 +1890,7 @@ fn check_forced_tls(addr: &Addr, export: &str) {
 #[test]
 fn forced_tls_refuses_everything_before_starttls() {
     let certs = TlsCerts::generate();
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let mut args = vec!["--pool".to_string(), pool.arg().to_string()];
     args.extend(["--tls".into(), "require".into()]);
     args.extend(certs.server_args());
@@ -1859,7 +1949,7 @@ fn forced_tls_refuses_everything_before_starttls() {
 /// while a normal client connecting meanwhile is served.
 #[test]
 fn slow_handshakes_are_cut_off() {
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("gateway.toml");
     std::fs::write(
@@ -1937,7 +2027,7 @@ fn slow_handshakes_are_cut_off() {
 /// another connection is served throughout.
 #[test]
 fn clients_that_never_read_replies_cannot_exhaust_memory() {
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let mut gw = Gateway::start(&["--pool", pool.arg()]);
     let (export, size) = pool.exports()[0].clone();
     let tcp = Addr::Tcp(gw.addr());

@@ -2,8 +2,8 @@
 //! operators really use: qemu-io, qemu-img, nbdinfo, nbdcopy and nbdsh
 //! (libnbd), over TCP, unix sockets and TLS.
 //!
-//! Every test creates its own pool with LUNs of both layouts (offset and
-//! truncate), starts its own gateway, stops it with SIGTERM (exit 0
+//! Every test creates its own pool with LUNs of all three layouts (offset,
+//! truncate and aligned), starts its own gateway, stops it with SIGTERM (exit 0
 //! required) and finally proves that the bytes of every LUN outside its
 //! disk regions (GPT, label, state, gaps) are exactly as `lunctl create`
 //! left them: guest-visible I/O never touched them.
@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use lungate_tests::{
-    assert_success, disk_regions, file_bytes, nbdsh, pattern_bytes, qemu_io, qemu_io_ok,
+    assert_success, disk_file_bytes, disk_regions, nbdsh, pattern_bytes, qemu_io, qemu_io_ok,
     require_tool, run_ok, run_parallel, run_timeout, Gateway, Pool, TlsCerts, CMD_TIMEOUT,
 };
 
@@ -80,7 +80,7 @@ fn assert_map_covers(m: &[(u64, u64, u64)], size: u64) {
 /// the right offset of the backing file.
 #[test]
 fn qemu_io_patterns_land_inside_each_disk_region() {
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let gw = Gateway::start(&["--pool", pool.arg()]);
     for l in &pool.luns {
         let regions = disk_regions(&l.path);
@@ -109,12 +109,16 @@ fn qemu_io_patterns_land_inside_each_disk_region() {
             ];
             let r: Vec<&str> = r.iter().map(String::as_str).collect();
             qemu_io_ok(&uri, &r);
-            // The same bytes, seen in the backing file at the region.
-            let (off, len) = regions[i];
+            // The same bytes, seen in the backing file where the disk's
+            // view keeps them (at the region; an aligned disk0's first MiB
+            // in the shadow area).
+            let (_, len) = regions[i];
             assert_eq!(len, size, "{} disk{i}: region length", l.name);
-            assert_eq!(file_bytes(&l.path, off, 1000), vec![0xa1; 1000]);
-            assert_eq!(file_bytes(&l.path, off + 1000, 333), vec![0xa4; 333]);
-            assert_eq!(file_bytes(&l.path, off + size - 1, 1), vec![0xa5]);
+            let d = i as u32;
+            assert_eq!(disk_file_bytes(&l.path, d, 0, 1000), vec![0xa1; 1000]);
+            assert_eq!(disk_file_bytes(&l.path, d, 1000, 333), vec![0xa4; 333]);
+            assert_eq!(disk_file_bytes(&l.path, d, mid, 4096), vec![0xa2; 4096]);
+            assert_eq!(disk_file_bytes(&l.path, d, size - 1, 1), vec![0xa5]);
             // A misplaced pattern check fails: the test can tell.
             let bad = qemu_io(&uri, &[&format!("read -P 0xa2 {} 512", size - 512)]);
             assert!(
@@ -132,7 +136,7 @@ fn qemu_io_patterns_land_inside_each_disk_region() {
 /// byte for byte; compare notices a single changed byte.
 #[test]
 fn qemu_img_info_compare_and_convert_both_ways() {
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let gw = Gateway::start(&["--pool", pool.arg()]);
     let dir = tempfile::tempdir().expect("tempdir");
     for (n, (export, size)) in pool.exports().into_iter().enumerate() {
@@ -185,7 +189,7 @@ fn qemu_img_info_compare_and_convert_both_ways() {
 /// with its size, and nothing else, over TCP and the unix socket.
 #[test]
 fn nbdinfo_lists_exactly_the_disk_exports() {
-    let mut pool = Pool::both_layouts();
+    let mut pool = Pool::all_layouts();
     pool.add("solo", "truncate", &["3M"], "8M");
     pool.add("odd", "offset", &["1500K", "4097", "2M"], "8M");
     let mut second = Pool::new();
@@ -193,7 +197,7 @@ fn nbdinfo_lists_exactly_the_disk_exports() {
     let gw = Gateway::start(&["--pool", pool.arg(), "--pool", second.arg()]);
     let mut want: BTreeMap<String, u64> = pool.exports().into_iter().collect();
     want.extend(second.exports());
-    assert_eq!(want.len(), 9, "fixture exports");
+    assert_eq!(want.len(), 11, "fixture exports");
     let unix_list = format!("nbd+unix://?socket={}", gw.unix_path().display());
     for uri in [format!("nbd://{}", gw.addr()), unix_list] {
         let v = json(
@@ -245,15 +249,30 @@ fn nbdinfo_lists_exactly_the_disk_exports() {
 /// makes it a hole again; zeroing reads back zeros.
 #[test]
 fn nbdinfo_map_reports_holes_and_data_truthfully() {
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let gw = Gateway::start(&["--pool", pool.arg()]);
+    let shadows: Vec<(String, u64)> = pool
+        .luns
+        .iter()
+        .flat_map(|l| (0..l.disk_sizes.len()).map(move |i| (l.export(i), l.shadowed(i))))
+        .collect();
     for (export, size) in pool.exports() {
         let uri = gw.uri(&export);
         qemu_io_ok(&uri, &[&format!("discard 0 {size}")]);
         let m = map(&uri);
         assert_map_covers(&m, size);
+        // The aligned layout's shadowed first MiB is always data (only the
+        // guest's own table, which may be anything); the rest is a hole.
+        let shadow = shadows
+            .iter()
+            .find(|(e, _)| *e == export)
+            .map_or(0, |s| s.1);
+        if shadow > 0 {
+            assert_eq!(type_at(&m, 0), (0, shadow, 0), "{export}: {m:?}");
+            qemu_io_ok(&uri, &[&format!("read -P 0 0 {shadow}")]);
+        }
         assert!(
-            m.iter().all(|(_, _, t)| t & 3 == 3),
+            m.iter().all(|(o, _, t)| *o < shadow || t & 3 == 3),
             "{export}: after a full trim everything is hole+zero: {m:?}"
         );
 
@@ -275,7 +294,7 @@ fn nbdinfo_map_reports_holes_and_data_truthfully() {
         qemu_io_ok(&uri, &["discard 4M 1M", "read -P 0 4M 1M"]);
         let m = map(&uri);
         assert!(
-            m.iter().all(|(_, _, t)| t & 1 == 1),
+            m.iter().all(|(o, _, t)| *o < shadow || t & 1 == 1),
             "{export}: trimmed data is a hole again: {m:?}"
         );
 
@@ -307,7 +326,7 @@ fn nbdinfo_map_reports_holes_and_data_truthfully() {
 #[test]
 fn nbdcopy_round_trips_random_data_both_ways() {
     let nbdcopy = require_tool("nbdcopy");
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let gw = Gateway::start(&["--pool", pool.arg()]);
     let dir = tempfile::tempdir().expect("tempdir");
     for (n, (export, size)) in pool.exports().into_iter().enumerate() {
@@ -349,7 +368,7 @@ fn nbdcopy_round_trips_random_data_both_ways() {
 /// on a fresh connection, a third connection reads every range back.
 #[test]
 fn concurrent_writers_on_disjoint_ranges_all_land() {
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let gw = Gateway::start(&["--pool", pool.arg()]);
     let qemu_io_bin = require_tool("qemu-io");
     for l in &pool.luns {
@@ -395,9 +414,8 @@ fn concurrent_writers_on_disjoint_ranges_all_land() {
                 .arg(gw.uri(&export)),
         );
         qemu_io_ok(&gw.uri(&export), &["flush"]);
-        let (off, _) = disk_regions(&l.path)[1];
         assert!(
-            file_bytes(&l.path, off, size as usize) == data,
+            disk_file_bytes(&l.path, 1, 0, size as usize) == data,
             "{export}: multi-connection copy not in the backing file after flush"
         );
     }
@@ -409,7 +427,7 @@ fn concurrent_writers_on_disjoint_ranges_all_land() {
 /// other reads, and nbdinfo works over both.
 #[test]
 fn unix_socket_uris_serve_the_same_disks() {
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let gw = Gateway::start(&["--pool", pool.arg()]);
     for (n, (export, size)) in pool.exports().into_iter().enumerate() {
         let p = 0x40 + n;
@@ -440,7 +458,7 @@ fn unix_socket_uris_serve_the_same_disks() {
 /// EPERM (see nbdsh_all.py), and not one byte of any LUN changes.
 #[test]
 fn read_only_gateway_refuses_writes() {
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let gw = Gateway::start(&["--pool", pool.arg()]);
     for (export, _) in pool.exports() {
         qemu_io_ok(&gw.uri(&export), &["write -P 0x5e 0 64k"]);
@@ -516,7 +534,7 @@ fn run_nbdsh_all(uri: &str, size: u64, read_only: bool) {
 /// structured replies, in opt mode, and the error cases (see the script).
 #[test]
 fn nbdsh_exercises_every_command_and_flag() {
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let gw = Gateway::start(&["--pool", pool.arg()]);
     for (n, (export, size)) in pool.exports().into_iter().enumerate() {
         let uri = if n % 2 == 0 {
@@ -607,7 +625,7 @@ fn nbds_uri(gw: &Gateway, export: &str, dir: &Path) -> String {
 #[test]
 fn tls_require_serves_certified_clients_and_refuses_plaintext() {
     let certs = TlsCerts::generate();
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let mut args = vec!["--pool".to_string(), pool.arg().to_string()];
     args.extend(["--tls".into(), "require".into()]);
     args.extend(certs.server_args());
@@ -707,7 +725,7 @@ fn tls_require_serves_certified_clients_and_refuses_plaintext() {
 /// is in the file.
 #[test]
 fn sigterm_with_a_connected_client_exits_cleanly_and_keeps_data() {
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let gw = Gateway::start(&["--pool", pool.arg()]);
     let export = pool.luns[1].export(0);
     let mut child = nbdsh()
@@ -818,7 +836,7 @@ fn nbdinfo_fails(args: &[&str]) -> bool {
 #[test]
 fn config_file_exports_allow_lists_and_read_only() {
     let certs = TlsCerts::generate();
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let off = pool.lun("off").path.display().to_string();
     let trunc = pool.lun("trunc").path.display().to_string();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -890,21 +908,40 @@ allow = ["cert:someone else"]
     got.sort();
     assert_eq!(
         got,
-        ["extra/alias", "off/disk0", "off/disk1"],
+        [
+            "algn/disk0",
+            "algn/disk1",
+            "extra/alias",
+            "off/disk0",
+            "off/disk1"
+        ],
         "plaintext TCP from 127.0.0.1 sees only what it may use"
     );
     let mut got = listed(&unix);
     got.sort();
     assert_eq!(
         got,
-        ["off/disk0", "off/disk1", "trunc/disk1"],
+        [
+            "algn/disk0",
+            "algn/disk1",
+            "off/disk0",
+            "off/disk1",
+            "trunc/disk1"
+        ],
         "the unix socket sees the unix-only export, not the 127.0.0.1 one"
     );
     let mut got = listed(&tls);
     got.sort();
     assert_eq!(
         got,
-        ["extra/alias", "extra/mine", "off/disk0", "off/disk1"],
+        [
+            "algn/disk0",
+            "algn/disk1",
+            "extra/alias",
+            "extra/mine",
+            "off/disk0",
+            "off/disk1"
+        ],
         "a TLS client with the right certificate sees its export"
     );
     // Denied exports cannot be opened either, whatever the transport.
@@ -977,7 +1014,7 @@ allow = ["cert:someone else"]
 #[test]
 fn fio_random_writes_verify_with_deep_queues() {
     let fio = require_tool("fio");
-    let pool = Pool::both_layouts();
+    let pool = Pool::all_layouts();
     let gw = Gateway::start(&["--pool", pool.arg()]);
     for (n, l) in pool.luns.iter().enumerate() {
         let size = l.disk_sizes[0];
@@ -1037,6 +1074,7 @@ fn disks_larger_than_4gib_address_every_byte() {
     let mut pool = Pool::new();
     pool.add("bigo", "offset", &["5G", "5G"], "16M");
     pool.add("bigt", "truncate", &["5G", "5G"], "16M");
+    pool.add("biga", "aligned", &["5G", "5G"], "16M");
     let gw = Gateway::start(&["--pool", pool.arg()]);
     for l in &pool.luns {
         let regions = disk_regions(&l.path);
@@ -1065,11 +1103,12 @@ fn disks_larger_than_4gib_address_every_byte() {
                     &format!("read -P 0 {} 4k", above - (4 << 30)),
                 ],
             );
-            let (off, len) = regions[i];
+            let (_, len) = regions[i];
             assert_eq!(len, size);
-            assert_eq!(file_bytes(&l.path, off + above, 4096), vec![0xb1; 4096]);
-            assert_eq!(file_bytes(&l.path, off + last, 4096), vec![0xb2; 4096]);
-            assert_eq!(file_bytes(&l.path, off, 4096), vec![0xb3; 4096]);
+            let d = i as u32;
+            assert_eq!(disk_file_bytes(&l.path, d, above, 4096), vec![0xb1; 4096]);
+            assert_eq!(disk_file_bytes(&l.path, d, last, 4096), vec![0xb2; 4096]);
+            assert_eq!(disk_file_bytes(&l.path, d, 0, 4096), vec![0xb3; 4096]);
         }
     }
     gw.stop_ok();

@@ -1,16 +1,19 @@
 //! Real-VM end-to-end test: a QEMU guest partitions, formats and fills a
 //! lungate disk over NBD, then a second boot mounts and verifies it.
 //!
-//! For each layout (offset, truncate) the test creates a LUN with two disks,
+//! For each layout (offset, truncate, aligned) the test creates a LUN with two disks,
 //! serves it with the real `lungate`, and boots a Linux guest (the host's
 //! Debian cloud kernel plus a busybox initramfs built at test time, see
 //! tests/vm/initramfs.rs) with `NAME/disk0` as its virtio disk: first over
 //! TCP, then over the unix socket. The guest script (tests/vm/init.sh)
 //! reports every check on the serial console; the host asserts each of
-//! them, and then looks at the same bytes from outside: the LUN file at the
-//! disk region's offset, and the export copied out through NBD. Across both
-//! boots the bytes outside the disk regions, and the LUN's other disk, must
-//! not change. See docs/vm-test.md.
+//! them, and then looks at the same bytes from outside: the LUN file where
+//! the disk's view keeps them (the disk region; for the aligned layout's
+//! disk0 the first MiB in the state region's shadow area and every other
+//! block at its own offset), and the export copied out through NBD. Across
+//! both boots the bytes outside the disks, and the LUN's other disk, must
+//! not change; on the aligned LUN, lungate's own GPT at LBA 0 stays intact
+//! (sfdisk). See docs/vm-test.md.
 
 #[path = "vm/initramfs.rs"]
 mod initramfs;
@@ -34,21 +37,71 @@ const PART_START: u64 = 2048;
 const TAIL_GAP: u64 = 2048;
 const HELLO: &str = "hello from the lungate guest\n";
 
-/// Where a disk lives inside the LUN file.
+/// One run of a disk in the file that backs it: `len` bytes from disk
+/// offset `disk` live at file offset `file`.
 #[derive(Debug, Clone, Copy)]
-struct Span {
-    offset: u64,
-    length: u64,
+struct Piece {
+    disk: u64,
+    file: u64,
+    len: u64,
 }
 
-fn disk_spans(lun: &Path) -> Vec<Span> {
+/// Where a disk lives inside the file that backs it: its pieces in disk
+/// order (one for a plain window; two for the aligned layout's disk0).
+#[derive(Debug, Clone)]
+struct Placement {
+    pieces: Vec<Piece>,
+}
+
+impl Placement {
+    fn window(offset: u64, length: u64) -> Placement {
+        Placement {
+            pieces: vec![Piece {
+                disk: 0,
+                file: offset,
+                len: length,
+            }],
+        }
+    }
+
+    fn length(&self) -> u64 {
+        self.pieces.iter().map(|p| p.len).sum()
+    }
+
+    /// The disk's bytes `[offset, offset + len)` as the file holds them.
+    fn read(&self, path: &Path, offset: u64, len: usize) -> Vec<u8> {
+        let end = offset + len as u64;
+        let mut out = Vec::with_capacity(len);
+        for p in &self.pieces {
+            let (lo, hi) = (offset.max(p.disk), end.min(p.disk + p.len));
+            if lo < hi {
+                out.extend(read_at(path, p.file + (lo - p.disk), (hi - lo) as usize));
+            }
+        }
+        assert_eq!(out.len(), len, "{offset}+{len} outside the disk");
+        out
+    }
+}
+
+/// Each disk of the LUN at `lun`, placed by the LUN's own disk views.
+fn disk_placements(lun: &Path) -> Vec<Placement> {
     let l = lun_manager::Lun::open(lun, lun_manager::Access::ReadOnly)
         .unwrap_or_else(|e| panic!("open {}: {e}", lun.display()));
     l.disks()
         .iter()
-        .map(|r| Span {
-            offset: r.offset,
-            length: r.length,
+        .map(|r| {
+            let v = l.disk_view(r.index).expect("a disk's view");
+            let pieces = v.pieces(0, r.length).expect("the whole disk");
+            Placement {
+                pieces: pieces
+                    .iter()
+                    .map(|p| Piece {
+                        disk: p.disk,
+                        file: p.at,
+                        len: p.len,
+                    })
+                    .collect(),
+            }
         })
         .collect()
 }
@@ -61,17 +114,19 @@ fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     buf
 }
 
-fn region_digest(path: &Path, span: Span) -> [u8; 32] {
+fn region_digest(path: &Path, disk: &Placement) -> [u8; 32] {
     let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
-    let mut done = 0u64;
-    while done < span.length {
-        let n = (span.length - done).min(buf.len() as u64) as usize;
-        f.read_exact_at(&mut buf[..n], span.offset + done)
-            .unwrap_or_else(|e| panic!("read {} at {}: {e}", path.display(), span.offset + done));
-        h.update(&buf[..n]);
-        done += n as u64;
+    for p in &disk.pieces {
+        let mut done = 0u64;
+        while done < p.len {
+            let n = (p.len - done).min(buf.len() as u64) as usize;
+            f.read_exact_at(&mut buf[..n], p.file + done)
+                .unwrap_or_else(|e| panic!("read {} at {}: {e}", path.display(), p.file + done));
+            h.update(&buf[..n]);
+            done += n as u64;
+        }
     }
     *h.finalize().as_bytes()
 }
@@ -129,7 +184,17 @@ struct Exported {
     part: PathBuf,
 }
 
-fn export_and_check(uri: &str, lun: &Path, span: Span, dir: &Path, tag: &str) -> Exported {
+/// Copies the export out, compares it with the file where the disk lives
+/// (and, past `same_from`, with the file at the very same offsets), and
+/// checks the guest's filesystem with e2fsprogs.
+fn export_and_check(
+    uri: &str,
+    lun: &Path,
+    disk: &Placement,
+    same_from: Option<u64>,
+    dir: &Path,
+    tag: &str,
+) -> Exported {
     let img = dir.join(format!("{tag}-export.img"));
     run_ok(
         Command::new(require_tool("qemu-img"))
@@ -138,24 +203,39 @@ fn export_and_check(uri: &str, lun: &Path, span: Span, dir: &Path, tag: &str) ->
     );
     let image = fs::read(&img).unwrap_or_else(|e| panic!("read {}: {e}", img.display()));
     fs::remove_file(&img).ok();
+    let length = disk.length();
     assert_eq!(
         image.len() as u64,
-        span.length,
-        "{tag}: {uri} copied out {} bytes, the disk region is {}",
+        length,
+        "{tag}: {uri} copied out {} bytes, the disk is {length}",
         image.len(),
-        span.length
     );
-    let region = read_at(lun, span.offset, span.length as usize);
+    let region = disk.read(lun, 0, length as usize);
     if let Some(at) = image.iter().zip(&region).position(|(a, b)| a != b) {
         panic!(
-            "{tag}: byte {at} of {uri} differs from byte {} of {} (region at {})",
-            span.offset + at as u64,
+            "{tag}: byte {at} of {uri} differs from where {} keeps it ({:?})",
             lun.display(),
-            span.offset
+            disk.pieces
         );
     }
+    if let Some(from) = same_from {
+        // Every guest block past the shadowed range is the LUN block of
+        // the same number.
+        let file = read_at(lun, from, (length - from) as usize);
+        if let Some(at) = image[from as usize..]
+            .iter()
+            .zip(&file)
+            .position(|(a, b)| a != b)
+        {
+            panic!(
+                "{tag}: guest byte {} is not at the same offset of {}",
+                from + at as u64,
+                lun.display()
+            );
+        }
+    }
 
-    let sectors = span.length / 512;
+    let sectors = length / 512;
     let start = (PART_START * 512) as usize;
     let end = ((sectors - TAIL_GAP) * 512) as usize;
     let part = dir.join(format!("{tag}-part.img"));
@@ -274,7 +354,10 @@ struct Target<'a> {
     tag: &'a str,
     /// The file that holds the disk, and where in it.
     backing: &'a Path,
-    disk: Span,
+    disk: Placement,
+    /// From this disk offset on, every disk byte sits at the same offset
+    /// of `backing` (the aligned layout: past the shadowed first MiB).
+    same_from: Option<u64>,
     /// NBD URIs of the disk for boot 1 and boot 2.
     uris: [String; 2],
     /// Panics unless every byte of `backing` outside the disk is as it was
@@ -289,7 +372,7 @@ struct Target<'a> {
 /// and writes one more; the host checks that one and runs e2fsck.
 fn guest_round_trip(guest: &Guest, t: Target<'_>) {
     let tag = t.tag;
-    let size = t.disk.length;
+    let size = t.disk.length();
     let sectors = size / 512;
     let common = |phase: u32| -> BTreeMap<String, String> {
         [
@@ -312,9 +395,9 @@ fn guest_round_trip(guest: &Guest, t: Target<'_>) {
     let b1 = guest.boot(tag, &t.uris[0], size, 1);
     (t.assert_outside_unchanged)(&format!("{tag} after boot 1"));
 
-    let sector0 = read_at(t.backing, t.disk.offset, 512);
+    let sector0 = t.disk.read(t.backing, 0, 512);
     assert_mbr(&sector0, size, &format!("{tag} after boot 1"));
-    let tail = read_at(t.backing, t.disk.offset + size - 512, 512);
+    let tail = t.disk.read(t.backing, size - 512, 512);
     let marker = format!("LUNGATE-TAIL size={size}\n");
     assert!(
         tail.starts_with(marker.as_bytes()) && tail[marker.len()..].iter().all(|&b| b == 0),
@@ -324,7 +407,14 @@ fn guest_round_trip(guest: &Guest, t: Target<'_>) {
     );
 
     let dir = guest.work.path();
-    let ex = export_and_check(&t.uris[0], t.backing, t.disk, dir, &format!("{tag}-1"));
+    let ex = export_and_check(
+        &t.uris[0],
+        t.backing,
+        &t.disk,
+        t.same_from,
+        dir,
+        &format!("{tag}-1"),
+    );
     assert_eq!(
         &ex.image[..512],
         &sector0[..],
@@ -367,6 +457,7 @@ fn guest_round_trip(guest: &Guest, t: Target<'_>) {
     let mut expected = common(1);
     expected.extend(sums.clone());
     for (k, v) in [
+        ("start_nonzero", "0"),
         ("pastend_write", "refused"),
         ("tail", "written"),
         ("discard", "ok"),
@@ -391,7 +482,14 @@ fn guest_round_trip(guest: &Guest, t: Target<'_>) {
     assert_results(&format!("{tag} boot 2"), &b2, &expected);
     (t.assert_outside_unchanged)(&format!("{tag} after boot 2"));
 
-    let ex = export_and_check(&t.uris[1], t.backing, t.disk, dir, &format!("{tag}-2"));
+    let ex = export_and_check(
+        &t.uris[1],
+        t.backing,
+        &t.disk,
+        t.same_from,
+        dir,
+        &format!("{tag}-2"),
+    );
     assert_eq!(
         debugfs_cat(&ex.part, "/phase2.txt"),
         b"second boot\n",
@@ -434,16 +532,29 @@ fn lungate_guest_round_trip(layout: &str, name: &str, disks: &[&str]) {
     lungate_tests::lunctl(&["pool", "init", pool.arg()]);
     pool.add(name, layout, disks, "16M");
     let lun = pool.lun(name).clone();
-    let spans = disk_spans(&lun.path);
+    let placed = disk_placements(&lun.path);
     assert_eq!(
-        spans.len(),
+        placed.len(),
         disks.len(),
         "disk regions of {}",
         lun.path.display()
     );
-    let (disk0, disk1) = (spans[0], spans[1]);
-    assert_eq!(disk0.length, lun.disk_sizes[0], "disk0 region length");
-    let disk1_before = region_digest(&lun.path, disk1);
+    let (disk0, disk1) = (placed[0].clone(), placed[1].clone());
+    assert_eq!(disk0.length(), lun.disk_sizes[0], "disk0 length");
+    let shadow = lun.shadowed(0);
+    let same_from = (shadow > 0).then_some(shadow);
+    if shadow > 0 {
+        // The LUN's own view says so: past the shadowed range, disk0 is the
+        // LUN at the same offsets.
+        let rest = disk0.pieces.last().expect("a piece");
+        assert!(
+            rest.disk == shadow && rest.file == shadow,
+            "{:?}",
+            disk0.pieces
+        );
+    }
+    let host_gpt = (layout == "aligned").then(|| sfdisk_dump(&lun.path));
+    let disk1_before = region_digest(&lun.path, &disk1);
 
     let mut gw = Gateway::start(&["--pool", pool.arg()]);
     let export = lun.export(0);
@@ -452,7 +563,7 @@ fn lungate_guest_round_trip(layout: &str, name: &str, disks: &[&str]) {
         gw.assert_running();
         pool.assert_hidden_unchanged();
         assert!(
-            region_digest(&lun.path, disk1) == disk1_before,
+            region_digest(&lun.path, &disk1) == disk1_before,
             "{when}: disk1 of {} changed, though the guest only had disk0",
             lun.path.display()
         );
@@ -462,7 +573,8 @@ fn lungate_guest_round_trip(layout: &str, name: &str, disks: &[&str]) {
         Target {
             tag: layout,
             backing: &lun.path,
-            disk: disk0,
+            disk: disk0.clone(),
+            same_from,
             uris,
             assert_outside_unchanged: &mut outside,
         },
@@ -471,14 +583,75 @@ fn lungate_guest_round_trip(layout: &str, name: &str, disks: &[&str]) {
     gw.stop_ok();
     pool.assert_hidden_unchanged();
     assert_mbr(
-        &read_at(&lun.path, disk0.offset, 512),
-        disk0.length,
+        &disk0.read(&lun.path, 0, 512),
+        disk0.length(),
         &format!("{layout} at the end"),
     );
     assert!(
-        region_digest(&lun.path, disk1) == disk1_before,
+        region_digest(&lun.path, &disk1) == disk1_before,
         "{layout}: disk1 of {} changed after the gateway stopped",
         lun.path.display()
+    );
+    if let Some(before) = host_gpt {
+        assert_lungate_gpt_at_lba0(&lun.path, &before);
+    }
+}
+
+/// `sfdisk --dump` of a LUN file.
+fn sfdisk_dump(path: &Path) -> String {
+    let out = run_ok(Command::new(require_tool("sfdisk")).arg("--dump").arg(path));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.trim().is_empty(),
+        "sfdisk complains about {}: {err}",
+        path.display()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// After the guest partitioned, formatted and wrote its disk twice, the
+/// aligned LUN's first sectors still hold lungate's protective MBR and GPT
+/// (exactly the table it was created with, both headers valid), with the
+/// guest's partition nowhere in it.
+fn assert_lungate_gpt_at_lba0(lun: &Path, before: &str) {
+    let sector0 = read_at(lun, 0, 512);
+    assert_eq!(
+        &sector0[510..512],
+        &[0x55, 0xAA],
+        "protective MBR signature"
+    );
+    assert_eq!(
+        sector0[446 + 4],
+        0xEE,
+        "LBA 0 holds a protective MBR: {}",
+        hex(&sector0[446..462])
+    );
+    assert_eq!(
+        &read_at(lun, 512, 8)[..],
+        b"EFI PART",
+        "GPT header at LBA 1"
+    );
+    let now = sfdisk_dump(lun);
+    assert_eq!(now, before, "lungate's GPT changed");
+    for want in [
+        "lungate-label",
+        "lungate-state",
+        "lungate-disk0",
+        "lungate-disk1",
+    ] {
+        assert!(now.contains(want), "{want} missing from\n{now}");
+    }
+    assert!(
+        !now.contains("type=83"),
+        "the guest's Linux partition shows in the LUN's GPT:\n{now}"
+    );
+    let l = lun_manager::Lun::open(lun, lun_manager::Access::ReadOnly)
+        .unwrap_or_else(|e| panic!("open {}: {e}", lun.display()));
+    assert!(
+        l.warnings().is_empty(),
+        "{}: {:?}",
+        lun.display(),
+        l.warnings()
     );
 }
 
@@ -490,6 +663,14 @@ fn offset_layout_guest_partitions_formats_and_remounts_disk() {
 #[test]
 fn truncate_layout_guest_partitions_formats_and_remounts_disk() {
     lungate_guest_round_trip("truncate", "vmtrunc", &["48M", "16M"]);
+}
+
+/// The aligned layout: the guest's MBR goes to the shadow area, every
+/// other block to the LUN block of the same number, and lungate's GPT at
+/// LBA 0 survives the guest's fdisk, mke2fs, discards and writes.
+#[test]
+fn aligned_layout_guest_partitions_formats_and_remounts_disk() {
+    lungate_guest_round_trip("aligned", "vmalgn", &["40M", "16M"]);
 }
 
 /// A `qemu-nbd` child, ended by PID when dropped.
@@ -515,15 +696,13 @@ fn reference_qemu_nbd_guest_partitions_formats_and_remounts_disk() {
         .tempdir()
         .expect("create reference temp dir");
     let file = dir.path().join("disk.raw");
-    let disk = Span {
-        offset: 1 << 20,
-        length: 32 << 20,
-    };
+    let (offset, length) = (1u64 << 20, 32u64 << 20);
+    let disk = Placement::window(offset, length);
     let pad = lungate_tests::pattern_bytes(1 << 20, 0x5eed);
     {
         let f = File::create(&file).expect("create reference file");
         f.write_all_at(&pad, 0).expect("write head pad");
-        f.write_all_at(&pad, disk.offset + disk.length)
+        f.write_all_at(&pad, offset + length)
             .expect("write tail pad");
     }
     let sock = dir.path().join("nbd.sock");
@@ -532,8 +711,8 @@ fn reference_qemu_nbd_guest_partitions_formats_and_remounts_disk() {
         .arg(&sock)
         .arg(format!(
             "driver=raw,offset={},size={},file.driver=file,file.filename={}",
-            disk.offset,
-            disk.length,
+            offset,
+            length,
             file.display()
         ))
         .stdin(std::process::Stdio::null())
@@ -561,7 +740,7 @@ fn reference_qemu_nbd_guest_partitions_formats_and_remounts_disk() {
             panic!("{when}: qemu-nbd exited with {s}");
         }
         let head = read_at(&file, 0, pad.len());
-        let tail = read_at(&file, disk.offset + disk.length, pad.len());
+        let tail = read_at(&file, offset + length, pad.len());
         assert!(
             head == pad && tail == pad,
             "{when}: bytes around the qemu-nbd window changed"
@@ -573,6 +752,7 @@ fn reference_qemu_nbd_guest_partitions_formats_and_remounts_disk() {
             tag: "qemu-nbd",
             backing: &file,
             disk,
+            same_from: None,
             uris: [uri.clone(), uri],
             assert_outside_unchanged: &mut outside,
         },

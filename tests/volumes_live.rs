@@ -1,6 +1,6 @@
 //! Snapshots, reverts and clones of served LUNs, seen through real NBD
-//! clients (qemu-io, qemu-img, nbdinfo), on both layouts, and while clients
-//! keep writing and verifying (the live switch).
+//! clients (qemu-io, qemu-img, nbdinfo, nbdcopy), on every layout, and
+//! while clients keep writing and verifying (the live switch).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,11 +37,11 @@ fn all(m: &[(u64, u64, bool)], off: u64, len: u64, hole: bool) -> bool {
 }
 
 #[test]
-fn snapshot_revert_clone_through_nbd_clients_on_both_layouts() {
-    let pool = Pool::both_layouts();
+fn snapshot_revert_clone_through_nbd_clients_on_all_layouts() {
+    let pool = Pool::all_layouts();
     let gw = Gateway::start(&["--pool", pool.arg()]);
     let sock = gw.control();
-    for lun in ["off", "trunc"] {
+    for lun in ["off", "trunc", "algn"] {
         let info = pool.lun(lun);
         for (i, &size) in info.disk_sizes.iter().enumerate() {
             let uri = gw.uri(&info.export(i));
@@ -137,6 +137,126 @@ fn snapshot_revert_clone_through_nbd_clients_on_both_layouts() {
     pool.assert_hidden_unchanged();
 }
 
+/// `sfdisk --dump` of a file, without its `device:` line (the path).
+fn sfdisk_dump(path: &std::path::Path) -> String {
+    let out = run_ok(
+        std::process::Command::new(require_tool("sfdisk"))
+            .arg("--dump")
+            .arg(path),
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with("device:"))
+        .map(|l| {
+            // Partition lines start with the device path too.
+            l.split_once(" : ")
+                .map_or(l.to_string(), |(_, rest)| rest.to_string())
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A guest partition table of `len` bytes with one partition named `name`,
+/// written by sfdisk into a scratch image.
+fn guest_table(dir: &std::path::Path, name: &str, len: u64) -> std::path::PathBuf {
+    use std::io::Write;
+    let img = dir.join(format!("{name}.img"));
+    std::fs::File::create(&img).unwrap().set_len(len).unwrap();
+    let mut sf = std::process::Command::new(require_tool("sfdisk"))
+        .args(["-q", "--no-reread"])
+        .arg(&img)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("run sfdisk");
+    sf.stdin
+        .take()
+        .unwrap()
+        .write_all(format!("label: gpt\nstart=2048, size=8192, name={name}\n").as_bytes())
+        .unwrap();
+    assert!(sf.wait().unwrap().success(), "sfdisk {name}");
+    img
+}
+
+/// The guest's own partition table on an aligned LUN (in the shadowed
+/// first MiB, kept in the state region) is part of the VM: a snapshot
+/// keeps it, a revert brings it back, a clone starts with it, while the
+/// LUN file's own GPT at LBA 0 never changes. Seen with sfdisk on what
+/// qemu-img copies out of the exports, and on the LUN file.
+#[test]
+fn aligned_guest_partition_table_is_snapshotted_reverted_and_cloned_with_the_vm() {
+    let pool = Pool::all_layouts();
+    let info = pool.lun("algn");
+    let size = info.disk_sizes[0];
+    let gw = Gateway::start(&["--pool", pool.arg()]);
+    let sock = gw.control();
+    let uri = gw.uri(&info.export(0));
+    let dir = tempfile::tempdir().unwrap();
+    let host = sfdisk_dump(&info.path);
+    assert!(host.contains("lungate-disk0"), "{host}");
+    let copy_out = |uri: &str, tag: &str| {
+        let out = dir.path().join(format!("{tag}.raw"));
+        run_ok(
+            std::process::Command::new(require_tool("qemu-img"))
+                .args(["convert", "-f", "raw", "-O", "raw", uri])
+                .arg(&out),
+        );
+        let d = sfdisk_dump(&out);
+        std::fs::remove_file(&out).ok();
+        d
+    };
+    let nbdcopy = require_tool("nbdcopy");
+    for name in ["first", "second"] {
+        let img = guest_table(dir.path(), name, size);
+        run_ok(std::process::Command::new(&nbdcopy).arg(&img).arg(&uri));
+        std::fs::remove_file(&img).ok();
+        if name == "first" {
+            api(
+                &sock,
+                "POST",
+                "/v1/luns/algn/snapshots",
+                Some(json!({"name": "parted"})),
+                201,
+            );
+        }
+    }
+    let now = copy_out(&uri, "second");
+    assert!(
+        now.contains("name=\"second\"") && !now.contains("name=\"first\""),
+        "{now}"
+    );
+    api(
+        &sock,
+        "POST",
+        "/v1/luns/algn/clone",
+        Some(json!({"snapshot": "parted", "name": "algn-c"})),
+        201,
+    );
+    api(
+        &sock,
+        "POST",
+        "/v1/luns/algn/revert",
+        Some(json!({"snapshot": "parted"})),
+        200,
+    );
+    for (what, u) in [("reverted", uri.clone()), ("clone", gw.uri("algn-c/disk0"))] {
+        let d = copy_out(&u, what);
+        assert!(
+            d.contains("name=\"first\"") && !d.contains("name=\"second\""),
+            "{what}: {d}"
+        );
+        assert!(!d.contains("lungate"), "{what} shows the host's GPT: {d}");
+    }
+    // The host's view of both LUN files: lungate's GPT, never the guest's.
+    assert_eq!(sfdisk_dump(&info.path), host, "the LUN's own GPT changed");
+    let clone = sfdisk_dump(&pool.path().join("algn-c.lun"));
+    assert!(
+        clone.contains("lungate-disk0") && !clone.contains("name=\"first\""),
+        "{clone}"
+    );
+    gw.stop_ok();
+    pool.assert_hidden_unchanged();
+}
+
 /// One client: batches of write-then-verify on its own range until `stop`.
 fn writer(uri: String, base: u64, fixed: Option<u8>, stop: Arc<AtomicBool>, ops: Arc<AtomicU64>) {
     let mut round = 0u64;
@@ -161,6 +281,9 @@ fn live_switches_under_continuous_io_lose_and_fail_nothing() {
     let mut pool = Pool::new();
     pool.add("la", "offset", &["64M"], "16M");
     pool.add("lb", "truncate", &["32M"], "16M");
+    // Aligned: one writer's 64 KiB blocks straddle the end of the shadowed
+    // first MiB, so split requests cross the gate during every switch.
+    pool.add("lc", "aligned", &["32M"], "16M");
     let gw = Gateway::start(&["--pool", pool.arg()]);
     let sock = gw.control();
     // B's writers always write the bytes B's snapshot holds, so a revert
@@ -183,6 +306,9 @@ fn live_switches_under_continuous_io_lose_and_fail_nothing() {
         (gw.uri("la/disk0"), 16 << 20, None),
         (gw.uri("lb/disk0"), 0, Some(0x5b)),
         (gw.unix_uri("lb/disk0"), 2 << 20, Some(0x5b)),
+        // [480K, 1504K): eight blocks in the shadow, one across its end.
+        (gw.uri("lc/disk0"), (480 << 10), None),
+        (gw.unix_uri("lc/disk0"), 2 << 20, None),
     ] {
         let (stop, ops) = (stop.clone(), ops.clone());
         workers.push(thread::spawn(move || writer(uri, base, fixed, stop, ops)));
@@ -210,7 +336,14 @@ fn live_switches_under_continuous_io_lose_and_fail_nothing() {
             Some(json!({"snapshot": "b0"})),
             200,
         );
-        switches += 2;
+        api(
+            &sock,
+            "POST",
+            "/v1/luns/lc/snapshots",
+            Some(json!({"name": format!("c{k}")})),
+            201,
+        );
+        switches += 3;
         if k % 3 == 0 {
             let name = format!("la-c{k}");
             api(

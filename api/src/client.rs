@@ -461,6 +461,26 @@ impl Client {
         )
     }
 
+    /// Start migrating `lun`'s VM (`POST /v1/luns/{lun}/migrate`); the
+    /// migration runs on in the gateway: follow it with [`Client::migration`].
+    pub fn migrate(&self, lun: &str, req: &MigrateRequest) -> Result<MigrationInfo> {
+        self.post(&lun_path(lun, "migrate"), req)
+    }
+
+    /// Abort `lun`'s running migration.
+    pub fn abort_migration(&self, lun: &str) -> Result<MigrationInfo> {
+        self.post(&lun_path(lun, "migrate/abort"), &Empty {})
+    }
+
+    /// The migrations this gateway runs, answers or finished lately.
+    pub fn migrations(&self) -> Result<Vec<MigrationInfo>> {
+        self.get("/v1/migrations")
+    }
+
+    pub fn migration(&self, id: Uuid) -> Result<MigrationInfo> {
+        self.get(&format!("/v1/migrations/{id}"))
+    }
+
     pub fn flatten(&self, lun: &str) -> Result<Empty> {
         self.post(&lun_path(lun, "flatten"), &Empty {})
     }
@@ -485,6 +505,10 @@ impl Client {
         let path = lun_path(lun, "apply-diff");
         let r = self.request(Method::POST, &path, "application/octet-stream", file)?;
         Self::parse(&Method::POST, &path, &r.body)
+    }
+
+    pub fn scrub(&self, lun: &str) -> Result<Scrub> {
+        self.post(&lun_path(lun, "scrub"), &Empty {})
     }
 
     pub fn usage(&self, lun: &str) -> Result<Vec<LayerUsage>> {

@@ -33,10 +33,13 @@ pub enum RecordType {
     /// JSON [`GuestService`]: the guest state service's key and the VM's
     /// generation counter (`vmm-shim`).
     GuestService,
+    /// JSON [`Policy`]: where the VM may migrate, which gateways may admit
+    /// it, how many snapshots it keeps.
+    Policy,
 }
 
 impl RecordType {
-    pub const ALL: [RecordType; 10] = [
+    pub const ALL: [RecordType; 11] = [
         RecordType::HardwareConfig,
         RecordType::VcpuState,
         RecordType::DeviceState,
@@ -47,6 +50,7 @@ impl RecordType {
         RecordType::SecondaryDisks,
         RecordType::Owner,
         RecordType::GuestService,
+        RecordType::Policy,
     ];
 
     pub fn code(self) -> u16 {
@@ -61,6 +65,7 @@ impl RecordType {
             RecordType::SecondaryDisks => 8,
             RecordType::Owner => 9,
             RecordType::GuestService => 10,
+            RecordType::Policy => 11,
         }
     }
 
@@ -88,6 +93,7 @@ impl RecordType {
             RecordType::SecondaryDisks => "secondary-disks",
             RecordType::Owner => "owner",
             RecordType::GuestService => "guest-service",
+            RecordType::Policy => "policy",
         }
     }
 }
@@ -246,6 +252,72 @@ impl GuestService {
     }
 }
 
+/// The VM's policy, which travels with it and which every gateway that
+/// serves it enforces (`lunctl policy`, docs/migration.md):
+///
+/// * `migrate_to`: where `lunctl migrate --to` may send it (`HOST:PORT`,
+///   an IP address or a CIDR block, matched against the destination's
+///   address); empty: anywhere;
+/// * `gateways`: the gateways (by their migration name, `[migration]
+///   name`, default the host name) that may admit it; empty: any;
+/// * `keep_snapshots`: after a snapshot is taken, the oldest snapshots
+///   beyond this many are deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub migrate_to: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_snapshots: Option<u32>,
+}
+
+impl Policy {
+    /// May the VM go to `to` (a `HOST:PORT` as given to `--to`)?
+    pub fn allows_destination(&self, to: &str) -> bool {
+        if self.migrate_to.is_empty() {
+            return true;
+        }
+        let addr: Option<std::net::SocketAddr> = to.parse().ok();
+        self.migrate_to.iter().any(|rule| {
+            if rule == to {
+                return true;
+            }
+            let Some(a) = addr else { return false };
+            match rule.split_once('/') {
+                Some((net, bits)) => match (net.parse::<std::net::IpAddr>(), bits.parse::<u32>()) {
+                    (Ok(n), Ok(b)) => in_block(a.ip(), n, b),
+                    _ => false,
+                },
+                None => rule
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip == a.ip()),
+            }
+        })
+    }
+
+    /// May gateway `name` admit the VM?
+    pub fn admits(&self, name: &str) -> bool {
+        self.gateways.is_empty() || self.gateways.iter().any(|g| g == name)
+    }
+}
+
+fn in_block(ip: std::net::IpAddr, net: std::net::IpAddr, bits: u32) -> bool {
+    use std::net::IpAddr;
+    match (ip.to_canonical(), net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) if bits <= 32 => {
+            let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) if bits <= 128 => {
+            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
 /// 32 hex digits as 16 bytes.
 pub fn parse_hex16(s: &str) -> Option<[u8; 16]> {
     let s = s.as_bytes();
@@ -281,6 +353,28 @@ mod tests {
         codes.dedup();
         assert_eq!(codes.len(), RecordType::ALL.len());
         assert!("memory".parse::<RecordType>().is_err());
+    }
+
+    #[test]
+    fn a_policy_matches_destinations_by_address_block_and_gateways_by_name() {
+        let p = Policy {
+            migrate_to: vec![
+                "10.0.0.0/8".into(),
+                "192.0.2.7".into(),
+                "host-b:7000".into(),
+            ],
+            gateways: vec!["gw-b".into()],
+            keep_snapshots: Some(3),
+        };
+        assert!(p.allows_destination("10.1.2.3:7000"));
+        assert!(p.allows_destination("192.0.2.7:1"));
+        assert!(p.allows_destination("host-b:7000"));
+        assert!(!p.allows_destination("127.0.0.1:7000"));
+        assert!(!p.allows_destination("host-c:7000"));
+        assert!(p.admits("gw-b") && !p.admits("gw-c"));
+        assert!(Policy::default().allows_destination("anything:1"));
+        assert!(Policy::default().admits("any"));
+        assert!(serde_json::from_str::<Policy>(r#"{"keep":1}"#).is_err());
     }
 
     #[test]

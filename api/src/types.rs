@@ -27,6 +27,7 @@ pub struct Empty {}
 pub enum Layout {
     Offset,
     Truncate,
+    Aligned,
 }
 
 impl std::fmt::Display for Layout {
@@ -34,6 +35,7 @@ impl std::fmt::Display for Layout {
         f.write_str(match self {
             Layout::Offset => "offset",
             Layout::Truncate => "truncate",
+            Layout::Aligned => "aligned",
         })
     }
 }
@@ -205,6 +207,51 @@ pub struct LayerUsage {
     pub disk_bytes: u64,
 }
 
+/// `POST /v1/luns/{lun}/scrub`: every data checksum of the VM checked,
+/// one report per member LUN (the primary first, then its secondaries).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Scrub {
+    pub luns: Vec<LunScrub>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LunScrub {
+    pub path: std::path::PathBuf,
+    /// Layers that keep checksums, and those that do not (the base LUN
+    /// file, layers of a LUN made without `--checksums`).
+    pub layers_checked: usize,
+    pub layers_without_checksums: usize,
+    pub clusters_checked: u64,
+    pub bytes_checked: u64,
+    /// Data clusters not summed yet (written since the last flush).
+    pub clusters_unsummed: u64,
+    pub errors: Vec<ScrubError>,
+}
+
+/// A cluster whose bytes differ from their committed checksum.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ScrubError {
+    pub layer: Uuid,
+    pub snapshot: Option<String>,
+    pub live: bool,
+    pub cluster: u64,
+    /// Byte offset of the cluster in the LUN.
+    pub offset: u64,
+    pub phys: u64,
+    /// Views (`live`, snapshot names) that read the damaged cluster.
+    pub affected: Vec<String>,
+    /// Views holding another version of the cluster that passes its
+    /// checksum (to restore from).
+    pub intact_in: Vec<String>,
+}
+
+impl Scrub {
+    /// Damaged clusters over every member.
+    pub fn error_count(&self) -> usize {
+        self.luns.iter().map(|l| l.errors.len()).sum()
+    }
+}
+
 // ----- state records -------------------------------------------------------
 
 /// One record of a served LUN's state directory
@@ -364,4 +411,127 @@ mod tests {
         assert_eq!(b.body_len(), Some(h.len() as u64 + 4096));
         assert!(String::from_utf8_lossy(&h[4..]).contains(r#""type":"memory-image""#));
     }
+}
+
+// ----- migrations ------------------------------------------------------------
+
+/// `POST /v1/luns/{lun}/migrate`: move the VM's LUNs to another gateway
+/// (`to`) or to another pool of this one (`to_pool`). Exactly one of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The target gateway's migration listener, `HOST:PORT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// A pool directory this gateway serves (its path or its name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_pool: Option<String>,
+    /// The pool on the target gateway (a pool directory's name); default:
+    /// its first pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_pool: Option<String>,
+    /// Guest-visible pause budget, ms; default `[migration] downtime_ms`
+    /// or 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Bytes per second the copy may use; unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rate: Option<u64>,
+    /// Keep the source's copy (under `POOL/NAME.migrated-ID/`) instead of
+    /// deleting it.
+    #[serde(default)]
+    pub keep_source: bool,
+    /// Move the clones of the VM's layers too (otherwise a VM with clones
+    /// is refused, naming them).
+    #[serde(default)]
+    pub with_dependents: bool,
+    /// The bearer token to present; default: `[migration] token_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// Which way a migration goes, seen from the gateway reporting it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Outgoing,
+    Incoming,
+    /// Between two pools of this gateway.
+    Local,
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationPhase {
+    /// Asking the target to admit it.
+    Preparing,
+    /// Copying frozen layers and the live layer's first pass.
+    Copying,
+    /// Copying what changed meanwhile, round after round.
+    Rounds,
+    /// I/O paused: last changes, verification, commit.
+    Switching,
+    /// The source paused without an answer to its commit: asking the target
+    /// whether it committed.
+    InDoubt,
+    /// Committed: the target owns the LUNs; the source forwards the
+    /// connections it had and finishes.
+    Forwarding,
+    Done,
+    Aborted,
+    Failed,
+}
+
+impl MigrationPhase {
+    /// Whether the migration is over (one way or the other).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            MigrationPhase::Done | MigrationPhase::Aborted | MigrationPhase::Failed
+        )
+    }
+}
+
+/// One migration (`GET /v1/migrations`, `GET /v1/migrations/{id}`), with
+/// the final report's figures once it is over.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MigrationInfo {
+    pub id: Uuid,
+    /// The VM (its primary LUN's name).
+    pub lun: String,
+    /// Every LUN that moves: the primary, its secondary disks, dependents.
+    pub members: Vec<String>,
+    pub direction: Direction,
+    /// The other gateway (`HOST:PORT`), or the target pool of a local move.
+    pub peer: String,
+    pub phase: MigrationPhase,
+    /// Bytes sent (or, incoming, received) so far, every round together.
+    pub bytes: u64,
+    /// Bytes the bulk copy has to send (frozen files and the live layer's
+    /// first pass); later rounds add to `bytes` beyond it.
+    pub bulk_bytes: u64,
+    /// Copy rounds after the bulk pass.
+    pub rounds: u32,
+    /// The measured copy rate, bytes per second.
+    pub rate: u64,
+    /// Bytes the guests have dirtied since the last round.
+    pub dirty_bytes: u64,
+    pub downtime_ms: u64,
+    /// The guest-visible pause of the switch, µs (once it happened).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_us: Option<u64>,
+    /// Requests that waited in the holding queue during the switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked: Option<u64>,
+    /// Control operations queued during the migration (run on the target).
+    pub queued_ops: u64,
+    /// Where the source kept its copy (`keep_source`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_source: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Unix seconds.
+    pub started: u64,
+    pub elapsed_ms: u64,
 }

@@ -1,6 +1,6 @@
 //! The one place for the system calls the data path and provisioning make
 //! on files, each wrapped once: size, lseek data/hole (extents), fadvise,
-//! fallocate, flock, gethostname; and the whole-range operations built on
+//! fallocate, flock, gethostname, fstatvfs; and the whole-range operations built on
 //! them (sparse copy, zeroing). Per-request guest I/O goes through
 //! [`crate::engine`] instead.
 
@@ -220,6 +220,20 @@ pub fn hostname() -> String {
     }
     let n = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     String::from_utf8_lossy(&b[..n]).into_owned()
+}
+
+/// Bytes an unprivileged writer may still allocate on the file system
+/// holding `path` (`fstatvfs`: available blocks × fragment size).
+pub fn free_space(path: &std::path::Path) -> io::Result<u64> {
+    let dir = File::open(path)?;
+    // SAFETY: statvfs is plain old data, valid when zeroed.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatvfs writes one statvfs into `st`, which we own; the
+    // descriptor is owned by `dir`.
+    if unsafe { libc::fstatvfs(dir.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Make `[off, off+len)` read as zeros: punch a hole where the filesystem

@@ -79,12 +79,31 @@ pub fn completions(mut cmd: Command, shell: Shell, w: &mut dyn Write) -> io::Res
     let bin = cmd.get_name().to_string();
     let mut buf = Vec::new();
     match shell {
-        Shell::Bash => clap_complete::generate(clap_complete::Shell::Bash, &mut cmd, bin, &mut buf),
-        Shell::Zsh => clap_complete::generate(clap_complete::Shell::Zsh, &mut cmd, bin, &mut buf),
-        Shell::Fish => clap_complete::generate(clap_complete::Shell::Fish, &mut cmd, bin, &mut buf),
+        Shell::Bash => {
+            clap_complete::generate(clap_complete::Shell::Bash, &mut cmd, &bin, &mut buf)
+        }
+        Shell::Zsh => clap_complete::generate(clap_complete::Shell::Zsh, &mut cmd, &bin, &mut buf),
+        Shell::Fish => {
+            clap_complete::generate(clap_complete::Shell::Fish, &mut cmd, &bin, &mut buf)
+        }
+    }
+    if shell == Shell::Bash && bin.contains('-') {
+        buf = fix_bash_hyphenated(&bin, &buf).into_bytes();
     }
     w.write_all(&buf)?;
     w.flush()
+}
+
+/// clap_complete (4.6.12 and before, clap-rs/clap#6421) spells the bash
+/// state of a subcommand of a hyphenated binary two ways: the dispatch loop
+/// builds `vmm__shim__subcmd__run`, the `case` arms match
+/// `vmm__subcmd__shim__subcmd__run`, so nothing past the first word
+/// completes. Rewrite the arms' spelling to the loop's.
+fn fix_bash_hyphenated(bin: &str, script: &[u8]) -> String {
+    let text = String::from_utf8_lossy(script);
+    let right = bin.replace('-', "__");
+    let wrong = bin.replace('-', "__subcmd__");
+    text.replace(&format!("{wrong}__subcmd__"), &format!("{right}__subcmd__"))
 }
 
 /// Write the man pages of `cmd` and of each of its (visible) subcommands,

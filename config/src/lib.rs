@@ -251,7 +251,103 @@ pub struct GatewayConfig {
     #[serde(default)]
     pub control: ControlConfig,
     #[serde(default)]
+    pub migration: MigrationConfig,
+    #[serde(default)]
     pub coordinator: CoordinatorConfig,
+}
+
+/// Live migration between gateways (docs/migration.md): where this gateway
+/// takes incoming migrations, who may send them, and the defaults of the
+/// ones it sends.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationConfig {
+    /// `IP:PORT` of the listener incoming migrations connect to; none: this
+    /// gateway admits no migration from another gateway.
+    pub listen: Option<String>,
+    /// Who may migrate LUNs here (rules as for exports: address, CIDR,
+    /// `cert:NAME`); empty = every source that passes the token check.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// First line: the bearer token a source must send (incoming), and the
+    /// one this gateway sends (outgoing) unless a request names another.
+    pub token_file: Option<PathBuf>,
+    /// Speak TLS on the listener (and to targets) with `tls.cert`, `tls.key`
+    /// and `tls.ca`.
+    #[serde(default)]
+    pub tls: bool,
+    /// Client certificate and key this gateway presents to targets over TLS
+    /// (for their `cert:NAME` rules).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// This gateway's name in migrations and policies (default: the host
+    /// name).
+    pub name: Option<String>,
+    /// Space a target pool must keep free after admitting a migration.
+    pub reserve: Option<ByteSize>,
+    /// Default guest-visible pause budget of outgoing migrations, ms.
+    pub downtime_ms: Option<u64>,
+    /// Copy rounds after the first before a migration that does not fit
+    /// its budget gives up.
+    pub max_rounds: Option<u32>,
+    /// Seconds a step may wait for the other side before the migration is
+    /// aborted.
+    pub timeout: Option<u64>,
+}
+
+impl MigrationConfig {
+    pub fn allow_rules(&self) -> Result<Vec<AllowRule>, ConfigError> {
+        parse_rules("migration.allow", &self.allow)
+    }
+
+    fn validate(&self, tls: &TlsConfig) -> Result<(), ConfigError> {
+        if let Some(l) = &self.listen {
+            l.parse::<SocketAddr>().map_err(|e| {
+                ConfigError::invalid("migration.listen", l, format!("expected IP:PORT: {e}"))
+            })?;
+        }
+        self.allow_rules()?;
+        if self.tls && (tls.cert.is_none() || tls.key.is_none()) {
+            return Err(ConfigError::invalid(
+                "migration.tls",
+                true,
+                "needs `tls.cert` and `tls.key` (the migration listener uses the gateway's certificate)",
+            ));
+        }
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return Err(ConfigError::invalid(
+                "migration.client_cert",
+                self.client_cert
+                    .as_deref()
+                    .map_or("(unset)".into(), |p| p.display().to_string()),
+                "`client_cert` and `client_key` go together",
+            ));
+        }
+        if let Some(n) = &self.name {
+            if n.is_empty() || n.len() > 255 || n.chars().any(|c| c.is_control() || c == ' ') {
+                return Err(ConfigError::invalid(
+                    "migration.name",
+                    n,
+                    "1 to 255 characters without spaces or control characters",
+                ));
+            }
+        }
+        if self.timeout == Some(0) {
+            return Err(ConfigError::invalid(
+                "migration.timeout",
+                0,
+                "must be at least 1 second",
+            ));
+        }
+        if self.downtime_ms == Some(0) {
+            return Err(ConfigError::invalid(
+                "migration.downtime_ms",
+                0,
+                "must be at least 1 ms",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Several gateways sharing RBD pools, coordinated through etcd
@@ -392,6 +488,7 @@ impl Default for GatewayConfig {
             io: IoConfig::default(),
             exports: Vec::new(),
             control: ControlConfig::default(),
+            migration: MigrationConfig::default(),
             coordinator: CoordinatorConfig::default(),
         }
     }
@@ -452,6 +549,7 @@ impl GatewayConfig {
         }
         self.allow_rules()?;
         self.control.validate()?;
+        self.migration.validate(&self.tls)?;
         self.coordinator.validate()?;
         self.validate_block_sizes()?;
         if self.max_in_flight.0 < MIN_IN_FLIGHT {
@@ -654,7 +752,7 @@ pub struct DemoLun {
     pub memory: ByteSize,
     #[serde(default = "default_vcpus")]
     pub vcpus: u32,
-    /// "offset" or "truncate"
+    /// "offset", "truncate" or "aligned"
     pub layout: String,
 }
 

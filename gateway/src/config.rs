@@ -31,6 +31,10 @@ pub struct Overrides {
     pub engine: Option<EngineKind>,
     pub control: Option<PathBuf>,
     pub coordinator: Option<String>,
+    /// `--migration-listen`: replaces `[migration] listen`.
+    pub migration_listen: Option<String>,
+    /// `--migration-allow`: replace `[migration] allow` when given.
+    pub migration_allow: Vec<String>,
 }
 
 impl Overrides {
@@ -71,6 +75,12 @@ impl Overrides {
         if self.coordinator.is_some() {
             cfg.coordinator.url = self.coordinator.clone();
         }
+        if self.migration_listen.is_some() {
+            cfg.migration.listen = self.migration_listen.clone();
+        }
+        if !self.migration_allow.is_empty() {
+            cfg.migration.allow = self.migration_allow.clone();
+        }
         cfg.validate()
     }
 }
@@ -89,6 +99,62 @@ pub enum StartError {
     Server(#[from] ServerError),
     #[error(transparent)]
     Coordinator(#[from] crate::coordinator::EtcdError),
+    #[error("cannot read migration token file {path}: {source}")]
+    MigrationToken {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The migration settings of `cfg` (`[migration]`, TLS from `[tls]`).
+pub fn migration_settings(
+    cfg: &GatewayConfig,
+    engine: &IoEngine,
+) -> Result<crate::migrate::Settings, StartError> {
+    let m = &cfg.migration;
+    let mut s = crate::migrate::Settings::local(cfg.pools.clone(), engine.clone());
+    if let Some(n) = &m.name {
+        s.name = n.clone();
+    }
+    s.listen = m.listen.as_deref().and_then(|l| l.parse().ok());
+    s.allow = m.allow_rules()?;
+    if let Some(path) = &m.token_file {
+        let t = std::fs::read_to_string(path).map_err(|source| StartError::MigrationToken {
+            path: path.clone(),
+            source,
+        })?;
+        let t = t.lines().next().unwrap_or("").trim().to_string();
+        if t.is_empty() {
+            return Err(StartError::MigrationToken {
+                path: path.clone(),
+                source: std::io::Error::other("the file is empty"),
+            });
+        }
+        s.token = Some(t);
+    }
+    if m.tls {
+        let auth = tls::ClientAuth {
+            ca: cfg.tls.ca.as_deref(),
+            verify_peer: false,
+        };
+        if let (Some(cert), Some(key)) = (&cfg.tls.cert, &cfg.tls.key) {
+            s.tls_server = Some(tls::server_config(cert, key, auth, &[])?);
+        }
+        if let Some(ca) = &cfg.tls.ca {
+            let id = match (&m.client_cert, &m.client_key) {
+                (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+                _ => None,
+            };
+            s.tls_client = Some(tls::client_config(ca, id)?);
+        }
+    }
+    s.reserve = m.reserve.map_or(0, |r| r.0);
+    s.downtime_ms = m.downtime_ms.unwrap_or(crate::migrate::DEFAULT_DOWNTIME_MS);
+    s.max_rounds = m.max_rounds.unwrap_or(crate::migrate::DEFAULT_MAX_ROUNDS);
+    s.timeout = m
+        .timeout
+        .map_or(crate::migrate::DEFAULT_TIMEOUT, Duration::from_secs);
+    Ok(s)
 }
 
 /// Open (and lock) every LUN and build its exports.
@@ -128,7 +194,18 @@ pub async fn build_server(
         workers = engine.workers(),
         "I/O engine"
     );
+    // Migrations a crash interrupted are finished or undone before any
+    // LUN of the pools is opened, so exactly one gateway serves each.
+    let msettings = migration_settings(cfg, &engine)?;
+    let held = crate::migrate::recover::at_start(&msettings).await;
     let registry = build_registry(cfg, &engine)?;
+    let msettings = registry.migrate.configure(msettings);
+    if !held.is_empty() {
+        tokio::spawn(crate::migrate::recover::resolve_held(
+            registry.clone(),
+            held,
+        ));
+    }
     let auth = tls::ClientAuth {
         ca: cfg.tls.ca.as_deref(),
         verify_peer: cfg.tls.verify_peer,
@@ -178,8 +255,15 @@ pub async fn build_server(
         },
         control_tls,
         activated,
+        migration_listen: msettings.listen,
     };
     let server = Server::bind(settings, registry.clone()).await?;
+    if let Some(port) = server.listening().iter().find_map(|l| match l {
+        crate::server::Listening::Tcp(a) => Some(a.port()),
+        _ => None,
+    }) {
+        let _ = msettings.nbd.set((port, cfg.tls.mode != TlsMode::Off));
+    }
     if let Some(endpoint) = cfg.coordinator.endpoint()? {
         let mut addrs: Vec<String> = server.listening().iter().map(|l| l.to_string()).collect();
         addrs.extend(server.control_listening());

@@ -40,6 +40,7 @@ pub fn prepare(dir: &Path) -> Result<(GatewayConfig, String), DemoError> {
             vcpus: demo.lun.vcpus,
             layout,
             cluster_size: 0,
+            checksums: false,
         };
         Lun::create(&path, &spec).map_err(lun_err)?;
         tracing::info!(lun = %path.display(), "created demo LUN");

@@ -1,11 +1,15 @@
 //! Exports: one NBD export is one disk region of a LUN.
 //!
 //! An [`Export`] is a name, its flags and the top of the LUN's stack for
-//! that disk: a [`Region`] view (offset or truncate) over the LUN's gate
-//! and volume, built once when the export is. The region checks every
-//! request range against the export size, with checked arithmetic, before
-//! the LUN offset is added (see `lungate_block::region`); this module adds
-//! only the protocol's block-size rules, and never does I/O itself.
+//! that disk: a region view over the LUN's gate and volume, built once when
+//! the export is, from the disk's [`lungate_block::region::View`] as the
+//! LUN describes it ([`Lun::disk_view`]): a [`Region`] (offset, truncate)
+//! or an aligned view (the aligned layout's disk0, whose shadowed first MiB
+//! goes through the same gate and volume to the state region's shadow
+//! area). The view checks every request range against the export size,
+//! with checked arithmetic, before it translates it (see
+//! `lungate_block::region`); this module adds only the protocol's
+//! block-size rules, and never does I/O itself.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -248,6 +252,33 @@ impl Exports {
         *cur = Arc::new(set);
         refused
     }
+
+    /// Remove every export of the served LUN `lun` (a LUN that migrated
+    /// away: new connections cannot find it; connections already open keep
+    /// their export). Returns the names removed.
+    pub fn remove_lun(&self, lun: &Arc<ServedLun>) -> Vec<String> {
+        let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let mut removed = Vec::new();
+        let kept: Vec<Arc<Export>> = cur
+            .list
+            .iter()
+            .filter(|e| {
+                let gone = e.lun.as_ref().is_some_and(|l| Arc::ptr_eq(l, lun));
+                if gone {
+                    removed.push(e.name.clone());
+                }
+                !gone
+            })
+            .cloned()
+            .collect();
+        let mut set = ExportSet::default();
+        for e in kept {
+            set.by_name.insert(e.name.clone(), set.list.len());
+            set.list.push(e);
+        }
+        *cur = Arc::new(set);
+        removed
+    }
 }
 
 /// All exports of a running gateway, by name.
@@ -419,25 +450,21 @@ fn export_for(
     block: BlockSizes,
 ) -> Result<Export, ExportError> {
     let lun: &Lun = &served.lun;
-    let region = lun
-        .disks()
-        .into_iter()
-        .find(|r| r.index == disk)
+    let view = lun
+        .disk_view(disk)
         .ok_or_else(|| ExportError::NoSuchDisk {
             name: name.to_string(),
             path: lun.path().to_path_buf(),
             disk,
-        })?;
-    let view =
-        Region::new(served.device().clone(), region.offset, region.length).map_err(|source| {
-            ExportError::Region {
-                name: name.to_string(),
-                source,
-            }
+        })?
+        .over(served.device().clone())
+        .map_err(|source| ExportError::Region {
+            name: name.to_string(),
+            source,
         })?;
     let mut e = Export::new(
         name.to_string(),
-        Arc::new(view),
+        view,
         read_only,
         block,
         lun.path().to_path_buf(),

@@ -23,6 +23,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start; boxing the serve flags would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve every disk of every LUN in the pools (and [[export]] entries).
@@ -70,6 +72,14 @@ enum Cmd {
         /// `[coordinator] url`.
         #[arg(long)]
         coordinator: Option<String>,
+        /// Admit migrations from other gateways on IP:PORT (replaces
+        /// `[migration] listen`).
+        #[arg(long)]
+        migration_listen: Option<String>,
+        /// Who may migrate LUNs here: IP, CIDR or cert:NAME; repeatable
+        /// (replaces `[migration] allow`).
+        #[arg(long = "migration-allow")]
+        migration_allow: Vec<String>,
     },
     /// Create ./demo-pool with LUN `demo` (1 GiB disk) if needed and serve
     /// it on 127.0.0.1:10809.
@@ -200,6 +210,8 @@ async fn run(cmd: Cmd, activated: Vec<std::os::fd::OwnedFd>) -> Result<(), Strin
             engine,
             control,
             coordinator,
+            migration_listen,
+            migration_allow,
         } => {
             let mut cfg = match &config {
                 Some(p) => GatewayConfig::load(p).map_err(|e| e.to_string())?,
@@ -218,6 +230,8 @@ async fn run(cmd: Cmd, activated: Vec<std::os::fd::OwnedFd>) -> Result<(), Strin
                 engine,
                 control,
                 coordinator,
+                migration_listen,
+                migration_allow,
             }
             .apply(&mut cfg)
             .map_err(|e| e.to_string())?;

@@ -22,6 +22,8 @@ pub struct Registry {
     /// The control socket named in the `Owner` records of LUNs this
     /// gateway opens at run time (clones).
     pub control: Option<std::path::PathBuf>,
+    /// Migrations this gateway runs or answers, and their settings.
+    pub migrate: crate::migrate::Hub,
 }
 
 impl Registry {
@@ -44,6 +46,7 @@ impl Registry {
             block,
             pool_allow,
             control,
+            migrate: Default::default(),
         }
     }
 
@@ -78,5 +81,29 @@ impl Registry {
             .unwrap_or_else(|e| e.into_inner())
             .push(lun);
         Ok(names.into_iter().filter(|n| !refused.contains(n)).collect())
+    }
+
+    /// Stop offering `lun`: its exports and its entry go (connections
+    /// already open keep their exports; see [`crate::migrate`]). Returns the
+    /// export names removed.
+    pub fn retire(&self, lun: &Arc<ServedLun>) -> Vec<String> {
+        let names = self.exports.remove_lun(lun);
+        self.luns
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|l| !Arc::ptr_eq(l, lun));
+        names
+    }
+
+    /// Serve a LUN that arrived by migration, in place of any LUN of the
+    /// same UUID served here (a move between this gateway's pools: the
+    /// LUN it left). Returns the export names added.
+    pub fn adopt(&self, lun: Arc<ServedLun>) -> Result<Vec<String>, ExportError> {
+        for old in self.luns() {
+            if old.lun.uuid() == lun.lun.uuid() && !Arc::ptr_eq(&old, &lun) {
+                self.retire(&old);
+            }
+        }
+        self.add(lun)
     }
 }

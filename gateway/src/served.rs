@@ -108,8 +108,12 @@ pub struct ServedLun {
     pub read_only: bool,
     /// Canonical path, the key that makes one `ServedLun` per file.
     pub key: PathBuf,
+    /// Whether a migration is moving the LUN away, or has (see
+    /// [`crate::migrate`]): tree operations are queued meanwhile.
+    pub migration: crate::migrate::LunMigration,
     /// The gate over the volume: what the region views of the LUN's
     /// exports sit on.
+    gate_dev: Arc<GateDevice>,
     dev: Arc<dyn BlockDevice>,
     owner: Ownership,
 }
@@ -163,13 +167,16 @@ impl ServedLun {
         let key = std::fs::canonicalize(lun.path()).unwrap_or_else(|_| lun.path().to_path_buf());
         let gate = Gate::new(stats);
         let volume: Arc<dyn BlockDevice> = Arc::new(VolumeDevice::new(lun.volume().clone()));
+        let gate_dev = Arc::new(GateDevice::new(gate.clone(), volume));
         ServedLun {
-            dev: Arc::new(GateDevice::new(gate.clone(), volume)),
+            dev: gate_dev.clone(),
+            gate_dev,
             lun: Arc::new(lun),
             gate,
             maintenance: tokio::sync::Mutex::new(()),
             read_only,
             key,
+            migration: Default::default(),
             owner,
         }
     }
@@ -205,5 +212,13 @@ impl ServedLun {
     /// wait for running requests; see [`crate::switch`].
     pub async fn pause(&self) -> Paused {
         self.gate.pause().await
+    }
+
+    /// Put `below` under the LUN's gate in place of its volume (or of what
+    /// a previous call put there), while `paused`: from then on every
+    /// request of every export and connection of the LUN, the parked ones
+    /// first, goes to `below` (a migration's forwarding to the new owner).
+    pub fn swap_below(&self, paused: &Paused, below: Arc<dyn BlockDevice>) -> Arc<dyn BlockDevice> {
+        self.gate_dev.swap(paused, below)
     }
 }

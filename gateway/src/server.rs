@@ -61,6 +61,8 @@ pub struct ServerSettings {
     pub control_tcp: Option<(SocketAddr, PathBuf)>,
     /// TLS for the control API's TCP listener.
     pub control_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Where incoming migrations connect (`--migration-listen`).
+    pub migration_listen: Option<SocketAddr>,
     /// Listening sockets passed in by socket activation (`LISTEN_FDS`);
     /// when there are any, `listen` and `unix` are not bound.
     pub activated: Vec<OwnedFd>,
@@ -157,6 +159,7 @@ impl Drop for Admitted<'_> {
 
 pub struct Server {
     control: crate::control::Control,
+    migration: Option<TcpListener>,
     tcp: Vec<TcpListener>,
     unix: Option<(UnixListener, Option<PathBuf>)>,
     shared: Arc<Shared>,
@@ -289,8 +292,17 @@ impl Server {
             settings.control_tls,
         )
         .await?;
+        let migration = match settings.migration_listen {
+            None => None,
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::BindTcp { addr, source })?,
+            ),
+        };
         Ok(Server {
             control,
+            migration,
             tcp,
             unix,
             shared: Arc::new(Shared {
@@ -311,9 +323,14 @@ impl Server {
         })
     }
 
-    /// The control API's listeners, as printed on stdout.
+    /// The control API's and the migration listener's addresses, as
+    /// printed on stdout.
     pub fn control_listening(&self) -> Vec<String> {
-        self.control.listening()
+        let mut v = self.control.listening();
+        if let Some(a) = self.migration.as_ref().and_then(|l| l.local_addr().ok()) {
+            v.push(format!("migration tcp {a}"));
+        }
+        v
     }
 
     pub fn listening(&self) -> Vec<Listening> {
@@ -341,6 +358,13 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         let control = tokio::spawn(self.control.run(shutdown.clone()));
+        let migration = self.migration.map(|l| {
+            tokio::spawn(crate::migrate::listen::run(
+                l,
+                self.shared.registry.clone(),
+                shutdown.clone(),
+            ))
+        });
         let trimmer = tokio::spawn(self.shared.memory.clone().run_trimmer(shutdown.clone()));
         for l in self.tcp {
             let (shared, tracker2, stop) = (self.shared.clone(), tracker.clone(), shutdown.clone());
@@ -421,6 +445,9 @@ impl Server {
             let _ = std::fs::remove_file(p);
         }
         let _ = control.await;
+        if let Some(m) = migration {
+            let _ = m.await;
+        }
         let _ = trimmer.await;
         tracing::info!("stopped");
     }
@@ -540,6 +567,7 @@ mod tests {
             vcpus: 1,
             layout: Layout::Offset,
             cluster_size: 0,
+            checksums: false,
         };
         Lun::create(&lun_path, &spec).unwrap();
         let cfg = GatewayConfig {
@@ -564,6 +592,7 @@ mod tests {
             control_unix: None,
             control_tcp: None,
             control_tls: None,
+            migration_listen: None,
             activated: Vec::new(),
         };
         let server = Server::bind(settings, registry).await.unwrap();

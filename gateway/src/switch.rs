@@ -14,7 +14,7 @@
 //! The gate itself knows nothing about volumes or NBD; it only counts.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -226,6 +226,11 @@ pub struct Paused {
 }
 
 impl Paused {
+    /// Requests parked in the holding queue so far during this pause.
+    pub fn held(&self) -> u64 {
+        lock(&self.gate.state).held
+    }
+
     /// Release the queue; the pause length in microseconds.
     pub fn resume(mut self) -> u64 {
         self.done = true;
@@ -244,14 +249,40 @@ impl Drop for Paused {
 /// The gate as a layer of the block-device stack: each call takes its
 /// place in line when it is made and runs the layer below once admitted,
 /// holding its pass until that completes.
+///
+/// The layer below is read when the pass is granted, not when the call is
+/// made, so [`GateDevice::swap`] during a pause sends every parked request
+/// (and every later one) to the new layer: how a migration hands a LUN's
+/// existing connections to its new owner (`crate::migrate`).
 pub struct GateDevice {
     gate: Arc<Gate>,
-    inner: Arc<dyn BlockDevice>,
+    inner: Arc<RwLock<Arc<dyn BlockDevice>>>,
 }
 
 impl GateDevice {
     pub fn new(gate: Arc<Gate>, inner: Arc<dyn BlockDevice>) -> GateDevice {
-        GateDevice { gate, inner }
+        GateDevice {
+            gate,
+            inner: Arc::new(RwLock::new(inner)),
+        }
+    }
+
+    /// Replace the layer below. Only while the gate is paused (`_paused`
+    /// proves it), so no request is running on the old layer and every
+    /// parked one runs on the new one.
+    pub fn swap(&self, paused: &Paused, inner: Arc<dyn BlockDevice>) -> Arc<dyn BlockDevice> {
+        assert!(
+            Arc::ptr_eq(&paused.gate, &self.gate),
+            "a gate device swapped under another gate's pause"
+        );
+        std::mem::replace(
+            &mut *self.inner.write().unwrap_or_else(|e| e.into_inner()),
+            inner,
+        )
+    }
+
+    fn below(inner: &RwLock<Arc<dyn BlockDevice>>) -> Arc<dyn BlockDevice> {
+        inner.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn through<T: Send + 'static>(
@@ -259,20 +290,30 @@ impl GateDevice {
         op: impl FnOnce(&dyn BlockDevice) -> IoFuture<T> + Send + 'static,
     ) -> IoFuture<T> {
         let entry = self.gate.enter();
+        if let Entry::Go(pass) = entry {
+            // Admitted at once: the layer below cannot change before the
+            // pass is dropped (a swap needs the gate drained).
+            let fut = op(&*Self::below(&self.inner));
+            return Box::pin(async move {
+                let _pass = pass;
+                fut.await
+            });
+        }
         let inner = self.inner.clone();
         Box::pin(async move {
             let _pass = entry.ready().await;
-            op(&*inner).await
+            let below = Self::below(&inner);
+            op(&*below).await
         })
     }
 }
 
 impl BlockDevice for GateDevice {
     fn size(&self) -> u64 {
-        self.inner.size()
+        Self::below(&self.inner).size()
     }
     fn caps(&self) -> Caps {
-        self.inner.caps()
+        Self::below(&self.inner).caps()
     }
     fn read(&self, offset: u64, len: usize) -> IoFuture<Bytes> {
         self.through(move |d| d.read(offset, len))

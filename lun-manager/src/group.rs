@@ -111,6 +111,26 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .ctx(dir, "fsync directory")
 }
 
+/// Where the secondary `r` of the primary LUN at `primary` lives (the same
+/// search [`Group::open`] does: the path hint if it is a file of the
+/// primary's pool holding that UUID, else every LUN of the pool).
+pub fn locate_secondary(primary: &Path, r: &SecondaryRef) -> Result<PathBuf> {
+    find_secondary(&pool_of(primary), r)
+}
+
+/// The volume ranges of `lun`'s disks, minus its protected (label) bytes:
+/// what a diff's base digest covers, so a diff applies to another LUN
+/// whose disks hold the same bytes (its state region, with its own
+/// identity, is not compared nor written).
+fn disk_ranges(lun: &Lun) -> Vec<std::ops::Range<u64>> {
+    let r: Vec<_> = lun
+        .disks()
+        .iter()
+        .map(|d| d.offset..d.offset.saturating_add(d.length))
+        .collect();
+    volume::diff::clip_ranges(&r, lun.volume().protected())
+}
+
 /// Find the LUN with `uuid`: its path hint first, then every `*.lun` file
 /// in `pool`.
 fn find_secondary(pool: &Path, r: &SecondaryRef) -> Result<PathBuf> {
@@ -600,13 +620,17 @@ impl Group {
     /// `from` and `to` (live when `None`). Returns the bytes written.
     pub fn write_diff(&self, from: &str, to: Option<&str>, w: &mut impl Write) -> Result<u64> {
         let diffs = self.diffs(from, to)?;
-        let sections: Vec<(&Volume, Vec<Change>)> = self
+        let sections: Vec<volume::diff::Section<'_>> = self
             .members
             .iter()
             .zip(diffs)
-            .map(|(m, (_, c))| (&**m.volume(), c))
+            .map(|(m, (_, changes))| volume::diff::Section {
+                volume: m.volume(),
+                changes,
+                base: disk_ranges(m),
+            })
             .collect();
-        Ok(volume::diff::write(&sections, from, to, w)?)
+        Ok(volume::diff::write_sections(&sections, from, to, w)?)
     }
 
     /// Verify a whole diff file (blake3, structure, one section per member
@@ -630,9 +654,43 @@ impl Group {
         }
         let pool = pool_of(self.primary().path());
         let targets: Vec<&Volume> = self.members.iter().map(|m| &**m.volume()).collect();
-        let info = volume::diff::apply_with(r, &pool, &targets, progress)?;
+        let bases: Vec<_> = self.members.iter().map(disk_ranges).collect();
+        let info = volume::diff::apply_to_bases(r, &pool, &targets, &bases, progress)?;
         self.reload()?;
         Ok(info)
+    }
+
+    /// Check every data checksum of every member (primary first), each
+    /// report with the member's path. See [`Volume::scrub`].
+    pub fn scrub(&self, progress: &mut dyn Progress) -> Result<lungate_api::types::Scrub> {
+        use lungate_api::types as wire;
+        let mut luns = Vec::new();
+        for m in &self.members {
+            let r = m.volume().scrub(progress)?;
+            luns.push(wire::LunScrub {
+                path: m.path().to_path_buf(),
+                layers_checked: r.layers_checked,
+                layers_without_checksums: r.layers_without_checksums,
+                clusters_checked: r.clusters_checked,
+                bytes_checked: r.bytes_checked,
+                clusters_unsummed: r.clusters_unsummed,
+                errors: r
+                    .errors
+                    .into_iter()
+                    .map(|e| wire::ScrubError {
+                        layer: e.layer,
+                        snapshot: e.snapshot,
+                        live: e.live,
+                        cluster: e.cluster,
+                        offset: e.offset,
+                        phys: e.phys,
+                        affected: e.affected,
+                        intact_in: e.intact_in,
+                    })
+                    .collect(),
+            });
+        }
+        Ok(wire::Scrub { luns })
     }
 
     /// Space used per layer of every member.

@@ -10,6 +10,7 @@ pub mod backing;
 pub mod error;
 pub mod format;
 pub mod group;
+pub mod import;
 pub mod lun;
 pub mod owner;
 pub mod pool;

@@ -352,6 +352,7 @@ mod tests {
                 vcpus: 1,
                 layout,
                 cluster_size: 0,
+                checksums: false,
             },
         )
         .unwrap();

@@ -18,5 +18,7 @@
 //! | `Group::apply_diff_with` | `apply` (the caller reports `verify` as it reads the file) |
 //! | `Lun::resize_disk_with`, `Lun::resize_memory_with` | `move`, `zero` |
 //! | `Lun::create_prefilled` | `prefill` |
+//! | `import::import_raw` | `import` |
+//! | `Volume::scrub` (`Group::scrub`) | `scrub`, in bytes of data clusters read |
 
 pub use lungate_block::progress::{silent, Progress};

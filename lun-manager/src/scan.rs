@@ -710,6 +710,7 @@ mod tests {
                 vcpus: 1,
                 layout,
                 cluster_size: 0,
+                checksums: false,
             },
         )
         .unwrap();
@@ -728,6 +729,7 @@ mod tests {
                 vcpus: 1,
                 layout: Layout::Offset,
                 cluster_size: 0,
+                checksums: false,
             },
         )
         .unwrap();
@@ -813,6 +815,34 @@ mod tests {
         assert!(rows.contains("* src now (live)"), "{rows}");
     }
 
+    #[test]
+    fn an_aligned_lun_is_found_by_its_gpt_and_reported_like_the_others() {
+        let d = tempfile::tempdir().unwrap();
+        let (p, _) = make(d.path(), Layout::Aligned);
+        let r = scan(&[d.path().to_path_buf()]);
+        assert_eq!(r.vms.len(), 1, "{:?}", r.damaged);
+        let vm = &r.vms[0];
+        assert_eq!(vm.layout, Layout::Aligned);
+        assert_eq!((vm.disks[0].offset, vm.disks[0].size), (0, 2 * MIB));
+        assert!(vm.warnings.is_empty(), "{:?}", vm.warnings);
+        // Both label slots in the first MiB damaged: listed as damaged,
+        // with the reason, never skipped as "not a LUN".
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        for at in crate::format::ALIGNED_LABEL_SLOTS {
+            f.write_all_at(b"garbage!", at + 64).unwrap();
+        }
+        drop(f);
+        let r = scan(&[d.path().to_path_buf()]);
+        assert!(r.vms.is_empty() && r.skipped.is_empty());
+        assert!(
+            r.damaged[0]
+                .reason
+                .contains("aligned label in the first MiB"),
+            "{:?}",
+            r.damaged
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         /// Random bytes in both manifest slots never crash the scanner.
@@ -846,13 +876,12 @@ mod tests {
         /// silently while its label is intact.
         #[test]
         fn scanner_survives_random_metadata_corruption(
-            truncate in any::<bool>(),
+            layout in 0usize..3,
             hits in proptest::collection::vec((0u64..(21 * MIB), any::<u8>()), 1..24),
             cut in proptest::option::of(0u64..(21 * MIB)),
         ) {
             let d = tempfile::tempdir().unwrap();
-            let layout = if truncate { Layout::Truncate } else { Layout::Offset };
-            let (p, bytes) = make(d.path(), layout);
+            let (p, bytes) = make(d.path(), Layout::ALL[layout]);
             let len = bytes.len() as u64;
             let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
             for (at, v) in &hits {

@@ -204,9 +204,177 @@ fn read_at(lun: &Path, offset: u64, len: usize) -> Vec<u8> {
 }
 
 #[test]
-fn resize_preserves_disk_and_state_data_in_both_layouts() {
+fn aligned_layout_shows_lungate_gpt_at_lba0_to_sfdisk_and_blkid() {
+    require_tool("sfdisk");
+    require_tool("blkid");
     let (_d, p) = pool();
-    for layout in ["offset", "truncate"] {
+    let lun = create(
+        &p,
+        "al",
+        &[
+            "--disk", "64M", "--disk", "8M", "--memory", "16M", "--layout", "aligned",
+        ],
+    );
+    let v = inspect(&lun);
+    assert_eq!(v["layout"], "aligned");
+    assert_eq!(region(&v, "label", 0), (0, 1 << 20));
+    assert_eq!(region(&v, "disk", 0), (0, 64 << 20));
+    let (st, _) = region(&v, "state", 0);
+    assert_eq!(v["shadow"]["length"], 1 << 20);
+    assert_eq!(v["shadow"]["lun_offset"], st + (128 << 10));
+    let out = Command::new("sfdisk")
+        .arg("--dump")
+        .arg(&lun)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.trim().is_empty(), "{err}");
+    let dump = String::from_utf8(out.stdout).unwrap();
+    let uuid = v["uuid"].as_str().unwrap().to_uppercase();
+    assert!(dump.contains(&format!("label-id: {uuid}")), "{dump}");
+    // The label partition covers the two slots; disk0's partition the part
+    // of disk0 at its own offset, from 1 MiB.
+    for (name, start, size) in [
+        ("lungate-label", 512, 1536),
+        ("lungate-disk0", 2048, (64 << 11) - 2048),
+    ] {
+        assert!(
+            dump.lines().any(|l| l.contains(name)
+                && l.contains(&format!("start= {start:>11}, size= {size:>11}"))),
+            "{name} at {start}+{size} missing from:\n{dump}"
+        );
+    }
+    let out = Command::new("sfdisk")
+        .arg("--verify")
+        .arg(&lun)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("No errors detected"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(&lun)
+        .output()
+        .unwrap();
+    let b = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(b.contains("pttype=gpt"), "{b}");
+    assert!(
+        b.contains(&format!("ptuuid={}", uuid.to_lowercase())),
+        "{b}"
+    );
+    lunctl()
+        .args(["inspect"])
+        .arg(&lun)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "shadow   disk0 bytes [0, 1048576)",
+        ));
+}
+
+#[test]
+fn import_of_a_partitioned_raw_image_keeps_its_blocks_at_their_offsets() {
+    require_tool("sfdisk");
+    let (d, p) = pool();
+    // A raw image with the guest's own GPT (sfdisk writes it) and data at
+    // 1 MiB and near its end.
+    let img = d.path().join("guest.raw");
+    let len = 40u64 << 20;
+    std::fs::File::create(&img).unwrap().set_len(len).unwrap();
+    let mut sf = Command::new("sfdisk")
+        .arg("--no-reread")
+        .arg("-q")
+        .arg(&img)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    sf.stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: gpt\nstart=2048, size=16384, name=guestroot\n")
+        .unwrap();
+    assert!(sf.wait().unwrap().success());
+    let a = write_pattern(&img, 1 << 20, 8192, 9);
+    let b = write_pattern(&img, len - 65536, 4096, 10);
+    let guest_head = read_at(&img, 0, 1 << 20);
+    let before = std::fs::read(&img).unwrap();
+
+    let out = lunctl()
+        .args(["import"])
+        .arg(&img)
+        .args(["imp", "--memory", "16M", "--layout", "aligned", "--json"])
+        .arg("--pool")
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // NDJSON: progress events of the `import` phase, then the result.
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let v = lines.last().unwrap();
+    assert_eq!((&v["type"], &v["op"]), (&"result".into(), &"import".into()));
+    assert_eq!(v["image_bytes"], len, "{v}");
+    assert_eq!(v["layout"], "aligned");
+    assert!(lines[..lines.len() - 1]
+        .iter()
+        .all(|e| e["type"] == "progress" && e["phase"] == "import"));
+    let lun = p.join("imp.lun");
+    let v = inspect(&lun);
+    assert_eq!(region(&v, "disk", 0), (0, len));
+    // Every block past the first MiB at its own offset in the LUN file,
+    // the guest's first MiB (its GPT) in the shadow area.
+    assert_eq!(read_at(&lun, 1 << 20, 8192), a);
+    assert_eq!(read_at(&lun, len - 65536, 4096), b);
+    assert_eq!(
+        read_at(&lun, len - 33 * 512, 33 * 512),
+        &before[(len - 33 * 512) as usize..]
+    );
+    let at = v["shadow"]["lun_offset"].as_u64().unwrap();
+    assert_eq!(read_at(&lun, at, 1 << 20), guest_head);
+    // The host sees lungate's GPT, not the guest's.
+    let dump = Command::new("sfdisk")
+        .arg("--dump")
+        .arg(&lun)
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.contains("lungate-disk0") && !dump.contains("guestroot"),
+        "{dump}"
+    );
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        before,
+        "the image is untouched"
+    );
+    // A qcow2 image is refused with the conversion to run.
+    let q = d.path().join("x.qcow2");
+    std::fs::write(&q, b"QFI\xfb\0\0\0\x03").unwrap();
+    lunctl()
+        .args(["import"])
+        .arg(&q)
+        .args(["q", "--memory", "16M", "--pool"])
+        .arg(&p)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("qemu-img convert -O raw"));
+    assert!(!p.join("q.lun").exists());
+}
+
+#[test]
+fn resize_preserves_disk_and_state_data_in_every_layout() {
+    let (_d, p) = pool();
+    for layout in ["offset", "truncate", "aligned"] {
         let name = format!("vm-{layout}");
         let lun = create(
             &p,
@@ -218,8 +386,10 @@ fn resize_preserves_disk_and_state_data_in_both_layouts() {
         let v = inspect(&lun);
         let (d0, d0len) = region(&v, "disk", 0);
         let (d1, _) = region(&v, "disk", 1);
-        // A pattern at the start and end of each disk.
-        let a = write_pattern(&lun, d0, 65536, 1);
+        // A pattern at the start and end of each disk (past the shadowed
+        // first MiB of an aligned disk0: there the LUN file holds the GPT).
+        let start = if layout == "aligned" { 1 << 20 } else { 0 };
+        let a = write_pattern(&lun, d0 + start, 65536, 1);
         let b = write_pattern(&lun, d0 + d0len - 4096, 4096, 2);
         let c = write_pattern(&lun, d1, 4 << 20, 3);
         let records_before = v["state"]["records"].clone();
@@ -250,10 +420,10 @@ fn resize_preserves_disk_and_state_data_in_both_layouts() {
         assert_eq!(n0len, 40 << 20);
         assert_eq!(region(&v, "disk", 2).1, 16 << 20);
         assert_eq!(v["hardware"]["memory_bytes"], 64u64 << 20);
-        if layout == "truncate" {
+        if layout != "offset" {
             assert_eq!(n0, 0);
         }
-        assert_eq!(read_at(&lun, n0, 65536), a, "{layout}: disk0 start");
+        assert_eq!(read_at(&lun, n0 + start, 65536), a, "{layout}: disk0 start");
         assert_eq!(
             read_at(&lun, n0 + d0len - 4096, 4096),
             b,
@@ -340,7 +510,7 @@ fn error_paths_exit_non_zero_with_clear_messages() {
         &[
             "create", "b", "--pool", ps, "--disk", "4M", "--memory", "1M", "--layout", "weird",
         ],
-        "[possible values: offset, truncate]",
+        "[possible values: offset, truncate, aligned]",
     );
     let nopool = d.path().join("nopool");
     fail(
@@ -707,6 +877,7 @@ fn block_device_lun_is_created_scanned_resized_within_the_device_and_wiped() {
 
 // ----- snapshots, clones, diffs (issue 4) ------------------------------------
 
+use lun_manager::format::RegionKind;
 use lun_manager::owner;
 use lun_manager::{Access, Lun};
 use lungate_block::volume::Volume;
@@ -770,16 +941,19 @@ fn json_of(args: &[&str]) -> Value {
 }
 
 #[test]
-fn snapshot_and_revert_round_trip_keeps_data_written_between_in_both_layouts() {
+fn snapshot_and_revert_round_trip_keeps_data_written_between_in_every_layout() {
     let (_d, p) = pool();
-    for layout in ["offset", "truncate"] {
+    for layout in ["offset", "truncate", "aligned"] {
         let lun = create(
             &p,
             &format!("rt-{layout}"),
             &["--disk", "8M", "--memory", "1M", "--layout", layout],
         );
         let l = lun.to_str().unwrap();
-        let (d0, _) = region(&inspect(&lun), "disk", 0);
+        // An aligned disk0's first MiB is not at its own offset (the
+        // volume refuses writes there: it is the LUN's GPT and label).
+        let skip = if layout == "aligned" { 1 << 20 } else { 0 };
+        let d0 = region(&inspect(&lun), "disk", 0).0 + skip;
         let a = pattern(65536, 1);
         let b = pattern(65536, 2);
         let c = pattern(4096, 3);
@@ -1004,10 +1178,38 @@ fn clone_is_listed_under_its_parent_and_flatten_makes_it_independent() {
     assert_eq!(r["vms"][0]["parent"], Value::Null, "flattened: no parent");
 }
 
+/// disk0's bytes `[offset, offset + len)` as its guest sees them (through
+/// the disk's view: an aligned disk0's first MiB is in the shadow area).
+fn disk_read(lun: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    Lun::open(lun, Access::ReadOnly)
+        .unwrap()
+        .read_region(RegionKind::Disk, 0, offset, &mut b)
+        .unwrap();
+    b
+}
+
+fn disk_write(lun: &Path, offset: u64, data: &[u8]) {
+    let l = Lun::open(lun, Access::ReadWrite).unwrap();
+    l.write_region(RegionKind::Disk, 0, offset, data).unwrap();
+    l.sync().unwrap();
+}
+
+/// The volume offset that holds disk0's byte `offset`.
+fn disk_at(lun: &Path, offset: u64) -> u64 {
+    let l = Lun::open(lun, Access::ReadOnly).unwrap();
+    let pieces = l.disk_view(0).unwrap().pieces(offset, 1).unwrap();
+    pieces.iter().next().unwrap().at
+}
+
+/// In every layout a diff lists what changed since a snapshot, both the
+/// start of disk0 (the guest's partition table: in the aligned layout it
+/// lives in the state region's shadow area) and a block past the first
+/// MiB, and a diff file makes a copy read the same as its source.
 #[test]
 fn diff_lists_the_changed_extent_and_a_diff_file_makes_a_copy_equal() {
     let (d, p) = pool();
-    for layout in ["offset", "truncate"] {
+    for layout in ["offset", "truncate", "aligned"] {
         let name = format!("src-{layout}");
         let lun = create(
             &p,
@@ -1015,22 +1217,43 @@ fn diff_lists_the_changed_extent_and_a_diff_file_makes_a_copy_equal() {
             &["--disk", "8M", "--memory", "1M", "--layout", layout],
         );
         let l = lun.to_str().unwrap();
-        let (d0, d0len) = region(&inspect(&lun), "disk", 0);
-        vol_write(&lun, d0, &pattern(65536, 6));
+        let (_, d0len) = region(&inspect(&lun), "disk", 0);
+        disk_write(&lun, 0, &pattern(65536, 6));
         // The copy starts equal to the source at snapshot base.
         let copy = d.path().join(format!("copy-{layout}.lun"));
         std::fs::copy(&lun, &copy).unwrap();
         ok(&["snapshot", l, "base"]);
-        let at = d0 + (1 << 20);
         let x = pattern(131072, 7);
-        vol_write(&lun, at, &x);
+        disk_write(&lun, 1 << 20, &x);
+        let table = pattern(65536, 8);
+        disk_write(&lun, 0, &table);
 
         let v = json_of(&["diff", l, "base", "--json"]);
-        let ch = v["changes"].as_array().unwrap();
-        assert_eq!(ch.len(), 1, "{v}");
-        assert_eq!(ch[0]["offset"], at);
-        assert_eq!(ch[0]["length"], 131072);
-        assert_eq!(ch[0]["kind"], "data");
+        let mut got: Vec<(u64, u64, &str)> = v["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["offset"].as_u64().unwrap(),
+                    c["length"].as_u64().unwrap(),
+                    c["kind"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        got.sort();
+        let mut want = vec![
+            (disk_at(&lun, 0), 65536, "data"),
+            (disk_at(&lun, 1 << 20), 131072, "data"),
+        ];
+        want.sort();
+        assert_eq!(got, want, "{layout}: {v}");
+        if layout == "aligned" {
+            // Past the first MiB disk0 is at its own offset; its start is
+            // not (the LUN's GPT is there).
+            assert_eq!(disk_at(&lun, 1 << 20), 1 << 20);
+            assert_ne!(disk_at(&lun, 0), 0);
+        }
         assert!(ok(&["diff", l, "base"]).contains("disk0 +1048576"));
         ok(&["snapshot", l, "after"]);
         assert_eq!(json_of(&["diff", l, "base", "after", "--json"]), v);
@@ -1049,16 +1272,18 @@ fn diff_lists_the_changed_extent_and_a_diff_file_makes_a_copy_equal() {
             &["apply-diff", c, bad.to_str().unwrap()],
             "checksum mismatch",
         );
-        assert!(vol_read(&copy, at, 131072).iter().all(|&z| z == 0));
+        assert!(disk_read(&copy, 1 << 20, 131072).iter().all(|&z| z == 0));
+        assert_eq!(disk_read(&copy, 0, 65536), pattern(65536, 6));
         fails(
             &["apply-diff", c, copy.to_str().unwrap()],
             "not a lungate diff file",
         );
 
         ok(&["apply-diff", c, f.to_str().unwrap()]);
+        assert_eq!(disk_read(&copy, 0, 65536), table, "{layout}: the new table");
         assert_eq!(
-            vol_read(&copy, d0, d0len as usize),
-            vol_read(&lun, d0, d0len as usize),
+            disk_read(&copy, 0, d0len as usize),
+            disk_read(&lun, 0, d0len as usize),
             "{layout}: copy equals the source after apply-diff"
         );
     }
@@ -1071,6 +1296,53 @@ fn diff_lists_the_changed_extent_and_a_diff_file_makes_a_copy_equal() {
             d.path().join("offset.lgdiff").to_str().unwrap(),
         ],
         "diff file refused: section 0 is for LUN",
+    );
+}
+
+#[test]
+fn a_diff_restores_onto_a_clone_of_its_base_and_refuses_other_disks() {
+    let (d, p) = pool();
+    let lun = create(&p, "web", &["--disk", "8M", "--memory", "1M"]);
+    let l = lun.to_str().unwrap();
+    let (d0, d0len) = region(&inspect(&lun), "disk", 0);
+    vol_write(&lun, d0 + 4096, &pattern(65536, 3));
+    ok(&["snapshot", l, "clean"]);
+    ok(&["clone", l, "clean", "web-restore"]);
+    let restore = p.join("web-restore.lun");
+    let x = pattern(131072, 8);
+    vol_write(&lun, d0 + (2 << 20), &x);
+    ok(&["snapshot", l, "updated"]);
+    let f = d.path().join("chain.lgdiff");
+    ok(&["diff", l, "clean", "updated", "--out", f.to_str().unwrap()]);
+
+    // A fresh LUN of the same shape but other disk bytes: refused, unchanged.
+    let other = create(&p, "other", &["--disk", "8M", "--memory", "1M"]);
+    vol_write(&other, d0 + 4096, &pattern(65536, 4));
+    let before = vol_read(&other, d0, d0len as usize);
+    fails(
+        &["apply-diff", other.to_str().unwrap(), f.to_str().unwrap()],
+        "does not hold its base \"clean\"",
+    );
+    assert!(vol_read(&other, d0, d0len as usize) == before);
+
+    // The clone of clean: applied (disks only), now equal to web@updated.
+    let out = ok(&[
+        "apply-diff",
+        restore.to_str().unwrap(),
+        f.to_str().unwrap(),
+        "--json",
+    ]);
+    // progress events first, then the result object
+    let v = serde_json::Deserializer::from_str(&out)
+        .into_iter::<Value>()
+        .filter_map(Result::ok)
+        .last()
+        .unwrap();
+    assert_eq!(v["base_matched"], 1, "{v}");
+    assert_eq!(
+        vol_read(&restore, d0, d0len as usize),
+        vol_read(&lun, d0, d0len as usize),
+        "the restored clone's disk equals the source's"
     );
 }
 

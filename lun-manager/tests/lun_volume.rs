@@ -21,6 +21,7 @@ fn protected_label_range_is_refused_and_read_from_the_lun_file() {
                 vcpus: 1,
                 layout,
                 cluster_size: 0,
+                checksums: false,
             },
         )
         .unwrap();

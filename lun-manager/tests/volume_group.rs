@@ -22,6 +22,7 @@ fn create(pool: &Path, name: &str, layout: Layout) -> PathBuf {
             vcpus: 2,
             layout,
             cluster_size: 0,
+            checksums: false,
         },
     )
     .unwrap();
@@ -311,7 +312,7 @@ fn diff_then_apply_diff_onto_a_copy_reproduces_the_target_byte_for_byte() {
     let mut file = Vec::new();
     let n = g.write_diff("base", Some("next"), &mut file).unwrap();
     assert_eq!(n, file.len() as u64);
-    assert_eq!(&file[..8], b"LGDIFF01");
+    assert_eq!(&file[..8], b"LGDIFF02");
 
     // Corrupted, truncated or mismatched files are refused and change
     // nothing on the copy.
@@ -344,7 +345,8 @@ fn diff_then_apply_diff_onto_a_copy_reproduces_the_target_byte_for_byte() {
         .apply_diff(&mut &file[..])
         .unwrap_err()
         .to_string();
-    assert!(e.contains("is for LUN"), "{e}");
+    // Another LUN, and its disks do not hold the diff's base.
+    assert!(e.contains("does not hold its base \"base\""), "{e}");
 
     // The real thing.
     target.apply_diff(&mut &file[..]).unwrap();
@@ -612,4 +614,93 @@ fn clones_survive_a_moved_pool_and_a_renamed_parent() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("is not in pool"), "{e}");
+}
+
+/// A backup chain restores onto a fresh copy: a diff applies to another
+/// LUN (another UUID) whose disks hold the diff's base, writing the disks
+/// only; a LUN whose disks differ is refused and left unchanged.
+#[test]
+fn a_diff_applies_to_another_lun_whose_disks_hold_its_base() {
+    let d = tempfile::tempdir().unwrap();
+    let p = create(d.path(), "vm", Layout::Offset);
+    let g = reopen(&p);
+    let l = g.primary();
+    l.write_region(RegionKind::Disk, 0, 0, &pattern(1, 3 * MIB as usize))
+        .unwrap();
+    l.write_region(RegionKind::Disk, 1, 4096, &pattern(2, 50_000))
+        .unwrap();
+    l.sync().unwrap();
+    g.snapshot("base", "").unwrap();
+    // The fresh copy: a clone of base (its own UUID and identity).
+    let copy = g.clone("base", "restored").unwrap();
+    let copy_path = copy.primary().path().to_path_buf();
+    let copy_identity: Identity = copy
+        .primary()
+        .record_json(RecordType::Identity, 0)
+        .unwrap()
+        .unwrap();
+    drop(copy);
+    drop(g);
+    {
+        let mut l = Lun::open(&p, Access::ReadWrite).unwrap();
+        l.write_region(RegionKind::Disk, 0, 100_000, &pattern(3, 700_000))
+            .unwrap();
+        l.volume().trim(l.disks()[0].offset + 2 * MIB, MIB).unwrap();
+        l.write_region(RegionKind::Disk, 1, 12345, &pattern(4, 5000))
+            .unwrap();
+        put_vcpus(&mut l, 7);
+        l.sync().unwrap();
+    }
+    let g = reopen(&p);
+    g.snapshot("next", "").unwrap();
+    let mut file = Vec::new();
+    g.write_diff("base", Some("next"), &mut file).unwrap();
+
+    // A LUN whose disks differ from base: refused, nothing written.
+    let stranger = create(d.path(), "stranger", Layout::Offset);
+    {
+        let s = Lun::open(&stranger, Access::ReadWrite).unwrap();
+        s.write_region(RegionKind::Disk, 0, 0, &pattern(1, 3 * MIB as usize))
+            .unwrap();
+        s.write_region(RegionKind::Disk, 1, 4096, &pattern(9, 10))
+            .unwrap();
+        s.sync().unwrap();
+    }
+    let before = std::fs::read(&stranger).unwrap();
+    let e = reopen(&stranger)
+        .apply_diff(&mut &file[..])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not hold its base"), "{e}");
+    assert!(
+        std::fs::read(&stranger).unwrap() == before,
+        "a refused diff wrote"
+    );
+
+    // The clone holds base on its disks: the diff applies, disks only.
+    let mut t = reopen(&copy_path);
+    let info = t.apply_diff(&mut &file[..]).unwrap();
+    assert!(info.sections[0].base_only, "{info:?}");
+    for (idx, len) in [(0u32, 4 * MIB as usize), (1, 2 * MIB as usize)] {
+        let mut want = vec![0u8; len];
+        let at = g.primary().disks()[idx as usize].offset;
+        g.primary()
+            .volume()
+            .read_snapshot("next", at, &mut want)
+            .unwrap();
+        assert!(
+            disk(t.primary(), idx, 0, len) == want,
+            "disk{idx} differs from vm@next"
+        );
+    }
+    drop(t);
+    let t = Lun::open(&copy_path, Access::ReadWrite).unwrap();
+    assert!(t.verify_records().iter().all(|(_, e)| e.is_none()));
+    let id: Identity = t.record_json(RecordType::Identity, 0).unwrap().unwrap();
+    assert_eq!(id, copy_identity, "the copy kept its own identity");
+    assert_eq!(
+        t.hardware().unwrap().vcpus,
+        2,
+        "the state region is not the source's"
+    );
 }

@@ -84,6 +84,13 @@ say "pastend_read=$pastend_read"
 [ "$pastend_read" = 0 ] || fail "reading past the end gave $pastend_read bytes"
 
 phase1() {
+    # A fresh disk reads zeros at its start: whatever the host keeps in the
+    # LUN's first sectors (the aligned layout's GPT and label) is not the
+    # guest's, and the guest sees only its own partition table from here on.
+    start_nonzero=$(head -c 1048576 /dev/vda | tr -d '\000' | wc -c)
+    say "start_nonzero=$start_nonzero"
+    [ "$start_nonzero" = 0 ] || fail "the first MiB of a fresh disk holds $start_nonzero non-zero bytes"
+
     if dd if=/dev/zero of=/dev/vda bs=512 seek="$SECTORS" count=1 conv=notrunc 2>/dev/null; then
         fail "writing one sector past the end succeeded"
     fi

@@ -44,6 +44,7 @@ const APPLETS: &[&str] = &[
     "sync",
     "blockdev",
     "head",
+    "tr",
     "cut",
     "usleep",
     "sleep",

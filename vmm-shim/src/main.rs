@@ -3,15 +3,17 @@
 //!
 //! Exit codes: `run` exits with the payload's result (0: every check held)
 //! or 1 if the shim failed; the other commands 0 on success, 1 on failure,
-//! 2 on bad usage.
+//! 2 on bad usage. `completions` and `man` are the shared documentation
+//! subcommands of every lungate binary (lungate_cli::DocCmd).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use lungate_api::client::Client;
 use lungate_api::nbd::client::Address;
+use lungate_cli::{DocCmd, Exit};
 use vmm_shim::control::{self, OpRequest};
 use vmm_shim::controller::{self, Controller, Options, Start};
 use vmm_shim::devices::block::BlockDevice;
@@ -19,7 +21,12 @@ use vmm_shim::devices::serial::Serial;
 use vmm_shim::layout::GuestMode;
 
 #[derive(Parser)]
-#[command(name = "vmm-shim", version, about = "Run lungate VMs on KVM")]
+#[command(
+    name = "vmm-shim",
+    version,
+    about = "Run lungate VMs on KVM",
+    after_help = Exit::table(&EXITS)
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -99,11 +106,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Doc(DocCmd),
 }
+
+/// The exit codes of the host commands (`run` exits with the guest's own
+/// result, see the module docs).
+const EXITS: [Exit; 3] = [Exit::Ok, Exit::Failed, Exit::Usage];
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Doc(d) => lungate_cli::docs::main(Cli::command(), &d, &EXITS),
         Cmd::Run {
             vm,
             control,

@@ -18,6 +18,8 @@
 //! its tree operations to the store.
 
 pub mod file;
+#[doc(hidden)]
+pub mod hook;
 #[cfg(feature = "rbd")]
 pub mod rbd;
 

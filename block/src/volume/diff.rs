@@ -7,7 +7,7 @@
 //! Layout (little-endian; see docs/volumes.md):
 //!
 //! ```text
-//! file header   0   8  magic "LGDIFF01"
+//! file header   0   8  magic "LGDIFF02" ("LGDIFF01": the same with r = 0)
 //!               8   4  section count n (1..=64)
 //!              12   2  from-name length f (1..=128)
 //!              14   2  to-name length t (0..=128; 0 = the live volume)
@@ -18,8 +18,11 @@
 //!               8  16  LUN UUID
 //!              24   8  volume size
 //!              32   4  cluster size
-//!              36   4  reserved, zero
+//!              36   4  base range count r (0..=64)
 //!              40   8  extent count m
+//!              48  16r base ranges: start, end (ascending, unprotected)
+//!          48+16r   32  base digest (only when r > 0): Volume::content_digest
+//!                       of `from` over the base ranges
 //! extent        0   8  offset
 //!               8   8  length (> 0)
 //!              16   1  kind: 1 data, 2 zero
@@ -33,8 +36,12 @@
 //! inside the volume and outside its protected (label/GPT) ranges.
 //! [`apply`] copies the whole input to a spool file while checking its
 //! structure and hash, and writes nothing to any volume unless every check
-//! passed and every section matches its target's size, cluster size and
-//! LUN UUID.
+//! passed and every section matches its target's size and cluster size,
+//! and either its LUN UUID (every extent is applied) or, for another LUN,
+//! its base: the same base ranges (the disks) holding bytes whose digest
+//! is the section's base digest — then only the extents inside the base
+//! ranges are applied (the state region carries the target's own
+//! identity).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -46,7 +53,10 @@ use super::error::{Error, IoCtx, Result};
 use super::{Change, ChangeKind, Volume};
 use crate::progress::Progress;
 
-pub const MAGIC: &[u8; 8] = b"LGDIFF01";
+pub const MAGIC: &[u8; 8] = b"LGDIFF02";
+/// Diff files written before base digests; read, never written.
+pub const MAGIC_V1: &[u8; 8] = b"LGDIFF01";
+pub const MAX_BASE_RANGES: usize = 64;
 pub const SECTION_MAGIC: &[u8; 4] = b"LGDS";
 pub const TRAILER_MAGIC: &[u8; 8] = b"LGDIFEND";
 pub const MAX_SECTIONS: u32 = 64;
@@ -62,6 +72,54 @@ pub struct SectionInfo {
     pub size: u64,
     pub cluster_size: u32,
     pub changes: Vec<Change>,
+    /// The ranges the base digest covers (the member's disks); empty when
+    /// the file has no base digest.
+    pub base: Vec<std::ops::Range<u64>>,
+    #[serde(serialize_with = "hex_digest")]
+    pub base_digest: Option<[u8; 32]>,
+    /// Set by [`check_targets`]: the target is another LUN with the same
+    /// base, so only the extents inside `base` are applied.
+    pub base_only: bool,
+}
+
+fn hex_digest<S: serde::Serializer>(
+    d: &Option<[u8; 32]>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_str(&d.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+        None => s.serialize_none(),
+    }
+}
+
+/// One section to write: a volume, its changes (clipped to unprotected
+/// ranges) and the ranges its base digest covers (empty: none).
+pub struct Section<'a> {
+    pub volume: &'a Volume,
+    pub changes: Vec<Change>,
+    pub base: Vec<std::ops::Range<u64>>,
+}
+
+/// `ranges` minus the protected ones, ascending.
+pub fn clip_ranges(
+    ranges: &[std::ops::Range<u64>],
+    protected: &[std::ops::Range<u64>],
+) -> Vec<std::ops::Range<u64>> {
+    let as_changes: Vec<Change> = ranges
+        .iter()
+        .filter(|r| r.start < r.end)
+        .map(|r| Change {
+            offset: r.start,
+            length: r.end - r.start,
+            kind: ChangeKind::Data,
+        })
+        .collect();
+    let mut out: Vec<_> = clip(&as_changes, protected)
+        .into_iter()
+        .map(|c| c.offset..c.offset + c.length)
+        .collect();
+    out.sort_by_key(|r| r.start);
+    out
 }
 
 /// A verified diff file's header and extents (the data stays in the spool).
@@ -126,6 +184,25 @@ pub fn write(
     to: Option<&str>,
     w: &mut impl Write,
 ) -> Result<u64> {
+    let s: Vec<Section<'_>> = sections
+        .iter()
+        .map(|(v, c)| Section {
+            volume: v,
+            changes: c.clone(),
+            base: Vec::new(),
+        })
+        .collect();
+    write_sections(&s, from, to, w)
+}
+
+/// [`write`] with base ranges per section: each gets the digest of what
+/// `from` holds there, so the file applies to any LUN with that base.
+pub fn write_sections(
+    sections: &[Section<'_>],
+    from: &str,
+    to: Option<&str>,
+    w: &mut impl Write,
+) -> Result<u64> {
     let to_name = to.unwrap_or("");
     if from.is_empty() || from.len() > NAME_MAX || to_name.len() > NAME_MAX {
         return Err(Error::Invalid(format!(
@@ -152,15 +229,34 @@ pub fn write(
     hdr.extend_from_slice(to_name.as_bytes());
     h.put(&hdr)?;
     let mut buf = vec![0u8; CHUNK];
-    for (i, (vol, changes)) in sections.iter().enumerate() {
+    for (i, sec) in sections.iter().enumerate() {
+        let (vol, changes) = (sec.volume, &sec.changes);
+        if sec.base.len() > MAX_BASE_RANGES {
+            return Err(Error::Invalid(format!(
+                "section {i}: {} base ranges (at most {MAX_BASE_RANGES})",
+                sec.base.len()
+            )));
+        }
+        let digest = if sec.base.is_empty() {
+            None
+        } else {
+            Some(vol.content_digest(Some(from), &sec.base)?)
+        };
         let mut s = Vec::with_capacity(48);
         s.extend_from_slice(SECTION_MAGIC);
         s.extend_from_slice(&(i as u32).to_le_bytes());
         s.extend_from_slice(vol.lun_uuid().as_bytes());
         s.extend_from_slice(&vol.size().to_le_bytes());
         s.extend_from_slice(&(vol.cluster_size() as u32).to_le_bytes());
-        s.extend_from_slice(&[0u8; 4]);
+        s.extend_from_slice(&(sec.base.len() as u32).to_le_bytes());
         s.extend_from_slice(&(changes.len() as u64).to_le_bytes());
+        for r in &sec.base {
+            s.extend_from_slice(&r.start.to_le_bytes());
+            s.extend_from_slice(&r.end.to_le_bytes());
+        }
+        if let Some(d) = digest {
+            s.extend_from_slice(&d);
+        }
         h.put(&s)?;
         for c in changes {
             let mut e = [0u8; 24];
@@ -241,8 +337,11 @@ pub fn verify(r: &mut impl Read, spool: &mut File, spool_path: &Path) -> Result<
     };
     let mut hdr = [0u8; 16];
     s.take(&mut hdr)?;
-    if &hdr[0..8] != MAGIC {
-        return Err(bad("not a lungate diff file (no LGDIFF01 magic)"));
+    let v1 = &hdr[0..8] == MAGIC_V1;
+    if &hdr[0..8] != MAGIC && !v1 {
+        return Err(bad(
+            "not a lungate diff file (no LGDIFF02 or LGDIFF01 magic)",
+        ));
     }
     let n = u32::from_le_bytes(hdr[8..12].try_into().expect("4"));
     let fl = u16::from_le_bytes([hdr[12], hdr[13]]) as usize;
@@ -273,13 +372,41 @@ pub fn verify(r: &mut impl Read, spool: &mut File, spool_path: &Path) -> Result<
         if &sh[0..4] != SECTION_MAGIC || u32::from_le_bytes(sh[4..8].try_into().expect("4")) != i {
             return Err(bad(format!("section {i}: bad section header")));
         }
-        if sh[36..40] != [0; 4] {
+        let r = u32::from_le_bytes(sh[36..40].try_into().expect("4")) as usize;
+        if v1 && r != 0 {
             return Err(bad(format!("section {i}: reserved bytes are not zero")));
+        }
+        if r > MAX_BASE_RANGES {
+            return Err(bad(format!(
+                "section {i}: {r} base ranges (at most {MAX_BASE_RANGES})"
+            )));
         }
         let lun = Uuid::from_slice(&sh[8..24]).expect("16");
         let size = u64::from_le_bytes(sh[24..32].try_into().expect("8"));
         let cluster_size = u32::from_le_bytes(sh[32..36].try_into().expect("4"));
         let m = u64::from_le_bytes(sh[40..48].try_into().expect("8"));
+        let mut base = Vec::with_capacity(r);
+        for j in 0..r {
+            let (a, b) = (s.u64()?, s.u64()?);
+            if a >= b
+                || b > size
+                || base
+                    .last()
+                    .is_some_and(|p: &std::ops::Range<u64>| p.end > a)
+            {
+                return Err(bad(format!(
+                    "section {i} base range {j}: [{a}, {b}) is empty, out of order or beyond the size {size}"
+                )));
+            }
+            base.push(a..b);
+        }
+        let base_digest = if r > 0 {
+            let mut d = [0u8; 32];
+            s.take(&mut d)?;
+            Some(d)
+        } else {
+            None
+        };
         let mut changes = Vec::new();
         let mut end = 0u64;
         for j in 0..m {
@@ -324,6 +451,9 @@ pub fn verify(r: &mut impl Read, spool: &mut File, spool_path: &Path) -> Result<
             size,
             cluster_size,
             changes,
+            base,
+            base_digest,
+            base_only: false,
         });
     }
     let mut t = [0u8; 8];
@@ -348,9 +478,17 @@ pub fn verify(r: &mut impl Read, spool: &mut File, spool_path: &Path) -> Result<
     Ok(DiffInfo { from, to, sections })
 }
 
-/// Check that `info`'s sections fit `targets` one for one (same count,
-/// LUN UUID, size and cluster size).
-pub fn check_targets(info: &DiffInfo, targets: &[&Volume]) -> Result<()> {
+/// Check that `info`'s sections fit `targets` one for one: same count,
+/// size and cluster size, and either the same LUN UUID or, for another
+/// LUN, the same base: `bases[i]` (the target member's disks, clipped to
+/// its unprotected ranges; empty when not known) equal to the section's
+/// base ranges and holding bytes with the section's base digest. Marks
+/// such sections [`SectionInfo::base_only`].
+pub fn check_targets(
+    info: &mut DiffInfo,
+    targets: &[&Volume],
+    bases: &[Vec<std::ops::Range<u64>>],
+) -> Result<()> {
     if info.sections.len() != targets.len() {
         return Err(bad(format!(
             "it holds {} volume(s); the target has {}",
@@ -358,25 +496,72 @@ pub fn check_targets(info: &DiffInfo, targets: &[&Volume]) -> Result<()> {
             targets.len()
         )));
     }
-    for (i, (s, v)) in info.sections.iter().zip(targets).enumerate() {
-        if s.lun != v.lun_uuid() {
-            return Err(bad(format!(
-                "section {i} is for LUN {}; the target is LUN {}",
-                s.lun,
-                v.lun_uuid()
-            )));
-        }
+    for (i, (s, v)) in info.sections.iter_mut().zip(targets).enumerate() {
         if s.size != v.size() || s.cluster_size as u64 != v.cluster_size() {
+            let whose = if s.lun == v.lun_uuid() {
+                format!("section {i}:")
+            } else {
+                format!(
+                    "section {i} is for LUN {}, the target is LUN {}:",
+                    s.lun,
+                    v.lun_uuid()
+                )
+            };
             return Err(bad(format!(
-                "section {i}: size {} / cluster size {} differ from the target's {} / {}",
+                "{whose} size {} / cluster size {} differ from the target's {} / {}",
                 s.size,
                 s.cluster_size,
                 v.size(),
                 v.cluster_size()
             )));
         }
+        s.base_only = false;
+        if s.lun == v.lun_uuid() {
+            continue;
+        }
+        let Some(want) = s.base_digest else {
+            return Err(bad(format!(
+                "section {i} is for LUN {}; the target is LUN {}, and the file records no base \
+                 digest to check the target against (written by an older lunctl: apply it to its own LUN)",
+                s.lun,
+                v.lun_uuid()
+            )));
+        };
+        let theirs = bases.get(i).map(Vec::as_slice).unwrap_or(&[]);
+        if theirs != s.base.as_slice() {
+            return Err(bad(format!(
+                "section {i} is for LUN {} with disks at {:?}; the target LUN {} has its disks at {:?}",
+                s.lun,
+                s.base,
+                v.lun_uuid(),
+                theirs
+            )));
+        }
+        if v.content_digest(None, &s.base)? != want {
+            return Err(bad(format!(
+                "section {i} is for LUN {}; the target LUN {} does not hold its base {:?} \
+                 (its disks differ from that snapshot): apply the earlier diffs of the chain first",
+                s.lun,
+                v.lun_uuid(),
+                info.from
+            )));
+        }
+        s.base_only = true;
     }
     Ok(())
+}
+
+/// The pieces of `c` to apply: all of it, or (base only) its parts inside
+/// `base`.
+fn pieces(c: &Change, base_only: bool, base: &[std::ops::Range<u64>]) -> Vec<(u64, u64)> {
+    let (s, e) = (c.offset, c.offset + c.length);
+    if !base_only {
+        return vec![(s, e)];
+    }
+    base.iter()
+        .map(|r| (r.start.max(s), r.end.min(e)))
+        .filter(|(a, b)| a < b)
+        .collect()
 }
 
 /// Replay a verified spool onto `targets` (checked by [`check_targets`]).
@@ -390,44 +575,48 @@ pub fn replay(
     targets: &[&Volume],
     progress: &mut dyn Progress,
 ) -> Result<()> {
-    check_targets(info, targets)?;
     let total: u64 = info
         .sections
         .iter()
-        .flat_map(|s| &s.changes)
-        .map(|c| c.length)
+        .flat_map(|s| s.changes.iter().map(move |c| (s, c)))
+        .flat_map(|(s, c)| pieces(c, s.base_only, &s.base))
+        .map(|(a, b)| b - a)
         .sum();
     let mut replayed = 0;
     progress.update("apply", 0, total);
     let mut at = 16 + info.from.len() as u64 + info.to.as_ref().map_or(0, |t| t.len() as u64);
     let mut buf = vec![0u8; CHUNK];
     for (s, v) in info.sections.iter().zip(targets) {
-        at += 48;
+        at += 48 + 16 * s.base.len() as u64 + if s.base_digest.is_some() { 32 } else { 0 };
         for c in &s.changes {
             at += 24;
-            match c.kind {
-                ChangeKind::Zero => {
-                    v.write_zeroes(c.offset, c.length, true)?;
-                    replayed += c.length;
-                    progress.update("apply", replayed, total);
-                }
-                ChangeKind::Data => {
-                    spool
-                        .seek(SeekFrom::Start(at))
-                        .ctx(spool_path, "seek diff spool")?;
-                    let mut done = 0;
-                    while done < c.length {
-                        let n = (c.length - done).min(CHUNK as u64) as usize;
-                        spool
-                            .read_exact(&mut buf[..n])
-                            .ctx(spool_path, "read diff spool")?;
-                        v.write(c.offset + done, &buf[..n])?;
-                        done += n as u64;
-                        replayed += n as u64;
+            for (ps, pe) in pieces(c, s.base_only, &s.base) {
+                match c.kind {
+                    ChangeKind::Zero => {
+                        v.write_zeroes(ps, pe - ps, true)?;
+                        replayed += pe - ps;
                         progress.update("apply", replayed, total);
                     }
-                    at += c.length;
+                    ChangeKind::Data => {
+                        spool
+                            .seek(SeekFrom::Start(at + (ps - c.offset)))
+                            .ctx(spool_path, "seek diff spool")?;
+                        let mut done = 0;
+                        while done < pe - ps {
+                            let n = (pe - ps - done).min(CHUNK as u64) as usize;
+                            spool
+                                .read_exact(&mut buf[..n])
+                                .ctx(spool_path, "read diff spool")?;
+                            v.write(ps + done, &buf[..n])?;
+                            done += n as u64;
+                            replayed += n as u64;
+                            progress.update("apply", replayed, total);
+                        }
+                    }
                 }
+            }
+            if c.kind == ChangeKind::Data {
+                at += c.length;
             }
         }
         v.flush()?;
@@ -449,6 +638,18 @@ pub fn apply_with(
     targets: &[&Volume],
     progress: &mut dyn Progress,
 ) -> Result<DiffInfo> {
+    apply_to_bases(r, scratch_dir, targets, &[], progress)
+}
+
+/// [`apply_with`], also onto targets of other LUNs whose base matches:
+/// `bases[i]` are target `i`'s disk ranges (see [`check_targets`]).
+pub fn apply_to_bases(
+    r: &mut impl Read,
+    scratch_dir: &Path,
+    targets: &[&Volume],
+    bases: &[Vec<std::ops::Range<u64>>],
+    progress: &mut dyn Progress,
+) -> Result<DiffInfo> {
     let spool_path = scratch_dir.join(format!(
         ".lgdiff-spool-{}-{}",
         std::process::id(),
@@ -463,8 +664,8 @@ pub fn apply_with(
     // Unlinked at once: the open handle is all we need, and a crash leaves
     // nothing behind.
     let _ = std::fs::remove_file(&spool_path);
-    let info = verify(r, &mut spool, &spool_path)?;
-    check_targets(&info, targets)?;
+    let mut info = verify(r, &mut spool, &spool_path)?;
+    check_targets(&mut info, targets, bases)?;
     replay(&info, &mut spool, &spool_path, targets, progress)?;
     Ok(info)
 }

@@ -184,7 +184,7 @@ impl State {
         self.by_id.remove(&n.layer.id());
         Some(n)
     }
-    fn chain_of(&self, s: u16) -> Vec<u16> {
+    pub(super) fn chain_of(&self, s: u16) -> Vec<u16> {
         let mut v = vec![s];
         while let Some(p) = self.node(*v.last().expect("non-empty")).parent {
             v.push(p);
@@ -210,7 +210,7 @@ impl State {
     }
     /// Walk `chain` for the first layer holding `vc` (for views other than
     /// the live one: O(depth)).
-    fn walk(&self, chain: &[u16], vc: u64) -> u64 {
+    pub(super) fn walk(&self, chain: &[u16], vc: u64) -> u64 {
         for &s in chain {
             if let Some(d) = self.layer(s).delta() {
                 let v = d.get(vc);
@@ -321,12 +321,12 @@ impl Volume {
     /// chain, replaying journals. Without a layers directory this is a plain
     /// volume whose only layer is the LUN file.
     pub fn open(cfg: VolumeConfig) -> Result<Volume> {
-        let store: Arc<dyn Store> = Arc::new(FileStore::new(
+        let store = crate::store::hook::wrapped(Arc::new(FileStore::new(
             &cfg.lun_path,
             cfg.file.clone(),
             cfg.engine.clone(),
             !cfg.options.read_only,
-        ));
+        )));
         Volume::open_in(store, cfg.into())
     }
 
@@ -402,6 +402,7 @@ impl Volume {
                 dependents: vec![],
                 flatten: None,
                 retired: vec![],
+                checksums: false,
             },
             generation: 0,
             nodes: vec![],
@@ -725,9 +726,13 @@ impl Volume {
         } else {
             let v = val_of(e);
             match journal::kind(v) {
-                KIND_DATA => st
-                    .delta(slot_of(e))
-                    .read_data(journal::phys(v), in_off, buf),
+                KIND_DATA => st.delta(slot_of(e)).read_checked(
+                    vc,
+                    journal::phys(v),
+                    self.cluster_len(vc),
+                    in_off,
+                    buf,
+                ),
                 _ => {
                     buf.fill(0);
                     Ok(())
@@ -828,7 +833,7 @@ impl Volume {
     fn maybe_commit(&self, st: &State) -> Result<()> {
         let top = st.delta(st.top);
         if top.pending_len() > PENDING_LIMIT {
-            top.commit()?;
+            self.commit_layer(top)?;
         }
         Ok(())
     }
@@ -837,7 +842,11 @@ impl Volume {
         let top = st.delta(st.top);
         let _g = self.shard(vc).write_blocking();
         let e = read(&st.index).get(vc);
-        if e != 0 && slot_of(e) == st.top && journal::kind(val_of(e)) == KIND_DATA {
+        if e != 0
+            && slot_of(e) == st.top
+            && journal::kind(val_of(e)) == KIND_DATA
+            && top.in_place_ok(vc)
+        {
             return top.write_data(journal::phys(val_of(e)), in_off, data);
         }
         let clen = self.cluster_len(vc);
@@ -934,8 +943,14 @@ impl Volume {
         if st.plain {
             self.home().sync().ctx(&self.lun_path, "fdatasync")
         } else {
-            st.delta(st.top).commit()
+            self.commit_layer(st.delta(st.top))
         }
+    }
+
+    /// Commit layer `d` of this volume: checksums are taken under the
+    /// shards' locks (see [`Delta::commit_guarded`]).
+    pub(super) fn commit_layer(&self, d: &Delta) -> Result<()> {
+        d.commit_guarded(|vc| self.shard(vc).try_read())
     }
 
     /// Data and hole extents of the live view covering `[offset, offset+len)`
@@ -1038,14 +1053,31 @@ impl Volume {
     fn commit(&self, st: &mut State, mut m: Manifest) -> Result<()> {
         // A retired layer stays listed until its object is gone for certain.
         m.retired.retain(|id| self.store.has_layer(*id));
-        self.store.commit_manifest(&m, st.generation + 1)?;
+        let next = st.generation.checked_add(1).ok_or_else(|| {
+            corrupt(
+                self.store.location(),
+                format!("manifest generation {} cannot advance", st.generation),
+            )
+        })?;
+        self.store.commit_manifest(&m, next)?;
         st.manifest = m;
-        st.generation += 1;
+        st.generation = next;
         Ok(())
     }
 
-    fn new_delta(&self, id: Uuid, parent: Uuid, created: u64) -> Result<Delta> {
-        Delta::create(&*self.store, id, parent, self.lun, self.geo, created)
+    /// A new delta of this volume; it keeps data checksums when the
+    /// volume does (the manifest says so).
+    fn new_delta(&self, st: &State, id: Uuid, parent: Uuid, created: u64) -> Result<Delta> {
+        let checksums = !st.plain && st.manifest.checksums;
+        Delta::create(
+            &*self.store,
+            id,
+            parent,
+            self.lun,
+            self.geo,
+            created,
+            checksums,
+        )
     }
 
     /// Freeze the live layer as snapshot `name` and continue in a new empty
@@ -1079,6 +1111,21 @@ impl Volume {
                 self.lun_path.display()
             )));
         }
+        self.push_top(&mut st, Some((name, description)), false)?;
+        Ok(self.info(&st, name).expect("just made"))
+    }
+
+    /// Continue in a new empty live delta on top of the current one, which
+    /// becomes snapshot `snapshot` (name, description) when given. With
+    /// `checksums`, the volume keeps data checksums from now on. The
+    /// caller holds the maintenance lock, `io` exclusively and the state
+    /// lock, and has flushed.
+    fn push_top(
+        &self,
+        st: &mut State,
+        snapshot: Option<(&str, &str)>,
+        checksums: bool,
+    ) -> Result<()> {
         let first = st.plain;
         let created = now();
         let old_top = st.top;
@@ -1091,16 +1138,26 @@ impl Volume {
             created,
         });
         m.top = id;
-        m.snapshots.push(SnapRec {
-            name: name.into(),
-            layer: old_id,
-            created,
-            description: description.into(),
-        });
+        if let Some((name, description)) = snapshot {
+            m.snapshots.push(SnapRec {
+                name: name.into(),
+                layer: old_id,
+                created,
+                description: description.into(),
+            });
+        }
+        m.checksums |= checksums;
         m.flatten = None;
-        let made = self
-            .new_delta(id, old_id, created)
-            .and_then(|d| self.commit(&mut st, m).map(|()| d));
+        let made = Delta::create(
+            &*self.store,
+            id,
+            old_id,
+            self.lun,
+            self.geo,
+            created,
+            m.checksums,
+        )
+        .and_then(|d| self.commit(st, m).map(|()| d));
         let d = match made {
             // The first layer was made before its store was published:
             // reopen it where it lives now.
@@ -1123,14 +1180,46 @@ impl Volume {
         let slot = st.add(Layer::Delta(Box::new(d)), Some(old_top), true);
         st.top = slot;
         st.chain.insert(0, slot);
-        if let Some(old) = st.layer(old_top).delta() {
+        if let (Some(old), Some((name, description))) = (st.layer(old_top).delta(), snapshot) {
             if let Err(e) = old.set_frozen(name, description) {
                 tracing::warn!(
                     "snapshot {name}: frozen flag not recorded in the layer header: {e}"
                 );
             }
         }
-        Ok(self.info(&st, name).expect("just made"))
+        Ok(())
+    }
+
+    /// Keep a checksum of every data cluster written from now on, checked
+    /// on every read (see [`super::layer`]): a plain volume becomes layered
+    /// (its LUN file the base, every write in a checksummed live delta).
+    /// Meant for a new LUN, before anything is written: clusters already in
+    /// the base stay unchecked. Idempotent.
+    pub fn enable_checksums(&self) -> Result<()> {
+        self.writable()?;
+        let _m = lock(&self.maint);
+        let _io = self.io.write_blocking();
+        self.flush()?;
+        let mut st = write(&self.state);
+        if !st.plain
+            && st.manifest.checksums
+            && st.layer(st.top).delta().is_some_and(|d| d.checksums())
+        {
+            return Ok(());
+        }
+        if st.plain && self.home().is_block_device() {
+            return Err(Error::Invalid(format!(
+                "{} is a block device: data checksums need a LUN file in a pool directory",
+                self.lun_path.display()
+            )));
+        }
+        self.push_top(&mut st, None, true)
+    }
+
+    /// Whether new writes are checksummed (the live layer keeps checksums).
+    pub fn checksums(&self) -> bool {
+        let st = read(&self.state);
+        !st.plain && st.layer(st.top).delta().is_some_and(|d| d.checksums())
     }
 
     /// Snapshots with their parent links (a tree), oldest first.
@@ -1188,7 +1277,7 @@ impl Volume {
         let target = st.by_id[&target_id];
         let created = now();
         let id = Uuid::new_v4();
-        let d = self.new_delta(id, target_id, created)?;
+        let d = self.new_delta(&st, id, target_id, created)?;
         let old_top = st.top;
         let old_id = st.layer(old_top).id();
         let mut m = st.manifest.clone();
@@ -1386,7 +1475,7 @@ impl Volume {
                 }
                 let new = if journal::kind(v) == KIND_DATA {
                     let n = self.cluster_len(vc);
-                    xd.read_data(journal::phys(v), 0, &mut buf[..n])?;
+                    xd.read_checked(vc, journal::phys(v), n, 0, &mut buf[..n])?;
                     let p = cd.alloc();
                     if let Err(e) = cd.write_data(p, 0, &buf[..n]) {
                         cd.unalloc(p);
@@ -1413,7 +1502,7 @@ impl Volume {
             );
         }
         let st = read(&self.state);
-        st.delta(st.by_id[&c]).commit()?;
+        self.commit_layer(st.delta(st.by_id[&c]))?;
         Ok(end)
     }
 
@@ -1475,12 +1564,12 @@ impl Volume {
                 self.pool.display()
             )));
         }
-        let tstore = FileStore::new(
+        let tstore = crate::store::hook::wrapped(Arc::new(FileStore::new(
             &target.lun_path,
             target.file.clone(),
             target.engine.clone(),
             true,
-        );
+        )));
         if tstore.exists() || !tstore.list_layers()?.is_empty() {
             return Err(Error::Invalid(format!(
                 "clone target {} already has layers",
@@ -1497,7 +1586,16 @@ impl Volume {
         let created = now();
         let id = Uuid::new_v4();
         let geo = self.geo;
-        Delta::create(&tstore, id, layer, target.lun_uuid, geo, created)?;
+        let checksums = st.manifest.checksums;
+        Delta::create(
+            &*tstore,
+            id,
+            layer,
+            target.lun_uuid,
+            geo,
+            created,
+            checksums,
+        )?;
         let tm = Manifest {
             lun: target.lun_uuid,
             size: geo.size,
@@ -1517,6 +1615,7 @@ impl Volume {
             dependents: vec![],
             flatten: None,
             retired: vec![],
+            checksums,
         };
         // The target store's first commit publishes its layers.
         tstore.commit_manifest(&tm, 1)?;
@@ -1582,7 +1681,7 @@ impl Volume {
             vc = end;
             if vc - last_persist >= persist_every && vc < total {
                 let mut st = write(&self.state);
-                st.delta(st.top).commit()?;
+                self.commit_layer(st.delta(st.top))?;
                 let mut m = st.manifest.clone();
                 m.flatten = Some(FlattenRec {
                     layer: top_id,
@@ -1594,7 +1693,7 @@ impl Volume {
             progress(vc, total);
         }
         let mut st = write(&self.state);
-        st.delta(st.top).commit()?;
+        self.commit_layer(st.delta(st.top))?;
         st.delta(st.top).set_parent(Uuid::nil())?;
         let mut m = st.manifest.clone();
         for l in &mut m.layers {
@@ -1637,7 +1736,7 @@ impl Volume {
             return Ok(());
         } else {
             st.delta(slot_of(e))
-                .read_data(journal::phys(val_of(e)), 0, buf)?;
+                .read_checked(vc, journal::phys(val_of(e)), n, 0, buf)?;
         }
         let p = top.alloc();
         if let Err(err) = top.write_data(p, 0, buf) {
@@ -1708,6 +1807,65 @@ impl Volume {
             }
         }
         Ok(out)
+    }
+
+    /// A digest of what snapshot `snapshot` (the live volume when `None`)
+    /// holds in `ranges` (ascending, inside the volume): what a diff file
+    /// records as its base, so that it can be applied to any volume whose
+    /// bytes there are the same, whatever its LUN. Canonical: for every
+    /// cluster-aligned piece of the ranges that is not all zeros, its
+    /// offset, length and blake3 (keyed for this use), so a hole and
+    /// written zeros hash alike. Clusters the view maps to nothing are
+    /// skipped without a read; the others are read (O(allocated bytes)).
+    pub fn content_digest(
+        &self,
+        snapshot: Option<&str>,
+        ranges: &[Range<u64>],
+    ) -> Result<[u8; 32]> {
+        let mut h = blake3::Hasher::new_derive_key("lungate diff base digest v1");
+        let cs = self.geo.cluster_size;
+        let mut buf = vec![0u8; cs as usize];
+        let mut last = 0;
+        for r in ranges {
+            if r.start < last || r.start > r.end {
+                return Err(Error::Invalid(format!(
+                    "digest ranges must ascend: {r:?} after {last}"
+                )));
+            }
+            self.check(r.start, r.end - r.start)?;
+            last = r.end;
+            let mut at = r.start;
+            while at < r.end {
+                let vc = at / cs;
+                let end = ((vc + 1) * cs).min(r.end);
+                let zero = {
+                    let st = read(&self.state);
+                    if st.plain {
+                        false
+                    } else {
+                        let chain = match snapshot {
+                            Some(n) => st.chain_of(st.by_id[&self.snap(&st, n)?.layer]),
+                            None => st.chain.clone(),
+                        };
+                        self.resolve(&st, &chain, vc) == Res::Zero
+                    }
+                };
+                if !zero {
+                    let b = &mut buf[..(end - at) as usize];
+                    match snapshot {
+                        Some(n) => self.read_snapshot(n, at, b)?,
+                        None => self.read(at, b)?,
+                    }
+                    if b.iter().any(|&x| x != 0) {
+                        h.update(&at.to_le_bytes());
+                        h.update(&(end - at).to_le_bytes());
+                        h.update(blake3::hash(b).as_bytes());
+                    }
+                }
+                at = end;
+            }
+        }
+        Ok(*h.finalize().as_bytes())
     }
 
     /// Space used by every layer this volume knows.

@@ -18,6 +18,15 @@ pub enum Error {
     /// On-disk metadata failed a check: checksum, magic, a field out of range.
     #[error("{path}: corrupt volume metadata: {why}")]
     Corrupt { path: PathBuf, why: String },
+    /// A data cluster's bytes differ from the checksum its layer committed
+    /// (silent corruption below us: the medium, a stray writer, a bit flip).
+    #[error("{path}: cluster {cluster} (physical {phys}) of layer {layer} fails its data checksum: its bytes changed after they were committed")]
+    DataChecksum {
+        path: PathBuf,
+        layer: uuid::Uuid,
+        cluster: u64,
+        phys: u64,
+    },
     #[error("offset {offset} + length {len} exceeds volume size {size}")]
     OutOfBounds { offset: u64, len: u64, size: u64 },
     #[error(

@@ -12,7 +12,7 @@
 //! | off  | len  | field                                             |
 //! |------|------|---------------------------------------------------|
 //! | 0    | 8    | magic `LGDELTA\0`                                 |
-//! | 8    | 2    | version (1)                                       |
+//! | 8    | 2    | version (2)                                       |
 //! | 10   | 2    | reserved, zero                                    |
 //! | 12   | 4    | cluster size                                      |
 //! | 16   | 8    | generation                                        |
@@ -21,7 +21,7 @@
 //! | 56   | 16   | LUN UUID owning the layers directory              |
 //! | 72   | 8    | virtual size                                      |
 //! | 80   | 8    | created, Unix seconds                             |
-//! | 88   | 4    | flags: bit 0 frozen; others zero                  |
+//! | 88   | 4    | flags: bit 0 frozen, bit 1 checksums; others zero |
 //! | 92   | 4    | current journal area (0 or 1)                     |
 //! | 96   | 8    | committed journal length in that area             |
 //! | 104  | 8    | sequence number of the area's first record        |
@@ -39,13 +39,17 @@ use thiserror::Error;
 use uuid::Uuid;
 
 pub const MAGIC: &[u8; 8] = b"LGDELTA\0";
-pub const VERSION: u16 = 1;
+/// Version 2 sized the journal areas for a data and a checksum entry per
+/// cluster; version 1 (development builds before data checksums) had one.
+pub const VERSION: u16 = 2;
 pub const HEADER_SIZE: usize = 4096;
 pub const NAME_MAX: usize = 128;
 pub const DESC_MAX: usize = 1024;
 const SUM_AT: usize = HEADER_SIZE - 32;
 
 pub const FLAG_FROZEN: u32 = 1;
+/// The layer keeps a checksum of every data cluster in its journal.
+pub const FLAG_CHECKSUMS: u32 = 2;
 
 /// Where things live in a delta file; a pure function of cluster size and
 /// virtual size.
@@ -73,9 +77,11 @@ impl Geometry {
         }
         let clusters = size.div_ceil(cluster_size);
         let area0 = align(2 * HEADER_SIZE as u64, cluster_size)?;
-        // An area holds a full compacted map with room to spare, so after a
-        // compaction any batch of distinct entries still fits.
-        let map_bytes = super::journal::encoded_len(usize::try_from(clusters).ok()?);
+        // An area holds a full compacted map (a data entry and a checksum
+        // entry per cluster, for layers with checksums) with room to spare,
+        // so after a compaction any batch of distinct entries still fits.
+        let map_bytes =
+            super::journal::encoded_len(usize::try_from(clusters.checked_mul(2)?).ok()?);
         let area_len = align(
             map_bytes.checked_mul(2)?.checked_add(1 << 20)?,
             cluster_size,
@@ -130,7 +136,7 @@ pub enum HeaderError {
     NoMagic,
     #[error("delta header checksum mismatch")]
     Checksum,
-    #[error("unsupported delta header version {0}")]
+    #[error("unsupported delta header version {0} (this build reads version 2; version 1 came from development builds before data checksums and has a smaller journal area)")]
     Version(u16),
     #[error("delta header field {field} is invalid: {why}")]
     Field { field: &'static str, why: String },
@@ -143,6 +149,10 @@ impl Header {
 
     pub fn frozen(&self) -> bool {
         self.flags & FLAG_FROZEN != 0
+    }
+
+    pub fn checksums(&self) -> bool {
+        self.flags & FLAG_CHECKSUMS != 0
     }
 
     pub fn encode(&self) -> [u8; HEADER_SIZE] {
@@ -242,7 +252,7 @@ impl Header {
                 ),
             )
         })?;
-        if h.flags & !FLAG_FROZEN != 0 {
+        if h.flags & !(FLAG_FROZEN | FLAG_CHECKSUMS) != 0 {
             return Err(bad("flags", format!("unknown flags {:#x}", h.flags)));
         }
         if h.area > 1 {

@@ -43,7 +43,73 @@ use crate::store::Object;
 #[derive(Clone)]
 enum Src {
     Zero,
-    Obj { obj: Arc<dyn Object>, at: u64 },
+    Obj {
+        obj: Arc<dyn Object>,
+        at: u64,
+    },
+    /// Part of a data cluster with a checksum: the whole cluster (`clen`
+    /// bytes at `at`) is read and checked, then `in_off..` returned.
+    Checked {
+        obj: Arc<dyn Object>,
+        at: u64,
+        clen: u64,
+        in_off: u64,
+        check: Check,
+    },
+}
+
+/// What a checked read verifies a cluster against.
+#[derive(Clone)]
+struct Check {
+    vc: u64,
+    phys: u64,
+    sum: u64,
+    key: [u8; 32],
+    layer: uuid::Uuid,
+}
+
+impl Src {
+    /// Read `n` bytes of this source (`None` for zeros).
+    async fn read(&self, n: usize) -> Result<Option<Bytes>> {
+        match self {
+            Src::Zero => Ok(None),
+            Src::Obj { obj, at } => obj
+                .read(*at, n)
+                .await
+                .map(Some)
+                .map_err(|e| obj_err(obj, e)),
+            Src::Checked {
+                obj,
+                at,
+                clen,
+                in_off,
+                check,
+            } => {
+                let whole = obj
+                    .read(*at, *clen as usize)
+                    .await
+                    .map_err(|e| obj_err(obj, e))?;
+                if super::layer::cluster_sum(&check.key, check.vc, &whole) != check.sum {
+                    return Err(Error::DataChecksum {
+                        path: obj.name().to_path_buf(),
+                        layer: check.layer,
+                        cluster: check.vc,
+                        phys: check.phys,
+                    });
+                }
+                let o = *in_off as usize;
+                Ok(Some(whole.slice(o..o + n)))
+            }
+        }
+    }
+}
+
+fn obj_err(obj: &Arc<dyn Object>, e: io::Error) -> Error {
+    Error::Io {
+        path: obj.name().to_path_buf(),
+        op: "read",
+        source: e,
+    }
 }
 
 /// Run `f`, which may block on a lock, without stalling the executor
@@ -65,6 +131,7 @@ fn io_err(e: Error) -> io::Error {
             io::Error::new(io::ErrorKind::InvalidInput, e)
         }
         Error::ReadOnly(_) => io::Error::new(io::ErrorKind::PermissionDenied, e),
+        // EIO to the client, the cluster and layer in the log.
         other => io::Error::other(other),
     }
 }
@@ -123,9 +190,28 @@ impl Volume {
         if journal::kind(v) != KIND_DATA {
             return Src::Zero;
         }
+        let phys = journal::phys(v);
+        let layer = st.layer(slot_of(e));
+        if let Some(d) = layer.delta() {
+            if let Some(sum) = d.sum_for(vc, phys) {
+                return Src::Checked {
+                    obj: d.obj.clone(),
+                    at: self.geo.phys_offset(phys),
+                    clen: self.cluster_len(vc) as u64,
+                    in_off,
+                    check: Check {
+                        vc,
+                        phys,
+                        sum,
+                        key: d.sum_key(),
+                        layer: d.id,
+                    },
+                };
+            }
+        }
         Src::Obj {
-            obj: st.layer(slot_of(e)).object().clone(),
-            at: self.geo.phys_offset(journal::phys(v)) + in_off,
+            obj: layer.object().clone(),
+            at: self.geo.phys_offset(phys) + in_off,
         }
     }
 
@@ -173,25 +259,16 @@ impl Volume {
             self.plan_read(&st, offset, len as u64)
         };
         if let [(_, _, src)] = plan.as_slice() {
-            return match src {
-                Src::Zero => Ok(Bytes::from(vec![0u8; len])),
-                Src::Obj { obj, at } => obj.read(*at, len).await.map_err(|e| self.ioe(e, "read")),
-            };
+            return Ok(src
+                .read(len)
+                .await?
+                .unwrap_or_else(|| Bytes::from(vec![0u8; len])));
         }
         let reads = plan.iter().map(|(start, n, src)| {
-            let f = match src {
-                Src::Zero => None,
-                Src::Obj { obj, at } => Some(obj.read(*at, *n as usize)),
-            };
             let (start, n) = (*start, *n);
-            async move {
-                match f {
-                    Some(f) => f.await.map(|b| (start, n, Some(b))),
-                    None => Ok((start, n, None)),
-                }
-            }
+            async move { src.read(n as usize).await.map(|b| (start, n, b)) }
         });
-        let parts = try_join_all(reads).await.map_err(|e| self.ioe(e, "read"))?;
+        let parts = try_join_all(reads).await?;
         let mut buf = BytesMut::zeroed(len);
         for (start, n, data) in parts {
             if let Some(d) = data {
@@ -249,26 +326,20 @@ impl Volume {
                 _ => pieces.push((start, n, src)),
             }
         }
-        let reads = pieces.into_iter().map(|(start, n, src)| {
-            let f = match &src {
-                Src::Zero => None,
-                Src::Obj { obj, at } => Some(obj.read(*at, n as usize)),
-            };
-            async move {
-                Ok::<_, io::Error>(match f {
-                    Some(f) => Chunk::Data {
-                        offset: start,
-                        data: f.await?,
-                    },
-                    None => Chunk::Hole {
-                        offset: start,
-                        length: n,
-                    },
-                })
-            }
+        let reads = pieces.into_iter().map(|(start, n, src)| async move {
+            Ok::<_, Error>(match src.read(n as usize).await? {
+                Some(data) => Chunk::Data {
+                    offset: start,
+                    data,
+                },
+                None => Chunk::Hole {
+                    offset: start,
+                    length: n,
+                },
+            })
         });
         let mut chunks: Vec<Chunk> = Vec::new();
-        for c in try_join_all(reads).await.map_err(|e| self.ioe(e, "read"))? {
+        for c in try_join_all(reads).await? {
             match (chunks.last_mut(), &c) {
                 (Some(Chunk::Hole { length, .. }), Chunk::Hole { length: more, .. }) => {
                     *length += more
@@ -346,7 +417,11 @@ impl Volume {
                     }
                 }
                 let e = super::read(&st.index).get(vc);
-                if e != 0 && slot_of(e) == top && journal::kind(val_of(e)) == KIND_DATA {
+                if e != 0
+                    && slot_of(e) == top
+                    && journal::kind(val_of(e)) == KIND_DATA
+                    && d.in_place_ok(vc)
+                {
                     ops.push(WriteOp::InPlace {
                         obj: d.obj.clone(),
                         at: self.geo.phys_offset(journal::phys(val_of(e))) + in_off,
@@ -466,6 +541,7 @@ impl Volume {
                                 .data_extents(*at, *at + clen)
                                 .is_ok_and(|d| d.is_empty())
                     }
+                    Src::Checked { .. } => false,
                 };
                 if below_zero && *fresh {
                     // The new cluster already reads as zeros around `new`;
@@ -490,8 +566,9 @@ impl Volume {
                 }
                 let mut cluster = BytesMut::zeroed(*clen as usize);
                 if !below_zero {
-                    if let Src::Obj { obj, at: from } = below {
-                        let old = obj.read(*from, *clen as usize).await?;
+                    // A checked source is verified before its bytes are
+                    // copied up (and summed again there).
+                    if let Some(old) = below.read(*clen as usize).await.map_err(io_err)? {
                         cluster.copy_from_slice(&old);
                     }
                 }
@@ -550,7 +627,7 @@ impl Volume {
                     }
                     let now = v.durability.written.load(Ordering::Acquire);
                     let st = super::read(&v.state);
-                    st.delta(st.top).commit()?;
+                    v.commit_layer(st.delta(st.top))?;
                     v.durability.durable.fetch_max(now, Ordering::AcqRel);
                     Ok(())
                 })
@@ -572,8 +649,10 @@ impl Volume {
         }
         let st = self.state_shared();
         for (_, n, src) in self.plan_read(&st, offset, len) {
-            if let Src::Obj { obj, at } = src {
-                obj.will_need(at, n);
+            match src {
+                Src::Obj { obj, at } => obj.will_need(at, n),
+                Src::Checked { obj, at, clen, .. } => obj.will_need(at, clen),
+                Src::Zero => {}
             }
         }
         Ok(())

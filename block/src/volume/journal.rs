@@ -15,8 +15,10 @@
 //! | 16         | 16 × n   | entries: cluster u64, value u64        |
 //! | 16 + 16n   | 32       | blake3 of bytes 0..16+16n              |
 //!
-//! Entry value: bits 0–1 kind (1 = data, 2 = zero), bits 2–63 physical
-//! cluster index (zero for kind 2).
+//! Entry value: bits 0–1 kind (1 = data, 2 = zero, 3 = checksum), bits
+//! 2–63 the physical cluster index (kind 1), zero (kind 2), or the 62-bit
+//! checksum of the cluster the data entry just before it maps (kind 3,
+//! layers made with checksums only; see [`super::layer`]).
 
 pub const MAGIC: &[u8; 4] = b"LGJR";
 pub const MAX_PER_RECORD: usize = 4096;
@@ -25,6 +27,12 @@ const SUM: usize = 32;
 
 pub const KIND_DATA: u64 = 1;
 pub const KIND_ZERO: u64 = 2;
+pub const KIND_SUM: u64 = 3;
+
+/// The checksum entry for a cluster checksum (62 bits are kept).
+pub fn sum_entry(sum: u64) -> u64 {
+    (sum << 2) | KIND_SUM
+}
 
 /// On-disk (and per-layer in-memory) entry for a data cluster.
 pub fn data(phys: u64) -> u64 {
@@ -120,6 +128,7 @@ pub fn decode(
             let ok = match kind(v) {
                 KIND_DATA => phys(v) <= max_phys,
                 KIND_ZERO => phys(v) == 0,
+                KIND_SUM => true,
                 _ => false,
             };
             if !ok {

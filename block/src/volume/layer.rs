@@ -12,14 +12,28 @@
 //! A cluster freed by a zero/trim entry is reused (or punched) only after
 //! that entry is committed, so a crash can never resurrect a map entry whose
 //! cluster holds someone else's data.
+//!
+//! Data checksums (a layer made with [`FLAG_CHECKSUMS`]): each commit also
+//! journals, after every data entry it writes, a checksum entry with a
+//! keyed blake3 of the cluster (keyed by the layer UUID, over the cluster
+//! number and its bytes, 62 bits kept), and reads of a summed cluster
+//! check the whole cluster before returning any of it. A summed cluster is
+//! never written again in place: a write to a cluster committed since
+//! the last commit goes in place, any other write copies the cluster to a
+//! new physical one (the old one is freed by the next commit as usual), so
+//! a checksum always describes bytes that no longer change. A commit
+//! hashes each cluster under a try-lock of its shard; a cluster a writer
+//! holds at that moment is hashed by the next commit instead (its data is
+//! durable all the same; it reads unchecked until then).
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
 use uuid::Uuid;
 
 use super::error::{corrupt, IoCtx, Result};
-use super::header::{Geometry, Header, HeaderError, FLAG_FROZEN, HEADER_SIZE};
+use super::header::{Geometry, Header, HeaderError, FLAG_CHECKSUMS, FLAG_FROZEN, HEADER_SIZE};
 use super::journal;
 use super::table::Table;
 use super::{lock, read, write};
@@ -85,6 +99,21 @@ struct DeltaState {
     /// (past its end when opened, never handed out since): they read as
     /// zeros, so a partial write there needs no zero fill.
     fresh_from: u64,
+    /// Checksummed layers: clusters whose current physical cluster was
+    /// allocated since the last commit took its batch (written in place
+    /// until then; any other mapped cluster is copied on write).
+    since_commit: HashSet<u64>,
+    /// Checksummed layers: data clusters a commit could not hash (a writer
+    /// held the shard) or that were found without a checksum at open.
+    unsummed: Vec<u64>,
+}
+
+/// Checksums of a layer's data clusters: `sum[vc]` is the journal checksum
+/// entry, valid while `phys[vc]` (physical cluster + 1) is still where the
+/// cluster lives.
+struct Sums {
+    sum: Table,
+    phys: Table,
 }
 
 pub struct Delta {
@@ -95,6 +124,31 @@ pub struct Delta {
     pub map: RwLock<Table>,
     st: Mutex<DeltaState>,
     commit_lock: Mutex<()>,
+    /// Whether the layer keeps data checksums ([`FLAG_CHECKSUMS`]).
+    checksums: bool,
+    /// Key of the cluster checksums (derived from the layer UUID).
+    key: [u8; 32],
+    sums: RwLock<Sums>,
+}
+
+/// A data cluster whose bytes differ from its committed checksum.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadCluster {
+    pub vc: u64,
+    pub phys: u64,
+}
+
+fn sum_key(id: Uuid) -> [u8; 32] {
+    blake3::derive_key("lungate delta cluster checksum v1", id.as_bytes())
+}
+
+/// The 62-bit checksum of cluster `vc` holding `data`.
+pub fn cluster_sum(key: &[u8; 32], vc: u64, data: &[u8]) -> u64 {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(&vc.to_le_bytes());
+    h.update(data);
+    let b = h.finalize();
+    u64::from_le_bytes(b.as_bytes()[0..8].try_into().expect("8")) >> 2
 }
 
 impl Delta {
@@ -107,6 +161,7 @@ impl Delta {
         lun: Uuid,
         geo: Geometry,
         created: u64,
+        checksums: bool,
     ) -> Result<Delta> {
         let header = Header {
             cluster_size: geo.cluster_size as u32,
@@ -116,7 +171,7 @@ impl Delta {
             lun,
             size: geo.size,
             created,
-            flags: 0,
+            flags: if checksums { FLAG_CHECKSUMS } else { 0 },
             area: 0,
             journal_len: 0,
             first_seq: 0,
@@ -149,8 +204,16 @@ impl Delta {
                 pending_free: Vec::new(),
                 pending: Vec::new(),
                 fresh_from: 0,
+                since_commit: HashSet::new(),
+                unsummed: Vec::new(),
             }),
             commit_lock: Mutex::new(()),
+            checksums,
+            key: sum_key(id),
+            sums: RwLock::new(Sums {
+                sum: Table::new(if checksums { geo.clusters } else { 0 }),
+                phys: Table::new(if checksums { geo.clusters } else { 0 }),
+            }),
         })
     }
 
@@ -198,8 +261,35 @@ impl Delta {
         let max_phys = ((u64::MAX - geo.data_start) / geo.cluster_size - 1).min((1 << 46) - 1);
         let (entries, next_seq) = journal::decode(&jb, header.first_seq, geo.clusters, max_phys)
             .map_err(|why| corrupt(&path, format!("journal area {}: {why}", header.area)))?;
+        let checksums = header.checksums();
         let mut map = Table::new(geo.clusters);
-        for (vc, v) in entries {
+        let mut sums = Sums {
+            sum: Table::new(if checksums { geo.clusters } else { 0 }),
+            phys: Table::new(if checksums { geo.clusters } else { 0 }),
+        };
+        for (i, (vc, v)) in entries.into_iter().enumerate() {
+            if journal::kind(v) == journal::KIND_SUM {
+                let cur = map.get(vc);
+                if !checksums || journal::kind(cur) != journal::KIND_DATA {
+                    return bad(format!(
+                        "journal entry {i}: a checksum for cluster {vc}, which {}",
+                        if checksums {
+                            "holds no data at that point"
+                        } else {
+                            "is in a layer made without checksums"
+                        }
+                    ));
+                }
+                sums.sum.set(vc, v);
+                sums.phys.set(vc, journal::phys(cur) + 1);
+                continue;
+            }
+            if checksums {
+                // A new mapping has no checksum until one follows it (the
+                // same physical cluster may come back to the cluster).
+                sums.sum.set(vc, 0);
+                sums.phys.set(vc, 0);
+            }
             map.set(vc, v);
         }
         let mut used: Vec<u64> = map
@@ -239,6 +329,20 @@ impl Delta {
             }
         }
         free.reverse();
+        // Data clusters the journal holds without a current checksum (a
+        // compaction wrote them before their commit hashed them): the next
+        // commit hashes them.
+        let unsummed = if checksums {
+            map.iter()
+                .filter(|&(vc, v)| {
+                    journal::kind(v) == journal::KIND_DATA
+                        && sums.phys.get(vc) != journal::phys(v) + 1
+                })
+                .map(|(vc, _)| vc)
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok((
             Delta {
                 id,
@@ -256,8 +360,13 @@ impl Delta {
                     fresh_from: (len - geo.data_start)
                         .div_ceil(geo.cluster_size)
                         .max(next_phys),
+                    since_commit: HashSet::new(),
+                    unsummed,
                 }),
                 commit_lock: Mutex::new(()),
+                checksums,
+                key: sum_key(id),
+                sums: RwLock::new(sums),
             },
             warnings,
         ))
@@ -303,7 +412,104 @@ impl Delta {
         if journal::kind(old) == journal::KIND_DATA && old != v {
             st.pending_free.push(journal::phys(old));
         }
+        if self.checksums {
+            if journal::kind(v) == journal::KIND_DATA {
+                st.since_commit.insert(vc);
+            } else {
+                st.since_commit.remove(&vc);
+            }
+            // The old checksum must not describe the cluster again, should
+            // the same physical cluster come back to it after being freed.
+            let mut s = write(&self.sums);
+            s.sum.set(vc, 0);
+            s.phys.set(vc, 0);
+        }
         st.pending.push((vc, v));
+    }
+
+    /// Whether the layer keeps data checksums.
+    pub fn checksums(&self) -> bool {
+        self.checksums
+    }
+
+    /// Whether a write to cluster `vc`, which this layer maps to data, may
+    /// go in place: always without checksums; with them only while the
+    /// cluster is not yet summed (see the module docs). The caller holds
+    /// the cluster's shard exclusively.
+    pub fn in_place_ok(&self, vc: u64) -> bool {
+        !self.checksums || lock(&self.st).since_commit.contains(&vc)
+    }
+
+    /// The committed checksum of cluster `vc` if it lives at `phys`.
+    pub fn sum_for(&self, vc: u64, phys: u64) -> Option<u64> {
+        if !self.checksums {
+            return None;
+        }
+        let s = read(&self.sums);
+        (s.phys.get(vc) == phys + 1).then(|| s.sum.get(vc) >> 2)
+    }
+
+    /// Whether `data` (all of cluster `vc`) matches checksum `sum`.
+    pub fn verify(&self, vc: u64, sum: u64, data: &[u8]) -> bool {
+        cluster_sum(&self.key, vc, data) == sum
+    }
+
+    /// The checksum key (for readers that verify off the layer).
+    pub fn sum_key(&self) -> [u8; 32] {
+        self.key
+    }
+
+    /// Read `buf.len()` bytes of data cluster `vc` at `phys` from `in_off`,
+    /// checking the whole cluster (`clen` bytes) against its checksum when
+    /// it has one.
+    pub fn read_checked(
+        &self,
+        vc: u64,
+        phys: u64,
+        clen: usize,
+        in_off: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let Some(sum) = self.sum_for(vc, phys) else {
+            return self.read_data(phys, in_off, buf);
+        };
+        let mut whole = vec![0u8; clen];
+        self.read_data(phys, 0, &mut whole)?;
+        if !self.verify(vc, sum, &whole) {
+            return Err(self.bad_sum(vc, phys));
+        }
+        buf.copy_from_slice(&whole[in_off as usize..in_off as usize + buf.len()]);
+        Ok(())
+    }
+
+    pub fn bad_sum(&self, vc: u64, phys: u64) -> super::Error {
+        super::Error::DataChecksum {
+            path: self.obj.name().to_path_buf(),
+            layer: self.id,
+            cluster: vc,
+            phys,
+        }
+    }
+
+    /// Summed data clusters `(vc, phys, sum)` and the count of data
+    /// clusters without a checksum yet.
+    pub fn summed_clusters(&self) -> (Vec<(u64, u64, u64)>, u64) {
+        let map = read(&self.map);
+        let s = read(&self.sums);
+        let mut out = Vec::new();
+        let mut unsummed = 0;
+        for (vc, v) in map.iter() {
+            if journal::kind(v) != journal::KIND_DATA {
+                continue;
+            }
+            let p = journal::phys(v);
+            if self.checksums && s.phys.get(vc) == p + 1 {
+                out.push((vc, p, s.sum.get(vc) >> 2));
+            } else {
+                unsummed += 1;
+            }
+        }
+        (out, unsummed)
     }
 
     pub fn get(&self, vc: u64) -> u64 {
@@ -348,29 +554,57 @@ impl Delta {
         Ok(())
     }
 
-    /// Make every write so far durable (see the module docs).
+    /// Make every write so far durable (see the module docs). Only for a
+    /// layer no writer can reach meanwhile (tools, tests): a checksummed
+    /// layer with live writers commits through [`Delta::commit_guarded`].
     pub fn commit(&self) -> Result<()> {
+        self.commit_guarded(|_| Some(()))
+    }
+
+    /// [`Delta::commit`] with `try_guard(vc)` giving, when it can without
+    /// waiting, a guard under which no writer touches cluster `vc` (its
+    /// shard lock): a checksum is computed only under one.
+    pub fn commit_guarded<G>(&self, try_guard: impl Fn(u64) -> Option<G>) -> Result<()> {
         let _c = lock(&self.commit_lock);
-        let (pending, pfree, header, next_seq) = {
+        let (pending, pfree, header, next_seq, to_hash) = {
             let mut st = lock(&self.st);
-            (
-                std::mem::take(&mut st.pending),
-                std::mem::take(&mut st.pending_free),
-                st.header.clone(),
-                st.next_seq,
-            )
+            let pending = std::mem::take(&mut st.pending);
+            let pfree = std::mem::take(&mut st.pending_free);
+            let mut to_hash = Vec::new();
+            if self.checksums {
+                // From here on no summed-to-be cluster is written in place:
+                // writers copy them (see `in_place_ok`).
+                st.since_commit.clear();
+                let unsummed = std::mem::take(&mut st.unsummed);
+                let map = read(&self.map);
+                let mut seen = HashSet::new();
+                for vc in pending.iter().map(|&(vc, _)| vc).chain(unsummed) {
+                    let v = map.get(vc);
+                    if seen.insert(vc) && journal::kind(v) == journal::KIND_DATA {
+                        to_hash.push((vc, journal::phys(v)));
+                    }
+                }
+            }
+            (pending, pfree, st.header.clone(), st.next_seq, to_hash)
         };
-        if pending.is_empty() && pfree.is_empty() {
+        if pending.is_empty() && pfree.is_empty() && to_hash.is_empty() {
             return self.obj.sync().ctx(self.obj.name(), "fdatasync delta");
         }
-        let r = self.commit_batch(&pending, header, next_seq);
+        let r = self
+            .hash_clusters(&to_hash, &try_guard)
+            .and_then(|(hashed, deferred)| {
+                let entries = self.batch_entries(&pending, &hashed);
+                self.commit_batch(&entries, header, next_seq)
+                    .map(|done| (done, deferred))
+            });
         let mut st = lock(&self.st);
         match r {
-            Ok((h, seq, compacted_from)) => {
+            Ok(((h, seq, compacted_from), deferred)) => {
                 st.next_seq = seq;
-                // `write_header` below already switched; only bookkeeping left.
+                // `finish` already wrote the other slot; only bookkeeping left.
                 st.header = h;
                 st.slot = 1 - st.slot;
+                st.unsummed.extend(deferred);
                 drop(st);
                 if let Some(area) = compacted_from {
                     let _ = self
@@ -390,50 +624,117 @@ impl Delta {
                 let newer = std::mem::replace(&mut st.pending, pending);
                 st.pending.extend(newer);
                 st.pending_free.extend(pfree);
+                st.unsummed.extend(to_hash.iter().map(|&(vc, _)| vc));
                 Err(e)
             }
         }
+    }
+
+    /// Checksum the data clusters `(vc, phys)` each under its guard, and
+    /// record the sums in memory. Returns `(vc, phys, sum)` for those
+    /// hashed and the clusters whose guard was taken (left for the next
+    /// commit).
+    #[allow(clippy::type_complexity)]
+    fn hash_clusters<G>(
+        &self,
+        to_hash: &[(u64, u64)],
+        try_guard: &impl Fn(u64) -> Option<G>,
+    ) -> Result<(Vec<(u64, u64, u64)>, Vec<u64>)> {
+        let mut hashed = Vec::with_capacity(to_hash.len());
+        let mut deferred = Vec::new();
+        let mut buf = vec![0u8; self.geo.cluster_size as usize];
+        for &(vc, phys) in to_hash {
+            let Some(_g) = try_guard(vc) else {
+                deferred.push(vc);
+                continue;
+            };
+            let clen = (self.geo.size - vc * self.geo.cluster_size).min(self.geo.cluster_size);
+            let b = &mut buf[..clen as usize];
+            self.read_data(phys, 0, b)?;
+            hashed.push((vc, phys, cluster_sum(&self.key, vc, b)));
+        }
+        let mut s = write(&self.sums);
+        for &(vc, phys, sum) in &hashed {
+            s.sum.set(vc, journal::sum_entry(sum));
+            s.phys.set(vc, phys + 1);
+        }
+        Ok((hashed, deferred))
+    }
+
+    /// The journal entries of one commit: the last value of each pending
+    /// cluster, each data entry followed by its checksum when `hashed` has
+    /// it, and the data and checksum entries of clusters hashed only now.
+    fn batch_entries(&self, pending: &[(u64, u64)], hashed: &[(u64, u64, u64)]) -> Vec<(u64, u64)> {
+        let mut last = std::collections::BTreeMap::new();
+        for &(vc, v) in pending {
+            last.insert(vc, v);
+        }
+        let sums: std::collections::HashMap<u64, (u64, u64)> =
+            hashed.iter().map(|&(vc, p, s)| (vc, (p, s))).collect();
+        for &(vc, p, _) in hashed {
+            last.entry(vc).or_insert(journal::data(p));
+        }
+        let mut out = Vec::with_capacity(last.len() + sums.len());
+        for (vc, v) in last {
+            out.push((vc, v));
+            if journal::kind(v) == journal::KIND_DATA {
+                if let Some(&(p, s)) = sums.get(&vc) {
+                    if p == journal::phys(v) {
+                        out.push((vc, journal::sum_entry(s)));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every current map entry with its checksum entry where one is known
+    /// (a compacted journal).
+    fn all_entries(&self) -> Vec<(u64, u64)> {
+        let map = read(&self.map);
+        let s = read(&self.sums);
+        let mut out = Vec::with_capacity(map.count());
+        for (vc, v) in map.iter() {
+            out.push((vc, v));
+            if self.checksums
+                && journal::kind(v) == journal::KIND_DATA
+                && s.phys.get(vc) == journal::phys(v) + 1
+            {
+                out.push((vc, s.sum.get(vc)));
+            }
+        }
+        out
     }
 
     /// Append (or compact) and commit the header. Returns the new header,
     /// the next sequence number and the area given up by a compaction.
     fn commit_batch(
         &self,
-        pending: &[(u64, u64)],
+        batch: &[(u64, u64)],
         header: Header,
         seq: u64,
     ) -> Result<(Header, u64, Option<u32>)> {
-        let mut last = std::collections::HashMap::with_capacity(pending.len());
-        for &(vc, v) in pending {
-            last.insert(vc, v);
-        }
-        let mut batch: Vec<(u64, u64)> = last.into_iter().collect();
-        batch.sort_unstable();
-        let (bytes, next) = journal::encode(&batch, seq);
+        let (bytes, next) = journal::encode(batch, seq);
         let mut h = header.clone();
-        h.generation += 1;
-        let mut compacted = None;
+        h.generation = next_generation(self.obj.name(), header.generation)?;
         if header.journal_len + bytes.len() as u64 <= self.geo.area_len {
             self.obj
                 .write_at(&bytes, self.geo.area_at(header.area) + header.journal_len)
                 .ctx(self.obj.name(), "append journal")?;
             h.journal_len += bytes.len() as u64;
-        } else {
-            // The map already holds every pending entry: write it whole.
-            let all: Vec<(u64, u64)> = read(&self.map).iter().collect();
-            let (full, _) = journal::encode(&all, seq);
-            let area = 1 - header.area;
-            self.obj
-                .write_at(&full, self.geo.area_at(area))
-                .ctx(self.obj.name(), "write compacted journal")?;
-            h.area = area;
-            h.journal_len = full.len() as u64;
-            h.first_seq = seq;
-            compacted = Some(header.area);
-            let next = seq + all.len().div_ceil(journal::MAX_PER_RECORD) as u64;
-            return self.finish(h, next, compacted);
+            return self.finish(h, next, None);
         }
-        self.finish(h, next, compacted)
+        // The map already holds every pending entry: write it whole.
+        let all = self.all_entries();
+        let (full, next) = journal::encode(&all, seq);
+        let area = 1 - header.area;
+        self.obj
+            .write_at(&full, self.geo.area_at(area))
+            .ctx(self.obj.name(), "write compacted journal")?;
+        h.area = area;
+        h.journal_len = full.len() as u64;
+        h.first_seq = seq;
+        self.finish(h, next, Some(header.area))
     }
 
     fn finish(
@@ -475,7 +776,7 @@ impl Delta {
         let _c = lock(&self.commit_lock);
         let mut st = lock(&self.st);
         let mut h = st.header.clone();
-        h.generation += 1;
+        h.generation = next_generation(self.obj.name(), h.generation)?;
         f(&mut h);
         self.write_header(&mut st, h)
     }
@@ -588,7 +889,9 @@ pub fn read_header(obj: &dyn Object) -> Result<(Header, u64, Vec<String>)> {
         (SlotRead::Valid(h), SlotRead::Damaged { why, prefix })
         | (SlotRead::Damaged { why, prefix }, SlotRead::Valid(h)) => {
             let torn = prefix.is_some_and(|(layer, g)| {
-                layer == h.layer && (g == h.generation + 1 || g + 1 == h.generation)
+                layer == h.layer
+                    && (h.generation.checked_add(1) == Some(g)
+                        || g.checked_add(1) == Some(h.generation))
             });
             let good = if matches!(slots[0], SlotRead::Valid(_)) {
                 0
@@ -667,4 +970,11 @@ pub fn holds_nothing(obj: &dyn Object, lun: Uuid) -> bool {
         return false;
     };
     h.lun == lun && h.generation <= 1 && h.journal_len == 0 && !h.frozen() && len <= geo.data_start
+}
+
+/// The generation after `g`; a header at the last one (which only damage or
+/// a crafted file can produce) is refused rather than wrapped.
+fn next_generation(path: &Path, g: u64) -> Result<u64> {
+    g.checked_add(1)
+        .ok_or_else(|| corrupt(path, format!("header generation {g} cannot advance")))
 }

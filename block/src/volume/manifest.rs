@@ -64,6 +64,11 @@ pub struct Manifest {
     /// file no manifest accounts for is kept.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retired: Vec<Uuid>,
+    /// New layers (live, revert, clones) keep data checksums: a checksum
+    /// of every data cluster, checked on every read (see
+    /// [`super::layer`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub checksums: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -391,6 +396,7 @@ mod tests {
             dependents: vec![],
             flatten: None,
             retired: vec![],
+            checksums: false,
         }
     }
 

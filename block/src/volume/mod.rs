@@ -24,6 +24,7 @@ pub mod journal;
 pub mod layer;
 pub mod manifest;
 pub mod repair;
+pub mod scrub;
 pub mod table;
 
 mod engine;
@@ -37,6 +38,7 @@ pub use engine::{
     Change, ChangeKind, LayerUsage, SnapshotInfo, Volume, VolumeConfig, VolumeOptions,
 };
 pub use error::{Error, Result};
+pub use scrub::{ScrubError, ScrubReport};
 
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 

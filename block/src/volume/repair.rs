@@ -325,6 +325,7 @@ pub fn rebuild_manifest(
         dependents: find_dependents(&pool, &me, cfg.lun_uuid)?,
         flatten: None,
         retired: vec![],
+        checksums: found.get(&top).is_some_and(|f| f.header.checksums()),
     };
     m.validate()
         .map_err(|why| corrupt(&dir, format!("rebuilt manifest is inconsistent: {why}")))?;

@@ -8,6 +8,7 @@
 //! live switch reaches them only through the LUN's gate.
 
 mod https;
+mod migrate;
 pub mod ops;
 pub mod records;
 
@@ -31,6 +32,9 @@ use crate::export::ExportStats;
 use crate::registry::Registry;
 use crate::served::ServedLun;
 use ops::OpError;
+
+use lungate_api::migrate::QueuedOp;
+pub use migrate::run_queued;
 
 /// Largest body `apply-diff` accepts (the file is verified in memory).
 pub const MAX_DIFF_BODY: usize = 4 << 30;
@@ -253,6 +257,12 @@ pub fn router(reg: Arc<Registry>) -> Router {
             post(apply_diff).layer(DefaultBodyLimit::max(MAX_DIFF_BODY)),
         )
         .route("/v1/luns/{lun}/usage", get(usage))
+        .route("/v1/luns/{lun}/migrate", post(migrate::migrate))
+        .route("/v1/luns/{lun}/migrate/abort", post(migrate::abort_lun))
+        .route("/v1/migrations", get(migrate::list))
+        .route("/v1/migrations/{id}", get(migrate::get_one))
+        .route("/v1/migrations/{id}/abort", post(migrate::abort))
+        .route("/v1/luns/{lun}/scrub", post(scrub))
         .route(
             "/v1/luns/{lun}/records",
             get(records::list)
@@ -333,6 +343,7 @@ fn wire_layout(l: lun_manager::Layout) -> wire::Layout {
     match l {
         lun_manager::Layout::Offset => wire::Layout::Offset,
         lun_manager::Layout::Truncate => wire::Layout::Truncate,
+        lun_manager::Layout::Aligned => wire::Layout::Aligned,
     }
 }
 
@@ -455,11 +466,12 @@ async fn snapshot(
 ) -> ApiResult {
     let l = find(&reg, &lun)?;
     let Json(b) = body?;
-    let (info, pause_us) = ops::snapshot(&reg, &l, b.name, b.description).await?;
-    created(wire::SnapshotTaken {
-        snapshot: wire_snapshot(info),
-        pause_us,
-    })
+    let op = QueuedOp::Snapshot {
+        lun: l.lun.name().to_string(),
+        name: b.name,
+        description: b.description,
+    };
+    migrate::tree_op(&reg, &l, op).await
 }
 
 async fn delete_snapshot(
@@ -467,8 +479,11 @@ async fn delete_snapshot(
     UrlPath((lun, snap)): UrlPath<(String, String)>,
 ) -> ApiResult {
     let l = find(&reg, &lun)?;
-    ops::delete_snapshot(&reg, &l, snap).await?;
-    ok(wire::Empty {})
+    let op = QueuedOp::DeleteSnapshot {
+        lun: l.lun.name().to_string(),
+        snapshot: snap,
+    };
+    migrate::tree_op(&reg, &l, op).await
 }
 
 async fn revert(
@@ -478,8 +493,11 @@ async fn revert(
 ) -> ApiResult {
     let l = find(&reg, &lun)?;
     let Json(b) = body?;
-    let pause_us = ops::revert(&reg, &l, b.snapshot).await?;
-    ok(wire::Paused { pause_us })
+    let op = QueuedOp::Revert {
+        lun: l.lun.name().to_string(),
+        snapshot: b.snapshot,
+    };
+    migrate::tree_op(&reg, &l, op).await
 }
 
 async fn clone(
@@ -489,19 +507,20 @@ async fn clone(
 ) -> ApiResult {
     let l = find(&reg, &lun)?;
     let Json(b) = body?;
-    let c = ops::clone(&reg, &l, b.snapshot, b.name).await?;
-    created(wire::Cloned {
-        name: c.name,
-        path: c.path,
-        uuid: c.uuid,
-        exports: c.exports,
-    })
+    let op = QueuedOp::Clone {
+        lun: l.lun.name().to_string(),
+        snapshot: b.snapshot,
+        name: b.name,
+    };
+    migrate::tree_op(&reg, &l, op).await
 }
 
 async fn flatten(State(reg): Reg, UrlPath(lun): UrlPath<String>) -> ApiResult {
     let l = find(&reg, &lun)?;
-    ops::flatten(&reg, &l).await?;
-    ok(wire::Empty {})
+    let op = QueuedOp::Flatten {
+        lun: l.lun.name().to_string(),
+    };
+    migrate::tree_op(&reg, &l, op).await
 }
 
 async fn diff(
@@ -538,6 +557,11 @@ async fn apply_diff(
     let l = find(&reg, &lun)?;
     ops::apply_diff(&reg, &l, body).await?;
     ok(wire::Empty {})
+}
+
+async fn scrub(State(reg): Reg, UrlPath(lun): UrlPath<String>) -> ApiResult {
+    let l = find(&reg, &lun)?;
+    ok(ops::scrub(&reg, &l).await?)
 }
 
 async fn usage(State(reg): Reg, UrlPath(lun): UrlPath<String>) -> ApiResult {

@@ -72,24 +72,57 @@ fn writable(l: &ServedLun) -> OpResult<()> {
 
 /// The served LUNs of `l`'s group: `l` first, then its secondaries in the
 /// order its state region lists them.
-fn members(reg: &Registry, l: &Arc<ServedLun>) -> OpResult<Vec<Arc<ServedLun>>> {
+pub(crate) fn members(reg: &Registry, l: &Arc<ServedLun>) -> OpResult<Vec<Arc<ServedLun>>> {
     let mut h = l.lun.share();
     // A revert may have changed the secondary list since the LUN was opened.
     h.reload_state()?;
     let mut out = vec![l.clone()];
     for r in h.secondaries()?.disks {
-        let m = reg.find(&r.lun_uuid.to_string()).ok_or_else(|| {
-            OpError::Conflict(format!(
-                "{}: its secondary disk {} ({}) is not served by this gateway; \
-                 serve its pool too so the VM's disks change together",
-                l.lun.name(),
-                r.name,
-                r.lun_uuid
-            ))
-        })?;
+        let m = reg
+            .find(&r.lun_uuid.to_string())
+            .ok_or_else(|| OpError::Conflict(unserved_secondary(l.lun.path(), l.lun.name(), &r)))?;
         out.push(m);
     }
     Ok(out)
+}
+
+/// Why a VM's secondary disk is not in this gateway's registry, as far as
+/// the pool tells: another gateway (or tool) holds it, it is missing, or
+/// this gateway simply does not serve it.
+fn unserved_secondary(
+    primary: &std::path::Path,
+    vm: &str,
+    r: &lungate_api::records::SecondaryRef,
+) -> String {
+    use lun_manager::owner::{self, Probe};
+    let what = format!("{vm}: its secondary disk {} ({})", r.name, r.lun_uuid);
+    let path = match lun_manager::group::locate_secondary(primary, r) {
+        Ok(p) => p,
+        Err(e) => {
+            return format!("{what} is not in the VM's pool ({e}); attach it again or restore it")
+        }
+    };
+    let here = std::process::id();
+    match owner::probe(&path) {
+        Ok(Probe::Gateway { pid, control }) if pid != here => format!(
+            "{what} at {} is served by another lungate (PID {pid}, control API {}); \
+             a VM's disks change together, so one gateway must serve all of them \
+             (a group cannot span gateways yet): \
+             stop that gateway's export of it and serve the VM's pool from one gateway",
+            path.display(),
+            control.display()
+        ),
+        Ok(Probe::Busy { owner, pid }) => format!(
+            "{what} at {} is held by {} (PID {pid}); retry once it lets go",
+            path.display(),
+            if owner.is_empty() { "another process" } else { owner.as_str() }
+        ),
+        _ => format!(
+            "{what} at {} is not served by this gateway (it may be damaged: see the \
+             gateway's log or lunctl inspect); serve its pool too so the VM's disks change together",
+            path.display()
+        ),
+    }
 }
 
 /// The group over `ms` (handles sharing their volumes). Building it finishes
@@ -313,6 +346,16 @@ pub async fn apply_diff(reg: &Registry, l: &Arc<ServedLun>, body: bytes::Bytes) 
     })
     .await
     .map(|_| ())
+}
+
+/// Check every data checksum of the VM (all members) while guests run;
+/// other operations on the LUN wait meanwhile (the maintenance lock).
+pub async fn scrub(reg: &Registry, l: &Arc<ServedLun>) -> OpResult<lungate_api::types::Scrub> {
+    with_group(reg, l, false, |g| {
+        Ok(g.scrub(&mut lungate_block::progress::silent())?)
+    })
+    .await
+    .map(|(r, _)| r)
 }
 
 pub async fn usage(reg: &Registry, l: &Arc<ServedLun>) -> OpResult<Vec<LayerUsage>> {

@@ -41,6 +41,7 @@ fn writable_type(t: RecordType) -> bool {
             | RecordType::MemoryMap
             | RecordType::MemoryImage
             | RecordType::GuestService
+            | RecordType::Policy
     )
 }
 
@@ -70,7 +71,9 @@ pub async fn list(State(reg): Reg, UrlPath(lun): UrlPath<String>) -> ApiResult {
         let d = h.directory();
         Ok::<_, lun_manager::Error>(wire::Records {
             generation: d.generation,
-            capacity: st.length.saturating_sub(state::DATA_START),
+            capacity: st
+                .length
+                .saturating_sub(state::data_start(h.label().layout)),
             used: d.used_bytes(),
             records: d
                 .entries
@@ -196,6 +199,7 @@ impl std::io::Read for ChannelReader {
 
 /// What a JSON record must be before it is committed.
 fn check_json(
+    layout: lun_manager::Layout,
     region_len: u64,
 ) -> impl FnMut(RecordType, u16, &[u8]) -> Result<(), String> + Send + 'static {
     move |t, _, b| match t {
@@ -205,7 +209,7 @@ fn check_json(
             if hw.vcpus == 0 || hw.vcpus > 255 {
                 return Err(format!("vcpus {} is not in 1..=255", hw.vcpus));
             }
-            let need = state::state_region_len(hw.memory_bytes)
+            let need = state::state_region_len(layout, hw.memory_bytes)
                 .ok_or_else(|| format!("memory size {} is too large", hw.memory_bytes))?;
             if need > region_len {
                 return Err(format!(
@@ -216,6 +220,9 @@ fn check_json(
             }
             Ok(())
         }
+        RecordType::Policy => serde_json::from_slice::<lungate_api::records::Policy>(b)
+            .map(|_| ())
+            .map_err(|e| format!("not a policy: {e}")),
         _ => serde_json::from_slice::<serde_json::Value>(b)
             .map(|_| ())
             .map_err(|e| format!("not JSON: {e}")),
@@ -356,6 +363,7 @@ fn spawn_writer(
     let mut h = l.lun.share();
     tokio::task::spawn_blocking(move || {
         let region = h.label().state_region().length;
+        let layout = h.label().layout;
         let puts: Vec<(RecordType, u16, u64)> = batch
             .put
             .iter()
@@ -367,7 +375,7 @@ fn spawn_writer(
             rx,
             cur: Bytes::new(),
         };
-        let mut check = check_json(region);
+        let mut check = check_json(layout, region);
         h.write_records_from(&puts, &removes, &mut src, &mut check)
     })
 }

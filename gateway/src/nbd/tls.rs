@@ -141,6 +141,31 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The rustls client configuration of a gateway talking to another
+/// gateway (migration, forwarding): `ca` verifies the server, and the
+/// optional certificate and key are presented to it.
+pub fn client_config(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in read_certs("TLS CA", ca)? {
+        roots.add(c).map_err(|e| TlsError::ClientCa {
+            path: ca.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(read_certs("TLS client certificate", cert)?, read_key(key)?)?,
+    };
+    Ok(Arc::new(config))
+}
+
 /// The acceptor for NBD_OPT_STARTTLS.
 pub fn acceptor(cert: &Path, key: &Path, auth: ClientAuth<'_>) -> Result<TlsAcceptor, TlsError> {
     Ok(TlsAcceptor::from(server_config(cert, key, auth, &[])?))

@@ -1,9 +1,17 @@
-//! The GPT of the `offset` layout, written and read with the `gpt` crate.
+//! The GPT of the `offset` and `aligned` layouts, written and read with the
+//! `gpt` crate.
 //!
 //! The GPT is derived from the label: one partition per region, typed with
 //! lungate's partition-type GUIDs, so hosts (`sfdisk`, `blkid`) recognise a
 //! LUN. The label stays the source of truth; a GPT that disagrees with it is
 //! reported and rewritten from the label.
+//!
+//! In the `aligned` layout two regions start inside the GPT's own sectors,
+//! so their partitions describe only the part of the region that holds
+//! what the partition names: `lungate-label` covers the label slots
+//! (`[256 KiB, 1 MiB)`), `lungate-disk0` the part of disk0 that sits at its
+//! own offset (`[1 MiB, end)`; the shadowed first MiB lives in the state
+//! region). [`partitions`] is that mapping, for writing and checking alike.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -15,7 +23,7 @@ use lungate_block::store::Object;
 use uuid::Uuid;
 
 use super::label::Label;
-use super::{Region, RegionKind, SECTOR};
+use super::{Layout, Region, RegionKind, ALIGNED_LABEL_SLOTS, SECTOR, SHADOW_LEN};
 
 /// Number of partition entries, as every common tool writes.
 const ENTRIES: u32 = 128;
@@ -119,10 +127,45 @@ fn partition_id(r: &Region) -> u32 {
     }
 }
 
-/// Write the protective MBR and both GPTs for `label` (offset layout).
+/// The partitions the GPT of `label` holds: one per region, each with its
+/// partition number (1-based), in region-table order.
+pub fn partitions(label: &Label) -> Vec<(u32, GptPartition)> {
+    label
+        .regions
+        .iter()
+        .map(|r| {
+            let (offset, end) = match (label.layout, r.kind, r.index) {
+                (Layout::Aligned, RegionKind::Label, _) => (ALIGNED_LABEL_SLOTS[0], r.end()),
+                (Layout::Aligned, RegionKind::Disk, 0) => (SHADOW_LEN, r.end()),
+                _ => (r.offset, r.end()),
+            };
+            (
+                partition_id(r),
+                GptPartition {
+                    type_guid: r.kind.type_guid(),
+                    guid: r.guid,
+                    offset,
+                    length: end - offset,
+                    name: partition_name(r),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Write the protective MBR and both GPTs for `label` (offset and aligned
+/// layouts), the backup at the end of the LUN.
 pub fn write(file: &dyn Object, label: &Label) -> io::Result<()> {
-    let mut dev = Window::new(file, label.lun_size);
-    let sectors = label.lun_size / SECTOR;
+    write_in(file, label, label.lun_size)
+}
+
+/// [`write`] with the backup GPT at `len` instead of the LUN's end: a grow
+/// that extends the file first keeps the current partitions and puts the
+/// backup at the new end, so the new tail never reads as an unwritten
+/// extension (see `Lun::find_label`).
+pub fn write_in(file: &dyn Object, label: &Label, len: u64) -> io::Result<()> {
+    let mut dev = Window::new(file, len);
+    let sectors = len / SECTOR;
     let mbr = gpt::mbr::ProtectiveMBR::with_lb_size(u32::try_from(sectors - 1).unwrap_or(u32::MAX));
     mbr.overwrite_lba0(&mut dev)
         .map_err(|e| io::Error::other(format!("protective MBR: {e}")))?;
@@ -136,16 +179,16 @@ pub fn write(file: &dyn Object, label: &Label) -> io::Result<()> {
     for id in 1..=ENTRIES {
         parts.insert(id, Partition::zero());
     }
-    for r in &label.regions {
+    for (r, (id, p)) in label.regions.iter().zip(partitions(label)) {
         parts.insert(
-            partition_id(r),
+            id,
             Partition {
                 part_type_guid: part_type(r.kind),
-                part_guid: r.guid,
-                first_lba: r.offset / SECTOR,
-                last_lba: r.end() / SECTOR - 1,
+                part_guid: p.guid,
+                first_lba: p.offset / SECTOR,
+                last_lba: (p.offset + p.length) / SECTOR - 1,
                 flags: 0,
-                name: partition_name(r),
+                name: p.name,
             },
         );
     }
@@ -194,14 +237,16 @@ fn headers_sane(file: &dyn Object, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Read the GPT of the first `len` bytes of `file`. Read-only.
-pub fn read(file: &dyn Object, len: u64) -> io::Result<(Uuid, Vec<GptPartition>)> {
+fn open(file: &dyn Object, len: u64) -> io::Result<gpt::GptDisk<Window<'_>>> {
     headers_sane(file, len)?;
-    let disk = gpt::GptConfig::new()
+    gpt::GptConfig::new()
         .writable(false)
         .logical_block_size(LogicalBlockSize::Lb512)
         .open_from_device(Window::new(file, len))
-        .map_err(gpt_err)?;
+        .map_err(gpt_err)
+}
+
+fn used_partitions(disk: &gpt::GptDisk<Window<'_>>) -> Vec<GptPartition> {
     let mut out = Vec::new();
     for p in disk.partitions().values().filter(|p| p.is_used()) {
         let (Some(offset), Some(end)) = (
@@ -220,7 +265,33 @@ pub fn read(file: &dyn Object, len: u64) -> io::Result<(Uuid, Vec<GptPartition>)
             name: p.name.clone(),
         });
     }
-    Ok((*disk.guid(), out))
+    out
+}
+
+/// Read the GPT of the first `len` bytes of `file` (the backup when the
+/// primary is damaged). Read-only.
+pub fn read(file: &dyn Object, len: u64) -> io::Result<(Uuid, Vec<GptPartition>)> {
+    let disk = open(file, len)?;
+    Ok((*disk.guid(), used_partitions(&disk)))
+}
+
+/// Everything wrong with `label`'s GPT in `file`: unreadable, a damaged
+/// primary or backup header, or partitions that differ from the label.
+/// Empty when the GPT is exactly what [`write`] writes.
+pub fn check(file: &dyn Object, label: &Label) -> Vec<String> {
+    let disk = match open(file, label.lun_size) {
+        Ok(d) => d,
+        Err(e) => return vec![format!("GPT unreadable: {e}")],
+    };
+    let mut out = Vec::new();
+    if let Err(e) = disk.primary_header() {
+        out.push(format!("primary GPT header at LBA 1 is damaged: {e}"));
+    }
+    if let Err(e) = disk.backup_header() {
+        out.push(format!("backup GPT header at the last LBA is damaged: {e}"));
+    }
+    out.extend(diff(label, *disk.guid(), &used_partitions(&disk)));
+    out
 }
 
 /// Differences between a GPT and the label it should mirror; empty when in sync.
@@ -232,11 +303,13 @@ pub fn diff(label: &Label, disk_guid: Uuid, parts: &[GptPartition]) -> Vec<Strin
             label.uuid
         ));
     }
-    for r in &label.regions {
-        match parts.iter().find(|p| p.guid == r.guid) {
-            None => out.push(format!("GPT has no partition for {}", r.name())),
+    for (_, want) in partitions(label) {
+        match parts.iter().find(|p| p.guid == want.guid) {
+            None => out.push(format!("GPT has no partition {}", want.name)),
             Some(p) => {
-                if p.type_guid != r.kind.type_guid() || p.offset != r.offset || p.length != r.length
+                if p.type_guid != want.type_guid
+                    || p.offset != want.offset
+                    || p.length != want.length
                 {
                     out.push(format!(
                         "GPT partition {} is [{}, +{}) type {}, label says [{}, +{}) type {}",
@@ -244,9 +317,9 @@ pub fn diff(label: &Label, disk_guid: Uuid, parts: &[GptPartition]) -> Vec<Strin
                         p.offset,
                         p.length,
                         p.type_guid,
-                        r.offset,
-                        r.length,
-                        r.kind.type_guid()
+                        want.offset,
+                        want.length,
+                        want.type_guid
                     ));
                 }
             }
@@ -280,19 +353,50 @@ mod tests {
 
     #[test]
     fn gpt_round_trips_and_matches_the_label() {
+        for layout in [Layout::Offset, Layout::Aligned] {
+            let f = tempfile::tempfile().unwrap();
+            let l = sample(layout);
+            f.set_len(l.lun_size).unwrap();
+            write(&obj(&f), &l).unwrap();
+            let (guid, parts) = read(&obj(&f), l.lun_size).unwrap();
+            assert_eq!(guid, l.uuid);
+            assert!(
+                diff(&l, guid, &parts).is_empty(),
+                "{:?}",
+                diff(&l, guid, &parts)
+            );
+            let disk1 = parts.iter().find(|p| p.name == "lungate-disk1").unwrap();
+            assert_eq!(disk1.type_guid, crate::format::DISK_TYPE_GUID);
+            // What the GPT writes stays inside the first 34 sectors, clear
+            // of the aligned layout's label slots.
+            let mut slot = [0u8; 4096];
+            f.read_exact_at(&mut slot, ALIGNED_LABEL_SLOTS[0]).unwrap();
+            assert!(slot.iter().all(|&b| b == 0));
+        }
+    }
+
+    #[test]
+    fn aligned_gpt_names_the_label_slots_and_the_unshadowed_part_of_disk0() {
         let f = tempfile::tempfile().unwrap();
-        let l = sample(Layout::Offset);
+        let l = sample(Layout::Aligned);
         f.set_len(l.lun_size).unwrap();
         write(&obj(&f), &l).unwrap();
-        let (guid, parts) = read(&obj(&f), l.lun_size).unwrap();
-        assert_eq!(guid, l.uuid);
-        assert!(
-            diff(&l, guid, &parts).is_empty(),
-            "{:?}",
-            diff(&l, guid, &parts)
+        let (_, parts) = read(&obj(&f), l.lun_size).unwrap();
+        let get = |n: &str| parts.iter().find(|p| p.name == n).unwrap().clone();
+        assert_eq!(
+            (get("lungate-label").offset, get("lungate-label").length),
+            (256 << 10, 768 << 10)
         );
-        let disk1 = parts.iter().find(|p| p.name == "lungate-disk1").unwrap();
-        assert_eq!(disk1.type_guid, crate::format::DISK_TYPE_GUID);
+        let disk0 = get("lungate-disk0");
+        assert_eq!((disk0.offset, disk0.length), (SHADOW_LEN, 15 << 20));
+        // A GPT that says disk0 starts at 0 is not this label's.
+        let mut moved = parts.clone();
+        moved
+            .iter_mut()
+            .find(|p| p.name == "lungate-disk0")
+            .unwrap()
+            .offset = 0;
+        assert_eq!(diff(&l, l.uuid, &moved).len(), 1);
     }
 
     fn crc32(b: &[u8]) -> u32 {
@@ -308,6 +412,20 @@ mod tests {
             }
         }
         !c
+    }
+
+    #[test]
+    fn check_reports_a_lost_primary_the_backup_still_describes() {
+        let f = tempfile::tempfile().unwrap();
+        let l = sample(Layout::Aligned);
+        f.set_len(l.lun_size).unwrap();
+        write(&obj(&f), &l).unwrap();
+        assert!(check(&obj(&f), &l).is_empty(), "{:?}", check(&obj(&f), &l));
+        f.write_all_at(&[0u8; 512], SECTOR).unwrap();
+        let (guid, parts) = read(&obj(&f), l.lun_size).unwrap();
+        assert!(diff(&l, guid, &parts).is_empty(), "the backup is read");
+        let c = check(&obj(&f), &l);
+        assert!(c.len() == 1 && c[0].contains("primary GPT header"), "{c:?}");
     }
 
     #[test]

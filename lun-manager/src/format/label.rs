@@ -9,11 +9,11 @@
 //! |------|------|-----------------------------------------------|
 //! | 0    | 8    | magic `LUNGATE\0`                             |
 //! | 8    | 2    | format major (1)                              |
-//! | 10   | 2    | format minor (0)                              |
+//! | 10   | 2    | format minor (1)                              |
 //! | 12   | 4    | label size (4096)                             |
 //! | 16   | 8    | generation                                    |
 //! | 24   | 16   | LUN UUID (RFC 4122 byte order)                |
-//! | 40   | 1    | layout (1 offset, 2 truncate)                 |
+//! | 40   | 1    | layout (1 offset, 2 truncate, 3 aligned)      |
 //! | 41   | 1    | name length (1..=64)                          |
 //! | 42   | 2    | region count (3..=64)                         |
 //! | 44   | 4    | flags (0)                                     |
@@ -33,7 +33,10 @@
 use thiserror::Error;
 use uuid::Uuid;
 
-use super::{Layout, Region, RegionKind, ALIGN, LABEL_REGION_LEN, MIB, OFFSET_LABEL_AT};
+use super::{
+    Layout, Region, RegionKind, ALIGN, ALIGNED_LABEL_SLOTS, LABEL_REGION_LEN, LABEL_SLOT_STRIDE,
+    MIB, OFFSET_LABEL_AT, SHADOW_LEN,
+};
 
 pub const MAGIC: &[u8; 8] = b"LUNGATE\0";
 pub const VERSION_MAJOR: u16 = 1;
@@ -137,6 +140,13 @@ impl Label {
 
     pub fn disks(&self) -> impl Iterator<Item = &Region> {
         self.regions.iter().filter(|r| r.kind == RegionKind::Disk)
+    }
+
+    /// Where label slot `slot` (0 or 1) lives in the backing: the label
+    /// region's start and its middle, except in the `aligned` layout, whose
+    /// label region `[0, 1 MiB)` starts with the MBR and GPT.
+    pub fn slot_offset(&self, slot: u64) -> u64 {
+        slot_offset(self.layout, self.label_region().offset, slot)
     }
 
     /// Encode into one label block, computing the checksum. The label must
@@ -347,9 +357,20 @@ impl Label {
                 ));
             }
         }
+        // In the aligned layout disk0 and the label region both start at 0:
+        // the shadowed range is the label region for the host and the
+        // shadow area's bytes for the guest. No other pair may overlap.
+        let shadowed = |a: &Region, b: &Region| {
+            self.layout == Layout::Aligned
+                && matches!(
+                    (a.kind, a.index, b.kind, b.index),
+                    (RegionKind::Label, 0, RegionKind::Disk, 0)
+                        | (RegionKind::Disk, 0, RegionKind::Label, 0)
+                )
+        };
         for (i, a) in self.regions.iter().enumerate() {
             for b in &self.regions[i + 1..] {
-                if a.overlaps(b) {
+                if a.overlaps(b) && !shadowed(a, b) {
                     return Err(LabelError::Overlap {
                         a: format!("{} [{}, +{})", a.name(), a.offset, a.length),
                         b: format!("{} [{}, +{})", b.name(), b.offset, b.length),
@@ -364,6 +385,18 @@ impl Label {
                 format!("length {} != 1 MiB", label.length),
             ));
         }
+        if self.layout.has_gpt() {
+            // The last MiB belongs to the backup GPT.
+            let tail = self.lun_size - MIB;
+            if let Some(r) = self.regions.iter().find(|r| r.end() > tail) {
+                return Err(LabelError::Region {
+                    region: r.name(),
+                    offset: r.offset,
+                    length: r.length,
+                    why: "reaches into the backup GPT in the last MiB".into(),
+                });
+            }
+        }
         match self.layout {
             Layout::Offset => {
                 if label.offset != OFFSET_LABEL_AT {
@@ -372,15 +405,37 @@ impl Label {
                         format!("offset layout keeps it at 1 MiB, found {}", label.offset),
                     ));
                 }
-                // The last MiB belongs to the backup GPT.
-                let tail = self.lun_size - MIB;
-                if let Some(r) = self.regions.iter().find(|r| r.end() > tail) {
-                    return Err(LabelError::Region {
-                        region: r.name(),
-                        offset: r.offset,
-                        length: r.length,
-                        why: "reaches into the backup GPT in the last MiB".into(),
-                    });
+            }
+            Layout::Aligned => {
+                if label.offset != 0 {
+                    return Err(field(
+                        "label region",
+                        format!(
+                            "aligned layout keeps it in the first MiB, found {}",
+                            label.offset
+                        ),
+                    ));
+                }
+                let disk0 = self.region(RegionKind::Disk, 0).expect("checked above");
+                if disk0.offset != 0 || disk0.length <= SHADOW_LEN {
+                    return Err(field(
+                        "disk0",
+                        format!(
+                            "aligned layout needs disk0 at byte 0 and longer than the {SHADOW_LEN}-byte shadowed range, found [{}, +{})",
+                            disk0.offset, disk0.length
+                        ),
+                    ));
+                }
+                let st = self.state_region();
+                let need = super::state::data_start(Layout::Aligned);
+                if st.length < need {
+                    return Err(field(
+                        "state region",
+                        format!(
+                            "{} bytes cannot hold the directory and the shadow area ({need} bytes)",
+                            st.length
+                        ),
+                    ));
                 }
             }
             Layout::Truncate => {
@@ -400,6 +455,14 @@ impl Label {
     }
 }
 
+/// [`Label::slot_offset`] of a label region at `region` in `layout`.
+pub fn slot_offset(layout: Layout, region: u64, slot: u64) -> u64 {
+    match layout {
+        Layout::Aligned => region + ALIGNED_LABEL_SLOTS[usize::from(slot == 1)],
+        Layout::Offset | Layout::Truncate => region + slot * LABEL_SLOT_STRIDE,
+    }
+}
+
 pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -415,7 +478,9 @@ pub(crate) mod tests {
             index,
             offset,
             length,
-            guid: Uuid::from_u128(0x1000 + offset as u128),
+            // Distinct per region, even for the aligned layout's two
+            // regions at 0.
+            guid: Uuid::from_u128(0x1000 + offset as u128 + ((kind as u128) << 64)),
         };
         let regions = match layout {
             Layout::Offset => vec![
@@ -430,6 +495,12 @@ pub(crate) mod tests {
                 r(RegionKind::Disk, 0, 0, 16 * MIB),
                 r(RegionKind::Disk, 1, 24 * MIB, 4 * MIB),
             ],
+            Layout::Aligned => vec![
+                r(RegionKind::Label, 0, 0, MIB),
+                r(RegionKind::State, 0, 16 * MIB, 8 * MIB),
+                r(RegionKind::Disk, 0, 0, 16 * MIB),
+                r(RegionKind::Disk, 1, 24 * MIB, 4 * MIB),
+            ],
         };
         Label {
             generation: 7,
@@ -438,7 +509,7 @@ pub(crate) mod tests {
             name: "vm-1".into(),
             lun_size: match layout {
                 Layout::Offset => 31 * MIB,
-                Layout::Truncate => 30 * MIB,
+                Layout::Truncate | Layout::Aligned => 30 * MIB,
             },
             created: 1_700_000_000,
             updated: 1_700_000_001,
@@ -464,8 +535,8 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn label_round_trips_in_both_layouts() {
-        for layout in [Layout::Offset, Layout::Truncate] {
+    fn label_round_trips_in_every_layout() {
+        for layout in Layout::ALL {
             let l = sample(layout);
             l.validate().unwrap();
             assert_eq!(Label::decode(&l.encode()).unwrap(), l);
@@ -495,6 +566,49 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn aligned_layout_shares_only_the_shadowed_range_between_label_and_disk0() {
+        let l = sample(Layout::Aligned);
+        l.validate().unwrap();
+        assert_eq!(l.slot_offset(0), 256 << 10);
+        assert_eq!(l.slot_offset(1), 768 << 10);
+        // The label region stays in the first MiB.
+        let mut bad = l.clone();
+        bad.regions[0].offset = MIB;
+        assert!(bad.validate().is_err());
+        // Only disk0 may overlap it: the state region may not.
+        let mut bad = l.clone();
+        bad.regions[1].offset = 0;
+        bad.regions[1].length = 8 * MIB;
+        assert!(matches!(bad.validate(), Err(LabelError::Overlap { .. })));
+        // disk0 must be longer than the shadowed range, at byte 0.
+        let mut bad = l.clone();
+        bad.regions[2].length = MIB;
+        assert!(bad.validate().unwrap_err().to_string().contains("disk0"));
+        // Nothing in the backup GPT's last MiB.
+        let mut bad = l.clone();
+        bad.regions[3].length = 6 * MIB;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("backup GPT"));
+        // An offset label with that table is refused (overlap).
+        let mut bad = l.clone();
+        bad.layout = Layout::Offset;
+        assert!(bad.validate().is_err());
+        // Old readers see an unknown layout code, not a different LUN.
+        let mut b = l.encode();
+        assert_eq!(b[40], 3);
+        b[40] = 9;
+        let sum = blake3::hash(&b[..CHECKSUM_AT]);
+        b[CHECKSUM_AT..].copy_from_slice(sum.as_bytes());
+        assert!(Label::decode(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown code 9"));
+    }
+
+    #[test]
     fn short_or_foreign_input_is_not_a_label() {
         assert_eq!(Label::decode(&[0u8; 10]), Err(LabelError::NoMagic));
         assert_eq!(Label::decode(&[0u8; LABEL_SIZE]), Err(LabelError::NoMagic));
@@ -504,8 +618,8 @@ pub(crate) mod tests {
         #![proptest_config(ProptestConfig::with_cases(2000))]
         /// Every single-byte corruption of a label is detected.
         #[test]
-        fn any_single_byte_corruption_is_detected(pos in 0usize..LABEL_SIZE, flip in 1u8..=255, truncate in any::<bool>()) {
-            let l = sample(if truncate { Layout::Truncate } else { Layout::Offset });
+        fn any_single_byte_corruption_is_detected(pos in 0usize..LABEL_SIZE, flip in 1u8..=255, layout in 0usize..3) {
+            let l = sample(Layout::ALL[layout]);
             let mut b = l.encode();
             b[pos] ^= flip;
             prop_assert!(Label::decode(&b).is_err());

@@ -1,6 +1,6 @@
 //! The on-disk format of a lungate LUN: constants, the label (region table),
 //! the hidden state region's record directory and the GPT written for the
-//! `offset` layout. Everything here is pure encode/decode plus validation;
+//! `offset` and `aligned` layouts. Everything here is pure encode/decode plus validation;
 //! file I/O lives in [`crate::lun`]. The byte-by-byte specification is
 //! `docs/lun-format.md`; this module is its reference implementation.
 
@@ -27,8 +27,17 @@ pub const LABEL_SLOT_STRIDE: u64 = 512 * 1024;
 /// In the `offset` layout the label region sits at this fixed offset, right
 /// after the primary GPT.
 pub const OFFSET_LABEL_AT: u64 = MIB;
-/// In the `offset` layout the last MiB of the LUN holds the backup GPT.
+/// In the `offset` and `aligned` layouts the last MiB of the LUN holds the
+/// backup GPT.
 pub const OFFSET_TAIL_RESERVED: u64 = MIB;
+/// In the `aligned` layout the guest's bytes `[0, SHADOW_LEN)` of disk0 are
+/// shadowed: the LUN keeps its protective MBR, GPT and label there, and the
+/// guest's own bytes live in the shadow area of the state region
+/// ([`state::SHADOW_AT`]).
+pub const SHADOW_LEN: u64 = MIB;
+/// In the `aligned` layout the label region is `[0, 1 MiB)` and its two
+/// slots sit at these offsets (the first sectors hold the MBR and GPT).
+pub const ALIGNED_LABEL_SLOTS: [u64; 2] = [256 << 10, 768 << 10];
 
 /// GPT partition type of the label region.
 pub const LABEL_TYPE_GUID: Uuid = Uuid::from_u128(0xedd3d04b_536b_4c9d_8de4_58105880c2a4);
@@ -50,13 +59,21 @@ pub enum Layout {
     Offset,
     /// Disk 0 starts at byte 0; state and a footer label live past its end.
     Truncate,
+    /// Disk 0 starts at byte 0 and every guest block is the LUN block of the
+    /// same number, but for the first MiB: there the LUN keeps its own GPT
+    /// and label, and the guest's bytes live in the state region's shadow
+    /// area.
+    Aligned,
 }
 
 impl Layout {
+    pub const ALL: [Layout; 3] = [Layout::Offset, Layout::Truncate, Layout::Aligned];
+
     pub(crate) fn code(self) -> u8 {
         match self {
             Layout::Offset => 1,
             Layout::Truncate => 2,
+            Layout::Aligned => 3,
         }
     }
 
@@ -64,8 +81,15 @@ impl Layout {
         match c {
             1 => Some(Layout::Offset),
             2 => Some(Layout::Truncate),
+            3 => Some(Layout::Aligned),
             _ => None,
         }
+    }
+
+    /// Whether the LUN carries lungate's GPT (primary at LBA 0–33, backup
+    /// in the last MiB).
+    pub fn has_gpt(self) -> bool {
+        matches!(self, Layout::Offset | Layout::Aligned)
     }
 }
 
@@ -74,6 +98,7 @@ impl fmt::Display for Layout {
         f.write_str(match self {
             Layout::Offset => "offset",
             Layout::Truncate => "truncate",
+            Layout::Aligned => "aligned",
         })
     }
 }
@@ -84,8 +109,9 @@ impl FromStr for Layout {
         match s {
             "offset" => Ok(Layout::Offset),
             "truncate" => Ok(Layout::Truncate),
+            "aligned" => Ok(Layout::Aligned),
             other => Err(format!(
-                "unknown layout {other:?}: expected \"offset\" or \"truncate\""
+                "unknown layout {other:?}: expected \"offset\", \"truncate\" or \"aligned\""
             )),
         }
     }

@@ -1,7 +1,10 @@
 //! The hidden state region: a checksummed directory of records.
 //!
 //! The region starts with two directory slots of 64 KiB each (A at 0, B at
-//! 64 KiB); record payloads live in the data area from 128 KiB on. Like the
+//! 64 KiB); record payloads live in the data area from 128 KiB on. In the
+//! `aligned` layout the 1 MiB from 128 KiB on is the *shadow area* (the
+//! guest's own first MiB of disk0, written in place by the data path, not
+//! a record) and the data area starts after it. Like the
 //! label, the valid slot with the highest generation is current and an
 //! update writes the other slot. Payloads are copy-on-write: a new version
 //! of a record is written to space no current entry uses, made durable, and
@@ -29,6 +32,8 @@
 use thiserror::Error;
 use uuid::Uuid;
 
+use super::Layout;
+
 // The record types and their JSON payloads are wire types, shared with the
 // control API's clients (`vmm-shim`): they live in `lungate_api::records`.
 pub use lungate_api::records::{
@@ -41,6 +46,20 @@ pub const VERSION: u16 = 1;
 pub const DIR_SLOT_SIZE: usize = 64 * 1024;
 /// Where record payloads start, after both directory slots.
 pub const DATA_START: u64 = 2 * DIR_SLOT_SIZE as u64;
+/// In the `aligned` layout: where the shadow area (the guest's bytes of
+/// the shadowed range, [`super::SHADOW_LEN`] long) starts in the state
+/// region. It is part of the state region, so it is layered, snapshotted
+/// and reverted with the VM like every record.
+pub const SHADOW_AT: u64 = DATA_START;
+
+/// Where record payloads start in a state region of `layout`: after the
+/// directory slots, and in the `aligned` layout after the shadow area.
+pub fn data_start(layout: Layout) -> u64 {
+    match layout {
+        Layout::Aligned => SHADOW_AT + super::SHADOW_LEN,
+        Layout::Offset | Layout::Truncate => DATA_START,
+    }
+}
 pub const MAX_ENTRIES: usize = 1000;
 const ENTRIES_AT: usize = 64;
 const ENTRY_SIZE: usize = 64;
@@ -50,13 +69,14 @@ const CHECKSUM_AT: usize = DIR_SLOT_SIZE - 32;
 pub const DEVICE_STATE_ROOM: u64 = 16 << 20;
 
 /// Size of the state region for a VM with `memory` bytes of RAM: the
-/// directory, two memory images (so a new save never overwrites the last
-/// good one) and room for vCPU/device state, rounded up to 1 MiB.
-pub fn state_region_len(memory: u64) -> Option<u64> {
+/// directory (and in the `aligned` layout the shadow area), two memory
+/// images (so a new save never overwrites the last good one) and room for
+/// vCPU/device state, rounded up to 1 MiB.
+pub fn state_region_len(layout: Layout, memory: u64) -> Option<u64> {
     memory
         .checked_mul(2)?
         .checked_add(DEVICE_STATE_ROOM)?
-        .checked_add(DATA_START)
+        .checked_add(data_start(layout))
         .and_then(super::align_up)
 }
 
@@ -98,15 +118,19 @@ pub struct Directory {
     pub generation: u64,
     pub lun: Uuid,
     pub region_len: u64,
+    /// Where the data area starts ([`data_start`] of the LUN's layout; not
+    /// stored in the slot: the label decides it).
+    pub data_start: u64,
     pub entries: Vec<Entry>,
 }
 
 impl Directory {
-    pub fn new(lun: Uuid, region_len: u64) -> Directory {
+    pub fn new(lun: Uuid, region_len: u64, data_start: u64) -> Directory {
         Directory {
             generation: 0,
             lun,
             region_len,
+            data_start,
             entries: Vec::new(),
         }
     }
@@ -140,8 +164,9 @@ impl Directory {
         b
     }
 
-    /// Decode and validate a directory slot for LUN `lun`. Never panics.
-    pub fn decode(b: &[u8], lun: Uuid) -> Result<Directory, DirError> {
+    /// Decode and validate a directory slot for LUN `lun` whose data area
+    /// starts at `data_start` (see [`data_start`]). Never panics.
+    pub fn decode(b: &[u8], lun: Uuid, data_start: u64) -> Result<Directory, DirError> {
         if b.len() < DIR_SLOT_SIZE || &b[0..8] != MAGIC {
             return Err(DirError::NoMagic);
         }
@@ -188,11 +213,11 @@ impl Directory {
                 checksum: d[32..64].try_into().expect("32"),
             };
             let end = e.offset.checked_add(e.length);
-            if e.offset < DATA_START || end.is_none_or(|end| end > region_len) {
+            if e.offset < data_start || end.is_none_or(|end| end > region_len) {
                 return Err(bad(
                     "entry",
                     format!(
-                        "entry {i} ({}) [{}, +{}) is outside the data area [{DATA_START}, {region_len})",
+                        "entry {i} ({}) [{}, +{}) is outside the data area [{data_start}, {region_len})",
                         rtype.name(),
                         e.offset,
                         e.length
@@ -237,6 +262,7 @@ impl Directory {
             generation: u64::from_le_bytes(b[16..24].try_into().expect("8")),
             lun,
             region_len,
+            data_start,
             entries,
         })
     }
@@ -251,7 +277,7 @@ impl Directory {
             .map(|e| (e.offset, e.end()))
             .collect();
         used.sort_unstable();
-        let mut at = DATA_START;
+        let mut at = self.data_start;
         for (s, e) in used {
             if s >= at && s - at >= len {
                 return Some(at);
@@ -285,6 +311,7 @@ mod tests {
             generation: 3,
             lun: Uuid::from_u128(42),
             region_len: 8 << 20,
+            data_start: DATA_START,
             entries: vec![
                 mk(RecordType::HardwareConfig, 0, DATA_START, 100, 1),
                 mk(RecordType::Identity, 0, DATA_START + 4096, 200, 2),
@@ -296,14 +323,17 @@ mod tests {
     #[test]
     fn directory_round_trips() {
         let d = sample();
-        assert_eq!(Directory::decode(&d.encode(), d.lun).unwrap(), d);
+        assert_eq!(
+            Directory::decode(&d.encode(), d.lun, DATA_START).unwrap(),
+            d
+        );
     }
 
     #[test]
     fn directory_of_another_lun_is_refused() {
         let d = sample();
         assert!(matches!(
-            Directory::decode(&d.encode(), Uuid::from_u128(43)),
+            Directory::decode(&d.encode(), Uuid::from_u128(43), DATA_START),
             Err(DirError::WrongLun { .. })
         ));
     }
@@ -321,9 +351,36 @@ mod tests {
 
     #[test]
     fn state_region_len_holds_two_images_and_rounds_up() {
-        assert_eq!(state_region_len(0), Some(17 << 20));
-        assert_eq!(state_region_len(1 << 30), Some((2 << 30) + (17 << 20)));
-        assert_eq!(state_region_len(u64::MAX), None);
+        assert_eq!(state_region_len(Layout::Offset, 0), Some(17 << 20));
+        assert_eq!(
+            state_region_len(Layout::Truncate, 1 << 30),
+            Some((2 << 30) + (17 << 20))
+        );
+        assert_eq!(state_region_len(Layout::Offset, u64::MAX), None);
+        // The aligned layout adds the 1 MiB shadow area.
+        assert_eq!(state_region_len(Layout::Aligned, 0), Some(18 << 20));
+    }
+
+    #[test]
+    fn an_aligned_directory_keeps_records_out_of_the_shadow_area() {
+        let start = data_start(Layout::Aligned);
+        assert_eq!(start, SHADOW_AT + crate::format::SHADOW_LEN);
+        let mut d = Directory::new(Uuid::from_u128(42), 8 << 20, start);
+        assert_eq!(d.allocate(100, d.region_len), Some(start));
+        d.entries.push(Entry {
+            rtype: RecordType::HardwareConfig,
+            instance: 0,
+            flags: 0,
+            offset: SHADOW_AT,
+            length: 100,
+            checksum: [0; 32],
+        });
+        // A directory naming a record inside the shadow area is refused
+        // for an aligned LUN (the guest writes there), accepted elsewhere.
+        let b = d.encode();
+        let e = Directory::decode(&b, d.lun, start).unwrap_err().to_string();
+        assert!(e.contains("outside the data area"), "{e}");
+        assert!(Directory::decode(&b, d.lun, DATA_START).is_ok());
     }
 
     #[test]
@@ -345,7 +402,7 @@ mod tests {
             let d = sample();
             let mut b = d.encode();
             b[pos] ^= flip;
-            prop_assert!(Directory::decode(&b, d.lun).is_err());
+            prop_assert!(Directory::decode(&b, d.lun, DATA_START).is_err());
         }
 
     }
@@ -355,7 +412,7 @@ mod tests {
         #[test]
         fn decode_never_panics(mut b in proptest::collection::vec(any::<u8>(), 0..70000)) {
             if b.len() >= 8 { b[..8].copy_from_slice(MAGIC); }
-            let _ = Directory::decode(&b, Uuid::from_u128(42));
+            let _ = Directory::decode(&b, Uuid::from_u128(42), DATA_START);
         }
     }
 }

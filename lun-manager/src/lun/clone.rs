@@ -269,7 +269,7 @@ impl Lun {
                 .ctx(&path, "wipe label")?;
             fileops::zero_range(&file, l.state_region().offset, 2 * DIR_SLOT_SIZE as u64)
                 .ctx(&path, "wipe state directory")?;
-            if l.layout == Layout::Offset {
+            if l.layout.has_gpt() {
                 fileops::zero_range(&file, 0, MIB).ctx(&path, "wipe GPT")?;
                 fileops::zero_range(&file, l.lun_size - MIB, MIB).ctx(&path, "wipe GPT")?;
             }

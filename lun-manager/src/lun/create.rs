@@ -58,7 +58,14 @@ impl Lun {
                     .ok_or_else(|| Error::Invalid(format!("disk{i} size {d} is too large")))?,
             );
         }
-        let state_len = state::state_region_len(spec.memory)
+        if spec.layout == Layout::Aligned && disks[0] <= SHADOW_LEN {
+            return Err(Error::Invalid(format!(
+                "the aligned layout shadows the first {} of disk0, so disk0 must be larger; {} was asked for",
+                crate::size::human(SHADOW_LEN),
+                crate::size::human(spec.disks[0])
+            )));
+        }
+        let state_len = state::state_region_len(spec.layout, spec.memory)
             .ok_or_else(|| Error::Invalid(format!("memory size {} is too large", spec.memory)))?;
         let too_big = || Error::Invalid("the requested sizes overflow a 64-bit LUN".into());
         let region = |kind, index, offset, length| Region {
@@ -86,7 +93,12 @@ impl Lun {
                     at = at.checked_add(d).ok_or_else(too_big)?;
                 }
             }
-            Layout::Truncate => {
+            Layout::Truncate | Layout::Aligned => {
+                if spec.layout == Layout::Aligned {
+                    // The first MiB: MBR, GPT and both label slots for the
+                    // host; the shadowed range of disk0 for the guest.
+                    regions.push(region(RegionKind::Label, 0, 0, LABEL_REGION_LEN));
+                }
                 regions.push(region(RegionKind::Disk, 0, 0, disks[0]));
                 at = disks[0];
                 regions.push(region(RegionKind::State, 0, at, state_len));
@@ -97,7 +109,7 @@ impl Lun {
                 }
             }
         }
-        // Offset: the last MiB holds the backup GPT. Truncate: the footer.
+        // Offset, aligned: the last MiB holds the backup GPT. Truncate: the footer.
         let mut lun_size = at.checked_add(MIB).ok_or_else(too_big)?;
 
         let rbd = crate::backing::is_rbd(path);
@@ -201,11 +213,24 @@ impl Lun {
         }
         let st = *label.state_region();
         // Clear both metadata slots of a reused block device so stale
-        // structures can never be mistaken for ours.
+        // structures can never be mistaken for ours: the directory, the
+        // label, and with a GPT the first and last MiB (where an older
+        // aligned label or truncate footer could sit). The aligned
+        // layout's shadow area is the guest's first MiB: it starts zero,
+        // never with what the device held.
         base.zero_range(st.offset, 2 * DIR_SLOT_SIZE as u64)
             .ctx(path, "clear state")?;
         base.zero_range(label.label_region().offset, LABEL_REGION_LEN)
             .ctx(path, "clear label")?;
+        if label.layout.has_gpt() {
+            base.zero_range(0, MIB).ctx(path, "clear GPT")?;
+            base.zero_range(label.lun_size - MIB, MIB)
+                .ctx(path, "clear backup GPT")?;
+        }
+        if label.layout == Layout::Aligned {
+            base.zero_range(st.offset + state::SHADOW_AT, SHADOW_LEN)
+                .ctx(path, "clear shadow area")?;
+        }
         let volume = Arc::new(open_volume(
             path,
             &backing,
@@ -218,7 +243,7 @@ impl Lun {
             backing,
             volume,
             access: Access::ReadWrite,
-            dir: Directory::new(label.uuid, st.length),
+            dir: Directory::new(label.uuid, st.length, state::data_start(label.layout)),
             dir_slot: 1,
             label,
             label_slot: 1,
@@ -228,6 +253,10 @@ impl Lun {
             warnings: Vec::new(),
         };
         lun.backing_size = base.byte_len().ctx(path, "size")?;
+        if spec.checksums {
+            // Before the first record: every byte the volume holds is summed.
+            lun.volume.enable_checksums()?;
+        }
         let hw = HardwareConfig {
             vcpus: spec.vcpus,
             memory_bytes: spec.memory,
@@ -285,7 +314,7 @@ impl Lun {
         let label = self.label.clone();
         self.write_label_slot(&label, 0)?;
         self.label_slot = 0;
-        if self.label.layout == Layout::Offset {
+        if self.label.layout.has_gpt() {
             gpt::write(&*self.backing.base, &self.label).ctx(&self.path, "write GPT")?;
         }
         self.sync_file()

@@ -4,10 +4,12 @@
 //! `fdatasync`. A crash at any point leaves the previous generation valid.
 //!
 //! A `Lun` owns its [`Volume`]: every byte outside the label (and, in the
-//! offset layout, the GPT) — the state directory, the records, the disk
-//! regions — is read and written through it, so state records snapshot and
-//! revert with the disks. The label and GPT are written to the file
-//! directly (they are not layered).
+//! offset and aligned layouts, the GPT) — the state directory, the
+//! records, the disk regions, the aligned layout's shadow area — is read
+//! and written through it, so state records snapshot and revert with the
+//! disks. The label and GPT are written to the file directly (they are not
+//! layered). Where a disk's bytes live is [`Lun::disk_view`], the same
+//! description the gateway builds the disk's export from.
 //!
 //! One job per file: `open.rs` (finding and checking the label, opening,
 //! repairing derived structures), `create.rs` (provisioning a new LUN),
@@ -30,17 +32,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
 use crate::error::{Error, IoContext, Result};
-use crate::format::label::{Label, LabelError, LABEL_SIZE, MAGIC as LABEL_MAGIC};
+use crate::format::label::{self, Label, LabelError, LABEL_SIZE, MAGIC as LABEL_MAGIC};
 use crate::format::state::{
     self, Directory, Entry, HardwareConfig, Identity, RecordType, SecondaryDisks, SnapshotTree,
     DIR_SLOT_SIZE,
 };
 use crate::format::{
-    align_up, gpt, Layout, Region, RegionKind, ALIGN, LABEL_REGION_LEN, LABEL_SLOT_STRIDE, MIB,
-    OFFSET_LABEL_AT, OFFSET_TAIL_RESERVED,
+    align_up, gpt, Layout, Region, RegionKind, ALIGN, LABEL_REGION_LEN, MIB, OFFSET_LABEL_AT,
+    OFFSET_TAIL_RESERVED, SHADOW_LEN,
 };
 use crate::progress::Progress;
 use lungate_block::engine::IoEngine;
+use lungate_block::region::{Pieces, ShadowMap, View};
 use lungate_block::store::Object;
 use lungate_block::sys as fileops;
 use lungate_block::volume::{self, StoreVolume, Volume, VolumeConfig, VolumeOptions};
@@ -67,6 +70,9 @@ pub struct CreateSpec {
     /// Cluster size of the LUN's copy-on-write volume in bytes: a power of
     /// two in 4 KiB..=2 MiB, or 0 for the default (64 KiB).
     pub cluster_size: u32,
+    /// Keep a checksum of every data cluster (state and disks), checked on
+    /// every read; see `docs/volumes.md`. Fixed at creation.
+    pub checksums: bool,
 }
 
 /// Most disks one LUN can hold (the region table has 64 entries).
@@ -110,6 +116,17 @@ impl From<volume::Error> for Error {
                 why: format!("volume layers: {why}"),
             },
             volume::Error::ReadOnly(path) => Error::ReadOnly { path },
+            volume::Error::DataChecksum {
+                path,
+                layer,
+                cluster,
+                phys,
+            } => Error::Damaged {
+                why: format!(
+                    "cluster {cluster} (physical {phys}) of layer {layer} fails its data checksum"
+                ),
+                path,
+            },
             e @ volume::Error::NoSnapshot(_) => Error::NoSnapshot(e.to_string()),
             e @ volume::Error::SnapshotExists(_) => Error::SnapshotExists(e.to_string()),
             e => Error::Invalid(e.to_string()),
@@ -118,10 +135,11 @@ impl From<volume::Error> for Error {
 }
 
 /// The volume configuration of the LUN at `path` with `label`: its whole
-/// byte range, with the label region protected, and in the offset layout
-/// also the primary and backup GPT (first and last MiB): both are derived
-/// from the label and rewritten in place, so they must never be frozen
-/// into a layer.
+/// byte range, with the label region protected, and in the offset and
+/// aligned layouts also the primary and backup GPT (first and last MiB;
+/// in the aligned layout the first MiB is the label region): both are
+/// derived from the label and rewritten in place, so they must never be
+/// frozen into a layer.
 pub fn volume_config(
     path: &Path,
     file: Arc<File>,
@@ -145,11 +163,11 @@ pub fn volume_config(
 pub fn store_volume(path: &Path, label: &Label, options: VolumeOptions) -> StoreVolume {
     let l = label.label_region();
     let mut protected = Vec::with_capacity(3);
-    if label.layout == Layout::Offset {
+    if label.layout.has_gpt() && l.offset != 0 {
         protected.push(0..MIB);
     }
     protected.push(l.offset..l.end());
-    if label.layout == Layout::Offset {
+    if label.layout.has_gpt() {
         protected.push(label.lun_size - MIB..label.lun_size);
     }
     StoreVolume {
@@ -204,10 +222,6 @@ pub(crate) fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn slot_offset(region: &Region, slot: u64) -> u64 {
-    region.offset + slot * LABEL_SLOT_STRIDE
-}
-
 /// Result of reading both label slots at one place.
 enum SlotRead {
     /// Neither slot carries the magic.
@@ -221,12 +235,13 @@ enum SlotRead {
     },
 }
 
-fn read_slots(file: &dyn Object, region_offset: u64, backing: u64) -> SlotRead {
+/// Read both label slots of a `layout` label region at `region_offset`.
+fn read_slots(file: &dyn Object, layout: Layout, region_offset: u64, backing: u64) -> SlotRead {
     let mut best: Option<(Label, u64)> = None;
     let mut errors = Vec::new();
     let mut magic = false;
     for slot in 0..2u64 {
-        let at = region_offset + slot * LABEL_SLOT_STRIDE;
+        let at = label::slot_offset(layout, region_offset, slot);
         if at.saturating_add(LABEL_SIZE as u64) > backing {
             continue;
         }
@@ -391,19 +406,44 @@ impl Lun {
 
     // ----- region I/O ----------------------------------------------------
 
-    fn checked(&self, kind: RegionKind, index: u32, offset: u64, len: u64) -> Result<u64> {
+    /// Where disk `index`'s bytes live in the LUN (its volume): a window
+    /// at the region's offset, or in the aligned layout disk0 at its own
+    /// offsets with the shadowed first MiB in the state region's shadow
+    /// area. The gateway builds the disk's export from this, and the
+    /// region I/O below maps through it, so both agree byte for byte.
+    pub fn disk_view(&self, index: u32) -> Option<View> {
+        let r = self.region(RegionKind::Disk, index)?;
+        if self.label.layout == Layout::Aligned && index == 0 {
+            let at = self.label.state_region().offset + state::SHADOW_AT;
+            let map = ShadowMap::new(r.length, SHADOW_LEN, at)
+                .expect("a validated aligned label leaves room for the shadow");
+            return Some(View::Aligned(map));
+        }
+        Some(View::Window {
+            base: r.offset,
+            size: r.length,
+        })
+    }
+
+    /// The LUN pieces of `[offset, offset + len)` inside a region (a disk
+    /// as its guest sees it), bounds-checked.
+    fn pieces(&self, kind: RegionKind, index: u32, offset: u64, len: u64) -> Result<Pieces> {
         let r = self.region(kind, index).ok_or_else(|| {
             Error::Invalid(format!("{}: no region {kind}{index}", self.path.display()))
         })?;
-        match offset.checked_add(len) {
-            Some(end) if end <= r.length => Ok(r.offset + offset),
-            _ => Err(Error::OutOfBounds {
-                what: format!("{} {}", self.path.display(), r.name()),
-                offset,
-                len,
+        let view = match kind {
+            RegionKind::Disk => self.disk_view(index).expect("the region exists"),
+            _ => View::Window {
+                base: r.offset,
                 size: r.length,
-            }),
-        }
+            },
+        };
+        view.pieces(offset, len).map_err(|_| Error::OutOfBounds {
+            what: format!("{} {}", self.path.display(), r.name()),
+            offset,
+            len,
+            size: r.length,
+        })
     }
 
     /// Read `buf.len()` bytes at `offset` inside a region.
@@ -414,8 +454,12 @@ impl Lun {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<()> {
-        let at = self.checked(kind, index, offset, buf.len() as u64)?;
-        Ok(self.volume.read(at, buf)?)
+        for p in self.pieces(kind, index, offset, buf.len() as u64)?.iter() {
+            let from = (p.disk - offset) as usize;
+            self.volume
+                .read(p.at, &mut buf[from..from + p.len as usize])?;
+        }
+        Ok(())
     }
 
     /// Write `buf` at `offset` inside a region (not durable until [`Lun::sync`]).
@@ -427,8 +471,21 @@ impl Lun {
         buf: &[u8],
     ) -> Result<()> {
         self.writable()?;
-        let at = self.checked(kind, index, offset, buf.len() as u64)?;
-        Ok(self.volume.write(at, buf)?)
+        for p in self.pieces(kind, index, offset, buf.len() as u64)?.iter() {
+            let from = (p.disk - offset) as usize;
+            self.volume.write(p.at, &buf[from..from + p.len as usize])?;
+        }
+        Ok(())
+    }
+
+    /// Make `[offset, offset + len)` inside a region read as zeros (not
+    /// durable until [`Lun::sync`]).
+    pub fn zero_region(&self, kind: RegionKind, index: u32, offset: u64, len: u64) -> Result<()> {
+        self.writable()?;
+        for p in self.pieces(kind, index, offset, len)?.iter() {
+            self.volume.write_zeroes(p.at, p.len, true)?;
+        }
+        Ok(())
     }
 
     /// Make every write through the volume durable.
@@ -453,28 +510,30 @@ impl Lun {
         Ok(())
     }
 
-    /// blake3 over every byte of the LUN outside the disk regions (GPT,
-    /// label, state, gaps) as the volume reads them. Tests use it to prove
-    /// that guest I/O never reached the hidden parts. Each 4 KiB block that
-    /// is not all zeros is hashed with its offset, so the digest depends on
-    /// the bytes only, not on whether zeros are a hole or written.
+    /// blake3 over every byte of the LUN that no guest disk holds (GPT,
+    /// label, state, gaps; in the aligned layout the first MiB is hidden
+    /// and the shadow area is the guest's) as the volume reads them. Tests
+    /// use it to prove that guest I/O never reached the hidden parts. Each
+    /// 4 KiB block that is not all zeros is hashed with its offset, so the
+    /// digest depends on the bytes only, not on whether zeros are a hole or
+    /// written.
     pub fn hidden_digest(&self) -> std::io::Result<[u8; 32]> {
-        let mut disks = self.disks();
-        disks.sort_by_key(|r| r.offset);
+        let mut guest: Vec<std::ops::Range<u64>> = self
+            .disks()
+            .iter()
+            .filter_map(|d| self.disk_view(d.index))
+            .flat_map(|v| v.device_ranges())
+            .collect();
+        guest.push(self.label.lun_size..self.label.lun_size);
+        guest.sort_by_key(|r| r.start);
         let mut h = blake3::Hasher::new();
         let mut at = 0;
         let mut ranges = Vec::new();
-        for d in disks.iter().chain(std::iter::once(&Region {
-            kind: RegionKind::Disk,
-            index: u32::MAX,
-            offset: self.label.lun_size,
-            length: 0,
-            guid: Uuid::nil(),
-        })) {
-            if d.offset > at {
-                ranges.push((at, d.offset));
+        for d in &guest {
+            if d.start > at {
+                ranges.push((at, d.start));
             }
-            at = at.max(d.end());
+            at = at.max(d.end);
         }
         let io = |e: volume::Error| std::io::Error::other(e.to_string());
         const BLOCK: usize = 4096;
@@ -506,7 +565,7 @@ impl Lun {
     // ----- label updates -------------------------------------------------
 
     fn write_label_slot(&self, label: &Label, slot: u64) -> Result<()> {
-        let at = slot_offset(label.label_region(), slot);
+        let at = label.slot_offset(slot);
         self.backing
             .base
             .write_at(&label.encode(), at)
@@ -662,16 +721,20 @@ mod tests {
             vcpus: 2,
             layout,
             cluster_size: 0,
+            checksums: false,
         }
     }
 
     #[test]
     fn state_records_and_disks_snapshot_and_revert_through_the_volume() {
         let d = tempfile::tempdir().unwrap();
-        for layout in [Layout::Offset, Layout::Truncate] {
+        for layout in Layout::ALL {
             let p = d.path().join(format!("{layout}.lun"));
             let mut l = Lun::create(&p, &spec(layout)).unwrap();
             l.write_region(RegionKind::Disk, 1, 0, b"before").unwrap();
+            // The guest's partition table (the aligned layout's shadow).
+            l.write_region(RegionKind::Disk, 0, 510, b"\x55\xaa")
+                .unwrap();
             l.volume().snapshot("a", "").unwrap();
             let before = l.hardware().unwrap();
             let mut hw = before.clone();
@@ -679,6 +742,7 @@ mod tests {
             l.put_records(&[(RecordType::HardwareConfig, 0, json(&hw))])
                 .unwrap();
             l.write_region(RegionKind::Disk, 1, 0, b"after!").unwrap();
+            l.write_region(RegionKind::Disk, 0, 510, b"\0\0").unwrap();
             l.sync().unwrap();
             drop(l);
             // Reopened: the new record and data come from the live layer.
@@ -697,6 +761,9 @@ mod tests {
             let mut b = [0u8; 6];
             l.read_region(RegionKind::Disk, 1, 0, &mut b).unwrap();
             assert_eq!(&b, b"before");
+            let mut b = [0u8; 2];
+            l.read_region(RegionKind::Disk, 0, 510, &mut b).unwrap();
+            assert_eq!(&b, b"\x55\xaa", "{layout}: sector 0 after the revert");
             // Resizing a layered LUN is refused with a clear error.
             let e = l.resize_disk(0, 8 * MIB).unwrap_err().to_string();
             assert!(e.contains("layered LUN is not supported"), "{e}");
@@ -719,7 +786,7 @@ mod tests {
     #[test]
     fn create_then_open_in_both_layouts() {
         let d = tempfile::tempdir().unwrap();
-        for layout in [Layout::Offset, Layout::Truncate] {
+        for layout in Layout::ALL {
             let p = d.path().join(format!("{layout}.lun"));
             let made = Lun::create(&p, &spec(layout)).unwrap();
             let l = Lun::open(&p, Access::ReadOnly).unwrap();
@@ -728,7 +795,7 @@ mod tests {
             assert!(l.warnings().is_empty(), "{:?}", l.warnings());
             assert_eq!(l.hardware().unwrap().vcpus, 2);
             assert!(l.disk_id(1).is_some());
-            if layout == Layout::Truncate {
+            if layout != Layout::Offset {
                 assert_eq!(l.disks()[0].offset, 0);
             }
         }
@@ -752,7 +819,7 @@ mod tests {
     #[test]
     fn grow_preserves_every_byte_in_both_layouts() {
         let d = tempfile::tempdir().unwrap();
-        for layout in [Layout::Offset, Layout::Truncate] {
+        for layout in Layout::ALL {
             let p = d.path().join(format!("{layout}.lun"));
             let mut l = Lun::create(&p, &spec(layout)).unwrap();
             let pat0: Vec<u8> = (0..4 * MIB).map(|i| (i % 251) as u8).collect();
@@ -782,9 +849,12 @@ mod tests {
             );
             assert_eq!(l.hardware().unwrap().memory_bytes, 3 * MIB);
             assert_eq!(l.disks().len(), 3);
-            if layout == Layout::Truncate {
+            if layout != Layout::Offset {
                 assert_eq!(l.disks()[0].offset, 0);
                 assert_eq!(l.disks()[0].length, 9 * MIB);
+            }
+            if layout.has_gpt() {
+                assert!(gpt::check(&*l.backing().base, l.label()).is_empty());
             }
         }
     }
@@ -836,12 +906,166 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.write_all_at(
             &[0xffu8; 100],
-            OFFSET_LABEL_AT + slot * LABEL_SLOT_STRIDE + 200,
+            OFFSET_LABEL_AT + slot * crate::format::LABEL_SLOT_STRIDE + 200,
         )
         .unwrap();
         drop(f);
         let l = Lun::open(&p, Access::ReadOnly).unwrap();
         assert_eq!(l.label().generation, gen - 1);
         assert!(matches!(l.found(), Found::OneSlot(_)));
+    }
+
+    fn file_bytes(p: &Path, at: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        File::open(p).unwrap().read_exact_at(&mut b, at).unwrap();
+        b
+    }
+
+    #[test]
+    fn aligned_disk0_keeps_every_block_past_the_first_mib_at_its_own_offset() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.lun");
+        let l = Lun::create(&p, &spec(Layout::Aligned)).unwrap();
+        let head = file_bytes(&p, 0, MIB as usize);
+        assert_eq!(&head[510..512], &[0x55, 0xaa], "protective MBR");
+        assert_eq!(&head[512..520], b"EFI PART");
+        let st = *l.label().state_region();
+        let pat: Vec<u8> = (0..3 * MIB).map(|i| (i % 253) as u8 + 1).collect();
+        l.write_region(RegionKind::Disk, 0, 0, &pat).unwrap();
+        l.sync().unwrap();
+        let mut back = vec![0u8; pat.len()];
+        l.read_region(RegionKind::Disk, 0, 0, &mut back).unwrap();
+        assert_eq!(back, pat);
+        drop(l);
+        // The host's first MiB is untouched; the guest's lives in the
+        // shadow area; the rest is where the guest put it.
+        assert_eq!(file_bytes(&p, 0, MIB as usize), head);
+        assert_eq!(
+            file_bytes(&p, st.offset + state::SHADOW_AT, MIB as usize),
+            &pat[..MIB as usize]
+        );
+        assert_eq!(file_bytes(&p, MIB, 2 * MIB as usize), &pat[MIB as usize..]);
+        let l = Lun::open(&p, Access::ReadWrite).unwrap();
+        assert!(l.warnings().is_empty(), "{:?}", l.warnings());
+        assert!(l.verify_records().iter().all(|(_, e)| e.is_none()));
+        // The shadow area is no record's: records are placed after it.
+        let start = state::data_start(Layout::Aligned);
+        assert!(l.directory().entries.iter().all(|e| e.offset >= start));
+        assert_eq!(
+            l.disk_view(0).unwrap().device_ranges(),
+            vec![
+                MIB..4 * MIB,
+                st.offset + state::SHADOW_AT..st.offset + state::SHADOW_AT + MIB
+            ]
+        );
+    }
+
+    #[test]
+    fn aligned_label_wins_over_anything_the_guest_writes_at_one_mib() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.lun");
+        let l = Lun::create(&p, &spec(Layout::Aligned)).unwrap();
+        let uuid = l.uuid();
+        // The guest forges an offset-layout label where an offset LUN
+        // keeps its label (its disk0 byte 1 MiB is LUN byte 1 MiB), and a
+        // GPT in its own first sectors.
+        let mut forged = crate::format::label::tests::sample(Layout::Offset);
+        forged.lun_size = l.label().lun_size;
+        let b = forged.encode();
+        l.write_region(RegionKind::Disk, 0, MIB, &b).unwrap();
+        l.write_region(RegionKind::Disk, 0, MIB + (512 << 10), &b)
+            .unwrap();
+        l.write_region(RegionKind::Disk, 0, 0, &file_bytes(&p, 0, 64 << 10))
+            .unwrap();
+        l.sync().unwrap();
+        drop(l);
+        assert_eq!(Lun::probe_uuid(&p).unwrap(), uuid);
+        // Even with the host's GPT destroyed, the aligned slots decide.
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0u8; 34 * 512], 0).unwrap();
+        drop(f);
+        let l = Lun::open(&p, Access::ReadOnly).unwrap();
+        assert_eq!(l.uuid(), uuid);
+        assert!(
+            l.warnings().iter().any(|w| w.contains("GPT")),
+            "{:?}",
+            l.warnings()
+        );
+        drop(l);
+        // A read-write open rewrites it from the label.
+        drop(Lun::open(&p, Access::ReadWrite).unwrap());
+        let l = Lun::open(&p, Access::ReadOnly).unwrap();
+        assert!(l.warnings().is_empty(), "{:?}", l.warnings());
+        // Damaged aligned slots make the LUN damaged, never the guest's.
+        drop(l);
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        for at in crate::format::ALIGNED_LABEL_SLOTS {
+            f.write_all_at(&[0xff; 8], at + 100).unwrap();
+        }
+        drop(f);
+        let e = Lun::open(&p, Access::ReadOnly).unwrap_err().to_string();
+        assert!(e.contains("aligned label in the first MiB"), "{e}");
+    }
+
+    #[test]
+    fn an_extended_gpt_lun_never_takes_a_footer_from_guest_data() {
+        let d = tempfile::tempdir().unwrap();
+        for layout in [Layout::Offset, Layout::Aligned] {
+            let p = d.path().join(format!("{layout}.lun"));
+            let l = Lun::create(&p, &spec(layout)).unwrap();
+            let uuid = l.uuid();
+            // A truncate footer forged inside disk0, sitting where its own
+            // region table says.
+            let r = |kind, offset, length| Region {
+                kind,
+                index: 0,
+                offset,
+                length,
+                guid: Uuid::new_v4(),
+            };
+            let disk = l.disks()[0];
+            let at = (disk.offset + 2 * MIB) & !(MIB - 1);
+            let forged = Label {
+                generation: 99,
+                uuid: Uuid::new_v4(),
+                layout: Layout::Truncate,
+                name: "evil".into(),
+                lun_size: at + MIB,
+                created: 0,
+                updated: 0,
+                cluster_size: 0,
+                regions: vec![
+                    r(RegionKind::Label, at, MIB),
+                    r(RegionKind::State, MIB, MIB),
+                    r(RegionKind::Disk, 0, MIB),
+                ],
+            };
+            forged.validate().unwrap();
+            l.write_region(RegionKind::Disk, 0, at - disk.offset, &forged.encode())
+                .unwrap();
+            l.sync().unwrap();
+            // What step 1 of a grow leaves behind when it is interrupted:
+            // a longer file whose new tail holds the backup GPT.
+            let old = l.label().clone();
+            let len = old.lun_size + 64 * MIB;
+            l.file().unwrap().set_len(len).unwrap();
+            gpt::write_in(&*l.backing().base, &old, len).unwrap();
+            drop(l);
+            let l = Lun::open(&p, Access::ReadOnly).unwrap();
+            assert_eq!(l.uuid(), uuid, "{layout}");
+            assert_eq!(l.found(), &Found::Normal, "{layout}");
+        }
+    }
+
+    #[test]
+    fn aligned_disk0_must_be_larger_than_the_shadowed_range() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = spec(Layout::Aligned);
+        s.disks[0] = MIB;
+        let e = Lun::create(&d.path().join("a.lun"), &s)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("disk0 must be larger"), "{e}");
+        assert!(!d.path().join("a.lun").exists());
     }
 }

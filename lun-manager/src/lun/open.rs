@@ -28,11 +28,8 @@ impl Lun {
                 ),
             });
         }
-        if label.layout == Layout::Offset {
-            match gpt::read(&*backing.base, label.lun_size) {
-                Ok((guid, parts)) => warnings.extend(gpt::diff(&label, guid, &parts)),
-                Err(e) => warnings.push(format!("GPT unreadable: {e}")),
-            }
+        if label.layout.has_gpt() {
+            warnings.extend(gpt::check(&*backing.base, &label));
         }
         let volume = open_volume(path, &backing, &label, access, engine)?;
         warnings.extend(volume.warnings());
@@ -62,8 +59,14 @@ impl Lun {
     /// the guest owns byte 0 onwards, so a label-looking block inside the
     /// disk must never be consulted while a footer exists. Then an
     /// interrupted resize's footer (only when the tail is an unwritten
-    /// hole), then the offset layout's label at the GPT's label partition
-    /// (always 1 MiB).
+    /// hole), then the aligned layout's slots in the first MiB, then the
+    /// offset layout's label at the GPT's label partition (always 1 MiB).
+    ///
+    /// The aligned slots come before the offset label because in the
+    /// aligned layout byte 1 MiB onwards is the guest's: with its slots
+    /// present (even damaged) nothing the guest wrote is consulted. In the
+    /// offset layout the first MiB is never the guest's, so its empty
+    /// aligned slots cannot be forged.
     pub(super) fn find_label(
         path: &Path,
         file: &dyn Object,
@@ -93,7 +96,7 @@ impl Lun {
         };
         if backing >= LABEL_REGION_LEN {
             let tail = (backing - 1) & !(ALIGN - 1);
-            match read_slots(file, tail, backing) {
+            match read_slots(file, Layout::Truncate, tail, backing) {
                 SlotRead::Nothing => {}
                 SlotRead::Bad(errs) => {
                     return Err(damaged(format!(
@@ -115,6 +118,20 @@ impl Lun {
                 return Ok((label, slot, Found::Recovered(why.clone()), vec![why]));
             }
         }
+        match read_slots(file, Layout::Aligned, 0, backing) {
+            SlotRead::Nothing => {}
+            SlotRead::Bad(errs) => {
+                return Err(damaged(format!(
+                    "aligned label in the first MiB: {}",
+                    errs.join("; ")
+                )))
+            }
+            SlotRead::Good {
+                label,
+                slot,
+                other_bad,
+            } => return accept(label, slot, other_bad, 0, Layout::Aligned),
+        }
         let mut at = OFFSET_LABEL_AT;
         if let Ok((_, parts)) = gpt::read(file, backing) {
             if let Some(p) = parts
@@ -124,7 +141,7 @@ impl Lun {
                 at = p.offset;
             }
         }
-        match read_slots(file, at, backing) {
+        match read_slots(file, Layout::Offset, at, backing) {
             SlotRead::Nothing => Err(Error::NotALun {
                 path: path.into(),
                 why: "no lungate GPT partition, label or footer".into(),
@@ -153,7 +170,9 @@ impl Lun {
         }
         for (o, l) in ext.iter().rev().take(64) {
             let at = (o + l - 1) & !(ALIGN - 1);
-            if let SlotRead::Good { label, slot, .. } = read_slots(file, at, backing) {
+            if let SlotRead::Good { label, slot, .. } =
+                read_slots(file, Layout::Truncate, at, backing)
+            {
                 if label.layout == Layout::Truncate && label.label_region().offset == at {
                     return Some((label, slot));
                 }
@@ -180,7 +199,7 @@ impl Lun {
         for slot in 0..2u64 {
             let mut b = vec![0u8; DIR_SLOT_SIZE];
             vol.read(st.offset + slot * DIR_SLOT_SIZE as u64, &mut b)?;
-            match Directory::decode(&b, owner) {
+            match Directory::decode(&b, owner, state::data_start(label.layout)) {
                 Ok(d) if d.region_len > st.length => errors.push(format!(
                     "slot {slot}: directory covers {} bytes but the state region has {}",
                     d.region_len, st.length
@@ -239,15 +258,12 @@ impl Lun {
             }
             self.found = Found::Normal;
         }
-        if self.label.layout == Layout::Offset && !self.warnings.is_empty() {
-            let stale = match gpt::read(&*self.backing.base, self.label.lun_size) {
-                Ok((g, p)) => !gpt::diff(&self.label, g, &p).is_empty(),
-                Err(_) => true,
-            };
-            if stale {
-                gpt::write(&*self.backing.base, &self.label).ctx(&self.path, "rewrite GPT")?;
-                self.sync_file()?;
-            }
+        if self.label.layout.has_gpt()
+            && !self.warnings.is_empty()
+            && !gpt::check(&*self.backing.base, &self.label).is_empty()
+        {
+            gpt::write(&*self.backing.base, &self.label).ctx(&self.path, "rewrite GPT")?;
+            self.sync_file()?;
         }
         Ok(())
     }

@@ -298,7 +298,7 @@ impl Lun {
             let mut b = vec![0u8; DIR_SLOT_SIZE];
             self.volume
                 .read_snapshot(snap, st.offset + slot * DIR_SLOT_SIZE as u64, &mut b)?;
-            if let Ok(d) = Directory::decode(&b, self.uuid()) {
+            if let Ok(d) = Directory::decode(&b, self.uuid(), state::data_start(self.layout())) {
                 if best.as_ref().is_none_or(|x| d.generation > x.generation) {
                     best = Some(d);
                 }

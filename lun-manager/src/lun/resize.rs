@@ -98,7 +98,7 @@ impl Lun {
     /// [`Lun::resize_disk_with`] does.
     pub fn resize_memory_with(&mut self, memory: u64, progress: &mut dyn Progress) -> Result<()> {
         self.not_layered()?;
-        let need = state::state_region_len(memory)
+        let need = state::state_region_len(self.label.layout, memory)
             .ok_or_else(|| Error::Invalid(format!("memory size {memory} is too large")))?;
         let st = *self.label.state_region();
         if need > st.length {
@@ -145,7 +145,7 @@ impl Lun {
             }
             matches!(grow_range, Some((s, e)) if r.offset < e && s < r.end())
         };
-        if layout == Layout::Offset {
+        if layout.has_gpt() {
             if let Some(m) = old
                 .regions
                 .iter()
@@ -168,12 +168,14 @@ impl Lun {
         if let (Some(t), Some(Some(e))) = (target, want_end) {
             busy.push((t.offset, e));
         }
+        // Aligned: the label region [0, 1 MiB) and disk0 are busy, so
+        // nothing is placed below disk0's end.
         let floor = match layout {
             Layout::Offset => OFFSET_LABEL_AT,
-            Layout::Truncate => 0,
+            Layout::Truncate | Layout::Aligned => 0,
         };
         let data_limit = |lun_size: u64| match layout {
-            Layout::Offset => lun_size - OFFSET_TAIL_RESERVED,
+            Layout::Offset | Layout::Aligned => lun_size - OFFSET_TAIL_RESERVED,
             Layout::Truncate => lun_size - LABEL_REGION_LEN,
         };
         let mut placed: Vec<Region> = Vec::new();
@@ -251,6 +253,14 @@ impl Lun {
         if lun_size > self.backing_size {
             file.set_len(lun_size).ctx(&self.path, "extend")?;
             self.backing_size = lun_size;
+            if layout.has_gpt() {
+                // The current partitions, the backup at the new end: the
+                // tail is never an unwritten extension, which the label
+                // search would take for an interrupted truncate resize and
+                // walk the guest's data for a footer.
+                gpt::write_in(&*self.backing.base, &old, lun_size).ctx(&self.path, "extend GPT")?;
+                self.sync_file()?;
+            }
         }
         // 2. copy movers
         let total: u64 = movers.iter().map(|r| r.length).sum();
@@ -320,7 +330,7 @@ impl Lun {
         if layout == Layout::Truncate && old.label_region().offset != fin.label_region().offset {
             vacated.push((old.label_region().offset, old.label_region().end()));
         }
-        if layout == Layout::Offset && fin.lun_size != old.lun_size {
+        if layout.has_gpt() && fin.lun_size != old.lun_size {
             vacated.push((old.lun_size - OFFSET_TAIL_RESERVED, old.lun_size));
         }
         for (s, e) in vacated {
@@ -328,7 +338,7 @@ impl Lun {
                 zero(&file, gs, ge - gs).ctx(&self.path, "zero vacated")?;
             }
         }
-        if layout == Layout::Offset {
+        if layout.has_gpt() {
             gpt::write(&*self.backing.base, &self.label).ctx(&self.path, "rewrite GPT")?;
         }
         self.sync()?;

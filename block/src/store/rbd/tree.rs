@@ -188,6 +188,7 @@ impl RbdStore {
             dependents: vec![],
             flatten: None,
             retired: vec![],
+            checksums: false,
         }
     }
 
@@ -531,6 +532,7 @@ impl NativeTree for RbdStore {
             dependents: vec![],
             flatten: None,
             retired: vec![],
+            checksums: false,
         };
         {
             let mut t = store.lock_tree();

@@ -109,12 +109,13 @@ impl RecordTarget {
         }
     }
 
-    fn state_region_len(&self, path: &Path) -> Res<u64> {
+    /// The LUN's layout and the length of its state region.
+    fn state_region_len(&self, path: &Path) -> Res<(lun_manager::Layout, u64)> {
         let label = match self {
             RecordTarget::Direct { lun, .. } => lun.label().clone(),
             RecordTarget::Gateway { .. } => Lun::probe_label(path)?,
         };
-        Ok(label.state_region().length)
+        Ok((label.layout, label.state_region().length))
     }
 }
 
@@ -140,9 +141,9 @@ pub fn set_hardware(out: &Output, path: &Path, memory: Option<String>, vcpus: Op
         if m == 0 || m % (1 << 20) != 0 {
             return Err(format!("--memory {}: must be a non-zero multiple of 1M", human(m)).into());
         }
-        let need = lun_manager::format::state::state_region_len(m)
+        let (layout, have) = t.state_region_len(path)?;
+        let need = lun_manager::format::state::state_region_len(layout, m)
             .ok_or_else(|| format!("--memory {m}: too large"))?;
-        let have = t.state_region_len(path)?;
         if need > have {
             return Err(format!(
                 "--memory {}: the state region is {} and must be {} for that memory (two images); grow it with lunctl resize --memory while the LUN has no snapshots",

@@ -14,14 +14,15 @@
 //! LUN: the operation goes to its control API). Anything else holding the
 //! LUN is refused with who it is.
 //!
-//! Files: `provision.rs` (pools, create, inspect, list, resize, attach,
-//! delete), `snapshots.rs` (every snapshot command, and repair of a lost
+//! Files: `provision.rs` (pools, create, import, inspect, list, resize,
+//! attach, delete), `snapshots.rs` (every snapshot command, and repair of a lost
 //! snapshot manifest), `guest.rs` (vmm-shim's hardware and guest key),
 //! `results.rs` (the `--json` result objects),
 //! `fail.rs` (exit codes).
 
 mod fail;
 mod guest;
+mod migrate;
 mod provision;
 mod results;
 mod snapshots;
@@ -61,6 +62,8 @@ enum Cmd {
     },
     /// Create a VM LUN in a pool, or on a file or block device with --path
     Create(CreateArgs),
+    /// Create a VM LUN whose disk0 is a copy of a raw disk image
+    Import(ImportArgs),
     /// Show a LUN's regions, sizes, identity, state records and checksums
     Inspect {
         #[command(flatten)]
@@ -154,6 +157,12 @@ enum Cmd {
         lun: LunRef,
         file: PathBuf,
     },
+    /// Read every data cluster of a LUN made with --checksums (live and
+    /// snapshots) and check it; exits 5 (damaged) naming each bad cluster
+    Scrub {
+        #[command(flatten)]
+        lun: LunRef,
+    },
     /// Space used by each layer of the LUN
     Usage {
         #[command(flatten)]
@@ -181,6 +190,48 @@ enum Cmd {
         #[command(flatten)]
         lun: LunRef,
     },
+    /// Move a served VM (its LUNs, state region and snapshot tree) live to
+    /// another gateway (--to) or another pool of its gateway (--to-pool)
+    Migrate {
+        #[command(flatten)]
+        lun: LunRef,
+        /// The target gateway's migration listener, HOST:PORT
+        #[arg(long, value_name = "HOST:PORT", required_unless_present_any = ["to_pool", "abort"], conflicts_with = "to_pool")]
+        to: Option<String>,
+        /// A pool of the same gateway (its path or name)
+        #[arg(long, value_name = "POOL")]
+        to_pool: Option<String>,
+        /// The pool on the target gateway (default: its first)
+        #[arg(long, value_name = "NAME", requires = "to")]
+        target_pool: Option<String>,
+        /// Guest-visible pause budget in ms (default: the gateway's, 50)
+        #[arg(long, value_name = "MS")]
+        downtime_ms: Option<u64>,
+        /// Copy bandwidth limit per second, e.g. 200M
+        #[arg(long, value_name = "RATE")]
+        max_rate: Option<String>,
+        /// Keep the source copy as POOL/NAME.migrated-ID/
+        #[arg(long)]
+        keep_source: bool,
+        /// Also move the clones that depend on the VM's layers
+        #[arg(long)]
+        with_dependents: bool,
+        /// File whose first line is the target's migration token
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Abort the VM's running migration (the source keeps serving)
+        #[arg(long, conflicts_with_all = ["to", "to_pool"])]
+        abort: bool,
+    },
+    /// List the migrations a gateway runs, answers or finished lately
+    Migrations {
+        /// A pool the gateway serves (its control socket is DIR/.lungate.sock)
+        #[arg(long, value_name = "DIR", required_unless_present = "control")]
+        pool: Option<PathBuf>,
+        /// The gateway's control socket
+        #[arg(long, value_name = "SOCKET")]
+        control: Option<PathBuf>,
+    },
     /// Find VM LUNs in pool directories, files and block devices
     Scan {
         #[arg(required = true, value_name = "PATH")]
@@ -199,6 +250,7 @@ impl Cmd {
         match self {
             Cmd::Pool { .. } => "pool-init",
             Cmd::Create(_) => "create",
+            Cmd::Import(_) => "import",
             Cmd::Inspect { .. } => "inspect",
             Cmd::List { .. } => "list",
             Cmd::Resize { .. } => "resize",
@@ -213,9 +265,12 @@ impl Cmd {
             Cmd::Diff { .. } => "diff",
             Cmd::ApplyDiff { .. } => "apply-diff",
             Cmd::Usage { .. } => "usage",
+            Cmd::Scrub { .. } => "scrub",
             Cmd::SetHardware { .. } => "set-hardware",
             Cmd::GuestKey { .. } => "guest-key",
             Cmd::Repair { .. } => "repair",
+            Cmd::Migrate { .. } => "migrate",
+            Cmd::Migrations { .. } => "migrations",
             Cmd::Scan { .. } => "scan",
             Cmd::Doc(DocCmd::Completions { .. }) => "completions",
             Cmd::Doc(DocCmd::Man { .. }) => "man",
@@ -261,7 +316,8 @@ struct CreateArgs {
     vcpus: u32,
     /// offset: a GPT the host recognises, disks served at their offsets;
     /// truncate: disk0 at byte 0 (the guest's own partition table at LBA
-    /// 0), served truncated
+    /// 0), served truncated; aligned: disk0 at byte 0 and lungate's GPT at
+    /// LBA 0 (the guest's first MiB kept in the state region)
     #[arg(long, default_value = "offset", value_parser = layout_parser())]
     layout: Layout,
     /// Cluster size of the copy-on-write volume (snapshots, clones): a
@@ -273,12 +329,51 @@ struct CreateArgs {
     /// overwritten with zeros (nothing a previous user left shows through)
     #[arg(long)]
     prefill: bool,
+    /// Keep a checksum of every data cluster (disks and state), checked on
+    /// every read, so silent corruption below the gateway fails the read
+    /// (EIO) instead of reaching the guest; `lunctl scrub` checks them all.
+    /// Costs a copy on the first write to a cluster after each flush
+    #[arg(long)]
+    checksums: bool,
 }
 
-/// `offset` or `truncate`, listed so completions offer them.
+#[derive(Args)]
+struct ImportArgs {
+    /// The raw disk image (a file or block device; read, never changed)
+    image: PathBuf,
+    /// VM name (letters, digits, '.', '_', '-'); exports are NAME/disk0, NAME/disk1, ...
+    name: String,
+    /// Pool directory; the LUN becomes DIR/NAME.lun
+    #[arg(long, value_name = "DIR", required_unless_present = "path")]
+    pool: Option<PathBuf>,
+    /// Create at this file or block device path instead of in a pool
+    #[arg(long, value_name = "PATH", conflicts_with = "pool")]
+    path: Option<PathBuf>,
+    /// Size of disk0 (default: the image's, rounded up to 1M)
+    #[arg(long, value_name = "SIZE")]
+    size: Option<String>,
+    /// More disks after the imported disk0 (repeat), e.g. 20G
+    #[arg(long, value_name = "SIZE")]
+    disk: Vec<String>,
+    /// Guest memory, e.g. 2G; sizes the hidden state region
+    #[arg(long, value_name = "SIZE")]
+    memory: String,
+    /// Virtual CPUs of the VM
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// As for create; aligned keeps every block of the image at its own
+    /// offset in the LUN but the first MiB
+    #[arg(long, default_value = "offset", value_parser = layout_parser())]
+    layout: Layout,
+    /// Cluster size of the copy-on-write volume: a power of two from 4K to 2M
+    #[arg(long, value_name = "SIZE", default_value = "64K")]
+    cluster_size: String,
+}
+
+/// `offset`, `truncate` or `aligned`, listed so completions offer them.
 fn layout_parser() -> impl clap::builder::TypedValueParser<Value = Layout> {
     use clap::builder::TypedValueParser;
-    clap::builder::PossibleValuesParser::new(["offset", "truncate"])
+    clap::builder::PossibleValuesParser::new(["offset", "truncate", "aligned"])
         .map(|s| s.parse::<Layout>().expect("a listed layout"))
 }
 
@@ -359,6 +454,7 @@ fn run(cmd: Cmd, out: &Output) -> Res {
             cmd: PoolCmd::Init { dir, conf, id },
         } => provision::pool_init(out, &rbd_options(dir, conf, id)?),
         Cmd::Create(a) => provision::create(out, a),
+        Cmd::Import(a) => provision::import(out, a),
         Cmd::Inspect { lun } => provision::inspect(out, &lun.path()?),
         Cmd::List { pool } => provision::list(out, &pool),
         Cmd::Resize { lun, disk, memory } => provision::resize(out, &lun.path()?, &disk, memory),
@@ -394,11 +490,41 @@ fn run(cmd: Cmd, out: &Output) -> Res {
         } => snapshots::diff(out, &lun.path()?, &from, to.as_deref(), file.as_deref()),
         Cmd::ApplyDiff { lun, file } => snapshots::apply_diff(out, &lun.path()?, &file),
         Cmd::Usage { lun } => snapshots::usage(out, &lun.path()?),
+        Cmd::Scrub { lun } => snapshots::scrub(out, &lun.path()?),
         Cmd::SetHardware { lun, memory, vcpus } => {
             guest::set_hardware(out, &lun.path()?, memory, vcpus)
         }
         Cmd::GuestKey { lun } => guest::guest_key(out, &lun.path()?),
         Cmd::Repair { lun } => snapshots::repair(out, &lun.path()?),
+        Cmd::Migrate {
+            lun,
+            to,
+            to_pool,
+            target_pool,
+            downtime_ms,
+            max_rate,
+            keep_source,
+            with_dependents,
+            token_file,
+            abort,
+        } => migrate::migrate(
+            out,
+            &lun.path()?,
+            migrate::Args {
+                to,
+                to_pool,
+                target_pool,
+                downtime_ms,
+                max_rate,
+                keep_source,
+                with_dependents,
+                token_file,
+                abort,
+            },
+        ),
+        Cmd::Migrations { pool, control } => {
+            migrate::list(out, pool.as_deref(), control.as_deref())
+        }
         Cmd::Scan { paths, html } => {
             let r = scan::scan(&paths);
             if let Some(f) = html {

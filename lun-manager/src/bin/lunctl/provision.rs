@@ -1,10 +1,10 @@
-//! Pools and LUNs: `pool init`, `create`, `inspect`, `list`, `resize`,
-//! `attach-secondary`, `delete`. Each writing command holds the LUN's
+//! Pools and LUNs: `pool init`, `create`, `import`, `inspect`, `list`,
+//! `resize`, `attach-secondary`, `delete`. Each writing command holds the LUN's
 //! flock while it runs (a gateway-held LUN is refused: these commands have
 //! no control API route).
 
 use std::fmt::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use lun_manager::format::state::{Identity, RecordType, SecondaryDisks, SnapshotTree};
 use lun_manager::lun::Found;
@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::fail::{Fail, Res};
 use crate::results;
-use crate::CreateArgs;
+use crate::{CreateArgs, ImportArgs};
 
 fn size(s: &str, what: &str) -> Res<u64> {
     parse_size(s).map_err(|e| Fail::from(format!("{what}: {e}")))
@@ -30,41 +30,126 @@ pub fn pool_init(out: &Output, dir: &Path) -> Res {
     Ok(())
 }
 
-pub fn create(out: &Output, a: CreateArgs) -> Res {
-    let path = match (&a.pool, &a.path) {
-        (Some(dir), _) => {
-            pool::require(dir)?;
-            lun_manager::format::validate_name(&a.name)?;
-            pool::lun_path(dir, &a.name)
-        }
-        (None, Some(p)) => p.clone(),
-        (None, None) => unreachable!("clap requires --pool or --path"),
+/// Where a new LUN named `name` goes (`--pool` or `--path`), refusing a
+/// name the pool already has.
+fn new_lun_path(name: &str, pool: Option<&Path>, path: Option<&Path>) -> Res<PathBuf> {
+    let Some(dir) = pool else {
+        return Ok(path.expect("clap requires --pool or --path").to_path_buf());
     };
-    if let Some(dir) = &a.pool {
-        if let Some(path) = pool::find_vm(dir, &a.name)? {
-            return Err(lun_manager::Error::NameTaken {
-                pool: dir.clone(),
-                name: a.name.clone(),
-                path,
-            }
-            .into());
+    pool::require(dir)?;
+    lun_manager::format::validate_name(name)?;
+    if let Some(path) = pool::find_vm(dir, name)? {
+        return Err(lun_manager::Error::NameTaken {
+            pool: dir.to_path_buf(),
+            name: name.to_string(),
+            path,
         }
+        .into());
     }
+    Ok(pool::lun_path(dir, name))
+}
+
+fn cluster_size_arg(s: &str) -> Res<u32> {
+    let cs = size(s, "--cluster-size")?;
+    Ok(u32::try_from(cs)
+        .ok()
+        .filter(|&c| c != 0 && lun_manager::format::label::valid_cluster_size(c))
+        .ok_or_else(|| format!("--cluster-size {s}: must be a power of two from 4K to 2M"))?)
+}
+
+fn disk_rows(lun: &Lun) -> Vec<results::Disk> {
+    lun.disks()
+        .iter()
+        .map(|d| results::Disk {
+            index: d.index,
+            size: d.length,
+            export: format!("{}/disk{}", lun.name(), d.index),
+        })
+        .collect()
+}
+
+fn disk_lines(o: &mut String, lun: &Lun) {
+    for d in lun.disks() {
+        let _ = writeln!(
+            o,
+            "  disk{}: {} export {}/disk{}",
+            d.index,
+            human(d.length),
+            lun.name(),
+            d.index
+        );
+    }
+}
+
+pub fn import(out: &Output, a: ImportArgs) -> Res {
+    use lun_manager::import;
+    let path = new_lun_path(&a.name, a.pool.as_deref(), a.path.as_deref())?;
+    let image_len = std::fs::File::open(&a.image)
+        .and_then(|f| lungate_block::sys::backing_size(&f))
+        .map_err(|e| Fail::from(format!("{}: {e}", a.image.display())))?;
+    let fits = import::disk_size_for(a.layout, image_len)
+        .ok_or_else(|| format!("{}: {image_len} bytes is too large", a.image.display()))?;
+    let disk0 = match &a.size {
+        Some(s) => size(s, "--size")?.max(fits),
+        None => fits,
+    };
+    let mut disks = vec![disk0];
+    for d in &a.disk {
+        disks.push(size(d, "--disk")?);
+    }
+    let spec = CreateSpec {
+        name: a.name.clone(),
+        disks,
+        memory: size(&a.memory, "--memory")?,
+        vcpus: a.vcpus,
+        layout: a.layout,
+        cluster_size: cluster_size_arg(&a.cluster_size)?,
+        // Not offered by `import` yet (create --checksums is).
+        checksums: false,
+    };
+    let mut rep = out.progress("import");
+    let r = import::import_raw(&a.image, &path, &spec, &mut |p, d, t| rep.update(p, d, t));
+    rep.finish();
+    let (mut lun, done) = r?;
+    crate::guest::install_guest_service(&mut lun)?;
+    out.result(
+        "import",
+        &results::Imported {
+            lun: lun.name(),
+            uuid: lun.uuid(),
+            path: &path,
+            layout: lun.layout(),
+            disks: disk_rows(&lun),
+            image: &a.image,
+            image_bytes: done.image_len,
+            copied_bytes: done.copied,
+        },
+        || {
+            let mut o = format!(
+                "imported {} ({}, {} of data) as disk0 of {} ({}, {} layout) at {}\n",
+                a.image.display(),
+                human(done.image_len),
+                human(done.copied),
+                lun.name(),
+                lun.uuid(),
+                lun.layout(),
+                path.display()
+            );
+            disk_lines(&mut o, &lun);
+            o
+        },
+    );
+    Ok(())
+}
+
+pub fn create(out: &Output, a: CreateArgs) -> Res {
+    let path = new_lun_path(&a.name, a.pool.as_deref(), a.path.as_deref())?;
     let disks = a
         .disk
         .iter()
         .map(|d| size(d, "--disk"))
         .collect::<Res<Vec<_>>>()?;
-    let cs = size(&a.cluster_size, "--cluster-size")?;
-    let cluster_size = u32::try_from(cs)
-        .ok()
-        .filter(|&c| c != 0 && lun_manager::format::label::valid_cluster_size(c))
-        .ok_or_else(|| {
-            format!(
-                "--cluster-size {}: must be a power of two from 4K to 2M",
-                a.cluster_size
-            )
-        })?;
+    let cluster_size = cluster_size_arg(&a.cluster_size)?;
     let spec = CreateSpec {
         name: a.name.clone(),
         disks,
@@ -72,6 +157,7 @@ pub fn create(out: &Output, a: CreateArgs) -> Res {
         vcpus: a.vcpus,
         layout: a.layout,
         cluster_size,
+        checksums: a.checksums,
     };
     let lun = if a.prefill {
         let mut rep = out.progress("create");
@@ -83,15 +169,7 @@ pub fn create(out: &Output, a: CreateArgs) -> Res {
     };
     let mut lun = lun;
     crate::guest::install_guest_service(&mut lun)?;
-    let disks = lun
-        .disks()
-        .iter()
-        .map(|d| results::Disk {
-            index: d.index,
-            size: d.length,
-            export: format!("{}/disk{}", lun.name(), d.index),
-        })
-        .collect();
+    let disks = disk_rows(&lun);
     out.result(
         "create",
         &results::Created {
@@ -101,30 +179,35 @@ pub fn create(out: &Output, a: CreateArgs) -> Res {
             layout: lun.layout(),
             disks,
             prefilled: a.prefill,
+            checksums: lun.volume().checksums(),
         },
         || {
             let mut o = format!(
-                "created {} ({}, {} layout{}) at {}\n",
+                "created {} ({}, {} layout{}{}) at {}\n",
                 lun.name(),
                 lun.uuid(),
                 lun.layout(),
                 if a.prefill { ", prefilled" } else { "" },
+                if a.checksums { ", data checksums" } else { "" },
                 path.display()
             );
-            for d in lun.disks() {
-                let _ = writeln!(
-                    o,
-                    "  disk{}: {} export {}/disk{}",
-                    d.index,
-                    human(d.length),
-                    lun.name(),
-                    d.index
-                );
-            }
+            disk_lines(&mut o, &lun);
             o
         },
     );
     Ok(())
+}
+
+/// The aligned layout's shadowed range: which disk bytes live where.
+fn shadow(l: &Lun) -> Option<serde_json::Value> {
+    match l.disk_view(0)? {
+        lungate_block::region::View::Aligned(m) => Some(json!({
+            "disk": 0,
+            "length": m.shadow_len(),
+            "lun_offset": m.shadow_at(),
+        })),
+        lungate_block::region::View::Window { .. } => None,
+    }
 }
 
 /// Everything `inspect --json` shows.
@@ -166,6 +249,7 @@ fn describe(l: &Lun) -> serde_json::Value {
         "updated": label.updated,
         "label_checksum": match l.found() { Found::Normal => "ok".to_string(), Found::OneSlot(w) => format!("ok (other slot: {w})"), Found::Recovered(w) => format!("recovered: {w}") },
         "regions": label.regions,
+        "shadow": shadow(l),
         "hardware": l.hardware().ok(),
         "identity": ident,
         "secondaries": sec,
@@ -232,6 +316,16 @@ fn inspect_text(l: &Lun, v: &serde_json::Value) -> String {
             r.offset,
             r.length,
             human(r.length)
+        );
+    }
+    if let (Some(len), Some(at)) = (
+        v["shadow"]["length"].as_u64(),
+        v["shadow"]["lun_offset"].as_u64(),
+    ) {
+        let _ = writeln!(
+            o,
+            "  shadow   disk0 bytes [0, {len}) live at offset {at} (state region + {})",
+            at - label.state_region().offset
         );
     }
     if let Some(id) = v["identity"]["disks"].as_array() {

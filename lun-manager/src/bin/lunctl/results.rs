@@ -29,6 +29,21 @@ pub struct Created<'a> {
     pub layout: lun_manager::Layout,
     pub disks: Vec<Disk>,
     pub prefilled: bool,
+    pub checksums: bool,
+}
+
+#[derive(Serialize)]
+pub struct Imported<'a> {
+    pub lun: &'a str,
+    pub uuid: Uuid,
+    pub path: &'a Path,
+    pub layout: lun_manager::Layout,
+    pub disks: Vec<Disk>,
+    pub image: &'a Path,
+    /// Bytes of the image.
+    pub image_bytes: u64,
+    /// Bytes of data copied (holes and zero blocks are not).
+    pub copied_bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -116,4 +131,7 @@ pub struct DiffApplied<'a> {
     pub sections: Option<usize>,
     pub extents: Option<usize>,
     pub bytes: Option<u64>,
+    /// Sections applied to another LUN whose disks matched the diff's base
+    /// (only their disk extents were written).
+    pub base_matched: Option<usize>,
 }

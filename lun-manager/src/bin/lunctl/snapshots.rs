@@ -505,6 +505,7 @@ pub fn apply_diff(out: &Output, path: &Path, file: &Path) -> Res {
         sections: None,
         extents: None,
         bytes: None,
+        base_matched: None,
     };
     match &mut t {
         Target::Direct { group, .. } => {
@@ -528,6 +529,7 @@ pub fn apply_diff(out: &Output, path: &Path, file: &Path) -> Res {
             done.sections = Some(info.sections.len());
             done.extents = Some(changes().count());
             done.bytes = Some(changes().map(|c| c.length).sum());
+            done.base_matched = Some(info.sections.iter().filter(|s| s.base_only).count());
             done.from = Some(info.from);
             done.to = info.to;
         }
@@ -538,12 +540,18 @@ pub fn apply_diff(out: &Output, path: &Path, file: &Path) -> Res {
     }
     out.result("apply-diff", &done, || match &done.from {
         Some(from) => format!(
-            "applied {} ({from} to {}) to {name}: {} LUN section(s), {} extent(s), {}\n",
+            "applied {} ({from} to {}) to {name}: {} LUN section(s), {} extent(s), {}{}\n",
             file.display(),
             done.to.as_deref().unwrap_or("now"),
             done.sections.unwrap_or(0),
             done.extents.unwrap_or(0),
-            human(done.bytes.unwrap_or(0))
+            human(done.bytes.unwrap_or(0)),
+            match done.base_matched {
+                Some(n) if n > 0 => format!(
+                    "; {n} onto another LUN whose disks hold the base {from} (disk extents only)"
+                ),
+                _ => String::new(),
+            }
         ),
         None => format!("applied {} to {name}\n", file.display()),
     });
@@ -677,4 +685,78 @@ pub fn repair(out: &Output, path: &Path) -> Res {
         o
     });
     Ok(())
+}
+
+/// Check every data checksum of the VM; exits "damaged" when a cluster
+/// fails, after reporting which.
+pub fn scrub(out: &Output, path: &Path) -> Res {
+    let t = target(path)?;
+    let mut rep = out.progress("scrub");
+    let r = match &t {
+        Target::Direct { group, .. } => {
+            let r = group.scrub(&mut |p, d, tot| rep.update(p, d, tot));
+            rep.finish();
+            r?
+        }
+        Target::Gateway { client, lun, .. } => via_gateway(&mut rep, || client.scrub(lun))?,
+    };
+    out.document(&r, || scrub_text(&r));
+    match r.error_count() {
+        0 => Ok(()),
+        n => Err(Fail::new(
+            lungate_cli::Exit::Damaged,
+            format!(
+                "{}: {n} cluster{} fail their data checksum",
+                t.name(),
+                if n == 1 { "" } else { "s" }
+            ),
+        )),
+    }
+}
+
+fn scrub_text(r: &wire::Scrub) -> String {
+    let mut o = String::new();
+    for l in &r.luns {
+        let _ = writeln!(
+            o,
+            "{}: {} clusters ({}) checked in {} layer{}, {} not summed yet, {} without checksums, {} bad",
+            l.path.display(),
+            l.clusters_checked,
+            human(l.bytes_checked),
+            l.layers_checked,
+            if l.layers_checked == 1 { "" } else { "s" },
+            l.clusters_unsummed,
+            if l.layers_without_checksums == 1 {
+                "1 layer".to_string()
+            } else {
+                format!("{} layers", l.layers_without_checksums)
+            },
+            l.errors.len()
+        );
+        for e in &l.errors {
+            let _ = writeln!(
+                o,
+                "  BAD cluster {} (LUN offset {}) in layer {} ({}): read by {}; intact copy in {}",
+                e.cluster,
+                e.offset,
+                e.layer,
+                match (&e.snapshot, e.live) {
+                    (Some(s), _) => format!("snapshot {s}"),
+                    (None, true) => "live".to_string(),
+                    (None, false) => "unnamed".to_string(),
+                },
+                list_or(&e.affected, "no view"),
+                list_or(&e.intact_in, "no snapshot"),
+            );
+        }
+    }
+    o
+}
+
+fn list_or(v: &[String], none: &str) -> String {
+    if v.is_empty() {
+        none.to_string()
+    } else {
+        v.join(", ")
+    }
 }

@@ -1,0 +1,194 @@
+//! `lunctl migrate` and `lunctl migrations`: live migration of a VM's LUNs
+//! to another gateway or another pool, run by the gateway that serves the
+//! LUN (docs/migration.md). lunctl starts it through that gateway's
+//! control API, follows it with a progress bar (bytes, rounds, rate) or
+//! NDJSON progress events, and prints the final report: bytes sent,
+//! rounds, the guest-visible pause and the parked-request count.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lun_manager::owner::{self, Probe};
+use lun_manager::size::{human, parse_size};
+use lun_manager::Lun;
+use lungate_api::client as control;
+use lungate_api::types::{MigrateRequest, MigrationInfo, MigrationPhase};
+use lungate_cli::{Exit, Output};
+
+use crate::fail::{Fail, Res};
+
+/// What `lunctl migrate` was asked.
+pub struct Args {
+    pub to: Option<String>,
+    pub to_pool: Option<String>,
+    pub target_pool: Option<String>,
+    pub downtime_ms: Option<u64>,
+    pub max_rate: Option<String>,
+    pub keep_source: bool,
+    pub with_dependents: bool,
+    pub token_file: Option<PathBuf>,
+    pub abort: bool,
+}
+
+/// The control API of the gateway serving `path`, and the LUN's UUID ref.
+fn gateway(path: &Path) -> Res<(control::Client, String, String)> {
+    match owner::try_lock(path)? {
+        Ok(_lock) => Err(Fail::new(
+            Exit::Failed,
+            format!(
+                "{} is not served by a gateway: a live migration runs in the gateway that serves it \
+                 (start `lungate serve --pool ...`)",
+                path.display()
+            ),
+        )),
+        Err(Probe::Gateway { control, .. }) => {
+            let label = Lun::probe_label(path)?;
+            let client = control::Client::new(&control)?;
+            Ok((client, control::uuid_ref(label.uuid), label.name))
+        }
+        Err(busy) => Err(owner::busy_error(path, &busy).into()),
+    }
+}
+
+fn summary(i: &MigrationInfo) -> String {
+    let mut s = format!(
+        "{} → {}: {:?}, {} sent in {} round(s) after the bulk copy, {} ms",
+        i.members.join(", "),
+        i.peer,
+        i.phase,
+        human(i.bytes),
+        i.rounds,
+        i.elapsed_ms
+    );
+    if let Some(p) = i.pause_us {
+        s.push_str(&format!(
+            ", guest-visible pause {:.1} ms ({} parked request(s))",
+            p as f64 / 1000.0,
+            i.parked.unwrap_or(0)
+        ));
+    }
+    if i.queued_ops > 0 {
+        s.push_str(&format!(
+            ", {} queued operation(s) run on the new owner",
+            i.queued_ops
+        ));
+    }
+    if let Some(k) = &i.kept_source {
+        s.push_str(&format!(", source kept at {}", k.display()));
+    }
+    if let Some(e) = &i.error {
+        s.push_str(&format!(": {e}"));
+    }
+    s
+}
+
+pub fn migrate(out: &Output, path: &Path, a: Args) -> Res {
+    let (client, lun, name) = gateway(path)?;
+    if a.abort {
+        let i = client.abort_migration(&lun)?;
+        out.result("migrate", &i, || {
+            format!("abort of migration {} of {name} requested\n", i.id)
+        });
+        return Ok(());
+    }
+    let token = match &a.token_file {
+        None => None,
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| format!("{}: {e}", f.display()))?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string(),
+        ),
+    };
+    let max_rate = match &a.max_rate {
+        None => None,
+        Some(r) => Some(
+            parse_size(r).map_err(|e| Fail::new(Exit::Usage, format!("--max-rate {r:?}: {e}")))?,
+        ),
+    };
+    let req = MigrateRequest {
+        to: a.to,
+        to_pool: a.to_pool,
+        target_pool: a.target_pool,
+        downtime_ms: a.downtime_ms,
+        max_rate,
+        keep_source: a.keep_source,
+        with_dependents: a.with_dependents,
+        token,
+    };
+    let started = client.migrate(&lun, &req)?;
+    let id = started.id;
+    let mut rep = out.progress("migrate");
+    let mut last = started;
+    // The gateway runs it; follow it until it is over.
+    while !last.phase.is_final() {
+        std::thread::sleep(Duration::from_millis(100));
+        last = match client.migration(id) {
+            Ok(i) => i,
+            Err(e) => {
+                rep.finish();
+                return Err(e.into());
+            }
+        };
+        match last.phase {
+            MigrationPhase::Preparing => rep.waiting("prepare"),
+            MigrationPhase::Copying => {
+                rep.update("copy", last.bytes, last.bulk_bytes.max(last.bytes))
+            }
+            MigrationPhase::Rounds => rep.update(
+                "rounds",
+                last.bytes,
+                last.bytes.saturating_add(last.dirty_bytes),
+            ),
+            MigrationPhase::Switching | MigrationPhase::InDoubt => rep.waiting("switch"),
+            MigrationPhase::Forwarding => rep.waiting("finish"),
+            _ => {}
+        }
+    }
+    rep.finish();
+    match last.phase {
+        MigrationPhase::Done => {
+            out.result("migrate", &last, || {
+                format!("migrated {}\n", summary(&last))
+            });
+            Ok(())
+        }
+        _ => Err(Fail::new(
+            Exit::Failed,
+            format!(
+                "migration {id} of {name} did not complete; the source keeps serving it: {}",
+                summary(&last)
+            ),
+        )),
+    }
+}
+
+/// `lunctl migrations --pool P` (or `--control SOCKET`).
+pub fn list(out: &Output, pool: Option<&Path>, control_sock: Option<&Path>) -> Res {
+    let sock = match (control_sock, pool) {
+        (Some(s), _) => s.to_path_buf(),
+        (None, Some(p)) => p.join(".lungate.sock"),
+        (None, None) => {
+            return Err(Fail::new(
+                Exit::Usage,
+                "give --pool DIR or --control SOCKET",
+            ))
+        }
+    };
+    let client = control::Client::new(&sock)?;
+    let v = client.migrations()?;
+    out.document(&v, || {
+        if v.is_empty() {
+            return "no migrations\n".into();
+        }
+        let mut s = String::new();
+        for i in &v {
+            s.push_str(&format!("{}  {:?}  {}\n", i.id, i.direction, summary(i)));
+        }
+        s
+    });
+    Ok(())
+}

@@ -1,0 +1,605 @@
+//! Live migration end to end (docs/migration.md): two real gateways on
+//! 127.0.0.1 with a pool each (or one gateway with two pools), `lunctl
+//! migrate`, and an NBD client (the project's blocking client, one
+//! connection held open across the switch) writing sequence-numbered
+//! blocks and reading each back while the LUN moves. Every request must
+//! succeed and every read must return the last write; the connection the
+//! client had before the switch is forwarded to the new owner, and new
+//! connections are served there only.
+
+#[path = "migrate_common.rs"]
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+use lungate_api::nbd::client::{Address, NbdClient};
+use lungate_tests::*;
+use serde_json::json;
+
+#[test]
+fn a_lun_with_a_snapshot_migrates_between_two_gateways_under_writes() {
+    let (a, b) = (pool_dir(), pool_dir());
+    create_lun(a.path(), "vm1", "offset", &["64M"], "16M");
+    create_lun(a.path(), "vm1data", "offset", &["16M"], "16M");
+    let a_s = a.path().to_str().unwrap();
+    let b_s = b.path().to_str().unwrap();
+    // A secondary disk: it moves with the VM, in the same switch.
+    lunctl(&["attach-secondary", "vm1", "vm1data", "--pool", a_s]);
+    let src = Gateway::start(&["--pool", a_s]);
+    let data = fill(&tcp(&src), "vm1data/disk0", 1 << 20, 2 << 20, 13);
+    let dst = Gateway::start(&["--pool", b_s, "--migration-listen", "127.0.0.1:0"]);
+    let to = migration_addr(&dst);
+    let export = "vm1/disk0";
+
+    // Data under the snapshot, beyond the writer's blocks.
+    let frozen = fill(&tcp(&src), export, 8 << 20, 4 << 20, 11);
+    api(
+        &src.control(),
+        "POST",
+        "/v1/luns/vm1/snapshots",
+        Some(json!({"name": "s1", "description": "before the move"})),
+        201,
+    );
+    // ... then overwritten in the live layer.
+    let live = fill(&tcp(&src), export, 8 << 20, 1 << 20, 12);
+    let snaps_before = api(&src.control(), "GET", "/v1/luns/vm1/snapshots", None, 200);
+
+    let (stop, count, h) = run_writer(tcp(&src), export);
+    wait_ops(&count, 300);
+    let (ok, res, all) = lunctl_migrate(&["vm1", "--pool", a_s, "--to", &to]);
+    assert!(
+        ok,
+        "lunctl migrate failed: {all}\nsource:\n{}\ntarget:\n{}",
+        src.stderr_log(),
+        dst.stderr_log()
+    );
+    assert_eq!(res["type"], "result", "{all}");
+    assert_eq!(res["phase"], "done", "{res}");
+    assert_eq!(res["members"], json!(["vm1", "vm1data"]), "{res}");
+    assert!(res["bytes"].as_u64().unwrap() >= 5 << 20, "{res}");
+    assert!(res["pause_us"].as_u64().is_some(), "{res}");
+    assert!(res["parked"].as_u64().is_some(), "{res}");
+    eprintln!(
+        "migrated: {} bytes, {} rounds, pause {} us, {} parked, {} ms",
+        res["bytes"], res["rounds"], res["pause_us"], res["parked"], res["elapsed_ms"]
+    );
+    for l in src
+        .stderr_log()
+        .lines()
+        .filter(|l| l.contains("migration committed"))
+    {
+        eprintln!("source: {l}");
+    }
+    for l in dst.stderr_log().lines().filter(|l| l.contains("_us=")) {
+        eprintln!("target: {l}");
+    }
+    // The connection opened before the switch keeps working, forwarded.
+    wait_ops(&count, 300);
+    stop.store(true, Ordering::Relaxed);
+    let seen = h.join().unwrap();
+    assert_clean(&seen);
+    eprintln!(
+        "writer: {} sequence-numbered writes, all verified",
+        seen.ops
+    );
+
+    // The target owns it: its pool has the LUN, the source's does not.
+    assert!(b.path().join("vm1.lun").is_file());
+    assert!(!a.path().join("vm1.lun").exists());
+    assert!(b.path().join("vm1data.lun").is_file());
+    assert!(!a.path().join("vm1data.lun").exists());
+    assert_eq!(read(&tcp(&dst), "vm1data/disk0", 1 << 20, 2 << 20), data);
+    // New connections: the source no longer offers the export; the target does.
+    assert!(NbdClient::connect(&tcp(&src), export).is_err());
+    verify(&tcp(&dst), export, &seen.model);
+    assert_eq!(read(&tcp(&dst), export, 8 << 20, 1 << 20), live);
+    assert_eq!(
+        read(&tcp(&dst), export, 9 << 20, 3 << 20),
+        frozen[1 << 20..]
+    );
+    // The snapshot tree arrived whole and the snapshot reads as it was.
+    let snaps_after = api(&dst.control(), "GET", "/v1/luns/vm1/snapshots", None, 200);
+    assert_eq!(snaps_before, snaps_after);
+    let c = api(
+        &dst.control(),
+        "POST",
+        "/v1/luns/vm1/clone",
+        Some(json!({"snapshot": "s1", "name": "vm1-s1"})),
+        201,
+    );
+    let clone_export = c["exports"][0].as_str().unwrap().to_string();
+    assert_eq!(read(&tcp(&dst), &clone_export, 8 << 20, 4 << 20), frozen);
+    // Both gateways list it.
+    let m = lunctl(&["--json", "migrations", "--pool", a_s]);
+    let v: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap();
+    assert_eq!(v[0]["phase"], "done", "{v}");
+    assert_eq!(v[0]["direction"], "outgoing", "{v}");
+    let m = lunctl(&["--json", "migrations", "--pool", b_s]);
+    let v: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap();
+    assert_eq!(v[0]["direction"], "incoming", "{v}");
+    // The target serves the LUN after a restart too (it owns it for good).
+    drop(src);
+    dst.stop_ok();
+    let dst = Gateway::start(&["--pool", b_s]);
+    verify(&tcp(&dst), export, &seen.model);
+    dst.stop_ok();
+}
+
+#[test]
+fn a_lun_moves_between_two_pools_of_one_gateway_under_writes() {
+    let (a, b) = (pool_dir(), pool_dir());
+    create_lun(a.path(), "vm2", "offset", &["32M"], "16M");
+    let a_s = a.path().to_str().unwrap();
+    let b_s = b.path().to_str().unwrap();
+    let gw = Gateway::start(&["--pool", a_s, "--pool", b_s]);
+    let export = "vm2/disk0";
+    let frozen = fill(&tcp(&gw), export, 4 << 20, 2 << 20, 21);
+    api(
+        &gw.control(),
+        "POST",
+        "/v1/luns/vm2/snapshots",
+        Some(json!({"name": "s1"})),
+        201,
+    );
+    let (stop, count, h) = run_writer(tcp(&gw), export);
+    wait_ops(&count, 300);
+    let (ok, res, all) = lunctl_migrate(&["vm2", "--pool", a_s, "--to-pool", b_s]);
+    assert!(
+        ok,
+        "lunctl migrate --to-pool failed: {all}\n{}",
+        gw.stderr_log()
+    );
+    assert_eq!(res["phase"], "done", "{res}");
+    assert_eq!(res["direction"], "local", "{res}");
+    wait_ops(&count, 300);
+    // A new connection during the forwarding period is served from pool B.
+    verify_prefix(&tcp(&gw), export);
+    stop.store(true, Ordering::Relaxed);
+    let seen = h.join().unwrap();
+    assert_clean(&seen);
+    assert!(b.path().join("vm2.lun").is_file());
+    assert!(!a.path().join("vm2.lun").exists());
+    verify(&tcp(&gw), export, &seen.model);
+    let c = api(
+        &gw.control(),
+        "POST",
+        "/v1/luns/vm2/clone",
+        Some(json!({"snapshot": "s1", "name": "vm2-s1"})),
+        201,
+    );
+    let clone_export = c["exports"][0].as_str().unwrap().to_string();
+    assert_eq!(read(&tcp(&gw), &clone_export, 4 << 20, 2 << 20), frozen);
+    let luns = api(&gw.control(), "GET", "/v1/luns", None, 200);
+    let paths: Vec<String> = luns
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["name"] == "vm2")
+        .map(|l| l["path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(paths.len(), 1, "{luns}");
+    assert!(
+        paths[0].starts_with(b_s)
+            || Path::new(&paths[0]).starts_with(std::fs::canonicalize(b.path()).unwrap()),
+        "{luns}"
+    );
+    gw.stop_ok();
+}
+
+/// A new connection reads the export (the served LUN answers).
+fn verify_prefix(addr: &Address, export: &str) {
+    let mut c = NbdClient::connect(addr, export).unwrap();
+    let mut b = vec![0u8; BLOCK];
+    c.read_at(0, &mut b).unwrap();
+    c.disconnect().unwrap();
+}
+
+#[test]
+fn refusals_name_their_reason_and_create_nothing_on_the_target() {
+    let (a, b) = (pool_dir(), pool_dir());
+    create_lun(a.path(), "vm3", "offset", &["16M"], "16M");
+    // The same name already in the target pool.
+    create_lun(b.path(), "vm3", "offset", &["16M"], "16M");
+    let a_s = a.path().to_str().unwrap();
+    let b_s = b.path().to_str().unwrap();
+    let src = Gateway::start(&["--pool", a_s]);
+    let before = clean_tree(b.path());
+
+    let c = pool_dir();
+    let c_s = c.path().to_str().unwrap();
+    let before_c = clean_tree(c.path());
+    let check = |dst: &Gateway, pool: &Path, want: &str, extra: &[&str]| {
+        let to = migration_addr(dst);
+        let mut args = vec!["vm3", "--pool", a_s, "--to", &to];
+        args.extend_from_slice(extra);
+        let (ok, res, all) = lunctl_migrate(&args);
+        assert!(!ok, "migration should be refused ({want}): {all}");
+        assert_eq!(res["type"], "error", "{all}");
+        let msg = res["error"].as_str().unwrap_or_default().to_string();
+        assert!(
+            msg.contains(want),
+            "refusal {msg:?} does not say {want:?}\n{all}"
+        );
+        let was = if pool == b.path() { &before } else { &before_c };
+        assert_eq!(
+            &clean_tree(pool),
+            was,
+            "the target made files for a refused migration"
+        );
+        // The source still serves, unchanged.
+        assert!(a.path().join("vm3.lun").is_file());
+        fill(&tcp(&src), "vm3/disk0", 0, 4096, 5);
+    };
+
+    {
+        let dst = Gateway::start(&["--pool", b_s, "--migration-listen", "127.0.0.1:0"]);
+        check(&dst, b.path(), "already has", &[]);
+        dst.stop_ok();
+    }
+    {
+        let dst = Gateway::start(&[
+            "--pool",
+            b_s,
+            "--migration-listen",
+            "127.0.0.1:0",
+            "--migration-allow",
+            "192.0.2.0/24",
+        ]);
+        check(
+            &dst,
+            b.path(),
+            "not in the target's migration allow list",
+            &[],
+        );
+        dst.stop_ok();
+    }
+    {
+        let etc = tempfile::tempdir().unwrap();
+        let cfg = etc.path().join("gw-token.toml");
+        let tok = etc.path().join("gw-token");
+        std::fs::write(&tok, "s3cret\n").unwrap();
+        std::fs::write(
+            &cfg,
+            format!("[migration]\ntoken_file = {:?}\nreserve = \"1000T\"\n", tok),
+        )
+        .unwrap();
+        let cfg_s = cfg.to_str().unwrap();
+        let dst = Gateway::start(&[
+            "--config",
+            cfg_s,
+            "--pool",
+            c_s,
+            "--migration-listen",
+            "127.0.0.1:0",
+        ]);
+        check(&dst, c.path(), "token", &[]);
+        let wrong = etc.path().join("wrong-token");
+        std::fs::write(&wrong, "nope\n").unwrap();
+        check(
+            &dst,
+            c.path(),
+            "token",
+            &["--token-file", wrong.to_str().unwrap()],
+        );
+        // With the right token, the space check refuses it (the reserve
+        // is larger than any disk).
+        check(
+            &dst,
+            c.path(),
+            "not enough free space",
+            &["--token-file", tok.to_str().unwrap()],
+        );
+        dst.stop_ok();
+        let _ = std::fs::remove_file(cfg);
+        let _ = std::fs::remove_file(tok);
+        let _ = std::fs::remove_file(wrong);
+    }
+    {
+        // A clone reads through the VM's layers: refused by the source, with
+        // the dependents named.
+        let dst = Gateway::start(&["--pool", c_s, "--migration-listen", "127.0.0.1:0"]);
+        api(
+            &src.control(),
+            "POST",
+            "/v1/luns/vm3/snapshots",
+            Some(json!({"name": "base"})),
+            201,
+        );
+        api(
+            &src.control(),
+            "POST",
+            "/v1/luns/vm3/clone",
+            Some(json!({"snapshot": "base", "name": "vm3c"})),
+            201,
+        );
+        check(
+            &dst,
+            c.path(),
+            "clones that depend on its layers: vm3c",
+            &[],
+        );
+        // With --with-dependents the clone moves along, in the same switch.
+        let to = migration_addr(&dst);
+        let (ok, res, all) =
+            lunctl_migrate(&["vm3", "--pool", a_s, "--to", &to, "--with-dependents"]);
+        assert!(ok, "--with-dependents: {all}\n{}", dst.stderr_log());
+        assert_eq!(res["members"], json!(["vm3", "vm3c"]), "{res}");
+        assert!(c.path().join("vm3.lun").is_file() && c.path().join("vm3c.lun").is_file());
+        assert!(!a.path().join("vm3.lun").exists() && !a.path().join("vm3c.lun").exists());
+        let snaps = api(&dst.control(), "GET", "/v1/luns/vm3/snapshots", None, 200);
+        assert_eq!(snaps[0]["name"], "base", "{snaps}");
+        verify_prefix(&tcp(&dst), "vm3c/disk0");
+        dst.stop_ok();
+    }
+    src.stop_ok();
+}
+
+#[test]
+fn an_abort_or_a_timeout_leaves_the_source_serving_and_the_target_clean() {
+    let (a, b) = (pool_dir(), pool_dir());
+    create_lun(a.path(), "vm4", "offset", &["32M"], "16M");
+    let a_s = a.path().to_str().unwrap();
+    let b_s = b.path().to_str().unwrap();
+    let src = Gateway::start_env(
+        &["--pool", a_s],
+        &[("LUNGATE_TEST_MIGRATION_STALL", "copied:3000")],
+    );
+    let dst = Gateway::start(&["--pool", b_s, "--migration-listen", "127.0.0.1:0"]);
+    let to = migration_addr(&dst);
+    let before = clean_tree(b.path());
+    let export = "vm4/disk0";
+    fill(&tcp(&src), export, 0, 1 << 20, 3);
+    let (stop, count, h) = run_writer(tcp(&src), export);
+    wait_ops(&count, 100);
+
+    // --abort while the source stalls after the bulk copy.
+    let (a2, to2) = (a_s.to_string(), to.clone());
+    let m = thread::spawn(move || lunctl_migrate(&["vm4", "--pool", &a2, "--to", &to2]));
+    let t = Instant::now();
+    loop {
+        let log = src.stderr_log();
+        if log.contains("migration stalled at copied") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "never reached the stall:\n{log}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let ab = lunctl(&["--json", "migrate", "vm4", "--pool", a_s, "--abort"]);
+    assert!(ab.status.success());
+    let (ok, res, all) = m.join().unwrap();
+    assert!(!ok, "an aborted migration reported success: {all}");
+    assert!(
+        res["error"].as_str().unwrap_or("").contains("abort"),
+        "{all}"
+    );
+    wait_ops(&count, 200);
+    // Nothing left on the target (its staging is removed on the abort).
+    let t = Instant::now();
+    while clean_tree(b.path()) != before {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "target left {:?}",
+            tree(b.path())
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&lunctl(&["--json", "migrations", "--pool", a_s]).stdout).unwrap();
+    assert_eq!(v[0]["phase"], "aborted", "{v}");
+    stop.store(true, Ordering::Relaxed);
+    let seen = h.join().unwrap();
+    assert_clean(&seen);
+    assert!(a.path().join("vm4.lun").is_file());
+    verify(&tcp(&src), export, &seen.model);
+
+    // The target goes away mid-copy: the step times out, the source serves.
+    drop(dst);
+    let (ok, _res, all) = lunctl_migrate(&["vm4", "--pool", a_s, "--to", &to]);
+    assert!(!ok, "{all}");
+    verify(&tcp(&src), export, &seen.model);
+    src.stop_ok();
+}
+
+#[test]
+fn a_snapshot_asked_for_during_a_migration_runs_on_the_new_owner() {
+    let (a, b) = (pool_dir(), pool_dir());
+    create_lun(a.path(), "vm5", "offset", &["16M"], "16M");
+    let a_s = a.path().to_str().unwrap();
+    let b_s = b.path().to_str().unwrap();
+    let src = Gateway::start_env(
+        &["--pool", a_s],
+        &[("LUNGATE_TEST_MIGRATION_STALL", "copied:2000")],
+    );
+    let dst = Gateway::start(&["--pool", b_s, "--migration-listen", "127.0.0.1:0"]);
+    let to = migration_addr(&dst);
+    let (a2, to2) = (a_s.to_string(), to.clone());
+    let m = thread::spawn(move || lunctl_migrate(&["vm5", "--pool", &a2, "--to", &to2]));
+    let t = Instant::now();
+    while !src.stderr_log().contains("migration stalled at copied") {
+        assert!(t.elapsed() < Duration::from_secs(60), "never stalled");
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Queued while the LUN moves; answered by the target after the switch.
+    let sock = src.control();
+    let snap = thread::spawn(move || {
+        api(
+            &sock,
+            "POST",
+            "/v1/luns/vm5/snapshots",
+            Some(json!({"name": "during", "description": "queued"})),
+            201,
+        )
+    });
+    let (ok, res, all) = m.join().unwrap();
+    assert!(ok, "{all}");
+    assert_eq!(res["queued_ops"], 1, "{res}");
+    let taken = snap
+        .join()
+        .expect("the queued snapshot was not answered 201");
+    assert_eq!(taken["snapshot"]["name"], "during");
+    let list = api(&dst.control(), "GET", "/v1/luns/vm5/snapshots", None, 200);
+    assert_eq!(list[0]["name"], "during", "{list}");
+    assert_eq!(list[0]["description"], "queued", "{list}");
+    // After the move, the source sends control operations elsewhere.
+    let r = http(
+        &Control::Unix(&src.control()),
+        "POST",
+        "/v1/luns/vm5/snapshots",
+        Some(br#"{"name": "late"}"#),
+        false,
+    );
+    assert_ne!(
+        r.status / 100,
+        2,
+        "the source still took a snapshot of a LUN it gave away"
+    );
+    src.stop_ok();
+    dst.stop_ok();
+}
+
+fn put_policy(sock: &Path, lun: &str, json: &str) {
+    use lungate_api::records::RecordType;
+    use lungate_api::types::{RecordBatch, RecordPut};
+    let c = lungate_api::client::Client::new(sock).unwrap();
+    let b = json.as_bytes().to_vec();
+    let batch = RecordBatch {
+        put: vec![RecordPut {
+            rtype: RecordType::Policy,
+            instance: 0,
+            length: b.len() as u64,
+        }],
+        remove: vec![],
+    };
+    c.write_records(lun, &batch, |_, s| s.write(&b)).unwrap();
+}
+
+#[test]
+fn the_vms_policy_decides_where_it_may_go_and_travels_with_it() {
+    use lungate_api::records::{Policy, RecordType};
+    let (a, b) = (pool_dir(), pool_dir());
+    create_lun(a.path(), "vm6", "offset", &["16M"], "16M");
+    let a_s = a.path().to_str().unwrap();
+    let b_s = b.path().to_str().unwrap();
+    let etc = tempfile::tempdir().unwrap();
+    let cfg = etc.path().join("gw-b.toml");
+    std::fs::write(&cfg, "[migration]\nname = \"gw-b\"\n").unwrap();
+    let src = Gateway::start(&["--pool", a_s]);
+    let dst = Gateway::start(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--pool",
+        b_s,
+        "--migration-listen",
+        "127.0.0.1:0",
+    ]);
+    let to = migration_addr(&dst);
+    let before = clean_tree(b.path());
+    let refused = |want: &str| {
+        let (ok, res, all) = lunctl_migrate(&["vm6", "--pool", a_s, "--to", &to]);
+        assert!(!ok, "{all}");
+        let msg = res["error"].as_str().unwrap_or_default();
+        assert!(msg.contains(want), "{msg:?} does not say {want:?}");
+        assert_eq!(clean_tree(b.path()), before);
+    };
+    put_policy(&src.control(), "vm6", r#"{"migrate_to": ["192.0.2.0/24"]}"#);
+    refused("policy does not allow migrating it to");
+    put_policy(&src.control(), "vm6", r#"{"gateways": ["gw-c"]}"#);
+    refused("policy does not admit it on gateway gw-b");
+    let pol = r#"{"migrate_to": ["127.0.0.0/8"], "gateways": ["gw-b"], "keep_snapshots": 3}"#;
+    put_policy(&src.control(), "vm6", pol);
+    let (ok, res, all) = lunctl_migrate(&["vm6", "--pool", a_s, "--to", &to]);
+    assert!(ok, "{all}");
+    assert_eq!(res["phase"], "done");
+    // The record arrived with the VM, and the target reads it.
+    let c = lungate_api::client::Client::new(&dst.control()).unwrap();
+    let got: Option<Policy> = c.record_json("vm6", RecordType::Policy, 0).unwrap();
+    assert_eq!(got, Some(serde_json::from_str::<Policy>(pol).unwrap()));
+    // The target enforces it: with keep_snapshots 3, a fourth snapshot
+    // deletes the oldest.
+    for n in ["r1", "r2", "r3", "r4"] {
+        api(
+            &dst.control(),
+            "POST",
+            "/v1/luns/vm6/snapshots",
+            Some(json!({"name": n})),
+            201,
+        );
+    }
+    let names: Vec<String> = api(&dst.control(), "GET", "/v1/luns/vm6/snapshots", None, 200)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["r2", "r3", "r4"]);
+    src.stop_ok();
+    dst.stop_ok();
+}
+
+#[test]
+fn a_lun_with_data_checksums_migrates_and_scrubs_clean_on_the_target() {
+    let (a, b) = (pool_dir(), pool_dir());
+    let a_s = a.path().to_str().unwrap();
+    let b_s = b.path().to_str().unwrap();
+    lunctl(&[
+        "create",
+        "vm7",
+        "--pool",
+        a_s,
+        "--disk",
+        "16M",
+        "--memory",
+        "16M",
+        "--checksums",
+    ]);
+    let src = Gateway::start(&["--pool", a_s]);
+    let dst = Gateway::start(&["--pool", b_s, "--migration-listen", "127.0.0.1:0"]);
+    let to = migration_addr(&dst);
+    let frozen = fill(&tcp(&src), "vm7/disk0", 0, 2 << 20, 71);
+    api(
+        &src.control(),
+        "POST",
+        "/v1/luns/vm7/snapshots",
+        Some(json!({"name": "s1"})),
+        201,
+    );
+    let live = fill(&tcp(&src), "vm7/disk0", 1 << 20, 1 << 20, 72);
+    let scrub = |pool: &str| -> serde_json::Value {
+        let out = lunctl(&["--json", "scrub", "vm7", "--pool", pool]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let doc = text
+            .lines()
+            .collect::<Vec<_>>()
+            .join("\n")
+            .split_once("\n{\n")
+            .map(|(_, rest)| format!("{{\n{rest}"))
+            .unwrap_or(text.clone());
+        serde_json::from_str(&doc).unwrap_or_else(|e| panic!("{e}: {text}"))
+    };
+    let before = scrub(a_s);
+    let (ok, res, all) = lunctl_migrate(&["vm7", "--pool", a_s, "--to", &to]);
+    assert!(ok, "{all}\n{}", dst.stderr_log());
+    assert_eq!(res["phase"], "done");
+    assert_eq!(read(&tcp(&dst), "vm7/disk0", 0, 1 << 20), frozen[..1 << 20]);
+    assert_eq!(read(&tcp(&dst), "vm7/disk0", 1 << 20, 1 << 20), live);
+    // Every cluster of every layer verifies against its checksum there.
+    let after = scrub(b_s);
+    eprintln!("scrub: source {before}\ntarget {after}");
+    let l = &after["luns"][0];
+    assert_eq!(l["errors"], json!([]), "{after}");
+    assert_eq!(l["clusters_unsummed"], 0, "{after}");
+    assert_eq!(
+        l["layers_without_checksums"], before["luns"][0]["layers_without_checksums"],
+        "source {before}\ntarget {after}"
+    );
+    src.stop_ok();
+    dst.stop_ok();
+}
