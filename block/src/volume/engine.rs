@@ -1197,6 +1197,14 @@ impl Volume {
     /// the base stay unchecked. Idempotent.
     pub fn enable_checksums(&self) -> Result<()> {
         self.writable()?;
+        if self.native().is_some() {
+            // The checksums live in the file store's deltas; a store with
+            // its own snapshots (RBD) keeps no deltas.
+            return Err(Error::Invalid(format!(
+                "{}: data checksums are kept by file-store layers; this store keeps none (Ceph checksums an RBD image's data itself)",
+                self.lun_path.display()
+            )));
+        }
         let _m = lock(&self.maint);
         let _io = self.io.write_blocking();
         self.flush()?;
