@@ -275,6 +275,84 @@ fn rbd_lun_served_with_every_volume_operation() {
     assert!(!c.rbd(&["ls", &format!("rbd/{ns}")]).contains(".lun"));
 }
 
+/// The aligned layout on an RBD image: lungate's GPT at LBA 0 written
+/// and checked through the image, the guest's first MiB in the state
+/// region's shadow area, and the image's bytes the same LUN to the file
+/// tools. Data checksums (file-store layers) are refused with a reason.
+#[test]
+fn aligned_layout_lun_on_rbd_keeps_its_gpt_and_the_guests_first_mib() {
+    let c = Cluster::shared();
+    let ns = "aligned";
+    let pool = c.pool(ns);
+    let work = tempfile::tempdir().expect("tempdir");
+    let out = lunctl(&[
+        "create", "--pool", &pool, "--layout", "aligned", "--disk", "16M", "--memory", "4M", "al",
+    ]);
+    assert_success("lunctl create --layout aligned", &out);
+    let lun = format!("rbd:rbd/{ns}/al.lun:conf={}", c.conf().display());
+    let inspect = json_of(&lunctl(&["--json", "inspect", &lun]));
+    assert_eq!(inspect["layout"], "aligned", "{inspect}");
+    assert_eq!(inspect["warnings"], json!([]), "{inspect}");
+
+    let ctl = work.path().join("ctl.sock");
+    let gw = Gateway::start(&["--pool", &pool, "--control", ctl.to_str().expect("utf-8")]);
+    let d0 = gw.uri("al/disk0");
+    // Byte 0 (the shadowed first MiB) and past it, read back.
+    qemu_io_ok(
+        &d0,
+        &[
+            "write -P 0x5a 0 64k",
+            "write -P 0x5b 1M 64k",
+            "read -P 0x5a 0 64k",
+            "read -P 0x5b 1M 64k",
+        ],
+    );
+    gw.stop_ok();
+
+    // The guest's bytes did not land on lungate's GPT: inspect still
+    // finds it intact, and the exported image reads as the same disk.
+    let inspect = json_of(&lunctl(&["--json", "inspect", &lun]));
+    assert_eq!(inspect["warnings"], json!([]), "{inspect}");
+    let copy = export_image(c, ns, "al.lun", work.path());
+    assert_eq!(disk_file_bytes(&copy, 0, 0, 65536), vec![0x5a; 65536]);
+    assert_eq!(disk_file_bytes(&copy, 0, 1 << 20, 65536), vec![0x5b; 65536]);
+    let mut mbr = [0u8; 2];
+    {
+        use std::os::unix::fs::FileExt;
+        std::fs::File::open(&copy)
+            .expect("open export")
+            .read_exact_at(&mut mbr, 510)
+            .expect("read MBR");
+    }
+    assert_eq!(mbr, [0x55, 0xaa], "no protective MBR at LBA 0");
+
+    // Checksums are a file-store feature: refused, and no image is left.
+    let out = Command::new(bin("lunctl"))
+        .args([
+            "create",
+            "--pool",
+            &pool,
+            "--checksums",
+            "--disk",
+            "8M",
+            "--memory",
+            "4M",
+            "sums",
+        ])
+        .output()
+        .expect("run lunctl");
+    assert!(!out.status.success(), "--checksums on RBD was accepted");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("checksums"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!c.rbd(&["ls", &format!("rbd/{ns}")]).contains("sums.lun"));
+
+    let out = lunctl(&["delete", "--yes", &lun]);
+    assert_success("lunctl delete", &out);
+}
+
 /// The value of etcd key `key` (`None`: no such key), read with etcdctl.
 fn etcd_get(endpoint: &str, key: &str) -> Option<serde_json::Value> {
     let out = run_ok(
