@@ -278,7 +278,8 @@ fn rbd_lun_served_with_every_volume_operation() {
 /// The aligned layout on an RBD image: lungate's GPT at LBA 0 written
 /// and checked through the image, the guest's first MiB in the state
 /// region's shadow area, and the image's bytes the same LUN to the file
-/// tools. Data checksums (file-store layers) are refused with a reason.
+/// tools. Data checksums (file-store layers) and copying migrations are
+/// refused with a reason.
 #[test]
 fn aligned_layout_lun_on_rbd_keeps_its_gpt_and_the_guests_first_mib() {
     let c = Cluster::shared();
@@ -295,7 +296,16 @@ fn aligned_layout_lun_on_rbd_keeps_its_gpt_and_the_guests_first_mib() {
     assert_eq!(inspect["warnings"], json!([]), "{inspect}");
 
     let ctl = work.path().join("ctl.sock");
-    let gw = Gateway::start(&["--pool", &pool, "--control", ctl.to_str().expect("utf-8")]);
+    let files = tempfile::tempdir().expect("tempdir");
+    let files_s = files.path().to_str().expect("utf-8");
+    let gw = Gateway::start(&[
+        "--pool",
+        &pool,
+        "--pool",
+        files_s,
+        "--control",
+        ctl.to_str().expect("utf-8"),
+    ]);
     let d0 = gw.uri("al/disk0");
     // Byte 0 (the shadowed first MiB) and past it, read back.
     qemu_io_ok(
@@ -307,6 +317,17 @@ fn aligned_layout_lun_on_rbd_keeps_its_gpt_and_the_guests_first_mib() {
             "read -P 0x5b 1M 64k",
         ],
     );
+    // A copying migration to a file pool is refused: the image is shared
+    // by the cluster's gateways already (they hand it over instead).
+    let r = api(
+        &gw.control(),
+        "POST",
+        "/v1/luns/al/migrate",
+        Some(json!({ "to_pool": files_s })),
+        409,
+    );
+    assert!(r.to_string().contains("RBD LUN"), "{r}");
+    assert!(!files.path().join("al.lun").exists());
     gw.stop_ok();
 
     // The guest's bytes did not land on lungate's GPT: inspect still
