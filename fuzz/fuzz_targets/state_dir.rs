@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
     let want = Uuid::from_bytes(inp.take(16).try_into().unwrap_or([0; 16]));
     let alloc = inp.u64() >> (inp.u8() % 64);
     let body = inp.rest();
-    let _ = Directory::decode(body, want);
+    let _ = Directory::decode(body, want, lun_manager::format::state::DATA_START);
     let mut b = padded(body, DIR_SLOT_SIZE);
     if mode & 1 != 0 {
         fix_blake3(&mut b, DIR_SLOT_SIZE - 32);
@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
     } else {
         want
     };
-    let Ok(d) = Directory::decode(&b, lun) else {
+    let Ok(d) = Directory::decode(&b, lun, lun_manager::format::state::DATA_START) else {
         return;
     };
     assert_eq!(
@@ -62,5 +62,5 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     // 64 KiB: sample 512 positions.
-    assert_every_flip_refused(&b, 512, |c| Directory::decode(c, lun).is_ok());
+    assert_every_flip_refused(&b, 512, |c| Directory::decode(c, lun, lun_manager::format::state::DATA_START).is_ok());
 });

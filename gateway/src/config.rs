@@ -186,6 +186,7 @@ pub fn build_registry(cfg: &GatewayConfig, engine: &IoEngine) -> Result<Arc<Regi
 pub async fn build_server(
     cfg: &GatewayConfig,
     activated: Vec<std::os::fd::OwnedFd>,
+    stall: crate::migrate::Stall,
 ) -> Result<Server, StartError> {
     let listen = cfg.listen_addrs()?;
     let engine = IoEngine::new(cfg.io.engine, cfg.io.workers).map_err(StartError::Engine)?;
@@ -196,7 +197,8 @@ pub async fn build_server(
     );
     // Migrations a crash interrupted are finished or undone before any
     // LUN of the pools is opened, so exactly one gateway serves each.
-    let msettings = migration_settings(cfg, &engine)?;
+    let mut msettings = migration_settings(cfg, &engine)?;
+    msettings.stall = stall;
     let held = crate::migrate::recover::at_start(&msettings).await;
     let registry = build_registry(cfg, &engine)?;
     let msettings = registry.migrate.configure(msettings);

@@ -244,7 +244,13 @@ async fn run(cmd: Cmd, activated: Vec<std::os::fd::OwnedFd>) -> Result<(), Strin
         Cmd::Doc(_) => unreachable!("handled in main"),
     };
 
-    let server = build_server(&cfg, activated)
+    // Test-only fault injection (docs/migration.md, tests/migration_crash.rs).
+    let stall = lungate::migrate::Stall::parse(
+        std::env::var("LUNGATE_TEST_MIGRATION_STALL")
+            .ok()
+            .as_deref(),
+    );
+    let server = build_server(&cfg, activated, stall)
         .await
         .map_err(|e| e.to_string())?;
 

@@ -123,11 +123,17 @@ pub fn locate_secondary(primary: &Path, r: &SecondaryRef) -> Result<PathBuf> {
 /// whose disks hold the same bytes (its state region, with its own
 /// identity, is not compared nor written).
 fn disk_ranges(lun: &Lun) -> Vec<std::ops::Range<u64>> {
-    let r: Vec<_> = lun
+    let mut r: Vec<_> = lun
         .disks()
         .iter()
         .map(|d| d.offset..d.offset.saturating_add(d.length))
         .collect();
+    if lun.layout() == crate::Layout::Aligned {
+        // disk0's first MiB (the guest's partition table) lives in the
+        // state region's shadow area: it is disk bytes too.
+        let at = lun.label().state_region().offset + crate::format::state::SHADOW_AT;
+        r.push(at..at + crate::format::SHADOW_LEN);
+    }
     volume::diff::clip_ranges(&r, lun.volume().protected())
 }
 

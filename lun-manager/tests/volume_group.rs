@@ -621,8 +621,14 @@ fn clones_survive_a_moved_pool_and_a_renamed_parent() {
 /// only; a LUN whose disks differ is refused and left unchanged.
 #[test]
 fn a_diff_applies_to_another_lun_whose_disks_hold_its_base() {
+    for layout in [Layout::Offset, Layout::Truncate, Layout::Aligned] {
+        diff_onto_another_lun(layout);
+    }
+}
+
+fn diff_onto_another_lun(layout: Layout) {
     let d = tempfile::tempdir().unwrap();
-    let p = create(d.path(), "vm", Layout::Offset);
+    let p = create(d.path(), "vm", layout);
     let g = reopen(&p);
     let l = g.primary();
     l.write_region(RegionKind::Disk, 0, 0, &pattern(1, 3 * MIB as usize))
@@ -648,6 +654,9 @@ fn a_diff_applies_to_another_lun_whose_disks_hold_its_base() {
         l.volume().trim(l.disks()[0].offset + 2 * MIB, MIB).unwrap();
         l.write_region(RegionKind::Disk, 1, 12345, &pattern(4, 5000))
             .unwrap();
+        // The guest's own partition table, in its first MiB.
+        l.write_region(RegionKind::Disk, 0, 0, &pattern(5, 4096))
+            .unwrap();
         put_vcpus(&mut l, 7);
         l.sync().unwrap();
     }
@@ -657,7 +666,7 @@ fn a_diff_applies_to_another_lun_whose_disks_hold_its_base() {
     g.write_diff("base", Some("next"), &mut file).unwrap();
 
     // A LUN whose disks differ from base: refused, nothing written.
-    let stranger = create(d.path(), "stranger", Layout::Offset);
+    let stranger = create(d.path(), "stranger", layout);
     {
         let s = Lun::open(&stranger, Access::ReadWrite).unwrap();
         s.write_region(RegionKind::Disk, 0, 0, &pattern(1, 3 * MIB as usize))
@@ -682,12 +691,8 @@ fn a_diff_applies_to_another_lun_whose_disks_hold_its_base() {
     let info = t.apply_diff(&mut &file[..]).unwrap();
     assert!(info.sections[0].base_only, "{info:?}");
     for (idx, len) in [(0u32, 4 * MIB as usize), (1, 2 * MIB as usize)] {
-        let mut want = vec![0u8; len];
-        let at = g.primary().disks()[idx as usize].offset;
-        g.primary()
-            .volume()
-            .read_snapshot("next", at, &mut want)
-            .unwrap();
+        // The source's live disks are what it holds at next.
+        let want = disk(g.primary(), idx, 0, len);
         assert!(
             disk(t.primary(), idx, 0, len) == want,
             "disk{idx} differs from vm@next"

@@ -104,7 +104,7 @@ impl Settings {
             pools,
             engine,
             nbd: OnceLock::new(),
-            stall: Stall::from_env(),
+            stall: Stall::default(),
         }
     }
 
@@ -125,8 +125,8 @@ impl Settings {
     }
 }
 
-/// Fault injection for the crash and abort tests: with
-/// `LUNGATE_TEST_MIGRATION_STALL=STEP:MS` in the environment, a migration
+/// Fault injection for the crash and abort tests: with `STEP:MS` (the
+/// binary reads it from `LUNGATE_TEST_MIGRATION_STALL`), a migration
 /// that reaches step `STEP` sleeps `MS` milliseconds there (and logs
 /// `migration stalled at STEP`), so a test can kill or abort it at that
 /// exact step. Steps: `prepared`, `copied`, `rounds`, `paused`,
@@ -140,13 +140,12 @@ pub struct Stall {
 }
 
 impl Stall {
-    pub fn from_env() -> Stall {
-        let at = std::env::var("LUNGATE_TEST_MIGRATION_STALL")
-            .ok()
-            .and_then(|v| {
-                let (step, ms) = v.split_once(':')?;
-                Some((step.to_string(), Duration::from_millis(ms.parse().ok()?)))
-            });
+    /// `STEP:MS`; anything else (or nothing) stalls nowhere.
+    pub fn parse(spec: Option<&str>) -> Stall {
+        let at = spec.and_then(|v| {
+            let (step, ms) = v.split_once(':')?;
+            Some((step.to_string(), Duration::from_millis(ms.parse().ok()?)))
+        });
         Stall { at }
     }
 
