@@ -7,6 +7,8 @@
 //! never by name. It does not mock anything: a test that uses it talks to
 //! the real server over real sockets.
 
+pub mod ceph;
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::File;
@@ -807,6 +809,16 @@ impl Gateway {
                 self.stderr_log()
             );
         }
+    }
+
+    /// Sends `sig` (SIGSTOP, SIGCONT, ...) to the gateway, by PID.
+    pub fn send_signal(&self, sig: libc::c_int) {
+        signal(self.child.as_ref().expect("gateway child"), sig);
+    }
+
+    /// Waits up to `timeout` for the gateway to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_timeout(self.child.as_mut().expect("gateway child"), timeout)
     }
 
     /// Everything the gateway wrote to stderr so far.

@@ -252,6 +252,8 @@ pub struct GatewayConfig {
     pub control: ControlConfig,
     #[serde(default)]
     pub migration: MigrationConfig,
+    #[serde(default)]
+    pub coordinator: CoordinatorConfig,
 }
 
 /// Live migration between gateways (docs/migration.md): where this gateway
@@ -348,6 +350,52 @@ impl MigrationConfig {
     }
 }
 
+/// Several gateways sharing RBD pools, coordinated through etcd
+/// (docs/scale-out.md). Off (`url` unset): the single-host lock rules.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// `etcd://HOST:PORT` of an etcd (v3) client endpoint.
+    pub url: Option<String>,
+    /// This gateway's name in etcd; default `HOSTNAME-PID`.
+    pub name: Option<String>,
+    /// Seconds the gateway's lease outlives its last keepalive: how long
+    /// its LUNs stay unserved after it dies, before another gateway takes
+    /// them (default 10).
+    pub lease_ttl: Option<u64>,
+}
+
+impl CoordinatorConfig {
+    /// `HOST:PORT` of the etcd endpoint, if coordination is on.
+    pub fn endpoint(&self) -> Result<Option<String>, ConfigError> {
+        let Some(u) = &self.url else { return Ok(None) };
+        match u.strip_prefix("etcd://") {
+            Some(hp) if hp.contains(':') && !hp.contains('/') => Ok(Some(hp.to_string())),
+            _ => Err(ConfigError::invalid(
+                "coordinator.url",
+                u,
+                "expected etcd://HOST:PORT",
+            )),
+        }
+    }
+
+    pub fn ttl(&self) -> u64 {
+        self.lease_ttl.unwrap_or(10)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.endpoint()?;
+        if self.lease_ttl.is_some_and(|t| !(2..=3600).contains(&t)) {
+            return Err(ConfigError::invalid(
+                "coordinator.lease_ttl",
+                self.ttl(),
+                "must be 2 to 3600 seconds",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The control API (HTTP/1.1 + JSON): always on a unix socket (mode 0600),
 /// optionally also on TCP with a bearer token.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -369,9 +417,13 @@ pub struct ControlConfig {
 impl ControlConfig {
     /// The unix socket path in force for `pools`.
     pub fn unix_path(&self, pools: &[PathBuf]) -> Option<PathBuf> {
-        self.unix
-            .clone()
-            .or_else(|| pools.first().map(|p| p.join(".lungate.sock")))
+        // An RBD pool (`rbd:…`) has no directory to hold a socket.
+        self.unix.clone().or_else(|| {
+            pools
+                .iter()
+                .find(|p| !p.to_string_lossy().starts_with("rbd:"))
+                .map(|p| p.join(".lungate.sock"))
+        })
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -437,6 +489,7 @@ impl Default for GatewayConfig {
             exports: Vec::new(),
             control: ControlConfig::default(),
             migration: MigrationConfig::default(),
+            coordinator: CoordinatorConfig::default(),
         }
     }
 }
@@ -497,6 +550,7 @@ impl GatewayConfig {
         self.allow_rules()?;
         self.control.validate()?;
         self.migration.validate(&self.tls)?;
+        self.coordinator.validate()?;
         self.validate_block_sizes()?;
         if self.max_in_flight.0 < MIN_IN_FLIGHT {
             return Err(ConfigError::invalid(

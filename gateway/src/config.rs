@@ -30,6 +30,7 @@ pub struct Overrides {
     pub tls_verify_peer: bool,
     pub engine: Option<EngineKind>,
     pub control: Option<PathBuf>,
+    pub coordinator: Option<String>,
     /// `--migration-listen`: replaces `[migration] listen`.
     pub migration_listen: Option<String>,
     /// `--migration-allow`: replace `[migration] allow` when given.
@@ -71,6 +72,9 @@ impl Overrides {
         if self.control.is_some() {
             cfg.control.unix = self.control.clone();
         }
+        if self.coordinator.is_some() {
+            cfg.coordinator.url = self.coordinator.clone();
+        }
         if self.migration_listen.is_some() {
             cfg.migration.listen = self.migration_listen.clone();
         }
@@ -93,6 +97,8 @@ pub enum StartError {
     Engine(std::io::Error),
     #[error(transparent)]
     Server(#[from] ServerError),
+    #[error(transparent)]
+    Coordinator(#[from] crate::coordinator::EtcdError),
     #[error("cannot read migration token file {path}: {source}")]
     MigrationToken {
         path: PathBuf,
@@ -253,12 +259,28 @@ pub async fn build_server(
         activated,
         migration_listen: msettings.listen,
     };
-    let server = Server::bind(settings, registry).await?;
+    let server = Server::bind(settings, registry.clone()).await?;
     if let Some(port) = server.listening().iter().find_map(|l| match l {
         crate::server::Listening::Tcp(a) => Some(a.port()),
         _ => None,
     }) {
         let _ = msettings.nbd.set((port, cfg.tls.mode != TlsMode::Off));
+    }
+    if let Some(endpoint) = cfg.coordinator.endpoint()? {
+        let mut addrs: Vec<String> = server.listening().iter().map(|l| l.to_string()).collect();
+        addrs.extend(server.control_listening());
+        let c = crate::coordinator::Coordinator::start(
+            &endpoint,
+            cfg.coordinator.name.as_deref(),
+            cfg.coordinator.ttl(),
+            &cfg.pools,
+            serde_json::json!(addrs),
+            engine.clone(),
+        )
+        .await?;
+        // The LUNs nobody owns are served before `ready`.
+        c.claim_pass(&registry).await;
+        c.spawn(registry);
     }
     Ok(server)
 }

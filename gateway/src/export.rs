@@ -369,6 +369,11 @@ impl ExportSet {
                 }
             };
             for path in paths {
+                // With a coordinator, an RBD LUN is served only once etcd
+                // makes this gateway its owner (crate::coordinator).
+                if cfg.coordinator.url.is_some() && lun_manager::backing::is_rbd(&path) {
+                    continue;
+                }
                 let lun = match luns.open(&path) {
                     Ok(l) => l,
                     Err(e) => {

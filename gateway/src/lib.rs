@@ -9,10 +9,12 @@
 //! moves a VM's LUNs to another gateway or pool while they serve. [`memory`]
 //! bounds what connections may hold, gateway-wide and per connection. A
 //! layer only calls the one beneath it; [`config`] wires them together
-//! from a `lungate_config::GatewayConfig`.
+//! from a `lungate_config::GatewayConfig`; [`coordinator`] shares RBD
+//! pools with other gateways through etcd.
 
 pub mod config;
 pub mod control;
+pub mod coordinator;
 pub mod demo;
 pub mod export;
 pub mod memory;

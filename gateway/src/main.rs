@@ -67,6 +67,11 @@ enum Cmd {
         /// Control API unix socket (default: <first pool>/.lungate.sock).
         #[arg(long)]
         control: Option<PathBuf>,
+        /// etcd endpoint etcd://HOST:PORT: share the RBD pools with other
+        /// gateways, one owner per LUN (docs/scale-out.md); replaces
+        /// `[coordinator] url`.
+        #[arg(long)]
+        coordinator: Option<String>,
         /// Admit migrations from other gateways on IP:PORT (replaces
         /// `[migration] listen`).
         #[arg(long)]
@@ -204,6 +209,7 @@ async fn run(cmd: Cmd, activated: Vec<std::os::fd::OwnedFd>) -> Result<(), Strin
             tls_verify_peer,
             engine,
             control,
+            coordinator,
             migration_listen,
             migration_allow,
         } => {
@@ -223,6 +229,7 @@ async fn run(cmd: Cmd, activated: Vec<std::os::fd::OwnedFd>) -> Result<(), Strin
                 tls_verify_peer,
                 engine,
                 control,
+                coordinator,
                 migration_listen,
                 migration_allow,
             }
@@ -277,6 +284,7 @@ async fn run(cmd: Cmd, activated: Vec<std::os::fd::OwnedFd>) -> Result<(), Strin
         let _ = out.flush();
     }
     server.run(shutdown).await;
+    lungate::coordinator::release().await;
     Ok(())
 }
 

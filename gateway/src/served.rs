@@ -35,11 +35,16 @@ pub enum ServeError {
 /// A SIGKILL releases it with the process.
 #[derive(Debug)]
 pub struct SharedLock {
-    _file: File,
+    _file: Option<File>,
 }
 
 impl SharedLock {
     pub fn acquire(path: &Path) -> Result<SharedLock, ServeError> {
+        if lun_manager::backing::is_rbd(path) {
+            // Readers of an RBD image need no lock (its exclusive lock is
+            // the writers' alone).
+            return Ok(SharedLock { _file: None });
+        }
         let file = File::open(path).map_err(|source| ServeError::Lock {
             path: path.into(),
             source,
@@ -54,7 +59,7 @@ impl SharedLock {
                 })
             }
         }
-        Ok(SharedLock { _file: file })
+        Ok(SharedLock { _file: Some(file) })
     }
 }
 

@@ -86,10 +86,7 @@ impl std::fmt::Debug for Group {
 }
 
 fn pool_of(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
+    crate::backing::pool_of(path)
 }
 
 /// Whether `p` is a regular file (not a symlink) directly inside `pool`.
@@ -103,6 +100,9 @@ fn in_pool(pool: &Path, p: &Path) -> bool {
             (Ok(a), Ok(b)) if a == b
         )
 }
+
+/// The metadata key of an RBD primary's intent.
+const INTENT_KEY: &str = "lungate.group-op";
 
 fn intent_path(primary: &Path) -> PathBuf {
     let stem = primary
@@ -265,6 +265,11 @@ impl Group {
         }
         let p = self.intent_path();
         let body = serde_json::to_vec(i).expect("intent serialises");
+        // An RBD LUN keeps its intent in its image's metadata.
+        let text = String::from_utf8_lossy(&body);
+        if let Some(r) = self.primary().backing().note_set(INTENT_KEY, Some(&text)) {
+            return r.ctx(&p, "record intent");
+        }
         // Never through a symlink planted in the pool.
         let f = std::fs::OpenOptions::new()
             .write(true)
@@ -280,6 +285,9 @@ impl Group {
 
     fn end(&self) -> Result<()> {
         let p = self.intent_path();
+        if let Some(r) = self.primary().backing().note_set(INTENT_KEY, None) {
+            return r.ctx(&p, "remove intent");
+        }
         match std::fs::remove_file(&p) {
             Ok(()) => sync_dir(&pool_of(&p)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -297,12 +305,23 @@ impl Group {
     /// Finish or undo an operation a crash interrupted (module docs).
     fn recover(&mut self) -> Result<()> {
         let p = self.intent_path();
-        let opened = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&p);
         let mut body = Vec::new();
+        let note = self.primary().backing().note_get(INTENT_KEY);
+        let opened = match note {
+            Some(r) => {
+                match r.ctx(&p, "read intent")? {
+                    Some(v) => body = v.into_bytes(),
+                    None => return Ok(()),
+                }
+                Err(std::io::Error::from_raw_os_error(0))
+            }
+            None => std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&p),
+        };
         match opened {
+            Err(_) if !body.is_empty() => {}
             Ok(mut f) => {
                 f.read_to_end(&mut body).ctx(&p, "read intent")?;
             }
@@ -545,12 +564,12 @@ impl Group {
     pub fn clone(&self, name: &str, new_name: &str) -> Result<Group> {
         self.require(name)?;
         let pool = pool_of(self.primary().path());
-        let mut paths = vec![pool.join(format!("{new_name}.lun"))];
+        let mut paths = vec![crate::pool::lun_path(&pool, new_name)];
         let mut names = vec![new_name.to_string()];
         for m in &self.members[1..] {
             let n = format!("{new_name}-{}", m.name());
             crate::format::validate_name(&n).map_err(Error::Invalid)?;
-            paths.push(pool.join(format!("{n}.lun")));
+            paths.push(crate::pool::lun_path(&pool, &n));
             names.push(n);
         }
         crate::format::validate_name(new_name).map_err(Error::Invalid)?;
@@ -760,7 +779,7 @@ impl Group {
 fn clone_path(pool: &Path, c: &CloneMember) -> Result<PathBuf> {
     crate::format::validate_name(&c.name)
         .map_err(|why| Error::Invalid(format!("clone intent names {:?}: {why}", c.name)))?;
-    Ok(pool.join(format!("{}.lun", c.name)))
+    Ok(crate::pool::lun_path(pool, &c.name))
 }
 
 /// Remove what a clone that never committed made (or what recovery
@@ -779,6 +798,26 @@ fn remove_clone(pool: &Path, c: &CloneMember) -> Result<Vec<String>> {
             return Ok(warnings);
         }
     };
+    if crate::backing::is_rbd(&p) {
+        // Ours when its label names the clone, or when it has no label yet
+        // (a clone's image is wiped of its parent's label at once).
+        let ours = match Lun::probe_uuid(&p) {
+            Ok(u) => u == c.uuid,
+            Err(Error::NotALun { .. }) => crate::pool::lun_exists(&p),
+            Err(_) => false,
+        };
+        if ours {
+            #[cfg(feature = "rbd")]
+            crate::backing::Backing::remove_rbd(&p)?;
+        } else if crate::pool::lun_exists(&p) {
+            warnings.push(format!(
+                "{}: not the clone this operation made (LUN {}); left alone",
+                p.display(),
+                c.uuid
+            ));
+        }
+        return Ok(warnings);
+    }
     let layers = lungate_block::store::file::layers_dir(&p);
     let file = match p.symlink_metadata() {
         Ok(md) if md.file_type().is_symlink() || !md.is_file() => {

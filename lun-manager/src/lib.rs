@@ -6,6 +6,7 @@
 //! path lives there); this crate knows the LUN's format, the block crate
 //! never does.
 
+pub mod backing;
 pub mod error;
 pub mod format;
 pub mod group;

@@ -9,6 +9,12 @@
 //!
 //! This module owns the flock and the `Owner` record. It never waits for a
 //! lock (`LOCK_NB`): a busy LUN is reported at once with who holds it.
+//!
+//! An RBD LUN has no file to flock: its lock is the image's RBD exclusive
+//! lock, which [`Lun::open`] takes read-write on the very image handle that
+//! does the I/O (a lock on another handle would fence our own writes), and
+//! which is released when the LUN is closed or its process dies. Here,
+//! [`lock`] and [`probe`] only look at who holds it.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -60,8 +66,8 @@ pub enum Probe {
 /// Dropping it releases the lock.
 #[derive(Debug)]
 pub struct FileLock {
-    /// Held only for its flock.
-    file: File,
+    /// Held only for its flock (none for an RBD LUN: see the module docs).
+    file: Option<File>,
     path: PathBuf,
 }
 
@@ -76,7 +82,9 @@ impl Drop for FileLock {
         // Unlock explicitly: a child forked by another thread shares this
         // file description until it execs, and closing our descriptor alone
         // would leave the lock held for that moment.
-        lungate_block::sys::unlock(&self.file);
+        if let Some(f) = &self.file {
+            lungate_block::sys::unlock(f);
+        }
     }
 }
 
@@ -85,7 +93,53 @@ enum Try {
     Held,
 }
 
+/// Whether a client holds the RBD exclusive lock of the image at `path`.
+#[cfg(feature = "rbd")]
+fn rbd_locked(path: &Path) -> Result<bool> {
+    use std::sync::Arc;
+    let io = |op: &'static str| {
+        move |source| Error::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
+    };
+    let spec = crate::backing::image_spec(path)?;
+    let pool = Arc::new(
+        lungate_block::store::rbd::Pool::open(&spec.pool).map_err(io("connect to the RBD pool"))?,
+    );
+    // A read-only handle has no exclusive-lock state to ask; a read-write
+    // one takes the lock only when it writes, which this never does.
+    let img = pool
+        .open_image(&spec.image, true)
+        .map_err(io("open RBD image"))?;
+    Ok(!img
+        .lock_owners()
+        .map_err(io("read the RBD lock owners"))?
+        .is_empty())
+}
+
+#[cfg(not(feature = "rbd"))]
+fn rbd_locked(path: &Path) -> Result<bool> {
+    crate::backing::Backing::open(path, Access::ReadOnly)?;
+    Ok(false)
+}
+
 fn try_flock(path: &Path) -> Result<Try> {
+    if crate::backing::is_rbd(path) {
+        // A takeover breaks the former owner's lock when it opens the
+        // image (and refuses anyone else's).
+        return Ok(
+            if crate::backing::takeover(path).is_none() && rbd_locked(path)? {
+                Try::Held
+            } else {
+                Try::Got(FileLock {
+                    file: None,
+                    path: path.to_path_buf(),
+                })
+            },
+        );
+    }
     let file = OpenOptions::new()
         .read(true)
         .open(path)
@@ -96,7 +150,7 @@ fn try_flock(path: &Path) -> Result<Try> {
         })?;
     match lungate_block::sys::flock(&file, lungate_block::sys::Lock::Exclusive) {
         Ok(true) => Ok(Try::Got(FileLock {
-            file,
+            file: Some(file),
             path: path.to_path_buf(),
         })),
         Ok(false) => Ok(Try::Held),
@@ -242,7 +296,17 @@ fn write_record(lun: &mut Lun, rec: Option<&Owner>) -> Result<()> {
 /// Take the lock of `lun` and write the `Owner` record (`owner`, this host,
 /// this PID, now, `control`) through it.
 pub fn acquire(lun: &mut Lun, owner: &str, control: Option<&Path>) -> Result<OwnerGuard> {
-    let lock = lock(lun.path())?;
+    // An RBD LUN opened read-write already holds the image's exclusive
+    // lock on its own handle (a probe through another handle would find it
+    // held, by us).
+    let lock = if lun.is_rbd() && lun.access() == Access::ReadWrite {
+        FileLock {
+            file: None,
+            path: lun.path().to_path_buf(),
+        }
+    } else {
+        lock(lun.path())?
+    };
     claim(lock, lun, owner, control)
 }
 

@@ -174,6 +174,10 @@ pub fn scan(roots: &[PathBuf]) -> ScanReport {
     };
     let mut candidates = BTreeSet::new();
     for root in roots {
+        if crate::backing::is_rbd(root) {
+            rbd_root(root, &mut candidates, &mut report);
+            continue;
+        }
         match std::fs::metadata(root) {
             Err(e) => report.skipped.push(Skipped {
                 path: root.display().to_string(),
@@ -240,6 +244,24 @@ pub fn scan(roots: &[PathBuf]) -> ScanReport {
     report
 }
 
+/// An RBD root: one LUN image (`rbd:POOL[/NS]/NAME.lun`) or the `*.lun`
+/// images of a pool (`rbd:POOL[/NS]`).
+fn rbd_root(root: &Path, candidates: &mut BTreeSet<PathBuf>, report: &mut ScanReport) {
+    let s = root.to_string_lossy();
+    let head = s.split(':').nth(1).unwrap_or_default();
+    if head.ends_with(&format!(".{}", crate::pool::EXT)) {
+        candidates.insert(root.to_path_buf());
+        return;
+    }
+    match crate::pool::list_luns(root) {
+        Ok(luns) => candidates.extend(luns),
+        Err(e) => report.skipped.push(Skipped {
+            path: root.display().to_string(),
+            reason: format!("cannot list: {e}"),
+        }),
+    }
+}
+
 fn strip_path(msg: &str, path: &Path) -> String {
     let p = format!("{}: ", path.display());
     msg.strip_prefix(&p).unwrap_or(msg).to_string()
@@ -281,6 +303,27 @@ fn probe(path: &Path) -> Result<Found, Error> {
                 }
             };
             (snaps, live, Some(l.report), clone_of)
+        }
+        // An RBD LUN's tree is its image's RBD snapshots, described by the
+        // volume (the manifest it keeps in the image's metadata).
+        None if lun.is_rbd() => {
+            let snaps = lun.volume().snapshots();
+            let live = snaps.iter().find(|s| s.current).map(|s| s.name.clone());
+            (
+                snaps
+                    .into_iter()
+                    .map(|n| SnapshotReport {
+                        name: n.name,
+                        parent: n.parent,
+                        created: n.created,
+                        description: n.description,
+                        disk_bytes: None,
+                    })
+                    .collect(),
+                live,
+                None,
+                tree.clone_of.map(|c| (c.lun_uuid, c.snapshot)),
+            )
         }
         None => (
             tree.snapshots

@@ -49,7 +49,10 @@ fn protected_label_range_is_refused_and_read_from_the_lun_file() {
         let mut through = vec![0u8; 4096];
         vol.read(label.start, &mut through).unwrap();
         let mut direct = vec![0u8; 4096];
-        lun.file().read_exact_at(&mut direct, label.start).unwrap();
+        lun.file()
+            .expect("a file LUN")
+            .read_exact_at(&mut direct, label.start)
+            .unwrap();
         assert_eq!(through, direct);
         assert_eq!(&through[..8], b"LUNGATE\0");
         // The base still holds the snapshot's data, the live view the new.

@@ -11,10 +11,17 @@
 //! the LUN (`POOL/NAME.layers/<uuid>.delta`, `manifest.0/1`); a store that
 //! keeps them elsewhere (inside the LUN, in Ceph) implements the same two
 //! traits and needs no change to the volume above it. See docs/store.md.
+//!
+//! A store whose objects keep their own snapshots ([`rbd::RbdStore`], Ceph
+//! RBD, with the `rbd` feature) also provides [`NativeTree`]: it keeps no
+//! layers, its volume is a chain of one (the base), and the volume hands
+//! its tree operations to the store.
 
 pub mod file;
 #[doc(hidden)]
 pub mod hook;
+#[cfg(feature = "rbd")]
+pub mod rbd;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -24,7 +31,7 @@ use uuid::Uuid;
 
 use crate::device::BlockDevice;
 use crate::volume::manifest::{Loaded, Manifest};
-use crate::volume::Result;
+use crate::volume::{Change, LayerUsage, Result};
 
 /// A byte-addressed object of a store: the base LUN or one layer.
 pub trait Object: BlockDevice {
@@ -81,4 +88,43 @@ pub trait Store: Send + Sync {
     /// (nothing of it was ever visible); returns what it did, as warnings.
     /// Only objects of LUN `lun` are removed.
     fn recover(&self, lun: Uuid) -> Result<Vec<String>>;
+    /// The store's own snapshot tree, when its objects keep their own
+    /// snapshots (none for the file store: the volume's layers are the tree).
+    fn native_tree(&self) -> Option<&dyn NativeTree> {
+        None
+    }
+}
+
+/// Tree operations of a store whose base object keeps its own snapshots
+/// (Ceph RBD). The volume over such a store is a chain of one and calls
+/// these for snapshot, revert, delete, clone, flatten, diff and usage,
+/// under the same locks as its own (the I/O lock drained for snapshot and
+/// revert). The tree is described by the same [`Manifest`] the file store
+/// keeps (snapshot names, descriptions, parents, the live layer, clones),
+/// so both stores report the same tree to the volume, the scanner and the
+/// control API.
+pub trait NativeTree: Send + Sync {
+    /// The tree, `None` before the first snapshot.
+    fn manifest(&self) -> Result<Option<Manifest>>;
+    /// Freeze the base as snapshot `name` (the caller has flushed it).
+    fn snapshot(&self, name: &str, description: &str) -> Result<()>;
+    /// Bring the base back to snapshot `name`.
+    fn revert(&self, name: &str) -> Result<()>;
+    fn delete_snapshot(&self, name: &str) -> Result<()>;
+    fn read_snapshot(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// A new LUN object `target` (a name in this store's pool) whose bytes
+    /// are snapshot `name`'s, sharing them copy-on-write; it belongs to LUN
+    /// `target_lun`. Returns its store.
+    fn clone_to(&self, name: &str, target: &str, target_lun: Uuid) -> Result<Arc<dyn Store>>;
+    /// Copy what a clone reads from its parent into it and cut the link;
+    /// `progress(done, total)` in bytes.
+    fn flatten(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<()>;
+    /// Extents that may differ between snapshot `from` and snapshot `to`
+    /// (the live base when `None`), with what `to` holds there.
+    fn diff(&self, from: &str, to: Option<&str>) -> Result<Vec<Change>>;
+    fn usage(&self) -> Result<Vec<LayerUsage>>;
+    /// Clones whose bytes still come partly from our snapshots.
+    fn dependents(&self) -> Vec<PathBuf>;
+    /// Remove the snapshots and the object itself (the LUN is deleted).
+    fn destroy(&self) -> Result<()>;
 }

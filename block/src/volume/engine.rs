@@ -355,13 +355,19 @@ impl Volume {
     /// chain, replaying journals. Without a layers directory this is a plain
     /// volume whose only layer is the LUN file.
     pub fn open(cfg: VolumeConfig) -> Result<Volume> {
-        let read_only = cfg.options.read_only;
         let store = crate::store::hook::wrapped(Arc::new(FileStore::new(
             &cfg.lun_path,
             cfg.file.clone(),
             cfg.engine.clone(),
-            !read_only,
+            !cfg.options.read_only,
         )));
+        Volume::open_in(store, cfg.into())
+    }
+
+    /// [`Volume::open`] on a store the caller made (a store other than
+    /// the file store beside the LUN file: Ceph RBD).
+    pub fn open_in(store: Arc<dyn Store>, cfg: super::native::StoreVolume) -> Result<Volume> {
+        let read_only = cfg.options.read_only;
         let dir = store.location().to_path_buf();
         let pool = parent_dir(&cfg.lun_path);
         let mut warnings = Vec::new();
@@ -571,6 +577,9 @@ impl Volume {
     /// Whether the volume has a layers directory (any snapshot, clone or
     /// layer); a plain volume is the LUN file alone.
     pub fn is_layered(&self) -> bool {
+        if let Some(t) = self.native() {
+            return t.manifest().is_ok_and(|m| m.is_some());
+        }
         !read(&self.state).plain
     }
     /// The LUN UUID the volume belongs to.
@@ -580,6 +589,9 @@ impl Volume {
     /// Other volumes (clones) whose chains pass through our layers, by
     /// layers directory; only those whose manifests still reach into ours.
     pub fn dependents(&self) -> Vec<PathBuf> {
+        if let Some(t) = self.native() {
+            return t.dependents();
+        }
         let st = read(&self.state);
         let me = abs(&self.dir);
         st.manifest
@@ -678,7 +690,7 @@ impl Volume {
     }
 
     /// Split `[offset, offset+len)` into `(start, end, protected)` runs.
-    fn segments(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+    pub(super) fn segments(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
         let end = offset + len;
         let mut cuts: Vec<(u64, u64)> = self
             .protected
@@ -793,6 +805,9 @@ impl Volume {
     /// Read from snapshot `name` (a frozen view; O(depth) per cluster).
     pub fn read_snapshot(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
+        if let Some(t) = self.native() {
+            return t.read_snapshot(name, offset, buf);
+        }
         let st = read(&self.state);
         let rec = self.snap(&st, name)?;
         let chain = st.chain_of(st.by_id[&rec.layer]);
@@ -1139,6 +1154,10 @@ impl Volume {
         self.writable()?;
         let _m = self.maintenance()?;
         self.flush()?;
+        // A store with its own snapshots (RBD) makes them whole at the switch.
+        if self.native().is_some() {
+            return Ok(());
+        }
         let (parent, checksums) = {
             let st = read(&self.state);
             if st.plain {
@@ -1200,8 +1219,8 @@ impl Volume {
     /// a crash forgets the snapshot and what was written since (none of
     /// it flushed: every flush, FUA write and tree operation finishes the
     /// switch first). Without a matching spare (a plain volume's first
-    /// snapshot, or no [`Volume::prepare_snapshot`]) the snapshot is made
-    /// whole and durable here.
+    /// snapshot, or no [`Volume::prepare_snapshot`]) and on a store with
+    /// its own snapshots (RBD) the snapshot is made whole and durable here.
     pub fn switch_snapshot(&self, name: &str, description: &str) -> Result<SnapshotInfo> {
         self.writable()?;
         validate_name(name)?;
@@ -1210,6 +1229,9 @@ impl Volume {
                 "description of {} bytes exceeds {DESCRIPTION_MAX}",
                 description.len()
             )));
+        }
+        if let Some(t) = self.native() {
+            return self.native_snapshot(t, name, description);
         }
         let _m = self.maintenance()?;
         let _io = self.io.write_blocking();
@@ -1392,6 +1414,14 @@ impl Volume {
     /// the base stay unchecked. Idempotent.
     pub fn enable_checksums(&self) -> Result<()> {
         self.writable()?;
+        if self.native().is_some() {
+            // The checksums live in the file store's deltas; a store with
+            // its own snapshots (RBD) keeps no deltas.
+            return Err(Error::Invalid(format!(
+                "{}: data checksums are kept by file-store layers; this store keeps none (Ceph checksums an RBD image's data itself)",
+                self.lun_path.display()
+            )));
+        }
         let _m = self.maintenance()?;
         let _io = self.io.write_blocking();
         self.flush()?;
@@ -1419,6 +1449,9 @@ impl Volume {
 
     /// Snapshots with their parent links (a tree), oldest first.
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        if let Some(t) = self.native() {
+            return self.native_snapshots(t);
+        }
         let st = read(&self.state);
         if st.plain {
             return vec![];
@@ -1459,6 +1492,9 @@ impl Volume {
     /// index is rebuilt in memory from the target chain's maps).
     pub fn revert(&self, name: &str) -> Result<()> {
         self.writable()?;
+        if let Some(t) = self.native() {
+            return self.native_revert(t, name);
+        }
         let _m = self.maintenance()?;
         let _io = self.io.write_blocking();
         let mut st = write(&self.state);
@@ -1509,6 +1545,9 @@ impl Volume {
     /// merges (phase `merge`) to `progress`.
     pub fn delete_snapshot_with(&self, name: &str, progress: &mut dyn Progress) -> Result<()> {
         self.writable()?;
+        if let Some(t) = self.native() {
+            return self.native_delete_with(t, name, progress);
+        }
         let _m = self.maintenance()?;
         let mut st = write(&self.state);
         let layer = self.snap(&st, name)?.layer;
@@ -1723,6 +1762,12 @@ impl Volume {
     /// clone as a dependent so the layers it needs are never merged away.
     pub fn clone_to(&self, name: &str, target: VolumeConfig) -> Result<Volume> {
         self.writable()?;
+        if self.native().is_some() {
+            return Err(Error::Invalid(format!(
+                "{}: clones of a volume with native snapshots are made with clone_native",
+                self.lun_path.display()
+            )));
+        }
         let _m = self.maintenance()?;
         let mut st = write(&self.state);
         let layer = self.snap(&st, name)?.layer;
@@ -1819,6 +1864,9 @@ impl Volume {
     /// `progress(done, total)` counts clusters.
     pub fn flatten(&self, mut progress: impl FnMut(u64, u64)) -> Result<()> {
         self.writable()?;
+        if let Some(t) = self.native() {
+            return self.native_flatten(t, &mut progress);
+        }
         let _m = self.maintenance()?;
         let total = self.geo.clusters;
         let (top_id, start) = {
@@ -1929,6 +1977,9 @@ impl Volume {
     /// live volume when `None`), with what `to` holds there. Conservative:
     /// a reported extent may hold equal bytes (e.g. copied by a flatten).
     pub fn diff(&self, from: &str, to: Option<&str>) -> Result<Vec<Change>> {
+        if let Some(t) = self.native() {
+            return self.native_diff(t, from, to);
+        }
         let st = read(&self.state);
         let a = st.chain_of(st.by_id[&self.snap(&st, from)?.layer]);
         let b = match to {
@@ -2044,6 +2095,9 @@ impl Volume {
 
     /// Space used by every layer this volume knows.
     pub fn usage(&self) -> Vec<LayerUsage> {
+        if let Some(t) = self.native() {
+            return self.native_usage(t);
+        }
         let st = read(&self.state);
         let names = st.names();
         let in_chain: HashSet<u16> = st.chain.iter().copied().collect();

@@ -29,8 +29,10 @@ pub mod table;
 
 mod engine;
 mod io;
+mod native;
 
 pub use io::VolumeDevice;
+pub use native::StoreVolume;
 
 pub use engine::{
     Change, ChangeKind, LayerUsage, SnapshotInfo, Volume, VolumeConfig, VolumeOptions,

@@ -279,11 +279,32 @@ pub async fn clone(
     if !l.volume().snapshots().iter().any(|s| s.name == snap) {
         return Err(OpError::NotFound(format!("no snapshot named {snap:?}")));
     }
+    // With a coordinator, the new images are this gateway's before they
+    // exist, so no other gateway takes one over half made.
+    let pool = lun_manager::backing::pool_of(l.lun.path());
+    let mut names = vec![new_name.clone()];
+    if let Ok(s) = l.lun.secondaries() {
+        names.extend(s.disks.iter().map(|d| format!("{new_name}-{}", d.name)));
+    }
+    let paths: Vec<PathBuf> = names
+        .iter()
+        .map(|n| lun_manager::pool::lun_path(&pool, n))
+        .collect();
+    crate::coordinator::preclaim(&paths)
+        .await
+        .map_err(OpError::Conflict)?;
     // The clone reads the snapshot, which nothing changes: no pause needed.
-    let (clones, _) = with_group(reg, l, false, move |g| {
+    let made = with_group(reg, l, false, move |g| {
         Ok(g.clone(&snap, &new_name)?.into_members())
     })
-    .await?;
+    .await;
+    let (clones, _) = match made {
+        Ok(m) => m,
+        Err(e) => {
+            crate::coordinator::unclaim(&paths).await;
+            return Err(e);
+        }
+    };
     let control = reg.control.clone();
     let mut served = Vec::new();
     for mut c in clones {

@@ -100,6 +100,14 @@ fn collect(
     let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     let mut i = 0;
     while i < out.len() {
+        if out[i].0.lun.file().is_none() {
+            // The copy streams the LUN file; an RBD image is already shared
+            // by every gateway of its cluster (docs/scale-out.md).
+            return Err(MigrateError::Refused(format!(
+                "{} is an RBD LUN: it moves between gateways by a coordinated handover, not a copying migration",
+                out[i].0.lun.name()
+            )));
+        }
         let deps = out[i].0.volume().dependents();
         let mut names = Vec::new();
         for d in deps {
@@ -533,7 +541,13 @@ impl Job {
         for (i, s) in self.srcs.iter().enumerate() {
             let i = i as u16;
             let m = &self.prepare.members[usize::from(i)];
-            let base = s.lun.lun.file().clone();
+            // `collect` refused LUNs without a file (RBD).
+            let base = s.lun.lun.file().cloned().ok_or_else(|| {
+                resume(MigrateError::Failed(format!(
+                    "{} has no LUN file to copy",
+                    s.lun.lun.name()
+                )))
+            })?;
             let mut work = Vec::new();
             if m.layers.is_some() {
                 work.push(Work::File {

@@ -14,13 +14,12 @@
 //! region). [`partitions`] is that mapping, for writing and checking alike.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
 
 use gpt::disk::LogicalBlockSize;
 use gpt::partition::Partition;
 use gpt::partition_types::{OperatingSystem, Type};
+use lungate_block::store::Object;
 use uuid::Uuid;
 
 use super::label::Label;
@@ -29,18 +28,28 @@ use super::{Layout, Region, RegionKind, ALIGNED_LABEL_SLOTS, SECTOR, SHADOW_LEN}
 /// Number of partition entries, as every common tool writes.
 const ENTRIES: u32 = 128;
 
-/// A `Read + Write + Seek` view of the first `len` bytes of a file, so the
+/// A `Read + Write + Seek` view of the first `len` bytes of a LUN's bytes
+/// (a file, a block device or an RBD image), so the
 /// `gpt` crate puts the backup GPT at the end of the LUN, not the end of a
 /// larger block device.
-#[derive(Debug)]
 pub(crate) struct Window<'a> {
-    file: &'a File,
+    file: &'a dyn Object,
     len: u64,
     pos: u64,
 }
 
+impl std::fmt::Debug for Window<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Window")
+            .field("object", &self.file.name())
+            .field("len", &self.len)
+            .field("pos", &self.pos)
+            .finish()
+    }
+}
+
 impl<'a> Window<'a> {
-    pub(crate) fn new(file: &'a File, len: u64) -> Self {
+    pub(crate) fn new(file: &'a dyn Object, len: u64) -> Self {
         Window { file, len, pos: 0 }
     }
 }
@@ -52,7 +61,7 @@ impl Read for Window<'_> {
         if n == 0 {
             return Ok(0);
         }
-        let n = self.file.read_at(&mut buf[..n], self.pos)?;
+        self.file.read_at(&mut buf[..n], self.pos)?;
         self.pos += n as u64;
         Ok(n)
     }
@@ -72,7 +81,7 @@ impl Write for Window<'_> {
                 ),
             ));
         }
-        self.file.write_all_at(buf, self.pos)?;
+        self.file.write_at(buf, self.pos)?;
         self.pos += buf.len() as u64;
         Ok(buf.len())
     }
@@ -146,7 +155,7 @@ pub fn partitions(label: &Label) -> Vec<(u32, GptPartition)> {
 
 /// Write the protective MBR and both GPTs for `label` (offset and aligned
 /// layouts), the backup at the end of the LUN.
-pub fn write(file: &File, label: &Label) -> io::Result<()> {
+pub fn write(file: &dyn Object, label: &Label) -> io::Result<()> {
     write_in(file, label, label.lun_size)
 }
 
@@ -154,7 +163,7 @@ pub fn write(file: &File, label: &Label) -> io::Result<()> {
 /// that extends the file first keeps the current partitions and puts the
 /// backup at the new end, so the new tail never reads as an unwritten
 /// extension (see `Lun::find_label`).
-pub fn write_in(file: &File, label: &Label, len: u64) -> io::Result<()> {
+pub fn write_in(file: &dyn Object, label: &Label, len: u64) -> io::Result<()> {
     let mut dev = Window::new(file, len);
     let sectors = len / SECTOR;
     let mbr = gpt::mbr::ProtectiveMBR::with_lb_size(u32::try_from(sectors - 1).unwrap_or(u32::MAX));
@@ -206,11 +215,11 @@ const MAX_SANE_ENTRIES: u32 = 4096;
 
 /// Check the fields of both GPT headers that drive allocation before the
 /// `gpt` crate sees them.
-fn headers_sane(file: &File, len: u64) -> io::Result<()> {
+fn headers_sane(file: &dyn Object, len: u64) -> io::Result<()> {
     let last = (len / SECTOR).saturating_sub(1);
     for lba in [1, last] {
         let mut h = [0u8; 92];
-        if lba == 0 || file.read_exact_at(&mut h, lba * SECTOR).is_err() {
+        if lba == 0 || file.read_at(&mut h, lba * SECTOR).is_err() {
             continue;
         }
         if &h[0..8] != b"EFI PART" {
@@ -228,7 +237,7 @@ fn headers_sane(file: &File, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-fn open(file: &File, len: u64) -> io::Result<gpt::GptDisk<Window<'_>>> {
+fn open(file: &dyn Object, len: u64) -> io::Result<gpt::GptDisk<Window<'_>>> {
     headers_sane(file, len)?;
     gpt::GptConfig::new()
         .writable(false)
@@ -261,7 +270,7 @@ fn used_partitions(disk: &gpt::GptDisk<Window<'_>>) -> Vec<GptPartition> {
 
 /// Read the GPT of the first `len` bytes of `file` (the backup when the
 /// primary is damaged). Read-only.
-pub fn read(file: &File, len: u64) -> io::Result<(Uuid, Vec<GptPartition>)> {
+pub fn read(file: &dyn Object, len: u64) -> io::Result<(Uuid, Vec<GptPartition>)> {
     let disk = open(file, len)?;
     Ok((*disk.guid(), used_partitions(&disk)))
 }
@@ -269,7 +278,7 @@ pub fn read(file: &File, len: u64) -> io::Result<(Uuid, Vec<GptPartition>)> {
 /// Everything wrong with `label`'s GPT in `file`: unreadable, a damaged
 /// primary or backup header, or partitions that differ from the label.
 /// Empty when the GPT is exactly what [`write`] writes.
-pub fn check(file: &File, label: &Label) -> Vec<String> {
+pub fn check(file: &dyn Object, label: &Label) -> Vec<String> {
     let disk = match open(file, label.lun_size) {
         Ok(d) => d,
         Err(e) => return vec![format!("GPT unreadable: {e}")],
@@ -331,6 +340,16 @@ mod tests {
     use super::*;
     use crate::format::label::tests::sample;
     use crate::format::Layout;
+    use lungate_block::store::file::FileObject;
+    use std::os::unix::fs::FileExt;
+
+    fn obj(f: &std::fs::File) -> FileObject {
+        FileObject::new(
+            "t".into(),
+            std::sync::Arc::new(f.try_clone().unwrap()),
+            None,
+        )
+    }
 
     #[test]
     fn gpt_round_trips_and_matches_the_label() {
@@ -338,8 +357,8 @@ mod tests {
             let f = tempfile::tempfile().unwrap();
             let l = sample(layout);
             f.set_len(l.lun_size).unwrap();
-            write(&f, &l).unwrap();
-            let (guid, parts) = read(&f, l.lun_size).unwrap();
+            write(&obj(&f), &l).unwrap();
+            let (guid, parts) = read(&obj(&f), l.lun_size).unwrap();
             assert_eq!(guid, l.uuid);
             assert!(
                 diff(&l, guid, &parts).is_empty(),
@@ -361,8 +380,8 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         let l = sample(Layout::Aligned);
         f.set_len(l.lun_size).unwrap();
-        write(&f, &l).unwrap();
-        let (_, parts) = read(&f, l.lun_size).unwrap();
+        write(&obj(&f), &l).unwrap();
+        let (_, parts) = read(&obj(&f), l.lun_size).unwrap();
         let get = |n: &str| parts.iter().find(|p| p.name == n).unwrap().clone();
         assert_eq!(
             (get("lungate-label").offset, get("lungate-label").length),
@@ -400,12 +419,12 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         let l = sample(Layout::Aligned);
         f.set_len(l.lun_size).unwrap();
-        write(&f, &l).unwrap();
-        assert!(check(&f, &l).is_empty(), "{:?}", check(&f, &l));
+        write(&obj(&f), &l).unwrap();
+        assert!(check(&obj(&f), &l).is_empty(), "{:?}", check(&obj(&f), &l));
         f.write_all_at(&[0u8; 512], SECTOR).unwrap();
-        let (guid, parts) = read(&f, l.lun_size).unwrap();
+        let (guid, parts) = read(&obj(&f), l.lun_size).unwrap();
         assert!(diff(&l, guid, &parts).is_empty(), "the backup is read");
-        let c = check(&f, &l);
+        let c = check(&obj(&f), &l);
         assert!(c.len() == 1 && c[0].contains("primary GPT header"), "{c:?}");
     }
 
@@ -414,7 +433,7 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         let l = sample(Layout::Offset);
         f.set_len(l.lun_size).unwrap();
-        write(&f, &l).unwrap();
+        write(&obj(&f), &l).unwrap();
         for lba in [1, l.lun_size / SECTOR - 1] {
             let mut h = [0u8; 92];
             f.read_exact_at(&mut h, lba * SECTOR).unwrap();
@@ -425,7 +444,7 @@ mod tests {
             h[16..20].copy_from_slice(&crc.to_le_bytes());
             f.write_all_at(&h, lba * SECTOR).unwrap();
         }
-        let e = read(&f, l.lun_size).unwrap_err();
+        let e = read(&obj(&f), l.lun_size).unwrap_err();
         assert!(e.to_string().contains("claims 4294967295 entries"), "{e}");
     }
 
@@ -434,7 +453,7 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         let l = sample(Layout::Offset);
         f.set_len(l.lun_size * 2).unwrap();
-        write(&f, &l).unwrap();
+        write(&obj(&f), &l).unwrap();
         let mut last = [0u8; 8];
         f.read_exact_at(&mut last, l.lun_size - SECTOR).unwrap();
         assert_eq!(&last, b"EFI PART");

@@ -49,6 +49,9 @@ impl Lun {
         label
             .validate()
             .map_err(|e| Error::Invalid(e.to_string()))?;
+        if self.is_rbd() {
+            return self.clone_rbd(snapshot, path, label, secondaries);
+        }
         let file = match OpenOptions::new()
             .read(true)
             .write(true)
@@ -63,15 +66,114 @@ impl Lun {
         };
         let made = (|| {
             file.set_len(label.lun_size).ctx(path, "size clone")?;
-            let file = Arc::new(file);
-            let cfg = volume_config(path, file.clone(), &label, VolumeOptions::default());
+            let backing = Backing::from_file(path, file);
+            let file = backing.file.clone().expect("a file");
+            let cfg = volume_config(path, file, &label, VolumeOptions::default());
             let vol = self.volume.clone_to(snapshot, cfg)?;
+            self.restamp_clone(snapshot, path, backing, label, vol, secondaries)
+        })();
+        if made.is_err() {
+            // The file is ours (created above); of the layers, only what
+            // the clone's volume made under its UUID is removed.
+            let _ = std::fs::remove_file(path);
+            for dir in [lungate_block::store::file::staging_dir(&layers), layers] {
+                let _ = lungate_block::store::file::remove_layers_of(&dir, uuid);
+            }
+        }
+        made
+    }
+
+    /// [`Lun::clone_from_snapshot`] of an RBD LUN: a protected RBD
+    /// snapshot cloned into image `path` of the same pool (`rbd_clone`),
+    /// whose label region and state directory are wiped at once (until the
+    /// new label is published the image is not a LUN), then re-stamped as a
+    /// file clone is.
+    fn clone_rbd(
+        &self,
+        snapshot: &str,
+        path: &Path,
+        label: Label,
+        secondaries: Option<SecondaryDisks>,
+    ) -> Result<Lun> {
+        if !crate::backing::is_rbd(path) {
+            return Err(Error::Invalid(format!(
+                "{}: a clone of an RBD LUN is an image in its pool (rbd:POOL/NAME.lun)",
+                path.display()
+            )));
+        }
+        #[cfg(feature = "rbd")]
+        {
+            let (mine, theirs) = (
+                crate::backing::image_spec(&self.path)?,
+                crate::backing::image_spec(path)?,
+            );
+            if mine.pool.pool != theirs.pool.pool || mine.pool.namespace != theirs.pool.namespace {
+                return Err(Error::Invalid(format!(
+                    "clone target {} is not in the pool of {}: a clone lives beside its parent",
+                    path.display(),
+                    self.path.display()
+                )));
+            }
+            let cfg = super::store_volume(path, &label, VolumeOptions::default());
+            let vol = self
+                .volume
+                .clone_native(snapshot, &theirs.image, cfg)
+                .map_err(|e| match e {
+                    lungate_block::volume::Error::Io { source, .. }
+                        if source.raw_os_error() == Some(libc::EEXIST) =>
+                    {
+                        Error::Exists { path: path.into() }
+                    }
+                    e => e.into(),
+                })?;
+            let base = vol.store().base().clone();
+            let l = &label;
+            let wipe = || -> Result<()> {
+                base.zero_range(l.label_region().offset, LABEL_REGION_LEN)
+                    .ctx(path, "wipe the parent's label")?;
+                base.sync().ctx(path, "flush")
+            };
+            let made = wipe().and_then(|()| {
+                let backing = Backing::from_object(base.clone());
+                self.restamp_clone(snapshot, path, backing, label.clone(), vol, secondaries)
+            });
+            if made.is_err() {
+                let _ = Backing::remove_rbd(path);
+            }
+            made
+        }
+        #[cfg(not(feature = "rbd"))]
+        {
+            let _ = (snapshot, label, secondaries);
+            Err(Error::Invalid(format!(
+                "{}: this build has no Ceph RBD support",
+                path.display()
+            )))
+        }
+    }
+
+    /// The part of a clone both stores share: the snapshot's state,
+    /// re-stamped with the new identity, then the new label (the commit
+    /// point).
+    fn restamp_clone(
+        &self,
+        snapshot: &str,
+        path: &Path,
+        backing: Backing,
+        label: Label,
+        vol: Volume,
+        secondaries: Option<SecondaryDisks>,
+    ) -> Result<Lun> {
+        let new_name = label.name.clone();
+        let new_name = new_name.as_str();
+        {
             // The snapshot's directory still names this LUN.
             let (mut dir, slot) = Self::read_dir_as(path, &vol, &label, self.uuid())?;
             dir.lun = label.uuid;
+            let base = backing.base.clone();
             let mut lun = Lun {
                 path: path.into(),
-                file,
+                backing,
                 access: Access::ReadWrite,
                 label,
                 label_slot: 1,
@@ -83,7 +185,7 @@ impl Lun {
                 warnings: Vec::new(),
                 volume: Arc::new(vol),
             };
-            lun.backing_size = fileops::backing_size(&lun.file).ctx(path, "size")?;
+            lun.backing_size = base.byte_len().ctx(path, "size")?;
             // Both slots get the re-stamped directory, so no slot of the
             // clone names another LUN.
             lun.commit_dir(dir.clone())?;
@@ -120,16 +222,7 @@ impl Lun {
             lun.sync()?;
             lun.publish_new_label()?;
             Ok(lun)
-        })();
-        if made.is_err() {
-            // The file is ours (created above); of the layers, only what
-            // the clone's volume made under its UUID is removed.
-            let _ = std::fs::remove_file(path);
-            for dir in [lungate_block::store::file::staging_dir(&layers), layers] {
-                let _ = lungate_block::store::file::remove_layers_of(&dir, uuid);
-            }
         }
-        made
     }
 
     /// Delete the LUN: a file is removed (and its layers directory); a
@@ -148,10 +241,13 @@ impl Lun {
                     .join(", ")
             )));
         }
+        if self.is_rbd() {
+            return self.delete_rbd();
+        }
         let layers = self.volume.layers_dir().to_path_buf();
         let Lun {
             path,
-            file,
+            backing,
             volume,
             label,
             is_block,
@@ -161,6 +257,7 @@ impl Lun {
         if let Ok(v) = Arc::try_unwrap(volume) {
             v.crash();
         }
+        let file = backing.file.expect("a file LUN");
         if !is_block {
             // The LUN file is the commit point; a crash before the layers
             // are gone leaves a directory no LUN names, which `create`
@@ -181,6 +278,31 @@ impl Lun {
         if layers.is_dir() {
             std::fs::remove_dir_all(&layers).ctx(&layers, "remove layers directory")?;
         }
+        Ok(())
+    }
+
+    /// Delete an RBD LUN: its label first (from then on it is no LUN),
+    /// then its snapshots, then the image, once this process's handles on
+    /// it are closed.
+    fn delete_rbd(self) -> Result<()> {
+        let l = self.label.clone();
+        let base = self.backing.base.clone();
+        base.zero_range(l.label_region().offset, LABEL_REGION_LEN)
+            .ctx(&self.path, "wipe label")?;
+        base.sync().ctx(&self.path, "flush")?;
+        self.volume.destroy_native()?;
+        let path = self.path.clone();
+        drop(base);
+        let Lun {
+            volume, backing, ..
+        } = self;
+        if let Ok(v) = Arc::try_unwrap(volume) {
+            v.crash();
+        }
+        drop(backing);
+        #[cfg(feature = "rbd")]
+        Backing::remove_rbd(&path)?;
+        let _ = path;
         Ok(())
     }
 }

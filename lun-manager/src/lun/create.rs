@@ -112,7 +112,15 @@ impl Lun {
         // Offset, aligned: the last MiB holds the backup GPT. Truncate: the footer.
         let mut lun_size = at.checked_add(MIB).ok_or_else(too_big)?;
 
+        let rbd = crate::backing::is_rbd(path);
+        if rbd && prefill.is_some() {
+            return Err(Error::Invalid(format!(
+                "{}: --prefill is for files and block devices (an RBD image allocates as it is written)",
+                path.display()
+            )));
+        }
         let (file, is_block) = match OpenOptions::new().read(true).write(true).open(path) {
+            _ if rbd => (None, false),
             Ok(f) if fileops::is_block_device(&f).ctx(path, "stat")? => {
                 let dev = fileops::backing_size(&f).ctx(path, "size")?;
                 let dev = dev & !(ALIGN - 1);
@@ -123,16 +131,18 @@ impl Lun {
                     )));
                 }
                 lun_size = dev;
-                (f, true)
+                (Some(f), true)
             }
             Ok(_) => return Err(Error::Exists { path: path.into() }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(path)
-                    .ctx(path, "create")?,
+                Some(
+                    OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .open(path)
+                        .ctx(path, "create")?,
+                ),
                 false,
             ),
             Err(e) => return Err(e).ctx(path, "open"),
@@ -161,33 +171,45 @@ impl Lun {
         label
             .validate()
             .map_err(|e| Error::Invalid(e.to_string()))?;
-        let layers = lungate_block::store::file::layers_dir(path);
-        if layers.exists() {
-            if !is_block {
+        let backing = match file {
+            Some(file) => {
+                let layers = lungate_block::store::file::layers_dir(path);
+                if layers.exists() {
+                    if !is_block {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    return Err(Error::Invalid(format!(
+                        "{} exists (layers of an older LUN of that name?); remove it first",
+                        layers.display()
+                    )));
+                }
+                Backing::from_file(path, file)
+            }
+            None => Backing::create_rbd(path, label.lun_size)?,
+        };
+        let result = Self::initialise(path, backing, is_block, label, spec, prefill);
+        if result.is_err() && !is_block {
+            if rbd {
+                #[cfg(feature = "rbd")]
+                let _ = Backing::remove_rbd(path);
+            } else {
                 let _ = std::fs::remove_file(path);
             }
-            return Err(Error::Invalid(format!(
-                "{} exists (layers of an older LUN of that name?); remove it first",
-                layers.display()
-            )));
-        }
-        let result = Self::initialise(path, file, is_block, label, spec, prefill);
-        if result.is_err() && !is_block {
-            let _ = std::fs::remove_file(path);
         }
         result
     }
 
     pub(super) fn initialise(
         path: &Path,
-        file: File,
+        backing: Backing,
         is_block: bool,
         label: Label,
         spec: &CreateSpec,
         prefill: Option<&mut dyn Progress>,
     ) -> Result<Lun> {
-        if !is_block {
-            file.set_len(label.lun_size).ctx(path, "size new LUN")?;
+        let base = backing.base.clone();
+        if !is_block && !backing.is_rbd() {
+            base.set_len(label.lun_size).ctx(path, "size new LUN")?;
         }
         let st = *label.state_region();
         // Clear both metadata slots of a reused block device so stale
@@ -196,22 +218,29 @@ impl Lun {
         // aligned label or truncate footer could sit). The aligned
         // layout's shadow area is the guest's first MiB: it starts zero,
         // never with what the device held.
-        fileops::zero_range(&file, st.offset, 2 * DIR_SLOT_SIZE as u64).ctx(path, "clear state")?;
-        fileops::zero_range(&file, label.label_region().offset, LABEL_REGION_LEN)
+        base.zero_range(st.offset, 2 * DIR_SLOT_SIZE as u64)
+            .ctx(path, "clear state")?;
+        base.zero_range(label.label_region().offset, LABEL_REGION_LEN)
             .ctx(path, "clear label")?;
         if label.layout.has_gpt() {
-            fileops::zero_range(&file, 0, MIB).ctx(path, "clear GPT")?;
-            fileops::zero_range(&file, label.lun_size - MIB, MIB).ctx(path, "clear backup GPT")?;
+            base.zero_range(0, MIB).ctx(path, "clear GPT")?;
+            base.zero_range(label.lun_size - MIB, MIB)
+                .ctx(path, "clear backup GPT")?;
         }
         if label.layout == Layout::Aligned {
-            fileops::zero_range(&file, st.offset + state::SHADOW_AT, SHADOW_LEN)
+            base.zero_range(st.offset + state::SHADOW_AT, SHADOW_LEN)
                 .ctx(path, "clear shadow area")?;
         }
-        let file = Arc::new(file);
-        let volume = Arc::new(open_volume(path, &file, &label, Access::ReadWrite, None)?);
+        let volume = Arc::new(open_volume(
+            path,
+            &backing,
+            &label,
+            Access::ReadWrite,
+            None,
+        )?);
         let mut lun = Lun {
             path: path.into(),
-            file,
+            backing,
             volume,
             access: Access::ReadWrite,
             dir: Directory::new(label.uuid, st.length, state::data_start(label.layout)),
@@ -223,7 +252,7 @@ impl Lun {
             found: Found::Normal,
             warnings: Vec::new(),
         };
-        lun.backing_size = fileops::backing_size(&lun.file).ctx(path, "size")?;
+        lun.backing_size = base.byte_len().ctx(path, "size")?;
         if spec.checksums {
             // Before the first record: every byte the volume holds is summed.
             lun.volume.enable_checksums()?;
@@ -264,7 +293,8 @@ impl Lun {
             let mut done = 0;
             progress.update("prefill", 0, total);
             for d in &disks {
-                fileops::allocate_range(&lun.file, d.offset, d.length, |n| {
+                let file = lun.backing.file.clone().expect("prefill is for files");
+                fileops::allocate_range(&file, d.offset, d.length, |n| {
                     progress.update("prefill", done + n, total)
                 })
                 .ctx(path, "prefill disk")?;
@@ -285,7 +315,7 @@ impl Lun {
         self.write_label_slot(&label, 0)?;
         self.label_slot = 0;
         if self.label.layout.has_gpt() {
-            gpt::write(&self.file, &self.label).ctx(&self.path, "write GPT")?;
+            gpt::write(&*self.backing.base, &self.label).ctx(&self.path, "write GPT")?;
         }
         self.sync_file()
     }

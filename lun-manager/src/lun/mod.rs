@@ -25,7 +25,6 @@ mod records;
 mod resize;
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -45,8 +44,11 @@ use crate::format::{
 use crate::progress::Progress;
 use lungate_block::engine::IoEngine;
 use lungate_block::region::{Pieces, ShadowMap, View};
+use lungate_block::store::Object;
 use lungate_block::sys as fileops;
-use lungate_block::volume::{self, Volume, VolumeConfig, VolumeOptions};
+use lungate_block::volume::{self, StoreVolume, Volume, VolumeConfig, VolumeOptions};
+
+use crate::backing::Backing;
 
 /// How to open the backing file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +90,8 @@ pub enum Found {
 
 pub struct Lun {
     path: PathBuf,
-    file: Arc<File>,
+    /// The LUN's bytes: a file (or block device), or an RBD image.
+    backing: Backing,
     access: Access,
     label: Label,
     /// Slot (0 or 1) holding the current label.
@@ -143,6 +146,21 @@ pub fn volume_config(
     label: &Label,
     options: VolumeOptions,
 ) -> VolumeConfig {
+    let s = store_volume(path, label, options);
+    VolumeConfig {
+        lun_path: s.lun_path,
+        file,
+        lun_uuid: s.lun_uuid,
+        size: s.size,
+        protected: s.protected,
+        options: s.options,
+        engine: None,
+    }
+}
+
+/// [`volume_config`] without the file: for a LUN whose bytes are not a
+/// file (an RBD image).
+pub fn store_volume(path: &Path, label: &Label, options: VolumeOptions) -> StoreVolume {
     let l = label.label_region();
     let mut protected = Vec::with_capacity(3);
     if label.layout.has_gpt() && l.offset != 0 {
@@ -152,9 +170,8 @@ pub fn volume_config(
     if label.layout.has_gpt() {
         protected.push(label.lun_size - MIB..label.lun_size);
     }
-    VolumeConfig {
+    StoreVolume {
         lun_path: path.to_path_buf(),
-        file,
         lun_uuid: label.uuid,
         size: label.lun_size,
         protected,
@@ -165,7 +182,7 @@ pub fn volume_config(
 
 fn open_volume(
     path: &Path,
-    file: &Arc<File>,
+    backing: &Backing,
     label: &Label,
     access: Access,
     engine: Option<IoEngine>,
@@ -174,9 +191,18 @@ fn open_volume(
         read_only: access == Access::ReadOnly,
         cluster_size: label.volume_cluster_size(),
     };
-    let mut cfg = volume_config(path, file.clone(), label, options);
-    cfg.engine = engine;
-    Ok(Volume::open(cfg)?)
+    match &backing.file {
+        Some(file) => {
+            let mut cfg = volume_config(path, file.clone(), label, options);
+            cfg.engine = engine;
+            Ok(Volume::open(cfg)?)
+        }
+        None => {
+            let mut cfg = store_volume(path, label, options);
+            cfg.engine = engine;
+            backing.open_native_volume(path, label, cfg)
+        }
+    }
 }
 
 impl std::fmt::Debug for Lun {
@@ -210,7 +236,7 @@ enum SlotRead {
 }
 
 /// Read both label slots of a `layout` label region at `region_offset`.
-fn read_slots(file: &File, layout: Layout, region_offset: u64, backing: u64) -> SlotRead {
+fn read_slots(file: &dyn Object, layout: Layout, region_offset: u64, backing: u64) -> SlotRead {
     let mut best: Option<(Label, u64)> = None;
     let mut errors = Vec::new();
     let mut magic = false;
@@ -220,7 +246,7 @@ fn read_slots(file: &File, layout: Layout, region_offset: u64, backing: u64) -> 
             continue;
         }
         let mut b = vec![0u8; LABEL_SIZE];
-        if file.read_exact_at(&mut b, at).is_err() {
+        if file.read_at(&mut b, at).is_err() {
             continue;
         }
         match Label::decode(&b) {
@@ -286,8 +312,17 @@ impl Lun {
     pub fn directory(&self) -> &Directory {
         &self.dir
     }
-    pub fn file(&self) -> &Arc<File> {
-        &self.file
+    /// The LUN file, for a file or block-device LUN (`None` for RBD).
+    pub fn file(&self) -> Option<&Arc<File>> {
+        self.backing.file.as_ref()
+    }
+    /// The LUN's bytes, whatever holds them.
+    pub fn backing(&self) -> &Backing {
+        &self.backing
+    }
+    /// Whether the LUN is an RBD image.
+    pub fn is_rbd(&self) -> bool {
+        self.backing.is_rbd()
     }
     /// The LUN's volume: its whole byte range through its chain of layers
     /// (the label region reads from the file and refuses writes).
@@ -299,7 +334,7 @@ impl Lun {
     pub fn share(&self) -> Lun {
         Lun {
             path: self.path.clone(),
-            file: self.file.clone(),
+            backing: self.backing.clone(),
             access: self.access,
             label: self.label.clone(),
             label_slot: self.label_slot,
@@ -315,8 +350,10 @@ impl Lun {
 
     /// This LUN's [`volume_config`] (the one its volume was opened with,
     /// but for `options`).
+    /// (A file LUN's; panics for an RBD LUN, whose volume is on the RBD store.)
     pub fn volume_config(&self, options: VolumeOptions) -> VolumeConfig {
-        volume_config(&self.path, self.file.clone(), &self.label, options)
+        let file = self.backing.file.clone().expect("a file LUN");
+        volume_config(&self.path, file, &self.label, options)
     }
 
     pub fn volume(&self) -> &Arc<Volume> {
@@ -461,7 +498,7 @@ impl Lun {
 
     /// Make direct writes to the file (label, GPT) durable.
     fn sync_file(&self) -> Result<()> {
-        self.file.sync_data().ctx(&self.path, "fdatasync")
+        self.backing.base.sync().ctx(&self.path, "fdatasync")
     }
 
     fn writable(&self) -> Result<()> {
@@ -540,8 +577,9 @@ impl Lun {
 
     fn write_label_slot(&self, label: &Label, slot: u64) -> Result<()> {
         let at = label.slot_offset(slot);
-        self.file
-            .write_all_at(&label.encode(), at)
+        self.backing
+            .base
+            .write_at(&label.encode(), at)
             .ctx(&self.path, "write label")
     }
 
@@ -569,7 +607,7 @@ impl Lun {
         if !self.volume.is_layered() {
             self.volume = Arc::new(open_volume(
                 &self.path,
-                &self.file,
+                &self.backing,
                 &self.label,
                 self.access,
                 self.volume.engine().cloned(),
@@ -684,6 +722,7 @@ pub fn has_label_magic(b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     fn spec(layout: Layout) -> CreateSpec {
         CreateSpec {
@@ -826,7 +865,7 @@ mod tests {
                 assert_eq!(l.disks()[0].length, 9 * MIB);
             }
             if layout.has_gpt() {
-                assert!(gpt::check(l.file(), l.label()).is_empty());
+                assert!(gpt::check(&*l.backing().base, l.label()).is_empty());
             }
         }
     }
@@ -1020,8 +1059,8 @@ mod tests {
             // a longer file whose new tail holds the backup GPT.
             let old = l.label().clone();
             let len = old.lun_size + 64 * MIB;
-            l.file().set_len(len).unwrap();
-            gpt::write_in(l.file(), &old, len).unwrap();
+            l.file().unwrap().set_len(len).unwrap();
+            gpt::write_in(&*l.backing().base, &old, len).unwrap();
             drop(l);
             let l = Lun::open(&p, Access::ReadOnly).unwrap();
             assert_eq!(l.uuid(), uuid, "{layout}");

@@ -14,14 +14,11 @@ impl Lun {
     /// [`Lun::open`], with the volume's asynchronous data path on `engine`
     /// (a gateway serving the LUN).
     pub fn open_with(path: &Path, access: Access, engine: Option<IoEngine>) -> Result<Lun> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(access == Access::ReadWrite)
-            .open(path)
-            .ctx(path, "open")?;
-        let backing_size = fileops::backing_size(&file).ctx(path, "size")?;
-        let is_block = fileops::is_block_device(&file).ctx(path, "stat")?;
-        let (label, label_slot, found, mut warnings) = Self::find_label(path, &file, backing_size)?;
+        let backing = Backing::open(path, access)?;
+        let backing_size = backing.base.byte_len().ctx(path, "size")?;
+        let is_block = backing.base.is_block_device();
+        let (label, label_slot, found, mut warnings) =
+            Self::find_label(path, &*backing.base, backing_size)?;
         if label.lun_size > backing_size {
             return Err(Error::Damaged {
                 path: path.into(),
@@ -32,15 +29,14 @@ impl Lun {
             });
         }
         if label.layout.has_gpt() {
-            warnings.extend(gpt::check(&file, &label));
+            warnings.extend(gpt::check(&*backing.base, &label));
         }
-        let file = Arc::new(file);
-        let volume = open_volume(path, &file, &label, access, engine)?;
+        let volume = open_volume(path, &backing, &label, access, engine)?;
         warnings.extend(volume.warnings());
         let (dir, dir_slot) = Self::read_dir(path, &volume, &label)?;
         let mut lun = Lun {
             path: path.into(),
-            file,
+            backing,
             access,
             label,
             label_slot,
@@ -73,7 +69,7 @@ impl Lun {
     /// aligned slots cannot be forged.
     pub(super) fn find_label(
         path: &Path,
-        file: &File,
+        file: &dyn Object,
         backing: u64,
     ) -> Result<(Label, u64, Found, Vec<String>)> {
         let damaged = |why: String| Error::Damaged {
@@ -162,12 +158,12 @@ impl Lun {
     /// After an interrupted truncate-layout resize the file was extended but
     /// the new footer not yet written: the end is a hole. Walk data extents
     /// backwards for the newest footer that sits where it says it lives.
-    pub(super) fn recover_footer(file: &File, backing: u64) -> Option<(Label, u64)> {
+    pub(super) fn recover_footer(file: &dyn Object, backing: u64) -> Option<(Label, u64)> {
         if backing < LABEL_REGION_LEN {
             return None;
         }
         let tail = (backing - 1) & !(ALIGN - 1);
-        let ext = fileops::data_extents(file, 0, backing).ok()?;
+        let ext = file.data_extents(0, backing).ok()?;
         // Only when the tail itself holds no data: a fresh extension.
         if ext.iter().any(|(o, l)| o + l > tail) {
             return None;
@@ -242,9 +238,9 @@ impl Lun {
     /// The validated label of the LUN at `path`, read without opening its
     /// state or its volume (cheap enough to ask of every LUN in a pool).
     pub fn probe_label(path: &Path) -> Result<Label> {
-        let file = File::open(path).ctx(path, "open")?;
-        let backing = fileops::backing_size(&file).ctx(path, "size")?;
-        let (label, ..) = Self::find_label(path, &file, backing)?;
+        let b = Backing::open(path, Access::ReadOnly)?;
+        let backing = b.base.byte_len().ctx(path, "size")?;
+        let (label, ..) = Self::find_label(path, &*b.base, backing)?;
         Ok(label)
     }
 
@@ -254,7 +250,8 @@ impl Lun {
         if let Found::Recovered(_) = self.found {
             // The extension past the recovered LUN holds nothing committed.
             if !self.is_block {
-                self.file
+                self.backing
+                    .base
                     .set_len(self.label.lun_size)
                     .ctx(&self.path, "truncate after interrupted resize")?;
                 self.backing_size = self.label.lun_size;
@@ -263,9 +260,9 @@ impl Lun {
         }
         if self.label.layout.has_gpt()
             && !self.warnings.is_empty()
-            && !gpt::check(&self.file, &self.label).is_empty()
+            && !gpt::check(&*self.backing.base, &self.label).is_empty()
         {
-            gpt::write(&self.file, &self.label).ctx(&self.path, "rewrite GPT")?;
+            gpt::write(&*self.backing.base, &self.label).ctx(&self.path, "rewrite GPT")?;
             self.sync_file()?;
         }
         Ok(())

@@ -243,16 +243,22 @@ impl Lun {
         if self.is_block {
             lun_size = old.lun_size;
         }
+        let file = self.backing.file.clone().ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: resizing an RBD LUN is not supported yet",
+                self.path.display()
+            ))
+        })?;
         // 1. room
         if lun_size > self.backing_size {
-            self.file.set_len(lun_size).ctx(&self.path, "extend")?;
+            file.set_len(lun_size).ctx(&self.path, "extend")?;
             self.backing_size = lun_size;
             if layout.has_gpt() {
                 // The current partitions, the backup at the new end: the
                 // tail is never an unwritten extension, which the label
                 // search would take for an interrupted truncate resize and
                 // walk the guest's data for a footer.
-                gpt::write_in(&self.file, &old, lun_size).ctx(&self.path, "extend GPT")?;
+                gpt::write_in(&*self.backing.base, &old, lun_size).ctx(&self.path, "extend GPT")?;
                 self.sync_file()?;
             }
         }
@@ -264,7 +270,7 @@ impl Lun {
             let dst = placed.iter().find(|p| p.guid == m.guid).expect("placed");
             // Holes are skipped: what they would have copied counts as done.
             let before = moved;
-            fileops::copy_range(&self.file, m.offset, dst.offset, m.length, |n| {
+            fileops::copy_range(&file, m.offset, dst.offset, m.length, |n| {
                 moved += n;
                 progress.update("move", moved, total);
             })
@@ -302,7 +308,7 @@ impl Lun {
         match target {
             Some(t) => {
                 let (s, e) = (t.end(), t.offset + new_len);
-                zero(&self.file, s, e - s).ctx(&self.path, "zero new space")?;
+                zero(&file, s, e - s).ctx(&self.path, "zero new space")?;
                 for r in fin.regions.iter_mut() {
                     if r.guid == t.guid {
                         r.length = new_len;
@@ -311,7 +317,7 @@ impl Lun {
             }
             None => {
                 let p = placed.last().expect("new region placed");
-                zero(&self.file, p.offset, p.length).ctx(&self.path, "zero new disk")?;
+                zero(&file, p.offset, p.length).ctx(&self.path, "zero new disk")?;
                 fin.regions.push(*p);
                 fin.regions.sort_by_key(|r| (r.kind, r.index));
             }
@@ -329,11 +335,11 @@ impl Lun {
         }
         for (s, e) in vacated {
             for (gs, ge) in subtract(s, e, &fin.regions) {
-                zero(&self.file, gs, ge - gs).ctx(&self.path, "zero vacated")?;
+                zero(&file, gs, ge - gs).ctx(&self.path, "zero vacated")?;
             }
         }
         if layout.has_gpt() {
-            gpt::write(&self.file, &self.label).ctx(&self.path, "rewrite GPT")?;
+            gpt::write(&*self.backing.base, &self.label).ctx(&self.path, "rewrite GPT")?;
         }
         self.sync()?;
         if kind == RegionKind::State {

@@ -280,8 +280,19 @@ impl Cmd {
 
 #[derive(Subcommand)]
 enum PoolCmd {
-    /// Create a pool directory (or adopt an existing directory)
-    Init { dir: PathBuf },
+    /// Create a pool directory (or adopt an existing directory), or mark
+    /// an RBD pool `rbd:POOL[/NAMESPACE]` as a lungate pool (initialising
+    /// the pool and creating the namespace when needed)
+    Init {
+        dir: PathBuf,
+        /// Ceph configuration file, for an RBD pool (default: $CEPH_CONF,
+        /// then /etc/ceph/ceph.conf); becomes `:conf=FILE` of the pool's name
+        #[arg(long, value_name = "FILE")]
+        conf: Option<PathBuf>,
+        /// cephx user (without `client.`), for an RBD pool; becomes `:id=USER`
+        #[arg(long, value_name = "USER")]
+        id: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -385,7 +396,7 @@ fn resolve(lun: &str, pool: Option<&Path>) -> Res<PathBuf> {
     match pool {
         Some(dir) if !lun.contains('/') => {
             let p = pool::lun_path(dir, lun);
-            if !p.exists() {
+            if !pool::lun_exists(&p) {
                 return Err(Fail::not_found(format!(
                     "no LUN named {lun:?} in pool {}",
                     dir.display()
@@ -413,11 +424,35 @@ fn main() -> ExitCode {
     }
 }
 
+/// `rbd:POOL` with `--conf`/`--id` as QEMU-style `:conf=`/`:id=` options.
+fn rbd_options(dir: PathBuf, conf: Option<PathBuf>, id: Option<String>) -> Result<PathBuf, Fail> {
+    if conf.is_none() && id.is_none() {
+        return Ok(dir);
+    }
+    if !lun_manager::backing::is_rbd(&dir) {
+        return Err(Fail::new(
+            lungate_cli::Exit::Usage,
+            format!(
+                "--conf and --id are for RBD pools (rbd:POOL[/NAMESPACE]), not {}",
+                dir.display()
+            ),
+        ));
+    }
+    let mut s = dir.display().to_string();
+    if let Some(i) = id {
+        s.push_str(&format!(":id={i}"));
+    }
+    if let Some(c) = conf {
+        s.push_str(&format!(":conf={}", c.display()));
+    }
+    Ok(PathBuf::from(s))
+}
+
 fn run(cmd: Cmd, out: &Output) -> Res {
     match cmd {
         Cmd::Pool {
-            cmd: PoolCmd::Init { dir },
-        } => provision::pool_init(out, &dir),
+            cmd: PoolCmd::Init { dir, conf, id },
+        } => provision::pool_init(out, &rbd_options(dir, conf, id)?),
         Cmd::Create(a) => provision::create(out, a),
         Cmd::Import(a) => provision::import(out, a),
         Cmd::Inspect { lun } => provision::inspect(out, &lun.path()?),
