@@ -321,7 +321,8 @@ fn in_block(ip: std::net::IpAddr, net: std::net::IpAddr, bits: u32) -> bool {
 /// 32 hex digits as 16 bytes.
 pub fn parse_hex16(s: &str) -> Option<[u8; 16]> {
     let s = s.as_bytes();
-    if s.len() != 32 {
+    // Hex digits only: `from_str_radix` alone would take "+1" as a byte.
+    if s.len() != 32 || !s.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
     let mut out = [0u8; 16];
@@ -383,5 +384,8 @@ mod tests {
         assert_eq!(parse_hex16(&hex16(&k)), Some(k));
         assert_eq!(parse_hex16("00"), None);
         assert_eq!(parse_hex16(&"zz".repeat(16)), None);
+        // Found by the control_api fuzz target: a sign is no hex digit.
+        assert_eq!(parse_hex16("00+12233445566778899aabbccddeeff"), None);
+        assert_eq!(parse_hex16("-1".repeat(16).as_str()), None);
     }
 }

@@ -59,7 +59,13 @@ fuzz_target!(|data: &[u8]| {
         fix_header(&mut b, 1);
         fix_header(&mut b, sectors - 1);
     }
-    let f = memfd_sparse(&b);
+    // The reader takes the LUN's bytes as a store object (a file or an
+    // RBD image); a memfd behind the file store's object.
+    let f = lungate_block::store::file::FileObject::new(
+        "memfd".into(),
+        std::sync::Arc::new(memfd_sparse(&b)),
+        None,
+    );
     if let Ok((_guid, parts)) = gpt::read(&f, len as u64) {
         for p in &parts {
             assert!(p.offset.checked_add(p.length).is_some(), "{p:?}");

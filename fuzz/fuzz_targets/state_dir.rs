@@ -62,5 +62,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     // 64 KiB: sample 512 positions.
-    assert_every_flip_refused(&b, 512, |c| Directory::decode(c, lun, lun_manager::format::state::DATA_START).is_ok());
+    assert_every_flip_refused(&b, 512, |c| {
+        Directory::decode(c, lun, lun_manager::format::state::DATA_START).is_ok()
+    });
 });
