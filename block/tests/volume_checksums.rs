@@ -5,6 +5,8 @@
 //! writers and flushes, across journal compactions, reverts and clones,
 //! and `scrub` names the damaged cluster.
 
+mod common;
+
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -15,7 +17,7 @@ use lungate_block::engine::{EngineKind, IoEngine};
 use lungate_block::progress;
 use lungate_block::store::file::layers_dir;
 use lungate_block::volume::header::Geometry;
-use lungate_block::volume::{Error, Volume, VolumeConfig, VolumeDevice, VolumeOptions};
+use lungate_block::volume::{Error, Volume, VolumeConfig, VolumeDevice};
 use lungate_block::BlockDevice;
 use uuid::Uuid;
 
@@ -23,26 +25,8 @@ const CS: u64 = 4096;
 const SIZE: u64 = 256 * CS;
 
 fn lun(dir: &Path, name: &str, engine: bool) -> VolumeConfig {
-    let path = dir.join(format!("{name}.lun"));
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .unwrap();
-    f.set_len(SIZE).unwrap();
-    VolumeConfig {
-        lun_path: path,
-        file: Arc::new(f),
-        lun_uuid: Uuid::new_v4(),
-        size: SIZE,
-        protected: vec![],
-        options: VolumeOptions {
-            cluster_size: CS as u32,
-            read_only: false,
-        },
-        engine: engine.then(|| IoEngine::new(EngineKind::Auto, 2).unwrap()),
-    }
+    let engine = engine.then(|| IoEngine::new(EngineKind::Auto, 2).unwrap());
+    common::lun_config(dir, name, SIZE, CS, engine)
 }
 
 fn pattern(vc: u64, gen: u8) -> Vec<u8> {

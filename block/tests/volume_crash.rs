@@ -4,11 +4,12 @@
 //! layers are removed on open, and a read-only open writes nothing even
 //! when it finds something to repair.
 
+mod common;
+
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::Arc;
 
 use lungate_block::store::file::layers_dir;
 use lungate_block::volume::{Volume, VolumeConfig, VolumeOptions};
@@ -17,26 +18,7 @@ use uuid::Uuid;
 const CS: u64 = 4096;
 
 fn lun(dir: &Path, name: &str, size: u64) -> VolumeConfig {
-    let path = dir.join(format!("{name}.lun"));
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .unwrap();
-    f.set_len(size).unwrap();
-    VolumeConfig {
-        lun_path: path,
-        file: Arc::new(f),
-        lun_uuid: Uuid::new_v4(),
-        size,
-        protected: vec![],
-        options: VolumeOptions {
-            cluster_size: CS as u32,
-            read_only: false,
-        },
-        engine: None,
-    }
+    common::lun_config(dir, name, size, CS, None)
 }
 
 fn ro(cfg: &VolumeConfig) -> VolumeConfig {

@@ -5,10 +5,11 @@
 //! passed over when it is what a torn write leaves, and an unlisted layer
 //! that may hold data is kept.
 
+mod common;
+
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use lungate_block::store::file::layers_dir;
 use lungate_block::volume::{repair, Volume, VolumeConfig, VolumeOptions};
@@ -18,26 +19,7 @@ const CS: u64 = 4096;
 const SIZE: u64 = 256 * CS;
 
 fn lun(dir: &Path, name: &str) -> VolumeConfig {
-    let path = dir.join(format!("{name}.lun"));
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .unwrap();
-    f.set_len(SIZE).unwrap();
-    VolumeConfig {
-        lun_path: path,
-        file: Arc::new(f),
-        lun_uuid: Uuid::new_v4(),
-        size: SIZE,
-        protected: vec![],
-        options: VolumeOptions {
-            cluster_size: CS as u32,
-            read_only: false,
-        },
-        engine: None,
-    }
+    common::lun_config(dir, name, SIZE, CS, None)
 }
 
 fn all(v: &Volume) -> Vec<u8> {
