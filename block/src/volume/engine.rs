@@ -230,13 +230,16 @@ impl State {
     }
 }
 
-/// Marks a write's clusters dirty when it returns (after its bytes
-/// landed; see [`super::dirty`]).
+/// Marks a write's clusters dirty and counts it for flush grouping when
+/// it returns (after its bytes landed; see [`super::dirty`]).
 struct MarkOnDrop<'a>(&'a Volume, u64, u64);
 
 impl Drop for MarkOnDrop<'_> {
     fn drop(&mut self) {
         self.0.mark_dirty(self.1, self.2);
+        // Counted once done: a flush that starts meanwhile must not count
+        // this write as made durable by its commit.
+        self.0.durability.note_write();
     }
 }
 
@@ -851,7 +854,6 @@ impl Volume {
     /// Write `data` at `offset`. Durable after the next [`Volume::flush`].
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_writable(offset, data.len() as u64)?;
-        self.durability.note_write();
         let _mark = MarkOnDrop(self, offset, data.len() as u64);
         let st = read(&self.state);
         if st.plain {
@@ -929,7 +931,6 @@ impl Volume {
     /// partial clusters, and everything without `may_trim`, are written.
     pub fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<()> {
         self.check_writable(offset, len)?;
-        self.durability.note_write();
         let _mark = MarkOnDrop(self, offset, len);
         let st = read(&self.state);
         if st.plain {
