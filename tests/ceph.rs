@@ -105,6 +105,20 @@ impl Cluster {
         format!("rbd:rbd/{namespace}:conf={}", self.conf.display())
     }
 
+    /// `rbd export` of `rbd/NS/IMAGE` into a file in `dir`: the image's
+    /// bytes, for the file tools.
+    pub fn export(&self, ns: &str, image: &str, dir: &Path) -> PathBuf {
+        let out = dir.join(image);
+        let _ = std::fs::remove_file(&out);
+        self.rbd(&[
+            "export",
+            "--no-progress",
+            &format!("rbd/{ns}/{image}"),
+            out.to_str().expect("utf-8"),
+        ]);
+        out
+    }
+
     /// The `rbd` CLI against this cluster.
     pub fn rbd(&self, args: &[&str]) -> String {
         let out = run_timeout(

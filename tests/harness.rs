@@ -816,6 +816,31 @@ impl Gateway {
         signal(self.child.as_ref().expect("gateway child"), sig);
     }
 
+    /// SIGSTOP the gateway and wait until every one of its threads has
+    /// stopped. kill(2) returns before they have: a thread running on
+    /// another CPU keeps going until it sees the signal, and on a loaded
+    /// machine it may still answer a request or two meanwhile.
+    pub fn freeze(&self) {
+        self.send_signal(libc::SIGSTOP);
+        let task = PathBuf::from(format!("/proc/{}/task", self.pid()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stopped = std::fs::read_dir(&task)
+                .expect("the gateway's /proc task list")
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+                // The state follows the ")" closing the command name.
+                .all(|st| {
+                    st.rsplit_once(") ")
+                        .is_some_and(|(_, r)| r.starts_with('T'))
+                });
+            if stopped {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the gateway did not stop");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Waits up to `timeout` for the gateway to exit on its own.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         wait_timeout(self.child.as_mut().expect("gateway child"), timeout)

@@ -13,20 +13,6 @@ use lungate_tests::ceph::Cluster;
 use lungate_tests::*;
 use serde_json::json;
 
-/// `rbd export` of image `image` (namespace `ns`) into a file: the same
-/// bytes a file LUN holds, for the file tools of the harness.
-fn export_image(c: &Cluster, ns: &str, image: &str, dir: &std::path::Path) -> std::path::PathBuf {
-    let out = dir.join(image);
-    let _ = std::fs::remove_file(&out);
-    c.rbd(&[
-        "export",
-        "--no-progress",
-        &format!("rbd/{ns}/{image}"),
-        out.to_str().expect("utf-8"),
-    ]);
-    out
-}
-
 fn json_of(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
@@ -51,7 +37,7 @@ fn rbd_lun_served_with_every_volume_operation() {
     let inspect = json_of(&out);
     assert_eq!(inspect["name"], "vm", "{inspect}");
     // The image's bytes are a LUN to the file tools too.
-    let copy = export_image(c, ns, "vm.lun", work.path());
+    let copy = c.export(ns, "vm.lun", work.path());
     let regions = disk_regions(&copy);
     assert_eq!(regions.len(), 2);
     assert_eq!(regions[0].1, 32 << 20);
@@ -254,7 +240,7 @@ fn rbd_lun_served_with_every_volume_operation() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"base\""));
 
     // The image still holds the LUN format the file tools read.
-    let copy = export_image(c, ns, "vm.lun", work.path());
+    let copy = c.export(ns, "vm.lun", work.path());
     assert_eq!(disk_regions(&copy), regions);
 
     // the data survives a restart of the gateway
@@ -334,7 +320,7 @@ fn aligned_layout_lun_on_rbd_keeps_its_gpt_and_the_guests_first_mib() {
     // finds it intact, and the exported image reads as the same disk.
     let inspect = json_of(&lunctl(&["--json", "inspect", &lun]));
     assert_eq!(inspect["warnings"], json!([]), "{inspect}");
-    let copy = export_image(c, ns, "al.lun", work.path());
+    let copy = c.export(ns, "al.lun", work.path());
     assert_eq!(disk_file_bytes(&copy, 0, 0, 65536), vec![0x5a; 65536]);
     assert_eq!(disk_file_bytes(&copy, 0, 1 << 20, 65536), vec![0x5b; 65536]);
     let mut mbr = [0u8; 2];
@@ -375,14 +361,19 @@ fn aligned_layout_lun_on_rbd_keeps_its_gpt_and_the_guests_first_mib() {
 }
 
 /// The value of etcd key `key` (`None`: no such key), read with etcdctl.
-fn etcd_get(endpoint: &str, key: &str) -> Option<serde_json::Value> {
+/// The value of an etcd key, if it exists.
+fn etcd_text(endpoint: &str, key: &str) -> Option<String> {
     let out = run_ok(
         Command::new(require_tool("etcdctl"))
             .env("ETCDCTL_API", "3")
             .args(["--endpoints", endpoint, "get", "--print-value-only", key]),
     );
     let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (!v.is_empty()).then(|| serde_json::from_str(&v).expect("owner value is JSON"))
+    (!v.is_empty()).then_some(v)
+}
+
+fn etcd_get(endpoint: &str, key: &str) -> Option<serde_json::Value> {
+    etcd_text(endpoint, key).map(|v| serde_json::from_str(&v).expect("owner value is JSON"))
 }
 
 /// The exports a gateway lists.
@@ -470,6 +461,34 @@ fn two_gateways_one_owner_failover_and_fencing() {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    // lunctl finds each owner through etcd: the gateway, its PID and host,
+    // and the control socket a command goes to.
+    let etcd_url = format!("etcd://{ep}");
+    let owner_of = |n: &str| {
+        let out = lunctl(&[
+            "--json",
+            "--coordinator",
+            &etcd_url,
+            "owner",
+            "--pool",
+            &pool,
+            n,
+        ]);
+        assert_success("lunctl owner", &out);
+        let v = json_of(&out);
+        assert_eq!(v["source"], "etcd", "{v}");
+        v["owner"].clone()
+    };
+    for n in ["v1", "v2", "v3"] {
+        let o = owner_of(n);
+        let pid = o["pid"].as_u64().map(|p| p as u32);
+        assert_eq!(pid, owner_pid(n), "{o}");
+        let gw = if pid == Some(ga.pid()) { &ga } else { &gb };
+        let control = format!("control unix {}", gw.control().display());
+        let listen = o["listen"].as_array().expect("listeners");
+        assert!(listen.iter().any(|l| l.as_str() == Some(&control)), "{o}");
+        assert_eq!(o["host"], lungate_block::sys::hostname(), "{o}");
+    }
     // A clone made on its owner's control API stays with that owner: the
     // other gateway may see the new image first, but never breaks a lock
     // that no former owner of the LUN holds.
@@ -509,6 +528,25 @@ fn two_gateways_one_owner_failover_and_fencing() {
         );
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
+    // The clone is fenced like any LUN: its maker holds the image's lock
+    // on the handle that serves it and recorded that client to fence.
+    let locks = c.rbd(&["lock", "ls", "rbd/co/v2c.lun"]);
+    assert_eq!(locks.matches("client.").count(), 1, "{locks}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while etcd_text(&ep, "/lungate/fence/rbd/co/v2c.lun").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no fence key for the clone: {}",
+            o.stderr_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    assert!(
+        !o.stderr_log()
+            .contains("cannot tell this gateway's RBD lock owner"),
+        "{}",
+        o.stderr_log()
+    );
     qemu_io_ok(
         &o.uri("v2c/disk0"),
         &["write -P 0x44 0 4k", "read -P 0x44 0 4k"],
@@ -559,7 +597,7 @@ except Exception as e:
     let mut line = String::new();
     std::io::BufRead::read_line(&mut out, &mut line).unwrap();
     assert_eq!(line.trim(), "first");
-    x.send_signal(libc::SIGSTOP);
+    x.freeze();
     std::io::Write::write_all(writer.stdin.as_mut().unwrap(), b"go\n").unwrap();
 
     // y takes v1 over once x's lease expires, fencing x first.
@@ -573,11 +611,41 @@ except Exception as e:
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     assert_eq!(owner_pid("v1"), Some(y.pid()));
+    // etcd, not the frozen gateway's lock or record, tells lunctl where
+    // v1 lives now; a snapshot command goes to the new owner's control API.
+    assert_eq!(owner_of("v1")["pid"].as_u64(), Some(u64::from(y.pid())));
+    let snap = lunctl(&[
+        "--coordinator",
+        &etcd_url,
+        "snapshot",
+        "--pool",
+        &pool,
+        "v1",
+        "after-takeover",
+    ]);
+    assert_success("lunctl snapshot through etcd's owner", &snap);
+    let said = String::from_utf8_lossy(&snap.stderr);
+    assert!(said.contains("the owner in etcd"), "{said}");
+    let snaps = api(&y.control(), "GET", "/v1/luns/v1/snapshots", None, 200);
+    assert!(snaps.to_string().contains("after-takeover"), "{snaps}");
     assert!(y
         .stderr_log()
         .contains("breaking a former owner's RBD lock"));
     let v1 = y.uri("v1/disk0");
-    qemu_io_ok(&v1, &["read -P 0x11 0 64k", "write -P 0x33 0 64k"]);
+    let first = qemu_io(&v1, &["read -P 0x11 0 64k"]);
+    if !first.status.success() || String::from_utf8_lossy(&first.stdout).contains("fail") {
+        // What the new owner reads instead: the old owner's second write
+        // (0x22, sent while it was frozen) or older bytes.
+        let seen = qemu_io(&v1, &["read -v 0 16", "read -v 65520 16"]);
+        panic!(
+            "the new owner does not read the flushed 0x11: {}\n{}\n--- fenced gateway ---\n{}\n--- new owner ---\n{}",
+            String::from_utf8_lossy(&first.stdout),
+            String::from_utf8_lossy(&seen.stdout),
+            x.stderr_log(),
+            y.stderr_log()
+        );
+    }
+    qemu_io_ok(&v1, &["write -P 0x33 0 64k"]);
 
     // x runs again: its queued write must not land, and it stops serving.
     x.send_signal(libc::SIGCONT);
@@ -619,5 +687,6 @@ except Exception as e:
         assert_ne!(owner_pid(n), Some(ypid));
         assert_eq!(owner_pid(n), None, "{n} still owned after a clean stop");
     }
+    assert!(owner_of("v1").is_null(), "v1 owned after a clean stop");
     drop(etcd);
 }

@@ -13,6 +13,7 @@
 //! locks belong to `lun_manager`, serving to the gateway.
 
 pub mod client;
+pub mod etcd;
 pub mod migrate;
 pub mod nbd;
 pub mod records;

@@ -24,9 +24,8 @@
 //! * Every gateway claims, once a second, each RBD LUN of its pools that no
 //!   lease holds: a dead gateway's LUNs move once its lease expires.
 //!
-//! The client speaks etcd's v3 HTTP/JSON gateway (grpc-gateway: POST
-//! `/v3/...` with JSON bodies, keys and values base64): the handful of
-//! calls needed do not justify a gRPC stack.
+//! The etcd client and the key names are `lungate_api::etcd`'s (lunctl
+//! looks owners up with the same ones).
 //!
 //! [`set_takeover`]: lun_manager::backing::set_takeover
 
@@ -34,229 +33,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
+use lungate_api::etcd::{fence_key, lun_key};
+pub use lungate_api::etcd::{Etcd, EtcdError};
 use lungate_block::engine::IoEngine;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::registry::Registry;
 use crate::served::ServedLun;
 
-/// How long one etcd call may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often unowned LUNs are claimed.
 const CLAIM_EVERY: Duration = Duration::from_secs(1);
 /// Exit status of a gateway that lost its lease.
 pub const LEASE_LOST: i32 = 75;
-
-#[derive(Debug, thiserror::Error)]
-pub enum EtcdError {
-    #[error("etcd {addr}: {op}: {source}")]
-    Io {
-        addr: String,
-        op: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("etcd {addr}: {op}: {why}")]
-    Reply {
-        addr: String,
-        op: String,
-        why: String,
-    },
-}
-
-/// A client of etcd's v3 JSON gateway at `HOST:PORT`.
-#[derive(Debug, Clone)]
-pub struct Etcd {
-    addr: String,
-}
-
-fn b64(s: &str) -> String {
-    B64.encode(s.as_bytes())
-}
-
-fn unb64(v: &Value) -> Option<String> {
-    B64.decode(v.as_str()?)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-}
-
-/// An int64 of a JSON reply (grpc-gateway writes them as strings).
-fn int(v: &Value) -> Option<i64> {
-    v.as_i64().or_else(|| v.as_str()?.parse().ok())
-}
-
-/// Decode an HTTP/1.1 `Transfer-Encoding: chunked` body.
-fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b.windows(2).position(|w| w == b"\r\n")?;
-        let size = std::str::from_utf8(&b[..eol]).ok()?;
-        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
-        b = &b[eol + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(b.get(..size)?);
-        b = b.get(size + 2..)?;
-    }
-}
-
-impl Etcd {
-    pub fn new(addr: &str) -> Etcd {
-        Etcd { addr: addr.into() }
-    }
-
-    /// POST `path` with a JSON body; the JSON reply of a 200.
-    pub async fn call(&self, path: &str, body: Value) -> Result<Value, EtcdError> {
-        let io = |op: &str| {
-            let (addr, op) = (self.addr.clone(), format!("{op} {path}"));
-            move |source| EtcdError::Io { addr, op, source }
-        };
-        let reply = |why: String| EtcdError::Reply {
-            addr: self.addr.clone(),
-            op: path.into(),
-            why,
-        };
-        let body = body.to_string();
-        let req = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            self.addr,
-            body.len()
-        );
-        let exchange = async {
-            let mut s = tokio::net::TcpStream::connect(&self.addr)
-                .await
-                .map_err(io("connect"))?;
-            s.write_all(req.as_bytes()).await.map_err(io("send"))?;
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf).await.map_err(io("receive"))?;
-            Ok::<_, EtcdError>(buf)
-        };
-        let buf = tokio::time::timeout(CALL_TIMEOUT, exchange)
-            .await
-            .map_err(|_| reply(format!("no reply within {CALL_TIMEOUT:?}")))??;
-        let split = buf
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or_else(|| reply("a reply without a header end".into()))?;
-        let head = String::from_utf8_lossy(&buf[..split]).to_ascii_lowercase();
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse::<u16>().ok())
-            .ok_or_else(|| reply(format!("bad status line in {head:?}")))?;
-        let raw = &buf[split + 4..];
-        let body = if head.contains("transfer-encoding: chunked") {
-            dechunk(raw).ok_or_else(|| reply("bad chunked body".into()))?
-        } else {
-            raw.to_vec()
-        };
-        if status != 200 {
-            return Err(reply(format!(
-                "HTTP {status}: {}",
-                String::from_utf8_lossy(&body)
-            )));
-        }
-        // A streaming call (keepalive) writes one JSON object per message.
-        let first = body.split(|b| *b == b'\n').next().unwrap_or_default();
-        serde_json::from_slice(first).map_err(|e| reply(format!("not JSON ({e})")))
-    }
-
-    /// A new lease of `ttl` seconds.
-    pub async fn grant(&self, ttl: u64) -> Result<i64, EtcdError> {
-        let r = self.call("/v3/lease/grant", json!({"TTL": ttl})).await?;
-        int(&r["ID"]).ok_or_else(|| EtcdError::Reply {
-            addr: self.addr.clone(),
-            op: "lease grant".into(),
-            why: format!("no lease ID in {r}"),
-        })
-    }
-
-    /// Renew `lease`; its remaining TTL (0: it has expired).
-    pub async fn keepalive(&self, lease: i64) -> Result<i64, EtcdError> {
-        let r = self
-            .call("/v3/lease/keepalive", json!({"ID": lease.to_string()}))
-            .await?;
-        Ok(int(&r["result"]["TTL"]).unwrap_or(0))
-    }
-
-    pub async fn revoke(&self, lease: i64) -> Result<(), EtcdError> {
-        self.call("/v3/lease/revoke", json!({"ID": lease.to_string()}))
-            .await
-            .map(drop)
-    }
-
-    pub async fn put(&self, key: &str, value: &str, lease: i64) -> Result<(), EtcdError> {
-        self.call(
-            "/v3/kv/put",
-            json!({"key": b64(key), "value": b64(value), "lease": lease.to_string()}),
-        )
-        .await
-        .map(drop)
-    }
-
-    pub async fn get(&self, key: &str) -> Result<Option<String>, EtcdError> {
-        let r = self.call("/v3/kv/range", json!({"key": b64(key)})).await?;
-        Ok(r["kvs"].get(0).and_then(|kv| unb64(&kv["value"])))
-    }
-
-    pub async fn delete(&self, key: &str) -> Result<(), EtcdError> {
-        self.call("/v3/kv/deleterange", json!({"key": b64(key)}))
-            .await
-            .map(drop)
-    }
-
-    /// Create `key` = `value` under `lease` if the key does not exist, in
-    /// one transaction. `Err(holder)`: the value already there.
-    pub async fn create(
-        &self,
-        key: &str,
-        value: &str,
-        lease: i64,
-    ) -> Result<Result<(), Option<String>>, EtcdError> {
-        let k = b64(key);
-        let r = self
-            .call(
-                "/v3/kv/txn",
-                json!({
-                    "compare": [{"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
-                    "success": [{"request_put": {"key": k, "value": b64(value), "lease": lease.to_string()}}],
-                    "failure": [{"request_range": {"key": k}}],
-                }),
-            )
-            .await?;
-        // proto3 JSON leaves out `succeeded` when it is false.
-        if r["succeeded"].as_bool() == Some(true) {
-            return Ok(Ok(()));
-        }
-        let holder = r["responses"]
-            .get(0)
-            .and_then(|x| x["response_range"]["kvs"].get(0))
-            .and_then(|kv| unb64(&kv["value"]));
-        Ok(Err(holder))
-    }
-}
-
-/// The etcd key of the RBD LUN at `path` (`rbd:POOL[/NS]/IMAGE[:opts]`):
-/// `/lungate/luns/POOL[/NS]/IMAGE`, the same whatever options name it.
-pub fn lun_key(path: &Path) -> String {
-    format!("/lungate/luns/{}", image_id(path))
-}
-
-/// The etcd key naming the librados client of the LUN's last owner.
-fn fence_key(path: &Path) -> String {
-    format!("/lungate/fence/{}", image_id(path))
-}
-
-/// `POOL[/NS]/IMAGE` of `rbd:POOL[/NS]/IMAGE[:opts]`.
-fn image_id(path: &Path) -> String {
-    let s = path.to_string_lossy();
-    let rest = s.strip_prefix("rbd:").unwrap_or(&s);
-    rest.split(':').next().unwrap_or_default().to_string()
-}
 
 /// This gateway in etcd.
 pub struct Coordinator {
@@ -291,9 +79,14 @@ impl Coordinator {
             str::to_string,
         );
         let lease = etcd.grant(ttl).await?;
-        let info = json!({"name": name, "pid": std::process::id(), "listen": addrs});
+        let info = json!({
+            "name": name,
+            "pid": std::process::id(),
+            "host": lungate_block::sys::hostname(),
+            "listen": addrs,
+        });
         etcd.put(
-            &format!("/lungate/gateways/{name}"),
+            &lungate_api::etcd::gateway_key(&name),
             &info.to_string(),
             lease,
         )
@@ -516,28 +309,5 @@ pub async fn release() {
         if let Err(e) = c.etcd.revoke(c.lease).await {
             tracing::warn!(error = %e, "cannot revoke the etcd lease");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lun_keys_ignore_options() {
-        assert_eq!(
-            lun_key(Path::new("rbd:rbd/ns/vm.lun:conf=/a/b.conf")),
-            "/lungate/luns/rbd/ns/vm.lun"
-        );
-        assert_eq!(lun_key(Path::new("rbd:p/vm.lun")), "/lungate/luns/p/vm.lun");
-    }
-
-    #[test]
-    fn chunked_bodies_decode() {
-        assert_eq!(
-            dechunk(b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").as_deref(),
-            Some(&b"abcde"[..])
-        );
-        assert_eq!(dechunk(b"5\r\nab"), None);
     }
 }

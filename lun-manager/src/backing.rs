@@ -123,13 +123,23 @@ impl Backing {
         }
     }
 
-    /// Bytes already open as a store object (a clone's new image).
-    pub fn from_object(base: Arc<dyn Object>) -> Backing {
+    /// A new clone's image, already open (and locked) as a store object.
+    #[cfg(feature = "rbd")]
+    pub fn from_rbd_object(
+        spec: lungate_block::store::rbd::ImageSpec,
+        base: Arc<dyn Object>,
+    ) -> Backing {
+        use lungate_block::store::rbd::RbdObject;
+        let rbd = base.rbd_image().map(|img| {
+            (
+                spec,
+                Arc::new(RbdObject::new(img.clone(), base.name().into())),
+            )
+        });
         Backing {
             base,
             file: None,
-            #[cfg(feature = "rbd")]
-            rbd: None,
+            rbd,
         }
     }
 

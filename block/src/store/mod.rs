@@ -57,6 +57,12 @@ pub trait Object: BlockDevice {
     fn will_need(&self, offset: u64, len: u64);
     /// A raw device rather than a file (no room for layers beside it).
     fn is_block_device(&self) -> bool;
+    /// The RBD image it is, for what only an image has (its exclusive
+    /// lock, its metadata).
+    #[cfg(feature = "rbd")]
+    fn rbd_image(&self) -> Option<&Arc<rbd::Image>> {
+        None
+    }
 }
 
 /// A volume's layers and manifest.

@@ -294,10 +294,20 @@ impl Cluster {
         check(unsafe { ffi::rados_conf_parse_env(c.handle, std::ptr::null()) })?;
         // A lost connection must fail a request, not hang it forever: the
         // NBD client retries and another gateway may take over.
+        //
+        // No librbd cache. A write is answered once the OSDs have it and a
+        // flush once they made it durable, which the NBD client's own
+        // cache relies on. With librbd's writeback cache a fenced gateway
+        // (its lock broken, its client blocklisted) drops the dirty data
+        // when librbd notices, and a FLUSH still succeeds afterwards: a
+        // write answered as durable that is lost (seen in the failover
+        // test). The cache would also keep a second copy of guest data in
+        // memory that no bound of ours covers.
         for (k, v) in [
             ("rados_osd_op_timeout", "30"),
             ("rados_mon_op_timeout", "30"),
             ("client_mount_timeout", "30"),
+            ("rbd_cache", "false"),
         ] {
             let (k, v) = (cstr(k)?, cstr(v)?);
             // SAFETY: not connected yet; both strings outlive the call.
@@ -1223,6 +1233,9 @@ impl BlockDevice for RbdObject {
 impl super::Object for RbdObject {
     fn name(&self) -> &Path {
         &self.name
+    }
+    fn rbd_image(&self) -> Option<&Arc<Image>> {
+        Some(&self.image)
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.image.read_at(buf, offset)

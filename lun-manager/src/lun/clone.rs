@@ -134,7 +134,7 @@ impl Lun {
                 base.sync().ctx(path, "flush")
             };
             let made = wipe().and_then(|()| {
-                let backing = Backing::from_object(base.clone());
+                let backing = Backing::from_rbd_object(theirs.clone(), base.clone());
                 self.restamp_clone(snapshot, path, backing, label.clone(), vol, secondaries)
             });
             if made.is_err() {

@@ -504,6 +504,10 @@ impl NativeTree for RbdStore {
                 .open_image(target, true)
                 .ctx(&tloc, "open clone")?,
         );
+        // The clone's ownership lock, as `Backing::open` takes it for every
+        // LUN opened read-write: kept on this handle, which does the
+        // clone's I/O, so fencing covers the clone as well.
+        self.io(img.lock_acquire(), "take the clone's exclusive lock")?;
         // librbd copies the parent's metadata into a clone: none of ours
         // (the parent's tree, intents) is the clone's.
         for key in INHERITED {

@@ -49,6 +49,11 @@ struct Cli {
     /// change something)
     #[arg(long, global = true)]
     json: bool,
+    /// etcd of coordinated gateways (etcd://HOST:PORT): the owner of an
+    /// RBD LUN is the gateway etcd names, and commands for a LUN it serves
+    /// go to its control API
+    #[arg(long, global = true, value_name = "URL")]
+    coordinator: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -109,6 +114,11 @@ enum Cmd {
         snap: String,
         #[arg(long, value_name = "TEXT", default_value = "")]
         description: String,
+    },
+    /// Show which gateway serves a LUN (from etcd with --coordinator)
+    Owner {
+        #[command(flatten)]
+        lun: LunRef,
     },
     /// Show a LUN's snapshots as a tree
     Snapshots {
@@ -258,6 +268,7 @@ impl Cmd {
             Cmd::Delete { .. } => "delete",
             Cmd::Snapshot { .. } => "snapshot",
             Cmd::Snapshots { .. } => "snapshots",
+            Cmd::Owner { .. } => "owner",
             Cmd::Revert { .. } => "revert",
             Cmd::DeleteSnapshot { .. } => "delete-snapshot",
             Cmd::Clone { .. } => "clone",
@@ -418,6 +429,21 @@ fn main() -> ExitCode {
     }
     let out = Output::new("lunctl", cli.json);
     let op = cli.cmd.op();
+    if let Some(url) = &cli.coordinator {
+        let c = lungate_config::CoordinatorConfig {
+            url: Some(url.clone()),
+            ..Default::default()
+        };
+        match c.endpoint() {
+            Ok(Some(addr)) => snapshots::set_coordinator(addr),
+            Ok(None) => {}
+            Err(e) => {
+                return out
+                    .error(op, Exit::Usage, &format!("--coordinator: {e}"))
+                    .into()
+            }
+        }
+    }
     match run(cli.cmd, &out) {
         Ok(()) => Exit::Ok.into(),
         Err(f) => out.error(op, f.exit, &f.msg).into(),
@@ -474,6 +500,7 @@ fn run(cmd: Cmd, out: &Output) -> Res {
             description,
         } => snapshots::snapshot(out, &lun.path()?, &snap, &description),
         Cmd::Snapshots { lun } => snapshots::list(out, &lun.path()?),
+        Cmd::Owner { lun } => snapshots::owner(out, &lun.path()?),
         Cmd::Revert { lun, snap } => snapshots::revert(out, &lun.path()?, &snap),
         Cmd::DeleteSnapshot { lun, snap } => snapshots::delete(out, &lun.path()?, &snap),
         Cmd::Clone {

@@ -19,8 +19,9 @@ use lun_manager::owner::{self, Probe};
 use lun_manager::size::human;
 use lun_manager::{Access, Lun};
 use lungate_api::client as control;
+use lungate_api::etcd;
 use lungate_api::types as wire;
-use lungate_cli::{Output, Reporter};
+use lungate_cli::{Exit, Output, Reporter};
 
 use crate::fail::{Fail, Res};
 use crate::results;
@@ -52,7 +53,70 @@ impl Target {
     }
 }
 
+/// `HOST:PORT` of the etcd that `--coordinator` named.
+static COORDINATOR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+pub fn set_coordinator(addr: String) {
+    let _ = COORDINATOR.set(addr);
+}
+
+/// The gateway etcd names as the owner of the RBD LUN at `path`, when
+/// `--coordinator` is given (`None` otherwise, or for a file LUN).
+fn etcd_owner(path: &Path) -> Res<Option<etcd::Registration>> {
+    let Some(addr) = COORDINATOR.get() else {
+        return Ok(None);
+    };
+    if !lun_manager::backing::is_rbd(path) {
+        return Ok(None);
+    }
+    etcd::owner_blocking(addr, path).map_err(|e| Fail::new(Exit::Failed, e.to_string()))
+}
+
+/// The control API of the gateway `reg` (etcd's owner of `path`), which
+/// must run on this host: its control socket is a unix socket.
+fn owner_control(path: &Path, reg: &etcd::Registration) -> Res<std::path::PathBuf> {
+    let here = owner::hostname();
+    let remote = || owner::Error::Owned {
+        lun: path.display().to_string(),
+        owner: format!("lungate gateway {}, the owner in etcd", reg.name),
+        pid: reg.pid,
+        host: reg.host.clone(),
+    };
+    if reg.host != here {
+        return Err(remote().into());
+    }
+    reg.control_socket().map(Path::to_path_buf).ok_or_else(|| {
+        Fail::new(
+            Exit::Busy,
+            format!(
+                "{}: served by lungate gateway {} (PID {}), which has no control socket (start it with --control)",
+                path.display(),
+                reg.name,
+                reg.pid
+            ),
+        )
+    })
+}
+
 fn target(path: &Path) -> Res<Target> {
+    if let Some(reg) = etcd_owner(path)? {
+        // etcd decides who owns a coordinated LUN, whatever a record in
+        // the LUN still says.
+        let control = owner_control(path, &reg)?;
+        let label = Lun::probe_label(path)?;
+        eprintln!(
+            "lunctl: {} is served by lungate gateway {} (PID {}, the owner in etcd); using its control API at {}",
+            label.name,
+            reg.name,
+            reg.pid,
+            control.display()
+        );
+        return Ok(Target::Gateway {
+            client: control::Client::new(&control)?,
+            lun: control::uuid_ref(label.uuid),
+            name: label.name,
+        });
+    }
     match owner::try_lock(path)? {
         Ok(lock) => {
             let mut locks = vec![lock];
@@ -759,4 +823,48 @@ fn list_or(v: &[String], none: &str) -> String {
     } else {
         v.join(", ")
     }
+}
+
+/// `lunctl owner`: who serves the LUN. With `--coordinator`, for an RBD
+/// LUN, etcd's owner (authoritative: a key bound to that gateway's lease);
+/// otherwise what the LUN's lock and owner record say.
+pub fn owner(out: &Output, path: &Path) -> Res {
+    let label = Lun::probe_label(path)?;
+    let (source, reg) = match etcd_owner(path)? {
+        Some(r) => ("etcd", Some(r)),
+        None if COORDINATOR.get().is_some() && lun_manager::backing::is_rbd(path) => ("etcd", None),
+        None => match owner::probe(path)? {
+            Probe::Free => ("lock", None),
+            Probe::Gateway { pid, control } => (
+                "record",
+                Some(etcd::Registration {
+                    name: "lungate".into(),
+                    pid,
+                    host: owner::hostname(),
+                    listen: vec![format!("control unix {}", control.display())],
+                }),
+            ),
+            busy => return Err(owner::busy_error(path, &busy).into()),
+        },
+    };
+    let doc = serde_json::json!({
+        "lun": label.name,
+        "path": path.display().to_string(),
+        "source": source,
+        "owner": reg,
+    });
+    out.document(&doc, || match &reg {
+        None => format!("{} is not served by any gateway ({source})\n", label.name),
+        Some(r) => {
+            let mut t = format!(
+                "{} is served by {} (PID {} on {}; from {source})\n",
+                label.name, r.name, r.pid, r.host
+            );
+            for l in &r.listen {
+                let _ = writeln!(t, "  {l}");
+            }
+            t
+        }
+    });
+    Ok(())
 }
