@@ -2372,3 +2372,92 @@ fn stalled_large_requests_do_not_hold_up_a_snapshot() {
     gw.assert_running();
     gw.stop_ok();
 }
+
+/// The same hostile client against LUNs on Ceph RBD (`--features rbd`; run
+/// by scripts/test's rbd step): the region view and the checks are the
+/// store's business only below the volume, so an image must hold up
+/// exactly as a file does — nothing reaches the label or the hidden state
+/// region, and the last block written lands at its region's end in the
+/// image.
+#[cfg(feature = "rbd")]
+#[test]
+fn rbd_hostile_requests_never_escape_the_disk_region() {
+    use lungate_tests::ceph::Cluster;
+    use lungate_tests::{assert_success, lunctl};
+    let c = Cluster::shared();
+    let ns = "hostile";
+    let pool = c.pool(ns);
+    let luns = [
+        ("off", "offset", ["24M", "8M"]),
+        ("trunc", "truncate", ["16M", "8M"]),
+    ];
+    for (name, layout, [d0, d1]) in luns {
+        let out = lunctl(&[
+            "create", "--pool", &pool, "--layout", layout, "--disk", d0, "--disk", d1, "--memory",
+            "4M", name,
+        ]);
+        assert_success("lunctl create", &out);
+    }
+    // The images' bytes, as files the LUN tools of this test read.
+    let before = tempfile::tempdir().expect("tempdir");
+    let image = |name: &str| c.export(ns, &format!("{name}.lun"), before.path());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!("pools = [\"{pool}\"]\nhandshake_timeout = 3\n"),
+    )
+    .expect("write config");
+    let mut gw = Gateway::start(&["--config", config.to_str().expect("utf-8")]);
+    // The gateway's start wrote its owner record; from here on nothing a
+    // client sends may change a hidden byte.
+    let hidden: Vec<[u8; 32]> = luns
+        .iter()
+        .map(|(n, ..)| hidden_digest(&image(n)))
+        .collect();
+    let mut exports = Vec::new();
+    for (name, ..) in &luns {
+        for (i, (_, length)) in disk_regions(&image(name)).into_iter().enumerate() {
+            exports.push((format!("{name}/disk{i}"), length));
+        }
+    }
+    let names: Vec<&str> = exports.iter().map(|(n, _)| n.as_str()).collect();
+    for (i, (export, size)) in exports.iter().enumerate() {
+        let addr = if i % 2 == 0 {
+            Addr::Tcp(gw.addr())
+        } else {
+            Addr::Unix(gw.unix_path().to_path_buf())
+        };
+        let t = Target {
+            addr,
+            export: export.clone(),
+            size: *size,
+            lungate: true,
+            pid: gw.pid(),
+        };
+        run_all(&t, &names);
+        gw.assert_running();
+    }
+    for ((name, ..), was) in luns.iter().zip(&hidden) {
+        let copy = c.export(ns, &format!("{name}.lun"), dir.path());
+        assert_eq!(
+            &hidden_digest(&copy),
+            was,
+            "{name}: hostile requests changed the hidden region of the image"
+        );
+        for (i, (offset, length)) in disk_regions(&copy).into_iter().enumerate() {
+            assert_eq!(
+                file_bytes(&copy, offset + length - 4096, 4096),
+                pattern_bytes(4096, length ^ 0x1a57),
+                "{name} disk{i}: last block not at region end in the image"
+            );
+        }
+    }
+    for (export, _) in &exports {
+        qemu_io_ok(
+            &gw.uri(export),
+            &["write -P 0x3c 0 64k", "read -P 0x3c 0 64k"],
+        );
+    }
+    gw.stop_ok();
+}
