@@ -815,3 +815,166 @@ fn an_aligned_lun_migrates_between_two_gateways_under_writes() {
     assert_eq!(file_bytes(&dst_lun, SHADOW_LEN, 8192), straddle[8192..]);
     assert_eq!(sfdisk_dump(&dst_lun), before.gpt);
 }
+
+/// `[migration] tls` with a `cert:` allow rule: the target admits the
+/// source that presents the named client certificate (the LUN moves under
+/// writes, over TLS), and refuses with a reason, creating nothing, a
+/// source without one and a source that does not speak TLS.
+#[test]
+fn over_tls_the_target_admits_only_the_certificate_its_rules_name() {
+    let certs = TlsCerts::generate();
+    let (a, b, c) = (pool_dir(), pool_dir(), pool_dir());
+    create_lun(a.path(), "vmt", "offset", &["32M"], "16M");
+    create_lun(c.path(), "vmu", "offset", &["16M"], "16M");
+    let (a_s, b_s, c_s) = (
+        a.path().to_str().unwrap(),
+        b.path().to_str().unwrap(),
+        c.path().to_str().unwrap(),
+    );
+    let etc = tempfile::tempdir().unwrap();
+    let conf = |name: &str, text: String| {
+        let p = etc.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let ca = certs.path_str("ca-cert.pem");
+    let target_cfg = conf(
+        "target.toml",
+        format!(
+            "[tls]\nmode = \"on\"\ncert = {:?}\nkey = {:?}\nca = {ca:?}\n\n[migration]\ntls = true\nallow = [\"cert:lungate test client\"]\n",
+            certs.path_str("server-cert.pem"),
+            certs.path_str("server-key.pem"),
+        ),
+    );
+    let with_cert = conf(
+        "with-cert.toml",
+        format!(
+            "[tls]\nca = {ca:?}\n\n[migration]\ntls = true\nclient_cert = {:?}\nclient_key = {:?}\n",
+            certs.path_str("client-cert.pem"),
+            certs.path_str("client-key.pem"),
+        ),
+    );
+    let no_cert = conf(
+        "no-cert.toml",
+        format!("[tls]\nca = {ca:?}\n\n[migration]\ntls = true\n"),
+    );
+    let dst = Gateway::start(&[
+        "--config",
+        &target_cfg,
+        "--pool",
+        b_s,
+        "--migration-listen",
+        "127.0.0.1:0",
+    ]);
+    let to = migration_addr(&dst);
+    let before = clean_tree(b.path());
+
+    // No client certificate: TLS works, the rule does not match.
+    let anon = Gateway::start(&["--config", &no_cert, "--pool", c_s]);
+    let (ok, res, all) = lunctl_migrate(&["vmu", "--pool", c_s, "--to", &to]);
+    assert!(!ok, "admitted without the named certificate: {all}");
+    let msg = res["error"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("not in the target's migration allow list"),
+        "{all}"
+    );
+    assert_eq!(clean_tree(b.path()), before, "files made for a refusal");
+    fill(&tcp(&anon), "vmu/disk0", 0, 4096, 9);
+    anon.stop_ok();
+
+    // Plain TCP to a TLS listener: no admission, a clear error.
+    let plain = Gateway::start(&["--pool", c_s]);
+    let (ok, res, all) = lunctl_migrate(&["vmu", "--pool", c_s, "--to", &to]);
+    assert!(
+        !ok,
+        "a plain-TCP source was admitted by a TLS listener: {all}"
+    );
+    assert_eq!(res["type"], "error", "{all}");
+    assert_eq!(clean_tree(b.path()), before, "files made for a refusal");
+    fill(&tcp(&plain), "vmu/disk0", 0, 4096, 10);
+    plain.stop_ok();
+    assert!(c.path().join("vmu.lun").is_file());
+
+    // The certificate the rule names: admitted, and the LUN moves under
+    // writes with every request answered right.
+    let src = Gateway::start(&["--config", &with_cert, "--pool", a_s]);
+    let export = "vmt/disk0";
+    let (stop, count, h) = run_writer(tcp(&src), export);
+    wait_ops(&count, 200);
+    let (ok, res, all) = lunctl_migrate(&["vmt", "--pool", a_s, "--to", &to]);
+    assert!(
+        ok,
+        "migration over TLS failed: {all}\nsource:\n{}\ntarget:\n{}",
+        src.stderr_log(),
+        dst.stderr_log()
+    );
+    assert_eq!(res["phase"], "done", "{res}");
+    wait_ops(&count, 200);
+    stop.store(true, Ordering::Relaxed);
+    let seen = h.join().unwrap();
+    assert_clean(&seen);
+    assert!(b.path().join("vmt.lun").is_file());
+    assert!(!a.path().join("vmt.lun").exists());
+    verify(&tcp(&dst), export, &seen.model);
+    drop(src);
+    dst.stop_ok();
+}
+
+/// A target that accepts the connection and then says nothing: the step
+/// times out (`[migration] timeout`), the migration ends as an error and
+/// the source keeps serving its writer without a failed request.
+#[test]
+fn a_silent_target_times_out_and_the_source_keeps_serving() {
+    let a = pool_dir();
+    create_lun(a.path(), "vms", "offset", &["16M"], "16M");
+    let a_s = a.path().to_str().unwrap();
+    let etc = tempfile::tempdir().unwrap();
+    let cfg = etc.path().join("src.toml");
+    std::fs::write(&cfg, "[migration]\ntimeout = 2\n").unwrap();
+    let src = Gateway::start(&["--config", cfg.to_str().unwrap(), "--pool", a_s]);
+    // A peer that accepts and never answers (nor closes).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = silent.local_addr().unwrap().to_string();
+    let (done, until) = std::sync::mpsc::channel::<()>();
+    let held = thread::spawn(move || {
+        let (s, _) = silent.accept().unwrap();
+        let _ = until.recv();
+        drop(s);
+    });
+    let export = "vms/disk0";
+    let (stop, count, h) = run_writer(tcp(&src), export);
+    wait_ops(&count, 100);
+    let t = Instant::now();
+    let (ok, res, all) = lunctl_migrate(&["vms", "--pool", a_s, "--to", &to]);
+    let took = t.elapsed();
+    assert!(!ok, "a silent target accepted a migration: {all}");
+    assert!(
+        res["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no answer within 2s"),
+        "the error does not say it timed out: {all}"
+    );
+    assert!(
+        took < Duration::from_secs(12),
+        "gave up only after {took:?} with a 2 s step timeout"
+    );
+    wait_ops(&count, 200);
+    stop.store(true, Ordering::Relaxed);
+    let seen = h.join().unwrap();
+    assert_clean(&seen);
+    verify(&tcp(&src), export, &seen.model);
+    let v: serde_json::Value =
+        serde_json::from_slice(&lunctl(&["--json", "migrations", "--pool", a_s]).stdout).unwrap();
+    assert_eq!(v[0]["phase"], "failed", "{v}");
+    assert!(
+        v[0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no answer"),
+        "{v}"
+    );
+    done.send(()).unwrap();
+    held.join().unwrap();
+    src.stop_ok();
+}

@@ -307,11 +307,20 @@ impl MigrationConfig {
             })?;
         }
         self.allow_rules()?;
-        if self.tls && (tls.cert.is_none() || tls.key.is_none()) {
+        if self.tls && self.listen.is_some() && (tls.cert.is_none() || tls.key.is_none()) {
             return Err(ConfigError::invalid(
                 "migration.tls",
                 true,
                 "needs `tls.cert` and `tls.key` (the migration listener uses the gateway's certificate)",
+            ));
+        }
+        if self.tls && tls.ca.is_none() {
+            // Without it an outgoing migration could not verify its target
+            // (and would have to go in clear text).
+            return Err(ConfigError::invalid(
+                "migration.tls",
+                true,
+                "needs `tls.ca`, the CA that signs the targets' certificates (and the sources' client certificates for `cert:` rules)",
             ));
         }
         if self.client_cert.is_some() != self.client_key.is_some() {
@@ -883,6 +892,16 @@ mod tests {
         assert_eq!(
             invalid_field("[control]\ntcp = \"127.0.0.1:1\"\ntoken_file = \"t\"\ntls = true"),
             "control.tls"
+        );
+        // Migration over TLS: a CA always (targets are verified), the
+        // gateway's certificate only for a listener.
+        assert_eq!(invalid_field("[migration]\ntls = true"), "migration.tls");
+        assert_eq!(
+            invalid_field("[tls]\nca = \"c\"\n[migration]\ntls = true\nlisten = \"127.0.0.1:1\""),
+            "migration.tls"
+        );
+        assert!(
+            GatewayConfig::from_toml("[tls]\nca = \"c\"\n[migration]\ntls = true", "t").is_ok()
         );
         assert_eq!(invalid_field("[control]\ntls = true"), "control.tls");
         assert_eq!(invalid_field("[tls]\nmode = \"require\""), "tls.cert");
