@@ -656,16 +656,40 @@ impl Gateway {
     }
 
     pub fn try_start_env(args: &[&str], env: &[(&str, &str)]) -> Result<Gateway, String> {
+        Gateway::try_start_with(None, "127.0.0.1:0", args, env)
+    }
+
+    /// [`Gateway::start`] inside network namespace `ns` (the test's own
+    /// second "host", see [`NetNs`]), its NBD listener on `listen` there.
+    pub fn start_in(ns: &NetNs, listen: &str, args: &[&str]) -> Gateway {
+        Gateway::try_start_with(Some(ns), listen, args, &[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_start_with(
+        ns: Option<&NetNs>,
+        listen: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Gateway, String> {
         let dir = tempfile::Builder::new()
             .prefix("lungate-gw-")
             .tempdir()
             .expect("create gateway temp dir");
         let sock = dir.path().join("nbd.sock");
         let log = dir.path().join("stderr.log");
-        let mut cmd = Command::new(bin("lungate"));
+        // `ip netns exec` enters the namespace and execs the gateway: the
+        // child's PID is the gateway's.
+        let mut cmd = match ns {
+            Some(n) => {
+                let mut c = Command::new(require_tool("ip"));
+                c.args(["netns", "exec", &n.name]).arg(bin("lungate"));
+                c
+            }
+            None => Command::new(bin("lungate")),
+        };
         cmd.arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--unix")
             .arg(&sock)
             .args(args)
@@ -1262,5 +1286,58 @@ mod tests {
         assert_eq!(disk_size("4097"), 1 << 20);
         assert_eq!(disk_size("1500K"), 2 << 20);
         assert_eq!(disk_size("3M"), 3 << 20);
+    }
+}
+
+/// A network namespace the test makes as a second host, joined to this
+/// one by a veth pair on a /30 of its own: `10.231.N.1` here, `10.231.N.2`
+/// there (loopback up on both sides). Removed, with the pair, on drop.
+pub struct NetNs {
+    pub name: String,
+    /// This side's address.
+    pub here: std::net::Ipv4Addr,
+    /// The namespace's address.
+    pub there: std::net::Ipv4Addr,
+}
+
+impl NetNs {
+    pub fn create() -> NetNs {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A subnet and names per process and namespace (interface names
+        // stay within 15 bytes).
+        let id = (std::process::id() % 10_000) * 10 + n % 10;
+        let net = (std::process::id() * 7 + n) % 250 + 1;
+        let ns = NetNs {
+            name: format!("lgt{id}"),
+            here: std::net::Ipv4Addr::new(10, 231, net as u8, 1),
+            there: std::net::Ipv4Addr::new(10, 231, net as u8, 2),
+        };
+        let (a, b) = (format!("lga{id}"), format!("lgb{id}"));
+        let ip = require_tool("ip");
+        let run = |args: &[&str]| run_ok(Command::new(&ip).args(args));
+        run(&["netns", "add", &ns.name]);
+        run(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+        run(&["link", "set", &b, "netns", &ns.name]);
+        run(&["addr", "add", &format!("{}/30", ns.here), "dev", &a]);
+        run(&["link", "set", &a, "up"]);
+        let inside = |args: &[&str]| {
+            let mut full = vec!["netns", "exec", &ns.name, "ip"];
+            full.extend_from_slice(args);
+            run(&full);
+        };
+        inside(&["addr", "add", &format!("{}/30", ns.there), "dev", &b]);
+        inside(&["link", "set", &b, "up"]);
+        inside(&["link", "set", "lo", "up"]);
+        ns
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes the veth pair with it.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }

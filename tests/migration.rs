@@ -978,3 +978,55 @@ fn a_silent_target_times_out_and_the_source_keeps_serving() {
     held.join().unwrap();
     src.stop_ok();
 }
+
+/// The target on a second host: a network namespace the test makes, with
+/// its own address on a veth pair (docs/testing.md). The LUN moves under
+/// the sequence-numbered writer; the writer's connection, forwarded by the
+/// source, reaches the target across the link, and new connections are
+/// served there.
+#[test]
+fn a_lun_migrates_to_a_gateway_on_another_host_under_writes() {
+    let ns = NetNs::create();
+    let (a, b) = (pool_dir(), pool_dir());
+    create_lun(a.path(), "vmn", "offset", &["32M"], "16M");
+    let (a_s, b_s) = (a.path().to_str().unwrap(), b.path().to_str().unwrap());
+    let src = Gateway::start(&["--pool", a_s]);
+    let there = ns.there.to_string();
+    let dst = Gateway::start_in(
+        &ns,
+        &format!("{there}:0"),
+        &["--pool", b_s, "--migration-listen", &format!("{there}:0")],
+    );
+    let to = migration_addr(&dst);
+    assert!(to.starts_with(&format!("{there}:")), "{to}");
+    assert_eq!(dst.addr().ip().to_string(), there);
+    let export = "vmn/disk0";
+    let (stop, count, h) = run_writer(tcp(&src), export);
+    wait_ops(&count, 200);
+    let (ok, res, all) = lunctl_migrate(&["vmn", "--pool", a_s, "--to", &to]);
+    assert!(
+        ok,
+        "migration to the other host failed: {all}\nsource:\n{}\ntarget:\n{}",
+        src.stderr_log(),
+        dst.stderr_log()
+    );
+    assert_eq!(res["phase"], "done", "{res}");
+    wait_ops(&count, 200);
+    stop.store(true, Ordering::Relaxed);
+    let seen = h.join().unwrap();
+    assert_clean(&seen);
+    // The forwarded connection came from this side of the link.
+    let from_here = format!("client={}:", ns.here);
+    assert!(
+        dst.stderr_log().contains(&from_here),
+        "no connection from {} on the target:\n{}",
+        ns.here,
+        dst.stderr_log()
+    );
+    assert!(b.path().join("vmn.lun").is_file());
+    assert!(!a.path().join("vmn.lun").exists());
+    assert!(NbdClient::connect(&tcp(&src), export).is_err());
+    verify(&tcp(&dst), export, &seen.model);
+    drop(src);
+    dst.stop_ok();
+}
