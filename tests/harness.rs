@@ -1218,6 +1218,59 @@ pub fn api(
     r.json()
 }
 
+/// A network namespace the test makes as a second host, joined to this
+/// one by a veth pair on a /30 of its own: `10.231.N.1` here, `10.231.N.2`
+/// there (loopback up on both sides). Removed, with the pair, on drop.
+pub struct NetNs {
+    pub name: String,
+    /// This side's address.
+    pub here: std::net::Ipv4Addr,
+    /// The namespace's address.
+    pub there: std::net::Ipv4Addr,
+}
+
+impl NetNs {
+    pub fn create() -> NetNs {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A subnet and names per process and namespace (interface names
+        // stay within 15 bytes).
+        let id = (std::process::id() % 10_000) * 10 + n % 10;
+        let net = (std::process::id() * 7 + n) % 250 + 1;
+        let ns = NetNs {
+            name: format!("lgt{id}"),
+            here: std::net::Ipv4Addr::new(10, 231, net as u8, 1),
+            there: std::net::Ipv4Addr::new(10, 231, net as u8, 2),
+        };
+        let (a, b) = (format!("lga{id}"), format!("lgb{id}"));
+        let ip = require_tool("ip");
+        let run = |args: &[&str]| run_ok(Command::new(&ip).args(args));
+        run(&["netns", "add", &ns.name]);
+        run(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+        run(&["link", "set", &b, "netns", &ns.name]);
+        run(&["addr", "add", &format!("{}/30", ns.here), "dev", &a]);
+        run(&["link", "set", &a, "up"]);
+        let inside = |args: &[&str]| {
+            let mut full = vec!["netns", "exec", &ns.name, "ip"];
+            full.extend_from_slice(args);
+            run(&full);
+        };
+        inside(&["addr", "add", &format!("{}/30", ns.there), "dev", &b]);
+        inside(&["link", "set", &b, "up"]);
+        inside(&["link", "set", "lo", "up"]);
+        ns
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes the veth pair with it.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1286,58 +1339,5 @@ mod tests {
         assert_eq!(disk_size("4097"), 1 << 20);
         assert_eq!(disk_size("1500K"), 2 << 20);
         assert_eq!(disk_size("3M"), 3 << 20);
-    }
-}
-
-/// A network namespace the test makes as a second host, joined to this
-/// one by a veth pair on a /30 of its own: `10.231.N.1` here, `10.231.N.2`
-/// there (loopback up on both sides). Removed, with the pair, on drop.
-pub struct NetNs {
-    pub name: String,
-    /// This side's address.
-    pub here: std::net::Ipv4Addr,
-    /// The namespace's address.
-    pub there: std::net::Ipv4Addr,
-}
-
-impl NetNs {
-    pub fn create() -> NetNs {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // A subnet and names per process and namespace (interface names
-        // stay within 15 bytes).
-        let id = (std::process::id() % 10_000) * 10 + n % 10;
-        let net = (std::process::id() * 7 + n) % 250 + 1;
-        let ns = NetNs {
-            name: format!("lgt{id}"),
-            here: std::net::Ipv4Addr::new(10, 231, net as u8, 1),
-            there: std::net::Ipv4Addr::new(10, 231, net as u8, 2),
-        };
-        let (a, b) = (format!("lga{id}"), format!("lgb{id}"));
-        let ip = require_tool("ip");
-        let run = |args: &[&str]| run_ok(Command::new(&ip).args(args));
-        run(&["netns", "add", &ns.name]);
-        run(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
-        run(&["link", "set", &b, "netns", &ns.name]);
-        run(&["addr", "add", &format!("{}/30", ns.here), "dev", &a]);
-        run(&["link", "set", &a, "up"]);
-        let inside = |args: &[&str]| {
-            let mut full = vec!["netns", "exec", &ns.name, "ip"];
-            full.extend_from_slice(args);
-            run(&full);
-        };
-        inside(&["addr", "add", &format!("{}/30", ns.there), "dev", &b]);
-        inside(&["link", "set", &b, "up"]);
-        inside(&["link", "set", "lo", "up"]);
-        ns
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        // Deleting the namespace deletes the veth pair with it.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
