@@ -58,6 +58,9 @@ const READ_AHEAD: usize = 256 * 1024;
 /// clients ask again from where it stopped.
 const BLOCK_STATUS_SPAN: u64 = 1 << 32;
 const BLOCK_STATUS_SPAN_EXTENDED: u64 = 1 << 36;
+/// The longest compact descriptor: 4 GiB less 512 bytes, a multiple of 512
+/// (the spec's SHOULD).
+const MAX_COMPACT_RUN: u32 = u32::MAX - 511;
 /// Most descriptors one block-status chunk carries (the spec's SHOULD).
 const MAX_DESCRIPTORS: usize = 1 << 20;
 /// `qemu:dirty-bitmap` flag: the extent changed since the snapshot.
@@ -835,8 +838,7 @@ fn status_payload(
     let mut extents = Vec::with_capacity(runs.len().min(take));
     for (l, f) in runs.into_iter().take(take) {
         if l > u64::from(u32::MAX) {
-            // Cut to a multiple of 512 (the spec's SHOULD).
-            extents.push((u32::MAX & !511, f));
+            extents.push((MAX_COMPACT_RUN, f));
             break;
         }
         extents.push((l as u32, f));
@@ -1174,7 +1176,11 @@ mod tests {
                 (10, STATE_DIRTY)
             ]
         );
-        assert_eq!(dirty_runs(0, 64, &[0..64]), vec![(64, STATE_DIRTY)]);
+        assert_eq!(
+            dirty_runs(0, 64, &[0..32, 32..64]),
+            vec![(64, STATE_DIRTY)],
+            "adjacent changes are one run"
+        );
     }
 
     #[test]
@@ -1183,7 +1189,8 @@ mod tests {
         match status_payload(false, 3, runs.clone(), usize::MAX) {
             ChunkPayload::BlockStatus { context, extents } => {
                 assert_eq!(context, 3);
-                assert_eq!(extents, vec![(u32::MAX & !511, 0)]);
+                assert_eq!(extents, vec![(MAX_COMPACT_RUN, 0)]);
+                assert_eq!(MAX_COMPACT_RUN % 512, 0);
             }
             other => panic!("{other:?}"),
         }
