@@ -344,6 +344,71 @@ print("EXTENDED OK")
     pool.assert_hidden_unchanged();
 }
 
+/// The changed-blocks context (`qemu:dirty-bitmap:SNAP`) with extended
+/// headers: one BLOCK_STATUS_EXT chunk per selected context, 64-bit
+/// descriptor lengths (a clean run of 6 GiB before the one dirty cluster)
+/// and one query covering a whole 8 GiB disk; without extended headers the
+/// same bitmap in compact chunks.
+#[test]
+fn libnbd_reads_dirty_bitmaps_with_64_bit_block_status() {
+    tools();
+    let mut pool = Pool::new();
+    pool.add("big", "offset", &["8G"], "16M");
+    let gw = Gateway::start(&["--pool", pool.arg()]);
+    let uri = gw.uri("big/disk0");
+    qemu_io_ok(&uri, &["write -P 0xa0 0 1M"]);
+    api(
+        &gw.control(),
+        "POST",
+        "/v1/luns/big/snapshots",
+        Some(serde_json::json!({ "name": "s" })),
+        201,
+    );
+    qemu_io_ok(&uri, &["write -P 0xb0 6G 4k"]);
+    let program = r#"
+import os
+G = 1 << 30
+C = 64 << 10
+for ext in (True, False):
+    h = nbd.NBD()
+    h.set_request_extended_headers(ext)
+    h.add_meta_context("qemu:dirty-bitmap:s")
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.connect_uri(os.environ["URI"])
+    assert h.get_extended_headers_negotiated() == ext
+    assert h.can_meta_context("qemu:dirty-bitmap:s")
+    got = {}
+    def cb64(meta, off, entries, err):
+        assert meta not in got, "one chunk per context"
+        got[meta] = list(entries)
+        return 0
+    if ext:
+        # One query over the whole disk, 64-bit lengths.
+        h.block_status_64(8 * G, 0, cb64)
+        d = got["qemu:dirty-bitmap:s"]
+        assert d == [(6 * G, 0), (C, 1), (2 * G - C, 0)], d
+    else:
+        # Compact requests stop below 4 GiB; the dirty cluster at 6 GiB
+        # is found from where the client asks.
+        h.block_status_64(4 * G - C, 0, cb64)
+        assert got["qemu:dirty-bitmap:s"] == [(4 * G - C, 0)], got
+        del got["qemu:dirty-bitmap:s"]
+        rest = {}
+        def cb(meta, off, entries, err):
+            rest[meta] = list(entries)
+            return 0
+        h.block_status_64(2 * G + C, 6 * G - C, cb)
+        assert rest["qemu:dirty-bitmap:s"] == [(C, 0), (C, 1), (2 * G - C, 0)], rest
+    assert "base:allocation" in got, got
+    h.shutdown()
+print("DIRTY EXT OK")
+"#;
+    let out = nbdsh122(&uri, program);
+    assert!(out.contains("DIRTY EXT OK"), "{out}");
+    gw.stop_ok();
+    pool.assert_hidden_unchanged();
+}
+
 /// The shared checker script (every command, flag and option libnbd can
 /// send, structured and not, strict and not) with libnbd 1.22, once with
 /// extended headers and once without; and nbdcopy 1.22 (extended headers,

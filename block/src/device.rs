@@ -22,6 +22,7 @@
 
 use std::future::Future;
 use std::io;
+use std::ops::Range;
 use std::pin::Pin;
 
 use bytes::Bytes;
@@ -131,6 +132,21 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Advise that `[offset, offset + len)` will be read soon (NBD_CMD_CACHE):
     /// the layer that holds each byte is asked to bring it in.
     fn cache(&self, offset: u64, len: u64) -> IoFuture<()>;
+
+    /// The bytes of `[offset, offset + len)` written, trimmed or zeroed
+    /// since snapshot `snapshot` was taken (NBD's `qemu:dirty-bitmap`
+    /// contexts): ascending, merged, clipped to the range, at the
+    /// granularity of the layer that keeps snapshots (the volume's
+    /// cluster). A layer that only translates maps the ranges; a device
+    /// that keeps no snapshots refuses with `Unsupported`, an unknown
+    /// snapshot is `NotFound`.
+    fn changed_since(&self, snapshot: &str, offset: u64, len: u64) -> IoFuture<Vec<Range<u64>>> {
+        let _ = (offset, len);
+        done(Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("this device keeps no snapshots (asked for changes since {snapshot:?})"),
+        )))
+    }
 }
 
 /// `[offset, offset + len)` inside `size`, with checked arithmetic: the one

@@ -294,6 +294,24 @@ fn map_back(out: &mut Vec<Extent>, raw: Vec<Extent>, p: Piece) {
     }
 }
 
+/// Device ranges of a piece mapped back to disk offsets, clipped to the
+/// piece, appended to `out` (merging with its last range).
+fn ranges_back(out: &mut Vec<Range<u64>>, raw: Vec<Range<u64>>, p: Piece) {
+    // The piece lies inside the device below, so at + len fits.
+    let (start, end) = (p.at, p.at + p.len);
+    for r in raw {
+        let (lo, hi) = (r.start.max(start), r.end.min(end));
+        if hi <= lo {
+            continue;
+        }
+        let (s, e) = (p.disk + (lo - start), p.disk + (hi - start));
+        match out.last_mut() {
+            Some(l) if l.end == s => l.end = e,
+            _ => out.push(s..e),
+        }
+    }
+}
+
 /// Chunks read at device offsets, moved to disk offsets.
 fn chunks_back(chunks: Vec<Chunk>, p: Piece) -> impl Iterator<Item = Chunk> {
     // Every chunk lies inside the piece: offset >= p.at.
@@ -392,6 +410,24 @@ impl BlockDevice for Region {
             Ok(at) => self.inner.cache(at, len),
             Err(e) => refuse(e),
         }
+    }
+
+    fn changed_since(&self, snapshot: &str, offset: u64, len: u64) -> IoFuture<Vec<Range<u64>>> {
+        let at = match self.at(offset, len) {
+            Ok(at) => at,
+            Err(e) => return refuse(e),
+        };
+        let f = self.inner.changed_since(snapshot, at, len);
+        let p = Piece {
+            disk: offset,
+            at,
+            len,
+        };
+        Box::pin(async move {
+            let mut out = Vec::new();
+            ranges_back(&mut out, f.await?, p);
+            Ok(out)
+        })
     }
 }
 
@@ -548,6 +584,27 @@ impl BlockDevice for Aligned {
 
     fn cache(&self, offset: u64, len: u64) -> IoFuture<()> {
         self.each(offset, len, |d, p| d.cache(p.at, p.len))
+    }
+
+    /// Each piece asks the device below where it lives (the shadowed
+    /// range's changes are those of its shadow area), mapped back to disk
+    /// offsets in disk order.
+    fn changed_since(&self, snapshot: &str, offset: u64, len: u64) -> IoFuture<Vec<Range<u64>>> {
+        let pieces = match self.map.split(offset, len) {
+            Ok(p) => p,
+            Err(e) => return refuse(e),
+        };
+        let fs: Vec<_> = pieces
+            .iter()
+            .map(|&p| (self.inner.changed_since(snapshot, p.at, p.len), p))
+            .collect();
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for (f, p) in fs {
+                ranges_back(&mut out, f.await?, p);
+            }
+            Ok(out)
+        })
     }
 }
 

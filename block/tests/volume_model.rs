@@ -582,10 +582,60 @@ impl World {
                         )));
                     }
                 }
+                // The range-bounded query (a block-status context) says
+                // what the whole diff says about its range, for the whole
+                // volume and for a window that cuts clusters.
+                let windows = [
+                    (0, self.size),
+                    (
+                        (step as u64 * 1237) % self.size,
+                        (self.size - (step as u64 * 1237) % self.size).min(5 * CS + 77),
+                    ),
+                ];
+                for (o, l) in windows {
+                    let want: Vec<(u64, u64)> = merge_clipped(&changes, o, o + l);
+                    let got: Vec<(u64, u64)> = vol
+                        .changed_since(name, o, l)
+                        .unwrap()
+                        .into_iter()
+                        .map(|r| (r.start, r.end))
+                        .collect();
+                    prop_assert_eq!(
+                        got,
+                        want,
+                        "step {} volume {} changed_since({}, {}, {})",
+                        step,
+                        i,
+                        name,
+                        o,
+                        l
+                    );
+                }
             }
         }
         Ok(())
     }
+}
+
+/// `changes` clipped to `[start, end)`, adjacent ones merged whatever
+/// their kind.
+fn merge_clipped(
+    changes: &[lungate_block::volume::Change],
+    start: u64,
+    end: u64,
+) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for c in changes {
+        let (s, e) = (c.offset.max(start), (c.offset + c.length).min(end));
+        if s >= e {
+            continue;
+        }
+        match out.last_mut() {
+            Some(l) if l.1 == s => l.1 = e,
+            _ => out.push((s, e)),
+        }
+    }
+    out
 }
 
 fn is_zero(b: &[u8]) -> bool {

@@ -208,6 +208,18 @@ impl Export {
         Ok(())
     }
 
+    /// The snapshots of the export's LUN, oldest first: each is offered
+    /// as a `qemu:dirty-bitmap:NAME` metadata context (the disk's changes
+    /// since it). None for a bare file.
+    pub fn snapshot_names(&self) -> Vec<String> {
+        let Some(lun) = &self.lun else {
+            return Vec::new();
+        };
+        let mut snaps = lun.lun.volume().snapshots();
+        snaps.sort_by_key(|s| s.created);
+        snaps.into_iter().map(|s| s.name).collect()
+    }
+
     /// May `peer` see and use this export?
     pub fn allows(&self, peer: &Peer) -> bool {
         peer.allowed_by(&self.allow)

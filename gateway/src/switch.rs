@@ -339,6 +339,15 @@ impl BlockDevice for GateDevice {
     fn cache(&self, offset: u64, len: u64) -> IoFuture<()> {
         self.through(move |d| d.cache(offset, len))
     }
+    fn changed_since(
+        &self,
+        snapshot: &str,
+        offset: u64,
+        len: u64,
+    ) -> IoFuture<Vec<std::ops::Range<u64>>> {
+        let snapshot = snapshot.to_owned();
+        self.through(move |d| d.changed_since(&snapshot, offset, len))
+    }
 }
 
 #[cfg(test)]

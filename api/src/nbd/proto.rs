@@ -146,9 +146,11 @@ pub mod state {
     pub const ZERO: u32 = 1 << 1;
 }
 
-/// The one metadata context lungate serves.
+/// The metadata context the spec defines (lungate also serves qemu's
+/// `qemu:dirty-bitmap:SNAP`, see the gateway's handshake).
 pub const BASE_ALLOCATION: &str = "base:allocation";
-/// Context id lungate assigns to `base:allocation` (any nonzero value works).
+/// The id of `base:allocation` when a SET_META_CONTEXT selects it first
+/// (ids are given in selection order from 1; clients must not assume any).
 pub const BASE_ALLOCATION_ID: u32 = 1;
 
 /// Transmission commands.

@@ -789,4 +789,21 @@ impl BlockDevice for VolumeDevice {
     fn cache(&self, offset: u64, len: u64) -> IoFuture<()> {
         done(self.vol.cache_async(offset, len).map_err(io_err))
     }
+
+    fn changed_since(
+        &self,
+        snapshot: &str,
+        offset: u64,
+        len: u64,
+    ) -> IoFuture<Vec<std::ops::Range<u64>>> {
+        // Index lookups under the state lock, no I/O: answered at call time.
+        done(
+            self.vol
+                .changed_since(snapshot, offset, len)
+                .map_err(|e| match e {
+                    Error::NoSnapshot(_) => io::Error::new(io::ErrorKind::NotFound, e),
+                    e => io_err(e),
+                }),
+        )
+    }
 }

@@ -17,8 +17,7 @@ use super::codec::{
     OptionFrame, OptionReply,
 };
 use super::proto::{
-    client_flags, handshake_flags, info, opt, rep, tx_flags, BASE_ALLOCATION, BASE_ALLOCATION_ID,
-    IHAVEOPT, NBDMAGIC,
+    client_flags, handshake_flags, info, opt, rep, tx_flags, BASE_ALLOCATION, IHAVEOPT, NBDMAGIC,
 };
 use super::transport::Transport;
 use crate::export::{Export, Exports};
@@ -32,6 +31,12 @@ pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 pub const OPTION_SKIP_LIMIT: u32 = 1024 * 1024;
 /// Options one connection may send before it is considered abusive.
 pub const MAX_OPTIONS: u32 = 4096;
+/// Most metadata contexts one SET_META_CONTEXT may select: every one costs
+/// a reply chunk (and a look at the volume) on every BLOCK_STATUS.
+pub const MAX_SELECTED_CONTEXTS: usize = 64;
+/// The qemu namespace's dirty-bitmap contexts (qemu docs/interop/nbd.rst):
+/// `qemu:dirty-bitmap:NAME`, flag 1 set where the extent is dirty.
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
@@ -63,6 +68,33 @@ pub enum HandshakeError {
     Io(#[from] std::io::Error),
 }
 
+/// A metadata context the gateway offers for an export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaContext {
+    /// `base:allocation`: holes and zeros.
+    BaseAllocation,
+    /// `qemu:dirty-bitmap:SNAP`: what changed since snapshot SNAP of the
+    /// export's LUN (written, trimmed or zeroed), in export offsets.
+    DirtyBitmap(String),
+}
+
+impl MetaContext {
+    pub fn name(&self) -> String {
+        match self {
+            MetaContext::BaseAllocation => BASE_ALLOCATION.to_string(),
+            MetaContext::DirtyBitmap(snap) => format!("{DIRTY_BITMAP_PREFIX}{snap}"),
+        }
+    }
+}
+
+/// A context SET_META_CONTEXT selected, with the id its BLOCK_STATUS
+/// chunks carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selected {
+    pub id: u32,
+    pub context: MetaContext,
+}
+
 /// What the handshake needs from the server.
 pub struct HandshakeCtx {
     pub exports: Arc<Exports>,
@@ -77,8 +109,9 @@ pub struct Negotiated {
     pub structured: bool,
     /// `NBD_OPT_EXTENDED_HEADERS` (implies structured replies).
     pub extended: bool,
-    /// `base:allocation` was selected for this export.
-    pub base_allocation: bool,
+    /// The metadata contexts selected for this export (BLOCK_STATUS
+    /// answers one chunk for each).
+    pub contexts: Vec<Selected>,
     pub flags: u16,
 }
 
@@ -119,9 +152,9 @@ struct State {
     peer: Peer,
     structured: bool,
     extended: bool,
-    /// Export name the last successful SET_META_CONTEXT selected
-    /// `base:allocation` for.
-    meta_for: Option<Bytes>,
+    /// Export name the last successful SET_META_CONTEXT was for, and what
+    /// it selected.
+    meta_for: Option<(Bytes, Vec<Selected>)>,
 }
 
 impl State {
@@ -463,12 +496,13 @@ pub async fn negotiate(
                     .await?;
                     continue;
                 };
-                if lookup_for_transmission(ctx, &st, &name).is_none() {
+                let Some(export) = lookup_for_transmission(ctx, &st, &name) else {
                     let (code, msg) = refusal(ctx, &st, &name);
                     st.reply(OptionReply::error(o, code, &msg)).await?;
                     continue;
-                }
-                let selected = match select_contexts(&queries, set) {
+                };
+                let snapshots = export.snapshot_names();
+                let selected = match select_contexts(&queries, set, &snapshots) {
                     Ok(s) => s,
                     Err(msg) => {
                         st.reply(OptionReply::error(o, rep::ERR_INVALID, &msg))
@@ -476,17 +510,32 @@ pub async fn negotiate(
                         continue;
                     }
                 };
-                if selected {
-                    // LIST replies carry the reserved id 0.
-                    let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                if set && selected.len() > MAX_SELECTED_CONTEXTS {
+                    st.reply(OptionReply::error(
+                        o,
+                        rep::ERR_TOO_BIG,
+                        &format!(
+                            "{} metadata contexts asked for; at most {MAX_SELECTED_CONTEXTS} may be selected",
+                            selected.len()
+                        ),
+                    ))
+                    .await?;
+                    continue;
+                }
+                let mut chosen = Vec::with_capacity(selected.len());
+                for (i, context) in selected.into_iter().enumerate() {
+                    // LIST replies carry the reserved id 0; SET numbers its
+                    // selection from 1.
+                    let id = if set { i as u32 + 1 } else { 0 };
                     st.queue(OptionReply {
                         option: o,
                         reply: rep::META_CONTEXT,
-                        data: reply_data::meta_context(id, BASE_ALLOCATION),
+                        data: reply_data::meta_context(id, &context.name()),
                     })?;
-                    if set {
-                        st.meta_for = Some(name);
-                    }
+                    chosen.push(Selected { id, context });
+                }
+                if set && !chosen.is_empty() {
+                    st.meta_for = Some((name, chosen));
                 }
                 st.reply(OptionReply::ack(o)).await?;
             }
@@ -530,40 +579,66 @@ fn refusal(ctx: &HandshakeCtx, st: &State, name: &[u8]) -> (u32, String) {
 }
 
 fn finish(st: &State, export: Arc<Export>, name: &[u8]) -> Negotiated {
-    let base_allocation = st.meta_for.as_deref() == Some(name);
+    let contexts = match &st.meta_for {
+        Some((n, c)) if n.as_ref() == name => c.clone(),
+        _ => Vec::new(),
+    };
     let flags = transmission_flags(&export, st.structured || st.extended);
     Negotiated {
         export,
         structured: st.structured,
         extended: st.extended,
-        base_allocation,
+        contexts,
         flags,
     }
 }
 
-/// Does the query list select (SET) or list (LIST) `base:allocation`?
-/// Queries of other namespaces are ignored as the spec requires.
-fn select_contexts(queries: &[Bytes], set: bool) -> Result<bool, String> {
+/// The contexts a query list selects (SET) or lists (LIST) for an export
+/// whose LUN has `snapshots`, in the order first asked for, each once.
+/// Queries of other namespaces, and names the export does not have (a
+/// snapshot that does not exist), are ignored as the spec requires.
+///
+/// `base:` lists `base:allocation`; `qemu:` and `qemu:dirty-bitmap:` list
+/// every dirty bitmap (qemu's own wildcards); in SET they select nothing.
+/// No query lists everything; SET with none selects nothing.
+fn select_contexts(
+    queries: &[Bytes],
+    set: bool,
+    snapshots: &[String],
+) -> Result<Vec<MetaContext>, String> {
+    let bitmaps = || snapshots.iter().cloned().map(MetaContext::DirtyBitmap);
+    let mut out: Vec<MetaContext> = Vec::new();
     if queries.is_empty() {
-        // LIST with no query lists everything; SET with none selects nothing.
-        return Ok(!set);
+        if !set {
+            out.push(MetaContext::BaseAllocation);
+            out.extend(bitmaps());
+        }
+        return Ok(out);
     }
-    let mut hit = false;
     for q in queries {
         let q = std::str::from_utf8(q).map_err(|_| "query is not UTF-8".to_string())?;
         let Some((ns, leaf)) = q.split_once(':') else {
             return Err(format!("query {q:?} lacks a namespace and colon"));
         };
-        if ns != "base" {
-            continue;
-        }
-        match leaf {
-            "allocation" => hit = true,
-            "" if !set => hit = true, // LIST wildcard
-            _ => {}
+        let hits: Vec<MetaContext> = match (ns, leaf) {
+            ("base", "allocation") => vec![MetaContext::BaseAllocation],
+            ("base", "") if !set => vec![MetaContext::BaseAllocation],
+            ("qemu", "" | "dirty-bitmap:") if !set => bitmaps().collect(),
+            ("qemu", _) => match leaf.strip_prefix("dirty-bitmap:") {
+                Some(snap) if !snap.is_empty() && snapshots.iter().any(|s| s == snap) => {
+                    vec![MetaContext::DirtyBitmap(snap.to_string())]
+                }
+                _ => vec![],
+            },
+            _ => vec![],
+        };
+        for h in hits {
+            if !out.contains(&h) {
+                out.push(h);
+            }
         }
     }
-    Ok(hit)
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -576,21 +651,101 @@ mod tests {
             .collect()
     }
 
+    fn names(r: Result<Vec<MetaContext>, String>) -> Vec<String> {
+        r.unwrap().iter().map(MetaContext::name).collect()
+    }
+
     #[test]
     fn context_selection_follows_the_spec() {
-        assert_eq!(select_contexts(&[], false), Ok(true), "LIST all");
-        assert_eq!(select_contexts(&[], true), Ok(false), "SET none");
-        assert_eq!(select_contexts(&q(&["base:"]), false), Ok(true));
-        assert_eq!(select_contexts(&q(&["base:"]), true), Ok(false));
-        assert_eq!(select_contexts(&q(&["base:allocation"]), true), Ok(true));
+        let none: &[String] = &[];
         assert_eq!(
-            select_contexts(&q(&["qemu:dirty-bitmap:x"]), true),
-            Ok(false)
+            names(select_contexts(&[], false, none)),
+            ["base:allocation"],
+            "LIST all"
+        );
+        assert!(
+            names(select_contexts(&[], true, none)).is_empty(),
+            "SET none"
         );
         assert_eq!(
-            select_contexts(&q(&["base:nope", "base:allocation"]), true),
-            Ok(true)
+            names(select_contexts(&q(&["base:"]), false, none)),
+            ["base:allocation"]
         );
-        assert!(select_contexts(&q(&["nocolon"]), true).is_err());
+        assert!(names(select_contexts(&q(&["base:"]), true, none)).is_empty());
+        assert_eq!(
+            names(select_contexts(&q(&["base:allocation"]), true, none)),
+            ["base:allocation"]
+        );
+        assert!(names(select_contexts(&q(&["qemu:dirty-bitmap:x"]), true, none)).is_empty());
+        assert_eq!(
+            names(select_contexts(
+                &q(&["base:nope", "base:allocation"]),
+                true,
+                none
+            )),
+            ["base:allocation"]
+        );
+        assert!(select_contexts(&q(&["nocolon"]), true, none).is_err());
+    }
+
+    #[test]
+    fn dirty_bitmaps_are_offered_for_each_snapshot_and_only_those() {
+        let snaps = vec!["base".to_string(), "nightly".to_string()];
+        let all = [
+            "base:allocation",
+            "qemu:dirty-bitmap:base",
+            "qemu:dirty-bitmap:nightly",
+        ];
+        assert_eq!(
+            names(select_contexts(&[], false, &snaps)),
+            all,
+            "LIST everything"
+        );
+        for wildcard in ["qemu:", "qemu:dirty-bitmap:"] {
+            assert_eq!(
+                names(select_contexts(&q(&[wildcard]), false, &snaps)),
+                &all[1..],
+                "LIST {wildcard}"
+            );
+            assert!(
+                names(select_contexts(&q(&[wildcard]), true, &snaps)).is_empty(),
+                "SET {wildcard} selects nothing"
+            );
+        }
+        assert_eq!(
+            names(select_contexts(
+                &q(&[
+                    "qemu:dirty-bitmap:nightly",
+                    "base:allocation",
+                    "qemu:dirty-bitmap:nightly"
+                ]),
+                true,
+                &snaps
+            )),
+            ["qemu:dirty-bitmap:nightly", "base:allocation"],
+            "in the order asked, each once"
+        );
+        for unknown in [
+            "qemu:dirty-bitmap:gone",
+            "qemu:dirty-bitmap:",
+            "qemu:dirty-bitmap:base2",
+            "qemu:allocation-depth",
+            "qemu:base",
+            "x-other:dirty-bitmap:base",
+        ] {
+            assert!(
+                names(select_contexts(&q(&[unknown]), true, &snaps)).is_empty(),
+                "{unknown} selects nothing"
+            );
+        }
+        assert_eq!(
+            names(select_contexts(
+                &q(&["qemu:dirty-bitmap:base"]),
+                false,
+                &snaps
+            )),
+            ["qemu:dirty-bitmap:base"],
+            "LIST of one name"
+        );
     }
 }

@@ -39,8 +39,8 @@ use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
 use super::codec::{ChunkPayload, CodecError, Reply, RequestCodec, RequestHeader};
-use super::handshake::Negotiated;
-use super::proto::{cmd_flags, reply_flags, state, Command, NbdError, BASE_ALLOCATION_ID};
+use super::handshake::{MetaContext, Negotiated, Selected};
+use super::proto::{cmd_flags, reply_flags, state, Command, NbdError};
 use super::transport::{BoxReader, Transport};
 use super::writer::{write_replies, Hold, Outgoing, Tx, WriterError};
 use crate::export::{Export, ExportStats, RangeError};
@@ -58,6 +58,13 @@ const READ_AHEAD: usize = 256 * 1024;
 /// clients ask again from where it stopped.
 const BLOCK_STATUS_SPAN: u64 = 1 << 32;
 const BLOCK_STATUS_SPAN_EXTENDED: u64 = 1 << 36;
+/// The longest compact descriptor: 4 GiB less 512 bytes, a multiple of 512
+/// (the spec's SHOULD).
+const MAX_COMPACT_RUN: u32 = u32::MAX - 511;
+/// Most descriptors one block-status chunk carries (the spec's SHOULD).
+const MAX_DESCRIPTORS: usize = 1 << 20;
+/// `qemu:dirty-bitmap` flag: the extent changed since the snapshot.
+const STATE_DIRTY: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -90,7 +97,8 @@ struct Ctx {
     /// Structured replies (or extended headers, which imply them).
     structured: bool,
     extended: bool,
-    base_allocation: bool,
+    /// Metadata contexts selected in the handshake, in reply order.
+    contexts: Vec<Selected>,
 }
 
 /// A failed request: NBD error plus a message for structured replies.
@@ -309,7 +317,7 @@ pub async fn serve(
         export: negotiated.export,
         structured: negotiated.structured || negotiated.extended,
         extended: negotiated.extended,
-        base_allocation: negotiated.base_allocation,
+        contexts: negotiated.contexts,
     });
     let (reader, writer) = io.split();
     let mut codec = RequestCodec::new(ctx.extended);
@@ -544,7 +552,7 @@ fn prepare(ctx: &Ctx, h: &RequestHeader) -> Result<(), Failure> {
             .check_block_sizes(offset, length, false)
             .map_err(Failure::range)?,
         Command::BlockStatus => {
-            if !ctx.structured || !ctx.base_allocation {
+            if !ctx.structured || ctx.contexts.is_empty() {
                 return Err(Failure::new(
                     NbdError::Inval,
                     "NBD_CMD_BLOCK_STATUS without a negotiated metadata context",
@@ -700,57 +708,142 @@ async fn run(
             Ok(false)
         }
         Command::BlockStatus => {
-            // The whole request is range-checked; the answer may cover less.
-            lungate_block::device::check_range(offset, length, ctx.export.size())
-                .map_err(|r| Failure::range_of(&r, false))?;
-            let span = length.min(if ctx.extended {
-                BLOCK_STATUS_SPAN_EXTENDED
-            } else {
-                BLOCK_STATUS_SPAN
-            });
-            let extents = dev
-                .extents(offset, span)
-                .await
-                .map_err(|err| Failure::io("block status", &err, false))?;
-            let flags_of = |data: bool| if data { 0 } else { state::HOLE | state::ZERO };
-            let take = if h.flags & cmd_flags::REQ_ONE != 0 {
-                1
-            } else {
-                usize::MAX
-            };
-            let payload = if ctx.extended {
-                ChunkPayload::BlockStatusExt {
-                    context: BASE_ALLOCATION_ID,
-                    extents: extents
-                        .into_iter()
-                        .take(take)
-                        .map(|x| (x.length, u64::from(flags_of(x.data))))
-                        .collect(),
-                }
-            } else {
-                // span <= 2^32 and the runs cover it, so only a single run
-                // of exactly 4 GiB would not fit; it is cut to fit.
-                ChunkPayload::BlockStatus {
-                    context: BASE_ALLOCATION_ID,
-                    extents: extents
-                        .into_iter()
-                        .take(take)
-                        .map(|x| (x.length.min(u64::from(u32::MAX)) as u32, flags_of(x.data)))
-                        .collect(),
-                }
-            };
-            send(
-                tx,
-                chunk(h, reply_flags::DONE, payload),
-                Hold {
-                    credit: credit.take(),
-                    piece: None,
-                },
-            );
+            block_status(ctx, tx, h, credit).await?;
             Ok(true)
         }
         Command::Disc | Command::Unknown(_) => Ok(false), // refused by prepare
     }
+}
+
+/// NBD_CMD_BLOCK_STATUS: one chunk per selected context, each with its
+/// context id, all looked up before the first goes out (a failure is one
+/// error reply). The answer may cover less than asked (clients ask again
+/// from where it stopped), never more than [`BLOCK_STATUS_SPAN`] (or the
+/// extended span) and never more than [`MAX_DESCRIPTORS`] runs.
+async fn block_status(
+    ctx: &Ctx,
+    tx: &Tx,
+    h: &RequestHeader,
+    credit: &mut Option<Credit>,
+) -> Result<(), Failure> {
+    let dev = &ctx.export.dev;
+    let (offset, length) = (h.offset, h.length);
+    // The whole request is range-checked; the answer may cover less.
+    lungate_block::device::check_range(offset, length, ctx.export.size())
+        .map_err(|r| Failure::range_of(&r, false))?;
+    let span = length.min(if ctx.extended {
+        BLOCK_STATUS_SPAN_EXTENDED
+    } else {
+        BLOCK_STATUS_SPAN
+    });
+    let take = if h.flags & cmd_flags::REQ_ONE != 0 {
+        1
+    } else {
+        MAX_DESCRIPTORS
+    };
+    let mut payloads = Vec::with_capacity(ctx.contexts.len());
+    for sel in &ctx.contexts {
+        let runs: Vec<(u64, u32)> = match &sel.context {
+            MetaContext::BaseAllocation => dev
+                .extents(offset, span)
+                .await
+                .map_err(|err| Failure::io("block status", &err, false))?
+                .into_iter()
+                .map(|x| {
+                    let flags = if x.data { 0 } else { state::HOLE | state::ZERO };
+                    (x.length, flags)
+                })
+                .collect(),
+            MetaContext::DirtyBitmap(snap) => {
+                let changed = dev
+                    .changed_since(snap, offset, span)
+                    .await
+                    .map_err(|err| dirty_failure(snap, &err))?;
+                dirty_runs(offset, span, &changed)
+            }
+        };
+        payloads.push(status_payload(ctx.extended, sel.id, runs, take));
+    }
+    let n = payloads.len();
+    for (i, payload) in payloads.into_iter().enumerate() {
+        let last = i + 1 == n;
+        let hold = Hold {
+            credit: if last { credit.take() } else { None },
+            piece: None,
+        };
+        let flags = if last { reply_flags::DONE } else { 0 };
+        send(tx, chunk(h, flags, payload), hold);
+    }
+    Ok(())
+}
+
+/// A dirty-bitmap lookup that failed: a snapshot deleted since the
+/// handshake selected it is the client's to know about (EINVAL, named);
+/// anything else is the stack's error.
+fn dirty_failure(snap: &str, err: &std::io::Error) -> Failure {
+    match err.kind() {
+        std::io::ErrorKind::NotFound => Failure::new(
+            NbdError::Inval,
+            format!("qemu:dirty-bitmap:{snap}: snapshot {snap:?} no longer exists"),
+        ),
+        _ => Failure::io(&format!("qemu:dirty-bitmap:{snap}"), err, false),
+    }
+}
+
+/// `[offset, offset + span)` as alternating clean (0) and dirty
+/// ([`STATE_DIRTY`]) runs, from the changed ranges inside it (ascending,
+/// disjoint).
+fn dirty_runs(offset: u64, span: u64, changed: &[std::ops::Range<u64>]) -> Vec<(u64, u32)> {
+    let end = offset + span;
+    let mut runs: Vec<(u64, u32)> = Vec::with_capacity(changed.len() * 2 + 1);
+    let mut push = |len: u64, flags: u32| match runs.last_mut() {
+        Some((l, f)) if *f == flags => *l += len,
+        _ if len > 0 => runs.push((len, flags)),
+        _ => {}
+    };
+    let mut at = offset;
+    for r in changed {
+        let (s, e) = (r.start.max(at), r.end.min(end));
+        if s >= e {
+            continue;
+        }
+        push(s - at, 0);
+        push(e - s, STATE_DIRTY);
+        at = e;
+    }
+    push(end - at, 0);
+    runs
+}
+
+/// One context's block-status chunk from its runs (lengths, flags), at
+/// most `take` of them. Compact descriptors carry 32-bit lengths: a run
+/// longer than that is cut and ends the list (the reply then covers less,
+/// which the spec allows).
+fn status_payload(
+    extended: bool,
+    context: u32,
+    runs: Vec<(u64, u32)>,
+    take: usize,
+) -> ChunkPayload {
+    if extended {
+        return ChunkPayload::BlockStatusExt {
+            context,
+            extents: runs
+                .into_iter()
+                .take(take)
+                .map(|(l, f)| (l, u64::from(f)))
+                .collect(),
+        };
+    }
+    let mut extents = Vec::with_capacity(runs.len().min(take));
+    for (l, f) in runs.into_iter().take(take) {
+        if l > u64::from(u32::MAX) {
+            extents.push((MAX_COMPACT_RUN, f));
+            break;
+        }
+        extents.push((l as u32, f));
+    }
+    ChunkPayload::BlockStatus { context, extents }
 }
 
 /// Write a streamed payload piece by piece as the reader delivers it. After
@@ -1064,4 +1157,52 @@ async fn read_simple_streamed(
         done += n;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_runs_alternate_clean_and_dirty_and_cover_the_span_exactly() {
+        assert_eq!(dirty_runs(0, 100, &[]), vec![(100, 0)]);
+        assert_eq!(
+            dirty_runs(10, 100, &[0..20, 40..50, 50..60, 100..200]),
+            vec![
+                (10, STATE_DIRTY),
+                (20, 0),
+                (20, STATE_DIRTY),
+                (40, 0),
+                (10, STATE_DIRTY)
+            ]
+        );
+        assert_eq!(
+            dirty_runs(0, 64, &[0..32, 32..64]),
+            vec![(64, STATE_DIRTY)],
+            "adjacent changes are one run"
+        );
+    }
+
+    #[test]
+    fn compact_status_cuts_a_run_beyond_32_bits_and_req_one_keeps_one() {
+        let runs = vec![(1u64 << 32, 0), (4096, STATE_DIRTY)];
+        match status_payload(false, 3, runs.clone(), usize::MAX) {
+            ChunkPayload::BlockStatus { context, extents } => {
+                assert_eq!(context, 3);
+                assert_eq!(extents, vec![(MAX_COMPACT_RUN, 0)]);
+                assert_eq!(MAX_COMPACT_RUN % 512, 0);
+            }
+            other => panic!("{other:?}"),
+        }
+        match status_payload(true, 2, runs.clone(), usize::MAX) {
+            ChunkPayload::BlockStatusExt { extents, .. } => {
+                assert_eq!(extents, vec![(1 << 32, 0), (4096, 1)]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match status_payload(true, 2, runs, 1) {
+            ChunkPayload::BlockStatusExt { extents, .. } => assert_eq!(extents, vec![(1 << 32, 0)]),
+            other => panic!("{other:?}"),
+        }
+    }
 }
