@@ -20,6 +20,7 @@
 
 mod clone;
 mod create;
+pub mod layouts;
 mod open;
 mod records;
 mod resize;
@@ -601,18 +602,21 @@ impl Lun {
         }
         self.sync_file()?;
         self.label = next;
-        // A plain volume is a thin view of the file; a new label may move
-        // the footer or change the size, so the view follows it. (A layered
-        // volume never sees a label change: resize refuses it.)
-        if !self.volume.is_layered() {
-            self.volume = Arc::new(open_volume(
-                &self.path,
-                &self.backing,
-                &self.label,
-                self.access,
-                self.volume.engine().cloned(),
-            )?);
-        }
+        // A new label may move the footer or change the size and the
+        // protected ranges, so the volume follows it.
+        self.reopen_volume()
+    }
+
+    /// Open the volume again with the current label (after a label change
+    /// or a volume grow); the caller has flushed what it wrote.
+    fn reopen_volume(&mut self) -> Result<()> {
+        self.volume = Arc::new(open_volume(
+            &self.path,
+            &self.backing,
+            &self.label,
+            self.access,
+            self.volume.engine().cloned(),
+        )?);
         Ok(())
     }
 
