@@ -779,11 +779,20 @@ mod tests {
             let mut b = [0u8; 2];
             l.read_region(RegionKind::Disk, 0, 510, &mut b).unwrap();
             assert_eq!(&b, b"\x55\xaa", "{layout}: sector 0 after the revert");
-            // Resizing a layered LUN is refused with a clear error.
-            let e = l.resize_disk(0, 8 * MIB).unwrap_err().to_string();
-            assert!(e.contains("layered LUN is not supported"), "{e}");
-            let e = l.resize_memory(2 * MIB).unwrap_err().to_string();
-            assert!(e.contains("layered LUN is not supported"), "{e}");
+            // A layered LUN grows (moving what is in the way through the
+            // volume) and keeps its data; the snapshot keeps its layout.
+            let d0 = l.disks()[0].length;
+            l.resize_disk(0, d0 + 8 * MIB).unwrap();
+            let mut b = [0u8; 6];
+            l.read_region(RegionKind::Disk, 1, 0, &mut b).unwrap();
+            assert_eq!(&b, b"before", "{layout}: disk1 after the grow");
+            let mut b = [0u8; 2];
+            l.read_region(RegionKind::Disk, 0, 510, &mut b).unwrap();
+            assert_eq!(&b, b"\x55\xaa", "{layout}: sector 0 after the grow");
+            assert_eq!(l.snapshot_layout("a").unwrap().region("disk0").unwrap().length, d0);
+            let e = l.resize_disk(0, d0).unwrap_err().to_string();
+            assert!(e.contains("shrinking"), "{e}");
+            assert_eq!(l.snapshot_record("a", RecordType::HardwareConfig, 0).unwrap().is_some(), true);
             // A read-only open writes nothing and sees the same state.
             drop(l);
             let ro = Lun::open(&p, Access::ReadOnly).unwrap();
