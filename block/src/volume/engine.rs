@@ -1823,9 +1823,8 @@ impl Volume {
         self.commit(&mut st, m)?;
         let created = now();
         let id = Uuid::new_v4();
-        let geo = Geometry::new(self.geo.cluster_size, target.size).ok_or_else(|| {
-            Error::Invalid(format!("clone size {} is invalid", target.size))
-        })?;
+        let geo = Geometry::new(self.geo.cluster_size, target.size)
+            .ok_or_else(|| Error::Invalid(format!("clone size {} is invalid", target.size)))?;
         let checksums = st.manifest.checksums;
         Delta::create(
             &*tstore,

@@ -173,7 +173,8 @@ impl Volume {
         }
         // The manifest moved on; this handle must not flush its old
         // view (nothing is pending: it was flushed under the locks).
-        self.crashed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.crashed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 }

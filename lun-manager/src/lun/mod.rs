@@ -789,10 +789,22 @@ mod tests {
             let mut b = [0u8; 2];
             l.read_region(RegionKind::Disk, 0, 510, &mut b).unwrap();
             assert_eq!(&b, b"\x55\xaa", "{layout}: sector 0 after the grow");
-            assert_eq!(l.snapshot_layout("a").unwrap().region("disk0").unwrap().length, d0);
+            assert_eq!(
+                l.snapshot_layout("a")
+                    .unwrap()
+                    .region("disk0")
+                    .unwrap()
+                    .length,
+                d0
+            );
             let e = l.resize_disk(0, d0).unwrap_err().to_string();
             assert!(e.contains("shrinking"), "{e}");
-            assert_eq!(l.snapshot_record("a", RecordType::HardwareConfig, 0).unwrap().is_some(), true);
+            assert_eq!(
+                l.snapshot_record("a", RecordType::HardwareConfig, 0)
+                    .unwrap()
+                    .is_some(),
+                true
+            );
             // A read-only open writes nothing and sees the same state.
             drop(l);
             let ro = Lun::open(&p, Access::ReadOnly).unwrap();

@@ -374,7 +374,8 @@ impl Lun {
             // What the old label protected and the new one does not (the
             // old backup GPT, a truncate layout's old footer) was never any
             // layer's: zeroed in the file, so no stale label or GPT stays.
-            let gone = lungate_block::volume::diff::clip_ranges(&old_protected, self.volume.protected());
+            let gone =
+                lungate_block::volume::diff::clip_ranges(&old_protected, self.volume.protected());
             for r in gone {
                 fileops::zero_range(&file, r.start, r.end - r.start)
                     .ctx(&self.path, "zero old label bytes")?;

@@ -401,7 +401,11 @@ fn inspect_text(l: &Lun, v: &serde_json::Value) -> String {
             o,
             "snapshot   {} keeps its sizes from before a resize: {}",
             r["snapshot"].as_str().unwrap_or("?"),
-            if sizes.is_empty() { "regions moved".to_string() } else { sizes.join(", ") }
+            if sizes.is_empty() {
+                "regions moved".to_string()
+            } else {
+                sizes.join(", ")
+            }
         );
     }
     for w in l.warnings() {
