@@ -488,7 +488,24 @@ pub fn resize(out: &Output, path: &Path, disk: &[String], memory: Option<String>
         grow.push((n, size(s, "--disk")?));
     }
     let memory = memory.map(|m| size(&m, "--memory")).transpose()?;
-    let _lock = owner::lock(path)?;
+    // Resizing moves regions under the guest's feet: the control API has
+    // no resize, so a served LUN is resized offline.
+    let _lock = owner::lock(path).map_err(|e| {
+        let held = matches!(e, owner::Error::Owned { .. } | owner::Error::Locked { .. });
+        let f = Fail::from(e);
+        if held {
+            Fail::new(
+                f.exit,
+                format!(
+                    "{}; resize is offline (it moves regions, and a gateway has no resize): \
+                     stop the process serving the LUN, resize, then serve it again",
+                    f.msg
+                ),
+            )
+        } else {
+            f
+        }
+    })?;
     let mut l = Lun::open(path, Access::ReadWrite)?;
     let mut text = String::new();
     let mut rep = out.progress("resize");
