@@ -799,12 +799,10 @@ mod tests {
             );
             let e = l.resize_disk(0, d0).unwrap_err().to_string();
             assert!(e.contains("shrinking"), "{e}");
-            assert_eq!(
-                l.snapshot_record("a", RecordType::HardwareConfig, 0)
-                    .unwrap()
-                    .is_some(),
-                true
-            );
+            assert!(l
+                .snapshot_record("a", RecordType::HardwareConfig, 0)
+                .unwrap()
+                .is_some());
             // A read-only open writes nothing and sees the same state.
             drop(l);
             let ro = Lun::open(&p, Access::ReadOnly).unwrap();
