@@ -228,6 +228,16 @@ impl Delta {
     ) -> Result<(Delta, Vec<String>)> {
         let path = obj.name().to_path_buf();
         let len = obj.byte_len().ctx(&path, "stat delta")?;
+        // The header slots come first whatever the layer's size.
+        let slots = 2 * super::header::HEADER_SIZE as u64;
+        if len < slots {
+            return Err(corrupt(
+                &path,
+                format!(
+                    "file is {len} bytes, shorter than its two header slots ({slots} bytes): truncated"
+                ),
+            ));
+        }
         let (header, slot, warnings) = read_header(&*obj)?;
         let bad = |why: String| Err(corrupt(&path, why));
         if header.layer != id {
