@@ -1271,3 +1271,80 @@ fn resizing_an_aligned_lun_keeps_its_shadowed_range_and_gpt() {
         "a guest write reached lungate's GPT"
     );
 }
+
+/// A LUN with two snapshots (data written through NBD before and after
+/// each) grown offline: while a gateway serves it the resize is refused and
+/// says why; after it, a gateway serves disk0 at its new size to nbdinfo
+/// and qemu-img, every byte written before is there, the grown part reads
+/// zero and takes writes, and a clone of the first snapshot is served at
+/// the size that snapshot had, with its data.
+#[test]
+fn a_lun_with_snapshots_grown_offline_is_served_at_its_new_size_with_every_byte() {
+    use lungate_tests::lunctl;
+    let mut pool = Pool::new();
+    pool.add("snapg", "truncate", &["16M", "8M"], "4M");
+    let lun = pool.lun("snapg").path.clone();
+    let ls = lun.to_str().unwrap();
+    for (i, snap) in ["s1", "s2", ""].iter().enumerate() {
+        let gw = Gateway::start(&["--pool", pool.arg()]);
+        qemu_io_ok(
+            &gw.uri("snapg/disk0"),
+            &[&format!("write -P 0x{:x} 0 1M", 0x11 + i)],
+        );
+        qemu_io_ok(
+            &gw.uri("snapg/disk1"),
+            &[&format!("write -P 0x{:x} 0 1M", 0x21 + i)],
+        );
+        qemu_io_ok(&gw.uri("snapg/disk0"), &["write -P 0x5c 15M 1M"]);
+        if snap.is_empty() {
+            // Served: the resize is refused, naming the way out.
+            let out = run_timeout(
+                Command::new(lungate_tests::bin("lunctl")).args(["resize", ls, "--disk", "0=48M"]),
+                CMD_TIMEOUT,
+            );
+            assert!(!out.status.success(), "a served LUN was resized");
+            assert!(text(&out).contains("resize is offline"), "{}", text(&out));
+        }
+        gw.stop_ok();
+        if !snap.is_empty() {
+            lunctl(&["snapshot", ls, snap]);
+        }
+    }
+    lunctl(&["resize", ls, "--disk", "0=48M"]);
+    lunctl(&["resize", ls, "--memory", "32M"]);
+    lunctl(&["clone", ls, "s1", "snapc"]);
+
+    let gw = Gateway::start(&["--pool", pool.arg()]);
+    let uri = gw.uri("snapg/disk0");
+    let info = nbdinfo(&["--size", &uri]);
+    assert_eq!(
+        String::from_utf8_lossy(&info.stdout).trim(),
+        (48 * MIB).to_string()
+    );
+    let info = json(
+        &qemu_img(&["info", "--output=json", "-f", "raw", &uri]),
+        "qemu-img info",
+    );
+    assert_eq!(info["virtual-size"].as_u64(), Some(48 * MIB), "{info}");
+    qemu_io_ok(
+        &uri,
+        &[
+            "read -P 0x13 0 1M",
+            "read -P 0x5c 15M 1M",
+            "read -P 0 16M 32M",
+            "write -P 0x44 40M 1M",
+            "read -P 0x44 40M 1M",
+        ],
+    );
+    qemu_io_ok(&gw.uri("snapg/disk1"), &["read -P 0x23 0 1M"]);
+    let clone = gw.uri("snapc/disk0");
+    let size = nbdinfo(&["--size", &clone]);
+    assert_eq!(
+        String::from_utf8_lossy(&size.stdout).trim(),
+        (16 * MIB).to_string(),
+        "the clone of s1 has s1's size"
+    );
+    qemu_io_ok(&clone, &["read -P 0x11 0 1M", "read -P 0x5c 15M 1M"]);
+    qemu_io_ok(&gw.uri("snapc/disk1"), &["read -P 0x21 0 1M"]);
+    gw.stop_ok();
+}

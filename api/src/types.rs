@@ -110,6 +110,19 @@ pub struct SnapshotInfo {
     pub layer: Uuid,
     /// Whether the live volume descends directly from this snapshot.
     pub current: bool,
+    /// The regions whose size at this snapshot differs from the LUN's
+    /// now (the LUN was resized after it); empty when none does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sizes: Vec<RegionSize>,
+}
+
+/// A region's size in a snapshot taken before a resize, and now.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RegionSize {
+    /// `state`, `disk0`, … (0 bytes: the region did not exist yet).
+    pub region: String,
+    pub bytes: u64,
+    pub now: u64,
 }
 
 /// `POST /v1/luns/{lun}/snapshots`.
@@ -365,6 +378,7 @@ mod tests {
                 parent: None,
                 layer: Uuid::nil(),
                 current: true,
+                sizes: vec![],
             },
             pause_us: 3,
         };

@@ -521,6 +521,11 @@ impl Group {
     /// disks (the identity too, which snapshots never change).
     pub fn revert(&mut self, name: &str) -> Result<()> {
         self.require(name)?;
+        // A snapshot taken before a resize has its regions where they were:
+        // reverting to it under the grown label would misplace them.
+        for m in &self.members {
+            m.same_layout_as(name, "reverting to it")?;
+        }
         self.begin(&Intent::Revert { name: name.into() })?;
         for m in self.members[1..].iter().chain(&self.members[..1]) {
             m.volume().revert(name)?;
@@ -691,6 +696,15 @@ impl Group {
     /// Write the diff file (docs/volumes.md) of every member between
     /// `from` and `to` (live when `None`). Returns the bytes written.
     pub fn write_diff(&self, from: &str, to: Option<&str>, w: &mut impl Write) -> Result<u64> {
+        // A diff file carries extents at the LUN's current offsets and its
+        // current size: both ends must have that layout.
+        for m in &self.members {
+            for name in std::iter::once(from).chain(to) {
+                if m.volume().snapshots().iter().any(|s| s.name == name) {
+                    m.same_layout_as(name, "a diff file from or to it")?;
+                }
+            }
+        }
         let diffs = self.diffs(from, to)?;
         let sections: Vec<volume::diff::Section<'_>> = self
             .members

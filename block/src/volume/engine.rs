@@ -403,10 +403,14 @@ impl Volume {
                 "cluster size {cs} is not a power of two in 4096..=2097152"
             )));
         }
-        let geo = Geometry::new(cs, cfg.size).ok_or_else(|| {
+        // A manifest larger than the LUN says is a grow the owner's label
+        // has not caught up with (see `grow`): the volume has that size.
+        let size = loaded
+            .as_ref()
+            .map_or(cfg.size, |l| l.manifest.size.max(cfg.size));
+        let geo = Geometry::new(cs, size).ok_or_else(|| {
             Error::Invalid(format!(
-                "volume size {} too large for cluster size {cs}",
-                cfg.size
+                "volume size {size} too large for cluster size {cs}"
             ))
         })?;
         if cfg.size == 0 {
@@ -440,6 +444,7 @@ impl Volume {
                 flatten: None,
                 retired: vec![],
                 checksums: false,
+                layouts: Default::default(),
             },
             generation: 0,
             nodes: vec![],
@@ -451,7 +456,7 @@ impl Volume {
         st.add(home, None, true);
         if let Some(l) = loaded {
             let m = &l.manifest;
-            if m.lun != cfg.lun_uuid || m.size != cfg.size {
+            if m.lun != cfg.lun_uuid || m.size < cfg.size {
                 return Err(corrupt(
                     &dir,
                     format!(
@@ -982,7 +987,7 @@ impl Volume {
         }
     }
 
-    fn flush_locked(&self, st: &State) -> Result<()> {
+    pub(super) fn flush_locked(&self, st: &State) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
@@ -1088,7 +1093,7 @@ impl Volume {
             .ok_or_else(|| Error::NoSnapshot(name.into()))
     }
 
-    fn parent_ref(&self, id: Uuid) -> Parent {
+    pub(super) fn parent_ref(&self, id: Uuid) -> Parent {
         if id == self.lun {
             Parent::Base
         } else {
@@ -1096,7 +1101,7 @@ impl Volume {
         }
     }
 
-    fn commit(&self, st: &mut State, mut m: Manifest) -> Result<()> {
+    pub(super) fn commit(&self, st: &mut State, mut m: Manifest) -> Result<()> {
         // A retired layer stays listed until its object is gone for certain.
         m.retired.retain(|id| self.store.has_layer(*id));
         let next = st.generation.checked_add(1).ok_or_else(|| {
@@ -1140,7 +1145,7 @@ impl Volume {
 
     /// The maintenance lock, with a switched snapshot made durable first:
     /// every tree operation starts from a committed manifest.
-    fn maintenance(&self) -> Result<std::sync::MutexGuard<'_, ()>> {
+    pub(super) fn maintenance(&self) -> Result<std::sync::MutexGuard<'_, ()>> {
         let g = lock(&self.maint);
         self.finish_switch()?;
         Ok(g)
@@ -1201,7 +1206,7 @@ impl Volume {
     }
 
     /// Remove a spare delta nothing will use.
-    fn drop_spare(&self, spare: &mut Option<Spare>) {
+    pub(super) fn drop_spare(&self, spare: &mut Option<Spare>) {
         if let Some(s) = spare.take() {
             drop(s.delta);
             if let Err(e) = self.store.remove_layer(s.id) {
@@ -1772,9 +1777,17 @@ impl Volume {
         let _m = self.maintenance()?;
         let mut st = write(&self.state);
         let layer = self.snap(&st, name)?.layer;
-        if target.size != self.geo.size {
+        // A snapshot taken before the volume grew is cloned at its own
+        // size: every layer of its chain must fit the clone.
+        let chain_size = st
+            .chain_of(st.by_id[&layer])
+            .iter()
+            .filter_map(|&s| st.layer(s).delta().map(|d| d.geo.size))
+            .max()
+            .unwrap_or(0);
+        if target.size > self.geo.size || target.size < chain_size {
             return Err(Error::Invalid(format!(
-                "clone target {} is {} bytes; the volume is {}",
+                "clone target {} is {} bytes; snapshot {name} needs {chain_size} to {} bytes",
                 target.lun_path.display(),
                 target.size,
                 self.geo.size
@@ -1811,7 +1824,8 @@ impl Volume {
         self.commit(&mut st, m)?;
         let created = now();
         let id = Uuid::new_v4();
-        let geo = self.geo;
+        let geo = Geometry::new(self.geo.cluster_size, target.size)
+            .ok_or_else(|| Error::Invalid(format!("clone size {} is invalid", target.size)))?;
         let checksums = st.manifest.checksums;
         Delta::create(
             &*tstore,
@@ -1842,6 +1856,7 @@ impl Volume {
             flatten: None,
             retired: vec![],
             checksums,
+            layouts: Default::default(),
         };
         // The target store's first commit publishes its layers.
         tstore.commit_manifest(&tm, 1)?;
@@ -2230,12 +2245,14 @@ fn resolve_external(
         )
     })?;
     let m = l.manifest;
-    if m.size != geo.size || m.cluster_size as u64 != geo.cluster_size {
+    // Sizes may differ (either side may have grown since the clone was
+    // made): each layer is checked against the clone's size as it opens.
+    if m.cluster_size as u64 != geo.cluster_size {
         return Err(corrupt(
             dir,
             format!(
-                "size {} / cluster {} differ from the clone's {} / {}",
-                m.size, m.cluster_size, geo.size, geo.cluster_size
+                "cluster size {} differs from the clone's {}",
+                m.cluster_size, geo.cluster_size
             ),
         ));
     }

@@ -196,7 +196,9 @@ impl Volume {
             if let Some(sum) = d.sum_for(vc, phys) {
                 return Src::Checked {
                     obj: d.obj.clone(),
-                    at: self.geo.phys_offset(phys),
+                    // The layer's own geometry: one made before the volume
+                    // grew has a smaller one.
+                    at: d.geo.phys_offset(phys),
                     clen: self.cluster_len(vc) as u64,
                     in_off,
                     check: Check {
@@ -209,9 +211,10 @@ impl Volume {
                 };
             }
         }
+        let geo = layer.delta().map_or(self.geo, |d| d.geo);
         Src::Obj {
             obj: layer.object().clone(),
-            at: self.geo.phys_offset(phys) + in_off,
+            at: geo.phys_offset(phys) + in_off,
         }
     }
 
@@ -424,7 +427,7 @@ impl Volume {
                 {
                     ops.push(WriteOp::InPlace {
                         obj: d.obj.clone(),
-                        at: self.geo.phys_offset(journal::phys(val_of(e))) + in_off,
+                        at: d.geo.phys_offset(journal::phys(val_of(e))) + in_off,
                         slice,
                     });
                     continue;

@@ -228,12 +228,13 @@ impl Delta {
     ) -> Result<(Delta, Vec<String>)> {
         let path = obj.name().to_path_buf();
         let len = obj.byte_len().ctx(&path, "stat delta")?;
-        if len < geo.data_start {
+        // The header slots come first whatever the layer's size.
+        let slots = 2 * super::header::HEADER_SIZE as u64;
+        if len < slots {
             return Err(corrupt(
                 &path,
                 format!(
-                    "file is {len} bytes, shorter than its headers and journal areas ({} bytes): truncated",
-                    geo.data_start
+                    "file is {len} bytes, shorter than its two header slots ({slots} bytes): truncated"
                 ),
             ));
         }
@@ -248,10 +249,25 @@ impl Delta {
         if header.lun != lun {
             return bad(format!("header names LUN {}, expected {lun}", header.lun));
         }
-        if header.geometry() != Some(geo) {
-            return bad(format!(
-                "header geometry (cluster {} size {}) differs from the volume's (cluster {} size {})",
-                header.cluster_size, header.size, geo.cluster_size, geo.size
+        // A layer made before the volume grew keeps its own, smaller
+        // geometry: the clusters past its size are never its (they read
+        // through to its parent), so it is opened as it was made.
+        let geo = match header.geometry() {
+            Some(g) if g.cluster_size == geo.cluster_size && g.size <= geo.size => g,
+            _ => {
+                return bad(format!(
+                    "header geometry (cluster {} size {}) does not fit the volume's (cluster {} size {})",
+                    header.cluster_size, header.size, geo.cluster_size, geo.size
+                ))
+            }
+        };
+        if len < geo.data_start {
+            return Err(corrupt(
+                &path,
+                format!(
+                    "file is {len} bytes, shorter than its headers and journal areas ({} bytes): truncated",
+                    geo.data_start
+                ),
             ));
         }
         let mut jb = vec![0u8; header.journal_len as usize];

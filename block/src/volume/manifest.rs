@@ -69,6 +69,14 @@ pub struct Manifest {
     /// [`super::layer`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub checksums: bool,
+    /// The owner's layout (a LUN's regions) at the time of each snapshot
+    /// taken before the volume grew, by the snapshot's layer; a snapshot
+    /// without an entry has the current layout. Opaque to the volume,
+    /// recorded by [`crate::volume::Volume::record_layouts`] before the
+    /// owner moves or grows a region (see `docs/volumes.md`, "Growing a
+    /// layered LUN").
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub layouts: std::collections::BTreeMap<Uuid, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -397,6 +405,7 @@ mod tests {
             flatten: None,
             retired: vec![],
             checksums: false,
+            layouts: Default::default(),
         }
     }
 

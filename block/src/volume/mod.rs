@@ -28,6 +28,7 @@ pub mod scrub;
 pub mod table;
 
 mod engine;
+mod grow;
 mod io;
 mod native;
 

@@ -136,7 +136,14 @@ pub fn rebuild_manifest(
             dir.display()
         )));
     }
-    let first = &found.values().next().expect("non-empty").header;
+    // Layers made before the volume grew keep their smaller size: the
+    // volume is as large as its largest layer (at least the LUN's label
+    // size; larger after a grow the label had not caught up with).
+    let first = &found
+        .values()
+        .max_by_key(|f| f.header.size)
+        .expect("non-empty")
+        .header;
     let geo = first.geometry().ok_or_else(|| {
         corrupt(
             &dir,
@@ -146,7 +153,7 @@ pub fn rebuild_manifest(
             ),
         )
     })?;
-    if geo.size != cfg.size {
+    if geo.size < cfg.size {
         return Err(corrupt(
             &dir,
             format!(
@@ -156,7 +163,7 @@ pub fn rebuild_manifest(
         ));
     }
     for f in found.values() {
-        if f.header.geometry() != Some(geo) {
+        if f.header.cluster_size as u64 != geo.cluster_size || f.header.geometry().is_none() {
             return Err(corrupt(
                 &f.path,
                 format!(
@@ -323,7 +330,7 @@ pub fn rebuild_manifest(
     layers.sort_by_key(|l| (l.created, l.id));
     let m = Manifest {
         lun: cfg.lun_uuid,
-        size: cfg.size,
+        size: geo.size,
         cluster_size: geo.cluster_size as u32,
         lun_path: PathBuf::from(cfg.lun_path.file_name().unwrap_or_default()),
         layers,
@@ -333,6 +340,7 @@ pub fn rebuild_manifest(
         flatten: None,
         retired: vec![],
         checksums: found.get(&top).is_some_and(|f| f.header.checksums()),
+        layouts: Default::default(),
     };
     m.validate()
         .map_err(|why| corrupt(&dir, format!("rebuilt manifest is inconsistent: {why}")))?;

@@ -355,6 +355,7 @@ pub(crate) fn wire_snapshot(s: lungate_block::volume::SnapshotInfo) -> wire::Sna
         parent: s.parent,
         layer: s.layer,
         current: s.current,
+        sizes: vec![],
     }
 }
 

@@ -214,7 +214,7 @@ fn check_json(
             if need > region_len {
                 return Err(format!(
                     "memory {} bytes needs a state region of {need} bytes; this LUN's is {region_len} \
-                     (grow it with lunctl resize --memory while it has no snapshots)",
+                     (grow it offline with lunctl resize --memory)",
                     hw.memory_bytes
                 ));
             }

@@ -37,7 +37,9 @@ impl Lun {
             )));
         }
         let t = now();
-        let mut label = self.label.clone();
+        // The snapshot's own sizes and offsets (a LUN resized after it
+        // keeps its regions there).
+        let mut label = self.label_of_snapshot(snapshot)?;
         label.generation = 1;
         label.uuid = uuid;
         label.name = new_name.into();

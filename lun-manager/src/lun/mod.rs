@@ -20,6 +20,7 @@
 
 mod clone;
 mod create;
+pub mod layouts;
 mod open;
 mod records;
 mod resize;
@@ -601,18 +602,21 @@ impl Lun {
         }
         self.sync_file()?;
         self.label = next;
-        // A plain volume is a thin view of the file; a new label may move
-        // the footer or change the size, so the view follows it. (A layered
-        // volume never sees a label change: resize refuses it.)
-        if !self.volume.is_layered() {
-            self.volume = Arc::new(open_volume(
-                &self.path,
-                &self.backing,
-                &self.label,
-                self.access,
-                self.volume.engine().cloned(),
-            )?);
-        }
+        // A new label may move the footer or change the size and the
+        // protected ranges, so the volume follows it.
+        self.reopen_volume()
+    }
+
+    /// Open the volume again with the current label (after a label change
+    /// or a volume grow); the caller has flushed what it wrote.
+    fn reopen_volume(&mut self) -> Result<()> {
+        self.volume = Arc::new(open_volume(
+            &self.path,
+            &self.backing,
+            &self.label,
+            self.access,
+            self.volume.engine().cloned(),
+        )?);
         Ok(())
     }
 
@@ -775,11 +779,30 @@ mod tests {
             let mut b = [0u8; 2];
             l.read_region(RegionKind::Disk, 0, 510, &mut b).unwrap();
             assert_eq!(&b, b"\x55\xaa", "{layout}: sector 0 after the revert");
-            // Resizing a layered LUN is refused with a clear error.
-            let e = l.resize_disk(0, 8 * MIB).unwrap_err().to_string();
-            assert!(e.contains("layered LUN is not supported"), "{e}");
-            let e = l.resize_memory(2 * MIB).unwrap_err().to_string();
-            assert!(e.contains("layered LUN is not supported"), "{e}");
+            // A layered LUN grows (moving what is in the way through the
+            // volume) and keeps its data; the snapshot keeps its layout.
+            let d0 = l.disks()[0].length;
+            l.resize_disk(0, d0 + 8 * MIB).unwrap();
+            let mut b = [0u8; 6];
+            l.read_region(RegionKind::Disk, 1, 0, &mut b).unwrap();
+            assert_eq!(&b, b"before", "{layout}: disk1 after the grow");
+            let mut b = [0u8; 2];
+            l.read_region(RegionKind::Disk, 0, 510, &mut b).unwrap();
+            assert_eq!(&b, b"\x55\xaa", "{layout}: sector 0 after the grow");
+            assert_eq!(
+                l.snapshot_layout("a")
+                    .unwrap()
+                    .region("disk0")
+                    .unwrap()
+                    .length,
+                d0
+            );
+            let e = l.resize_disk(0, d0).unwrap_err().to_string();
+            assert!(e.contains("shrinking"), "{e}");
+            assert!(l
+                .snapshot_record("a", RecordType::HardwareConfig, 0)
+                .unwrap()
+                .is_some());
             // A read-only open writes nothing and sees the same state.
             drop(l);
             let ro = Lun::open(&p, Access::ReadOnly).unwrap();

@@ -292,7 +292,12 @@ impl Lun {
         rtype: RecordType,
         instance: u16,
     ) -> Result<Option<Vec<u8>>> {
-        let st = *self.label.state_region();
+        // The state region where it was when the snapshot was taken.
+        let mut st = *self.label.state_region();
+        if let Some(r) = self.snapshot_layout(snap)?.region("state") {
+            st.offset = r.offset;
+            st.length = r.length;
+        }
         let mut best: Option<Directory> = None;
         for slot in 0..2u64 {
             let mut b = vec![0u8; DIR_SLOT_SIZE];

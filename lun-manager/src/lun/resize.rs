@@ -19,7 +19,6 @@ impl Lun {
         new_len: u64,
         progress: &mut dyn Progress,
     ) -> Result<()> {
-        self.not_layered()?;
         let new_len = align_up(new_len)
             .ok_or_else(|| Error::Invalid(format!("size {new_len} is too large")))?;
         match self.region(RegionKind::Disk, index) {
@@ -75,20 +74,6 @@ impl Lun {
             })
     }
 
-    /// Resizing moves regions in the file, under the layers' feet: refused
-    /// once the LUN has layers.
-    pub(super) fn not_layered(&self) -> Result<()> {
-        if self.volume.is_layered() {
-            return Err(Error::Invalid(format!(
-                "{} has snapshot layers in {} (snapshots, a clone, or a flattened chain); \
-                 resizing a layered LUN is not supported",
-                self.name(),
-                self.volume.layers_dir().display()
-            )));
-        }
-        Ok(())
-    }
-
     /// Set the VM's memory size, growing the state region to hold it.
     pub fn resize_memory(&mut self, memory: u64) -> Result<()> {
         self.resize_memory_with(memory, &mut crate::progress::silent())
@@ -97,7 +82,6 @@ impl Lun {
     /// [`Lun::resize_memory`], reporting to `progress` as
     /// [`Lun::resize_disk_with`] does.
     pub fn resize_memory_with(&mut self, memory: u64, progress: &mut dyn Progress) -> Result<()> {
-        self.not_layered()?;
         let need = state::state_region_len(self.label.layout, memory)
             .ok_or_else(|| Error::Invalid(format!("memory size {memory} is too large")))?;
         let st = *self.label.state_region();
@@ -124,8 +108,16 @@ impl Lun {
         progress: &mut dyn Progress,
     ) -> Result<()> {
         self.writable()?;
-        self.not_layered()?;
         let old = self.label.clone();
+        let layered = self.volume.is_layered();
+        if layered && Arc::strong_count(&self.volume) > 1 {
+            return Err(Error::Invalid(format!(
+                "{}: the LUN's volume is in use by another handle (a gateway serving it?); \
+                 a layered LUN is resized offline",
+                self.name()
+            )));
+        }
+        let old_protected = self.volume.protected().to_vec();
         let target = old.region(kind, index).copied();
         let tgt_off = target.map(|r| r.offset);
         let layout = old.layout;
@@ -167,6 +159,12 @@ impl Lun {
         let mut busy: Vec<(u64, u64)> = old.regions.iter().map(|r| (r.offset, r.end())).collect();
         if let (Some(t), Some(Some(e))) = (target, want_end) {
             busy.push((t.offset, e));
+        }
+        if layered {
+            // Moved regions are copied through the volume, which refuses
+            // its protected bytes (the old backup GPT) until the label
+            // moves on.
+            busy.extend(self.volume.protected().iter().map(|r| (r.start, r.end)));
         }
         // Aligned: the label region [0, 1 MiB) and disk0 are busy, so
         // nothing is placed below disk0's end.
@@ -262,6 +260,18 @@ impl Lun {
                 self.sync_file()?;
             }
         }
+        if layered {
+            // Every snapshot keeps the layout it was taken with; then the
+            // volume grows (its own commit) before anything is copied.
+            self.volume
+                .record_layouts(&json_value(&super::layouts::SnapshotLayout::of(&old)))?;
+            kill_point("layouts");
+            if lun_size > self.volume.size() {
+                self.volume.grow(lun_size)?;
+                self.reopen_volume()?;
+            }
+            kill_point("volume");
+        }
         // 2. copy movers
         let total: u64 = movers.iter().map(|r| r.length).sum();
         let mut moved = 0;
@@ -270,15 +280,23 @@ impl Lun {
             let dst = placed.iter().find(|p| p.guid == m.guid).expect("placed");
             // Holes are skipped: what they would have copied counts as done.
             let before = moved;
-            fileops::copy_range(&file, m.offset, dst.offset, m.length, |n| {
-                moved += n;
-                progress.update("move", moved, total);
-            })
-            .ctx(&self.path, "copy region")?;
+            if layered {
+                self.copy_in_volume(m.offset, dst.offset, m.length, |n| {
+                    moved += n;
+                    progress.update("move", moved, total);
+                })?;
+            } else {
+                fileops::copy_range(&file, m.offset, dst.offset, m.length, |n| {
+                    moved += n;
+                    progress.update("move", moved, total);
+                })
+                .ctx(&self.path, "copy region")?;
+            }
             moved = before + m.length;
             progress.update("move", moved, total);
         }
         self.sync()?;
+        kill_point("copied");
         // 3. label N+1
         let mut mid = old.clone();
         mid.lun_size = lun_size;
@@ -291,24 +309,34 @@ impl Lun {
             }
         }
         self.commit_label(mid.clone())?;
+        kill_point("label-moved");
         // 4. zero the range the region grows into (it held moved data).
         let mut fin = mid.clone();
         // One `zero` phase over every range zeroed from here on; its total
         // grows as ranges are added, `done` never falls.
         let (mut zeroed, mut zero_total) = (0u64, 0u64);
-        let mut zero = |file: &File, off: u64, len: u64| {
+        // A layered LUN's old bytes belong to its snapshots too: zeros go
+        // into the live layer, never into the file.
+        let vol = |l: &Lun| l.volume.clone();
+        let mut zero = |file: &File, vol: Option<Arc<Volume>>, off: u64, len: u64| {
             zero_total += len;
             progress.update("zero", zeroed, zero_total);
-            let r = fileops::zero_range_with(file, off, len, |d| {
-                progress.update("zero", zeroed + d, zero_total)
-            });
+            let r = match vol {
+                Some(v) => v
+                    .write_zeroes(off, len, true)
+                    .map_err(|e| std::io::Error::other(e.to_string())),
+                None => fileops::zero_range_with(file, off, len, |d| {
+                    progress.update("zero", zeroed + d, zero_total)
+                }),
+            };
             zeroed += len;
             r
         };
         match target {
             Some(t) => {
                 let (s, e) = (t.end(), t.offset + new_len);
-                zero(&file, s, e - s).ctx(&self.path, "zero new space")?;
+                zero(&file, layered.then(|| vol(self)), s, e - s)
+                    .ctx(&self.path, "zero new space")?;
                 for r in fin.regions.iter_mut() {
                     if r.guid == t.guid {
                         r.length = new_len;
@@ -317,14 +345,17 @@ impl Lun {
             }
             None => {
                 let p = placed.last().expect("new region placed");
-                zero(&file, p.offset, p.length).ctx(&self.path, "zero new disk")?;
+                zero(&file, layered.then(|| vol(self)), p.offset, p.length)
+                    .ctx(&self.path, "zero new disk")?;
                 fin.regions.push(*p);
                 fin.regions.sort_by_key(|r| (r.kind, r.index));
             }
         }
         self.sync()?;
+        kill_point("zeroed");
         // 5. label N+2
         self.commit_label(fin.clone())?;
+        kill_point("label-grown");
         // 6. clean up what is no longer any region's.
         let mut vacated: Vec<(u64, u64)> = movers.iter().map(|r| (r.offset, r.end())).collect();
         if layout == Layout::Truncate && old.label_region().offset != fin.label_region().offset {
@@ -335,13 +366,26 @@ impl Lun {
         }
         for (s, e) in vacated {
             for (gs, ge) in subtract(s, e, &fin.regions) {
-                zero(&file, gs, ge - gs).ctx(&self.path, "zero vacated")?;
+                zero(&file, layered.then(|| vol(self)), gs, ge - gs)
+                    .ctx(&self.path, "zero vacated")?;
+            }
+        }
+        if layered {
+            // What the old label protected and the new one does not (the
+            // old backup GPT, a truncate layout's old footer) was never any
+            // layer's: zeroed in the file, so no stale label or GPT stays.
+            let gone =
+                lungate_block::volume::diff::clip_ranges(&old_protected, self.volume.protected());
+            for r in gone {
+                fileops::zero_range(&file, r.start, r.end - r.start)
+                    .ctx(&self.path, "zero old label bytes")?;
             }
         }
         if layout.has_gpt() {
             gpt::write(&*self.backing.base, &self.label).ctx(&self.path, "rewrite GPT")?;
         }
         self.sync()?;
+        self.sync_file()?;
         if kind == RegionKind::State {
             // Let the directory cover the grown region.
             let d = self.dir.clone();
@@ -352,5 +396,52 @@ impl Lun {
         }
         self.warnings.clear();
         Ok(())
+    }
+
+    /// Copy `[src, src+len)` to `[dst, dst+len)` through the volume (into
+    /// the live layer; the snapshots keep the old bytes where they were).
+    /// Extents that read as zeros are written as zeros, never skipped: the
+    /// destination was free space, whose bytes are no region's.
+    fn copy_in_volume(
+        &self,
+        src: u64,
+        dst: u64,
+        len: u64,
+        mut done: impl FnMut(u64),
+    ) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let mut buf = vec![0u8; CHUNK as usize];
+        for x in self.volume.extents(src, len)? {
+            let to = dst + (x.offset - src);
+            if !x.data {
+                self.volume.write_zeroes(to, x.length, true)?;
+                done(x.length);
+                continue;
+            }
+            let mut at = 0;
+            while at < x.length {
+                let n = (x.length - at).min(CHUNK);
+                let b = &mut buf[..n as usize];
+                self.volume.read(x.offset + at, b)?;
+                self.volume.write(to + at, b)?;
+                at += n;
+                done(n);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn json_value<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).expect("plain data serialises")
+}
+
+/// Test hook for the crash tests: with `LUNGATE_TEST_RESIZE_KILL=STEP` the
+/// process ends on the spot (no destructor runs, as under SIGKILL) when a
+/// layered resize reaches STEP (`layouts`, `volume`, `copied`,
+/// `label-moved`, `zeroed`, `label-grown`).
+fn kill_point(step: &str) {
+    if std::env::var_os("LUNGATE_TEST_RESIZE_KILL").is_some_and(|v| v == step) {
+        std::process::exit(137);
     }
 }

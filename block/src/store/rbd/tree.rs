@@ -189,6 +189,7 @@ impl RbdStore {
             flatten: None,
             retired: vec![],
             checksums: false,
+            layouts: Default::default(),
         }
     }
 
@@ -537,6 +538,7 @@ impl NativeTree for RbdStore {
             flatten: None,
             retired: vec![],
             checksums: false,
+            layouts: Default::default(),
         };
         {
             let mut t = store.lock_tree();

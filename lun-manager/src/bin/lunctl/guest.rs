@@ -146,7 +146,7 @@ pub fn set_hardware(out: &Output, path: &Path, memory: Option<String>, vcpus: Op
             .ok_or_else(|| format!("--memory {m}: too large"))?;
         if need > have {
             return Err(format!(
-                "--memory {}: the state region is {} and must be {} for that memory (two images); grow it with lunctl resize --memory while the LUN has no snapshots",
+                "--memory {}: the state region is {} and must be {} for that memory (two images); grow it with lunctl resize --memory (offline)",
                 human(m),
                 human(have),
                 human(need)

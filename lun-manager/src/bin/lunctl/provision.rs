@@ -216,6 +216,21 @@ fn describe(l: &Lun) -> serde_json::Value {
     let ident: Option<Identity> = l.record_json(RecordType::Identity, 0).ok().flatten();
     let tree: Option<SnapshotTree> = l.record_json(RecordType::SnapshotTree, 0).ok().flatten();
     let sec: Option<SecondaryDisks> = l.record_json(RecordType::SecondaryDisks, 0).ok().flatten();
+    // Snapshots taken before a resize: the sizes they keep.
+    let now = lun_manager::lun::layouts::SnapshotLayout::of(label);
+    let resized: Vec<_> = l
+        .resized_snapshots()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, then)| {
+            let sizes: Vec<_> = then
+                .size_changes(&now)
+                .into_iter()
+                .map(|(region, bytes, now)| json!({"region": region, "bytes": bytes, "now": now}))
+                .collect();
+            json!({"snapshot": name, "lun_size": then.lun_size, "sizes": sizes})
+        })
+        .collect();
     let records: Vec<_> = l
         .directory()
         .entries
@@ -254,6 +269,7 @@ fn describe(l: &Lun) -> serde_json::Value {
         "identity": ident,
         "secondaries": sec,
         "snapshots": tree,
+        "resized_snapshots": resized,
         "state": {
             "directory_generation": l.directory().generation,
             "used": l.directory().used_bytes(),
@@ -367,6 +383,31 @@ fn inspect_text(l: &Lun, v: &serde_json::Value) -> String {
             r["checksum"].as_str().unwrap_or("?")
         );
     }
+    for r in v["resized_snapshots"].as_array().into_iter().flatten() {
+        let sizes: Vec<String> = r["sizes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|z| {
+                format!(
+                    "{} {} (now {})",
+                    z["region"].as_str().unwrap_or("?"),
+                    human(z["bytes"].as_u64().unwrap_or(0)),
+                    human(z["now"].as_u64().unwrap_or(0))
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            o,
+            "snapshot   {} keeps its sizes from before a resize: {}",
+            r["snapshot"].as_str().unwrap_or("?"),
+            if sizes.is_empty() {
+                "regions moved".to_string()
+            } else {
+                sizes.join(", ")
+            }
+        );
+    }
     for w in l.warnings() {
         let _ = writeln!(o, "warning    {w}");
     }
@@ -447,7 +488,24 @@ pub fn resize(out: &Output, path: &Path, disk: &[String], memory: Option<String>
         grow.push((n, size(s, "--disk")?));
     }
     let memory = memory.map(|m| size(&m, "--memory")).transpose()?;
-    let _lock = owner::lock(path)?;
+    // Resizing moves regions under the guest's feet: the control API has
+    // no resize, so a served LUN is resized offline.
+    let _lock = owner::lock(path).map_err(|e| {
+        let held = matches!(e, owner::Error::Owned { .. } | owner::Error::Locked { .. });
+        let f = Fail::from(e);
+        if held {
+            Fail::new(
+                f.exit,
+                format!(
+                    "{}; resize is offline (it moves regions, and a gateway has no resize): \
+                     stop the process serving the LUN, resize, then serve it again",
+                    f.msg
+                ),
+            )
+        } else {
+            f
+        }
+    })?;
     let mut l = Lun::open(path, Access::ReadWrite)?;
     let mut text = String::new();
     let mut rep = out.progress("resize");

@@ -170,7 +170,25 @@ fn row(s: lungate_block::volume::SnapshotInfo) -> SnapRow {
         parent: s.parent,
         layer: s.layer,
         current: s.current,
+        sizes: vec![],
     }
+}
+
+/// The rows of `group`'s snapshots, each with the region sizes it had when
+/// they differ from now (the LUN was resized after it).
+fn rows_of(group: &Group) -> Res<Vec<SnapRow>> {
+    let lun = group.primary();
+    let now = lun_manager::lun::layouts::SnapshotLayout::of(lun.label());
+    let mut out = rows(group.snapshots());
+    for r in &mut out {
+        r.sizes = lun
+            .snapshot_layout(&r.name)?
+            .size_changes(&now)
+            .into_iter()
+            .map(|(region, bytes, now)| wire::RegionSize { region, bytes, now })
+            .collect();
+    }
+    Ok(out)
 }
 
 fn rows(v: Vec<lungate_block::volume::SnapshotInfo>) -> Vec<SnapRow> {
@@ -211,7 +229,7 @@ pub fn snapshot(out: &Output, path: &Path, snap: &str, desc: &str) -> Res {
 pub fn list(out: &Output, path: &Path) -> Res {
     let t = target(path)?;
     let list = match &t {
-        Target::Direct { group, .. } => rows(group.snapshots()),
+        Target::Direct { group, .. } => rows_of(group)?,
         Target::Gateway { client, lun, .. } => client.snapshots(lun)?,
     };
     out.document(&list, || snapshot_tree(t.name(), &list));
@@ -242,8 +260,18 @@ fn snapshot_tree(name: &str, list: &[SnapRow]) -> String {
             } else {
                 format!("  {:?}", s.description)
             };
+            let sizes = if s.sizes.is_empty() {
+                String::new()
+            } else {
+                let v: Vec<String> = s
+                    .sizes
+                    .iter()
+                    .map(|z| format!("{} {} (now {})", z.region, human(z.bytes), human(z.now)))
+                    .collect();
+                format!("  [{}]", v.join(", "))
+            };
             o.push_str(&format!(
-                "{prefix}{} {}  {}{desc}\n",
+                "{prefix}{} {}  {}{sizes}{desc}\n",
                 if last { "└─" } else { "├─" },
                 s.name,
                 lun_manager::report::utc(s.created)
