@@ -392,7 +392,11 @@ fn a_switched_revert_is_durable_after_the_next_flush_and_forgotten_before() {
                 vec![0; CS as usize],
                 "an unflushed write into the spare delta survived its removal"
             );
-            assert_eq!(deltas(&dir), committed, "the spare delta outlived the crash");
+            assert_eq!(
+                deltas(&dir),
+                committed,
+                "the spare delta outlived the crash"
+            );
         }
         // Tree operations go on from a committed manifest.
         v.revert("a").unwrap();
@@ -457,7 +461,10 @@ fn a_revert_switches_to_the_snapshot_whether_prepared_fresh_stale_or_not_at_all(
         .map(|u| u.path.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
     for f in deltas(&layers_dir(&cfg.lun_path)) {
-        assert!(named.contains(&f), "{f} is no layer of the volume: {named:?}");
+        assert!(
+            named.contains(&f),
+            "{f} is no layer of the volume: {named:?}"
+        );
     }
     v.close().unwrap();
     let v = Volume::open(cfg).unwrap();

@@ -1352,7 +1352,9 @@ impl Volume {
         {
             let d = old.delta().expect("a switch freezes a delta");
             if let Err(e) = d.set_frozen(name, description) {
-                tracing::warn!("snapshot {name}: frozen flag not recorded in the layer header: {e}");
+                tracing::warn!(
+                    "snapshot {name}: frozen flag not recorded in the layer header: {e}"
+                );
             }
         }
         // Named by the manifest now: no longer a spare an open may remove.
@@ -1562,9 +1564,9 @@ impl Volume {
         let target_id = self.snap(&st, name)?.layer;
         let target = st.by_id[&target_id];
         let mut spare = lock(&self.spare);
-        let reuse = spare.as_ref().is_some_and(|s| {
-            s.parent == target_id && s.checksums == st.manifest.checksums
-        });
+        let reuse = spare
+            .as_ref()
+            .is_some_and(|s| s.parent == target_id && s.checksums == st.manifest.checksums);
         if !reuse {
             self.drop_spare(&mut spare);
             *spare = Some(self.make_spare(&st, target_id)?);
