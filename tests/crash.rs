@@ -6,7 +6,8 @@
 //! `CRASH_POINTS=N` sets the count, `CRASH_SEED=S` replays a run.
 //!
 //! Each gateway life ends in one kill aimed at one operation: the client
-//! picks the kind (write, flush, snapshot, revert, delete, clone, flatten),
+//! picks the kind (write, flush, snapshot, revert, a revert with a write
+//! and a flush sent while it runs, delete, clone, flatten),
 //! runs a few random operations first, then starts that one and a killer
 //! thread sends SIGKILL after a delay drawn from 0 to 1.5 times what that
 //! kind of operation took in earlier lives, so kills land all along each
@@ -18,7 +19,10 @@
 //! written after it, every snapshot the client saw created (and any it
 //! asked for that exists) reads back exactly as the data was when it was
 //! taken, and no unknown snapshot exists; a revert that may have committed
-//! is either not seen at all or seen whole. After the restart the gateway
+//! is either not seen at all or seen whole (with, for a revert raced by a
+//! write and a flush, that write if it came after the switch: a flush
+//! acknowledged after the switch must find the revert durable, so the
+//! disk is never as before the revert without that write). After the restart the gateway
 //! serves exactly the bytes the read-only open found and lists the same
 //! snapshots (recovery changes nothing a client can see), except that it
 //! may finish the one snapshot, delete or revert the kill interrupted (an
@@ -66,16 +70,20 @@ enum Kind {
     Flush,
     Snapshot,
     Revert,
+    /// A revert while the client writes a block and flushes (the write may
+    /// land before the switch, and be discarded, or after it).
+    RevertRaced,
     Delete,
     Clone,
     Flatten,
 }
 
-const KINDS: [Kind; 7] = [
+const KINDS: [Kind; 8] = [
     Kind::Write,
     Kind::Flush,
     Kind::Snapshot,
     Kind::Revert,
+    Kind::RevertRaced,
     Kind::Delete,
     Kind::Clone,
     Kind::Flatten,
@@ -94,8 +102,9 @@ struct Model {
     /// Snapshots asked for (or being deleted) whose outcome the kill hid.
     maybe_snaps: BTreeMap<String, Vec<u8>>,
     /// A revert the kill interrupted: the live disk is either as before or
-    /// exactly this snapshot.
-    maybe_revert: Option<Vec<u8>>,
+    /// exactly this snapshot; with a raced write (block, value), each byte
+    /// of that block may also hold the value (written after the switch).
+    maybe_revert: Option<Reverted>,
     /// Clones the client saw created, with the contents of their snapshot.
     clones: BTreeMap<String, Vec<u8>>,
     maybe_clones: BTreeMap<String, Vec<u8>>,
@@ -104,7 +113,22 @@ struct Model {
     /// next writer, not by a read-only open): snapshots being created or
     /// deleted, with their contents, and the snapshot a revert was going to.
     doubt_snaps: BTreeMap<String, Vec<u8>>,
-    doubt_revert: Option<Vec<u8>>,
+    doubt_revert: Option<Reverted>,
+}
+
+/// What a revert may have left: the snapshot, and a write that may have
+/// landed after the switch (block, value).
+struct Reverted(Vec<u8>, Option<(usize, u8)>);
+
+impl Reverted {
+    fn matches(&self, got: &[u8]) -> bool {
+        got.len() == self.0.len()
+            && got
+                .iter()
+                .zip(&self.0)
+                .enumerate()
+                .all(|(i, (g, s))| g == s || self.1.is_some_and(|(b, v)| i / BS == b && *g == v))
+    }
 }
 
 impl Model {
@@ -143,10 +167,9 @@ impl Model {
                 self.pending[b]
             ))
         });
-        match (bad, &self.maybe_revert) {
-            (None, _) => None,
-            (Some(_), Some(snap)) if got == &snap[..] => None,
-            (Some(e), _) => Some(e),
+        match bad {
+            Some(_) if self.maybe_revert.as_ref().is_some_and(|r| r.matches(got)) => None,
+            bad => bad,
         }
     }
 }
@@ -202,10 +225,55 @@ impl Life<'_> {
             Kind::Revert => {
                 let names: Vec<&String> = m.snaps.keys().collect();
                 let name = names[self.rng.below(names.len() as u64) as usize].clone();
-                m.maybe_revert = Some(m.snaps[&name].clone());
+                m.maybe_revert = Some(Reverted(m.snaps[&name].clone(), None));
                 match self.ctl.revert("c", &name) {
                     Ok(_) => {
-                        m.cur = m.maybe_revert.take().expect("set above");
+                        m.cur = m.maybe_revert.take().expect("set above").0;
+                        m.settle();
+                    }
+                    Err(e) if gone(&e) => return Err(e.to_string()),
+                    Err(e) => panic!("revert to {name} refused: {e}"),
+                }
+            }
+            Kind::RevertRaced => {
+                let names: Vec<&String> = m.snaps.keys().collect();
+                let name = names[self.rng.below(names.len() as u64) as usize].clone();
+                let b = self.rng.below(NBLOCKS as u64) as usize;
+                let v = 1 + self.rng.below(255) as u8;
+                let snap = m.snaps[&name].clone();
+                let mut with_v = snap.clone();
+                with_v[b * BS..(b + 1) * BS].fill(v);
+                m.maybe_revert = Some(Reverted(snap.clone(), Some((b, v))));
+                let (ctl, nbd) = (&self.ctl, &mut self.nbd);
+                let (reverted, sent) = std::thread::scope(|sc| {
+                    let r = sc.spawn(|| ctl.revert("c", &name));
+                    m.pending[b].insert(v);
+                    let sent = nbd.write_at((b * BS) as u64, &[v; BS]).and_then(|()| {
+                        // As if no revert: the write is in the live disk
+                        // and the flush made it durable, unless the revert
+                        // switched before it (then one of maybe_revert).
+                        m.cur[b * BS..(b + 1) * BS].fill(v);
+                        nbd.flush()
+                    });
+                    if sent.is_ok() {
+                        m.settle();
+                    }
+                    (r.join().expect("revert thread"), sent)
+                });
+                sent.map_err(|e| e.to_string())?;
+                match reverted {
+                    Ok(_) => {
+                        // Done and durable: the snapshot, with the write
+                        // if it came after the switch.
+                        let mut got = vec![0u8; DISK];
+                        self.nbd.read_at(0, &mut got).map_err(|e| e.to_string())?;
+                        assert!(
+                            got == snap || got == with_v,
+                            "revert to {name} raced by a write of {v} to block {b}: the disk is neither the snapshot nor the snapshot with the write (first difference at byte {:?})",
+                            got.iter().zip(&snap).position(|(a, b)| a != b)
+                        );
+                        m.cur = got;
+                        m.maybe_revert = None;
                         m.settle();
                     }
                     Err(e) if gone(&e) => return Err(e.to_string()),
@@ -259,7 +327,7 @@ impl Life<'_> {
     /// Whether `kind` can run now (it needs a snapshot, or room for one).
     fn can(&self, kind: Kind) -> bool {
         match kind {
-            Kind::Revert | Kind::Delete => !self.m.snaps.is_empty(),
+            Kind::Revert | Kind::RevertRaced | Kind::Delete => !self.m.snaps.is_empty(),
             Kind::Clone => !self.m.snaps.is_empty() && self.m.clones.len() < MAX_CLONES,
             Kind::Snapshot => self.m.snaps.len() < MAX_SNAPS,
             _ => true,
@@ -357,7 +425,7 @@ fn check_online(m: &mut Model, gw: &Gateway, ctl: &Client, offline: &[u8], life:
         // Only an interrupted revert the restart finished may change it,
         // and then to exactly its snapshot.
         assert!(
-            doubt_revert.as_deref() == Some(&served[..]),
+            doubt_revert.as_ref().is_some_and(|r| r.matches(&served)),
             "life {life}: recovery changed what the disk reads (first difference at byte {:?})",
             served.iter().zip(offline).position(|(a, b)| a != b)
         );

@@ -330,3 +330,144 @@ fn a_spare_from_before_a_revert_is_removed_not_used() {
     }
     v.close().unwrap();
 }
+
+/// A live revert in its three phases (prepare before the pause, switch
+/// inside it, finish after): a crash after the switch and before anything
+/// made it durable finds the LUN as it was before the revert (every
+/// flushed write intact, the spare delta removed); a flush after the
+/// switch is what makes it durable, so a crash after that flush finds the
+/// snapshot's data with the write after the switch, and the discarded
+/// layer gone.
+#[test]
+fn a_switched_revert_is_durable_after_the_next_flush_and_forgotten_before() {
+    for flush_after in [false, true] {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = lun(d.path(), "r", 64 * CS);
+        let dir = layers_dir(&cfg.lun_path);
+        let v = Volume::open(cfg.clone()).unwrap();
+        v.write(0, &[1; CS as usize]).unwrap();
+        v.snapshot("a", "").unwrap();
+        v.write(0, &[2; CS as usize]).unwrap();
+        v.write(CS, &[5; CS as usize]).unwrap();
+        v.flush().unwrap();
+        let committed = deltas(&dir);
+        let discarded = v.chain()[0];
+        let spare = v.prepare_revert("a").unwrap().expect("a file store");
+        assert_eq!(deltas(&dir).len(), committed.len() + 1, "no spare made");
+        assert_ne!(spare, discarded);
+        // Written after the prepare, before the switch: discarded.
+        v.write(2 * CS, &[3; CS as usize]).unwrap();
+        v.switch_revert("a").unwrap();
+        assert_eq!(v.chain()[0], spare, "the spare is not the live layer");
+        assert_eq!(cluster(&v, 0), vec![1; CS as usize]);
+        assert_eq!(cluster(&v, 1), vec![0; CS as usize]);
+        assert_eq!(cluster(&v, 2), vec![0; CS as usize]);
+        v.write(3 * CS, &[4; CS as usize]).unwrap();
+        if flush_after {
+            v.flush().unwrap();
+        }
+        v.crash();
+
+        let v = Volume::open(cfg.clone()).unwrap();
+        let names: Vec<String> = v.snapshots().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["a"]);
+        if flush_after {
+            assert_eq!(v.chain()[0], spare);
+            assert_eq!(cluster(&v, 0), vec![1; CS as usize]);
+            assert_eq!(cluster(&v, 1), vec![0; CS as usize]);
+            assert_eq!(cluster(&v, 2), vec![0; CS as usize]);
+            assert_eq!(cluster(&v, 3), vec![4; CS as usize]);
+            let now = deltas(&dir);
+            assert_eq!(now.len(), committed.len(), "{now:?}");
+            assert!(
+                !now.iter().any(|f| f.contains(&discarded.to_string())),
+                "the discarded layer outlived the committed revert: {now:?}"
+            );
+        } else {
+            assert_eq!(v.chain()[0], discarded, "an uncommitted revert survived");
+            assert_eq!(cluster(&v, 0), vec![2; CS as usize]);
+            assert_eq!(cluster(&v, 1), vec![5; CS as usize]);
+            assert_eq!(
+                cluster(&v, 3),
+                vec![0; CS as usize],
+                "an unflushed write into the spare delta survived its removal"
+            );
+            assert_eq!(
+                deltas(&dir),
+                committed,
+                "the spare delta outlived the crash"
+            );
+        }
+        // Tree operations go on from a committed manifest.
+        v.revert("a").unwrap();
+        v.snapshot("after", "").unwrap();
+        v.close().unwrap();
+        let v = Volume::open(cfg).unwrap();
+        assert_eq!(cluster(&v, 0), vec![1; CS as usize]);
+        assert!(v.snapshots().iter().any(|s| s.name == "after"));
+    }
+}
+
+/// A revert prepared ahead and then overtaken by writes, a snapshot's
+/// deletion and a second prepare still switches to the snapshot's data exactly, whether
+/// its index was built ahead or (the tree changed since) in the switch;
+/// and a revert that nobody prepared makes its spare in the switch.
+#[test]
+fn a_revert_switches_to_the_snapshot_whether_prepared_fresh_stale_or_not_at_all() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = lun(d.path(), "p", 64 * CS);
+    let v = Volume::open(cfg.clone()).unwrap();
+    for c in 0..8u64 {
+        v.write(c * CS, &[c as u8 + 1; CS as usize]).unwrap();
+    }
+    v.snapshot("a", "").unwrap();
+    for c in 4..12u64 {
+        v.write(c * CS, &[c as u8 + 50; CS as usize]).unwrap();
+    }
+    v.snapshot("b", "").unwrap();
+    let want_a: Vec<u8> = (0..64u64)
+        .flat_map(|c| [if c < 8 { c as u8 + 1 } else { 0 }; CS as usize])
+        .collect();
+    let mut want_b = vec![0u8; 64 * CS as usize];
+    v.read_snapshot("b", 0, &mut want_b).unwrap();
+    v.write(20 * CS, &[9; CS as usize]).unwrap();
+    v.snapshot("c", "").unwrap();
+    // Prepared for "a", then the tree changes (a delete, which merges the
+    // deleted snapshot's layer into the live one): the prepared index is
+    // stale, the spare still fits.
+    let spare = v.prepare_revert("a").unwrap().unwrap();
+    v.write(21 * CS, &[8; CS as usize]).unwrap();
+    v.delete_snapshot("c").unwrap();
+    v.switch_revert("a").unwrap();
+    v.finish_switch().unwrap();
+    assert_eq!(v.chain()[0], spare);
+    assert_eq!(all(&v), want_a);
+    // Prepared twice (the second reuses the first's spare).
+    let s1 = v.prepare_revert("b").unwrap().unwrap();
+    let s2 = v.prepare_revert("b").unwrap().unwrap();
+    assert_eq!(s1, s2, "a second prepare made another spare");
+    v.switch_revert("b").unwrap();
+    v.finish_switch().unwrap();
+    assert_eq!(all(&v), want_b);
+    // Prepared for "b", switched to "a": the spare does not fit, another
+    // is made in the switch and the unfit one removed.
+    v.prepare_revert("b").unwrap();
+    v.switch_revert("a").unwrap();
+    v.flush().unwrap();
+    assert_eq!(all(&v), want_a);
+    let named: Vec<String> = v
+        .usage()
+        .into_iter()
+        .map(|u| u.path.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for f in deltas(&layers_dir(&cfg.lun_path)) {
+        assert!(
+            named.contains(&f),
+            "{f} is no layer of the volume: {named:?}"
+        );
+    }
+    v.close().unwrap();
+    let v = Volume::open(cfg).unwrap();
+    assert_eq!(all(&v), want_a);
+    assert!(v.warnings().is_empty(), "{:?}", v.warnings());
+}

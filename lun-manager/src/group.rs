@@ -12,8 +12,11 @@
 //! * snapshot: secondaries first, the primary last — the primary's manifest
 //!   commit is the commit point. Recovery deletes the snapshot from any
 //!   secondary when the primary lacks it, so no half-made snapshot is seen.
-//! * revert: recovery reverts every member again (a revert discards the
-//!   live layer, so doing it twice is doing it once).
+//! * revert: the intent names each member's live layer after the revert
+//!   (made ahead, before the pause); recovery reverts every member not on
+//!   it yet (its revert was never committed, so nothing written since was
+//!   flushed) and leaves the others, which may hold writes flushed after
+//!   the switch.
 //! * delete: the primary first; recovery deletes the name from every member
 //!   still holding it.
 //! * clone: secondaries' clones first, the primary's clone last (its label
@@ -52,6 +55,13 @@ enum Intent {
     },
     Revert {
         name: String,
+        /// Each member's live layer after its revert (`None`: a store
+        /// with its own snapshots), so recovery reverts only the members
+        /// whose revert was never committed (one that was may hold writes
+        /// flushed since). Empty in intents of older versions: every
+        /// member is reverted again.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tops: Vec<Option<Uuid>>,
     },
     Delete {
         name: String,
@@ -73,10 +83,29 @@ struct CloneMember {
     uuid: Uuid,
 }
 
+/// What [`Group::prepare_revert`] made ready: each member's live layer
+/// after the revert (see [`Intent::Revert`]).
+pub struct PreparedRevert {
+    name: String,
+    tops: Vec<Option<Uuid>>,
+}
+
+/// What [`Group::switch_revert`] did: the members (by index) that
+/// switched, the first error, and whether the revert is already durable
+/// and its intent ended (a member on a store with its own snapshots
+/// reverts durably at the switch, so the whole group is finished there).
+pub struct RevertSwitched {
+    done: Vec<usize>,
+    result: std::result::Result<(), volume::Error>,
+    ended: bool,
+}
+
 pub struct Group {
     /// Primary first, then secondaries in the order the state region lists.
     members: Vec<Lun>,
     access: Access,
+    /// The open finished a revert a crash interrupted.
+    recovered_revert: bool,
 }
 
 impl std::fmt::Debug for Group {
@@ -204,7 +233,11 @@ impl Group {
             let path = find_secondary(&pool, r)?;
             members.push(Lun::open(&path, access)?);
         }
-        let mut g = Group { members, access };
+        let mut g = Group {
+            members,
+            access,
+            recovered_revert: false,
+        };
         if access == Access::ReadWrite {
             g.recover()?;
         }
@@ -232,11 +265,22 @@ impl Group {
         } else {
             Access::ReadOnly
         };
-        let mut g = Group { members, access };
+        let mut g = Group {
+            members,
+            access,
+            recovered_revert: false,
+        };
         if access == Access::ReadWrite {
             g.recover()?;
         }
         Ok(g)
+    }
+
+    /// Whether opening the group finished a revert a crash interrupted:
+    /// the snapshot's state records came back, its `Owner` record among
+    /// them, so whoever serves the LUNs must claim them again.
+    pub fn recovered_revert(&self) -> bool {
+        self.recovered_revert
     }
 
     /// Give the members back (primary first).
@@ -365,13 +409,19 @@ impl Group {
                     }
                 }
             }
-            Intent::Revert { name } => {
-                for m in &self.members {
-                    if has_snapshot(m.volume(), name) {
+            Intent::Revert { name, tops } => {
+                for (i, m) in self.members.iter().enumerate() {
+                    let committed = tops
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|t| m.volume().chain().first() == Some(&t));
+                    if !committed && has_snapshot(m.volume(), name) {
                         m.volume().revert(name)?;
                     }
                 }
                 self.reload()?;
+                self.recovered_revert = true;
             }
             Intent::Delete { name } => {
                 for m in &self.members {
@@ -518,20 +568,97 @@ impl Group {
     }
 
     /// Revert every member to `name`; state records come back with the
-    /// disks (the identity too, which snapshots never change).
+    /// disks (the identity too, which snapshots never change). The three
+    /// phases of a live group revert in one call.
     pub fn revert(&mut self, name: &str) -> Result<()> {
+        let p = self.prepare_revert(name)?;
+        let s = self.switch_revert(p);
+        self.finish_revert(s)
+    }
+
+    /// Phase one of a live group revert, before the guests are paused:
+    /// every member makes its next live delta ahead on the snapshot's
+    /// layer ([`Volume::prepare_revert`]), then the intent names them (so
+    /// a crash from here on finishes the revert, and recovery leaves a
+    /// member whose revert was committed as it is).
+    pub fn prepare_revert(&self, name: &str) -> Result<PreparedRevert> {
         self.require(name)?;
         // A snapshot taken before a resize has its regions where they were:
         // reverting to it under the grown label would misplace them.
         for m in &self.members {
             m.same_layout_as(name, "reverting to it")?;
         }
-        self.begin(&Intent::Revert { name: name.into() })?;
-        for m in self.members[1..].iter().chain(&self.members[..1]) {
-            m.volume().revert(name)?;
+        let mut tops = Vec::with_capacity(self.members.len());
+        for m in &self.members {
+            tops.push(m.volume().prepare_revert(name)?);
         }
+        self.begin(&Intent::Revert {
+            name: name.into(),
+            tops: tops.clone(),
+        })?;
+        Ok(PreparedRevert {
+            name: name.into(),
+            tops,
+        })
+    }
+
+    /// Phase two, while the guests are paused: every member switches in
+    /// memory (secondaries first, the primary last), no byte written. With
+    /// a member on a store with its own snapshots (whose revert is durable
+    /// at once), the others are committed and the intent ended here too,
+    /// so no recovery reverts such a member again over writes made after.
+    pub fn switch_revert(&self, p: PreparedRevert) -> RevertSwitched {
+        let n = self.members.len();
+        let mut done = Vec::new();
+        let mut result = Ok(());
+        for i in (1..n).chain(0..1) {
+            match self.members[i].volume().switch_revert(&p.name) {
+                Ok(()) => done.push(i),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let mut ended = false;
+        if result.is_ok() && p.tops.iter().any(Option::is_none) {
+            for &i in &done {
+                if let Err(e) = self.members[i].volume().finish_switch() {
+                    result = Err(e);
+                    break;
+                }
+            }
+            ended = result.is_ok() && self.end().is_ok();
+        }
+        RevertSwitched {
+            done,
+            result,
+            ended,
+        }
+    }
+
+    /// Phase three, after the guests go on: commit every switched member
+    /// (secondaries first, the primary last), read the state records back
+    /// and end the intent. When a member failed, the intent stays: the
+    /// next read-write open of the group finishes the revert.
+    pub fn finish_revert(&mut self, s: RevertSwitched) -> Result<()> {
+        let mut result = s.result;
+        if !s.ended {
+            for &i in &s.done {
+                if let Err(e) = self.members[i].volume().finish_switch() {
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                }
+            }
+        }
+        result?;
         self.reload()?;
-        self.end()
+        if s.ended {
+            Ok(())
+        } else {
+            self.end()
+        }
     }
 
     /// Delete snapshot `name` from every member (merging layers so no
@@ -633,6 +760,7 @@ impl Group {
             Ok(Group {
                 members,
                 access: Access::ReadWrite,
+                recovered_revert: false,
             })
         })();
         match made {

@@ -709,3 +709,77 @@ fn diff_onto_another_lun(layout: Layout) {
         "the state region is not the source's"
     );
 }
+
+/// A group revert in its three phases writes its intent before the pause,
+/// naming each member's live layer after the revert; after a crash that
+/// left one member's revert committed (and a write flushed on it since)
+/// and the other's not, the next open reverts only the other, keeps the
+/// flushed write, and says it finished a revert (the state records came
+/// back, so whoever serves the LUNs claims them again).
+#[test]
+fn recovery_reverts_only_the_members_whose_revert_was_never_committed() {
+    let d = tempfile::tempdir().unwrap();
+    let p = create(d.path(), "vm", Layout::Offset);
+    let s = create(d.path(), "data", Layout::Offset);
+    {
+        let mut pl = Lun::open(&p, Access::ReadWrite).unwrap();
+        let sl = Lun::open(&s, Access::ReadOnly).unwrap();
+        pl.attach_secondary(&sl).unwrap();
+    }
+    let intent = d.path().join(".vm.group-op");
+    let mut g = reopen(&p);
+    assert!(!g.recovered_revert());
+    g.snapshot("a", "").unwrap();
+    for m in g.members() {
+        m.write_region(RegionKind::Disk, 0, 0, b"new").unwrap();
+        m.volume().flush().unwrap();
+    }
+    // The live phases: the intent names the spares before the pause.
+    let prepared = g.prepare_revert("a").unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&std::fs::read(&intent).unwrap()).unwrap();
+    assert_eq!(body["op"], "revert");
+    assert_eq!(body["tops"].as_array().map(Vec::len), Some(2), "{body}");
+    let switched = g.switch_revert(prepared);
+    for (i, m) in g.members().iter().enumerate() {
+        assert_eq!(disk(m, 0, 0, 3), vec![0, 0, 0], "{} not switched", m.name());
+        assert_eq!(
+            m.volume().chain()[0].to_string(),
+            body["tops"][i].as_str().unwrap()
+        );
+    }
+    g.finish_revert(switched).unwrap();
+    assert!(!intent.exists(), "the intent outlived a finished revert");
+    for m in g.members() {
+        m.write_region(RegionKind::Disk, 0, 0, b"new").unwrap();
+        m.volume().flush().unwrap();
+    }
+    // A crash after the secondary's revert was committed and a write on
+    // it flushed, before the primary's commit (which a crash forgets).
+    let sec = &g.members()[1];
+    sec.volume().revert("a").unwrap();
+    sec.write_region(RegionKind::Disk, 0, 0, b"aft").unwrap();
+    sec.volume().flush().unwrap();
+    let tops = serde_json::json!([uuid::Uuid::new_v4(), sec.volume().chain()[0]]);
+    std::fs::write(
+        &intent,
+        serde_json::to_vec(&serde_json::json!({"op": "revert", "name": "a", "tops": tops}))
+            .unwrap(),
+    )
+    .unwrap();
+    drop(g);
+    let g = reopen(&p);
+    assert!(g.recovered_revert());
+    assert!(!intent.exists());
+    assert_eq!(
+        disk(&g.members()[0], 0, 0, 3),
+        vec![0, 0, 0],
+        "primary not reverted"
+    );
+    assert_eq!(
+        disk(&g.members()[1], 0, 0, 3),
+        b"aft",
+        "recovery reverted a member whose revert was committed, over a flushed write"
+    );
+    drop(g);
+    assert!(!reopen(&p).recovered_revert());
+}

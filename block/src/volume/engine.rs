@@ -278,43 +278,68 @@ pub struct Volume {
     /// Dirty-cluster trackers (migration, incremental backup).
     pub(super) dirty: Arc<super::dirty::DirtySet>,
     pub(super) maint: Mutex<()>,
-    /// A snapshot switched in memory whose durable commit is still to do
-    /// ([`Volume::switch_snapshot`], [`Volume::finish_switch`]); held while
-    /// it is done, so concurrent finishers wait for the first.
+    /// A snapshot or revert switched in memory whose durable commit is
+    /// still to do ([`Volume::switch_snapshot`], [`Volume::switch_revert`],
+    /// [`Volume::finish_switch`]); held while it is done, so concurrent
+    /// finishers wait for the first.
     pub(super) pending: Mutex<Option<PendingSwitch>>,
     /// Whether `pending` holds one; set under the state lock (written) by
     /// the switch, so a flush that reads it under the state lock knows
     /// which live layer its writes went to.
     pub(super) switch_pending: AtomicBool,
-    /// The next live delta, made ahead by [`Volume::prepare_snapshot`].
+    /// The next live delta, made ahead by [`Volume::prepare_snapshot`] or
+    /// [`Volume::prepare_revert`].
     pub(super) spare: Mutex<Option<Spare>>,
     pub(super) warnings: Mutex<Vec<String>>,
     pub(super) crashed: AtomicBool,
     pub(super) read_only: bool,
 }
 
-/// The durable half of a snapshot switched in memory.
+/// The durable half of a snapshot or revert switched in memory.
 pub(super) struct PendingSwitch {
-    /// The layer frozen as the snapshot (the live one before the switch).
-    old: Arc<Layer>,
     /// The new live layer (the spare, its flag still set).
     new: Arc<Layer>,
-    /// The manifest that names the snapshot and the new live delta.
+    /// The manifest that names the new live delta (and the snapshot).
     manifest: Manifest,
     generation: u64,
-    name: String,
-    description: String,
+    kind: Switch,
 }
 
-/// An empty delta made ahead on the live layer `parent`: uncommitted (no
-/// manifest names it) until a snapshot switches to it; a crash leaves it
-/// to the next open, which removes layers no manifest names.
+/// What a pending switch did to the layer that was live before it.
+enum Switch {
+    /// Froze it as snapshot `name`: its last writes are committed before
+    /// the manifest.
+    Snapshot {
+        old: Arc<Layer>,
+        name: String,
+        description: String,
+    },
+    /// Discarded it (a revert): its file stays until the manifest that
+    /// retires it is committed, so a crash before finds the LUN as it was.
+    Revert { old: Arc<Layer> },
+}
+
+/// An empty delta made ahead on layer `parent` (the live layer for a
+/// snapshot, the snapshot's layer for a revert): uncommitted (no manifest
+/// names it) until a switch makes it the live layer; a crash leaves it to
+/// the next open, which removes spares no manifest names.
 pub(super) struct Spare {
     id: Uuid,
     parent: Uuid,
     created: u64,
     checksums: bool,
     delta: Delta,
+    /// For a revert: the live index the switch installs (the chain below
+    /// the spare, which is empty), built ahead.
+    index: Option<Prebuilt>,
+}
+
+/// A live index built before the pause, valid while the tree it was built
+/// from is unchanged (the same manifest generation and chain slots).
+pub(super) struct Prebuilt {
+    generation: u64,
+    chain: Vec<u16>,
+    table: Table,
 }
 
 impl std::fmt::Debug for Volume {
@@ -1164,13 +1189,12 @@ impl Volume {
         if self.native().is_some() {
             return Ok(());
         }
-        let (parent, checksums) = {
-            let st = read(&self.state);
-            if st.plain {
-                return Ok(());
-            }
-            (st.layer(st.top).id(), st.manifest.checksums)
-        };
+        let st = read(&self.state);
+        if st.plain {
+            return Ok(());
+        }
+        let parent = st.layer(st.top).id();
+        let checksums = st.manifest.checksums;
         let mut spare = lock(&self.spare);
         if spare
             .as_ref()
@@ -1179,30 +1203,29 @@ impl Volume {
             return Ok(());
         }
         self.drop_spare(&mut spare);
+        *spare = Some(self.make_spare(&st, parent)?);
+        Ok(())
+    }
+
+    /// A new empty delta on layer `parent`, flagged spare (synced), named
+    /// by no manifest yet.
+    fn make_spare(&self, st: &State, parent: Uuid) -> Result<Spare> {
         let id = Uuid::new_v4();
         let created = now();
-        let delta = Delta::create(
-            &*self.store,
-            id,
-            parent,
-            self.lun,
-            self.geo,
-            created,
-            checksums,
-        )?;
+        let delta = self.new_delta(st, id, parent, created)?;
         if let Err(e) = delta.set_spare(true) {
             drop(delta);
             let _ = self.store.remove_layer(id);
             return Err(e);
         }
-        *spare = Some(Spare {
+        Ok(Spare {
             id,
             parent,
             created,
-            checksums,
+            checksums: delta.checksums(),
             delta,
-        });
-        Ok(())
+            index: None,
+        })
     }
 
     /// Remove a spare delta nothing will use.
@@ -1296,45 +1319,72 @@ impl Volume {
         st.top = slot;
         st.chain.insert(0, slot);
         *lock(&self.pending) = Some(PendingSwitch {
-            old,
             new: st.node(slot).layer.clone(),
             manifest: m,
             generation,
-            name: name.into(),
-            description: description.into(),
+            kind: Switch::Snapshot {
+                old,
+                name: name.into(),
+                description: description.into(),
+            },
         });
         self.switch_pending.store(true, Ordering::Release);
         Ok(self.info(&st, name).expect("just made"))
     }
 
-    /// Phase three, after the guests go on: make a switched snapshot
-    /// durable, in order: the frozen layer's last writes, the manifest
-    /// naming the snapshot and the new live delta (the commit point), the
-    /// frozen flag in the old layer's header. Nothing to do without a
-    /// switch; a failed commit stays pending and every later flush tries
+    /// Phase three, after the guests go on: make a switched snapshot or
+    /// revert durable, in order: for a snapshot the frozen layer's last
+    /// writes; the manifest naming the new live delta (the commit point);
+    /// for a snapshot the frozen flag in the old layer's header; the spare
+    /// flag cleared; for a revert the discarded layer's file removed and
+    /// the layers nothing needs any more collected. Nothing to do without
+    /// a switch; a failed commit stays pending and every later flush tries
     /// it again (and fails until it succeeds).
     pub fn finish_switch(&self) -> Result<()> {
         let mut p = lock(&self.pending);
         let Some(job) = p.as_mut() else {
             return Ok(());
         };
-        let d = job.old.delta().expect("a switch freezes a delta");
-        self.commit_layer(d)?;
+        if let Switch::Snapshot { old, .. } = &job.kind {
+            self.commit_layer(old.delta().expect("a switch freezes a delta"))?;
+        }
         job.manifest.retired.retain(|id| self.store.has_layer(*id));
         self.store.commit_manifest(&job.manifest, job.generation)?;
-        if let Err(e) = d.set_frozen(&job.name, &job.description) {
-            tracing::warn!(
-                "snapshot {}: frozen flag not recorded in the layer header: {e}",
-                job.name
-            );
+        if let Switch::Snapshot {
+            old,
+            name,
+            description,
+        } = &job.kind
+        {
+            let d = old.delta().expect("a switch freezes a delta");
+            if let Err(e) = d.set_frozen(name, description) {
+                tracing::warn!(
+                    "snapshot {name}: frozen flag not recorded in the layer header: {e}"
+                );
+            }
         }
         // Named by the manifest now: no longer a spare an open may remove.
         job.new
             .delta()
             .expect("the spare is a delta")
             .set_spare(false)?;
-        *p = None;
+        let job = p.take().expect("checked above");
         self.switch_pending.store(false, Ordering::Release);
+        drop(p);
+        if let Switch::Revert { old } = job.kind {
+            let old_id = old.id();
+            drop(old);
+            // Retired by the committed manifest; one a failed removal
+            // leaves stays listed there and goes on the next open.
+            if let Err(e) = self.store.remove_layer(old_id) {
+                tracing::warn!(
+                    "{}: discarded layer {old_id} not removed yet: {e}",
+                    self.lun_path.display()
+                );
+            }
+            let mut st = write(&self.state);
+            self.gc(&mut st)?;
+        }
         Ok(())
     }
 
@@ -1495,8 +1545,66 @@ impl Volume {
 
     /// Discard the live layer and continue from snapshot `name` in a new
     /// empty delta. O(1) in the volume size: no data is read or copied (the
-    /// index is rebuilt in memory from the target chain's maps).
+    /// index is rebuilt in memory from the target chain's maps). The three
+    /// phases of a live revert in one call: [`Volume::prepare_revert`],
+    /// [`Volume::switch_revert`], [`Volume::finish_switch`].
     pub fn revert(&self, name: &str) -> Result<()> {
+        self.prepare_revert(name)?;
+        self.switch_revert(name)?;
+        self.finish_switch()
+    }
+
+    /// Phase one of a live revert, before the guests are paused: make the
+    /// next live delta ahead on snapshot `name`'s layer (its file created,
+    /// flagged spare and synced) and the live index it will need. Nothing
+    /// is flushed: the revert discards what the live layer holds. Returns
+    /// the layer that will be live after the revert (`None` on a store
+    /// with its own snapshots, whose revert is done whole at the switch).
+    pub fn prepare_revert(&self, name: &str) -> Result<Option<Uuid>> {
+        self.writable()?;
+        if self.native().is_some() {
+            return Ok(None);
+        }
+        let _m = self.maintenance()?;
+        let st = read(&self.state);
+        let target_id = self.snap(&st, name)?.layer;
+        let target = st.by_id[&target_id];
+        let mut spare = lock(&self.spare);
+        let reuse = spare
+            .as_ref()
+            .is_some_and(|s| s.parent == target_id && s.checksums == st.manifest.checksums);
+        if !reuse {
+            self.drop_spare(&mut spare);
+            *spare = Some(self.make_spare(&st, target_id)?);
+        }
+        let sp = spare.as_mut().expect("made above");
+        let chain = st.chain_of(target);
+        if !sp
+            .index
+            .as_ref()
+            .is_some_and(|p| p.generation == st.generation && p.chain == chain)
+        {
+            let table = st.build_index(&chain, self.geo.clusters);
+            sp.index = Some(Prebuilt {
+                generation: st.generation,
+                chain,
+                table,
+            });
+        }
+        Ok(Some(sp.id))
+    }
+
+    /// Phase two, while the guests are paused: the live layer is
+    /// discarded and the spare delta on snapshot `name`'s layer becomes
+    /// the live layer, in memory; no byte is written. Until
+    /// [`Volume::finish_switch`] has committed it, a crash finds the LUN as
+    /// it was before the revert (and removes the spare with every write
+    /// since, none of which was flushed: every flush, FUA write and tree
+    /// operation finishes the switch first). Without a matching spare (no
+    /// [`Volume::prepare_revert`]) the spare is made here, in the pause;
+    /// on a store with its own snapshots (RBD) the revert is made whole and
+    /// durable here.
+    pub fn switch_revert(&self, name: &str) -> Result<()> {
         self.writable()?;
         if let Some(t) = self.native() {
             return self.native_revert(t, name);
@@ -1506,37 +1614,59 @@ impl Volume {
         let mut st = write(&self.state);
         let target_id = self.snap(&st, name)?.layer;
         let target = st.by_id[&target_id];
-        let created = now();
-        let id = Uuid::new_v4();
-        let d = self.new_delta(&st, id, target_id, created)?;
+        let mut spare = lock(&self.spare);
+        let ready = spare
+            .as_ref()
+            .is_some_and(|s| s.parent == target_id && s.checksums == st.manifest.checksums);
+        let sp = if ready {
+            spare.take().expect("checked above")
+        } else {
+            self.drop_spare(&mut spare);
+            self.make_spare(&st, target_id)?
+        };
+        drop(spare);
+        let generation = st.generation.checked_add(1).ok_or_else(|| {
+            corrupt(
+                self.store.location(),
+                format!("manifest generation {} cannot advance", st.generation),
+            )
+        })?;
         let old_top = st.top;
         let old_id = st.layer(old_top).id();
         let mut m = st.manifest.clone();
         m.layers.retain(|l| l.id != old_id);
         m.retired.push(old_id);
         m.layers.push(LayerRec {
-            id,
+            id: sp.id,
             parent: self.parent_ref(target_id),
-            created,
+            created: sp.created,
         });
-        m.top = id;
+        m.top = sp.id;
         if m.flatten.as_ref().is_some_and(|f| f.layer == old_id) {
             m.flatten = None;
         }
-        if let Err(e) = self.commit(&mut st, m) {
-            let _ = self.store.remove_layer(id);
-            return Err(e);
-        }
-        let slot = st.add(Layer::Delta(Box::new(d)), Some(target), true);
-        if st.remove(old_top).is_some() {
-            let _ = self.store.remove_layer(old_id);
-        }
+        let chain = st.chain_of(target);
+        let idx = match sp.index {
+            Some(p) if p.generation == st.generation && p.chain == chain => p.table,
+            _ => st.build_index(&chain, self.geo.clusters),
+        };
+        let old = st.remove(old_top).expect("the live slot").layer;
+        st.manifest = m.clone();
+        st.generation = generation;
+        let slot = st.add(Layer::Delta(Box::new(sp.delta)), Some(target), true);
         st.top = slot;
         st.chain = st.chain_of(slot);
-        let idx = st.build_index(&st.chain, self.geo.clusters);
+        // The spare holds nothing: the chain below it is the whole index.
         *st.index.get_mut().unwrap_or_else(|e| e.into_inner()) = idx;
         self.dirty.mark_all();
-        self.gc(&mut st)
+        *lock(&self.pending) = Some(PendingSwitch {
+            new: st.node(slot).layer.clone(),
+            manifest: m,
+            generation,
+            kind: Switch::Revert { old },
+        });
+        self.switch_pending.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Remove snapshot `name`. Its layer is kept while other snapshots,
@@ -2139,35 +2269,42 @@ impl Volume {
             }
             self.check(r.start, r.end - r.start)?;
             last = r.end;
-            let mut at = r.start;
-            while at < r.end {
-                let vc = at / cs;
-                let end = ((vc + 1) * cs).min(r.end);
-                let zero = {
-                    let st = read(&self.state);
-                    if st.plain {
-                        false
-                    } else {
-                        let chain = match snapshot {
-                            Some(n) => st.chain_of(st.by_id[&self.snap(&st, n)?.layer]),
-                            None => st.chain.clone(),
-                        };
-                        self.resolve(&st, &chain, vc) == Res::Zero
-                    }
-                };
-                if !zero {
-                    let b = &mut buf[..(end - at) as usize];
-                    match snapshot {
-                        Some(n) => self.read_snapshot(n, at, b)?,
-                        None => self.read(at, b)?,
-                    }
-                    if b.iter().any(|&x| x != 0) {
-                        h.update(&at.to_le_bytes());
-                        h.update(&(end - at).to_le_bytes());
-                        h.update(blake3::hash(b).as_bytes());
-                    }
+            let mut piece = |at: u64, b: &[u8]| {
+                if b.iter().any(|&x| x != 0) {
+                    h.update(&at.to_le_bytes());
+                    h.update(&(b.len() as u64).to_le_bytes());
+                    h.update(blake3::hash(b).as_bytes());
                 }
-                at = end;
+            };
+            let pieces = (r.start / cs..r.end.div_ceil(cs))
+                .map(|vc| (vc * cs).max(r.start)..((vc + 1) * cs).min(r.end));
+            let layered = self.native().is_none() && !read(&self.state).plain;
+            if !layered {
+                for p in pieces {
+                    let b = &mut buf[..(p.end - p.start) as usize];
+                    match snapshot {
+                        Some(n) => self.read_snapshot(n, p.start, b)?,
+                        None => self.read(p.start, b)?,
+                    }
+                    piece(p.start, b);
+                }
+                continue;
+            }
+            // One view of the whole range: the chain resolved once, under
+            // one hold of the state lock; clusters no layer holds (zeros)
+            // are not read.
+            let st = read(&self.state);
+            let chain = match snapshot {
+                Some(n) => st.chain_of(st.by_id[&self.snap(&st, n)?.layer]),
+                None => st.chain.clone(),
+            };
+            for p in pieces {
+                if self.resolve(&st, &chain, p.start / cs) == Res::Zero {
+                    continue;
+                }
+                let b = &mut buf[..(p.end - p.start) as usize];
+                self.read_view(&st, &chain, snapshot.is_none(), p.start, b)?;
+                piece(p.start, b);
             }
         }
         Ok(*h.finalize().as_bytes())
@@ -2363,7 +2500,7 @@ fn remove_orphans(store: &dyn Store, m: &Manifest, warnings: &mut Vec<String>) -
             drop(obj);
             store.remove_layer(id)?;
             warnings.push(format!(
-                "{name}: removed the spare layer of a snapshot a crash interrupted (no manifest named it; nothing in it was flushed)"
+                "{name}: removed the spare layer of a snapshot or revert a crash interrupted (no manifest named it; nothing in it was flushed)"
             ));
         } else {
             warnings.push(format!(

@@ -4,10 +4,13 @@
 //! of which this gateway serves. The group is built from handles that share
 //! each served LUN's one volume ([`Lun::share`]), never a second volume.
 //!
-//! Snapshot and revert switch the layers guests read and write, so they
-//! run inside a live switch: every member's gate is paused (in-flight
-//! requests drained, new ones parked), the operation runs, the gates reopen
-//! and parked requests run in arrival order. Tree operations of a group
+//! Snapshot and revert switch the layers guests read and write, so their
+//! switch runs inside a live switch: every member's gate is paused
+//! (in-flight requests drained, new ones parked), the layers switch in
+//! memory, the gates reopen and parked requests run in arrival order. What
+//! can be made ahead (the next live delta, the intent) is made before the
+//! pause, and the durable commit comes after it (docs/volumes.md,
+//! "Snapshots while guests run"). Tree operations of a group
 //! are serialised by each member's maintenance lock, taken in one global
 //! order (the LUN files' canonical paths) before any pause, so two
 //! operations never deadlock and a waiting one never holds guests paused.
@@ -126,23 +129,33 @@ fn unserved_secondary(
 }
 
 /// The group over `ms` (handles sharing their volumes). Building it finishes
-/// or undoes an operation a crash interrupted.
+/// or undoes an operation a crash interrupted; when that was a revert, the
+/// snapshot's state records came back with its owner record (another
+/// gateway's, or none), so the LUNs are claimed again.
 fn group_of(ms: &[Arc<ServedLun>]) -> OpResult<Group> {
-    Ok(Group::from_members(
-        ms.iter().map(|m| m.lun.share()).collect(),
-    )?)
+    let g = Group::from_members(ms.iter().map(|m| m.lun.share()).collect())?;
+    if g.recovered_revert() {
+        reclaim(ms, "recovery");
+    }
+    Ok(g)
 }
 
-/// Run `op` on the group of `l`, holding every member's maintenance lock;
-/// with `switch`, inside a pause of every member's gate. Returns the
-/// result and the pause in µs (the longest member's; 0 without a switch).
-async fn with_group<T: Send + 'static>(
-    reg: &Registry,
-    l: &Arc<ServedLun>,
-    switch: bool,
-    op: impl FnOnce(&mut Group) -> OpResult<T> + Send + 'static,
-) -> OpResult<(T, u64)> {
-    let ms = members(reg, l)?;
+/// Write this gateway's owner record into every member again (a revert
+/// brought back the snapshot's).
+fn reclaim(ms: &[Arc<ServedLun>], after: &str) {
+    for m in ms {
+        if let Err(e) = m.reassert_owner() {
+            tracing::warn!(lun = %m.lun.name(), "owner record not rewritten after {after}: {e}");
+        }
+    }
+}
+
+/// Every member's maintenance lock, taken in the one global order (the
+/// canonical paths, each LUN once) so two operations never deadlock; the
+/// members in that order and the held locks.
+async fn lock_in_order(
+    ms: &[Arc<ServedLun>],
+) -> (Vec<&Arc<ServedLun>>, Vec<tokio::sync::MutexGuard<'_, ()>>) {
     let mut order: Vec<&Arc<ServedLun>> = ms.iter().collect();
     order.sort_by(|a, b| a.key.cmp(&b.key));
     order.dedup_by(|a, b| a.key == b.key);
@@ -150,21 +163,27 @@ async fn with_group<T: Send + 'static>(
     for m in &order {
         held.push(m.maintenance.lock().await);
     }
-    let mut paused = Vec::new();
-    if switch {
-        for m in &order {
-            paused.push(m.pause().await);
-        }
-    }
+    (order, held)
+}
+
+/// Run `op` on the group of `l`, holding every member's maintenance lock
+/// (guests keep running: operations that switch layers, snapshot and
+/// revert, run their own phases around the pause).
+async fn with_group<T: Send + 'static>(
+    reg: &Registry,
+    l: &Arc<ServedLun>,
+    op: impl FnOnce(&mut Group) -> OpResult<T> + Send + 'static,
+) -> OpResult<T> {
+    let ms = members(reg, l)?;
+    let (_order, held) = lock_in_order(&ms).await;
     let group_ms = ms.clone();
     let r = blocking(move || {
         let mut g = group_of(&group_ms)?;
         op(&mut g)
     })
     .await;
-    let us = paused.into_iter().map(|p| p.resume()).max().unwrap_or(0);
     drop(held);
-    r.map(|t| (t, us))
+    r
 }
 
 /// Snapshot `name` of the VM; returns it and the pause in µs.
@@ -187,13 +206,7 @@ pub async fn snapshot(
     // while they are closed, and commits after they open (a flush that
     // comes meanwhile waits for that commit).
     let ms = members(reg, l)?;
-    let mut order: Vec<&Arc<ServedLun>> = ms.iter().collect();
-    order.sort_by(|a, b| a.key.cmp(&b.key));
-    order.dedup_by(|a, b| a.key == b.key);
-    let mut held = Vec::with_capacity(order.len());
-    for m in &order {
-        held.push(m.maintenance.lock().await);
-    }
+    let (order, held) = lock_in_order(&ms).await;
     let group_ms = ms.clone();
     let n = name.clone();
     let g = blocking(move || {
@@ -229,27 +242,47 @@ pub async fn revert(reg: &Registry, l: &Arc<ServedLun>, name: String) -> OpResul
     if !l.volume().snapshots().iter().any(|s| s.name == name) {
         return Err(OpError::NotFound(format!("no snapshot named {name:?}")));
     }
+    // As for a snapshot: every member makes its next live delta (on the
+    // snapshot's layer) and the intent is written before the gates close;
+    // the switch is in memory; the manifests are committed after the
+    // gates open (a flush that comes meanwhile waits for that commit).
     let ms = members(reg, l)?;
-    let ((), us) = with_group(reg, l, true, move |g| Ok(g.revert(&name)?)).await?;
-    // The snapshot's state records came back, this gateway's owner record
-    // with them (or none): claim the LUNs again.
-    let _ = blocking(move || {
-        for m in &ms {
-            if let Err(e) = m.reassert_owner() {
-                tracing::warn!(lun = %m.lun.name(), "owner record not rewritten after revert: {e}");
-            }
-        }
-        Ok(())
+    let (order, held) = lock_in_order(&ms).await;
+    let group_ms = ms.clone();
+    let (g, p) = blocking(move || {
+        let g = group_of(&group_ms)?;
+        let p = g.prepare_revert(&name)?;
+        Ok((g, p))
+    })
+    .await?;
+    let mut paused = Vec::new();
+    for m in &order {
+        paused.push(m.pause().await);
+    }
+    let switched = blocking(move || {
+        let s = g.switch_revert(p);
+        Ok((g, s))
     })
     .await;
-    Ok(us)
+    let us = paused.into_iter().map(|p| p.resume()).max().unwrap_or(0);
+    let (mut g, s) = switched?;
+    let group_ms = ms.clone();
+    let r = blocking(move || {
+        let r = g.finish_revert(s);
+        // The snapshot's state records came back, this gateway's owner
+        // record with them (or none): claim the LUNs again, also when a
+        // member failed and others were reverted.
+        reclaim(&group_ms, "revert");
+        Ok(r?)
+    })
+    .await;
+    drop(held);
+    r.map(|()| us)
 }
 
 pub async fn delete_snapshot(reg: &Registry, l: &Arc<ServedLun>, name: String) -> OpResult<()> {
     writable(l)?;
-    with_group(reg, l, false, move |g| Ok(g.delete_snapshot(&name)?))
-        .await
-        .map(|(r, _)| r)
+    with_group(reg, l, move |g| Ok(g.delete_snapshot(&name)?)).await
 }
 
 /// What a clone produced.
@@ -294,11 +327,11 @@ pub async fn clone(
         .await
         .map_err(OpError::Conflict)?;
     // The clone reads the snapshot, which nothing changes: no pause needed.
-    let made = with_group(reg, l, false, move |g| {
+    let made = with_group(reg, l, move |g| {
         Ok(g.clone(&snap, &new_name)?.into_members())
     })
     .await;
-    let (clones, _) = match made {
+    let clones = match made {
         Ok(m) => m,
         Err(e) => {
             crate::coordinator::unclaim(&paths).await;
@@ -337,9 +370,7 @@ pub async fn clone(
 /// own (synchronous; guests keep running).
 pub async fn flatten(reg: &Registry, l: &Arc<ServedLun>) -> OpResult<()> {
     writable(l)?;
-    with_group(reg, l, false, |g| Ok(g.flatten(|_, _| {})?))
-        .await
-        .map(|(r, _)| r)
+    with_group(reg, l, |g| Ok(g.flatten(|_, _| {})?)).await
 }
 
 pub async fn diff(
@@ -348,9 +379,7 @@ pub async fn diff(
     from: String,
     to: Option<String>,
 ) -> OpResult<Vec<Change>> {
-    with_group(reg, l, false, move |g| Ok(g.diff(&from, to.as_deref())?))
-        .await
-        .map(|(r, _)| r)
+    with_group(reg, l, move |g| Ok(g.diff(&from, to.as_deref())?)).await
 }
 
 /// The diff file from `from` to `to` (the live VM if `None`).
@@ -360,13 +389,12 @@ pub async fn diff_file(
     from: String,
     to: Option<String>,
 ) -> OpResult<Vec<u8>> {
-    with_group(reg, l, false, move |g| {
+    with_group(reg, l, move |g| {
         let mut out = Vec::new();
         g.write_diff(&from, to.as_deref(), &mut out)?;
         Ok(out)
     })
     .await
-    .map(|(r, _)| r)
 }
 
 /// Verify a whole diff file, then write it to the live VM. Like any other
@@ -374,7 +402,7 @@ pub async fn diff_file(
 /// would hold guests for its whole verification).
 pub async fn apply_diff(reg: &Registry, l: &Arc<ServedLun>, body: bytes::Bytes) -> OpResult<()> {
     writable(l)?;
-    with_group(reg, l, false, move |g| {
+    with_group(reg, l, move |g| {
         g.apply_diff(&mut Cursor::new(&body[..]))?;
         Ok(())
     })
@@ -385,43 +413,26 @@ pub async fn apply_diff(reg: &Registry, l: &Arc<ServedLun>, body: bytes::Bytes) 
 /// Check every data checksum of the VM (all members) while guests run;
 /// other operations on the LUN wait meanwhile (the maintenance lock).
 pub async fn scrub(reg: &Registry, l: &Arc<ServedLun>) -> OpResult<lungate_api::types::Scrub> {
-    with_group(reg, l, false, |g| {
+    with_group(reg, l, |g| {
         Ok(g.scrub(&mut lungate_block::progress::silent())?)
     })
     .await
-    .map(|(r, _)| r)
 }
 
 pub async fn usage(reg: &Registry, l: &Arc<ServedLun>) -> OpResult<Vec<LayerUsage>> {
-    with_group(reg, l, false, |g| Ok(g.usage()))
-        .await
-        .map(|(r, _)| r)
+    with_group(reg, l, |g| Ok(g.usage())).await
 }
 
 /// Before serving: finish or undo every group operation a crash
-/// interrupted, so guests never see a half-made snapshot or revert.
+/// interrupted, so guests never see a half-made snapshot or revert (a
+/// revert finished here claims its LUNs again, see [`group_of`]).
 pub fn recover(reg: &Registry) {
     for l in reg.luns() {
         if l.read_only {
             continue;
         }
-        let ms = match members(reg, &l) {
-            Ok(ms) => ms,
-            Err(e) => {
-                tracing::warn!(lun = %l.lun.name(), "consistency group not checked: {e}");
-                continue;
-            }
-        };
-        if let Err(e) = group_of(&ms) {
+        if let Err(e) = members(reg, &l).and_then(|ms| group_of(&ms)) {
             tracing::warn!(lun = %l.lun.name(), "consistency group not checked: {e}");
-        }
-        // A revert the check finished brought back the snapshot's state
-        // records, its owner record among them (another gateway's, or
-        // none): claim the LUNs again, as a live revert does.
-        for m in &ms {
-            if let Err(e) = m.reassert_owner() {
-                tracing::warn!(lun = %m.lun.name(), "owner record not rewritten after recovery: {e}");
-            }
         }
     }
 }
