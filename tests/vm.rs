@@ -758,3 +758,108 @@ fn reference_qemu_nbd_guest_partitions_formats_and_remounts_disk() {
         },
     );
 }
+
+/// A real guest keeps writing while its LUN migrates to another gateway
+/// (issue 10): QEMU's one NBD connection stays with the source, which
+/// forwards it to the target after the switch. The guest writes
+/// sequence-numbered 4 KiB blocks with direct I/O, each flushed, and any
+/// failed write fails its run; it then reads every block back through the
+/// forwarded connection, and the host reads them on the target.
+#[test]
+fn a_guest_keeps_writing_through_a_live_migration() {
+    use lungate_api::nbd::client::{Address, NbdClient};
+    const WRITES: u64 = 600;
+    let guest = Guest::prepare("migrate");
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_s, b_s) = (a.path().to_str().unwrap(), b.path().to_str().unwrap());
+    for p in [a_s, b_s] {
+        lungate_tests::lunctl(&["pool", "init", p]);
+    }
+    lungate_tests::create_lun(a.path(), "vmmig", "offset", &["32M"], "16M");
+    let src = Gateway::start(&["--pool", a_s]);
+    let dst = Gateway::start(&["--pool", b_s, "--migration-listen", "127.0.0.1:0"]);
+    let to = dst
+        .stdout_lines()
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("migration tcp ")
+                .map(|a| a.trim().to_string())
+        })
+        .expect("the target's migration listener");
+    let export = "vmmig/disk0";
+    let mut run = qemu::spawn(qemu::command_with(
+        &guest.kernel.image,
+        &guest.initrd,
+        &src.uri(export),
+        32 << 20,
+        3,
+        &format!("lungate.writes={WRITES}"),
+    ));
+    assert!(
+        run.wait_for("LUNGATE-RESULT writing=1", qemu::BOOT_TIMEOUT),
+        "the guest never started writing:\n{}",
+        run.console()
+    );
+    let out = lungate_tests::lunctl(&["--json", "migrate", "vmmig", "--pool", a_s, "--to", &to]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "migration failed: {stdout}{}\nsource:\n{}\ntarget:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        src.stderr_log(),
+        dst.stderr_log()
+    );
+    let at_switch = run.console();
+    assert!(
+        !at_switch.contains(&format!("written={WRITES}")),
+        "the guest finished writing before the migration ended; the test proves nothing"
+    );
+    let last: serde_json::Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("a JSON result");
+    assert_eq!(last["phase"], "done", "{last}");
+    eprintln!(
+        "vm migrate: {} bytes in {} rounds, pause {} us, {} parked",
+        last["bytes"], last["rounds"], last["pause_us"], last["parked"]
+    );
+    let boot = run.finish();
+    eprintln!(
+        "vm migrate: boot 3 took {:.1} s",
+        boot.elapsed.as_secs_f64()
+    );
+    assert_boot_finished("migrate boot 3", &boot, 3);
+    assert_eq!(
+        boot.results.get("written"),
+        Some(WRITES.to_string().as_str())
+    );
+    assert_eq!(
+        boot.results.get("verified"),
+        Some(WRITES.to_string().as_str())
+    );
+    // The target owns the LUN and holds every block the guest wrote.
+    assert!(b.path().join("vmmig.lun").is_file());
+    assert!(!a.path().join("vmmig.lun").exists());
+    let mut c =
+        NbdClient::connect(&Address::Tcp(dst.addr()), export).expect("connect to the target");
+    let mut all = vec![0u8; (WRITES * 4096) as usize];
+    c.read_at(256 * 4096, &mut all).expect("read on the target");
+    for (i, blk) in all.chunks(4096).enumerate() {
+        let want = format!("LGSEQ {i:08}\n");
+        assert_eq!(
+            &blk[..want.len()],
+            want.as_bytes(),
+            "block {} on the target",
+            256 + i
+        );
+        assert!(
+            blk[want.len()..].iter().all(|&x| x == 0),
+            "block {} tail",
+            256 + i
+        );
+    }
+    let _ = c.disconnect();
+    drop(src);
+    dst.stop_ok();
+}

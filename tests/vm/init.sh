@@ -5,7 +5,9 @@
 # The disk under test is /dev/vda: a virtio-blk device that QEMU backs with
 # an NBD export of lungate. The host passes on the kernel command line:
 #   lungate.size=BYTES   the disk region length the guest must see
-#   lungate.phase=1|2    1: partition, format, write files; 2: verify them
+#   lungate.phase=1|2|3  1: partition, format, write files; 2: verify them;
+#                        3: raw sequence-numbered writes during a migration
+#   lungate.writes=N     phase 3: how many blocks to write (default 300)
 #
 # Every result goes to the serial console as one line
 #   LUNGATE-RESULT key=value
@@ -32,10 +34,12 @@ fail() {
 
 SIZE=
 PHASE=
+WRITES=
 for word in $(cat /proc/cmdline); do
     case "$word" in
         lungate.size=*) SIZE=${word#*=} ;;
         lungate.phase=*) PHASE=${word#*=} ;;
+        lungate.writes=*) WRITES=${word#*=} ;;
     esac
 done
 [ -n "$SIZE" ] || fail "no lungate.size= on the kernel command line"
@@ -178,9 +182,36 @@ phase2() {
     say "phase2_write=ok"
 }
 
+# Phase 3: raw writes while the host migrates the disk's LUN to another
+# gateway. Block 256+i (4 KiB, direct I/O, each write flushed) gets
+# "LGSEQ i" for i < WRITES; after the first 20 the guest says so, so the
+# host starts the migration while it writes. Then every block is read back
+# (direct I/O: from the device, not the page cache).
+phase3() {
+    n=${WRITES:-300}
+    i=0
+    while [ "$i" -lt "$n" ]; do
+        printf 'LGSEQ %08d\n' "$i" \
+            | dd of=/dev/vda bs=4096 count=1 seek=$((256 + i)) conv=sync,notrunc,fsync oflag=direct 2>/dev/null \
+            || fail "write of block $((256 + i))"
+        i=$((i + 1))
+        [ "$i" = 20 ] && say "writing=1"
+    done
+    say "written=$n"
+    i=0
+    while [ "$i" -lt "$n" ]; do
+        got=$(dd if=/dev/vda bs=4096 count=1 skip=$((256 + i)) iflag=direct 2>/dev/null | head -c 14)
+        want=$(printf 'LGSEQ %08d' "$i")
+        [ "$got" = "$want" ] || fail "block $((256 + i)) reads '$got', not '$want'"
+        i=$((i + 1))
+    done
+    say "verified=$n"
+}
+
 case "$PHASE" in
     1) phase1 ;;
     2) phase2 ;;
+    3) phase3 ;;
     *) fail "unknown phase $PHASE" ;;
 esac
 

@@ -63,7 +63,20 @@ impl Results {
 
 /// The qemu command line for one boot.
 pub fn command(kernel: &Path, initrd: &Path, drive_uri: &str, size: u64, phase: u32) -> Command {
-    let append = format!("console=ttyS0 panic=-1 quiet lungate.size={size} lungate.phase={phase}");
+    command_with(kernel, initrd, drive_uri, size, phase, "")
+}
+
+/// [`command`] with more words for the kernel command line (`extra`).
+pub fn command_with(
+    kernel: &Path,
+    initrd: &Path,
+    drive_uri: &str,
+    size: u64,
+    phase: u32,
+    extra: &str,
+) -> Command {
+    let append =
+        format!("console=ttyS0 panic=-1 quiet lungate.size={size} lungate.phase={phase} {extra}");
     // A comma inside a -drive value must be doubled. discard=unmap passes
     // the guest's discards on to the NBD server as TRIM.
     let drive = format!(
@@ -102,6 +115,110 @@ pub fn boot(kernel: &Path, initrd: &Path, drive_uri: &str, size: u64, phase: u32
         elapsed,
         results: Results::parse(&console),
         console,
+    }
+}
+
+/// A boot in progress, its console read as it comes (for a host that acts
+/// while the guest runs).
+pub struct Running {
+    child: std::process::Child,
+    console: std::sync::Arc<std::sync::Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    start: Instant,
+}
+
+/// Starts `cmd` with its stdout and stderr collected as they come.
+pub fn spawn(mut cmd: Command) -> Running {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start qemu-system-x86_64");
+    let console = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut readers = Vec::new();
+    let outs: [Box<dyn Read + Send>; 2] = [
+        Box::new(child.stdout.take().expect("stdout")),
+        Box::new(child.stderr.take().expect("stderr")),
+    ];
+    for mut r in outs {
+        let c = console.clone();
+        readers.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                c.lock()
+                    .expect("console")
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }));
+    }
+    Running {
+        child,
+        console,
+        readers,
+        start: Instant::now(),
+    }
+}
+
+impl Running {
+    pub fn console(&self) -> String {
+        self.console.lock().expect("console").clone()
+    }
+
+    /// Waits up to `timeout` for `marker` on the console; false if the
+    /// guest ended or the time ran out first.
+    pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.console().contains(marker) {
+                return true;
+            }
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return self.console().contains(marker);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Waits for the guest to power off (killing qemu, by PID, after
+    /// [`BOOT_TIMEOUT`]) and returns the boot.
+    pub fn finish(mut self) -> Boot {
+        let deadline = self.start + BOOT_TIMEOUT;
+        let status = loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                break self.child.wait().expect("wait for qemu");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let console = self.console();
+        Boot {
+            status,
+            elapsed: self.start.elapsed(),
+            results: Results::parse(&console),
+            console,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
