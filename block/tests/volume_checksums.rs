@@ -291,9 +291,10 @@ async fn concurrent_asynchronous_writers_and_flushes_keep_checksums_right() {
         .unwrap();
     let dev = VolumeDevice::new(v.clone());
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
     for w in 0..4u64 {
-        let (dev, stop) = (dev.clone(), stop.clone());
+        let (dev, stop, written) = (dev.clone(), stop.clone(), written.clone());
         tasks.push(tokio::spawn(async move {
             let mut i = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -307,11 +308,18 @@ async fn concurrent_asynchronous_writers_and_flushes_keep_checksums_right() {
                     dev.read(vc * CS, CS as usize).await.unwrap();
                 }
                 i += 1;
+                written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }));
     }
-    for _ in 0..300 {
+    // Flushes among the writes, for as long as the writers need to cover
+    // every cluster many times over (a flush with nothing new to commit
+    // returns at once, so a fixed count could end before they start).
+    let mut flushes = 0;
+    while flushes < 300 || written.load(std::sync::atomic::Ordering::Relaxed) < 400 {
         dev.flush().await.unwrap();
+        tokio::task::yield_now().await;
+        flushes += 1;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for t in tasks {
