@@ -202,6 +202,39 @@ impl Etcd {
             .and_then(|kv| unb64(&kv["value"]));
         Ok(Err(holder))
     }
+
+    /// In one transaction, if every key of `keys` still has the value
+    /// `expect`: set each to `value` under `lease`, and put every
+    /// `(key, value)` of `also` (no lease). `Ok(false)`: some key had
+    /// another value (or none), and nothing was written.
+    pub async fn swap(
+        &self,
+        keys: &[String],
+        expect: &str,
+        value: &str,
+        lease: i64,
+        also: &[(String, String)],
+    ) -> Result<bool, EtcdError> {
+        let compare: Vec<Value> = keys
+            .iter()
+            .map(|k| json!({"key": b64(k), "target": "VALUE", "result": "EQUAL", "value": b64(expect)}))
+            .collect();
+        let mut success: Vec<Value> = keys
+            .iter()
+            .map(|k| json!({"request_put": {"key": b64(k), "value": b64(value), "lease": lease.to_string()}}))
+            .collect();
+        success.extend(
+            also.iter()
+                .map(|(k, v)| json!({"request_put": {"key": b64(k), "value": b64(v)}})),
+        );
+        let r = self
+            .call(
+                "/v3/kv/txn",
+                json!({"compare": compare, "success": success}),
+            )
+            .await?;
+        Ok(r["succeeded"].as_bool() == Some(true))
+    }
 }
 
 /// The etcd key of the RBD LUN at `path` (`rbd:POOL[/NS]/IMAGE[:opts]`):

@@ -434,6 +434,10 @@ pub enum Message {
         /// STARTTLS).
         #[serde(default)]
         nbd_tls: bool,
+        /// A handover: the target's etcd identity, which the source makes
+        /// the owner of the LUNs' keys at the commit point.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<EtcdOwner>,
     },
     Denied {
         denial: Denial,
@@ -474,6 +478,19 @@ pub enum Message {
     OpsDone {
         results: Vec<OpOutcome>,
     },
+    /// Source → target, in a handover: every member's I/O is paused and
+    /// flushed and its RBD exclusive lock released; open the images (taking
+    /// the locks) but do not serve them yet.
+    Release,
+    /// Target → source: the images are open and locked here; `fences`
+    /// are this gateway's RBD lock owners, one per member, which the
+    /// source records as the LUNs' fence keys in the commit transaction.
+    Locked {
+        fences: Vec<String>,
+    },
+    /// Source → target, in a handover: the etcd keys are yours (the commit
+    /// transaction succeeded); serve the LUNs. Answered by `Complete`.
+    HandedOver,
     /// Source → target: the source has retired its copy.
     Finish,
     /// Target → source: the migration is over.
@@ -526,6 +543,19 @@ pub struct Prepare {
     /// checkpoint of a replication stream (see docs/migration.md).
     #[serde(default)]
     pub replica: bool,
+    /// A planned handover of RBD LUNs between gateways of one cluster
+    /// (docs/scale-out.md): no data is copied, the members' images (these
+    /// paths, in member order) change owner in etcd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<Vec<String>>,
+}
+
+/// A gateway's identity in etcd: the value of every LUN key it owns and
+/// the lease those keys are bound to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EtcdOwner {
+    pub value: String,
+    pub lease: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

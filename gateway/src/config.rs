@@ -274,7 +274,7 @@ pub async fn build_server(
             cfg.coordinator.name.as_deref(),
             cfg.coordinator.ttl(),
             &cfg.pools,
-            serde_json::json!(addrs),
+            addrs,
             engine.clone(),
         )
         .await?;

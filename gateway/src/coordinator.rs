@@ -33,10 +33,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use lungate_api::etcd::{fence_key, lun_key};
+use lungate_api::etcd::{fence_key, lun_key, Registration};
 pub use lungate_api::etcd::{Etcd, EtcdError};
+use lungate_api::migrate::EtcdOwner;
 use lungate_block::engine::IoEngine;
-use serde_json::{json, Value};
 
 use crate::registry::Registry;
 use crate::served::ServedLun;
@@ -58,6 +58,9 @@ pub struct Coordinator {
     engine: IoEngine,
     /// The served LUNs whose etcd key this gateway holds.
     keyed: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
+    /// LUNs arriving by a planned handover (`crate::migrate::handover`):
+    /// the handover opens and serves them, not the claim loop.
+    incoming: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 static CURRENT: OnceLock<Arc<Coordinator>> = OnceLock::new();
@@ -70,7 +73,7 @@ impl Coordinator {
         name: Option<&str>,
         ttl: u64,
         pools: &[PathBuf],
-        addrs: Value,
+        listen: Vec<String>,
         engine: IoEngine,
     ) -> Result<Arc<Coordinator>, EtcdError> {
         let etcd = Etcd::new(endpoint);
@@ -79,28 +82,30 @@ impl Coordinator {
             str::to_string,
         );
         let lease = etcd.grant(ttl).await?;
-        let info = json!({
-            "name": name,
-            "pid": std::process::id(),
-            "host": lungate_block::sys::hostname(),
-            "listen": addrs,
-        });
-        etcd.put(
-            &lungate_api::etcd::gateway_key(&name),
-            &info.to_string(),
-            lease,
-        )
-        .await?;
+        let info = Registration {
+            name: name.clone(),
+            pid: std::process::id(),
+            host: lungate_block::sys::hostname(),
+            listen,
+        };
+        let info = serde_json::to_string(&info).map_err(|e| EtcdError::Reply {
+            addr: endpoint.into(),
+            op: "register".into(),
+            why: e.to_string(),
+        })?;
+        etcd.put(&lungate_api::etcd::gateway_key(&name), &info, lease)
+            .await?;
         tracing::info!(gateway = %name, lease, ttl, etcd = endpoint, "registered in etcd");
         let c = Arc::new(Coordinator {
             etcd,
-            owner_value: info.to_string(),
+            owner_value: info,
             name,
             lease,
             ttl,
             pools: pools.iter().filter(|p| is_rbd(p)).cloned().collect(),
             engine,
             keyed: Default::default(),
+            incoming: Default::default(),
         });
         let _ = CURRENT.set(c.clone());
         // Renewals start now: the first claims (opening images) may take
@@ -111,6 +116,87 @@ impl Coordinator {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The coordinator of this process, if it runs with one.
+    pub fn current() -> Option<Arc<Coordinator>> {
+        CURRENT.get().cloned()
+    }
+
+    /// What a LUN key this gateway owns holds, and its lease.
+    pub fn owner(&self) -> EtcdOwner {
+        EtcdOwner {
+            value: self.owner_value.clone(),
+            lease: self.lease,
+        }
+    }
+
+    /// The commit point of a planned handover: in one transaction, if this
+    /// gateway still owns every LUN of `paths`, make `to` their owner and
+    /// `fences[i]` (`to`'s RBD lock owner) the client to fence for each.
+    /// `Ok(false)`: some key is not this gateway's; nothing changed.
+    pub async fn hand_over(
+        &self,
+        paths: &[PathBuf],
+        to: &EtcdOwner,
+        fences: &[String],
+    ) -> Result<bool, EtcdError> {
+        let keys: Vec<String> = paths.iter().map(|p| lun_key(p)).collect();
+        let also: Vec<(String, String)> = paths
+            .iter()
+            .zip(fences)
+            .map(|(p, f)| (fence_key(p), f.clone()))
+            .collect();
+        let done = self
+            .etcd
+            .swap(&keys, &self.owner_value, &to.value, to.lease, &also)
+            .await?;
+        if done {
+            self.hand_over_done(paths);
+        }
+        Ok(done)
+    }
+
+    /// The keys of `paths` are another gateway's now (a handover
+    /// committed).
+    pub fn hand_over_done(&self, paths: &[PathBuf]) {
+        let mut k = self.keyed.lock().unwrap_or_else(|e| e.into_inner());
+        for p in paths {
+            k.remove(p);
+        }
+    }
+
+    /// The owner values of the keys of `paths` (`None`: nobody's).
+    pub async fn holders(&self, paths: &[PathBuf]) -> Result<Vec<Option<String>>, EtcdError> {
+        let mut out = Vec::new();
+        for p in paths {
+            out.push(self.etcd.get(&lun_key(p)).await?);
+        }
+        Ok(out)
+    }
+
+    /// Whether `v` is the value of this gateway's LUN keys.
+    pub fn is_mine(&self, v: Option<&str>) -> bool {
+        v == Some(self.owner_value.as_str())
+    }
+
+    /// Mark `paths` as arriving by a handover (`on`) or not any more: the
+    /// claim loop leaves them alone meanwhile.
+    pub fn expect(&self, paths: &[PathBuf], on: bool) {
+        let mut i = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
+        for p in paths {
+            if on {
+                i.insert(p.clone());
+            } else {
+                i.remove(p);
+            }
+        }
+    }
+
+    /// A LUN that arrived by a handover is served: record it as this
+    /// gateway's (its fence key names this gateway's client).
+    pub async fn adopt(&self, l: &Arc<ServedLun>) {
+        self.keep(l).await;
     }
 
     /// Claim and serve every RBD LUN of the pools that no gateway owns.
@@ -151,16 +237,33 @@ impl Coordinator {
 
     async fn claim(&self, reg: &Arc<Registry>, path: PathBuf) {
         let key = lun_key(&path);
-        match self.etcd.create(&key, &self.owner_value, self.lease).await {
-            Ok(Ok(())) => {}
+        if self
+            .incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&path)
+        {
+            return;
+        }
+        let ours_already = match self.etcd.create(&key, &self.owner_value, self.lease).await {
+            Ok(Ok(())) => false,
+            // Ours already and not served: a handover committed to this
+            // gateway and did not get to serve it (its source died at the
+            // commit point, say). Serve it now; the handover closed its
+            // handles, so the lock is free and nothing is broken.
+            Ok(Err(Some(v))) if v == self.owner_value => {
+                tracing::warn!(lun = %path.display(), "owned here in etcd but not served (an interrupted handover); serving it");
+                true
+            }
             Ok(Err(_holder)) => return,
             Err(e) => {
                 tracing::warn!(lun = %path.display(), error = %e, "cannot claim LUN");
                 return;
             }
-        }
+        };
         tracing::info!(lun = %path.display(), gateway = %self.name, "owner in etcd; taking the RBD lock");
         let former = match self.etcd.get(&fence_key(&path)).await {
+            Ok(_) if ours_already => None,
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(lun = %path.display(), error = %e, "cannot read the former owner; releasing the LUN");

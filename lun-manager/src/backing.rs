@@ -77,6 +77,15 @@ pub fn takeover(path: &Path) -> Option<String> {
         .cloned()
 }
 
+/// What [`Backing::rbd_lock`] does to the image's exclusive lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockOp {
+    Release,
+    Acquire,
+    /// Break this owner's lock (librbd blocklists it first).
+    Break(String),
+}
+
 /// The bytes of one LUN, opened.
 #[derive(Clone)]
 pub struct Backing {
@@ -257,6 +266,24 @@ impl Backing {
         if let Some((_, obj)) = &self.rbd {
             return Some(obj.image().lock_owners());
         }
+        None
+    }
+
+    /// Release, take again or break the RBD exclusive lock of the image
+    /// this LUN does its I/O on (a planned handover: the source releases
+    /// it once its I/O is paused and flushed, and takes it back on an
+    /// abort); `None` for a file LUN.
+    pub fn rbd_lock(&self, op: &LockOp) -> Option<std::io::Result<()>> {
+        #[cfg(feature = "rbd")]
+        if let Some((_, obj)) = &self.rbd {
+            let img = obj.image();
+            return Some(match op {
+                LockOp::Release => img.lock_release(),
+                LockOp::Acquire => img.lock_acquire(),
+                LockOp::Break(owner) => img.lock_break(owner),
+            });
+        }
+        let _ = op;
         None
     }
 

@@ -590,6 +590,13 @@ impl Volume {
         self.flush()
     }
 
+    /// Another process owns the volume now (a planned handover, after this
+    /// one flushed it): closing it writes nothing, since the store would
+    /// refuse the write.
+    pub fn disown(&self) {
+        self.crashed.store(true, Ordering::SeqCst);
+    }
+
     /// Drop without flushing, as a crash would (tests only).
     #[doc(hidden)]
     pub fn crash(self) {

@@ -28,6 +28,7 @@
 //! (pause, swap) and the registry (retire, adopt), never the NBD sessions.
 
 pub mod forward;
+pub mod handover;
 pub mod journal;
 pub mod listen;
 pub mod protocol;

@@ -61,7 +61,7 @@ pub struct Request {
 }
 
 /// One LUN that moves, as the source holds it.
-struct Src {
+pub(super) struct Src {
     lun: Arc<ServedLun>,
     /// Frozen layer files: id, path, length.
     frozen: Vec<(Uuid, PathBuf, u64)>,
@@ -152,7 +152,7 @@ fn collect(
 }
 
 /// Describe one member for the target, and what the source needs to send it.
-fn describe_member(
+pub(super) fn describe_member(
     l: &Arc<ServedLun>,
     role: Role,
     uuids: &[Uuid],
@@ -211,20 +211,9 @@ fn describe_member(
         None
     };
     let member = Member {
-        name: lun.name().to_string(),
-        uuid: lun.uuid(),
-        role,
-        file_len: lun.backing_size(),
-        size: v.size(),
-        cluster_size: v.cluster_size() as u32,
-        protected: v.protected().iter().map(|r| [r.start, r.end]).collect(),
         allocated,
-        disks: lun
-            .disks()
-            .iter()
-            .map(|d| [u64::from(d.index), d.offset, d.length])
-            .collect(),
         layers,
+        ..shape(l, role)
     };
     Ok((
         member,
@@ -236,7 +225,29 @@ fn describe_member(
     ))
 }
 
-fn policy_of(l: &ServedLun) -> Option<Policy> {
+/// Member `l` as the target sees it, before its layers and the bytes the
+/// copy will write there.
+pub(super) fn shape(l: &ServedLun, role: Role) -> Member {
+    let (lun, v) = (&l.lun, l.volume());
+    Member {
+        name: lun.name().to_string(),
+        uuid: lun.uuid(),
+        role,
+        file_len: lun.backing_size(),
+        size: v.size(),
+        cluster_size: v.cluster_size() as u32,
+        protected: v.protected().iter().map(|r| [r.start, r.end]).collect(),
+        allocated: 0,
+        disks: lun
+            .disks()
+            .iter()
+            .map(|d| [u64::from(d.index), d.offset, d.length])
+            .collect(),
+        layers: None,
+    }
+}
+
+pub(super) fn policy_of(l: &ServedLun) -> Option<Policy> {
     let mut h = l.lun.share();
     h.reload_state().ok()?;
     h.record_json::<Policy>(RecordType::Policy, 0)
@@ -293,6 +304,11 @@ pub async fn start(
             )));
         }
     }
+    if l.lun.file().is_none() {
+        // An RBD image is shared by every gateway of its cluster: it
+        // changes owner without a copy.
+        return super::handover::start(reg, l, req, settings).await;
+    }
     let members = collect(reg, l, req.with_dependents)?;
     let uuids: Vec<Uuid> = members.iter().map(|(m, _)| m.lun.uuid()).collect();
     let mut described = Vec::new();
@@ -301,27 +317,10 @@ pub async fn start(
     }
     // Tree operations queue from here on; the maintenance locks make sure
     // none is running (or starts) while the state changes.
-    let mut order: Vec<&Arc<ServedLun>> = members.iter().map(|(m, _)| m).collect();
-    order.sort_by(|a, b| a.key.cmp(&b.key));
+    let order = in_key_order(members.iter().map(|(m, _)| m));
     let id = Uuid::new_v4();
     let queue: OpQueue = Arc::new(Mutex::new(Vec::new()));
-    {
-        let mut held = Vec::new();
-        for m in &order {
-            held.push(m.maintenance.lock().await);
-        }
-        for (i, m) in order.iter().enumerate() {
-            if !m.migration.begin(id, queue.clone()) {
-                for n in &order[..i] {
-                    n.migration.cancel();
-                }
-                return Err(MigrateError::Refused(format!(
-                    "{} is being migrated already",
-                    m.lun.name()
-                )));
-            }
-        }
-    }
+    mark_moving(&order, id, &queue).await?;
     // A tree operation that ran just before the locks were taken may have
     // changed a manifest: describe the members again under the new state.
     let mut described2 = Vec::new();
@@ -389,6 +388,7 @@ pub async fn start(
         policy: policy_of(l),
         members: members_wire,
         replica: false,
+        handover: None,
     };
     let job = Job {
         reg: reg.clone(),
@@ -403,6 +403,97 @@ pub async fn start(
     };
     tokio::spawn(job.run());
     Ok(tracked)
+}
+
+/// `luns` sorted by their keys: the order every migration locks and
+/// pauses them in.
+pub(super) fn in_key_order<'a>(
+    luns: impl Iterator<Item = &'a Arc<ServedLun>>,
+) -> Vec<&'a Arc<ServedLun>> {
+    let mut order: Vec<&Arc<ServedLun>> = luns.collect();
+    order.sort_by(|a, b| a.key.cmp(&b.key));
+    order
+}
+
+/// Mark every LUN of `order` moving (tree operations queue on `queue`
+/// from then on), under their maintenance locks so that none is running.
+pub(super) async fn mark_moving(
+    order: &[&Arc<ServedLun>],
+    id: Uuid,
+    queue: &OpQueue,
+) -> Result<(), MigrateError> {
+    let mut held = Vec::new();
+    for m in order {
+        held.push(m.maintenance.lock().await);
+    }
+    for (i, m) in order.iter().enumerate() {
+        if !m.migration.begin(id, queue.clone()) {
+            for n in &order[..i] {
+                n.migration.cancel();
+            }
+            return Err(MigrateError::Refused(format!(
+                "{} is being migrated already",
+                m.lun.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Send the operations queued during a migration to the target, which
+/// owns the LUNs now, and answer each waiting caller with its outcome.
+/// Returns how many there were.
+pub(super) async fn run_queued_on_target(
+    link: &mut Link,
+    queue: &OpQueue,
+    t: Duration,
+    id: Uuid,
+) -> u64 {
+    let waiting: Vec<Waiting> = std::mem::take(&mut *super::lock(queue));
+    let n = waiting.len() as u64;
+    if n == 0 {
+        return 0;
+    }
+    let ops: Vec<QueuedOp> = waiting.iter().map(|w| w.op.clone()).collect();
+    let results = match link.send_msg(Message::Ops { ops }).await {
+        Ok(()) => match link.recv_msg(t * 4, "ops-done").await {
+            Ok(Message::OpsDone { results }) => results,
+            other => {
+                tracing::error!(migration = %id, "queued operations not run on the target: {other:?}");
+                Vec::new()
+            }
+        },
+        Err(e) => {
+            tracing::error!(migration = %id, "queued operations not sent: {e}");
+            Vec::new()
+        }
+    };
+    let mut results = results.into_iter();
+    for w in waiting {
+        let out = results.next().unwrap_or(lungate_api::migrate::OpOutcome {
+            status: 502,
+            body: serde_json::json!({"error": "the LUN migrated; the operation could not be run on the new owner"}),
+        });
+        let _ = w.reply.send(out);
+    }
+    n
+}
+
+/// A migration that did not move `luns`: they are no longer moving, and
+/// the operations queued meanwhile run here, in order.
+pub(super) async fn resume_here<'a>(
+    reg: &Arc<Registry>,
+    luns: impl Iterator<Item = &'a Arc<ServedLun>>,
+    queue: &OpQueue,
+) {
+    for l in luns {
+        l.migration.cancel();
+    }
+    let waiting: Vec<Waiting> = std::mem::take(&mut *super::lock(queue));
+    for w in waiting {
+        let out = crate::control::run_queued(reg, w.op).await;
+        let _ = w.reply.send(out);
+    }
 }
 
 /// An outgoing migration, running.
@@ -456,14 +547,7 @@ impl Job {
     /// Give the LUNs back to the local volumes and run the queued
     /// operations here.
     async fn abort_cleanup(&mut self, _why: &MigrateError) {
-        for s in &self.srcs {
-            s.lun.migration.cancel();
-        }
-        let waiting: Vec<Waiting> = std::mem::take(&mut *super::lock(&self.queue));
-        for w in waiting {
-            let out = crate::control::run_queued(&self.reg, w.op).await;
-            let _ = w.reply.send(out);
-        }
+        resume_here(&self.reg, self.srcs.iter().map(|s| &s.lun), &self.queue).await;
         if let Err(e) = self.rec.remove(&self.pool) {
             tracing::error!(migration = %self.rec.id, "cannot remove the migration record: {e}");
         }
@@ -511,7 +595,9 @@ impl Job {
             .await
             .map_err(|e| resume(link_err(e)))?;
         let nbd = match link.recv_msg(t, "permitted").await {
-            Ok(Message::Permitted { nbd_port, nbd_tls }) => (nbd_port, nbd_tls),
+            Ok(Message::Permitted {
+                nbd_port, nbd_tls, ..
+            }) => (nbd_port, nbd_tls),
             Ok(Message::Denied { denial }) => return Err(resume(MigrateError::Denied(denial))),
             Ok(Message::Failed { error }) => {
                 return Err(resume(MigrateError::Failed(format!("the target: {error}"))))
@@ -893,32 +979,7 @@ impl Job {
     /// After the switch: queued operations, retirement, the last messages.
     async fn finish(&mut self, mut link: Link) {
         let t = self.settings.timeout;
-        let waiting: Vec<Waiting> = std::mem::take(&mut *super::lock(&self.queue));
-        let n = waiting.len() as u64;
-        if n > 0 {
-            let ops: Vec<QueuedOp> = waiting.iter().map(|w| w.op.clone()).collect();
-            let results = match link.send_msg(Message::Ops { ops }).await {
-                Ok(()) => match link.recv_msg(t * 4, "ops-done").await {
-                    Ok(Message::OpsDone { results }) => results,
-                    other => {
-                        tracing::error!(migration = %self.rec.id, "queued operations not run on the target: {other:?}");
-                        Vec::new()
-                    }
-                },
-                Err(e) => {
-                    tracing::error!(migration = %self.rec.id, "queued operations not sent: {e}");
-                    Vec::new()
-                }
-            };
-            let mut results = results.into_iter();
-            for w in waiting {
-                let out = results.next().unwrap_or(lungate_api::migrate::OpOutcome {
-                    status: 502,
-                    body: serde_json::json!({"error": "the LUN migrated; the operation could not be run on the new owner"}),
-                });
-                let _ = w.reply.send(out);
-            }
-        }
+        let n = run_queued_on_target(&mut link, &self.queue, t, self.rec.id).await;
         self.tracked.update(|i| i.queued_ops = n);
         self.settings.stall.at("forwarding").await;
         let names: Vec<String> = self
@@ -988,7 +1049,7 @@ pub fn retire(
     }
 }
 
-async fn hello(
+pub(super) async fn hello(
     link: &mut Link,
     settings: &Settings,
     token: Option<String>,
@@ -1066,7 +1127,7 @@ pub async fn query(
 /// NBD connections to the target's exports of member `m`'s disks, each
 /// reached through the pieces of the LUN its region view on `lun` maps it
 /// to (an aligned disk0's first MiB lives in the state region).
-async fn remote(
+pub(super) async fn remote(
     settings: &Settings,
     to: &str,
     (nbd_port, nbd_tls): (Option<u16>, bool),
@@ -1119,7 +1180,7 @@ async fn remote(
 
 /// A LUN that moved and cannot be reached: every request fails with EIO
 /// (the target owns the LUN; the source must not serve it).
-struct Gone(String);
+pub(super) struct Gone(pub(super) String);
 
 impl BlockDevice for Gone {
     fn size(&self) -> u64 {

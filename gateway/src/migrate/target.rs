@@ -134,6 +134,9 @@ async fn run(
             ))
         }
     };
+    if p.handover.is_some() && mode == Mode::Remote {
+        return super::handover::serve(link, &p, reg, settings).await;
+    }
     let pool = match admit(&p, reg, settings, mode) {
         Ok(pool) => pool,
         Err(d) => {
@@ -194,6 +197,7 @@ async fn run(
     let permitted = Message::Permitted {
         nbd_port: nbd.map(|n| n.0),
         nbd_tls: nbd.is_some_and(|n| n.1),
+        owner: None,
     };
     let r = match link.send_msg(permitted).await {
         Ok(()) => receive(link, &applier, &tracked, settings, stop).await,

@@ -32,6 +32,13 @@ pub struct Args {
 
 /// The control API of the gateway serving `path`, and the LUN's UUID ref.
 fn gateway(path: &Path) -> Res<(control::Client, String, String)> {
+    if let Some(reg) = crate::snapshots::etcd_owner(path)? {
+        // A coordinated RBD LUN: etcd names the gateway that serves it.
+        let control = crate::snapshots::owner_control(path, &reg)?;
+        let label = Lun::probe_label(path)?;
+        let client = control::Client::new(&control)?;
+        return Ok((client, control::uuid_ref(label.uuid), label.name));
+    }
     match owner::try_lock(path)? {
         Ok(_lock) => Err(Fail::new(
             Exit::Failed,

@@ -62,7 +62,7 @@ pub fn set_coordinator(addr: String) {
 
 /// The gateway etcd names as the owner of the RBD LUN at `path`, when
 /// `--coordinator` is given (`None` otherwise, or for a file LUN).
-fn etcd_owner(path: &Path) -> Res<Option<etcd::Registration>> {
+pub(crate) fn etcd_owner(path: &Path) -> Res<Option<etcd::Registration>> {
     let Some(addr) = COORDINATOR.get() else {
         return Ok(None);
     };
@@ -74,7 +74,7 @@ fn etcd_owner(path: &Path) -> Res<Option<etcd::Registration>> {
 
 /// The control API of the gateway `reg` (etcd's owner of `path`), which
 /// must run on this host: its control socket is a unix socket.
-fn owner_control(path: &Path, reg: &etcd::Registration) -> Res<std::path::PathBuf> {
+pub(crate) fn owner_control(path: &Path, reg: &etcd::Registration) -> Res<std::path::PathBuf> {
     let here = owner::hostname();
     let remote = || owner::Error::Owned {
         lun: path.display().to_string(),
