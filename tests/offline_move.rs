@@ -179,6 +179,11 @@ fn an_offline_move_is_refused_with_its_reason_and_creates_nothing() {
     assert_eq!(clean_tree(a.path()), tree_a);
     assert_eq!(clean_tree(b.path()), tree_b);
 
+    // The same pool twice.
+    let (ok, _, err) = lungate_move(&["vm1", "--pool", a_s, "--to-pool", a_s]);
+    assert!(!ok && err.contains("already in pool"), "{err}");
+    assert_eq!(clean_tree(a.path()), tree_a);
+
     // A gateway serves the VM: `lungate move` leaves it to that gateway.
     let gw = Gateway::start(&["--pool", a_s]);
     let (ok, _, err) = lungate_move(&["vm1", "--pool", a_s, "--to-pool", b_s]);
@@ -189,13 +194,19 @@ fn an_offline_move_is_refused_with_its_reason_and_creates_nothing() {
     );
     assert_eq!(clean_tree(a.path()), tree_a);
     assert_eq!(clean_tree(b.path()), tree_b);
-    check_patterns(&gw);
     gw.stop_ok();
 
-    // The same pool twice.
-    let (ok, _, err) = lungate_move(&["vm1", "--pool", a_s, "--to-pool", a_s]);
-    assert!(!ok && err.contains("already in pool"), "{err}");
+    // ... also when its control socket is elsewhere: the LUN's lock says so.
+    let sock = tempfile::tempdir().unwrap();
+    let sock_s = sock.path().join("control.sock");
+    let gw = Gateway::start(&["--pool", a_s, "--control", sock_s.to_str().unwrap()]);
+    let (ok, _, err) = lungate_move(&["vm1", "--pool", a_s, "--to-pool", b_s]);
+    assert!(!ok, "lungate move ran under a serving gateway");
+    assert!(err.contains("is served by lungate"), "{err}");
     assert_eq!(clean_tree(a.path()), tree_a);
+    assert_eq!(clean_tree(b.path()), tree_b);
+    check_patterns(&gw);
+    gw.stop_ok();
 }
 
 /// Start `lungate move vm1` stalled at `step`, and SIGKILL it there.
