@@ -117,6 +117,20 @@ async fn send_option(s: &mut dyn Stream, option: u32, data: &[u8]) -> io::Result
     s.write_all(&o).await
 }
 
+/// Send `option` with no data; anything but its ACK is an error naming
+/// `what`.
+async fn acked_option(s: &mut dyn Stream, option: u32, what: &str) -> io::Result<()> {
+    send_option(s, option, &[]).await?;
+    let (kind, msg) = option_reply(s, option).await?;
+    if kind != rep::ACK {
+        return Err(proto(format!(
+            "{what} refused ({kind:#x}): {}",
+            String::from_utf8_lossy(&msg)
+        )));
+    }
+    Ok(())
+}
+
 impl NbdConn {
     /// Connect to `addr`, upgrade with STARTTLS when `tls` is given
     /// (`server` is the name the certificate must carry), and select
@@ -159,14 +173,7 @@ impl NbdConn {
         }
         s.write_all(&cflags.to_be_bytes()).await?;
         if let Some((cfg, name)) = tls {
-            send_option(&mut *s, opt::STARTTLS, &[]).await?;
-            let (kind, msg) = option_reply(&mut *s, opt::STARTTLS).await?;
-            if kind != rep::ACK {
-                return Err(proto(format!(
-                    "STARTTLS refused ({kind:#x}): {}",
-                    String::from_utf8_lossy(&msg)
-                )));
-            }
+            acked_option(&mut *s, opt::STARTTLS, "STARTTLS").await?;
             let t = tokio_rustls::TlsConnector::from(cfg)
                 .connect(name, s)
                 .await?;
@@ -175,14 +182,7 @@ impl NbdConn {
         let name = export.as_bytes();
         let mut contexts = HashMap::new();
         if let Some(c) = context {
-            send_option(&mut *s, opt::STRUCTURED_REPLY, &[]).await?;
-            let (kind, msg) = option_reply(&mut *s, opt::STRUCTURED_REPLY).await?;
-            if kind != rep::ACK {
-                return Err(proto(format!(
-                    "structured replies refused ({kind:#x}): {}",
-                    String::from_utf8_lossy(&msg)
-                )));
-            }
+            acked_option(&mut *s, opt::STRUCTURED_REPLY, "structured replies").await?;
             let mut data = Vec::with_capacity(12 + name.len() + c.len());
             data.extend_from_slice(&(name.len() as u32).to_be_bytes());
             data.extend_from_slice(name);

@@ -283,9 +283,13 @@ pub async fn run(
     }
     // The source is done only after the target acknowledged, which it
     // does once its record says done.
-    let info = tracked.snapshot();
+    let mut info = tracked.snapshot();
     if info.phase != MigrationPhase::Done {
         return Err(MoveError::Ended(Box::new(info)));
     }
+    // Nothing listens, so no client had a request to park: the gates'
+    // pause is the engine's, not a guest's.
+    info.pause_us = None;
+    info.parked = None;
     Ok(info)
 }
