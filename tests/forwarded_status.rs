@@ -1,7 +1,8 @@
 //! Block status on an NBD connection a migration forwards: a client that
 //! selected `qemu:dirty-bitmap:SNAP` before its LUN moved to another
-//! gateway keeps reading the changed blocks through the source, answered
-//! by the new owner (docs/migration.md, "What happens").
+//! gateway (or another pool of its gateway) keeps reading the changed
+//! blocks through the source, answered by the new owner (docs/migration.md,
+//! "What happens").
 
 #[path = "migrate_common.rs"]
 mod common;
@@ -10,13 +11,12 @@ use common::*;
 use lungate_tests::*;
 use serde_json::json;
 
-#[test]
-fn a_connection_opened_before_a_migration_reads_the_dirty_bitmap_from_the_new_owner() {
-    let (a, b) = (pool_dir(), pool_dir());
-    let (a_s, b_s) = (a.path().to_str().unwrap(), b.path().to_str().unwrap());
-    create_lun(a.path(), "vm", "offset", &["32M"], "16M");
-    let src = Gateway::start(&["--pool", a_s]);
-    let dst = Gateway::start(&["--pool", b_s, "--migration-listen", "127.0.0.1:0"]);
+/// A LUN with snapshot s1 and changes after it in pool `a`, served by
+/// `src`; an nbdsh connection reads its bitmap, `lunctl migrate vm
+/// --pool A TO...` moves it, and the same connection must read the same
+/// bitmap, then see its own write in it as a new connection to `dst`
+/// does.
+fn bitmap_survives(src: &Gateway, dst: &Gateway, a_s: &str, to: &str) {
     let uri = src.uri("vm/disk0");
     qemu_io_ok(&uri, &["write -P 0xa0 0 4M"]);
     api(
@@ -53,8 +53,8 @@ def status(h):
 h = connect(os.environ["SRC"])
 before = status(h)
 assert before == [(M, 0), (64 << 10, 1), (7 * M - (64 << 10), 0), (M, 1), (23 * M, 0)], before
-subprocess.run([os.environ["LUNCTL"], "migrate", "vm", "--pool", os.environ["POOL"],
-                "--to", os.environ["TO"]], check=True, capture_output=True)
+subprocess.run([os.environ["LUNCTL"], "migrate", "vm", "--pool", os.environ["POOL"]]
+               + os.environ["TO"].split(), check=True, capture_output=True)
 # The same connection, now forwarded to the new owner.
 after = status(h)
 assert after == before, (after, before)
@@ -82,7 +82,7 @@ print("FORWARDED STATUS OK")
         nbdsh()
             .env("SRC", &uri)
             .env("DST", dst.uri("vm/disk0"))
-            .env("TO", migration_addr(&dst))
+            .env("TO", to)
             .env("LUNCTL", bin("lunctl"))
             .env("POOL", a_s)
             .args(["-c", program]),
@@ -99,7 +99,28 @@ print("FORWARDED STATUS OK")
         src.stderr_log(),
         dst.stderr_log()
     );
+}
+
+#[test]
+fn a_connection_opened_before_a_migration_reads_the_dirty_bitmap_from_the_new_owner() {
+    let (a, b) = (pool_dir(), pool_dir());
+    let (a_s, b_s) = (a.path().to_str().unwrap(), b.path().to_str().unwrap());
+    create_lun(a.path(), "vm", "offset", &["32M"], "16M");
+    let src = Gateway::start(&["--pool", a_s]);
+    let dst = Gateway::start(&["--pool", b_s, "--migration-listen", "127.0.0.1:0"]);
+    bitmap_survives(&src, &dst, a_s, &format!("--to {}", migration_addr(&dst)));
     assert!(b.path().join("vm.lun").is_file());
     src.stop_ok();
     dst.stop_ok();
+}
+
+#[test]
+fn a_connection_opened_before_a_move_between_pools_reads_the_dirty_bitmap_from_the_new_pool() {
+    let (a, b) = (pool_dir(), pool_dir());
+    let (a_s, b_s) = (a.path().to_str().unwrap(), b.path().to_str().unwrap());
+    create_lun(a.path(), "vm", "offset", &["32M"], "16M");
+    let gw = Gateway::start(&["--pool", a_s, "--pool", b_s]);
+    bitmap_survives(&gw, &gw, a_s, &format!("--to-pool {b_s}"));
+    assert!(b.path().join("vm.lun").is_file() && !a.path().join("vm.lun").exists());
+    gw.stop_ok();
 }
