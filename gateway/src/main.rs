@@ -81,6 +81,36 @@ enum Cmd {
         #[arg(long = "migration-allow")]
         migration_allow: Vec<String>,
     },
+    /// Move a VM (its LUNs, state region and snapshot tree) to another pool
+    /// while no gateway serves it, through the migration engine and its
+    /// journal (docs/migration.md); `lunctl migrate --to-pool` runs this
+    /// when no gateway owns the LUN.
+    Move {
+        /// The VM's primary LUN, by name.
+        name: String,
+        /// The pool it is in (a directory).
+        #[arg(long)]
+        pool: PathBuf,
+        /// The pool it goes to (a directory).
+        #[arg(long)]
+        to_pool: PathBuf,
+        /// Keep the source copy as POOL/NAME.migrated-ID/.
+        #[arg(long)]
+        keep_source: bool,
+        /// Also move the clones that depend on the VM's layers.
+        #[arg(long)]
+        with_dependents: bool,
+        /// Copy bandwidth limit per second, e.g. 200M.
+        #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+        max_rate: Option<u64>,
+        /// I/O engine: auto, uring or sync.
+        #[arg(long, value_parser = parse_engine)]
+        engine: Option<EngineKind>,
+        /// Print the final report as one JSON object (the control API's
+        /// migration record).
+        #[arg(long)]
+        json: bool,
+    },
     /// Create ./demo-pool with LUN `demo` (1 GiB disk) if needed and serve
     /// it on 127.0.0.1:10809.
     Demo {
@@ -97,6 +127,10 @@ const EXITS: [Exit; 3] = [Exit::Ok, Exit::Failed, Exit::Usage];
 
 fn parse_tls(s: &str) -> Result<TlsMode, String> {
     s.parse()
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    lun_manager::size::parse_size(s).map_err(|e| e.to_string())
 }
 
 fn parse_engine(s: &str) -> Result<EngineKind, String> {
@@ -195,7 +229,59 @@ async fn run(cmd: Cmd, activated: Vec<std::os::fd::OwnedFd>) -> Result<(), Strin
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    // Test-only fault injection (docs/migration.md, tests/migration_crash.rs).
+    let stall = lungate::migrate::Stall::parse(
+        std::env::var("LUNGATE_TEST_MIGRATION_STALL")
+            .ok()
+            .as_deref(),
+    );
     let (cfg, hint) = match cmd {
+        Cmd::Move {
+            name,
+            pool,
+            to_pool,
+            keep_source,
+            with_dependents,
+            max_rate,
+            engine,
+            json,
+        } => {
+            let io = lungate_config::IoConfig::default();
+            let engine =
+                lungate_block::engine::IoEngine::new(engine.unwrap_or(io.engine), io.workers)
+                    .map_err(|e| format!("cannot start the I/O engine: {e}"))?;
+            let m = lungate::migrate::offline::Move {
+                name,
+                pool,
+                to_pool,
+                downtime_ms: lungate::migrate::DEFAULT_DOWNTIME_MS,
+                max_rate,
+                keep_source,
+                with_dependents,
+            };
+            let info = lungate::migrate::offline::run(m, engine, stall, shutdown)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut out = std::io::stdout().lock();
+            let line = if json {
+                serde_json::to_string(&info).map_err(|e| e.to_string())?
+            } else {
+                let mut s = format!(
+                    "moved {} to {}: {} bytes in {} ms",
+                    info.members.join(", "),
+                    info.peer,
+                    info.bytes,
+                    info.elapsed_ms
+                );
+                if let Some(k) = &info.kept_source {
+                    s.push_str(&format!(", source kept at {}", k.display()));
+                }
+                s
+            };
+            let _ = writeln!(out, "{line}");
+            return Ok(());
+        }
+
         Cmd::Serve {
             config,
             pools,
@@ -244,12 +330,6 @@ async fn run(cmd: Cmd, activated: Vec<std::os::fd::OwnedFd>) -> Result<(), Strin
         Cmd::Doc(_) => unreachable!("handled in main"),
     };
 
-    // Test-only fault injection (docs/migration.md, tests/migration_crash.rs).
-    let stall = lungate::migrate::Stall::parse(
-        std::env::var("LUNGATE_TEST_MIGRATION_STALL")
-            .ok()
-            .as_deref(),
-    );
     let server = build_server(&cfg, activated, stall)
         .await
         .map_err(|e| e.to_string())?;

@@ -11,6 +11,13 @@
 //! disk ([`NbdConn`]: fixed newstyle, `NBD_OPT_GO`, simple replies,
 //! STARTTLS when the target's NBD listener speaks TLS). Requests go out in
 //! the order they are called, so the holding queue's order carries over.
+//!
+//! Block status for a `qemu:dirty-bitmap:SNAP` context the client selected
+//! before the migration goes to the same export over a second connection
+//! per disk and snapshot, opened on first use with structured replies and
+//! that one context (the snapshot tree moved with the LUN). The answer is
+//! read after every write the client saw acknowledged, since the source
+//! acknowledges a forwarded write only once the target has.
 
 use std::collections::HashMap;
 use std::io;
@@ -18,8 +25,9 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use lungate_api::nbd::proto::{
-    client_flags, cmd_flags, handshake_flags, info, opt, rep, tx_flags, Command, IHAVEOPT,
-    NBDMAGIC, OPTION_REPLY_MAGIC, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+    chunk, client_flags, cmd_flags, handshake_flags, info, opt, rep, reply_flags, tx_flags,
+    Command, IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
 };
 use lungate_block::device::{done, BlockDevice, Caps, Extent, IoFuture};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -31,6 +39,25 @@ const MAX_IO: u64 = 32 << 20;
 const MAX_EFFECT: u64 = 1 << 30;
 /// Largest option reply accepted during the handshake.
 const MAX_OPTION_REPLY: u32 = 64 << 10;
+/// Largest structured reply chunk accepted (block status only).
+const MAX_CHUNK: u32 = 1 << 20;
+/// qemu's dirty-bitmap context flag: changed since the snapshot.
+const STATE_DIRTY: u32 = 1;
+
+/// TLS of a forwarding connection: the client settings and the name the
+/// target's certificate must carry.
+pub type Tls = Option<(
+    Arc<rustls::ClientConfig>,
+    rustls::pki_types::ServerName<'static>,
+)>;
+
+/// Where a connection goes, to open another like it.
+#[derive(Clone)]
+struct Dial {
+    addr: std::net::SocketAddr,
+    export: String,
+    tls: Tls,
+}
 
 fn proto(why: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why.into())
@@ -56,6 +83,9 @@ pub struct NbdConn {
     size: u64,
     flags: u16,
     export: String,
+    dial: Dial,
+    /// The meta contexts selected, by name: their ids.
+    contexts: HashMap<String, u32>,
 }
 
 async fn option_reply(s: &mut dyn Stream, want: u32) -> io::Result<(u32, Vec<u8>)> {
@@ -87,6 +117,20 @@ async fn send_option(s: &mut dyn Stream, option: u32, data: &[u8]) -> io::Result
     s.write_all(&o).await
 }
 
+/// Send `option` with no data; anything but its ACK is an error naming
+/// `what`.
+async fn acked_option(s: &mut dyn Stream, option: u32, what: &str) -> io::Result<()> {
+    send_option(s, option, &[]).await?;
+    let (kind, msg) = option_reply(s, option).await?;
+    if kind != rep::ACK {
+        return Err(proto(format!(
+            "{what} refused ({kind:#x}): {}",
+            String::from_utf8_lossy(&msg)
+        )));
+    }
+    Ok(())
+}
+
 impl NbdConn {
     /// Connect to `addr`, upgrade with STARTTLS when `tls` is given
     /// (`server` is the name the certificate must carry), and select
@@ -94,11 +138,21 @@ impl NbdConn {
     pub async fn connect(
         addr: std::net::SocketAddr,
         export: &str,
-        tls: Option<(
-            Arc<rustls::ClientConfig>,
-            rustls::pki_types::ServerName<'static>,
-        )>,
+        tls: Tls,
     ) -> io::Result<NbdConn> {
+        let dial = Dial {
+            addr,
+            export: export.to_string(),
+            tls,
+        };
+        NbdConn::open(dial, None).await
+    }
+
+    /// Connect as `dial` says; with `context`, negotiate structured
+    /// replies and select that meta context (it is missing from
+    /// [`NbdConn::contexts`] when the server does not offer it).
+    async fn open(dial: Dial, context: Option<&str>) -> io::Result<NbdConn> {
+        let (addr, export, tls) = (dial.addr, dial.export.as_str(), dial.tls.clone());
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
         let mut s: Box<dyn Stream> = Box::new(tcp);
@@ -119,20 +173,41 @@ impl NbdConn {
         }
         s.write_all(&cflags.to_be_bytes()).await?;
         if let Some((cfg, name)) = tls {
-            send_option(&mut *s, opt::STARTTLS, &[]).await?;
-            let (kind, msg) = option_reply(&mut *s, opt::STARTTLS).await?;
-            if kind != rep::ACK {
-                return Err(proto(format!(
-                    "STARTTLS refused ({kind:#x}): {}",
-                    String::from_utf8_lossy(&msg)
-                )));
-            }
+            acked_option(&mut *s, opt::STARTTLS, "STARTTLS").await?;
             let t = tokio_rustls::TlsConnector::from(cfg)
                 .connect(name, s)
                 .await?;
             s = Box::new(t);
         }
         let name = export.as_bytes();
+        let mut contexts = HashMap::new();
+        if let Some(c) = context {
+            acked_option(&mut *s, opt::STRUCTURED_REPLY, "structured replies").await?;
+            let mut data = Vec::with_capacity(12 + name.len() + c.len());
+            data.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            data.extend_from_slice(name);
+            data.extend_from_slice(&1u32.to_be_bytes());
+            data.extend_from_slice(&(c.len() as u32).to_be_bytes());
+            data.extend_from_slice(c.as_bytes());
+            send_option(&mut *s, opt::SET_META_CONTEXT, &data).await?;
+            loop {
+                let (kind, p) = option_reply(&mut *s, opt::SET_META_CONTEXT).await?;
+                match kind {
+                    rep::ACK => break,
+                    rep::META_CONTEXT if p.len() >= 4 => {
+                        let id = u32::from_be_bytes(p[0..4].try_into().expect("4"));
+                        contexts.insert(String::from_utf8_lossy(&p[4..]).into_owned(), id);
+                    }
+                    k if k & (1 << 31) != 0 => {
+                        return Err(proto(format!(
+                            "meta context {c} refused ({k:#x}): {}",
+                            String::from_utf8_lossy(&p)
+                        )))
+                    }
+                    _ => {}
+                }
+            }
+        }
         let mut data = Vec::with_capacity(6 + name.len());
         data.extend_from_slice(&(name.len() as u32).to_be_bytes());
         data.extend_from_slice(name);
@@ -176,6 +251,8 @@ impl NbdConn {
             size,
             flags,
             export: export.to_string(),
+            dial,
+            contexts,
         })
     }
 
@@ -260,6 +337,8 @@ async fn writer(
 }
 
 async fn reader(mut r: tokio::io::ReadHalf<Box<dyn Stream>>, pending: Pending) {
+    // Block-status payloads gathered until their reply's last chunk.
+    let mut chunks: HashMap<u64, io::Result<BytesMut>> = HashMap::new();
     let err = loop {
         let mut h = [0u8; 16];
         if let Err(e) = r.read_exact(&mut h).await {
@@ -268,6 +347,12 @@ async fn reader(mut r: tokio::io::ReadHalf<Box<dyn Stream>>, pending: Pending) {
         let magic = u32::from_be_bytes(h[0..4].try_into().expect("4"));
         let code = u32::from_be_bytes(h[4..8].try_into().expect("4"));
         let handle = u64::from_be_bytes(h[8..16].try_into().expect("8"));
+        if magic == STRUCTURED_REPLY_MAGIC {
+            if let Err(e) = structured(&mut r, &h, &pending, &mut chunks).await {
+                break e;
+            }
+            continue;
+        }
         if magic != SIMPLE_REPLY_MAGIC {
             break proto(format!("reply magic {magic:#x} is not a simple reply"));
         }
@@ -301,6 +386,63 @@ async fn reader(mut r: tokio::io::ReadHalf<Box<dyn Stream>>, pending: Pending) {
     }
 }
 
+/// One structured reply chunk (only block status is sent with structured
+/// replies): `h` holds its first 16 bytes. A block-status chunk's
+/// descriptors (after the context id: one context is selected) are
+/// gathered; an error chunk fails the request; the last chunk answers it.
+async fn structured(
+    r: &mut tokio::io::ReadHalf<Box<dyn Stream>>,
+    h: &[u8; 16],
+    pending: &Pending,
+    chunks: &mut HashMap<u64, io::Result<BytesMut>>,
+) -> io::Result<()> {
+    let flags = u16::from_be_bytes([h[4], h[5]]);
+    let kind = u16::from_be_bytes([h[6], h[7]]);
+    let handle = u64::from_be_bytes(h[8..16].try_into().expect("8"));
+    let mut l = [0u8; 4];
+    r.read_exact(&mut l).await?;
+    let len = u32::from_be_bytes(l);
+    if len > MAX_CHUNK {
+        return Err(proto(format!("structured reply chunk of {len} bytes")));
+    }
+    let mut p = vec![0u8; len as usize];
+    r.read_exact(&mut p).await?;
+    if !pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains_key(&handle)
+    {
+        return Err(proto(format!(
+            "reply for handle {handle}, which was not sent"
+        )));
+    }
+    let got = chunks.entry(handle).or_insert_with(|| Ok(BytesMut::new()));
+    match kind {
+        chunk::BLOCK_STATUS if p.len() >= 4 => {
+            if let Ok(b) = got {
+                b.extend_from_slice(&p[4..]);
+            }
+        }
+        chunk::NONE => {}
+        k if k & (1 << 15) != 0 && p.len() >= 4 => {
+            let errno = u32::from_be_bytes(p[0..4].try_into().expect("4"));
+            *got = Err(io::Error::from_raw_os_error(errno as i32));
+        }
+        k => return Err(proto(format!("unexpected structured reply chunk type {k}"))),
+    }
+    if flags & reply_flags::DONE != 0 {
+        let out = chunks.remove(&handle).expect("inserted above");
+        if let Some((_, _, tx)) = pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&handle)
+        {
+            let _ = tx.send(out.map(BytesMut::freeze));
+        }
+    }
+    Ok(())
+}
+
 /// One disk of a migrated LUN as the source's region view maps it: the
 /// pieces of the LUN that hold its bytes, `(LUN offset, length, disk
 /// offset)` (one for a window; two for an aligned disk0, whose first MiB
@@ -320,7 +462,12 @@ pub struct RemoteLun {
     /// disk, by LUN offset.
     routes: Vec<(u64, u64, u64, usize)>,
     conns: Vec<NbdConn>,
+    /// Block-status connections, by disk and meta context, opened on
+    /// first use.
+    status: StatusConns,
 }
+
+type StatusConns = Arc<tokio::sync::Mutex<HashMap<(usize, String), Arc<NbdConn>>>>;
 
 impl RemoteLun {
     pub fn new(size: u64, disks: Vec<RemoteDisk>) -> io::Result<RemoteLun> {
@@ -357,17 +504,24 @@ impl RemoteLun {
             read_only,
             routes,
             conns,
+            status: StatusConns::default(),
         })
     }
 
     /// The disk holding `[offset, offset + len)`, and the offset in it.
     fn route(&self, offset: u64, len: u64) -> io::Result<(&NbdConn, u64)> {
+        self.route_index(offset, len)
+            .map(|(c, rel)| (&self.conns[c], rel))
+    }
+
+    /// [`RemoteLun::route`], with the disk's index.
+    fn route_index(&self, offset: u64, len: u64) -> io::Result<(usize, u64)> {
         let i = self.routes.partition_point(|r| r.0 <= offset);
         if i > 0 {
             let (start, rlen, disk, c) = self.routes[i - 1];
             let rel = offset - start;
             if rel.checked_add(len).is_some_and(|e| e <= rlen) {
-                return Ok((&self.conns[c], disk + rel));
+                return Ok((c, disk + rel));
             }
         }
         Err(io::Error::new(
@@ -497,5 +651,72 @@ impl BlockDevice for RemoteLun {
             Ok(v) => Box::pin(all(v)),
             Err(e) => done(Err(e)),
         }
+    }
+
+    fn changed_since(
+        &self,
+        snapshot: &str,
+        offset: u64,
+        len: u64,
+    ) -> IoFuture<Vec<std::ops::Range<u64>>> {
+        let (disk, rel) = match self.route_index(offset, len) {
+            Ok(r) => r,
+            Err(e) => return done(Err(e)),
+        };
+        let dial = self.conns[disk].dial.clone();
+        let status = self.status.clone();
+        let context = format!("qemu:dirty-bitmap:{snapshot}");
+        Box::pin(async move {
+            let conn = {
+                let mut m = status.lock().await;
+                match m.get(&(disk, context.clone())) {
+                    Some(c) => c.clone(),
+                    None => {
+                        let c = Arc::new(NbdConn::open(dial, Some(&context)).await?);
+                        m.insert((disk, context.clone()), c.clone());
+                        c
+                    }
+                }
+            };
+            if !conn.contexts.contains_key(&context) {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("the new owner's export {} offers no {context}", conn.export),
+                ));
+            }
+            let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+            let mut at = 0u64;
+            while at < len {
+                let n = (len - at).min(MAX_EFFECT);
+                let p = conn
+                    .call(Command::BlockStatus, 0, rel + at, n as u32, None)
+                    .await?;
+                let mut covered = 0u64;
+                for d in p.chunks_exact(8) {
+                    let dlen = u64::from(u32::from_be_bytes(d[0..4].try_into().expect("4")));
+                    let flags = u32::from_be_bytes(d[4..8].try_into().expect("4"));
+                    let take = dlen.min(n - covered);
+                    if flags & STATE_DIRTY != 0 && take > 0 {
+                        let start = offset + at + covered;
+                        match out.last_mut() {
+                            Some(last) if last.end == start => last.end = start + take,
+                            _ => out.push(start..start + take),
+                        }
+                    }
+                    covered += take;
+                    if covered >= n {
+                        break;
+                    }
+                }
+                if covered == 0 {
+                    return Err(proto(format!(
+                        "the new owner's export {} answered block status with no extent",
+                        conn.export
+                    )));
+                }
+                at += covered;
+            }
+            Ok(out)
+        })
     }
 }

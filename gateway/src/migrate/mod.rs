@@ -15,6 +15,7 @@
 //! * [`journal`] keeps each side's durable record of a migration, and
 //!   [`recover`] finishes or undoes what a crash interrupted, so exactly one
 //!   gateway owns every LUN whatever happens.
+//! * [`offline`] runs a move between two pools that no gateway serves.
 //! * [`listen`] is the target's listener (TCP, optionally TLS) and its
 //!   authentication (bearer token, client certificate, allow rules).
 //!
@@ -31,6 +32,7 @@ pub mod forward;
 pub mod handover;
 pub mod journal;
 pub mod listen;
+pub mod offline;
 pub mod protocol;
 pub mod recover;
 pub mod source;

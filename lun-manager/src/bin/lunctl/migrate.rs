@@ -4,6 +4,10 @@
 //! control API, follows it with a progress bar (bytes, rounds, rate) or
 //! NDJSON progress events, and prints the final report: bytes sent,
 //! rounds, the guest-visible pause and the parked-request count.
+//!
+//! A move to another pool of a LUN no gateway serves runs offline:
+//! lunctl starts `lungate move` (the gateway binary beside its own, or
+//! on PATH), which runs the same engine with no listener and exits.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -89,7 +93,98 @@ fn summary(i: &MigrationInfo) -> String {
     s
 }
 
+/// The `lungate` binary: beside this `lunctl`, or on PATH.
+fn lungate_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("lungate")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("lungate"))
+}
+
+/// `--to-pool` of a LUN no gateway serves: `lungate move`, to its end.
+fn offline(out: &Output, path: &Path, to_pool: &str, a: &Args) -> Res {
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let pool = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let bin = lungate_bin();
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.arg("move")
+        .arg(&name)
+        .arg("--pool")
+        .arg(&pool)
+        .arg("--to-pool")
+        .arg(to_pool)
+        .arg("--json");
+    if a.keep_source {
+        cmd.arg("--keep-source");
+    }
+    if a.with_dependents {
+        cmd.arg("--with-dependents");
+    }
+    if let Some(r) = &a.max_rate {
+        cmd.arg("--max-rate").arg(r);
+    }
+    if std::env::var_os("LUNGATE_LOG").is_none() {
+        cmd.env("LUNGATE_LOG", "warn");
+    }
+    let mut rep = out.progress("migrate");
+    rep.waiting("offline move");
+    let done = cmd.output();
+    rep.finish();
+    let done = done.map_err(|e| {
+        Fail::new(
+            Exit::Failed,
+            format!(
+                "{} is not served by a gateway, so the move runs offline, but {} cannot be run ({e}):                  install lungate beside lunctl or on PATH, or run `lungate move {name} --pool {} --to-pool {to_pool}`",
+                path.display(),
+                bin.display(),
+                pool.display()
+            ),
+        )
+    })?;
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    if !done.status.success() {
+        let why = stderr
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("lungate: "))
+            .unwrap_or(stderr.trim());
+        return Err(Fail::new(
+            Exit::Failed,
+            format!("the offline move of {name} did not complete: {why}"),
+        ));
+    }
+    let info: MigrationInfo = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| {
+            Fail::new(
+                Exit::Failed,
+                format!("lungate move printed no report: {stdout}{stderr}"),
+            )
+        })?;
+    out.result("migrate", &info, || {
+        format!("moved offline {}\n", summary(&info))
+    });
+    Ok(())
+}
+
 pub fn migrate(out: &Output, path: &Path, a: Args) -> Res {
+    if let (Some(to_pool), None, false) = (&a.to_pool, &a.to, a.abort) {
+        // No gateway serves it: nothing can be paused or forwarded, and the
+        // move runs here, offline.
+        if owner::try_lock(path)?.is_ok() {
+            return offline(out, path, to_pool, &a);
+        }
+    }
     let (client, lun, name) = gateway(path)?;
     if a.abort {
         let i = client.abort_migration(&lun)?;
