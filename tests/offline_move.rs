@@ -297,3 +297,47 @@ fn a_move_killed_at_any_step_leaves_one_pool_with_the_vm_and_running_it_again_fi
         }
     }
 }
+
+/// Recovery by a gateway that serves only the source pool: the record of
+/// a local move names the target pool, whose records decide. Killed after
+/// the target's commit record, the source's copy is retired (never served
+/// again, so the target pool is the one owner); killed before it, the VM
+/// stays in the source pool and the target pool serves nothing of it.
+#[test]
+fn a_killed_move_recovered_by_a_gateway_of_the_source_pool_alone_leaves_one_owner() {
+    for (step, moved) in [("committing", false), ("committed", true)] {
+        let (a, b) = (pool_dir(), pool_dir());
+        let (a_s, b_s) = (a.path().to_str().unwrap(), b.path().to_str().unwrap());
+        let before = make_vm(a.path());
+        kill_move_at(a_s, b_s, step);
+        let gw = Gateway::start(&["--pool", a_s]);
+        let served = contents_or_none(&gw);
+        assert_eq!(
+            served.is_some(),
+            !moved,
+            "killed at {step}: the source pool's gateway {} the VM:\n{}",
+            if moved { "serves" } else { "does not serve" },
+            gw.stderr_log()
+        );
+        if let Some(c) = served {
+            assert_eq!(c, before, "killed at {step}");
+        }
+        gw.stop_ok();
+        assert_eq!(has_vm(a.path()), !moved, "killed at {step}: {:?}", tree(a.path()));
+        let gw = Gateway::start(&["--pool", b_s]);
+        let there = contents_or_none(&gw);
+        assert_eq!(there.is_some(), moved, "killed at {step}:\n{}", gw.stderr_log());
+        if let Some(c) = there {
+            assert_eq!(c, before, "killed at {step}, on the target pool");
+        }
+        gw.stop_ok();
+    }
+}
+
+/// [`contents`] when the gateway serves the VM's exports, else `None`.
+fn contents_or_none(gw: &Gateway) -> Option<Contents> {
+    let out = run_ok(Command::new(require_tool("nbdinfo")).args(["--list", &gw.unix_uri("")]));
+    String::from_utf8_lossy(&out.stdout)
+        .contains("vm1/disk0")
+        .then(|| contents(gw))
+}

@@ -32,7 +32,13 @@ pub struct Held {
 /// What this gateway's own pools say about migration `id` (a move
 /// between two of them).
 pub fn local_state(settings: &Settings, id: uuid::Uuid) -> MigrationState {
-    let committed = settings.pools.iter().any(|p| {
+    local_state_in(settings.pools.iter().map(PathBuf::as_path), id)
+}
+
+/// What the pools `pools` say about migration `id`.
+fn local_state_in<'a>(pools: impl Iterator<Item = &'a Path>, id: uuid::Uuid) -> MigrationState {
+    let mut pools = pools;
+    let committed = pools.any(|p| {
         Record::list(p)
             .iter()
             .any(|r| r.id == id && !r.outgoing && matches!(r.state, State::Committed | State::Done))
@@ -103,6 +109,17 @@ fn retire(pool: &Path, r: &Record) -> std::io::Result<Option<PathBuf>> {
 async fn ask(settings: &Settings, r: &Record) -> Option<MigrationState> {
     if r.peer == "local" {
         return Some(local_state(settings, r.id));
+    }
+    if let Some(target) = r.peer.strip_prefix("local:") {
+        // A move between two pools of this host: the target pool's records
+        // decide, whether or not this gateway serves that pool now.
+        let target = Path::new(target);
+        let pools = settings
+            .pools
+            .iter()
+            .map(PathBuf::as_path)
+            .chain(std::iter::once(target));
+        return Some(local_state_in(pools, r.id));
     }
     match super::source::query(settings, &r.peer, r.id).await {
         Ok(s) => Some(s),

@@ -343,7 +343,9 @@ pub async fn start(
         state: State::Copying,
         peer: match &req.to {
             Destination::Remote(to) => to.clone(),
-            Destination::Local(_) => "local".into(),
+            // The target pool is named, so that recovery can read its
+            // records even when this gateway no longer serves it.
+            Destination::Local(p) => format!("local:{}", p.display()),
         },
         members: members
             .iter()
