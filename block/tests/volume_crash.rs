@@ -1,8 +1,9 @@
 //! Crash and damage cases of the volume engine on real files: a flatten
 //! interrupted midway resumes where its last persisted record says, torn
 //! manifest and header slots fall back to the other slot, uncommitted
-//! layers are removed on open, and a read-only open writes nothing even
-//! when it finds something to repair.
+//! layers are removed on open, a live layer a crash left flagged spare is
+//! cleared, and a read-only open writes nothing even when it finds
+//! something to repair.
 
 mod common;
 
@@ -11,8 +12,11 @@ use std::os::unix::fs::FileExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
-use lungate_block::store::file::layers_dir;
-use lungate_block::volume::{Volume, VolumeConfig, VolumeOptions};
+use lungate_block::store::file::{layers_dir, FileStore};
+use lungate_block::store::Store;
+use lungate_block::volume::header::Geometry;
+use lungate_block::volume::layer::{read_header, Delta};
+use lungate_block::volume::{repair, Volume, VolumeConfig, VolumeOptions};
 use uuid::Uuid;
 
 const CS: u64 = 4096;
@@ -293,6 +297,65 @@ fn a_switched_snapshot_is_durable_after_the_next_flush_and_forgotten_before() {
         let v = Volume::open(cfg).unwrap();
         assert!(v.snapshots().iter().any(|s| s.name == "after"));
     }
+}
+
+/// A crash after a snapshot's manifest commit and before the new live
+/// layer's spare flag is cleared leaves that flag on a layer the manifest
+/// names. A read-write open clears it (and says so), so a later `lunctl
+/// repair` keeps the live layer and its data instead of leaving it out as
+/// a spare that never held anything.
+#[test]
+fn a_live_layer_left_flagged_spare_is_cleared_on_open_and_kept_by_repair() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = lun(d.path(), "l", 64 * CS);
+    let dir = layers_dir(&cfg.lun_path);
+    let v = Volume::open(cfg.clone()).unwrap();
+    v.write(0, &[1; CS as usize]).unwrap();
+    v.snapshot("a", "").unwrap();
+    v.write(CS, &[2; CS as usize]).unwrap();
+    v.flush().unwrap();
+    let live = v.chain()[0];
+    let geo = Geometry::new(CS, v.size()).unwrap();
+    drop(v);
+    let store = FileStore::new(&cfg.lun_path, cfg.file.clone(), None, true);
+    let spare = |id| {
+        let obj = store.open_layer(id, false).unwrap();
+        read_header(&*obj).unwrap().0.spare()
+    };
+    // The state the crash leaves, made with the engine's own header commit.
+    let obj = store.open_layer(live, true).unwrap();
+    let (delta, _) = Delta::open(obj, live, cfg.lun_uuid, geo).unwrap();
+    delta.set_spare(true).unwrap();
+    drop(delta);
+    assert!(spare(live));
+
+    // Read-only: served as it is, nothing written.
+    let v = Volume::open(ro(&cfg)).unwrap();
+    assert_eq!(cluster(&v, 1), vec![2; CS as usize]);
+    drop(v);
+    assert!(spare(live), "a read-only open wrote the header");
+
+    let v = Volume::open(cfg.clone()).unwrap();
+    assert!(
+        v.warnings().iter().any(|w| w.contains("flagged spare")),
+        "{:?}",
+        v.warnings()
+    );
+    assert!(!spare(live), "the live layer is still flagged spare");
+    v.write(2 * CS, &[3; CS as usize]).unwrap();
+    v.flush().unwrap();
+    let want = all(&v);
+    drop(v);
+
+    // The manifest lost: repair rebuilds the tree with the live layer.
+    std::fs::remove_file(dir.join("manifest.0")).unwrap();
+    std::fs::remove_file(dir.join("manifest.1")).unwrap();
+    let r = repair::rebuild_manifest(&cfg, &|_| None).unwrap();
+    assert_eq!(r.top, live);
+    assert!(r.left_out.is_empty(), "left out: {:?}", r.left_out);
+    let v = Volume::open(cfg).unwrap();
+    assert_eq!(all(&v), want);
+    assert!(v.warnings().iter().all(|w| !w.contains("flagged spare")));
 }
 
 /// A spare delta made on a live layer that a revert then replaced is not

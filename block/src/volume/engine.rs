@@ -494,6 +494,18 @@ impl Volume {
                 let obj = store.open_layer(rec.id, !read_only)?;
                 let (d, w) = Delta::open(obj, rec.id, cfg.lun_uuid, geo)?;
                 warnings.extend(w);
+                // A crash between a switch's manifest commit and clearing
+                // the new live layer's spare flag leaves the flag on a
+                // layer the manifest names: harmless here, but `lunctl
+                // repair` leaves spares out of the tree it rebuilds.
+                if !read_only && d.header().spare() {
+                    d.set_spare(false)?;
+                    warnings.push(format!(
+                        "{}: layer {} is named by the manifest but was still flagged spare (a crash right after a snapshot or revert committed); flag cleared",
+                        dir.display(),
+                        rec.id
+                    ));
+                }
                 st.add(Layer::Delta(Box::new(d)), None, true);
             }
             for rec in &m.layers {
