@@ -10,7 +10,7 @@ mod common;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use lungate_block::store::file::{layers_dir, FileStore};
 use lungate_block::store::Store;
@@ -222,6 +222,35 @@ fn cluster(v: &Volume, c: u64) -> Vec<u8> {
     b
 }
 
+/// A new volume `NAME` of `clusters` clusters in `dir` whose cluster 0
+/// holds `fill` under snapshot `snap` (the first snapshot publishes the
+/// store: made whole, durably), with its config and layers directory.
+fn snapshotted(
+    dir: &Path,
+    name: &str,
+    clusters: u64,
+    fill: u8,
+    snap: &str,
+) -> (VolumeConfig, PathBuf, Volume) {
+    let cfg = lun(dir, name, clusters * CS);
+    let layers = layers_dir(&cfg.lun_path);
+    let v = Volume::open(cfg.clone()).unwrap();
+    v.write(0, &[fill; CS as usize]).unwrap();
+    v.snapshot(snap, "").unwrap();
+    (cfg, layers, v)
+}
+
+/// After a crash forgot a switch nothing made durable: the write into its
+/// spare delta (cluster 3) went with the spare's file.
+fn assert_spare_removed(v: &Volume, dir: &Path, committed: &[String]) {
+    assert_eq!(
+        cluster(v, 3),
+        vec![0; CS as usize],
+        "an unflushed write into the spare delta survived its removal"
+    );
+    assert_eq!(deltas(dir), committed, "the spare delta outlived the crash");
+}
+
 /// A live snapshot in its three phases (prepare before the pause, switch
 /// inside it, finish after): a crash after the switch and before anything
 /// made it durable forgets the snapshot and removes the spare delta, with
@@ -232,12 +261,7 @@ fn cluster(v: &Volume, c: u64) -> Vec<u8> {
 fn a_switched_snapshot_is_durable_after_the_next_flush_and_forgotten_before() {
     for flush_after in [false, true] {
         let d = tempfile::tempdir().unwrap();
-        let cfg = lun(d.path(), "s", 64 * CS);
-        let dir = layers_dir(&cfg.lun_path);
-        let v = Volume::open(cfg.clone()).unwrap();
-        v.write(0, &[1; CS as usize]).unwrap();
-        // The first snapshot publishes the store (made whole, durably).
-        v.snapshot("first", "").unwrap();
+        let (cfg, dir, v) = snapshotted(d.path(), "s", 64, 1, "first");
         v.write(CS, &[2; CS as usize]).unwrap();
         v.flush().unwrap();
         let committed = deltas(&dir);
@@ -280,16 +304,7 @@ fn a_switched_snapshot_is_durable_after_the_next_flush_and_forgotten_before() {
                 ["first"],
                 "a snapshot nothing made durable survived a crash"
             );
-            assert_eq!(
-                cluster(&v, 3),
-                vec![0; CS as usize],
-                "an unflushed write into the spare delta survived its removal"
-            );
-            assert_eq!(
-                deltas(&dir),
-                committed,
-                "the spare delta outlived the crash"
-            );
+            assert_spare_removed(&v, &dir, &committed);
         }
         // Tree operations go on from a committed manifest.
         v.snapshot("after", "").unwrap();
@@ -307,11 +322,7 @@ fn a_switched_snapshot_is_durable_after_the_next_flush_and_forgotten_before() {
 #[test]
 fn a_live_layer_left_flagged_spare_is_cleared_on_open_and_kept_by_repair() {
     let d = tempfile::tempdir().unwrap();
-    let cfg = lun(d.path(), "l", 64 * CS);
-    let dir = layers_dir(&cfg.lun_path);
-    let v = Volume::open(cfg.clone()).unwrap();
-    v.write(0, &[1; CS as usize]).unwrap();
-    v.snapshot("a", "").unwrap();
+    let (cfg, dir, v) = snapshotted(d.path(), "l", 64, 1, "a");
     v.write(CS, &[2; CS as usize]).unwrap();
     v.flush().unwrap();
     let live = v.chain()[0];
@@ -364,11 +375,7 @@ fn a_live_layer_left_flagged_spare_is_cleared_on_open_and_kept_by_repair() {
 #[test]
 fn a_spare_from_before_a_revert_is_removed_not_used() {
     let d = tempfile::tempdir().unwrap();
-    let cfg = lun(d.path(), "r", 16 * CS);
-    let dir = layers_dir(&cfg.lun_path);
-    let v = Volume::open(cfg.clone()).unwrap();
-    v.write(0, &[7; CS as usize]).unwrap();
-    v.snapshot("a", "").unwrap();
+    let (_, dir, v) = snapshotted(d.path(), "r", 16, 7, "a");
     v.write(0, &[8; CS as usize]).unwrap();
     v.prepare_snapshot().unwrap();
     v.revert("a").unwrap();
@@ -405,11 +412,7 @@ fn a_spare_from_before_a_revert_is_removed_not_used() {
 fn a_switched_revert_is_durable_after_the_next_flush_and_forgotten_before() {
     for flush_after in [false, true] {
         let d = tempfile::tempdir().unwrap();
-        let cfg = lun(d.path(), "r", 64 * CS);
-        let dir = layers_dir(&cfg.lun_path);
-        let v = Volume::open(cfg.clone()).unwrap();
-        v.write(0, &[1; CS as usize]).unwrap();
-        v.snapshot("a", "").unwrap();
+        let (cfg, dir, v) = snapshotted(d.path(), "r", 64, 1, "a");
         v.write(0, &[2; CS as usize]).unwrap();
         v.write(CS, &[5; CS as usize]).unwrap();
         v.flush().unwrap();
@@ -450,16 +453,7 @@ fn a_switched_revert_is_durable_after_the_next_flush_and_forgotten_before() {
             assert_eq!(v.chain()[0], discarded, "an uncommitted revert survived");
             assert_eq!(cluster(&v, 0), vec![2; CS as usize]);
             assert_eq!(cluster(&v, 1), vec![5; CS as usize]);
-            assert_eq!(
-                cluster(&v, 3),
-                vec![0; CS as usize],
-                "an unflushed write into the spare delta survived its removal"
-            );
-            assert_eq!(
-                deltas(&dir),
-                committed,
-                "the spare delta outlived the crash"
-            );
+            assert_spare_removed(&v, &dir, &committed);
         }
         // Tree operations go on from a committed manifest.
         v.revert("a").unwrap();
