@@ -244,10 +244,13 @@ pub fn assert_clean(seen: &Seen) {
     assert!(seen.ops > 0);
 }
 
+/// Requests [`migrate_under_writer`] waits for before and after the move.
+pub const UNDER_WRITER_OPS: u64 = 300;
+
 /// `lunctl --json migrate ARGS` while the sequence-numbered writer runs
 /// on `export` of `src` through one connection held open across the
-/// switch: `ops` requests before the migration and `ops` more after it
-/// (forwarded to the new owner). Asserts the migration ended `done` and
+/// switch: [`UNDER_WRITER_OPS`] requests before the migration and as many
+/// after it (forwarded to the new owner). Asserts the migration ended `done` and
 /// every request was answered right; returns the migration's result and
 /// what the writer saw. `dst` is the target, whose log a failure shows.
 pub fn migrate_under_writer(
@@ -255,8 +258,8 @@ pub fn migrate_under_writer(
     dst: &Gateway,
     export: &str,
     args: &[&str],
-    ops: u64,
 ) -> (serde_json::Value, Seen) {
+    let ops = UNDER_WRITER_OPS;
     let (stop, count, h) = run_writer(Address::Tcp(src.addr()), export);
     wait_ops(&count, ops);
     let (ok, res, all) = lunctl_migrate(args);

@@ -49,13 +49,8 @@ fn a_lun_with_a_snapshot_migrates_between_two_gateways_under_writes() {
     let live = fill(&tcp(&src), export, 8 << 20, 1 << 20, 12);
     let snaps_before = api(&src.control(), "GET", "/v1/luns/vm1/snapshots", None, 200);
 
-    let (res, seen) = migrate_under_writer(
-        &src,
-        &dst,
-        export,
-        &["vm1", "--pool", a_s, "--to", &to],
-        300,
-    );
+    let (res, seen) =
+        migrate_under_writer(&src, &dst, export, &["vm1", "--pool", a_s, "--to", &to]);
     assert_eq!(res["members"], json!(["vm1", "vm1data"]), "{res}");
     assert!(res["bytes"].as_u64().unwrap() >= 5 << 20, "{res}");
     assert!(res["pause_us"].as_u64().is_some(), "{res}");
@@ -890,13 +885,7 @@ fn over_tls_the_target_admits_only_the_certificate_its_rules_name() {
     // writes with every request answered right.
     let src = Gateway::start(&["--config", &with_cert, "--pool", a_s]);
     let export = "vmt/disk0";
-    let (_, seen) = migrate_under_writer(
-        &src,
-        &dst,
-        export,
-        &["vmt", "--pool", a_s, "--to", &to],
-        200,
-    );
+    let (_, seen) = migrate_under_writer(&src, &dst, export, &["vmt", "--pool", a_s, "--to", &to]);
     assert!(b.path().join("vmt.lun").is_file());
     assert!(!a.path().join("vmt.lun").exists());
     verify(&tcp(&dst), export, &seen.model);
@@ -985,13 +974,7 @@ fn a_lun_migrates_to_a_gateway_on_another_host_under_writes() {
     assert!(to.starts_with(&format!("{there}:")), "{to}");
     assert_eq!(dst.addr().ip().to_string(), there);
     let export = "vmn/disk0";
-    let (_, seen) = migrate_under_writer(
-        &src,
-        &dst,
-        export,
-        &["vmn", "--pool", a_s, "--to", &to],
-        200,
-    );
+    let (_, seen) = migrate_under_writer(&src, &dst, export, &["vmn", "--pool", a_s, "--to", &to]);
     // The forwarded connection came from this side of the link.
     let from_here = format!("client={}:", ns.here);
     assert!(
