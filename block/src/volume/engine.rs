@@ -734,6 +734,16 @@ impl Volume {
         (self.geo.size - vc * cs).min(cs) as usize
     }
 
+    /// Whether cluster `vc` lies wholly inside one protected range (a
+    /// diff never reports it).
+    fn cluster_protected(&self, vc: u64) -> bool {
+        let start = vc * self.geo.cluster_size;
+        let end = start + self.cluster_len(vc) as u64;
+        self.protected
+            .iter()
+            .any(|r| r.start <= start && end <= r.end)
+    }
+
     /// Split `[offset, offset+len)` into `(start, end, protected)` runs.
     pub(super) fn segments(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
         let end = offset + len;
@@ -2160,15 +2170,11 @@ impl Volume {
         let cs = self.geo.cluster_size;
         let mut out: Vec<Change> = Vec::new();
         for vc in clusters {
-            let start = vc * cs;
-            let end = start + self.cluster_len(vc) as u64;
-            if self
-                .protected
-                .iter()
-                .any(|r| r.start <= start && end <= r.end)
-            {
+            if self.cluster_protected(vc) {
                 continue;
             }
+            let start = vc * cs;
+            let end = start + self.cluster_len(vc) as u64;
             let (ra, rb) = (self.resolve(&st, &a, vc), self.resolve(&st, &b, vc));
             if ra == rb {
                 continue;
@@ -2236,15 +2242,11 @@ impl Volume {
         let everything = sym.iter().any(|&s| st.layer(s).delta().is_none());
         let cs = self.geo.cluster_size;
         for vc in offset / cs..=(end - 1) / cs {
-            let start = vc * cs;
-            let c_end = start + self.cluster_len(vc) as u64;
-            if self
-                .protected
-                .iter()
-                .any(|r| r.start <= start && c_end <= r.end)
-            {
+            if self.cluster_protected(vc) {
                 continue;
             }
+            let start = vc * cs;
+            let c_end = start + self.cluster_len(vc) as u64;
             if !everything && !sym.iter().any(|&s| st.delta(s).get(vc) != 0) {
                 continue;
             }
