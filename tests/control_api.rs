@@ -502,6 +502,22 @@ fn lunctl_routes_to_the_gateway_and_operations_cover_secondary_disks() {
     let gw = Gateway::start(&["--pool", pool.arg()]);
     qemu_io_ok(&gw.uri("vm/disk0"), &["write -P 0x11 0 1M"]);
     qemu_io_ok(&gw.uri("data/disk0"), &["write -P 0x22 0 1M"]);
+    // `lunctl owner` names the gateway from its owner record.
+    let owner = |path: &std::path::Path| {
+        let out = lunctl(&["--json", "owner", path.to_str().unwrap()]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let o = owner(&vm);
+    assert_eq!(o["source"], "record", "{o}");
+    assert_eq!(o["owner"]["owner"], "lungate", "{o}");
+    assert_eq!(o["owner"]["pid"], gw.pid(), "{o}");
+    assert_eq!(o["owner"]["host"], lungate_block::sys::hostname(), "{o}");
+    assert_eq!(
+        o["owner"]["control"],
+        gw.control().display().to_string(),
+        "{o}"
+    );
+    assert!(o["owner"]["since"].as_u64().is_some_and(|s| s > 0), "{o}");
 
     // Direct file access is refused while the gateway owns the LUN; the
     // snapshot goes to the gateway instead.
@@ -553,6 +569,9 @@ fn lunctl_routes_to_the_gateway_and_operations_cover_secondary_disks() {
     qemu_io_ok(&gw.uri("vm/disk0"), &["read -P 0x11 0 1M"]);
     qemu_io_ok(&gw.uri("data/disk0"), &["read -P 0x22 0 1M"]);
     gw.stop_ok();
+    let o = owner(&vm);
+    assert_eq!(o["source"], "lock", "{o}");
+    assert!(o["owner"].is_null(), "{o}");
 
     // After the gateway: lunctl works on the files directly, and the
     // scanner shows the clone under its parent.

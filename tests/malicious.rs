@@ -1624,6 +1624,43 @@ fn run_all(t: &Target, others: &[&str]) {
     check_absurd_lengths(t);
 }
 
+/// A lungate target for each of `exports` (name, size), over TCP and the
+/// unix socket in turn.
+fn targets(gw: &Gateway, exports: &[(String, u64)]) -> Vec<Target> {
+    exports
+        .iter()
+        .enumerate()
+        .map(|(i, (export, size))| Target {
+            addr: if i % 2 == 0 {
+                Addr::Tcp(gw.addr())
+            } else {
+                Addr::Unix(gw.unix_path().to_path_buf())
+            },
+            export: export.clone(),
+            size: *size,
+            lungate: true,
+            pid: gw.pid(),
+        })
+        .collect()
+}
+
+/// Every hostile check against each of `exports` ([`targets`]; the option
+/// checks look for the others by name); `first(target)` runs before an
+/// export's checks. An export past 4 GiB gets the checks that fit its size
+/// ([`check_huge`]). The gateway must survive every export's checks.
+fn check_exports(gw: &mut Gateway, exports: &[(String, u64)], mut first: impl FnMut(&Target)) {
+    let names: Vec<&str> = exports.iter().map(|(n, _)| n.as_str()).collect();
+    for t in targets(gw, exports) {
+        first(&t);
+        if t.size > 1 << 32 {
+            check_huge(&t);
+        } else {
+            run_all(&t, &names);
+        }
+        gw.assert_running();
+    }
+}
+
 #[test]
 fn hostile_requests_never_escape_the_disk_region() {
     require_tool("qemu-io");
@@ -1641,7 +1678,6 @@ fn hostile_requests_never_escape_the_disk_region() {
     .expect("write config");
     let mut gw = Gateway::start(&["--config", config.to_str().expect("utf-8")]);
     let exports = pool.exports();
-    let names: Vec<&str> = exports.iter().map(|(n, _)| n.as_str()).collect();
     let shadows: Vec<(String, u64)> = pool
         .luns
         .iter()
@@ -1649,30 +1685,12 @@ fn hostile_requests_never_escape_the_disk_region() {
         .filter(|(_, s)| *s > 0)
         .collect();
     assert!(!shadows.is_empty(), "the pool has an aligned LUN");
-    for (i, (export, size)) in exports.iter().enumerate() {
-        let addr = if i % 2 == 0 {
-            Addr::Tcp(gw.addr())
-        } else {
-            Addr::Unix(gw.unix_path().to_path_buf())
-        };
-        let t = Target {
-            addr,
-            export: export.clone(),
-            size: *size,
-            lungate: true,
-            pid: gw.pid(),
-        };
-        if let Some((_, shadow)) = shadows.iter().find(|(e, _)| e == export) {
-            check_shadow(&t, *shadow);
+    check_exports(&mut gw, &exports, |t| {
+        if let Some((_, shadow)) = shadows.iter().find(|(e, _)| *e == t.export) {
+            check_shadow(t, *shadow);
             pool.assert_hidden_unchanged();
         }
-        if t.size > 1 << 32 {
-            check_huge(&t);
-        } else {
-            run_all(&t, &names);
-        }
-        gw.assert_running();
-    }
+    });
     // The last block written through NBD sits at the end of the region in
     // the backing file: the view maps offsets, it does not shift them.
     for l in &pool.luns {
@@ -1715,19 +1733,7 @@ fn read_only_gateway_refuses_every_write() {
         .collect();
 
     let gw = Gateway::start(&["--pool", pool.arg(), "--read-only"]);
-    for (i, (export, size)) in pool.exports().into_iter().enumerate() {
-        let addr = if i % 2 == 0 {
-            Addr::Tcp(gw.addr())
-        } else {
-            Addr::Unix(gw.unix_path().to_path_buf())
-        };
-        let t = Target {
-            addr,
-            export,
-            size,
-            lungate: true,
-            pid: gw.pid(),
-        };
+    for t in targets(&gw, &pool.exports()) {
         check_read_only(&t);
     }
     gw.stop_ok();
@@ -2421,23 +2427,7 @@ fn rbd_hostile_requests_never_escape_the_disk_region() {
             exports.push((format!("{name}/disk{i}"), length));
         }
     }
-    let names: Vec<&str> = exports.iter().map(|(n, _)| n.as_str()).collect();
-    for (i, (export, size)) in exports.iter().enumerate() {
-        let addr = if i % 2 == 0 {
-            Addr::Tcp(gw.addr())
-        } else {
-            Addr::Unix(gw.unix_path().to_path_buf())
-        };
-        let t = Target {
-            addr,
-            export: export.clone(),
-            size: *size,
-            lungate: true,
-            pid: gw.pid(),
-        };
-        run_all(&t, &names);
-        gw.assert_running();
-    }
+    check_exports(&mut gw, &exports, |_| {});
     for ((name, ..), was) in luns.iter().zip(&hidden) {
         let copy = c.export(ns, &format!("{name}.lun"), dir.path());
         assert_eq!(

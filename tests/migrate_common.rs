@@ -243,3 +243,40 @@ pub fn assert_clean(seen: &Seen) {
     assert_eq!(seen.mismatches, 0, "mismatched reads");
     assert!(seen.ops > 0);
 }
+
+/// Requests [`migrate_under_writer`] waits for before and after the move.
+pub const UNDER_WRITER_OPS: u64 = 300;
+
+/// `lunctl --json migrate ARGS` while the sequence-numbered writer runs
+/// on `export` of `src` through one connection held open across the
+/// switch: [`UNDER_WRITER_OPS`] requests before the migration and as many
+/// after it (forwarded to the new owner). Asserts the migration ended `done` and
+/// every request was answered right; returns the migration's result and
+/// what the writer saw. `dst` is the target, whose log a failure shows.
+pub fn migrate_under_writer(
+    src: &Gateway,
+    dst: &Gateway,
+    export: &str,
+    args: &[&str],
+) -> (serde_json::Value, Seen) {
+    let ops = UNDER_WRITER_OPS;
+    let (stop, count, h) = run_writer(Address::Tcp(src.addr()), export);
+    wait_ops(&count, ops);
+    let (ok, res, all) = lunctl_migrate(args);
+    if !ok {
+        stop.store(true, Ordering::Relaxed);
+        let _ = h.join();
+        panic!(
+            "lunctl migrate {args:?} failed: {all}\nsource:\n{}\ntarget:\n{}",
+            src.stderr_log(),
+            dst.stderr_log()
+        );
+    }
+    assert_eq!(res["type"], "result", "{all}");
+    assert_eq!(res["phase"], "done", "{res}");
+    wait_ops(&count, ops);
+    stop.store(true, Ordering::Relaxed);
+    let seen = h.join().unwrap();
+    assert_clean(&seen);
+    (res, seen)
+}

@@ -49,17 +49,8 @@ fn a_lun_with_a_snapshot_migrates_between_two_gateways_under_writes() {
     let live = fill(&tcp(&src), export, 8 << 20, 1 << 20, 12);
     let snaps_before = api(&src.control(), "GET", "/v1/luns/vm1/snapshots", None, 200);
 
-    let (stop, count, h) = run_writer(tcp(&src), export);
-    wait_ops(&count, 300);
-    let (ok, res, all) = lunctl_migrate(&["vm1", "--pool", a_s, "--to", &to]);
-    assert!(
-        ok,
-        "lunctl migrate failed: {all}\nsource:\n{}\ntarget:\n{}",
-        src.stderr_log(),
-        dst.stderr_log()
-    );
-    assert_eq!(res["type"], "result", "{all}");
-    assert_eq!(res["phase"], "done", "{res}");
+    let (res, seen) =
+        migrate_under_writer(&src, &dst, export, &["vm1", "--pool", a_s, "--to", &to]);
     assert_eq!(res["members"], json!(["vm1", "vm1data"]), "{res}");
     assert!(res["bytes"].as_u64().unwrap() >= 5 << 20, "{res}");
     assert!(res["pause_us"].as_u64().is_some(), "{res}");
@@ -78,11 +69,6 @@ fn a_lun_with_a_snapshot_migrates_between_two_gateways_under_writes() {
     for l in dst.stderr_log().lines().filter(|l| l.contains("_us=")) {
         eprintln!("target: {l}");
     }
-    // The connection opened before the switch keeps working, forwarded.
-    wait_ops(&count, 300);
-    stop.store(true, Ordering::Relaxed);
-    let seen = h.join().unwrap();
-    assert_clean(&seen);
     eprintln!(
         "writer: {} sequence-numbered writes, all verified",
         seen.ops
@@ -899,20 +885,7 @@ fn over_tls_the_target_admits_only_the_certificate_its_rules_name() {
     // writes with every request answered right.
     let src = Gateway::start(&["--config", &with_cert, "--pool", a_s]);
     let export = "vmt/disk0";
-    let (stop, count, h) = run_writer(tcp(&src), export);
-    wait_ops(&count, 200);
-    let (ok, res, all) = lunctl_migrate(&["vmt", "--pool", a_s, "--to", &to]);
-    assert!(
-        ok,
-        "migration over TLS failed: {all}\nsource:\n{}\ntarget:\n{}",
-        src.stderr_log(),
-        dst.stderr_log()
-    );
-    assert_eq!(res["phase"], "done", "{res}");
-    wait_ops(&count, 200);
-    stop.store(true, Ordering::Relaxed);
-    let seen = h.join().unwrap();
-    assert_clean(&seen);
+    let (_, seen) = migrate_under_writer(&src, &dst, export, &["vmt", "--pool", a_s, "--to", &to]);
     assert!(b.path().join("vmt.lun").is_file());
     assert!(!a.path().join("vmt.lun").exists());
     verify(&tcp(&dst), export, &seen.model);
@@ -1001,20 +974,7 @@ fn a_lun_migrates_to_a_gateway_on_another_host_under_writes() {
     assert!(to.starts_with(&format!("{there}:")), "{to}");
     assert_eq!(dst.addr().ip().to_string(), there);
     let export = "vmn/disk0";
-    let (stop, count, h) = run_writer(tcp(&src), export);
-    wait_ops(&count, 200);
-    let (ok, res, all) = lunctl_migrate(&["vmn", "--pool", a_s, "--to", &to]);
-    assert!(
-        ok,
-        "migration to the other host failed: {all}\nsource:\n{}\ntarget:\n{}",
-        src.stderr_log(),
-        dst.stderr_log()
-    );
-    assert_eq!(res["phase"], "done", "{res}");
-    wait_ops(&count, 200);
-    stop.store(true, Ordering::Relaxed);
-    let seen = h.join().unwrap();
-    assert_clean(&seen);
+    let (_, seen) = migrate_under_writer(&src, &dst, export, &["vmn", "--pool", a_s, "--to", &to]);
     // The forwarded connection came from this side of the link.
     let from_here = format!("client={}:", ns.here);
     assert!(

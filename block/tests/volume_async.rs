@@ -4,7 +4,8 @@
 //! another cluster's bytes, and a copy-on-write over zeros writes only the
 //! new bytes.
 
-use std::fs::OpenOptions;
+mod common;
+
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -12,34 +13,15 @@ use std::sync::Arc;
 use bytes::Bytes;
 use lungate_block::engine::{EngineKind, IoEngine};
 use lungate_block::store::file::layers_dir;
-use lungate_block::volume::{Volume, VolumeConfig, VolumeDevice, VolumeOptions};
+use lungate_block::volume::{Volume, VolumeConfig, VolumeDevice};
 use lungate_block::BlockDevice;
-use uuid::Uuid;
 
 fn volume(dir: &Path, size: u64, cluster: u32, fill: Option<u8>) -> (Arc<Volume>, VolumeConfig) {
-    let path = dir.join("v.lun");
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .unwrap();
-    f.set_len(size).unwrap();
+    let engine = IoEngine::new(EngineKind::Auto, 2).unwrap();
+    let cfg = common::lun_config(dir, "v", size, cluster.into(), Some(engine));
     if let Some(b) = fill {
-        f.write_all_at(&vec![b; size as usize], 0).unwrap();
+        cfg.file.write_all_at(&vec![b; size as usize], 0).unwrap();
     }
-    let cfg = VolumeConfig {
-        lun_path: path,
-        file: Arc::new(f),
-        lun_uuid: Uuid::new_v4(),
-        size,
-        protected: vec![],
-        options: VolumeOptions {
-            cluster_size: cluster,
-            read_only: false,
-        },
-        engine: Some(IoEngine::new(EngineKind::Auto, 2).unwrap()),
-    };
     (Arc::new(Volume::open(cfg.clone()).unwrap()), cfg)
 }
 

@@ -2,12 +2,12 @@
 //! queries and snapshot deletes run: no deadlock, and every thread reads back
 //! exactly what it last wrote to its own clusters.
 
-use std::fs::OpenOptions;
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use lungate_block::volume::{Volume, VolumeConfig, VolumeOptions};
-use uuid::Uuid;
+use lungate_block::volume::Volume;
 
 const CS: u64 = 4096;
 const THREADS: u64 = 4;
@@ -16,30 +16,8 @@ const PER_THREAD: u64 = 64;
 #[test]
 fn io_threads_and_tree_operations_run_together() {
     let d = tempfile::tempdir().unwrap();
-    let path = d.path().join("c.lun");
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .unwrap();
     let size = THREADS * PER_THREAD * CS;
-    f.set_len(size).unwrap();
-    let vol = Arc::new(
-        Volume::open(VolumeConfig {
-            lun_path: path,
-            file: Arc::new(f),
-            lun_uuid: Uuid::new_v4(),
-            size,
-            protected: vec![],
-            options: VolumeOptions {
-                cluster_size: CS as u32,
-                read_only: false,
-            },
-            engine: None,
-        })
-        .unwrap(),
-    );
+    let vol = Arc::new(Volume::open(common::lun_config(d.path(), "c", size, CS, None)).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..THREADS)
         .map(|t| {

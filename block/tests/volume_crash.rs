@@ -1,18 +1,22 @@
 //! Crash and damage cases of the volume engine on real files: a flatten
 //! interrupted midway resumes where its last persisted record says, torn
 //! manifest and header slots fall back to the other slot, uncommitted
-//! layers are removed on open, and a read-only open writes nothing even
-//! when it finds something to repair.
+//! layers are removed on open, a live layer a crash left flagged spare is
+//! cleared, and a read-only open writes nothing even when it finds
+//! something to repair.
 
 mod common;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use lungate_block::store::file::layers_dir;
-use lungate_block::volume::{Volume, VolumeConfig, VolumeOptions};
+use lungate_block::store::file::{layers_dir, FileStore};
+use lungate_block::store::Store;
+use lungate_block::volume::header::Geometry;
+use lungate_block::volume::layer::{read_header, Delta};
+use lungate_block::volume::{repair, Volume, VolumeConfig, VolumeOptions};
 use uuid::Uuid;
 
 const CS: u64 = 4096;
@@ -218,6 +222,35 @@ fn cluster(v: &Volume, c: u64) -> Vec<u8> {
     b
 }
 
+/// A new volume `NAME` of `clusters` clusters in `dir` whose cluster 0
+/// holds `fill` under snapshot `snap` (the first snapshot publishes the
+/// store: made whole, durably), with its config and layers directory.
+fn snapshotted(
+    dir: &Path,
+    name: &str,
+    clusters: u64,
+    fill: u8,
+    snap: &str,
+) -> (VolumeConfig, PathBuf, Volume) {
+    let cfg = lun(dir, name, clusters * CS);
+    let layers = layers_dir(&cfg.lun_path);
+    let v = Volume::open(cfg.clone()).unwrap();
+    v.write(0, &[fill; CS as usize]).unwrap();
+    v.snapshot(snap, "").unwrap();
+    (cfg, layers, v)
+}
+
+/// After a crash forgot a switch nothing made durable: the write into its
+/// spare delta (cluster 3) went with the spare's file.
+fn assert_spare_removed(v: &Volume, dir: &Path, committed: &[String]) {
+    assert_eq!(
+        cluster(v, 3),
+        vec![0; CS as usize],
+        "an unflushed write into the spare delta survived its removal"
+    );
+    assert_eq!(deltas(dir), committed, "the spare delta outlived the crash");
+}
+
 /// A live snapshot in its three phases (prepare before the pause, switch
 /// inside it, finish after): a crash after the switch and before anything
 /// made it durable forgets the snapshot and removes the spare delta, with
@@ -228,12 +261,7 @@ fn cluster(v: &Volume, c: u64) -> Vec<u8> {
 fn a_switched_snapshot_is_durable_after_the_next_flush_and_forgotten_before() {
     for flush_after in [false, true] {
         let d = tempfile::tempdir().unwrap();
-        let cfg = lun(d.path(), "s", 64 * CS);
-        let dir = layers_dir(&cfg.lun_path);
-        let v = Volume::open(cfg.clone()).unwrap();
-        v.write(0, &[1; CS as usize]).unwrap();
-        // The first snapshot publishes the store (made whole, durably).
-        v.snapshot("first", "").unwrap();
+        let (cfg, dir, v) = snapshotted(d.path(), "s", 64, 1, "first");
         v.write(CS, &[2; CS as usize]).unwrap();
         v.flush().unwrap();
         let committed = deltas(&dir);
@@ -276,16 +304,7 @@ fn a_switched_snapshot_is_durable_after_the_next_flush_and_forgotten_before() {
                 ["first"],
                 "a snapshot nothing made durable survived a crash"
             );
-            assert_eq!(
-                cluster(&v, 3),
-                vec![0; CS as usize],
-                "an unflushed write into the spare delta survived its removal"
-            );
-            assert_eq!(
-                deltas(&dir),
-                committed,
-                "the spare delta outlived the crash"
-            );
+            assert_spare_removed(&v, &dir, &committed);
         }
         // Tree operations go on from a committed manifest.
         v.snapshot("after", "").unwrap();
@@ -295,17 +314,68 @@ fn a_switched_snapshot_is_durable_after_the_next_flush_and_forgotten_before() {
     }
 }
 
+/// A crash after a snapshot's manifest commit and before the new live
+/// layer's spare flag is cleared leaves that flag on a layer the manifest
+/// names. A read-write open clears it (and says so), so a later `lunctl
+/// repair` keeps the live layer and its data instead of leaving it out as
+/// a spare that never held anything.
+#[test]
+fn a_live_layer_left_flagged_spare_is_cleared_on_open_and_kept_by_repair() {
+    let d = tempfile::tempdir().unwrap();
+    let (cfg, dir, v) = snapshotted(d.path(), "l", 64, 1, "a");
+    v.write(CS, &[2; CS as usize]).unwrap();
+    v.flush().unwrap();
+    let live = v.chain()[0];
+    let geo = Geometry::new(CS, v.size()).unwrap();
+    drop(v);
+    let store = FileStore::new(&cfg.lun_path, cfg.file.clone(), None, true);
+    let spare = |id| {
+        let obj = store.open_layer(id, false).unwrap();
+        read_header(&*obj).unwrap().0.spare()
+    };
+    // The state the crash leaves, made with the engine's own header commit.
+    let obj = store.open_layer(live, true).unwrap();
+    let (delta, _) = Delta::open(obj, live, cfg.lun_uuid, geo).unwrap();
+    delta.set_spare(true).unwrap();
+    drop(delta);
+    assert!(spare(live));
+
+    // Read-only: served as it is, nothing written.
+    let v = Volume::open(ro(&cfg)).unwrap();
+    assert_eq!(cluster(&v, 1), vec![2; CS as usize]);
+    drop(v);
+    assert!(spare(live), "a read-only open wrote the header");
+
+    let v = Volume::open(cfg.clone()).unwrap();
+    assert!(
+        v.warnings().iter().any(|w| w.contains("flagged spare")),
+        "{:?}",
+        v.warnings()
+    );
+    assert!(!spare(live), "the live layer is still flagged spare");
+    v.write(2 * CS, &[3; CS as usize]).unwrap();
+    v.flush().unwrap();
+    let want = all(&v);
+    drop(v);
+
+    // The manifest lost: repair rebuilds the tree with the live layer.
+    std::fs::remove_file(dir.join("manifest.0")).unwrap();
+    std::fs::remove_file(dir.join("manifest.1")).unwrap();
+    let r = repair::rebuild_manifest(&cfg, &|_| None).unwrap();
+    assert_eq!(r.top, live);
+    assert!(r.left_out.is_empty(), "left out: {:?}", r.left_out);
+    let v = Volume::open(cfg).unwrap();
+    assert_eq!(all(&v), want);
+    assert!(v.warnings().iter().all(|w| !w.contains("flagged spare")));
+}
+
 /// A spare delta made on a live layer that a revert then replaced is not
 /// used: the switch makes the snapshot whole on the new live layer and the
 /// stale spare is removed.
 #[test]
 fn a_spare_from_before_a_revert_is_removed_not_used() {
     let d = tempfile::tempdir().unwrap();
-    let cfg = lun(d.path(), "r", 16 * CS);
-    let dir = layers_dir(&cfg.lun_path);
-    let v = Volume::open(cfg.clone()).unwrap();
-    v.write(0, &[7; CS as usize]).unwrap();
-    v.snapshot("a", "").unwrap();
+    let (_, dir, v) = snapshotted(d.path(), "r", 16, 7, "a");
     v.write(0, &[8; CS as usize]).unwrap();
     v.prepare_snapshot().unwrap();
     v.revert("a").unwrap();
@@ -342,11 +412,7 @@ fn a_spare_from_before_a_revert_is_removed_not_used() {
 fn a_switched_revert_is_durable_after_the_next_flush_and_forgotten_before() {
     for flush_after in [false, true] {
         let d = tempfile::tempdir().unwrap();
-        let cfg = lun(d.path(), "r", 64 * CS);
-        let dir = layers_dir(&cfg.lun_path);
-        let v = Volume::open(cfg.clone()).unwrap();
-        v.write(0, &[1; CS as usize]).unwrap();
-        v.snapshot("a", "").unwrap();
+        let (cfg, dir, v) = snapshotted(d.path(), "r", 64, 1, "a");
         v.write(0, &[2; CS as usize]).unwrap();
         v.write(CS, &[5; CS as usize]).unwrap();
         v.flush().unwrap();
@@ -387,16 +453,7 @@ fn a_switched_revert_is_durable_after_the_next_flush_and_forgotten_before() {
             assert_eq!(v.chain()[0], discarded, "an uncommitted revert survived");
             assert_eq!(cluster(&v, 0), vec![2; CS as usize]);
             assert_eq!(cluster(&v, 1), vec![5; CS as usize]);
-            assert_eq!(
-                cluster(&v, 3),
-                vec![0; CS as usize],
-                "an unflushed write into the spare delta survived its removal"
-            );
-            assert_eq!(
-                deltas(&dir),
-                committed,
-                "the spare delta outlived the crash"
-            );
+            assert_spare_removed(&v, &dir, &committed);
         }
         // Tree operations go on from a committed manifest.
         v.revert("a").unwrap();

@@ -13,17 +13,17 @@
 //! `cargo test -p lun-manager --test volume_model` runs 32 cases (a few
 //! seconds); `PROPTEST_CASES=1000` for a soak.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use lungate_block::engine::{EngineKind, IoEngine};
 use lungate_block::volume::{ChangeKind, Error, Volume, VolumeConfig, VolumeDevice, VolumeOptions};
 use lungate_block::BlockDevice;
 use proptest::prelude::*;
-use uuid::Uuid;
 
 const CS: u64 = 4096;
 const MAX_VOLUMES: usize = 3;
@@ -200,32 +200,15 @@ fn pattern(seed: u8, off: u64, len: u64) -> Vec<u8> {
 }
 
 fn new_lun(dir: &Path, name: &str, size: u64, fill: bool) -> VolumeConfig {
-    let path: PathBuf = dir.join(format!("{name}.lun"));
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .unwrap();
-    f.set_len(size).unwrap();
+    let cfg = common::lun_config(dir, name, size, CS, Some(engine()));
     if fill {
         // A base with data in most places and a hole in the middle.
+        let f = &cfg.file;
         f.write_all_at(&pattern(0xa5, 0, size / 3), 0).unwrap();
         f.write_all_at(&pattern(0x5a, 2 * size / 3, size / 3), 2 * size / 3)
             .unwrap();
     }
-    VolumeConfig {
-        lun_path: path,
-        file: Arc::new(f),
-        lun_uuid: Uuid::new_v4(),
-        size,
-        protected: vec![],
-        options: VolumeOptions {
-            cluster_size: CS as u32,
-            read_only: false,
-        },
-        engine: Some(engine()),
-    }
+    cfg
 }
 
 /// Names, sizes and blake3 of the LUN file and every file in its layers
@@ -736,24 +719,13 @@ fn chain_of_64_snapshots_reads_correctly_with_one_lookup_per_cluster() {
 #[test]
 fn sparse_terabyte_volume_index_stays_small() {
     let d = tempfile::tempdir().unwrap();
-    let path = d.path().join("big.lun");
-    let f = File::create(&path).unwrap();
-    f.set_len(1 << 40).unwrap();
-    drop(f);
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    let cfg = VolumeConfig {
-        lun_path: path,
-        file: Arc::new(f),
-        lun_uuid: Uuid::new_v4(),
-        size: 1 << 40,
-        protected: vec![],
-        options: VolumeOptions::default(),
-        engine: None,
-    };
+    let cfg = common::lun_config(
+        d.path(),
+        "big",
+        1 << 40,
+        VolumeOptions::default().cluster_size.into(),
+        None,
+    );
     let vol = Volume::open(cfg).unwrap();
     vol.snapshot("empty", "").unwrap();
     vol.write((1 << 40) - 4096, &[3u8; 4096]).unwrap();

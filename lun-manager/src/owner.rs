@@ -172,7 +172,12 @@ fn read_record(path: &Path) -> Option<Owner> {
 /// Who holds the lock of the LUN at `path`, read from its `Owner` record.
 /// Only meaningful while the flock is held by someone.
 fn holder(path: &Path) -> Probe {
-    match read_record(path) {
+    holder_of(read_record(path))
+}
+
+/// What the `Owner` record `rec` of a LUN whose lock is held says.
+fn holder_of(rec: Option<Owner>) -> Probe {
+    match rec {
         Some(Owner {
             owner,
             pid,
@@ -200,6 +205,19 @@ pub fn probe(path: &Path) -> Result<Probe> {
     Ok(match try_lock(path)? {
         Ok(_lock) => Probe::Free,
         Err(held) => held,
+    })
+}
+
+/// [`probe`], with the `Owner` record the holder wrote (`None` when the
+/// lock is free or the holder left no readable record): the record's own
+/// fields (host, start time) for a caller that reports them.
+pub fn probe_record(path: &Path) -> Result<(Probe, Option<Owner>)> {
+    Ok(match try_flock(path)? {
+        Try::Got(_lock) => (Probe::Free, None),
+        Try::Held => {
+            let rec = read_record(path);
+            (holder_of(rec.clone()), rec)
+        }
     })
 }
 

@@ -59,6 +59,17 @@ fn whole(l: &Lun) -> Vec<u8> {
     b
 }
 
+/// `POOL/vm.lun` (offset layout) with `POOL/data.lun` (`layout`)
+/// attached as its secondary disk; their paths.
+fn with_secondary(pool: &Path, layout: Layout) -> (PathBuf, PathBuf) {
+    let p = create(pool, "vm", Layout::Offset);
+    let s = create(pool, "data", layout);
+    let mut pl = Lun::open(&p, Access::ReadWrite).unwrap();
+    let sl = Lun::open(&s, Access::ReadOnly).unwrap();
+    pl.attach_secondary(&sl).unwrap();
+    (p, s)
+}
+
 fn reopen(p: &Path) -> Group {
     Group::open(p, Access::ReadWrite).unwrap()
 }
@@ -181,13 +192,7 @@ fn state_records_revert_with_the_disks() {
 #[test]
 fn a_secondary_disk_is_snapshotted_reverted_and_cloned_with_its_primary() {
     let d = tempfile::tempdir().unwrap();
-    let p = create(d.path(), "vm", Layout::Offset);
-    let s = create(d.path(), "data", Layout::Truncate);
-    {
-        let mut pl = Lun::open(&p, Access::ReadWrite).unwrap();
-        let sl = Lun::open(&s, Access::ReadOnly).unwrap();
-        pl.attach_secondary(&sl).unwrap();
-    }
+    let (p, _) = with_secondary(d.path(), Layout::Truncate);
     let mut g = reopen(&p);
     assert_eq!(g.members().len(), 2);
     let suuid = g.members()[1].uuid();
@@ -238,13 +243,7 @@ fn a_secondary_disk_is_snapshotted_reverted_and_cloned_with_its_primary() {
 #[test]
 fn a_half_made_group_snapshot_is_removed_on_open() {
     let d = tempfile::tempdir().unwrap();
-    let p = create(d.path(), "vm", Layout::Offset);
-    let s = create(d.path(), "data", Layout::Offset);
-    {
-        let mut pl = Lun::open(&p, Access::ReadWrite).unwrap();
-        let sl = Lun::open(&s, Access::ReadOnly).unwrap();
-        pl.attach_secondary(&sl).unwrap();
-    }
+    let (p, _) = with_secondary(d.path(), Layout::Offset);
     let g = reopen(&p);
     g.snapshot("whole", "").unwrap();
     // A crash after the secondary's snapshot and before the primary's: the
@@ -405,13 +404,7 @@ fn a_chain_of_depth_64_reads_correctly() {
 #[test]
 fn interrupted_revert_and_clone_are_finished_or_undone_on_open() {
     let d = tempfile::tempdir().unwrap();
-    let p = create(d.path(), "vm", Layout::Offset);
-    let s = create(d.path(), "data", Layout::Offset);
-    {
-        let mut pl = Lun::open(&p, Access::ReadWrite).unwrap();
-        let sl = Lun::open(&s, Access::ReadOnly).unwrap();
-        pl.attach_secondary(&sl).unwrap();
-    }
+    let (p, s) = with_secondary(d.path(), Layout::Offset);
     let g = reopen(&p);
     g.snapshot("a", "").unwrap();
     for m in g.members() {
@@ -466,13 +459,7 @@ fn interrupted_revert_and_clone_are_finished_or_undone_on_open() {
 #[test]
 fn a_group_can_be_made_of_luns_already_open() {
     let d = tempfile::tempdir().unwrap();
-    let p = create(d.path(), "vm", Layout::Offset);
-    let s = create(d.path(), "data", Layout::Offset);
-    {
-        let mut pl = Lun::open(&p, Access::ReadWrite).unwrap();
-        let sl = Lun::open(&s, Access::ReadOnly).unwrap();
-        pl.attach_secondary(&sl).unwrap();
-    }
+    let (p, s) = with_secondary(d.path(), Layout::Offset);
     let pl = Lun::open(&p, Access::ReadWrite).unwrap();
     let sl = Lun::open(&s, Access::ReadWrite).unwrap();
     let e = Group::from_members(vec![pl]).unwrap_err().to_string();
@@ -719,13 +706,7 @@ fn diff_onto_another_lun(layout: Layout) {
 #[test]
 fn recovery_reverts_only_the_members_whose_revert_was_never_committed() {
     let d = tempfile::tempdir().unwrap();
-    let p = create(d.path(), "vm", Layout::Offset);
-    let s = create(d.path(), "data", Layout::Offset);
-    {
-        let mut pl = Lun::open(&p, Access::ReadWrite).unwrap();
-        let sl = Lun::open(&s, Access::ReadOnly).unwrap();
-        pl.attach_secondary(&sl).unwrap();
-    }
+    let (p, _) = with_secondary(d.path(), Layout::Offset);
     let intent = d.path().join(".vm.group-op");
     let mut g = reopen(&p);
     assert!(!g.recovered_revert());

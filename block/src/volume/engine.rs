@@ -494,6 +494,18 @@ impl Volume {
                 let obj = store.open_layer(rec.id, !read_only)?;
                 let (d, w) = Delta::open(obj, rec.id, cfg.lun_uuid, geo)?;
                 warnings.extend(w);
+                // A crash between a switch's manifest commit and clearing
+                // the new live layer's spare flag leaves the flag on a
+                // layer the manifest names: harmless here, but `lunctl
+                // repair` leaves spares out of the tree it rebuilds.
+                if !read_only && d.header().spare() {
+                    d.set_spare(false)?;
+                    warnings.push(format!(
+                        "{}: layer {} is named by the manifest but was still flagged spare (a crash right after a snapshot or revert committed); flag cleared",
+                        dir.display(),
+                        rec.id
+                    ));
+                }
                 st.add(Layer::Delta(Box::new(d)), None, true);
             }
             for rec in &m.layers {
@@ -727,6 +739,16 @@ impl Volume {
     pub(super) fn cluster_len(&self, vc: u64) -> usize {
         let cs = self.geo.cluster_size;
         (self.geo.size - vc * cs).min(cs) as usize
+    }
+
+    /// Whether cluster `vc` lies wholly inside one protected range (a
+    /// diff never reports it).
+    fn cluster_protected(&self, vc: u64) -> bool {
+        let start = vc * self.geo.cluster_size;
+        let end = start + self.cluster_len(vc) as u64;
+        self.protected
+            .iter()
+            .any(|r| r.start <= start && end <= r.end)
     }
 
     /// Split `[offset, offset+len)` into `(start, end, protected)` runs.
@@ -2155,15 +2177,11 @@ impl Volume {
         let cs = self.geo.cluster_size;
         let mut out: Vec<Change> = Vec::new();
         for vc in clusters {
-            let start = vc * cs;
-            let end = start + self.cluster_len(vc) as u64;
-            if self
-                .protected
-                .iter()
-                .any(|r| r.start <= start && end <= r.end)
-            {
+            if self.cluster_protected(vc) {
                 continue;
             }
+            let start = vc * cs;
+            let end = start + self.cluster_len(vc) as u64;
             let (ra, rb) = (self.resolve(&st, &a, vc), self.resolve(&st, &b, vc));
             if ra == rb {
                 continue;
@@ -2231,15 +2249,11 @@ impl Volume {
         let everything = sym.iter().any(|&s| st.layer(s).delta().is_none());
         let cs = self.geo.cluster_size;
         for vc in offset / cs..=(end - 1) / cs {
-            let start = vc * cs;
-            let c_end = start + self.cluster_len(vc) as u64;
-            if self
-                .protected
-                .iter()
-                .any(|r| r.start <= start && c_end <= r.end)
-            {
+            if self.cluster_protected(vc) {
                 continue;
             }
+            let start = vc * cs;
+            let c_end = start + self.cluster_len(vc) as u64;
             if !everything && !sym.iter().any(|&s| st.delta(s).get(vc) != 0) {
                 continue;
             }

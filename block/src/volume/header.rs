@@ -53,7 +53,9 @@ pub const FLAG_CHECKSUMS: u32 = 2;
 /// Made ahead for a live snapshot and not yet named by a committed
 /// manifest: nothing written into it was ever flushed (every flush makes
 /// the snapshot durable first, and the flag is cleared right after the
-/// manifest commit), so a spare no manifest names is removed on open.
+/// manifest commit), so a spare no manifest names is removed on open. A
+/// read-write open clears the flag on a layer the manifest does name (a
+/// crash between that commit and the clearing).
 pub const FLAG_SPARE: u32 = 4;
 
 /// Where things live in a delta file; a pure function of cluster size and

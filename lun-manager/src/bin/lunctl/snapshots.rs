@@ -853,43 +853,55 @@ fn list_or(v: &[String], none: &str) -> String {
     }
 }
 
+/// Who `lunctl owner` names: etcd's registration of the gateway, or the
+/// `Owner` record a gateway holding the LUN's lock wrote (its own fields:
+/// program, host, PID, start time, control socket).
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Holder {
+    Etcd(etcd::Registration),
+    Record(lungate_api::records::Owner),
+}
+
 /// `lunctl owner`: who serves the LUN. With `--coordinator`, for an RBD
 /// LUN, etcd's owner (authoritative: a key bound to that gateway's lease);
 /// otherwise what the LUN's lock and owner record say.
 pub fn owner(out: &Output, path: &Path) -> Res {
     let label = Lun::probe_label(path)?;
-    let (source, reg) = match etcd_owner(path)? {
-        Some(r) => ("etcd", Some(r)),
+    let (source, holder) = match etcd_owner(path)? {
+        Some(r) => ("etcd", Some(Holder::Etcd(r))),
         None if COORDINATOR.get().is_some() && lun_manager::backing::is_rbd(path) => ("etcd", None),
-        None => match owner::probe(path)? {
-            Probe::Free => ("lock", None),
-            Probe::Gateway { pid, control } => (
-                "record",
-                Some(etcd::Registration {
-                    name: "lungate".into(),
-                    pid,
-                    host: owner::hostname(),
-                    listen: vec![format!("control unix {}", control.display())],
-                }),
-            ),
-            busy => return Err(owner::busy_error(path, &busy).into()),
+        None => match owner::probe_record(path)? {
+            (Probe::Free, _) => ("lock", None),
+            (Probe::Gateway { .. }, Some(rec)) => ("record", Some(Holder::Record(rec))),
+            (busy, _) => return Err(owner::busy_error(path, &busy).into()),
         },
     };
     let doc = serde_json::json!({
         "lun": label.name,
         "path": path.display().to_string(),
         "source": source,
-        "owner": reg,
+        "owner": holder,
     });
-    out.document(&doc, || match &reg {
+    out.document(&doc, || match &holder {
         None => format!("{} is not served by any gateway ({source})\n", label.name),
-        Some(r) => {
+        Some(Holder::Etcd(r)) => {
             let mut t = format!(
                 "{} is served by {} (PID {} on {}; from {source})\n",
                 label.name, r.name, r.pid, r.host
             );
             for l in &r.listen {
                 let _ = writeln!(t, "  {l}");
+            }
+            t
+        }
+        Some(Holder::Record(r)) => {
+            let mut t = format!(
+                "{} is served by {} (PID {} on {}; from its owner record)\n",
+                label.name, r.owner, r.pid, r.host
+            );
+            if let Some(c) = &r.control {
+                let _ = writeln!(t, "  control unix {c}");
             }
             t
         }
