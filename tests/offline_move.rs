@@ -323,10 +323,20 @@ fn a_killed_move_recovered_by_a_gateway_of_the_source_pool_alone_leaves_one_owne
             assert_eq!(c, before, "killed at {step}");
         }
         gw.stop_ok();
-        assert_eq!(has_vm(a.path()), !moved, "killed at {step}: {:?}", tree(a.path()));
+        assert_eq!(
+            has_vm(a.path()),
+            !moved,
+            "killed at {step}: {:?}",
+            tree(a.path())
+        );
         let gw = Gateway::start(&["--pool", b_s]);
         let there = contents_or_none(&gw);
-        assert_eq!(there.is_some(), moved, "killed at {step}:\n{}", gw.stderr_log());
+        assert_eq!(
+            there.is_some(),
+            moved,
+            "killed at {step}:\n{}",
+            gw.stderr_log()
+        );
         if let Some(c) = there {
             assert_eq!(c, before, "killed at {step}, on the target pool");
         }
