@@ -141,3 +141,39 @@ impl Lun {
         Ok(label)
     }
 }
+
+/// A snapshot as the control API and `lunctl snapshots` show it, without
+/// its sizes (see [`Lun::snapshot_list`]).
+pub fn wire_snapshot(s: lungate_block::volume::SnapshotInfo) -> lungate_api::types::SnapshotInfo {
+    lungate_api::types::SnapshotInfo {
+        name: s.name,
+        description: s.description,
+        created: s.created,
+        parent: s.parent,
+        layer: s.layer,
+        current: s.current,
+        sizes: vec![],
+    }
+}
+
+impl Lun {
+    /// The LUN's snapshots, oldest first, as the control API and `lunctl
+    /// snapshots` show them: each with the region sizes it had when they
+    /// differ from now (the LUN was resized after it). A gateway and an
+    /// offline `lunctl` answer with this one list.
+    pub fn snapshot_list(&self) -> Result<Vec<lungate_api::types::SnapshotInfo>> {
+        let now = SnapshotLayout::of(&self.label);
+        let mut out = Vec::new();
+        for s in self.volume.snapshots() {
+            let then = self.snapshot_layout(&s.name)?;
+            let mut row = wire_snapshot(s);
+            row.sizes = then
+                .size_changes(&now)
+                .into_iter()
+                .map(|(region, bytes, now)| lungate_api::types::RegionSize { region, bytes, now })
+                .collect();
+            out.push(row);
+        }
+        Ok(out)
+    }
+}

@@ -163,36 +163,13 @@ fn target(path: &Path) -> Res<Target> {
 type SnapRow = wire::SnapshotInfo;
 
 fn row(s: lungate_block::volume::SnapshotInfo) -> SnapRow {
-    wire::SnapshotInfo {
-        name: s.name,
-        description: s.description,
-        created: s.created,
-        parent: s.parent,
-        layer: s.layer,
-        current: s.current,
-        sizes: vec![],
-    }
+    lun_manager::lun::layouts::wire_snapshot(s)
 }
 
 /// The rows of `group`'s snapshots, each with the region sizes it had when
 /// they differ from now (the LUN was resized after it).
 fn rows_of(group: &Group) -> Res<Vec<SnapRow>> {
-    let lun = group.primary();
-    let now = lun_manager::lun::layouts::SnapshotLayout::of(lun.label());
-    let mut out = rows(group.snapshots());
-    for r in &mut out {
-        r.sizes = lun
-            .snapshot_layout(&r.name)?
-            .size_changes(&now)
-            .into_iter()
-            .map(|(region, bytes, now)| wire::RegionSize { region, bytes, now })
-            .collect();
-    }
-    Ok(out)
-}
-
-fn rows(v: Vec<lungate_block::volume::SnapshotInfo>) -> Vec<SnapRow> {
-    v.into_iter().map(row).collect()
+    Ok(group.primary().snapshot_list()?)
 }
 
 pub fn snapshot(out: &Output, path: &Path, snap: &str, desc: &str) -> Res {
