@@ -71,6 +71,19 @@ impl Lun {
     pub fn snapshot_layout(&self, name: &str) -> Result<SnapshotLayout> {
         match self.volume.snapshot_layouts().remove(name) {
             None => Ok(SnapshotLayout::of(&self.label)),
+            Some(v)
+                if v.get(lungate_block::volume::manifest::LOST_LAYOUT)
+                    .is_some() =>
+            {
+                Err(Error::Invalid(format!(
+                    "{}: snapshot {name} was taken before the LUN was resized, and `lunctl repair` \
+                     could not recover where its regions were when it rebuilt the manifest; \
+                     reading, reverting to or cloning it is refused. `lunctl delete-snapshot {} \
+                     {name}` removes it",
+                    self.name(),
+                    self.name()
+                )))
+            }
             Some(v) => serde_json::from_value(v).map_err(|e| Error::Damaged {
                 path: self.volume.layers_dir().to_path_buf(),
                 why: format!("the layout recorded for snapshot {name} is unreadable: {e}"),
@@ -164,11 +177,20 @@ impl Lun {
     pub fn snapshot_list(&self) -> Result<Vec<lungate_api::types::SnapshotInfo>> {
         let now = SnapshotLayout::of(&self.label);
         let mut out = Vec::new();
+        let lost = self.volume.snapshot_layouts();
         for s in self.volume.snapshots() {
-            let then = self.snapshot_layout(&s.name)?;
+            let is_lost = lost.get(&s.name).is_some_and(|v| {
+                v.get(lungate_block::volume::manifest::LOST_LAYOUT)
+                    .is_some()
+            });
+            let sizes = if is_lost {
+                // Older than a resize, sizes unknown (see `snapshot_layout`).
+                vec![]
+            } else {
+                self.snapshot_layout(&s.name)?.size_changes(&now)
+            };
             let mut row = wire_snapshot(s);
-            row.sizes = then
-                .size_changes(&now)
+            row.sizes = sizes
                 .into_iter()
                 .map(|(region, bytes, now)| lungate_api::types::RegionSize { region, bytes, now })
                 .collect();

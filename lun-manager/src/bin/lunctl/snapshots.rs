@@ -751,6 +751,26 @@ pub fn repair(out: &Output, path: &Path) -> Res {
         if r.dependents > 0 {
             let _ = writeln!(o, "{} clone(s) depend on these layers", r.dependents);
         }
+        if !r.layouts_kept.is_empty() {
+            let _ = writeln!(
+                o,
+                "kept the layouts of {} (taken before a resize) from the old manifest{}",
+                r.layouts_kept.join(", "),
+                if r.layouts_unchecked {
+                    ", whose checksum failed: check their sizes with `lunctl snapshots`"
+                } else {
+                    ""
+                }
+            );
+        }
+        if !r.layouts_lost.is_empty() {
+            let _ = writeln!(
+                o,
+                "the layouts of {} (taken before a resize) were in no readable manifest: \
+                 reverting to or cloning them is refused; delete them with delete-snapshot",
+                r.layouts_lost.join(", ")
+            );
+        }
         o
     });
     Ok(())
