@@ -387,6 +387,7 @@ fn repair_of_a_grown_lun_keeps_the_snapshot_layouts_or_says_they_are_lost() {
         if !lose {
             assert!(out.contains("kept the layouts of"), "{out}");
             assert!(out.contains("checksum failed"), "{out}");
+            assert!(!out.contains("no old manifest slot"), "{out}");
             for (layer, (_, sizes)) in &before {
                 assert_eq!(&after[layer].1, sizes, "{out}");
             }
@@ -405,6 +406,7 @@ fn repair_of_a_grown_lun_keeps_the_snapshot_layouts_or_says_they_are_lost() {
             assert!(String::from_utf8_lossy(&e.stderr).contains("taken before the LUN was resized"));
         } else {
             assert!(out.contains("were in no readable manifest"), "{out}");
+            assert!(out.contains("no old manifest slot was readable"), "{out}");
             for n in &names {
                 assert!(out.contains(n.as_str()), "{n}: {out}");
                 for args in [vec!["revert", l, n], vec!["clone", l, n, "r-lost-clone"]] {

@@ -59,6 +59,11 @@ pub struct Rebuilt {
     pub layouts_kept: Vec<String>,
     /// Whether that slot's checksum failed (its body still parsed).
     pub layouts_unchecked: bool,
+    /// Whether any old slot still parsed. When none did, a snapshot taken
+    /// before a resize that did not enlarge the LUN (a region grown into
+    /// free space inside it) cannot be told from its layer: it keeps the
+    /// current layout.
+    pub old_manifest_read: bool,
     /// Snapshots taken before the volume grew whose layout no slot held:
     /// recorded as lost ([`manifest::LOST_LAYOUT`]).
     pub layouts_lost: Vec<String>,
@@ -357,6 +362,7 @@ pub fn rebuild_manifest(
             layouts_lost.push(s.name.clone());
         }
     }
+    let old_manifest_read = salvaged.is_some();
     let layouts_unchecked = !layouts_kept.is_empty() && salvaged.is_some_and(|(_, ok)| !ok);
 
     let mut layers: Vec<LayerRec> = keep
@@ -416,6 +422,7 @@ pub fn rebuild_manifest(
         kept_aside,
         layouts_kept,
         layouts_unchecked,
+        old_manifest_read,
         layouts_lost,
     })
 }

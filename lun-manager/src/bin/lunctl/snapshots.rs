@@ -771,6 +771,14 @@ pub fn repair(out: &Output, path: &Path) -> Res {
                 r.layouts_lost.join(", ")
             );
         }
+        if !r.old_manifest_read && !r.snapshots.is_empty() {
+            let _ = writeln!(
+                o,
+                "no old manifest slot was readable: a snapshot taken before a resize that did \
+                 not enlarge the LUN now has the current sizes; if there was one, clone it \
+                 and check the clone before you revert to it"
+            );
+        }
         o
     });
     Ok(())
