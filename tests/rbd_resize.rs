@@ -179,3 +179,100 @@ fn an_rbd_lun_grows_its_disks_and_state_and_is_served_at_the_new_sizes_with_ever
         check_clean(&lun, layout);
     }
 }
+
+/// An RBD resize killed at each step after the image grew (the process
+/// ends as under SIGKILL: no destructor runs; its RBD lock is removed as
+/// an operator would) leaves a LUN a gateway serves at the old or the new
+/// size with every byte of both disks, clean once served; running the
+/// resize again completes it.
+#[test]
+fn an_rbd_resize_killed_at_any_step_leaves_the_lun_before_or_after_it() {
+    let c = Cluster::shared();
+    let ns = "resize-kill";
+    let pool = c.pool(ns);
+    for step in ["copied", "label-moved", "zeroed", "label-grown"] {
+        let name = format!("k-{step}");
+        let out = lunctl(&[
+            "create", "--pool", &pool, "--disk", "16M", "--disk", "8M", "--memory", "4M", &name,
+        ]);
+        assert_success("lunctl create", &out);
+        let lun = format!("rbd:rbd/{ns}/{name}.lun:conf={}", c.conf().display());
+        let gw = Gateway::start(&["--pool", &pool]);
+        qemu_io_ok(
+            &gw.uri(&format!("{name}/disk0")),
+            &["write -P 0x31 0 1M", "write -P 0x32 15M 1M"],
+        );
+        qemu_io_ok(
+            &gw.uri(&format!("{name}/disk1")),
+            &["write -P 0x41 0 1M", "write -P 0x42 7M 1M"],
+        );
+        gw.stop_ok();
+        let out = run_timeout(
+            Command::new(bin("lunctl"))
+                .args(["resize", &lun, "--disk", "0=40M"])
+                .env("LUNGATE_TEST_RESIZE_KILL", step),
+            CMD_TIMEOUT,
+        );
+        assert_eq!(out.status.code(), Some(137), "{step}: {out:?}");
+        // The dead lunctl still holds the image's exclusive lock: removed
+        // as an operator does after a crash (`rbd lock rm`, which
+        // blocklists the dead client first).
+        let image = format!("rbd/{ns}/{name}.lun");
+        let locks: serde_json::Value =
+            serde_json::from_str(&c.rbd(&["lock", "ls", "--format", "json", &image]))
+                .expect("rbd lock ls JSON");
+        let held: Vec<(String, String)> = match &locks {
+            serde_json::Value::Array(v) => v
+                .iter()
+                .map(|l| {
+                    (
+                        l["id"].as_str().unwrap().into(),
+                        l["locker"].as_str().unwrap().into(),
+                    )
+                })
+                .collect(),
+            serde_json::Value::Object(m) => m
+                .iter()
+                .map(|(id, l)| (id.clone(), l["locker"].as_str().unwrap().into()))
+                .collect(),
+            other => panic!("{step}: rbd lock ls: {other}"),
+        };
+        assert_eq!(held.len(), 1, "{step}: {locks}");
+        for (id, locker) in &held {
+            c.rbd(&["lock", "rm", &image, id, locker]);
+        }
+        let check = |want: u64| {
+            let gw = Gateway::start(&["--pool", &pool]);
+            let d0 = gw.uri(&format!("{name}/disk0"));
+            let size = size_of(&d0);
+            assert!(
+                size == 16 * MIB || size == want,
+                "{step}: disk0 is {size} bytes"
+            );
+            qemu_io_ok(&d0, &["read -P 0x31 0 1M", "read -P 0x32 15M 1M"]);
+            if size > 16 * MIB {
+                qemu_io_ok(&d0, &[&format!("read -P 0 16M {}", size - 16 * MIB)]);
+            }
+            qemu_io_ok(
+                &gw.uri(&format!("{name}/disk1")),
+                &["read -P 0x41 0 1M", "read -P 0x42 7M 1M"],
+            );
+            gw.stop_ok();
+            size
+        };
+        check(40 * MIB);
+        // A GPT left behind by the kill is derived data: the gateway's
+        // read-write open rewrote it from the label.
+        check_clean(&lun, step);
+        assert_success(
+            "lunctl resize again",
+            &lunctl(&["resize", &lun, "--disk", "0=40M"]),
+        );
+        check_clean(&lun, step);
+        assert_eq!(
+            check(40 * MIB),
+            40 * MIB,
+            "{step}: the second resize completed"
+        );
+    }
+}
