@@ -1276,8 +1276,9 @@ fn resizing_an_aligned_lun_keeps_its_shadowed_range_and_gpt() {
 /// each) grown offline: while a gateway serves it the resize is refused and
 /// says why; after it, a gateway serves disk0 at its new size to nbdinfo
 /// and qemu-img, every byte written before is there, the grown part reads
-/// zero and takes writes, and a clone of the first snapshot is served at
-/// the size that snapshot had, with its data.
+/// zero and takes writes, a clone of the first snapshot is served at the
+/// size that snapshot had, with its data, and `lunctl snapshots` shows the
+/// snapshots' old sizes offline and through the gateway alike.
 #[test]
 fn a_lun_with_snapshots_grown_offline_is_served_at_its_new_size_with_every_byte() {
     use lungate_tests::lunctl;
@@ -1313,8 +1314,22 @@ fn a_lun_with_snapshots_grown_offline_is_served_at_its_new_size_with_every_byte(
     lunctl(&["resize", ls, "--disk", "0=48M"]);
     lunctl(&["resize", ls, "--memory", "32M"]);
     lunctl(&["clone", ls, "s1", "snapc"]);
+    let offline = json(&lunctl(&["snapshots", ls, "--json"]), "lunctl snapshots");
+    let s1 = offline
+        .as_array()
+        .and_then(|v| v.iter().find(|s| s["name"] == "s1"))
+        .unwrap_or_else(|| panic!("no s1 in {offline}"));
+    assert!(
+        s1["sizes"].as_array().is_some_and(|v| v
+            .iter()
+            .any(|z| z["region"] == "disk0" && z["bytes"] == 16 * MIB && z["now"] == 48 * MIB)),
+        "s1 shows disk0's old size: {offline}"
+    );
 
     let gw = Gateway::start(&["--pool", pool.arg()]);
+    // Through the gateway's control API the list is the same, sizes and all.
+    let served = json(&lunctl(&["snapshots", ls, "--json"]), "lunctl snapshots");
+    assert_eq!(served, offline, "routed through the gateway");
     let uri = gw.uri("snapg/disk0");
     let info = nbdinfo(&["--size", &uri]);
     assert_eq!(

@@ -320,3 +320,107 @@ fn a_layered_resize_killed_at_any_step_leaves_the_lun_before_or_after_it() {
         }
     }
 }
+
+/// Each snapshot's sizes by its layer UUID (a rebuild may rename the base
+/// snapshot `recovered-base`; the layer stays).
+fn sizes_by_layer(lun: &str) -> std::collections::BTreeMap<String, (String, Value)> {
+    json_of(&["snapshots", lun, "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["layer"].as_str().unwrap().to_string(),
+                (s["name"].as_str().unwrap().to_string(), s["sizes"].clone()),
+            )
+        })
+        .collect()
+}
+
+/// `lunctl repair` of a grown layered LUN whose manifest slots both fail
+/// their checksum keeps every snapshot's layout from the old slots (the
+/// snapshots keep their sizes, clones of them their data, a revert stays
+/// refused); with both slots gone the layouts are reported lost, and
+/// reading those snapshots is refused instead of served with today's
+/// layout.
+#[test]
+fn repair_of_a_grown_lun_keeps_the_snapshot_layouts_or_says_they_are_lost() {
+    let (_d, p) = pool();
+    for lose in [false, true] {
+        let (lun, stages, tail) = layered_lun(&p, &format!("r-{lose}"), "truncate");
+        let l = lun.to_str().unwrap();
+        ok(&["resize", l, "--disk", "0=24M"]);
+        let before = sizes_by_layer(l);
+        assert!(
+            before.values().all(|(_, z)| z.as_array().is_some()),
+            "{before:?}"
+        );
+        let layers = lungate_block::store::file::layers_dir(&lun);
+        for slot in ["manifest.0", "manifest.1"] {
+            let f = layers.join(slot);
+            if lose {
+                std::fs::remove_file(&f).unwrap();
+            } else {
+                // One flipped bit in the checksum: the slot is refused,
+                // its body still reads.
+                let mut b = std::fs::read(&f).unwrap();
+                *b.last_mut().unwrap() ^= 1;
+                std::fs::write(&f, b).unwrap();
+            }
+        }
+        assert!(!run(&["snapshots", l]).status.success());
+        let out = ok(&["repair", l]);
+        let after = sizes_by_layer(l);
+        assert_eq!(
+            after.keys().collect::<Vec<_>>(),
+            before.keys().collect::<Vec<_>>(),
+            "{out}"
+        );
+        // s1 and s2, oldest first, by the layer each had before.
+        let names: Vec<String> = ["s1", "s2"]
+            .iter()
+            .map(|n| {
+                let layer = before.iter().find(|(_, (b, _))| b == n).unwrap().0;
+                after[layer].0.clone()
+            })
+            .collect();
+        if !lose {
+            assert!(out.contains("kept the layouts of"), "{out}");
+            assert!(out.contains("checksum failed"), "{out}");
+            assert!(!out.contains("no old manifest slot"), "{out}");
+            for (layer, (_, sizes)) in &before {
+                assert_eq!(&after[layer].1, sizes, "{out}");
+            }
+            for (i, snap) in names.iter().enumerate() {
+                let c = format!("r-clone-{i}");
+                ok(&["clone", l, snap, &c]);
+                let c = p.join(format!("{c}.lun"));
+                assert_eq!(disk_len(&c, 0), 8 * MIB, "clone of {snap}");
+                assert_eq!(disk_read(&c, 0, 0, stages[i].head.len()), stages[i].head);
+                assert_eq!(disk_read(&c, 0, TAIL_AT, tail.len()), tail);
+                assert_eq!(disk_read(&c, 1, 0, stages[i].d1.len()), stages[i].d1);
+                ok(&["delete", c.to_str().unwrap(), "--yes"]);
+            }
+            let e = run(&["revert", l, &names[0]]);
+            assert!(!e.status.success());
+            assert!(String::from_utf8_lossy(&e.stderr).contains("taken before the LUN was resized"));
+        } else {
+            assert!(out.contains("were in no readable manifest"), "{out}");
+            assert!(out.contains("no old manifest slot was readable"), "{out}");
+            for n in &names {
+                assert!(out.contains(n.as_str()), "{n}: {out}");
+                for args in [vec!["revert", l, n], vec!["clone", l, n, "r-lost-clone"]] {
+                    let e = run(&args);
+                    assert!(!e.status.success(), "{args:?}");
+                    let msg = String::from_utf8_lossy(&e.stderr);
+                    assert!(msg.contains("could not recover"), "{args:?}: {msg}");
+                }
+            }
+            // Deleting them works; the live disks are untouched.
+            for n in names.iter().rev() {
+                ok(&["delete-snapshot", l, n]);
+            }
+        }
+        check_live(&lun, &stages, &tail, &format!("repaired, lose={lose}"));
+    }
+}

@@ -133,4 +133,11 @@ pub trait NativeTree: Send + Sync {
     fn dependents(&self) -> Vec<PathBuf>;
     /// Remove the snapshots and the object itself (the LUN is deleted).
     fn destroy(&self) -> Result<()>;
+    /// Forget a tree that records nothing any more (every snapshot was
+    /// deleted, no clone depends on it, no parent beyond the base), so the
+    /// object reads as one that never had a snapshot and its owner may
+    /// change its size. Whether it did (`false`: it records something).
+    fn forget_if_empty(&self) -> Result<bool> {
+        Ok(false)
+    }
 }

@@ -32,6 +32,10 @@ use uuid::Uuid;
 use super::error::{corrupt, IoCtx, Result};
 
 pub const MAGIC: &[u8; 8] = b"LGMANIF\0";
+/// The key of the layout a rebuild records for a snapshot whose layout it
+/// could not recover (`{"lost": "why"}`): the owner must refuse to read
+/// the snapshot with a layout it does not know.
+pub const LOST_LAYOUT: &str = "lost";
 pub const VERSION: u16 = 1;
 const HDR: usize = 64;
 const SUM: usize = 32;
@@ -74,7 +78,9 @@ pub struct Manifest {
     /// without an entry has the current layout. Opaque to the volume,
     /// recorded by [`crate::volume::Volume::record_layouts`] before the
     /// owner moves or grows a region (see `docs/volumes.md`, "Growing a
-    /// layered LUN").
+    /// layered LUN"). A rebuild ([`super::repair`]) that finds a snapshot
+    /// taken before a grow and cannot read its layout from a damaged slot
+    /// records [`LOST_LAYOUT`] for it.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub layouts: std::collections::BTreeMap<Uuid, serde_json::Value>,
 }
@@ -252,6 +258,25 @@ pub fn decode(b: &[u8]) -> Result<(Manifest, u64), String> {
     }
     m.validate()?;
     Ok((m, generation))
+}
+
+/// What can still be read of a slot [`decode`] refuses: its generation,
+/// its body as JSON and whether the checksum held, when the header's
+/// magic and length are whole and the body parses. For a repair that
+/// salvages what the layers' headers cannot tell (the owner's layouts);
+/// nothing else may trust it.
+pub fn salvage(b: &[u8]) -> Option<(u64, serde_json::Value, bool)> {
+    if b.len() < HDR + SUM || &b[0..8] != MAGIC {
+        return None;
+    }
+    let n = u32::from_le_bytes(b[12..16].try_into().expect("4")) as usize;
+    if n > MAX_BODY || b.len() != HDR + n + SUM {
+        return None;
+    }
+    let sum_ok = blake3::hash(&b[..HDR + n]).as_bytes() == &b[HDR + n..];
+    let generation = u64::from_le_bytes(b[16..24].try_into().expect("8"));
+    let body = serde_json::from_slice(&b[HDR..HDR + n]).ok()?;
+    Some((generation, body, sum_ok))
 }
 
 pub fn slot_path(dir: &Path, slot: u32) -> PathBuf {

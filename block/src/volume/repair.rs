@@ -21,7 +21,10 @@
 //!   volume are found the same way.
 //!
 //! The damaged manifest slots are kept beside the new ones as
-//! `manifest.N.damaged`.
+//! `manifest.N.damaged`. The owner's layouts of snapshots taken before the
+//! volume grew are in no header: they are read back from the newest
+//! damaged slot whose body still parses, and recorded as lost when none
+//! does (the owner then refuses to read such a snapshot).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -51,6 +54,19 @@ pub struct Rebuilt {
     pub left_out: Vec<PathBuf>,
     /// Damaged manifest slots moved aside.
     pub kept_aside: Vec<PathBuf>,
+    /// Snapshots whose layout (taken before the volume grew) was read back
+    /// from a damaged slot.
+    pub layouts_kept: Vec<String>,
+    /// Whether that slot's checksum failed (its body still parsed).
+    pub layouts_unchecked: bool,
+    /// Whether any old slot still parsed. When none did, a snapshot taken
+    /// before a resize that did not enlarge the LUN (a region grown into
+    /// free space inside it) cannot be told from its layer: it keeps the
+    /// current layout.
+    pub old_manifest_read: bool,
+    /// Snapshots taken before the volume grew whose layout no slot held:
+    /// recorded as lost ([`manifest::LOST_LAYOUT`]).
+    pub layouts_lost: Vec<String>,
 }
 
 struct Found {
@@ -319,6 +335,36 @@ pub fn rebuild_manifest(
     };
     snapshots.sort_by_key(|s| (s.created, depth(s.layer), s.name.clone()));
 
+    // The owner's layouts of snapshots taken before a grow are in no
+    // header: read back from the newest damaged slot whose body parses;
+    // a snapshot whose layer is smaller than the volume and has none there
+    // is recorded as lost, so the owner never reads it with today's layout.
+    let salvaged = salvage_layouts(&dir, cfg.lun_uuid)?;
+    let base_size = keep
+        .iter()
+        .filter(|id| parent[id] == Parent::Base)
+        .map(|id| found[id].header.size)
+        .min();
+    let mut layouts = BTreeMap::new();
+    let (mut layouts_kept, mut layouts_lost) = (Vec::new(), Vec::new());
+    for s in &snapshots {
+        if let Some(v) = salvaged.as_ref().and_then(|(l, _)| l.get(&s.layer)) {
+            layouts.insert(s.layer, v.clone());
+            layouts_kept.push(s.name.clone());
+            continue;
+        }
+        let size = found.get(&s.layer).map(|f| f.header.size).or(base_size);
+        if size.is_some_and(|z| z < geo.size) {
+            layouts.insert(
+                s.layer,
+                serde_json::json!({ manifest::LOST_LAYOUT: "rebuilt by lunctl repair" }),
+            );
+            layouts_lost.push(s.name.clone());
+        }
+    }
+    let old_manifest_read = salvaged.is_some();
+    let layouts_unchecked = !layouts_kept.is_empty() && salvaged.is_some_and(|(_, ok)| !ok);
+
     let mut layers: Vec<LayerRec> = keep
         .iter()
         .map(|id| LayerRec {
@@ -340,7 +386,7 @@ pub fn rebuild_manifest(
         flatten: None,
         retired: vec![],
         checksums: found.get(&top).is_some_and(|f| f.header.checksums()),
-        layouts: Default::default(),
+        layouts,
     };
     m.validate()
         .map_err(|why| corrupt(&dir, format!("rebuilt manifest is inconsistent: {why}")))?;
@@ -374,7 +420,46 @@ pub fn rebuild_manifest(
         dependents: m.dependents.len(),
         left_out,
         kept_aside,
+        layouts_kept,
+        layouts_unchecked,
+        old_manifest_read,
+        layouts_lost,
     })
+}
+
+/// The `layouts` of the newest slot in `dir` that still reads (see
+/// [`manifest::salvage`]) and names LUN `lun`, by layer, and whether that
+/// slot's checksum held. `None` when no slot reads.
+fn salvage_layouts(
+    dir: &Path,
+    lun: Uuid,
+) -> Result<Option<(BTreeMap<Uuid, serde_json::Value>, bool)>> {
+    let mut best: Option<(u64, BTreeMap<Uuid, serde_json::Value>, bool)> = None;
+    for slot in 0..2 {
+        let p = manifest::slot_path(dir, slot);
+        let b = match std::fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).ctx(&p, "read manifest"),
+        };
+        let Some((generation, body, sum_ok)) = manifest::salvage(&b) else {
+            continue;
+        };
+        if body.get("lun").and_then(|v| v.as_str()) != Some(lun.to_string().as_str()) {
+            continue;
+        }
+        let layouts: BTreeMap<Uuid, serde_json::Value> = match body.get("layouts") {
+            None => BTreeMap::new(),
+            Some(v) => match serde_json::from_value(v.clone()) {
+                Ok(l) => l,
+                Err(_) => continue,
+            },
+        };
+        if best.as_ref().is_none_or(|(g, _, _)| generation > *g) {
+            best = Some((generation, layouts, sum_ok));
+        }
+    }
+    Ok(best.map(|(_, l, ok)| (l, ok)))
 }
 
 /// The layers directory in `pool` (other than `me`) that holds layer `id`,

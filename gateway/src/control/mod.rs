@@ -347,17 +347,7 @@ fn wire_layout(l: lun_manager::Layout) -> wire::Layout {
     }
 }
 
-pub(crate) fn wire_snapshot(s: lungate_block::volume::SnapshotInfo) -> wire::SnapshotInfo {
-    wire::SnapshotInfo {
-        name: s.name,
-        description: s.description,
-        created: s.created,
-        parent: s.parent,
-        layer: s.layer,
-        current: s.current,
-        sizes: vec![],
-    }
-}
+pub(crate) use lun_manager::lun::layouts::wire_snapshot;
 
 fn wire_change(c: lungate_block::volume::Change) -> wire::Change {
     wire::Change {
@@ -452,12 +442,7 @@ async fn luns(State(reg): Reg) -> ApiResult {
 
 async fn snapshots(State(reg): Reg, UrlPath(lun): UrlPath<String>) -> ApiResult {
     let l = find(&reg, &lun)?;
-    let v: Vec<wire::SnapshotInfo> = ops::snapshots(&reg, &l)
-        .await?
-        .into_iter()
-        .map(wire_snapshot)
-        .collect();
-    ok(v)
+    ok(ops::snapshots(&reg, &l).await?)
 }
 
 async fn snapshot(

@@ -232,8 +232,13 @@ pub async fn snapshot(
     Ok((info, us))
 }
 
-pub async fn snapshots(_reg: &Registry, l: &Arc<ServedLun>) -> OpResult<Vec<SnapshotInfo>> {
-    Ok(l.volume().snapshots())
+/// The LUN's snapshots with the sizes each had (as offline `lunctl
+/// snapshots` shows them).
+pub async fn snapshots(
+    _reg: &Registry,
+    l: &Arc<ServedLun>,
+) -> OpResult<Vec<lungate_api::types::SnapshotInfo>> {
+    Ok(l.lun.snapshot_list()?)
 }
 
 /// Revert the VM to snapshot `name`; returns the pause in µs.

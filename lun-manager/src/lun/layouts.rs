@@ -71,6 +71,19 @@ impl Lun {
     pub fn snapshot_layout(&self, name: &str) -> Result<SnapshotLayout> {
         match self.volume.snapshot_layouts().remove(name) {
             None => Ok(SnapshotLayout::of(&self.label)),
+            Some(v)
+                if v.get(lungate_block::volume::manifest::LOST_LAYOUT)
+                    .is_some() =>
+            {
+                Err(Error::Invalid(format!(
+                    "{}: snapshot {name} was taken before the LUN was resized, and `lunctl repair` \
+                     could not recover where its regions were when it rebuilt the manifest; \
+                     reading, reverting to or cloning it is refused. `lunctl delete-snapshot {} \
+                     {name}` removes it",
+                    self.name(),
+                    self.name()
+                )))
+            }
             Some(v) => serde_json::from_value(v).map_err(|e| Error::Damaged {
                 path: self.volume.layers_dir().to_path_buf(),
                 why: format!("the layout recorded for snapshot {name} is unreadable: {e}"),
@@ -139,5 +152,50 @@ impl Lun {
             });
         }
         Ok(label)
+    }
+}
+
+/// A snapshot as the control API and `lunctl snapshots` show it, without
+/// its sizes (see [`Lun::snapshot_list`]).
+pub fn wire_snapshot(s: lungate_block::volume::SnapshotInfo) -> lungate_api::types::SnapshotInfo {
+    lungate_api::types::SnapshotInfo {
+        name: s.name,
+        description: s.description,
+        created: s.created,
+        parent: s.parent,
+        layer: s.layer,
+        current: s.current,
+        sizes: vec![],
+    }
+}
+
+impl Lun {
+    /// The LUN's snapshots, oldest first, as the control API and `lunctl
+    /// snapshots` show them: each with the region sizes it had when they
+    /// differ from now (the LUN was resized after it). A gateway and an
+    /// offline `lunctl` answer with this one list.
+    pub fn snapshot_list(&self) -> Result<Vec<lungate_api::types::SnapshotInfo>> {
+        let now = SnapshotLayout::of(&self.label);
+        let mut out = Vec::new();
+        let lost = self.volume.snapshot_layouts();
+        for s in self.volume.snapshots() {
+            let is_lost = lost.get(&s.name).is_some_and(|v| {
+                v.get(lungate_block::volume::manifest::LOST_LAYOUT)
+                    .is_some()
+            });
+            let sizes = if is_lost {
+                // Older than a resize, sizes unknown (see `snapshot_layout`).
+                vec![]
+            } else {
+                self.snapshot_layout(&s.name)?.size_changes(&now)
+            };
+            let mut row = wire_snapshot(s);
+            row.sizes = sizes
+                .into_iter()
+                .map(|(region, bytes, now)| lungate_api::types::RegionSize { region, bytes, now })
+                .collect();
+            out.push(row);
+        }
+        Ok(out)
     }
 }

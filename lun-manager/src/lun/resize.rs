@@ -109,7 +109,39 @@ impl Lun {
     ) -> Result<()> {
         self.writable()?;
         let old = self.label.clone();
-        let layered = self.volume.is_layered();
+        // An RBD LUN's bytes are an image: extended with `rbd resize`,
+        // copied and zeroed through it (the file's calls otherwise).
+        let file = self.backing.file.clone();
+        if file.is_none() && !self.volume.snapshots().is_empty() {
+            return Err(Error::Invalid(format!(
+                "{}: an RBD LUN with snapshots is not resized yet: its snapshots are RBD \
+                 snapshots of the same image, and a grow moves or lengthens regions whose \
+                 old places those snapshots would need recorded (a file LUN keeps them in its \
+                 manifest; an RBD LUN has none yet). Clone the snapshots you need into new \
+                 LUNs (`lunctl clone`), delete them (`lunctl delete-snapshot`), then resize",
+                self.name()
+            )));
+        }
+        if file.is_none() && self.volume.is_layered() {
+            // Snapshots were taken and deleted: the image's tree, which
+            // names its size, records nothing and goes (a no-op, whenever a
+            // crash comes). A clone's names its parent: flattened first.
+            let forgot = match self.volume.native() {
+                Some(t) => t.forget_if_empty()?,
+                None => false,
+            };
+            if !forgot {
+                return Err(Error::Invalid(format!(
+                    "{}: this RBD LUN is a clone whose bytes still come partly from its \
+                     parent's snapshot; `lunctl flatten {}` first, then resize",
+                    self.name(),
+                    self.name()
+                )));
+            }
+        }
+        // RBD: no snapshots (refused above), so no layout to keep; its
+        // volume writes the image directly, as the copies below do.
+        let layered = self.volume.is_layered() && file.is_some();
         if layered && Arc::strong_count(&self.volume) > 1 {
             return Err(Error::Invalid(format!(
                 "{}: the LUN's volume is in use by another handle (a gateway serving it?); \
@@ -241,15 +273,14 @@ impl Lun {
         if self.is_block {
             lun_size = old.lun_size;
         }
-        let file = self.backing.file.clone().ok_or_else(|| {
-            Error::Invalid(format!(
-                "{}: resizing an RBD LUN is not supported yet",
-                self.path.display()
-            ))
-        })?;
+        let base = self.backing.base.clone();
         // 1. room
         if lun_size > self.backing_size {
-            file.set_len(lun_size).ctx(&self.path, "extend")?;
+            match &file {
+                Some(f) => f.set_len(lun_size),
+                None => base.set_len(lun_size),
+            }
+            .ctx(&self.path, "extend")?;
             self.backing_size = lun_size;
             if layout.has_gpt() {
                 // The current partitions, the backup at the new end: the
@@ -285,8 +316,14 @@ impl Lun {
                     moved += n;
                     progress.update("move", moved, total);
                 })?;
+            } else if let Some(f) = &file {
+                fileops::copy_range(f, m.offset, dst.offset, m.length, |n| {
+                    moved += n;
+                    progress.update("move", moved, total);
+                })
+                .ctx(&self.path, "copy region")?;
             } else {
-                fileops::copy_range(&file, m.offset, dst.offset, m.length, |n| {
+                copy_object(&*base, m.offset, dst.offset, m.length, |n| {
                     moved += n;
                     progress.update("move", moved, total);
                 })
@@ -318,16 +355,17 @@ impl Lun {
         // A layered LUN's old bytes belong to its snapshots too: zeros go
         // into the live layer, never into the file.
         let vol = |l: &Lun| l.volume.clone();
-        let mut zero = |file: &File, vol: Option<Arc<Volume>>, off: u64, len: u64| {
+        let mut zero = |file: Option<&File>, vol: Option<Arc<Volume>>, off: u64, len: u64| {
             zero_total += len;
             progress.update("zero", zeroed, zero_total);
-            let r = match vol {
-                Some(v) => v
+            let r = match (vol, file) {
+                (Some(v), _) => v
                     .write_zeroes(off, len, true)
                     .map_err(|e| std::io::Error::other(e.to_string())),
-                None => fileops::zero_range_with(file, off, len, |d| {
+                (None, Some(file)) => fileops::zero_range_with(file, off, len, |d| {
                     progress.update("zero", zeroed + d, zero_total)
                 }),
+                (None, None) => base.zero_range(off, len),
             };
             zeroed += len;
             r
@@ -335,7 +373,7 @@ impl Lun {
         match target {
             Some(t) => {
                 let (s, e) = (t.end(), t.offset + new_len);
-                zero(&file, layered.then(|| vol(self)), s, e - s)
+                zero(file.as_deref(), layered.then(|| vol(self)), s, e - s)
                     .ctx(&self.path, "zero new space")?;
                 for r in fin.regions.iter_mut() {
                     if r.guid == t.guid {
@@ -345,8 +383,13 @@ impl Lun {
             }
             None => {
                 let p = placed.last().expect("new region placed");
-                zero(&file, layered.then(|| vol(self)), p.offset, p.length)
-                    .ctx(&self.path, "zero new disk")?;
+                zero(
+                    file.as_deref(),
+                    layered.then(|| vol(self)),
+                    p.offset,
+                    p.length,
+                )
+                .ctx(&self.path, "zero new disk")?;
                 fin.regions.push(*p);
                 fin.regions.sort_by_key(|r| (r.kind, r.index));
             }
@@ -366,7 +409,7 @@ impl Lun {
         }
         for (s, e) in vacated {
             for (gs, ge) in subtract(s, e, &fin.regions) {
-                zero(&file, layered.then(|| vol(self)), gs, ge - gs)
+                zero(file.as_deref(), layered.then(|| vol(self)), gs, ge - gs)
                     .ctx(&self.path, "zero vacated")?;
             }
         }
@@ -376,8 +419,9 @@ impl Lun {
             // layer's: zeroed in the file, so no stale label or GPT stays.
             let gone =
                 lungate_block::volume::diff::clip_ranges(&old_protected, self.volume.protected());
+            let f = file.as_ref().expect("a layered LUN here is a file");
             for r in gone {
-                fileops::zero_range(&file, r.start, r.end - r.start)
+                fileops::zero_range(f, r.start, r.end - r.start)
                     .ctx(&self.path, "zero old label bytes")?;
             }
         }
@@ -430,6 +474,46 @@ impl Lun {
         }
         Ok(())
     }
+}
+
+/// Copy `[src, src+len)` to `[dst, dst+len)` within `obj` (an RBD image),
+/// in 1 MiB pieces; ranges the object reports as holes are written as
+/// zeros (the destination is free space whose bytes are no region's).
+fn copy_object(
+    obj: &dyn lungate_block::store::Object,
+    src: u64,
+    dst: u64,
+    len: u64,
+    mut done: impl FnMut(u64),
+) -> std::io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut at = 0;
+    for (o, l) in obj.data_extents(src, src + len)? {
+        let (s, e) = (o.max(src), (o + l).min(src + len));
+        if s >= e {
+            continue;
+        }
+        if s > src + at {
+            obj.zero_range(dst + at, s - src - at)?;
+            done(s - src - at);
+        }
+        let mut o = s;
+        while o < e {
+            let n = (e - o).min(CHUNK);
+            let b = &mut buf[..n as usize];
+            obj.read_at(b, o)?;
+            obj.write_at(b, dst + (o - src))?;
+            o += n;
+            done(n);
+        }
+        at = at.max(e - src);
+    }
+    if at < len {
+        obj.zero_range(dst + at, len - at)?;
+        done(len - at);
+    }
+    Ok(())
 }
 
 fn json_value<T: serde::Serialize>(v: &T) -> serde_json::Value {

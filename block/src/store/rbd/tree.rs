@@ -349,6 +349,30 @@ impl NativeTree for RbdStore {
         Ok(self.lock_tree().as_ref().map(|(m, _)| m.clone()))
     }
 
+    fn forget_if_empty(&self) -> Result<bool> {
+        self.writable()?;
+        let mut tree = self.lock_tree();
+        let empty = match tree.as_ref() {
+            None => return Ok(true),
+            Some((m, _)) => {
+                m.snapshots.is_empty()
+                    && m.dependents.is_empty()
+                    && m.flatten.is_none()
+                    && m.layers.iter().all(|l| l.parent == Parent::Base)
+            }
+        };
+        if empty {
+            // The same as no tree (see `fresh`): removing it loses nothing,
+            // whenever a crash comes.
+            self.io(
+                self.image.metadata_remove(MANIFEST_KEY),
+                "forget the manifest",
+            )?;
+            *tree = None;
+        }
+        Ok(empty)
+    }
+
     fn snapshot(&self, name: &str, description: &str) -> Result<()> {
         self.writable()?;
         let mut tree = self.lock_tree();

@@ -163,36 +163,13 @@ fn target(path: &Path) -> Res<Target> {
 type SnapRow = wire::SnapshotInfo;
 
 fn row(s: lungate_block::volume::SnapshotInfo) -> SnapRow {
-    wire::SnapshotInfo {
-        name: s.name,
-        description: s.description,
-        created: s.created,
-        parent: s.parent,
-        layer: s.layer,
-        current: s.current,
-        sizes: vec![],
-    }
+    lun_manager::lun::layouts::wire_snapshot(s)
 }
 
 /// The rows of `group`'s snapshots, each with the region sizes it had when
 /// they differ from now (the LUN was resized after it).
 fn rows_of(group: &Group) -> Res<Vec<SnapRow>> {
-    let lun = group.primary();
-    let now = lun_manager::lun::layouts::SnapshotLayout::of(lun.label());
-    let mut out = rows(group.snapshots());
-    for r in &mut out {
-        r.sizes = lun
-            .snapshot_layout(&r.name)?
-            .size_changes(&now)
-            .into_iter()
-            .map(|(region, bytes, now)| wire::RegionSize { region, bytes, now })
-            .collect();
-    }
-    Ok(out)
-}
-
-fn rows(v: Vec<lungate_block::volume::SnapshotInfo>) -> Vec<SnapRow> {
-    v.into_iter().map(row).collect()
+    Ok(group.primary().snapshot_list()?)
 }
 
 pub fn snapshot(out: &Output, path: &Path, snap: &str, desc: &str) -> Res {
@@ -773,6 +750,34 @@ pub fn repair(out: &Output, path: &Path) -> Res {
         }
         if r.dependents > 0 {
             let _ = writeln!(o, "{} clone(s) depend on these layers", r.dependents);
+        }
+        if !r.layouts_kept.is_empty() {
+            let _ = writeln!(
+                o,
+                "kept the layouts of {} (taken before a resize) from the old manifest{}",
+                r.layouts_kept.join(", "),
+                if r.layouts_unchecked {
+                    ", whose checksum failed: check their sizes with `lunctl snapshots`"
+                } else {
+                    ""
+                }
+            );
+        }
+        if !r.layouts_lost.is_empty() {
+            let _ = writeln!(
+                o,
+                "the layouts of {} (taken before a resize) were in no readable manifest: \
+                 reverting to or cloning them is refused; delete them with delete-snapshot",
+                r.layouts_lost.join(", ")
+            );
+        }
+        if !r.old_manifest_read && !r.snapshots.is_empty() {
+            let _ = writeln!(
+                o,
+                "no old manifest slot was readable: a snapshot taken before a resize that did \
+                 not enlarge the LUN now has the current sizes; if there was one, clone it \
+                 and check the clone before you revert to it"
+            );
         }
         o
     });
