@@ -67,6 +67,11 @@ struct Pair {
 }
 
 fn pair(ns: &str, luns: &[&str], a_env: &[(&str, &str)]) -> Pair {
+    pair_env(ns, luns, a_env, &[])
+}
+
+/// [`pair`], with `b_env` for `b`.
+fn pair_env(ns: &str, luns: &[&str], a_env: &[(&str, &str)], b_env: &[(&str, &str)]) -> Pair {
     let c = Cluster::shared();
     let etcd = Etcd::start();
     let ep = etcd.endpoint.trim_start_matches("http://").to_string();
@@ -115,7 +120,10 @@ fn pair(ns: &str, luns: &[&str], a_env: &[(&str, &str)]) -> Pair {
         std::thread::sleep(Duration::from_millis(200));
     }
     let b_args = args("b");
-    let b = Gateway::start(&b_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let b = Gateway::start_env(
+        &b_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        b_env,
+    );
     Pair {
         ep,
         pool,
@@ -369,4 +377,76 @@ fn a_source_killed_before_the_handover_commit_fails_over_to_one_owner() {
     // client saw answered, and nothing else, is on the new owner.
     verify(&tcp(&b), "h3/disk0", &seen.model);
     b.assert_running();
+}
+
+/// SIGKILL of the target after the commit point, before it serves: etcd
+/// names it, so the source never serves the LUN on its own again (its
+/// forwarded connection fails); once the dead target's lease expires the
+/// LUN fails over (its lock broken) and every write the client saw
+/// answered is there.
+#[test]
+fn a_target_killed_after_the_handover_commit_loses_the_lun_by_its_lease_and_nothing_else() {
+    let c = Cluster::shared();
+    let p = pair_env(
+        "ho4",
+        &["h4"],
+        &[],
+        &[("LUNGATE_TEST_MIGRATION_STALL", "committed:10000")],
+    );
+    let (stop, count, h) = run_writer(tcp(&p.a), "h4/disk0");
+    wait_ops(&count, 100);
+    let migrate = {
+        let (ep, pool, to) = (p.ep.clone(), p.pool.clone(), migration_addr(&p.b));
+        std::thread::spawn(move || {
+            let coord = format!("etcd://{ep}");
+            lunctl_migrate(&["--coordinator", &coord, "--pool", &pool, "h4", "--to", &to])
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !p.b.stderr_log().contains("migration stalled at committed") {
+        assert!(Instant::now() < deadline, "no stall: {}", p.b.stderr_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let Pair {
+        ep,
+        mut a,
+        b,
+        _etcd,
+        _work,
+        ..
+    } = p;
+    let b_pid = b.pid();
+    assert_eq!(
+        owner_pid(&ep, "ho4", "h4"),
+        Some(b_pid),
+        "the commit point passed"
+    );
+    drop(b); // SIGKILL
+    let _ = migrate.join().expect("lunctl");
+    stop.store(true, Ordering::Relaxed);
+    let seen = h.join().expect("writer");
+    // Never two owners: until b's lease expires nobody serves the LUN,
+    // then a claims it again.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let o = owner_pid(&ep, "ho4", "h4");
+        assert!(
+            o.is_none() || o == Some(b_pid) || o == Some(a.pid()),
+            "{o:?}"
+        );
+        if o == Some(a.pid()) && listed(&a).contains(&"h4/disk0".to_string()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a does not take the LUN back: {}",
+            a.stderr_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(lockers(c, "rbd/ho4/h4.lun"), 1);
+    // The write parked at the switch went nowhere: exactly the answered
+    // writes are there.
+    verify(&tcp(&a), "h4/disk0", &seen.model);
+    a.assert_running();
 }

@@ -742,6 +742,7 @@ async fn take(
         close(opened).await;
         return Err("the source did not hand the LUNs over".into());
     }
+    settings.stall.at("committed").await;
     let mut exports = Vec::new();
     for s in &opened {
         coord.adopt(s).await;
