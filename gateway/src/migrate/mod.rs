@@ -136,7 +136,9 @@ impl Settings {
 /// `committing` (source, after its switching record, before the commit),
 /// `committed` (target, after its commit record, before serving),
 /// `forwarding` (source, after the target completed, before it retires
-/// its copy).
+/// its copy). A handover (`handover`) stalls at `prepared`, `paused` and
+/// `committing` (source, with the target holding the locks, before the
+/// etcd transaction) and `committed` (target, after it, before serving).
 #[derive(Debug, Clone, Default)]
 pub struct Stall {
     at: Option<(String, Duration)>,
