@@ -238,6 +238,9 @@ fn a_planned_handover_under_a_sequence_numbered_writer_loses_and_fails_nothing()
     for l in p.a.stderr_log().lines().filter(|l| l.contains("handover")) {
         eprintln!("a: {l}");
     }
+    for l in p.b.stderr_log().lines().filter(|l| l.contains("handover")) {
+        eprintln!("b: {l}");
+    }
     assert!(
         !p.a.stderr_log().contains(" ERROR "),
         "{}",

@@ -322,6 +322,7 @@ impl Handover {
                 )))
             }
         }
+        let flushed_us = paused_at.elapsed().as_micros() as u64;
         for (i, l) in self.luns.iter().enumerate() {
             let l2 = l.clone();
             let r =
@@ -340,6 +341,7 @@ impl Handover {
                 ))),
             }
         }
+        let released_us = paused_at.elapsed().as_micros() as u64;
         if let Err(e) = link.send_msg(Message::Release).await {
             fail!(link_err(e))
         }
@@ -354,6 +356,7 @@ impl Handover {
             ))),
             Err(e) => fail!(link_err(e)),
         }
+        let locked_us = paused_at.elapsed().as_micros() as u64;
         self.settings.stall.at("committing").await;
         if self.tracked.abort.is_cancelled() {
             fail!(MigrateError::Aborted("aborted by request".into()))
@@ -368,7 +371,7 @@ impl Handover {
             Err(e) => fail!(e),
         }
         let committed_us = paused_at.elapsed().as_micros() as u64;
-        tracing::info!(migration = %self.prepare.migration, committed_us, "handover committed in etcd; the target owns the LUNs");
+        tracing::info!(migration = %self.prepare.migration, flushed_us, released_us, locked_us, committed_us, "handover committed in etcd; the target owns the LUNs");
         // From here on the target owns the LUNs, whatever it answers.
         for l in &self.luns {
             l.volume().disown();
@@ -664,6 +667,7 @@ async fn take(
         }
         Err(e) => return Err(e.to_string()),
     }
+    let t0 = std::time::Instant::now();
     let mut opened: Vec<Arc<ServedLun>> = Vec::new();
     let mut fences = Vec::new();
     for path in paths {
@@ -704,6 +708,7 @@ async fn take(
         }
         opened.push(served);
     }
+    tracing::info!(migration = %p.migration, open_us = t0.elapsed().as_micros() as u64, "handover: the images are open and locked here");
     link.send_msg(Message::Locked { fences })
         .await
         .map_err(|e| e.to_string())?;
