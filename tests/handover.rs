@@ -150,6 +150,39 @@ impl Pair {
         args.extend_from_slice(extra);
         lunctl_migrate(&args)
     }
+
+    /// Start `lunctl migrate NAME --to b` in a thread and wait until
+    /// `gateway`'s log says the migration stalled at `step` (a
+    /// `LUNGATE_TEST_MIGRATION_STALL` of that gateway); the thread answers
+    /// what `lunctl migrate` did.
+    fn migrate_until_stalled(
+        &self,
+        name: &str,
+        gateway: &Gateway,
+        step: &str,
+    ) -> std::thread::JoinHandle<(bool, serde_json::Value, String)> {
+        let (ep, pool, to, name) = (
+            self.ep.clone(),
+            self.pool.clone(),
+            migration_addr(&self.b),
+            name.to_string(),
+        );
+        let h = std::thread::spawn(move || {
+            let coord = format!("etcd://{ep}");
+            lunctl_migrate(&["--coordinator", &coord, "--pool", &pool, &name, "--to", &to])
+        });
+        let want = format!("migration stalled at {step}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !gateway.stderr_log().contains(&want) {
+            assert!(
+                Instant::now() < deadline,
+                "no stall: {}",
+                gateway.stderr_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        h
+    }
 }
 
 /// The planned handover: zero failed or mismatched requests on the
@@ -263,18 +296,7 @@ fn an_aborted_handover_leaves_the_source_owning_and_serving() {
     );
     let (stop, count, h) = run_writer(tcp(&p.a), "h2/disk0");
     wait_ops(&count, 100);
-    let migrate = {
-        let (ep, pool, to) = (p.ep.clone(), p.pool.clone(), migration_addr(&p.b));
-        std::thread::spawn(move || {
-            let coord = format!("etcd://{ep}");
-            lunctl_migrate(&["--coordinator", &coord, "--pool", &pool, "h2", "--to", &to])
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !p.a.stderr_log().contains("migration stalled at committing") {
-        assert!(Instant::now() < deadline, "no stall: {}", p.a.stderr_log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let migrate = p.migrate_until_stalled("h2", &p.a, "committing");
     // The target holds the lock now.
     assert_eq!(lockers(c, "rbd/ho2/h2.lun"), 1);
     let coord = format!("etcd://{}", p.ep);
@@ -333,18 +355,7 @@ fn a_source_killed_before_the_handover_commit_fails_over_to_one_owner() {
     );
     let (stop, count, h) = run_writer(tcp(&p.a), "h3/disk0");
     wait_ops(&count, 100);
-    let migrate = {
-        let (ep, pool, to) = (p.ep.clone(), p.pool.clone(), migration_addr(&p.b));
-        std::thread::spawn(move || {
-            let coord = format!("etcd://{ep}");
-            lunctl_migrate(&["--coordinator", &coord, "--pool", &pool, "h3", "--to", &to])
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !p.a.stderr_log().contains("migration stalled at committing") {
-        assert!(Instant::now() < deadline, "no stall: {}", p.a.stderr_log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let migrate = p.migrate_until_stalled("h3", &p.a, "committing");
     let Pair {
         ep,
         a,
@@ -398,18 +409,7 @@ fn a_target_killed_after_the_handover_commit_loses_the_lun_by_its_lease_and_noth
     );
     let (stop, count, h) = run_writer(tcp(&p.a), "h4/disk0");
     wait_ops(&count, 100);
-    let migrate = {
-        let (ep, pool, to) = (p.ep.clone(), p.pool.clone(), migration_addr(&p.b));
-        std::thread::spawn(move || {
-            let coord = format!("etcd://{ep}");
-            lunctl_migrate(&["--coordinator", &coord, "--pool", &pool, "h4", "--to", &to])
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !p.b.stderr_log().contains("migration stalled at committed") {
-        assert!(Instant::now() < deadline, "no stall: {}", p.b.stderr_log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let migrate = p.migrate_until_stalled("h4", &p.b, "committed");
     let Pair {
         ep,
         mut a,

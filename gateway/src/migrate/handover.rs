@@ -47,7 +47,7 @@ use lungate_block::volume::VolumeDevice;
 use uuid::Uuid;
 
 use super::protocol::{describe, Link};
-use super::source::{self, Destination, Gone, Request};
+use super::source::{self, Destination, Request};
 use super::transfer::link_err;
 use super::{MigrateError, OpQueue, Settings, Tracked};
 use crate::coordinator::Coordinator;
@@ -227,10 +227,13 @@ impl Handover {
                         let fences = undo.fences.clone();
                         let _ = tokio::task::spawn_blocking(move || {
                             let owners = l2.lun.backing().rbd_lock_owners();
-                            if let Some(Ok(owners)) = owners {
-                                for o in owners.iter().chain(&fences) {
-                                    let _ = l2.lun.backing().rbd_lock(&LockOp::Break(o.clone()));
+                            // Only actual holders: normally the target,
+                            // whose lock owner it reported in `Locked`.
+                            for o in owners.and_then(Result::ok).unwrap_or_default() {
+                                if !fences.contains(&o) {
+                                    tracing::warn!(lun = %l2.lun.name(), owner = %o, "the RBD lock is held by a client the target did not report");
                                 }
+                                let _ = l2.lun.backing().rbd_lock(&LockOp::Break(o));
                             }
                             l2.lun.backing().rbd_lock(&LockOp::Acquire)
                         })
@@ -476,21 +479,15 @@ impl Handover {
         l: &Arc<ServedLun>,
         nbd: (Option<u16>, bool),
     ) -> Arc<dyn BlockDevice> {
-        let mut last = String::new();
-        for attempt in 0..5 {
-            match source::remote(&self.settings, &self.to, nbd, m, &l.lun).await {
-                Ok(d) => return Arc::new(d),
-                Err(e) => {
-                    tracing::warn!(lun = %m.name, attempt, "forwarding connection: {e}");
-                    last = e;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
-        Arc::new(Gone(format!(
-            "{} was handed over to {}, and its exports there cannot be reached: {last}",
-            m.name, self.to
-        )))
+        source::forwarder_to(
+            &self.settings,
+            &self.to,
+            nbd,
+            m,
+            &l.lun,
+            "was handed over to",
+        )
+        .await
     }
 }
 
@@ -532,33 +529,7 @@ pub(super) async fn serve(
         return r;
     }
     // Served here: the queued operations, then the end.
-    loop {
-        match link.recv_msg(t * 4, "ops or finish").await {
-            Ok(Message::Ops { ops }) => {
-                let mut results = Vec::new();
-                let n = ops.len() as u64;
-                for op in ops {
-                    results.push(crate::control::run_queued(reg, op).await);
-                }
-                tracked.update(|i| i.queued_ops = n);
-                if link.send_msg(Message::OpsDone { results }).await.is_err() {
-                    break;
-                }
-            }
-            Ok(Message::Finish) => {
-                let _ = link.send_msg(Message::Ack).await;
-                break;
-            }
-            Ok(m) => {
-                tracing::warn!(migration = %p.migration, "unexpected {} after the handover", describe(&Frame::Message(m)));
-                break;
-            }
-            Err(e) => {
-                tracing::warn!(migration = %p.migration, "source gone after the handover ({e}); the LUNs are served here");
-                break;
-            }
-        }
-    }
+    super::target::run_ops_until_finish(link, reg, t * 4, p.migration, &tracked, || {}).await;
     tracing::info!(migration = %p.migration, "handover done");
     tracked.finish(MigrationPhase::Done, None);
     Ok(())

@@ -949,28 +949,7 @@ impl Job {
                     }
                 }
                 Destination::Remote(to) => {
-                    let mut last = String::new();
-                    let mut dev = None;
-                    for attempt in 0..5 {
-                        match remote(&self.settings, to, nbd, m, &s.lun.lun).await {
-                            Ok(d) => {
-                                dev = Some(d);
-                                break;
-                            }
-                            Err(e) => {
-                                tracing::warn!(lun = %m.name, attempt, "forwarding connection: {e}");
-                                last = e;
-                                tokio::time::sleep(Duration::from_millis(200)).await;
-                            }
-                        }
-                    }
-                    match dev {
-                        Some(d) => Arc::new(d),
-                        None => Arc::new(Gone(format!(
-                            "{} moved to {to}, and its exports there cannot be reached: {last}",
-                            m.name
-                        ))),
-                    }
+                    forwarder_to(&self.settings, to, nbd, m, &s.lun.lun, "moved to").await
                 }
             };
             out.push(dev);
@@ -1124,6 +1103,35 @@ pub async fn query(
             describe(&Frame::Message(m))
         ))),
     }
+}
+
+/// What takes member `m`'s requests once `to` serves it: [`remote`],
+/// tried five times 200 ms apart, or else a device that fails every
+/// request saying that `m` `went` (e.g. "moved to") `to` and why it cannot
+/// be reached.
+pub(super) async fn forwarder_to(
+    settings: &Settings,
+    to: &str,
+    nbd: (Option<u16>, bool),
+    m: &Member,
+    lun: &lun_manager::Lun,
+    went: &str,
+) -> Arc<dyn BlockDevice> {
+    let mut last = String::new();
+    for attempt in 0..5 {
+        match remote(settings, to, nbd, m, lun).await {
+            Ok(d) => return Arc::new(d),
+            Err(e) => {
+                tracing::warn!(lun = %m.name, attempt, "forwarding connection: {e}");
+                last = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    Arc::new(Gone(format!(
+        "{} {went} {to}, and its exports there cannot be reached: {last}",
+        m.name
+    )))
 }
 
 /// NBD connections to the target's exports of member `m`'s disks, each

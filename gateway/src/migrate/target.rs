@@ -544,8 +544,34 @@ async fn finish(
     rec: &mut Record,
     tracked: &Tracked,
 ) {
+    let id = rec.id;
+    let done = run_ops_until_finish(link, reg, settings.timeout * 4, id, tracked, || {
+        if let Err(e) = rec.set(pool, State::Done) {
+            tracing::warn!(migration = %id, "record not marked done: {e}");
+        }
+    })
+    .await;
+    if done {
+        tracing::info!(migration = %id, "migration done");
+    }
+    tracked.finish(MigrationPhase::Done, None);
+}
+
+/// After the switch, with the LUNs served here: run the control operations
+/// the source queued meanwhile, in order, until it says `Finish`, which is
+/// answered with `Ack` after `on_finish`. Whether `Finish` came (`false`:
+/// the source went away or said something else; the LUNs stay served here
+/// either way).
+pub(super) async fn run_ops_until_finish(
+    link: &mut Link,
+    reg: &Arc<Registry>,
+    t: std::time::Duration,
+    migration: uuid::Uuid,
+    tracked: &Tracked,
+    on_finish: impl FnOnce(),
+) -> bool {
     loop {
-        match link.recv_msg(settings.timeout * 4, "ops or finish").await {
+        match link.recv_msg(t, "ops or finish").await {
             Ok(Message::Ops { ops }) => {
                 let mut results: Vec<OpOutcome> = Vec::new();
                 let n = ops.len() as u64;
@@ -554,27 +580,22 @@ async fn finish(
                 }
                 tracked.update(|i| i.queued_ops = n);
                 if link.send_msg(Message::OpsDone { results }).await.is_err() {
-                    break;
+                    return false;
                 }
             }
             Ok(Message::Finish) => {
-                if let Err(e) = rec.set(pool, State::Done) {
-                    tracing::warn!(migration = %rec.id, "record not marked done: {e}");
-                }
+                on_finish();
                 let _ = link.send_msg(Message::Ack).await;
-                tracked.finish(MigrationPhase::Done, None);
-                tracing::info!(migration = %rec.id, "migration done");
-                return;
+                return true;
             }
             Ok(m) => {
-                tracing::warn!(migration = %rec.id, "unexpected {} after the commit", describe(&Frame::Message(m)));
-                break;
+                tracing::warn!(%migration, "unexpected {} after the switch", describe(&Frame::Message(m)));
+                return false;
             }
             Err(e) => {
-                tracing::warn!(migration = %rec.id, "source gone after the commit ({e}); the LUNs are served here");
-                break;
+                tracing::warn!(%migration, "source gone after the switch ({e}); the LUNs are served here");
+                return false;
             }
         }
     }
-    tracked.finish(MigrationPhase::Done, None);
 }
