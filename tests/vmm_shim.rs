@@ -526,3 +526,128 @@ fn lunctl_shows_the_guest_key_and_set_hardware_checks_the_state_region() {
     gw.stop_ok();
     let _ = Path::new(&p);
 }
+
+/// `vmm-shim migrate`: the writer guest runs on gateway a's pool; a second
+/// shim waits with `run --incoming` on gateway b's. The VM moves with its
+/// LUN: memory pre-copied while the guest runs, the last pages and the
+/// vCPU state at the switch. On b the guest resumes from exactly that
+/// point, checks that its in-memory log matches every block of its disk
+/// (`WRITER CONSISTENT`) and exits 0; the source shim exits 0 too, its
+/// gateway serves the LUN no more, and the downtime is reported.
+#[test]
+fn a_running_vm_migrates_with_its_lun_and_resumes_on_the_other_gateway() {
+    let pool = new_pool("32M");
+    let target = Pool::new();
+    let a = Gateway::start(&["--pool", pool.arg()]);
+    let b = Gateway::start(&["--pool", target.arg(), "--migration-listen", "127.0.0.1:0"]);
+    let to = b
+        .stdout_lines()
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("migration tcp ")
+                .map(|a| a.trim().to_string())
+        })
+        .expect("gateway b printed no `migration tcp` line");
+    let src = Shim::start(&pool, &a, "vm", &["--guest", "writer"]);
+    src.wait_serial("payload: writer");
+    // Some state worth moving: writes logged in memory and on disk, and an
+    // earlier save, so the pre-copy builds on a baseline.
+    std::thread::sleep(Duration::from_millis(300));
+    op_ok(&pool, &["save", "vm", "before"]);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The receiving shim: started before the migration, it waits.
+    let dir = tempfile::tempdir().unwrap();
+    let (serial, stderr) = (dir.path().join("serial.txt"), dir.path().join("stderr.txt"));
+    let mut dst = Command::new(bin("vmm-shim"));
+    dst.args(shim_args(&target, &b, "vm"))
+        .args(["--incoming", "--serial"])
+        .arg(&serial)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).unwrap());
+    let mut dst = dst.spawn().expect("start the receiving vmm-shim");
+
+    let (v, ok) = op(&pool, &["migrate", "vm", "--to", &to]);
+    assert!(
+        ok && v["migrated"] == true,
+        "vmm-shim migrate: {v}\nsource shim:\n{}",
+        src.stderr_log()
+    );
+    assert!(v["memory_rounds"].as_u64().unwrap() >= 1, "{v}");
+    assert!(v["memory_precopy_bytes"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["lun_pause_us"].as_u64().is_some(), "{v}");
+    // The source shim is done: its VM stopped for good, exit 0.
+    let (code, _, err) = src.wait();
+    assert_eq!(code, 0, "the source shim: {err}");
+
+    // On b the guest resumes where it was paused and checks itself.
+    let st = wait_timeout(&mut dst, RUN_TIMEOUT).unwrap_or_else(|| {
+        let _ = dst.kill();
+        let _ = dst.wait();
+        panic!(
+            "the receiving shim did not finish:\n{}",
+            std::fs::read_to_string(&stderr).unwrap_or_default()
+        )
+    });
+    let out = {
+        use std::io::Read;
+        let mut s = String::new();
+        dst.stdout.take().unwrap().read_to_string(&mut s).unwrap();
+        s
+    };
+    let serial = std::fs::read_to_string(&serial).unwrap_or_default();
+    let err = std::fs::read_to_string(&stderr).unwrap_or_default();
+    assert_eq!(st.code(), Some(0), "serial:\n{serial}\nstderr:\n{err}");
+    assert!(serial.contains("WRITER CONSISTENT"), "{serial}");
+    let downtime: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("migrated downtime_us "))
+        .and_then(|d| d.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no downtime reported:\n{out}\n{err}"));
+    assert!(downtime > 0, "{out}");
+    eprintln!("guest downtime {downtime} µs; source report {v}");
+    // One owner: b serves the LUN with the save taken before, a does not.
+    assert_eq!(saves(&b, "vm"), vec!["before".to_string()]);
+    let on_a = Client::new(&a.control()).unwrap().luns().unwrap();
+    assert!(on_a.iter().all(|l| l.name != "vm"), "a still serves vm");
+    assert_hidden_intact(&b, "vm", 16 << 20);
+    a.stop_ok();
+    b.stop_ok();
+}
+
+/// A migration that cannot happen (nothing listens at `--to`) is refused
+/// with the reason, and the VM goes on where it runs: it still saves and
+/// restores consistently afterwards.
+#[test]
+fn a_failed_vm_migration_leaves_the_vm_running_where_it_was() {
+    let pool = new_pool("32M");
+    let gw = Gateway::start(&["--pool", pool.arg()]);
+    let shim = Shim::start(&pool, &gw, "vm", &["--guest", "writer"]);
+    shim.wait_serial("payload: writer");
+    // A port that was free a moment ago: nothing listens there.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let (v, ok) = op(&pool, &["migrate", "vm", "--to", &dead]);
+    assert!(!ok && v["ok"] == false, "{v}");
+    let e = v["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("migration") && e.contains(&dead),
+        "the error names the migration and the target: {v}"
+    );
+    let l = Client::new(&gw.control()).unwrap().luns().unwrap();
+    assert!(
+        l.iter().any(|l| l.name == "vm"),
+        "the LUN stays served here"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    op_ok(&pool, &["save", "vm", "after"]);
+    std::thread::sleep(Duration::from_millis(300));
+    op_ok(&pool, &["restore", "vm", "after"]);
+    let (code, serial, err) = shim.wait();
+    assert_eq!(code, 0, "serial:\n{serial}\nstderr:\n{err}");
+    assert!(serial.contains("WRITER CONSISTENT"), "{serial}");
+    gw.stop_ok();
+}

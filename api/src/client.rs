@@ -481,6 +481,11 @@ impl Client {
         self.get(&format!("/v1/migrations/{id}"))
     }
 
+    /// Let a held migration (`MigrateRequest::hold`) switch.
+    pub fn release_migration(&self, id: Uuid) -> Result<MigrationInfo> {
+        self.post(&format!("/v1/migrations/{id}/release"), &Empty {})
+    }
+
     pub fn flatten(&self, lun: &str) -> Result<Empty> {
         self.post(&lun_path(lun, "flatten"), &Empty {})
     }

@@ -462,6 +462,15 @@ pub struct MigrateRequest {
     /// The bearer token to present; default: `[migration] token_file`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// Hold before the switch: once the rounds fit the budget, keep copying
+    /// round after round until `POST /v1/migrations/{id}/release` (or fail
+    /// after `hold_ms`). `vmm-shim migrate` holds while it writes the
+    /// guest's last memory pages and vCPU state into the state region.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold: bool,
+    /// How long a hold may last, ms (default 60000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_ms: Option<u64>,
 }
 
 /// Which way a migration goes, seen from the gateway reporting it.
@@ -540,6 +549,9 @@ pub struct MigrationInfo {
     pub parked: Option<u64>,
     /// Control operations queued during the migration (run on the target).
     pub queued_ops: u64,
+    /// A held migration (`hold`) has converged and waits for its release.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
     /// Where the source kept its copy (`keep_source`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kept_source: Option<std::path::PathBuf>,

@@ -27,6 +27,15 @@ pub enum OpRequest {
         snapshot: String,
     },
     Stop,
+    /// Move the running VM with its LUN to the gateway whose migration
+    /// listener is `to` (`HOST:PORT`).
+    Migrate {
+        to: String,
+        #[serde(default)]
+        target_pool: Option<String>,
+        #[serde(default)]
+        downtime_ms: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -103,6 +103,13 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
 fn new_epoch() -> u64 {
     Uuid::new_v4().as_u64_pair().0
 }
@@ -381,6 +388,22 @@ impl Controller {
             d.extend_from_slice(&self.generation.to_le_bytes());
             events.push(Event::new(kind::GENERATION, 0).with_data(&d));
         }
+        if let Some(at) = saved.machine.migrated_at_ns {
+            // The first resume after `vmm-shim migrate`: the guest was
+            // paused on the source at `at`.
+            let downtime_us = now_ns().saturating_sub(at) / 1000;
+            eprintln!(
+                "vmm-shim: {}: resumed after a migration; guest downtime {downtime_us} µs",
+                self.opts.name
+            );
+            println!("migrated downtime_us {downtime_us}");
+            events.insert(
+                0,
+                Event::new(kind::MIGRATED, 0)
+                    .with_text(self.opts.name.as_bytes())
+                    .with_data(&downtime_us.to_le_bytes()),
+            );
+        }
         for e in events {
             service.push(e);
         }
@@ -477,7 +500,7 @@ impl Controller {
         }
         let t0 = Instant::now();
         let states = self.pause_all().map_err(failed)?;
-        let r = self.write_live(&states, snap, request);
+        let r = self.write_live(&states, snap, request, None);
         let snapshot_us = match (&r, snap) {
             (Ok(_), Some(name)) => {
                 let t = Instant::now();
@@ -504,12 +527,15 @@ impl Controller {
         }))
     }
 
-    /// With the vCPUs parked: flush the disk and write every record.
+    /// With the vCPUs parked: flush the disk and write every record. The
+    /// last save of a migration passes the pages its pre-copy found dirty
+    /// but did not write, and when the guest was paused (Unix ns).
     fn write_live(
         &mut self,
         states: &[VcpuState],
         snap: Option<&str>,
         request: Option<(u32, Vec<u8>)>,
+        migration: Option<(&[u64], u64)>,
     ) -> Result<snapshot::SaveStats, Failure> {
         lock(&self.block)
             .flush()
@@ -518,6 +544,9 @@ impl Controller {
         let clock = r.vm.clock().map_err(|e| failed(e.to_string()))?;
         let mut dirty = r.vm.dirty_log().map_err(|e| failed(e.to_string()))?;
         or_bitmaps(&mut dirty, &r.vm.ram.take_vmm_dirty());
+        if let Some((carried, _)) = migration {
+            or_bitmaps(&mut dirty, carried);
+        }
         let mut after = Vec::new();
         if let (Some((id, data)), Some(name)) = (request, snap) {
             let mut e = Event::new(kind::SAVED, id)
@@ -537,6 +566,7 @@ impl Controller {
             after_restore: after,
             used_bytes: 0,
             saved_at: now(),
+            migrated_at_ns: migration.map(|(_, at)| at),
         };
         let old_vcpus = r.vcpus;
         let paused = snapshot::Paused {
@@ -560,6 +590,218 @@ impl Controller {
                 // The dirty log is spent: the next save writes everything.
                 r.baseline = None;
                 Err(failed(e))
+            }
+        }
+    }
+
+    /// `vmm-shim migrate`: move the running VM with its LUN to the gateway
+    /// at `to`. The gateway migrates the LUN with a hold (it copies and
+    /// keeps copying, but does not switch until released); meanwhile the
+    /// guest's memory is pre-copied into the state region in rounds driven
+    /// by KVM's dirty log, so the gateway's rounds carry it too. When the
+    /// memory left fits, the vCPUs park, the last dirty pages, the vCPU and
+    /// device state go in as one record batch (the live state a `run
+    /// --resume` continues from), the disk is flushed and the migration is
+    /// released: its switch moves the LUN, and with it the whole VM. Once
+    /// the target owns the LUN this VM stops for good; if the migration
+    /// fails instead, the guest resumes here, having lost nothing.
+    fn migrate(
+        &mut self,
+        to: String,
+        target_pool: Option<String>,
+        downtime_ms: Option<u64>,
+    ) -> Result<serde_json::Value, Failure> {
+        use lungate_api::types::{MigrateRequest, MigrationPhase};
+        if self.vm.is_none() {
+            return Err(failed("no VM is running"));
+        }
+        let t0 = Instant::now();
+        let req = MigrateRequest {
+            to: Some(to.clone()),
+            target_pool,
+            downtime_ms,
+            hold: true,
+            hold_ms: Some(120_000),
+            ..Default::default()
+        };
+        let id = self
+            .client
+            .migrate(&self.lun, &req)
+            .map_err(|e| failed(format!("the gateway refused the migration: {e}")))?
+            .id;
+        let info = |c: &Client| c.migration(id).map_err(|e| failed(e.to_string()));
+        let lun = self.lun.clone();
+        let abort = move |c: &Client, why: String| {
+            let _ = c.abort_migration(&lun);
+            failed(why)
+        };
+        // Pre-copy, the guest running.
+        let (mut pending, mut full) = {
+            let r = self.vm.as_ref().expect("checked");
+            match &r.baseline {
+                Some(b) => (b.clone(), false),
+                None => {
+                    // After a boot: a first image must not reuse an
+                    // instance the live records' map still points at.
+                    let images = snapshot::read_saved(&self.client, &self.lun)
+                        .map(|s| s.images)
+                        .unwrap_or_default();
+                    (
+                        Baseline {
+                            map: PageMap::zero(r.vm.ram.pages()),
+                            images,
+                        },
+                        true,
+                    )
+                }
+            }
+        };
+        let budget = Duration::from_millis(downtime_ms.unwrap_or(50));
+        let (mut rounds, mut precopy_bytes) = (0u32, 0u64);
+        let mut rate = 0f64; // bytes per second, measured on big rounds
+        let mut last: Option<(u64, Duration)> = None; // pages, time
+        let carried = loop {
+            let r = self.vm.as_mut().expect("checked");
+            let mut dirty = r.vm.dirty_log().map_err(|e| failed(e.to_string()))?;
+            or_bitmaps(&mut dirty, &r.vm.ram.take_vmm_dirty());
+            let n: u64 = dirty.iter().map(|w| u64::from(w.count_ones())).sum();
+            // The last pages fit when a round that wrote at least as many
+            // took at most half the budget (a round's time is mostly its
+            // request, not its bytes), or at the measured rate.
+            let fits = n == 0
+                || last.is_some_and(|(k, t)| n <= k && t <= budget / 2)
+                || (rate > 0.0
+                    && Duration::try_from_secs_f64((n * PAGE) as f64 / rate)
+                        .is_ok_and(|left| left <= budget / 2));
+            if !full && (fits || rounds >= 10) {
+                break dirty;
+            }
+            let t = Instant::now();
+            let s = snapshot::precopy(
+                &self.client,
+                &self.lun,
+                &r.vm.ram,
+                &dirty,
+                full,
+                &mut pending,
+            )
+            .map_err(|e| abort(&self.client, format!("memory pre-copy: {e}")))?;
+            // The pre-copied images exist now: a later save builds on them.
+            r.baseline = Some(pending.clone());
+            full = false;
+            rounds += 1;
+            precopy_bytes += s.image_bytes;
+            last = Some((n, t.elapsed()));
+            if s.image_bytes >= 1 << 20 {
+                rate = s.image_bytes as f64 / t.elapsed().as_secs_f64().max(1e-6);
+            }
+            let i = info(&self.client)?;
+            if i.phase.is_final() {
+                return Err(failed(format!(
+                    "the LUN's migration ended ({:?}): {}",
+                    i.phase,
+                    i.error.unwrap_or_default()
+                )));
+            }
+        };
+        // Wait for the gateway's copy to converge before pausing the guest.
+        loop {
+            let i = info(&self.client)?;
+            if i.held {
+                break;
+            }
+            if i.phase.is_final() {
+                return Err(failed(format!(
+                    "the LUN's migration ended ({:?}): {}",
+                    i.phase,
+                    i.error.unwrap_or_default()
+                )));
+            }
+            if t0.elapsed() > Duration::from_secs(120) {
+                return Err(abort(
+                    &self.client,
+                    "the LUN's copy did not converge within 120 s".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The switch: park, write the rest, release, wait for the commit.
+        let paused = Instant::now();
+        let paused_at_ns = now_ns();
+        let states = match self.pause_all() {
+            Ok(s) => s,
+            Err(e) => {
+                self.resume_all();
+                return Err(abort(&self.client, e));
+            }
+        };
+        let stats = match self.write_live(&states, None, None, Some((&carried, paused_at_ns))) {
+            Ok(s) => s,
+            Err(f) => {
+                self.resume_all();
+                return Err(abort(&self.client, f.message));
+            }
+        };
+        let records_us = paused.elapsed().as_micros() as u64;
+        if let Err(e) = self.client.release_migration(id) {
+            self.resume_all();
+            return Err(abort(&self.client, format!("release the migration: {e}")));
+        }
+        let end = loop {
+            match self.client.migration(id) {
+                Ok(i) if matches!(i.phase, MigrationPhase::Forwarding | MigrationPhase::Done) => {
+                    break Ok(i)
+                }
+                Ok(i) if i.phase.is_final() => {
+                    break Err(format!("{:?}: {}", i.phase, i.error.unwrap_or_default()))
+                }
+                Ok(_) => std::thread::sleep(Duration::from_millis(2)),
+                // The gateway is the one that knows: keep the guest parked
+                // rather than risk running it on both hosts.
+                Err(e) => {
+                    if paused.elapsed() > Duration::from_secs(300) {
+                        break Err(format!(
+                            "the gateway does not answer ({e}); the VM stays parked"
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        };
+        match end {
+            Ok(i) => {
+                let source_pause_us = paused.elapsed().as_micros() as u64;
+                eprintln!(
+                    "vmm-shim: {}: migrated to {to} ({rounds} memory rounds, {precopy_bytes} bytes pre-copied); the guest is paused here since {source_pause_us} µs and resumes on the new host",
+                    self.opts.name
+                );
+                Ok(serde_json::json!({
+                    "migrated": true,
+                    "to": to,
+                    "migration": id,
+                    "memory_rounds": rounds,
+                    "memory_precopy_bytes": precopy_bytes,
+                    "memory_final_bytes": stats.image_bytes,
+                    "final_pages": stats.pages_written,
+                    "records_us": records_us,
+                    "source_pause_us": source_pause_us,
+                    "lun_pause_us": i.pause_us,
+                    "lun_bytes": i.bytes,
+                    "lun_rounds": i.rounds,
+                    "paused_at_ns": paused_at_ns,
+                    "elapsed_ms": t0.elapsed().as_millis() as u64,
+                }))
+            }
+            Err(e) => {
+                if e.contains("stays parked") {
+                    return Err(failed(e));
+                }
+                // Not committed: the source still owns the LUN, whose live
+                // records hold this very state; go on here.
+                self.resume_all();
+                Err(failed(format!(
+                    "the migration failed, the VM goes on here: {e}"
+                )))
             }
         }
     }
@@ -736,11 +978,20 @@ impl Controller {
                 false,
             ),
             OpRequest::Restore { snapshot } => (reply(self.restore(&snapshot, None)), false),
+            OpRequest::Migrate {
+                to,
+                target_pool,
+                downtime_ms,
+            } => {
+                let r = self.migrate(to, target_pool, downtime_ms);
+                let stop = r.is_ok();
+                (reply(r), stop)
+            }
             OpRequest::Stop => {
                 let r = self
                     .pause_all()
                     .map_err(failed)
-                    .and_then(|states| self.write_live(&states, None, None))
+                    .and_then(|states| self.write_live(&states, None, None, None))
                     .map(|s| serde_json::json!({ "stopped": true, "image_bytes": s.image_bytes }));
                 let stop = r.is_ok();
                 if !stop {

@@ -68,6 +68,10 @@ enum Cmd {
         /// Continue from the state records in the live state region
         #[arg(long)]
         resume: bool,
+        /// Wait for the VM to arrive by `vmm-shim migrate` (its LUN served
+        /// by this gateway), then continue from its state records
+        #[arg(long, conflicts_with_all = ["restore", "resume"])]
+        incoming: bool,
         /// Give up (exit 1) if the guest has not exited by then
         #[arg(long, value_name = "SECONDS")]
         timeout: Option<u64>,
@@ -106,6 +110,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Move the running VM with its LUN to another gateway (start `vmm-shim
+    /// run --incoming` there first); the guest is paused only for the last
+    /// memory pages, its vCPU state and the LUN's switch
+    Migrate {
+        #[command(flatten)]
+        vm: VmRef,
+        /// The target gateway's migration listener
+        #[arg(long, value_name = "HOST:PORT")]
+        to: String,
+        /// The pool on the target gateway (default: its first)
+        #[arg(long, value_name = "NAME")]
+        target_pool: Option<String>,
+        /// The LUN's pause budget, and half of it for the last memory pages
+        #[arg(long, value_name = "MS")]
+        downtime_ms: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
     #[command(flatten)]
     Doc(DocCmd),
 }
@@ -127,10 +149,11 @@ fn main() -> ExitCode {
             guest_arg,
             restore,
             resume,
+            incoming,
             timeout,
             bench_fill,
         } => {
-            let start = match (restore, resume) {
+            let start = match (restore, resume || incoming) {
                 (Some(s), _) => Start::Restore(s),
                 (None, true) => Start::Resume,
                 (None, false) => Start::Boot {
@@ -138,7 +161,12 @@ fn main() -> ExitCode {
                     arg: guest_arg,
                 },
             };
-            match run(vm, control, &nbd, serial, start, timeout, bench_fill) {
+            let r = if incoming {
+                wait_incoming(&vm, control.as_deref(), timeout)
+            } else {
+                Ok(())
+            };
+            match r.and_then(|()| run(vm, control, &nbd, serial, start, timeout, bench_fill)) {
                 Ok(code) => {
                     if code != 0 {
                         eprintln!("vmm-shim: the guest reported failure {code}");
@@ -155,6 +183,21 @@ fn main() -> ExitCode {
         Cmd::List { vm, json } => op(&vm, &OpRequest::List, json),
         Cmd::Restore { vm, snapshot, json } => op(&vm, &OpRequest::Restore { snapshot }, json),
         Cmd::Stop { vm, json } => op(&vm, &OpRequest::Stop, json),
+        Cmd::Migrate {
+            vm,
+            to,
+            target_pool,
+            downtime_ms,
+            json,
+        } => op(
+            &vm,
+            &OpRequest::Migrate {
+                to,
+                target_pool,
+                downtime_ms,
+            },
+            json,
+        ),
     }
 }
 
@@ -184,6 +227,13 @@ fn op(vm: &VmRef, req: &OpRequest, json: bool) -> ExitCode {
                         vm.name, r.data["restore_us"]
                     ),
                     OpRequest::Stop => println!("{} stopped; its state is in its LUN", vm.name),
+                    OpRequest::Migrate { to, .. } => println!(
+                        "{} migrated to {to}: {} memory rounds, the guest paused here {} µs (the LUN's switch {} µs)",
+                        vm.name,
+                        r.data["memory_rounds"],
+                        r.data["source_pause_us"],
+                        r.data["lun_pause_us"]
+                    ),
                 }
             }
             if r.ok {
@@ -206,6 +256,35 @@ fn parse_nbd(s: &str) -> Result<Address, String> {
     s.parse()
         .map(Address::Tcp)
         .map_err(|e| format!("--nbd {s:?}: expected unix:PATH or HOST:PORT ({e})"))
+}
+
+/// `run --incoming`: wait until the gateway serves the VM's LUN, which it
+/// lists once the migration committed there.
+fn wait_incoming(
+    vm: &VmRef,
+    control: Option<&std::path::Path>,
+    timeout: Option<u64>,
+) -> Result<(), String> {
+    let sock = control.map_or_else(|| vm.pool.join(".lungate.sock"), PathBuf::from);
+    let client = Client::new(&sock).map_err(|e| e.to_string())?;
+    let limit = Duration::from_secs(timeout.unwrap_or(300));
+    let t0 = std::time::Instant::now();
+    println!("waiting for {}", vm.name);
+    while !client
+        .luns()
+        .is_ok_and(|l| l.iter().any(|l| l.name == vm.name))
+    {
+        if t0.elapsed() > limit {
+            return Err(format!(
+                "{} did not arrive at the gateway at {} within {} s",
+                vm.name,
+                sock.display(),
+                limit.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
 }
 
 fn run(

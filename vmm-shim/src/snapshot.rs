@@ -61,6 +61,11 @@ pub struct Machine {
     pub used_bytes: u64,
     /// Unix seconds.
     pub saved_at: u64,
+    /// Set by the last save of `vmm-shim migrate`: when the source paused
+    /// the guest, Unix ns. The shim that resumes it reports the guest's
+    /// downtime from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrated_at_ns: Option<u64>,
 }
 
 /// Guest page → (image instance, byte offset in the image); `None` = zero.
@@ -202,8 +207,17 @@ pub fn write_state(
     let full = match baseline {
         None => true,
         Some(b) => {
+            // Images the map no longer uses are removed by this save, so
+            // only the ones it still references count.
+            let used = b.map.images();
             b.map.pages.len() as u64 != pages
-                || b.images.values().sum::<u64>() + dirty_pages * PAGE > ram.size()
+                || b.images
+                    .iter()
+                    .filter(|(i, _)| used.contains(i))
+                    .map(|(_, l)| l)
+                    .sum::<u64>()
+                    + dirty_pages * PAGE
+                    > ram.size()
         }
     };
     let image = match baseline {
@@ -336,6 +350,108 @@ pub fn write_state(
         records_us: t0.elapsed().as_micros() as u64,
     };
     Ok((Baseline { map, images }, stats))
+}
+
+/// What a pre-copy round wrote.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PrecopyStats {
+    pub pages_written: u64,
+    pub image_bytes: u64,
+}
+
+/// One pre-copy round of a migration, **with the guest running**: write the
+/// pages `dirty` marks (every page when `full`) into a memory-image
+/// instance that neither `pending` nor the live records use, and point
+/// `pending`'s map at it. The live records are not changed otherwise (no
+/// map, no machine record), so a crash or a `run --resume` meanwhile still
+/// finds the last save whole; the final [`write_state`] of the migration
+/// takes `pending` as its baseline, writes what the guest dirtied since
+/// this round (the caller fetched `dirty` before reading any page, so a
+/// page written while it is read is dirty again), and removes the images
+/// its map no longer needs.
+pub fn precopy(
+    client: &Client,
+    lun: &str,
+    ram: &GuestRam,
+    dirty: &[u64],
+    full: bool,
+    pending: &mut Baseline,
+) -> Result<PrecopyStats, String> {
+    let pages = ram.pages();
+    if pending.map.pages.len() as u64 != pages {
+        return Err("the pre-copy map does not match the guest's memory".into());
+    }
+    let image = (0..=u16::MAX)
+        .find(|i| !pending.images.contains_key(i))
+        .ok_or("every memory-image instance is in use")?;
+    let mut chunk = vec![0u8; 1 << 20];
+    let per_chunk = chunk.len() as u64 / PAGE;
+    let mut write: Vec<u64> = Vec::new();
+    let mut zero: Vec<u64> = Vec::new();
+    let mut p = 0u64;
+    while p < pages {
+        let n = per_chunk.min(pages - p);
+        let want: Vec<u64> = (p..p + n).filter(|&q| full || bit(dirty, q)).collect();
+        if !want.is_empty() {
+            ram.read(p * PAGE, &mut chunk[..(n * PAGE) as usize])
+                .map_err(|e| e.to_string())?;
+            for q in want {
+                let o = ((q - p) * PAGE) as usize;
+                if is_zero(&chunk[o..o + PAGE as usize]) {
+                    zero.push(q);
+                } else {
+                    write.push(q);
+                }
+            }
+        }
+        p += n;
+    }
+    let image_len = write.len() as u64 * PAGE;
+    if image_len > 0 {
+        // The image holds each page as it reads now, in `write` order: the
+        // map below must describe exactly those bytes.
+        let batch = RecordBatch {
+            put: vec![RecordPut {
+                rtype: RecordType::MemoryImage,
+                instance: image,
+                length: image_len,
+            }],
+            remove: vec![],
+        };
+        client
+            .write_records(lun, &batch, |_, sink| {
+                let mut k = 0;
+                while k < write.len() {
+                    let mut run = 1;
+                    while k + run < write.len()
+                        && write[k + run] == write[k] + run as u64
+                        && run < per_chunk as usize
+                    {
+                        run += 1;
+                    }
+                    let len = run * PAGE as usize;
+                    ram.read(write[k] * PAGE, &mut chunk[..len])
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    sink.write(&chunk[..len])?;
+                    k += run;
+                }
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
+        pending.images.insert(image, image_len);
+    }
+    // A page zero at the first read may be written before the image was:
+    // it is dirty again, so the final save writes it.
+    for q in zero {
+        pending.map.pages[q as usize] = None;
+    }
+    for (k, q) in write.iter().enumerate() {
+        pending.map.pages[*q as usize] = Some((image, k as u64 * PAGE));
+    }
+    Ok(PrecopyStats {
+        pages_written: write.len() as u64,
+        image_bytes: image_len,
+    })
 }
 
 /// The saved state in the live records: machine, vCPUs and page map.
@@ -623,6 +739,7 @@ mod tests {
             after_restore: vec![],
             used_bytes: 20 << 20,
             saved_at: 0,
+            migrated_at_ns: None,
         }
     }
 

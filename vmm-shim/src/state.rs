@@ -52,6 +52,10 @@ pub mod kind {
     pub const RESUMED: u16 = 8;
     pub const HARDWARE: u16 = 9;
     pub const GENERATION: u16 = 10;
+    /// After `vmm-shim migrate`, to the guest resumed on the new host: the
+    /// source's LUN name as text, the guest downtime so far (µs, u64: from
+    /// the source's pause to the target's resume, by the two hosts' clocks).
+    pub const MIGRATED: u16 = 11;
 }
 
 /// Event flags.

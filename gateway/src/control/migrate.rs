@@ -205,6 +205,9 @@ pub(super) async fn migrate(
         keep_source: b.keep_source,
         with_dependents: b.with_dependents,
         token: b.token,
+        hold: b
+            .hold
+            .then(|| std::time::Duration::from_millis(b.hold_ms.unwrap_or(60_000))),
     };
     let t = source::start(&reg, &l, req).await?;
     Ok((StatusCode::ACCEPTED, Json(t.snapshot())).into_response())
@@ -230,6 +233,26 @@ pub(super) async fn get_one(State(reg): Reg, UrlPath(id): UrlPath<String>) -> Ap
             format!("no migration {id} is known here"),
         )),
     }
+}
+
+/// `POST /v1/migrations/{id}/release`: a held migration may switch.
+pub(super) async fn release(State(reg): Reg, UrlPath(id): UrlPath<String>) -> ApiResult {
+    let id = parse_id(&id)?;
+    let t = reg.migrate.get(id).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no migration {id} is known here"),
+        )
+    })?;
+    let info = t.snapshot();
+    if info.phase.is_final() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("migration {id} is over ({:?})", info.phase),
+        ));
+    }
+    t.release.cancel();
+    Ok((StatusCode::ACCEPTED, Json(t.snapshot())).into_response())
 }
 
 fn abort_one(t: &crate::migrate::Tracked) -> Response {

@@ -262,6 +262,7 @@ pub fn router(reg: Arc<Registry>) -> Router {
         .route("/v1/migrations", get(migrate::list))
         .route("/v1/migrations/{id}", get(migrate::get_one))
         .route("/v1/migrations/{id}/abort", post(migrate::abort))
+        .route("/v1/migrations/{id}/release", post(migrate::release))
         .route("/v1/luns/{lun}/scrub", post(scrub))
         .route(
             "/v1/luns/{lun}/records",

@@ -132,6 +132,7 @@ pub(super) async fn start(
         tracked: tracked.clone(),
         to: to.clone(),
         token: req.token.clone(),
+        hold: req.hold,
         luns: group,
         prepare,
         queue,
@@ -147,6 +148,8 @@ struct Handover {
     tracked: Arc<Tracked>,
     to: String,
     token: Option<String>,
+    /// Wait for the release before the pause, at most this long.
+    hold: Option<Duration>,
     /// The group, primary first (the order of `prepare.members`).
     luns: Vec<Arc<ServedLun>>,
     prepare: Prepare,
@@ -299,6 +302,29 @@ impl Handover {
             Err(e) => fail!(link_err(e)),
         };
         self.settings.stall.at("prepared").await;
+        // Nothing to copy, so a hold only waits (vmm-shim writes the
+        // guest's last state meanwhile).
+        if let Some(limit) = self.hold {
+            self.tracked.update(|i| i.held = true);
+            let released = tokio::select! {
+                _ = self.tracked.release.cancelled() => true,
+                _ = self.tracked.abort.cancelled() => false,
+                _ = tokio::time::sleep(limit) => false,
+            };
+            self.tracked.update(|i| i.held = false);
+            if !released {
+                let why = if self.tracked.abort.is_cancelled() {
+                    MigrateError::Aborted("aborted by request".into())
+                } else {
+                    MigrateError::Failed(format!(
+                        "held for {} ms and not released (POST /v1/migrations/{}/release)",
+                        limit.as_millis(),
+                        self.prepare.migration
+                    ))
+                };
+                fail!(why);
+            }
+        }
         // The switch: record writers finish first, then every gate parks.
         self.tracked.update(|i| i.phase = MigrationPhase::Switching);
         let order: Vec<usize> = {

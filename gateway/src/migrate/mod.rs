@@ -288,6 +288,9 @@ pub struct Tracked {
     started: Instant,
     /// Fired by `lunctl migrate --abort`.
     pub abort: CancellationToken,
+    /// Fired by `POST /v1/migrations/{id}/release` (a held migration may
+    /// switch).
+    pub release: CancellationToken,
 }
 
 impl Tracked {
@@ -309,6 +312,7 @@ impl Tracked {
                 pause_us: None,
                 parked: None,
                 queued_ops: 0,
+                held: false,
                 kept_source: None,
                 error: None,
                 started: now_secs(),
@@ -316,6 +320,7 @@ impl Tracked {
             }),
             started: Instant::now(),
             abort: CancellationToken::new(),
+            release: CancellationToken::new(),
         }
     }
 

@@ -158,6 +158,7 @@ fn recovered(m: &Move, rec: &Record) -> MigrationInfo {
         pause_us: None,
         parked: None,
         queued_ops: 0,
+        held: false,
         kept_source: None,
         error: None,
         started: rec.created,
@@ -266,6 +267,7 @@ pub async fn run(
             keep_source: m.keep_source,
             with_dependents: m.with_dependents,
             token: None,
+            hold: None,
         },
     )
     .await?;

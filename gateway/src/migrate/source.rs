@@ -58,6 +58,9 @@ pub struct Request {
     pub keep_source: bool,
     pub with_dependents: bool,
     pub token: Option<String>,
+    /// Wait before the switch until released, at most this long (see
+    /// `MigrateRequest::hold`).
+    pub hold: Option<Duration>,
 }
 
 /// One LUN that moves, as the source holds it.
@@ -703,14 +706,43 @@ impl Job {
         // Rounds, until what is dirty fits the budget.
         let budget = Duration::from_millis(self.req.downtime_ms);
         let mut round = 0u32;
+        // Rounds while held count against the hold's time, not max_rounds.
+        let mut held_rounds = 0u32;
+        let mut held_since: Option<Instant> = None;
         loop {
             let dirty: u64 = trackers.iter().map(|t| t.count() * t.cluster_size()).sum();
             let estimate = Duration::from_secs_f64(dirty as f64 / rate) + SWITCH_OVERHEAD;
             self.tracked.update(|i| i.dirty_bytes = dirty);
             if estimate <= budget {
-                break;
-            }
-            if round >= self.settings.max_rounds {
+                let Some(limit) = self.req.hold else { break };
+                if self.tracked.release.is_cancelled() {
+                    self.tracked.update(|i| i.held = false);
+                    break;
+                }
+                let since = *held_since.get_or_insert_with(|| {
+                    tracing::info!(migration = %self.rec.id, "migration converged; held until released");
+                    Instant::now()
+                });
+                if since.elapsed() >= limit {
+                    return Err(resume(MigrateError::Failed(format!(
+                        "held for {} ms and not released (POST /v1/migrations/{}/release)",
+                        limit.as_millis(),
+                        self.rec.id
+                    ))));
+                }
+                self.tracked.update(|i| i.held = true);
+                tokio::select! {
+                    _ = self.tracked.release.cancelled() => continue,
+                    _ = abort.cancelled() => {
+                        return Err(resume(MigrateError::Aborted("aborted by request".into())));
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+                if trackers.iter().all(|t| t.count() == 0) {
+                    continue;
+                }
+                held_rounds += 1;
+            } else if round >= self.settings.max_rounds + held_rounds {
                 return Err(resume(MigrateError::Failed(format!(
                     "did not converge: after {round} rounds {dirty} bytes are dirty, which at {:.1} MiB/s \
                      would pause the guests for {} ms, over the budget of {} ms; raise --downtime-ms \

@@ -220,6 +220,7 @@ pub fn migrate(out: &Output, path: &Path, a: Args) -> Res {
         keep_source: a.keep_source,
         with_dependents: a.with_dependents,
         token,
+        ..Default::default()
     };
     let started = client.migrate(&lun, &req)?;
     let id = started.id;
