@@ -527,15 +527,10 @@ fn lunctl_shows_the_guest_key_and_set_hardware_checks_the_state_region() {
     let _ = Path::new(&p);
 }
 
-/// `vmm-shim migrate`: the writer guest runs on gateway a's pool; a second
-/// shim waits with `run --incoming` on gateway b's. The VM moves with its
-/// LUN: memory pre-copied while the guest runs, the last pages and the
-/// vCPU state at the switch. On b the guest resumes from exactly that
-/// point, checks that its in-memory log matches every block of its disk
-/// (`WRITER CONSISTENT`) and exits 0; the source shim exits 0 too, its
-/// gateway serves the LUN no more, and the downtime is reported.
-#[test]
-fn a_running_vm_migrates_with_its_lun_and_resumes_on_the_other_gateway() {
+/// Two gateways for a VM migration: `a` serves the VM "vm" (16 MiB disk,
+/// 32 MiB memory), `b` an empty pool and a migration listener at the
+/// returned address.
+fn migration_pair() -> (Pool, Pool, Gateway, Gateway, String) {
     let pool = new_pool("32M");
     let target = Pool::new();
     let a = Gateway::start(&["--pool", pool.arg()]);
@@ -548,6 +543,96 @@ fn a_running_vm_migrates_with_its_lun_and_resumes_on_the_other_gateway() {
                 .map(|a| a.trim().to_string())
         })
         .expect("gateway b printed no `migration tcp` line");
+    (pool, target, a, b, to)
+}
+
+/// A `vmm-shim run vm --incoming` on `gw`, waiting for the VM to arrive.
+struct Incoming {
+    child: Child,
+    serial: PathBuf,
+    stderr: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Incoming {
+    fn start(pool: &Pool, gw: &Gateway) -> Incoming {
+        let dir = tempfile::tempdir().unwrap();
+        let (serial, stderr) = (dir.path().join("serial.txt"), dir.path().join("stderr.txt"));
+        let child = Command::new(bin("vmm-shim"))
+            .args(shim_args(pool, gw, "vm"))
+            .args(["--incoming", "--serial"])
+            .arg(&serial)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start the receiving vmm-shim");
+        Incoming {
+            child,
+            serial,
+            stderr,
+            _dir: dir,
+        }
+    }
+
+    /// Wait for the resumed guest to finish: it must exit 0 having checked
+    /// its disk against its memory (`WRITER CONSISTENT`). The serial
+    /// console and the reported guest downtime, µs.
+    fn finish_consistent(mut self) -> (String, u64) {
+        let st = wait_timeout(&mut self.child, RUN_TIMEOUT).unwrap_or_else(|| {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            panic!(
+                "the receiving shim did not finish:\n{}",
+                std::fs::read_to_string(&self.stderr).unwrap_or_default()
+            )
+        });
+        let out = {
+            use std::io::Read;
+            let mut s = String::new();
+            self.child
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_string(&mut s)
+                .unwrap();
+            s
+        };
+        let serial = std::fs::read_to_string(&self.serial).unwrap_or_default();
+        let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        assert_eq!(st.code(), Some(0), "serial:\n{serial}\nstderr:\n{err}");
+        assert!(serial.contains("WRITER CONSISTENT"), "{serial}");
+        let downtime: u64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("migrated downtime_us "))
+            .and_then(|d| d.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no downtime reported:\n{out}\n{err}"));
+        assert!(downtime > 0, "{out}");
+        (serial, downtime)
+    }
+}
+
+/// After a VM migration: `b` serves the VM with its save `before`, `a`
+/// serves it no more, and the hidden region arrived intact.
+fn assert_moved(a: Gateway, b: Gateway) {
+    assert_eq!(saves(&b, "vm"), vec!["before".to_string()]);
+    let on_a = Client::new(&a.control()).unwrap().luns().unwrap();
+    assert!(on_a.iter().all(|l| l.name != "vm"), "a still serves vm");
+    assert_hidden_intact(&b, "vm", 16 << 20);
+    a.stop_ok();
+    b.stop_ok();
+}
+
+/// `vmm-shim migrate`: the writer guest runs on gateway a's pool; a second
+/// shim waits with `run --incoming` on gateway b's. The VM moves with its
+/// LUN: memory pre-copied while the guest runs, the last pages and the
+/// vCPU state at the switch. On b the guest resumes from exactly that
+/// point, checks that its in-memory log matches every block of its disk
+/// (`WRITER CONSISTENT`) and exits 0; the source shim exits 0 too, its
+/// gateway serves the LUN no more, and the downtime is reported.
+#[test]
+fn a_running_vm_migrates_with_its_lun_and_resumes_on_the_other_gateway() {
+    let (pool, target, a, b, to) = migration_pair();
     let src = Shim::start(&pool, &a, "vm", &["--guest", "writer"]);
     src.wait_serial("payload: writer");
     // Some state worth moving: writes logged in memory and on disk, and an
@@ -555,19 +640,8 @@ fn a_running_vm_migrates_with_its_lun_and_resumes_on_the_other_gateway() {
     std::thread::sleep(Duration::from_millis(300));
     op_ok(&pool, &["save", "vm", "before"]);
     std::thread::sleep(Duration::from_millis(300));
-
     // The receiving shim: started before the migration, it waits.
-    let dir = tempfile::tempdir().unwrap();
-    let (serial, stderr) = (dir.path().join("serial.txt"), dir.path().join("stderr.txt"));
-    let mut dst = Command::new(bin("vmm-shim"));
-    dst.args(shim_args(&target, &b, "vm"))
-        .args(["--incoming", "--serial"])
-        .arg(&serial)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&stderr).unwrap());
-    let mut dst = dst.spawn().expect("start the receiving vmm-shim");
-
+    let dst = Incoming::start(&target, &b);
     let (v, ok) = op(&pool, &["migrate", "vm", "--to", &to]);
     assert!(
         ok && v["migrated"] == true,
@@ -580,40 +654,48 @@ fn a_running_vm_migrates_with_its_lun_and_resumes_on_the_other_gateway() {
     // The source shim is done: its VM stopped for good, exit 0.
     let (code, _, err) = src.wait();
     assert_eq!(code, 0, "the source shim: {err}");
-
-    // On b the guest resumes where it was paused and checks itself.
-    let st = wait_timeout(&mut dst, RUN_TIMEOUT).unwrap_or_else(|| {
-        let _ = dst.kill();
-        let _ = dst.wait();
-        panic!(
-            "the receiving shim did not finish:\n{}",
-            std::fs::read_to_string(&stderr).unwrap_or_default()
-        )
-    });
-    let out = {
-        use std::io::Read;
-        let mut s = String::new();
-        dst.stdout.take().unwrap().read_to_string(&mut s).unwrap();
-        s
-    };
-    let serial = std::fs::read_to_string(&serial).unwrap_or_default();
-    let err = std::fs::read_to_string(&stderr).unwrap_or_default();
-    assert_eq!(st.code(), Some(0), "serial:\n{serial}\nstderr:\n{err}");
-    assert!(serial.contains("WRITER CONSISTENT"), "{serial}");
-    let downtime: u64 = out
-        .lines()
-        .find_map(|l| l.strip_prefix("migrated downtime_us "))
-        .and_then(|d| d.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no downtime reported:\n{out}\n{err}"));
-    assert!(downtime > 0, "{out}");
+    let (_, downtime) = dst.finish_consistent();
     eprintln!("guest downtime {downtime} µs; source report {v}");
-    // One owner: b serves the LUN with the save taken before, a does not.
-    assert_eq!(saves(&b, "vm"), vec!["before".to_string()]);
-    let on_a = Client::new(&a.control()).unwrap().luns().unwrap();
-    assert!(on_a.iter().all(|l| l.name != "vm"), "a still serves vm");
-    assert_hidden_intact(&b, "vm", 16 << 20);
-    a.stop_ok();
-    b.stop_ok();
+    assert_moved(a, b);
+}
+
+/// The guest asks for its own migration over port A (the `migrate`
+/// payload: no target named, so the VM's policy names it) with app data;
+/// on the new host its `migrated` event carries that app data (else the
+/// payload fails with 41/42) before the writer's consistency check.
+#[test]
+fn a_guest_that_asks_for_its_migration_gets_its_app_data_on_the_new_host() {
+    let (pool, target, a, b, to) = migration_pair();
+    let policy = format!(r#"{{"migrate_to": ["{to}"]}}"#).into_bytes();
+    let batch = RecordBatch {
+        put: vec![RecordPut {
+            rtype: RecordType::Policy,
+            instance: 0,
+            length: policy.len() as u64,
+        }],
+        remove: vec![],
+    };
+    Client::new(&a.control())
+        .unwrap()
+        .write_records("vm", &batch, |_, s| s.write(&policy))
+        .unwrap();
+    lunctl(&["snapshot", "vm", "before", "--pool", pool.arg()]);
+    let dst = Incoming::start(&target, &b);
+    let src = Shim::start(&pool, &a, "vm", &["--guest", "migrate"]);
+    // The guest's own request moves it; the source shim then exits 0.
+    let (code, serial, err) = src.wait();
+    assert_eq!(
+        code, 0,
+        "the source shim:\nserial:\n{serial}\nstderr:\n{err}"
+    );
+    assert!(err.contains("migrated to"), "{err}");
+    let (serial, downtime) = dst.finish_consistent();
+    assert!(
+        serial.contains("payload: migrated with my app data"),
+        "{serial}"
+    );
+    eprintln!("guest-requested migration: guest downtime {downtime} µs");
+    assert_moved(a, b);
 }
 
 /// A migration that cannot happen (nothing listens at `--to`) is refused

@@ -21,6 +21,10 @@
 #   5 identity  save; after resuming as a clone check that the identity and
 #               generation changed
 #   6 dirty     write one word in each of `arg` pages, over and over
+#   7 migrate   the writer, which after 500 blocks asks for its own
+#               migration (target: the VM's policy) with app data; on the
+#               new host the migrated event must carry that app data, then
+#               the resumed event checks disk against memory as the writer
 #
 # Every result goes to the serial port (0x3f8) as a line of text; the end
 # of a test mode is an OUT to the exit port (0 = every check held).
@@ -62,6 +66,7 @@
         .equ OP_DELETE,     4
         .equ OP_RECONFIG,   5
         .equ OP_INFO,       6
+        .equ OP_MIGRATE,    7
 
         # event (port B)
         .equ EV_KIND,       0x06
@@ -82,6 +87,7 @@
         .equ K_RESUMED,     8
         .equ K_HARDWARE,    9
         .equ K_GENERATION,  10
+        .equ K_MIGRATED,    11
         .equ F_AFTER_RESTORE, 1
 
         # block device request descriptor
@@ -132,6 +138,8 @@ bsp_entry:
         je      mode_identity
         cmp     eax, 6
         je      mode_dirty
+        cmp     eax, 7
+        je      mode_migrate
         mov     eax, 90
         jmp     fail
 
@@ -462,6 +470,69 @@ w_check:
 w_fail:
         mov     eax, 30
         jmp     fail
+
+# ===========================================================================
+# migrate: the writer's loop; at block 500 ask to be migrated (no name: the
+# VM's policy names the target) with app data. The migrated event on the
+# new host must carry that app data (else 41), then the resumed event runs
+# the writer's check. An error event (the migration failed) is 43, a
+# resumed event without the migrated one first 42.
+# ===========================================================================
+mode_migrate:
+        lea     rsi, [rip + msg_migrate]
+        call    puts
+m_loop:
+        mov     rax, [rip + counter]
+        inc     rax
+        mov     [rip + counter], rax
+        mov     rbx, rax
+        and     rbx, 63
+        mov     rdi, rbx
+        mov     rsi, rax
+        call    stamp_block
+        mov     edi, BLK_WRITE
+        mov     rsi, rbx
+        call    blk_one
+        lea     rdx, [rip + wlog]
+        mov     rax, [rip + counter]
+        mov     [rdx + rbx*8], rax
+        cmp     rax, 500
+        jne     1f
+        lea     rsi, [rip + empty]
+        lea     rdx, [rip + data_migrate]
+        mov     ecx, OP_MIGRATE
+        call    request_named
+1:      call    poll_event
+        test    eax, eax
+        jz      m_loop
+        mov     rbx, [rip + ev_ptr]
+        movzx   eax, word ptr [rbx + EV_KIND]
+        cmp     eax, K_MIGRATED
+        je      m_migrated
+        cmp     eax, K_RESUMED
+        je      m_resumed
+        cmp     eax, K_ERROR
+        je      m_error
+        jmp     m_loop
+m_migrated:
+        lea     rsi, [rip + data_migrate]
+        call    check_ev_data
+        test    eax, eax
+        jnz     m_fail_data
+        lea     rsi, [rip + msg_migrated]
+        call    puts
+        mov     qword ptr [rip + migrated], 1
+        jmp     m_loop
+m_resumed:
+        cmp     qword ptr [rip + migrated], 1
+        jne     m_fail_order
+        jmp     w_check
+m_fail_data:    mov eax, 41
+                jmp fail
+m_fail_order:   mov eax, 42
+                jmp fail
+m_error:        mov eax, 43
+                jmp fail
 
 # ===========================================================================
 # badmac: a request with a wrong MAC, a replay and a stale epoch are
@@ -1195,6 +1266,9 @@ msg_hwok:       .asciz "HWCHECK OK "
 msg_identity:   .asciz "IDENTITY generation "
 msg_newid:      .asciz "IDENTITY CHANGED generation "
 msg_dirty:      .asciz "payload: dirtying pages\n"
+msg_migrate:    .asciz "payload: migrate\n"
+msg_migrated:   .asciz "payload: migrated with my app data\n"
+data_migrate:   .asciz "app-data:migrate:9"
 name_selftest:  .asciz "selftest"
 name_bad:       .asciz "bad"
 name_good:      .asciz "good"
@@ -1216,6 +1290,7 @@ saved_disk:     .quad 0
 save_id:        .quad 0
 ev_ptr:         .quad 0
 id_uuid:        .quad 0
+migrated:       .quad 0
 id_gen:         .quad 0
 first_uuid:     .quad 0
 first_gen:      .quad 0

@@ -90,6 +90,8 @@ pub struct Controller {
     generation_moved_at_start: bool,
     /// How many VMs this run built; the running one's number.
     instance: u64,
+    /// `vmm-shim migrate` moved the VM away: this shim is done.
+    migrated_away: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -162,6 +164,7 @@ impl Controller {
             vm: None,
             generation_moved_at_start: false,
             instance: 0,
+            migrated_away: false,
         };
         c.generation_moved_at_start = c.refresh_identity()?;
         Ok(c)
@@ -378,7 +381,12 @@ impl Controller {
             saved.machine.service.clone(),
         );
         for e in saved.machine.after_restore.iter().cloned() {
-            service.push(e);
+            if e.kind == kind::MIGRATED {
+                // Filled in below, with the downtime.
+                events.insert(0, e);
+            } else {
+                service.push(e);
+            }
         }
         if change.changed() {
             events.push(Event::new(kind::HARDWARE, 0).with_data(&change.data()));
@@ -390,19 +398,28 @@ impl Controller {
         }
         if let Some(at) = saved.machine.migrated_at_ns {
             // The first resume after `vmm-shim migrate`: the guest was
-            // paused on the source at `at`.
+            // paused on the source at `at`. The guest that asked for it
+            // gets its request's event (its app data) from the save; an
+            // operator's migration gets one of its own.
             let downtime_us = now_ns().saturating_sub(at) / 1000;
             eprintln!(
                 "vmm-shim: {}: resumed after a migration; guest downtime {downtime_us} µs",
                 self.opts.name
             );
             println!("migrated downtime_us {downtime_us}");
-            events.insert(
-                0,
-                Event::new(kind::MIGRATED, 0)
-                    .with_text(self.opts.name.as_bytes())
-                    .with_data(&downtime_us.to_le_bytes()),
-            );
+            if !saved
+                .machine
+                .after_restore
+                .iter()
+                .any(|e| e.kind == kind::MIGRATED)
+            {
+                events.insert(0, Event::new(kind::MIGRATED, 0));
+            }
+            for e in events.iter_mut().filter(|e| e.kind == kind::MIGRATED) {
+                *e = e
+                    .clone()
+                    .with_text(format!("downtime_us={downtime_us}").as_bytes());
+            }
         }
         for e in events {
             service.push(e);
@@ -535,7 +552,7 @@ impl Controller {
         states: &[VcpuState],
         snap: Option<&str>,
         request: Option<(u32, Vec<u8>)>,
-        migration: Option<(&[u64], u64)>,
+        migration: Option<(&[u64], u64, Option<Event>)>,
     ) -> Result<snapshot::SaveStats, Failure> {
         lock(&self.block)
             .flush()
@@ -544,10 +561,11 @@ impl Controller {
         let clock = r.vm.clock().map_err(|e| failed(e.to_string()))?;
         let mut dirty = r.vm.dirty_log().map_err(|e| failed(e.to_string()))?;
         or_bitmaps(&mut dirty, &r.vm.ram.take_vmm_dirty());
-        if let Some((carried, _)) = migration {
-            or_bitmaps(&mut dirty, carried);
-        }
         let mut after = Vec::new();
+        if let Some((carried, _, ev)) = &migration {
+            or_bitmaps(&mut dirty, carried);
+            after.extend(ev.clone());
+        }
         if let (Some((id, data)), Some(name)) = (request, snap) {
             let mut e = Event::new(kind::SAVED, id)
                 .with_text(name.as_bytes())
@@ -566,7 +584,7 @@ impl Controller {
             after_restore: after,
             used_bytes: 0,
             saved_at: now(),
-            migrated_at_ns: migration.map(|(_, at)| at),
+            migrated_at_ns: migration.as_ref().map(|(_, at, _)| *at),
         };
         let old_vcpus = r.vcpus;
         let paused = snapshot::Paused {
@@ -610,6 +628,7 @@ impl Controller {
         to: String,
         target_pool: Option<String>,
         downtime_ms: Option<u64>,
+        request: Option<(u32, Vec<u8>)>,
     ) -> Result<serde_json::Value, Failure> {
         use lungate_api::types::{MigrateRequest, MigrationPhase};
         if self.vm.is_none() {
@@ -735,13 +754,20 @@ impl Controller {
                 return Err(abort(&self.client, e));
             }
         };
-        let stats = match self.write_live(&states, None, None, Some((&carried, paused_at_ns))) {
-            Ok(s) => s,
-            Err(f) => {
-                self.resume_all();
-                return Err(abort(&self.client, f.message));
-            }
-        };
+        // The guest that asked gets its answer on the new host.
+        let answer = request.map(|(id, data)| {
+            let mut e = Event::new(kind::MIGRATED, id).with_data(&data);
+            e.flags |= flag::AFTER_RESTORE;
+            e
+        });
+        let stats =
+            match self.write_live(&states, None, None, Some((&carried, paused_at_ns, answer))) {
+                Ok(s) => s,
+                Err(f) => {
+                    self.resume_all();
+                    return Err(abort(&self.client, f.message));
+                }
+            };
         let records_us = paused.elapsed().as_micros() as u64;
         if let Err(e) = self.client.release_migration(id) {
             self.resume_all();
@@ -770,6 +796,8 @@ impl Controller {
         };
         match end {
             Ok(i) => {
+                self.stop_vm();
+                self.migrated_away = true;
                 let source_pause_us = paused.elapsed().as_micros() as u64;
                 eprintln!(
                     "vmm-shim: {}: migrated to {to} ({rounds} memory rounds, {precopy_bytes} bytes pre-copied); the guest is paused here since {source_pause_us} µs and resumes on the new host",
@@ -804,6 +832,34 @@ impl Controller {
                 )))
             }
         }
+    }
+
+    /// Where a guest's migration request goes: its own `HOST:PORT`, or
+    /// (empty) the first `HOST:PORT` entry of the VM's policy `migrate_to`
+    /// (the gateway checks the policy either way).
+    fn guest_target(&self, to: String) -> Result<String, Failure> {
+        if !to.is_empty() {
+            return Ok(to);
+        }
+        let refused = |m: String| Failure {
+            status: status::REFUSED,
+            message: m,
+        };
+        let p: Option<lungate_api::records::Policy> = self
+            .client
+            .record_json(&self.lun, RecordType::Policy, 0)
+            .map_err(|e| failed(e.to_string()))?;
+        p.and_then(|p| {
+            p.migrate_to
+                .into_iter()
+                .find(|r| r.parse::<std::net::SocketAddr>().is_ok())
+        })
+        .ok_or_else(|| {
+            refused(
+                "the request names no target and the VM's policy has no HOST:PORT in migrate_to"
+                    .into(),
+            )
+        })
     }
 
     /// Revert to `snap` and continue from it on the configured hardware.
@@ -927,6 +983,10 @@ impl Controller {
                 .reconfigure(memory, vcpus)
                 .map(|()| Some(Event::new(kind::RECONFIGURED, id))),
             Request::Info => Ok(Some(self.info_event(id))),
+            Request::Migrate { to, data } => self
+                .guest_target(to)
+                .and_then(|to| self.migrate(to, None, None, Some((id, data))))
+                .map(|_| None),
         };
         match result {
             Ok(Some(e)) => self.queue(e),
@@ -983,7 +1043,7 @@ impl Controller {
                 target_pool,
                 downtime_ms,
             } => {
-                let r = self.migrate(to, target_pool, downtime_ms);
+                let r = self.migrate(to, target_pool, downtime_ms, None);
                 let stop = r.is_ok();
                 (reply(r), stop)
             }
@@ -1066,6 +1126,9 @@ impl Controller {
                             "vmm-shim: {}: dropped request {} of a VM a restore replaced",
                             self.opts.name, g.id
                         );
+                    }
+                    if self.migrated_away {
+                        return Ok(0);
                     }
                     if self.vm.is_none() {
                         return Err(format!(

@@ -50,6 +50,7 @@ pub enum GuestMode {
     Hwcheck = 4,
     Identity = 5,
     Dirty = 6,
+    Migrate = 7,
 }
 
 /// The boot parameters block at [`BOOT_PARAMS`].

@@ -82,12 +82,31 @@ pub mod status {
 /// A request the service accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    Save { name: String, data: Vec<u8> },
+    Save {
+        name: String,
+        data: Vec<u8>,
+    },
     List,
-    Restore { name: String, data: Vec<u8> },
-    Delete { name: String },
-    Reconfigure { memory: u64, vcpus: u32 },
+    Restore {
+        name: String,
+        data: Vec<u8>,
+    },
+    Delete {
+        name: String,
+    },
+    Reconfigure {
+        memory: u64,
+        vcpus: u32,
+    },
     Info,
+    /// Move the VM to the gateway whose migration listener is `to`
+    /// (`HOST:PORT`; empty: the first such entry of the VM's policy
+    /// `migrate_to`); `data` comes back with the `migrated` event on the
+    /// new host.
+    Migrate {
+        to: String,
+        data: Vec<u8>,
+    },
 }
 
 /// One event waiting for the guest.
@@ -349,6 +368,16 @@ impl StateService {
                 })
                 .map_err(|_| "vCPU count does not fit 32 bits".to_string()),
             6 => Ok(Request::Info),
+            7 => {
+                if name
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b".:-[]".contains(&c))
+                {
+                    Ok(Request::Migrate { to: name, data })
+                } else {
+                    Err(format!("migration target {name:?} is not HOST:PORT"))
+                }
+            }
             op => Err(format!("unknown op {op}")),
         };
         match r {
