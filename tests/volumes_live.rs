@@ -382,3 +382,140 @@ fn live_switches_under_continuous_io_lose_and_fail_nothing() {
     gw.stop_ok();
     pool.assert_hidden_unchanged();
 }
+
+/// A loop device over a sparse file of `len` bytes, made for one test and
+/// detached (by the name `losetup` gave it) when dropped.
+struct LoopDevice {
+    dev: String,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopDevice {
+    fn new(len: u64) -> LoopDevice {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("san-lun.img");
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+        let out = run_ok(
+            std::process::Command::new(require_tool("losetup"))
+                .args(["-f", "--show"])
+                .arg(&backing),
+        );
+        LoopDevice {
+            dev: String::from_utf8(out.stdout).unwrap().trim().to_string(),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.dev])
+            .status();
+    }
+}
+
+/// A LUN on a block device (a SAN LUN; here a loop device) linked into a
+/// pool with `lunctl create --device`: served, snapshotted while served,
+/// written, cloned and reverted through NBD clients like a LUN file, its
+/// layers kept in the pool directory beside the link. Reached by its /dev
+/// name instead, a snapshot is refused with what to do.
+#[test]
+fn a_block_device_lun_linked_into_a_pool_is_snapshotted_cloned_and_reverted() {
+    let dev = LoopDevice::new(96 << 20);
+    let pool = Pool::new();
+    let out = lunctl(&[
+        "create",
+        "san",
+        "--pool",
+        pool.arg(),
+        "--device",
+        &dev.dev,
+        "--disk",
+        "32M",
+        "--memory",
+        "4M",
+    ]);
+    assert_success("lunctl create --device", &out);
+    let link = pool.path().join("san.lun");
+    assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
+    // Reached under /dev it cannot keep layers: refused, nothing made.
+    let out = run_timeout(
+        std::process::Command::new(bin("lunctl")).args(["snapshot", &dev.dev, "nope"]),
+        CMD_TIMEOUT,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--device") && err.contains("pool"), "{err}");
+
+    let gw = Gateway::start(&["--pool", pool.arg()]);
+    let sock = gw.control();
+    let uri = gw.uri("san/disk0");
+    qemu_io_ok(&uri, &["write -P 0xa1 0 256k", "write -P 0xa2 16M 64k"]);
+    api(
+        &sock,
+        "POST",
+        "/v1/luns/san/snapshots",
+        Some(json!({"name": "base"})),
+        201,
+    );
+    assert!(
+        pool.path().join("san.layers").is_dir(),
+        "the layers live in the pool"
+    );
+    qemu_io_ok(
+        &uri,
+        &[
+            "write -P 0xb1 0 64k",
+            "read -P 0xb1 0 64k",
+            "read -P 0xa1 64k 192k",
+        ],
+    );
+    api(
+        &sock,
+        "POST",
+        "/v1/luns/san/clone",
+        Some(json!({"snapshot": "base", "name": "san-c"})),
+        201,
+    );
+    api(
+        &sock,
+        "POST",
+        "/v1/luns/san/revert",
+        Some(json!({"snapshot": "base"})),
+        200,
+    );
+    let want = [
+        "read -P 0xa1 0 256k",
+        "read -P 0xa2 16M 64k",
+        "read -P 0 1M 64k",
+    ];
+    qemu_io_ok(&uri, &want);
+    qemu_io_ok(&gw.uri("san-c/disk0"), &want);
+    // The scanner finds it in the pool with its tree and its clone.
+    let out = lunctl(&["scan", "--json", pool.arg()]);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vms = r["vms"].as_array().unwrap();
+    assert!(
+        vms.iter().any(|v| v["name"] == "san") && vms.iter().any(|v| v["name"] == "san-c"),
+        "{r}"
+    );
+    gw.stop_ok();
+    // Delete: the clone first (it reads the device's snapshot), then the
+    // LUN: its label wiped, the link and the layers gone.
+    for n in ["san-c", "san"] {
+        let p = pool.path().join(format!("{n}.lun"));
+        assert_success(
+            "lunctl delete",
+            &lunctl(&["delete", p.to_str().unwrap(), "--yes"]),
+        );
+    }
+    assert!(link.symlink_metadata().is_err(), "the link is gone");
+    assert!(!pool.path().join("san.layers").exists());
+    let out = lunctl(&["scan", "--json", &dev.dev]);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["vms"].as_array().unwrap().is_empty(), "{r}");
+}

@@ -159,7 +159,14 @@ pub fn list_luns(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == EXT) && p.is_file())
+        // A LUN file, or a link to a block device (`lunctl create --device`).
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == EXT)
+                && std::fs::metadata(p).is_ok_and(|m| {
+                    use std::os::unix::fs::FileTypeExt;
+                    m.is_file() || m.file_type().is_block_device()
+                })
+        })
         .collect();
     v.sort();
     Ok(v)

@@ -1306,13 +1306,8 @@ impl Volume {
             self.drop_spare(&mut spare);
             drop(spare);
             self.flush_locked(&st)?;
-            // A block device has no pool directory to keep layers in (one
-            // next to /dev/sdX would live in devtmpfs and vanish at reboot).
-            if st.plain && self.home().is_block_device() {
-                return Err(Error::Invalid(format!(
-                    "{} is a block device: snapshots need a LUN file in a pool directory",
-                    self.lun_path.display()
-                )));
+            if st.plain {
+                self.layers_have_a_home("snapshots")?;
             }
             self.push_top(&mut st, Some((name, description)), false)?;
             return Ok(self.info(&st, name).expect("just made"));
@@ -1517,13 +1512,26 @@ impl Volume {
         {
             return Ok(());
         }
-        if st.plain && self.home().is_block_device() {
+        if st.plain {
+            self.layers_have_a_home("data checksums")?;
+        }
+        self.push_top(&mut st, None, true)
+    }
+
+    /// A block device reached by its own name has no directory to keep
+    /// layers in (one next to /dev/sdX would live in devtmpfs and vanish at
+    /// reboot); one linked into a pool directory (`POOL/NAME.lun` → the
+    /// device) keeps them there, beside the link.
+    fn layers_have_a_home(&self, what: &str) -> Result<()> {
+        if self.home().is_block_device() && self.lun_path.starts_with("/dev") {
             return Err(Error::Invalid(format!(
-                "{} is a block device: data checksums need a LUN file in a pool directory",
+                "{} is a block device reached under /dev: {what} need a directory for its layers; \
+                 link it into a pool (lunctl create NAME --pool DIR --device {}) and use it from there",
+                self.lun_path.display(),
                 self.lun_path.display()
             )));
         }
-        self.push_top(&mut st, None, true)
+        Ok(())
     }
 
     /// Whether new writes are checksummed (the live layer keeps checksums).

@@ -23,9 +23,10 @@ impl Lun {
         secondaries: Option<SecondaryDisks>,
     ) -> Result<Lun> {
         crate::format::validate_name(new_name).map_err(Error::Invalid)?;
-        if self.is_block {
+        if self.is_block && self.path.starts_with("/dev") {
             return Err(Error::Invalid(format!(
-                "{}: clones of block-device LUNs are not supported",
+                "{}: a block-device LUN reached under /dev has no pool to clone into; \
+                 link it into one (lunctl create NAME --pool DIR --device DEVICE)",
                 self.path.display()
             )));
         }
@@ -276,6 +277,14 @@ impl Lun {
                 fileops::zero_range(&file, l.lun_size - MIB, MIB).ctx(&path, "wipe GPT")?;
             }
             file.sync_data().ctx(&path, "fdatasync")?;
+            // A device linked into a pool (`lunctl create --device`): the
+            // link goes with the label.
+            if path
+                .symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_symlink())
+            {
+                std::fs::remove_file(&path).ctx(&path, "remove the device's link")?;
+            }
         }
         if layers.is_dir() {
             std::fs::remove_dir_all(&layers).ctx(&layers, "remove layers directory")?;

@@ -316,6 +316,11 @@ struct CreateArgs {
     /// Create at this file or block device path instead of in a pool
     #[arg(long, value_name = "PATH", conflicts_with = "pool")]
     path: Option<PathBuf>,
+    /// With --pool: put the LUN on this block device (a SAN LUN, a
+    /// partition), linked into the pool as DIR/NAME.lun; its snapshot and
+    /// clone layers live in the pool directory
+    #[arg(long, value_name = "DEVICE", requires = "pool")]
+    device: Option<PathBuf>,
     /// Disk size (repeat for more disks), e.g. 20G
     #[arg(long, required = true, value_name = "SIZE")]
     disk: Vec<String>,

@@ -142,8 +142,38 @@ pub fn import(out: &Output, a: ImportArgs) -> Res {
     Ok(())
 }
 
+/// `--device`: link `dev` (a block device) into the pool at `link`,
+/// refusing anything else. The link goes again if the create fails.
+fn link_device(dev: &Path, link: &Path) -> Res<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let md = std::fs::metadata(dev).map_err(|e| format!("--device {}: {e}", dev.display()))?;
+    if !md.file_type().is_block_device() {
+        return Err(format!(
+            "--device {}: not a block device (a LUN file goes in the pool without --device)",
+            dev.display()
+        )
+        .into());
+    }
+    let dev = std::fs::canonicalize(dev).map_err(|e| format!("--device {}: {e}", dev.display()))?;
+    std::os::unix::fs::symlink(&dev, link)
+        .map_err(|e| format!("link {} to {}: {e}", link.display(), dev.display()))?;
+    Ok(())
+}
+
 pub fn create(out: &Output, a: CreateArgs) -> Res {
     let path = new_lun_path(&a.name, a.pool.as_deref(), a.path.as_deref())?;
+    if let Some(dev) = &a.device {
+        link_device(dev, &path)?;
+    }
+    let r = create_at(out, &a, &path);
+    if r.is_err() && a.device.is_some() {
+        let _ = std::fs::remove_file(&path);
+    }
+    r
+}
+
+fn create_at(out: &Output, a: &CreateArgs, path: &Path) -> Res {
+    let path = path.to_path_buf();
     let disks = a
         .disk
         .iter()

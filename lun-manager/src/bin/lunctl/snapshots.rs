@@ -338,10 +338,10 @@ pub fn delete(out: &Output, path: &Path, snap: &str) -> Res {
 fn op_clone(group: &Group, snap: &str, new_name: &str) -> Res<Group> {
     lun_manager::format::validate_name(new_name)?;
     let lun = group.primary();
-    if lun.is_block_device() {
+    if lun.is_block_device() && lun.path().starts_with("/dev") {
         return Err(format!(
-            "{}: a LUN on a block device cannot be cloned into a file next to it; \
-             clone a LUN that lives in a pool",
+            "{}: a LUN on a block device reached under /dev cannot be cloned into a file next to it; \
+             link it into a pool (lunctl create NAME --pool DIR --device DEVICE) and clone it there",
             lun.name()
         )
         .into());
