@@ -222,6 +222,24 @@ pub fn run_parallel(cmds: Vec<Command>, timeout: Duration) -> Vec<Output> {
         .collect()
 }
 
+/// Put one state record, `rtype` #0 holding `bytes`, into `lun`'s state
+/// region through the control API at `sock`.
+pub fn put_record(sock: &Path, lun: &str, rtype: lungate_api::records::RecordType, bytes: &[u8]) {
+    use lungate_api::types::{RecordBatch, RecordPut};
+    let batch = RecordBatch {
+        put: vec![RecordPut {
+            rtype,
+            instance: 0,
+            length: bytes.len() as u64,
+        }],
+        remove: vec![],
+    };
+    lungate_api::client::Client::new(sock)
+        .unwrap()
+        .write_records(lun, &batch, |_, s| s.write(bytes))
+        .unwrap_or_else(|e| panic!("put {rtype} of {lun}: {e}"));
+}
+
 /// Runs `lunctl ARGS`, panicking with its stderr if it fails.
 pub fn lunctl(args: &[&str]) -> Output {
     run_ok(Command::new(bin("lunctl")).args(args))

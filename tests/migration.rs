@@ -452,19 +452,12 @@ fn a_snapshot_asked_for_during_a_migration_runs_on_the_new_owner() {
 }
 
 fn put_policy(sock: &Path, lun: &str, json: &str) {
-    use lungate_api::records::RecordType;
-    use lungate_api::types::{RecordBatch, RecordPut};
-    let c = lungate_api::client::Client::new(sock).unwrap();
-    let b = json.as_bytes().to_vec();
-    let batch = RecordBatch {
-        put: vec![RecordPut {
-            rtype: RecordType::Policy,
-            instance: 0,
-            length: b.len() as u64,
-        }],
-        remove: vec![],
-    };
-    c.write_records(lun, &batch, |_, s| s.write(&b)).unwrap();
+    put_record(
+        sock,
+        lun,
+        lungate_api::records::RecordType::Policy,
+        json.as_bytes(),
+    );
 }
 
 #[test]

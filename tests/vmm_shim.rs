@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use lungate_api::nbd::client::{Address, NbdClient};
 use lungate_api::records::{GuestService, HardwareConfig, RecordType};
-use lungate_api::types::{RecordBatch, RecordPut};
 use lungate_api::Client;
 use lungate_tests::*;
 
@@ -354,16 +353,7 @@ fn a_restore_onto_more_memory_and_vcpus_adapts_the_state_and_refusals_change_not
     let bit = (!ebx).trailing_zeros();
     leaf7["ebx"] = (ebx | (1 << bit)).into();
     let forged = serde_json::to_vec(&m).unwrap();
-    let batch = RecordBatch {
-        put: vec![RecordPut {
-            rtype: RecordType::DeviceState,
-            instance: 0,
-            length: forged.len() as u64,
-        }],
-        remove: vec![],
-    };
-    c.write_records("vm", &batch, |_, s| s.write(&forged))
-        .unwrap();
+    put_record(&gw.control(), "vm", RecordType::DeviceState, &forged);
     lunctl(&[
         "set-hardware",
         "vm",
@@ -666,19 +656,8 @@ fn a_running_vm_migrates_with_its_lun_and_resumes_on_the_other_gateway() {
 #[test]
 fn a_guest_that_asks_for_its_migration_gets_its_app_data_on_the_new_host() {
     let (pool, target, a, b, to) = migration_pair();
-    let policy = format!(r#"{{"migrate_to": ["{to}"]}}"#).into_bytes();
-    let batch = RecordBatch {
-        put: vec![RecordPut {
-            rtype: RecordType::Policy,
-            instance: 0,
-            length: policy.len() as u64,
-        }],
-        remove: vec![],
-    };
-    Client::new(&a.control())
-        .unwrap()
-        .write_records("vm", &batch, |_, s| s.write(&policy))
-        .unwrap();
+    let policy = format!(r#"{{"migrate_to": ["{to}"]}}"#);
+    put_record(&a.control(), "vm", RecordType::Policy, policy.as_bytes());
     lunctl(&["snapshot", "vm", "before", "--pool", pool.arg()]);
     let dst = Incoming::start(&target, &b);
     let src = Shim::start(&pool, &a, "vm", &["--guest", "migrate"]);

@@ -413,6 +413,23 @@ mode_writer:
         lea     rsi, [rip + msg_writer]
         call    puts
 w_loop:
+        call    w_step
+        # poll for an event without waiting
+        call    poll_event
+        test    eax, eax
+        jz      w_loop
+        mov     rbx, [rip + ev_ptr]
+        movzx   eax, word ptr [rbx + EV_KIND]
+        cmp     eax, K_RESUMED
+        je      w_check
+        cmp     eax, K_RESTORED
+        je      w_check
+        jmp     w_loop
+
+# w_step: one write of the writer: block n mod 64 gets the counter n,
+# log[n mod 64] = n; rax = n.
+w_step:
+        push    rbx
         mov     rax, [rip + counter]
         inc     rax
         mov     [rip + counter], rax
@@ -427,17 +444,9 @@ w_loop:
         lea     rdx, [rip + wlog]
         mov     rax, [rip + counter]
         mov     [rdx + rbx*8], rax
-        # poll for an event without waiting
-        call    poll_event
-        test    eax, eax
-        jz      w_loop
-        mov     rbx, [rip + ev_ptr]
-        movzx   eax, word ptr [rbx + EV_KIND]
-        cmp     eax, K_RESUMED
-        je      w_check
-        cmp     eax, K_RESTORED
-        je      w_check
-        jmp     w_loop
+        pop     rbx
+        ret
+
 w_check:
         # every block 0..63 holds what the log says (0 = never written)
         xor     ebx, ebx
@@ -482,20 +491,7 @@ mode_migrate:
         lea     rsi, [rip + msg_migrate]
         call    puts
 m_loop:
-        mov     rax, [rip + counter]
-        inc     rax
-        mov     [rip + counter], rax
-        mov     rbx, rax
-        and     rbx, 63
-        mov     rdi, rbx
-        mov     rsi, rax
-        call    stamp_block
-        mov     edi, BLK_WRITE
-        mov     rsi, rbx
-        call    blk_one
-        lea     rdx, [rip + wlog]
-        mov     rax, [rip + counter]
-        mov     [rdx + rbx*8], rax
+        call    w_step
         cmp     rax, 500
         jne     1f
         lea     rsi, [rip + empty]

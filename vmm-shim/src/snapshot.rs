@@ -175,6 +175,30 @@ fn bit(bitmap: &[u64], p: u64) -> bool {
         .is_some_and(|w| w & (1 << (p % 64)) != 0)
 }
 
+/// Send guest pages `pages` (ascending) into a memory-image record, in
+/// their order, coalesced into runs of up to `chunk.len()` bytes.
+fn send_pages(
+    ram: &GuestRam,
+    pages: &[u64],
+    chunk: &mut [u8],
+    sink: &mut lungate_api::client::RecordSink<'_>,
+) -> std::io::Result<()> {
+    let per_chunk = chunk.len() / PAGE as usize;
+    let mut k = 0;
+    while k < pages.len() {
+        let mut run = 1;
+        while k + run < pages.len() && pages[k + run] == pages[k] + run as u64 && run < per_chunk {
+            run += 1;
+        }
+        let len = run * PAGE as usize;
+        ram.read(pages[k] * PAGE, &mut chunk[..len])
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        sink.write(&chunk[..len])?;
+        k += run;
+    }
+    Ok(())
+}
+
 /// A paused VM as a save sees it.
 pub struct Paused<'a> {
     pub ram: &'a GuestRam,
@@ -321,25 +345,8 @@ pub fn write_state(
             match i - nv {
                 0 => sink.write(&machine_json),
                 1 => sink.write(&map_json),
-                _ => {
-                    // Pass 2: the pages, coalesced into runs of up to 1 MiB.
-                    let mut k = 0;
-                    while k < write.len() {
-                        let mut run = 1;
-                        while k + run < write.len()
-                            && write[k + run] == write[k] + run as u64
-                            && run < per_chunk as usize
-                        {
-                            run += 1;
-                        }
-                        let len = run * PAGE as usize;
-                        ram.read(write[k] * PAGE, &mut chunk[..len])
-                            .map_err(|e| std::io::Error::other(e.to_string()))?;
-                        sink.write(&chunk[..len])?;
-                        k += run;
-                    }
-                    Ok(())
-                }
+                // Pass 2: the pages.
+                _ => send_pages(ram, &write, &mut chunk, sink),
             }
         })
         .map_err(|e| e.to_string())?;
@@ -420,22 +427,7 @@ pub fn precopy(
         };
         client
             .write_records(lun, &batch, |_, sink| {
-                let mut k = 0;
-                while k < write.len() {
-                    let mut run = 1;
-                    while k + run < write.len()
-                        && write[k + run] == write[k] + run as u64
-                        && run < per_chunk as usize
-                    {
-                        run += 1;
-                    }
-                    let len = run * PAGE as usize;
-                    ram.read(write[k] * PAGE, &mut chunk[..len])
-                        .map_err(|e| std::io::Error::other(e.to_string()))?;
-                    sink.write(&chunk[..len])?;
-                    k += run;
-                }
-                Ok(())
+                send_pages(ram, &write, &mut chunk, sink)
             })
             .map_err(|e| e.to_string())?;
         pending.images.insert(image, image_len);
