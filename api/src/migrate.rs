@@ -579,6 +579,10 @@ pub struct ReplicaHold {
     pub base: bool,
     /// Frozen layers it has, unchanged.
     pub layers: Vec<Uuid>,
+    /// blake3 of its LUN file's label ranges (`Member::protected`, in
+    /// order), hex: the source sends them only when its own differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_blake3: Option<String>,
 }
 
 /// A gateway's identity in etcd: the value of every LUN key it owns and

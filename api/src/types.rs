@@ -603,7 +603,7 @@ pub struct CycleInfo {
     pub seq: u64,
     /// Payload bytes sent (frozen layers the target lacked, the label).
     pub bytes: u64,
-    /// Frozen files sent whole / reused on the target.
+    /// Frozen files (the LUN file, layers) sent whole / already on the target.
     pub layers_sent: u32,
     pub layers_reused: u32,
     pub elapsed_ms: u64,

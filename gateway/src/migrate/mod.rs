@@ -142,6 +142,8 @@ impl Settings {
 /// its copy). A handover (`handover`) stalls at `prepared`, `paused` and
 /// `committing` (source, with the target holding the locks, before the
 /// etcd transaction) and `committed` (target, after it, before serving).
+/// A replica cycle stalls at `replica-commit` (target, everything received
+/// and verified, before the commit).
 #[derive(Debug, Clone, Default)]
 pub struct Stall {
     at: Option<(String, Duration)>,

@@ -381,20 +381,29 @@ async fn ship(
             .file()
             .cloned()
             .ok_or_else(|| fail(format!("{} has no LUN file", m.lun.name())))?;
-        let mut work = vec![if h.base {
-            Work::FileRanges {
-                object: ObjectRef::base(i),
-                file: base,
-                ranges: w.protected.iter().map(|[a, b]| (*a, b - a)).collect(),
-            }
-        } else {
+        let mut work = Vec::new();
+        if !h.base {
             sent += 1;
-            Work::File {
+            work.push(Work::File {
                 object: ObjectRef::base(i),
                 file: base,
                 len: w.file_len,
+            });
+        } else {
+            reused += 1;
+            let (f, ranges) = (base.clone(), w.protected.clone());
+            let mine = tokio::task::spawn_blocking(move || label_hash(&f, &ranges))
+                .await
+                .map_err(fail)?
+                .map_err(fail)?;
+            if h.label_blake3.as_deref() != Some(mine.as_str()) {
+                work.push(Work::FileRanges {
+                    object: ObjectRef::base(i),
+                    file: base,
+                    ranges: w.protected.iter().map(|[a, b]| (*a, b - a)).collect(),
+                });
             }
-        }];
+        }
         let dir = m.volume().layers_dir().to_path_buf();
         for f in &w.layers.as_ref().expect("checked").frozen {
             if h.layers.contains(&f.id) {
@@ -440,6 +449,22 @@ async fn ship(
             describe(&Frame::Message(m))
         ))),
     }
+}
+
+/// blake3 of `ranges` of a LUN file, in order.
+fn label_hash(f: &File, ranges: &[[u64; 2]]) -> std::io::Result<String> {
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for [a, b] in ranges {
+        let mut at = *a;
+        while at < *b {
+            let n = (*b - at).min(buf.len() as u64) as usize;
+            f.read_exact_at(&mut buf[..n], at)?;
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
+    }
+    Ok(h.finalize().to_hex().to_string())
 }
 
 // ----- the target: the replica on disk --------------------------------------
@@ -585,7 +610,13 @@ fn prepare_member(dir: &Path, m: &Member, new: &Manifest) -> Result<ReplicaHold,
         .filter(|r| lungate_block::store::file::delta_path(&ldir, r.id).is_file())
         .map(|r| r.id)
         .collect();
-    Ok(ReplicaHold { base: true, layers })
+    let f = File::open(&lun_path).map_err(|e| format!("{}: {e}", lun_path.display()))?;
+    let label = label_hash(&f, &m.protected).map_err(|e| format!("{}: {e}", lun_path.display()))?;
+    Ok(ReplicaHold {
+        base: true,
+        layers,
+        label_blake3: Some(label),
+    })
 }
 
 /// One member of a cycle being received.
@@ -881,12 +912,9 @@ pub async fn receive(
     })
     .await
     .map_err(|e| e.to_string())?;
-    let incoming = dir.join("incoming");
-    let r = receive_cycle(link, p, &dir, &incoming, manifests, settings, &cancel).await;
-    if let Err(e) = journal::remove_own_dir(&incoming) {
-        tracing::warn!(lun = %lun, "cannot remove {}: {e}", incoming.display());
-    }
-    let cp = r?;
+    // The replica exists from its first cycle on, with no checkpoint
+    // until that cycle commits.
+    let first = rec.as_ref().is_none_or(|r| r.checkpoint.is_none());
     let mut rec = rec.unwrap_or(ReplicaRecord {
         lun: lun.clone(),
         uuid,
@@ -896,6 +924,19 @@ pub async fn receive(
         promoted: false,
         shapes: Vec::new(),
     });
+    let made = std::fs::create_dir_all(&dir)
+        .and_then(|()| rec.store(&dir))
+        .map_err(|e| format!("{}: {e}", dir.display()));
+    let incoming = dir.join("incoming");
+    let r = match made {
+        Ok(()) => receive_cycle(link, p, &dir, &incoming, manifests, settings, &cancel).await,
+        Err(e) => Err(e),
+    };
+    let clean = if first && r.is_err() { &dir } else { &incoming };
+    if let Err(e) = journal::remove_own_dir(clean) {
+        tracing::warn!(lun = %lun, "cannot clean up {}: {e}", clean.display());
+    }
+    let cp = r?;
     rec.shapes = p
         .members
         .iter()
@@ -1013,6 +1054,10 @@ async fn receive_cycle(
                             m.info.name
                         ));
                     }
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return Err("aborted by a failover".into()),
+                    _ = settings.stall.at("replica-commit") => {}
                 }
                 let d = dir.to_path_buf();
                 blocking(move || {
