@@ -566,7 +566,16 @@ fn source_manifest(m: &Member) -> Result<Manifest, String> {
 
 /// Mirror the source's snapshot deletions on the replica's member (the
 /// same merges), then say what it holds of `new`.
-fn prepare_member(dir: &Path, m: &Member, new: &Manifest) -> Result<ReplicaHold, String> {
+/// The replica's newest complete checkpoint `keep` is never deleted here,
+/// even when the source has (it deletes the snapshot of a cycle it thinks
+/// failed): it stays the failover point until this cycle commits, and the
+/// commit drops its layers if the new manifest does not name them.
+fn prepare_member(
+    dir: &Path,
+    m: &Member,
+    new: &Manifest,
+    keep: Option<&str>,
+) -> Result<ReplicaHold, String> {
     let lun_path = dir.join(format!("{}.lun", m.name));
     let ldir = lungate_block::store::file::layers_dir(&lun_path);
     let Ok(Some(loaded)) = manifest::load(&ldir) else {
@@ -586,7 +595,7 @@ fn prepare_member(dir: &Path, m: &Member, new: &Manifest) -> Result<ReplicaHold,
     let gone: Vec<String> = have
         .snapshots
         .iter()
-        .filter(|s| new.snapshot(&s.name).is_none())
+        .filter(|s| new.snapshot(&s.name).is_none() && Some(s.name.as_str()) != keep)
         .map(|s| s.name.clone())
         .collect();
     if !gone.is_empty() {
@@ -929,7 +938,10 @@ pub async fn receive(
         .map_err(|e| format!("{}: {e}", dir.display()));
     let incoming = dir.join("incoming");
     let r = match made {
-        Ok(()) => receive_cycle(link, p, &dir, &incoming, manifests, settings, &cancel).await,
+        Ok(()) => {
+            let keep = rec.checkpoint.as_ref().map(|c| c.name.clone());
+            receive_cycle(link, p, &dir, manifests, keep, settings, &cancel).await
+        }
         Err(e) => Err(e),
     };
     let clean = if first && r.is_err() { &dir } else { &incoming };
@@ -968,17 +980,19 @@ async fn receive_cycle(
     link: &mut Link,
     p: &Prepare,
     dir: &Path,
-    incoming: &Path,
     manifests: Vec<Manifest>,
+    keep: Option<String>,
     settings: &Settings,
     cancel: &CancellationToken,
 ) -> Result<Checkpoint, String> {
+    let incoming = &dir.join("incoming");
     journal::remove_own_dir(incoming).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(incoming).map_err(|e| format!("{}: {e}", incoming.display()))?;
     let mut members = Vec::new();
     for (m, man) in p.members.iter().zip(manifests) {
         let (d, m2, man2) = (dir.to_path_buf(), m.clone(), man.clone());
-        let hold = blocking(move || prepare_member(&d, &m2, &man2)).await?;
+        let keep = keep.clone();
+        let hold = blocking(move || prepare_member(&d, &m2, &man2, keep.as_deref())).await?;
         members.push(Incoming::new(incoming, m, man, hold)?);
     }
     link.send_msg(Message::ReplicaHolds {
