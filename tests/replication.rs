@@ -351,3 +351,80 @@ fn a_failover_refuses_without_a_checkpoint_or_while_receiving_unless_forced() {
     src.stop_ok();
     dst.stop_ok();
 }
+
+#[test]
+fn a_target_killed_mid_cycle_keeps_its_checkpoint_and_the_next_cycle_is_incremental() {
+    let (a, b) = (pool_dir(), pool_dir());
+    create_lun(a.path(), "vm4", "offset", &["32M"], "16M");
+    let a_s = a.path().to_str().unwrap();
+    let b_s = b.path().to_str().unwrap();
+    let src = Gateway::start(&["--pool", a_s]);
+    // A fixed port, so the restarted target is where the source dials.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut dst = Gateway::start_env(
+        &["--pool", b_s, "--migration-listen", &listen],
+        &[("LUNGATE_TEST_MIGRATION_STALL", "replica-commit:1500")],
+    );
+    let first = fill(&tcp(&src), "vm4/disk0", 0, 8 << 20, 41);
+    let (ok, _, all) = lunctl_json(&[
+        "replicate",
+        "vm4",
+        "--pool",
+        a_s,
+        "--to",
+        &listen,
+        "--every",
+        "200ms",
+    ]);
+    assert!(ok, "{all}");
+    wait_cycles(a.path(), "vm4", 1, &src, &dst);
+    let second = fill(&tcp(&src), "vm4/disk0", 0, 1 << 20, 42);
+    // The next cycle is received and verified, stalled before its commit:
+    // the target dies there.
+    let t = Instant::now();
+    while dst
+        .stderr_log()
+        .matches("migration stalled at replica-commit")
+        .count()
+        < 2
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{}",
+            dst.stderr_log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    dst.send_signal(libc::SIGKILL);
+    dst.wait_exit(Duration::from_secs(10));
+    drop(dst);
+    let dir = b.path().join(".lungate-replicas");
+    let replica = dir.read_dir().unwrap().next().unwrap().unwrap().path();
+    let rec: Value =
+        serde_json::from_slice(&std::fs::read(replica.join("replica.json")).unwrap()).unwrap();
+    assert_eq!(rec["checkpoint"]["name"], "replica-1", "{rec}");
+
+    let dst = Gateway::start(&["--pool", b_s, "--migration-listen", &listen]);
+    let before = ok_cycles(&replication(a.path(), "vm4", "source").unwrap()).len();
+    let r = wait_cycles(a.path(), "vm4", before + 1, &src, &dst);
+    let c = ok_cycles(&r).last().unwrap().clone();
+    assert!(c["bytes"].as_u64().unwrap() < 4 << 20, "{r}");
+    assert!(c["layers_reused"].as_u64().unwrap() >= 1, "{r}");
+    assert!(!replica.join("incoming").exists());
+    let (ok, _, all) = lunctl_json(&["replicate", "vm4", "--pool", a_s, "--stop"]);
+    assert!(ok, "{all}");
+    thread::sleep(Duration::from_millis(500));
+    let (ok, fo, all) = lunctl_json(&["failover", "vm4", "--pool", b_s]);
+    assert!(ok, "{all}\n{}", dst.stderr_log());
+    eprintln!("failed over: {fo}");
+    let got = read(&tcp(&dst), "vm4/disk0", 0, 8 << 20);
+    assert_eq!(got[..1 << 20], second[..]);
+    assert_eq!(got[1 << 20..], first[1 << 20..]);
+    src.stop_ok();
+    dst.stop_ok();
+}
