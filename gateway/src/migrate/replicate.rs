@@ -313,6 +313,11 @@ async fn ship(
     stop: &CancellationToken,
 ) -> Result<(u64, u32, u32), MigrateError> {
     let t = settings.timeout;
+    // Connect before taking the locks: a target that does not answer
+    // holds no tree operation up.
+    let mut link = super::listen::connect(settings, &req.to).await?;
+    let token = req.token.clone().or_else(|| settings.token.clone());
+    super::source::hello(&mut link, settings, token, t).await?;
     let members = super::source::collect(reg, l, false)?;
     let order = super::source::in_key_order(members.iter().map(|(m, _)| m));
     // No tree operation (a snapshot deletion merges layers) runs while the
@@ -333,9 +338,6 @@ async fn ship(
         }
         wire.push(member);
     }
-    let mut link = super::listen::connect(settings, &req.to).await?;
-    let token = req.token.clone().or_else(|| settings.token.clone());
-    super::source::hello(&mut link, settings, token, t).await?;
     let prepare = Prepare {
         migration: Uuid::new_v4(),
         pool: req.target_pool.clone(),
