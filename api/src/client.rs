@@ -486,6 +486,26 @@ impl Client {
         self.post(&format!("/v1/migrations/{id}/release"), &Empty {})
     }
 
+    /// Start replicating `lun` (see [`ReplicateRequest`]).
+    pub fn replicate(&self, lun: &str, req: &ReplicateRequest) -> Result<ReplicationInfo> {
+        self.post(&lun_path(lun, "replicate"), req)
+    }
+
+    /// Stop replicating `lun` (the checkpoints stay on both sides).
+    pub fn stop_replication(&self, lun: &str) -> Result<ReplicationInfo> {
+        self.post(&lun_path(lun, "replicate/stop"), &Empty {})
+    }
+
+    /// The replications this gateway runs (sources) and holds (replicas).
+    pub fn replications(&self) -> Result<Vec<ReplicationInfo>> {
+        self.get("/v1/replications")
+    }
+
+    /// Promote the replica `lun`'s newest complete checkpoint and serve it.
+    pub fn failover(&self, lun: &str, req: &FailoverRequest) -> Result<FailedOver> {
+        self.post(&format!("/v1/replicas/{}/failover", encode(lun)), req)
+    }
+
     pub fn flatten(&self, lun: &str) -> Result<Empty> {
         self.post(&lun_path(lun, "flatten"), &Empty {})
     }

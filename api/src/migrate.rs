@@ -503,6 +503,28 @@ pub enum Message {
     Failed {
         error: String,
     },
+    /// Target → source, after `Permitted` of a replica cycle
+    /// (`Prepare::replica`): what it holds of each member already (its
+    /// LUN file, frozen layers with the same parent as in the source's
+    /// manifest). The source sends only the rest.
+    ReplicaHolds {
+        members: Vec<ReplicaHold>,
+    },
+    /// Source → target: every file of the cycle is sent; make checkpoint
+    /// `name` (a snapshot in the manifest of `Prepare`) the replica's
+    /// newest if everything verifies. Answered by `Checkpointed`.
+    ReplicaCommit {
+        name: String,
+        seq: u64,
+        created: u64,
+        tally: String,
+        frames: u64,
+        bytes: u64,
+    },
+    /// Target → source: checkpoint `name` is complete and durable here.
+    Checkpointed {
+        name: String,
+    },
     /// Source → target, on a new connection, after a crash: did migration
     /// `migration` commit?
     Query {
@@ -548,6 +570,19 @@ pub struct Prepare {
     /// paths, in member order) change owner in etcd.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handover: Option<Vec<String>>,
+}
+
+/// What a replica holds of one member (see [`Message::ReplicaHolds`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaHold {
+    /// Its LUN file (the base and label) is there from an earlier cycle.
+    pub base: bool,
+    /// Frozen layers it has, unchanged.
+    pub layers: Vec<Uuid>,
+    /// blake3 of its LUN file's label ranges (`Member::protected`, in
+    /// order), hex: the source sends them only when its own differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_blake3: Option<String>,
 }
 
 /// A gateway's identity in etcd: the value of every LUN key it owns and

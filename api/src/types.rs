@@ -561,3 +561,111 @@ pub struct MigrationInfo {
     pub started: u64,
     pub elapsed_ms: u64,
 }
+
+// ----- replication (docs/migration.md, "Replication and failover") --------
+
+/// `POST /v1/luns/{lun}/replicate`: ship the VM's changes to another
+/// gateway continuously, with a checkpoint (a snapshot `replica-SEQ` on
+/// both sides) every `every_ms`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicateRequest {
+    /// The target gateway's migration listener, `HOST:PORT`.
+    pub to: String,
+    /// The pool on the target gateway; default: its first pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_pool: Option<String>,
+    /// Interval between checkpoints, ms (at least 100).
+    pub every_ms: u64,
+    /// Replication snapshots kept on the source (and so on the target);
+    /// default 2, at least 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<u32>,
+    /// Bytes per second a cycle may use; unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rate: Option<u64>,
+    /// The bearer token to present; default: `[migration] token_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// Which side of a replication a gateway is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReplicaSide {
+    /// This gateway serves the LUN and ships its checkpoints.
+    Source,
+    /// This gateway holds a replica (not exported) and receives them.
+    Replica,
+}
+
+/// A checkpoint: a snapshot both sides hold, complete on the target.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    /// The snapshot's name, `replica-SEQ`.
+    pub name: String,
+    pub seq: u64,
+    /// When the source took it, seconds since the epoch.
+    pub created: u64,
+}
+
+/// One replication cycle, as the source ran it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CycleInfo {
+    pub seq: u64,
+    /// Payload bytes sent (frozen layers the target lacked, the label).
+    pub bytes: u64,
+    /// Frozen files (the LUN file, layers) sent whole / already on the target.
+    pub layers_sent: u32,
+    pub layers_reused: u32,
+    pub elapsed_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A replication (`GET /v1/replications`): a source job, or a replica
+/// this gateway holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicationInfo {
+    pub lun: String,
+    pub uuid: Uuid,
+    pub side: ReplicaSide,
+    /// The target (`HOST:PORT`) of a source; the source's address of a
+    /// replica.
+    pub peer: String,
+    /// `running`, `stopped`, `failed` (source); `idle`, `receiving`,
+    /// `promoted` (replica).
+    pub state: String,
+    pub every_ms: u64,
+    /// The newest complete checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
+    /// The latest cycles, oldest first (a source keeps the last 32).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cycles: Vec<CycleInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `POST /v1/replicas/{lun}/failover` on the target's gateway.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverRequest {
+    /// The pool holding the replica; default: the first that has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Abort a cycle being received and promote the previous checkpoint.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// What a failover promoted.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FailedOver {
+    pub lun: String,
+    pub members: Vec<String>,
+    pub checkpoint: Checkpoint,
+    pub exports: Vec<String>,
+    /// A cycle was being received and was aborted (`force`).
+    pub aborted_cycle: bool,
+}

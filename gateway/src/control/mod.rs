@@ -11,6 +11,7 @@ mod https;
 mod migrate;
 pub mod ops;
 pub mod records;
+mod replicate;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -259,6 +260,10 @@ pub fn router(reg: Arc<Registry>) -> Router {
         .route("/v1/luns/{lun}/usage", get(usage))
         .route("/v1/luns/{lun}/migrate", post(migrate::migrate))
         .route("/v1/luns/{lun}/migrate/abort", post(migrate::abort_lun))
+        .route("/v1/luns/{lun}/replicate", post(replicate::start))
+        .route("/v1/luns/{lun}/replicate/stop", post(replicate::stop))
+        .route("/v1/replications", get(replicate::list))
+        .route("/v1/replicas/{lun}/failover", post(replicate::failover))
         .route("/v1/migrations", get(migrate::list))
         .route("/v1/migrations/{id}", get(migrate::get_one))
         .route("/v1/migrations/{id}/abort", post(migrate::abort))

@@ -15,6 +15,8 @@
 //! * [`journal`] keeps each side's durable record of a migration, and
 //!   [`recover`] finishes or undoes what a crash interrupted, so exactly one
 //!   gateway owns every LUN whatever happens.
+//! * [`replicate`] ships a VM's checkpoints to another gateway on the
+//!   same connection and frames, holds replicas, and fails them over.
 //! * [`offline`] runs a move between two pools that no gateway serves.
 //! * [`listen`] is the target's listener (TCP, optionally TLS) and its
 //!   authentication (bearer token, client certificate, allow rules).
@@ -35,6 +37,7 @@ pub mod listen;
 pub mod offline;
 pub mod protocol;
 pub mod recover;
+pub mod replicate;
 pub mod source;
 pub mod target;
 pub mod transfer;
@@ -139,6 +142,8 @@ impl Settings {
 /// its copy). A handover (`handover`) stalls at `prepared`, `paused` and
 /// `committing` (source, with the target holding the locks, before the
 /// etcd transaction) and `committed` (target, after it, before serving).
+/// A replica cycle stalls at `replica-commit` (target, everything received
+/// and verified, before the commit).
 #[derive(Debug, Clone, Default)]
 pub struct Stall {
     at: Option<(String, Duration)>,
@@ -360,6 +365,8 @@ impl Tracked {
 pub struct Hub {
     settings: OnceLock<Arc<Settings>>,
     table: Mutex<Vec<Arc<Tracked>>>,
+    /// Replications run from here and replicas held here.
+    pub replication: replicate::Table,
 }
 
 impl std::fmt::Debug for Hub {

@@ -79,7 +79,7 @@ fn stored(p: &Path) -> u64 {
 
 /// The served LUNs that move with `l`: its group, and with
 /// `with_dependents` every clone of their layers (with their groups).
-fn collect(
+pub(super) fn collect(
     reg: &Registry,
     l: &Arc<ServedLun>,
     with_dependents: bool,

@@ -145,6 +145,9 @@ async fn run(
             return Ok(());
         }
     };
+    if p.replica && mode == Mode::Remote {
+        return super::replicate::receive(link, &p, reg, settings, &pool).await;
+    }
     let primary = p.members[0].name.clone();
     let tracked = reg.migrate.track(
         p.migration,

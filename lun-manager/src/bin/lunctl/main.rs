@@ -24,6 +24,7 @@ mod fail;
 mod guest;
 mod migrate;
 mod provision;
+mod replicate;
 mod results;
 mod snapshots;
 
@@ -242,6 +243,56 @@ enum Cmd {
         #[arg(long, value_name = "SOCKET")]
         control: Option<PathBuf>,
     },
+    /// Ship a served VM's changes to another gateway continuously, with a
+    /// checkpoint (snapshot replica-SEQ on both sides) every interval
+    Replicate {
+        #[command(flatten)]
+        lun: LunRef,
+        /// The target gateway's migration listener, HOST:PORT
+        #[arg(long, value_name = "HOST:PORT", required_unless_present = "stop")]
+        to: Option<String>,
+        /// The pool on the target gateway (default: its first)
+        #[arg(long, value_name = "NAME", requires = "to")]
+        target_pool: Option<String>,
+        /// Interval between checkpoints: 30s, 500ms, 5m (default 30s)
+        #[arg(long, value_name = "INTERVAL", requires = "to")]
+        every: Option<String>,
+        /// Replication snapshots kept on both sides (default 2)
+        #[arg(long, value_name = "N", requires = "to")]
+        keep: Option<u32>,
+        /// Bandwidth limit per second of a cycle, e.g. 200M
+        #[arg(long, value_name = "RATE", requires = "to")]
+        max_rate: Option<String>,
+        /// File whose first line is the target's migration token
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Stop the VM's replication (the checkpoints stay)
+        #[arg(long, conflicts_with = "to")]
+        stop: bool,
+    },
+    /// List the replications a gateway runs and the replicas it holds
+    Replications {
+        /// A pool the gateway serves (its control socket is DIR/.lungate.sock)
+        #[arg(long, value_name = "DIR", required_unless_present = "control")]
+        pool: Option<PathBuf>,
+        /// The gateway's control socket
+        #[arg(long, value_name = "SOCKET")]
+        control: Option<PathBuf>,
+    },
+    /// On the target: promote a replica's newest complete checkpoint and serve it
+    Failover {
+        /// The replicated VM's name (or its LUN UUID)
+        name: String,
+        /// The pool holding the replica (its gateway's control socket is DIR/.lungate.sock)
+        #[arg(long, value_name = "DIR", required_unless_present = "control")]
+        pool: Option<PathBuf>,
+        /// The gateway's control socket
+        #[arg(long, value_name = "SOCKET")]
+        control: Option<PathBuf>,
+        /// Abort a cycle being received and promote the previous checkpoint
+        #[arg(long)]
+        force: bool,
+    },
     /// Find VM LUNs in pool directories, files and block devices
     Scan {
         #[arg(required = true, value_name = "PATH")]
@@ -282,6 +333,9 @@ impl Cmd {
             Cmd::Repair { .. } => "repair",
             Cmd::Migrate { .. } => "migrate",
             Cmd::Migrations { .. } => "migrations",
+            Cmd::Replicate { .. } => "replicate",
+            Cmd::Replications { .. } => "replications",
+            Cmd::Failover { .. } => "failover",
             Cmd::Scan { .. } => "scan",
             Cmd::Doc(DocCmd::Completions { .. }) => "completions",
             Cmd::Doc(DocCmd::Man { .. }) => "man",
@@ -557,6 +611,37 @@ fn run(cmd: Cmd, out: &Output) -> Res {
         Cmd::Migrations { pool, control } => {
             migrate::list(out, pool.as_deref(), control.as_deref())
         }
+        Cmd::Replicate {
+            lun,
+            to,
+            target_pool,
+            every,
+            keep,
+            max_rate,
+            token_file,
+            stop,
+        } => replicate::replicate(
+            out,
+            &lun.path()?,
+            replicate::Args {
+                to,
+                target_pool,
+                every,
+                keep,
+                max_rate,
+                token_file,
+                stop,
+            },
+        ),
+        Cmd::Replications { pool, control } => {
+            replicate::list(out, pool.as_deref(), control.as_deref())
+        }
+        Cmd::Failover {
+            name,
+            pool,
+            control,
+            force,
+        } => replicate::failover(out, &name, pool.as_deref(), control.as_deref(), force),
         Cmd::Scan { paths, html } => {
             let r = scan::scan(&paths);
             if let Some(f) = html {

@@ -35,7 +35,7 @@ pub struct Args {
 }
 
 /// The control API of the gateway serving `path`, and the LUN's UUID ref.
-fn gateway(path: &Path) -> Res<(control::Client, String, String)> {
+pub(crate) fn gateway(path: &Path) -> Res<(control::Client, String, String)> {
     if let Some(reg) = crate::snapshots::etcd_owner(path)? {
         // A coordinated RBD LUN: etcd names the gateway that serves it.
         let control = crate::snapshots::owner_control(path, &reg)?;
