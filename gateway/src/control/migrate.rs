@@ -205,6 +205,7 @@ pub(super) async fn migrate(
         keep_source: b.keep_source,
         with_dependents: b.with_dependents,
         token: b.token,
+        auto_converge: b.auto_converge.unwrap_or(true),
     };
     let t = source::start(&reg, &l, req).await?;
     Ok((StatusCode::ACCEPTED, Json(t.snapshot())).into_response())

@@ -158,6 +158,11 @@ fn recovered(m: &Move, rec: &Record) -> MigrationInfo {
         pause_us: None,
         parked: None,
         queued_ops: 0,
+        auto_converge: false,
+        throttle_rate: None,
+        throttle_rounds: 0,
+        throttle_min_rate: None,
+        throttled_writes: 0,
         kept_source: None,
         error: None,
         started: rec.created,
@@ -266,6 +271,8 @@ pub async fn run(
             keep_source: m.keep_source,
             with_dependents: m.with_dependents,
             token: None,
+            // No gateway serves the VM: there are no writes to slow.
+            auto_converge: false,
         },
     )
     .await?;

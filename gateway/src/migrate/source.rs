@@ -30,6 +30,7 @@ use lungate_config::Peer;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::converge::Converge;
 use super::forward::{NbdConn, RemoteDisk, RemoteLun};
 use super::journal::{self, MemberRec, Record, State};
 use super::protocol::{describe, Link, VERSION};
@@ -58,6 +59,8 @@ pub struct Request {
     pub keep_source: bool,
     pub with_dependents: bool,
     pub token: Option<String>,
+    /// Throttle the guests' writes when the rounds stop shrinking.
+    pub auto_converge: bool,
 }
 
 /// One LUN that moves, as the source holds it.
@@ -376,6 +379,7 @@ pub async fn start(
         &peer,
         req.downtime_ms,
     );
+    tracked.update(|i| i.auto_converge = req.auto_converge);
     let (members_wire, srcs): (Vec<Member>, Vec<Src>) = described2.into_iter().unzip();
     tracked.update(|i| {
         i.members = members_wire.iter().map(|m| m.name.clone()).collect();
@@ -687,6 +691,7 @@ impl Job {
         }
         self.tracked
             .update(|i| i.bulk_bytes = sender.bytes + transfer::work_bytes(&work));
+        let (live_from, live_t0) = (sender.bytes, Instant::now());
         sender
             .pump(&mut link, transfer::read(work), &abort, on_bytes.clone())
             .await
@@ -698,29 +703,52 @@ impl Job {
             rate = rate.min(m as f64);
         }
         self.tracked.update(|i| i.rate = rate as u64);
+        // The throttle, if the rounds need one, lives as long as `conv`:
+        // any failure from here on lifts it on the way out.
+        let mut conv = Converge::new(
+            self.req.auto_converge,
+            self.srcs
+                .iter()
+                .map(|s| (s.lun.gate.clone(), s.lun.volume().cluster_size()))
+                .collect(),
+        );
+        let dirty = dirty_bytes(&trackers);
+        conv.after_round(sender.bytes - live_from, dirty, live_t0.elapsed(), rate);
+        self.report_throttle(&conv);
         self.settings.stall.at("copied").await;
         self.tracked.update(|i| i.phase = MigrationPhase::Rounds);
         // Rounds, until what is dirty fits the budget.
         let budget = Duration::from_millis(self.req.downtime_ms);
         let mut round = 0u32;
         loop {
-            let dirty: u64 = trackers.iter().map(|t| t.count() * t.cluster_size()).sum();
+            let dirty = dirty_bytes(&trackers);
             let estimate = Duration::from_secs_f64(dirty as f64 / rate) + SWITCH_OVERHEAD;
             self.tracked.update(|i| i.dirty_bytes = dirty);
             if estimate <= budget {
                 break;
             }
             if round >= self.settings.max_rounds {
+                let throttle = match (self.req.auto_converge, conv.min_rate) {
+                    (false, _) => "auto-converge is off".to_string(),
+                    (true, Some(r)) => format!(
+                        "the guests' writes were throttled down to {:.2} MiB/s",
+                        r as f64 / (1 << 20) as f64
+                    ),
+                    (true, None) => {
+                        "the rounds kept shrinking, so the writes were not throttled".into()
+                    }
+                };
                 return Err(resume(MigrateError::Failed(format!(
                     "did not converge: after {round} rounds {dirty} bytes are dirty, which at {:.1} MiB/s \
-                     would pause the guests for {} ms, over the budget of {} ms; raise --downtime-ms \
-                     or --max-rate, or migrate when the guests write less",
+                     would pause the guests for {} ms, over the budget of {} ms ({throttle}); raise \
+                     --downtime-ms or --max-rate, or migrate when the guests write less",
                     rate / (1 << 20) as f64,
                     estimate.as_millis(),
                     budget.as_millis()
                 ))));
             }
             round += 1;
+            conv.round_started();
             let before = sender.bytes;
             let t0 = Instant::now();
             let work = self
@@ -746,10 +774,16 @@ impl Job {
                     rate = rate.min(m as f64);
                 }
             }
+            let dirty = dirty_bytes(&trackers);
+            if let Some(r) = conv.after_round(moved, dirty, t0.elapsed(), rate) {
+                tracing::info!(migration = %self.rec.id, round, sent = moved, dirty,
+                    copy_rate = rate as u64, write_rate = r, "rounds not converging: guest writes throttled");
+            }
             self.tracked.update(|i| {
                 i.rounds = round;
                 i.rate = rate as u64;
             });
+            self.report_throttle(&conv);
             if round == 1 {
                 self.settings.stall.at("rounds").await;
             }
@@ -757,7 +791,18 @@ impl Job {
         if abort.is_cancelled() {
             return Err(resume(MigrateError::Aborted("aborted by request".into())));
         }
-        self.switch(link, sender, trackers, paused, nbd).await
+        self.switch(link, sender, trackers, paused, nbd, conv).await
+    }
+
+    /// The throttle's figures, for the progress and the final report.
+    fn report_throttle(&self, conv: &Converge) {
+        let delayed = conv.delayed();
+        self.tracked.update(|i| {
+            i.throttle_rate = conv.rate();
+            i.throttle_rounds = conv.rounds;
+            i.throttle_min_rate = conv.min_rate;
+            i.throttled_writes = delayed;
+        });
     }
 
     /// Pause, send the rest, commit, and hand over.
@@ -768,6 +813,7 @@ impl Job {
         trackers: Vec<DirtyTracker>,
         paused: &mut Vec<Paused>,
         nbd: (Option<u16>, bool),
+        mut conv: Converge,
     ) -> Result<(), Failure> {
         let t = self.settings.timeout;
         let resume = Failure::Resume;
@@ -788,6 +834,10 @@ impl Job {
             slot[i] = k;
         }
         let paused_at = Instant::now();
+        // Writes the throttle still delays now park in the holding queue,
+        // behind the ones parked already.
+        conv.lift();
+        self.report_throttle(&conv);
         self.settings.stall.at("paused").await;
         for (s, _) in self.srcs.iter().zip(&self.prepare.members) {
             if let Some(g) = s.generation {
@@ -1078,6 +1128,11 @@ pub(super) async fn hello(
             describe(&Frame::Message(m))
         ))),
     }
+}
+
+/// Bytes dirty in the members' live layers now.
+fn dirty_bytes(trackers: &[DirtyTracker]) -> u64 {
+    trackers.iter().map(|t| t.count() * t.cluster_size()).sum()
 }
 
 /// End a round and wait until the target has applied it.
