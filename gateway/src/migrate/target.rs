@@ -515,11 +515,15 @@ fn install(
     settings: &Settings,
 ) -> Result<Vec<String>, String> {
     let names: Vec<String> = stage.members.iter().map(|m| m.info.name.clone()).collect();
+    let t0 = std::time::Instant::now();
     move_into_pool(pool, &stage.dir, &names)
         .map_err(|e| format!("move the LUNs into {}: {e}", pool.display()))?;
+    let move_us = t0.elapsed().as_micros() as u64;
     let mut exports = Vec::new();
+    let (mut open_us, mut adopt_us) = (0, 0);
     for n in &names {
         let path = pool.join(format!("{n}.lun"));
+        let t0 = std::time::Instant::now();
         let lun = ServedLun::open(
             &path,
             false,
@@ -528,9 +532,12 @@ fn install(
             &settings.engine,
         )
         .map_err(|e| e.to_string())?;
+        open_us += t0.elapsed().as_micros() as u64;
+        let t0 = std::time::Instant::now();
         exports.extend(reg.adopt(Arc::new(lun)).map_err(|e| e.to_string())?);
+        adopt_us += t0.elapsed().as_micros() as u64;
     }
-    tracing::info!(pool = %pool.display(), ?exports, "migrated LUNs served");
+    tracing::info!(pool = %pool.display(), ?exports, move_us, open_us, adopt_us, "migrated LUNs served");
     Ok(exports)
 }
 
