@@ -523,10 +523,12 @@ enum Failure {
     Resume(MigrateError),
 }
 
-/// Estimated cost of the switch beyond the last round's bytes (commit,
-/// opening the LUNs on the target, connecting the forwarding): part of
-/// the downtime budget.
-const SWITCH_OVERHEAD: Duration = Duration::from_millis(5);
+/// Estimated cost of the switch beyond the last round's bytes and the
+/// target's flush of them (which the last round's round trip measures):
+/// the target's commit record and opening and serving the LUNs (7 and
+/// 11 ms in a release build under an uncapped writer, docs/migration.md),
+/// connecting the forwarding. Part of the downtime budget.
+const SWITCH_OVERHEAD: Duration = Duration::from_millis(15);
 
 impl Job {
     async fn run(mut self) {
@@ -696,7 +698,11 @@ impl Job {
             .pump(&mut link, transfer::read(work), &abort, on_bytes.clone())
             .await
             .map_err(resume)?;
+        let rt0 = Instant::now();
         round_trip(&mut link, 0, t).await.map_err(resume)?;
+        // How long the target takes to apply the tail of a round and make
+        // it durable: what its commit does first, inside the pause.
+        let mut settle = rt0.elapsed();
         let bulk_time = started.elapsed();
         let mut rate = (sender.bytes as f64 / bulk_time.as_secs_f64().max(1e-3)).max(1.0);
         if let Some(m) = self.req.max_rate {
@@ -722,7 +728,7 @@ impl Job {
         let mut round = 0u32;
         loop {
             let dirty = dirty_bytes(&trackers);
-            let estimate = Duration::from_secs_f64(dirty as f64 / rate) + SWITCH_OVERHEAD;
+            let estimate = Duration::from_secs_f64(dirty as f64 / rate) + settle + SWITCH_OVERHEAD;
             self.tracked.update(|i| i.dirty_bytes = dirty);
             if estimate <= budget {
                 break;
@@ -766,7 +772,9 @@ impl Job {
                 .pump(&mut link, transfer::read(work), &abort, on_bytes.clone())
                 .await
                 .map_err(resume)?;
+            let rt0 = Instant::now();
             round_trip(&mut link, round, t).await.map_err(resume)?;
+            settle = rt0.elapsed();
             let moved = sender.bytes - before;
             if moved >= 4 << 20 {
                 rate = moved as f64 / t0.elapsed().as_secs_f64().max(1e-3);
@@ -853,6 +861,13 @@ impl Job {
                 }
             }
         }
+        // The switching record is written while the last round goes out
+        // (both inside the pause, before the commit): from it on the
+        // source does not serve the LUNs without asking the target first.
+        let record = tokio::task::spawn_blocking({
+            let (mut rec, pool) = (self.rec.clone(), self.pool.clone());
+            move || rec.set(&pool, State::Switching)
+        });
         let abort = CancellationToken::new();
         let work = self
             .srcs
@@ -866,24 +881,32 @@ impl Job {
             })
             .collect();
         let tracked = self.tracked.clone();
-        sender
+        let pumped = sender
             .pump(&mut link, transfer::read(work), &abort, move |b| {
                 tracked.update(|i| i.bytes = b)
             })
-            .await
-            .map_err(resume)?;
+            .await;
         drop(trackers);
-        if self.tracked.abort.is_cancelled() {
-            return Err(resume(MigrateError::Aborted("aborted by request".into())));
-        }
-        // From this record on the source does not serve the LUNs without
-        // asking the target first.
-        if let Err(e) = self.rec.set(&self.pool, State::Switching) {
-            let _ = self.rec.set(&self.pool, State::Copying);
-            return Err(resume(MigrateError::Failed(format!(
+        let recorded = match record.await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let failed = match (pumped, recorded) {
+            (Err(e), _) => Some(e),
+            (Ok(_), Err(e)) => Some(MigrateError::Failed(format!(
                 "write the switching record: {e}"
-            ))));
+            ))),
+            (Ok(_), Ok(())) if self.tracked.abort.is_cancelled() => {
+                Some(MigrateError::Aborted("aborted by request".into()))
+            }
+            (Ok(_), Ok(())) => None,
+        };
+        if let Some(e) = failed {
+            // No commit was sent: the LUNs stay here.
+            let _ = self.rec.set(&self.pool, State::Copying);
+            return Err(resume(e));
         }
+        self.rec.state = State::Switching;
         self.settings.stall.at("committing").await;
         let sent_us = paused_at.elapsed().as_micros() as u64;
         let commit = Message::Commit {
