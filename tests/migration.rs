@@ -983,3 +983,161 @@ fn a_lun_migrates_to_a_gateway_on_another_host_under_writes() {
     drop(src);
     dst.stop_ok();
 }
+
+/// The running (or last) migration `lunctl migrations` lists for `pool`.
+fn last_migration(pool: &str) -> serde_json::Value {
+    let v: serde_json::Value =
+        serde_json::from_slice(&lunctl(&["--json", "migrations", "--pool", pool]).stdout).unwrap();
+    v.as_array()
+        .and_then(|a| a.last())
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// A writer faster than the copy: `--max-rate 4M` and the sequence-numbered
+/// writer re-dirtying its 64 clusters (4 MiB) every fraction of a second
+/// mean every round leaves as much dirty as it sent, far over what 50 ms
+/// at 4 MiB/s can carry. Without auto-converge the migration fails after
+/// `max_rounds` (8) and the source keeps serving; with it the gate slows
+/// the writes until the rounds shrink, an abort while throttled lifts the
+/// throttle at once, and the next migration converges and switches — with
+/// every request of the one connection answered right throughout.
+#[test]
+fn an_uncapped_writer_converges_only_by_throttling_its_writes() {
+    let (a, b) = (pool_dir(), pool_dir());
+    create_lun(a.path(), "vmf", "offset", &["16M"], "16M");
+    let a_s = a.path().to_str().unwrap();
+    let b_s = b.path().to_str().unwrap();
+    let etc = tempfile::tempdir().unwrap();
+    let cfg = etc.path().join("src.toml");
+    std::fs::write(&cfg, "[migration]\nmax_rounds = 8\n").unwrap();
+    // Every migration stalls 3 s after its first round (an abort's moment).
+    let src = Gateway::start_env(
+        &["--config", cfg.to_str().unwrap(), "--pool", a_s],
+        &[("LUNGATE_TEST_MIGRATION_STALL", "rounds:3000")],
+    );
+    let dst = Gateway::start(&["--pool", b_s, "--migration-listen", "127.0.0.1:0"]);
+    let to = migration_addr(&dst);
+    let before = clean_tree(b.path());
+    let export = "vmf/disk0";
+    let (stop, count, h) = run_writer(tcp(&src), export);
+    wait_ops(&count, 300);
+    let t = Instant::now();
+    wait_ops(&count, 300);
+    let unthrottled = t.elapsed();
+    let args = ["vmf", "--pool", a_s, "--to", &to, "--max-rate", "4M"];
+
+    // 1. Auto-converge off: it cannot converge, and says why.
+    let mut off = args.to_vec();
+    off.push("--no-auto-converge");
+    let (ok, res, all) = lunctl_migrate(&off);
+    assert!(!ok, "converged without a throttle: {all}");
+    let msg = res["error"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("did not converge") && msg.contains("auto-converge is off"),
+        "{all}"
+    );
+    let m = last_migration(a_s);
+    assert_eq!(m["phase"], "failed", "{m}");
+    assert_eq!(m["auto_converge"], false, "{m}");
+    assert_eq!(m["rounds"], 8, "{m}");
+    assert_eq!(m["throttled_writes"], 0, "{m}");
+    assert!(m.get("throttle_min_rate").is_none(), "{m}");
+    // The source serves on, the target made nothing.
+    wait_ops(&count, 200);
+    assert!(a.path().join("vmf.lun").is_file());
+    let t = Instant::now();
+    while clean_tree(b.path()) != before {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            tree(b.path())
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    // 2. Auto-converge on, aborted while it throttles: the writes run at
+    // full speed again.
+    let stalls = |g: &Gateway| {
+        g.stderr_log()
+            .matches("migration stalled at rounds")
+            .count()
+    };
+    let stalled = stalls(&src);
+    let a2 = a_s.to_string();
+    let args2: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let mig = thread::spawn(move || {
+        let v: Vec<&str> = args2.iter().map(|s| s.as_str()).collect();
+        lunctl_migrate(&v)
+    });
+    let t = Instant::now();
+    while stalls(&src) == stalled {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{}",
+            src.stderr_log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let m = last_migration(&a2);
+    assert_eq!(m["phase"], "rounds", "{m}");
+    assert_eq!(m["auto_converge"], true, "{m}");
+    let rate = m["throttle_rate"]
+        .as_u64()
+        .expect("throttled while stalled");
+    assert!(
+        rate < 4 << 20,
+        "writes admitted at {rate} B/s, not below the copy's 4 MiB/s"
+    );
+    let ab = lunctl(&["--json", "migrate", "vmf", "--pool", a_s, "--abort"]);
+    assert!(ab.status.success());
+    let (ok, _, all) = mig.join().unwrap();
+    assert!(!ok, "{all}");
+    let t = Instant::now();
+    wait_ops(&count, 300);
+    let after_abort = t.elapsed();
+    assert!(
+        after_abort < unthrottled * 4 + Duration::from_secs(2),
+        "300 requests took {after_abort:?} after the abort, {unthrottled:?} before any migration: \
+         the throttle outlived the migration"
+    );
+
+    // 3. Auto-converge on: the writes slow down until the rounds fit.
+    let (ok, res, all) = lunctl_migrate(&args);
+    if !ok {
+        stop.store(true, Ordering::Relaxed);
+        let _ = h.join();
+        panic!(
+            "did not converge with auto-converge: {all}\nsource:\n{}",
+            src.stderr_log()
+        );
+    }
+    assert_eq!(res["phase"], "done", "{res}");
+    assert_eq!(res["auto_converge"], true, "{res}");
+    assert!(res["throttle_rounds"].as_u64().unwrap() >= 1, "{res}");
+    assert!(res["throttled_writes"].as_u64().unwrap() > 0, "{res}");
+    let min = res["throttle_min_rate"].as_u64().expect("throttled");
+    assert!(min < 4 << 20, "{res}");
+    assert!(res.get("throttle_rate").is_none(), "{res}");
+    assert!(res["rounds"].as_u64().unwrap() <= 8, "{res}");
+    eprintln!(
+        "converged: {} rounds, {} throttled, down to {} B/s, {} writes delayed, pause {} us",
+        res["rounds"], res["throttle_rounds"], min, res["throttled_writes"], res["pause_us"]
+    );
+    // The forwarded connection runs at full speed on the new owner.
+    let t = Instant::now();
+    wait_ops(&count, 300);
+    let after = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let seen = h.join().unwrap();
+    assert_clean(&seen);
+    assert!(
+        after < unthrottled * 6 + Duration::from_secs(3),
+        "300 forwarded requests took {after:?} (before: {unthrottled:?})"
+    );
+    assert!(b.path().join("vmf.lun").is_file());
+    assert!(!a.path().join("vmf.lun").exists());
+    verify(&tcp(&dst), export, &seen.model);
+    src.stop_ok();
+    dst.stop_ok();
+}

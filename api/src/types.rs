@@ -471,6 +471,11 @@ pub struct MigrateRequest {
     /// How long a hold may last, ms (default 60000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_ms: Option<u64>,
+    /// Slow the guests' writes when the copy rounds stop shrinking, until
+    /// they converge (default: on; `false` turns it off, and a migration
+    /// that does not converge within `max_rounds` then fails).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_converge: Option<bool>,
 }
 
 /// Which way a migration goes, seen from the gateway reporting it.
@@ -552,6 +557,23 @@ pub struct MigrationInfo {
     /// A held migration (`hold`) has converged and waits for its release.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub held: bool,
+    /// Whether the source throttles the guests' writes when the rounds
+    /// stop shrinking.
+    #[serde(default)]
+    pub auto_converge: bool,
+    /// The write rate the gates admit now, bytes per second (while the
+    /// throttle is on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle_rate: Option<u64>,
+    /// Copy rounds that ran with the guests' writes throttled.
+    #[serde(default)]
+    pub throttle_rounds: u32,
+    /// The lowest write rate admitted, bytes per second (if it throttled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle_min_rate: Option<u64>,
+    /// Guest writes whose admission the throttle delayed.
+    #[serde(default)]
+    pub throttled_writes: u64,
     /// Where the source kept its copy (`keep_source`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kept_source: Option<std::path::PathBuf>,

@@ -11,11 +11,17 @@
 //! parked entries in arrival order. No request fails or is answered early
 //! because of a switch: it only waits.
 //!
+//! A migration that does not converge also slows the LUN's writers here
+//! ([`Gate::throttle`]): while a [`Throttle`] lives, writes are admitted at
+//! most at its rate (reads never wait), in the order they came; a delayed
+//! write only waits, it never fails. Dropping the throttle lets every
+//! delayed write through at once.
+//!
 //! The gate itself knows nothing about volumes or NBD; it only counts.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lungate_block::device::{BlockDevice, Caps, Chunk, Extent, IoFuture};
@@ -95,12 +101,42 @@ struct State {
     parked: VecDeque<oneshot::Sender<Pass>>,
     /// Entries parked during the current pause.
     held: u64,
+    pace: Pace,
+}
+
+/// Write admission while a [`Throttle`] lives: a token bucket kept as the
+/// virtual time at which the next write may go.
+#[derive(Debug, Default)]
+struct Pace {
+    /// Bytes per second admitted, and the grain a write's cost counts in
+    /// (a write touching part of a cluster dirties all of it).
+    limit: Option<(f64, u64)>,
+    /// When the next write may be admitted.
+    next: Option<Instant>,
+    /// The admission of the last write that was delayed or queued behind
+    /// one: a later write waits for it, so writes keep their order.
+    last: Option<oneshot::Receiver<()>>,
+    /// Writes that waited, and how long in all (µs), since the gate was
+    /// made.
+    delayed: u64,
+    delayed_us: u64,
+}
+
+/// Counters of a gate's write throttle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ThrottleCounts {
+    /// Writes whose admission waited for the throttle.
+    pub delayed: u64,
+    /// Their waits together, µs.
+    pub delayed_us: u64,
 }
 
 #[derive(Debug)]
 pub struct Gate {
     state: Mutex<State>,
     drained: Notify,
+    /// Woken when the throttle changes (delayed writes look again).
+    paced: Notify,
     /// Serialises pauses of this gate.
     switching: Arc<tokio::sync::Mutex<()>>,
     stats: Arc<SwitchStats>,
@@ -149,6 +185,7 @@ impl Gate {
         Arc::new(Gate {
             state: Mutex::new(State::default()),
             drained: Notify::new(),
+            paced: Notify::new(),
             switching: Arc::new(tokio::sync::Mutex::new(())),
             stats,
         })
@@ -196,6 +233,62 @@ impl Gate {
         lock(&self.state).active
     }
 
+    /// Admit writes at most at `rate` bytes per second (each write costs
+    /// the `grain`s it touches) until the returned guard is dropped (its
+    /// [`Throttle::set`] changes the rate). One throttle per gate at a
+    /// time: dropping one lifts the gate's throttle.
+    pub fn throttle(self: &Arc<Self>, rate: u64, grain: u64) -> Throttle {
+        let t = Throttle { gate: self.clone() };
+        t.set(rate, grain);
+        t
+    }
+
+    pub fn throttle_counts(&self) -> ThrottleCounts {
+        let st = lock(&self.state);
+        ThrottleCounts {
+            delayed: st.pace.delayed,
+            delayed_us: st.pace.delayed_us,
+        }
+    }
+
+    /// A write of `len` bytes at `offset` (or a flush, `len` 0) takes its
+    /// place among the throttled writes: `None` when no throttle is on and
+    /// no write waits (it enters the gate at once).
+    pub(crate) fn pace(self: &Arc<Self>, offset: u64, len: u64) -> Option<PaceSlot> {
+        let mut st = lock(&self.state);
+        let p = &mut st.pace;
+        if let Some(rx) = &mut p.last {
+            if !matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
+                p.last = None;
+            }
+        }
+        let at = match p.limit {
+            Some((rate, grain)) => {
+                let cost = if len == 0 {
+                    0
+                } else {
+                    let first = offset / grain;
+                    let last = offset.saturating_add(len - 1) / grain;
+                    (last - first + 1).saturating_mul(grain)
+                };
+                let now = Instant::now();
+                let start = p.next.map_or(now, |n| n.max(now));
+                p.next = Some(start + Duration::from_secs_f64(cost as f64 / rate));
+                Some(start)
+            }
+            None if p.last.is_some() => None,
+            None => return None,
+        };
+        let (tx, rx) = oneshot::channel();
+        let prev = p.last.replace(rx);
+        Some(PaceSlot {
+            gate: self.clone(),
+            prev,
+            at,
+            done: Some(tx),
+        })
+    }
+
     fn release(self: &Arc<Self>, start: Instant) -> u64 {
         let mut st = lock(&self.state);
         st.paused = false;
@@ -213,6 +306,81 @@ impl Gate {
         let us = start.elapsed().as_micros() as u64;
         self.stats.record(us, held);
         us
+    }
+}
+
+/// Writes of a gate are paced while this lives (see [`Gate::throttle`]).
+#[derive(Debug)]
+pub struct Throttle {
+    gate: Arc<Gate>,
+}
+
+impl Throttle {
+    /// Change the rate (bytes per second, at least 1) and grain.
+    pub fn set(&self, rate: u64, grain: u64) {
+        let mut st = lock(&self.gate.state);
+        st.pace.limit = Some((rate.max(1) as f64, grain.max(1)));
+        drop(st);
+        self.gate.paced.notify_waiters();
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        let mut st = lock(&self.gate.state);
+        st.pace.limit = None;
+        st.pace.next = None;
+        drop(st);
+        // Delayed writes go now, in their order.
+        self.gate.paced.notify_waiters();
+    }
+}
+
+/// One write's place among the throttled ones.
+pub(crate) struct PaceSlot {
+    gate: Arc<Gate>,
+    /// The previous throttled write's admission.
+    prev: Option<oneshot::Receiver<()>>,
+    /// When the bucket lets it go (`None`: only queued behind others).
+    at: Option<Instant>,
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl PaceSlot {
+    /// Wait for the writes before it and for its time (or for the
+    /// throttle to go), then take its place in the gate's line.
+    async fn enter(mut self) -> Entry {
+        let t0 = Instant::now();
+        if let Some(prev) = self.prev.take() {
+            // An error: that write was dropped (its client went); its
+            // place is free all the same.
+            let _ = prev.await;
+        }
+        if let Some(at) = self.at {
+            loop {
+                let changed = self.gate.paced.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if lock(&self.gate.state).pace.limit.is_none() || Instant::now() >= at {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                    _ = changed => {}
+                }
+            }
+        }
+        let entry = self.gate.enter();
+        let waited = t0.elapsed().as_micros() as u64;
+        if waited >= 100 {
+            let mut st = lock(&self.gate.state);
+            st.pace.delayed += 1;
+            st.pace.delayed_us += waited;
+        }
+        if let Some(tx) = self.done.take() {
+            let _ = tx.send(());
+        }
+        entry
     }
 }
 
@@ -306,6 +474,26 @@ impl GateDevice {
             op(&*below).await
         })
     }
+
+    /// [`Self::through`] for a request that writes `[offset, offset +
+    /// len)` (or a flush, `len` 0, which keeps its place behind delayed
+    /// writes): paced by the gate's throttle, if one is on.
+    fn through_write<T: Send + 'static>(
+        &self,
+        offset: u64,
+        len: u64,
+        op: impl FnOnce(&dyn BlockDevice) -> IoFuture<T> + Send + 'static,
+    ) -> IoFuture<T> {
+        let Some(slot) = self.gate.pace(offset, len) else {
+            return self.through(op);
+        };
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let _pass = slot.enter().await.ready().await;
+            let below = Self::below(&inner);
+            op(&*below).await
+        })
+    }
 }
 
 impl BlockDevice for GateDevice {
@@ -322,16 +510,22 @@ impl BlockDevice for GateDevice {
         self.through(move |d| d.read_chunks(offset, len))
     }
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<()> {
-        self.through(move |d| d.write(offset, data, fua))
+        let len = data.len() as u64;
+        self.through_write(offset, len, move |d| d.write(offset, data, fua))
     }
     fn flush(&self) -> IoFuture<()> {
-        self.through(|d| d.flush())
+        self.through_write(0, 0, |d| d.flush())
     }
+    // A trim or a zeroing sends no data in a copy round (zero frames):
+    // it costs one grain, so it keeps its place among writes but is not
+    // held back by its length.
     fn trim(&self, offset: u64, len: u64) -> IoFuture<()> {
-        self.through(move |d| d.trim(offset, len))
+        self.through_write(offset, len.min(1), move |d| d.trim(offset, len))
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> IoFuture<()> {
-        self.through(move |d| d.write_zeroes(offset, len, may_trim))
+        self.through_write(offset, len.min(1), move |d| {
+            d.write_zeroes(offset, len, may_trim)
+        })
     }
     fn extents(&self, offset: u64, len: u64) -> IoFuture<Vec<Extent>> {
         self.through(move |d| d.extents(offset, len))
@@ -395,5 +589,57 @@ mod tests {
         assert_eq!((s.count, s.held_requests), (1, 5));
         assert!(s.max_us >= 20_000, "{s:?}");
         assert!(matches!(gate.enter(), Entry::Go(_)));
+    }
+
+    #[tokio::test]
+    async fn a_throttle_paces_writes_in_order_and_lifting_it_lets_them_all_go() {
+        let gate = Gate::new(Arc::new(SwitchStats::default()));
+        const G: u64 = 64 << 10;
+        // 10 clusters a second: a write every 100 ms.
+        let throttle = gate.throttle(10 * G, G);
+        let t0 = Instant::now();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut writes = Vec::new();
+        for i in 0..6u64 {
+            // 4 KiB writes, each in a cluster of its own.
+            let slot = gate.pace(i * G, 4096).expect("throttled");
+            let order = order.clone();
+            writes.push(tokio::spawn(async move {
+                let _pass = slot.enter().await.ready().await;
+                order.lock().unwrap().push((i, t0.elapsed()));
+            }));
+        }
+        // Reads are never paced.
+        let r = Instant::now();
+        drop(gate.enter().ready().await);
+        assert!(r.elapsed() < Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let admitted = order.lock().unwrap().len() as u128;
+        let by = t0.elapsed().as_millis();
+        // Write i goes at i * 100 ms: never earlier, whatever the load.
+        assert!(
+            admitted >= 1 && admitted <= by / 100 + 1,
+            "{admitted} writes admitted in {by} ms at 10 a second"
+        );
+        let lifted = t0.elapsed();
+        drop(throttle);
+        for w in writes {
+            w.await.unwrap();
+        }
+        let order = order.lock().unwrap().clone();
+        let ids: Vec<u64> = order.iter().map(|o| o.0).collect();
+        assert_eq!(ids, vec![0, 1, 2, 3, 4, 5], "writes kept their order");
+        // Its turn was at 500 ms: lifting the throttle let it go before.
+        if lifted < Duration::from_millis(450) {
+            assert!(
+                order[5].1 < Duration::from_millis(500),
+                "the last write waited {:?} (throttle lifted at {lifted:?})",
+                order[5].1
+            );
+        }
+        let c = gate.throttle_counts();
+        assert!(c.delayed >= 4, "{c:?}");
+        // With no throttle and nothing waiting, writes are not paced.
+        assert!(gate.pace(0, 4096).is_none());
     }
 }

@@ -208,6 +208,7 @@ pub(super) async fn migrate(
         hold: b
             .hold
             .then(|| std::time::Duration::from_millis(b.hold_ms.unwrap_or(60_000))),
+        auto_converge: b.auto_converge.unwrap_or(true),
     };
     let t = source::start(&reg, &l, req).await?;
     Ok((StatusCode::ACCEPTED, Json(t.snapshot())).into_response())

@@ -62,6 +62,10 @@ impl Record {
     /// Write the record durably, replacing the previous one.
     pub fn store(&self, pool: &Path) -> std::io::Result<()> {
         let dir = state_dir(pool);
+        // The pool's own entry for the state directory needs an fsync only
+        // when the directory is new (a record changing state, inside a
+        // migration's pause, saves it).
+        let new_dir = !dir.is_dir();
         std::fs::create_dir_all(&dir)?;
         let path = Self::path(pool, self.id, self.outgoing);
         let tmp = dir.join(format!(".{}.tmp", self.id));
@@ -70,7 +74,10 @@ impl Record {
         f.sync_all()?;
         std::fs::rename(&tmp, &path)?;
         sync_dir(&dir)?;
-        sync_dir(pool)
+        if new_dir {
+            sync_dir(pool)?;
+        }
+        Ok(())
     }
 
     pub fn set(&mut self, pool: &Path, state: State) -> std::io::Result<()> {

@@ -10,6 +10,8 @@
 //!   forwarding of the connections it had to the new owner ([`forward`]).
 //! * [`target`] answers one: admission policy, staging, verification,
 //!   the commit, serving the LUNs.
+//! * [`converge`] slows the guests' writes when the rounds stop shrinking
+//!   (auto-converge), through the members' gates.
 //! * [`transfer`] moves bytes: it reads files and live volumes, cuts them
 //!   into checksummed frames, and applies them on the other side.
 //! * [`journal`] keeps each side's durable record of a migration, and
@@ -30,6 +32,7 @@
 //! migrations ([`Hub`]). It changes a served LUN only through its gate
 //! (pause, swap) and the registry (retire, adopt), never the NBD sessions.
 
+pub mod converge;
 pub mod forward;
 pub mod handover;
 pub mod journal;
@@ -318,6 +321,11 @@ impl Tracked {
                 parked: None,
                 queued_ops: 0,
                 held: false,
+                auto_converge: false,
+                throttle_rate: None,
+                throttle_rounds: 0,
+                throttle_min_rate: None,
+                throttled_writes: 0,
                 kept_source: None,
                 error: None,
                 started: now_secs(),

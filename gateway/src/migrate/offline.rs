@@ -159,6 +159,11 @@ fn recovered(m: &Move, rec: &Record) -> MigrationInfo {
         parked: None,
         queued_ops: 0,
         held: false,
+        auto_converge: false,
+        throttle_rate: None,
+        throttle_rounds: 0,
+        throttle_min_rate: None,
+        throttled_writes: 0,
         kept_source: None,
         error: None,
         started: rec.created,
@@ -268,6 +273,8 @@ pub async fn run(
             with_dependents: m.with_dependents,
             token: None,
             hold: None,
+            // No gateway serves the VM: there are no writes to slow.
+            auto_converge: false,
         },
     )
     .await?;

@@ -30,6 +30,7 @@ use lungate_config::Peer;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::converge::Converge;
 use super::forward::{NbdConn, RemoteDisk, RemoteLun};
 use super::journal::{self, MemberRec, Record, State};
 use super::protocol::{describe, Link, VERSION};
@@ -61,6 +62,8 @@ pub struct Request {
     /// Wait before the switch until released, at most this long (see
     /// `MigrateRequest::hold`).
     pub hold: Option<Duration>,
+    /// Throttle the guests' writes when the rounds stop shrinking.
+    pub auto_converge: bool,
 }
 
 /// One LUN that moves, as the source holds it.
@@ -379,6 +382,7 @@ pub async fn start(
         &peer,
         req.downtime_ms,
     );
+    tracked.update(|i| i.auto_converge = req.auto_converge);
     let (members_wire, srcs): (Vec<Member>, Vec<Src>) = described2.into_iter().unzip();
     tracked.update(|i| {
         i.members = members_wire.iter().map(|m| m.name.clone()).collect();
@@ -522,10 +526,12 @@ enum Failure {
     Resume(MigrateError),
 }
 
-/// Estimated cost of the switch beyond the last round's bytes (commit,
-/// opening the LUNs on the target, connecting the forwarding): part of
-/// the downtime budget.
-const SWITCH_OVERHEAD: Duration = Duration::from_millis(5);
+/// Estimated cost of the switch beyond the last round's bytes and the
+/// target's flush of them (which the last round's round trip measures):
+/// the target's commit record and opening and serving the LUNs (7 and
+/// 11 ms in a release build under an uncapped writer, docs/migration.md),
+/// connecting the forwarding. Part of the downtime budget.
+const SWITCH_OVERHEAD: Duration = Duration::from_millis(15);
 
 impl Job {
     async fn run(mut self) {
@@ -690,17 +696,34 @@ impl Job {
         }
         self.tracked
             .update(|i| i.bulk_bytes = sender.bytes + transfer::work_bytes(&work));
+        let (live_from, live_t0) = (sender.bytes, Instant::now());
         sender
             .pump(&mut link, transfer::read(work), &abort, on_bytes.clone())
             .await
             .map_err(resume)?;
+        let rt0 = Instant::now();
         round_trip(&mut link, 0, t).await.map_err(resume)?;
+        // How long the target takes to apply the tail of a round and make
+        // it durable: what its commit does first, inside the pause.
+        let mut settle = rt0.elapsed();
         let bulk_time = started.elapsed();
         let mut rate = (sender.bytes as f64 / bulk_time.as_secs_f64().max(1e-3)).max(1.0);
         if let Some(m) = self.req.max_rate {
             rate = rate.min(m as f64);
         }
         self.tracked.update(|i| i.rate = rate as u64);
+        // The throttle, if the rounds need one, lives as long as `conv`:
+        // any failure from here on lifts it on the way out.
+        let mut conv = Converge::new(
+            self.req.auto_converge,
+            self.srcs
+                .iter()
+                .map(|s| (s.lun.gate.clone(), s.lun.volume().cluster_size()))
+                .collect(),
+        );
+        let dirty = dirty_bytes(&trackers);
+        conv.after_round(sender.bytes - live_from, dirty, live_t0.elapsed(), rate);
+        self.report_throttle(&conv);
         self.settings.stall.at("copied").await;
         self.tracked.update(|i| i.phase = MigrationPhase::Rounds);
         // Rounds, until what is dirty fits the budget.
@@ -710,8 +733,8 @@ impl Job {
         let mut held_rounds = 0u32;
         let mut held_since: Option<Instant> = None;
         loop {
-            let dirty: u64 = trackers.iter().map(|t| t.count() * t.cluster_size()).sum();
-            let estimate = Duration::from_secs_f64(dirty as f64 / rate) + SWITCH_OVERHEAD;
+            let dirty = dirty_bytes(&trackers);
+            let estimate = Duration::from_secs_f64(dirty as f64 / rate) + settle + SWITCH_OVERHEAD;
             self.tracked.update(|i| i.dirty_bytes = dirty);
             if estimate <= budget {
                 let Some(limit) = self.req.hold else { break };
@@ -743,16 +766,27 @@ impl Job {
                 }
                 held_rounds += 1;
             } else if round >= self.settings.max_rounds + held_rounds {
+                let throttle = match (self.req.auto_converge, conv.min_rate) {
+                    (false, _) => "auto-converge is off".to_string(),
+                    (true, Some(r)) => format!(
+                        "the guests' writes were throttled down to {:.2} MiB/s",
+                        r as f64 / (1 << 20) as f64
+                    ),
+                    (true, None) => {
+                        "the rounds kept shrinking, so the writes were not throttled".into()
+                    }
+                };
                 return Err(resume(MigrateError::Failed(format!(
                     "did not converge: after {round} rounds {dirty} bytes are dirty, which at {:.1} MiB/s \
-                     would pause the guests for {} ms, over the budget of {} ms; raise --downtime-ms \
-                     or --max-rate, or migrate when the guests write less",
+                     would pause the guests for {} ms, over the budget of {} ms ({throttle}); raise \
+                     --downtime-ms or --max-rate, or migrate when the guests write less",
                     rate / (1 << 20) as f64,
                     estimate.as_millis(),
                     budget.as_millis()
                 ))));
             }
             round += 1;
+            conv.round_started();
             let before = sender.bytes;
             let t0 = Instant::now();
             let work = self
@@ -770,7 +804,9 @@ impl Job {
                 .pump(&mut link, transfer::read(work), &abort, on_bytes.clone())
                 .await
                 .map_err(resume)?;
+            let rt0 = Instant::now();
             round_trip(&mut link, round, t).await.map_err(resume)?;
+            settle = rt0.elapsed();
             let moved = sender.bytes - before;
             if moved >= 4 << 20 {
                 rate = moved as f64 / t0.elapsed().as_secs_f64().max(1e-3);
@@ -778,10 +814,16 @@ impl Job {
                     rate = rate.min(m as f64);
                 }
             }
+            let dirty = dirty_bytes(&trackers);
+            if let Some(r) = conv.after_round(moved, dirty, t0.elapsed(), rate) {
+                tracing::info!(migration = %self.rec.id, round, sent = moved, dirty,
+                    copy_rate = rate as u64, write_rate = r, "rounds not converging: guest writes throttled");
+            }
             self.tracked.update(|i| {
                 i.rounds = round;
                 i.rate = rate as u64;
             });
+            self.report_throttle(&conv);
             if round == 1 {
                 self.settings.stall.at("rounds").await;
             }
@@ -789,7 +831,18 @@ impl Job {
         if abort.is_cancelled() {
             return Err(resume(MigrateError::Aborted("aborted by request".into())));
         }
-        self.switch(link, sender, trackers, paused, nbd).await
+        self.switch(link, sender, trackers, paused, nbd, conv).await
+    }
+
+    /// The throttle's figures, for the progress and the final report.
+    fn report_throttle(&self, conv: &Converge) {
+        let delayed = conv.delayed();
+        self.tracked.update(|i| {
+            i.throttle_rate = conv.rate();
+            i.throttle_rounds = conv.rounds;
+            i.throttle_min_rate = conv.min_rate;
+            i.throttled_writes = delayed;
+        });
     }
 
     /// Pause, send the rest, commit, and hand over.
@@ -800,6 +853,7 @@ impl Job {
         trackers: Vec<DirtyTracker>,
         paused: &mut Vec<Paused>,
         nbd: (Option<u16>, bool),
+        mut conv: Converge,
     ) -> Result<(), Failure> {
         let t = self.settings.timeout;
         let resume = Failure::Resume;
@@ -820,6 +874,10 @@ impl Job {
             slot[i] = k;
         }
         let paused_at = Instant::now();
+        // Writes the throttle still delays now park in the holding queue,
+        // behind the ones parked already.
+        conv.lift();
+        self.report_throttle(&conv);
         self.settings.stall.at("paused").await;
         for (s, _) in self.srcs.iter().zip(&self.prepare.members) {
             if let Some(g) = s.generation {
@@ -835,6 +893,13 @@ impl Job {
                 }
             }
         }
+        // The switching record is written while the last round goes out
+        // (both inside the pause, before the commit): from it on the
+        // source does not serve the LUNs without asking the target first.
+        let record = tokio::task::spawn_blocking({
+            let (mut rec, pool) = (self.rec.clone(), self.pool.clone());
+            move || rec.set(&pool, State::Switching)
+        });
         let abort = CancellationToken::new();
         let work = self
             .srcs
@@ -848,24 +913,32 @@ impl Job {
             })
             .collect();
         let tracked = self.tracked.clone();
-        sender
+        let pumped = sender
             .pump(&mut link, transfer::read(work), &abort, move |b| {
                 tracked.update(|i| i.bytes = b)
             })
-            .await
-            .map_err(resume)?;
+            .await;
         drop(trackers);
-        if self.tracked.abort.is_cancelled() {
-            return Err(resume(MigrateError::Aborted("aborted by request".into())));
-        }
-        // From this record on the source does not serve the LUNs without
-        // asking the target first.
-        if let Err(e) = self.rec.set(&self.pool, State::Switching) {
-            let _ = self.rec.set(&self.pool, State::Copying);
-            return Err(resume(MigrateError::Failed(format!(
+        let recorded = match record.await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let failed = match (pumped, recorded) {
+            (Err(e), _) => Some(e),
+            (Ok(_), Err(e)) => Some(MigrateError::Failed(format!(
                 "write the switching record: {e}"
-            ))));
+            ))),
+            (Ok(_), Ok(())) if self.tracked.abort.is_cancelled() => {
+                Some(MigrateError::Aborted("aborted by request".into()))
+            }
+            (Ok(_), Ok(())) => None,
+        };
+        if let Some(e) = failed {
+            // No commit was sent: the LUNs stay here.
+            let _ = self.rec.set(&self.pool, State::Copying);
+            return Err(resume(e));
         }
+        self.rec.state = State::Switching;
         self.settings.stall.at("committing").await;
         let sent_us = paused_at.elapsed().as_micros() as u64;
         let commit = Message::Commit {
@@ -1089,6 +1162,11 @@ pub(super) async fn hello(
             describe(&Frame::Message(m))
         ))),
     }
+}
+
+/// Bytes dirty in the members' live layers now.
+fn dirty_bytes(trackers: &[DirtyTracker]) -> u64 {
+    trackers.iter().map(|t| t.count() * t.cluster_size()).sum()
 }
 
 /// End a round and wait until the target has applied it.

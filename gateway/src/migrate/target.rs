@@ -248,6 +248,16 @@ async fn run(
     })
     .await
     .map_err(|e| e.to_string())?;
+    // Out of the guests' pause: the renames into the pool made durable.
+    let t0 = std::time::Instant::now();
+    match settle_pool(&pool, &stage.dir) {
+        Ok(()) => {
+            tracing::info!(migration = %p.migration, settle_us = t0.elapsed().as_micros() as u64, "staging directory removed")
+        }
+        Err(e) => {
+            tracing::warn!(migration = %p.migration, "the staging directory stays (recovery removes it): {e}")
+        }
+    }
     tracked.update(|i| i.phase = MigrationPhase::Forwarding);
     finish(link, reg, settings, &pool, &mut rec, &tracked).await;
     Ok(())
@@ -491,6 +501,16 @@ fn undo(pool: &Path, rec: &Record) {
 /// Move the committed LUNs from the staging directory into `pool` (safe
 /// to repeat after a crash: what is moved already is skipped).
 pub fn move_into_pool(pool: &Path, stage_dir: &Path, names: &[String]) -> std::io::Result<()> {
+    rename_into_pool(pool, stage_dir, names)?;
+    settle_pool(pool, stage_dir)
+}
+
+/// The renames of [`move_into_pool`] alone: what the LUNs need to be
+/// opened in the pool. Inside the guests' pause the rest
+/// ([`settle_pool`]) waits until after `complete`: the `committed`
+/// record is durable already, so a crash before the renames are durable
+/// is finished by recovery, which moves what is still staged.
+fn rename_into_pool(pool: &Path, stage_dir: &Path, names: &[String]) -> std::io::Result<()> {
     // Layers first: a LUN file in the pool is served at the next start,
     // and needs its layers beside it.
     for n in names {
@@ -505,6 +525,11 @@ pub fn move_into_pool(pool: &Path, stage_dir: &Path, names: &[String]) -> std::i
             &pool.join(format!("{n}.lun")),
         )?;
     }
+    Ok(())
+}
+
+/// Make the moves into the pool durable and remove the staging directory.
+fn settle_pool(pool: &Path, stage_dir: &Path) -> std::io::Result<()> {
     journal::sync_dir(pool)?;
     journal::remove_own_dir(stage_dir)
 }
@@ -518,11 +543,15 @@ fn install(
     settings: &Settings,
 ) -> Result<Vec<String>, String> {
     let names: Vec<String> = stage.members.iter().map(|m| m.info.name.clone()).collect();
-    move_into_pool(pool, &stage.dir, &names)
+    let t0 = std::time::Instant::now();
+    rename_into_pool(pool, &stage.dir, &names)
         .map_err(|e| format!("move the LUNs into {}: {e}", pool.display()))?;
+    let move_us = t0.elapsed().as_micros() as u64;
     let mut exports = Vec::new();
+    let (mut open_us, mut adopt_us) = (0, 0);
     for n in &names {
         let path = pool.join(format!("{n}.lun"));
+        let t0 = std::time::Instant::now();
         let lun = ServedLun::open(
             &path,
             false,
@@ -531,9 +560,12 @@ fn install(
             &settings.engine,
         )
         .map_err(|e| e.to_string())?;
+        open_us += t0.elapsed().as_micros() as u64;
+        let t0 = std::time::Instant::now();
         exports.extend(reg.adopt(Arc::new(lun)).map_err(|e| e.to_string())?);
+        adopt_us += t0.elapsed().as_micros() as u64;
     }
-    tracing::info!(pool = %pool.display(), ?exports, "migrated LUNs served");
+    tracing::info!(pool = %pool.display(), ?exports, move_us, open_us, adopt_us, "migrated LUNs served");
     Ok(exports)
 }
 

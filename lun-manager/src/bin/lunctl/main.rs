@@ -227,6 +227,10 @@ enum Cmd {
         /// Also move the clones that depend on the VM's layers
         #[arg(long)]
         with_dependents: bool,
+        /// Never slow the guests' writes: a VM that writes faster than the
+        /// copy then fails to converge (the source keeps serving it)
+        #[arg(long)]
+        no_auto_converge: bool,
         /// File whose first line is the target's migration token
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
@@ -591,6 +595,7 @@ fn run(cmd: Cmd, out: &Output) -> Res {
             max_rate,
             keep_source,
             with_dependents,
+            no_auto_converge,
             token_file,
             abort,
         } => migrate::migrate(
@@ -604,6 +609,7 @@ fn run(cmd: Cmd, out: &Output) -> Res {
                 max_rate,
                 keep_source,
                 with_dependents,
+                auto_converge: !no_auto_converge,
                 token_file,
                 abort,
             },

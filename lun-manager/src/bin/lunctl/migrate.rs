@@ -30,6 +30,7 @@ pub struct Args {
     pub max_rate: Option<String>,
     pub keep_source: bool,
     pub with_dependents: bool,
+    pub auto_converge: bool,
     pub token_file: Option<PathBuf>,
     pub abort: bool,
 }
@@ -76,6 +77,14 @@ fn summary(i: &MigrationInfo) -> String {
             ", guest-visible pause {:.1} ms ({} parked request(s))",
             p as f64 / 1000.0,
             i.parked.unwrap_or(0)
+        ));
+    }
+    if let Some(r) = i.throttle_min_rate {
+        s.push_str(&format!(
+            ", guest writes throttled in {} round(s) down to {}/s ({} delayed)",
+            i.throttle_rounds,
+            human(r),
+            i.throttled_writes
         ));
     }
     if i.queued_ops > 0 {
@@ -220,6 +229,8 @@ pub fn migrate(out: &Output, path: &Path, a: Args) -> Res {
         keep_source: a.keep_source,
         with_dependents: a.with_dependents,
         token,
+        // Absent means on: the gateway's default.
+        auto_converge: (!a.auto_converge).then_some(false),
         ..Default::default()
     };
     let started = client.migrate(&lun, &req)?;
@@ -241,6 +252,11 @@ pub fn migrate(out: &Output, path: &Path, a: Args) -> Res {
             MigrationPhase::Copying => {
                 rep.update("copy", last.bytes, last.bulk_bytes.max(last.bytes))
             }
+            MigrationPhase::Rounds if last.throttle_rate.is_some() => rep.update(
+                "rounds (writes throttled)",
+                last.bytes,
+                last.bytes.saturating_add(last.dirty_bytes),
+            ),
             MigrationPhase::Rounds => rep.update(
                 "rounds",
                 last.bytes,
