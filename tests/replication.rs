@@ -409,7 +409,21 @@ fn a_target_killed_mid_cycle_keeps_its_checkpoint_and_the_next_cycle_is_incremen
         serde_json::from_slice(&std::fs::read(replica.join("replica.json")).unwrap()).unwrap();
     assert_eq!(rec["checkpoint"]["name"], "replica-1", "{rec}");
 
-    let dst = Gateway::start(&["--pool", b_s, "--migration-listen", &listen]);
+    // The fixed port may be briefly taken (an ephemeral port of some other
+    // connection on this host, or the source's own retry dialling it
+    // connecting to itself): try again for a while.
+    let mut tries = 0;
+    let dst = loop {
+        match Gateway::try_start(&["--pool", b_s, "--migration-listen", &listen]) {
+            Ok(g) => break g,
+            Err(e) if tries < 20 => {
+                tries += 1;
+                eprintln!("restarting the target: {e}; again");
+                thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     let before = ok_cycles(&replication(a.path(), "vm4", "source").unwrap()).len();
     let r = wait_cycles(a.path(), "vm4", before + 1, &src, &dst);
     let c = ok_cycles(&r).last().unwrap().clone();
