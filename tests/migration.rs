@@ -120,9 +120,13 @@ fn a_lun_with_a_snapshot_migrates_between_two_gateways_under_writes() {
 fn a_lun_moves_between_two_pools_of_one_gateway_under_writes() {
     let (a, b) = (pool_dir(), pool_dir());
     create_lun(a.path(), "vm2", "offset", &["32M"], "16M");
+    create_lun(a.path(), "vm2data", "offset", &["16M"], "16M");
     let a_s = a.path().to_str().unwrap();
     let b_s = b.path().to_str().unwrap();
+    // A secondary disk moves with the VM, in the same switch.
+    lunctl(&["attach-secondary", "vm2", "vm2data", "--pool", a_s]);
     let gw = Gateway::start(&["--pool", a_s, "--pool", b_s]);
+    let data = fill(&tcp(&gw), "vm2data/disk0", 1 << 20, 2 << 20, 23);
     let export = "vm2/disk0";
     let frozen = fill(&tcp(&gw), export, 4 << 20, 2 << 20, 21);
     api(
@@ -142,6 +146,8 @@ fn a_lun_moves_between_two_pools_of_one_gateway_under_writes() {
     );
     assert_eq!(res["phase"], "done", "{res}");
     assert_eq!(res["direction"], "local", "{res}");
+    assert_eq!(res["members"], json!(["vm2", "vm2data"]), "{res}");
+    assert!(res["pause_us"].as_u64().is_some(), "{res}");
     wait_ops(&count, 300);
     // A new connection during the forwarding period is served from pool B.
     verify_prefix(&tcp(&gw), export);
@@ -150,6 +156,9 @@ fn a_lun_moves_between_two_pools_of_one_gateway_under_writes() {
     assert_clean(&seen);
     assert!(b.path().join("vm2.lun").is_file());
     assert!(!a.path().join("vm2.lun").exists());
+    assert!(b.path().join("vm2data.lun").is_file());
+    assert!(!a.path().join("vm2data.lun").exists());
+    assert_eq!(read(&tcp(&gw), "vm2data/disk0", 1 << 20, 2 << 20), data);
     verify(&tcp(&gw), export, &seen.model);
     let c = api(
         &gw.control(),
