@@ -556,6 +556,17 @@ impl NativeTree for RbdStore {
         let mut tree = self.lock_tree();
         let empty = match tree.as_ref() {
             None => return Ok(true),
+            // Its tree names where the bytes are: it must stay.
+            Some((m, _)) if m.live.is_some() => {
+                return Err(Error::Invalid(format!(
+                    "{}: a revert made RBD image {} this LUN's live bytes (clone-and-swap); \
+                     its manifest, which names that image and the LUN's size, must stay, so \
+                     the LUN is not resized: clone a snapshot of it (`lunctl clone`), flatten the clone \
+                     (`lunctl flatten`) and resize that",
+                    self.location.display(),
+                    m.live.as_deref().unwrap_or_default()
+                )))
+            }
             Some((m, _)) => {
                 m.snapshots.is_empty()
                     && m.dependents.is_empty()
@@ -1329,4 +1340,103 @@ pub fn remove_image(spec: &ImageSpec) -> io::Result<()> {
         left = again;
     }
     remove_whole(&pool, &spec.image)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(snaps: &[(Uuid, &str)]) -> Manifest {
+        Manifest {
+            lun: Uuid::new_v4(),
+            size: 1 << 30,
+            cluster_size: 64 << 10,
+            lun_path: PathBuf::from("vm.lun"),
+            layers: vec![],
+            top: Uuid::new_v4(),
+            snapshots: snaps
+                .iter()
+                .map(|(l, n)| SnapRec {
+                    name: (*n).into(),
+                    layer: *l,
+                    created: 0,
+                    description: String::new(),
+                })
+                .collect(),
+            dependents: vec![],
+            flatten: None,
+            retired: vec![],
+            checksums: false,
+            layouts: Default::default(),
+            live: None,
+            images: Default::default(),
+            forks: Default::default(),
+        }
+    }
+
+    fn ch(offset: u64, length: u64, kind: ChangeKind) -> Change {
+        Change {
+            offset,
+            length,
+            kind,
+        }
+    }
+
+    #[test]
+    fn the_union_of_diffs_merges_overlaps_and_neighbours_as_data() {
+        let got = union_as_data(vec![
+            ch(8192, 4096, ChangeKind::Data),
+            ch(0, 4096, ChangeKind::Zero),
+            ch(4096, 4096, ChangeKind::Data),
+            ch(10240, 8192, ChangeKind::Data),
+            ch(1 << 20, 4096, ChangeKind::Zero),
+        ]);
+        assert_eq!(
+            got,
+            vec![
+                ch(0, 18432, ChangeKind::Data),
+                ch(1 << 20, 4096, ChangeKind::Data)
+            ]
+        );
+    }
+
+    #[test]
+    fn clone_names_are_the_anchors_and_never_a_lun_images() {
+        let u = Uuid::new_v4();
+        let n = clone_name("vm.lun", u);
+        assert!(is_clone_of("vm.lun", &n));
+        assert!(!is_clone_of("vm.lun", "vm.lun"));
+        assert!(!is_clone_of("vm.lun", &format!("vm.lun~{u}.lun")));
+        assert!(!is_clone_of("v.lun", &n));
+        assert!(!n.ends_with(".lun"));
+    }
+
+    #[test]
+    fn prune_keeps_the_live_clone_its_parents_and_holders_of_named_snapshots() {
+        let (s1, s2, s3) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        // vm.lun@s1 -> c1 (holds s3) ; vm.lun@s2 -> c2 (old live) ; c1@s3 -> c3 (live)
+        let mut m = manifest(&[(s1, "s1"), (s2, "s2"), (s3, "s3")]);
+        m.images.insert(s3, "c1".into());
+        m.forks.insert("c1".into(), s1);
+        m.forks.insert("c2".into(), s2);
+        m.forks.insert("c3".into(), s3);
+        m.live = Some("c3".into());
+        prune(&mut m, "vm.lun");
+        assert_eq!(m.forks.keys().collect::<Vec<_>>(), ["c1", "c3"]);
+        // s1 deleted: c1 still holds s3, the live clone's parent
+        m.snapshots.retain(|s| s.layer != s1);
+        m.snapshots.retain(|s| s.layer != s3);
+        prune(&mut m, "vm.lun");
+        assert_eq!(m.forks.keys().collect::<Vec<_>>(), ["c1", "c3"]);
+        assert_eq!(m.images.get(&s3).map(String::as_str), Some("c1"));
+        // the live clone flattened: nothing reads c1 any more
+        m.forks.remove("c3");
+        prune(&mut m, "vm.lun");
+        assert!(m.forks.is_empty(), "{:?}", m.forks);
+        assert!(m.images.is_empty());
+        // back on the anchor: no live record
+        m.live = Some("vm.lun".into());
+        prune(&mut m, "vm.lun");
+        assert_eq!(m.live, None);
+    }
 }
