@@ -244,7 +244,18 @@ fn rbd_revert_swaps_the_lun_to_a_clone_of_the_snapshot() {
             "read -P 0 8M 128k",
         ],
     );
-    assert_eq!(clones(c, ns).len(), 2, "the restart removed a needed image");
+    let now = clones(c, ns);
+    assert_eq!(now.len(), 2, "the restart removed a needed image");
+    // flatten: the live clone no longer reads from the first clone's s3
+    // (which stays: s3 is a snapshot of the tree, and vmc's parent)
+    let live: Vec<&String> = now.iter().filter(|n| **n != after[0]).collect();
+    let spec = format!("rbd/{ns}/{}", live[0]);
+    assert!(c.rbd(&["info", &spec]).contains("parent:"));
+    api(&gw.control(), "POST", "/v1/luns/vm/flatten", None, 200);
+    let info = c.rbd(&["info", &spec]);
+    assert!(!info.contains("parent:"), "flattened: {info}");
+    qemu_io_ok(&d0, &["read -P 0xe1 24M 64k", "read -P 0xd1 4M 64k"]);
+    assert_eq!(clones(c, ns), now);
     gw.stop_ok();
 
     // The scanner and inspect: one VM with the same tree, and its clone.

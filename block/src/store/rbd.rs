@@ -5,6 +5,9 @@
 //! rbd:POOL[/NAMESPACE]/NAME.lun     one image per LUN: the same bytes as a LUN file
 //!   @lungate-<layer uuid>           one RBD snapshot per lungate snapshot
 //!   metadata lungate.manifest       the snapshot tree (the file store's manifest, hex)
+//! rbd:POOL[/NAMESPACE]/NAME.lun~<layer uuid>
+//!                                   a revert's clone of a snapshot: the live bytes
+//!                                   after a revert (and snapshots taken since)
 //! ```
 //!
 //! This module owns the librados/librbd FFI ([`ffi`]) and wraps it once:
@@ -1178,10 +1181,6 @@ impl RbdObject {
     /// The image the LUN's bytes are in now.
     pub fn data(&self) -> Arc<Image> {
         self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-    /// Whether the live bytes are in another image than the anchor.
-    pub fn is_swapped(&self) -> bool {
-        !Arc::ptr_eq(&self.data(), &self.anchor)
     }
     /// Make `img` the image of the live bytes; returns the previous one.
     /// The caller holds the volume's I/O lock (no request in flight).
