@@ -174,11 +174,10 @@ fn rbd_lun_served_with_every_volume_operation() {
         std::fs::read(&back).unwrap()[..4 << 20] == data[..],
         "revert differs"
     );
-    // The reads above show the disks as at the snapshot. RBD's diff after
-    // a rollback may still list an object the rollback rewrote (a superset
-    // is safe for changed-block tracking), but never more than what was
-    // written since the snapshot; the state region may show the owner
-    // record the gateway rewrites after a revert.
+    // The reads above show the disks as at the snapshot. The diff after
+    // the revert (clone-and-swap: the snapshot to the clone's own writes)
+    // lists no more than what was written since the snapshot; the state
+    // region may show the owner record the gateway rewrites after a revert.
     let diff = api(&sock, "GET", "/v1/luns/vm/diff?from=base", None, 200);
     let written = [(d0_off, 4096), (d0_off + (8 << 20), 128 << 10)];
     for ch in diff["changes"].as_array().unwrap() {

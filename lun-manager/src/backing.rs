@@ -139,12 +139,11 @@ impl Backing {
         base: Arc<dyn Object>,
     ) -> Backing {
         use lungate_block::store::rbd::RbdObject;
-        let rbd = base.rbd_image().map(|img| {
-            (
-                spec,
-                Arc::new(RbdObject::new(img.clone(), base.name().into())),
-            )
-        });
+        // The same object (its live slot shared): a revert's swap reaches
+        // the backing too.
+        let rbd = base
+            .rbd_object()
+            .map(|o: &RbdObject| (spec, Arc::new(o.clone())));
         Backing {
             base,
             file: None,
@@ -222,7 +221,37 @@ impl Backing {
                 source,
             })?;
         }
-        let obj = Arc::new(RbdObject::new(Arc::new(img), path.to_path_buf()));
+        let img = Arc::new(img);
+        // The LUN's bytes are where its manifest says (a revert clone after
+        // a revert: see lungate_block::store::rbd): opened, fenced and
+        // locked like the LUN image, before anything reads its label.
+        let live =
+            lungate_block::store::rbd::live_image(&img).ctx(path, "read the RBD manifest")?;
+        let obj = match live {
+            None => Arc::new(RbdObject::new(img, path.to_path_buf())),
+            Some(name) => {
+                let limg = pool
+                    .open_image(&name, access == Access::ReadWrite)
+                    .ctx(path, "open the LUN's live RBD image")?;
+                if let (Access::ReadWrite, Some(former)) = (access, takeover(path)) {
+                    for o in limg.lock_owners().ctx(path, "read the RBD lock owners")? {
+                        if o == former {
+                            limg.lock_break(&o)
+                                .ctx(path, "break the former owner's RBD lock")?;
+                        }
+                    }
+                }
+                if access == Access::ReadWrite {
+                    limg.lock_acquire()
+                        .ctx(path, "take the live RBD image's exclusive lock")?;
+                }
+                Arc::new(RbdObject::with_live(
+                    img,
+                    Arc::new(limg),
+                    path.to_path_buf(),
+                ))
+            }
+        };
         Ok(Backing {
             base: obj.clone(),
             file: None,
@@ -276,12 +305,29 @@ impl Backing {
     pub fn rbd_lock(&self, op: &LockOp) -> Option<std::io::Result<()>> {
         #[cfg(feature = "rbd")]
         if let Some((_, obj)) = &self.rbd {
-            let img = obj.image();
-            return Some(match op {
+            // Both images of a reverted LUN: the LUN image (ownership) and
+            // the one its bytes are in (fencing of its writes).
+            let anchor = obj.image().clone();
+            let live = obj.data();
+            let imgs: Vec<_> = if Arc::ptr_eq(&anchor, &live) {
+                vec![anchor]
+            } else {
+                match op {
+                    LockOp::Release => vec![live, anchor],
+                    _ => vec![anchor, live],
+                }
+            };
+            return Some(imgs.iter().try_for_each(|img| match op {
                 LockOp::Release => img.lock_release(),
                 LockOp::Acquire => img.lock_acquire(),
-                LockOp::Break(owner) => img.lock_break(owner),
-            });
+                LockOp::Break(owner) => {
+                    if img.lock_owners()?.contains(owner) {
+                        img.lock_break(owner)
+                    } else {
+                        Ok(())
+                    }
+                }
+            }));
         }
         let _ = op;
         None

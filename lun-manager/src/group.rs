@@ -415,7 +415,7 @@ impl Group {
                         .get(i)
                         .copied()
                         .flatten()
-                        .is_some_and(|t| m.volume().chain().first() == Some(&t));
+                        .is_some_and(|t| m.volume().live_layer() == Some(t));
                     if !committed && has_snapshot(m.volume(), name) {
                         m.volume().revert(name)?;
                     }

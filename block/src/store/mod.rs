@@ -57,10 +57,10 @@ pub trait Object: BlockDevice {
     fn will_need(&self, offset: u64, len: u64);
     /// A raw device rather than a file (no room for layers beside it).
     fn is_block_device(&self) -> bool;
-    /// The RBD image it is, for what only an image has (its exclusive
-    /// lock, its metadata).
+    /// The RBD LUN it is, for what only an image has (its exclusive
+    /// lock, its metadata, the image its live bytes are in).
     #[cfg(feature = "rbd")]
-    fn rbd_image(&self) -> Option<&Arc<rbd::Image>> {
+    fn rbd_object(&self) -> Option<&rbd::RbdObject> {
         None
     }
 }
@@ -114,8 +114,12 @@ pub trait NativeTree: Send + Sync {
     fn manifest(&self) -> Result<Option<Manifest>>;
     /// Freeze the base as snapshot `name` (the caller has flushed it).
     fn snapshot(&self, name: &str, description: &str) -> Result<()>;
-    /// Bring the base back to snapshot `name`.
-    fn revert(&self, name: &str) -> Result<()>;
+    /// Bring the base back to snapshot `name`, except the `keep` ranges
+    /// (offset, bytes), which keep these bytes (the label).
+    fn revert(&self, name: &str, keep: &[(u64, Vec<u8>)]) -> Result<()>;
+    /// The layer the next [`NativeTree::revert`] to `name` will make live,
+    /// chosen ahead so that a group's intent can record it.
+    fn prepare_revert(&self, name: &str) -> Result<Uuid>;
     fn delete_snapshot(&self, name: &str) -> Result<()>;
     fn read_snapshot(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()>;
     /// A new LUN object `target` (a name in this store's pool) whose bytes

@@ -5,6 +5,9 @@
 //! rbd:POOL[/NAMESPACE]/NAME.lun     one image per LUN: the same bytes as a LUN file
 //!   @lungate-<layer uuid>           one RBD snapshot per lungate snapshot
 //!   metadata lungate.manifest       the snapshot tree (the file store's manifest, hex)
+//! rbd:POOL[/NAMESPACE]/NAME.lun~<layer uuid>
+//!                                   a revert's clone of a snapshot: the live bytes
+//!                                   after a revert (and snapshots taken since)
 //! ```
 //!
 //! This module owns the librados/librbd FFI ([`ffi`]) and wraps it once:
@@ -24,7 +27,7 @@
 mod ffi;
 mod tree;
 
-pub use tree::{remove_image, RbdStore};
+pub use tree::{live_image, remove_image, RbdStore};
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
@@ -889,6 +892,19 @@ impl Image {
         len: u64,
         whole_object: bool,
     ) -> io::Result<Vec<(u64, u64, bool)>> {
+        self.diff_in(from, offset, len, whole_object, true)
+    }
+
+    /// [`Image::diff`], counting a clone's parent (`include_parent`) or
+    /// only what the clone itself wrote since it was made.
+    pub fn diff_in(
+        &self,
+        from: Option<&str>,
+        offset: u64,
+        len: u64,
+        whole_object: bool,
+        include_parent: bool,
+    ) -> io::Result<Vec<(u64, u64, bool)>> {
         let from = from.map(cstr).transpose()?;
         let mut out: Vec<(u64, u64, bool)> = Vec::new();
         // SAFETY: valid image; `out` outlives the synchronous call that
@@ -899,7 +915,7 @@ impl Image {
                 from.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
                 offset,
                 len,
-                1,
+                u8::from(include_parent),
                 u8::from(whole_object),
                 on_diff,
                 (&mut out as *mut Vec<(u64, u64, bool)>).cast(),
@@ -1130,31 +1146,60 @@ impl Drop for Image {
 
 // ----- the image as a store object -------------------------------------------
 
-/// An RBD image (the LUN) as a store [`Object`]: guest I/O on librbd's
-/// asynchronous API, metadata and tools on its synchronous one.
-#[derive(Debug)]
+/// An RBD LUN as a store [`Object`]: guest I/O on librbd's asynchronous
+/// API, metadata and tools on its synchronous one.
+///
+/// Two images: the LUN image (`NAME.lun`, the *anchor*: its name, its
+/// metadata and its ownership lock are what the pool, the coordinator and
+/// fencing know) and the image holding the live bytes, the anchor itself
+/// until a revert swaps in a clone of the snapshot (`rbd/tree.rs`). Clones
+/// of this value share the live slot, so a swap reaches every holder; it
+/// is made while the volume's I/O lock is held, with no request in flight.
+#[derive(Debug, Clone)]
 pub struct RbdObject {
-    image: Arc<Image>,
+    anchor: Arc<Image>,
+    live: Arc<std::sync::RwLock<Arc<Image>>>,
     name: PathBuf,
 }
 
 impl RbdObject {
     pub fn new(image: Arc<Image>, name: PathBuf) -> RbdObject {
-        RbdObject { image, name }
+        RbdObject::with_live(image.clone(), image, name)
     }
+    /// A LUN whose live bytes are in `live` (a revert clone), not `anchor`.
+    pub fn with_live(anchor: Arc<Image>, live: Arc<Image>, name: PathBuf) -> RbdObject {
+        RbdObject {
+            anchor,
+            live: Arc::new(std::sync::RwLock::new(live)),
+            name,
+        }
+    }
+    /// The LUN image (the anchor): its metadata, its ownership lock.
     pub fn image(&self) -> &Arc<Image> {
-        &self.image
+        &self.anchor
+    }
+    /// The image the LUN's bytes are in now.
+    pub fn data(&self) -> Arc<Image> {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    /// Make `img` the image of the live bytes; returns the previous one.
+    /// The caller holds the volume's I/O lock (no request in flight).
+    pub fn swap_data(&self, img: Arc<Image>) -> Arc<Image> {
+        std::mem::replace(
+            &mut *self.live.write().unwrap_or_else(|e| e.into_inner()),
+            img,
+        )
     }
 }
 
 impl BlockDevice for RbdObject {
     fn size(&self) -> u64 {
-        self.image.size().unwrap_or(0)
+        self.data().size().unwrap_or(0)
     }
 
     fn caps(&self) -> Caps {
         Caps {
-            writable: self.image.writable,
+            writable: self.data().writable,
             flush: true,
             trim: true,
             fast_zero: true,
@@ -1163,12 +1208,12 @@ impl BlockDevice for RbdObject {
     }
 
     fn read(&self, offset: u64, len: usize) -> IoFuture<Bytes> {
-        Box::pin(self.image.aio_read(offset, len))
+        Box::pin(self.data().aio_read(offset, len))
     }
 
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<()> {
-        let w = self.image.aio_write(offset, data);
-        let img = self.image.clone();
+        let w = self.data().aio_write(offset, data);
+        let img = self.data().clone();
         Box::pin(async move {
             w.await?;
             if fua {
@@ -1179,7 +1224,7 @@ impl BlockDevice for RbdObject {
     }
 
     fn flush(&self) -> IoFuture<()> {
-        Box::pin(self.image.aio_flush())
+        Box::pin(self.data().aio_flush())
     }
 
     fn trim(&self, offset: u64, len: u64) -> IoFuture<()> {
@@ -1190,7 +1235,7 @@ impl BlockDevice for RbdObject {
         let Ok(n) = usize::try_from(len) else {
             return done(Err(io::Error::from_raw_os_error(libc::EINVAL)));
         };
-        Box::pin(self.image.aio_write_zeroes(offset, n, !may_trim))
+        Box::pin(self.data().aio_write_zeroes(offset, n, !may_trim))
     }
 
     fn extents(&self, offset: u64, len: u64) -> IoFuture<Vec<Extent>> {
@@ -1234,26 +1279,26 @@ impl super::Object for RbdObject {
     fn name(&self) -> &Path {
         &self.name
     }
-    fn rbd_image(&self) -> Option<&Arc<Image>> {
-        Some(&self.image)
+    fn rbd_object(&self) -> Option<&RbdObject> {
+        Some(self)
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.image.read_at(buf, offset)
+        self.data().read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.image.write_at(buf, offset)
+        self.data().write_at(buf, offset)
     }
     fn sync(&self) -> io::Result<()> {
-        self.image.flush()
+        self.data().flush()
     }
     fn byte_len(&self) -> io::Result<u64> {
-        self.image.size()
+        self.data().size()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.image.resize(len)
+        self.data().resize(len)
     }
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.image.write_zeroes(offset, len)
+        self.data().write_zeroes(offset, len)
     }
     fn data_extents(&self, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
         if end <= start {
@@ -1262,7 +1307,7 @@ impl super::Object for RbdObject {
         // Whole objects, from the object map: conservative (an allocated
         // object may hold zeros) and cheap.
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for (o, l, exists) in self.image.diff(None, start, end - start, true)? {
+        for (o, l, exists) in self.data().diff(None, start, end - start, true)? {
             if !exists {
                 continue;
             }
@@ -1278,7 +1323,7 @@ impl super::Object for RbdObject {
         Ok(out)
     }
     fn stored_bytes(&self) -> u64 {
-        let size = self.image.size().unwrap_or(0);
+        let size = self.data().size().unwrap_or(0);
         self.data_extents(0, size)
             .map(|v| v.iter().map(|(_, l)| l).sum())
             .unwrap_or(0)

@@ -470,6 +470,9 @@ impl Volume {
                 retired: vec![],
                 checksums: false,
                 layouts: Default::default(),
+                live: None,
+                images: Default::default(),
+                forks: Default::default(),
             },
             generation: 0,
             nodes: vec![],
@@ -677,6 +680,15 @@ impl Volume {
         lock(&self.warnings).clone()
     }
     /// Layers in the live chain, top first.
+    /// The live layer: the first of the chain, or the live layer of a
+    /// store's own tree (what [`Volume::prepare_revert`] names).
+    pub fn live_layer(&self) -> Option<Uuid> {
+        if let Some(t) = self.native() {
+            return t.manifest().ok().flatten().map(|m| m.top);
+        }
+        self.chain().first().copied()
+    }
+
     pub fn chain(&self) -> Vec<Uuid> {
         let st = read(&self.state);
         st.chain.iter().map(|&s| st.layer(s).id()).collect()
@@ -1599,8 +1611,9 @@ impl Volume {
     /// with its own snapshots, whose revert is done whole at the switch).
     pub fn prepare_revert(&self, name: &str) -> Result<Option<Uuid>> {
         self.writable()?;
-        if self.native().is_some() {
-            return Ok(None);
+        if let Some(t) = self.native() {
+            // The store's revert makes the layer it names here live.
+            return t.prepare_revert(name).map(Some);
         }
         let _m = self.maintenance()?;
         let st = read(&self.state);
@@ -2024,6 +2037,9 @@ impl Volume {
             retired: vec![],
             checksums,
             layouts: Default::default(),
+            live: None,
+            images: Default::default(),
+            forks: Default::default(),
         };
         // The target store's first commit publishes its layers.
         tstore.commit_manifest(&tm, 1)?;

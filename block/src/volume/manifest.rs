@@ -83,6 +83,19 @@ pub struct Manifest {
     /// records [`LOST_LAYOUT`] for it.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub layouts: std::collections::BTreeMap<Uuid, serde_json::Value>,
+    /// RBD store only (a file store never sets these, so its manifests are
+    /// unchanged): the image holding the live bytes when it is not the LUN
+    /// image itself (a revert made it a clone, see `store/rbd/tree.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<String>,
+    /// RBD store only: the image holding each snapshot layer's RBD snapshot
+    /// when it is not the LUN image (a snapshot taken after a revert).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub images: std::collections::BTreeMap<Uuid, String>,
+    /// RBD store only: each revert clone image of the LUN and the snapshot
+    /// layer it was cloned from (its RBD parent, kept while it exists).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub forks: std::collections::BTreeMap<String, Uuid>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -431,6 +444,9 @@ mod tests {
             retired: vec![],
             checksums: false,
             layouts: Default::default(),
+            live: None,
+            images: Default::default(),
+            forks: Default::default(),
         }
     }
 

@@ -141,7 +141,9 @@ impl Volume {
                 .ctx(&self.lun_path, "read label region")?;
             kept.push((r.start, b));
         }
-        t.revert(name)?;
+        t.revert(name, &kept)?;
+        // The store wrote them already where it could (before its commit
+        // point: a crash never leaves the snapshot's label); again here.
         for (at, b) in kept {
             self.home()
                 .write_at(&b, at)

@@ -387,6 +387,9 @@ pub fn rebuild_manifest(
         retired: vec![],
         checksums: found.get(&top).is_some_and(|f| f.header.checksums()),
         layouts,
+        live: None,
+        images: Default::default(),
+        forks: Default::default(),
     };
     m.validate()
         .map_err(|why| corrupt(&dir, format!("rebuilt manifest is inconsistent: {why}")))?;

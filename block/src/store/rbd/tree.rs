@@ -1,28 +1,42 @@
 //! [`RbdStore`]: a LUN image as a [`Store`] whose tree is RBD's own.
 //!
-//! The store keeps no layer objects: the image is the base and the only
-//! layer, and every tree operation maps to RBD's:
+//! The store keeps no layer objects: the LUN's bytes are the base and the
+//! only layer, and every tree operation maps to RBD's:
 //!
 //! | lungate | RBD |
 //! | --- | --- |
-//! | snapshot | `rbd_snap_create` of `lungate-<frozen layer uuid>` |
-//! | revert | `rbd_snap_rollback` (O(allocated objects); see docs/scale-out.md) |
-//! | delete snapshot | `rbd_snap_remove` (refused while a clone uses it) |
+//! | snapshot | `rbd_snap_create` of `lungate-<frozen layer uuid>` on the live image |
+//! | revert | `rbd_snap_protect` + `rbd_clone3` of the snapshot into `NAME.lun~<new top uuid>`, which becomes the live image (clone-and-swap: a few metadata operations whatever the size; see docs/scale-out.md) |
+//! | delete snapshot | `rbd_snap_remove` (refused while a clone uses it; kept hidden while a revert clone reads from it) |
 //! | clone | `rbd_snap_protect` + `rbd_clone3` into a new image |
-//! | flatten | `rbd_flatten_with_progress` |
-//! | diff | `rbd_diff_iterate2` between the two snapshots |
+//! | flatten | `rbd_flatten_with_progress` (of the LUN image if it is a clone, and of the live image if a revert made it one) |
+//! | diff | `rbd_diff_iterate2` between the two snapshots (across images: the union of each image's part) |
 //! | usage | `rbd_diff_iterate2` per snapshot (what `rbd du` reports) |
 //!
-//! The tree (names, descriptions, creation times, parents, the snapshot
-//! the live image continues from, clones) is the file store's
-//! [`Manifest`], checksummed as there and kept hex-encoded in the image's
-//! metadata key `lungate.manifest` (one atomic omap update of the image
-//! header). A snapshot is made before the manifest that names it and
-//! removed after the manifest that drops it, so a crash between the two
-//! leaves an RBD snapshot no manifest names, which the next read-write open
-//! removes; a revert records its target in `lungate.revert` first and a
-//! read-write open finishes an interrupted one.
+//! The image `NAME.lun` is the LUN's *anchor* for good: its name, its
+//! ownership lock and its metadata are what the pool, the coordinator,
+//! fencing and handover know. Its bytes are the live bytes until the first
+//! revert; from then on the live bytes are in a revert clone named in the
+//! manifest (`live`). The tree (names, descriptions, creation times,
+//! parents, the snapshot the live image continues from, clones, which
+//! image holds each snapshot and what each revert clone was cloned from)
+//! is the file store's [`Manifest`], checksummed as there and kept
+//! hex-encoded in the anchor's metadata key `lungate.manifest` (one atomic
+//! omap update of the image header).
+//!
+//! Crash rules. A snapshot is made before the manifest that names it and
+//! removed after the manifest that drops it; a revert clone is made (and
+//! given the label's bytes) before the manifest that makes it live, and the
+//! image it replaces is removed after. The manifest is the only truth: a
+//! read-write open removes what it does not account for — RBD snapshots of
+//! ours no manifest needs and images `NAME.lun~<uuid>` it does not name
+//! (a crash before a commit leaves such a clone, one after it the old live
+//! image) — so a crash at any point leaves the old or the new tree whole
+//! and no leak after the next open. A revert intent `lungate.revert` (the
+//! rollback revert of earlier versions) is still finished by
+//! `rbd_snap_rollback` at open.
 
+use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -43,6 +57,46 @@ const INHERITED: [&str; 3] = [MANIFEST_KEY, REVERT_KEY, "lungate.group-op"];
 
 fn snap_name(layer: Uuid) -> String {
     format!("{SNAP_PREFIX}{layer}")
+}
+
+/// The revert clones of LUN image `anchor` are `anchor~<uuid>`: no LUN
+/// image (they end in `.lun`) and no user name can take such a name, and
+/// the scanner, which lists `*.lun`, never sees them.
+fn clone_name(anchor: &str, top: Uuid) -> String {
+    format!("{anchor}~{top}")
+}
+
+fn is_clone_of(anchor: &str, name: &str) -> bool {
+    name.strip_prefix(anchor)
+        .and_then(|r| r.strip_prefix('~'))
+        .is_some_and(|u| Uuid::parse_str(u).is_ok())
+}
+
+/// Test hook: `LUNGATE_TEST_RBD_REVERT_KILL=STEP` ends the process at a
+/// step of a revert (`cloned`: the clone exists, the manifest is the old
+/// one; `committed`: the manifest names the clone, nothing is swapped).
+fn kill_point(step: &str) {
+    if std::env::var_os("LUNGATE_TEST_RBD_REVERT_KILL").is_some_and(|v| v == step) {
+        std::process::exit(137);
+    }
+}
+
+/// The image holding a LUN's live bytes, as the anchor's manifest names
+/// it (`None`: the anchor itself). Read by whoever opens the LUN, before
+/// its label.
+pub fn live_image(anchor: &Image) -> io::Result<Option<String>> {
+    let Some(v) = anchor.metadata_get(MANIFEST_KEY)? else {
+        return Ok(None);
+    };
+    let bad = |why: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: manifest: {why}", anchor.name()),
+        )
+    };
+    let b = unhex(&v).ok_or_else(|| bad("not hex".into()))?;
+    let (m, _) = manifest::decode(&b).map_err(|why| bad(why.to_string()))?;
+    Ok(m.live)
 }
 
 fn now() -> u64 {
@@ -70,13 +124,18 @@ pub struct RbdStore {
     spec: ImageSpec,
     location: PathBuf,
     pool: Arc<Pool>,
+    /// The anchor (`NAME.lun`): the manifest, the ownership lock.
     image: Arc<Image>,
+    /// The LUN's bytes (the live image is `obj.data()`).
+    obj: Arc<RbdObject>,
     base: Arc<dyn Object>,
     lun: Uuid,
     size: u64,
     writable: bool,
     /// The manifest and its generation, as last read or committed.
     tree: Mutex<Option<(Manifest, u64)>>,
+    /// The live layer a prepared revert will make (snapshot name, layer).
+    next: Mutex<Option<(String, Uuid)>>,
 }
 
 impl std::fmt::Debug for RbdStore {
@@ -104,6 +163,7 @@ impl RbdStore {
         let store = RbdStore {
             pool: image.pool().clone(),
             image,
+            obj: base.clone(),
             base,
             location,
             spec,
@@ -111,14 +171,165 @@ impl RbdStore {
             size,
             writable,
             tree: Mutex::new(None),
+            next: Mutex::new(None),
         };
         let loaded = store.load()?;
+        // Whoever opened the bytes follows the manifest (`live_image`);
+        // one that did not is made to here.
+        let want = loaded
+            .as_ref()
+            .and_then(|(m, _)| m.live.clone())
+            .unwrap_or_else(|| store.spec.image.clone());
+        if store.obj.data().name() != want {
+            let img = store.io(
+                store.pool.open_image(&want, writable),
+                "open the live image",
+            )?;
+            if writable {
+                store.io(img.lock_acquire(), "take the live image's exclusive lock")?;
+            }
+            store.obj.swap_data(Arc::new(img));
+        }
         *store.lock_tree() = loaded;
         let mut warnings = Vec::new();
         if writable {
             store.recover_tree(&mut warnings)?;
         }
         Ok((store, warnings))
+    }
+
+    /// The image the live bytes are in.
+    fn live(&self) -> Arc<Image> {
+        self.obj.data()
+    }
+
+    /// The image holding snapshot layer `layer`'s RBD snapshot.
+    fn holder<'a>(&'a self, m: &'a Manifest, layer: Uuid) -> &'a str {
+        m.images
+            .get(&layer)
+            .map_or(&self.spec.image, |s| s.as_str())
+    }
+
+    /// A writable handle on image `name` of the LUN: the anchor's or the
+    /// live image's own, else a new one (an older revert clone, which no
+    /// one else holds).
+    fn handle(&self, name: &str) -> Result<Arc<Image>> {
+        if name == self.spec.image {
+            return Ok(self.image.clone());
+        }
+        let live = self.live();
+        if live.name() == name {
+            return Ok(live);
+        }
+        Ok(Arc::new(
+            self.pool
+                .open_image(name, true)
+                .ctx(&self.sibling(name), "open RBD image")?,
+        ))
+    }
+
+    /// Remove what the manifest `m` does not account for: images of ours
+    /// it does not name (a clone a crash left before its commit, an old
+    /// live image after it) and RBD snapshots of ours it needs for neither
+    /// a snapshot nor a revert clone's parent. Idempotent; run at every
+    /// read-write open and after every commit that drops something.
+    fn sweep(&self, m: Option<&Manifest>, warnings: &mut Vec<String>) -> Result<()> {
+        let empty = self.fresh();
+        let m = m.unwrap_or(&empty);
+        let anchor = self.spec.image.as_str();
+        let live = self.live();
+        let mut stale: Vec<String> = self
+            .io(self.pool.list(), "list images")?
+            .into_iter()
+            .filter(|n| is_clone_of(anchor, n))
+            .filter(|n| !m.forks.contains_key(n) && m.live.as_deref() != Some(n.as_str()))
+            .filter(|n| n != live.name())
+            .collect();
+        // A clone of a stale clone goes first: a few passes.
+        for _ in 0..4 {
+            if stale.is_empty() {
+                break;
+            }
+            let mut left = Vec::new();
+            for n in stale {
+                match remove_whole(&self.pool, &n) {
+                    Ok(()) => warnings.push(format!(
+                        "{}: removed RBD image {n}, which no manifest names (a revert's clone or a replaced live image)",
+                        self.location.display()
+                    )),
+                    Err(e) => left.push((n, e)),
+                }
+            }
+            stale = left.iter().map(|(n, _)| n.clone()).collect();
+            if left
+                .iter()
+                .all(|(_, e)| e.raw_os_error() != Some(libc::EBUSY))
+            {
+                for (n, e) in left {
+                    warnings.push(format!(
+                        "{}: could not remove RBD image {n}, which no manifest names: {e}",
+                        self.location.display()
+                    ));
+                }
+                break;
+            }
+        }
+        let pinned: BTreeSet<(String, Uuid)> = m
+            .snapshots
+            .iter()
+            .map(|s| s.layer)
+            .chain(m.forks.values().copied())
+            .map(|l| (self.holder(m, l).to_string(), l))
+            .collect();
+        let mut ours: Vec<&str> = vec![anchor];
+        ours.extend(m.forks.keys().map(String::as_str));
+        if let Some(l) = &m.live {
+            if !ours.contains(&l.as_str()) {
+                ours.push(l);
+            }
+        }
+        for name in ours {
+            let img = self.handle(name)?;
+            let loc = self.sibling(name);
+            for s in self.io(img.snap_list(), "list snapshots")? {
+                let Some(layer) = s
+                    .strip_prefix(SNAP_PREFIX)
+                    .and_then(|u| Uuid::parse_str(u).ok())
+                else {
+                    continue;
+                };
+                if pinned.contains(&(name.to_string(), layer)) {
+                    continue;
+                }
+                if img.snap_is_protected(&s).unwrap_or(false) {
+                    if let Err(e) = img.snap_unprotect(&s) {
+                        warnings.push(format!(
+                            "{}@{s}: kept a protected RBD snapshot the manifest does not name ({e})",
+                            loc.display()
+                        ));
+                        continue;
+                    }
+                }
+                self.io(img.snap_remove(&s), "remove orphan snapshot")?;
+                warnings.push(format!(
+                    "{}@{s}: removed an RBD snapshot no manifest named (a snapshot a crash interrupted)",
+                    loc.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`sweep`](Self::sweep) after a commit: what it finds is expected
+    /// garbage, logged, not an error of the operation that committed.
+    fn sweep_after(&self, m: &Manifest) {
+        let mut w = Vec::new();
+        if let Err(e) = self.sweep(Some(m), &mut w) {
+            tracing::warn!("{}: cleanup after a commit: {e}", self.location.display());
+        }
+        for w in w {
+            tracing::debug!("{w}");
+        }
     }
 
     pub fn image(&self) -> &Arc<Image> {
@@ -190,6 +401,9 @@ impl RbdStore {
             retired: vec![],
             checksums: false,
             layouts: Default::default(),
+            live: None,
+            images: Default::default(),
+            forks: Default::default(),
         }
     }
 
@@ -213,28 +427,8 @@ impl RbdStore {
                 "clear revert intent",
             )?;
         }
-        let tree = self.lock_tree();
-        let named: Vec<String> = tree
-            .as_ref()
-            .map(|(m, _)| m.snapshots.iter().map(|s| snap_name(s.layer)).collect())
-            .unwrap_or_default();
-        for s in self.io(self.image.snap_list(), "list snapshots")? {
-            if s.starts_with(SNAP_PREFIX) && !named.contains(&s) {
-                if self.image.snap_is_protected(&s).unwrap_or(false) {
-                    warnings.push(format!(
-                        "{}@{s}: kept a protected RBD snapshot the manifest does not name",
-                        self.location.display()
-                    ));
-                    continue;
-                }
-                self.io(self.image.snap_remove(&s), "remove orphan snapshot")?;
-                warnings.push(format!(
-                    "{}@{s}: removed an RBD snapshot no manifest named (a snapshot a crash interrupted)",
-                    self.location.display()
-                ));
-            }
-        }
-        Ok(())
+        let m = self.lock_tree().as_ref().map(|(m, _)| m.clone());
+        self.sweep(m.as_ref(), warnings)
     }
 
     fn snap_layer(m: &Manifest, name: &str) -> Result<Uuid> {
@@ -271,9 +465,10 @@ impl RbdStore {
         self.spec.pool.image(name).path()
     }
 
-    /// Snapshots in the order RBD took them (its snapshot ids), ours only.
-    fn time_order(&self, m: &Manifest) -> Result<Vec<Uuid>> {
-        let listed = self.io(self.image.snap_list(), "list snapshots")?;
+    /// Snapshots of image `img` in the order RBD took them (its snapshot
+    /// ids), those of ours the manifest names only.
+    fn time_order(&self, img: &Image, m: &Manifest) -> Result<Vec<Uuid>> {
+        let listed = self.io(img.snap_list(), "list snapshots")?;
         Ok(listed
             .iter()
             .filter_map(|n| n.strip_prefix(SNAP_PREFIX))
@@ -282,9 +477,16 @@ impl RbdStore {
             .collect())
     }
 
-    fn allocated(img: &Image, from: Option<&str>, size: u64) -> io::Result<u64> {
+    /// Bytes `img` allocated since snapshot `from` (whole objects); a
+    /// clone's parent counts only with `include_parent`.
+    fn allocated(
+        img: &Image,
+        from: Option<&str>,
+        size: u64,
+        include_parent: bool,
+    ) -> io::Result<u64> {
         Ok(img
-            .diff(from, 0, size, true)?
+            .diff_in(from, 0, size, true, include_parent)?
             .iter()
             .filter(|(_, _, e)| *e)
             .map(|(_, l, _)| l)
@@ -354,10 +556,23 @@ impl NativeTree for RbdStore {
         let mut tree = self.lock_tree();
         let empty = match tree.as_ref() {
             None => return Ok(true),
+            // Its tree names where the bytes are: it must stay.
+            Some((m, _)) if m.live.is_some() => {
+                return Err(Error::Invalid(format!(
+                    "{}: a revert made RBD image {} this LUN's live bytes (clone-and-swap); \
+                     its manifest, which names that image and the LUN's size, must stay, so \
+                     the LUN is not resized: clone a snapshot of it (`lunctl clone`), flatten the clone \
+                     (`lunctl flatten`) and resize that",
+                    self.location.display(),
+                    m.live.as_deref().unwrap_or_default()
+                )))
+            }
             Some((m, _)) => {
                 m.snapshots.is_empty()
                     && m.dependents.is_empty()
                     && m.flatten.is_none()
+                    && m.live.is_none()
+                    && m.forks.is_empty()
                     && m.layers.iter().all(|l| l.parent == Parent::Base)
             }
         };
@@ -385,10 +600,11 @@ impl NativeTree for RbdStore {
         let frozen = m.top;
         let created = now();
         let top = Uuid::new_v4();
-        self.io(
-            self.image.snap_create(&snap_name(frozen)),
-            "create snapshot",
-        )?;
+        let live = self.live();
+        self.io(live.snap_create(&snap_name(frozen)), "create snapshot")?;
+        if m.live.is_some() {
+            m.images.insert(frozen, live.name().to_string());
+        }
         m.layers.push(LayerRec {
             id: top,
             parent: self.parent_ref(frozen),
@@ -402,13 +618,27 @@ impl NativeTree for RbdStore {
             description: description.into(),
         });
         if let Err(e) = self.commit(&mut tree, m) {
-            let _ = self.image.snap_remove(&snap_name(frozen));
+            let _ = live.snap_remove(&snap_name(frozen));
             return Err(e);
         }
         Ok(())
     }
 
-    fn revert(&self, name: &str) -> Result<()> {
+    fn prepare_revert(&self, name: &str) -> Result<Uuid> {
+        if let Some((m, _)) = self.lock_tree().as_ref() {
+            Self::snap_layer(m, name)?;
+        }
+        let top = Uuid::new_v4();
+        *self.next.lock().unwrap_or_else(|e| e.into_inner()) = Some((name.to_string(), top));
+        Ok(top)
+    }
+
+    /// Clone-and-swap: the snapshot is cloned into a new image (given the
+    /// `keep` bytes, the label), the manifest naming it live is committed
+    /// (the one point of no return), then the volume's bytes are swapped
+    /// to it and the image it replaces goes if nothing needs it. A few
+    /// metadata operations, whatever the image's size.
+    fn revert(&self, name: &str, keep: &[(u64, Vec<u8>)]) -> Result<()> {
         self.writable()?;
         let mut tree = self.lock_tree();
         let Some((mut m, _)) = tree.clone() else {
@@ -416,15 +646,42 @@ impl NativeTree for RbdStore {
         };
         let target = Self::snap_layer(&m, name)?;
         let rbd_snap = snap_name(target);
-        // The intent first: a crash inside the rollback leaves a mix of old
-        // and new objects, which the next open finishes rolling back.
-        self.io(
-            self.image.metadata_set(REVERT_KEY, &rbd_snap),
-            "record revert intent",
-        )?;
-        self.io(self.image.snap_rollback(&rbd_snap, |_, _| {}), "rollback")?;
+        let holder = self.holder(&m, target).to_string();
+        let h = self.handle(&holder)?;
+        if !self.io(h.snap_is_protected(&rbd_snap), "check snapshot")? {
+            self.io(h.snap_protect(&rbd_snap), "protect snapshot")?;
+        }
+        let prepared = self.next.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let top = match prepared {
+            Some((n, t)) if n == name => t,
+            _ => Uuid::new_v4(),
+        };
+        let clone = clone_name(&self.spec.image, top);
+        let cloc = self.sibling(&clone);
+        self.pool
+            .clone_image(&self.pool, &holder, &rbd_snap, &clone)
+            .ctx(&cloc, "rbd clone")?;
+        kill_point("cloned");
+        let prepared = (|| -> io::Result<Image> {
+            let img = self.pool.open_image(&clone, true)?;
+            img.lock_acquire()?;
+            for key in INHERITED {
+                img.metadata_remove(key)?;
+            }
+            for (at, b) in keep {
+                img.write_at(b, *at)?;
+            }
+            img.flush()?;
+            Ok(img)
+        })();
+        let img = match prepared {
+            Ok(img) => img,
+            Err(e) => {
+                let _ = self.pool.remove(&clone);
+                return Err(e).ctx(&cloc, "prepare the revert clone");
+            }
+        };
         let old = m.top;
-        let top = Uuid::new_v4();
         m.layers.retain(|l| l.id != old);
         m.layers.push(LayerRec {
             id: top,
@@ -432,12 +689,19 @@ impl NativeTree for RbdStore {
             created: now(),
         });
         m.top = top;
+        m.live = Some(clone.clone());
+        m.forks.insert(clone.clone(), target);
         gc(&mut m);
-        self.commit(&mut tree, m)?;
-        self.io(
-            self.image.metadata_remove(REVERT_KEY),
-            "clear revert intent",
-        )?;
+        prune(&mut m, &self.spec.image);
+        if let Err(e) = self.commit(&mut tree, m.clone()) {
+            drop(img);
+            let _ = self.pool.remove(&clone);
+            return Err(e);
+        }
+        kill_point("committed");
+        drop(self.obj.swap_data(Arc::new(img)));
+        drop(tree);
+        self.sweep_after(&m);
         Ok(())
     }
 
@@ -463,9 +727,7 @@ impl NativeTree for RbdStore {
                 users.join(", ")
             )));
         }
-        if self.io(self.image.snap_is_protected(&rbd_snap), "check snapshot")? {
-            self.io(self.image.snap_unprotect(&rbd_snap), "unprotect snapshot")?;
-        }
+        let holder = self.holder(&m, layer).to_string();
         m.snapshots.retain(|s| s.name != name);
         m.dependents.retain(|d| d.layer != layer);
         // Its layer goes; its children continue from its parent (an RBD
@@ -479,22 +741,37 @@ impl NativeTree for RbdStore {
             m.layers.retain(|l| l.id != layer);
         }
         gc(&mut m);
+        prune(&mut m, &self.spec.image);
+        // A revert clone still reading from it keeps it, hidden (RBD has
+        // no clone-v1 way to drop a clone's parent): it goes with the
+        // clone (a later revert, a flatten, the LUN's deletion).
+        let hidden = m.forks.values().any(|l| *l == layer);
+        let m2 = m.clone();
         self.commit(&mut tree, m)?;
-        self.io(self.image.snap_remove(&rbd_snap), "remove snapshot")?;
+        drop(tree);
+        if !hidden {
+            let h = self.handle(&holder)?;
+            if self.io(h.snap_is_protected(&rbd_snap), "check snapshot")? {
+                self.io(h.snap_unprotect(&rbd_snap), "unprotect snapshot")?;
+            }
+            self.io(h.snap_remove(&rbd_snap), "remove snapshot")?;
+        }
+        self.sweep_after(&m2);
         Ok(())
     }
 
     fn read_snapshot(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let layer = {
+        let (layer, holder) = {
             let tree = self.lock_tree();
             let m = &tree
                 .as_ref()
                 .ok_or_else(|| Error::NoSnapshot(name.into()))?
                 .0;
-            Self::snap_layer(m, name)?
+            let layer = Self::snap_layer(m, name)?;
+            (layer, self.holder(m, layer).to_string())
         };
         let img = self.io(
-            self.pool.open_snapshot(&self.spec.image, &snap_name(layer)),
+            self.pool.open_snapshot(&holder, &snap_name(layer)),
             "open snapshot",
         )?;
         self.io(img.read_at(buf, offset), "read snapshot")
@@ -508,8 +785,10 @@ impl NativeTree for RbdStore {
         };
         let layer = Self::snap_layer(&m, name)?;
         let rbd_snap = snap_name(layer);
-        if !self.io(self.image.snap_is_protected(&rbd_snap), "check snapshot")? {
-            self.io(self.image.snap_protect(&rbd_snap), "protect snapshot")?;
+        let holder = self.holder(&m, layer).to_string();
+        let h = self.handle(&holder)?;
+        if !self.io(h.snap_is_protected(&rbd_snap), "check snapshot")? {
+            self.io(h.snap_protect(&rbd_snap), "protect snapshot")?;
         }
         let tloc = self.sibling(target);
         // The parent records its dependent first, so no crash leaves a
@@ -522,7 +801,7 @@ impl NativeTree for RbdStore {
         self.commit(&mut tree, m)?;
         drop(tree);
         self.pool
-            .clone_image(&self.pool, &self.spec.image, &rbd_snap, target)
+            .clone_image(&self.pool, &holder, &rbd_snap, target)
             .ctx(&tloc, "rbd clone")?;
         let img = Arc::new(
             self.pool
@@ -563,6 +842,9 @@ impl NativeTree for RbdStore {
             retired: vec![],
             checksums: false,
             layouts: Default::default(),
+            live: None,
+            images: Default::default(),
+            forks: Default::default(),
         };
         {
             let mut t = store.lock_tree();
@@ -573,30 +855,53 @@ impl NativeTree for RbdStore {
 
     fn flatten(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
         self.writable()?;
-        let parent = {
+        let (parent, forked) = {
             let tree = self.lock_tree();
-            tree.as_ref().and_then(|(m, _)| {
+            let parent = tree.as_ref().and_then(|(m, _)| {
                 m.layers.iter().find_map(|l| match &l.parent {
                     Parent::External { dir, id, .. } => Some((dir.clone(), *id)),
                     _ => None,
                 })
-            })
+            });
+            // A revert clone reads from the snapshot it was cloned from.
+            let forked = tree
+                .as_ref()
+                .is_some_and(|(m, _)| m.live.as_ref().is_some_and(|l| m.forks.contains_key(l)));
+            (parent, forked)
         };
-        let Some((pdir, _)) = parent else {
+        if parent.is_none() && !forked {
             progress(self.size, self.size);
             return Ok(());
-        };
-        self.io(self.image.flatten(&mut *progress), "flatten")?;
-        let mut tree = self.lock_tree();
-        if let Some((mut m, _)) = tree.clone() {
-            for l in &mut m.layers {
-                if matches!(l.parent, Parent::External { .. }) {
-                    l.parent = Parent::None;
-                }
-            }
-            self.commit(&mut tree, m)?;
         }
-        drop(tree);
+        if parent.is_some() {
+            // The anchor with its snapshots (deep-flatten), which every
+            // revert clone of ours reads through.
+            self.io(self.image.flatten(&mut *progress), "flatten")?;
+            let mut tree = self.lock_tree();
+            if let Some((mut m, _)) = tree.clone() {
+                for l in &mut m.layers {
+                    if matches!(l.parent, Parent::External { .. }) {
+                        l.parent = Parent::None;
+                    }
+                }
+                self.commit(&mut tree, m)?;
+            }
+        }
+        if forked {
+            let live = self.live();
+            self.io(live.flatten(&mut *progress), "flatten the live image")?;
+            let mut tree = self.lock_tree();
+            if let Some((mut m, _)) = tree.clone() {
+                m.forks.remove(live.name());
+                prune(&mut m, &self.spec.image);
+                self.commit(&mut tree, m.clone())?;
+                drop(tree);
+                self.sweep_after(&m);
+            }
+        }
+        let Some((pdir, _)) = parent else {
+            return Ok(());
+        };
         // The parent no longer pins its snapshot for us.
         if let Ok(img) = self.peer(&pdir) {
             if let Some((mut pm, g)) = Self::peer_manifest(&img) {
@@ -620,87 +925,108 @@ impl NativeTree for RbdStore {
             .ok_or_else(|| Error::NoSnapshot(from.into()))?;
         let a = Self::snap_layer(&m, from)?;
         let b = to.map(|n| Self::snap_layer(&m, n)).transpose()?;
-        let order = self.time_order(&m)?;
-        let pos = |u: Uuid| order.iter().position(|x| *x == u);
-        // RBD diffs run forward in time; a diff towards an older point
-        // lists the same extents, all as data (read from `to`).
-        let (older, newer, forward) = match b {
-            None => (a, None, true),
-            Some(b) if pos(a) <= pos(b) => (a, Some(b), true),
-            Some(b) => (b, Some(a), false),
-        };
-        let img = match newer {
-            None => self.image.clone(),
-            Some(n) => Arc::new(self.io(
-                self.pool.open_snapshot(&self.spec.image, &snap_name(n)),
-                "open snapshot",
-            )?),
-        };
-        let runs = self.io(
-            img.diff(Some(&snap_name(older)), 0, self.size, false),
-            "diff",
-        )?;
-        let mut out: Vec<Change> = Vec::new();
-        for (o, l, exists) in runs {
-            let kind = if exists || !forward {
-                ChangeKind::Data
-            } else {
-                ChangeKind::Zero
-            };
-            match out.last_mut() {
-                Some(c) if c.offset + c.length == o && c.kind == kind => c.length += l,
-                _ => out.push(Change {
-                    offset: o,
-                    length: l,
-                    kind,
-                }),
+        let pa = self.lineage(&m, Some(a));
+        let pb = self.lineage(&m, b);
+        // The first image both points descend from (the anchor at worst).
+        let (i, j) = pb
+            .iter()
+            .enumerate()
+            .find_map(|(i, (img, _))| pa.iter().position(|(x, _)| x == img).map(|j| (i, j)))
+            .ok_or_else(|| {
+                corrupt(
+                    &self.location,
+                    format!("snapshots {from:?} and {to:?} share no image"),
+                )
+            })?;
+        let (img, at_a) = &pa[j];
+        let at_b = pb[i].1;
+        let mut changes = self.diff_on(img, *at_a, at_b)?;
+        if i == 0 && j == 0 {
+            return Ok(changes);
+        }
+        // Across images: what the common image changed between the two
+        // fork points, and what each clone on the way wrote itself. A
+        // zeroed range may have been written on another image: everything
+        // is data, read from `to`.
+        for path in [&pa[..=j], &pb[..=i]] {
+            for w in path.windows(2) {
+                let ((img, at), (pimg, fork)) = (&w[0], &w[1]);
+                let h = self.point(img, *at)?;
+                let runs = self.io(h.diff_in(None, 0, self.size, false, false), "diff")?;
+                let parent = self.point(pimg, *fork)?;
+                let runs = runs.into_iter().map(|(o, l, _)| (o, l)).collect();
+                changes.extend(self.differing(&h, &parent, runs)?);
             }
         }
-        Ok(out)
+        Ok(union_as_data(changes))
     }
 
     fn usage(&self) -> Result<Vec<LayerUsage>> {
         let m = self.manifest()?;
         let mut out = Vec::new();
-        let mut prev: Option<String> = None;
+        let live = self.live();
+        let mut live_prev: Option<String> = None;
         if let Some(m) = &m {
-            for layer in self.time_order(m)? {
-                let snap = snap_name(layer);
-                let img = self.io(
-                    self.pool.open_snapshot(&self.spec.image, &snap),
-                    "open snapshot",
-                )?;
-                let bytes = self.io(Self::allocated(&img, prev.as_deref(), self.size), "du")?;
-                out.push(LayerUsage {
-                    layer,
-                    path: PathBuf::from(format!("{}@{snap}", self.location.display())),
-                    snapshot: m
-                        .snapshots
-                        .iter()
-                        .find(|s| s.layer == layer)
-                        .map(|s| s.name.clone()),
-                    live: false,
-                    in_chain: false,
-                    external: false,
-                    allocated_bytes: bytes,
-                    disk_bytes: bytes,
-                });
-                prev = Some(snap);
+            let mut images: Vec<String> = vec![self.spec.image.clone()];
+            images.extend(m.forks.keys().cloned());
+            if let Some(l) = &m.live {
+                if !images.contains(l) {
+                    images.push(l.clone());
+                }
+            }
+            for name in images {
+                let own = name != self.spec.image;
+                let handle = self.handle(&name)?;
+                let mut prev: Option<String> = None;
+                for layer in self.time_order(&handle, m)? {
+                    if self.holder(m, layer) != name {
+                        continue;
+                    }
+                    let snap = snap_name(layer);
+                    let img = self.io(self.pool.open_snapshot(&name, &snap), "open snapshot")?;
+                    let bytes = self.io(
+                        Self::allocated(&img, prev.as_deref(), self.size, !own),
+                        "du",
+                    )?;
+                    out.push(LayerUsage {
+                        layer,
+                        path: PathBuf::from(format!("{}@{snap}", self.sibling(&name).display())),
+                        snapshot: m
+                            .snapshots
+                            .iter()
+                            .find(|s| s.layer == layer)
+                            .map(|s| s.name.clone()),
+                        live: false,
+                        in_chain: false,
+                        external: false,
+                        allocated_bytes: bytes,
+                        disk_bytes: bytes,
+                    });
+                    prev = Some(snap);
+                }
+                if name == live.name() {
+                    live_prev = prev;
+                }
             }
         }
-        let live = self.io(
-            Self::allocated(&self.image, prev.as_deref(), self.size),
+        let own = live.name() != self.spec.image;
+        let bytes = self.io(
+            Self::allocated(&live, live_prev.as_deref(), self.size, !own),
             "du",
         )?;
         out.push(LayerUsage {
             layer: m.as_ref().map_or(self.lun, |m| m.top),
-            path: self.location.clone(),
+            path: if own {
+                self.sibling(live.name())
+            } else {
+                self.location.clone()
+            },
             snapshot: None,
             live: true,
             in_chain: true,
             external: false,
-            allocated_bytes: live,
-            disk_bytes: live,
+            allocated_bytes: bytes,
+            disk_bytes: bytes,
         });
         Ok(out)
     }
@@ -729,19 +1055,151 @@ impl NativeTree for RbdStore {
                     .join(", ")
             )));
         }
-        for s in self.io(self.image.snap_list(), "list snapshots")? {
-            if self.image.snap_is_protected(&s).unwrap_or(false) {
-                self.io(self.image.snap_unprotect(&s), "unprotect snapshot")?;
+        // The older revert clones, which no one else holds; the live one
+        // and a snapshot a clone of ours reads from go with the anchor
+        // ([`remove_image`], once the LUN is closed: librbd refuses to
+        // remove an open image or a parent snapshot).
+        let live = self.live();
+        let m = self.manifest()?;
+        for name in m.iter().flat_map(|m| m.forks.keys()) {
+            if name != live.name() {
+                let _ = remove_whole(&self.pool, name);
             }
-            self.io(self.image.snap_remove(&s), "remove snapshot")?;
         }
-        // The image itself is removed by whoever closes it last
-        // ([`remove_image`]): librbd refuses to remove an open image.
+        for img in [live, self.image.clone()] {
+            for s in self.io(img.snap_list(), "list snapshots")? {
+                if img.snap_is_protected(&s).unwrap_or(false) && img.snap_unprotect(&s).is_err() {
+                    continue;
+                }
+                self.io(img.snap_remove(&s), "remove snapshot")?;
+            }
+        }
         Ok(())
     }
 }
 
 impl RbdStore {
+    /// A point in time (snapshot `layer`, `None`: the live bytes) as the
+    /// images it lies on, nearest first: the image holding it, then each
+    /// image the previous one was cloned from with the snapshot it was
+    /// cloned from, up to the anchor.
+    fn lineage(&self, m: &Manifest, layer: Option<Uuid>) -> Vec<(String, Option<Uuid>)> {
+        let mut img = match layer {
+            Some(l) => self.holder(m, l).to_string(),
+            None => self.live().name().to_string(),
+        };
+        let mut out = vec![(img.clone(), layer)];
+        while let Some(&fork) = m.forks.get(&img) {
+            img = self.holder(m, fork).to_string();
+            if out.iter().any(|(x, _)| *x == img) {
+                break;
+            }
+            out.push((img.clone(), Some(fork)));
+        }
+        out
+    }
+
+    /// Image `img` at snapshot `at` (`None`: its head, the live bytes).
+    fn point(&self, img: &str, at: Option<Uuid>) -> Result<Arc<Image>> {
+        match at {
+            None => self.handle(img),
+            Some(l) => Ok(Arc::new(
+                self.io(self.pool.open_snapshot(img, &snap_name(l)), "open snapshot")?,
+            )),
+        }
+    }
+
+    /// The diff on one image between two of its points (`None`: its head,
+    /// the newest).
+    fn diff_on(&self, img: &str, a: Option<Uuid>, b: Option<Uuid>) -> Result<Vec<Change>> {
+        if a == b {
+            return Ok(vec![]);
+        }
+        let handle = self.handle(img)?;
+        // A fork point deleted as a snapshot is no longer in the tree, but
+        // is still an RBD snapshot: by RBD's own order.
+        let all: Vec<Uuid> = self
+            .io(handle.snap_list(), "list snapshots")?
+            .iter()
+            .filter_map(|n| n.strip_prefix(SNAP_PREFIX))
+            .filter_map(|u| Uuid::parse_str(u).ok())
+            .collect();
+        let pos = |u: Option<Uuid>| match u {
+            None => usize::MAX,
+            Some(u) => all.iter().position(|x| *x == u).unwrap_or(usize::MAX - 1),
+        };
+        // RBD diffs run forward in time; a diff towards an older point
+        // lists the same extents, all as data (read from `to`).
+        let (older, newer, forward) = if pos(a) <= pos(b) {
+            (a, b, true)
+        } else {
+            (b, a, false)
+        };
+        let older = older.expect("the older of two distinct points is a snapshot");
+        let h = self.point(img, newer)?;
+        let runs = self.io(h.diff(Some(&snap_name(older)), 0, self.size, false), "diff")?;
+        if img != self.spec.image {
+            let old = self.point(img, Some(older))?;
+            let runs = runs.into_iter().map(|(o, l, _)| (o, l)).collect();
+            return self.differing(&h, &old, runs);
+        }
+        let mut out: Vec<Change> = Vec::new();
+        for (o, l, exists) in runs {
+            let kind = if exists || !forward {
+                ChangeKind::Data
+            } else {
+                ChangeKind::Zero
+            };
+            match out.last_mut() {
+                Some(c) if c.offset + c.length == o && c.kind == kind => c.length += l,
+                _ => out.push(Change {
+                    offset: o,
+                    length: l,
+                    kind,
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The 4 KiB blocks of `runs` whose bytes differ between `new` and
+    /// `old`, as data. A revert clone's first write to an RBD object copies
+    /// the whole object up from its parent, which RBD's diff then lists:
+    /// on a revert clone, the listed ranges are compared (reading what a
+    /// backup would read anyway), so a diff holds only what changed.
+    fn differing(&self, new: &Image, old: &Image, runs: Vec<(u64, u64)>) -> Result<Vec<Change>> {
+        const BLOCK: usize = 4096;
+        const CHUNK: u64 = 1 << 20;
+        let mut out: Vec<Change> = Vec::new();
+        let (mut a, mut b) = (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]);
+        for (o, l) in runs {
+            let end = (o + l).min(self.size);
+            let mut at = o;
+            while at < end {
+                let n = (end - at).min(CHUNK) as usize;
+                self.io(new.read_at(&mut a[..n], at), "read for diff")?;
+                self.io(old.read_at(&mut b[..n], at), "read for diff")?;
+                for i in (0..n).step_by(BLOCK) {
+                    let j = (i + BLOCK).min(n);
+                    if a[i..j] == b[i..j] {
+                        continue;
+                    }
+                    let off = at + i as u64;
+                    match out.last_mut() {
+                        Some(c) if c.offset + c.length == off => c.length += (j - i) as u64,
+                        _ => out.push(Change {
+                            offset: off,
+                            length: (j - i) as u64,
+                            kind: ChangeKind::Data,
+                        }),
+                    }
+                }
+                at += n as u64;
+            }
+        }
+        Ok(out)
+    }
+
     /// Whether the clone recorded in `d` still reads from us (exists and
     /// has not been flattened). Unknown counts as alive.
     fn clone_alive(&self, d: &Dependent) -> bool {
@@ -788,8 +1246,197 @@ fn gc(m: &mut Manifest) {
     }
 }
 
-/// Remove the LUN image at `spec` (after [`NativeTree::destroy`] and once
-/// every handle on it is closed).
+/// Drop revert clones nothing needs from `m`: one is kept while it is the
+/// live image, holds a snapshot the tree names, or is the parent of a
+/// kept one; an image record is kept while its snapshot is named or a
+/// kept clone was cloned from it.
+fn prune(m: &mut Manifest, anchor: &str) {
+    if m.live.as_deref() == Some(anchor) {
+        m.live = None;
+    }
+    let holder = |m: &Manifest, l: Uuid| m.images.get(&l).cloned().unwrap_or(anchor.into());
+    let mut kept: BTreeSet<String> = m.live.iter().cloned().collect();
+    kept.extend(m.snapshots.iter().map(|s| holder(m, s.layer)));
+    loop {
+        let more: Vec<String> = m
+            .forks
+            .iter()
+            .filter(|(img, _)| kept.contains(*img))
+            .map(|(_, l)| holder(m, *l))
+            .filter(|h| !kept.contains(h))
+            .collect();
+        if more.is_empty() {
+            break;
+        }
+        kept.extend(more);
+    }
+    m.forks.retain(|img, _| kept.contains(img));
+    let needed: BTreeSet<Uuid> = m
+        .snapshots
+        .iter()
+        .map(|s| s.layer)
+        .chain(m.forks.values().copied())
+        .collect();
+    m.images.retain(|l, _| needed.contains(l));
+}
+
+/// Extents as data, sorted, overlaps and neighbours merged.
+fn union_as_data(mut v: Vec<Change>) -> Vec<Change> {
+    v.sort_by_key(|c| c.offset);
+    let mut out: Vec<Change> = Vec::new();
+    for c in v {
+        match out.last_mut() {
+            Some(l) if c.offset <= l.offset + l.length => {
+                l.length = l.length.max(c.offset + c.length - l.offset);
+            }
+            _ => out.push(Change {
+                kind: ChangeKind::Data,
+                ..c
+            }),
+        }
+    }
+    out
+}
+
+/// Remove image `name` of `pool` with its snapshots (none may have a
+/// clone: librbd refuses with EBUSY, which the caller may retry once the
+/// clone is gone).
+fn remove_whole(pool: &Arc<Pool>, name: &str) -> io::Result<()> {
+    {
+        let img = pool.open_image(name, true)?;
+        for s in img.snap_list()? {
+            if img.snap_is_protected(&s)? {
+                img.snap_unprotect(&s)?;
+            }
+            img.snap_remove(&s)?;
+        }
+    }
+    pool.remove(name)
+}
+
+/// Remove the LUN image at `spec` and its revert clones (after
+/// [`NativeTree::destroy`] and once every handle on them is closed).
 pub fn remove_image(spec: &ImageSpec) -> io::Result<()> {
-    Pool::open(&spec.pool)?.remove(&spec.image)
+    let pool = Arc::new(Pool::open(&spec.pool)?);
+    let mut left: Vec<String> = pool
+        .list()?
+        .into_iter()
+        .filter(|n| is_clone_of(&spec.image, n))
+        .collect();
+    // Clones before their parents: a few passes.
+    for _ in 0..8 {
+        if left.is_empty() {
+            break;
+        }
+        let mut again = Vec::new();
+        for n in left {
+            match remove_whole(&pool, &n) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => again.push(n),
+                Err(e) => return Err(e),
+            }
+        }
+        left = again;
+    }
+    remove_whole(&pool, &spec.image)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(snaps: &[(Uuid, &str)]) -> Manifest {
+        Manifest {
+            lun: Uuid::new_v4(),
+            size: 1 << 30,
+            cluster_size: 64 << 10,
+            lun_path: PathBuf::from("vm.lun"),
+            layers: vec![],
+            top: Uuid::new_v4(),
+            snapshots: snaps
+                .iter()
+                .map(|(l, n)| SnapRec {
+                    name: (*n).into(),
+                    layer: *l,
+                    created: 0,
+                    description: String::new(),
+                })
+                .collect(),
+            dependents: vec![],
+            flatten: None,
+            retired: vec![],
+            checksums: false,
+            layouts: Default::default(),
+            live: None,
+            images: Default::default(),
+            forks: Default::default(),
+        }
+    }
+
+    fn ch(offset: u64, length: u64, kind: ChangeKind) -> Change {
+        Change {
+            offset,
+            length,
+            kind,
+        }
+    }
+
+    #[test]
+    fn the_union_of_diffs_merges_overlaps_and_neighbours_as_data() {
+        let got = union_as_data(vec![
+            ch(8192, 4096, ChangeKind::Data),
+            ch(0, 4096, ChangeKind::Zero),
+            ch(4096, 4096, ChangeKind::Data),
+            ch(10240, 8192, ChangeKind::Data),
+            ch(1 << 20, 4096, ChangeKind::Zero),
+        ]);
+        assert_eq!(
+            got,
+            vec![
+                ch(0, 18432, ChangeKind::Data),
+                ch(1 << 20, 4096, ChangeKind::Data)
+            ]
+        );
+    }
+
+    #[test]
+    fn clone_names_are_the_anchors_and_never_a_lun_images() {
+        let u = Uuid::new_v4();
+        let n = clone_name("vm.lun", u);
+        assert!(is_clone_of("vm.lun", &n));
+        assert!(!is_clone_of("vm.lun", "vm.lun"));
+        assert!(!is_clone_of("vm.lun", &format!("vm.lun~{u}.lun")));
+        assert!(!is_clone_of("v.lun", &n));
+        assert!(!n.ends_with(".lun"));
+    }
+
+    #[test]
+    fn prune_keeps_the_live_clone_its_parents_and_holders_of_named_snapshots() {
+        let (s1, s2, s3) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        // vm.lun@s1 -> c1 (holds s3) ; vm.lun@s2 -> c2 (old live) ; c1@s3 -> c3 (live)
+        let mut m = manifest(&[(s1, "s1"), (s2, "s2"), (s3, "s3")]);
+        m.images.insert(s3, "c1".into());
+        m.forks.insert("c1".into(), s1);
+        m.forks.insert("c2".into(), s2);
+        m.forks.insert("c3".into(), s3);
+        m.live = Some("c3".into());
+        prune(&mut m, "vm.lun");
+        assert_eq!(m.forks.keys().collect::<Vec<_>>(), ["c1", "c3"]);
+        // s1 deleted: c1 still holds s3, the live clone's parent
+        m.snapshots.retain(|s| s.layer != s1);
+        m.snapshots.retain(|s| s.layer != s3);
+        prune(&mut m, "vm.lun");
+        assert_eq!(m.forks.keys().collect::<Vec<_>>(), ["c1", "c3"]);
+        assert_eq!(m.images.get(&s3).map(String::as_str), Some("c1"));
+        // the live clone flattened: nothing reads c1 any more
+        m.forks.remove("c3");
+        prune(&mut m, "vm.lun");
+        assert!(m.forks.is_empty(), "{:?}", m.forks);
+        assert!(m.images.is_empty());
+        // back on the anchor: no live record
+        m.live = Some("vm.lun".into());
+        prune(&mut m, "vm.lun");
+        assert_eq!(m.live, None);
+    }
 }
