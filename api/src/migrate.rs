@@ -783,6 +783,27 @@ impl Tally {
         }
     }
 
+    /// Record a data or zero frame (a message counts nothing); the data
+    /// bytes it carries.
+    pub fn frame(&mut self, f: &Frame) -> u64 {
+        match f {
+            Frame::Data(d) => {
+                self.data(d);
+                d.payload.len() as u64
+            }
+            Frame::Zero {
+                object,
+                offset,
+                grain,
+                length,
+            } => {
+                self.zero(*object, *offset, *grain, *length);
+                0
+            }
+            Frame::Message(_) => 0,
+        }
+    }
+
     /// The sum, 64 hex digits.
     pub fn digest(&self) -> String {
         self.sum.iter().map(|l| format!("{l:016x}")).collect()

@@ -161,6 +161,26 @@ impl Link {
     }
 
     /// The next frame, within `timeout`.
+    /// The source's next frame on a target's side, or why none comes:
+    /// `cancel` fired (the error is `cancelled`), the source closed the
+    /// connection, or the link failed or stayed quiet for `idle`.
+    pub async fn recv_from_source(
+        &mut self,
+        idle: Duration,
+        cancel: &tokio_util::sync::CancellationToken,
+        cancelled: &str,
+    ) -> Result<Frame, String> {
+        let f = tokio::select! {
+            _ = cancel.cancelled() => return Err(cancelled.into()),
+            f = self.recv(idle) => f,
+        };
+        match f {
+            Ok(f) => Ok(f),
+            Err(LinkError::Closed) => Err("the source closed the connection".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     pub async fn recv(&mut self, timeout: Duration) -> Result<Frame, LinkError> {
         match tokio::time::timeout(timeout, self.rx.next()).await {
             Err(_) => Err(LinkError::Timeout(timeout)),

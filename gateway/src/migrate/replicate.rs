@@ -51,7 +51,7 @@ use lungate_block::volume::{Volume, VolumeConfig, VolumeOptions};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::protocol::{describe, Link, LinkError};
+use super::protocol::{describe, Link};
 use super::transfer::{self, link_err, Sender, Work};
 use super::{journal, lock, MigrateError, Settings};
 use crate::registry::Registry;
@@ -1006,15 +1006,9 @@ async fn receive_cycle(
     let (mut frames, mut bytes) = (0u64, 0u64);
     let idle = settings.timeout * 2;
     loop {
-        let f = tokio::select! {
-            _ = cancel.cancelled() => return Err("aborted by a failover".into()),
-            f = link.recv(idle) => f,
-        };
-        let f = match f {
-            Ok(f) => f,
-            Err(LinkError::Closed) => return Err("the source closed the connection".into()),
-            Err(e) => return Err(e.to_string()),
-        };
+        let f = link
+            .recv_from_source(idle, cancel, "aborted by a failover")
+            .await?;
         match f {
             Frame::Data(_) | Frame::Zero { .. } => {
                 let member = match &f {
@@ -1028,19 +1022,7 @@ async fn receive_cycle(
                     .ok_or_else(|| format!("member {member} does not exist (the cycle has {n})"))?;
                 m.apply(&f)?;
                 frames += 1;
-                match &f {
-                    Frame::Data(d) => {
-                        bytes += d.payload.len() as u64;
-                        tally.data(d);
-                    }
-                    Frame::Zero {
-                        object,
-                        offset,
-                        grain,
-                        length,
-                    } => tally.zero(*object, *offset, *grain, *length),
-                    Frame::Message(_) => {}
-                }
+                bytes += tally.frame(&f);
             }
             Frame::Message(Message::FilesDone { member }) => {
                 members

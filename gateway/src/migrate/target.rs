@@ -17,7 +17,7 @@ use lungate_config::Peer;
 use tokio_util::sync::CancellationToken;
 
 use super::journal::{self, MemberRec, Record, State};
-use super::protocol::{describe, Link, LinkError, VERSION};
+use super::protocol::{describe, Link, VERSION};
 use super::transfer::{Applier, Job, Stage};
 use super::{Settings, Tracked};
 use crate::registry::Registry;
@@ -425,15 +425,9 @@ async fn receive(
     let idle = settings.timeout * 2;
     let mut received = 0u64;
     loop {
-        let f = tokio::select! {
-            _ = stop.cancelled() => return Err("the gateway is shutting down".into()),
-            f = link.recv(idle) => f,
-        };
-        let f = match f {
-            Ok(f) => f,
-            Err(LinkError::Closed) => return Err("the source closed the connection".into()),
-            Err(e) => return Err(e.to_string()),
-        };
+        let f = link
+            .recv_from_source(idle, stop, "the gateway is shutting down")
+            .await?;
         match f {
             Frame::Data(ref d) => {
                 received += d.payload.len() as u64;

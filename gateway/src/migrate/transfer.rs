@@ -366,22 +366,7 @@ impl Sender {
             };
             let Some(f) = next else { break };
             let f = f.map_err(|e| MigrateError::Failed(format!("reading the source: {e}")))?;
-            let n = match &f {
-                Frame::Data(d) => {
-                    self.tally.data(d);
-                    d.payload.len() as u64
-                }
-                Frame::Zero {
-                    object,
-                    offset,
-                    grain,
-                    length,
-                } => {
-                    self.tally.zero(*object, *offset, *grain, *length);
-                    0
-                }
-                Frame::Message(_) => 0,
-            };
+            let n = self.tally.frame(&f);
             if let Some(l) = &mut self.limit {
                 l.take(n).await;
             }
@@ -725,19 +710,7 @@ impl Applier {
                         Job::Frame(f) if failed.is_none() => match stage.apply(&f) {
                             Ok(()) => {
                                 frames += 1;
-                                match &f {
-                                    Frame::Data(d) => {
-                                        bytes += d.payload.len() as u64;
-                                        tally.data(d);
-                                    }
-                                    Frame::Zero {
-                                        object,
-                                        offset,
-                                        grain,
-                                        length,
-                                    } => tally.zero(*object, *offset, *grain, *length),
-                                    Frame::Message(_) => {}
-                                }
+                                bytes += tally.frame(&f);
                             }
                             Err(e) => failed = Some(e),
                         },
